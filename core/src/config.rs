@@ -1,0 +1,212 @@
+//! Layered configuration: a TOML document, then environment overrides, read into typed
+//! sections by each crate. Pure: the caller reads the file and the environment.
+//!
+//! An environment variable `DRAGONFRUIT_<SECTION>__<KEY>=value` overrides `key` in
+//! `[section]` (double underscore between section and key, case-insensitive; nested
+//! sections use more `__`). The value is read as a TOML value when it parses as one
+//! (`8`, `true`, `"x"`, `[1, 2]`) and as a string otherwise (`30s`, `127.0.0.1:3250`).
+
+use std::time::Duration;
+
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "DRAGONFRUIT_";
+
+/// A configuration problem, reported to the operator before anything starts.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The TOML document does not parse.
+    #[error("config file: {0}")]
+    Toml(String),
+    /// A section has a bad key or value.
+    #[error("config section [{section}]: {message}")]
+    Section {
+        /// Section name.
+        section: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An environment override is malformed.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// Variable name.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("config key {key}: {message}")]
+    Invalid {
+        /// Dotted key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The merged document: file plus overrides.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigSource {
+    table: toml::Table,
+}
+
+impl ConfigSource {
+    /// An empty document: every key at its default.
+    pub fn empty() -> ConfigSource {
+        ConfigSource::default()
+    }
+
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str) -> Result<ConfigSource, ConfigError> {
+        let table = text.parse::<toml::Table>().map_err(|e| ConfigError::Toml(e.to_string()))?;
+        Ok(ConfigSource { table })
+    }
+
+    /// Applies `DRAGONFRUIT_*` overrides from `vars` (pass `std::env::vars()`).
+    pub fn with_env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<ConfigSource, ConfigError> {
+        for (var, raw) in vars {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if path.len() < 2 || path.iter().any(String::is_empty) {
+                let message = "expected DRAGONFRUIT_<SECTION>__<KEY>".to_owned();
+                return Err(ConfigError::Env { var, message });
+            }
+            let value = parse_env_value(&raw);
+            let mut table = &mut self.table;
+            for part in &path[..path.len() - 1] {
+                let entry = table.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let toml::Value::Table(inner) = entry else {
+                    return Err(ConfigError::Env { var, message: format!("{part} is not a section") });
+                };
+                table = inner;
+            }
+            table.insert(path[path.len() - 1].clone(), value);
+        }
+        Ok(self)
+    }
+
+    /// Sets one dotted key (`"dispatch.concurrency"`), as builders in code do.
+    pub fn set(&mut self, dotted: &str, value: impl Into<toml::Value>) {
+        let parts: Vec<&str> = dotted.split('.').collect();
+        let mut table = &mut self.table;
+        for part in &parts[..parts.len() - 1] {
+            let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            let toml::Value::Table(inner) = entry else { unreachable!("just made a table") };
+            table = inner;
+        }
+        table.insert(parts[parts.len() - 1].to_owned(), value.into());
+    }
+
+    /// Reads `[name]` into `T`; an absent section gives `T::default()`.
+    pub fn section<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, ConfigError> {
+        match self.table.get(name) {
+            None => Ok(T::default()),
+            Some(value) => value.clone().try_into().map_err(|e: toml::de::Error| ConfigError::Section {
+                section: name.to_owned(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Names of the top-level sections present.
+    pub fn section_names(&self) -> impl Iterator<Item = &str> {
+        self.table.keys().map(String::as_str)
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+/// Parses `"30s"`, `"250ms"`, `"1.5s"`, `"2m"`, `"1h"`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "us" | "µs" => 1e-6,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return None,
+    };
+    let secs = number * scale;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// Serde helper for `Duration` fields written as `"30s"` or a number of seconds.
+pub mod duration {
+    use super::*;
+
+    /// Deserializes a duration field.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Float(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(secs) => Ok(Duration::from_secs(secs)),
+            Raw::Float(secs) if secs.is_finite() && secs >= 0.0 => Ok(Duration::from_secs_f64(secs)),
+            Raw::Float(secs) => Err(D::Error::custom(format!("bad duration {secs}"))),
+            Raw::Text(text) => parse_duration(&text).ok_or_else(|| D::Error::custom(format!("bad duration {text:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Dispatch {
+        concurrency: usize,
+        #[serde(with = "duration")]
+        timeout: Duration,
+        name: String,
+    }
+
+    #[test]
+    fn file_then_env_then_set() {
+        let src = ConfigSource::from_toml("[dispatch]\nconcurrency = 4\ntimeout = \"250ms\"\n").unwrap();
+        let d: Dispatch = src.section("dispatch").unwrap();
+        assert_eq!(d, Dispatch { concurrency: 4, timeout: Duration::from_millis(250), name: String::new() });
+        let env = [
+            ("DRAGONFRUIT_DISPATCH__CONCURRENCY".to_string(), "9".to_string()),
+            ("DRAGONFRUIT_DISPATCH__NAME".to_string(), "a:b".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let mut src = src.with_env(env).unwrap();
+        let d: Dispatch = src.section("dispatch").unwrap();
+        assert_eq!((d.concurrency, d.name.as_str()), (9, "a:b"));
+        src.set("dispatch.timeout", 2);
+        assert_eq!(src.section::<Dispatch>("dispatch").unwrap().timeout, Duration::from_secs(2));
+        assert!(src.section::<Dispatch>("missing").is_ok());
+    }
+
+    #[test]
+    fn errors_are_reported() {
+        let src = ConfigSource::from_toml("[dispatch]\nconcurency = 4\n").unwrap();
+        assert!(matches!(src.section::<Dispatch>("dispatch"), Err(ConfigError::Section { .. })));
+        assert!(ConfigSource::from_toml("[[").is_err());
+        assert!(ConfigSource::empty().with_env([("DRAGONFRUIT_X".into(), "1".into())]).is_err());
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("abc"), None);
+    }
+}

@@ -1,0 +1,123 @@
+//! Errors that reach clients: a code string, a message and string metadata, sent in an
+//! error response (`{"code","msg","metadata"}`) with the message error flag set.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Pitaya's error codes, as strings on the wire.
+pub mod codes {
+    /// The error had no code.
+    pub const UNKNOWN: &str = "PIT-000";
+    /// Bad route syntax, undecodable body, or a request sent to a notify handler.
+    pub const BAD_REQUEST: &str = "PIT-400";
+    /// No handler for the route, or no server of the route's type.
+    pub const NOT_FOUND: &str = "PIT-404";
+    /// Internal error, including a handler panic.
+    pub const INTERNAL: &str = "PIT-500";
+    /// A remote call or request timed out.
+    pub const TIMEOUT: &str = "PIT-504";
+}
+
+/// An error a handler, pipeline or the framework answers a request with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerError {
+    /// Code string, e.g. `"PIT-404"` or an application code such as `"GAME-001"`.
+    pub code: String,
+    /// Human-readable message (`msg` on the wire).
+    #[serde(rename = "msg")]
+    pub message: String,
+    /// Extra string key/values; left out of the JSON payload when empty.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl HandlerError {
+    /// An error with `code` and `message`.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> HandlerError {
+        HandlerError { code: code.into(), message: message.into(), metadata: BTreeMap::new() }
+    }
+
+    /// Adds one metadata entry.
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> HandlerError {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// `PIT-400` with `message`.
+    pub fn bad_request(message: impl Into<String>) -> HandlerError {
+        HandlerError::new(codes::BAD_REQUEST, message)
+    }
+
+    /// `PIT-404` for `route`, worded as Pitaya does.
+    pub fn not_found(route: &str) -> HandlerError {
+        HandlerError::new(codes::NOT_FOUND, format!("pitaya/handler: {route} not found"))
+    }
+
+    /// `PIT-500` with `message`.
+    pub fn internal(message: impl Into<String>) -> HandlerError {
+        HandlerError::new(codes::INTERNAL, message)
+    }
+
+    /// `PIT-504` with `message`.
+    pub fn timeout(message: impl Into<String>) -> HandlerError {
+        HandlerError::new(codes::TIMEOUT, message)
+    }
+
+    /// The JSON error payload: `{"code","msg","metadata"}`, empty fields left out (Go's
+    /// `omitempty`), keys in that order.
+    pub fn to_json(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Payload<'a> {
+            #[serde(skip_serializing_if = "str::is_empty")]
+            code: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            msg: &'a str,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            metadata: &'a BTreeMap<String, String>,
+        }
+        let payload = Payload { code: &self.code, msg: &self.message, metadata: &self.metadata };
+        serde_json::to_vec(&payload).unwrap_or_default()
+    }
+
+    /// Parses a JSON error payload; missing fields become empty. A code that is not a
+    /// string (pinus answers `{"code":500}`) is kept as its JSON text.
+    pub fn from_json(body: &[u8]) -> Option<HandlerError> {
+        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let obj = value.as_object()?;
+        let text = |key: &str| match obj.get(key) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        };
+        let mut err = HandlerError::new(text("code"), text("msg"));
+        if let Some(serde_json::Value::Object(meta)) = obj.get("metadata") {
+            for (k, v) in meta {
+                err.metadata.insert(k.clone(), v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()));
+            }
+        }
+        Some(err)
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_payload_omits_empty_fields() {
+        assert_eq!(HandlerError::new("PIT-400", "").to_json(), br#"{"code":"PIT-400"}"#);
+        let e = HandlerError::new("G", "m").with_metadata("k", "v");
+        assert_eq!(e.to_json(), br#"{"code":"G","msg":"m","metadata":{"k":"v"}}"#);
+        assert_eq!(HandlerError::from_json(&e.to_json()), Some(e));
+        assert_eq!(HandlerError::from_json(br#"{"code":500}"#).unwrap().code, "500");
+    }
+}

@@ -1,0 +1,193 @@
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::codec::MessageType;
+use crate::messenger::{Messenger, MessengerError};
+use crate::route::Route;
+use crate::serializer::Serializer;
+use crate::session::{Session, SessionError, SessionInit, SessionSink};
+use crate::{codes, HandlerError};
+
+struct NoMessenger;
+
+impl Messenger for NoMessenger {
+    fn push_to_users(&self, _: &str, _: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
+        Ok(uids.to_vec())
+    }
+    fn kick_user(&self, _: &str, _: &str) -> Result<bool, MessengerError> {
+        Ok(false)
+    }
+    fn broadcast(&self, _: &str, _: &str, _: Arc<[u8]>) -> Result<(), MessengerError> {
+        Ok(())
+    }
+}
+
+struct NullSink;
+
+impl SessionSink for NullSink {
+    fn push(&self, _: &Session, _: &str, _: Vec<u8>) -> Result<(), SessionError> {
+        Ok(())
+    }
+    fn kick(&self, _: &Session, _: &str) -> Result<(), SessionError> {
+        Ok(())
+    }
+    fn bind(&self, _: &Session, _: &str) -> Result<(), SessionError> {
+        Ok(())
+    }
+    fn push_data(&self, _: &Session) -> Result<(), SessionError> {
+        Ok(())
+    }
+    fn is_frontend(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Default)]
+struct Counter {
+    notified: Mutex<Vec<u32>>,
+}
+
+#[derive(Deserialize)]
+struct AddReq {
+    a: u32,
+    b: u32,
+}
+
+#[derive(Serialize)]
+struct AddResp {
+    sum: u32,
+}
+
+impl Component for Counter {
+    fn routes(r: &mut Routes<Self>) {
+        r.handler("add", |_: &Counter, _ctx: &mut Ctx<'_>, req: AddReq| Ok(AddResp { sum: req.a + req.b }))
+            .notify("note", |c: &Counter, _ctx: &mut Ctx<'_>, n: u32| {
+                c.notified.lock().unwrap().push(n);
+                Ok(())
+            })
+            .raw_handler("echo", |_: &Counter, _ctx: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()))
+            .raw_handler("fail", |_: &Counter, _ctx: &mut Ctx<'_>, _: &[u8]| {
+                Err(HandlerError::new("GAME-001", "not enough gold").with_metadata("need", "10"))
+            })
+            .raw_handler("boom", |_: &Counter, _ctx: &mut Ctx<'_>, _: &[u8]| panic!("kaboom"))
+            .raw_handler("stamp", |_: &Counter, ctx: &mut Ctx<'_>, _: &[u8]| {
+                Ok(ctx.value("stamp").map(|v| v.to_string()).unwrap_or_default().into_bytes())
+            });
+    }
+}
+
+fn service(pipelines: Pipelines) -> (HandlerService, Arc<Counter>) {
+    let counter = Arc::new(Counter::default());
+    let mut registry = HandlerRegistry::new();
+    registry.register_arc("game", "counter", counter.clone()).unwrap();
+    let env = HandlerEnv {
+        server: ServerInfo {
+            id: "game-1".into(),
+            server_type: "game".into(),
+            frontend: true,
+            metadata: BTreeMap::new(),
+        },
+        serializer: Serializer::Json,
+        messenger: Arc::new(NoMessenger),
+        sessions: None,
+    };
+    (HandlerService::new(registry, pipelines, env), counter)
+}
+
+fn session() -> Arc<Session> {
+    let init = SessionInit {
+        id: 1,
+        frontend_id: "game-1".into(),
+        handshake: Arc::default(),
+        remote_addr: None,
+        created_unix_ms: 0,
+        serializer: Serializer::Json,
+        uid: None,
+        data: BTreeMap::new(),
+    };
+    Arc::new(Session::new(init, Arc::new(NullSink)))
+}
+
+fn request(svc: &HandlerService, route: &str, body: &[u8]) -> Reply {
+    let msg =
+        InboundMessage { kind: MessageType::Request, id: 1, route: Route::parse(route).unwrap(), body: body.to_vec() };
+    svc.execute(&session(), msg)
+}
+
+fn err_code(reply: Reply) -> String {
+    match reply {
+        Reply::Err(e) => e.code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn typed_raw_and_error_paths() {
+    let (svc, counter) = service(Pipelines::default());
+    assert_eq!(request(&svc, "counter.add", br#"{"a":2,"b":3}"#), Reply::Ok(br#"{"sum":5}"#.to_vec()));
+    assert_eq!(request(&svc, "game.counter.echo", b"xyz"), Reply::Ok(b"xyz".to_vec()));
+    assert_eq!(err_code(request(&svc, "counter.add", b"{")), codes::BAD_REQUEST);
+    assert_eq!(err_code(request(&svc, "counter.nope", b"")), codes::NOT_FOUND);
+    assert_eq!(err_code(request(&svc, "other.counter.add", b"")), codes::NOT_FOUND);
+    assert_eq!(err_code(request(&svc, "counter.note", b"1")), codes::BAD_REQUEST, "request to a notify route");
+    match request(&svc, "counter.fail", b"") {
+        Reply::Err(e) => {
+            assert_eq!(e.to_json(), br#"{"code":"GAME-001","msg":"not enough gold","metadata":{"need":"10"}}"#)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err_code(request(&svc, "counter.boom", b"")), codes::INTERNAL);
+    assert_eq!(request(&svc, "counter.echo", b"still serving"), Reply::Ok(b"still serving".to_vec()));
+
+    let notify = InboundMessage {
+        kind: MessageType::Notify,
+        id: 0,
+        route: Route::parse("counter.note").unwrap(),
+        body: b"7".to_vec(),
+    };
+    assert_eq!(svc.execute(&session(), notify), Reply::None);
+    assert_eq!(*counter.notified.lock().unwrap(), vec![7]);
+    let notify = InboundMessage {
+        kind: MessageType::Notify,
+        id: 0,
+        route: Route::parse("counter.add").unwrap(),
+        body: br#"{"a":1,"b":1}"#.to_vec(),
+    };
+    assert_eq!(svc.execute(&session(), notify), Reply::None, "notify to a request route runs, no answer");
+}
+
+#[test]
+fn pipelines_change_and_fail() {
+    let mut p = Pipelines::default();
+    p.before(|ctx, body| {
+        if body.as_slice() == b"deny" {
+            return Err(HandlerError::new("AUTH-1", "denied"));
+        }
+        ctx.set_value("stamp", serde_json::json!(42));
+        body.extend_from_slice(b"!");
+        Ok(())
+    });
+    p.after(|_ctx, result| {
+        if let Ok(body) = result {
+            body.insert(0, b'>');
+        }
+    });
+    let (svc, _) = service(p);
+    assert_eq!(request(&svc, "counter.echo", b"hi"), Reply::Ok(b">hi!".to_vec()));
+    assert_eq!(request(&svc, "counter.stamp", b""), Reply::Ok(b">42".to_vec()));
+    assert_eq!(err_code(request(&svc, "counter.echo", b"deny")), "AUTH-1");
+}
+
+#[test]
+fn duplicate_and_bad_names_are_refused() {
+    let mut registry = HandlerRegistry::new();
+    registry.register("game", "counter", Counter::default()).unwrap();
+    assert!(matches!(registry.register("game", "counter", Counter::default()), Err(RegistryError::Duplicate(_))));
+    assert!(matches!(registry.register("game", "a.b", Counter::default()), Err(RegistryError::InvalidName { .. })));
+    assert!(registry.serves("game") && !registry.serves("room"));
+    assert_eq!(registry.routes().len(), 6);
+    assert_eq!(registry.routes()[0].route, "game.counter.add");
+}

@@ -1,0 +1,33 @@
+//! `Messenger`: what a handler can do beyond its own session (push to users, kick a user,
+//! broadcast). The runtime implements it for one server; the cluster module implements it
+//! across servers.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+/// Why a messenger operation failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MessengerError {
+    /// The runtime has stopped.
+    #[error("server is shutting down")]
+    Stopped,
+    /// A server that had to take part could not be reached.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The operation needs a server type that does not exist.
+    #[error("no server of type {0:?}")]
+    NoServer(String),
+}
+
+/// Operations on other users' sessions.
+pub trait Messenger: Send + Sync {
+    /// Pushes `body` on `route` to every session bound to one of `uids`. Returns the uids
+    /// that had no session anywhere.
+    fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError>;
+    /// Kicks every session bound to `uid`; returns whether one was found.
+    fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError>;
+    /// Pushes `body` on `route` to every session of every frontend of `frontend_type`.
+    fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError>;
+}

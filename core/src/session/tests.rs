@@ -1,0 +1,110 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+
+/// A sink that records what reaches it, standing in for the runtime.
+#[derive(Default)]
+struct Recorder {
+    pushes: Mutex<Vec<(SessionId, String, Vec<u8>)>>,
+    binds: AtomicUsize,
+    frontend: bool,
+}
+
+impl SessionSink for Recorder {
+    fn push(&self, session: &Session, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
+        self.pushes.lock().unwrap().push((session.id(), route.to_owned(), body));
+        Ok(())
+    }
+    fn kick(&self, _: &Session, _: &str) -> Result<(), SessionError> {
+        Ok(())
+    }
+    fn bind(&self, _: &Session, _: &str) -> Result<(), SessionError> {
+        self.binds.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn push_data(&self, _: &Session) -> Result<(), SessionError> {
+        Ok(())
+    }
+    fn is_frontend(&self) -> bool {
+        self.frontend
+    }
+}
+
+fn session(id: SessionId, sink: Arc<Recorder>) -> Arc<Session> {
+    let init = SessionInit {
+        id,
+        frontend_id: Arc::from("fe-1"),
+        handshake: Arc::default(),
+        remote_addr: None,
+        created_unix_ms: 0,
+        serializer: Serializer::Json,
+        uid: None,
+        data: BTreeMap::new(),
+    };
+    Arc::new(Session::new(init, sink))
+}
+
+#[test]
+fn bind_once_data_push_and_close() {
+    let sink = Arc::new(Recorder { frontend: true, ..Recorder::default() });
+    let s = session(7, sink.clone());
+    assert!(matches!(s.bind(""), Err(SessionError::EmptyUid)));
+    s.bind("alice").unwrap();
+    assert!(matches!(s.bind("bob"), Err(SessionError::AlreadyBound(u)) if u == "alice"));
+    assert_eq!(sink.binds.load(Ordering::SeqCst), 1);
+
+    s.set("gold", &10).unwrap();
+    assert_eq!(s.get::<u32>("gold"), Some(10));
+    assert_eq!(s.get::<String>("gold"), None);
+    assert_eq!(s.remove("gold"), Some(serde_json::json!(10)));
+
+    s.push("onX", &serde_json::json!({"a": 1})).unwrap();
+    assert_eq!(sink.pushes.lock().unwrap()[0], (7, "onX".to_owned(), br#"{"a":1}"#.to_vec()));
+
+    let closed = Arc::new(AtomicUsize::new(0));
+    let c = closed.clone();
+    s.on_close(move |_| {
+        c.fetch_add(1, Ordering::SeqCst);
+    })
+    .unwrap();
+    s.close();
+    s.close();
+    assert_eq!(closed.load(Ordering::SeqCst), 1);
+    assert!(matches!(s.push("onX", &1), Err(SessionError::Closed)));
+    let c = closed.clone();
+    s.on_close(move |_| {
+        c.fetch_add(1, Ordering::SeqCst);
+    })
+    .unwrap();
+    assert_eq!(closed.load(Ordering::SeqCst), 2, "late callbacks run at once");
+}
+
+#[test]
+fn on_close_is_frontend_only() {
+    let s = session(1, Arc::new(Recorder::default()));
+    assert!(matches!(s.on_close(|_| {}), Err(SessionError::FrontendOnly(_))));
+}
+
+#[test]
+fn registry_indexes_by_id_and_uid() {
+    let sink = Arc::new(Recorder { frontend: true, ..Recorder::default() });
+    let reg = SessionRegistry::new();
+    let (a, b) = (session(1, sink.clone()), session(2, sink));
+    reg.insert(a.clone());
+    reg.insert(b.clone());
+    a.bind("u").unwrap();
+    assert!(reg.bind(1, "u").is_empty());
+    b.bind("u").unwrap();
+    let others = reg.bind(2, "u");
+    assert_eq!(others.iter().map(|s| s.id()).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(reg.by_uid("u").len(), 2);
+    assert_eq!(reg.bound_uids(), 1);
+    let (total, page) = reg.search(&SessionFilter { query: Some("2".into()), bound_only: false }, 0, 10);
+    assert_eq!((total, page[0].id()), (1, 2));
+    let (total, _) = reg.search(&SessionFilter { query: Some("u".into()), bound_only: true }, 0, 10);
+    assert_eq!(total, 2);
+    reg.remove(1);
+    assert_eq!(reg.by_uid("u").len(), 1);
+    reg.remove(2);
+    assert_eq!((reg.len(), reg.bound_uids()), (0, 0));
+}
