@@ -17,6 +17,9 @@ struct Index {
     by_id: HashMap<SessionId, Arc<Session>>,
     /// Sessions per uid; more than one only when unique sessions are off.
     by_uid: HashMap<String, Vec<SessionId>>,
+    /// The uid each session is indexed under, so removal never depends on the session's
+    /// own view (a bind may be in progress while the connection closes).
+    uid_of: HashMap<SessionId, String>,
 }
 
 /// Which sessions a search returns.
@@ -47,7 +50,8 @@ impl SessionRegistry {
         let uid = session.uid();
         let mut index = self.write();
         if let Some(uid) = uid {
-            index.by_uid.entry(uid).or_default().push(session.id());
+            index.by_uid.entry(uid.clone()).or_default().push(session.id());
+            index.uid_of.insert(session.id(), uid);
         }
         index.by_id.insert(session.id(), session);
     }
@@ -56,7 +60,7 @@ impl SessionRegistry {
     pub fn remove(&self, id: SessionId) -> Option<Arc<Session>> {
         let mut index = self.write();
         let session = index.by_id.remove(&id)?;
-        if let Some(uid) = session.uid() {
+        if let Some(uid) = index.uid_of.remove(&id) {
             index.unlink_uid(&uid, id);
         }
         Some(session)
@@ -78,6 +82,14 @@ impl SessionRegistry {
     /// (the ones a unique-session policy kicks).
     pub fn bind(&self, id: SessionId, uid: &str) -> Vec<Arc<Session>> {
         let mut index = self.write();
+        if !index.by_id.contains_key(&id) {
+            return Vec::new();
+        }
+        if let Some(previous) = index.uid_of.insert(id, uid.to_owned()) {
+            if previous != uid {
+                index.unlink_uid(&previous, id);
+            }
+        }
         let ids = index.by_uid.entry(uid.to_owned()).or_default();
         let others: Vec<SessionId> = ids.iter().copied().filter(|other| *other != id).collect();
         if !ids.contains(&id) {
@@ -86,9 +98,12 @@ impl SessionRegistry {
         others.iter().filter_map(|other| index.by_id.get(other).cloned()).collect()
     }
 
-    /// Drops `id` from the index of `uid` (the session stays registered).
-    pub fn unbind(&self, id: SessionId, uid: &str) {
-        self.write().unlink_uid(uid, id);
+    /// Drops session `id` from the uid index (the session stays registered).
+    pub fn unbind(&self, id: SessionId) {
+        let mut index = self.write();
+        if let Some(uid) = index.uid_of.remove(&id) {
+            index.unlink_uid(&uid, id);
+        }
     }
 
     /// Number of sessions.

@@ -1,0 +1,144 @@
+//! One client connection as the event loop sees it: socket, buffers, protocol phase,
+//! heartbeat clock and the session's message queue. Plain data driven by the loop; no
+//! threads, no callbacks.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dragonfruit_core::{Session, SessionId};
+use mio::net::TcpStream;
+
+use crate::worker::Queued;
+
+/// Where a connection is in the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Accepted; the first packet must be a handshake.
+    AwaitHandshake,
+    /// The handshake is being validated on a worker; reading pauses.
+    Validating,
+    /// Handshake answered; waiting for the client's ack.
+    AwaitAck,
+    /// Requests and notifies flow.
+    Working,
+    /// A kick or refusal is being written; nothing more is read.
+    Closing,
+}
+
+/// Freed read/write buffers larger than this after they drain, so idle sessions hold
+/// no large allocations.
+const KEEP_BUFFER: usize = 16 << 10;
+
+pub(crate) struct Agent {
+    /// The socket; `None` once closed while queued messages still finish.
+    pub(crate) stream: Option<TcpStream>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) sid: SessionId,
+    /// Created when the handshake is accepted.
+    pub(crate) session: Option<Arc<Session>>,
+    pub(crate) phase: Phase,
+    /// When the current phase started (accept time, or start of closing).
+    pub(crate) since: Instant,
+    pub(crate) created_unix_ms: u64,
+    /// Last time a whole packet arrived.
+    pub(crate) last_seen: Instant,
+    pub(crate) next_heartbeat: Instant,
+    /// Received bytes not yet decoded (a partial packet, or packets held back by
+    /// backpressure).
+    pub(crate) rbuf: Vec<u8>,
+    /// Encoded packets not yet written; `wbuf[wpos..]` is pending.
+    pub(crate) wbuf: Vec<u8>,
+    pub(crate) wpos: usize,
+    /// Edge-triggered readiness: the socket may still hold unread bytes.
+    pub(crate) readable: bool,
+    /// Messages decoded, not yet given to a worker.
+    pub(crate) queue: VecDeque<Queued>,
+    /// Size of the batch (or 1 for a handshake) running on a worker; 0 when idle.
+    pub(crate) running: usize,
+    /// The client itself sent a dictionary route code, so pushes may use codes too
+    /// (libpitaya crashes on codes it never used, NOTES §15).
+    pub(crate) uses_route_codes: bool,
+    /// Listed in the loop's starved list (paused by the global in-flight bound).
+    pub(crate) starved: bool,
+    /// Listed in the loop's dirty list (has output to flush this iteration).
+    pub(crate) dirty: bool,
+}
+
+impl Agent {
+    pub(crate) fn new(stream: TcpStream, addr: SocketAddr, sid: SessionId, now: Instant, unix_ms: u64) -> Agent {
+        Agent {
+            stream: Some(stream),
+            addr,
+            sid,
+            session: None,
+            phase: Phase::AwaitHandshake,
+            since: now,
+            created_unix_ms: unix_ms,
+            last_seen: now,
+            next_heartbeat: now,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            wpos: 0,
+            readable: false,
+            queue: VecDeque::new(),
+            running: 0,
+            uses_route_codes: false,
+            starved: false,
+            dirty: false,
+        }
+    }
+
+    /// Bytes waiting to be written.
+    pub(crate) fn pending_write(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Messages of this session queued or running.
+    pub(crate) fn backlog(&self) -> usize {
+        self.queue.len() + self.running
+    }
+
+    /// Writes as much pending output as the socket takes. `Ok(true)` when all is written.
+    pub(crate) fn flush(&mut self) -> io::Result<bool> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(true);
+        };
+        while self.wpos < self.wbuf.len() {
+            match stream.write(&self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+            if self.wbuf.capacity() > KEEP_BUFFER {
+                self.wbuf = Vec::new();
+            }
+            return Ok(true);
+        }
+        if self.wpos > KEEP_BUFFER {
+            self.wbuf.drain(..self.wpos);
+            self.wpos = 0;
+        }
+        Ok(false)
+    }
+
+    /// Drops the first `used` bytes of the read buffer, freeing a large empty buffer.
+    pub(crate) fn consume_read(&mut self, used: usize) {
+        if used == self.rbuf.len() {
+            self.rbuf.clear();
+            if self.rbuf.capacity() > KEEP_BUFFER {
+                self.rbuf = Vec::new();
+            }
+        } else if used > 0 {
+            self.rbuf.drain(..used);
+        }
+    }
+}

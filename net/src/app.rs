@@ -1,0 +1,343 @@
+//! `App` and `AppBuilder`: configure a server (config, components, pipelines, handshake
+//! validators), build it, then run it on the current thread or start it in the background.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Receiver;
+use dragonfruit_core::codec::{
+    encode_handshake_response, encode_packet, DictionaryError, HandshakeData, PacketType, RouteDictionary, HANDSHAKE_OK,
+};
+use dragonfruit_core::config::{ConfigError, ConfigSource};
+use dragonfruit_core::handler::{Ctx, RegistryError};
+use dragonfruit_core::{
+    Component, HandlerEnv, HandlerError, HandlerRegistry, HandlerService, Pipelines, Serializer, ServerInfo,
+    SessionRegistry, SessionSink,
+};
+use log::info;
+use mio::{Poll, Waker};
+use thiserror::Error;
+
+use crate::config::Config;
+use crate::event_loop::{EventLoop, WAKER};
+use crate::handle::AppHandle;
+use crate::port::{FrontendSink, LocalMessenger, LoopMsg, LoopPort};
+use crate::stats::Stats;
+
+/// A handshake validator's refusal: the code sent in the handshake response, and a reason
+/// for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeRefusal {
+    /// Handshake response code (Pitaya uses 400; Pomelo's "client too old" is 501).
+    pub code: u16,
+    /// Why, for the server log.
+    pub reason: String,
+}
+
+impl HandshakeRefusal {
+    /// A refusal with `code`.
+    pub fn new(code: u16, reason: impl Into<String>) -> HandshakeRefusal {
+        HandshakeRefusal { code, reason: reason.into() }
+    }
+}
+
+/// Checks a client's handshake before the server accepts it. Runs on a worker thread.
+pub type HandshakeValidator = dyn Fn(&HandshakeData) -> Result<(), HandshakeRefusal> + Send + Sync;
+
+/// Why an app could not be built.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A configuration value is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A component could not be registered.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The route dictionary is invalid.
+    #[error("route dictionary: {0}")]
+    Dictionary(#[from] DictionaryError),
+    /// The OS refused a resource (poller, threads).
+    #[error("cannot create {what}: {source}")]
+    Io {
+        /// What was being created.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Why an app could not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The TCP address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Configured address.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The event loop thread could not be spawned.
+    #[error("cannot spawn the event loop thread: {0}")]
+    Spawn(io::Error),
+}
+
+/// State shared read-only by the event loop and the workers.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) server: ServerInfo,
+    pub(crate) serializer: Serializer,
+    pub(crate) service: HandlerService,
+    pub(crate) dict: RouteDictionary,
+    /// The handshake response packet, built once: every client gets the same bytes.
+    pub(crate) handshake_ok: Vec<u8>,
+    pub(crate) validators: Vec<(String, Arc<HandshakeValidator>)>,
+    pub(crate) port: Arc<LoopPort>,
+    pub(crate) registry: Arc<SessionRegistry>,
+    pub(crate) sink: Arc<dyn SessionSink>,
+    pub(crate) stats: Arc<Stats>,
+}
+
+/// Configures an [`App`].
+pub struct AppBuilder {
+    config: Config,
+    registry: HandlerRegistry,
+    registry_error: Option<RegistryError>,
+    pipelines: Pipelines,
+    validators: Vec<(String, Arc<HandshakeValidator>)>,
+}
+
+/// A built server, ready to start.
+pub struct App {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) poll: Poll,
+    pub(crate) inbox: Receiver<LoopMsg>,
+    pub(crate) pool: Arc<rayon::ThreadPool>,
+}
+
+impl App {
+    /// A builder for a server of `server_type` with every other setting at its default.
+    pub fn builder(server_type: &str) -> AppBuilder {
+        let mut config = Config::default();
+        config.server.server_type = server_type.to_owned();
+        AppBuilder::with_config(config)
+    }
+
+    /// A builder from a configuration document (file plus environment overrides).
+    pub fn from_source(source: &ConfigSource) -> Result<AppBuilder, BuildError> {
+        Ok(AppBuilder::with_config(Config::from_source(source)?))
+    }
+
+    /// Starts the server on background threads and returns at once.
+    pub fn start(self) -> Result<AppHandle, StartError> {
+        let tcp = match &self.shared.config.acceptor.tcp {
+            None => None,
+            Some(addr) => Some(bind_tcp(addr).map_err(|source| StartError::Bind { addr: addr.clone(), source })?),
+        };
+        let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+        let components = self.shared.service.registry().components().to_vec();
+        for c in &components {
+            c.component.init();
+        }
+        for c in &components {
+            c.component.after_init();
+        }
+        let shared = self.shared.clone();
+        let event_loop = EventLoop::new(self.poll, tcp, self.inbox, self.shared, self.pool);
+        let thread = std::thread::Builder::new()
+            .name("df-loop".into())
+            .spawn(move || event_loop.run())
+            .map_err(StartError::Spawn)?;
+        let server = &shared.server;
+        match tcp_addr {
+            Some(addr) => info!("server {} (type {}) listening on tcp {addr}", server.id, server.server_type),
+            None => info!("server {} (type {}) started without client acceptor", server.id, server.server_type),
+        }
+        Ok(AppHandle::new(shared, tcp_addr, thread))
+    }
+
+    /// Starts the server and blocks until it has stopped (see [`AppHandle::stop`]).
+    pub fn run(self) -> Result<(), crate::RunError> {
+        let handle = self.start()?;
+        handle.join()
+    }
+}
+
+fn bind_tcp(addr: &str) -> io::Result<mio::net::TcpListener> {
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    std_listener.set_nonblocking(true)?;
+    Ok(mio::net::TcpListener::from_std(std_listener))
+}
+
+impl AppBuilder {
+    /// A builder starting from `config`.
+    pub fn with_config(config: Config) -> AppBuilder {
+        AppBuilder {
+            config,
+            registry: HandlerRegistry::new(),
+            registry_error: None,
+            pipelines: Pipelines::default(),
+            validators: Vec::new(),
+        }
+    }
+
+    /// The configuration, for settings without a dedicated method.
+    pub fn config_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
+
+    /// Sets `server.id`.
+    pub fn server_id(mut self, id: &str) -> Self {
+        self.config.server.id = id.to_owned();
+        self
+    }
+
+    /// Sets `acceptor.tcp` (use port 0 for any free port; see [`AppHandle::tcp_addr`]).
+    pub fn tcp(mut self, addr: &str) -> Self {
+        self.config.acceptor.tcp = Some(addr.to_owned());
+        self
+    }
+
+    /// Sets `server.serializer`.
+    pub fn serializer(mut self, serializer: Serializer) -> Self {
+        self.config.server.serializer = serializer.name().to_owned();
+        self
+    }
+
+    /// Sets `heartbeat.interval`.
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.config.heartbeat.interval = interval;
+        self
+    }
+
+    /// Sets `dispatch.concurrency` (worker threads).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.dispatch.concurrency = n;
+        self
+    }
+
+    /// Sets `message.compression`.
+    pub fn compression(mut self, on: bool) -> Self {
+        self.config.message.compression = on;
+        self
+    }
+
+    /// Sets the route dictionary sent in the handshake.
+    pub fn route_dictionary<S: Into<String>>(mut self, entries: impl IntoIterator<Item = (S, u16)>) -> Self {
+        self.config.dictionary = entries.into_iter().map(|(r, c)| (r.into(), c)).collect::<BTreeMap<_, _>>();
+        self
+    }
+
+    /// Registers `component` as `name` on this server's type (routes `name.method`).
+    pub fn component<C: Component>(self, name: &str, component: C) -> Self {
+        let server_type = self.config.server.server_type.clone();
+        self.component_for(&server_type, name, component)
+    }
+
+    /// Registers `component` for another server type served by this same process (one
+    /// process standing in for several server types, e.g. in development).
+    pub fn component_for<C: Component>(mut self, server_type: &str, name: &str, component: C) -> Self {
+        if let Err(e) = self.registry.register(server_type, name, component) {
+            self.registry_error.get_or_insert(e);
+        }
+        self
+    }
+
+    /// Appends a before-handler pipeline function.
+    pub fn before(
+        mut self,
+        f: impl Fn(&mut Ctx<'_>, &mut Vec<u8>) -> Result<(), HandlerError> + Send + Sync + 'static,
+    ) -> Self {
+        self.pipelines.before(f);
+        self
+    }
+
+    /// Appends an after-handler pipeline function.
+    pub fn after(
+        mut self,
+        f: impl Fn(&mut Ctx<'_>, &mut Result<Vec<u8>, HandlerError>) + Send + Sync + 'static,
+    ) -> Self {
+        self.pipelines.after(f);
+        self
+    }
+
+    /// Adds a handshake validator; the first refusal wins.
+    pub fn handshake_validator(
+        mut self,
+        name: &str,
+        f: impl Fn(&HandshakeData) -> Result<(), HandshakeRefusal> + Send + Sync + 'static,
+    ) -> Self {
+        self.validators.push((name.to_owned(), Arc::new(f)));
+        self
+    }
+
+    /// Checks everything and creates the poller, worker pool and shared state.
+    pub fn build(self) -> Result<App, BuildError> {
+        self.config.validate()?;
+        if let Some(e) = self.registry_error {
+            return Err(e.into());
+        }
+        let config = self.config;
+        let serializer = config.serializer().unwrap_or_default();
+        let dict = RouteDictionary::new(config.dictionary.iter().map(|(r, c)| (r.as_str(), *c)))?;
+        let server_id = if config.server.id.is_empty() {
+            generated_id(&config.server.server_type)
+        } else {
+            config.server.id.clone()
+        };
+        let server = ServerInfo {
+            id: server_id.into(),
+            server_type: config.server.server_type.as_str().into(),
+            frontend: config.server.frontend,
+            metadata: config.server.metadata.clone(),
+        };
+        let poll = Poll::new().map_err(|source| BuildError::Io { what: "poller", source })?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(|source| BuildError::Io { what: "waker", source })?;
+        let (port, inbox) = LoopPort::new(waker, config.message.compression);
+        let registry = Arc::new(SessionRegistry::new());
+        let messenger = Arc::new(LocalMessenger {
+            port: port.clone(),
+            registry: registry.clone(),
+            server_type: server.server_type.clone(),
+            frontend: server.frontend,
+        });
+        let sink: Arc<dyn SessionSink> =
+            Arc::new(FrontendSink { port: port.clone(), registry: registry.clone(), unique: config.session.unique });
+        let env = HandlerEnv { server: server.clone(), serializer, messenger, sessions: Some(registry.clone()) };
+        let service = HandlerService::new(self.registry, self.pipelines, env);
+        let body = encode_handshake_response(HANDSHAKE_OK, config.heartbeat.interval, &dict, serializer.name());
+        let mut handshake_ok = Vec::new();
+        if let Err(e) = encode_packet(PacketType::Handshake, &body, &mut handshake_ok) {
+            return Err(BuildError::Config(ConfigError::Invalid { key: "dictionary", message: e.to_string() }));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.dispatch.concurrency)
+            .thread_name(|i| format!("df-worker-{i}"))
+            .panic_handler(|_| log::error!("a worker job panicked outside its guard"))
+            .build()
+            .map_err(|e| BuildError::Io { what: "worker pool", source: io::Error::other(e) })?;
+        let shared = Arc::new(Shared {
+            config,
+            server,
+            serializer,
+            service,
+            dict,
+            handshake_ok,
+            validators: self.validators,
+            port,
+            registry,
+            sink,
+            stats: Arc::new(Stats::default()),
+        });
+        Ok(App { shared, poll, inbox, pool: Arc::new(pool) })
+    }
+}
+
+fn generated_id(server_type: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{server_type}-{}-{:08x}", std::process::id(), nanos)
+}

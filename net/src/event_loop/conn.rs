@@ -1,0 +1,431 @@
+//! Per-connection work of the event loop: read and decode packets (pausing under
+//! backpressure), hand batches to workers, write responses and pushes, kick and close.
+
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dragonfruit_core::codec::{
+    decode_message, encode_data_packet, encode_kick_body, encode_packet, parse_packet, EncodeOptions, MessageOut,
+    MessageType, PacketRef, PacketType,
+};
+use dragonfruit_core::{codes, HandlerError, Reply, Route, Session, SessionInit};
+use log::{debug, warn};
+
+use super::EventLoop;
+use crate::agent::Phase;
+use crate::port::{LoopMsg, PushBody};
+use crate::stats::Stats;
+use crate::worker::{encode_reply, run_batch, run_handshake, Done, Outcome, Queued};
+
+pub(super) const HEARTBEAT_PACKET: [u8; 4] = [PacketType::Heartbeat as u8, 0, 0, 0];
+/// How long a closing connection may take to drain its last bytes (kick, refusal).
+pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+impl EventLoop {
+    /// Decodes buffered packets and reads more from the socket until it would block, the
+    /// connection is paused by backpressure, or it closes; then hands queued messages to a
+    /// worker.
+    pub(super) fn pump(&mut self, token: usize) {
+        loop {
+            if !self.decode_buffered(token) {
+                break;
+            }
+            let Some(agent) = self.agents.get_mut(token) else { return };
+            if !agent.readable {
+                break;
+            }
+            let Some(stream) = agent.stream.as_mut() else { break };
+            match stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    self.close(token, "closed by peer");
+                    return;
+                }
+                Ok(n) => {
+                    agent.rbuf.extend_from_slice(&self.scratch[..n]);
+                    Stats::add(&self.shared.stats.bytes_in, n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    agent.readable = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.close(token, &format!("read error: {e}"));
+                    return;
+                }
+            }
+        }
+        self.dispatch(token);
+    }
+
+    /// Whether `token` must not decode more packets now. Records agents paused by the
+    /// global bound so that completions resume them.
+    fn paused(&mut self, token: usize) -> bool {
+        let cfg = &self.shared.config.dispatch;
+        let agent = &mut self.agents[token];
+        if self.stop_deadline.is_some() || agent.phase == Phase::Validating || agent.backlog() >= cfg.session_backlog {
+            return true;
+        }
+        if self.in_flight >= cfg.max_in_flight {
+            if !agent.starved {
+                agent.starved = true;
+                self.starved.push(token);
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Decodes whole packets from the read buffer. `false` when reading must stop.
+    fn decode_buffered(&mut self, token: usize) -> bool {
+        let Some(agent) = self.agents.get_mut(token) else { return false };
+        if agent.stream.is_none() || agent.phase == Phase::Closing {
+            return false;
+        }
+        let rbuf = std::mem::take(&mut agent.rbuf);
+        let max = self.shared.config.packet.max_size;
+        let mut used = 0;
+        let mut verdict = Ok(true);
+        while used < rbuf.len() {
+            if self.paused(token) {
+                verdict = Ok(false);
+                break;
+            }
+            match parse_packet(&rbuf[used..], max) {
+                Ok(None) => break,
+                Ok(Some((packet, n))) => {
+                    used += n;
+                    if let Err(reason) = self.on_packet(token, packet) {
+                        verdict = Err(reason);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    verdict = Err(e.to_string());
+                    break;
+                }
+            }
+        }
+        let agent = &mut self.agents[token];
+        agent.rbuf = rbuf;
+        agent.consume_read(used);
+        match verdict {
+            Ok(go_on) => go_on && agent.phase != Phase::Closing,
+            Err(reason) => {
+                Stats::add(&self.shared.stats.protocol_errors, 1);
+                warn!("conn={token} sid={} addr={} protocol error: {reason}", agent.sid, agent.addr);
+                self.close(token, "protocol error");
+                false
+            }
+        }
+    }
+
+    /// Handles one packet. `Err` is a protocol violation that closes the connection.
+    fn on_packet(&mut self, token: usize, packet: PacketRef<'_>) -> Result<(), String> {
+        let agent = &mut self.agents[token];
+        agent.last_seen = self.now;
+        match packet.kind {
+            PacketType::Handshake => {
+                if agent.phase != Phase::AwaitHandshake {
+                    return Err("second handshake".into());
+                }
+                agent.phase = Phase::Validating;
+                agent.running = 1;
+                self.jobs += 1;
+                let (shared, sid, body) = (self.shared.clone(), agent.sid, packet.body.to_vec());
+                self.pool.spawn(move || {
+                    let done = run_handshake(&shared, token, sid, &body);
+                    let _ = shared.port.send(LoopMsg::Done(done));
+                });
+            }
+            PacketType::HandshakeAck => match agent.phase {
+                Phase::AwaitAck => {
+                    agent.phase = Phase::Working;
+                    agent.next_heartbeat = self.now + self.shared.config.heartbeat.interval;
+                }
+                Phase::Working => debug!("conn={token} sid={} duplicate handshake ack ignored", agent.sid),
+                _ => return Err("handshake ack before handshake".into()),
+            },
+            PacketType::Heartbeat | PacketType::Kick => {}
+            PacketType::Data => {
+                if agent.phase != Phase::Working {
+                    return Err("data before handshake ack".into());
+                }
+                return self.on_data(token, packet.body);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_data(&mut self, token: usize, body: &[u8]) -> Result<(), String> {
+        let shared = &self.shared;
+        let agent = &mut self.agents[token];
+        let msg = decode_message(body, &shared.dict).map_err(|e| e.to_string())?;
+        match msg.kind {
+            MessageType::Request => Stats::add(&shared.stats.requests, 1),
+            MessageType::Notify => Stats::add(&shared.stats.notifies, 1),
+            other => return Err(format!("client sent a {other:?} message")),
+        }
+        if msg.route_code.is_some() {
+            agent.uses_route_codes = true;
+        }
+        let refusal = match Route::parse(msg.route) {
+            Err(e) => Err(HandlerError::bad_request(e.to_string())),
+            Ok(route) => {
+                let server_type = route.server_type().unwrap_or(&shared.server.server_type);
+                if shared.service.registry().serves(server_type) {
+                    Ok(route)
+                } else {
+                    let text = format!("no server of type {server_type} serves route {route}");
+                    Err(HandlerError::new(codes::NOT_FOUND, text))
+                }
+            }
+        };
+        match refusal {
+            Ok(route) => {
+                let queued =
+                    Queued { kind: msg.kind, id: msg.id, route, body: msg.body.to_vec(), compressed: msg.compressed };
+                agent.queue.push_back(queued);
+                self.in_flight += 1;
+            }
+            Err(e) if msg.kind == MessageType::Request => {
+                if let Some(session) = &agent.session {
+                    encode_reply(shared, session, msg.id, Reply::Err(e), &mut agent.wbuf);
+                }
+                if !agent.dirty {
+                    agent.dirty = true;
+                    self.dirty.push(token);
+                }
+            }
+            Err(e) => debug!("conn={token} sid={} notify dropped: {e}", agent.sid),
+        }
+        Ok(())
+    }
+
+    /// Gives the session's next batch to a worker, unless one is running.
+    pub(super) fn dispatch(&mut self, token: usize) {
+        let Some(agent) = self.agents.get_mut(token) else { return };
+        if agent.running > 0 || agent.queue.is_empty() {
+            return;
+        }
+        let Some(session) = agent.session.clone() else { return };
+        let n = agent.queue.len().min(self.shared.config.dispatch.batch);
+        let msgs: Vec<Queued> = agent.queue.drain(..n).collect();
+        agent.running = n;
+        self.jobs += 1;
+        let shared = self.shared.clone();
+        self.pool.spawn(move || {
+            let done = run_batch(&shared, token, &session, msgs);
+            let _ = shared.port.send(LoopMsg::Done(done));
+        });
+    }
+
+    pub(super) fn on_done(&mut self, done: Done) {
+        self.in_flight -= done.handled;
+        self.jobs -= 1;
+        let token = done.token;
+        let Some(agent) = self.agents.get_mut(token) else { return };
+        if agent.sid != done.session {
+            return;
+        }
+        agent.running = 0;
+        let open = agent.stream.is_some() && agent.phase != Phase::Closing;
+        if open && !done.out.is_empty() {
+            if agent.wbuf.is_empty() {
+                agent.wbuf = done.out;
+                agent.wpos = 0;
+            } else {
+                agent.wbuf.extend_from_slice(&done.out);
+            }
+            if !agent.dirty {
+                agent.dirty = true;
+                self.dirty.push(token);
+            }
+        }
+        match done.outcome {
+            Outcome::Continue => {}
+            Outcome::HandshakeAccepted(handshake) if open => {
+                let init = SessionInit {
+                    id: agent.sid,
+                    frontend_id: self.shared.server.id.clone(),
+                    handshake,
+                    remote_addr: Some(agent.addr),
+                    created_unix_ms: agent.created_unix_ms,
+                    serializer: self.shared.serializer,
+                    uid: None,
+                    data: Default::default(),
+                };
+                let session = Arc::new(Session::new(init, self.shared.sink.clone()));
+                self.shared.registry.insert(session.clone());
+                agent.session = Some(session);
+                agent.phase = Phase::AwaitAck;
+                self.by_session.insert(agent.sid, token);
+                Stats::add(&self.shared.stats.handshakes, 1);
+            }
+            Outcome::HandshakeAccepted(_) => {}
+            Outcome::HandshakeRefused => self.close_after_flush(token),
+            Outcome::Close(reason) => {
+                Stats::add(&self.shared.stats.protocol_errors, 1);
+                warn!("conn={token} sid={} protocol error: {reason}", done.session);
+                self.close_after_flush(token);
+            }
+        }
+        match self.agents.get(token) {
+            Some(agent) if agent.stream.is_none() => {
+                if agent.queue.is_empty() {
+                    self.finalize(token);
+                } else {
+                    self.dispatch(token);
+                }
+            }
+            Some(_) => self.pump(token),
+            None => {}
+        }
+        self.resume_starved();
+    }
+
+    fn resume_starved(&mut self) {
+        if self.starved.is_empty() || self.in_flight >= self.shared.config.dispatch.max_in_flight {
+            return;
+        }
+        let starved = std::mem::take(&mut self.starved);
+        for token in starved {
+            if let Some(agent) = self.agents.get_mut(token) {
+                agent.starved = false;
+                self.pump(token);
+            }
+        }
+    }
+
+    /// Frames a push for one connection (route codes only for clients that use them).
+    pub(super) fn write_push(&mut self, token: usize, push: &PushBody) {
+        let Some(agent) = self.agents.get_mut(token) else { return };
+        if agent.phase != Phase::Working || agent.stream.is_none() {
+            return;
+        }
+        let msg = MessageOut {
+            kind: MessageType::Push,
+            id: 0,
+            route: &push.route,
+            error: false,
+            body: &push.body,
+            body_is_compressed: push.compressed,
+        };
+        let opts = EncodeOptions { dict: agent.uses_route_codes.then_some(&self.shared.dict), compress: false };
+        if let Err(e) = encode_data_packet(&msg, &opts, &mut agent.wbuf) {
+            warn!("sid={} push {} dropped: {e}", agent.sid, push.route);
+            return;
+        }
+        Stats::add(&self.shared.stats.pushes, 1);
+        if !agent.dirty {
+            agent.dirty = true;
+            self.dirty.push(token);
+        }
+    }
+
+    /// Sends a kick packet, then closes once it is written.
+    pub(super) fn kick(&mut self, token: usize, reason: &str) {
+        let Some(agent) = self.agents.get_mut(token) else { return };
+        if agent.stream.is_none() || agent.phase == Phase::Closing {
+            return;
+        }
+        debug!("conn={token} sid={} kicked: {reason}", agent.sid);
+        let _ = encode_packet(PacketType::Kick, &encode_kick_body(reason), &mut agent.wbuf);
+        self.close_after_flush(token);
+    }
+
+    /// Stops reading; closes once pending output is written (or after `CLOSE_GRACE`).
+    pub(super) fn close_after_flush(&mut self, token: usize) {
+        let Some(agent) = self.agents.get_mut(token) else { return };
+        if agent.stream.is_none() {
+            return;
+        }
+        agent.phase = Phase::Closing;
+        agent.since = self.now;
+        self.flush_agent(token);
+    }
+
+    /// Closes the socket now. Messages already queued still run (their answers are
+    /// dropped); the session is finalized when the last one finishes.
+    pub(super) fn close(&mut self, token: usize, reason: &str) {
+        let Some(agent) = self.agents.get_mut(token) else { return };
+        if let Some(mut stream) = agent.stream.take() {
+            let _ = self.poll.registry().deregister(&mut stream);
+            drop(stream);
+            Stats::add(&self.shared.stats.closed, 1);
+            self.shared.stats.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            debug!("conn={token} sid={} addr={} closed: {reason}", agent.sid, agent.addr);
+        }
+        agent.phase = Phase::Closing;
+        agent.rbuf = Vec::new();
+        agent.wbuf = Vec::new();
+        agent.wpos = 0;
+        if agent.running == 0 {
+            if agent.queue.is_empty() || self.finishing {
+                self.finalize(token);
+            } else {
+                self.dispatch(token);
+            }
+        }
+    }
+
+    /// Forgets a closed connection whose work is done; the session's on-close callbacks
+    /// run on a worker.
+    pub(super) fn finalize(&mut self, token: usize) {
+        if !self.agents.contains(token) {
+            return;
+        }
+        let agent = self.agents.remove(token);
+        self.in_flight -= agent.queue.len();
+        if let Some(session) = agent.session {
+            self.by_session.remove(&agent.sid);
+            self.shared.registry.remove(session.id());
+            if self.finishing {
+                session.close();
+            } else {
+                self.pool.spawn(move || session.close());
+            }
+        }
+    }
+
+    /// Writes pending output; closes connections that are done closing, that fail, or whose
+    /// client does not read.
+    pub(super) fn flush_agent(&mut self, token: usize) {
+        let Some(agent) = self.agents.get_mut(token) else { return };
+        let before = agent.pending_write();
+        let result = agent.flush();
+        Stats::add(&self.shared.stats.bytes_out, (before - agent.pending_write()) as u64);
+        match result {
+            Ok(true) if agent.phase == Phase::Closing => self.close(token, "closed after final write"),
+            Ok(true) => {}
+            Ok(false) => {
+                let limit = self.shared.config.connection.write_queue_bytes;
+                if agent.pending_write() > limit {
+                    warn!(
+                        "conn={token} sid={} addr={} disconnected: client is not reading ({} bytes queued, limit {limit})",
+                        agent.sid,
+                        agent.addr,
+                        agent.pending_write()
+                    );
+                    self.close(token, "write queue full");
+                }
+            }
+            Err(e) => self.close(token, &format!("write error: {e}")),
+        }
+    }
+
+    pub(super) fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &token in &dirty {
+            if let Some(agent) = self.agents.get_mut(token) {
+                agent.dirty = false;
+                self.flush_agent(token);
+            }
+        }
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The event loop: one thread owns the poller, the listener and every client connection.
+//! Other threads reach it only through its inbox (`port::LoopMsg` + `Waker`), so no client
+//! socket or agent is ever shared.
+//!
+//! One iteration: poll (timeout = next timer tick) → accept / read / write ready sockets →
+//! drain the inbox (finished batches, pushes, kicks, stop) → timers (heartbeats and
+//! timeouts) → flush every connection that got output.
+
+mod conn;
+mod shutdown;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Receiver;
+use dragonfruit_core::SessionId;
+use log::{debug, warn};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use rayon::ThreadPool;
+use slab::Slab;
+
+use crate::agent::{Agent, Phase};
+use crate::app::Shared;
+use crate::port::LoopMsg;
+use crate::stats::Stats;
+
+/// Token of the waker (inbox has messages).
+pub(crate) const WAKER: Token = Token(usize::MAX);
+const LISTENER: Token = Token(usize::MAX - 1);
+/// Size of the loop's one read buffer, shared by all connections.
+const READ_CHUNK: usize = 64 << 10;
+/// Inbox messages handled per iteration before sockets get a turn again.
+const INBOX_BUDGET: usize = 8192;
+
+pub(crate) struct EventLoop {
+    poll: Poll,
+    events: Events,
+    /// `(token, readable, writable)` of the last poll, reused between iterations.
+    ready: Vec<(Token, bool, bool)>,
+    listener: Option<TcpListener>,
+    /// The agents; slab keys are the mio tokens.
+    agents: Slab<Agent>,
+    /// Session id -> token, for pushes and kicks coming through the inbox.
+    by_session: HashMap<SessionId, usize>,
+    inbox: Receiver<LoopMsg>,
+    shared: Arc<Shared>,
+    pool: Arc<ThreadPool>,
+    /// Messages decoded and not yet finished by a worker, all sessions together.
+    in_flight: usize,
+    /// Jobs (batches and handshakes) on the pool.
+    jobs: usize,
+    /// Agents paused by the global in-flight bound, resumed as work completes.
+    starved: Vec<usize>,
+    /// Agents with output to flush at the end of the iteration.
+    dirty: Vec<usize>,
+    scratch: Vec<u8>,
+    next_sid: SessionId,
+    /// Time of the current iteration (one clock read per iteration).
+    now: Instant,
+    tick: Duration,
+    next_tick: Instant,
+    /// Set by a stop request: the deadline for in-flight work.
+    stop_deadline: Option<Instant>,
+    /// Run on-close callbacks inline (during the final shutdown) instead of on the pool.
+    finishing: bool,
+    /// `accept` failed for lack of resources; retry at the next tick.
+    accept_retry: bool,
+    /// The inbox had more than one budget's worth of messages.
+    inbox_backlog: bool,
+    last_refusal_log: Option<Instant>,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        poll: Poll,
+        listener: Option<TcpListener>,
+        inbox: Receiver<LoopMsg>,
+        shared: Arc<Shared>,
+        pool: Arc<ThreadPool>,
+    ) -> EventLoop {
+        let now = Instant::now();
+        let cfg = &shared.config;
+        let tick = (cfg.heartbeat.interval / 4).min(cfg.handshake.timeout / 4).min(Duration::from_secs(1));
+        let tick = tick.max(Duration::from_millis(10));
+        EventLoop {
+            poll,
+            events: Events::with_capacity(1024),
+            ready: Vec::with_capacity(1024),
+            listener,
+            agents: Slab::new(),
+            by_session: HashMap::new(),
+            inbox,
+            shared,
+            pool,
+            in_flight: 0,
+            jobs: 0,
+            starved: Vec::new(),
+            dirty: Vec::new(),
+            scratch: vec![0; READ_CHUNK],
+            next_sid: 1,
+            now,
+            tick,
+            next_tick: now + tick,
+            stop_deadline: None,
+            finishing: false,
+            accept_retry: false,
+            inbox_backlog: false,
+            last_refusal_log: None,
+        }
+    }
+
+    /// Runs until a stop request has been carried out.
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        if let Some(listener) = self.listener.as_mut() {
+            self.poll.registry().register(listener, LISTENER, Interest::READABLE)?;
+        }
+        loop {
+            let timeout = if self.inbox_backlog {
+                Duration::ZERO
+            } else {
+                self.next_tick.saturating_duration_since(Instant::now())
+            };
+            if let Err(e) = self.poll.poll(&mut self.events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            self.now = Instant::now();
+            self.ready.clear();
+            for event in self.events.iter() {
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                self.ready.push((event.token(), readable, event.is_writable()));
+            }
+            for i in 0..self.ready.len() {
+                let (token, readable, writable) = self.ready[i];
+                match token {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(t) => {
+                        if writable {
+                            self.flush_agent(t);
+                        }
+                        if readable {
+                            if let Some(agent) = self.agents.get_mut(t) {
+                                agent.readable = true;
+                                self.pump(t);
+                            }
+                        }
+                    }
+                }
+            }
+            self.drain_inbox();
+            if self.now >= self.next_tick {
+                self.on_tick();
+                self.next_tick = self.now + self.tick;
+            }
+            self.flush_dirty();
+            Stats::set(&self.shared.stats.in_flight, self.in_flight as u64);
+            if let Some(deadline) = self.stop_deadline {
+                if (self.in_flight == 0 && self.jobs == 0) || self.now >= deadline {
+                    break;
+                }
+            }
+        }
+        self.finish()
+    }
+
+    fn accept(&mut self) {
+        self.accept_retry = false;
+        let Some(listener) = self.listener.as_ref() else { return };
+        let stats = &self.shared.stats;
+        loop {
+            match listener.accept() {
+                Ok((mut stream, addr)) => {
+                    if self.agents.len() >= self.shared.config.connection.max {
+                        Stats::add(&stats.refused, 1);
+                        if self.last_refusal_log.is_none_or(|t| self.now.duration_since(t) > Duration::from_secs(1)) {
+                            warn!("refusing connection from {addr}: connection.max ({}) reached", self.agents.len());
+                            self.last_refusal_log = Some(self.now);
+                        }
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let entry = self.agents.vacant_entry();
+                    let token = entry.key();
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if let Err(e) = self.poll.registry().register(&mut stream, Token(token), interest) {
+                        warn!("cannot register connection from {addr}: {e}");
+                        continue;
+                    }
+                    let sid = self.next_sid;
+                    self.next_sid += 1;
+                    let unix_ms =
+                        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+                    entry.insert(Agent::new(stream, addr, sid, self.now, unix_ms));
+                    Stats::add(&stats.accepted, 1);
+                    Stats::add(&stats.active, 1);
+                    debug!("conn={token} sid={sid} accepted from {addr}");
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of file descriptors and the like: the pending connections stay in
+                    // the backlog, and no new edge may come, so retry at the next tick.
+                    warn!("accept failed: {e}");
+                    self.accept_retry = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn drain_inbox(&mut self) {
+        self.shared.port.clear_wake();
+        self.inbox_backlog = false;
+        for _ in 0..INBOX_BUDGET {
+            let Ok(msg) = self.inbox.try_recv() else { return };
+            match msg {
+                LoopMsg::Done(done) => self.on_done(done),
+                LoopMsg::Push { sessions, push } => {
+                    for sid in sessions {
+                        if let Some(&token) = self.by_session.get(&sid) {
+                            self.write_push(token, &push);
+                        }
+                    }
+                }
+                LoopMsg::Broadcast(push) => {
+                    let tokens: Vec<usize> =
+                        self.agents.iter().filter(|(_, a)| a.phase == Phase::Working).map(|(t, _)| t).collect();
+                    for token in tokens {
+                        self.write_push(token, &push);
+                    }
+                }
+                LoopMsg::Kick { session, reason } => {
+                    if let Some(&token) = self.by_session.get(&session) {
+                        self.kick(token, &reason);
+                    }
+                }
+                LoopMsg::Stop => self.begin_stop(),
+            }
+        }
+        self.inbox_backlog = true;
+    }
+
+    /// Heartbeats and timeouts. Runs every `tick` (at most 1 s, at least 10 ms).
+    fn on_tick(&mut self) {
+        let cfg = &self.shared.config;
+        let (now, heartbeat, handshake_timeout) = (self.now, cfg.heartbeat.interval, cfg.handshake.timeout);
+        let mut expired = Vec::new();
+        for (token, agent) in self.agents.iter_mut() {
+            if agent.stream.is_none() {
+                continue;
+            }
+            let reason = match agent.phase {
+                Phase::AwaitHandshake | Phase::Validating | Phase::AwaitAck => {
+                    (now.duration_since(agent.since) > handshake_timeout).then_some("handshake timeout")
+                }
+                Phase::Working if now.duration_since(agent.last_seen) > heartbeat * 2 => Some("heartbeat timeout"),
+                Phase::Working => {
+                    if now >= agent.next_heartbeat {
+                        agent.wbuf.extend_from_slice(&conn::HEARTBEAT_PACKET);
+                        agent.next_heartbeat = now + heartbeat;
+                        if !agent.dirty {
+                            agent.dirty = true;
+                            self.dirty.push(token);
+                        }
+                    }
+                    None
+                }
+                Phase::Closing => (now.duration_since(agent.since) > conn::CLOSE_GRACE).then_some("close timed out"),
+            };
+            if let Some(reason) = reason {
+                expired.push((token, reason));
+            }
+        }
+        for (token, reason) in expired {
+            self.close(token, reason);
+        }
+        if self.accept_retry {
+            self.accept();
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! The end of a graceful stop, after in-flight work has finished or timed out:
+//! `before_shutdown` hooks, kick and close every connection, `shutdown` hooks.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use super::EventLoop;
+
+/// How long the final kicks may take to reach clients.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+
+impl EventLoop {
+    pub(super) fn begin_stop(&mut self) {
+        if self.stop_deadline.is_some() {
+            return;
+        }
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        info!("server {} stopping: no longer accepting; {} messages in flight", self.shared.server.id, self.in_flight);
+        self.stop_deadline = Some(self.now + self.shared.config.shutdown.timeout);
+    }
+
+    pub(super) fn finish(mut self) -> io::Result<()> {
+        if self.in_flight > 0 || self.jobs > 0 {
+            warn!("shutdown timeout: {} messages still in flight are abandoned", self.in_flight);
+        }
+        let components = self.shared.service.registry().components().to_vec();
+        for c in &components {
+            c.component.before_shutdown();
+        }
+        self.now = Instant::now();
+        self.drain_inbox();
+        let tokens: Vec<usize> = self.agents.iter().map(|(t, _)| t).collect();
+        for &token in &tokens {
+            self.kick(token, "server shutting down");
+        }
+        let deadline = Instant::now() + FINAL_FLUSH;
+        while self.agents.iter().any(|(_, a)| a.stream.is_some() && a.pending_write() > 0) && Instant::now() < deadline
+        {
+            self.poll.poll(&mut self.events, Some(Duration::from_millis(20)))?;
+            let tokens: Vec<usize> = self.events.iter().map(|e| e.token().0).collect();
+            for token in tokens {
+                self.flush_agent(token);
+            }
+        }
+        self.finishing = true;
+        for token in tokens {
+            self.close(token, "server stopped");
+            // Work abandoned by the timeout must not keep the session alive.
+            self.finalize(token);
+        }
+        for c in &components {
+            c.component.shutdown();
+        }
+        info!("server {} stopped", self.shared.server.id);
+        Ok(())
+    }
+}

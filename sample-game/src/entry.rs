@@ -1,0 +1,50 @@
+//! `entry`: the connector's component (echo, login).
+
+use dragonfruit_core::{Component, Ctx, HandlerError, Routes};
+use serde::{Deserialize, Serialize};
+
+/// Longest player name accepted.
+pub const MAX_NAME: usize = 32;
+
+/// The connector's entry component.
+#[derive(Debug, Default)]
+pub struct Entry;
+
+/// `connector.entry.login` argument.
+#[derive(Debug, Deserialize)]
+pub struct Login {
+    /// Player name; becomes the uid.
+    pub name: String,
+}
+
+/// `connector.entry.login` answer.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoginAck {
+    /// The bound uid.
+    pub uid: String,
+}
+
+impl Component for Entry {
+    fn routes(r: &mut Routes<Self>) {
+        r.raw_handler("echo", |_: &Entry, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
+        r.handler("login", Entry::login);
+    }
+}
+
+impl Entry {
+    fn login(&self, ctx: &mut Ctx<'_>, req: Login) -> Result<LoginAck, HandlerError> {
+        let name = req.name.trim();
+        if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
+            return Err(HandlerError::new("GAME-400", format!("name must be 1 to {MAX_NAME} printable characters")));
+        }
+        let session = ctx.session();
+        if let Some(uid) = session.uid() {
+            if uid == name {
+                return Ok(LoginAck { uid });
+            }
+            return Err(HandlerError::new("GAME-409", format!("already logged in as {uid}")));
+        }
+        session.bind(name).map_err(|e| HandlerError::internal(e.to_string()))?;
+        Ok(LoginAck { uid: name.to_owned() })
+    }
+}
