@@ -102,6 +102,20 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
 }
 
+/// Stops an app from any thread (see [`App::stop_handle`]). Cloneable, idempotent.
+#[derive(Clone)]
+pub struct StopHandle {
+    port: Arc<LoopPort>,
+}
+
+impl StopHandle {
+    /// Begins a graceful stop, as [`AppHandle::stop`]. Before the app starts it has no
+    /// effect beyond stopping it right after it starts.
+    pub fn stop(&self) {
+        let _ = self.port.send(LoopMsg::Stop);
+    }
+}
+
 /// Configures an [`App`].
 pub struct AppBuilder {
     config: Config,
@@ -160,7 +174,13 @@ impl App {
         Ok(AppHandle::new(shared, tcp_addr, thread))
     }
 
-    /// Starts the server and blocks until it has stopped (see [`AppHandle::stop`]).
+    /// A handle that stops this app once it runs; for programs that call the blocking
+    /// [`App::run`] and stop from a signal handler or another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle { port: self.shared.port.clone() }
+    }
+
+    /// Starts the server and blocks until it has stopped (see [`App::stop_handle`]).
     pub fn run(self) -> Result<(), crate::RunError> {
         let handle = self.start()?;
         handle.join()

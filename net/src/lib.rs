@@ -23,7 +23,7 @@ mod port;
 mod stats;
 mod worker;
 
-pub use app::{App, AppBuilder, BuildError, HandshakeRefusal, HandshakeValidator, StartError};
+pub use app::{App, AppBuilder, BuildError, HandshakeRefusal, HandshakeValidator, StartError, StopHandle};
 pub use config::Config;
 pub use handle::{AppHandle, RunError};
 pub use stats::StatsSnapshot;

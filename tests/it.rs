@@ -1,0 +1,11 @@
+//! Integration tests over real sockets: one binary, one module per topic.
+
+mod util;
+
+mod dispatch;
+mod lifecycle;
+mod malformed;
+mod pomelo;
+mod protocol;
+mod sample_game;
+mod sessions;

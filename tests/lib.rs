@@ -1,0 +1,1 @@
+//! Integration tests live in `it.rs` and its modules (one test binary).

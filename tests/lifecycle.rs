@@ -1,0 +1,163 @@
+//! Embedding and lifecycle: start/stop/join, component hooks, graceful shutdown with
+//! in-flight work, the connection cap, slow readers, configuration files.
+
+use std::time::{Duration, Instant};
+
+use dragonfruit_core::codec::PacketType;
+use dragonfruit_core::config::ConfigSource;
+use dragonfruit_net::App;
+use serde_json::json;
+
+use crate::util::raw::Reading;
+use crate::util::{probe_app, wait_until, Probe, Server, T};
+
+#[test]
+fn start_stop_join_from_clones() {
+    let probe = Probe::default();
+    let handle = probe_app(&probe).tcp("127.0.0.1:0").build().unwrap().start().unwrap();
+    assert!(handle.is_running());
+    assert!(handle.tcp_addr().unwrap().port() > 0);
+    let waiter = handle.clone();
+    let t = std::thread::spawn(move || waiter.join());
+    handle.stop();
+    handle.stop();
+    assert!(handle.join().is_ok());
+    assert!(t.join().unwrap().is_ok());
+    assert!(!handle.is_running());
+    assert_eq!(*probe.state.lifecycle.lock().unwrap(), vec!["init", "after_init", "before_shutdown", "shutdown"]);
+}
+
+#[test]
+fn blocking_run_is_stopped_from_another_thread() {
+    let probe = Probe::default();
+    let app = probe_app(&probe).tcp("127.0.0.1:0").build().unwrap();
+    let stopper = app.stop_handle();
+    let runner = std::thread::spawn(move || app.run());
+    assert!(wait_until(T, || probe.state.lifecycle.lock().unwrap().len() == 2));
+    stopper.stop();
+    assert!(runner.join().unwrap().is_ok());
+    assert_eq!(probe.state.lifecycle.lock().unwrap().last(), Some(&"shutdown"));
+}
+
+#[test]
+fn graceful_stop_finishes_in_flight_requests_then_kicks() {
+    let probe = Probe::default();
+    let server = Server::start(probe_app(&probe));
+    let mut raw = server.raw_ready();
+    raw.request(1, "probe.sleep", b"300");
+    assert!(wait_until(T, || probe.state.running.load(std::sync::atomic::Ordering::SeqCst) == 1));
+    server.handle.stop();
+    assert!(
+        std::net::TcpStream::connect(server.addr()).is_err() || {
+            // A connect may still succeed while the backlog drains; it must not be served.
+            let mut late = server.raw();
+            late.send_packet(PacketType::Handshake, b"{}");
+            matches!(late.read(T), Reading::Closed | Reading::Timeout)
+        }
+    );
+    let msg = raw.read_message();
+    assert_eq!((msg.id, msg.body), (1, b"300".to_vec()), "in-flight request answered");
+    let kick = raw.read_packet();
+    assert_eq!(kick.kind, PacketType::Kick);
+    assert!(raw.closed_within(T));
+    server.handle.join().unwrap();
+    assert_eq!(*probe.state.lifecycle.lock().unwrap(), vec!["init", "after_init", "before_shutdown", "shutdown"]);
+}
+
+#[test]
+fn shutdown_wait_is_bounded() {
+    let probe = Probe::default();
+    let mut builder = probe_app(&probe);
+    builder.config_mut().shutdown.timeout = Duration::from_millis(200);
+    let server = Server::start(builder);
+    let client = server.client();
+    let stuck = client.send_request("probe.gate", b"never").unwrap();
+    assert!(wait_until(T, || probe.state.running.load(std::sync::atomic::Ordering::SeqCst) == 1));
+    let started = Instant::now();
+    server.handle.stop();
+    server.handle.join().unwrap();
+    assert!(started.elapsed() < T, "stop did not wait forever");
+    assert!(client.wait_closed(T));
+    assert!(stuck.wait().is_err());
+    probe.open_gate();
+}
+
+#[test]
+fn connections_over_the_cap_are_refused() {
+    let mut builder = probe_app(&Probe::default());
+    builder.config_mut().connection.max = 2;
+    let server = Server::start(builder);
+    let (a, b) = (server.client(), server.client());
+    let mut third = server.raw();
+    assert!(third.closed_within(T));
+    assert_eq!(server.handle.stats().refused, 1);
+    assert_eq!(a.request_raw("probe.echo", b"a").unwrap(), b"a");
+    drop(b);
+    assert!(wait_until(T, || server.handle.stats().active == 1));
+    let c = server.client();
+    assert_eq!(c.request_raw("probe.echo", b"c").unwrap(), b"c");
+}
+
+#[test]
+fn a_client_that_does_not_read_is_disconnected_alone() {
+    let mut builder = probe_app(&Probe::default());
+    builder.config_mut().connection.write_queue_bytes = 64 << 10;
+    let server = Server::start(builder);
+    let healthy = server.client();
+    let mut sleeper = server.raw_ready();
+    // 8 answers of 4 MB: far more than kernel buffers hold while nobody reads.
+    for id in 1..=8 {
+        sleeper.request(id, "probe.big", b"4000000");
+    }
+    assert!(wait_until(Duration::from_secs(20), || server.handle.stats().closed >= 1), "slow reader disconnected");
+    assert_eq!(healthy.request_raw("probe.echo", b"fine").unwrap(), b"fine");
+    assert_eq!(server.handle.stats().active, 1);
+}
+
+#[test]
+fn configuration_from_toml_and_environment() {
+    let toml = r#"
+        [server]
+        type = "connector"
+        id = "conn-from-file"
+        [acceptor]
+        tcp = "127.0.0.1:0"
+        [heartbeat]
+        interval = "7s"
+        [dictionary]
+        "connector.probe.echo" = 5
+    "#;
+    let source = ConfigSource::from_toml(toml)
+        .unwrap()
+        .with_env([("DRAGONFRUIT_DISPATCH__CONCURRENCY".to_string(), "3".to_string())])
+        .unwrap();
+    let probe = Probe::default();
+    let app = App::from_source(&source).unwrap().component("probe", probe.clone()).build().unwrap();
+    let server = Server { handle: app.start().unwrap() };
+    assert_eq!(&*server.handle.server().id, "conn-from-file");
+    let client = server.client();
+    assert_eq!(client.handshake().heartbeat, Some(Duration::from_secs(7)));
+    assert_eq!(client.handshake().dict.get("connector.probe.echo"), Some(&5));
+    let clients: Vec<_> = (0..6).map(|_| server.client()).collect();
+    std::thread::scope(|s| {
+        for c in &clients {
+            s.spawn(move || {
+                for _ in 0..10 {
+                    let _: String = c.request("probe.thread", &json!({})).unwrap();
+                }
+            });
+        }
+    });
+    assert!(probe.state.threads.lock().unwrap().len() <= 3);
+    let bad = ConfigSource::from_toml("[dispatch]\nconcurrency = 0\n").unwrap();
+    assert!(App::from_source(&bad).is_err());
+}
+
+#[test]
+fn bind_errors_are_reported_at_start() {
+    let first = Server::start(probe_app(&Probe::default()));
+    let taken = first.addr().to_string();
+    let app = probe_app(&Probe::default()).tcp(&taken).build().unwrap();
+    let err = app.start().err().expect("second bind fails");
+    assert!(err.to_string().contains(&taken));
+}

@@ -1,0 +1,197 @@
+//! Bad input of every kind: each gets a clean close (or an error response where the
+//! protocol has one), and the server keeps serving everybody else.
+
+use std::time::Duration;
+
+use dragonfruit_core::codec::*;
+use dragonfruit_core::codes;
+use serde_json::Value;
+
+use crate::util::raw::{test_dict, Reading};
+use crate::util::{probe_app, Probe, RawConn, Server, T};
+
+fn server() -> Server {
+    let mut builder = probe_app(&Probe::default()).route_dictionary([("connector.probe.echo", 1), ("onMsg", 2)]);
+    builder.config_mut().packet.max_size = 64 << 10;
+    Server::start(builder)
+}
+
+/// Sends `bytes` on a connection in `state`, expects the server to close it, and checks
+/// a bystander client is unaffected.
+fn expect_close(server: &Server, mut conn: RawConn, bytes: &[u8], what: &str) {
+    let bystander = server.client();
+    conn.send(bytes);
+    assert!(conn.closed_within(T), "{what}: connection closed");
+    assert_eq!(bystander.request_raw("probe.echo", what.as_bytes()).unwrap(), what.as_bytes(), "{what}: bystander");
+    server.assert_serving();
+}
+
+fn data(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_packet(PacketType::Data, msg, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn unknown_packet_types_close() {
+    let s = server();
+    expect_close(&s, s.raw(), &[7, 0, 0, 0], "type 7 before handshake");
+    expect_close(&s, s.raw_ready(), &[0, 0, 0, 0], "type 0");
+    expect_close(&s, s.raw_ready(), &[0xff, 0, 0, 1, 0], "type 255");
+}
+
+#[test]
+fn wrong_lengths_close() {
+    let s = server();
+    // The packet says 1 byte: the message inside is cut short.
+    expect_close(&s, s.raw_ready(), &data(&[0x00]), "message shorter than 2 bytes");
+    // The length covers a request's id but not its route.
+    expect_close(&s, s.raw_ready(), &data(&[0x00, 0x01]), "request without route length");
+    // A truncated packet followed by end of stream.
+    let mut conn = s.raw_ready();
+    conn.send(&[4, 0, 0, 50, 0, 1]);
+    conn.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(conn.closed_within(T), "truncated packet then EOF");
+    s.assert_serving();
+}
+
+#[test]
+fn data_before_handshake_or_ack_closes() {
+    let s = server();
+    let mut req = Vec::new();
+    encode_data_packet(&MessageOut::request(1, "probe.echo", b"x"), &EncodeOptions::default(), &mut req).unwrap();
+    expect_close(&s, s.raw(), &req, "data before handshake");
+    let mut no_ack = s.raw();
+    assert_eq!(no_ack.handshake(b"{}").code, 200);
+    expect_close(&s, no_ack, &req, "data before ack");
+    expect_close(&s, s.raw(), &[2, 0, 0, 0], "ack before handshake");
+    let ready = s.raw_ready();
+    let mut hs = Vec::new();
+    encode_packet(PacketType::Handshake, b"{}", &mut hs).unwrap();
+    expect_close(&s, ready, &hs, "second handshake");
+}
+
+#[test]
+fn garbage_handshake_json_is_refused() {
+    let s = server();
+    let mut conn = s.raw();
+    let resp = conn.handshake(b"\x00\x01garbage");
+    assert_eq!(resp.code, 400);
+    assert!(conn.closed_within(T));
+    s.assert_serving();
+}
+
+#[test]
+fn bad_varints_close() {
+    let s = server();
+    expect_close(&s, s.raw_ready(), &data(&[0x00, 0x85, 0x85]), "truncated id");
+    let mut overflow = vec![0x00];
+    overflow.extend_from_slice(&[0xff; 10]);
+    overflow.extend_from_slice(&[0x01, 0x03, b'a', b'.', b'b']);
+    expect_close(&s, s.raw_ready(), &data(&overflow), "id over 64 bits");
+}
+
+#[test]
+fn overlong_routes() {
+    let s = server();
+    // A route length byte pointing past the message closes.
+    expect_close(&s, s.raw_ready(), &data(&[0x00, 0x01, 200, b'a', b'.', b'b']), "route longer than message");
+    // A 255-byte route is valid framing: it gets an error response and the connection lives.
+    let mut conn = s.raw_ready();
+    let route = format!("probe.{}", "x".repeat(249));
+    conn.request(3, &route, b"{}");
+    let msg = conn.read_message();
+    assert!(msg.error);
+    let body: Value = serde_json::from_slice(&msg.body).unwrap();
+    assert_eq!(body["code"], codes::NOT_FOUND);
+    conn.request(4, "probe.echo", b"ok");
+    assert_eq!(conn.read_message().body, b"ok");
+    // Invalid UTF-8 in a route closes.
+    expect_close(&s, s.raw_ready(), &data(&[0x00, 0x01, 0x02, 0xff, 0xfe]), "route not utf-8");
+}
+
+#[test]
+fn unknown_dictionary_code_closes() {
+    let s = server();
+    expect_close(&s, s.raw_ready(), &data(&[0x01, 0x01, 0x00, 0x09]), "unknown route code");
+    // A known code works.
+    let mut conn = s.raw_ready();
+    conn.send_message(MessageOut::request(5, "connector.probe.echo", b"coded"), Some(&test_dict()));
+    assert_eq!(conn.read_message().body, b"coded");
+}
+
+#[test]
+fn bad_compressed_bodies_close() {
+    let s = server();
+    let mut msg = vec![FLAG_COMPRESSED, 0x01, 10];
+    msg.extend_from_slice(b"probe.echo");
+    msg.extend_from_slice(b"not zlib at all");
+    expect_close(&s, s.raw_ready(), &data(&msg), "bad zlib");
+    // A zip bomb: 64 KiB max, inflates to 10 MB.
+    let mut bomb = vec![FLAG_COMPRESSED, 0x02, 10];
+    bomb.extend_from_slice(b"probe.echo");
+    bomb.extend_from_slice(&deflate(&vec![b'a'; 10 << 20]));
+    expect_close(&s, s.raw_ready(), &data(&bomb), "zip bomb");
+    // Earlier requests on the same connection are still answered before the close.
+    let mut conn = s.raw_ready();
+    let mut both = Vec::new();
+    encode_data_packet(&MessageOut::request(1, "probe.echo", b"first"), &EncodeOptions::default(), &mut both).unwrap();
+    both.extend_from_slice(&data(&msg));
+    conn.send(&both);
+    assert_eq!(conn.read_message().body, b"first");
+    assert!(conn.closed_within(T));
+}
+
+#[test]
+fn oversize_packets_close_from_the_header() {
+    let s = server();
+    // Only the header is sent: the server must not wait for 100 KB that never come.
+    expect_close(&s, s.raw_ready(), &[4, 0x01, 0x86, 0xa0], "oversize header");
+    expect_close(&s, s.raw(), &[1, 0xff, 0xff, 0xff], "oversize handshake");
+}
+
+#[test]
+fn clients_may_not_send_responses_or_pushes() {
+    let s = server();
+    expect_close(&s, s.raw_ready(), &data(&[0x04, 0x01, b'x']), "client response");
+    expect_close(&s, s.raw_ready(), &data(&[0x06, 0x01, b'a']), "client push");
+    expect_close(&s, s.raw_ready(), &data(&[0x08, 0x01]), "message type 4");
+}
+
+#[test]
+fn kick_and_heartbeat_from_clients_are_harmless() {
+    let s = server();
+    let mut conn = s.raw_ready();
+    conn.send(&[5, 0, 0, 0, 3, 0, 0, 0]);
+    conn.request(1, "probe.echo", b"ok");
+    assert_eq!(conn.read_message().body, b"ok");
+    assert_eq!(conn.read(Duration::from_millis(50)), Reading::Timeout);
+}
+
+#[test]
+fn byte_by_byte_delivery_works() {
+    let s = server();
+    let mut conn = s.raw();
+    let mut hs = Vec::new();
+    encode_packet(PacketType::Handshake, b"{}", &mut hs).unwrap();
+    for b in &hs {
+        conn.send(&[*b]);
+    }
+    match conn.read(T) {
+        Reading::Packet(p) => assert_eq!(p.kind, PacketType::Handshake),
+        other => panic!("{other:?}"),
+    }
+    conn.send(&[2, 0, 0, 0]);
+    let mut req = Vec::new();
+    for id in 1..=3 {
+        encode_data_packet(&MessageOut::request(id, "probe.echo", b"piecewise"), &EncodeOptions::default(), &mut req)
+            .unwrap();
+    }
+    for b in &req {
+        conn.send(&[*b]);
+    }
+    for id in 1..=3 {
+        let msg = conn.read_message();
+        assert_eq!((msg.id, msg.body), (id, b"piecewise".to_vec()));
+    }
+}

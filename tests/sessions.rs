@@ -1,0 +1,123 @@
+//! Sessions: uid binding, unique sessions, data, pushes to uids, kicks, broadcast,
+//! on-close callbacks and the registry.
+
+use std::time::Duration;
+
+use dragonfruit_client::ClientError;
+use serde_json::{json, Value};
+
+use crate::util::{probe_app, wait_until, Probe, Server, T};
+
+#[test]
+fn bind_once_and_find_by_uid() {
+    let server = Server::start(probe_app(&Probe::default()));
+    let client = server.client();
+    assert!(client.request::<_, bool>("probe.bind", "alice").unwrap());
+    match client.request::<_, bool>("probe.bind", "bob") {
+        Err(ClientError::Server(e)) => assert!(e.message.contains("already bound"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let me: Value = client.request("probe.whoami", &json!({})).unwrap();
+    assert_eq!(me["uid"], "alice");
+    assert_eq!(me["frontend"], server.handle.server().id.as_ref());
+    let found = server.handle.sessions().by_uid("alice");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id(), me["id"].as_u64().unwrap());
+}
+
+#[test]
+fn unique_sessions_kick_the_older_one() {
+    let server = Server::start(probe_app(&Probe::default()));
+    let first = server.client();
+    let _: bool = first.request("probe.bind", "carol").unwrap();
+    let second = server.client();
+    let _: bool = second.request("probe.bind", "carol").unwrap();
+    assert!(first.wait_closed(T), "older session kicked");
+    assert!(first.kicked().is_some());
+    assert_eq!(second.request_raw("probe.echo", b"x").unwrap(), b"x");
+    assert!(wait_until(T, || server.handle.sessions().by_uid("carol").len() == 1));
+}
+
+#[test]
+fn without_unique_sessions_both_stay() {
+    let mut builder = probe_app(&Probe::default());
+    builder.config_mut().session.unique = false;
+    let server = Server::start(builder);
+    let (a, b) = (server.client(), server.client());
+    let _: bool = a.request("probe.bind", "dave").unwrap();
+    let _: bool = b.request("probe.bind", "dave").unwrap();
+    assert_eq!(server.handle.sessions().by_uid("dave").len(), 2);
+    let missing: Vec<String> = a.request("probe.push_users", &json!({"uids": ["dave", "nobody"], "msg": 1})).unwrap();
+    assert_eq!(missing, vec!["nobody".to_string()]);
+    for c in [&a, &b] {
+        let (route, v): (String, Value) = c.recv_push_as(T).unwrap();
+        assert_eq!((route.as_str(), v), ("onMsg", json!(1)));
+    }
+}
+
+#[test]
+fn session_data_persists_across_requests() {
+    let server = Server::start(probe_app(&Probe::default()));
+    let client = server.client();
+    let _: bool = client.request("probe.set", &json!({"k": "gold", "v": {"amount": 10}})).unwrap();
+    let v: Value = client.request("probe.get", &json!({"k": "gold"})).unwrap();
+    assert_eq!(v, json!({"amount": 10}));
+    let other = server.client();
+    let v: Value = other.request("probe.get", &json!({"k": "gold"})).unwrap();
+    assert_eq!(v, Value::Null, "data is per session");
+}
+
+#[test]
+fn pushes_reach_bound_users_and_on_close_runs() {
+    let probe = Probe::default();
+    let server = Server::start(probe_app(&probe));
+    let (a, b) = (server.client(), server.client());
+    let _: bool = a.request("probe.bind", "erin").unwrap();
+    let _: bool = b.request("probe.bind", "frank").unwrap();
+    let b_id = server.handle.sessions().by_uid("frank")[0].id();
+    let missing: Vec<String> = a.request("probe.push_users", &json!({"uids": ["frank"], "msg": "hi frank"})).unwrap();
+    assert!(missing.is_empty());
+    let (route, v): (String, String) = b.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), v.as_str()), ("onMsg", "hi frank"));
+    b.close();
+    assert!(wait_until(T, || probe.state.closed_sessions.lock().unwrap().contains(&b_id)));
+    assert!(wait_until(T, || server.handle.sessions().by_uid("frank").is_empty()));
+    let missing: Vec<String> = a.request("probe.push_users", &json!({"uids": ["frank"], "msg": 2})).unwrap();
+    assert_eq!(missing, vec!["frank".to_string()]);
+}
+
+#[test]
+fn kick_user_and_broadcast() {
+    let server = Server::start(probe_app(&Probe::default()));
+    let clients: Vec<_> = (0..3).map(|_| server.client()).collect();
+    let _: bool = clients[0].request("probe.broadcast", &json!({"all": true})).unwrap();
+    for c in &clients {
+        let (_, v): (String, Value) = c.recv_push_as(T).unwrap();
+        assert_eq!(v, json!({"all": true}));
+    }
+    let _: bool = clients[2].request("probe.bind", "gina").unwrap();
+    let found: bool = clients[0].request("probe.kick_user", "gina").unwrap();
+    assert!(found);
+    assert!(clients[2].wait_closed(T));
+    assert_eq!(clients[2].kicked().as_deref(), Some("kicked by probe"));
+    let found: bool = clients[0].request("probe.kick_user", "nobody").unwrap();
+    assert!(!found);
+}
+
+#[test]
+fn pushes_from_outside_handlers() {
+    let server = Server::start(probe_app(&Probe::default()));
+    let client = server.client();
+    let _: bool = client.request("probe.bind", "hank").unwrap();
+    let messenger = server.handle.messenger();
+    let missing = messenger.push_to_users("onServerNews", br#"{"news":1}"#.to_vec().into(), &["hank".into()]).unwrap();
+    assert!(missing.is_empty());
+    let push = client.recv_push(T).unwrap();
+    assert_eq!((push.route.as_str(), push.body.as_slice()), ("onServerNews", &br#"{"news":1}"#[..]));
+    let session = &server.handle.sessions().by_uid("hank")[0];
+    session.push("direct", &json!([1, 2])).unwrap();
+    assert_eq!(client.recv_push(T).unwrap().body, b"[1,2]");
+    session.kick("admin").unwrap();
+    assert!(client.wait_closed(T));
+    assert!(client.recv_push(Duration::from_millis(50)).is_err());
+}

@@ -1,0 +1,84 @@
+//! Helpers: servers on free ports that stop on drop, a raw protocol peer for malformed
+//! input, a probe component, and condition waits with deadlines.
+
+pub mod probe;
+pub mod raw;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use dragonfruit_client::{Client, ClientConfig};
+use dragonfruit_net::{AppBuilder, AppHandle};
+
+pub use probe::Probe;
+pub use raw::RawConn;
+
+/// A started server that is stopped and joined when dropped (also when a test fails).
+pub struct Server {
+    pub handle: AppHandle,
+}
+
+impl Server {
+    pub fn start(builder: AppBuilder) -> Server {
+        let app = builder.tcp("127.0.0.1:0").build().expect("build");
+        Server { handle: app.start().expect("start") }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.tcp_addr().expect("tcp address")
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr(), ClientConfig::default()).expect("client connects")
+    }
+
+    pub fn client_with(&self, config: ClientConfig) -> Client {
+        Client::connect(self.addr(), config).expect("client connects")
+    }
+
+    pub fn raw(&self) -> RawConn {
+        RawConn::connect(self.addr())
+    }
+
+    /// A raw connection past handshake and ack.
+    pub fn raw_ready(&self) -> RawConn {
+        let mut raw = self.raw();
+        raw.handshake_ok();
+        raw
+    }
+
+    /// Proves the server still serves: a fresh client gets an echo.
+    pub fn assert_serving(&self) {
+        let client = self.client();
+        assert_eq!(client.request_raw("probe.echo", b"alive").expect("echo"), b"alive");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.handle.stop();
+        let _ = self.handle.join();
+    }
+}
+
+/// A builder for a `connector` server with the probe component registered as `probe`.
+pub fn probe_app(probe: &Probe) -> AppBuilder {
+    dragonfruit_net::App::builder("connector").component("probe", probe.clone())
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Default deadline for anything that should happen promptly.
+pub const T: Duration = Duration::from_secs(5);

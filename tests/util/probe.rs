@@ -1,0 +1,174 @@
+//! `Probe`: a component whose handlers expose what the runtime does (order, concurrency,
+//! threads, sessions, pushes, kicks, panics) to the tests.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use dragonfruit_core::{Component, Ctx, HandlerError, Routes, SessionId};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Default)]
+pub struct State {
+    /// Per session, the `seq` bodies in the order handlers ran them.
+    pub order: Mutex<HashMap<SessionId, Vec<u64>>>,
+    pub running: AtomicUsize,
+    pub max_running: AtomicUsize,
+    pub threads: Mutex<HashSet<String>>,
+    pub notes: Mutex<Vec<Value>>,
+    /// `gate` handlers wait while this is false.
+    gate_open: Mutex<bool>,
+    gate_cv: Condvar,
+    pub closed_sessions: Mutex<Vec<SessionId>>,
+    pub lifecycle: Mutex<Vec<&'static str>>,
+}
+
+#[derive(Clone, Default)]
+pub struct Probe {
+    pub state: Arc<State>,
+}
+
+impl Probe {
+    pub fn open_gate(&self) {
+        *self.state.gate_open.lock().unwrap() = true;
+        self.state.gate_cv.notify_all();
+    }
+
+    pub fn order_of(&self, sid: SessionId) -> Vec<u64> {
+        self.state.order.lock().unwrap().get(&sid).cloned().unwrap_or_default()
+    }
+
+    fn enter(&self) -> RunningGuard<'_> {
+        let now = self.state.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.state.max_running.fetch_max(now, Ordering::SeqCst);
+        let name = std::thread::current().name().unwrap_or("?").to_owned();
+        self.state.threads.lock().unwrap().insert(name);
+        RunningGuard(&self.state.running)
+    }
+}
+
+struct RunningGuard<'a>(&'a AtomicUsize);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Deserialize)]
+struct Kv {
+    k: String,
+    #[serde(default)]
+    v: Value,
+}
+
+#[derive(Deserialize)]
+struct PushUsers {
+    uids: Vec<String>,
+    msg: Value,
+}
+
+fn internal(e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::internal(e.to_string())
+}
+
+impl Component for Probe {
+    fn routes(r: &mut Routes<Self>) {
+        r.raw_handler("echo", |_: &Probe, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
+        r.raw_handler("seq", |p: &Probe, ctx: &mut Ctx<'_>, body: &[u8]| {
+            let _g = p.enter();
+            let n: u64 = std::str::from_utf8(body)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| HandlerError::bad_request("seq"))?;
+            if n % 7 == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            p.state.order.lock().unwrap().entry(ctx.session().id()).or_default().push(n);
+            Ok(body.to_vec())
+        });
+        r.handler("sleep", |p: &Probe, _: &mut Ctx<'_>, ms: u64| {
+            let _g = p.enter();
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(ms)
+        });
+        r.raw_handler("gate", |p: &Probe, _: &mut Ctx<'_>, body: &[u8]| {
+            let _g = p.enter();
+            let mut open = p.state.gate_open.lock().unwrap();
+            while !*open {
+                open = p.state.gate_cv.wait(open).unwrap();
+            }
+            Ok(body.to_vec())
+        });
+        r.handler("thread", |p: &Probe, _: &mut Ctx<'_>, _: Value| {
+            let _g = p.enter();
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(std::thread::current().name().unwrap_or("?").to_owned())
+        });
+        r.handler("handshake", |_: &Probe, ctx: &mut Ctx<'_>, _: Value| {
+            let hs = ctx.session().handshake();
+            Ok(json!({
+                "platform": hs.sys.platform, "libVersion": hs.sys.lib_version,
+                "clientBuildNumber": hs.sys.client_build_number, "clientVersion": hs.sys.client_version,
+                "user": hs.user,
+            }))
+        });
+        r.handler("whoami", |_: &Probe, ctx: &mut Ctx<'_>, _: Value| {
+            let s = ctx.session();
+            Ok(json!({"id": s.id(), "uid": s.uid(), "frontend": s.frontend_id()}))
+        });
+        r.handler("kick", |_: &Probe, ctx: &mut Ctx<'_>, reason: String| {
+            ctx.session().kick(&reason).map_err(internal)?;
+            Ok(true)
+        });
+        r.handler("push", |_: &Probe, ctx: &mut Ctx<'_>, msg: Value| {
+            ctx.session().push("onMsg", &msg).map_err(internal)?;
+            Ok(true)
+        });
+        r.handler("big", |_: &Probe, _: &mut Ctx<'_>, n: usize| Ok("a".repeat(n)));
+        r.raw_handler("panic", |_: &Probe, _: &mut Ctx<'_>, _: &[u8]| panic!("probe panics on purpose"));
+        r.raw_handler("fail", |_: &Probe, _: &mut Ctx<'_>, _: &[u8]| {
+            Err(HandlerError::new("GAME-001", "not enough gold").with_metadata("need", "10"))
+        });
+        r.notify("note", |p: &Probe, _: &mut Ctx<'_>, v: Value| {
+            p.state.notes.lock().unwrap().push(v);
+            Ok(())
+        });
+        r.handler("set", |_: &Probe, ctx: &mut Ctx<'_>, kv: Kv| {
+            ctx.session().set(&kv.k, &kv.v).map_err(internal)?;
+            Ok(true)
+        });
+        r.handler("get", |_: &Probe, ctx: &mut Ctx<'_>, kv: Kv| Ok(ctx.session().value(&kv.k).unwrap_or(Value::Null)));
+        r.handler("bind", |p: &Probe, ctx: &mut Ctx<'_>, uid: String| {
+            let session = ctx.session();
+            session.bind(&uid).map_err(|e| HandlerError::new("BIND", e.to_string()))?;
+            let state = p.state.clone();
+            session.on_close(move |s| state.closed_sessions.lock().unwrap().push(s.id())).map_err(internal)?;
+            Ok(true)
+        });
+        r.handler("push_users", |_: &Probe, ctx: &mut Ctx<'_>, req: PushUsers| {
+            ctx.push_to_users("onMsg", &req.msg, &req.uids)
+        });
+        r.handler("kick_user", |_: &Probe, ctx: &mut Ctx<'_>, uid: String| ctx.kick_user(&uid, "kicked by probe"));
+        r.handler("broadcast", |_: &Probe, ctx: &mut Ctx<'_>, msg: Value| {
+            let server_type = ctx.server().server_type.to_string();
+            ctx.broadcast(&server_type, "onMsg", &msg)?;
+            Ok(true)
+        });
+    }
+
+    fn init(&self) {
+        self.state.lifecycle.lock().unwrap().push("init");
+    }
+    fn after_init(&self) {
+        self.state.lifecycle.lock().unwrap().push("after_init");
+    }
+    fn before_shutdown(&self) {
+        self.state.lifecycle.lock().unwrap().push("before_shutdown");
+    }
+    fn shutdown(&self) {
+        self.state.lifecycle.lock().unwrap().push("shutdown");
+    }
+}
