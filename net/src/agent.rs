@@ -11,7 +11,14 @@ use std::time::Instant;
 use dragonfruit_core::{Session, SessionId};
 use mio::net::TcpStream;
 
-use crate::worker::Queued;
+/// Raw DATA packets of one session, waiting for or given to a worker as one job.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    /// Whole packets (header included), as received.
+    pub(crate) packets: Vec<u8>,
+    /// How many packets.
+    pub(crate) count: usize,
+}
 
 /// Where a connection is in the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +61,11 @@ pub(crate) struct Agent {
     pub(crate) wpos: usize,
     /// Edge-triggered readiness: the socket may still hold unread bytes.
     pub(crate) readable: bool,
-    /// Messages decoded, not yet given to a worker.
-    pub(crate) queue: VecDeque<Queued>,
+    /// DATA packets received, not yet given to a worker, in batches of at most
+    /// `dispatch.batch` packets.
+    pub(crate) queue: VecDeque<Batch>,
+    /// Packets in `queue`.
+    pub(crate) queued: usize,
     /// Size of the batch (or 1 for a handshake) running on a worker; 0 when idle.
     pub(crate) running: usize,
     /// The client itself sent a dictionary route code, so pushes may use codes too
@@ -84,6 +94,7 @@ impl Agent {
             wpos: 0,
             readable: false,
             queue: VecDeque::new(),
+            queued: 0,
             running: 0,
             uses_route_codes: false,
             starved: false,
@@ -98,7 +109,38 @@ impl Agent {
 
     /// Messages of this session queued or running.
     pub(crate) fn backlog(&self) -> usize {
-        self.queue.len() + self.running
+        self.queued + self.running
+    }
+
+    /// Queues one raw DATA packet.
+    pub(crate) fn enqueue(&mut self, packet: &[u8], batch_limit: usize) {
+        match self.queue.back_mut() {
+            Some(batch) if batch.count < batch_limit => {
+                batch.packets.extend_from_slice(packet);
+                batch.count += 1;
+            }
+            _ => {
+                let mut packets = Vec::with_capacity(packet.len().max(64) * 4);
+                packets.extend_from_slice(packet);
+                self.queue.push_back(Batch { packets, count: 1 });
+            }
+        }
+        self.queued += 1;
+    }
+
+    /// Takes the oldest batch.
+    pub(crate) fn take_batch(&mut self) -> Option<Batch> {
+        let batch = self.queue.pop_front()?;
+        self.queued -= batch.count;
+        Some(batch)
+    }
+
+    /// Drops everything queued (the connection broke the protocol); returns how many.
+    pub(crate) fn discard_queue(&mut self) -> usize {
+        let n = self.queued;
+        self.queue.clear();
+        self.queued = 0;
+        n
     }
 
     /// Writes as much pending output as the socket takes. `Ok(true)` when all is written.

@@ -1,35 +1,30 @@
-//! Jobs that run on the rayon worker pool: a batch of one session's messages (in order),
-//! or a handshake (parse + validators). Each job ends by sending exactly one [`Done`] to
-//! the event loop, even if it panics, so the loop's in-flight count stays exact.
+//! Jobs that run on the rayon worker pool: a batch of one session's raw DATA packets (decoded,
+//! inflated, routed and handled in order here, not on the event loop), or a handshake
+//! (parse + validators). Each job ends by sending exactly one [`Done`] to the event loop,
+//! even if it panics, so the loop's in-flight count stays exact.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use dragonfruit_core::codec::{
-    encode_data_packet, encode_handshake_response, encode_packet, inflate, parse_handshake_request, EncodeOptions,
-    HandshakeData, MessageOut, MessageType, PacketType, HANDSHAKE_BAD_REQUEST,
+    decode_message, encode_data_packet, encode_handshake_response, encode_packet, parse_handshake_request,
+    parse_packet, EncodeOptions, HandshakeData, MessageOut, MessageType, PacketType, HANDSHAKE_BAD_REQUEST,
+    MAX_WIRE_BODY,
 };
-use dragonfruit_core::{HandlerError, InboundMessage, Reply, Route, Session, SessionId};
+use dragonfruit_core::handler::Resolved;
+use dragonfruit_core::{codes, HandlerError, Reply, Session, SessionId};
 use log::{debug, error, warn};
 
+use crate::agent::Batch;
 use crate::app::{HandshakeRefusal, Shared};
-
-/// A decoded message waiting in a session's queue.
-#[derive(Debug)]
-pub(crate) struct Queued {
-    pub(crate) kind: MessageType,
-    pub(crate) id: u64,
-    pub(crate) route: Route,
-    pub(crate) body: Vec<u8>,
-    /// The body is still a zlib stream (inflated on the worker, not on the loop).
-    pub(crate) compressed: bool,
-}
+use crate::stats::Stats;
 
 /// What a finished job tells the loop.
 pub(crate) enum Outcome {
     /// Messages handled; keep going.
     Continue,
-    /// The client broke the protocol (a bad zlib body): write `out`, then close.
+    /// The client broke the protocol (a malformed message, a bad zlib body): write `out`,
+    /// then close.
     Close(String),
     /// Handshake accepted: `out` holds the handshake response.
     HandshakeAccepted(Arc<HandshakeData>),
@@ -46,38 +41,84 @@ pub(crate) struct Done {
     /// Encoded packets to write to the client, in order.
     pub(crate) out: Vec<u8>,
     pub(crate) outcome: Outcome,
+    /// The client sent a route as a dictionary code.
+    pub(crate) saw_route_code: bool,
 }
 
-/// Runs `msgs` for `session` in order and encodes the responses.
-pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, msgs: Vec<Queued>) -> Done {
-    let handled = msgs.len();
+/// Per-batch counters, added to the shared stats once per batch.
+#[derive(Default)]
+struct Tally {
+    requests: u64,
+    notifies: u64,
+    saw_route_code: bool,
+}
+
+/// Decodes and runs the packets of `batch` for `session` in order, encoding responses.
+pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, batch: Batch) -> Done {
     let mut out = Vec::new();
-    let mut outcome = Outcome::Continue;
+    let mut tally = Tally::default();
     let result = catch_unwind(AssertUnwindSafe(|| {
-        for msg in msgs {
-            let body = if msg.compressed {
-                match inflate(&msg.body, shared.config.packet.max_size) {
-                    Ok(body) => body,
-                    Err(e) => {
-                        outcome = Outcome::Close(format!("bad compressed body on {}: {e}", msg.route));
-                        return;
-                    }
-                }
-            } else {
-                msg.body
-            };
-            let (kind, id) = (msg.kind, msg.id);
-            let reply = shared.service.execute(session, InboundMessage { kind, id, route: msg.route, body });
-            if kind == MessageType::Request {
-                encode_reply(shared, session, id, reply, &mut out);
-            }
+        let mut rest = &batch.packets[..];
+        while let Ok(Some((packet, used))) = parse_packet(rest, MAX_WIRE_BODY) {
+            rest = &rest[used..];
+            handle_message(shared, session, packet.body, &mut out, &mut tally)?;
         }
+        Ok(())
     }));
-    if result.is_err() {
-        error!("sid={} worker job panicked outside a handler; closing the connection", session.id());
-        outcome = Outcome::Close("internal error".into());
+    let outcome = match result {
+        Ok(Ok(())) => Outcome::Continue,
+        Ok(Err(reason)) => Outcome::Close(reason),
+        Err(_) => {
+            error!("sid={} worker job panicked outside a handler; closing the connection", session.id());
+            Outcome::Close("internal error".into())
+        }
+    };
+    Stats::add(&shared.stats.requests, tally.requests);
+    Stats::add(&shared.stats.notifies, tally.notifies);
+    let saw_route_code = tally.saw_route_code;
+    Done { token, session: session.id(), handled: batch.count, out, outcome, saw_route_code }
+}
+
+/// One message. `Err` is a protocol violation that closes the connection.
+fn handle_message(
+    shared: &Shared,
+    session: &Arc<Session>,
+    body: &[u8],
+    out: &mut Vec<u8>,
+    tally: &mut Tally,
+) -> Result<(), String> {
+    let msg = decode_message(body, &shared.dict).map_err(|e| e.to_string())?;
+    match msg.kind {
+        MessageType::Request => tally.requests += 1,
+        MessageType::Notify => tally.notifies += 1,
+        other => return Err(format!("client sent a {other:?} message")),
     }
-    Done { token, session: session.id(), handled, out, outcome }
+    tally.saw_route_code |= msg.route_code.is_some();
+    let body = match msg.inflated_body(shared.config.packet.max_size) {
+        Ok(body) => body.into_owned(),
+        Err(e) => return Err(format!("bad compressed body on {}: {e}", msg.route)),
+    };
+    let service = &shared.service;
+    let reply = match service.resolve(msg.route) {
+        Resolved::Local(route, handler) => service.execute_handler(session, msg.kind, msg.id, route, handler, body),
+        Resolved::Remote(route) => {
+            let server_type = route.server_type().unwrap_or_default();
+            let text = format!("no server of type {server_type} serves route {route}");
+            refuse(session, msg.kind, msg.route, HandlerError::new(codes::NOT_FOUND, text))
+        }
+        Resolved::Error(e) => refuse(session, msg.kind, msg.route, e),
+    };
+    encode_reply(shared, session, msg.id, reply, out);
+    Ok(())
+}
+
+/// The reply to a message that reaches no handler.
+fn refuse(session: &Session, kind: MessageType, route: &str, err: HandlerError) -> Reply {
+    if kind == MessageType::Request {
+        return Reply::Err(err);
+    }
+    debug!("sid={} notify {route:?} dropped: {err}", session.id());
+    Reply::None
 }
 
 /// Appends the response packet for `reply` to `out`.
@@ -105,18 +146,14 @@ pub(crate) fn run_handshake(shared: &Shared, token: usize, session: SessionId, b
         Ok(data) => (shared.handshake_ok.clone(), Outcome::HandshakeAccepted(Arc::new(data))),
         Err(refusal) => {
             debug!("sid={session} handshake refused with {}: {}", refusal.code, refusal.reason);
-            let body = encode_handshake_response(
-                refusal.code,
-                shared.config.heartbeat.interval,
-                &shared.dict,
-                shared.serializer.name(),
-            );
+            let interval = shared.config.heartbeat.interval;
+            let body = encode_handshake_response(refusal.code, interval, &shared.dict, shared.serializer.name());
             let mut out = Vec::new();
             let _ = encode_packet(PacketType::Handshake, &body, &mut out);
             (out, Outcome::HandshakeRefused)
         }
     };
-    Done { token, session, handled: 0, out, outcome }
+    Done { token, session, handled: 0, out, outcome, saw_route_code: false }
 }
 
 fn validate(shared: &Shared, body: &[u8]) -> Result<HandshakeData, HandshakeRefusal> {

@@ -66,8 +66,27 @@ fn run(args: Args) -> Result<(), String> {
     handle.join().map_err(|e| e.to_string())
 }
 
+/// Raises the open-file limit so `connection.max` is not capped by a small default: to
+/// 262144 where the process may raise its hard limit, else the soft limit to the hard one.
+fn raise_fd_limit() {
+    // SAFETY: plain syscalls on structs we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let wanted = libc::rlimit { rlim_cur: 262_144, rlim_max: 262_144 };
+        if lim.rlim_max < wanted.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            return;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    raise_fd_limit();
     match parse_args() {
         Ok(None) => {
             println!("{HELP}");

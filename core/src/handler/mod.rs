@@ -16,7 +16,7 @@ use serde::Serialize;
 pub use ctx::{Ctx, HandlerEnv, ServerInfo};
 pub use pipeline::{AfterFn, BeforeFn, Pipelines};
 pub use registry::{HandlerRegistry, RegistryError, RouteInfo};
-pub use service::{HandlerService, InboundMessage, Reply};
+pub use service::{HandlerService, InboundMessage, Reply, Resolved};
 
 use crate::error::HandlerError;
 

@@ -135,6 +135,11 @@ impl HandlerRegistry {
         out
     }
 
+    /// Every `(server type, component.method, handler)`.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str, &Handler)> {
+        self.by_type.iter().flat_map(|(t, table)| table.iter().map(move |(k, h)| (t.as_str(), k.as_str(), h)))
+    }
+
     /// Registered components in registration order.
     pub fn components(&self) -> &[RegisteredComponent] {
         &self.components

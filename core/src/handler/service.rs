@@ -2,6 +2,7 @@
 //! pipelines, with panics turned into `PIT-500`. Shared by frontend workers and by backends
 //! running forwarded requests.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use log::{error, warn};
 
 use crate::codec::MessageType;
 use crate::error::HandlerError;
-use crate::handler::{Ctx, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines};
+use crate::handler::{Ctx, Handler, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines};
 use crate::route::Route;
 use crate::session::Session;
 
@@ -37,10 +38,24 @@ pub enum Reply {
     Err(HandlerError),
 }
 
+/// Where a route leads, as seen from this server.
+pub enum Resolved<'a> {
+    /// A handler of this process.
+    Local(&'a Route, &'a Handler),
+    /// A valid route of a server type this process does not serve: a cluster forwards it.
+    Remote(Route),
+    /// An invalid route (`PIT-400`), or no such handler on a served type (`PIT-404`).
+    Error(HandlerError),
+}
+
 /// Handlers, pipelines and environment of one server.
 #[derive(Clone)]
 pub struct HandlerService {
     registry: HandlerRegistry,
+    /// Every registered route as a client may write it (`type.comp.method`, and
+    /// `comp.method` for this server's type), parsed once: resolving a known route
+    /// allocates nothing.
+    by_text: HashMap<Box<str>, (Route, Handler)>,
     pipelines: Pipelines,
     env: HandlerEnv,
 }
@@ -48,7 +63,19 @@ pub struct HandlerService {
 impl HandlerService {
     /// Puts the parts together.
     pub fn new(registry: HandlerRegistry, pipelines: Pipelines, env: HandlerEnv) -> HandlerService {
-        HandlerService { registry, pipelines, env }
+        let mut by_text = HashMap::new();
+        for (server_type, key, handler) in registry.entries() {
+            let mut texts = vec![format!("{server_type}.{key}")];
+            if server_type == &*env.server.server_type {
+                texts.push(key.to_owned());
+            }
+            for text in texts {
+                if let Ok(route) = Route::parse(&text) {
+                    by_text.insert(text.into_boxed_str(), (route, handler.clone()));
+                }
+            }
+        }
+        HandlerService { registry, by_text, pipelines, env }
     }
 
     /// The handler registry.
@@ -61,19 +88,46 @@ impl HandlerService {
         &self.env
     }
 
-    /// Runs `msg` for `session`. Requests always get a `Reply::Ok` or `Reply::Err`;
-    /// notifies get `Reply::None` (their errors are logged).
-    pub fn execute(&self, session: &Arc<Session>, msg: InboundMessage) -> Reply {
-        let result = self.run(session, msg.kind, msg.id, &msg.route, msg.body);
-        match (msg.kind, result) {
-            (MessageType::Request, Ok(body)) => Reply::Ok(body),
-            (MessageType::Request, Err(e)) => Reply::Err(e),
-            (_, Ok(_)) => Reply::None,
-            (_, Err(e)) => {
-                warn!("sid={} route={} notify failed: {e}", session.id(), msg.route);
-                Reply::None
+    /// Finds where `route` (as a client sent it) leads.
+    pub fn resolve(&self, route: &str) -> Resolved<'_> {
+        if let Some((route, handler)) = self.by_text.get(route) {
+            return Resolved::Local(route, handler);
+        }
+        match Route::parse(route) {
+            Err(e) => Resolved::Error(HandlerError::bad_request(e.to_string())),
+            Ok(parsed) => {
+                let server_type = parsed.server_type().unwrap_or(&self.env.server.server_type);
+                if self.registry.serves(server_type) {
+                    Resolved::Error(HandlerError::not_found(route))
+                } else {
+                    Resolved::Remote(parsed)
+                }
             }
         }
+    }
+
+    /// Runs `msg` for `session` on a handler of this process (an unknown route is
+    /// answered with `PIT-404`).
+    pub fn execute(&self, session: &Arc<Session>, msg: InboundMessage) -> Reply {
+        let server_type = msg.route.server_type().unwrap_or(&self.env.server.server_type);
+        match self.registry.lookup(server_type, msg.route.handler_key()) {
+            Some(handler) => self.execute_handler(session, msg.kind, msg.id, &msg.route, handler, msg.body),
+            None => finish(session, msg.kind, &msg.route, Err(HandlerError::not_found(msg.route.as_str()))),
+        }
+    }
+
+    /// Runs `handler` (found with [`HandlerService::resolve`]). Requests always get a
+    /// `Reply::Ok` or `Reply::Err`; notifies get `Reply::None` (their errors are logged).
+    pub fn execute_handler(
+        &self,
+        session: &Arc<Session>,
+        kind: MessageType,
+        id: u64,
+        route: &Route,
+        handler: &Handler,
+        body: Vec<u8>,
+    ) -> Reply {
+        finish(session, kind, route, self.run(session, kind, id, route, handler, body))
     }
 
     fn run(
@@ -82,12 +136,9 @@ impl HandlerService {
         kind: MessageType,
         id: u64,
         route: &Route,
+        handler: &Handler,
         mut body: Vec<u8>,
     ) -> Result<Vec<u8>, HandlerError> {
-        let server_type = route.server_type().unwrap_or(&self.env.server.server_type);
-        let Some(handler) = self.registry.lookup(server_type, route.handler_key()) else {
-            return Err(HandlerError::not_found(route.as_str()));
-        };
         match (kind, handler.kind) {
             (MessageType::Request, HandlerKind::Notify) => {
                 return Err(HandlerError::bad_request(format!("tried to request a notify route {route}")));
@@ -118,6 +169,19 @@ impl HandlerService {
                 error!("sid={} route={route} handler panicked: {what}", session.id());
                 Err(HandlerError::internal("internal server error"))
             }
+        }
+    }
+}
+
+/// Turns a handler result into the reply its message type gets.
+fn finish(session: &Session, kind: MessageType, route: &Route, result: Result<Vec<u8>, HandlerError>) -> Reply {
+    match (kind, result) {
+        (MessageType::Request, Ok(body)) => Reply::Ok(body),
+        (MessageType::Request, Err(e)) => Reply::Err(e),
+        (_, Ok(_)) => Reply::None,
+        (_, Err(e)) => {
+            warn!("sid={} route={route} notify failed: {e}", session.id());
+            Reply::None
         }
     }
 }

@@ -6,17 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dragonfruit_core::codec::{
-    decode_message, encode_data_packet, encode_kick_body, encode_packet, parse_packet, EncodeOptions, MessageOut,
-    MessageType, PacketRef, PacketType,
+    encode_data_packet, encode_kick_body, encode_packet, parse_packet, EncodeOptions, MessageOut, MessageType,
+    PacketRef, PacketType,
 };
-use dragonfruit_core::{codes, HandlerError, Reply, Route, Session, SessionInit};
+use dragonfruit_core::{Session, SessionInit};
 use log::{debug, warn};
 
 use super::EventLoop;
 use crate::agent::Phase;
 use crate::port::{LoopMsg, PushBody};
 use crate::stats::Stats;
-use crate::worker::{encode_reply, run_batch, run_handshake, Done, Outcome, Queued};
+use crate::worker::{run_batch, run_handshake, Done, Outcome};
 
 pub(super) const HEARTBEAT_PACKET: [u8; 4] = [PacketType::Heartbeat as u8, 0, 0, 0];
 /// How long a closing connection may take to drain its last bytes (kick, refusal).
@@ -95,8 +95,9 @@ impl EventLoop {
             match parse_packet(&rbuf[used..], max) {
                 Ok(None) => break,
                 Ok(Some((packet, n))) => {
+                    let raw = &rbuf[used..used + n];
                     used += n;
-                    if let Err(reason) = self.on_packet(token, packet) {
+                    if let Err(reason) = self.on_packet(token, packet, raw) {
                         verdict = Err(reason);
                         break;
                     }
@@ -121,8 +122,9 @@ impl EventLoop {
         }
     }
 
-    /// Handles one packet. `Err` is a protocol violation that closes the connection.
-    fn on_packet(&mut self, token: usize, packet: PacketRef<'_>) -> Result<(), String> {
+    /// Handles one packet (`raw` is the whole packet). `Err` is a protocol violation that
+    /// closes the connection. DATA packets are only queued: workers decode them.
+    fn on_packet(&mut self, token: usize, packet: PacketRef<'_>, raw: &[u8]) -> Result<(), String> {
         let agent = &mut self.agents[token];
         agent.last_seen = self.now;
         match packet.kind {
@@ -152,53 +154,9 @@ impl EventLoop {
                 if agent.phase != Phase::Working {
                     return Err("data before handshake ack".into());
                 }
-                return self.on_data(token, packet.body);
-            }
-        }
-        Ok(())
-    }
-
-    fn on_data(&mut self, token: usize, body: &[u8]) -> Result<(), String> {
-        let shared = &self.shared;
-        let agent = &mut self.agents[token];
-        let msg = decode_message(body, &shared.dict).map_err(|e| e.to_string())?;
-        match msg.kind {
-            MessageType::Request => Stats::add(&shared.stats.requests, 1),
-            MessageType::Notify => Stats::add(&shared.stats.notifies, 1),
-            other => return Err(format!("client sent a {other:?} message")),
-        }
-        if msg.route_code.is_some() {
-            agent.uses_route_codes = true;
-        }
-        let refusal = match Route::parse(msg.route) {
-            Err(e) => Err(HandlerError::bad_request(e.to_string())),
-            Ok(route) => {
-                let server_type = route.server_type().unwrap_or(&shared.server.server_type);
-                if shared.service.registry().serves(server_type) {
-                    Ok(route)
-                } else {
-                    let text = format!("no server of type {server_type} serves route {route}");
-                    Err(HandlerError::new(codes::NOT_FOUND, text))
-                }
-            }
-        };
-        match refusal {
-            Ok(route) => {
-                let queued =
-                    Queued { kind: msg.kind, id: msg.id, route, body: msg.body.to_vec(), compressed: msg.compressed };
-                agent.queue.push_back(queued);
+                agent.enqueue(raw, self.shared.config.dispatch.batch);
                 self.in_flight += 1;
             }
-            Err(e) if msg.kind == MessageType::Request => {
-                if let Some(session) = &agent.session {
-                    encode_reply(shared, session, msg.id, Reply::Err(e), &mut agent.wbuf);
-                }
-                if !agent.dirty {
-                    agent.dirty = true;
-                    self.dirty.push(token);
-                }
-            }
-            Err(e) => debug!("conn={token} sid={} notify dropped: {e}", agent.sid),
         }
         Ok(())
     }
@@ -210,13 +168,12 @@ impl EventLoop {
             return;
         }
         let Some(session) = agent.session.clone() else { return };
-        let n = agent.queue.len().min(self.shared.config.dispatch.batch);
-        let msgs: Vec<Queued> = agent.queue.drain(..n).collect();
-        agent.running = n;
+        let Some(batch) = agent.take_batch() else { return };
+        agent.running = batch.count;
         self.jobs += 1;
         let shared = self.shared.clone();
         self.pool.spawn(move || {
-            let done = run_batch(&shared, token, &session, msgs);
+            let done = run_batch(&shared, token, &session, batch);
             let _ = shared.port.send(LoopMsg::Done(done));
         });
     }
@@ -230,6 +187,7 @@ impl EventLoop {
             return;
         }
         agent.running = 0;
+        agent.uses_route_codes |= done.saw_route_code;
         let open = agent.stream.is_some() && agent.phase != Phase::Closing;
         if open && !done.out.is_empty() {
             if agent.wbuf.is_empty() {
@@ -267,7 +225,8 @@ impl EventLoop {
             Outcome::HandshakeRefused => self.close_after_flush(token),
             Outcome::Close(reason) => {
                 Stats::add(&self.shared.stats.protocol_errors, 1);
-                warn!("conn={token} sid={} protocol error: {reason}", done.session);
+                warn!("conn={token} sid={} addr={} protocol error: {reason}", done.session, agent.addr);
+                self.in_flight -= agent.discard_queue();
                 self.close_after_flush(token);
             }
         }
@@ -376,8 +335,8 @@ impl EventLoop {
         if !self.agents.contains(token) {
             return;
         }
-        let agent = self.agents.remove(token);
-        self.in_flight -= agent.queue.len();
+        let mut agent = self.agents.remove(token);
+        self.in_flight -= agent.discard_queue();
         if let Some(session) = agent.session {
             self.by_session.remove(&agent.sid);
             self.shared.registry.remove(session.id());
