@@ -61,6 +61,9 @@ pub(crate) struct Agent {
     pub(crate) wpos: usize,
     /// Edge-triggered readiness: the socket may still hold unread bytes.
     pub(crate) readable: bool,
+    /// The last event said the peer closed its side: read until end of stream rather
+    /// than stopping at a short read.
+    pub(crate) read_closed: bool,
     /// DATA packets received, not yet given to a worker, in batches of at most
     /// `dispatch.batch` packets.
     pub(crate) queue: VecDeque<Batch>,
@@ -93,6 +96,7 @@ impl Agent {
             wbuf: Vec::new(),
             wpos: 0,
             readable: false,
+            read_closed: false,
             queue: VecDeque::new(),
             queued: 0,
             running: 0,

@@ -95,7 +95,7 @@ fn handle_message(
     }
     tally.saw_route_code |= msg.route_code.is_some();
     let body = match msg.inflated_body(shared.config.packet.max_size) {
-        Ok(body) => body.into_owned(),
+        Ok(body) => body,
         Err(e) => return Err(format!("bad compressed body on {}: {e}", msg.route)),
     };
     let service = &shared.service;

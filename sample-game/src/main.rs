@@ -63,7 +63,16 @@ fn run(args: Args) -> Result<(), String> {
     println!("sample-game: press Ctrl-C to stop");
     let stopper = handle.clone();
     ctrlc::set_handler(move || stopper.stop()).map_err(|e| format!("cannot install Ctrl-C handler: {e}"))?;
-    handle.join().map_err(|e| e.to_string())
+    let result = handle.join().map_err(|e| e.to_string());
+    let stats = handle.stats();
+    log::info!(
+        "served {} connections, {} requests, {} notifies, {} pushes",
+        stats.accepted,
+        stats.requests,
+        stats.notifies,
+        stats.pushes
+    );
+    result
 }
 
 /// Raises the open-file limit so `connection.max` is not capped by a small default: to

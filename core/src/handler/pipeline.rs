@@ -32,6 +32,10 @@ impl Pipelines {
         self.after.push(Arc::new(f));
     }
 
+    pub(crate) fn has_before(&self) -> bool {
+        !self.before.is_empty()
+    }
+
     pub(crate) fn run_before(&self, ctx: &mut Ctx<'_>, body: &mut Vec<u8>) -> Result<(), HandlerError> {
         self.before.iter().try_for_each(|f| f(ctx, body))
     }

@@ -2,6 +2,7 @@
 //! pipelines, with panics turned into `PIT-500`. Shared by frontend workers and by backends
 //! running forwarded requests.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -111,13 +112,14 @@ impl HandlerService {
     pub fn execute(&self, session: &Arc<Session>, msg: InboundMessage) -> Reply {
         let server_type = msg.route.server_type().unwrap_or(&self.env.server.server_type);
         match self.registry.lookup(server_type, msg.route.handler_key()) {
-            Some(handler) => self.execute_handler(session, msg.kind, msg.id, &msg.route, handler, msg.body),
+            Some(handler) => self.execute_handler(session, msg.kind, msg.id, &msg.route, handler, msg.body.into()),
             None => finish(session, msg.kind, &msg.route, Err(HandlerError::not_found(msg.route.as_str()))),
         }
     }
 
     /// Runs `handler` (found with [`HandlerService::resolve`]). Requests always get a
     /// `Reply::Ok` or `Reply::Err`; notifies get `Reply::None` (their errors are logged).
+    /// The body is copied only if a before-pipeline may change it.
     pub fn execute_handler(
         &self,
         session: &Arc<Session>,
@@ -125,7 +127,7 @@ impl HandlerService {
         id: u64,
         route: &Route,
         handler: &Handler,
-        body: Vec<u8>,
+        body: Cow<'_, [u8]>,
     ) -> Reply {
         finish(session, kind, route, self.run(session, kind, id, route, handler, body))
     }
@@ -137,7 +139,7 @@ impl HandlerService {
         id: u64,
         route: &Route,
         handler: &Handler,
-        mut body: Vec<u8>,
+        body: Cow<'_, [u8]>,
     ) -> Result<Vec<u8>, HandlerError> {
         match (kind, handler.kind) {
             (MessageType::Request, HandlerKind::Notify) => {
@@ -153,7 +155,13 @@ impl HandlerService {
         }
         let mut ctx = Ctx::new(session, route, kind, id, &self.env);
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            self.pipelines.run_before(&mut ctx, &mut body)?;
+            let body = if self.pipelines.has_before() {
+                let mut owned = body.into_owned();
+                self.pipelines.run_before(&mut ctx, &mut owned)?;
+                Cow::Owned(owned)
+            } else {
+                body
+            };
             let mut result = (handler.call)(&mut ctx, &body);
             self.pipelines.run_after(&mut ctx, &mut result);
             result

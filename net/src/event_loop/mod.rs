@@ -38,8 +38,8 @@ const INBOX_BUDGET: usize = 8192;
 pub(crate) struct EventLoop {
     poll: Poll,
     events: Events,
-    /// `(token, readable, writable)` of the last poll, reused between iterations.
-    ready: Vec<(Token, bool, bool)>,
+    /// `(token, readable, writable, read_closed)` of the last poll, reused between iterations.
+    ready: Vec<(Token, bool, bool, bool)>,
     listener: Option<TcpListener>,
     /// The agents; slab keys are the mio tokens.
     agents: Slab<Agent>,
@@ -132,11 +132,11 @@ impl EventLoop {
             self.now = Instant::now();
             self.ready.clear();
             for event in self.events.iter() {
-                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-                self.ready.push((event.token(), readable, event.is_writable()));
+                let closed = event.is_read_closed() || event.is_error();
+                self.ready.push((event.token(), event.is_readable() || closed, event.is_writable(), closed));
             }
             for i in 0..self.ready.len() {
-                let (token, readable, writable) = self.ready[i];
+                let (token, readable, writable, read_closed) = self.ready[i];
                 match token {
                     LISTENER => self.accept(),
                     WAKER => {}
@@ -147,6 +147,7 @@ impl EventLoop {
                         if readable {
                             if let Some(agent) = self.agents.get_mut(t) {
                                 agent.readable = true;
+                                agent.read_closed |= read_closed;
                                 self.pump(t);
                             }
                         }
