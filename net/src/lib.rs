@@ -23,6 +23,11 @@ mod port;
 mod stats;
 mod worker;
 
+/// The README's embedding example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
+
 pub use app::{App, AppBuilder, BuildError, HandshakeRefusal, HandshakeValidator, StartError, StopHandle};
 pub use config::Config;
 pub use handle::{AppHandle, RunError};
