@@ -129,21 +129,9 @@ impl HandlerService {
         handler: &Handler,
         body: Cow<'_, [u8]>,
     ) -> Reply {
-        finish(session, kind, route, self.run(session, kind, id, route, handler, body))
-    }
-
-    fn run(
-        &self,
-        session: &Arc<Session>,
-        kind: MessageType,
-        id: u64,
-        route: &Route,
-        handler: &Handler,
-        body: Cow<'_, [u8]>,
-    ) -> Result<Vec<u8>, HandlerError> {
         match (kind, handler.kind) {
             (MessageType::Request, HandlerKind::Notify) => {
-                return Err(HandlerError::bad_request(format!("tried to request a notify route {route}")));
+                return Reply::Err(HandlerError::bad_request(format!("tried to request a notify route {route}")));
             }
             (MessageType::Notify, HandlerKind::Request) => {
                 warn!(
@@ -166,18 +154,16 @@ impl HandlerService {
             self.pipelines.run_after(&mut ctx, &mut result);
             result
         }));
-        match outcome {
-            Ok(result) => result,
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic".to_owned());
-                error!("sid={} route={route} handler panicked: {what}", session.id());
-                Err(HandlerError::internal("internal server error"))
-            }
-        }
+        let result = outcome.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".to_owned());
+            error!("sid={} route={route} handler panicked: {what}", session.id());
+            Err(HandlerError::internal("internal server error"))
+        });
+        finish(session, kind, route, result)
     }
 }
 

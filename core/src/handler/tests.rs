@@ -191,3 +191,28 @@ fn duplicate_and_bad_names_are_refused() {
     assert_eq!(registry.routes().len(), 6);
     assert_eq!(registry.routes()[0].route, "game.counter.add");
 }
+
+#[test]
+fn resolve_local_remote_and_errors() {
+    let (svc, _) = service(Pipelines::default());
+    for text in ["counter.add", "game.counter.add"] {
+        match svc.resolve(text) {
+            Resolved::Local(route, handler) => {
+                assert_eq!((route.handler_key(), handler.kind), ("counter.add", HandlerKind::Request))
+            }
+            _ => panic!("{text} is local"),
+        }
+    }
+    match svc.resolve("room.room.join") {
+        Resolved::Remote(route) => assert_eq!(route.server_type(), Some("room")),
+        _ => panic!("room is another server type"),
+    }
+    match svc.resolve("game.counter.nope") {
+        Resolved::Error(e) => assert_eq!(e.code, codes::NOT_FOUND),
+        _ => panic!("unknown method of a served type"),
+    }
+    match svc.resolve("nodots") {
+        Resolved::Error(e) => assert_eq!(e.code, codes::BAD_REQUEST),
+        _ => panic!("invalid route"),
+    }
+}
