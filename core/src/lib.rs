@@ -13,10 +13,13 @@
 //! - [`session`]: [`Session`] (uid, data, push, kick) and [`SessionRegistry`].
 //! - [`handler`]: [`Component`], [`Routes`], [`Ctx`], pipelines, and
 //!   [`HandlerService::execute`], which runs one message through pipelines and handler.
-//! - [`messenger`]: the [`Messenger`] port for reaching other users' sessions.
+//! - [`messenger`]: the [`Messenger`] port for reaching other users' sessions and servers.
+//! - [`cluster`]: the [`cluster::Cluster`] and [`cluster::Dispatcher`] ports between the
+//!   runtime and a cluster layer.
 //! - [`config`]: layered TOML + environment configuration, read into typed sections.
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod error;

@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::cluster::CallTarget;
+use crate::error::HandlerError;
+
 /// Why a messenger operation failed.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -30,4 +33,7 @@ pub trait Messenger: Send + Sync {
     fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError>;
     /// Pushes `body` on `route` to every session of every frontend of `frontend_type`.
     fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError>;
+    /// Calls the remote (user RPC handler) `route` on a server of its type and waits for
+    /// the serialized answer, up to the configured timeout (`PIT-504` after it).
+    fn call(&self, route: &str, target: CallTarget<'_>, body: Vec<u8>) -> Result<Vec<u8>, HandlerError>;
 }

@@ -71,6 +71,9 @@ pub(crate) struct Agent {
     pub(crate) queued: usize,
     /// Size of the batch (or 1 for a handshake) running on a worker; 0 when idle.
     pub(crate) running: usize,
+    /// Requests forwarded to other servers and not answered yet. Signed: an answer can
+    /// reach the loop before the `Done` of the batch that forwarded it.
+    pub(crate) forwarded: isize,
     /// The client itself sent a dictionary route code, so pushes may use codes too
     /// (libpitaya crashes on codes it never used, NOTES §15).
     pub(crate) uses_route_codes: bool,
@@ -100,6 +103,7 @@ impl Agent {
             queue: VecDeque::new(),
             queued: 0,
             running: 0,
+            forwarded: 0,
             uses_route_codes: false,
             starved: false,
             dirty: false,
@@ -113,7 +117,7 @@ impl Agent {
 
     /// Messages of this session queued or running.
     pub(crate) fn backlog(&self) -> usize {
-        self.queued + self.running
+        self.queued + self.running + self.forwarded.max(0) as usize
     }
 
     /// Queues one raw DATA packet.

@@ -3,17 +3,18 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
+use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Dispatcher};
 use dragonfruit_core::codec::{
     encode_handshake_response, encode_packet, DictionaryError, HandshakeData, PacketType, RouteDictionary, HANDSHAKE_OK,
 };
 use dragonfruit_core::config::{ConfigError, ConfigSource};
 use dragonfruit_core::handler::{Ctx, RegistryError};
 use dragonfruit_core::{
-    Component, HandlerEnv, HandlerError, HandlerRegistry, HandlerService, Pipelines, Serializer, ServerInfo,
+    Component, HandlerEnv, HandlerError, HandlerRegistry, HandlerService, Messenger, Pipelines, Serializer, ServerInfo,
     SessionRegistry, SessionSink,
 };
 use log::info;
@@ -21,6 +22,7 @@ use mio::{Poll, Waker};
 use thiserror::Error;
 
 use crate::config::Config;
+use crate::dispatcher::PoolDispatcher;
 use crate::event_loop::{EventLoop, WAKER};
 use crate::handle::AppHandle;
 use crate::port::{FrontendSink, LocalMessenger, LoopMsg, LoopPort};
@@ -84,6 +86,9 @@ pub enum StartError {
     /// The event loop thread could not be spawned.
     #[error("cannot spawn the event loop thread: {0}")]
     Spawn(io::Error),
+    /// The cluster layer could not start.
+    #[error("cluster: {0}")]
+    Cluster(#[from] ClusterError),
 }
 
 /// State shared read-only by the event loop and the workers.
@@ -91,7 +96,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) server: ServerInfo,
     pub(crate) serializer: Serializer,
-    pub(crate) service: HandlerService,
+    pub(crate) service: Arc<HandlerService>,
     pub(crate) dict: RouteDictionary,
     /// The handshake response packet, built once: every client gets the same bytes.
     pub(crate) handshake_ok: Vec<u8>,
@@ -100,6 +105,12 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<SessionRegistry>,
     pub(crate) sink: Arc<dyn SessionSink>,
     pub(crate) stats: Arc<Stats>,
+    /// The cluster layer, when this server is part of one.
+    pub(crate) cluster: Option<Arc<dyn Cluster>>,
+    /// Runs the cluster layer's work on the worker pool.
+    pub(crate) dispatcher: Arc<PoolDispatcher>,
+    /// This server's own-sessions messenger (the cluster layer wraps it).
+    pub(crate) local: Arc<dyn Messenger>,
 }
 
 /// Stops an app from any thread (see [`App::stop_handle`]). Cloneable, idempotent.
@@ -123,6 +134,7 @@ pub struct AppBuilder {
     registry_error: Option<RegistryError>,
     pipelines: Pipelines,
     validators: Vec<(String, Arc<HandshakeValidator>)>,
+    cluster: Option<Arc<dyn Cluster>>,
 }
 
 /// A built server, ready to start.
@@ -157,6 +169,17 @@ impl App {
         for c in &components {
             c.component.init();
         }
+        if let Some(cluster) = &self.shared.cluster {
+            let shared = &self.shared;
+            let dispatcher: Arc<dyn Dispatcher> = shared.dispatcher.clone();
+            cluster.start(ClusterContext {
+                server: shared.server.clone(),
+                service: shared.service.clone(),
+                dispatcher,
+                sessions: shared.registry.clone(),
+                local: shared.local.clone(),
+            })?;
+        }
         for c in &components {
             c.component.after_init();
         }
@@ -169,7 +192,7 @@ impl App {
         let server = &shared.server;
         match tcp_addr {
             Some(addr) => info!("server {} (type {}) listening on tcp {addr}", server.id, server.server_type),
-            None => info!("server {} (type {}) started without client acceptor", server.id, server.server_type),
+            None => info!("server {} (type {}) started without a client acceptor", server.id, server.server_type),
         }
         Ok(AppHandle::new(shared, tcp_addr, thread))
     }
@@ -202,7 +225,21 @@ impl AppBuilder {
             registry_error: None,
             pipelines: Pipelines::default(),
             validators: Vec::new(),
+            cluster: None,
         }
+    }
+
+    /// Makes this server part of a cluster (see `dragonfruit-rpc`): routes of other server
+    /// types are forwarded, user RPCs and pushes reach other servers.
+    pub fn cluster(mut self, cluster: Arc<dyn Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Sets `server.frontend`: `false` makes a backend, with no client acceptor.
+    pub fn frontend(mut self, frontend: bool) -> Self {
+        self.config.server.frontend = frontend;
+        self
     }
 
     /// The configuration, for settings without a dedicated method.
@@ -319,16 +356,24 @@ impl AppBuilder {
         let waker = Waker::new(poll.registry(), WAKER).map_err(|source| BuildError::Io { what: "waker", source })?;
         let (port, inbox) = LoopPort::new(waker, config.message.compression);
         let registry = Arc::new(SessionRegistry::new());
-        let messenger = Arc::new(LocalMessenger {
+        let local = Arc::new(LocalMessenger {
             port: port.clone(),
             registry: registry.clone(),
+            server_id: server.id.clone(),
             server_type: server.server_type.clone(),
             frontend: server.frontend,
+            service: OnceLock::new(),
         });
+        let messenger: Arc<dyn Messenger> = match &self.cluster {
+            Some(cluster) => cluster.messenger(local.clone()),
+            None => local.clone(),
+        };
         let sink: Arc<dyn SessionSink> =
             Arc::new(FrontendSink { port: port.clone(), registry: registry.clone(), unique: config.session.unique });
-        let env = HandlerEnv { server: server.clone(), serializer, messenger, sessions: Some(registry.clone()) };
-        let service = HandlerService::new(self.registry, self.pipelines, env);
+        let sessions = server.frontend.then(|| registry.clone());
+        let env = HandlerEnv { server: server.clone(), serializer, messenger, sessions };
+        let service = Arc::new(HandlerService::new(self.registry, self.pipelines, env));
+        let _ = local.service.set(Arc::downgrade(&service));
         let body = encode_handshake_response(HANDSHAKE_OK, config.heartbeat.interval, &dict, serializer.name());
         let mut handshake_ok = Vec::new();
         if let Err(e) = encode_packet(PacketType::Handshake, &body, &mut handshake_ok) {
@@ -340,6 +385,7 @@ impl AppBuilder {
             .panic_handler(|_| log::error!("a worker job panicked outside its guard"))
             .build()
             .map_err(|e| BuildError::Io { what: "worker pool", source: io::Error::other(e) })?;
+        let pool = Arc::new(pool);
         let shared = Arc::new(Shared {
             config,
             server,
@@ -352,8 +398,11 @@ impl AppBuilder {
             registry,
             sink,
             stats: Arc::new(Stats::default()),
+            cluster: self.cluster,
+            dispatcher: Arc::new(PoolDispatcher::new(pool.clone())),
+            local,
         });
-        Ok(App { shared, poll, inbox, pool: Arc::new(pool) })
+        Ok(App { shared, poll, inbox, pool })
     }
 }
 

@@ -226,6 +226,9 @@ impl Config {
         if self.server.server_type.is_empty() || self.server.server_type.contains('.') {
             return invalid("server.type", "must be non-empty and contain no dot");
         }
+        if !self.server.frontend && self.acceptor.tcp.is_some() {
+            return invalid("acceptor.tcp", "a backend (server.frontend = false) has no client acceptor");
+        }
         if self.serializer().is_none() {
             return invalid("server.serializer", "must be \"json\" or \"postcard\"");
         }

@@ -9,6 +9,8 @@
 //!   session's messages, or a handshake.
 //! - `port`: the loop's inbox (crossbeam channel + `mio::Waker`), and the frontend
 //!   implementations of core's `SessionSink` and `Messenger`.
+//! - `dispatcher`: core's `Dispatcher` on the worker pool, for work arriving from a cluster
+//!   layer (per-session ordered jobs).
 //! - [`config`]: every setting with its default.
 //!
 //! This crate knows nothing of ZeroMQ, HTTP or any cluster: those plug in from other crates.
@@ -17,6 +19,7 @@
 mod agent;
 mod app;
 pub mod config;
+mod dispatcher;
 mod event_loop;
 mod handle;
 mod port;

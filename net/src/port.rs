@@ -4,11 +4,15 @@
 //! `SessionSink` and `Messenger` ports, which are thin senders on this inbox.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
 use crossbeam_channel::{Receiver, Sender};
+use dragonfruit_core::cluster::CallTarget;
 use dragonfruit_core::codec::deflate_if_smaller;
-use dragonfruit_core::{Messenger, MessengerError, Session, SessionError, SessionId, SessionRegistry, SessionSink};
+use dragonfruit_core::{
+    codes, HandlerError, HandlerService, Messenger, MessengerError, Session, SessionError, SessionId, SessionRegistry,
+    SessionSink,
+};
 use log::{debug, info};
 use mio::Waker;
 
@@ -27,6 +31,15 @@ pub(crate) struct PushBody {
 pub(crate) enum LoopMsg {
     /// A worker finished a batch of one session.
     Done(Done),
+    /// Answers to requests a worker forwarded to other servers arrived.
+    Forwarded {
+        token: usize,
+        session: SessionId,
+        /// Encoded response packets.
+        out: Vec<u8>,
+        /// Forwarded requests these answers complete.
+        count: usize,
+    },
     /// Push to some sessions.
     Push { sessions: Vec<SessionId>, push: PushBody },
     /// Push to every session in the working state.
@@ -126,12 +139,16 @@ impl SessionSink for FrontendSink {
     }
 }
 
-/// The single-server messenger: reaches the sessions of this frontend.
+/// The single-server messenger: reaches the sessions of this frontend, and runs user RPCs
+/// on this server's own remotes.
 pub(crate) struct LocalMessenger {
     pub(crate) port: Arc<LoopPort>,
     pub(crate) registry: Arc<SessionRegistry>,
+    pub(crate) server_id: Arc<str>,
     pub(crate) server_type: Arc<str>,
     pub(crate) frontend: bool,
+    /// Set once the service exists (it holds this messenger, hence the weak link).
+    pub(crate) service: OnceLock<Weak<HandlerService>>,
 }
 
 impl Messenger for LocalMessenger {
@@ -165,5 +182,17 @@ impl Messenger for LocalMessenger {
             return Err(MessengerError::NoServer(frontend_type.to_owned()));
         }
         self.port.send(LoopMsg::Broadcast(self.port.push_body(route, &body)))
+    }
+
+    fn call(&self, route: &str, target: CallTarget<'_>, body: Vec<u8>) -> Result<Vec<u8>, HandlerError> {
+        if let CallTarget::Server(id) = target {
+            if id != &*self.server_id {
+                return Err(HandlerError::new(codes::NOT_FOUND, format!("no server {id} (no cluster)")));
+            }
+        }
+        match self.service.get().and_then(Weak::upgrade) {
+            Some(service) => service.execute_remote(route, None, &body),
+            None => Err(HandlerError::internal("server is not running")),
+        }
     }
 }

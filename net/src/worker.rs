@@ -6,17 +6,19 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+use dragonfruit_core::cluster::Forward;
 use dragonfruit_core::codec::{
     decode_message, encode_data_packet, encode_handshake_response, encode_packet, parse_handshake_request,
     parse_packet, EncodeOptions, HandshakeData, MessageOut, MessageType, PacketType, HANDSHAKE_BAD_REQUEST,
     MAX_WIRE_BODY,
 };
 use dragonfruit_core::handler::Resolved;
-use dragonfruit_core::{codes, HandlerError, Reply, Session, SessionId};
+use dragonfruit_core::{codes, HandlerError, Reply, Serializer, Session, SessionId};
 use log::{debug, error, warn};
 
 use crate::agent::Batch;
 use crate::app::{HandshakeRefusal, Shared};
+use crate::port::LoopMsg;
 use crate::stats::Stats;
 
 /// What a finished job tells the loop.
@@ -43,6 +45,9 @@ pub(crate) struct Done {
     pub(crate) outcome: Outcome,
     /// The client sent a route as a dictionary code.
     pub(crate) saw_route_code: bool,
+    /// Requests forwarded to other servers; they stay in flight until their answers come
+    /// back as `LoopMsg::Forwarded`.
+    pub(crate) forwarded: usize,
 }
 
 /// Per-batch counters, added to the shared stats once per batch.
@@ -51,6 +56,8 @@ struct Tally {
     requests: u64,
     notifies: u64,
     saw_route_code: bool,
+    /// Messages whose route is another server type's, for the cluster layer.
+    forwards: Vec<Forward>,
 }
 
 /// Decodes and runs the packets of `batch` for `session` in order, encoding responses.
@@ -75,8 +82,35 @@ pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, b
     };
     Stats::add(&shared.stats.requests, tally.requests);
     Stats::add(&shared.stats.notifies, tally.notifies);
+    let forwarded = forward(shared, token, session, std::mem::take(&mut tally.forwards));
     let saw_route_code = tally.saw_route_code;
-    Done { token, session: session.id(), handled: batch.count, out, outcome, saw_route_code }
+    Done { token, session: session.id(), handled: batch.count - forwarded, out, outcome, saw_route_code, forwarded }
+}
+
+/// Hands messages of other server types to the cluster layer; returns how many requests
+/// now wait for answers. The answers go straight to the event loop, not through a worker.
+fn forward(shared: &Shared, token: usize, session: &Arc<Session>, forwards: Vec<Forward>) -> usize {
+    let Some(cluster) = &shared.cluster else { return 0 };
+    if forwards.is_empty() {
+        return 0;
+    }
+    let count = forwards.iter().filter(|f| f.kind == MessageType::Request).count();
+    let port = shared.port.clone();
+    let compress = shared.config.message.compression;
+    let serializer = session.serializer();
+    let sid = session.id();
+    cluster.forward(
+        session,
+        forwards,
+        Box::new(move |replies| {
+            let mut out = Vec::new();
+            for (id, reply) in replies {
+                encode_reply_with(compress, serializer, sid, id, reply, &mut out);
+            }
+            let _ = port.send(LoopMsg::Forwarded { token, session: sid, out, count });
+        }),
+    );
+    count
 }
 
 /// One message. `Err` is a protocol violation that closes the connection.
@@ -101,6 +135,10 @@ fn handle_message(
     let service = &shared.service;
     let reply = match service.resolve(msg.route) {
         Resolved::Local(route, handler) => service.execute_handler(session, msg.kind, msg.id, route, handler, body),
+        Resolved::Remote(route) if shared.cluster.is_some() => {
+            tally.forwards.push(Forward { kind: msg.kind, id: msg.id, route, body: body.into_owned() });
+            return Ok(());
+        }
         Resolved::Remote(route) => {
             let server_type = route.server_type().unwrap_or_default();
             let text = format!("no server of type {server_type} serves route {route}");
@@ -122,16 +160,21 @@ fn refuse(session: &Session, kind: MessageType, route: &str, err: HandlerError) 
 }
 
 /// Appends the response packet for `reply` to `out`.
-pub(crate) fn encode_reply(shared: &Shared, session: &Session, id: u64, reply: Reply, out: &mut Vec<u8>) {
-    let opts = EncodeOptions { dict: None, compress: shared.config.message.compression };
+fn encode_reply(shared: &Shared, session: &Session, id: u64, reply: Reply, out: &mut Vec<u8>) {
+    let compress = shared.config.message.compression;
+    encode_reply_with(compress, session.serializer(), session.id(), id, reply, out);
+}
+
+fn encode_reply_with(compress: bool, serializer: Serializer, sid: SessionId, id: u64, reply: Reply, out: &mut Vec<u8>) {
+    let opts = EncodeOptions { dict: None, compress };
     let (body, is_error) = match reply {
         Reply::None => return,
         Reply::Ok(body) => (body, false),
-        Reply::Err(e) => (session.serializer().encode_error(&e), true),
+        Reply::Err(e) => (serializer.encode_error(&e), true),
     };
     if let Err(e) = encode_data_packet(&MessageOut::response(id, &body, is_error), &opts, out) {
-        warn!("sid={} response {id} cannot be framed: {e}", session.id());
-        let body = session.serializer().encode_error(&HandlerError::internal("response too large"));
+        warn!("sid={sid} response {id} cannot be framed: {e}");
+        let body = serializer.encode_error(&HandlerError::internal("response too large"));
         let _ = encode_data_packet(&MessageOut::response(id, &body, true), &opts, out);
     }
 }
@@ -153,7 +196,7 @@ pub(crate) fn run_handshake(shared: &Shared, token: usize, session: SessionId, b
             (out, Outcome::HandshakeRefused)
         }
     };
-    Done { token, session, handled: 0, out, outcome, saw_route_code: false }
+    Done { token, session, handled: 0, out, outcome, saw_route_code: false, forwarded: 0 }
 }
 
 fn validate(shared: &Shared, body: &[u8]) -> Result<HandshakeData, HandshakeRefusal> {

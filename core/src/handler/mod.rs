@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use ctx::{Ctx, HandlerEnv, ServerInfo};
+pub use ctx::{Ctx, HandlerEnv, RemoteCtx, ServerInfo};
 pub use pipeline::{AfterFn, BeforeFn, Pipelines};
 pub use registry::{HandlerRegistry, RegistryError, RouteInfo};
 pub use service::{HandlerService, InboundMessage, Reply, Resolved};
@@ -50,6 +50,9 @@ pub enum HandlerKind {
 /// Type-erased handler body: serialized request in, serialized response out.
 pub type HandlerFn = dyn Fn(&mut Ctx<'_>, &[u8]) -> Result<Vec<u8>, HandlerError> + Send + Sync;
 
+/// Type-erased remote (user RPC handler): serialized argument in, serialized answer out.
+pub type RemoteFn = dyn Fn(&RemoteCtx<'_>, &[u8]) -> Result<Vec<u8>, HandlerError> + Send + Sync;
+
 /// A registered handler.
 #[derive(Clone)]
 pub struct Handler {
@@ -63,11 +66,12 @@ pub struct Handler {
 pub struct Routes<C> {
     component: Arc<C>,
     methods: Vec<(String, Handler)>,
+    remotes: Vec<(String, Arc<RemoteFn>)>,
 }
 
 impl<C: Component> Routes<C> {
     pub(crate) fn new(component: Arc<C>) -> Routes<C> {
-        Routes { component, methods: Vec::new() }
+        Routes { component, methods: Vec::new(), remotes: Vec::new() }
     }
 
     fn add(&mut self, name: &str, kind: HandlerKind, call: Arc<HandlerFn>) -> &mut Self {
@@ -123,6 +127,29 @@ impl<C: Component> Routes<C> {
         let component = self.component.clone();
         let call = move |ctx: &mut Ctx<'_>, body: &[u8]| f(&component, ctx, body).map(|()| Vec::new());
         self.add(name, HandlerKind::Notify, Arc::new(call))
+    }
+}
+
+impl<C: Component> Routes<C> {
+    /// A remote: a method other servers call with user RPC (`HandlerEnv::rpc`), never
+    /// reachable by clients. Argument and answer use the server's serializer.
+    pub fn remote<Req, Resp, F>(&mut self, name: &str, f: F) -> &mut Self
+    where
+        Req: DeserializeOwned,
+        Resp: Serialize,
+        F: Fn(&C, &RemoteCtx<'_>, Req) -> Result<Resp, HandlerError> + Send + Sync + 'static,
+    {
+        let component = self.component.clone();
+        let call = move |ctx: &RemoteCtx<'_>, body: &[u8]| {
+            let serializer = ctx.serializer();
+            let req: Req = serializer
+                .decode(body)
+                .map_err(|e| HandlerError::bad_request(format!("invalid argument for {}: {e}", ctx.route())))?;
+            let resp = f(&component, ctx, req)?;
+            serializer.encode(&resp).map_err(|e| HandlerError::internal(format!("serialize answer: {e}")))
+        };
+        self.remotes.push((name.to_owned(), Arc::new(call)));
+        self
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::handler::{Component, Handler, HandlerKind, Routes};
+use crate::handler::{Component, Handler, HandlerKind, RemoteFn, Routes};
 
 /// Why a component could not be registered.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -61,6 +61,9 @@ pub struct RegisteredComponent {
 #[derive(Clone, Default)]
 pub struct HandlerRegistry {
     by_type: HashMap<String, HashMap<String, Handler>>,
+    /// Remotes (user RPC handlers) by server type and `component.method`; clients cannot
+    /// reach these.
+    remotes: HashMap<String, HashMap<String, Arc<RemoteFn>>>,
     components: Vec<RegisteredComponent>,
 }
 
@@ -93,16 +96,22 @@ impl HandlerRegistry {
         check_name("component", name)?;
         let mut routes = Routes::new(component.clone());
         C::routes(&mut routes);
+        for method in routes.methods.iter().map(|(m, _)| m).chain(routes.remotes.iter().map(|(m, _)| m)) {
+            check_name("method", method)?;
+        }
         let table = self.by_type.entry(server_type.to_owned()).or_default();
-        let mut keys = Vec::new();
         for (method, handler) in routes.methods {
-            check_name("method", &method)?;
             let key = format!("{name}.{method}");
-            if table.contains_key(&key) || keys.contains(&key) {
+            if table.insert(key.clone(), handler).is_some() {
                 return Err(RegistryError::Duplicate(format!("{server_type}.{key}")));
             }
-            keys.push(key.clone());
-            table.insert(key, handler);
+        }
+        let remotes = self.remotes.entry(server_type.to_owned()).or_default();
+        for (method, remote) in routes.remotes {
+            let key = format!("{name}.{method}");
+            if remotes.insert(key.clone(), remote).is_some() {
+                return Err(RegistryError::Duplicate(format!("remote {server_type}.{key}")));
+            }
         }
         self.components.push(RegisteredComponent {
             server_type: server_type.to_owned(),
@@ -117,9 +126,22 @@ impl HandlerRegistry {
         self.by_type.get(server_type)?.get(handler_key)
     }
 
-    /// Whether this process has handlers for `server_type`.
+    /// The remote `component.method` on `server_type`.
+    pub fn lookup_remote(&self, server_type: &str, key: &str) -> Option<&Arc<RemoteFn>> {
+        self.remotes.get(server_type)?.get(key)
+    }
+
+    /// Whether this process has handlers or remotes for `server_type`.
     pub fn serves(&self, server_type: &str) -> bool {
-        self.by_type.contains_key(server_type)
+        self.by_type.contains_key(server_type) || self.remotes.contains_key(server_type)
+    }
+
+    /// All remotes as `serverType.component.method`, sorted.
+    pub fn remote_routes(&self) -> Vec<String> {
+        let mut out: Vec<String> =
+            self.remotes.iter().flat_map(|(t, table)| table.keys().map(move |k| format!("{t}.{k}"))).collect();
+        out.sort();
+        out
     }
 
     /// All routes, sorted.

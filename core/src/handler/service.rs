@@ -11,7 +11,7 @@ use log::{error, warn};
 
 use crate::codec::MessageType;
 use crate::error::HandlerError;
-use crate::handler::{Ctx, Handler, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines};
+use crate::handler::{Ctx, Handler, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines, RemoteCtx};
 use crate::route::Route;
 use crate::session::Session;
 
@@ -155,16 +155,36 @@ impl HandlerService {
             result
         }));
         let result = outcome.unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic".to_owned());
-            error!("sid={} route={route} handler panicked: {what}", session.id());
+            error!("sid={} route={route} handler panicked: {}", session.id(), panic_text(&*panic));
             Err(HandlerError::internal("internal server error"))
         });
         finish(session, kind, route, result)
     }
+}
+
+impl HandlerService {
+    /// Runs the remote `route` (user RPC) with a serialized argument. `caller` is the
+    /// calling server's id, `None` for a call from this process.
+    pub fn execute_remote(&self, route: &str, caller: Option<&str>, body: &[u8]) -> Result<Vec<u8>, HandlerError> {
+        let route = Route::parse(route).map_err(|e| HandlerError::bad_request(e.to_string()))?;
+        let server_type = route.server_type().unwrap_or(&self.env.server.server_type);
+        let Some(remote) = self.registry.lookup_remote(server_type, route.handler_key()) else {
+            return Err(HandlerError::new(crate::codes::NOT_FOUND, format!("remote {route} not found")));
+        };
+        let ctx = RemoteCtx::new(&route, caller, &self.env);
+        catch_unwind(AssertUnwindSafe(|| remote(&ctx, body))).unwrap_or_else(|panic| {
+            error!("remote {route} panicked: {}", panic_text(&*panic));
+            Err(HandlerError::internal("internal server error"))
+        })
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".to_owned())
 }
 
 /// Turns a handler result into the reply its message type gets.

@@ -23,6 +23,9 @@ impl Messenger for NoMessenger {
     fn broadcast(&self, _: &str, _: &str, _: Arc<[u8]>) -> Result<(), MessengerError> {
         Ok(())
     }
+    fn call(&self, route: &str, _: crate::cluster::CallTarget<'_>, _: Vec<u8>) -> Result<Vec<u8>, HandlerError> {
+        Err(HandlerError::new(codes::NOT_FOUND, format!("no server for {route}")))
+    }
 }
 
 struct NullSink;
@@ -75,6 +78,10 @@ impl Component for Counter {
             .raw_handler("boom", |_: &Counter, _ctx: &mut Ctx<'_>, _: &[u8]| panic!("kaboom"))
             .raw_handler("stamp", |_: &Counter, ctx: &mut Ctx<'_>, _: &[u8]| {
                 Ok(ctx.value("stamp").map(|v| v.to_string()).unwrap_or_default().into_bytes())
+            })
+            .remote("double", |_: &Counter, ctx: &RemoteCtx<'_>, n: u32| {
+                assert_eq!(ctx.caller(), Some("other-1"));
+                Ok(n * 2)
             });
     }
 }
@@ -215,4 +222,15 @@ fn resolve_local_remote_and_errors() {
         Resolved::Error(e) => assert_eq!(e.code, codes::BAD_REQUEST),
         _ => panic!("invalid route"),
     }
+}
+
+#[test]
+fn remotes_are_for_servers_not_clients() {
+    let (svc, _) = service(Pipelines::default());
+    assert_eq!(svc.execute_remote("game.counter.double", Some("other-1"), b"21").unwrap(), b"42");
+    assert_eq!(svc.execute_remote("counter.double", Some("other-1"), b"1").unwrap(), b"2");
+    assert_eq!(svc.execute_remote("counter.add", None, b"{}").unwrap_err().code, codes::NOT_FOUND);
+    assert_eq!(svc.execute_remote("counter.double", Some("other-1"), b"x").unwrap_err().code, codes::BAD_REQUEST);
+    assert_eq!(err_code(request(&svc, "counter.double", b"1")), codes::NOT_FOUND, "clients cannot call remotes");
+    assert_eq!(svc.registry().remote_routes(), vec!["game.counter.double".to_string()]);
 }

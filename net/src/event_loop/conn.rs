@@ -9,7 +9,7 @@ use dragonfruit_core::codec::{
     encode_data_packet, encode_kick_body, encode_packet, parse_packet, EncodeOptions, MessageOut, MessageType,
     PacketRef, PacketType,
 };
-use dragonfruit_core::{Session, SessionInit};
+use dragonfruit_core::{Session, SessionId, SessionInit};
 use log::{debug, warn};
 
 use super::EventLoop;
@@ -185,6 +185,40 @@ impl EventLoop {
         });
     }
 
+    /// Appends packets a worker or the cluster produced for `token`, unless it is closing.
+    fn write_out(&mut self, token: usize, out: Vec<u8>) {
+        let Some(agent) = self.agents.get_mut(token) else { return };
+        if agent.stream.is_none() || agent.phase == Phase::Closing || out.is_empty() {
+            return;
+        }
+        if agent.wbuf.is_empty() {
+            agent.wbuf = out;
+            agent.wpos = 0;
+        } else {
+            agent.wbuf.extend_from_slice(&out);
+        }
+        if !agent.dirty {
+            agent.dirty = true;
+            self.dirty.push(token);
+        }
+    }
+
+    /// Answers of forwarded requests: write them and give the session's slots back.
+    pub(super) fn on_forwarded(&mut self, token: usize, session: SessionId, out: Vec<u8>, count: usize) {
+        self.in_flight -= count;
+        match self.agents.get_mut(token) {
+            Some(agent) if agent.sid == session => {
+                agent.forwarded -= count as isize;
+                self.write_out(token, out);
+                if self.agents[token].stream.is_some() {
+                    self.pump(token);
+                }
+            }
+            _ => {}
+        }
+        self.resume_starved();
+    }
+
     pub(super) fn on_done(&mut self, done: Done) {
         self.in_flight -= done.handled;
         self.jobs -= 1;
@@ -194,20 +228,11 @@ impl EventLoop {
             return;
         }
         agent.running = 0;
+        agent.forwarded += done.forwarded as isize;
         agent.uses_route_codes |= done.saw_route_code;
         let open = agent.stream.is_some() && agent.phase != Phase::Closing;
-        if open && !done.out.is_empty() {
-            if agent.wbuf.is_empty() {
-                agent.wbuf = done.out;
-                agent.wpos = 0;
-            } else {
-                agent.wbuf.extend_from_slice(&done.out);
-            }
-            if !agent.dirty {
-                agent.dirty = true;
-                self.dirty.push(token);
-            }
-        }
+        self.write_out(token, done.out);
+        let agent = &mut self.agents[token];
         match done.outcome {
             Outcome::Continue => {}
             Outcome::HandshakeAccepted(handshake) if open => {

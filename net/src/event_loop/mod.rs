@@ -162,7 +162,8 @@ impl EventLoop {
             self.flush_dirty();
             Stats::set(&self.shared.stats.in_flight, self.in_flight as u64);
             if let Some(deadline) = self.stop_deadline {
-                if (self.in_flight == 0 && self.jobs == 0) || self.now >= deadline {
+                let idle = self.in_flight == 0 && self.jobs == 0 && self.shared.dispatcher.pending() == 0;
+                if idle || self.now >= deadline {
                     break;
                 }
             }
@@ -222,6 +223,7 @@ impl EventLoop {
             let Ok(msg) = self.inbox.try_recv() else { return };
             match msg {
                 LoopMsg::Done(done) => self.on_done(done),
+                LoopMsg::Forwarded { token, session, out, count } => self.on_forwarded(token, session, out, count),
                 LoopMsg::Push { sessions, push } => {
                     for sid in sessions {
                         if let Some(&token) = self.by_session.get(&sid) {

@@ -20,6 +20,9 @@ impl EventLoop {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         info!("server {} stopping: no longer accepting; {} messages in flight", self.shared.server.id, self.in_flight);
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.begin_stop();
+        }
         self.stop_deadline = Some(self.now + self.shared.config.shutdown.timeout);
     }
 
@@ -51,6 +54,9 @@ impl EventLoop {
             self.close(token, "server stopped");
             // Work abandoned by the timeout must not keep the session alive.
             self.finalize(token);
+        }
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.stop();
         }
         for c in &components {
             c.component.shutdown();

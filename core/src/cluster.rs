@@ -1,0 +1,105 @@
+//! The ports between a server's runtime and a cluster layer. The runtime (`dragonfruit-net`)
+//! calls a [`Cluster`] to forward client messages whose route names another server type;
+//! the cluster layer (`dragonfruit-rpc`) calls back through a [`Dispatcher`] to run
+//! forwarded messages and user RPCs on the runtime's worker pool.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::codec::MessageType;
+use crate::handler::{HandlerService, Reply, ServerInfo};
+use crate::messenger::Messenger;
+use crate::route::Route;
+use crate::session::{Session, SessionId, SessionRegistry};
+
+/// Where a user RPC goes.
+#[derive(Debug, Clone, Copy)]
+pub enum CallTarget<'a> {
+    /// A server of the route's type, chosen by the routing function.
+    Any,
+    /// The server with this id.
+    Server(&'a str),
+    /// A server of the route's type, chosen by the routing function with this session
+    /// (routers may use its data, as for the session's own forwarded messages).
+    Session(&'a Session),
+}
+
+/// A client message to run on a server of another type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Request or notify.
+    pub kind: MessageType,
+    /// Message id (0 for notifies).
+    pub id: u64,
+    /// The route; its server type is not served by this process.
+    pub route: Route,
+    /// Body (inflated).
+    pub body: Vec<u8>,
+}
+
+/// Receives, once, the replies to the forwarded requests, keyed by message id (notifies
+/// have none).
+pub type ForwardDone = Box<dyn FnOnce(Vec<(u64, Reply)>) + Send>;
+
+/// Orders jobs of one session on a backend: `(frontend server id, session id)`.
+pub type OrderKey = (Arc<str>, SessionId);
+
+/// Runs jobs on the server's worker pool.
+pub trait Dispatcher: Send + Sync {
+    /// Runs `job` after every earlier job submitted with the same `key`.
+    fn submit_ordered(&self, key: OrderKey, job: Box<dyn FnOnce() + Send>);
+    /// Runs `job` with no ordering.
+    fn submit(&self, job: Box<dyn FnOnce() + Send>);
+}
+
+/// What a cluster layer gets from the server when it starts.
+#[derive(Clone)]
+pub struct ClusterContext {
+    /// This server.
+    pub server: ServerInfo,
+    /// Handlers, pipelines and remotes of this server.
+    pub service: Arc<HandlerService>,
+    /// The worker pool.
+    pub dispatcher: Arc<dyn Dispatcher>,
+    /// This server's sessions (empty on backends).
+    pub sessions: Arc<SessionRegistry>,
+    /// Reaches this server's own sessions.
+    pub local: Arc<dyn Messenger>,
+}
+
+/// Why a cluster layer could not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// A socket could not be bound.
+    #[error("cannot bind {addr}: {message}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// What failed.
+        message: String,
+    },
+    /// Service discovery failed.
+    #[error("discovery: {0}")]
+    Discovery(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A cluster layer plugged into a server.
+pub trait Cluster: Send + Sync {
+    /// Wraps the server's local messenger into a cluster-wide one. Called once, when the
+    /// app is built.
+    fn messenger(&self, local: Arc<dyn Messenger>) -> Arc<dyn Messenger>;
+    /// Binds, registers with discovery and starts threads. Called once, at start.
+    fn start(&self, ctx: ClusterContext) -> Result<(), ClusterError>;
+    /// Forwards `msgs` of `session`; `done` receives the replies (also for failures: no
+    /// server of the type, timeouts). Must not block.
+    fn forward(&self, session: &Arc<Session>, msgs: Vec<Forward>, done: ForwardDone);
+    /// Leaves discovery so no new calls are routed here. Called when a stop begins.
+    fn begin_stop(&self);
+    /// Stops threads; pending calls fail. Called at the end of a stop.
+    fn stop(&self);
+}

@@ -1,0 +1,132 @@
+//! `PoolDispatcher`: core's `Dispatcher` on the app's rayon pool, for work that arrives from
+//! the cluster layer (forwarded messages, user RPCs). Jobs with the same key (one remote
+//! session) run one after another in submission order; different keys run in parallel.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dragonfruit_core::cluster::{Dispatcher, OrderKey};
+use log::error;
+use rayon::ThreadPool;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Dispatches onto a rayon pool.
+pub(crate) struct PoolDispatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Arc<ThreadPool>,
+    /// A key is present while a drain job runs for it; its queue holds the jobs after the
+    /// running one.
+    mailboxes: Mutex<HashMap<OrderKey, VecDeque<Job>>>,
+    /// Jobs submitted and not finished, for the stop sequence.
+    pending: AtomicUsize,
+}
+
+impl PoolDispatcher {
+    pub(crate) fn new(pool: Arc<ThreadPool>) -> PoolDispatcher {
+        let inner = Inner { pool, mailboxes: Mutex::new(HashMap::new()), pending: AtomicUsize::new(0) };
+        PoolDispatcher { inner: Arc::new(inner) }
+    }
+
+    /// Jobs submitted and not yet finished.
+    pub(crate) fn pending(&self) -> usize {
+        self.inner.pending.load(Ordering::Acquire)
+    }
+}
+
+impl Inner {
+    fn run(&self, job: Job) {
+        if catch_unwind(AssertUnwindSafe(job)).is_err() {
+            error!("a cluster job panicked");
+        }
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn drain(self: Arc<Self>, key: OrderKey, first: Job) {
+        let mut job = first;
+        loop {
+            self.run(job);
+            let mut mailboxes = self.mailboxes.lock().unwrap_or_else(|p| p.into_inner());
+            match mailboxes.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => job = next,
+                None => {
+                    mailboxes.remove(&key);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Dispatcher for PoolDispatcher {
+    fn submit_ordered(&self, key: OrderKey, job: Job) {
+        self.inner.pending.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut mailboxes = self.inner.mailboxes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(queue) = mailboxes.get_mut(&key) {
+                queue.push_back(job);
+                return;
+            }
+            mailboxes.insert(key.clone(), VecDeque::new());
+        }
+        let inner = self.inner.clone();
+        self.inner.pool.spawn(move || inner.drain(key, job));
+    }
+
+    fn submit(&self, job: Job) {
+        self.inner.pending.fetch_add(1, Ordering::AcqRel);
+        let inner = self.inner.clone();
+        self.inner.pool.spawn(move || inner.run(job));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn same_key_in_order_other_keys_in_parallel() {
+        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap());
+        let d = PoolDispatcher::new(pool);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let running = Arc::new(AtomicUsize::new(0));
+        let overlapped = Arc::new(AtomicBool::new(false));
+        for key in 0..3u64 {
+            for n in 0..50u64 {
+                let (log, running, overlapped) = (log.clone(), running.clone(), overlapped.clone());
+                d.submit_ordered(
+                    (Arc::from("fe"), key),
+                    Box::new(move || {
+                        if running.fetch_add(1, Ordering::SeqCst) > 0 {
+                            overlapped.store(true, Ordering::SeqCst);
+                        }
+                        std::thread::sleep(Duration::from_micros(200));
+                        log.lock().unwrap().push((key, n));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    }),
+                );
+            }
+        }
+        d.submit(Box::new(|| panic!("a panicking job is contained")));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.pending() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(d.pending(), 0);
+        let log = log.lock().unwrap();
+        for key in 0..3u64 {
+            let order: Vec<u64> = log.iter().filter(|(k, _)| *k == key).map(|(_, n)| *n).collect();
+            assert_eq!(order, (0..50).collect::<Vec<_>>(), "key {key} in order");
+        }
+        assert!(overlapped.load(Ordering::SeqCst), "different keys ran in parallel");
+        assert!(d.inner.mailboxes.lock().unwrap().is_empty());
+    }
+}
