@@ -2,6 +2,7 @@
 
 mod util;
 
+mod cluster;
 mod dispatch;
 mod lifecycle;
 mod malformed;

@@ -1,6 +1,7 @@
 //! Helpers: servers on free ports that stop on drop, a raw protocol peer for malformed
 //! input, a probe component, and condition waits with deadlines.
 
+pub mod backend;
 pub mod probe;
 pub mod raw;
 
@@ -21,6 +22,12 @@ pub struct Server {
 impl Server {
     pub fn start(builder: AppBuilder) -> Server {
         let app = builder.tcp("127.0.0.1:0").build().expect("build");
+        Server { handle: app.start().expect("start") }
+    }
+
+    /// Starts a server without a client acceptor (a backend).
+    pub fn start_backend(builder: AppBuilder) -> Server {
+        let app = builder.frontend(false).build().expect("build");
         Server { handle: app.start().expect("start") }
     }
 
@@ -78,6 +85,21 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// A fresh directory for an embedded-discovery cluster of one test.
+pub fn cluster_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("df-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A cluster module with fast embedded discovery in `dir` and a short call timeout.
+pub fn cluster_module(dir: &std::path::Path, timeout: Duration) -> dragonfruit_rpc::ClusterModule {
+    let rpc = dragonfruit_rpc::RpcConfig { timeout, ..Default::default() };
+    let discovery =
+        dragonfruit_rpc::EmbeddedDiscovery::new(dir.to_owned(), Duration::from_millis(50), Duration::from_millis(600));
+    dragonfruit_rpc::ClusterModule::new(rpc, Box::new(discovery))
 }
 
 /// Default deadline for anything that should happen promptly.

@@ -152,6 +152,10 @@ impl Component for Probe {
             ctx.push_to_users("onMsg", &req.msg, &req.uids)
         });
         r.handler("kick_user", |_: &Probe, ctx: &mut Ctx<'_>, uid: String| ctx.kick_user(&uid, "kicked by probe"));
+        r.handler("rpc_double", |_: &Probe, ctx: &mut Ctx<'_>, n: u64| ctx.rpc::<_, u64>("room.room.double", &n));
+        r.handler("rpc_server", |_: &Probe, ctx: &mut Ctx<'_>, server: String| {
+            ctx.rpc_to::<_, Value>(&server, "room.room.server", &json!({}))
+        });
         r.handler("broadcast", |_: &Probe, ctx: &mut Ctx<'_>, msg: Value| {
             let server_type = ctx.server().server_type.to_string();
             ctx.broadcast(&server_type, "onMsg", &msg)?;

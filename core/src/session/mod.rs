@@ -50,6 +50,10 @@ pub enum SessionError {
     /// The frontend could not be reached (cluster mode).
     #[error("frontend unreachable: {0}")]
     Unreachable(String),
+    /// The frontend refused the operation (cluster mode), e.g. a bind of a session that is
+    /// already bound there.
+    #[error("frontend refused: {0}")]
+    Frontend(String),
 }
 
 /// How a session reaches its client. Implemented by the runtime.

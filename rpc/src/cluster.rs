@@ -1,0 +1,383 @@
+//! `ClusterModule`: core's `Cluster` over ZeroMQ. Forwards client messages (Sys RPC) to
+//! servers chosen by routers, runs messages and user RPCs arriving from other servers on
+//! the app's worker pool, and serves frontend-side session operations for backends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::thread::JoinHandle;
+
+use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, ForwardDone, OrderKey};
+use dragonfruit_core::codec::MessageType;
+use dragonfruit_core::config::{ConfigError, ConfigSource};
+use dragonfruit_core::{codes, HandlerError, InboundMessage, Messenger, Reply, Route, Session, SessionSink};
+use log::{info, warn};
+
+use crate::config::{self, RpcConfig};
+use crate::discovery::{self, Discovery};
+use crate::messenger::ClusterMessenger;
+use crate::remote_session::{remote_session, snapshot, RemoteSink};
+use crate::router::{RandomRouter, RouteCtx, Router};
+use crate::socket_thread::{self, Cmd, Inbound, Io, Responder};
+use crate::table::{ServerEntry, ServerTable};
+use crate::wire::{error, Answer, ByteBuf, Call, WireMessage, WireReply};
+
+/// Code of the error answered while a server shuts down.
+const STOPPING: &str = "PIT-500";
+
+/// The cluster layer of one server; plug it in with `AppBuilder::cluster`.
+#[derive(Clone)]
+pub struct ClusterModule {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) rpc: RpcConfig,
+    discovery: Box<dyn Discovery>,
+    routers: RwLock<HashMap<String, Arc<dyn Router>>>,
+    default_router: RandomRouter,
+    pub(crate) table: Arc<ServerTable>,
+    pub(crate) started: OnceLock<Started>,
+    stopping: AtomicBool,
+}
+
+pub(crate) struct Started {
+    pub(crate) ctx: ClusterContext,
+    pub(crate) io: Io,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    pub(crate) me: ServerEntry,
+    sink: Arc<dyn SessionSink>,
+}
+
+impl ClusterModule {
+    /// A cluster layer with these settings and discovery backend.
+    pub fn new(rpc: RpcConfig, discovery: Box<dyn Discovery>) -> ClusterModule {
+        let inner = Inner {
+            rpc,
+            discovery,
+            routers: RwLock::new(HashMap::new()),
+            default_router: RandomRouter::default(),
+            table: Arc::new(ServerTable::new()),
+            started: OnceLock::new(),
+            stopping: AtomicBool::new(false),
+        };
+        ClusterModule { inner: Arc::new(inner) }
+    }
+
+    /// A cluster layer from the `[rpc]` and `[discovery]` sections.
+    pub fn from_source(source: &ConfigSource) -> Result<ClusterModule, ConfigError> {
+        let (rpc, discovery) = config::from_source(source)?;
+        Ok(ClusterModule::new(rpc, discovery::from_config(&discovery)))
+    }
+
+    /// Routes messages and user RPCs for `server_type` with `router` instead of picking a
+    /// random server.
+    pub fn with_router(self, server_type: &str, router: impl Router + 'static) -> ClusterModule {
+        self.inner.routers.write().unwrap_or_else(|p| p.into_inner()).insert(server_type.to_owned(), Arc::new(router));
+        self
+    }
+
+    /// The servers discovery knows, this one included.
+    pub fn servers(&self) -> Vec<ServerEntry> {
+        self.inner.table.all()
+    }
+
+    /// This server's entry, once started.
+    pub fn me(&self) -> Option<ServerEntry> {
+        self.inner.started.get().map(|s| s.me.clone())
+    }
+}
+
+impl Inner {
+    /// Picks the server for a message or call on `route`.
+    pub(crate) fn pick(&self, route: &Route, session: Option<&Session>, body: &[u8]) -> Result<String, HandlerError> {
+        let server_type = route.server_type().unwrap_or_default();
+        let servers = self.table.of_type(server_type);
+        if servers.is_empty() {
+            let text = format!("no server of type {server_type} for route {route}");
+            return Err(HandlerError::new(codes::NOT_FOUND, text));
+        }
+        let ctx = RouteCtx { route, session, body };
+        let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
+        let index = match routers.get(server_type) {
+            Some(router) => router.pick(&ctx, &servers),
+            None => self.default_router.pick(&ctx, &servers),
+        };
+        match index.and_then(|i| servers.get(i)) {
+            Some(server) => Ok(server.id.clone()),
+            None => {
+                Err(HandlerError::new(codes::NOT_FOUND, format!("the router of {server_type} refused route {route}")))
+            }
+        }
+    }
+
+    fn forward(&self, session: &Arc<Session>, msgs: Vec<Forward>, done: ForwardDone) {
+        let Some(started) = self.started.get() else {
+            let refusal = || Reply::Err(HandlerError::internal("cluster layer is not started"));
+            done(msgs.iter().filter(|m| m.kind == MessageType::Request).map(|m| (m.id, refusal())).collect());
+            return;
+        };
+        let mut groups: Vec<(String, Vec<WireMessage>)> = Vec::new();
+        let mut refused = Vec::new();
+        for msg in msgs {
+            let request = msg.kind == MessageType::Request;
+            match self.pick(&msg.route, Some(session), &msg.body) {
+                Ok(to) => {
+                    let wire =
+                        WireMessage { request, id: msg.id, route: msg.route.as_str().to_owned(), body: msg.body };
+                    match groups.iter_mut().find(|(id, _)| *id == to) {
+                        Some((_, list)) => list.push(wire),
+                        None => groups.push((to, vec![wire])),
+                    }
+                }
+                Err(e) if request => refused.push((msg.id, Reply::Err(e))),
+                Err(e) => warn!("sid={} notify {} dropped: {e}", session.id(), msg.route),
+            }
+        }
+        let with_requests = groups.iter().filter(|(_, m)| m.iter().any(|w| w.request)).count();
+        let collector = Collector::new(with_requests, refused, done);
+        let snapshot = snapshot(session);
+        for (to, msgs) in groups {
+            let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
+            let call = Call::Handle { session: snapshot.clone(), msgs };
+            if ids.is_empty() {
+                started.io.call(&to, call, None);
+                continue;
+            }
+            let collector = collector.clone();
+            started.io.call(&to, call, Some(Box::new(move |result| collector.complete(ids, result))));
+        }
+    }
+
+    fn on_call(&self, from: &str, call: Call, responder: Responder) {
+        let Some(started) = self.started.get() else {
+            responder.send(Err(HandlerError::internal("cluster layer is not started")));
+            return;
+        };
+        let ctx = &started.ctx;
+        let stopping = self.stopping.load(Ordering::Acquire);
+        let refuse_stopping = || Err(error(STOPPING, format!("server {} is shutting down", started.me.id)));
+        match call {
+            Call::Handle { session, msgs } if !stopping => {
+                let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
+                let service = ctx.service.clone();
+                let sink = started.sink.clone();
+                ctx.dispatcher.submit_ordered(
+                    key,
+                    Box::new(move || {
+                        let session = remote_session(session, sink, service.env().serializer);
+                        let replies = msgs.into_iter().filter_map(|m| run_message(&service, &session, m)).collect();
+                        responder.send(Ok(Answer::Replies(replies)));
+                    }),
+                );
+            }
+            Call::User { route, body } if !stopping => {
+                let (service, from) = (ctx.service.clone(), from.to_owned());
+                ctx.dispatcher.submit(Box::new(move || {
+                    let result = service.execute_remote(&route, Some(&from), &body);
+                    responder.send(result.map(|b| Answer::Body(ByteBuf(b))));
+                }));
+            }
+            Call::Handle { .. } | Call::User { .. } => responder.send(refuse_stopping()),
+            Call::Push { session, route, body } => {
+                if let Some(s) = ctx.sessions.get(session) {
+                    let _ = s.push_raw(&route, body);
+                }
+                responder.send(Ok(Answer::Done));
+            }
+            Call::Kick { session, reason } => {
+                if let Some(s) = ctx.sessions.get(session) {
+                    let _ = s.kick(&reason);
+                }
+                responder.send(Ok(Answer::Done));
+            }
+            Call::Bind { session, uid } => {
+                let result = match ctx.sessions.get(session) {
+                    Some(s) => s.bind(&uid).map_err(|e| HandlerError::new("PIT-409", e.to_string())),
+                    None => Err(no_session(session, &started.me.id)),
+                };
+                responder.send(result.map(|()| Answer::Done));
+            }
+            Call::SessionData { session, data } => {
+                let result = match (ctx.sessions.get(session), serde_json::from_slice::<BTreeMap<_, _>>(&data)) {
+                    (Some(s), Ok(data)) => {
+                        s.replace_data(data);
+                        Ok(Answer::Done)
+                    }
+                    (None, _) => Err(no_session(session, &started.me.id)),
+                    (_, Err(e)) => Err(HandlerError::bad_request(format!("session data: {e}"))),
+                };
+                responder.send(result);
+            }
+            Call::PushUsers { uids, route, body } => {
+                let result = ctx.local.push_to_users(&route, body.into(), &uids);
+                responder.send(result.map(Answer::Missing).map_err(|e| HandlerError::internal(e.to_string())));
+            }
+            Call::KickUser { uid, reason } => {
+                let result = ctx.local.kick_user(&uid, &reason);
+                responder.send(result.map(Answer::Found).map_err(|e| HandlerError::internal(e.to_string())));
+            }
+            Call::Broadcast { route, body } => {
+                let result = ctx.local.broadcast(&ctx.server.server_type, &route, body.into());
+                responder.send(result.map(|()| Answer::Done).map_err(|e| HandlerError::internal(e.to_string())));
+            }
+        }
+    }
+}
+
+fn no_session(session: u64, server: &str) -> HandlerError {
+    HandlerError::new(codes::NOT_FOUND, format!("session {session} is not connected to {server}"))
+}
+
+/// Runs one forwarded message; the reply for requests.
+fn run_message(
+    service: &dragonfruit_core::HandlerService,
+    session: &Arc<Session>,
+    m: WireMessage,
+) -> Option<WireReply> {
+    let kind = if m.request { MessageType::Request } else { MessageType::Notify };
+    let reply = match Route::parse(&m.route) {
+        Ok(route) => service.execute(session, InboundMessage { kind, id: m.id, route, body: m.body }),
+        Err(e) if m.request => Reply::Err(HandlerError::bad_request(e.to_string())),
+        Err(_) => Reply::None,
+    };
+    let result = match reply {
+        Reply::None => return None,
+        Reply::Ok(body) => Ok(ByteBuf(body)),
+        Reply::Err(e) => Err(e),
+    };
+    m.request.then_some(WireReply { id: m.id, result })
+}
+
+/// Gathers the answers of the calls one batch was split into, then calls `done` once.
+#[derive(Clone)]
+struct Collector {
+    state: Arc<Mutex<Gathering>>,
+}
+
+struct Gathering {
+    calls_left: usize,
+    replies: Vec<(u64, Reply)>,
+    done: Option<ForwardDone>,
+}
+
+impl Collector {
+    fn new(calls: usize, replies: Vec<(u64, Reply)>, done: ForwardDone) -> Collector {
+        if calls == 0 {
+            done(replies);
+            return Collector {
+                state: Arc::new(Mutex::new(Gathering { calls_left: 0, replies: Vec::new(), done: None })),
+            };
+        }
+        Collector { state: Arc::new(Mutex::new(Gathering { calls_left: calls, replies, done: Some(done) })) }
+    }
+
+    fn complete(&self, ids: Vec<u64>, result: Result<Answer, HandlerError>) {
+        let replies: Vec<(u64, Reply)> = match result {
+            Ok(Answer::Replies(list)) => {
+                let mut replies: Vec<(u64, Reply)> =
+                    list.into_iter().map(|r| (r.id, r.result.map_or_else(Reply::Err, |b| Reply::Ok(b.0)))).collect();
+                let answered: Vec<u64> = replies.iter().map(|(id, _)| *id).collect();
+                for id in ids.into_iter().filter(|id| !answered.contains(id)) {
+                    replies.push((id, Reply::Err(HandlerError::internal("the server dropped the request"))));
+                }
+                replies
+            }
+            Ok(_) => ids.iter().map(|id| (*id, Reply::Err(HandlerError::internal("unexpected answer")))).collect(),
+            Err(e) => ids.iter().map(|id| (*id, Reply::Err(e.clone()))).collect(),
+        };
+        let finished = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.replies.extend(replies);
+            state.calls_left -= 1;
+            if state.calls_left == 0 {
+                state.done.take().map(|done| (done, std::mem::take(&mut state.replies)))
+            } else {
+                None
+            }
+        };
+        if let Some((done, replies)) = finished {
+            done(replies);
+        }
+    }
+}
+
+/// Hands calls from the socket thread to the module (weakly: the module owns the thread).
+struct InboundAdapter(Weak<Inner>);
+
+impl Inbound for InboundAdapter {
+    fn on_call(&self, from: &str, call: Call, responder: Responder) {
+        match self.0.upgrade() {
+            Some(inner) => inner.on_call(from, call, responder),
+            None => responder.send(Err(HandlerError::internal("server stopped"))),
+        }
+    }
+}
+
+impl Cluster for ClusterModule {
+    fn messenger(&self, local: Arc<dyn Messenger>) -> Arc<dyn Messenger> {
+        Arc::new(ClusterMessenger::new(local, Arc::downgrade(&self.inner)))
+    }
+
+    fn start(&self, ctx: ClusterContext) -> Result<(), ClusterError> {
+        let inner = &self.inner;
+        let zctx = zmq::Context::new();
+        let (router, endpoint) = socket_thread::bind_router(&zctx, &inner.rpc.bind)
+            .map_err(|message| ClusterError::Bind { addr: inner.rpc.bind.clone(), message })?;
+        let rpc_addr = if inner.rpc.advertise.is_empty() { endpoint.clone() } else { inner.rpc.advertise.clone() };
+        if rpc_addr.contains("0.0.0.0") || rpc_addr.contains("://*") {
+            let message = format!("{rpc_addr} cannot be dialled: set rpc.advertise");
+            return Err(ClusterError::Bind { addr: inner.rpc.bind.clone(), message });
+        }
+        let me = ServerEntry {
+            id: ctx.server.id.to_string(),
+            server_type: ctx.server.server_type.to_string(),
+            frontend: ctx.server.frontend,
+            rpc_addr,
+            metadata: ctx.server.metadata.clone(),
+        };
+        let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
+        let (io, thread) =
+            socket_thread::spawn(zctx, router, me.id.clone(), inner.table.clone(), inbound, inner.rpc.timeout)
+                .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;
+        let sink: Arc<dyn SessionSink> = Arc::new(RemoteSink { io: io.clone(), timeout: inner.rpc.timeout });
+        let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone(), sink };
+        if inner.started.set(started).is_err() {
+            return Err(ClusterError::Other("cluster module started twice".into()));
+        }
+        let notify = io.clone();
+        if let Err(e) =
+            inner.discovery.start(me.clone(), inner.table.clone(), Arc::new(move || notify.send(Cmd::PeersChanged)))
+        {
+            self.stop();
+            return Err(ClusterError::Discovery(e.to_string()));
+        }
+        io.send(Cmd::PeersChanged);
+        info!(
+            "cluster: server {} ({}) rpc at {endpoint}; {} servers known",
+            me.id,
+            me.server_type,
+            inner.table.all().len()
+        );
+        Ok(())
+    }
+
+    fn forward(&self, session: &Arc<Session>, msgs: Vec<Forward>, done: ForwardDone) {
+        self.inner.forward(session, msgs, done);
+    }
+
+    fn begin_stop(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
+        self.inner.discovery.deregister();
+    }
+
+    fn stop(&self) {
+        if let Some(started) = self.inner.started.get() {
+            started.io.send(Cmd::Stop);
+            if let Some(thread) = started.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = thread.join();
+            }
+        }
+        self.inner.discovery.stop();
+    }
+}

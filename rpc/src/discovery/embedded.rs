@@ -1,0 +1,211 @@
+//! Embedded discovery for the servers of one machine, with no external service: each
+//! server keeps a file `<dir>/<id>.json` holding its entry and touches it every `refresh`;
+//! every server rescans the directory as often. A file older than `ttl` is a dead server
+//! (killed processes vanish that way); a graceful stop deletes the file at once.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use log::{debug, warn};
+
+use super::{Discovery, DiscoveryError, OnChange};
+use crate::table::{ServerEntry, ServerTable};
+
+/// Files older than this are deleted by whoever scans (dead servers' leftovers).
+const REMOVE_AFTER: Duration = Duration::from_secs(60);
+
+/// The file-based registry.
+pub struct EmbeddedDiscovery {
+    dir: PathBuf,
+    refresh: Duration,
+    ttl: Duration,
+    running: Mutex<Option<Running>>,
+}
+
+struct Running {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+    deregistered: Arc<AtomicBool>,
+    own_file: PathBuf,
+}
+
+impl EmbeddedDiscovery {
+    /// A registry in `dir`.
+    pub fn new(dir: PathBuf, refresh: Duration, ttl: Duration) -> EmbeddedDiscovery {
+        EmbeddedDiscovery { dir, refresh, ttl, running: Mutex::new(None) }
+    }
+}
+
+/// A file name for any server id: unsafe characters are hex-escaped.
+fn file_name(id: &str) -> String {
+    let mut name = String::with_capacity(id.len() + 5);
+    for c in id.chars() {
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            name.push(c);
+        } else {
+            name.push_str(&format!("%{:02x}", c as u32));
+        }
+    }
+    name + ".json"
+}
+
+fn write_entry(path: &Path, entry: &ServerEntry) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, serde_json::to_vec(entry)?)?;
+    fs::rename(&tmp, path)
+}
+
+fn touch(path: &Path, entry: &ServerEntry) {
+    let touched = fs::File::options().write(true).open(path).and_then(|f| f.set_modified(SystemTime::now()));
+    if touched.is_err() {
+        if let Err(e) = write_entry(path, entry) {
+            warn!("cannot refresh registry file {}: {e}", path.display());
+        }
+    }
+}
+
+fn scan(dir: &Path, ttl: Duration) -> HashMap<String, ServerEntry> {
+    let mut servers = HashMap::new();
+    let Ok(entries) = fs::read_dir(dir) else { return servers };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let age = entry.metadata().and_then(|m| m.modified()).map(|t| now.duration_since(t).unwrap_or_default());
+        let Ok(age) = age else { continue };
+        if age > ttl {
+            if age > REMOVE_AFTER {
+                let _ = fs::remove_file(&path);
+            }
+            continue;
+        }
+        match fs::read(&path).map(|bytes| serde_json::from_slice::<ServerEntry>(&bytes)) {
+            Ok(Ok(server)) => {
+                servers.insert(server.id.clone(), server);
+            }
+            Ok(Err(e)) => debug!("ignoring registry file {}: {e}", path.display()),
+            Err(e) => debug!("cannot read registry file {}: {e}", path.display()),
+        }
+    }
+    servers
+}
+
+impl Discovery for EmbeddedDiscovery {
+    fn start(&self, me: ServerEntry, table: Arc<ServerTable>, changed: OnChange) -> Result<(), DiscoveryError> {
+        let dir_error =
+            |e: std::io::Error| DiscoveryError::Dir { dir: self.dir.display().to_string(), message: e.to_string() };
+        fs::create_dir_all(&self.dir).map_err(dir_error)?;
+        let own_file = self.dir.join(file_name(&me.id));
+        write_entry(&own_file, &me).map_err(dir_error)?;
+        table.replace(scan(&self.dir, self.ttl));
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let deregistered = Arc::new(AtomicBool::new(false));
+        let (dir, refresh, ttl, file) = (self.dir.clone(), self.refresh, self.ttl, own_file.clone());
+        let gone = deregistered.clone();
+        let thread = std::thread::Builder::new()
+            .name("df-discovery".into())
+            .spawn(move || loop {
+                match stop_rx.recv_timeout(refresh) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                if !gone.load(Ordering::Acquire) {
+                    touch(&file, &me);
+                }
+                if table.replace(scan(&dir, ttl)) {
+                    changed();
+                }
+            })
+            .map_err(|e| DiscoveryError::Spawn(e.to_string()))?;
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Running { stop, thread, deregistered, own_file });
+        Ok(())
+    }
+
+    fn deregister(&self) {
+        if let Some(running) = self.running.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            running.deregistered.store(true, Ordering::Release);
+            let _ = fs::remove_file(&running.own_file);
+        }
+    }
+
+    fn stop(&self) {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(running) = running {
+            let _ = running.stop.send(());
+            let _ = running.thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn entry(id: &str) -> ServerEntry {
+        ServerEntry {
+            id: id.into(),
+            server_type: "room".into(),
+            frontend: false,
+            rpc_addr: "tcp://127.0.0.1:1".into(),
+            metadata: Default::default(),
+        }
+    }
+
+    fn wait(mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn servers_see_each_other_leave_and_expire() {
+        let dir = std::env::temp_dir().join(format!("df-embedded-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (refresh, ttl) = (Duration::from_millis(50), Duration::from_millis(300));
+        let a = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
+        let b = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
+        let (ta, tb) = (Arc::new(ServerTable::new()), Arc::new(ServerTable::new()));
+        let changes = Arc::new(AtomicUsize::new(0));
+        let c = changes.clone();
+        a.start(
+            entry("room/1"),
+            ta.clone(),
+            Arc::new(move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        b.start(entry("room-2"), tb.clone(), Arc::new(|| {})).unwrap();
+        assert!(wait(|| ta.all().len() == 2), "a sees b");
+        assert_eq!(tb.all().len(), 2, "b saw a at start");
+        assert!(changes.load(Ordering::SeqCst) >= 1);
+        b.deregister();
+        assert!(wait(|| ta.get("room-2").is_none()), "graceful leave");
+        b.stop();
+        // A server that stops touching its file (killed) expires after ttl.
+        write_entry(&dir.join(file_name("ghost")), &entry("ghost")).unwrap();
+        assert!(wait(|| ta.get("ghost").is_some()));
+        assert!(wait(|| ta.get("ghost").is_none()), "stale file expires");
+        fs::write(dir.join("junk.json"), b"not json").unwrap();
+        std::thread::sleep(refresh * 3);
+        assert_eq!(ta.all().len(), 1, "junk is ignored");
+        a.stop();
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,317 @@
+//! etcd discovery through the v3 JSON gateway (no gRPC, no async runtime). Each server puts
+//! `<prefix>servers/<type>/<id>` = its entry under a lease of `ttl` seconds and keeps the
+//! lease alive every third of it; a server that dies vanishes when its lease expires, a
+//! graceful stop revokes the lease. A watch on `<prefix>servers/` keeps the table current.
+//! While etcd is unreachable the last table stays in force; when it is back the lease is
+//! kept alive again, or granted and the entry put again if it expired.
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use log::{info, warn};
+use serde_json::{json, Value};
+
+use super::http::{self, Endpoint};
+use super::{Discovery, DiscoveryError, OnChange};
+use crate::table::{ServerEntry, ServerTable};
+
+/// Time limit of one etcd call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// A silent watch is reopened (with a full resync) after this long.
+const WATCH_IDLE: Duration = Duration::from_secs(15);
+/// Pause between retries while etcd is unreachable.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// etcd-backed discovery.
+pub struct EtcdDiscovery {
+    url: String,
+    prefix: String,
+    ttl: Duration,
+    running: Mutex<Option<Running>>,
+}
+
+struct Running {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    endpoint: Endpoint,
+    url: String,
+    dir: String,
+    ttl: Duration,
+    key: String,
+    value: String,
+    lease: Mutex<Option<String>>,
+    stopping: AtomicBool,
+    deregistered: AtomicBool,
+    /// Wakes sleeping threads at stop.
+    sleeper: (Mutex<()>, Condvar),
+    /// The open watch connection, shut down at stop to unblock its reader.
+    watch: Mutex<Option<TcpStream>>,
+    table: Arc<ServerTable>,
+    changed: OnChange,
+}
+
+impl EtcdDiscovery {
+    /// Discovery through the etcd at `url` (`http://host:port`), keys under `prefix`.
+    pub fn new(url: &str, prefix: &str, ttl: Duration) -> EtcdDiscovery {
+        EtcdDiscovery { url: url.to_owned(), prefix: prefix.to_owned(), ttl, running: Mutex::new(None) }
+    }
+}
+
+fn b64(s: &str) -> String {
+    B64.encode(s.as_bytes())
+}
+
+fn unb64(v: &Value) -> Option<String> {
+    B64.decode(v.as_str()?).ok().and_then(|b| String::from_utf8(b).ok())
+}
+
+/// An int64 the gateway writes as a JSON string (or a number).
+fn int64(v: Option<&Value>) -> Option<i64> {
+    match v? {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+}
+
+/// The key after the last key starting with `prefix`.
+fn prefix_end(prefix: &str) -> String {
+    let mut bytes = prefix.as_bytes().to_vec();
+    while let Some(last) = bytes.pop() {
+        if last < 0xff {
+            bytes.push(last + 1);
+            return String::from_utf8_lossy(&bytes).into_owned();
+        }
+    }
+    "\0".into()
+}
+
+impl Shared {
+    fn call(&self, path: &str, body: Value) -> Result<Value, String> {
+        http::post(&self.endpoint, path, &body, CALL_TIMEOUT)
+    }
+
+    /// Sleeps `d`, or less if a stop begins; `false` when stopping.
+    fn sleep(&self, d: Duration) -> bool {
+        let (lock, cv) = &self.sleeper;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stopping.load(Ordering::Acquire) {
+            return false;
+        }
+        let _ = cv.wait_timeout(guard, d);
+        !self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Grants a lease and puts our key under it.
+    fn register(&self) -> Result<(), String> {
+        let granted = self.call("/v3/lease/grant", json!({ "TTL": self.ttl.as_secs().max(1) }))?;
+        let id = granted.get("ID").and_then(|v| int64(Some(v))).ok_or("lease grant without ID")?.to_string();
+        self.call("/v3/kv/put", json!({ "key": b64(&self.key), "value": b64(&self.value), "lease": id }))?;
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+        Ok(())
+    }
+
+    /// Keeps the lease alive; registers again when it is gone.
+    fn keepalive_loop(&self) {
+        let mut last_warning: Option<Instant> = None;
+        while self.sleep(self.ttl / 3) {
+            if self.deregistered.load(Ordering::Acquire) {
+                continue;
+            }
+            let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let result = match lease {
+                Some(id) => match self.call("/v3/lease/keepalive", json!({ "ID": id })) {
+                    Ok(answer) if int64(answer.get("result").and_then(|r| r.get("TTL"))).unwrap_or(0) > 0 => Ok(()),
+                    Ok(_) => {
+                        info!("etcd lease of {} expired; registering again", self.key);
+                        self.register()
+                    }
+                    Err(e) => Err(e),
+                },
+                None => self.register(),
+            };
+            match result {
+                Ok(()) => last_warning = None,
+                Err(e) => {
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        warn!("etcd at {} unreachable ({e}); serving with the last known servers", self.url);
+                        last_warning = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads every server entry; returns them by key and the store revision.
+    fn range(&self) -> Result<(HashMap<String, ServerEntry>, i64), String> {
+        let answer =
+            self.call("/v3/kv/range", json!({ "key": b64(&self.dir), "range_end": b64(&prefix_end(&self.dir)) }))?;
+        let revision = int64(answer.get("header").and_then(|h| h.get("revision"))).ok_or("range without revision")?;
+        let mut servers = HashMap::new();
+        for kv in answer.get("kvs").and_then(Value::as_array).into_iter().flatten() {
+            if let (Some(key), Some(value)) = (unb64(&kv["key"]), unb64(&kv["value"])) {
+                if let Ok(entry) = serde_json::from_str::<ServerEntry>(&value) {
+                    servers.insert(key, entry);
+                }
+            }
+        }
+        Ok((servers, revision))
+    }
+
+    fn publish(&self, by_key: &HashMap<String, ServerEntry>) {
+        let by_id = by_key.values().map(|e| (e.id.clone(), e.clone())).collect();
+        if self.table.replace(by_id) {
+            (self.changed)();
+        }
+    }
+
+    /// Resyncs, then follows a watch; on any failure resyncs again.
+    fn watch_loop(&self) {
+        let mut last_warning: Option<Instant> = None;
+        while !self.stopping.load(Ordering::Acquire) {
+            if let Err(e) = self.watch_once() {
+                if self.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    warn!("etcd watch at {}: {e}; keeping the last known servers", self.url);
+                    last_warning = Some(Instant::now());
+                }
+                if !self.sleep(RETRY) {
+                    return;
+                }
+            } else {
+                last_warning = None;
+            }
+        }
+    }
+
+    fn watch_once(&self) -> Result<(), String> {
+        let (mut servers, revision) = self.range()?;
+        self.publish(&servers);
+        let request = json!({ "create_request": {
+            "key": b64(&self.dir),
+            "range_end": b64(&prefix_end(&self.dir)),
+            "start_revision": (revision + 1).to_string(),
+        }});
+        let (mut body, control) = http::post_stream(&self.endpoint, "/v3/watch", &request, CALL_TIMEOUT)?;
+        control.set_read_timeout(Some(WATCH_IDLE)).map_err(|e| e.to_string())?;
+        *self.watch.lock().unwrap_or_else(|p| p.into_inner()) = control.try_clone().ok();
+        if self.stopping.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        while let Some(message) = body.next_value()? {
+            let result = message.get("result").ok_or("watch message without result")?;
+            if result.get("canceled").and_then(Value::as_bool).unwrap_or(false)
+                || result.get("compact_revision").is_some()
+            {
+                return Err("watch canceled by etcd".into());
+            }
+            let mut touched = false;
+            for event in result.get("events").and_then(Value::as_array).into_iter().flatten() {
+                let kv = &event["kv"];
+                let Some(key) = unb64(&kv["key"]) else { continue };
+                if event.get("type").and_then(Value::as_str) == Some("DELETE") {
+                    touched |= servers.remove(&key).is_some();
+                } else if let Some(entry) = unb64(&kv["value"]).and_then(|v| serde_json::from_str(&v).ok()) {
+                    servers.insert(key, entry);
+                    touched = true;
+                }
+            }
+            if touched {
+                self.publish(&servers);
+            }
+        }
+        Err("watch stream ended".into())
+    }
+}
+
+impl Discovery for EtcdDiscovery {
+    fn start(&self, me: ServerEntry, table: Arc<ServerTable>, changed: OnChange) -> Result<(), DiscoveryError> {
+        let etcd_error = |message: String| DiscoveryError::Etcd { url: self.url.clone(), message };
+        let endpoint = Endpoint::parse(&self.url).map_err(etcd_error)?;
+        let dir = format!("{}servers/", self.prefix);
+        let shared = Arc::new(Shared {
+            endpoint,
+            url: self.url.clone(),
+            key: format!("{dir}{}/{}", me.server_type, me.id),
+            dir,
+            ttl: self.ttl,
+            value: serde_json::to_string(&me).map_err(|e| etcd_error(e.to_string()))?,
+            lease: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            deregistered: AtomicBool::new(false),
+            sleeper: (Mutex::new(()), Condvar::new()),
+            watch: Mutex::new(None),
+            table,
+            changed,
+        });
+        shared.register().map_err(etcd_error)?;
+        let (servers, _) = shared.range().map_err(etcd_error)?;
+        shared.publish(&servers);
+        let spawn = |name: &str, f: fn(&Shared), shared: Arc<Shared>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(&shared))
+                .map_err(|e| DiscoveryError::Spawn(e.to_string()))
+        };
+        let threads = vec![
+            spawn("df-etcd-lease", Shared::keepalive_loop, shared.clone())?,
+            spawn("df-etcd-watch", Shared::watch_loop, shared.clone())?,
+        ];
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(Running { shared, threads });
+        Ok(())
+    }
+
+    fn deregister(&self) {
+        let guard = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(running) = guard.as_ref() else { return };
+        let shared = &running.shared;
+        shared.deregistered.store(true, Ordering::Release);
+        let lease = shared.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(id) = lease {
+            if let Err(e) = shared.call("/v3/lease/revoke", json!({ "ID": id })) {
+                warn!("cannot revoke etcd lease of {}: {e}; it expires in {:?}", shared.key, shared.ttl);
+            }
+        }
+    }
+
+    fn stop(&self) {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(running) = running else { return };
+        let shared = &running.shared;
+        {
+            let _guard = shared.sleeper.0.lock().unwrap_or_else(|p| p.into_inner());
+            shared.stopping.store(true, Ordering::Release);
+            shared.sleeper.1.notify_all();
+        }
+        if let Some(watch) = shared.watch.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            http::cancel(watch);
+        }
+        for thread in running.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(prefix_end("dragonfruit/servers/"), "dragonfruit/servers0");
+        assert_eq!(int64(Some(&json!("42"))), Some(42));
+        assert_eq!(int64(Some(&json!(7))), Some(7));
+        assert_eq!(unb64(&json!(b64("héllo"))), Some("héllo".into()));
+    }
+}

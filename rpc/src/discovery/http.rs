@@ -1,0 +1,223 @@
+//! A minimal blocking HTTP/1.1 client for etcd's JSON gateway: JSON POSTs, answers with
+//! `Content-Length` or chunked bodies, and streamed answers (watch) read one JSON value at
+//! a time. Written here rather than taken from a crate so that another thread can cancel a
+//! blocked streaming read by shutting the socket down.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// `host:port` of a plain-HTTP endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Endpoint {
+    pub(crate) host_port: String,
+}
+
+impl Endpoint {
+    /// Parses `http://host:port` (a trailing slash is allowed).
+    pub(crate) fn parse(url: &str) -> Result<Endpoint, String> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+        let host_port = rest.trim_end_matches('/');
+        if host_port.is_empty() || host_port.contains('/') || !host_port.contains(':') {
+            return Err(format!("{url}: expected http://host:port"));
+        }
+        Ok(Endpoint { host_port: host_port.to_owned() })
+    }
+
+    fn connect(&self, timeout: Duration) -> Result<TcpStream, String> {
+        let addr = self
+            .host_port
+            .to_socket_addrs()
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or_else(|| format!("{} does not resolve", self.host_port))?;
+        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+/// An open response body, read value by value.
+pub(crate) struct Body {
+    reader: BufReader<TcpStream>,
+    chunked: bool,
+    /// Bytes left in the current chunk, or in the whole body when not chunked.
+    left: usize,
+    finished: bool,
+    pending: Vec<u8>,
+}
+
+fn request(endpoint: &Endpoint, path: &str, body: &Value, timeout: Duration) -> Result<(Body, TcpStream), String> {
+    let mut stream = endpoint.connect(timeout)?;
+    let payload = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        endpoint.host_port,
+        payload.len()
+    );
+    stream.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    stream.write_all(&payload).map_err(|e| e.to_string())?;
+    let control = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(|e| e.to_string())?;
+    let status: u16 =
+        line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad status line {line:?}"))?;
+    let (mut chunked, mut length) = (false, None);
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("connection closed in headers".into());
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let Some((name, value)) = header.split_once(':') else { continue };
+        match name.trim().to_ascii_lowercase().as_str() {
+            "transfer-encoding" => chunked = value.trim().eq_ignore_ascii_case("chunked"),
+            "content-length" => length = value.trim().parse::<usize>().ok(),
+            _ => {}
+        }
+    }
+    let left = if chunked { 0 } else { length.unwrap_or(usize::MAX) };
+    let mut body = Body { reader, chunked, left, finished: false, pending: Vec::new() };
+    if status != 200 {
+        let text = body.read_all().unwrap_or_default();
+        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&text).trim()));
+    }
+    Ok((body, control))
+}
+
+/// POSTs `body` and returns the first JSON value of the answer.
+pub(crate) fn post(endpoint: &Endpoint, path: &str, body: &Value, timeout: Duration) -> Result<Value, String> {
+    let (mut answer, _) = request(endpoint, path, body, timeout)?;
+    answer.next_value()?.ok_or_else(|| "empty answer".to_string())
+}
+
+/// POSTs `body` and returns the streamed answer, plus a handle whose `shutdown` cancels a
+/// blocked read from another thread.
+pub(crate) fn post_stream(
+    endpoint: &Endpoint,
+    path: &str,
+    body: &Value,
+    timeout: Duration,
+) -> Result<(Body, TcpStream), String> {
+    request(endpoint, path, body, timeout)
+}
+
+/// Cancels a stream opened by [`post_stream`].
+pub(crate) fn cancel(control: &TcpStream) {
+    let _ = control.shutdown(Shutdown::Both);
+}
+
+impl Body {
+    /// Reads more body bytes into `pending`; `false` at the end of the body.
+    fn fill(&mut self) -> Result<bool, String> {
+        if self.finished {
+            return Ok(false);
+        }
+        if self.chunked && self.left == 0 {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Err("connection closed in chunked body".into());
+            }
+            let size = line.trim().split(';').next().unwrap_or("");
+            let size = usize::from_str_radix(size, 16).map_err(|_| format!("bad chunk size {line:?}"))?;
+            if size == 0 {
+                self.finished = true;
+                return Ok(false);
+            }
+            self.left = size;
+        }
+        if !self.chunked && self.left == 0 {
+            self.finished = true;
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; self.left.min(64 << 10)];
+        let n = self.reader.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            if self.chunked || self.left != usize::MAX {
+                return Err("connection closed in body".into());
+            }
+            self.finished = true;
+            return Ok(false);
+        }
+        self.pending.extend_from_slice(&buf[..n]);
+        self.left -= n;
+        if self.chunked && self.left == 0 {
+            let mut crlf = [0u8; 2];
+            self.reader.read_exact(&mut crlf).map_err(|e| e.to_string())?;
+        }
+        Ok(true)
+    }
+
+    /// The next JSON value of the body; `None` at its end.
+    pub(crate) fn next_value(&mut self) -> Result<Option<Value>, String> {
+        loop {
+            let mut values = serde_json::Deserializer::from_slice(&self.pending).into_iter::<Value>();
+            match values.next() {
+                Some(Ok(value)) => {
+                    let used = values.byte_offset();
+                    self.pending.drain(..used);
+                    return Ok(Some(value));
+                }
+                Some(Err(e)) if !e.is_eof() => return Err(format!("bad json in answer: {e}")),
+                _ => {}
+            }
+            if !self.fill()? {
+                let rest = String::from_utf8_lossy(&self.pending);
+                if rest.trim().is_empty() {
+                    return Ok(None);
+                }
+                return Err(format!("truncated json in answer: {rest}"));
+            }
+        }
+    }
+
+    fn read_all(&mut self) -> Result<Vec<u8>, String> {
+        while self.fill()? {}
+        Ok(std::mem::take(&mut self.pending))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    fn serve_once(answer: &'static str) -> Endpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            s.write_all(answer.as_bytes()).unwrap();
+        });
+        Endpoint::parse(&format!("http://{addr}/")).unwrap()
+    }
+
+    #[test]
+    fn content_length_chunked_and_streams() {
+        let t = Duration::from_secs(5);
+        let ep = serve_once("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{\"a\":1}\n");
+        assert_eq!(post(&ep, "/x", &Value::Null, t).unwrap(), serde_json::json!({"a": 1}));
+        let ep = serve_once(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n5\r\n1}\n{\"\r\n6\r\nb\":2}\n\r\n0\r\n\r\n",
+        );
+        let (mut body, _) = post_stream(&ep, "/w", &Value::Null, t).unwrap();
+        assert_eq!(body.next_value().unwrap(), Some(serde_json::json!({"a": 1})));
+        assert_eq!(body.next_value().unwrap(), Some(serde_json::json!({"b": 2})));
+        assert_eq!(body.next_value().unwrap(), None);
+        let ep = serve_once("HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\nnope");
+        assert_eq!(post(&ep, "/x", &Value::Null, t).unwrap_err(), "HTTP 404: nope");
+        assert!(Endpoint::parse("https://x:1").is_err());
+        assert!(Endpoint::parse("http://nohost").is_err());
+    }
+}

@@ -1,0 +1,64 @@
+//! Service discovery: who is in the cluster. `embedded` (files in a directory, for the
+//! servers of one machine) or `etcd` (leases and a watch through etcd's JSON gateway).
+//! Either keeps a [`ServerTable`] current from background threads.
+
+mod embedded;
+mod etcd;
+mod http;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+pub use embedded::EmbeddedDiscovery;
+pub use etcd::EtcdDiscovery;
+
+use crate::config::{DiscoveryConfig, DiscoveryKind};
+use crate::table::{ServerEntry, ServerTable};
+
+/// Why discovery could not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum DiscoveryError {
+    /// The registry directory is not usable.
+    #[error("registry directory {dir}: {message}")]
+    Dir {
+        /// The directory.
+        dir: String,
+        /// What failed.
+        message: String,
+    },
+    /// etcd refused or could not be reached.
+    #[error("etcd at {url}: {message}")]
+    Etcd {
+        /// The endpoint.
+        url: String,
+        /// What failed.
+        message: String,
+    },
+    /// A background thread could not start.
+    #[error("cannot spawn discovery thread: {0}")]
+    Spawn(String),
+}
+
+/// Called after every change of the table.
+pub type OnChange = Arc<dyn Fn() + Send + Sync>;
+
+/// A discovery backend.
+pub trait Discovery: Send + Sync {
+    /// Registers `me`, fills `table`, and keeps both current until [`Discovery::stop`];
+    /// `changed` runs after each change.
+    fn start(&self, me: ServerEntry, table: Arc<ServerTable>, changed: OnChange) -> Result<(), DiscoveryError>;
+    /// Leaves the cluster (graceful stop); the table keeps updating.
+    fn deregister(&self);
+    /// Stops the background threads.
+    fn stop(&self);
+}
+
+/// The backend `config` names.
+pub fn from_config(config: &DiscoveryConfig) -> Box<dyn Discovery> {
+    match config.kind {
+        DiscoveryKind::Embedded => Box::new(EmbeddedDiscovery::new(config.dir.clone(), config.refresh, config.ttl)),
+        DiscoveryKind::Etcd => Box::new(EtcdDiscovery::new(&config.etcd_url, &config.prefix, config.ttl)),
+    }
+}

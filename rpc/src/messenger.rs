@@ -1,0 +1,149 @@
+//! `ClusterMessenger`: pushes, kicks and broadcasts that reach sessions on every frontend,
+//! and user RPC to any server. This server's own sessions and remotes are reached directly.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use dragonfruit_core::cluster::CallTarget;
+use dragonfruit_core::{codes, HandlerError, Messenger, MessengerError, Route};
+
+use crate::cluster::{Inner, Started};
+use crate::remote_session::blocking;
+use crate::table::ServerEntry;
+use crate::wire::{Answer, Call};
+
+/// The cluster-wide messenger of one server.
+pub(crate) struct ClusterMessenger {
+    local: Arc<dyn Messenger>,
+    inner: Weak<Inner>,
+}
+
+impl ClusterMessenger {
+    pub(crate) fn new(local: Arc<dyn Messenger>, inner: Weak<Inner>) -> ClusterMessenger {
+        ClusterMessenger { local, inner }
+    }
+
+    /// The started module, or `None` before start / after drop.
+    fn with<T>(&self, f: impl FnOnce(&Inner, &Started) -> T) -> Option<T> {
+        let inner = self.inner.upgrade()?;
+        let started = inner.started.get()?;
+        Some(f(&inner, started))
+    }
+
+    /// Sends `call` to every other frontend and gathers the answers (until the timeout).
+    fn ask_frontends(inner: &Inner, started: &Started, call: impl Fn() -> Call) -> Vec<Answer> {
+        let others: Vec<ServerEntry> =
+            inner.table.all().into_iter().filter(|s| s.frontend && s.id != started.me.id).collect();
+        let (tx, rx) = crossbeam_channel::bounded(others.len().max(1));
+        for server in &others {
+            let tx = tx.clone();
+            started.io.call(
+                &server.id,
+                call(),
+                Some(Box::new(move |r| {
+                    let _ = tx.send(r);
+                })),
+            );
+        }
+        let deadline = Instant::now() + inner.rpc.timeout;
+        (0..others.len()).filter_map(|_| rx.recv_deadline(deadline).ok()?.ok()).collect()
+    }
+}
+
+impl Messenger for ClusterMessenger {
+    fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
+        let local = if self.with(|_, s| s.me.frontend).unwrap_or(true) {
+            self.local.push_to_users(route, body.clone(), uids)?
+        } else {
+            uids.to_vec()
+        };
+        let answers = self
+            .with(|inner, started| {
+                let call = || Call::PushUsers { uids: uids.to_vec(), route: route.to_owned(), body: body.to_vec() };
+                Self::ask_frontends(inner, started, call)
+            })
+            .unwrap_or_default();
+        // A uid is missing when no frontend that answered has it.
+        let mut missing: HashSet<String> = local.into_iter().collect();
+        for answer in answers {
+            if let Answer::Missing(theirs) = answer {
+                let theirs: HashSet<String> = theirs.into_iter().collect();
+                missing.retain(|uid| theirs.contains(uid));
+            }
+        }
+        Ok(uids.iter().filter(|u| missing.contains(*u)).cloned().collect())
+    }
+
+    fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError> {
+        let here = match self.with(|_, s| s.me.frontend) {
+            Some(false) => false,
+            _ => self.local.kick_user(uid, reason)?,
+        };
+        let answers = self
+            .with(|inner, started| {
+                Self::ask_frontends(inner, started, || Call::KickUser {
+                    uid: uid.to_owned(),
+                    reason: reason.to_owned(),
+                })
+            })
+            .unwrap_or_default();
+        Ok(here || answers.iter().any(|a| matches!(a, Answer::Found(true))))
+    }
+
+    fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError> {
+        let Some(result) = self.with(|inner, started| {
+            let servers = inner.table.of_type(frontend_type);
+            let frontends: Vec<&ServerEntry> = servers.iter().filter(|s| s.frontend).collect();
+            if frontends.is_empty() {
+                return Err(MessengerError::NoServer(frontend_type.to_owned()));
+            }
+            for server in frontends {
+                if server.id == started.me.id {
+                    self.local.broadcast(frontend_type, route, body.clone())?;
+                } else {
+                    let call = Call::Broadcast { route: route.to_owned(), body: body.to_vec() };
+                    started.io.call(&server.id, call, None);
+                }
+            }
+            Ok(())
+        }) else {
+            return self.local.broadcast(frontend_type, route, body);
+        };
+        result
+    }
+
+    fn call(&self, route: &str, target: CallTarget<'_>, body: Vec<u8>) -> Result<Vec<u8>, HandlerError> {
+        let parsed = Route::parse(route).map_err(|e| HandlerError::bad_request(e.to_string()))?;
+        let outcome = self.with(|inner, started| {
+            let me = &started.me;
+            let server_type = parsed.server_type().unwrap_or(&me.server_type);
+            let to = match target {
+                CallTarget::Server(id) if id == me.id => return None,
+                CallTarget::Server(id) => id.to_owned(),
+                _ if server_type == me.server_type => return None,
+                CallTarget::Session(session) => match inner.pick(&parsed, Some(session), &body) {
+                    Ok(id) => id,
+                    Err(e) => return Some(Err(e)),
+                },
+                CallTarget::Any => match inner.pick(&parsed, None, &body) {
+                    Ok(id) => id,
+                    Err(e) => return Some(Err(e)),
+                },
+            };
+            let call = Call::User { route: route.to_owned(), body: body.clone() };
+            Some(match blocking(&started.io, &to, call, inner.rpc.timeout) {
+                Ok(Answer::Body(bytes)) => Ok(bytes.0),
+                Ok(_) => Err(HandlerError::internal("unexpected answer to a user rpc")),
+                Err(e) => Err(e),
+            })
+        });
+        match outcome.flatten() {
+            Some(result) => result,
+            None if parsed.server_type().is_some() && self.inner.upgrade().is_none() => {
+                Err(HandlerError::new(codes::NOT_FOUND, format!("no cluster for {route}")))
+            }
+            None => self.local.call(route, target, body),
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Remote agents: on a backend, a forwarded message runs with a temporary `Session` built
+//! from the frontend's snapshot. Its sink turns push, kick, bind and "push session data" into
+//! calls back to the frontend that holds the connection. Data changed on the backend reaches
+//! the frontend only through `push_to_frontend`, as in Pitaya.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dragonfruit_core::{HandlerError, Serializer, Session, SessionError, SessionInit, SessionSink};
+
+use crate::socket_thread::Io;
+use crate::wire::{Answer, Call, SessionSnapshot};
+
+/// The sink of remote sessions.
+pub(crate) struct RemoteSink {
+    pub(crate) io: Io,
+    pub(crate) timeout: Duration,
+}
+
+/// What a backend needs to know of a frontend session.
+pub(crate) fn snapshot(session: &Session) -> SessionSnapshot {
+    SessionSnapshot {
+        id: session.id(),
+        frontend_id: session.frontend_id().to_owned(),
+        uid: session.uid(),
+        data: serde_json::to_vec(&session.data()).unwrap_or_else(|_| b"{}".to_vec()),
+    }
+}
+
+/// A temporary session for one forwarded batch. The handshake is not carried: on a backend
+/// `Session::handshake` is empty.
+pub(crate) fn remote_session(s: SessionSnapshot, sink: Arc<dyn SessionSink>, serializer: Serializer) -> Arc<Session> {
+    let init = SessionInit {
+        id: s.id,
+        frontend_id: Arc::from(s.frontend_id),
+        handshake: Arc::default(),
+        remote_addr: None,
+        created_unix_ms: 0,
+        serializer,
+        uid: s.uid,
+        data: serde_json::from_slice(&s.data).unwrap_or_default(),
+    };
+    Arc::new(Session::new(init, sink))
+}
+
+/// Sends `call` to `to` and waits for the answer (the socket thread enforces `timeout`).
+pub(crate) fn blocking(io: &Io, to: &str, call: Call, timeout: Duration) -> Result<Answer, HandlerError> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    io.call(
+        to,
+        call,
+        Some(Box::new(move |result| {
+            let _ = tx.send(result);
+        })),
+    );
+    match rx.recv_timeout(timeout + Duration::from_secs(1)) {
+        Ok(result) => result,
+        Err(_) => Err(HandlerError::timeout(format!("no answer from {to}"))),
+    }
+}
+
+fn refused(e: HandlerError) -> SessionError {
+    if e.code == dragonfruit_core::codes::TIMEOUT {
+        SessionError::Unreachable(e.message)
+    } else {
+        SessionError::Frontend(e.message)
+    }
+}
+
+impl SessionSink for RemoteSink {
+    fn push(&self, session: &Session, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
+        let call = Call::Push { session: session.id(), route: route.to_owned(), body };
+        self.io.call(session.frontend_id(), call, None);
+        Ok(())
+    }
+
+    fn kick(&self, session: &Session, reason: &str) -> Result<(), SessionError> {
+        self.io.call(session.frontend_id(), Call::Kick { session: session.id(), reason: reason.to_owned() }, None);
+        Ok(())
+    }
+
+    fn bind(&self, session: &Session, uid: &str) -> Result<(), SessionError> {
+        let call = Call::Bind { session: session.id(), uid: uid.to_owned() };
+        blocking(&self.io, session.frontend_id(), call, self.timeout).map(|_| ()).map_err(refused)
+    }
+
+    fn push_data(&self, session: &Session) -> Result<(), SessionError> {
+        let data = snapshot(session).data;
+        let call = Call::SessionData { session: session.id(), data };
+        blocking(&self.io, session.frontend_id(), call, self.timeout).map(|_| ()).map_err(refused)
+    }
+
+    fn is_frontend(&self) -> bool {
+        false
+    }
+}

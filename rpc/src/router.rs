@@ -1,0 +1,124 @@
+//! Routing functions: which server of a type gets a forwarded message or a user RPC.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dragonfruit_core::{Route, Session};
+
+use crate::table::ServerEntry;
+
+/// What a router decides on.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteCtx<'a> {
+    /// The route (its server type is the one being chosen).
+    pub route: &'a Route,
+    /// The client's session, for forwarded messages and session-targeted user RPCs.
+    pub session: Option<&'a Session>,
+    /// The message body (serialized).
+    pub body: &'a [u8],
+}
+
+/// Chooses one server of a type. Registered per server type on the cluster module.
+pub trait Router: Send + Sync {
+    /// Index into `servers` (the live servers of the route's type, sorted by id, never
+    /// empty); `None` refuses the message (answered `PIT-404`).
+    fn pick(&self, ctx: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize>;
+}
+
+/// The default: a uniformly random live server.
+#[derive(Debug)]
+pub struct RandomRouter {
+    state: AtomicU64,
+}
+
+impl Default for RandomRouter {
+    fn default() -> Self {
+        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        RandomRouter { state: AtomicU64::new(seed | 1) }
+    }
+}
+
+impl Router for RandomRouter {
+    fn pick(&self, _: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize> {
+        // xorshift64*, advanced atomically so concurrent callers get different values.
+        let mut x = self.state.load(Ordering::Relaxed);
+        loop {
+            let mut next = x;
+            next ^= next >> 12;
+            next ^= next << 25;
+            next ^= next >> 27;
+            match self.state.compare_exchange_weak(x, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some((next.wrapping_mul(0x2545_f491_4f6c_dd1d) % servers.len() as u64) as usize),
+                Err(current) => x = current,
+            }
+        }
+    }
+}
+
+/// Rendezvous (highest random weight) hashing: the same `key` picks the same server while
+/// that server lives; when servers come or go, only the keys of the changed servers move.
+/// Deterministic across processes, so every frontend agrees.
+pub fn rendezvous(key: &str, servers: &[ServerEntry]) -> Option<usize> {
+    servers.iter().enumerate().max_by_key(|(_, s)| fnv1a(&[key.as_bytes(), b"\0", s.id.as_bytes()])).map(|(i, _)| i)
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in *part {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers(ids: &[&str]) -> Vec<ServerEntry> {
+        ids.iter()
+            .map(|id| ServerEntry {
+                id: id.to_string(),
+                server_type: "room".into(),
+                frontend: false,
+                rpc_addr: String::new(),
+                metadata: Default::default(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn random_spreads() {
+        let r = RandomRouter::default();
+        let route = Route::parse("room.room.join").unwrap();
+        let ctx = RouteCtx { route: &route, session: None, body: b"" };
+        let list = servers(&["a", "b", "c"]);
+        let mut seen = [0; 3];
+        for _ in 0..300 {
+            seen[r.pick(&ctx, &list).unwrap()] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn rendezvous_is_stable_and_moves_only_lost_keys() {
+        let three = servers(&["room-1", "room-2", "room-3"]);
+        let two = servers(&["room-1", "room-3"]);
+        let mut moved = 0;
+        for i in 0..200 {
+            let key = format!("room{i}");
+            let before = &three[rendezvous(&key, &three).unwrap()].id;
+            assert_eq!(before, &three[rendezvous(&key, &three).unwrap()].id, "stable");
+            let after = &two[rendezvous(&key, &two).unwrap()].id;
+            if before != "room-2" {
+                assert_eq!(before, after, "{key} only moves when its server left");
+            } else {
+                moved += 1;
+            }
+        }
+        assert!(moved > 30 && moved < 110, "about a third of the keys lived on room-2: {moved}");
+        assert_eq!(rendezvous("x", &[]), None);
+    }
+}

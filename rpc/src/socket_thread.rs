@@ -1,0 +1,421 @@
+//! The one thread that touches ZeroMQ sockets (they are not thread-safe): a ROUTER bound
+//! for incoming calls, one DEALER per peer for outgoing calls. Other threads send it
+//! [`Cmd`]s on a crossbeam channel and wake it by writing a byte to a socketpair, which it
+//! polls together with the ZeroMQ sockets. Frames for the same peer are packed into one
+//! message per iteration; answers are matched by correlation id; calls time out.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use dragonfruit_core::{codes, HandlerError};
+use log::{debug, warn};
+
+use crate::table::ServerTable;
+use crate::wire::{self, Answer, Call, Frame};
+
+/// Receives the answer to a call, exactly once.
+pub(crate) type ReplyFn = Box<dyn FnOnce(Result<Answer, HandlerError>) + Send>;
+
+/// Handles calls arriving on the ROUTER socket. Must not block: long work goes to a pool
+/// and answers later through the [`Responder`].
+pub(crate) trait Inbound: Send + Sync {
+    fn on_call(&self, from: &str, call: Call, responder: Responder);
+}
+
+pub(crate) enum Cmd {
+    /// Send `call` to server `to`; `reply` gets the answer (`None`: no answer wanted).
+    Call {
+        to: String,
+        call: Call,
+        reply: Option<ReplyFn>,
+    },
+    /// Answer call `corr` of the peer with ROUTER identity `identity`.
+    Reply {
+        identity: Vec<u8>,
+        corr: u64,
+        result: Result<Answer, HandlerError>,
+    },
+    /// The server table changed: connect new peers, fail calls to vanished ones.
+    PeersChanged,
+    Stop,
+}
+
+/// Wake-up of the socket thread: one byte on a socketpair, at most one in flight.
+struct Wake {
+    write: UnixStream,
+    pending: AtomicBool,
+}
+
+/// Sender side: any thread.
+#[derive(Clone)]
+pub(crate) struct Io {
+    tx: Sender<Cmd>,
+    wake: Arc<Wake>,
+}
+
+impl Io {
+    /// Queues `cmd` for the socket thread. When the thread has stopped, a call's reply
+    /// gets an error at once.
+    pub(crate) fn send(&self, cmd: Cmd) {
+        if let Err(crossbeam_channel::SendError(cmd)) = self.tx.send(cmd) {
+            if let Cmd::Call { reply: Some(reply), to, .. } = cmd {
+                reply(Err(HandlerError::internal(format!("rpc layer stopped; no call to {to}"))));
+            }
+            return;
+        }
+        if !self.wake.pending.swap(true, Ordering::AcqRel) {
+            // WouldBlock means a wake-up byte is already waiting: fine.
+            let _ = (&self.wake.write).write(&[1]);
+        }
+    }
+
+    /// Sends `call` to server `to`.
+    pub(crate) fn call(&self, to: &str, call: Call, reply: Option<ReplyFn>) {
+        self.send(Cmd::Call { to: to.to_owned(), call, reply });
+    }
+}
+
+/// Answers one incoming call, from any thread.
+pub(crate) struct Responder {
+    io: Io,
+    identity: Vec<u8>,
+    corr: u64,
+}
+
+impl Responder {
+    pub(crate) fn send(self, result: Result<Answer, HandlerError>) {
+        if self.corr != 0 {
+            self.io.send(Cmd::Reply { identity: self.identity, corr: self.corr, result });
+        }
+    }
+}
+
+struct Pending {
+    to: String,
+    reply: ReplyFn,
+}
+
+struct SocketThread {
+    ctx: zmq::Context,
+    own_id: String,
+    router: zmq::Socket,
+    peers: HashMap<String, zmq::Socket>,
+    pending: HashMap<u64, Pending>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    next_corr: u64,
+    rx: Receiver<Cmd>,
+    wake_read: UnixStream,
+    wake: Arc<Wake>,
+    io: Io,
+    table: Arc<ServerTable>,
+    inbound: Arc<dyn Inbound>,
+    timeout: Duration,
+    /// Frames to send per peer id, this iteration.
+    outbox: HashMap<String, Vec<Frame>>,
+    /// Answers to send per caller identity, this iteration.
+    answers: HashMap<Vec<u8>, Vec<Frame>>,
+}
+
+/// High-water marks well above any in-flight bound, so sends never block or drop.
+const HWM: i32 = 1_000_000;
+
+/// Creates the ROUTER socket bound at `bind` and returns it with its real endpoint.
+pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket, String), String> {
+    let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
+    router.set_linger(0).map_err(|e| e.to_string())?;
+    router.set_router_mandatory(true).map_err(|e| e.to_string())?;
+    router.set_router_handover(true).map_err(|e| e.to_string())?;
+    router.set_sndhwm(HWM).map_err(|e| e.to_string())?;
+    router.set_rcvhwm(HWM).map_err(|e| e.to_string())?;
+    router.bind(bind).map_err(|e| e.to_string())?;
+    let endpoint =
+        router.get_last_endpoint().map_err(|e| e.to_string())?.map_err(|_| "endpoint not utf-8".to_string())?;
+    Ok((router, endpoint))
+}
+
+/// Starts the socket thread with an already bound ROUTER.
+pub(crate) fn spawn(
+    ctx: zmq::Context,
+    router: zmq::Socket,
+    own_id: String,
+    table: Arc<ServerTable>,
+    inbound: Arc<dyn Inbound>,
+    timeout: Duration,
+) -> io::Result<(Io, JoinHandle<()>)> {
+    let (wake_read, wake_write) = UnixStream::pair()?;
+    wake_read.set_nonblocking(true)?;
+    wake_write.set_nonblocking(true)?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let wake = Arc::new(Wake { write: wake_write, pending: AtomicBool::new(false) });
+    let io = Io { tx, wake: wake.clone() };
+    let mut thread = SocketThread {
+        ctx,
+        own_id,
+        router,
+        peers: HashMap::new(),
+        pending: HashMap::new(),
+        deadlines: BinaryHeap::new(),
+        next_corr: 1,
+        rx,
+        wake_read,
+        wake,
+        io: io.clone(),
+        table,
+        inbound,
+        timeout,
+        outbox: HashMap::new(),
+        answers: HashMap::new(),
+    };
+    let handle = std::thread::Builder::new().name("df-rpc".into()).spawn(move || thread.run())?;
+    Ok((io, handle))
+}
+
+fn is_again(e: &zmq::Error) -> bool {
+    *e == zmq::Error::EAGAIN
+}
+
+impl SocketThread {
+    fn run(&mut self) {
+        self.connect_peers();
+        loop {
+            self.drain_wake();
+            if !self.drain_commands() {
+                break;
+            }
+            self.flush();
+            self.expire();
+            if let Err(e) = self.poll() {
+                warn!("rpc poll failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        for (_, pending) in self.pending.drain() {
+            (pending.reply)(Err(HandlerError::internal("rpc layer stopped")));
+        }
+        self.peers.clear();
+        debug!("rpc thread of {} stopped", self.own_id);
+    }
+
+    fn drain_wake(&mut self) {
+        self.wake.pending.store(false, Ordering::Release);
+        let mut buf = [0u8; 64];
+        while let Ok(n) = self.wake_read.read(&mut buf) {
+            if n < buf.len() {
+                break;
+            }
+        }
+    }
+
+    /// Handles queued commands; `false` on stop.
+    fn drain_commands(&mut self) -> bool {
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Cmd::Call { to, call, reply } => self.queue_call(to, call, reply),
+                Cmd::Reply { identity, corr, result } => {
+                    self.answers.entry(identity).or_default().push(Frame::Reply { corr, result });
+                }
+                Cmd::PeersChanged => self.connect_peers(),
+                Cmd::Stop => return false,
+            }
+        }
+        true
+    }
+
+    fn queue_call(&mut self, to: String, call: Call, reply: Option<ReplyFn>) {
+        if self.table.get(&to).is_none() {
+            if let Some(reply) = reply {
+                reply(Err(HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"))));
+            }
+            return;
+        }
+        let corr = match reply {
+            None => 0,
+            Some(reply) => {
+                let corr = self.next_corr;
+                self.next_corr += 1;
+                self.pending.insert(corr, Pending { to: to.clone(), reply });
+                self.deadlines.push(Reverse((Instant::now() + self.timeout, corr)));
+                corr
+            }
+        };
+        self.outbox.entry(to).or_default().push(Frame::Call { corr, call });
+    }
+
+    /// Opens DEALERs to new peers, closes those of vanished peers and fails their calls.
+    fn connect_peers(&mut self) {
+        let snapshot = self.table.snapshot();
+        let table = &snapshot.by_id;
+        self.peers.retain(|id, _| table.contains_key(id));
+        let gone: Vec<u64> = self.pending.iter().filter(|(_, p)| !table.contains_key(&p.to)).map(|(c, _)| *c).collect();
+        for corr in gone {
+            if let Some(p) = self.pending.remove(&corr) {
+                (p.reply)(Err(HandlerError::internal(format!("server {} left the cluster", p.to))));
+            }
+        }
+        for (id, entry) in table.iter() {
+            if self.peers.contains_key(id) {
+                continue;
+            }
+            match self.dealer(&entry.rpc_addr) {
+                Ok(socket) => {
+                    self.peers.insert(id.clone(), socket);
+                }
+                Err(e) => warn!("cannot connect to server {id} at {}: {e}", entry.rpc_addr),
+            }
+        }
+    }
+
+    fn dealer(&self, addr: &str) -> Result<zmq::Socket, zmq::Error> {
+        let socket = self.ctx.socket(zmq::DEALER)?;
+        socket.set_identity(self.own_id.as_bytes())?;
+        socket.set_linger(0)?;
+        socket.set_sndhwm(HWM)?;
+        socket.set_rcvhwm(HWM)?;
+        socket.connect(addr)?;
+        Ok(socket)
+    }
+
+    /// Sends this iteration's frames: one message per peer and per caller.
+    fn flush(&mut self) {
+        for (to, frames) in std::mem::take(&mut self.outbox) {
+            let Some(socket) = self.peers.get(&to) else {
+                self.fail_frames(&to, frames, "no connection");
+                continue;
+            };
+            if let Err(e) = socket.send(wire::encode(&frames), zmq::DONTWAIT) {
+                self.fail_frames(&to, frames, &e.to_string());
+            }
+        }
+        for (identity, frames) in std::mem::take(&mut self.answers) {
+            let parts = [identity.as_slice(), &wire::encode(&frames)];
+            if let Err(e) = self.router.send_multipart(parts, zmq::DONTWAIT) {
+                // EHOSTUNREACH: the caller is gone; its calls fail on its side.
+                debug!("answer to {} dropped: {e}", String::from_utf8_lossy(&identity));
+            }
+        }
+    }
+
+    fn fail_frames(&mut self, to: &str, frames: Vec<Frame>, why: &str) {
+        warn!("cannot send to server {to}: {why}");
+        for frame in frames {
+            if let Frame::Call { corr, .. } = frame {
+                if let Some(p) = self.pending.remove(&corr) {
+                    (p.reply)(Err(HandlerError::internal(format!("server {to} unreachable: {why}"))));
+                }
+            }
+        }
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((deadline, corr))) = self.deadlines.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop();
+            if let Some(p) = self.pending.remove(&corr) {
+                let message = format!("server {} did not answer within {:?}", p.to, self.timeout);
+                (p.reply)(Err(HandlerError::timeout(message)));
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> i64 {
+        let cap = Duration::from_millis(100);
+        let next = self.deadlines.peek().map(|Reverse((d, _))| d.saturating_duration_since(Instant::now()));
+        next.map_or(cap, |d| d.min(cap)).as_millis() as i64 + 1
+    }
+
+    fn poll(&mut self) -> Result<(), zmq::Error> {
+        let peer_ids: Vec<String> = self.peers.keys().cloned().collect();
+        let (router_ready, peers_ready) = {
+            let mut items = Vec::with_capacity(2 + peer_ids.len());
+            items.push(self.router.as_poll_item(zmq::POLLIN));
+            items.push(zmq::PollItem::from_fd(self.wake_read.as_raw_fd(), zmq::POLLIN));
+            for id in &peer_ids {
+                items.push(self.peers[id].as_poll_item(zmq::POLLIN));
+            }
+            zmq::poll(&mut items, self.poll_timeout())?;
+            let peers: Vec<bool> = items[2..].iter().map(|i| i.is_readable()).collect();
+            (items[0].is_readable(), peers)
+        };
+        if router_ready {
+            self.read_router();
+        }
+        for (id, ready) in peer_ids.iter().zip(peers_ready) {
+            if ready {
+                self.read_peer(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_router(&mut self) {
+        loop {
+            let parts = match self.router.recv_multipart(zmq::DONTWAIT) {
+                Ok(parts) => parts,
+                Err(e) if is_again(&e) => return,
+                Err(e) => {
+                    warn!("rpc receive failed: {e}");
+                    return;
+                }
+            };
+            let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).unwrap_or_default();
+            let from = String::from_utf8_lossy(&identity).into_owned();
+            let frames = match wire::decode(&payload) {
+                Ok(frames) => frames,
+                Err(e) => {
+                    warn!("bad envelope from {from}: {e}");
+                    continue;
+                }
+            };
+            for frame in frames {
+                match frame {
+                    Frame::Call { corr, call } => {
+                        let responder = Responder { io: self.io.clone(), identity: identity.clone(), corr };
+                        self.inbound.on_call(&from, call, responder);
+                    }
+                    Frame::Reply { .. } => warn!("server {from} sent an answer to a ROUTER"),
+                }
+            }
+        }
+    }
+
+    fn read_peer(&mut self, id: &str) {
+        loop {
+            let Some(socket) = self.peers.get(id) else { return };
+            let payload = match socket.recv_bytes(zmq::DONTWAIT) {
+                Ok(payload) => payload,
+                Err(e) if is_again(&e) => return,
+                Err(e) => {
+                    warn!("rpc receive from {id} failed: {e}");
+                    return;
+                }
+            };
+            let frames = match wire::decode(&payload) {
+                Ok(frames) => frames,
+                Err(e) => {
+                    warn!("bad envelope from {id}: {e}");
+                    continue;
+                }
+            };
+            for frame in frames {
+                match frame {
+                    Frame::Reply { corr, result } => match self.pending.remove(&corr) {
+                        Some(p) => (p.reply)(result),
+                        None => debug!("late answer {corr} from {id} dropped"),
+                    },
+                    Frame::Call { .. } => warn!("server {id} sent a call on a DEALER"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The inter-server envelope. One ZeroMQ message carries a version byte, then the postcard
+//! encoding of a `Vec<Frame>`: the RPC thread packs every frame bound for the same peer in
+//! one iteration into one message. Postcard encodes enum variants by index and struct
+//! fields by position, so variants and fields are only ever appended, and a new layout
+//! gets a new version byte.
+
+use std::collections::BTreeMap;
+
+use dragonfruit_core::HandlerError;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Layout version of the envelope.
+pub const VERSION: u8 = 1;
+
+/// Why an envelope could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Empty message.
+    #[error("empty envelope")]
+    Empty,
+    /// A version this build does not speak.
+    #[error("envelope version {0}, expected {VERSION}")]
+    Version(u8),
+    /// Postcard could not decode it.
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+}
+
+/// A session as a backend sees it: enough to build a remote session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSnapshot {
+    /// Session id on its frontend.
+    pub id: u64,
+    /// Id of the frontend holding the connection.
+    pub frontend_id: String,
+    /// Bound uid.
+    pub uid: Option<String>,
+    /// Session data as a JSON object (postcard cannot carry `serde_json::Value`).
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// A client message carried by a Sys RPC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireMessage {
+    /// True for a request (answered), false for a notify.
+    pub request: bool,
+    /// Message id.
+    pub id: u64,
+    /// Full route.
+    pub route: String,
+    /// Body.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// The answer to one request of a Sys RPC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireReply {
+    /// Message id of the request.
+    pub id: u64,
+    /// Response body or error.
+    pub result: Result<ByteBuf, HandlerError>,
+}
+
+/// Bytes that postcard copies in bulk.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ByteBuf(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// What one server asks another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Call {
+    /// Sys RPC: client messages of one session, to run in order with pipelines.
+    Handle {
+        /// The session.
+        session: SessionSnapshot,
+        /// The messages, in arrival order.
+        msgs: Vec<WireMessage>,
+    },
+    /// User RPC to a remote.
+    User {
+        /// Full route of the remote.
+        route: String,
+        /// Serialized argument.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
+    /// To a frontend: push to one of its sessions.
+    Push {
+        /// Session id.
+        session: u64,
+        /// Push route.
+        route: String,
+        /// Serialized body.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
+    /// To a frontend: kick one of its sessions.
+    Kick {
+        /// Session id.
+        session: u64,
+        /// Reason sent to the client.
+        reason: String,
+    },
+    /// To a frontend: bind a uid on one of its sessions.
+    Bind {
+        /// Session id.
+        session: u64,
+        /// The uid.
+        uid: String,
+    },
+    /// To a frontend: replace a session's data (Pitaya's `PushToFront`).
+    SessionData {
+        /// Session id.
+        session: u64,
+        /// JSON object.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// To a frontend: push to the sessions of these uids connected there.
+    PushUsers {
+        /// Uids.
+        uids: Vec<String>,
+        /// Push route.
+        route: String,
+        /// Serialized body.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
+    /// To a frontend: kick the sessions of a uid.
+    KickUser {
+        /// The uid.
+        uid: String,
+        /// Reason sent to the client.
+        reason: String,
+    },
+    /// To a frontend: push to every session.
+    Broadcast {
+        /// Push route.
+        route: String,
+        /// Serialized body.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    /// Done, nothing to return.
+    Done,
+    /// A serialized value (user RPC).
+    Body(ByteBuf),
+    /// Answers of the requests of a `Handle` call.
+    Replies(Vec<WireReply>),
+    /// `PushUsers`: the uids with no session on that frontend.
+    Missing(Vec<String>),
+    /// `KickUser`: whether a session was found.
+    Found(bool),
+}
+
+/// One unit inside an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    /// A call; `corr` 0 asks for no answer.
+    Call {
+        /// Correlation id chosen by the caller.
+        corr: u64,
+        /// The call.
+        call: Call,
+    },
+    /// The answer to call `corr`.
+    Reply {
+        /// Correlation id of the call.
+        corr: u64,
+        /// The answer or the error.
+        result: Result<Answer, HandlerError>,
+    },
+}
+
+/// Encodes frames into one envelope.
+pub fn encode(frames: &[Frame]) -> Vec<u8> {
+    let out = vec![VERSION];
+    // Serializing into a Vec cannot fail for these types.
+    postcard::to_extend(frames, out).unwrap_or_else(|_| vec![VERSION, 0])
+}
+
+/// Decodes an envelope, refusing other versions and trailing bytes.
+pub fn decode(bytes: &[u8]) -> Result<Vec<Frame>, WireError> {
+    let Some((&version, rest)) = bytes.split_first() else {
+        return Err(WireError::Empty);
+    };
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    match postcard::take_from_bytes::<Vec<Frame>>(rest) {
+        Ok((frames, [])) => Ok(frames),
+        Ok((_, trailing)) => Err(WireError::Malformed(format!("{} trailing bytes", trailing.len()))),
+        Err(e) => Err(WireError::Malformed(e.to_string())),
+    }
+}
+
+/// Metadata helper for errors built on this side.
+pub(crate) fn error(code: &str, message: impl Into<String>) -> HandlerError {
+    HandlerError { code: code.to_owned(), message: message.into(), metadata: BTreeMap::new() }
+}
+
+#[cfg(test)]
+mod tests;

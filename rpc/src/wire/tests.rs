@@ -1,0 +1,80 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn snapshot() -> SessionSnapshot {
+    SessionSnapshot {
+        id: 7,
+        frontend_id: "connector-1".into(),
+        uid: Some("alice".into()),
+        data: br#"{"room":"a"}"#.to_vec(),
+    }
+}
+
+#[test]
+fn every_variant_round_trips() {
+    let err = HandlerError::new("GAME-1", "no").with_metadata("k", "v");
+    let frames = vec![
+        Frame::Call {
+            corr: 1,
+            call: Call::Handle {
+                session: snapshot(),
+                msgs: vec![WireMessage { request: true, id: 3, route: "room.room.join".into(), body: b"{}".to_vec() }],
+            },
+        },
+        Frame::Call { corr: 2, call: Call::User { route: "room.room.left".into(), body: vec![1, 2] } },
+        Frame::Call { corr: 0, call: Call::Push { session: 7, route: "onChat".into(), body: vec![] } },
+        Frame::Call { corr: 0, call: Call::Kick { session: 7, reason: "bye".into() } },
+        Frame::Call { corr: 3, call: Call::Bind { session: 7, uid: "bob".into() } },
+        Frame::Call { corr: 4, call: Call::SessionData { session: 7, data: b"{}".to_vec() } },
+        Frame::Call { corr: 5, call: Call::PushUsers { uids: vec!["a".into()], route: "r".into(), body: vec![9] } },
+        Frame::Call { corr: 6, call: Call::KickUser { uid: "a".into(), reason: "r".into() } },
+        Frame::Call { corr: 0, call: Call::Broadcast { route: "r".into(), body: vec![] } },
+        Frame::Reply {
+            corr: 1,
+            result: Ok(Answer::Replies(vec![WireReply { id: 3, result: Ok(ByteBuf(b"ok".to_vec())) }])),
+        },
+        Frame::Reply { corr: 1, result: Ok(Answer::Replies(vec![WireReply { id: 4, result: Err(err.clone()) }])) },
+        Frame::Reply { corr: 2, result: Ok(Answer::Body(ByteBuf(vec![1]))) },
+        Frame::Reply { corr: 3, result: Ok(Answer::Done) },
+        Frame::Reply { corr: 5, result: Ok(Answer::Missing(vec!["x".into()])) },
+        Frame::Reply { corr: 6, result: Ok(Answer::Found(true)) },
+        Frame::Reply { corr: 7, result: Err(err) },
+    ];
+    let bytes = encode(&frames);
+    assert_eq!(bytes[0], VERSION);
+    assert_eq!(decode(&bytes).unwrap(), frames);
+}
+
+#[test]
+fn bad_envelopes_are_errors() {
+    assert_eq!(decode(&[]), Err(WireError::Empty));
+    assert_eq!(decode(&[9, 0]), Err(WireError::Version(9)));
+    let mut bytes = encode(&[Frame::Reply { corr: 1, result: Ok(Answer::Done) }]);
+    bytes.push(0);
+    assert!(matches!(decode(&bytes), Err(WireError::Malformed(_))));
+    assert!(matches!(decode(&[VERSION, 5, 1]), Err(WireError::Malformed(_))));
+}
+
+proptest! {
+    #[test]
+    fn handle_calls_round_trip(
+        corr in any::<u64>(),
+        id in any::<u64>(),
+        uid in proptest::option::of("[a-z]{0,12}"),
+        msgs in proptest::collection::vec((any::<bool>(), any::<u64>(), "[a-z.]{0,30}", proptest::collection::vec(any::<u8>(), 0..64)), 0..8),
+    ) {
+        let msgs: Vec<WireMessage> = msgs.into_iter().map(|(request, id, route, body)| WireMessage { request, id, route, body }).collect();
+        let session = SessionSnapshot { id, frontend_id: "f".into(), uid, data: b"{}".to_vec() };
+        let frames = vec![Frame::Call { corr, call: Call::Handle { session, msgs } }];
+        prop_assert_eq!(decode(&encode(&frames)).unwrap(), frames);
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = decode(&bytes);
+        let mut versioned = vec![VERSION];
+        versioned.extend(bytes);
+        let _ = decode(&versioned);
+    }
+}

@@ -1,0 +1,266 @@
+//! A frontend and backends in one process, found through embedded discovery, talking over
+//! real ZeroMQ sockets: forwarding, remote sessions, user RPC, routers, failures.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dragonfruit_client::{Client, ClientError};
+use dragonfruit_core::codes;
+use dragonfruit_net::App;
+use dragonfruit_rpc::router::rendezvous;
+use dragonfruit_rpc::{ClusterModule, RouteCtx, Router, ServerEntry};
+use serde_json::{json, Value};
+
+use crate::util::backend::Backend;
+use crate::util::{cluster_dir, cluster_module, probe_app, wait_until, Probe, Server, T};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+struct Cluster {
+    frontend: Server,
+    fe_module: ClusterModule,
+    backends: Vec<(Server, ClusterModule)>,
+    backend: Backend,
+}
+
+fn start_backend(dir: &std::path::Path, id: &str, backend: &Backend, timeout: Duration) -> (Server, ClusterModule) {
+    let module = cluster_module(dir, timeout);
+    let builder =
+        App::builder("room").server_id(id).component("room", backend.clone()).cluster(Arc::new(module.clone()));
+    (Server::start_backend(builder), module)
+}
+
+fn cluster(
+    name: &str,
+    n_backends: usize,
+    timeout: Duration,
+    router: Option<Box<dyn Fn(ClusterModule) -> ClusterModule>>,
+) -> Cluster {
+    let dir = cluster_dir(name);
+    let backend = Backend::default();
+    let backends: Vec<_> =
+        (1..=n_backends).map(|i| start_backend(&dir, &format!("room-{i}"), &backend, timeout)).collect();
+    let mut fe_module = cluster_module(&dir, timeout);
+    if let Some(router) = router {
+        fe_module = router(fe_module);
+    }
+    let builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
+    let frontend = Server::start(builder);
+    assert!(wait_until(T, || fe_module.servers().len() == n_backends + 1), "frontend sees the backends");
+    for (_, m) in &backends {
+        assert!(wait_until(T, || m.servers().len() == n_backends + 1), "backends see everyone");
+    }
+    Cluster { frontend, fe_module, backends, backend }
+}
+
+fn whoami(client: &Client) -> Value {
+    client.request("room.room.whoami", &json!({})).unwrap()
+}
+
+#[test]
+fn forwarded_requests_run_on_a_backend_with_the_session() {
+    let c = cluster("forward", 2, TIMEOUT, None);
+    let client = c.frontend.client();
+    let _: bool = client.request("probe.bind", "alice").unwrap();
+    let _: bool = client.request("probe.set", &json!({"k": "gold", "v": 5})).unwrap();
+    let me: Value = client.request("probe.whoami", &json!({})).unwrap();
+    let there = whoami(&client);
+    assert!(there["server"].as_str().unwrap().starts_with("room-"));
+    assert_eq!(there["frontend"], "connector-1");
+    assert_eq!(there["session"], me["id"]);
+    assert_eq!(there["uid"], "alice");
+    assert_eq!(there["data"], json!({"gold": 5}), "session data travels with the call");
+    assert_eq!(client.request_raw("room.room.echo", b"\x00binary\xff").unwrap(), b"\x00binary\xff");
+    match client.request::<_, Value>("room.room.nope", &json!({})) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, codes::NOT_FOUND),
+        other => panic!("{other:?}"),
+    }
+    match client.request::<_, Value>("room.room.double", &json!(1)) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, codes::NOT_FOUND, "remotes are not reachable by clients"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn backend_session_changes_reach_the_frontend_only_when_pushed() {
+    let c = cluster("pushback", 1, TIMEOUT, None);
+    let client = c.frontend.client();
+    let _: bool = client.request("room.room.set_local", &json!({"k": "a", "v": 1})).unwrap();
+    let v: Value = client.request("probe.get", &json!({"k": "a"})).unwrap();
+    assert_eq!(v, Value::Null, "not pushed: the frontend does not see it");
+    let _: bool = client.request("room.room.set", &json!({"k": "b", "v": 2})).unwrap();
+    let v: Value = client.request("probe.get", &json!({"k": "b"})).unwrap();
+    assert_eq!(v, json!(2), "pushed to the frontend");
+    assert_eq!(whoami(&client)["data"], json!({"b": 2}), "the next call carries the frontend's data");
+}
+
+#[test]
+fn bind_push_and_kick_from_a_backend() {
+    let c = cluster("bindpush", 1, TIMEOUT, None);
+    let client = c.frontend.client();
+    let uid: Option<String> = client.request("room.room.bind", "bob").unwrap();
+    assert_eq!(uid.as_deref(), Some("bob"));
+    assert_eq!(c.frontend.handle.sessions().by_uid("bob").len(), 1, "bound on the frontend");
+    match client.request::<_, Option<String>>("room.room.bind", "other") {
+        Err(ClientError::Server(e)) => assert!(e.message.contains("already bound"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let _: bool = client.request("room.room.push", &json!({"hi": 1})).unwrap();
+    let (route, v): (String, Value) = client.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), v), ("onMsg", json!({"hi": 1})));
+    client.notify("room.room.note", &json!("noted")).unwrap();
+    let (route, v): (String, Value) = client.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), v), ("onNote", json!("noted")), "forwarded notify ran");
+    // The kick may overtake the answer to the kick request itself.
+    assert!(matches!(client.request::<_, bool>("room.room.kick", "from backend"), Ok(true) | Err(ClientError::Closed)));
+    assert!(client.wait_closed(T));
+    assert_eq!(client.kicked().as_deref(), Some("from backend"));
+}
+
+#[test]
+fn pushes_to_users_on_every_frontend_and_broadcast() {
+    let dir = cluster_dir("fanout");
+    let backend = Backend::default();
+    let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    let fronts: Vec<(Server, ClusterModule)> = (1..=2)
+        .map(|i| {
+            let module = cluster_module(&dir, TIMEOUT);
+            let builder =
+                probe_app(&Probe::default()).server_id(&format!("connector-{i}")).cluster(Arc::new(module.clone()));
+            (Server::start(builder), module)
+        })
+        .collect();
+    assert!(wait_until(T, || room_module.servers().len() == 3 && fronts.iter().all(|(_, m)| m.servers().len() == 3)));
+    let a = fronts[0].0.client();
+    let b = fronts[1].0.client();
+    let _: bool = a.request("probe.bind", "ann").unwrap();
+    let _: bool = b.request("probe.bind", "ben").unwrap();
+    let missing: Vec<String> =
+        a.request("room.room.push_users", &json!({"uids": ["ann", "ben", "ghost"], "msg": "hello all"})).unwrap();
+    assert_eq!(missing, vec!["ghost".to_string()]);
+    for c in [&a, &b] {
+        let (_, v): (String, String) = c.recv_push_as(T).unwrap();
+        assert_eq!(v, "hello all");
+    }
+    // From a frontend handler too: the other frontend's user gets it.
+    let missing: Vec<String> = a.request("probe.push_users", &json!({"uids": ["ben"], "msg": 2})).unwrap();
+    assert!(missing.is_empty());
+    assert_eq!(b.recv_push_as::<Value>(T).unwrap().1, json!(2));
+    let _: bool = b.request("room.room.broadcast", &json!("everyone")).unwrap();
+    for c in [&a, &b] {
+        assert_eq!(c.recv_push_as::<Value>(T).unwrap().1, json!("everyone"));
+    }
+    let found: bool = a.request("probe.kick_user", "ben").unwrap();
+    assert!(found);
+    assert!(b.wait_closed(T));
+}
+
+#[test]
+fn forwarded_messages_keep_session_order() {
+    let c = cluster("order", 1, TIMEOUT, None);
+    let clients: Vec<Client> = (0..4).map(|_| c.frontend.client()).collect();
+    std::thread::scope(|s| {
+        for client in &clients {
+            s.spawn(move || {
+                let pending: Vec<_> = (1..=300u64)
+                    .map(|n| client.send_request("room.room.seq", n.to_string().as_bytes()).unwrap())
+                    .collect();
+                for (n, p) in (1..=300u64).zip(pending) {
+                    assert_eq!(p.wait().unwrap(), n.to_string().into_bytes());
+                }
+            });
+        }
+    });
+    let order = c.backend.order.lock().unwrap();
+    assert_eq!(order.len(), 4);
+    for list in order.values() {
+        assert_eq!(*list, (1..=300).collect::<Vec<u64>>());
+    }
+}
+
+#[test]
+fn user_rpc_between_servers() {
+    let c = cluster("userrpc", 2, TIMEOUT, None);
+    let client = c.frontend.client();
+    let doubled: u64 = client.request("probe.rpc_double", &21u64).unwrap();
+    assert_eq!(doubled, 42);
+    for id in ["room-1", "room-2"] {
+        let v: Value = client.request("probe.rpc_server", id).unwrap();
+        assert_eq!(v, json!({"server": id, "caller": "connector-1"}), "targeted at {id}");
+    }
+    match client.request::<_, Value>("probe.rpc_server", "room-9") {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, codes::NOT_FOUND),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn no_server_of_the_type_fails_at_once() {
+    let c = cluster("noserver", 1, Duration::from_secs(5), None);
+    let client = c.frontend.client();
+    let started = Instant::now();
+    match client.request::<_, Value>("chat.chat.say", &json!({})) {
+        Err(ClientError::Server(e)) => {
+            assert_eq!(e.code, codes::NOT_FOUND);
+            assert!(e.message.contains("no server of type chat"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "answered without waiting for the call timeout");
+}
+
+#[test]
+fn slow_backends_time_out_with_pit_504() {
+    let c = cluster("timeout", 1, Duration::from_millis(300), None);
+    let client = c.frontend.client();
+    match client.request::<_, u64>("room.room.sleep", &800u64) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, codes::TIMEOUT),
+        other => panic!("{other:?}"),
+    }
+    let other = c.frontend.client();
+    assert_eq!(other.request_raw("room.room.echo", b"other").unwrap(), b"other", "other sessions are not held up");
+    // This session's next message runs after the slow one (per-session order), then works.
+    assert!(wait_until(T, || client.request_raw("room.room.echo", b"after").is_ok_and(|b| b == b"after")));
+}
+
+struct ByRoom;
+
+impl Router for ByRoom {
+    fn pick(&self, ctx: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize> {
+        let body: Value = serde_json::from_slice(ctx.body).ok()?;
+        rendezvous(body.get("room")?.as_str()?, servers)
+    }
+}
+
+#[test]
+fn custom_routers_choose_the_server() {
+    let c = cluster("router", 2, TIMEOUT, Some(Box::new(|m: ClusterModule| m.with_router("room", ByRoom))));
+    let client = c.frontend.client();
+    let servers = c.fe_module.servers().into_iter().filter(|s| s.server_type == "room").collect::<Vec<_>>();
+    for room in ["lobby", "arena", "garden", "docks"] {
+        let expected = &servers[rendezvous(room, &servers).unwrap()].id;
+        for _ in 0..5 {
+            let me: Value = client.request("room.room.whoami", &json!({"room": room})).unwrap();
+            assert_eq!(me["server"], expected.as_str(), "room {room}");
+        }
+    }
+    match client.request::<_, Value>("room.room.whoami", &json!({})) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, codes::NOT_FOUND, "router refusal"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_stopped_backend_leaves_and_traffic_moves() {
+    let mut c = cluster("failover", 2, TIMEOUT, None);
+    let client = c.frontend.client();
+    let (stopped, _) = c.backends.remove(0);
+    stopped.handle.shutdown().unwrap();
+    assert!(wait_until(T, || c.fe_module.servers().len() == 2), "graceful stop deregisters");
+    for _ in 0..20 {
+        assert_eq!(whoami(&client)["server"], "room-2");
+    }
+    let (_, remaining) = &c.backends[0];
+    c.frontend.handle.shutdown().unwrap();
+    assert!(wait_until(T, || remaining.servers().len() == 1), "backends drop a stopped frontend");
+}

@@ -1,0 +1,99 @@
+//! `Backend`: a component for backend servers in cluster tests; its handlers exercise the
+//! remote session (data, bind, push, kick), ordering, and remotes for user RPC.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes, SessionId};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Per (frontend, session), the `seq` numbers in the order they ran here.
+pub type OrderLog = HashMap<(String, SessionId), Vec<u64>>;
+
+#[derive(Clone, Default)]
+pub struct Backend {
+    pub order: Arc<Mutex<OrderLog>>,
+}
+
+#[derive(Deserialize)]
+struct Kv {
+    k: String,
+    #[serde(default)]
+    v: Value,
+}
+
+#[derive(Deserialize)]
+struct PushUsers {
+    uids: Vec<String>,
+    msg: Value,
+}
+
+fn internal(e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::internal(e.to_string())
+}
+
+impl Component for Backend {
+    fn routes(r: &mut Routes<Self>) {
+        r.raw_handler("echo", |_: &Backend, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
+        r.handler("whoami", |_: &Backend, ctx: &mut Ctx<'_>, _: Value| {
+            let s = ctx.session();
+            Ok(json!({
+                "server": &*ctx.server().id, "session": s.id(), "uid": s.uid(),
+                "frontend": s.frontend_id(), "data": s.data(),
+            }))
+        });
+        r.handler("set", |_: &Backend, ctx: &mut Ctx<'_>, kv: Kv| {
+            ctx.session().set(&kv.k, &kv.v).map_err(internal)?;
+            ctx.session().push_to_frontend().map_err(internal)?;
+            Ok(true)
+        });
+        r.handler("set_local", |_: &Backend, ctx: &mut Ctx<'_>, kv: Kv| {
+            ctx.session().set(&kv.k, &kv.v).map_err(internal)?;
+            Ok(true)
+        });
+        r.handler("bind", |_: &Backend, ctx: &mut Ctx<'_>, uid: String| {
+            ctx.session().bind(&uid).map_err(|e| HandlerError::new("BIND", e.to_string()))?;
+            Ok(ctx.session().uid())
+        });
+        r.handler("push", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| {
+            ctx.session().push("onMsg", &msg).map_err(internal)?;
+            Ok(true)
+        });
+        r.handler("kick", |_: &Backend, ctx: &mut Ctx<'_>, reason: String| {
+            ctx.session().kick(&reason).map_err(internal)?;
+            Ok(true)
+        });
+        r.handler("push_users", |_: &Backend, ctx: &mut Ctx<'_>, req: PushUsers| {
+            ctx.push_to_users("onMsg", &req.msg, &req.uids)
+        });
+        r.handler("broadcast", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| {
+            ctx.broadcast("connector", "onMsg", &msg)?;
+            Ok(true)
+        });
+        r.raw_handler("seq", |b: &Backend, ctx: &mut Ctx<'_>, body: &[u8]| {
+            let n: u64 = std::str::from_utf8(body)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| HandlerError::bad_request("seq"))?;
+            if n % 5 == 0 {
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            let key = (ctx.session().frontend_id().to_owned(), ctx.session().id());
+            b.order.lock().unwrap().entry(key).or_default().push(n);
+            Ok(body.to_vec())
+        });
+        r.handler("sleep", |_: &Backend, _: &mut Ctx<'_>, ms: u64| {
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(ms)
+        });
+        r.notify("note", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| {
+            ctx.session().push("onNote", &msg).map_err(internal)
+        });
+        r.remote("double", |_: &Backend, _: &RemoteCtx<'_>, n: u64| Ok(n * 2));
+        r.remote("server", |_: &Backend, ctx: &RemoteCtx<'_>, _: Value| {
+            Ok(json!({"server": &*ctx.server().id, "caller": ctx.caller()}))
+        });
+    }
+}
