@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine.
 #
-# Installs what the tests need when it is missing (Debian packages with apt-get, the npm
-# packages of tests/node with `npm ci`), then runs `cargo test` for the whole workspace.
-# Servers the tests need are started and stopped by the tests themselves.
+# Installs what the tests need when it is missing (Debian packages with apt-get: node/npm,
+# g++, etcd-server; the npm packages of tests/node with `npm ci`), then runs `cargo test` for
+# the whole workspace. Servers the tests need (dragonfruit servers, etcd) are started and
+# stopped by the tests themselves on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,8 @@ as_root() {
 apt_missing=()
 command -v node >/dev/null 2>&1 || apt_missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || apt_missing+=(npm)
-command -v g++ >/dev/null 2>&1 || apt_missing+=(g++)
+command -v g++ >/dev/null 2>&1 || apt_missing+=(g++)  # zmq builds its bundled libzmq
+command -v etcd >/dev/null 2>&1 || apt_missing+=(etcd-server)  # etcd discovery tests run a real etcd
 if [ "${#apt_missing[@]}" -gt 0 ]; then
     log "installing Debian packages: ${apt_missing[*]}"
     as_root apt-get update -qq

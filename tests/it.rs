@@ -4,6 +4,7 @@ mod util;
 
 mod cluster;
 mod dispatch;
+mod etcd;
 mod lifecycle;
 mod malformed;
 mod pomelo;

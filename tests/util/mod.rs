@@ -2,6 +2,7 @@
 //! input, a probe component, and condition waits with deadlines.
 
 pub mod backend;
+pub mod etcd;
 pub mod probe;
 pub mod raw;
 

@@ -1,0 +1,110 @@
+//! etcd discovery against a real etcd: registration, forwarding, lease expiry of a dead
+//! server, and an etcd outage.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dragonfruit_net::App;
+use dragonfruit_rpc::discovery::Discovery;
+use dragonfruit_rpc::{ClusterModule, EtcdDiscovery, RpcConfig, ServerEntry, ServerTable};
+use serde_json::{json, Value};
+
+use crate::util::backend::Backend;
+use crate::util::etcd::Etcd;
+use crate::util::{probe_app, wait_until, Probe, Server, T};
+
+const TTL: Duration = Duration::from_secs(2);
+
+fn module(etcd: &Etcd) -> ClusterModule {
+    let rpc = RpcConfig { timeout: Duration::from_secs(2), ..Default::default() };
+    ClusterModule::new(rpc, Box::new(EtcdDiscovery::new(&etcd.url(), "it/", TTL)))
+}
+
+fn pair(etcd: &Etcd) -> (Server, ClusterModule, Server, ClusterModule) {
+    let room_module = module(etcd);
+    let room = App::builder("room").server_id("room-1").component("room", Backend::default());
+    let room = Server::start_backend(room.cluster(Arc::new(room_module.clone())));
+    let fe_module = module(etcd);
+    let fe = Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    (fe, fe_module, room, room_module)
+}
+
+#[test]
+fn servers_register_and_forward_through_etcd() {
+    let etcd = Etcd::start("forward");
+    let (fe, fe_module, room, _) = pair(&etcd);
+    let client = fe.client();
+    let me: Value = client.request("room.room.whoami", &json!({})).unwrap();
+    assert_eq!(me["server"], "room-1");
+    let entry = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap();
+    assert!(!entry.frontend && entry.rpc_addr.starts_with("tcp://127.0.0.1:"));
+    room.handle.shutdown().unwrap();
+    assert!(wait_until(T, || fe_module.servers().len() == 1), "a graceful stop revokes the lease at once");
+}
+
+#[test]
+fn a_dead_server_disappears_when_its_lease_expires() {
+    let etcd = Etcd::start("lease");
+    let (_fe, fe_module, _room, _) = pair(&etcd);
+    // A server that registers and then dies without deregistering (its keepalives stop).
+    let ghost = EtcdDiscovery::new(&etcd.url(), "it/", TTL);
+    let entry = ServerEntry {
+        id: "ghost-1".into(),
+        server_type: "room".into(),
+        frontend: false,
+        rpc_addr: "tcp://127.0.0.1:9".into(),
+        metadata: BTreeMap::new(),
+    };
+    ghost.start(entry, Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "ghost-1")));
+    ghost.stop();
+    assert!(wait_until(TTL * 4, || !fe_module.servers().iter().any(|s| s.id == "ghost-1")), "lease expired");
+}
+
+#[test]
+fn keepalives_resume_after_an_etcd_restart() {
+    let mut etcd = Etcd::start("restart");
+    let (fe, fe_module, _room, _) = pair(&etcd);
+    etcd.restart();
+    std::thread::sleep(TTL * 2);
+    assert_eq!(fe_module.servers().len(), 2, "leases kept alive across the restart");
+    assert_eq!(fe.client().request_raw("room.room.echo", b"ok").unwrap(), b"ok");
+}
+
+#[test]
+fn servers_survive_an_etcd_outage_and_register_again() {
+    let mut etcd = Etcd::start("outage");
+    let (fe, fe_module, _room, room_module) = pair(&etcd);
+    let client = fe.client();
+    etcd.stop();
+    // Longer than the lease TTL: the cluster keeps serving with the last known table.
+    let until = std::time::Instant::now() + TTL * 2;
+    while std::time::Instant::now() < until {
+        assert_eq!(client.request_raw("room.room.echo", b"still").unwrap(), b"still");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(fe_module.servers().len(), 2);
+    etcd.restart_empty();
+    // etcd came back without our leases and keys: both servers must register again.
+    let table = Arc::new(ServerTable::new());
+    let newcomer = EtcdDiscovery::new(&etcd.url(), "it/", TTL);
+    let entry = ServerEntry {
+        id: "observer".into(),
+        server_type: "observer".into(),
+        frontend: false,
+        rpc_addr: "tcp://127.0.0.1:9".into(),
+        metadata: BTreeMap::new(),
+    };
+    newcomer.start(entry, table.clone(), Arc::new(|| {})).unwrap();
+    assert!(
+        wait_until(TTL * 5, || table.get("connector-1").is_some() && table.get("room-1").is_some()),
+        "both servers registered again: {:?}",
+        table.all().iter().map(|s| s.id.clone()).collect::<Vec<_>>()
+    );
+    assert!(wait_until(T, || room_module.servers().len() == 3), "watches resumed");
+    newcomer.deregister();
+    newcomer.stop();
+    assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
+}
