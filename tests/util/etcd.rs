@@ -56,8 +56,8 @@ impl Etcd {
     fn healthy(&self) -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else { return false };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let req = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        if s.write_all(req.as_bytes()).is_err() {
+        let req = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        if s.write_all(req).is_err() {
             return false;
         }
         let mut answer = String::new();
