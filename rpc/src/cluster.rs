@@ -136,7 +136,7 @@ impl Inner {
         }
         let with_requests = groups.iter().filter(|(_, m)| m.iter().any(|w| w.request)).count();
         let collector = Collector::new(with_requests, refused, done);
-        let snapshot = snapshot(session);
+        let snapshot = snapshot(session, &started.me);
         for (to, msgs) in groups {
             let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
             let call = Call::Handle { session: snapshot.clone(), msgs };

@@ -9,6 +9,7 @@ use std::time::Duration;
 use dragonfruit_core::{HandlerError, Serializer, Session, SessionError, SessionInit, SessionSink};
 
 use crate::socket_thread::Io;
+use crate::table::ServerEntry;
 use crate::wire::{Answer, Call, SessionSnapshot};
 
 /// The sink of remote sessions.
@@ -17,14 +18,20 @@ pub(crate) struct RemoteSink {
     pub(crate) timeout: Duration,
 }
 
-/// What a backend needs to know of a frontend session.
-pub(crate) fn snapshot(session: &Session) -> SessionSnapshot {
+/// What a backend needs to know of a session of frontend `me`.
+pub(crate) fn snapshot(session: &Session, me: &ServerEntry) -> SessionSnapshot {
     SessionSnapshot {
         id: session.id(),
         frontend_id: session.frontend_id().to_owned(),
         uid: session.uid(),
-        data: serde_json::to_vec(&session.data()).unwrap_or_else(|_| b"{}".to_vec()),
+        data: session_data(session),
+        frontend_rpc: me.rpc_addr.clone(),
+        frontend_type: me.server_type.clone(),
     }
+}
+
+fn session_data(session: &Session) -> Vec<u8> {
+    serde_json::to_vec(&session.data()).unwrap_or_else(|_| b"{}".to_vec())
 }
 
 /// A temporary session for one forwarded batch. The handshake is not carried: on a backend
@@ -85,8 +92,7 @@ impl SessionSink for RemoteSink {
     }
 
     fn push_data(&self, session: &Session) -> Result<(), SessionError> {
-        let data = snapshot(session).data;
-        let call = Call::SessionData { session: session.id(), data };
+        let call = Call::SessionData { session: session.id(), data: session_data(session) };
         blocking(&self.io, session.frontend_id(), call, self.timeout).map(|_| ()).map_err(refused)
     }
 

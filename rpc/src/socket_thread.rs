@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 use dragonfruit_core::{codes, HandlerError};
 use log::{debug, warn};
 
-use crate::table::ServerTable;
+use crate::table::{ServerEntry, ServerTable};
 use crate::wire::{self, Answer, Call, Frame};
 
 /// Receives the answer to a call, exactly once.
@@ -230,11 +230,24 @@ impl SocketThread {
     }
 
     fn queue_call(&mut self, to: String, call: Call, reply: Option<ReplyFn>) {
-        if self.table.get(&to).is_none() {
+        let Some(addr) = self.table.get(&to).map(|e| e.rpc_addr) else {
             if let Some(reply) = reply {
                 reply(Err(HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"))));
             }
             return;
+        };
+        if !self.peers.contains_key(&to) {
+            match self.dealer(&addr) {
+                Ok(socket) => {
+                    self.peers.insert(to.clone(), socket);
+                }
+                Err(e) => {
+                    if let Some(reply) = reply {
+                        reply(Err(HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"))));
+                    }
+                    return;
+                }
+            }
         }
         let corr = match reply {
             None => 0,
@@ -380,6 +393,15 @@ impl SocketThread {
             for frame in frames {
                 match frame {
                     Frame::Call { corr, call } => {
+                        if let Call::Handle { session, .. } = &call {
+                            self.table.learn(ServerEntry {
+                                id: session.frontend_id.clone(),
+                                server_type: session.frontend_type.clone(),
+                                frontend: true,
+                                rpc_addr: session.frontend_rpc.clone(),
+                                metadata: Default::default(),
+                            });
+                        }
                         let responder = Responder { io: self.io.clone(), identity: identity.clone(), corr };
                         self.inbound.on_call(&from, call, responder);
                     }

@@ -2,7 +2,8 @@
 //! table; everyone else reads cheap snapshots.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,10 +24,25 @@ pub struct ServerEntry {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// How long a learned server stays without calls from it while discovery does not list it.
+const LEARNED_TTL: Duration = Duration::from_secs(30);
+
 /// Live servers by id, swapped whole on change.
+///
+/// Discovery is the authority. Besides, a frontend that sends this server a session is
+/// *learned* from that session (its id, type and endpoint), so answers and pushes reach it
+/// even before discovery lists it; a learned entry goes once discovery lists that id, or after
+/// [`LEARNED_TTL`] without calls from it.
 #[derive(Debug, Default)]
 pub struct ServerTable {
     current: RwLock<Arc<Snapshot>>,
+    sources: Mutex<Sources>,
+}
+
+#[derive(Debug, Default)]
+struct Sources {
+    discovered: HashMap<String, ServerEntry>,
+    learned: HashMap<String, (ServerEntry, Instant)>,
 }
 
 /// One version of the table, with the per-type lists routers need precomputed.
@@ -36,6 +52,23 @@ pub struct Snapshot {
     pub by_id: HashMap<String, ServerEntry>,
     /// Servers by type, sorted by id.
     pub by_type: HashMap<String, Arc<[ServerEntry]>>,
+}
+
+impl Snapshot {
+    fn of(servers: HashMap<String, ServerEntry>) -> Snapshot {
+        let mut by_type: HashMap<String, Vec<ServerEntry>> = HashMap::new();
+        for server in servers.values() {
+            by_type.entry(server.server_type.clone()).or_default().push(server.clone());
+        }
+        let by_type = by_type
+            .into_iter()
+            .map(|(t, mut list)| {
+                list.sort_by(|a, b| a.id.cmp(&b.id));
+                (t, Arc::from(list))
+            })
+            .collect();
+        Snapshot { by_id: servers, by_type }
+    }
 }
 
 impl ServerTable {
@@ -49,24 +82,36 @@ impl ServerTable {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Replaces the table; returns whether anything changed.
+    /// Replaces the discovered servers; returns whether the table changed.
     pub fn replace(&self, servers: HashMap<String, ServerEntry>) -> bool {
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        if current.by_id == servers {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        sources.learned.retain(|id, (_, seen)| !servers.contains_key(id) && now.duration_since(*seen) < LEARNED_TTL);
+        sources.discovered = servers;
+        self.publish(&sources)
+    }
+
+    /// Learns a server from a call it made; returns whether the table changed.
+    pub fn learn(&self, entry: ServerEntry) -> bool {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if entry.rpc_addr.is_empty() || sources.discovered.contains_key(&entry.id) {
             return false;
         }
-        let mut by_type: HashMap<String, Vec<ServerEntry>> = HashMap::new();
-        for server in servers.values() {
-            by_type.entry(server.server_type.clone()).or_default().push(server.clone());
+        let known = sources.learned.get(&entry.id).is_some_and(|(e, _)| *e == entry);
+        sources.learned.insert(entry.id.clone(), (entry, Instant::now()));
+        !known && self.publish(&sources)
+    }
+
+    fn publish(&self, sources: &Sources) -> bool {
+        let mut all = sources.discovered.clone();
+        for (id, (entry, _)) in &sources.learned {
+            all.entry(id.clone()).or_insert_with(|| entry.clone());
         }
-        let by_type = by_type
-            .into_iter()
-            .map(|(t, mut list)| {
-                list.sort_by(|a, b| a.id.cmp(&b.id));
-                (t, Arc::from(list))
-            })
-            .collect();
-        *current = Arc::new(Snapshot { by_id: servers, by_type });
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.by_id == all {
+            return false;
+        }
+        *current = Arc::new(Snapshot::of(all));
         true
     }
 
@@ -85,5 +130,37 @@ impl ServerTable {
         let mut out: Vec<ServerEntry> = self.snapshot().by_id.values().cloned().collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, frontend: bool) -> ServerEntry {
+        ServerEntry {
+            id: id.into(),
+            server_type: if frontend { "connector" } else { "room" }.into(),
+            frontend,
+            rpc_addr: format!("tcp://127.0.0.1:1/{id}"),
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn learned_servers_until_discovery_lists_them() {
+        let table = ServerTable::new();
+        assert!(table.replace(HashMap::from([("room-1".into(), entry("room-1", false))])));
+        assert!(table.learn(entry("connector-1", true)));
+        assert!(!table.learn(entry("connector-1", true)), "already known");
+        assert_eq!(table.of_type("connector").len(), 1);
+        assert!(!table.learn(entry("room-1", false)), "discovery wins");
+        let both = HashMap::from([
+            ("room-1".into(), entry("room-1", false)),
+            ("connector-1".into(), entry("connector-1", true)),
+        ]);
+        assert!(!table.replace(both), "now discovered: same table");
+        assert!(table.replace(HashMap::from([("room-1".into(), entry("room-1", false))])));
+        assert!(table.get("connector-1").is_none(), "once discovered, discovery alone decides");
     }
 }

@@ -40,6 +40,11 @@ pub struct SessionSnapshot {
     /// Session data as a JSON object (postcard cannot carry `serde_json::Value`).
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+    /// The frontend's RPC endpoint and server type, so the backend can call it back
+    /// (push, bind, pushes to users) even before its own discovery has seen that frontend.
+    pub frontend_rpc: String,
+    /// See `frontend_rpc`.
+    pub frontend_type: String,
 }
 
 /// A client message carried by a Sys RPC.

@@ -1,7 +1,11 @@
 //! `entry`: the connector's component (echo, login).
 
+use dragonfruit_core::cluster::CallTarget;
 use dragonfruit_core::{Component, Ctx, HandlerError, Routes};
+use log::warn;
 use serde::{Deserialize, Serialize};
+
+use crate::room::{Left, LEFT_ROUTE, ROOM_KEY};
 
 /// Longest player name accepted.
 pub const MAX_NAME: usize = 32;
@@ -45,6 +49,18 @@ impl Entry {
             return Err(HandlerError::new("GAME-409", format!("already logged in as {uid}")));
         }
         session.bind(name).map_err(|e| HandlerError::internal(e.to_string()))?;
+        // When the connection closes, take the player out of their room, on whichever
+        // room server holds it (the router finds it from the session's `room`).
+        let messenger = ctx.messenger().clone();
+        let serializer = ctx.serializer();
+        let watched = session.on_close(move |s| {
+            let (Some(uid), Some(room)) = (s.uid(), s.get::<String>(ROOM_KEY)) else { return };
+            let Ok(body) = serializer.encode(&Left { uid, room }) else { return };
+            if let Err(e) = messenger.call(LEFT_ROUTE, CallTarget::Session(s), body) {
+                warn!("sid={} could not leave its room on disconnect: {e}", s.id());
+            }
+        });
+        watched.map_err(|e| HandlerError::internal(e.to_string()))?;
         Ok(LoginAck { uid: name.to_owned() })
     }
 }

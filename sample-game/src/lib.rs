@@ -1,18 +1,82 @@
-//! The sample game's components, shared by the `sample-game` binary and the tests.
+//! The sample game: a small multiplayer chat on a dragonfruit cluster.
 //!
-//! - `connector.entry.echo`: answers the request body unchanged.
-//! - `connector.entry.login` `{"name"}` → binds the uid `name`, answers `{"uid"}`.
-//! - `room.room.join` `{"room"}` → answers `{"room","members"}`, pushes `onJoin {"uid"}` to
-//!   the others.
-//! - `room.room.say` (notify) `{"text"}` → pushes `onChat {"from","text"}` to the room.
-//! - `room.room.leave` → answers `{"room"}`, pushes `onLeave {"uid"}` to the others.
+//! - `connector` servers (frontends) hold client connections: `connector.entry.echo`,
+//!   `connector.entry.login` `{"name"}` → `{"uid"}`.
+//! - `room` servers (backends) hold the rooms: `room.room.join` `{"room"}` →
+//!   `{"room","members"}` (pushes `onJoin {"uid"}` to the others), `room.room.say` (notify)
+//!   `{"text"}` → `onChat {"from","text"}` to the room, `room.room.leave` → `{"room"}` (pushes
+//!   `onLeave`), `room.room.echo` (for benchmarks of forwarding). [`RoomRouter`] keeps all
+//!   members of a room on one room server.
 
 pub mod entry;
 pub mod room;
+mod router;
 
-/// Server type of the frontend.
+use std::sync::Arc;
+
+use dragonfruit_core::config::ConfigSource;
+use dragonfruit_net::{App, AppBuilder};
+use dragonfruit_rpc::ClusterModule;
+
+pub use router::RoomRouter;
+
+/// Server type of the frontends.
 pub const CONNECTOR: &str = "connector";
-/// Server type of the rooms.
+/// Server type of the room servers.
 pub const ROOM: &str = "room";
 /// Default client port.
 pub const DEFAULT_TCP: &str = "127.0.0.1:3250";
+
+/// What one process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A frontend: client connections, forwards `room.*` to room servers.
+    Connector,
+    /// A backend holding rooms.
+    Room,
+    /// One process serving both types, without a cluster (development).
+    Standalone,
+}
+
+impl Role {
+    /// Parses `connector`, `room` or `standalone`.
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "connector" => Some(Role::Connector),
+            "room" => Some(Role::Room),
+            "standalone" => Some(Role::Standalone),
+            _ => None,
+        }
+    }
+
+    /// The server type of this role.
+    pub fn server_type(self) -> &'static str {
+        match self {
+            Role::Room => ROOM,
+            Role::Connector | Role::Standalone => CONNECTOR,
+        }
+    }
+}
+
+/// The app of `role` from a configuration (its `server.type` must match the role), with the
+/// cluster module it uses, if any.
+pub fn app(role: Role, source: &ConfigSource) -> Result<(AppBuilder, Option<ClusterModule>), String> {
+    let builder = App::from_source(source).map_err(|e| e.to_string())?;
+    let cluster = || -> Result<ClusterModule, String> {
+        Ok(ClusterModule::from_source(source).map_err(|e| e.to_string())?.with_router(ROOM, RoomRouter::default()))
+    };
+    Ok(match role {
+        Role::Connector => {
+            let module = cluster()?;
+            (builder.component("entry", entry::Entry).cluster(Arc::new(module.clone())), Some(module))
+        }
+        Role::Room => {
+            let module = cluster()?;
+            let builder = builder.frontend(false).component("room", room::Rooms::default());
+            (builder.cluster(Arc::new(module.clone())), Some(module))
+        }
+        Role::Standalone => {
+            (builder.component("entry", entry::Entry).component_for(ROOM, "room", room::Rooms::default()), None)
+        }
+    })
+}

@@ -1,68 +1,132 @@
-//! `sample-game`: runs the sample game server.
+//! `sample-game`: runs the sample game, as a local cluster or as one of its servers.
+
+mod launcher;
 
 use std::process::ExitCode;
 
 use dragonfruit_core::config::ConfigSource;
-use dragonfruit_net::App;
-use sample_game::entry::Entry;
-use sample_game::room::Rooms;
-use sample_game::{CONNECTOR, DEFAULT_TCP, ROOM};
+use sample_game::{Role, DEFAULT_TCP};
 
 const HELP: &str = "\
-sample-game: a small multiplayer chat game on dragonfruit
+sample-game: a small multiplayer chat game on a dragonfruit cluster
 
 USAGE:
-    sample-game [--tcp ADDR] [--config FILE]
+    sample-game [--tcp ADDR] [--rooms N] [--config FILE]
+        Runs a local cluster: one connector (clients connect to ADDR) and N room servers
+        (default 2), as child processes found through embedded discovery. Ctrl-C stops all.
+
+    sample-game --role connector|room|standalone [--id ID] [--tcp ADDR] [--config FILE]
+                [--discovery embedded|etcd] [--discovery-dir DIR] [--etcd-url URL]
+        Runs one server of the cluster, e.g. on another machine with etcd discovery.
+        `standalone` serves both server types in one process, without a cluster.
 
 OPTIONS:
-    --tcp ADDR       client TCP address (default 127.0.0.1:3250)
-    --config FILE    TOML configuration file (see docs/CONFIG.md); DRAGONFRUIT_* environment
-                     variables override it
-    -h, --help       print this help
+    --tcp ADDR            client TCP address of the connector (default 127.0.0.1:3250)
+    --rooms N             room servers of the local cluster (default 2)
+    --id ID               server id (default: generated)
+    --discovery KIND      embedded (files in a directory, one machine) or etcd
+    --discovery-dir DIR   embedded discovery directory
+    --etcd-url URL        etcd client URL, e.g. http://127.0.0.1:2379
+    --config FILE         TOML configuration (docs/CONFIG.md); DRAGONFRUIT_* environment
+                          variables override it, flags override both
+    -h, --help            print this help
 
-One process serves both server types, `connector` (entry.echo, entry.login) and `room`
-(room.join, room.say, room.leave). Log level: RUST_LOG (default info).";
+Log level: RUST_LOG (default info).";
 
-struct Args {
-    tcp: String,
-    config: Option<String>,
+/// Parsed command line.
+pub(crate) struct Args {
+    pub(crate) role: Option<Role>,
+    pub(crate) id: Option<String>,
+    pub(crate) tcp: String,
+    pub(crate) rooms: usize,
+    pub(crate) discovery: Option<String>,
+    pub(crate) discovery_dir: Option<String>,
+    pub(crate) etcd_url: Option<String>,
+    pub(crate) config: Option<String>,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
-    let mut args = Args { tcp: DEFAULT_TCP.to_owned(), config: None };
+    let mut args = Args {
+        role: None,
+        id: None,
+        tcp: DEFAULT_TCP.to_owned(),
+        rooms: 2,
+        discovery: None,
+        discovery_dir: None,
+        etcd_url: None,
+        config: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--tcp" => args.tcp = it.next().ok_or("--tcp needs an address")?,
-            "--config" => args.config = Some(it.next().ok_or("--config needs a file")?),
+            "--role" => {
+                let v = value()?;
+                args.role = Some(Role::parse(&v).ok_or(format!("unknown role {v:?}: connector, room or standalone"))?);
+            }
+            "--id" => args.id = Some(value()?),
+            "--tcp" => args.tcp = value()?,
+            "--rooms" => args.rooms = value()?.parse().map_err(|e| format!("--rooms: {e}"))?,
+            "--discovery" => {
+                let v = value()?;
+                if v != "embedded" && v != "etcd" {
+                    return Err(format!("unknown discovery {v:?}: embedded or etcd"));
+                }
+                args.discovery = Some(v);
+            }
+            "--discovery-dir" => args.discovery_dir = Some(value()?),
+            "--etcd-url" => args.etcd_url = Some(value()?),
+            "--config" => args.config = Some(value()?),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
     Ok(Some(args))
 }
 
-fn run(args: Args) -> Result<(), String> {
+/// The configuration of one server: file, then environment, then flags.
+fn source(role: Role, args: &Args) -> Result<ConfigSource, String> {
     let text = match &args.config {
         Some(path) => std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?,
         None => String::new(),
     };
     let mut source = ConfigSource::from_toml(&text).map_err(|e| e.to_string())?;
-    source.set("server.type", CONNECTOR);
-    source.set("acceptor.tcp", args.tcp.as_str());
-    let source = source.with_env(std::env::vars()).map_err(|e| e.to_string())?;
-    let app = App::from_source(&source)
-        .map_err(|e| e.to_string())?
-        .component("entry", Entry)
-        .component_for(ROOM, "room", Rooms::default())
-        .build()
-        .map_err(|e| e.to_string())?;
-    let handle = app.start().map_err(|e| e.to_string())?;
-    let addr = handle.tcp_addr().map(|a| a.to_string()).unwrap_or_default();
-    println!("sample-game: server {} (types {CONNECTOR} + {ROOM}) listening on tcp {addr}", handle.server().id);
-    println!("sample-game: press Ctrl-C to stop");
+    source = source.with_env(std::env::vars()).map_err(|e| e.to_string())?;
+    source.set("server.type", role.server_type());
+    if let Some(id) = &args.id {
+        source.set("server.id", id.as_str());
+    }
+    match role {
+        Role::Room => source.set("server.frontend", false),
+        Role::Connector | Role::Standalone => source.set("acceptor.tcp", args.tcp.as_str()),
+    }
+    if let Some(kind) = &args.discovery {
+        source.set("discovery.kind", kind.as_str());
+    }
+    if let Some(dir) = &args.discovery_dir {
+        source.set("discovery.dir", dir.as_str());
+    }
+    if let Some(url) = &args.etcd_url {
+        source.set("discovery.etcd_url", url.as_str());
+    }
+    Ok(source)
+}
+
+/// Runs one server until Ctrl-C or SIGTERM.
+fn serve(role: Role, args: &Args) -> Result<(), String> {
+    let (builder, cluster) = sample_game::app(role, &source(role, args)?)?;
+    let handle = builder.build().map_err(|e| e.to_string())?.start().map_err(|e| e.to_string())?;
+    let server = handle.server();
+    let mut line = format!("sample-game: server {} ({})", server.id, server.server_type);
+    if let Some(addr) = handle.tcp_addr() {
+        line.push_str(&format!(" listening on tcp {addr}"));
+    }
+    if let Some(me) = cluster.as_ref().and_then(|c| c.me()) {
+        line.push_str(&format!(", rpc {}", me.rpc_addr));
+    }
+    println!("{line}");
     let stopper = handle.clone();
-    ctrlc::set_handler(move || stopper.stop()).map_err(|e| format!("cannot install Ctrl-C handler: {e}"))?;
+    ctrlc::set_handler(move || stopper.stop()).map_err(|e| format!("cannot install signal handler: {e}"))?;
     let result = handle.join().map_err(|e| e.to_string());
     let stats = handle.stats();
     log::info!(
@@ -96,21 +160,26 @@ fn raise_fd_limit() {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     raise_fd_limit();
-    match parse_args() {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
         Ok(None) => {
             println!("{HELP}");
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
-        Ok(Some(args)) => match run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("sample-game: {e}");
-                ExitCode::FAILURE
-            }
-        },
         Err(e) => {
             eprintln!("sample-game: {e}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
+        }
+    };
+    let result = match args.role {
+        Some(role) => serve(role, &args),
+        None => launcher::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sample-game: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,10 +1,12 @@
-//! `room`: chat rooms. Members are uids; a player is in at most one room at a time and
-//! leaves it when the connection closes.
+//! `room`: chat rooms, held by room servers. Members are uids; a player is in at most one
+//! room. The room router sends every message about a room to the same room server, so a
+//! room's members and chat live in one place. The session's current room is session data
+//! (`room`), pushed to the frontend so the router can find it later.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use dragonfruit_core::{Component, Ctx, HandlerError, Messenger, Routes, Serializer, SessionId};
+use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes};
 use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 
@@ -13,14 +15,14 @@ pub const MAX_ROOM: usize = 32;
 /// Longest chat line.
 pub const MAX_TEXT: usize = 500;
 /// Session key holding the current room.
-const ROOM_KEY: &str = "room";
+pub const ROOM_KEY: &str = "room";
+/// The remote that removes a player from a room (called when they leave or disconnect).
+pub const LEFT_ROUTE: &str = "room.room.left";
 
 /// The room component. Cloning shares the rooms.
 #[derive(Debug, Default, Clone)]
 pub struct Rooms {
     rooms: Arc<Mutex<HashMap<String, BTreeSet<String>>>>,
-    /// Sessions whose close is already watched (one on-close callback per session).
-    watched: Arc<Mutex<HashSet<SessionId>>>,
 }
 
 /// `room.room.join` argument.
@@ -62,12 +64,27 @@ pub struct MemberEvent {
     pub uid: String,
 }
 
+/// Argument of the `room.room.left` remote.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Left {
+    /// Who left.
+    pub uid: String,
+    /// Which room.
+    pub room: String,
+}
+
 impl Component for Rooms {
     fn routes(r: &mut Routes<Self>) {
         r.handler("join", Rooms::join);
         r.notify("say", Rooms::say);
         r.handler("leave", |rooms: &Rooms, ctx: &mut Ctx<'_>, _: serde_json::Value| rooms.leave(ctx));
+        r.raw_handler("echo", |_: &Rooms, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
+        r.remote("left", |rooms: &Rooms, ctx: &RemoteCtx<'_>, left: Left| Ok(rooms.remove_member(ctx, &left)));
     }
+}
+
+fn internal(e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::internal(e.to_string())
 }
 
 impl Rooms {
@@ -75,7 +92,7 @@ impl Rooms {
         self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Names and member counts of the rooms.
+    /// Names and member counts of the rooms held here.
     pub fn summary(&self) -> Vec<(String, usize)> {
         let mut out: Vec<_> = self.lock().iter().map(|(n, m)| (n.clone(), m.len())).collect();
         out.sort();
@@ -94,7 +111,12 @@ impl Rooms {
             return Ok(Joined { members: self.members(&name), room: name });
         }
         if let Some(old) = previous {
-            self.remove_member(&old, &uid, ctx.messenger().as_ref(), ctx.serializer());
+            // The old room may live on another room server: the router finds it from the
+            // session's current room.
+            let left = Left { uid: uid.clone(), room: old };
+            if let Err(e) = ctx.rpc_for::<_, bool>(&session, LEFT_ROUTE, &left) {
+                warn!("uid={uid} could not leave room {}: {e}", left.room);
+            }
         }
         let (members, others) = {
             let mut rooms = self.lock();
@@ -103,21 +125,8 @@ impl Rooms {
             room.insert(uid.clone());
             (room.iter().cloned().collect::<Vec<_>>(), others)
         };
-        session.set(ROOM_KEY, &name).map_err(|e| HandlerError::internal(e.to_string()))?;
-        if self.watched.lock().unwrap_or_else(|p| p.into_inner()).insert(session.id()) {
-            let rooms = self.clone();
-            let messenger = ctx.messenger().clone();
-            let serializer = ctx.serializer();
-            let registered = session.on_close(move |s| {
-                rooms.watched.lock().unwrap_or_else(|p| p.into_inner()).remove(&s.id());
-                if let (Some(uid), Some(room)) = (s.uid(), s.get::<String>(ROOM_KEY)) {
-                    rooms.remove_member(&room, &uid, messenger.as_ref(), serializer);
-                }
-            });
-            if let Err(e) = registered {
-                warn!("sid={} cannot watch session close: {e}", session.id());
-            }
-        }
+        session.set(ROOM_KEY, &name).map_err(internal)?;
+        session.push_to_frontend().map_err(internal)?;
         ctx.push_to_users("onJoin", &MemberEvent { uid }, &others)?;
         Ok(Joined { room: name, members })
     }
@@ -131,17 +140,22 @@ impl Rooms {
             return Err(HandlerError::new("GAME-403", "join a room first"));
         };
         let members = self.members(&room);
+        if !members.contains(&uid) {
+            return Err(HandlerError::new("GAME-403", format!("not a member of {room}")));
+        }
         ctx.push_to_users("onChat", &Chat { from: uid, text: req.text }, &members)?;
         Ok(())
     }
 
     fn leave(&self, ctx: &mut Ctx<'_>) -> Result<serde_json::Value, HandlerError> {
         let uid = logged_in(ctx)?;
-        let Some(room) = ctx.session().remove(ROOM_KEY) else {
+        let session = ctx.session().clone();
+        let Some(room) = session.get::<String>(ROOM_KEY) else {
             return Err(HandlerError::new("GAME-403", "not in a room"));
         };
-        let room = room.as_str().unwrap_or_default().to_owned();
-        self.remove_member(&room, &uid, ctx.messenger().as_ref(), ctx.serializer());
+        self.remove_member(ctx, &Left { uid, room: room.clone() });
+        session.remove(ROOM_KEY);
+        session.push_to_frontend().map_err(internal)?;
         Ok(serde_json::json!({ "room": room }))
     }
 
@@ -149,31 +163,27 @@ impl Rooms {
         self.lock().get(room).map(|m| m.iter().cloned().collect()).unwrap_or_default()
     }
 
-    fn remove_member(&self, room: &str, uid: &str, messenger: &dyn Messenger, serializer: Serializer) {
+    /// Removes `left.uid` from `left.room` and tells the others; false if it was not there.
+    fn remove_member(&self, env: &dragonfruit_core::HandlerEnv, left: &Left) -> bool {
         let others = {
             let mut rooms = self.lock();
-            let Some(members) = rooms.get_mut(room) else { return };
-            if !members.remove(uid) {
-                return;
+            let Some(members) = rooms.get_mut(&left.room) else { return false };
+            if !members.remove(&left.uid) {
+                return false;
             }
             let others: Vec<String> = members.iter().cloned().collect();
             if members.is_empty() {
-                rooms.remove(room);
+                rooms.remove(&left.room);
             }
             others
         };
-        debug!("uid={uid} left room {room}");
-        if others.is_empty() {
-            return;
-        }
-        match serializer.encode(&MemberEvent { uid: uid.to_owned() }) {
-            Ok(body) => {
-                if let Err(e) = messenger.push_to_users("onLeave", body.into(), &others) {
-                    warn!("onLeave for {uid} in {room} not sent: {e}");
-                }
+        debug!("uid={} left room {}", left.uid, left.room);
+        if !others.is_empty() {
+            if let Err(e) = env.push_to_users("onLeave", &MemberEvent { uid: left.uid.clone() }, &others) {
+                warn!("onLeave for {} in {} not sent: {e}", left.uid, left.room);
             }
-            Err(e) => warn!("onLeave for {uid} not encoded: {e}"),
         }
+        true
     }
 }
 

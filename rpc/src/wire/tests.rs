@@ -8,6 +8,8 @@ fn snapshot() -> SessionSnapshot {
         frontend_id: "connector-1".into(),
         uid: Some("alice".into()),
         data: br#"{"room":"a"}"#.to_vec(),
+        frontend_rpc: "tcp://127.0.0.1:1".into(),
+        frontend_type: "connector".into(),
     }
 }
 
@@ -65,7 +67,7 @@ proptest! {
         msgs in proptest::collection::vec((any::<bool>(), any::<u64>(), "[a-z.]{0,30}", proptest::collection::vec(any::<u8>(), 0..64)), 0..8),
     ) {
         let msgs: Vec<WireMessage> = msgs.into_iter().map(|(request, id, route, body)| WireMessage { request, id, route, body }).collect();
-        let session = SessionSnapshot { id, frontend_id: "f".into(), uid, data: b"{}".to_vec() };
+        let session = SessionSnapshot { id, frontend_id: "f".into(), uid, data: b"{}".to_vec(), frontend_rpc: String::new(), frontend_type: String::new() };
         let frames = vec![Frame::Call { corr, call: Call::Handle { session, msgs } }];
         prop_assert_eq!(decode(&encode(&frames)).unwrap(), frames);
     }

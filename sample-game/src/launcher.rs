@@ -1,0 +1,109 @@
+//! The local cluster: the connector and the room servers as child processes of this one,
+//! sharing an embedded-discovery directory. Ctrl-C (or SIGTERM) stops them all; children
+//! also die with the launcher (`PR_SET_PDEATHSIG`).
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use crate::Args;
+
+/// How long a child may take to stop gracefully before it is killed.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+
+struct Server {
+    id: String,
+    child: Child,
+}
+
+fn spawn(id: &str, role: &str, extra: &[&str], args: &Args, dir: &str) -> Result<Server, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["--role", role, "--id", id, "--discovery", "embedded", "--discovery-dir", dir]).args(extra);
+    if let Some(config) = &args.config {
+        cmd.args(["--config", config]);
+    }
+    // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| format!("cannot start {id}: {e}"))?;
+    Ok(Server { id: id.to_owned(), child })
+}
+
+fn stop(servers: &mut [Server]) {
+    for server in servers.iter() {
+        // SAFETY: kill on a pid we spawned and have not reaped.
+        unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    for server in servers.iter_mut() {
+        let deadline = Instant::now() + STOP_WAIT;
+        loop {
+            match server.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    eprintln!("sample-game: {} did not stop in time; killing it", server.id);
+                    let _ = server.child.kill();
+                    let _ = server.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// Runs the local cluster until Ctrl-C.
+pub(crate) fn run(args: &Args) -> Result<(), String> {
+    let dir = match &args.discovery_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            std::env::temp_dir().join(format!("dragonfruit-sample-game-{}", std::process::id())).display().to_string()
+        }
+    };
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.try_send(());
+    })
+    .map_err(|e| format!("cannot install signal handler: {e}"))?;
+    println!(
+        "sample-game: starting a local cluster: connector-1 (clients on tcp {}) and {} room server(s); discovery dir {dir}",
+        args.tcp, args.rooms
+    );
+    // Connector first in the list: it is stopped first, so clients are kicked while the
+    // room servers can still answer.
+    let mut servers = Vec::new();
+    let started = spawn("connector-1", "connector", &["--tcp", &args.tcp], args, &dir).and_then(|s| {
+        servers.push(s);
+        (1..=args.rooms).try_for_each(|i| {
+            servers.push(spawn(&format!("room-{i}"), "room", &[], args, &dir)?);
+            Ok(())
+        })
+    });
+    if let Err(e) = started {
+        stop(&mut servers);
+        return Err(e);
+    }
+    println!("sample-game: press Ctrl-C to stop the cluster");
+    let outcome = loop {
+        if stop_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+            break Ok(());
+        }
+        let exited = servers.iter_mut().find_map(|s| match s.child.try_wait() {
+            Ok(Some(status)) => Some((s.id.clone(), status)),
+            _ => None,
+        });
+        if let Some((id, status)) = exited {
+            break Err(format!("server {id} exited unexpectedly ({status}); stopping the cluster"));
+        }
+    };
+    println!("sample-game: stopping the cluster");
+    stop(&mut servers);
+    if args.discovery_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    outcome
+}

@@ -1,0 +1,163 @@
+//! The sample game as separate processes: the launcher's local cluster, and a room server
+//! killed with SIGKILL while requests are in flight.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dragonfruit_client::{Client, ClientConfig, ClientError};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sample-game");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed (and reaped) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill on a pid we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Connects once the connector is up and has discovered a room server.
+fn player(port: u16, name: &str) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(client) = Client::connect(("127.0.0.1", port), ClientConfig::default()) {
+            if client.request_raw("room.room.echo", b"{}").is_ok() {
+                let _: Value = client.request("connector.entry.login", &json!({"name": name})).unwrap();
+                return client;
+            }
+        }
+        assert!(Instant::now() < deadline, "cluster did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const T: Duration = Duration::from_secs(5);
+
+#[test]
+fn the_launcher_runs_a_playable_cluster_and_stops_it() {
+    let port = free_port();
+    let mut launcher = Proc(
+        Command::new(BIN)
+            .args(["--tcp", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(launcher.0.stdout.take().unwrap()).lines();
+    let alice = player(port, "alice");
+    let bob = player(port, "bob");
+    let joined: Value = alice.request("room.room.join", &json!({"room": "lobby"})).unwrap();
+    assert_eq!(joined["members"], json!(["alice"]));
+    let joined: Value = bob.request("room.room.join", &json!({"room": "lobby"})).unwrap();
+    assert_eq!(joined["members"], json!(["alice", "bob"]));
+    assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "bob"})));
+    bob.notify("room.room.say", &json!({"text": "hi"})).unwrap();
+    for c in [&alice, &bob] {
+        assert_eq!(c.recv_push_as::<Value>(T).unwrap(), ("onChat".to_string(), json!({"from": "bob", "text": "hi"})));
+    }
+    bob.close();
+    assert_eq!(
+        alice.recv_push_as::<Value>(T).unwrap(),
+        ("onLeave".to_string(), json!({"uid": "bob"})),
+        "disconnect leaves the room"
+    );
+
+    signal(&launcher.0, libc::SIGINT);
+    let status = wait_exit(&mut launcher.0, Duration::from_secs(30)).expect("launcher stops");
+    assert!(status.success(), "{status}");
+    assert!(alice.wait_closed(T), "clients are kicked");
+    let output: Vec<String> = lines.by_ref().map_while(Result::ok).collect();
+    for id in ["connector-1", "room-1", "room-2"] {
+        assert!(output.iter().any(|l| l.contains(&format!("server {id}"))), "{id} announced: {output:?}");
+    }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "connector is gone");
+}
+
+#[test]
+fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
+    let dir = std::env::temp_dir().join(format!("df-sg-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = free_port();
+    let spawn = |role: &str, id: &str, extra: &[&str]| {
+        Proc(
+            Command::new(BIN)
+                .args(["--role", role, "--id", id, "--discovery-dir", dir.to_str().unwrap()])
+                .args(extra)
+                .env("RUST_LOG", "error")
+                .env("DRAGONFRUIT_DISCOVERY__TTL", "1s")
+                .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
+                .env("DRAGONFRUIT_RPC__TIMEOUT", "2s")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _connector = spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let mut room1 = spawn("room", "room-1", &[]);
+    let _room2 = spawn("room", "room-2", &[]);
+    let client = player(port, "carol");
+    // Both room servers must be serving before one is killed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) < 3 {
+        assert!(Instant::now() < deadline, "servers registered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    let send = |range: std::ops::Range<u32>| -> Vec<_> {
+        range.map(|i| client.send_request("room.room.echo", format!("{i}").as_bytes()).unwrap()).collect()
+    };
+    let mut in_flight = send(0..200);
+    signal(&room1.0, libc::SIGKILL);
+    let started = Instant::now();
+    // Discovery still lists room-1 for up to a second: about half of these go to the dead
+    // server and must fail cleanly, not hang.
+    in_flight.extend(send(200..400));
+    let (mut ok, mut failed) = (0, 0);
+    for pending in in_flight {
+        match pending.wait_timeout(Duration::from_secs(4)) {
+            Ok(_) => ok += 1,
+            Err(ClientError::Server(_)) => failed += 1,
+            Err(e) => panic!("a request hung or the client broke: {e}"),
+        }
+    }
+    assert_eq!(ok + failed, 400, "every request answered");
+    assert!(failed > 0, "some requests reached the dead server ({ok} ok)");
+    assert!(started.elapsed() < Duration::from_secs(4), "within the rpc timeout");
+    assert!(wait_exit(&mut room1.0, T).is_some());
+
+    // Once discovery drops room-1 (1 s), everything goes to room-2.
+    std::thread::sleep(Duration::from_millis(1500));
+    for i in 0..100 {
+        let body = format!("after {i}");
+        assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes());
+    }
+    assert!(!client.is_closed(), "the client stayed connected to the connector");
+    let _ = std::fs::remove_dir_all(&dir);
+}
