@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::dispatcher::PoolDispatcher;
 use crate::event_loop::{EventLoop, WAKER};
 use crate::handle::AppHandle;
+use crate::pool::WorkerPool;
 use crate::port::{FrontendSink, LocalMessenger, LoopMsg, LoopPort};
 use crate::stats::Stats;
 
@@ -142,7 +143,7 @@ pub struct App {
     pub(crate) shared: Arc<Shared>,
     pub(crate) poll: Poll,
     pub(crate) inbox: Receiver<LoopMsg>,
-    pub(crate) pool: Arc<rayon::ThreadPool>,
+    pub(crate) pool: Arc<WorkerPool>,
 }
 
 impl App {
@@ -379,11 +380,7 @@ impl AppBuilder {
         if let Err(e) = encode_packet(PacketType::Handshake, &body, &mut handshake_ok) {
             return Err(BuildError::Config(ConfigError::Invalid { key: "dictionary", message: e.to_string() }));
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(config.dispatch.concurrency)
-            .thread_name(|i| format!("df-worker-{i}"))
-            .panic_handler(|_| log::error!("a worker job panicked outside its guard"))
-            .build()
+        let pool = WorkerPool::new(config.dispatch.concurrency)
             .map_err(|e| BuildError::Io { what: "worker pool", source: io::Error::other(e) })?;
         let pool = Arc::new(pool);
         let shared = Arc::new(Shared {

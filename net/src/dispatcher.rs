@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use dragonfruit_core::cluster::{Dispatcher, OrderKey};
 use log::error;
-use rayon::ThreadPool;
+
+use crate::pool::WorkerPool;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -19,7 +20,7 @@ pub(crate) struct PoolDispatcher {
 }
 
 struct Inner {
-    pool: Arc<ThreadPool>,
+    pool: Arc<WorkerPool>,
     /// A key is present while a drain job runs for it; its queue holds the jobs after the
     /// running one.
     mailboxes: Mutex<HashMap<OrderKey, VecDeque<Job>>>,
@@ -28,7 +29,7 @@ struct Inner {
 }
 
 impl PoolDispatcher {
-    pub(crate) fn new(pool: Arc<ThreadPool>) -> PoolDispatcher {
+    pub(crate) fn new(pool: Arc<WorkerPool>) -> PoolDispatcher {
         let inner = Inner { pool, mailboxes: Mutex::new(HashMap::new()), pending: AtomicUsize::new(0) };
         PoolDispatcher { inner: Arc::new(inner) }
     }
@@ -94,7 +95,7 @@ mod tests {
 
     #[test]
     fn same_key_in_order_other_keys_in_parallel() {
-        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap());
+        let pool = Arc::new(WorkerPool::new(4).unwrap());
         let d = PoolDispatcher::new(pool);
         let log = Arc::new(Mutex::new(Vec::new()));
         let running = Arc::new(AtomicUsize::new(0));

@@ -22,6 +22,7 @@ pub mod config;
 mod dispatcher;
 mod event_loop;
 mod handle;
+mod pool;
 mod port;
 mod stats;
 mod worker;

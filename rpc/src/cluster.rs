@@ -19,7 +19,7 @@ use crate::messenger::ClusterMessenger;
 use crate::remote_session::{remote_session, snapshot, RemoteSink};
 use crate::router::{RandomRouter, RouteCtx, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, Responder};
-use crate::table::{ServerEntry, ServerTable};
+use crate::table::{ServerEntry, ServerTable, Snapshot};
 use crate::wire::{error, Answer, ByteBuf, Call, WireMessage, WireReply};
 
 /// Code of the error answered while a server shuts down.
@@ -91,17 +91,30 @@ impl ClusterModule {
 impl Inner {
     /// Picks the server for a message or call on `route`.
     pub(crate) fn pick(&self, route: &Route, session: Option<&Session>, body: &[u8]) -> Result<String, HandlerError> {
+        let snapshot = self.table.snapshot();
+        let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
+        self.pick_in(&snapshot, &routers, route, session, body)
+    }
+
+    /// [`Inner::pick`] with the table and routers already at hand (one lookup per batch).
+    fn pick_in(
+        &self,
+        snapshot: &Snapshot,
+        routers: &HashMap<String, Arc<dyn Router>>,
+        route: &Route,
+        session: Option<&Session>,
+        body: &[u8],
+    ) -> Result<String, HandlerError> {
         let server_type = route.server_type().unwrap_or_default();
-        let servers = self.table.of_type(server_type);
+        let servers: &[ServerEntry] = snapshot.by_type.get(server_type).map(|s| &s[..]).unwrap_or_default();
         if servers.is_empty() {
             let text = format!("no server of type {server_type} for route {route}");
             return Err(HandlerError::new(codes::NOT_FOUND, text));
         }
         let ctx = RouteCtx { route, session, body };
-        let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
         let index = match routers.get(server_type) {
-            Some(router) => router.pick(&ctx, &servers),
-            None => self.default_router.pick(&ctx, &servers),
+            Some(router) => router.pick(&ctx, servers),
+            None => self.default_router.pick(&ctx, servers),
         };
         match index.and_then(|i| servers.get(i)) {
             Some(server) => Ok(server.id.clone()),
@@ -119,9 +132,11 @@ impl Inner {
         };
         let mut groups: Vec<(String, Vec<WireMessage>)> = Vec::new();
         let mut refused = Vec::new();
+        let table = self.table.snapshot();
+        let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
         for msg in msgs {
             let request = msg.kind == MessageType::Request;
-            match self.pick(&msg.route, Some(session), &msg.body) {
+            match self.pick_in(&table, &routers, &msg.route, Some(session), &msg.body) {
                 Ok(to) => {
                     let wire =
                         WireMessage { request, id: msg.id, route: msg.route.as_str().to_owned(), body: msg.body };
@@ -134,6 +149,7 @@ impl Inner {
                 Err(e) => warn!("sid={} notify {} dropped: {e}", session.id(), msg.route),
             }
         }
+        drop(routers);
         let with_requests = groups.iter().filter(|(_, m)| m.iter().any(|w| w.request)).count();
         let collector = Collector::new(with_requests, refused, done);
         let snapshot = snapshot(session, &started.me);

@@ -2,6 +2,9 @@
 
 mod launcher;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use dragonfruit_core::config::ConfigSource;

@@ -19,11 +19,11 @@ use dragonfruit_core::SessionId;
 use log::{debug, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
-use rayon::ThreadPool;
 use slab::Slab;
 
 use crate::agent::{Agent, Phase};
 use crate::app::Shared;
+use crate::pool::WorkerPool;
 use crate::port::LoopMsg;
 use crate::stats::Stats;
 
@@ -47,7 +47,7 @@ pub(crate) struct EventLoop {
     by_session: HashMap<SessionId, usize>,
     inbox: Receiver<LoopMsg>,
     shared: Arc<Shared>,
-    pool: Arc<ThreadPool>,
+    pool: Arc<WorkerPool>,
     /// Messages decoded and not yet finished by a worker, all sessions together.
     in_flight: usize,
     /// Jobs (batches and handshakes) on the pool.
@@ -79,7 +79,7 @@ impl EventLoop {
         listener: Option<TcpListener>,
         inbox: Receiver<LoopMsg>,
         shared: Arc<Shared>,
-        pool: Arc<ThreadPool>,
+        pool: Arc<WorkerPool>,
     ) -> EventLoop {
         let now = Instant::now();
         let cfg = &shared.config;
