@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Benchmarks: builds release binaries, starts the sample-game server, runs the load tool
-# against it, stops it. Figures print to stdout; record them in BENCHMARKS.md.
+# Benchmarks: builds release binaries, starts the sample-game server(s), runs the load tool
+# against them, stops them. Figures print to stdout; record them in BENCHMARKS.md.
 #
-#   scripts/bench.sh            local echo (1 and 2 client threads) + idle memory
-#   scripts/bench.sh echo       local echo only
+#   scripts/bench.sh            everything below
+#   scripts/bench.sh local      local echo on one standalone server (three loads)
+#   scripts/bench.sh cluster    local cluster (connector + 2 room servers): forwarded echo,
+#                               local echo on the connector, push fan-out to 1000 members
 #   scripts/bench.sh idle [N]   idle memory with N sessions (default 19900, see BENCHMARKS.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,30 +15,47 @@ cargo build --release --locked -q -p sample-game -p dragonfruit-client
 bench=target/release/dragonfruit-bench
 
 server_pid=""
-start_server() {
-    RUST_LOG=warn target/release/sample-game --tcp "127.0.0.1:$port" >/tmp/dragonfruit-bench-server.log 2>&1 &
-    server_pid=$!
-    for _ in $(seq 100); do
+pids=""
+wait_port() {
+    for _ in $(seq 200); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
         sleep 0.05
     done
     echo "server did not start" >&2; exit 1
 }
-stop_server() {
-    if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+start() {
+    RUST_LOG=warn target/release/sample-game --tcp "127.0.0.1:$port" "$@" >/tmp/dragonfruit-bench-server.log 2>&1 &
+    server_pid=$!
+    wait_port
+    if [ "$*" = "--role standalone" ]; then
+        pids=$server_pid
+    else
+        sleep 1.5  # let the connector discover the room servers
+        pids=$(pgrep -d, -P "$server_pid")
+    fi
+}
+stop() {
+    if [ -n "$server_pid" ]; then kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
     server_pid=""
 }
-trap stop_server EXIT
+trap stop EXIT
 
-if [ "$what" = all ] || [ "$what" = echo ]; then
-    start_server
-    $bench echo --connections 64 --inflight 16 --duration 10 --warmup 2 --threads 1 --server-pid "$server_pid"
-    $bench echo --connections 64 --inflight 16 --duration 10 --warmup 2 --threads 2 --server-pid "$server_pid"
-    $bench echo --connections 50 --inflight 8 --duration 10 --warmup 2 --threads 1 --server-pid "$server_pid"
-    stop_server
+if [ "$what" = all ] || [ "$what" = local ]; then
+    start --role standalone
+    $bench echo --connections 64 --inflight 16 --duration 10 --warmup 2 --threads 1 --server-pid "$pids"
+    $bench echo --connections 64 --inflight 16 --duration 10 --warmup 2 --threads 2 --server-pid "$pids"
+    $bench echo --connections 50 --inflight 8 --duration 10 --warmup 2 --threads 1 --server-pid "$pids"
+    stop
+fi
+if [ "$what" = all ] || [ "$what" = cluster ]; then
+    start
+    $bench echo --route room.room.echo --connections 64 --inflight 16 --duration 10 --warmup 2 --server-pid "$pids"
+    $bench echo --route connector.entry.echo --connections 64 --inflight 16 --duration 10 --warmup 2 --server-pid "$pids"
+    $bench fanout --connections 1000 --rounds 20 --server-pid "$pids"
+    stop
 fi
 if [ "$what" = all ] || [ "$what" = idle ]; then
-    start_server
-    $bench idle --connections "${2:-19900}" --hold 10 --server-pid "$server_pid"
-    stop_server
+    start --role standalone
+    $bench idle --connections "${2:-19900}" --hold 10 --server-pid "$pids"
+    stop
 fi

@@ -1,0 +1,207 @@
+//! dragonfruit-bench: load tool for Pitaya/Pomelo-protocol servers.
+//!
+//! - `echo`: N connections, each keeping K requests in flight on one route, driven by one or
+//!   two event-driven threads; prints requests/s, latency percentiles, and the CPU used by
+//!   itself and by the server processes (`--server-pid`, comma-separated for a cluster).
+//! - `idle`: opens N handshaken connections and holds them; prints the server's memory per
+//!   session.
+//! - `fanout`: N players log in and join one room of the sample game; one says a line; prints
+//!   the time until the last member received it (`onChat`), over several rounds.
+
+mod conn;
+mod echo;
+mod fanout;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const HELP: &str = "\
+dragonfruit-bench: load tool for Pitaya/Pomelo-protocol servers
+
+USAGE:
+    dragonfruit-bench echo [OPTIONS]
+    dragonfruit-bench idle [OPTIONS]
+    dragonfruit-bench fanout [OPTIONS]
+
+OPTIONS:
+    --addr ADDR          server address (default 127.0.0.1:3250)
+    --connections N      connections (default 64; fanout: room members, default 1000)
+    --inflight K         requests in flight per connection, echo mode (default 16)
+    --duration SECS      measured time, echo mode (default 10)
+    --warmup SECS        unmeasured time before it (default 2)
+    --threads T          client threads, 1 or 2 (default 1)
+    --route ROUTE        request route (default connector.entry.echo)
+    --body JSON          request body (default {\"msg\":\"hello dragonfruit\"})
+    --hold SECS          idle mode: how long to hold the connections (default 3)
+    --rounds R           fanout mode: lines said (default 20)
+    --server-pid PIDS    server processes (comma-separated), for their CPU and memory";
+
+pub(crate) enum Mode {
+    Echo,
+    Idle,
+    Fanout,
+}
+
+pub(crate) struct Args {
+    pub(crate) mode: Mode,
+    pub(crate) addr: SocketAddr,
+    pub(crate) connections: usize,
+    pub(crate) inflight: usize,
+    pub(crate) duration: Duration,
+    pub(crate) warmup: Duration,
+    pub(crate) threads: usize,
+    pub(crate) route: String,
+    pub(crate) body: Vec<u8>,
+    pub(crate) hold: Duration,
+    pub(crate) rounds: usize,
+    pub(crate) server_pids: Vec<u32>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let mode = match it.next().as_deref() {
+        Some("echo") => Mode::Echo,
+        Some("idle") => Mode::Idle,
+        Some("fanout") => Mode::Fanout,
+        Some("-h" | "--help") | None => return Err(HELP.to_owned()),
+        Some(other) => return Err(format!("unknown mode {other:?}\n\n{HELP}")),
+    };
+    let mut args = Args {
+        connections: if matches!(mode, Mode::Fanout) { 1000 } else { 64 },
+        mode,
+        addr: "127.0.0.1:3250".parse().unwrap(),
+        inflight: 16,
+        duration: Duration::from_secs(10),
+        warmup: Duration::from_secs(2),
+        threads: 1,
+        route: "connector.entry.echo".into(),
+        body: br#"{"msg":"hello dragonfruit"}"#.to_vec(),
+        hold: Duration::from_secs(3),
+        rounds: 20,
+        server_pids: Vec::new(),
+    };
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        let secs = |v: String| v.parse::<f64>().map(Duration::from_secs_f64).map_err(|e| e.to_string());
+        let number = |v: String, what: &str| v.parse::<usize>().map_err(|e| format!("{what}: {e}"));
+        match flag.as_str() {
+            "--addr" => {
+                let v = value()?;
+                args.addr = v.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or("no address")?;
+            }
+            "--connections" => args.connections = number(value()?, "--connections")?,
+            "--inflight" => args.inflight = number(value()?, "--inflight")?,
+            "--duration" => args.duration = secs(value()?)?,
+            "--warmup" => args.warmup = secs(value()?)?,
+            "--threads" => args.threads = number(value()?, "--threads")?,
+            "--route" => args.route = value()?,
+            "--body" => args.body = value()?.into_bytes(),
+            "--hold" => args.hold = secs(value()?)?,
+            "--rounds" => args.rounds = number(value()?, "--rounds")?,
+            "--server-pid" => {
+                for pid in value()?.split(',').filter(|p| !p.is_empty()) {
+                    args.server_pids.push(pid.trim().parse().map_err(|e| format!("--server-pid: {e}"))?);
+                }
+            }
+            "-h" | "--help" => return Err(HELP.to_owned()),
+            other => return Err(format!("unknown flag {other:?}")),
+        }
+    }
+    if args.connections == 0 || args.inflight == 0 || args.rounds == 0 || !(1..=2).contains(&args.threads) {
+        return Err("--connections, --inflight and --rounds must be positive, --threads 1 or 2".into());
+    }
+    Ok(args)
+}
+
+/// CPU seconds used by this process.
+pub(crate) fn cpu_seconds_self() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// CPU seconds used by process `pid`.
+pub(crate) fn cpu_seconds_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub(crate) fn rss_kib_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Server CPU meter: per-pid CPU seconds at the start.
+pub(crate) struct ServerCpu(Vec<(u32, f64)>);
+
+impl ServerCpu {
+    pub(crate) fn start(pids: &[u32]) -> ServerCpu {
+        ServerCpu(pids.iter().filter_map(|p| Some((*p, cpu_seconds_of(*p)?))).collect())
+    }
+
+    /// Prints each server's and the total CPU over `wall` seconds.
+    pub(crate) fn report(&self, wall: f64) {
+        let mut total = 0.0;
+        for (pid, before) in &self.0 {
+            if let Some(after) = cpu_seconds_of(*pid) {
+                let share = (after - before) / wall * 100.0;
+                total += share;
+                println!("  server cpu         {share:.0}% of one core (pid {pid})");
+            }
+        }
+        if self.0.len() > 1 {
+            println!("  servers total      {total:.0}% of one core");
+        }
+    }
+}
+
+/// Raises the open-file limit: to 262144 where the process may raise its hard limit, else
+/// the soft limit to the hard one.
+fn raise_fd_limit() {
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscalls on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let wanted = libc::rlimit { rlim_cur: 262_144, rlim_max: 262_144 };
+        if lim.rlim_max < wanted.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            return;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
+    raise_fd_limit();
+    let result = match args.mode {
+        Mode::Echo => echo::echo(&args),
+        Mode::Idle => echo::idle(&args),
+        Mode::Fanout => fanout::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dragonfruit-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
