@@ -153,6 +153,14 @@ fn pushes_to_users_on_every_frontend_and_broadcast() {
     let found: bool = a.request("probe.kick_user", "ben").unwrap();
     assert!(found);
     assert!(b.wait_closed(T));
+
+    // Unique sessions hold across frontends: binding "ann" on the second frontend kicks the
+    // session of "ann" on the first.
+    let ann_again = fronts[1].0.client();
+    let _: bool = ann_again.request("probe.bind", "ann").unwrap();
+    assert!(a.wait_closed(T), "older session on the other frontend kicked");
+    assert_eq!(a.kicked().as_deref(), Some("another session logged in with this uid"));
+    assert_eq!(ann_again.request_raw("probe.echo", b"still me").unwrap(), b"still me");
 }
 
 #[test]

@@ -98,6 +98,10 @@ pub trait Cluster: Send + Sync {
     /// Forwards `msgs` of `session`; `done` receives the replies (also for failures: no
     /// server of the type, timeouts). Must not block.
     fn forward(&self, session: &Arc<Session>, msgs: Vec<Forward>, done: ForwardDone);
+    /// A session of this frontend was bound to `uid`. With unique sessions the cluster
+    /// layer kicks the sessions of `uid` on the other frontends (this frontend already
+    /// kicked its own). Must not block.
+    fn session_bound(&self, uid: &str, unique: bool);
     /// Leaves discovery so no new calls are routed here. Called when a stop begins.
     fn begin_stop(&self);
     /// Stops threads; pending calls fail. Called at the end of a stop.

@@ -369,8 +369,12 @@ impl AppBuilder {
             Some(cluster) => cluster.messenger(local.clone()),
             None => local.clone(),
         };
-        let sink: Arc<dyn SessionSink> =
-            Arc::new(FrontendSink { port: port.clone(), registry: registry.clone(), unique: config.session.unique });
+        let sink: Arc<dyn SessionSink> = Arc::new(FrontendSink {
+            port: port.clone(),
+            registry: registry.clone(),
+            unique: config.session.unique,
+            cluster: self.cluster.clone(),
+        });
         let sessions = server.frontend.then(|| registry.clone());
         let env = HandlerEnv { server: server.clone(), serializer, messenger, sessions };
         let service = Arc::new(HandlerService::new(self.registry, self.pipelines, env));

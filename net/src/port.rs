@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use crossbeam_channel::{Receiver, Sender};
-use dragonfruit_core::cluster::CallTarget;
+use dragonfruit_core::cluster::{CallTarget, Cluster};
 use dragonfruit_core::codec::deflate_if_smaller;
 use dragonfruit_core::{
     codes, HandlerError, HandlerService, Messenger, MessengerError, Session, SessionError, SessionId, SessionRegistry,
@@ -103,6 +103,8 @@ pub(crate) struct FrontendSink {
     pub(crate) port: Arc<LoopPort>,
     pub(crate) registry: Arc<SessionRegistry>,
     pub(crate) unique: bool,
+    /// Told of binds, to apply unique sessions across frontends.
+    pub(crate) cluster: Option<Arc<dyn Cluster>>,
 }
 
 impl SessionSink for FrontendSink {
@@ -126,6 +128,9 @@ impl SessionSink for FrontendSink {
                 self.registry.unbind(other.id());
                 let _ = other.kick("another session logged in with this uid");
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.session_bound(uid, self.unique);
         }
         Ok(())
     }

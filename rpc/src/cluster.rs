@@ -382,6 +382,16 @@ impl Cluster for ClusterModule {
         self.inner.forward(session, msgs, done);
     }
 
+    fn session_bound(&self, uid: &str, unique: bool) {
+        let Some(started) = self.inner.started.get().filter(|_| unique) else { return };
+        for server in self.inner.table.all() {
+            if server.frontend && server.id != started.me.id {
+                let reason = "another session logged in with this uid".to_owned();
+                started.io.call(&server.id, Call::KickUser { uid: uid.to_owned(), reason }, None);
+            }
+        }
+    }
+
     fn begin_stop(&self) {
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.discovery.deregister();
