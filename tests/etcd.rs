@@ -16,6 +16,17 @@ use crate::util::{probe_app, wait_until, Probe, Server, T};
 
 const TTL: Duration = Duration::from_secs(2);
 
+/// An entry for a server that exists only in discovery.
+fn phantom(id: &str, server_type: &str) -> ServerEntry {
+    ServerEntry {
+        id: id.into(),
+        server_type: server_type.into(),
+        frontend: false,
+        rpc_addr: "tcp://127.0.0.1:9".into(),
+        metadata: BTreeMap::new(),
+    }
+}
+
 fn module(etcd: &Etcd) -> ClusterModule {
     let rpc = RpcConfig { timeout: Duration::from_secs(2), ..Default::default() };
     ClusterModule::new(rpc, Box::new(EtcdDiscovery::new(&etcd.url(), "it/", TTL)))
@@ -50,14 +61,7 @@ fn a_dead_server_disappears_when_its_lease_expires() {
     let (_fe, fe_module, _room, _) = pair(&etcd);
     // A server that registers and then dies without deregistering (its keepalives stop).
     let ghost = EtcdDiscovery::new(&etcd.url(), "it/", TTL);
-    let entry = ServerEntry {
-        id: "ghost-1".into(),
-        server_type: "room".into(),
-        frontend: false,
-        rpc_addr: "tcp://127.0.0.1:9".into(),
-        metadata: BTreeMap::new(),
-    };
-    ghost.start(entry, Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    ghost.start(phantom("ghost-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
     assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "ghost-1")));
     ghost.stop();
     assert!(wait_until(TTL * 4, || !fe_module.servers().iter().any(|s| s.id == "ghost-1")), "lease expired");
@@ -90,14 +94,7 @@ fn servers_survive_an_etcd_outage_and_register_again() {
     // etcd came back without our leases and keys: both servers must register again.
     let table = Arc::new(ServerTable::new());
     let newcomer = EtcdDiscovery::new(&etcd.url(), "it/", TTL);
-    let entry = ServerEntry {
-        id: "observer".into(),
-        server_type: "observer".into(),
-        frontend: false,
-        rpc_addr: "tcp://127.0.0.1:9".into(),
-        metadata: BTreeMap::new(),
-    };
-    newcomer.start(entry, table.clone(), Arc::new(|| {})).unwrap();
+    newcomer.start(phantom("observer", "observer"), table.clone(), Arc::new(|| {})).unwrap();
     assert!(
         wait_until(TTL * 5, || table.get("connector-1").is_some() && table.get("room-1").is_some()),
         "both servers registered again: {:?}",

@@ -110,7 +110,7 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
                 .args(["--role", role, "--id", id, "--discovery-dir", dir.to_str().unwrap()])
                 .args(extra)
                 .env("RUST_LOG", "error")
-                .env("DRAGONFRUIT_DISCOVERY__TTL", "1s")
+                .env("DRAGONFRUIT_DISCOVERY__TTL", "2s")
                 .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
                 .env("DRAGONFRUIT_RPC__TIMEOUT", "2s")
                 .stdout(Stdio::null())
@@ -136,12 +136,12 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     let mut in_flight = send(0..200);
     signal(&room1.0, libc::SIGKILL);
     let started = Instant::now();
-    // Discovery still lists room-1 for up to a second: about half of these go to the dead
-    // server and must fail cleanly, not hang.
+    // Discovery still lists room-1 for up to two seconds: about half of these go to the
+    // dead server and must fail cleanly, not hang.
     in_flight.extend(send(200..400));
     let (mut ok, mut failed) = (0, 0);
     for pending in in_flight {
-        match pending.wait_timeout(Duration::from_secs(4)) {
+        match pending.wait_timeout(Duration::from_secs(5)) {
             Ok(_) => ok += 1,
             Err(ClientError::Server(_)) => failed += 1,
             Err(e) => panic!("a request hung or the client broke: {e}"),
@@ -149,11 +149,11 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     }
     assert_eq!(ok + failed, 400, "every request answered");
     assert!(failed > 0, "some requests reached the dead server ({ok} ok)");
-    assert!(started.elapsed() < Duration::from_secs(4), "within the rpc timeout");
+    assert!(started.elapsed() < Duration::from_secs(5), "within the rpc timeout (2 s) plus margin");
     assert!(wait_exit(&mut room1.0, T).is_some());
 
-    // Once discovery drops room-1 (1 s), everything goes to room-2.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Once discovery drops room-1 (2 s), everything goes to room-2.
+    std::thread::sleep(Duration::from_millis(2600));
     for i in 0..100 {
         let body = format!("after {i}");
         assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes());

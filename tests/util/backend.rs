@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes, SessionId};
-use serde::Deserialize;
 use serde_json::{json, Value};
+
+use super::args::{internal, Kv, PushUsers};
 
 /// Per (frontend, session), the `seq` numbers in the order they ran here.
 pub type OrderLog = HashMap<(String, SessionId), Vec<u64>>;
@@ -15,23 +16,6 @@ pub type OrderLog = HashMap<(String, SessionId), Vec<u64>>;
 #[derive(Clone, Default)]
 pub struct Backend {
     pub order: Arc<Mutex<OrderLog>>,
-}
-
-#[derive(Deserialize)]
-struct Kv {
-    k: String,
-    #[serde(default)]
-    v: Value,
-}
-
-#[derive(Deserialize)]
-struct PushUsers {
-    uids: Vec<String>,
-    msg: Value,
-}
-
-fn internal(e: impl std::fmt::Display) -> HandlerError {
-    HandlerError::internal(e.to_string())
 }
 
 impl Component for Backend {

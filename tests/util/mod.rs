@@ -1,6 +1,7 @@
 //! Helpers: servers on free ports that stop on drop, a raw protocol peer for malformed
 //! input, a probe component, and condition waits with deadlines.
 
+pub mod args;
 pub mod backend;
 pub mod etcd;
 pub mod probe;

@@ -7,8 +7,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use dragonfruit_core::{Component, Ctx, HandlerError, Routes, SessionId};
-use serde::Deserialize;
 use serde_json::{json, Value};
+
+use super::args::{internal, Kv, PushUsers};
 
 #[derive(Default)]
 pub struct State {
@@ -55,23 +56,6 @@ impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-#[derive(Deserialize)]
-struct Kv {
-    k: String,
-    #[serde(default)]
-    v: Value,
-}
-
-#[derive(Deserialize)]
-struct PushUsers {
-    uids: Vec<String>,
-    msg: Value,
-}
-
-fn internal(e: impl std::fmt::Display) -> HandlerError {
-    HandlerError::internal(e.to_string())
 }
 
 impl Component for Probe {

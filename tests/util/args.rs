@@ -1,0 +1,25 @@
+//! Argument types and helpers shared by the test components.
+
+use dragonfruit_core::HandlerError;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// `{"k": key, "v": value}`.
+#[derive(Deserialize)]
+pub struct Kv {
+    pub k: String,
+    #[serde(default)]
+    pub v: Value,
+}
+
+/// `{"uids": [...], "msg": value}`.
+#[derive(Deserialize)]
+pub struct PushUsers {
+    pub uids: Vec<String>,
+    pub msg: Value,
+}
+
+/// A `PIT-500` from any error.
+pub fn internal(e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::internal(e.to_string())
+}
