@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use dragonfruit_core::cluster::CallTarget;
-use dragonfruit_core::{codes, HandlerError, Messenger, MessengerError, Route};
+use dragonfruit_core::{HandlerError, Messenger, MessengerError, Route};
 
 use crate::cluster::{Inner, Started};
 use crate::remote_session::blocking;
@@ -138,11 +138,9 @@ impl Messenger for ClusterMessenger {
                 Err(e) => Err(e),
             })
         });
+        // `None`: this server's own remote, or no running cluster layer.
         match outcome.flatten() {
             Some(result) => result,
-            None if parsed.server_type().is_some() && self.inner.upgrade().is_none() => {
-                Err(HandlerError::new(codes::NOT_FOUND, format!("no cluster for {route}")))
-            }
             None => self.local.call(route, target, body),
         }
     }
