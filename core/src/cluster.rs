@@ -51,6 +51,13 @@ pub trait Dispatcher: Send + Sync {
     fn submit_ordered(&self, key: OrderKey, job: Box<dyn FnOnce() + Send>);
     /// Runs `job` with no ordering.
     fn submit(&self, job: Box<dyn FnOnce() + Send>);
+    /// [`Dispatcher::submit_ordered`] for several jobs that arrived together; an
+    /// implementation may run them as one unit of work to save hand-offs.
+    fn submit_ordered_many(&self, jobs: Vec<(OrderKey, Box<dyn FnOnce() + Send>)>) {
+        for (key, job) in jobs {
+            self.submit_ordered(key, job);
+        }
+    }
 }
 
 /// What a cluster layer gets from the server when it starts.

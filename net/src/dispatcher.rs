@@ -48,6 +48,19 @@ impl Inner {
         self.pending.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Drains several mailboxes: halves go to `rayon::join`, so while one session's handler
+    /// blocks, idle workers take the other sessions.
+    fn drain_many(self: &Arc<Self>, mut fresh: Vec<(OrderKey, Job)>) {
+        if fresh.len() <= 1 {
+            if let Some((key, job)) = fresh.pop() {
+                self.clone().drain(key, job);
+            }
+            return;
+        }
+        let right = fresh.split_off(fresh.len() / 2);
+        rayon::join(|| self.drain_many(fresh), || self.drain_many(right));
+    }
+
     fn drain(self: Arc<Self>, key: OrderKey, first: Job) {
         let mut job = first;
         loop {
@@ -77,6 +90,27 @@ impl Dispatcher for PoolDispatcher {
         }
         let inner = self.inner.clone();
         self.inner.pool.spawn(move || inner.drain(key, job));
+    }
+
+    fn submit_ordered_many(&self, jobs: Vec<(OrderKey, Job)>) {
+        self.inner.pending.fetch_add(jobs.len(), Ordering::AcqRel);
+        let mut fresh = Vec::new();
+        {
+            let mut mailboxes = self.inner.mailboxes.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, job) in jobs {
+                match mailboxes.get_mut(&key) {
+                    Some(queue) => queue.push_back(job),
+                    None => {
+                        mailboxes.insert(key.clone(), VecDeque::new());
+                        fresh.push((key, job));
+                    }
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            let inner = self.inner.clone();
+            self.inner.pool.spawn(move || inner.drain_many(fresh));
+        }
     }
 
     fn submit(&self, job: Job) {
@@ -116,6 +150,16 @@ mod tests {
                 );
             }
         }
+        // The same keys again, submitted together: still in order after the earlier ones.
+        let together: Vec<(OrderKey, Box<dyn FnOnce() + Send>)> = (0..3u64)
+            .flat_map(|key| (50..60u64).map(move |n| (key, n)))
+            .map(|(key, n)| {
+                let log = log.clone();
+                let job: Box<dyn FnOnce() + Send> = Box::new(move || log.lock().unwrap().push((key, n)));
+                ((Arc::from("fe"), key), job)
+            })
+            .collect();
+        d.submit_ordered_many(together);
         d.submit(Box::new(|| panic!("a panicking job is contained")));
         let deadline = Instant::now() + Duration::from_secs(10);
         while d.pending() > 0 && Instant::now() < deadline {
@@ -125,9 +169,26 @@ mod tests {
         let log = log.lock().unwrap();
         for key in 0..3u64 {
             let order: Vec<u64> = log.iter().filter(|(k, _)| *k == key).map(|(_, n)| *n).collect();
-            assert_eq!(order, (0..50).collect::<Vec<_>>(), "key {key} in order");
+            assert_eq!(order, (0..60).collect::<Vec<_>>(), "key {key} in order");
         }
         assert!(overlapped.load(Ordering::SeqCst), "different keys ran in parallel");
         assert!(d.inner.mailboxes.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_blocking_job_in_a_group_does_not_hold_up_the_others() {
+        let pool = Arc::new(WorkerPool::new(4).unwrap());
+        let d = PoolDispatcher::new(pool);
+        let (b_ran, wait_b) = crossbeam_channel::bounded::<()>(1);
+        let (verdict, result) = crossbeam_channel::bounded::<bool>(1);
+        let a: Box<dyn FnOnce() + Send> = Box::new(move || {
+            // Session A blocks until session B's job, from the same group, has run.
+            let _ = verdict.send(wait_b.recv_timeout(Duration::from_secs(5)).is_ok());
+        });
+        let b: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = b_ran.send(());
+        });
+        d.submit_ordered_many(vec![((Arc::from("fe"), 1), a), ((Arc::from("fe"), 2), b)]);
+        assert_eq!(result.recv_timeout(Duration::from_secs(10)), Ok(true), "B ran while A was blocked");
     }
 }

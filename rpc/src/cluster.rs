@@ -165,28 +165,40 @@ impl Inner {
         }
     }
 
-    fn on_call(&self, from: &str, call: Call, responder: Responder) {
+    fn on_calls(&self, calls: Vec<(String, Call, Responder)>) {
         let Some(started) = self.started.get() else {
-            responder.send(Err(HandlerError::internal("cluster layer is not started")));
+            for (_, _, responder) in calls {
+                responder.send(Err(HandlerError::internal("cluster layer is not started")));
+            }
             return;
         };
-        let ctx = &started.ctx;
         let stopping = self.stopping.load(Ordering::Acquire);
-        let refuse_stopping = || Err(error(STOPPING, format!("server {} is shutting down", started.me.id)));
-        match call {
-            Call::Handle { session, msgs } if !stopping => {
-                let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
-                let service = ctx.service.clone();
-                let sink = started.sink.clone();
-                ctx.dispatcher.submit_ordered(
-                    key,
-                    Box::new(move || {
+        let mut ordered: Vec<(OrderKey, Box<dyn FnOnce() + Send>)> = Vec::new();
+        for (from, call, responder) in calls {
+            match call {
+                Call::Handle { session, msgs } if !stopping => {
+                    let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
+                    let service = started.ctx.service.clone();
+                    let sink = started.sink.clone();
+                    let job = move || {
                         let session = remote_session(session, sink, service.env().serializer);
                         let replies = msgs.into_iter().filter_map(|m| run_message(&service, &session, m)).collect();
                         responder.send(Ok(Answer::Replies(replies)));
-                    }),
-                );
+                    };
+                    ordered.push((key, Box::new(job)));
+                }
+                call => self.on_call(started, stopping, &from, call, responder),
             }
+        }
+        if !ordered.is_empty() {
+            started.ctx.dispatcher.submit_ordered_many(ordered);
+        }
+    }
+
+    fn on_call(&self, started: &Started, stopping: bool, from: &str, call: Call, responder: Responder) {
+        let ctx = &started.ctx;
+        let refuse_stopping = || Err(error(STOPPING, format!("server {} is shutting down", started.me.id)));
+        match call {
             Call::User { route, body } if !stopping => {
                 let (service, from) = (ctx.service.clone(), from.to_owned());
                 ctx.dispatcher.submit(Box::new(move || {
@@ -322,10 +334,14 @@ impl Collector {
 struct InboundAdapter(Weak<Inner>);
 
 impl Inbound for InboundAdapter {
-    fn on_call(&self, from: &str, call: Call, responder: Responder) {
+    fn on_calls(&self, calls: Vec<(String, Call, Responder)>) {
         match self.0.upgrade() {
-            Some(inner) => inner.on_call(from, call, responder),
-            None => responder.send(Err(HandlerError::internal("server stopped"))),
+            Some(inner) => inner.on_calls(calls),
+            None => {
+                for (_, _, responder) in calls {
+                    responder.send(Err(HandlerError::internal("server stopped")));
+                }
+            }
         }
     }
 }

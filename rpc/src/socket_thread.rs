@@ -27,7 +27,8 @@ pub(crate) type ReplyFn = Box<dyn FnOnce(Result<Answer, HandlerError>) + Send>;
 /// Handles calls arriving on the ROUTER socket. Must not block: long work goes to a pool
 /// and answers later through the [`Responder`].
 pub(crate) trait Inbound: Send + Sync {
-    fn on_call(&self, from: &str, call: Call, responder: Responder);
+    /// The calls read in one pass over the ROUTER socket: `(caller id, call, responder)`.
+    fn on_calls(&self, calls: Vec<(String, Call, Responder)>);
 }
 
 pub(crate) enum Cmd {
@@ -371,14 +372,17 @@ impl SocketThread {
         Ok(())
     }
 
+    /// Reads every waiting message and hands their calls over together, so work that
+    /// arrived together can be dispatched together.
     fn read_router(&mut self) {
+        let mut calls = Vec::new();
         loop {
             let parts = match self.router.recv_multipart(zmq::DONTWAIT) {
                 Ok(parts) => parts,
-                Err(e) if is_again(&e) => return,
+                Err(e) if is_again(&e) => break,
                 Err(e) => {
                     warn!("rpc receive failed: {e}");
-                    return;
+                    break;
                 }
             };
             let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).unwrap_or_default();
@@ -403,11 +407,14 @@ impl SocketThread {
                             });
                         }
                         let responder = Responder { io: self.io.clone(), identity: identity.clone(), corr };
-                        self.inbound.on_call(&from, call, responder);
+                        calls.push((from.clone(), call, responder));
                     }
                     Frame::Reply { .. } => warn!("server {from} sent an answer to a ROUTER"),
                 }
             }
+        }
+        if !calls.is_empty() {
+            self.inbound.on_calls(calls);
         }
     }
 
