@@ -127,6 +127,9 @@ struct SocketThread {
 
 /// High-water marks well above any in-flight bound, so sends never block or drop.
 const HWM: i32 = 1_000_000;
+/// Largest message accepted from a peer (ZeroMQ drops the connection of a peer that sends a
+/// larger one). A Sys RPC carries at most `dispatch.batch` packets of `packet.max_size`.
+const MAX_MESSAGE: i64 = 256 << 20;
 
 /// Creates the ROUTER socket bound at `bind` and returns it with its real endpoint.
 pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket, String), String> {
@@ -136,6 +139,7 @@ pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket
     router.set_router_handover(true).map_err(|e| e.to_string())?;
     router.set_sndhwm(HWM).map_err(|e| e.to_string())?;
     router.set_rcvhwm(HWM).map_err(|e| e.to_string())?;
+    router.set_maxmsgsize(MAX_MESSAGE).map_err(|e| e.to_string())?;
     router.bind(bind).map_err(|e| e.to_string())?;
     let endpoint =
         router.get_last_endpoint().map_err(|e| e.to_string())?.map_err(|_| "endpoint not utf-8".to_string())?;
@@ -293,6 +297,7 @@ impl SocketThread {
         socket.set_linger(0)?;
         socket.set_sndhwm(HWM)?;
         socket.set_rcvhwm(HWM)?;
+        socket.set_maxmsgsize(MAX_MESSAGE)?;
         socket.connect(addr)?;
         Ok(socket)
     }
