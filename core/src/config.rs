@@ -114,11 +114,6 @@ impl ConfigSource {
             }),
         }
     }
-
-    /// Names of the top-level sections present.
-    pub fn section_names(&self) -> impl Iterator<Item = &str> {
-        self.table.keys().map(String::as_str)
-    }
 }
 
 fn parse_env_value(raw: &str) -> toml::Value {

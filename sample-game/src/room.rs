@@ -92,13 +92,6 @@ impl Rooms {
         self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Names and member counts of the rooms held here.
-    pub fn summary(&self) -> Vec<(String, usize)> {
-        let mut out: Vec<_> = self.lock().iter().map(|(n, m)| (n.clone(), m.len())).collect();
-        out.sort();
-        out
-    }
-
     fn join(&self, ctx: &mut Ctx<'_>, req: Join) -> Result<Joined, HandlerError> {
         let uid = logged_in(ctx)?;
         let name = req.room.trim().to_owned();

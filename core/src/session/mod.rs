@@ -148,11 +148,6 @@ impl Session {
         &self.handshake
     }
 
-    /// Shared handle to the handshake data.
-    pub fn handshake_arc(&self) -> &Arc<HandshakeData> {
-        &self.handshake
-    }
-
     /// Peer address, when known.
     pub fn remote_addr(&self) -> Option<SocketAddr> {
         self.remote_addr
