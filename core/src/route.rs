@@ -77,6 +77,11 @@ impl Route {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    /// The full text, without copying it.
+    pub fn into_string(self) -> String {
+        self.text.into_string()
+    }
 }
 
 impl fmt::Display for Route {

@@ -2,6 +2,7 @@
 //! servers chosen by routers, runs messages and user RPCs arriving from other servers on
 //! the app's worker pool, and serves frontend-side session operations for backends.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -10,7 +11,8 @@ use std::thread::JoinHandle;
 use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, ForwardDone, OrderKey};
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::config::{ConfigError, ConfigSource};
-use dragonfruit_core::{codes, HandlerError, InboundMessage, Messenger, Reply, Route, Session, SessionSink};
+use dragonfruit_core::handler::Resolved;
+use dragonfruit_core::{codes, HandlerError, Messenger, Reply, Route, Session, SessionSink};
 use log::{info, warn};
 
 use crate::config::{self, RpcConfig};
@@ -93,18 +95,18 @@ impl Inner {
     pub(crate) fn pick(&self, route: &Route, session: Option<&Session>, body: &[u8]) -> Result<String, HandlerError> {
         let snapshot = self.table.snapshot();
         let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
-        self.pick_in(&snapshot, &routers, route, session, body)
+        self.pick_in(&snapshot, &routers, route, session, body).map(str::to_owned)
     }
 
     /// [`Inner::pick`] with the table and routers already at hand (one lookup per batch).
-    fn pick_in(
+    fn pick_in<'s>(
         &self,
-        snapshot: &Snapshot,
+        snapshot: &'s Snapshot,
         routers: &HashMap<String, Arc<dyn Router>>,
         route: &Route,
         session: Option<&Session>,
         body: &[u8],
-    ) -> Result<String, HandlerError> {
+    ) -> Result<&'s str, HandlerError> {
         let server_type = route.server_type().unwrap_or_default();
         let servers: &[ServerEntry] = snapshot.by_type.get(server_type).map(|s| &s[..]).unwrap_or_default();
         if servers.is_empty() {
@@ -117,7 +119,7 @@ impl Inner {
             None => self.default_router.pick(&ctx, servers),
         };
         match index.and_then(|i| servers.get(i)) {
-            Some(server) => Ok(server.id.clone()),
+            Some(server) => Ok(&server.id),
             None => {
                 Err(HandlerError::new(codes::NOT_FOUND, format!("the router of {server_type} refused route {route}")))
             }
@@ -130,7 +132,7 @@ impl Inner {
             done(msgs.iter().filter(|m| m.kind == MessageType::Request).map(|m| (m.id, refusal())).collect());
             return;
         };
-        let mut groups: Vec<(String, Vec<WireMessage>)> = Vec::new();
+        let mut groups: Vec<(&str, Vec<WireMessage>)> = Vec::new();
         let mut refused = Vec::new();
         let table = self.table.snapshot();
         let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
@@ -138,8 +140,7 @@ impl Inner {
             let request = msg.kind == MessageType::Request;
             match self.pick_in(&table, &routers, &msg.route, Some(session), &msg.body) {
                 Ok(to) => {
-                    let wire =
-                        WireMessage { request, id: msg.id, route: msg.route.as_str().to_owned(), body: msg.body };
+                    let wire = WireMessage { request, id: msg.id, route: msg.route.into_string(), body: msg.body };
                     match groups.iter_mut().find(|(id, _)| *id == to) {
                         Some((_, list)) => list.push(wire),
                         None => groups.push((to, vec![wire])),
@@ -151,17 +152,25 @@ impl Inner {
         }
         drop(routers);
         let with_requests = groups.iter().filter(|(_, m)| m.iter().any(|w| w.request)).count();
-        let collector = Collector::new(with_requests, refused, done);
         let snapshot = snapshot(session, &started.me);
+        if with_requests == 1 && groups.len() == 1 && refused.is_empty() {
+            // The common case, one server for the whole batch: its answers are the replies.
+            let (to, msgs) = groups.pop().unwrap_or_default();
+            let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
+            let call = Call::Handle { session: snapshot, msgs };
+            started.io.call(to, call, Some(Box::new(move |result| done(replies(ids, result)))));
+            return;
+        }
+        let collector = Collector::new(with_requests, refused, done);
         for (to, msgs) in groups {
             let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
             let call = Call::Handle { session: snapshot.clone(), msgs };
             if ids.is_empty() {
-                started.io.call(&to, call, None);
+                started.io.call(to, call, None);
                 continue;
             }
             let collector = collector.clone();
-            started.io.call(&to, call, Some(Box::new(move |result| collector.complete(ids, result))));
+            started.io.call(to, call, Some(Box::new(move |result| collector.complete(ids, result))));
         }
     }
 
@@ -257,17 +266,21 @@ fn no_session(session: u64, server: &str) -> HandlerError {
     HandlerError::new(codes::NOT_FOUND, format!("session {session} is not connected to {server}"))
 }
 
-/// Runs one forwarded message; the reply for requests.
+/// Runs one forwarded message; the reply for requests. Routes resolve through the
+/// service's table of its own routes (no parse, no copy of the body).
 fn run_message(
     service: &dragonfruit_core::HandlerService,
     session: &Arc<Session>,
     m: WireMessage,
 ) -> Option<WireReply> {
     let kind = if m.request { MessageType::Request } else { MessageType::Notify };
-    let reply = match Route::parse(&m.route) {
-        Ok(route) => service.execute(session, InboundMessage { kind, id: m.id, route, body: m.body }),
-        Err(e) if m.request => Reply::Err(HandlerError::bad_request(e.to_string())),
-        Err(_) => Reply::None,
+    let reply = match service.resolve(&m.route) {
+        Resolved::Local(route, handler) => {
+            service.execute_handler(session, kind, m.id, route, handler, Cow::Borrowed(&m.body))
+        }
+        // A route of a type this server does not serve: the sender's table is stale.
+        Resolved::Remote(route) => refuse(session, kind, &m.route, HandlerError::not_found(route.as_str())),
+        Resolved::Error(e) => refuse(session, kind, &m.route, e),
     };
     let result = match reply {
         Reply::None => return None,
@@ -275,6 +288,35 @@ fn run_message(
         Reply::Err(e) => Err(e),
     };
     m.request.then_some(WireReply { id: m.id, result })
+}
+
+fn refuse(session: &Session, kind: MessageType, route: &str, e: HandlerError) -> Reply {
+    if kind == MessageType::Request {
+        return Reply::Err(e);
+    }
+    warn!("sid={} route={route:?} forwarded notify failed: {e}", session.id());
+    Reply::None
+}
+
+/// The replies to requests `ids` from the answer to their `Handle` call: one per id, in
+/// the answer's order, with an error for any the server left out.
+fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Vec<(u64, Reply)> {
+    match result {
+        Ok(Answer::Replies(list)) => {
+            let mut replies: Vec<(u64, Reply)> =
+                list.into_iter().map(|r| (r.id, r.result.map_or_else(Reply::Err, |b| Reply::Ok(b.0)))).collect();
+            if replies.len() != ids.len() || replies.iter().zip(&ids).any(|((a, _), b)| a != b) {
+                for id in ids {
+                    if !replies.iter().any(|(answered, _)| *answered == id) {
+                        replies.push((id, Reply::Err(HandlerError::internal("the server dropped the request"))));
+                    }
+                }
+            }
+            replies
+        }
+        Ok(_) => ids.iter().map(|id| (*id, Reply::Err(HandlerError::internal("unexpected answer")))).collect(),
+        Err(e) => ids.iter().map(|id| (*id, Reply::Err(e.clone()))).collect(),
+    }
 }
 
 /// Gathers the answers of the calls one batch was split into, then calls `done` once.
@@ -301,19 +343,7 @@ impl Collector {
     }
 
     fn complete(&self, ids: Vec<u64>, result: Result<Answer, HandlerError>) {
-        let replies: Vec<(u64, Reply)> = match result {
-            Ok(Answer::Replies(list)) => {
-                let mut replies: Vec<(u64, Reply)> =
-                    list.into_iter().map(|r| (r.id, r.result.map_or_else(Reply::Err, |b| Reply::Ok(b.0)))).collect();
-                let answered: Vec<u64> = replies.iter().map(|(id, _)| *id).collect();
-                for id in ids.into_iter().filter(|id| !answered.contains(id)) {
-                    replies.push((id, Reply::Err(HandlerError::internal("the server dropped the request"))));
-                }
-                replies
-            }
-            Ok(_) => ids.iter().map(|id| (*id, Reply::Err(HandlerError::internal("unexpected answer")))).collect(),
-            Err(e) => ids.iter().map(|id| (*id, Reply::Err(e.clone()))).collect(),
-        };
+        let replies = replies(ids, result);
         let finished = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state.replies.extend(replies);
@@ -421,5 +451,31 @@ impl Cluster for ClusterModule {
             }
         }
         self.inner.discovery.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(id: u64, body: &[u8]) -> WireReply {
+        WireReply { id, result: Ok(ByteBuf(body.to_vec())) }
+    }
+
+    #[test]
+    fn every_forwarded_request_gets_exactly_one_reply() {
+        let all = replies(vec![1, 2], Ok(Answer::Replies(vec![ok(1, b"a"), ok(2, b"b")])));
+        assert_eq!(all, vec![(1, Reply::Ok(b"a".to_vec())), (2, Reply::Ok(b"b".to_vec()))]);
+
+        let missing = replies(vec![1, 2, 3], Ok(Answer::Replies(vec![ok(3, b"c")])));
+        assert_eq!(missing.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![3, 1, 2]);
+        assert!(matches!(&missing[1].1, Reply::Err(e) if e.message.contains("dropped")));
+
+        let failed = replies(vec![4, 5], Err(HandlerError::timeout("slow")));
+        assert!(failed.iter().all(|(_, r)| matches!(r, Reply::Err(e) if e.message == "slow")));
+        assert_eq!(failed.len(), 2);
+
+        let odd = replies(vec![6], Ok(Answer::Done));
+        assert!(matches!(&odd[0], (6, Reply::Err(e)) if e.message == "unexpected answer"));
     }
 }

@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 use dragonfruit_core::{codes, HandlerError};
 use log::{debug, warn};
 
-use crate::table::{ServerEntry, ServerTable};
+use crate::table::ServerTable;
 use crate::wire::{self, Answer, Call, Frame};
 
 /// Receives the answer to a call, exactly once.
@@ -235,13 +235,15 @@ impl SocketThread {
     }
 
     fn queue_call(&mut self, to: String, call: Call, reply: Option<ReplyFn>) {
-        let Some(addr) = self.table.get(&to).map(|e| e.rpc_addr) else {
-            if let Some(reply) = reply {
-                reply(Err(HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"))));
-            }
-            return;
-        };
+        // A peer that left the table is dropped (and its calls failed) by `connect_peers`,
+        // queued with the table change; only unknown peers need a table lookup here.
         if !self.peers.contains_key(&to) {
+            let Some(addr) = self.table.get(&to).map(|e| e.rpc_addr) else {
+                if let Some(reply) = reply {
+                    reply(Err(HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"))));
+                }
+                return;
+            };
             match self.dealer(&addr) {
                 Ok(socket) => {
                     self.peers.insert(to.clone(), socket);
@@ -403,13 +405,8 @@ impl SocketThread {
                 match frame {
                     Frame::Call { corr, call } => {
                         if let Call::Handle { session, .. } = &call {
-                            self.table.learn(ServerEntry {
-                                id: session.frontend_id.clone(),
-                                server_type: session.frontend_type.clone(),
-                                frontend: true,
-                                rpc_addr: session.frontend_rpc.clone(),
-                                metadata: Default::default(),
-                            });
+                            let s = session;
+                            self.table.learn_frontend(&s.frontend_id, &s.frontend_type, &s.frontend_rpc);
                         }
                         let responder = Responder { io: self.io.clone(), identity: identity.clone(), corr };
                         calls.push((from.clone(), call, responder));

@@ -91,15 +91,30 @@ impl ServerTable {
         self.publish(&sources)
     }
 
-    /// Learns a server from a call it made; returns whether the table changed.
-    pub fn learn(&self, entry: ServerEntry) -> bool {
+    /// Learns a frontend from a session it sent (its id, type and endpoint); returns
+    /// whether the table changed. Cheap when the server is already known: nothing is
+    /// allocated unless the table changes.
+    pub fn learn_frontend(&self, id: &str, server_type: &str, rpc_addr: &str) -> bool {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        if entry.rpc_addr.is_empty() || sources.discovered.contains_key(&entry.id) {
+        if rpc_addr.is_empty() || sources.discovered.contains_key(id) {
             return false;
         }
-        let known = sources.learned.get(&entry.id).is_some_and(|(e, _)| *e == entry);
-        sources.learned.insert(entry.id.clone(), (entry, Instant::now()));
-        !known && self.publish(&sources)
+        let now = Instant::now();
+        if let Some((known, seen)) = sources.learned.get_mut(id) {
+            if known.server_type == server_type && known.rpc_addr == rpc_addr && known.frontend {
+                *seen = now;
+                return false;
+            }
+        }
+        let entry = ServerEntry {
+            id: id.to_owned(),
+            server_type: server_type.to_owned(),
+            frontend: true,
+            rpc_addr: rpc_addr.to_owned(),
+            metadata: BTreeMap::new(),
+        };
+        sources.learned.insert(id.to_owned(), (entry, now));
+        self.publish(&sources)
     }
 
     fn publish(&self, sources: &Sources) -> bool {
@@ -151,10 +166,13 @@ mod tests {
     fn learned_servers_until_discovery_lists_them() {
         let table = ServerTable::new();
         assert!(table.replace(HashMap::from([("room-1".into(), entry("room-1", false))])));
-        assert!(table.learn(entry("connector-1", true)));
-        assert!(!table.learn(entry("connector-1", true)), "already known");
+        assert!(table.learn_frontend("connector-1", "connector", "tcp://127.0.0.1:9"));
+        assert!(!table.learn_frontend("connector-1", "connector", "tcp://127.0.0.1:9"), "already known");
+        let moved = "tcp://127.0.0.1:1/connector-1";
+        assert!(table.learn_frontend("connector-1", "connector", moved), "restarted on a new endpoint");
+        assert_eq!(table.get("connector-1").map(|e| e.rpc_addr), Some(moved.to_owned()));
         assert_eq!(table.of_type("connector").len(), 1);
-        assert!(!table.learn(entry("room-1", false)), "discovery wins");
+        assert!(!table.learn_frontend("room-1", "room", "tcp://127.0.0.1:2"), "discovery wins");
         let both = HashMap::from([
             ("room-1".into(), entry("room-1", false)),
             ("connector-1".into(), entry("connector-1", true)),
