@@ -123,6 +123,8 @@ struct SocketThread {
     outbox: HashMap<String, Vec<Frame>>,
     /// Answers to send per caller identity, this iteration.
     answers: HashMap<Vec<u8>, Vec<Frame>>,
+    /// The last `zmq_poll` saw the wake-up fd readable.
+    wake_ready: bool,
 }
 
 /// High-water marks well above any in-flight bound, so sends never block or drop.
@@ -178,6 +180,7 @@ pub(crate) fn spawn(
         timeout,
         outbox: HashMap::new(),
         answers: HashMap::new(),
+        wake_ready: false,
     };
     let handle = std::thread::Builder::new().name("df-rpc".into()).spawn(move || thread.run())?;
     Ok((io, handle))
@@ -197,7 +200,11 @@ impl SocketThread {
             }
             self.flush();
             self.expire();
-            if let Err(e) = self.poll() {
+            if self.read_all() {
+                // Answers to what was just read may already be queued: no blocking yet.
+                continue;
+            }
+            if let Err(e) = self.wait() {
                 warn!("rpc poll failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -209,8 +216,13 @@ impl SocketThread {
         debug!("rpc thread of {} stopped", self.own_id);
     }
 
+    /// Clears the wake-up flag and reads the wake-up bytes: when the flag was set, or when
+    /// `zmq_poll` saw the fd readable (a byte written after an earlier clear).
     fn drain_wake(&mut self) {
-        self.wake.pending.store(false, Ordering::Release);
+        let flagged = self.wake.pending.swap(false, Ordering::AcqRel);
+        if !flagged && !std::mem::take(&mut self.wake_ready) {
+            return;
+        }
         let mut buf = [0u8; 64];
         while let Ok(n) = self.wake_read.read(&mut buf) {
             if n < buf.len() {
@@ -355,34 +367,33 @@ impl SocketThread {
         next.map_or(cap, |d| d.min(cap)).as_millis() as i64 + 1
     }
 
-    fn poll(&mut self) -> Result<(), zmq::Error> {
-        let peer_ids: Vec<String> = self.peers.keys().cloned().collect();
-        let (router_ready, peers_ready) = {
-            let mut items = Vec::with_capacity(2 + peer_ids.len());
-            items.push(self.router.as_poll_item(zmq::POLLIN));
-            items.push(zmq::PollItem::from_fd(self.wake_read.as_raw_fd(), zmq::POLLIN));
-            for id in &peer_ids {
-                items.push(self.peers[id].as_poll_item(zmq::POLLIN));
-            }
-            zmq::poll(&mut items, self.poll_timeout())?;
-            let peers: Vec<bool> = items[2..].iter().map(|i| i.is_readable()).collect();
-            (items[0].is_readable(), peers)
-        };
-        if router_ready {
-            self.read_router();
-        }
-        for (id, ready) in peer_ids.iter().zip(peers_ready) {
-            if ready {
-                self.read_peer(id);
-            }
-        }
+    /// Blocks until a socket or the wake-up fd is readable, or the next deadline.
+    fn wait(&mut self) -> Result<(), zmq::Error> {
+        let mut items = Vec::with_capacity(2 + self.peers.len());
+        items.push(self.router.as_poll_item(zmq::POLLIN));
+        items.push(zmq::PollItem::from_fd(self.wake_read.as_raw_fd(), zmq::POLLIN));
+        items.extend(self.peers.values().map(|socket| socket.as_poll_item(zmq::POLLIN)));
+        zmq::poll(&mut items, self.poll_timeout())?;
+        self.wake_ready = items[1].is_readable();
         Ok(())
+    }
+
+    /// Reads what every socket holds; whether anything came. Reading a ZeroMQ socket that
+    /// holds nothing costs no system call, so a busy thread skips `zmq_poll`.
+    fn read_all(&mut self) -> bool {
+        let mut got = self.read_router();
+        let ids: Vec<String> = self.peers.keys().cloned().collect();
+        for id in &ids {
+            got |= self.read_peer(id);
+        }
+        got
     }
 
     /// Reads every waiting message and hands their calls over together, so work that
     /// arrived together can be dispatched together.
-    fn read_router(&mut self) {
+    fn read_router(&mut self) -> bool {
         let mut calls = Vec::new();
+        let mut got = false;
         loop {
             let parts = match self.router.recv_multipart(zmq::DONTWAIT) {
                 Ok(parts) => parts,
@@ -392,6 +403,7 @@ impl SocketThread {
                     break;
                 }
             };
+            got = true;
             let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).unwrap_or_default();
             let from = String::from_utf8_lossy(&identity).into_owned();
             let frames = match wire::decode(&payload) {
@@ -418,19 +430,22 @@ impl SocketThread {
         if !calls.is_empty() {
             self.inbound.on_calls(calls);
         }
+        got
     }
 
-    fn read_peer(&mut self, id: &str) {
+    fn read_peer(&mut self, id: &str) -> bool {
+        let mut got = false;
         loop {
-            let Some(socket) = self.peers.get(id) else { return };
+            let Some(socket) = self.peers.get(id) else { return got };
             let payload = match socket.recv_bytes(zmq::DONTWAIT) {
                 Ok(payload) => payload,
-                Err(e) if is_again(&e) => return,
+                Err(e) if is_again(&e) => return got,
                 Err(e) => {
                     warn!("rpc receive from {id} failed: {e}");
-                    return;
+                    return got;
                 }
             };
+            got = true;
             let frames = match wire::decode(&payload) {
                 Ok(frames) => frames,
                 Err(e) => {
