@@ -9,7 +9,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -49,10 +49,12 @@ pub(crate) enum Cmd {
     Stop,
 }
 
-/// Wake-up of the socket thread: one byte on a socketpair, at most one in flight.
+/// Wake-up of the socket thread: one byte on a socketpair, written only while it sleeps.
 struct Wake {
     write: UnixStream,
-    pending: AtomicBool,
+    /// Set by the socket thread just before it blocks in `zmq_poll`; a sender that finds it
+    /// set clears it and writes the wake-up byte. A busy thread costs senders no syscall.
+    sleeping: AtomicBool,
 }
 
 /// Sender side: any thread.
@@ -72,7 +74,10 @@ impl Io {
             }
             return;
         }
-        if !self.wake.pending.swap(true, Ordering::AcqRel) {
+        // Pairs with the fence in `SocketThread::run`: either the thread sees this command
+        // before it blocks, or this sees it asleep.
+        fence(Ordering::SeqCst);
+        if self.wake.sleeping.swap(false, Ordering::SeqCst) {
             // WouldBlock means a wake-up byte is already waiting: fine.
             let _ = (&self.wake.write).write(&[1]);
         }
@@ -161,7 +166,7 @@ pub(crate) fn spawn(
     wake_read.set_nonblocking(true)?;
     wake_write.set_nonblocking(true)?;
     let (tx, rx) = crossbeam_channel::unbounded();
-    let wake = Arc::new(Wake { write: wake_write, pending: AtomicBool::new(false) });
+    let wake = Arc::new(Wake { write: wake_write, sleeping: AtomicBool::new(false) });
     let io = Io { tx, wake: wake.clone() };
     let mut thread = SocketThread {
         ctx,
@@ -204,10 +209,17 @@ impl SocketThread {
                 // Answers to what was just read may already be queued: no blocking yet.
                 continue;
             }
+            self.wake.sleeping.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if !self.rx.is_empty() {
+                self.wake.sleeping.store(false, Ordering::SeqCst);
+                continue;
+            }
             if let Err(e) = self.wait() {
                 warn!("rpc poll failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
+            self.wake.sleeping.store(false, Ordering::SeqCst);
         }
         for (_, pending) in self.pending.drain() {
             (pending.reply)(Err(HandlerError::internal("rpc layer stopped")));
@@ -216,11 +228,9 @@ impl SocketThread {
         debug!("rpc thread of {} stopped", self.own_id);
     }
 
-    /// Clears the wake-up flag and reads the wake-up bytes: when the flag was set, or when
-    /// `zmq_poll` saw the fd readable (a byte written after an earlier clear).
+    /// Reads the wake-up bytes once `zmq_poll` saw them.
     fn drain_wake(&mut self) {
-        let flagged = self.wake.pending.swap(false, Ordering::AcqRel);
-        if !flagged && !std::mem::take(&mut self.wake_ready) {
+        if !std::mem::take(&mut self.wake_ready) {
             return;
         }
         let mut buf = [0u8; 64];
@@ -463,5 +473,52 @@ impl SocketThread {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoCalls;
+
+    impl Inbound for NoCalls {
+        fn on_calls(&self, calls: Vec<(String, Call, Responder)>) {
+            for (_, _, responder) in calls {
+                responder.send(Err(HandlerError::internal("no calls in this test")));
+            }
+        }
+    }
+
+    /// Senders write the wake-up byte only while the thread sleeps. A lost wake-up would
+    /// leave a command waiting for the 100 ms poll cap, so 2,000 round trips from four
+    /// threads would take minutes instead of well under the bound below.
+    #[test]
+    fn no_wake_up_is_lost() {
+        let ctx = zmq::Context::new();
+        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let table = Arc::new(ServerTable::new());
+        let (io, thread) = spawn(ctx, router, "test".into(), table, Arc::new(NoCalls), Duration::from_secs(5)).unwrap();
+        let started = Instant::now();
+        let senders: Vec<_> = (0..4)
+            .map(|_| {
+                let io = io.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..500 {
+                        let (tx, rx) = crossbeam_channel::bounded(1);
+                        let call = Call::KickUser { uid: "u".into(), reason: "r".into() };
+                        io.call("nobody", call, Some(Box::new(move |r| drop(tx.send(r)))));
+                        let answer = rx.recv_timeout(Duration::from_secs(5)).expect("answered");
+                        assert!(matches!(answer, Err(e) if e.code == codes::NOT_FOUND));
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.join().unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+        io.send(Cmd::Stop);
+        thread.join().unwrap();
     }
 }
