@@ -31,8 +31,8 @@ pub mod session;
 
 pub use error::{codes, HandlerError};
 pub use handler::{
-    Component, Ctx, HandlerEnv, HandlerKind, HandlerRegistry, HandlerService, InboundMessage, Pipelines, RemoteCtx,
-    Reply, Routes, ServerInfo,
+    Component, Ctx, HandlerEnv, HandlerKind, HandlerRegistry, HandlerService, Pipelines, RemoteCtx, Reply, Routes,
+    ServerInfo,
 };
 pub use messenger::{Messenger, MessengerError};
 pub use route::{Route, RouteError};

@@ -142,21 +142,12 @@ fn handle_message(
         Resolved::Remote(route) => {
             let server_type = route.server_type().unwrap_or_default();
             let text = format!("no server of type {server_type} serves route {route}");
-            refuse(session, msg.kind, msg.route, HandlerError::new(codes::NOT_FOUND, text))
+            Reply::refusal(session, msg.kind, msg.route, HandlerError::new(codes::NOT_FOUND, text))
         }
-        Resolved::Error(e) => refuse(session, msg.kind, msg.route, e),
+        Resolved::Error(e) => Reply::refusal(session, msg.kind, msg.route, e),
     };
     encode_reply(shared, session, msg.id, reply, out);
     Ok(())
-}
-
-/// The reply to a message that reaches no handler.
-fn refuse(session: &Session, kind: MessageType, route: &str, err: HandlerError) -> Reply {
-    if kind == MessageType::Request {
-        return Reply::Err(err);
-    }
-    debug!("sid={} notify {route:?} dropped: {err}", session.id());
-    Reply::None
 }
 
 /// Appends the response packet for `reply` to `out`.

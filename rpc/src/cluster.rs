@@ -11,7 +11,6 @@ use std::thread::JoinHandle;
 use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, ForwardDone, OrderKey};
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::config::{ConfigError, ConfigSource};
-use dragonfruit_core::handler::Resolved;
 use dragonfruit_core::{codes, HandlerError, Messenger, Reply, Route, Session, SessionSink};
 use log::{info, warn};
 
@@ -20,7 +19,7 @@ use crate::discovery::{self, Discovery};
 use crate::messenger::ClusterMessenger;
 use crate::remote_session::{remote_session, snapshot, RemoteSink};
 use crate::router::{RandomRouter, RouteCtx, Router};
-use crate::socket_thread::{self, Cmd, Inbound, Io, Responder};
+use crate::socket_thread::{self, Cmd, Inbound, Io, ReplyFn, Responder};
 use crate::table::{ServerEntry, ServerTable, Snapshot};
 use crate::wire::{error, Answer, ByteBuf, Call, WireMessage, WireReply};
 
@@ -152,25 +151,14 @@ impl Inner {
         }
         drop(routers);
         let with_requests = groups.iter().filter(|(_, m)| m.iter().any(|w| w.request)).count();
-        let snapshot = snapshot(session, &started.me);
-        if with_requests == 1 && groups.len() == 1 && refused.is_empty() {
-            // The common case, one server for the whole batch: its answers are the replies.
-            let (to, msgs) = groups.pop().unwrap_or_default();
+        let mut completion = Completion::new(with_requests, refused, done);
+        let mut snapshot = snapshot(session, &started.me);
+        let mut groups = groups.into_iter().peekable();
+        while let Some((to, msgs)) = groups.next() {
             let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
-            let call = Call::Handle { session: snapshot, msgs };
-            started.io.call(to, call, Some(Box::new(move |result| done(replies(ids, result)))));
-            return;
-        }
-        let collector = Collector::new(with_requests, refused, done);
-        for (to, msgs) in groups {
-            let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
-            let call = Call::Handle { session: snapshot.clone(), msgs };
-            if ids.is_empty() {
-                started.io.call(to, call, None);
-                continue;
-            }
-            let collector = collector.clone();
-            started.io.call(to, call, Some(Box::new(move |result| collector.complete(ids, result))));
+            // The last call takes the snapshot; earlier ones get copies.
+            let session = if groups.peek().is_some() { snapshot.clone() } else { std::mem::take(&mut snapshot) };
+            started.io.call(to, Call::Handle { session, msgs }, completion.reply_fn(ids));
         }
     }
 
@@ -274,28 +262,13 @@ fn run_message(
     m: WireMessage,
 ) -> Option<WireReply> {
     let kind = if m.request { MessageType::Request } else { MessageType::Notify };
-    let reply = match service.resolve(&m.route) {
-        Resolved::Local(route, handler) => {
-            service.execute_handler(session, kind, m.id, route, handler, Cow::Borrowed(&m.body))
-        }
-        // A route of a type this server does not serve: the sender's table is stale.
-        Resolved::Remote(route) => refuse(session, kind, &m.route, HandlerError::not_found(route.as_str())),
-        Resolved::Error(e) => refuse(session, kind, &m.route, e),
-    };
+    let reply = service.execute(session, kind, m.id, &m.route, Cow::Borrowed(&m.body));
     let result = match reply {
         Reply::None => return None,
         Reply::Ok(body) => Ok(ByteBuf(body)),
         Reply::Err(e) => Err(e),
     };
     m.request.then_some(WireReply { id: m.id, result })
-}
-
-fn refuse(session: &Session, kind: MessageType, route: &str, e: HandlerError) -> Reply {
-    if kind == MessageType::Request {
-        return Reply::Err(e);
-    }
-    warn!("sid={} route={route:?} forwarded notify failed: {e}", session.id());
-    Reply::None
 }
 
 /// The replies to requests `ids` from the answer to their `Handle` call: one per id, in
@@ -316,6 +289,41 @@ fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Vec<(u64, Rep
         }
         Ok(_) => ids.iter().map(|id| (*id, Reply::Err(HandlerError::internal("unexpected answer")))).collect(),
         Err(e) => ids.iter().map(|id| (*id, Reply::Err(e.clone()))).collect(),
+    }
+}
+
+/// Where the answers to one forwarded batch go.
+enum Completion {
+    /// One call carries every request and none was refused: its answers are the replies.
+    Direct(Option<ForwardDone>),
+    /// Several calls carry requests, or some were refused: gathered, then `done` once.
+    Gather(Collector),
+}
+
+impl Completion {
+    fn new(calls: usize, refused: Vec<(u64, Reply)>, done: ForwardDone) -> Completion {
+        if calls == 1 && refused.is_empty() {
+            Completion::Direct(Some(done))
+        } else {
+            Completion::Gather(Collector::new(calls, refused, done))
+        }
+    }
+
+    /// The answer callback of a call carrying requests `ids`; none for notifies only.
+    fn reply_fn(&mut self, ids: Vec<u64>) -> Option<ReplyFn> {
+        if ids.is_empty() {
+            return None;
+        }
+        match self {
+            Completion::Direct(done) => {
+                let done = done.take()?;
+                Some(Box::new(move |result| done(replies(ids, result))))
+            }
+            Completion::Gather(collector) => {
+                let collector = collector.clone();
+                Some(Box::new(move |result| collector.complete(ids, result)))
+            }
+        }
     }
 }
 

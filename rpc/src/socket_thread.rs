@@ -391,12 +391,8 @@ impl SocketThread {
     /// Reads what every socket holds; whether anything came. Reading a ZeroMQ socket that
     /// holds nothing costs no system call, so a busy thread skips `zmq_poll`.
     fn read_all(&mut self) -> bool {
-        let mut got = self.read_router();
-        let ids: Vec<String> = self.peers.keys().cloned().collect();
-        for id in &ids {
-            got |= self.read_peer(id);
-        }
-        got
+        let from_callers = self.read_router();
+        self.read_peers() || from_callers
     }
 
     /// Reads every waiting message and hands their calls over together, so work that
@@ -416,14 +412,7 @@ impl SocketThread {
             got = true;
             let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).unwrap_or_default();
             let from = String::from_utf8_lossy(&identity).into_owned();
-            let frames = match wire::decode(&payload) {
-                Ok(frames) => frames,
-                Err(e) => {
-                    warn!("bad envelope from {from}: {e}");
-                    continue;
-                }
-            };
-            for frame in frames {
+            for frame in decode_from(&payload, &from) {
                 match frame {
                     Frame::Call { corr, call } => {
                         if let Call::Handle { session, .. } = &call {
@@ -443,37 +432,41 @@ impl SocketThread {
         got
     }
 
-    fn read_peer(&mut self, id: &str) -> bool {
+    /// Reads the answers waiting on every DEALER and hands them to their callers.
+    fn read_peers(&mut self) -> bool {
         let mut got = false;
-        loop {
-            let Some(socket) = self.peers.get(id) else { return got };
-            let payload = match socket.recv_bytes(zmq::DONTWAIT) {
-                Ok(payload) => payload,
-                Err(e) if is_again(&e) => return got,
-                Err(e) => {
-                    warn!("rpc receive from {id} failed: {e}");
-                    return got;
-                }
-            };
-            got = true;
-            let frames = match wire::decode(&payload) {
-                Ok(frames) => frames,
-                Err(e) => {
-                    warn!("bad envelope from {id}: {e}");
-                    continue;
-                }
-            };
-            for frame in frames {
-                match frame {
-                    Frame::Reply { corr, result } => match self.pending.remove(&corr) {
-                        Some(p) => (p.reply)(result),
-                        None => debug!("late answer {corr} from {id} dropped"),
-                    },
-                    Frame::Call { .. } => warn!("server {id} sent a call on a DEALER"),
+        for (id, socket) in &self.peers {
+            loop {
+                let payload = match socket.recv_bytes(zmq::DONTWAIT) {
+                    Ok(payload) => payload,
+                    Err(e) if is_again(&e) => break,
+                    Err(e) => {
+                        warn!("rpc receive from {id} failed: {e}");
+                        break;
+                    }
+                };
+                got = true;
+                for frame in decode_from(&payload, id) {
+                    match frame {
+                        Frame::Reply { corr, result } => match self.pending.remove(&corr) {
+                            Some(p) => (p.reply)(result),
+                            None => debug!("late answer {corr} from {id} dropped"),
+                        },
+                        Frame::Call { .. } => warn!("server {id} sent a call on a DEALER"),
+                    }
                 }
             }
         }
+        got
     }
+}
+
+/// The frames of an envelope from `from`; none (and a warning) if it is malformed.
+fn decode_from(payload: &[u8], from: &str) -> Vec<Frame> {
+    wire::decode(payload).unwrap_or_else(|e| {
+        warn!("bad envelope from {from}: {e}");
+        Vec::new()
+    })
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ pub enum WireError {
 }
 
 /// A session as a backend sees it: enough to build a remote session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionSnapshot {
     /// Session id on its frontend.
     pub id: u64,

@@ -16,7 +16,7 @@ use serde::Serialize;
 pub use ctx::{Ctx, HandlerEnv, RemoteCtx, ServerInfo};
 pub use pipeline::{AfterFn, BeforeFn, Pipelines};
 pub use registry::{HandlerRegistry, RegistryError, RouteInfo};
-pub use service::{HandlerService, InboundMessage, Reply, Resolved};
+pub use service::{HandlerService, Reply, Resolved};
 
 use crate::error::HandlerError;
 

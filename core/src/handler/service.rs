@@ -1,32 +1,20 @@
-//! `HandlerService::execute`: one message through before pipelines, handler and after
-//! pipelines, with panics turned into `PIT-500`. Shared by frontend workers and by backends
-//! running forwarded requests.
+//! `HandlerService`: resolves a route and runs one message through before pipelines, handler
+//! and after pipelines, with panics turned into `PIT-500`. Frontend workers resolve first (a
+//! route of another server type is forwarded); backends running forwarded messages call
+//! `execute`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use log::{error, warn};
+use log::{debug, error, warn};
 
 use crate::codec::MessageType;
 use crate::error::HandlerError;
 use crate::handler::{Ctx, Handler, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines, RemoteCtx};
 use crate::route::Route;
 use crate::session::Session;
-
-/// A decoded client message ready for a handler.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InboundMessage {
-    /// Request or notify.
-    pub kind: MessageType,
-    /// Message id (0 for notify).
-    pub id: u64,
-    /// Parsed route.
-    pub route: Route,
-    /// Body, inflated.
-    pub body: Vec<u8>,
-}
 
 /// The outcome of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +25,18 @@ pub enum Reply {
     Ok(Vec<u8>),
     /// Error response.
     Err(HandlerError),
+}
+
+impl Reply {
+    /// The reply to a message that reaches no handler: the error for a request; nothing for
+    /// a notify, whose error is logged (at debug: the client sent it).
+    pub fn refusal(session: &Session, kind: MessageType, route: &str, err: HandlerError) -> Reply {
+        if kind == MessageType::Request {
+            return Reply::Err(err);
+        }
+        debug!("sid={} notify {route:?} dropped: {err}", session.id());
+        Reply::None
+    }
 }
 
 /// Where a route leads, as seen from this server.
@@ -107,13 +107,21 @@ impl HandlerService {
         }
     }
 
-    /// Runs `msg` for `session` on a handler of this process (an unknown route is
-    /// answered with `PIT-404`).
-    pub fn execute(&self, session: &Arc<Session>, msg: InboundMessage) -> Reply {
-        let server_type = msg.route.server_type().unwrap_or(&self.env.server.server_type);
-        match self.registry.lookup(server_type, msg.route.handler_key()) {
-            Some(handler) => self.execute_handler(session, msg.kind, msg.id, &msg.route, handler, msg.body.into()),
-            None => finish(session, msg.kind, &msg.route, Err(HandlerError::not_found(msg.route.as_str()))),
+    /// Runs a message on a handler of this process; `route` as the client sent it (with or
+    /// without the server type). A route of a type this process does not serve, or no such
+    /// handler, is refused with `PIT-404`; an invalid route with `PIT-400`.
+    pub fn execute(
+        &self,
+        session: &Arc<Session>,
+        kind: MessageType,
+        id: u64,
+        route: &str,
+        body: Cow<'_, [u8]>,
+    ) -> Reply {
+        match self.resolve(route) {
+            Resolved::Local(parsed, handler) => self.execute_handler(session, kind, id, parsed, handler, body),
+            Resolved::Remote(parsed) => Reply::refusal(session, kind, route, HandlerError::not_found(parsed.as_str())),
+            Resolved::Error(e) => Reply::refusal(session, kind, route, e),
         }
     }
 

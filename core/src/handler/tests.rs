@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -6,7 +7,6 @@ use serde::{Deserialize, Serialize};
 use super::*;
 use crate::codec::MessageType;
 use crate::messenger::{Messenger, MessengerError};
-use crate::route::Route;
 use crate::serializer::Serializer;
 use crate::session::{Session, SessionError, SessionInit, SessionSink};
 use crate::{codes, HandlerError};
@@ -119,9 +119,7 @@ fn session() -> Arc<Session> {
 }
 
 fn request(svc: &HandlerService, route: &str, body: &[u8]) -> Reply {
-    let msg =
-        InboundMessage { kind: MessageType::Request, id: 1, route: Route::parse(route).unwrap(), body: body.to_vec() };
-    svc.execute(&session(), msg)
+    svc.execute(&session(), MessageType::Request, 1, route, Cow::Borrowed(body))
 }
 
 fn err_code(reply: Reply) -> String {
@@ -149,21 +147,14 @@ fn typed_raw_and_error_paths() {
     assert_eq!(err_code(request(&svc, "counter.boom", b"")), codes::INTERNAL);
     assert_eq!(request(&svc, "counter.echo", b"still serving"), Reply::Ok(b"still serving".to_vec()));
 
-    let notify = InboundMessage {
-        kind: MessageType::Notify,
-        id: 0,
-        route: Route::parse("counter.note").unwrap(),
-        body: b"7".to_vec(),
-    };
-    assert_eq!(svc.execute(&session(), notify), Reply::None);
+    assert_eq!(svc.execute(&session(), MessageType::Notify, 0, "counter.note", Cow::Borrowed(b"7")), Reply::None);
     assert_eq!(*counter.notified.lock().unwrap(), vec![7]);
-    let notify = InboundMessage {
-        kind: MessageType::Notify,
-        id: 0,
-        route: Route::parse("counter.add").unwrap(),
-        body: br#"{"a":1,"b":1}"#.to_vec(),
-    };
-    assert_eq!(svc.execute(&session(), notify), Reply::None, "notify to a request route runs, no answer");
+    let body = Cow::Borrowed(&br#"{"a":1,"b":1}"#[..]);
+    assert_eq!(
+        svc.execute(&session(), MessageType::Notify, 0, "counter.add", body),
+        Reply::None,
+        "notify to a request route runs, no answer"
+    );
 }
 
 #[test]
