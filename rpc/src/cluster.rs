@@ -94,10 +94,13 @@ impl Inner {
     pub(crate) fn pick(&self, route: &Route, session: Option<&Session>, body: &[u8]) -> Result<String, HandlerError> {
         let snapshot = self.table.snapshot();
         let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
-        self.pick_in(&snapshot, &routers, route, session, body).map(str::to_owned)
+        self.pick_in(&snapshot, &routers, route, session, body, &mut Vec::new()).map(str::to_owned)
     }
 
     /// [`Inner::pick`] with the table and routers already at hand (one lookup per batch).
+    /// `sticky` holds the default router's choices so far in this batch, by server type: it
+    /// picks once per type and batch, so the messages a client sent together go to one
+    /// server, in one call, and run there in order. A custom router sees every message.
     fn pick_in<'s>(
         &self,
         snapshot: &'s Snapshot,
@@ -105,17 +108,27 @@ impl Inner {
         route: &Route,
         session: Option<&Session>,
         body: &[u8],
+        sticky: &mut Vec<(&'s str, &'s str)>,
     ) -> Result<&'s str, HandlerError> {
         let server_type = route.server_type().unwrap_or_default();
-        let servers: &[ServerEntry] = snapshot.by_type.get(server_type).map(|s| &s[..]).unwrap_or_default();
-        if servers.is_empty() {
+        let Some((type_key, servers)) = snapshot.by_type.get_key_value(server_type).filter(|(_, s)| !s.is_empty())
+        else {
             let text = format!("no server of type {server_type} for route {route}");
             return Err(HandlerError::new(codes::NOT_FOUND, text));
-        }
+        };
         let ctx = RouteCtx { route, session, body };
         let index = match routers.get(server_type) {
             Some(router) => router.pick(&ctx, servers),
-            None => self.default_router.pick(&ctx, servers),
+            None => {
+                if let Some((_, id)) = sticky.iter().find(|(t, _)| *t == type_key) {
+                    return Ok(id);
+                }
+                let index = self.default_router.pick(&ctx, servers);
+                if let Some(server) = index.and_then(|i| servers.get(i)) {
+                    sticky.push((type_key, &server.id));
+                }
+                index
+            }
         };
         match index.and_then(|i| servers.get(i)) {
             Some(server) => Ok(&server.id),
@@ -135,9 +148,10 @@ impl Inner {
         let mut refused = Vec::new();
         let table = self.table.snapshot();
         let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
+        let mut sticky = Vec::new();
         for msg in msgs {
             let request = msg.kind == MessageType::Request;
-            match self.pick_in(&table, &routers, &msg.route, Some(session), &msg.body) {
+            match self.pick_in(&table, &routers, &msg.route, Some(session), &msg.body, &mut sticky) {
                 Ok(to) => {
                     let wire = WireMessage { request, id: msg.id, route: msg.route.into_string(), body: msg.body };
                     match groups.iter_mut().find(|(id, _)| *id == to) {
@@ -464,7 +478,75 @@ impl Cluster for ClusterModule {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
+    use crate::discovery::{DiscoveryError, OnChange};
+
+    /// The table is filled by the test itself.
+    struct FixedTable;
+
+    impl Discovery for FixedTable {
+        fn start(&self, _: ServerEntry, _: Arc<ServerTable>, _: OnChange) -> Result<(), DiscoveryError> {
+            Ok(())
+        }
+        fn deregister(&self) {}
+        fn stop(&self) {}
+    }
+
+    fn module(servers: &[(&str, &str)]) -> ClusterModule {
+        let module = ClusterModule::new(RpcConfig::default(), Box::new(FixedTable));
+        let entry = |(id, server_type): &(&str, &str)| ServerEntry {
+            id: id.to_string(),
+            server_type: server_type.to_string(),
+            frontend: false,
+            rpc_addr: String::new(),
+            metadata: BTreeMap::new(),
+        };
+        module.inner.table.replace(servers.iter().map(|s| (s.0.to_owned(), entry(s))).collect());
+        module
+    }
+
+    /// Picks for the routes of one forwarded batch.
+    fn batch<'s>(inner: &Inner, snapshot: &'s Snapshot, routes: &[&str]) -> Vec<&'s str> {
+        let routers = inner.routers.read().unwrap();
+        let mut sticky = Vec::new();
+        let mut pick = |r: &&str| inner.pick_in(snapshot, &routers, &Route::parse(r).unwrap(), None, b"", &mut sticky);
+        routes.iter().map(|r| pick(r).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_default_router_picks_once_per_type_and_batch() {
+        let m = module(&[("room-1", "room"), ("room-2", "room"), ("chat-1", "chat")]);
+        let snapshot = m.inner.table.snapshot();
+        let mut seen = HashSet::new();
+        for _ in 0..64 {
+            let picks = batch(&m.inner, &snapshot, &["room.room.a", "chat.chat.a", "room.room.b", "room.room.a"]);
+            assert_eq!(picks[1], "chat-1");
+            assert!(picks[0] == picks[2] && picks[0] == picks[3], "one room server per batch: {picks:?}");
+            seen.insert(picks[0]);
+        }
+        assert_eq!(seen.len(), 2, "still random across batches");
+        let missing = m.inner.pick(&Route::parse("lobby.x.y").unwrap(), None, b"").unwrap_err();
+        assert_eq!(missing.code, codes::NOT_FOUND);
+    }
+
+    struct RoundRobin(AtomicUsize);
+
+    impl Router for RoundRobin {
+        fn pick(&self, _: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize> {
+            Some(self.0.fetch_add(1, Ordering::Relaxed) % servers.len())
+        }
+    }
+
+    #[test]
+    fn custom_routers_see_every_message() {
+        let m = module(&[("room-1", "room"), ("room-2", "room")]).with_router("room", RoundRobin(AtomicUsize::new(0)));
+        let snapshot = m.inner.table.snapshot();
+        let picks = batch(&m.inner, &snapshot, &["room.room.a", "room.room.a", "room.room.a"]);
+        assert_eq!(picks, ["room-1", "room-2", "room-1"]);
+    }
 
     fn ok(id: u64, body: &[u8]) -> WireReply {
         WireReply { id, result: Ok(ByteBuf(body.to_vec())) }

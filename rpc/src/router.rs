@@ -25,7 +25,9 @@ pub trait Router: Send + Sync {
     fn pick(&self, ctx: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize>;
 }
 
-/// The default: a uniformly random live server.
+/// The default: a uniformly random live server. For forwarded client messages the cluster
+/// module asks it once per server type and batch (the messages of one session read
+/// together), so those go to one server and run there in order.
 #[derive(Debug)]
 pub struct RandomRouter {
     state: AtomicU64,
@@ -59,7 +61,12 @@ impl Router for RandomRouter {
 /// that server lives; when servers come or go, only the keys of the changed servers move.
 /// Deterministic across processes, so every frontend agrees.
 pub fn rendezvous(key: &str, servers: &[ServerEntry]) -> Option<usize> {
-    servers.iter().enumerate().max_by_key(|(_, s)| fnv1a(&[key.as_bytes(), b"\0", s.id.as_bytes()])).map(|(i, _)| i)
+    rendezvous_bytes(key.as_bytes(), servers)
+}
+
+/// [`rendezvous`] on a key of any bytes (a session id's, say).
+pub fn rendezvous_bytes(key: &[u8], servers: &[ServerEntry]) -> Option<usize> {
+    servers.iter().enumerate().max_by_key(|(_, s)| fnv1a(&[key, b"\0", s.id.as_bytes()])).map(|(i, _)| i)
 }
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {

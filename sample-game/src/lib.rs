@@ -6,7 +6,7 @@
 //!   `{"room","members"}` (pushes `onJoin {"uid"}` to the others), `room.room.say` (notify)
 //!   `{"text"}` → `onChat {"from","text"}` to the room, `room.room.leave` → `{"room"}` (pushes
 //!   `onLeave`), `room.room.echo` (for benchmarks of forwarding). [`RoomRouter`] keeps all
-//!   members of a room on one room server.
+//!   members of a room on one room server, and each roomless player on one room server.
 
 pub mod entry;
 pub mod room;

@@ -1,14 +1,16 @@
 //! `RoomRouter`: all traffic about one room goes to one room server.
 
-use dragonfruit_rpc::router::rendezvous;
+use dragonfruit_rpc::router::{rendezvous, rendezvous_bytes};
 use dragonfruit_rpc::{RandomRouter, RouteCtx, Router, ServerEntry};
 
 use crate::room::ROOM_KEY;
 
 /// Routes `room.*` by room name with rendezvous hashing: `join` by the room in its body,
 /// everything else (say, leave, the `left` remote) by the session's current room. Messages
-/// of players in no room (echo) go to a random room server. Every connector computes the
-/// same choice, and when a room server dies only its rooms move.
+/// of players in no room (echo) go by session id, so each player's messages stay on one room
+/// server and in order; user RPCs with no session go to a random room server. Every
+/// connector computes the same choice, and when a room server dies only its rooms (and
+/// players) move.
 #[derive(Debug, Default)]
 pub struct RoomRouter {
     fallback: RandomRouter,
@@ -25,7 +27,99 @@ impl Router for RoomRouter {
         };
         match room {
             Some(room) => rendezvous(&room, servers),
-            None => self.fallback.pick(ctx, servers),
+            None => match ctx.session {
+                Some(session) => rendezvous_bytes(&session.id().to_be_bytes(), servers),
+                None => self.fallback.pick(ctx, servers),
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::Arc;
+
+    use dragonfruit_core::{Route, Serializer, Session, SessionError, SessionInit, SessionSink};
+
+    use super::*;
+
+    struct NoClient;
+
+    impl SessionSink for NoClient {
+        fn push(&self, _: &Session, _: &str, _: Vec<u8>) -> Result<(), SessionError> {
+            Ok(())
+        }
+        fn kick(&self, _: &Session, _: &str) -> Result<(), SessionError> {
+            Ok(())
+        }
+        fn bind(&self, _: &Session, _: &str) -> Result<(), SessionError> {
+            Ok(())
+        }
+        fn push_data(&self, _: &Session) -> Result<(), SessionError> {
+            Ok(())
+        }
+        fn is_frontend(&self) -> bool {
+            true
+        }
+    }
+
+    fn session(id: u64, room: Option<&str>) -> Session {
+        let data: BTreeMap<_, _> = room.map(|r| (ROOM_KEY.to_owned(), serde_json::json!(r))).into_iter().collect();
+        let init = SessionInit {
+            id,
+            frontend_id: Arc::from("connector-1"),
+            handshake: Arc::default(),
+            remote_addr: None,
+            created_unix_ms: 0,
+            serializer: Serializer::Json,
+            uid: None,
+            data,
+        };
+        Session::new(init, Arc::new(NoClient))
+    }
+
+    fn rooms() -> Vec<ServerEntry> {
+        ["room-1", "room-2"]
+            .iter()
+            .map(|id| ServerEntry {
+                id: id.to_string(),
+                server_type: "room".into(),
+                frontend: false,
+                rpc_addr: String::new(),
+                metadata: BTreeMap::new(),
+            })
+            .collect()
+    }
+
+    fn pick(route: &str, session: Option<&Session>, body: &[u8]) -> usize {
+        let route = Route::parse(route).unwrap();
+        RoomRouter::default().pick(&RouteCtx { route: &route, session, body }, &rooms()).unwrap()
+    }
+
+    #[test]
+    fn a_room_and_its_members_share_a_server() {
+        let servers = rooms();
+        let joined = pick("room.room.join", Some(&session(1, None)), br#"{"room":" lobby "}"#);
+        assert_eq!(joined, rendezvous("lobby", &servers).unwrap());
+        for sid in 0..20 {
+            assert_eq!(pick("room.room.say", Some(&session(sid, Some("lobby"))), b"{}"), joined);
+        }
+    }
+
+    #[test]
+    fn players_in_no_room_stay_on_one_server_each() {
+        let mut used = HashSet::new();
+        for sid in 0..40 {
+            let player = session(sid, None);
+            let first = pick("room.room.echo", Some(&player), b"x");
+            for _ in 0..10 {
+                assert_eq!(pick("room.room.echo", Some(&player), b"x"), first, "session {sid}");
+            }
+            used.insert(first);
+        }
+        assert_eq!(used.len(), 2, "players spread over both servers");
+        let anonymous: HashSet<usize> = (0..64).map(|_| pick("room.room.left", None, b"")).collect();
+        assert_eq!(anonymous.len(), 2, "calls without a session go to a random server");
     }
 }
