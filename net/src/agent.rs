@@ -110,6 +110,15 @@ impl Agent {
         }
     }
 
+    /// Lists this connection (slab key `token`) in the loop's `dirty` list, once, so its
+    /// output is flushed at the end of the iteration.
+    pub(crate) fn mark_dirty(&mut self, token: usize, dirty: &mut Vec<usize>) {
+        if !self.dirty {
+            self.dirty = true;
+            dirty.push(token);
+        }
+    }
+
     /// Bytes waiting to be written.
     pub(crate) fn pending_write(&self) -> usize {
         self.wbuf.len() - self.wpos

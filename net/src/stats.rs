@@ -1,5 +1,6 @@
-//! Counters of the runtime, updated by the event loop (relaxed atomics: one writer) and read
-//! by anyone holding the app handle.
+//! Counters of the runtime, updated by the event loop and the workers (relaxed atomics: the
+//! runtime only changes them and never reads them to decide anything) and read by anyone holding
+//! the app handle.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

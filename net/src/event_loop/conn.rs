@@ -197,10 +197,7 @@ impl EventLoop {
         } else {
             agent.wbuf.extend_from_slice(&out);
         }
-        if !agent.dirty {
-            agent.dirty = true;
-            self.dirty.push(token);
-        }
+        agent.mark_dirty(token, &mut self.dirty);
     }
 
     /// Answers of forwarded requests: write them and give the session's slots back.
@@ -309,10 +306,7 @@ impl EventLoop {
             return;
         }
         Stats::add(&self.shared.stats.pushes, 1);
-        if !agent.dirty {
-            agent.dirty = true;
-            self.dirty.push(token);
-        }
+        agent.mark_dirty(token, &mut self.dirty);
     }
 
     /// Sends a kick packet, then closes once it is written.

@@ -267,10 +267,7 @@ impl EventLoop {
                     if now >= agent.next_heartbeat {
                         agent.wbuf.extend_from_slice(&conn::HEARTBEAT_PACKET);
                         agent.next_heartbeat = now + heartbeat;
-                        if !agent.dirty {
-                            agent.dirty = true;
-                            self.dirty.push(token);
-                        }
+                        agent.mark_dirty(token, &mut self.dirty);
                     }
                     None
                 }
