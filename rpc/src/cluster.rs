@@ -21,10 +21,7 @@ use crate::remote_session::{remote_session, snapshot, RemoteSink};
 use crate::router::{RandomRouter, RouteCtx, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, ReplyFn, Responder};
 use crate::table::{ServerEntry, ServerTable, Snapshot};
-use crate::wire::{error, Answer, ByteBuf, Call, WireMessage, WireReply};
-
-/// Code of the error answered while a server shuts down.
-const STOPPING: &str = "PIT-500";
+use crate::wire::{Answer, ByteBuf, Call, WireMessage, WireReply};
 
 /// The cluster layer of one server; plug it in with `AppBuilder::cluster`.
 #[derive(Clone)]
@@ -208,7 +205,7 @@ impl Inner {
 
     fn on_call(&self, started: &Started, stopping: bool, from: &str, call: Call, responder: Responder) {
         let ctx = &started.ctx;
-        let refuse_stopping = || Err(error(STOPPING, format!("server {} is shutting down", started.me.id)));
+        let refuse_stopping = || Err(HandlerError::internal(format!("server {} is shutting down", started.me.id)));
         match call {
             Call::User { route, body } if !stopping => {
                 let (service, from) = (ctx.service.clone(), from.to_owned());

@@ -4,8 +4,6 @@
 //! fields by position, so variants and fields are only ever appended, and a new layout
 //! gets a new version byte.
 
-use std::collections::BTreeMap;
-
 use dragonfruit_core::HandlerError;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -206,11 +204,6 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Frame>, WireError> {
         Ok((_, trailing)) => Err(WireError::Malformed(format!("{} trailing bytes", trailing.len()))),
         Err(e) => Err(WireError::Malformed(e.to_string())),
     }
-}
-
-/// Metadata helper for errors built on this side.
-pub(crate) fn error(code: &str, message: impl Into<String>) -> HandlerError {
-    HandlerError { code: code.to_owned(), message: message.into(), metadata: BTreeMap::new() }
 }
 
 #[cfg(test)]
