@@ -473,6 +473,7 @@ fn decode_from(payload: &[u8], from: &str) -> Vec<Frame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ServerEntry;
 
     struct NoCalls;
 
@@ -514,5 +515,111 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
         io.send(Cmd::Stop);
         thread.join().unwrap();
+    }
+
+    fn envelope(frames: &[Frame]) -> Vec<u8> {
+        wire::encode(frames)
+    }
+
+    /// What a peer can send that is not a well-formed envelope in the right direction.
+    fn bad_payloads() -> Vec<Vec<u8>> {
+        let reply = Frame::Reply { corr: 99, result: Ok(Answer::Done) };
+        let call = Frame::Call { corr: 98, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
+        let mut truncated = envelope(std::slice::from_ref(&call));
+        truncated.truncate(truncated.len() - 2);
+        vec![
+            Vec::new(),
+            vec![wire::VERSION + 1, 0],
+            vec![wire::VERSION, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            truncated,
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        ]
+        .into_iter()
+        .chain([envelope(&[reply]), envelope(&[call])])
+        .collect()
+    }
+
+    fn raw_socket(ctx: &zmq::Context, kind: zmq::SocketType) -> zmq::Socket {
+        let socket = ctx.socket(kind).unwrap();
+        socket.set_linger(0).unwrap();
+        socket.set_rcvtimeo(5_000).unwrap();
+        socket
+    }
+
+    /// A peer that sends garbage, another layout version, a truncated envelope, an answer
+    /// to a ROUTER and a multi-part message gets log lines, not a dead thread: the call it
+    /// sends last is still served. Calls are decoded in order, so the answer arrives only
+    /// after every bad message before it was read.
+    #[test]
+    fn bad_envelopes_on_the_router_are_dropped_and_later_calls_served() {
+        let ctx = zmq::Context::new();
+        let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let table = Arc::new(ServerTable::new());
+        let (io, thread) =
+            spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), Duration::from_secs(5)).unwrap();
+        let peer = raw_socket(&ctx, zmq::DEALER);
+        peer.set_identity(b"rogue").unwrap();
+        peer.connect(&endpoint).unwrap();
+        // The wrong-direction call in `bad_payloads` has corr 98 and is answered; skip it.
+        let mut sent = bad_payloads();
+        sent.pop();
+        for payload in &sent {
+            peer.send(payload.as_slice(), 0).unwrap();
+        }
+        peer.send_multipart([b"one".as_slice(), b"two"], 0).unwrap();
+        let call = Frame::Call { corr: 7, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
+        peer.send(envelope(&[call]), 0).unwrap();
+        let answer = peer.recv_bytes(0).expect("the call after the bad messages is answered");
+        match wire::decode(&answer).unwrap().as_slice() {
+            [Frame::Reply { corr: 7, result: Err(e) }] => assert_eq!(e.message, "no calls in this test"),
+            other => panic!("unexpected answer {other:?}"),
+        }
+        io.send(Cmd::Stop);
+        thread.join().unwrap();
+    }
+
+    /// A peer that answers with garbage, calls on the DEALER, or answers to calls nobody
+    /// made: each is dropped, and the caller gets exactly the one real answer.
+    #[test]
+    fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
+        let ctx = zmq::Context::new();
+        let fake = raw_socket(&ctx, zmq::ROUTER);
+        fake.bind("tcp://127.0.0.1:*").unwrap();
+        let fake_addr = fake.get_last_endpoint().unwrap().unwrap();
+        let entry = ServerEntry {
+            id: "fake".into(),
+            server_type: "room".into(),
+            frontend: false,
+            rpc_addr: fake_addr,
+            metadata: Default::default(),
+        };
+        let table = Arc::new(ServerTable::new());
+        table.replace(HashMap::from([("fake".to_owned(), entry)]));
+        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let (io, thread) =
+            spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), Duration::from_secs(5)).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        io.call(
+            "fake",
+            Call::KickUser { uid: "u".into(), reason: "r".into() },
+            Some(Box::new(move |r| drop(tx.send(r)))),
+        );
+        let parts = fake.recv_multipart(0).expect("the call reaches the fake server");
+        let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+        assert_eq!(identity, b"test");
+        let corr = match wire::decode(&payload).unwrap().as_slice() {
+            [Frame::Call { corr, call: Call::KickUser { .. } }] => *corr,
+            other => panic!("unexpected call {other:?}"),
+        };
+        for bad in bad_payloads() {
+            fake.send_multipart([identity.as_slice(), &bad], 0).unwrap();
+        }
+        let real = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+        fake.send_multipart([identity.as_slice(), &envelope(&[real])], 0).unwrap();
+        let answer = rx.recv_timeout(Duration::from_secs(5)).expect("the real answer is delivered");
+        assert_eq!(answer, Ok(Answer::Found(true)));
+        io.send(Cmd::Stop);
+        thread.join().unwrap();
+        assert!(rx.try_recv().is_err(), "exactly one answer");
     }
 }
