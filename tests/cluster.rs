@@ -8,7 +8,7 @@ use dragonfruit_client::{Client, ClientError};
 use dragonfruit_core::codes;
 use dragonfruit_net::App;
 use dragonfruit_rpc::router::rendezvous;
-use dragonfruit_rpc::{ClusterModule, RouteCtx, Router, ServerEntry};
+use dragonfruit_rpc::{ClusterModule, EmbeddedDiscovery, RouteCtx, Router, RpcConfig, ServerEntry};
 use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
@@ -271,4 +271,49 @@ fn a_stopped_backend_leaves_and_traffic_moves() {
     let (_, remaining) = &c.backends[0];
     c.frontend.handle.shutdown().unwrap();
     assert!(wait_until(T, || remaining.servers().len() == 1), "backends drop a stopped frontend");
+}
+
+/// A killed frontend leaves its registry entry until it expires. Restarted at once under
+/// the same id, it replaces that entry with its new endpoint, so backends see the endpoint
+/// change with no removal in between. Calls from the backends (bind, push) must reach the
+/// new process, not the dead endpoint.
+#[test]
+fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
+    let dir = cluster_dir("refront");
+    // Entries live 30 s for this backend: the stale one cannot expire during the test.
+    let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(30));
+    let room_module = ClusterModule::new(RpcConfig { timeout: TIMEOUT, ..Default::default() }, Box::new(discovery));
+    let builder = App::builder("room")
+        .server_id("room-1")
+        .component("room", Backend::default())
+        .cluster(Arc::new(room_module.clone()));
+    let _room = Server::start_backend(builder);
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("tcp://{}", listener.local_addr().unwrap())
+    };
+    let stale = ServerEntry {
+        id: "connector-1".into(),
+        server_type: "connector".into(),
+        frontend: true,
+        rpc_addr: dead.clone(),
+        metadata: Default::default(),
+    };
+    std::fs::write(dir.join("connector-1.json"), serde_json::to_vec(&stale).unwrap()).unwrap();
+    let seen = |addr_is_dead: bool| {
+        room_module.servers().iter().any(|s| s.id == "connector-1" && (s.rpc_addr == dead) == addr_is_dead)
+    };
+    assert!(wait_until(T, || seen(true)), "the backend sees the dead frontend's entry");
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let frontend =
+        Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || seen(false)), "the backend sees the new endpoint");
+    assert!(wait_until(T, || fe_module.servers().len() == 2));
+    let client = frontend.client();
+    let uid: Option<String> = client.request("room.room.bind", "carol").unwrap();
+    assert_eq!(uid.as_deref(), Some("carol"));
+    assert_eq!(frontend.handle.sessions().by_uid("carol").len(), 1, "bound on the new frontend");
+    let _: bool = client.request("room.room.push", &json!({"back": true})).unwrap();
+    let (route, v): (String, Value) = client.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), v), ("onMsg", json!({"back": true})));
 }

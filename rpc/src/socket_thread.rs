@@ -44,7 +44,8 @@ pub(crate) enum Cmd {
         corr: u64,
         result: Result<Answer, HandlerError>,
     },
-    /// The server table changed: connect new peers, fail calls to vanished ones.
+    /// The server table changed: connect new peers and those on a new endpoint, fail the
+    /// calls waiting on vanished or moved ones.
     PeersChanged,
     Stop,
 }
@@ -109,11 +110,18 @@ struct Pending {
     reply: ReplyFn,
 }
 
+/// A DEALER connected to one peer, and the endpoint it connects to: a server restarted
+/// under the same id gets a new endpoint and so a new socket.
+struct Peer {
+    addr: String,
+    socket: zmq::Socket,
+}
+
 struct SocketThread {
     ctx: zmq::Context,
     own_id: String,
     router: zmq::Socket,
-    peers: HashMap<String, zmq::Socket>,
+    peers: HashMap<String, Peer>,
     pending: HashMap<u64, Pending>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     next_corr: u64,
@@ -268,7 +276,7 @@ impl SocketThread {
             };
             match self.dealer(&addr) {
                 Ok(socket) => {
-                    self.peers.insert(to.clone(), socket);
+                    self.peers.insert(to.clone(), Peer { addr, socket });
                 }
                 Err(e) => {
                     if let Some(reply) = reply {
@@ -291,15 +299,22 @@ impl SocketThread {
         self.outbox.entry(to).or_default().push(Frame::Call { corr, call });
     }
 
-    /// Opens DEALERs to new peers, closes those of vanished peers and fails their calls.
+    /// Opens DEALERs to new peers and to peers on a new endpoint (restarted under the same
+    /// id); closes those of vanished or moved peers and fails the calls waiting on them,
+    /// since no answer can come back on a closed socket.
     fn connect_peers(&mut self) {
         let snapshot = self.table.snapshot();
         let table = &snapshot.by_id;
-        self.peers.retain(|id, _| table.contains_key(id));
-        let gone: Vec<u64> = self.pending.iter().filter(|(_, p)| !table.contains_key(&p.to)).map(|(c, _)| *c).collect();
-        for corr in gone {
+        self.peers.retain(|id, peer| table.get(id).is_some_and(|entry| entry.rpc_addr == peer.addr));
+        let orphaned: Vec<u64> =
+            self.pending.iter().filter(|(_, p)| !self.peers.contains_key(&p.to)).map(|(c, _)| *c).collect();
+        for corr in orphaned {
             if let Some(p) = self.pending.remove(&corr) {
-                (p.reply)(Err(HandlerError::internal(format!("server {} left the cluster", p.to))));
+                let why = match table.get(&p.to) {
+                    Some(entry) => format!("server {} restarted on a new endpoint {}", p.to, entry.rpc_addr),
+                    None => format!("server {} left the cluster", p.to),
+                };
+                (p.reply)(Err(HandlerError::internal(why)));
             }
         }
         for (id, entry) in table.iter() {
@@ -308,7 +323,7 @@ impl SocketThread {
             }
             match self.dealer(&entry.rpc_addr) {
                 Ok(socket) => {
-                    self.peers.insert(id.clone(), socket);
+                    self.peers.insert(id.clone(), Peer { addr: entry.rpc_addr.clone(), socket });
                 }
                 Err(e) => warn!("cannot connect to server {id} at {}: {e}", entry.rpc_addr),
             }
@@ -329,11 +344,11 @@ impl SocketThread {
     /// Sends this iteration's frames: one message per peer and per caller.
     fn flush(&mut self) {
         for (to, frames) in std::mem::take(&mut self.outbox) {
-            let Some(socket) = self.peers.get(&to) else {
+            let Some(peer) = self.peers.get(&to) else {
                 self.fail_frames(&to, frames, "no connection");
                 continue;
             };
-            if let Err(e) = socket.send(wire::encode(&frames), zmq::DONTWAIT) {
+            if let Err(e) = peer.socket.send(wire::encode(&frames), zmq::DONTWAIT) {
                 self.fail_frames(&to, frames, &e.to_string());
             }
         }
@@ -382,7 +397,7 @@ impl SocketThread {
         let mut items = Vec::with_capacity(2 + self.peers.len());
         items.push(self.router.as_poll_item(zmq::POLLIN));
         items.push(zmq::PollItem::from_fd(self.wake_read.as_raw_fd(), zmq::POLLIN));
-        items.extend(self.peers.values().map(|socket| socket.as_poll_item(zmq::POLLIN)));
+        items.extend(self.peers.values().map(|peer| peer.socket.as_poll_item(zmq::POLLIN)));
         zmq::poll(&mut items, self.poll_timeout())?;
         self.wake_ready = items[1].is_readable();
         Ok(())
@@ -416,9 +431,11 @@ impl SocketThread {
             for frame in decode_from(&payload, &from) {
                 match frame {
                     Frame::Call { corr, call } => {
-                        if let Call::Handle { session, .. } = &call {
-                            let s = session;
-                            self.table.learn_frontend(&s.frontend_id, &s.frontend_type, &s.frontend_rpc);
+                        if let Call::Handle { session: s, .. } = &call {
+                            if self.table.learn_frontend(&s.frontend_id, &s.frontend_type, &s.frontend_rpc) {
+                                // New, or back on a new endpoint: calls to it go there now.
+                                self.connect_peers();
+                            }
                         }
                         let responder = Responder { io: self.io.clone(), identity: identity.clone(), corr };
                         calls.push((from.clone(), call, responder));
@@ -436,9 +453,9 @@ impl SocketThread {
     /// Reads the answers waiting on every DEALER and hands them to their callers.
     fn read_peers(&mut self) -> bool {
         let mut got = false;
-        for (id, socket) in &self.peers {
+        for (id, peer) in &self.peers {
             loop {
-                let payload = match socket.recv_bytes(zmq::DONTWAIT) {
+                let payload = match peer.socket.recv_bytes(zmq::DONTWAIT) {
                     Ok(payload) => payload,
                     Err(e) if is_again(&e) => break,
                     Err(e) => {
@@ -621,5 +638,112 @@ mod tests {
         io.send(Cmd::Stop);
         thread.join().unwrap();
         assert!(rx.try_recv().is_err(), "exactly one answer");
+    }
+
+    fn fake_server(ctx: &zmq::Context) -> (zmq::Socket, String) {
+        let socket = raw_socket(ctx, zmq::ROUTER);
+        socket.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = socket.get_last_endpoint().unwrap().unwrap();
+        (socket, endpoint)
+    }
+
+    fn fake_entry(id: &str, rpc_addr: &str) -> HashMap<String, ServerEntry> {
+        let entry = ServerEntry {
+            id: id.into(),
+            server_type: "connector".into(),
+            frontend: true,
+            rpc_addr: rpc_addr.into(),
+            metadata: Default::default(),
+        };
+        HashMap::from([(id.to_owned(), entry)])
+    }
+
+    /// The correlation id of the one call `server` receives.
+    fn recv_call(server: &zmq::Socket) -> (Vec<u8>, u64) {
+        let parts = server.recv_multipart(0).expect("a call arrives");
+        let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+        match wire::decode(&payload).unwrap().as_slice() {
+            [Frame::Call { corr, .. }] => (identity, *corr),
+            other => panic!("unexpected frames {other:?}"),
+        }
+    }
+
+    fn kick_call(io: &Io, to: &str) -> Receiver<Result<Answer, HandlerError>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        io.call(to, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(Box::new(move |r| drop(tx.send(r)))));
+        rx
+    }
+
+    /// A server restarted under the same id on a new endpoint (a killed process whose
+    /// registry entry was replaced before it expired): calls go to the new endpoint, and
+    /// calls still waiting on the old process fail at once instead of at their timeout.
+    #[test]
+    fn a_server_back_on_a_new_endpoint_gets_the_calls() {
+        let ctx = zmq::Context::new();
+        let (old, old_addr) = fake_server(&ctx);
+        let (new, new_addr) = fake_server(&ctx);
+        let table = Arc::new(ServerTable::new());
+        table.replace(fake_entry("fe", &old_addr));
+        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let timeout = Duration::from_secs(30);
+        let (io, thread) =
+            spawn(ctx.clone(), router, "test".into(), table.clone(), Arc::new(NoCalls), timeout).unwrap();
+        let waiting = kick_call(&io, "fe");
+        recv_call(&old);
+        table.replace(fake_entry("fe", &new_addr));
+        io.send(Cmd::PeersChanged);
+        match waiting.recv_timeout(timeout / 2) {
+            Ok(Err(e)) => assert!(e.code == codes::INTERNAL && e.message.contains("new endpoint"), "{e:?}"),
+            other => panic!("the call to the old process should fail before its timeout: {other:?}"),
+        }
+        let answered = kick_call(&io, "fe");
+        let (identity, corr) = recv_call(&new);
+        let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+        new.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+        assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+        io.send(Cmd::Stop);
+        thread.join().unwrap();
+    }
+
+    /// The same for a frontend known only from the sessions it sends (not yet discovered):
+    /// a session naming a new endpoint moves the calls back to that frontend there.
+    #[test]
+    fn a_learned_frontend_back_on_a_new_endpoint_gets_the_calls() {
+        let ctx = zmq::Context::new();
+        let (old, old_addr) = fake_server(&ctx);
+        let (new, new_addr) = fake_server(&ctx);
+        let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let table = Arc::new(ServerTable::new());
+        let (io, thread) =
+            spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), Duration::from_secs(5)).unwrap();
+        let frontend = raw_socket(&ctx, zmq::DEALER);
+        frontend.set_identity(b"fe").unwrap();
+        frontend.connect(&endpoint).unwrap();
+        for (corr, addr) in [(1, &old_addr), (2, &new_addr)] {
+            let session = wire::SessionSnapshot {
+                id: 1,
+                frontend_id: "fe".into(),
+                frontend_rpc: addr.clone(),
+                frontend_type: "connector".into(),
+                ..Default::default()
+            };
+            let call = Frame::Call { corr, call: Call::Handle { session, msgs: Vec::new() } };
+            frontend.send(envelope(&[call]), 0).unwrap();
+            frontend.recv_bytes(0).expect("answered");
+            if corr == 1 {
+                let answered = kick_call(&io, "fe");
+                let (identity, corr) = recv_call(&old);
+                let reply = Frame::Reply { corr, result: Ok(Answer::Found(false)) };
+                old.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+                assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
+            }
+        }
+        let answered = kick_call(&io, "fe");
+        let (identity, corr) = recv_call(&new);
+        let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+        new.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+        assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+        io.send(Cmd::Stop);
+        thread.join().unwrap();
     }
 }
