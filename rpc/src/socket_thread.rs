@@ -124,6 +124,9 @@ struct SocketThread {
     peers: HashMap<String, Peer>,
     pending: HashMap<u64, Pending>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Starts at a random value: a server restarted under the same id takes over its ROUTER
+    /// identity on its peers, so answers to the previous process's calls can reach this one
+    /// and must not match its calls.
     next_corr: u64,
     rx: Receiver<Cmd>,
     wake_read: UnixStream,
@@ -183,7 +186,7 @@ pub(crate) fn spawn(
         peers: HashMap::new(),
         pending: HashMap::new(),
         deadlines: BinaryHeap::new(),
-        next_corr: 1,
+        next_corr: first_corr(),
         rx,
         wake_read,
         wake,
@@ -197,6 +200,12 @@ pub(crate) fn spawn(
     };
     let handle = std::thread::Builder::new().name("df-rpc".into()).spawn(move || thread.run())?;
     Ok((io, handle))
+}
+
+/// A random correlation id to start from (std's hasher keys are seeded by the OS).
+fn first_corr() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::process::id()).max(1)
 }
 
 fn is_again(e: &zmq::Error) -> bool {
@@ -290,7 +299,8 @@ impl SocketThread {
             None => 0,
             Some(reply) => {
                 let corr = self.next_corr;
-                self.next_corr += 1;
+                // 0 means "no answer wanted".
+                self.next_corr = self.next_corr.wrapping_add(1).max(1);
                 self.pending.insert(corr, Pending { to: to.clone(), reply });
                 self.deadlines.push(Reverse((Instant::now() + self.timeout, corr)));
                 corr
@@ -703,6 +713,42 @@ mod tests {
         assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
         io.send(Cmd::Stop);
         thread.join().unwrap();
+    }
+
+    /// A restarted server takes over its ROUTER identity on its peers, so an answer to a call
+    /// of the previous process can arrive at the new one; it must not answer a new call.
+    #[test]
+    fn answers_to_a_previous_process_do_not_answer_new_calls() {
+        let ctx = zmq::Context::new();
+        let (server, addr) = fake_server(&ctx);
+        let mut old_corr = None;
+        for life in ["old", "new"] {
+            let table = Arc::new(ServerTable::new());
+            table.replace(fake_entry("peer", &addr));
+            let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+            let (io, thread) =
+                spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), Duration::from_secs(5)).unwrap();
+            let answered = kick_call(&io, "peer");
+            let (identity, corr) = recv_call(&server);
+            match old_corr {
+                None => {
+                    // The process dies with its call unanswered.
+                    old_corr = Some(corr);
+                    io.send(Cmd::Stop);
+                    thread.join().unwrap();
+                    assert!(matches!(answered.recv_timeout(Duration::from_secs(5)), Ok(Err(_))), "{life}");
+                }
+                Some(old) => {
+                    let late = Frame::Reply { corr: old, result: Ok(Answer::Found(false)) };
+                    let real = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+                    server.send_multipart([identity.as_slice(), &envelope(&[late])], 0).unwrap();
+                    server.send_multipart([identity.as_slice(), &envelope(&[real])], 0).unwrap();
+                    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))), "{life}");
+                    io.send(Cmd::Stop);
+                    thread.join().unwrap();
+                }
+            }
+        }
     }
 
     /// The same for a frontend known only from the sessions it sends (not yet discovered):
