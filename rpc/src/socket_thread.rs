@@ -652,6 +652,8 @@ mod tests {
 
     fn fake_server(ctx: &zmq::Context) -> (zmq::Socket, String) {
         let socket = raw_socket(ctx, zmq::ROUTER);
+        // As `bind_router`: a restarted peer takes over its identity at once.
+        socket.set_router_handover(true).unwrap();
         socket.bind("tcp://127.0.0.1:*").unwrap();
         let endpoint = socket.get_last_endpoint().unwrap().unwrap();
         (socket, endpoint)
