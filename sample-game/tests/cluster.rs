@@ -1,5 +1,5 @@
-//! The sample game as separate processes: the launcher's local cluster, and a room server
-//! killed with SIGKILL while requests are in flight.
+//! The sample game as separate processes: the launcher's local cluster, a room server
+//! killed with SIGKILL while requests are in flight, and a killed connector restarted.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -162,5 +162,50 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
         assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes());
     }
     assert!(players.iter().all(|c| !c.is_closed()), "the clients stayed connected to the connector");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A connector killed with SIGKILL and started again at once under its id: its registry
+/// entry has not expired, so the room server sees the same id on a new RPC endpoint. Players
+/// on the new connector must get the room server's calls back (session data, pushes).
+#[test]
+fn a_killed_connector_restarted_under_its_id_serves_again() {
+    let dir = std::env::temp_dir().join(format!("df-sg-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = free_port();
+    let spawn = |role: &str, id: &str, extra: &[&str]| {
+        Proc(
+            Command::new(BIN)
+                .args(["--role", role, "--id", id, "--discovery-dir", dir.to_str().unwrap()])
+                .args(extra)
+                .env("RUST_LOG", "error")
+                // The killed connector's entry outlives the test.
+                .env("DRAGONFRUIT_DISCOVERY__TTL", "60s")
+                .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
+                .env("DRAGONFRUIT_RPC__TIMEOUT", "2s")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let tcp = format!("127.0.0.1:{port}");
+    let _room = spawn("room", "room-1", &[]);
+    let mut connector = spawn("connector", "connector-1", &["--tcp", &tcp]);
+    let alice = player(port, "alice");
+    let joined: Value = alice.request("room.room.join", &json!({"room": "lobby"})).unwrap();
+    assert_eq!(joined["members"], json!(["alice"]));
+    signal(&connector.0, libc::SIGKILL);
+    assert!(wait_exit(&mut connector.0, T).is_some());
+    assert!(alice.wait_closed(T), "the connection died with the connector");
+
+    let _connector = spawn("connector", "connector-1", &["--tcp", &tcp]);
+    let bob = player(port, "bob");
+    // Joining pushes the session's room to the connector (a call from the room server).
+    let joined: Value = bob.request("room.room.join", &json!({"room": "lobby"})).unwrap();
+    assert!(joined["members"].as_array().unwrap().contains(&json!("bob")), "{joined}");
+    bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
+    assert_eq!(bob.recv_push_as::<Value>(T).unwrap(), ("onChat".to_string(), json!({"from": "bob", "text": "back"})));
+    let left: Value = bob.request("room.room.leave", &json!({})).unwrap();
+    assert_eq!(left, json!({"room": "lobby"}), "the room the connector was told about");
     let _ = std::fs::remove_dir_all(&dir);
 }
