@@ -2,10 +2,12 @@
 //! for incoming calls, one DEALER per peer for outgoing calls. Other threads send it
 //! [`Cmd`]s on a crossbeam channel and wake it by writing a byte to a socketpair, which it
 //! polls together with the ZeroMQ sockets. Frames for the same peer are packed into one
-//! message per iteration; answers are matched by correlation id; calls time out.
+//! message per iteration; answers are matched by correlation id; calls time out. Messages
+//! for a peer whose connection is down wait here, not in ZeroMQ, so a call that failed is
+//! never delivered later to a server that comes back at the same endpoint.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -137,6 +139,9 @@ struct SocketThread {
     timeout: Duration,
     /// Frames to send per peer id, this iteration.
     outbox: HashMap<String, Vec<Frame>>,
+    /// Messages for peers with no connection up (DEALERs queue nothing themselves, see
+    /// `dealer`), oldest first, each with the time after which it is dropped.
+    held: HashMap<String, VecDeque<(Instant, Vec<Frame>)>>,
     /// Answers to send per caller identity, this iteration.
     answers: HashMap<Vec<u8>, Vec<Frame>>,
     /// The last `zmq_poll` saw the wake-up fd readable.
@@ -195,6 +200,7 @@ pub(crate) fn spawn(
         inbound,
         timeout,
         outbox: HashMap::new(),
+        held: HashMap::new(),
         answers: HashMap::new(),
         wake_ready: false,
     };
@@ -316,6 +322,7 @@ impl SocketThread {
         let snapshot = self.table.snapshot();
         let table = &snapshot.by_id;
         self.peers.retain(|id, peer| table.get(id).is_some_and(|entry| entry.rpc_addr == peer.addr));
+        self.held.retain(|id, _| self.peers.contains_key(id));
         let orphaned: Vec<u64> =
             self.pending.iter().filter(|(_, p)| !self.peers.contains_key(&p.to)).map(|(c, _)| *c).collect();
         for corr in orphaned {
@@ -340,9 +347,14 @@ impl SocketThread {
         }
     }
 
+    /// A DEALER to `addr`. `immediate`: it takes messages only while its connection is up,
+    /// so it never queues calls for a peer that is down and replays them to whatever comes
+    /// back at that endpoint after their callers were told they failed; `held` waits for
+    /// the connection instead, and drops what its callers gave up on.
     fn dealer(&self, addr: &str) -> Result<zmq::Socket, zmq::Error> {
         let socket = self.ctx.socket(zmq::DEALER)?;
         socket.set_identity(self.own_id.as_bytes())?;
+        socket.set_immediate(true)?;
         socket.set_linger(0)?;
         socket.set_sndhwm(HWM)?;
         socket.set_rcvhwm(HWM)?;
@@ -351,15 +363,26 @@ impl SocketThread {
         Ok(socket)
     }
 
-    /// Sends this iteration's frames: one message per peer and per caller.
+    /// Sends this iteration's frames: one message per peer and per caller. A peer whose
+    /// connection is not up (yet, or any more) gets its messages held, in order.
     fn flush(&mut self) {
+        self.send_held();
         for (to, frames) in std::mem::take(&mut self.outbox) {
             let Some(peer) = self.peers.get(&to) else {
                 self.fail_frames(&to, frames, "no connection");
                 continue;
             };
-            if let Err(e) = peer.socket.send(wire::encode(&frames), zmq::DONTWAIT) {
-                self.fail_frames(&to, frames, &e.to_string());
+            if let Some(held) = self.held.get_mut(&to) {
+                held.push_back((Instant::now() + self.timeout, frames));
+                continue;
+            }
+            match peer.socket.send(wire::encode(&frames), zmq::DONTWAIT) {
+                Ok(()) => {}
+                Err(e) if is_again(&e) => {
+                    debug!("server {to} not connected; holding its messages");
+                    self.held.entry(to).or_default().push_back((Instant::now() + self.timeout, frames));
+                }
+                Err(e) => self.fail_frames(&to, frames, &e.to_string()),
             }
         }
         for (identity, frames) in std::mem::take(&mut self.answers) {
@@ -368,6 +391,50 @@ impl SocketThread {
                 // EHOSTUNREACH: the caller is gone; its calls fail on its side.
                 debug!("answer to {} dropped: {e}", String::from_utf8_lossy(&identity));
             }
+        }
+    }
+
+    /// Sends held messages whose peer is connected now. Calls that already failed (timed
+    /// out) and one-way frames older than the call timeout are dropped, never sent late.
+    fn send_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut held = std::mem::take(&mut self.held);
+        let mut failed = Vec::new();
+        for (to, queue) in &mut held {
+            let Some(peer) = self.peers.get(to) else {
+                queue.clear();
+                continue;
+            };
+            while let Some((deadline, frames)) = queue.front_mut() {
+                let expired = *deadline <= now;
+                frames.retain(|frame| match frame {
+                    Frame::Call { corr: 0, .. } => !expired,
+                    Frame::Call { corr, .. } => self.pending.contains_key(corr),
+                    Frame::Reply { .. } => false,
+                });
+                if frames.is_empty() {
+                    queue.pop_front();
+                    continue;
+                }
+                match peer.socket.send(wire::encode(frames), zmq::DONTWAIT) {
+                    Ok(()) => {
+                        queue.pop_front();
+                    }
+                    Err(e) if is_again(&e) => break,
+                    Err(e) => {
+                        let frames = queue.pop_front().map(|(_, f)| f).unwrap_or_default();
+                        failed.push((to.clone(), frames, e.to_string()));
+                    }
+                }
+            }
+        }
+        held.retain(|_, queue| !queue.is_empty());
+        self.held = held;
+        for (to, frames, why) in failed {
+            self.fail_frames(&to, frames, &why);
         }
     }
 
@@ -407,7 +474,12 @@ impl SocketThread {
         let mut items = Vec::with_capacity(2 + self.peers.len());
         items.push(self.router.as_poll_item(zmq::POLLIN));
         items.push(zmq::PollItem::from_fd(self.wake_read.as_raw_fd(), zmq::POLLIN));
-        items.extend(self.peers.values().map(|peer| peer.socket.as_poll_item(zmq::POLLIN)));
+        // A peer with held messages is also polled for writing: its connection came up.
+        let held = &self.held;
+        items.extend(self.peers.iter().map(|(id, peer)| {
+            let events = if held.contains_key(id) { zmq::POLLIN | zmq::POLLOUT } else { zmq::POLLIN };
+            peer.socket.as_poll_item(events)
+        }));
         zmq::poll(&mut items, self.poll_timeout())?;
         self.wake_ready = items[1].is_readable();
         Ok(())
@@ -751,6 +823,89 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A call that timed out while its server was down must not run when a server comes
+    /// back at the same endpoint (a fixed `rpc.bind` port): the caller was told it failed.
+    #[test]
+    fn calls_that_failed_are_not_replayed_to_a_server_back_at_the_same_endpoint() {
+        let ctx = zmq::Context::new();
+        let (first, addr) = fake_server(&ctx);
+        let table = Arc::new(ServerTable::new());
+        table.replace(fake_entry("peer", &addr));
+        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let timeout = Duration::from_millis(300);
+        let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), timeout).unwrap();
+        let answered = kick_call(&io, "peer");
+        let (identity, corr) = recv_call(&first);
+        let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+        first.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+        assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+        drop(first);
+        std::thread::sleep(Duration::from_millis(200));
+        let failed = kick_call(&io, "peer");
+        assert!(matches!(failed.recv_timeout(Duration::from_secs(5)), Ok(Err(_))), "fails while the server is down");
+        let again = raw_socket(&ctx, zmq::ROUTER);
+        again.set_router_handover(true).unwrap();
+        again.bind(&addr).unwrap();
+        let answered = kick_call(&io, "peer");
+        let (identity, corr) = recv_call(&again);
+        let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+        again.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+        assert_eq!(
+            answered.recv_timeout(Duration::from_secs(5)),
+            Ok(Ok(Answer::Found(true))),
+            "the new call, not the old"
+        );
+        io.send(Cmd::Stop);
+        thread.join().unwrap();
+    }
+
+    /// Messages for a server whose connection is not up yet wait for it, in order, while
+    /// their calls have not timed out; one-way messages older than the timeout are dropped.
+    #[test]
+    fn messages_wait_for_a_server_that_comes_up_within_the_timeout() {
+        let ctx = zmq::Context::new();
+        let addr = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("tcp://{}", listener.local_addr().unwrap())
+        };
+        let table = Arc::new(ServerTable::new());
+        table.replace(fake_entry("peer", &addr));
+        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let timeout = Duration::from_millis(1500);
+        let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), timeout).unwrap();
+        let one_way = |uid: &str| Cmd::Call {
+            to: "peer".into(),
+            call: Call::KickUser { uid: uid.into(), reason: "r".into() },
+            reply: None,
+        };
+        io.send(one_way("stale"));
+        std::thread::sleep(timeout + Duration::from_millis(200));
+        io.send(one_way("fresh"));
+        let first = kick_call(&io, "peer");
+        let second = kick_call(&io, "peer");
+        std::thread::sleep(Duration::from_millis(200));
+        let server = raw_socket(&ctx, zmq::ROUTER);
+        server.bind(&addr).unwrap();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let parts = server.recv_multipart(0).expect("held messages arrive once the server is up");
+            let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+            for frame in wire::decode(&payload).unwrap() {
+                let Frame::Call { corr, call: Call::KickUser { uid, .. } } = frame else { panic!("{frame:?}") };
+                if corr != 0 {
+                    let reply = Frame::Reply { corr, result: Ok(Answer::Found(got.len() == 1)) };
+                    server.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+                }
+                got.push(uid);
+            }
+        }
+        assert_eq!(got, ["fresh", "u", "u"], "in order, without the expired one-way message");
+        assert_eq!(first.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+        assert_eq!(second.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
+        io.send(Cmd::Stop);
+        thread.join().unwrap();
     }
 
     /// The same for a frontend known only from the sessions it sends (not yet discovered):
