@@ -317,3 +317,35 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
     let (route, v): (String, Value) = client.recv_push_as(T).unwrap();
     assert_eq!((route.as_str(), v), ("onMsg", json!({"back": true})));
 }
+
+/// A backend may keep a session and push to it later. Once its frontend has restarted under
+/// the same id, such a push must not reach a player of the new process: session ids do not
+/// repeat across restarts.
+#[test]
+fn a_kept_session_of_a_restarted_frontend_reaches_no_new_player() {
+    let dir = cluster_dir("kept");
+    let backend = Backend::default();
+    let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    let start_frontend = || {
+        let module = cluster_module(&dir, TIMEOUT);
+        let frontend =
+            Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(module.clone())));
+        assert!(wait_until(T, || module.servers().len() == 2 && room_module.servers().len() == 2));
+        frontend
+    };
+    let first = start_frontend();
+    let old_player = first.client();
+    let _: bool = old_player.request("room.room.keep", &json!({})).unwrap();
+    first.handle.shutdown().unwrap();
+    assert!(wait_until(T, || room_module.servers().len() == 1), "the frontend left");
+
+    let second = start_frontend();
+    let player = second.client();
+    let _: bool = player.request("room.room.push_kept", &json!("not yours")).unwrap();
+    let _: bool = player.request("room.room.push", &json!("yours")).unwrap();
+    // Pushes from the backend reach the frontend in order: a push to a kept session that
+    // had landed on this player would come first.
+    let (route, v): (String, Value) = player.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), v), ("onMsg", json!("yours")));
+    assert_eq!(backend.kept.lock().unwrap().len(), 1);
+}

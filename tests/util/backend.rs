@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes, SessionId};
+use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes, Session, SessionId};
 use serde_json::{json, Value};
 
 use super::args::{internal, Kv, PushUsers};
@@ -16,6 +16,8 @@ pub type OrderLog = HashMap<(String, SessionId), Vec<u64>>;
 #[derive(Clone, Default)]
 pub struct Backend {
     pub order: Arc<Mutex<OrderLog>>,
+    /// Sessions kept by `keep` for later pushes (`push_kept`).
+    pub kept: Arc<Mutex<Vec<Arc<Session>>>>,
 }
 
 impl Component for Backend {
@@ -67,6 +69,16 @@ impl Component for Backend {
             let key = (ctx.session().frontend_id().to_owned(), ctx.session().id());
             b.order.lock().unwrap().entry(key).or_default().push(n);
             Ok(body.to_vec())
+        });
+        r.handler("keep", |b: &Backend, ctx: &mut Ctx<'_>, _: Value| {
+            b.kept.lock().unwrap().push(ctx.session().clone());
+            Ok(true)
+        });
+        r.handler("push_kept", |b: &Backend, _: &mut Ctx<'_>, msg: Value| {
+            for session in b.kept.lock().unwrap().iter() {
+                session.push("onKept", &msg).map_err(internal)?;
+            }
+            Ok(true)
         });
         r.handler("sleep", |_: &Backend, _: &mut Ctx<'_>, ms: u64| {
             std::thread::sleep(Duration::from_millis(ms));

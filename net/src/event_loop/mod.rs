@@ -57,6 +57,7 @@ pub(crate) struct EventLoop {
     /// Agents with output to flush at the end of the iteration.
     dirty: Vec<usize>,
     scratch: Vec<u8>,
+    /// Starts at a random point: see [`first_session_id`].
     next_sid: SessionId,
     /// Time of the current iteration (one clock read per iteration).
     now: Instant,
@@ -71,6 +72,17 @@ pub(crate) struct EventLoop {
     /// The inbox had more than one budget's worth of messages.
     inbox_backlog: bool,
     last_refusal_log: Option<Instant>,
+}
+
+/// Session ids start at a random point below 2^52, so they stay exact as JSON numbers in a
+/// browser. A frontend restarted under the same server id must not reuse the ids of its
+/// previous process: a backend still holding a session of that process (a handler running
+/// across the restart, a session kept for later pushes) would push to, kick or bind another
+/// player. At least 2^52 ids stay below 2^53 after any start.
+fn first_session_id() -> SessionId {
+    use std::hash::BuildHasher;
+    // std's hasher keys are seeded from the OS per process.
+    (std::collections::hash_map::RandomState::new().hash_one(std::process::id()) >> 12).max(1)
 }
 
 impl EventLoop {
@@ -100,7 +112,7 @@ impl EventLoop {
             starved: Vec::new(),
             dirty: Vec::new(),
             scratch: vec![0; READ_CHUNK],
-            next_sid: 1,
+            next_sid: first_session_id(),
             now,
             tick,
             next_tick: now + tick,
