@@ -3,8 +3,9 @@
 //! [`Cmd`]s on a crossbeam channel and wake it by writing a byte to a socketpair, which it
 //! polls together with the ZeroMQ sockets. Frames for the same peer are packed into one
 //! message per iteration; answers are matched by correlation id; calls time out. Messages
-//! for a peer whose connection is down wait here, not in ZeroMQ, so a call that failed is
-//! never delivered later to a server that comes back at the same endpoint.
+//! for a peer that is not connected yet wait here, not in ZeroMQ, so a call that failed is
+//! never delivered later to a server that comes back at the same endpoint; calls to a peer
+//! whose connection was lost fail at once.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -117,7 +118,53 @@ struct Pending {
 struct Peer {
     addr: String,
     socket: zmq::Socket,
+    /// Its connection has been up. A peer that is not connected *yet* gets its messages
+    /// held; one whose connection was up and is lost (the process died) fails them at once,
+    /// so callers do not wait out the timeout (a push to every frontend with one dead).
+    was_up: bool,
+    /// "Not connected" was logged since the connection was last up.
+    warned: bool,
 }
+
+impl Peer {
+    fn new(addr: String, socket: zmq::Socket) -> Peer {
+        Peer { addr, socket, was_up: false, warned: false }
+    }
+
+    /// Sends `frames` as one message.
+    fn send(&mut self, id: &str, frames: Vec<Frame>) -> Sent {
+        match self.socket.send(wire::encode(&frames), zmq::DONTWAIT) {
+            Ok(()) => {
+                self.was_up = true;
+                self.warned = false;
+                Sent::Yes
+            }
+            Err(e) if is_again(&e) && !self.was_up => Sent::Hold(frames),
+            Err(e) if is_again(&e) => {
+                if !std::mem::replace(&mut self.warned, true) {
+                    warn!("connection to server {id} at {} lost; failing its calls until it is back", self.addr);
+                }
+                Sent::Failed(frames, "connection lost".into())
+            }
+            Err(e) => {
+                warn!("cannot send to server {id}: {e}");
+                Sent::Failed(frames, e.to_string())
+            }
+        }
+    }
+}
+
+/// What became of a message for a peer.
+enum Sent {
+    Yes,
+    /// Not connected yet: keep it for later.
+    Hold(Vec<Frame>),
+    /// Give up on it, for this reason.
+    Failed(Vec<Frame>, String),
+}
+
+/// How often peers not yet seen connected are asked whether they are.
+const PROBE: Duration = Duration::from_millis(100);
 
 struct SocketThread {
     ctx: zmq::Context,
@@ -146,6 +193,8 @@ struct SocketThread {
     answers: HashMap<Vec<u8>, Vec<Frame>>,
     /// The last `zmq_poll` saw the wake-up fd readable.
     wake_ready: bool,
+    /// When to next look for peers that got connected (`probe_peers`).
+    next_probe: Instant,
 }
 
 /// High-water marks well above any in-flight bound, so sends never block or drop.
@@ -203,6 +252,7 @@ pub(crate) fn spawn(
         held: HashMap::new(),
         answers: HashMap::new(),
         wake_ready: false,
+        next_probe: Instant::now(),
     };
     let handle = std::thread::Builder::new().name("df-rpc".into()).spawn(move || thread.run())?;
     Ok((io, handle))
@@ -291,7 +341,7 @@ impl SocketThread {
             };
             match self.dealer(&addr) {
                 Ok(socket) => {
-                    self.peers.insert(to.clone(), Peer { addr, socket });
+                    self.peers.insert(to.clone(), Peer::new(addr, socket));
                 }
                 Err(e) => {
                     if let Some(reply) = reply {
@@ -340,7 +390,7 @@ impl SocketThread {
             }
             match self.dealer(&entry.rpc_addr) {
                 Ok(socket) => {
-                    self.peers.insert(id.clone(), Peer { addr: entry.rpc_addr.clone(), socket });
+                    self.peers.insert(id.clone(), Peer::new(entry.rpc_addr.clone(), socket));
                 }
                 Err(e) => warn!("cannot connect to server {id} at {}: {e}", entry.rpc_addr),
             }
@@ -364,26 +414,31 @@ impl SocketThread {
     }
 
     /// Sends this iteration's frames: one message per peer and per caller. A peer whose
-    /// connection is not up (yet, or any more) gets its messages held, in order.
+    /// connection is not up yet gets its messages held, in order.
     fn flush(&mut self) {
         self.send_held();
+        let mut failed = Vec::new();
         for (to, frames) in std::mem::take(&mut self.outbox) {
-            let Some(peer) = self.peers.get(&to) else {
-                self.fail_frames(&to, frames, "no connection");
+            let Some(peer) = self.peers.get_mut(&to) else {
+                warn!("cannot send to server {to}: no connection");
+                failed.push((to, frames, "no connection".to_owned()));
                 continue;
             };
             if let Some(held) = self.held.get_mut(&to) {
                 held.push_back((Instant::now() + self.timeout, frames));
                 continue;
             }
-            match peer.socket.send(wire::encode(&frames), zmq::DONTWAIT) {
-                Ok(()) => {}
-                Err(e) if is_again(&e) => {
-                    debug!("server {to} not connected; holding its messages");
+            match peer.send(&to, frames) {
+                Sent::Yes => {}
+                Sent::Hold(frames) => {
+                    debug!("server {to} not connected yet; holding its messages");
                     self.held.entry(to).or_default().push_back((Instant::now() + self.timeout, frames));
                 }
-                Err(e) => self.fail_frames(&to, frames, &e.to_string()),
+                Sent::Failed(frames, why) => failed.push((to, frames, why)),
             }
+        }
+        for (to, frames, why) in failed {
+            self.fail_frames(&to, frames, &why);
         }
         for (identity, frames) in std::mem::take(&mut self.answers) {
             let parts = [identity.as_slice(), &wire::encode(&frames)];
@@ -396,6 +451,7 @@ impl SocketThread {
 
     /// Sends held messages whose peer is connected now. Calls that already failed (timed
     /// out) and one-way frames older than the call timeout are dropped, never sent late.
+    /// When the peer's connection was up and is lost, everything held for it fails.
     fn send_held(&mut self) {
         if self.held.is_empty() {
             return;
@@ -404,29 +460,29 @@ impl SocketThread {
         let mut held = std::mem::take(&mut self.held);
         let mut failed = Vec::new();
         for (to, queue) in &mut held {
-            let Some(peer) = self.peers.get(to) else {
+            let Some(peer) = self.peers.get_mut(to) else {
                 queue.clear();
                 continue;
             };
-            while let Some((deadline, frames)) = queue.front_mut() {
-                let expired = *deadline <= now;
+            while let Some((deadline, mut frames)) = queue.pop_front() {
+                let expired = deadline <= now;
                 frames.retain(|frame| match frame {
                     Frame::Call { corr: 0, .. } => !expired,
                     Frame::Call { corr, .. } => self.pending.contains_key(corr),
                     Frame::Reply { .. } => false,
                 });
                 if frames.is_empty() {
-                    queue.pop_front();
                     continue;
                 }
-                match peer.socket.send(wire::encode(frames), zmq::DONTWAIT) {
-                    Ok(()) => {
-                        queue.pop_front();
+                match peer.send(to, frames) {
+                    Sent::Yes => {}
+                    Sent::Hold(frames) => {
+                        queue.push_front((deadline, frames));
+                        break;
                     }
-                    Err(e) if is_again(&e) => break,
-                    Err(e) => {
-                        let frames = queue.pop_front().map(|(_, f)| f).unwrap_or_default();
-                        failed.push((to.clone(), frames, e.to_string()));
+                    Sent::Failed(frames, why) => {
+                        failed.push((to.clone(), frames, why.clone()));
+                        failed.extend(queue.drain(..).map(|(_, frames)| (to.clone(), frames, why.clone())));
                     }
                 }
             }
@@ -438,8 +494,8 @@ impl SocketThread {
         }
     }
 
+    /// Fails the calls among `frames` (their senders logged why).
     fn fail_frames(&mut self, to: &str, frames: Vec<Frame>, why: &str) {
-        warn!("cannot send to server {to}: {why}");
         for frame in frames {
             if let Frame::Call { corr, .. } = frame {
                 if let Some(p) = self.pending.remove(&corr) {
@@ -449,8 +505,23 @@ impl SocketThread {
         }
     }
 
+    /// Notes which peers not yet seen connected are connected now (a socket that accepts
+    /// messages has a connection: see `dealer`).
+    fn probe_peers(&mut self, now: Instant) {
+        if now < self.next_probe {
+            return;
+        }
+        self.next_probe = now + PROBE;
+        for peer in self.peers.values_mut().filter(|peer| !peer.was_up) {
+            if peer.socket.get_events().is_ok_and(|events| events.contains(zmq::POLLOUT)) {
+                peer.was_up = true;
+            }
+        }
+    }
+
     fn expire(&mut self) {
         let now = Instant::now();
+        self.probe_peers(now);
         while let Some(Reverse((deadline, corr))) = self.deadlines.peek().copied() {
             if deadline > now {
                 break;
@@ -848,7 +919,21 @@ mod tests {
         let again = raw_socket(&ctx, zmq::ROUTER);
         again.set_router_handover(true).unwrap();
         again.bind(&addr).unwrap();
-        let answered = kick_call(&io, "peer");
+        // Calls fail at once until the DEALER has reconnected; then the first one sent is
+        // the first the server gets.
+        let answered = (0..200)
+            .find_map(|_| {
+                let answered = kick_call(&io, "peer");
+                match answered.recv_timeout(Duration::from_millis(20)) {
+                    Ok(Err(e)) if e.message.contains("connection lost") => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        None
+                    }
+                    Ok(other) => panic!("{other:?}"),
+                    Err(_) => Some(answered),
+                }
+            })
+            .expect("reconnected");
         let (identity, corr) = recv_call(&again);
         let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
         again.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
@@ -857,6 +942,40 @@ mod tests {
             Ok(Ok(Answer::Found(true))),
             "the new call, not the old"
         );
+        io.send(Cmd::Stop);
+        thread.join().unwrap();
+    }
+
+    /// A server whose connection was up and is lost (its process died) fails calls at once,
+    /// whether or not anything was sent to it before, instead of at the timeout: a push to
+    /// every frontend must not wait out a dead one.
+    #[test]
+    fn calls_to_a_server_whose_connection_was_lost_fail_at_once() {
+        let ctx = zmq::Context::new();
+        let (used, used_addr) = fake_server(&ctx);
+        let (idle, idle_addr) = fake_server(&ctx);
+        let table = Arc::new(ServerTable::new());
+        let mut entries = fake_entry("used", &used_addr);
+        entries.extend(fake_entry("idle", &idle_addr));
+        table.replace(entries);
+        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let timeout = Duration::from_secs(60);
+        let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), timeout).unwrap();
+        let answered = kick_call(&io, "used");
+        let (identity, corr) = recv_call(&used);
+        let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+        used.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+        assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+        // Long enough for the idle peer's connection to be seen up.
+        std::thread::sleep(Duration::from_millis(500));
+        drop((used, idle));
+        std::thread::sleep(Duration::from_millis(300));
+        for peer in ["used", "idle"] {
+            match kick_call(&io, peer).recv_timeout(Duration::from_secs(10)) {
+                Ok(Err(e)) => assert!(e.message.contains("connection lost"), "{peer}: {e:?}"),
+                other => panic!("{peer}: the call should fail long before the 60 s timeout: {other:?}"),
+            }
+        }
         io.send(Cmd::Stop);
         thread.join().unwrap();
     }
