@@ -1,7 +1,9 @@
 //! `room`: chat rooms, held by room servers. Members are uids; a player is in at most one
 //! room. The room router sends every message about a room to the same room server, so a
 //! room's members and chat live in one place. The session's current room is session data
-//! (`room`), pushed to the frontend so the router can find it later.
+//! (`room`), pushed to the frontend so the router can find it later. A member that no
+//! connector knows any more (its connector died, so no `left` call came) is dropped from
+//! the room the next time the room pushes to its members.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -120,7 +122,7 @@ impl Rooms {
         };
         session.set(ROOM_KEY, &name).map_err(internal)?;
         session.push_to_frontend().map_err(internal)?;
-        ctx.push_to_users("onJoin", &MemberEvent { uid }, &others)?;
+        self.push_to_members(ctx, &name, "onJoin", &MemberEvent { uid }, &others)?;
         Ok(Joined { room: name, members })
     }
 
@@ -136,7 +138,7 @@ impl Rooms {
         if !members.contains(&uid) {
             return Err(HandlerError::new("GAME-403", format!("not a member of {room}")));
         }
-        ctx.push_to_users("onChat", &Chat { from: uid, text: req.text }, &members)?;
+        self.push_to_members(ctx, &room, "onChat", &Chat { from: uid, text: req.text }, &members)?;
         Ok(())
     }
 
@@ -152,27 +154,68 @@ impl Rooms {
         Ok(serde_json::json!({ "room": room }))
     }
 
+    /// Pushes to `to`, members of `room`. Those no connector has a session for are gone
+    /// without having left (their connector died): they are dropped from the room and the
+    /// others told they left.
+    fn push_to_members<T: Serialize>(
+        &self,
+        env: &dragonfruit_core::HandlerEnv,
+        room: &str,
+        route: &str,
+        value: &T,
+        to: &[String],
+    ) -> Result<(), HandlerError> {
+        let mut missing = env.push_to_users(route, value, to)?;
+        // Each round removes members, so this ends.
+        while !missing.is_empty() {
+            let mut gone = Vec::new();
+            for uid in missing {
+                if self.remove_from(room, &uid) {
+                    warn!("uid={uid} has no session on any connector; dropped from room {room}");
+                    gone.push(uid);
+                }
+            }
+            let others = self.members(room);
+            missing = Vec::new();
+            for uid in gone {
+                if others.is_empty() {
+                    break;
+                }
+                for lost in env.push_to_users("onLeave", &MemberEvent { uid }, &others)? {
+                    if !missing.contains(&lost) {
+                        missing.push(lost);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `uid` from `room` (and the room once empty); false if it was not there.
+    fn remove_from(&self, room: &str, uid: &str) -> bool {
+        let mut rooms = self.lock();
+        let Some(members) = rooms.get_mut(room) else { return false };
+        let removed = members.remove(uid);
+        if members.is_empty() {
+            rooms.remove(room);
+        }
+        removed
+    }
+
     fn members(&self, room: &str) -> Vec<String> {
         self.lock().get(room).map(|m| m.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// Removes `left.uid` from `left.room` and tells the others; false if it was not there.
     fn remove_member(&self, env: &dragonfruit_core::HandlerEnv, left: &Left) -> bool {
-        let others = {
-            let mut rooms = self.lock();
-            let Some(members) = rooms.get_mut(&left.room) else { return false };
-            if !members.remove(&left.uid) {
-                return false;
-            }
-            let others: Vec<String> = members.iter().cloned().collect();
-            if members.is_empty() {
-                rooms.remove(&left.room);
-            }
-            others
-        };
+        if !self.remove_from(&left.room, &left.uid) {
+            return false;
+        }
         debug!("uid={} left room {}", left.uid, left.room);
+        let others = self.members(&left.room);
         if !others.is_empty() {
-            if let Err(e) = env.push_to_users("onLeave", &MemberEvent { uid: left.uid.clone() }, &others) {
+            let event = MemberEvent { uid: left.uid.clone() };
+            if let Err(e) = self.push_to_members(env, &left.room, "onLeave", &event, &others) {
                 warn!("onLeave for {} in {} not sent: {e}", left.uid, left.room);
             }
         }

@@ -202,7 +202,11 @@ fn a_killed_connector_restarted_under_its_id_serves_again() {
     let bob = player(port, "bob");
     // Joining pushes the session's room to the connector (a call from the room server).
     let joined: Value = bob.request("room.room.join", &json!({"room": "lobby"})).unwrap();
-    assert!(joined["members"].as_array().unwrap().contains(&json!("bob")), "{joined}");
+    assert_eq!(joined["members"], json!(["alice", "bob"]), "alice's connector died without telling the room");
+    // Telling alice that bob joined found her on no connector: she was dropped.
+    assert_eq!(bob.recv_push_as::<Value>(T).unwrap(), ("onLeave".to_string(), json!({"uid": "alice"})));
+    let joined: Value = bob.request("room.room.join", &json!({"room": "lobby"})).unwrap();
+    assert_eq!(joined["members"], json!(["bob"]));
     bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
     assert_eq!(bob.recv_push_as::<Value>(T).unwrap(), ("onChat".to_string(), json!({"from": "bob", "text": "back"})));
     let left: Value = bob.request("room.room.leave", &json!({})).unwrap();
