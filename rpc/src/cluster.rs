@@ -418,9 +418,9 @@ impl Cluster for ClusterModule {
             metadata: ctx.server.metadata.clone(),
         };
         let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
-        let (io, thread) =
-            socket_thread::spawn(zctx, router, me.id.clone(), inner.table.clone(), inbound, inner.rpc.timeout)
-                .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;
+        let limits = socket_thread::Limits { timeout: inner.rpc.timeout, heartbeat: inner.rpc.heartbeat };
+        let (io, thread) = socket_thread::spawn(zctx, router, me.id.clone(), inner.table.clone(), inbound, limits)
+            .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;
         let sink: Arc<dyn SessionSink> = Arc::new(RemoteSink { io: io.clone(), timeout: inner.rpc.timeout });
         let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone(), sink };
         if inner.started.set(started).is_err() {

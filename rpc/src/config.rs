@@ -20,11 +20,21 @@ pub struct RpcConfig {
     /// answered `PIT-504`. Default "5s".
     #[serde(with = "duration")]
     pub timeout: Duration,
+    /// `rpc.heartbeat`: heartbeat interval on connections to other servers; a server silent
+    /// for three intervals (its host died or froze, the network broke) is disconnected, and
+    /// calls to it fail at once until it is back. "0s" turns heartbeats off. Default "1s".
+    #[serde(with = "duration")]
+    pub heartbeat: Duration,
 }
 
 impl Default for RpcConfig {
     fn default() -> Self {
-        RpcConfig { bind: "tcp://127.0.0.1:*".into(), advertise: String::new(), timeout: Duration::from_secs(5) }
+        RpcConfig {
+            bind: "tcp://127.0.0.1:*".into(),
+            advertise: String::new(),
+            timeout: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(1),
+        }
     }
 }
 

@@ -184,6 +184,7 @@ struct SocketThread {
     table: Arc<ServerTable>,
     inbound: Arc<dyn Inbound>,
     timeout: Duration,
+    heartbeat: Duration,
     /// Frames to send per peer id, this iteration.
     outbox: HashMap<String, Vec<Frame>>,
     /// Messages for peers with no connection up (DEALERs queue nothing themselves, see
@@ -218,6 +219,16 @@ pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket
     Ok((router, endpoint))
 }
 
+/// Time limits of the transport (from `[rpc]`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// How long a call waits for its answer.
+    pub(crate) timeout: Duration,
+    /// ZMTP heartbeat interval on connections to peers; a peer silent for three of them is
+    /// disconnected. Zero: no heartbeats.
+    pub(crate) heartbeat: Duration,
+}
+
 /// Starts the socket thread with an already bound ROUTER.
 pub(crate) fn spawn(
     ctx: zmq::Context,
@@ -225,7 +236,7 @@ pub(crate) fn spawn(
     own_id: String,
     table: Arc<ServerTable>,
     inbound: Arc<dyn Inbound>,
-    timeout: Duration,
+    limits: Limits,
 ) -> io::Result<(Io, JoinHandle<()>)> {
     let (wake_read, wake_write) = UnixStream::pair()?;
     wake_read.set_nonblocking(true)?;
@@ -247,7 +258,8 @@ pub(crate) fn spawn(
         io: io.clone(),
         table,
         inbound,
-        timeout,
+        timeout: limits.timeout,
+        heartbeat: limits.heartbeat,
         outbox: HashMap::new(),
         held: HashMap::new(),
         answers: HashMap::new(),
@@ -405,6 +417,13 @@ impl SocketThread {
         let socket = self.ctx.socket(zmq::DEALER)?;
         socket.set_identity(self.own_id.as_bytes())?;
         socket.set_immediate(true)?;
+        if !self.heartbeat.is_zero() {
+            // A peer whose host died or froze sends no FIN: without heartbeats its connection
+            // would look up until TCP gives up, and calls to it would wait out the timeout.
+            let ivl = i32::try_from(self.heartbeat.as_millis()).unwrap_or(i32::MAX).max(1);
+            socket.set_heartbeat_ivl(ivl)?;
+            socket.set_heartbeat_timeout(ivl.saturating_mul(3))?;
+        }
         socket.set_linger(0)?;
         socket.set_sndhwm(HWM)?;
         socket.set_rcvhwm(HWM)?;
@@ -647,6 +666,10 @@ mod tests {
 
     struct NoCalls;
 
+    fn limits(timeout: Duration) -> Limits {
+        Limits { timeout, heartbeat: Duration::from_secs(1) }
+    }
+
     impl Inbound for NoCalls {
         fn on_calls(&self, calls: Vec<(String, Call, Responder)>) {
             for (_, _, responder) in calls {
@@ -663,7 +686,8 @@ mod tests {
         let ctx = zmq::Context::new();
         let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
         let table = Arc::new(ServerTable::new());
-        let (io, thread) = spawn(ctx, router, "test".into(), table, Arc::new(NoCalls), Duration::from_secs(5)).unwrap();
+        let (io, thread) =
+            spawn(ctx, router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
         let started = Instant::now();
         let senders: Vec<_> = (0..4)
             .map(|_| {
@@ -726,7 +750,8 @@ mod tests {
         let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
         let table = Arc::new(ServerTable::new());
         let (io, thread) =
-            spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), Duration::from_secs(5)).unwrap();
+            spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5)))
+                .unwrap();
         let peer = raw_socket(&ctx, zmq::DEALER);
         peer.set_identity(b"rogue").unwrap();
         peer.connect(&endpoint).unwrap();
@@ -767,7 +792,8 @@ mod tests {
         table.replace(HashMap::from([("fake".to_owned(), entry)]));
         let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
         let (io, thread) =
-            spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), Duration::from_secs(5)).unwrap();
+            spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5)))
+                .unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
         io.call(
             "fake",
@@ -842,7 +868,7 @@ mod tests {
         let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
         let timeout = Duration::from_secs(30);
         let (io, thread) =
-            spawn(ctx.clone(), router, "test".into(), table.clone(), Arc::new(NoCalls), timeout).unwrap();
+            spawn(ctx.clone(), router, "test".into(), table.clone(), Arc::new(NoCalls), limits(timeout)).unwrap();
         let waiting = kick_call(&io, "fe");
         recv_call(&old);
         table.replace(fake_entry("fe", &new_addr));
@@ -872,7 +898,8 @@ mod tests {
             table.replace(fake_entry("peer", &addr));
             let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
             let (io, thread) =
-                spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), Duration::from_secs(5)).unwrap();
+                spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5)))
+                    .unwrap();
             let answered = kick_call(&io, "peer");
             let (identity, corr) = recv_call(&server);
             match old_corr {
@@ -906,7 +933,7 @@ mod tests {
         table.replace(fake_entry("peer", &addr));
         let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
         let timeout = Duration::from_millis(300);
-        let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), timeout).unwrap();
+        let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap();
         let answered = kick_call(&io, "peer");
         let (identity, corr) = recv_call(&first);
         let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
@@ -960,7 +987,7 @@ mod tests {
         table.replace(entries);
         let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
         let timeout = Duration::from_secs(60);
-        let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), timeout).unwrap();
+        let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap();
         let answered = kick_call(&io, "used");
         let (identity, corr) = recv_call(&used);
         let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
@@ -993,7 +1020,7 @@ mod tests {
         table.replace(fake_entry("peer", &addr));
         let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
         let timeout = Duration::from_millis(1500);
-        let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), timeout).unwrap();
+        let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap();
         let one_way = |uid: &str| Cmd::Call {
             to: "peer".into(),
             call: Call::KickUser { uid: uid.into(), reason: "r".into() },
@@ -1037,7 +1064,8 @@ mod tests {
         let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
         let table = Arc::new(ServerTable::new());
         let (io, thread) =
-            spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), Duration::from_secs(5)).unwrap();
+            spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5)))
+                .unwrap();
         let frontend = raw_socket(&ctx, zmq::DEALER);
         frontend.set_identity(b"fe").unwrap();
         frontend.connect(&endpoint).unwrap();

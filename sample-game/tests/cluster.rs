@@ -1,5 +1,6 @@
 //! The sample game as separate processes: the launcher's local cluster, a room server
-//! killed with SIGKILL while requests are in flight, and a killed connector restarted.
+//! killed with SIGKILL while requests are in flight, a killed connector restarted, and a
+//! frozen room server.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -211,5 +212,52 @@ fn a_killed_connector_restarted_under_its_id_serves_again() {
     assert_eq!(bob.recv_push_as::<Value>(T).unwrap(), ("onChat".to_string(), json!({"from": "bob", "text": "back"})));
     let left: Value = bob.request("room.room.leave", &json!({})).unwrap();
     assert_eq!(left, json!({"room": "lobby"}), "the room the connector was told about");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A room server that freezes (SIGSTOP: its host hangs, or the network to it breaks) sends
+/// no FIN, so only heartbeats show its connection is dead. Requests then fail at once, not
+/// at the 30 s call timeout, and work again once it runs again.
+#[test]
+fn a_frozen_room_server_is_noticed_by_heartbeats() {
+    let dir = std::env::temp_dir().join(format!("df-sg-frozen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = free_port();
+    let spawn = |role: &str, id: &str, extra: &[&str]| {
+        Proc(
+            Command::new(BIN)
+                .args(["--role", role, "--id", id, "--discovery-dir", dir.to_str().unwrap()])
+                .args(extra)
+                .env("RUST_LOG", "error")
+                // Discovery keeps listing the frozen server; the call timeout is long.
+                .env("DRAGONFRUIT_DISCOVERY__TTL", "60s")
+                .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
+                .env("DRAGONFRUIT_RPC__TIMEOUT", "30s")
+                .env("DRAGONFRUIT_RPC__HEARTBEAT", "200ms")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let room = spawn("room", "room-1", &[]);
+    let _connector = spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let player = player(port, "p");
+    signal(&room.0, libc::SIGSTOP);
+    // Three heartbeats of 200 ms without an answer close the connection.
+    std::thread::sleep(Duration::from_millis(1500));
+    let pending = player.send_request("room.room.echo", b"frozen").unwrap();
+    match pending.wait_timeout(Duration::from_secs(10)) {
+        Err(ClientError::Server(e)) => assert!(e.message.contains("connection lost"), "{e}"),
+        other => panic!("expected a prompt error, long before the 30 s timeout: {other:?}"),
+    }
+    signal(&room.0, libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match player.request_raw("room.room.echo", b"thawed") {
+            Ok(body) => break assert_eq!(body, b"thawed"),
+            Err(ClientError::Server(_)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("the room server did not come back: {e}"),
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
