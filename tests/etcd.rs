@@ -105,3 +105,23 @@ fn servers_survive_an_etcd_outage_and_register_again() {
     newcomer.stop();
     assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
 }
+
+/// Keys under the prefix that are not server entries (another program wrote them) are
+/// ignored; a server's key overwritten with one takes that server out of the table.
+#[test]
+fn values_that_are_not_servers_are_ignored() {
+    let etcd = Etcd::start("garbage");
+    etcd.put("it/servers/room/early", b"not json");
+    let (fe, fe_module, _room, _) = pair(&etcd);
+    etcd.put("it/servers/room/late", b"{\"id\": 5}");
+    etcd.put("it/servers/room/binary", &[0xff, 0xfe]);
+    assert_eq!(fe.client().request_raw("room.room.echo", b"ok").unwrap(), b"ok");
+    let ids = || {
+        let mut ids: Vec<String> = fe_module.servers().into_iter().map(|s| s.id).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(), ["connector-1", "room-1"]);
+    etcd.put("it/servers/room/room-1", b"garbage");
+    assert!(wait_until(T, || ids() == ["connector-1"]), "{:?}", ids());
+}

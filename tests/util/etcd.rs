@@ -65,6 +65,24 @@ impl Etcd {
         answer.contains("\"health\":\"true\"")
     }
 
+    /// Puts `key` = `value` (no lease), as another program writing under a prefix would.
+    pub fn put(&self, key: &str, value: &[u8]) {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let body = serde_json::json!({ "key": b64(key.as_bytes()), "value": b64(value) }).to_string();
+        let mut s = TcpStream::connect(("127.0.0.1", self.client_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let head = format!(
+            "POST /v3/kv/put HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "put {key}: {answer}");
+    }
+
     /// Kills etcd (the data directory stays).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

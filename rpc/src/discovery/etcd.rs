@@ -83,6 +83,23 @@ fn int64(v: Option<&Value>) -> Option<i64> {
     }
 }
 
+/// The server entry in the value of `kv`, or `None` (and a log line: someone else wrote
+/// under the cluster's prefix) when it is not one.
+fn server_entry(key: &str, kv: &Value) -> Option<ServerEntry> {
+    let value = unb64(&kv["value"]);
+    match value.as_deref().map(serde_json::from_str::<ServerEntry>) {
+        Some(Ok(entry)) => Some(entry),
+        Some(Err(e)) => {
+            warn!("etcd key {key} does not hold a server entry ({e}); ignored");
+            None
+        }
+        None => {
+            warn!("etcd key {key} has no UTF-8 value; ignored");
+            None
+        }
+    }
+}
+
 /// The key after the last key starting with `prefix`.
 fn prefix_end(prefix: &str) -> String {
     let mut bytes = prefix.as_bytes().to_vec();
@@ -158,10 +175,9 @@ impl Shared {
         let revision = int64(answer.get("header").and_then(|h| h.get("revision"))).ok_or("range without revision")?;
         let mut servers = HashMap::new();
         for kv in answer.get("kvs").and_then(Value::as_array).into_iter().flatten() {
-            if let (Some(key), Some(value)) = (unb64(&kv["key"]), unb64(&kv["value"])) {
-                if let Ok(entry) = serde_json::from_str::<ServerEntry>(&value) {
-                    servers.insert(key, entry);
-                }
+            let Some(key) = unb64(&kv["key"]) else { continue };
+            if let Some(entry) = server_entry(&key, kv) {
+                servers.insert(key, entry);
             }
         }
         Ok((servers, revision))
@@ -222,9 +238,12 @@ impl Shared {
                 let Some(key) = unb64(&kv["key"]) else { continue };
                 if event.get("type").and_then(Value::as_str) == Some("DELETE") {
                     touched |= servers.remove(&key).is_some();
-                } else if let Some(entry) = unb64(&kv["value"]).and_then(|v| serde_json::from_str(&v).ok()) {
+                } else if let Some(entry) = server_entry(&key, kv) {
                     servers.insert(key, entry);
                     touched = true;
+                } else {
+                    // The key no longer holds a server that can be reached.
+                    touched |= servers.remove(&key).is_some();
                 }
             }
             if touched {
