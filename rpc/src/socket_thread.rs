@@ -219,6 +219,23 @@ pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket
     Ok((router, endpoint))
 }
 
+/// Every call gets its answer exactly once, also when the thread stops with calls waiting
+/// or queued, or unwinds from a panic (a reply callback runs on this thread): those fail.
+impl Drop for SocketThread {
+    fn drop(&mut self) {
+        let stopped = || Err(HandlerError::internal("rpc layer stopped"));
+        for (_, pending) in self.pending.drain() {
+            (pending.reply)(stopped());
+        }
+        while let Ok(cmd) = self.rx.try_recv() {
+            if let Cmd::Call { reply: Some(reply), .. } = cmd {
+                reply(stopped());
+            }
+        }
+        self.peers.clear();
+    }
+}
+
 /// Time limits of the transport (from `[rpc]`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -306,10 +323,6 @@ impl SocketThread {
             }
             self.wake.sleeping.store(false, Ordering::SeqCst);
         }
-        for (_, pending) in self.pending.drain() {
-            (pending.reply)(Err(HandlerError::internal("rpc layer stopped")));
-        }
-        self.peers.clear();
         debug!("rpc thread of {} stopped", self.own_id);
     }
 
@@ -971,6 +984,43 @@ mod tests {
         );
         io.send(Cmd::Stop);
         thread.join().unwrap();
+    }
+
+    /// Calls waiting when the thread stops, queued behind the stop, or waiting when a reply
+    /// callback panics on the thread: each still gets its one answer.
+    #[test]
+    fn every_call_is_answered_when_the_thread_stops_or_panics() {
+        let ctx = zmq::Context::new();
+        let (server, addr) = fake_server(&ctx);
+        for panics in [false, true] {
+            let table = Arc::new(ServerTable::new());
+            table.replace(fake_entry("peer", &addr));
+            let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+            let (io, thread) =
+                spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(60)))
+                    .unwrap();
+            let waiting = kick_call(&io, "peer");
+            recv_call(&server);
+            let queued = if panics {
+                // Answered at once (no such server) by a callback that panics.
+                io.call(
+                    "nobody",
+                    Call::KickUser { uid: "u".into(), reason: "r".into() },
+                    Some(Box::new(|_| panic!("callback bug"))),
+                );
+                None
+            } else {
+                io.send(Cmd::Stop);
+                Some(kick_call(&io, "peer"))
+            };
+            for rx in std::iter::once(waiting).chain(queued) {
+                match rx.recv_timeout(Duration::from_secs(10)) {
+                    Ok(Err(e)) => assert!(e.message.contains("rpc layer stopped"), "{e:?}"),
+                    other => panic!("panics={panics}: {other:?}"),
+                }
+            }
+            assert_eq!(thread.join().is_err(), panics);
+        }
     }
 
     /// A server whose connection was up and is lost (its process died) fails calls at once,
