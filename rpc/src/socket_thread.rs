@@ -93,18 +93,32 @@ impl Io {
     }
 }
 
-/// Answers one incoming call, from any thread.
+/// Answers one incoming call, from any thread. Dropped unanswered (a job lost to a panic
+/// or a pool that stopped), it answers with an error, so the caller does not wait out its
+/// timeout.
 pub(crate) struct Responder {
     io: Io,
     identity: Vec<u8>,
+    /// 0 once answered, or when no answer is wanted.
     corr: u64,
 }
 
 impl Responder {
-    pub(crate) fn send(self, result: Result<Answer, HandlerError>) {
-        if self.corr != 0 {
-            self.io.send(Cmd::Reply { identity: self.identity, corr: self.corr, result });
+    pub(crate) fn send(mut self, result: Result<Answer, HandlerError>) {
+        self.answer(result);
+    }
+
+    fn answer(&mut self, result: Result<Answer, HandlerError>) {
+        let corr = std::mem::take(&mut self.corr);
+        if corr != 0 {
+            self.io.send(Cmd::Reply { identity: std::mem::take(&mut self.identity), corr, result });
         }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.answer(Err(HandlerError::internal("the call was dropped unanswered")));
     }
 }
 
@@ -982,6 +996,34 @@ mod tests {
             Ok(Ok(Answer::Found(true))),
             "the new call, not the old"
         );
+        io.send(Cmd::Stop);
+        thread.join().unwrap();
+    }
+
+    /// A call whose responder is dropped unanswered (its job lost) is answered with an error
+    /// at once.
+    #[test]
+    fn a_dropped_responder_answers_with_an_error() {
+        struct Drops;
+        impl Inbound for Drops {
+            fn on_calls(&self, calls: Vec<(String, Call, Responder)>) {
+                drop(calls);
+            }
+        }
+        let ctx = zmq::Context::new();
+        let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let table = Arc::new(ServerTable::new());
+        let (io, thread) =
+            spawn(ctx.clone(), router, "test".into(), table, Arc::new(Drops), limits(Duration::from_secs(5))).unwrap();
+        let peer = raw_socket(&ctx, zmq::DEALER);
+        peer.connect(&endpoint).unwrap();
+        let call = Frame::Call { corr: 3, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
+        peer.send(envelope(&[call]), 0).unwrap();
+        let answer = peer.recv_bytes(0).expect("answered");
+        match wire::decode(&answer).unwrap().as_slice() {
+            [Frame::Reply { corr: 3, result: Err(e) }] => assert!(e.message.contains("dropped unanswered"), "{e:?}"),
+            other => panic!("unexpected answer {other:?}"),
+        }
         io.send(Cmd::Stop);
         thread.join().unwrap();
     }
