@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dragonfruit_client::{Client, ClientError};
-use dragonfruit_core::codes;
+use dragonfruit_core::cluster::{self, ClusterContext, ClusterError, Forward, ForwardDone};
+use dragonfruit_core::{codes, Messenger, Session};
 use dragonfruit_net::App;
 use dragonfruit_rpc::router::rendezvous;
 use dragonfruit_rpc::{ClusterModule, EmbeddedDiscovery, RouteCtx, Router, RpcConfig, ServerEntry};
@@ -256,6 +257,61 @@ fn custom_routers_choose_the_server() {
         Err(ClientError::Server(e)) => assert_eq!(e.code, codes::NOT_FOUND, "router refusal"),
         other => panic!("{other:?}"),
     }
+}
+
+/// A router with a bug: it panics on some messages.
+struct Buggy;
+
+impl Router for Buggy {
+    fn pick(&self, ctx: &RouteCtx<'_>, _: &[ServerEntry]) -> Option<usize> {
+        assert!(ctx.body != b"boom", "router bug");
+        Some(0)
+    }
+}
+
+#[test]
+fn a_panicking_router_fails_the_request_not_the_session() {
+    let c = cluster("buggy", 1, TIMEOUT, Some(Box::new(|m: ClusterModule| m.with_router("room", Buggy))));
+    let client = c.frontend.client();
+    match client.request_raw("room.room.echo", b"boom") {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, codes::INTERNAL, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(client.request_raw("room.room.echo", b"fine").unwrap(), b"fine", "the session goes on");
+    assert!(wait_until(T, || c.frontend.handle.stats().in_flight == 0));
+}
+
+/// A cluster layer with bugs: it loses the answer callback, or panics.
+struct LosesCalls;
+
+impl cluster::Cluster for LosesCalls {
+    fn messenger(&self, local: Arc<dyn Messenger>) -> Arc<dyn Messenger> {
+        local
+    }
+    fn start(&self, _: ClusterContext) -> Result<(), ClusterError> {
+        Ok(())
+    }
+    fn forward(&self, _: &Arc<Session>, msgs: Vec<Forward>, done: ForwardDone) {
+        assert!(msgs.iter().all(|m| m.body != b"panic"), "cluster layer bug");
+        drop(done);
+    }
+    fn session_bound(&self, _: &str, _: bool) {}
+    fn begin_stop(&self) {}
+    fn stop(&self) {}
+}
+
+#[test]
+fn requests_a_cluster_layer_loses_are_answered() {
+    let server = Server::start(probe_app(&Probe::default()).cluster(Arc::new(LosesCalls)));
+    let client = server.client();
+    for body in [b"lost".as_slice(), b"panic"] {
+        match client.request_raw("room.room.echo", body) {
+            Err(ClientError::Server(e)) => assert_eq!(e.code, codes::INTERNAL, "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(client.request_raw("probe.echo", b"after").unwrap(), b"after", "the session goes on");
+    assert!(wait_until(T, || server.handle.stats().in_flight == 0), "{:?}", server.handle.stats());
 }
 
 #[test]

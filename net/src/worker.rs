@@ -18,7 +18,7 @@ use log::{debug, error, warn};
 
 use crate::agent::Batch;
 use crate::app::{HandshakeRefusal, Shared};
-use crate::port::LoopMsg;
+use crate::port::{LoopMsg, LoopPort};
 use crate::stats::Stats;
 
 /// What a finished job tells the loop.
@@ -82,35 +82,75 @@ pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, b
     };
     Stats::add(&shared.stats.requests, tally.requests);
     Stats::add(&shared.stats.notifies, tally.notifies);
-    let forwarded = forward(shared, token, session, std::mem::take(&mut tally.forwards));
+    let forwards = std::mem::take(&mut tally.forwards);
+    let forwarded = forwards.iter().filter(|f| f.kind == MessageType::Request).count();
+    // A panic in the cluster layer must not lose the batch's `Done`; the forwarded requests
+    // are then answered by `ForwardAnswers`' drop.
+    if catch_unwind(AssertUnwindSafe(|| forward(shared, token, session, forwards))).is_err() {
+        error!("sid={} the cluster layer panicked forwarding a batch; its requests fail", session.id());
+    }
     let saw_route_code = tally.saw_route_code;
     Done { token, session: session.id(), handled: batch.count - forwarded, out, outcome, saw_route_code, forwarded }
 }
 
-/// Hands messages of other server types to the cluster layer; returns how many requests
-/// now wait for answers. The answers go straight to the event loop, not through a worker.
-fn forward(shared: &Shared, token: usize, session: &Arc<Session>, forwards: Vec<Forward>) -> usize {
-    let Some(cluster) = &shared.cluster else { return 0 };
+/// Hands messages of other server types to the cluster layer (only requests are counted
+/// in flight, and `tally.forwards` is only filled when there is a cluster layer). The
+/// answers go straight to the event loop, not through a worker.
+fn forward(shared: &Shared, token: usize, session: &Arc<Session>, forwards: Vec<Forward>) {
+    let Some(cluster) = &shared.cluster else { return };
     if forwards.is_empty() {
-        return 0;
+        return;
     }
-    let count = forwards.iter().filter(|f| f.kind == MessageType::Request).count();
-    let port = shared.port.clone();
-    let compress = shared.config.message.compression;
-    let serializer = session.serializer();
-    let sid = session.id();
-    cluster.forward(
-        session,
-        forwards,
-        Box::new(move |replies| {
-            let mut out = Vec::new();
-            for (id, reply) in replies {
-                encode_reply_with(compress, serializer, sid, id, reply, &mut out);
-            }
-            let _ = port.send(LoopMsg::Forwarded { token, session: sid, out, count });
-        }),
-    );
-    count
+    let answers = ForwardAnswers {
+        port: shared.port.clone(),
+        compress: shared.config.message.compression,
+        serializer: session.serializer(),
+        token,
+        sid: session.id(),
+        ids: forwards.iter().filter(|f| f.kind == MessageType::Request).map(|f| f.id).collect(),
+        sent: false,
+    };
+    cluster.forward(session, forwards, Box::new(move |replies| answers.send(replies)));
+}
+
+/// Sends the answers to one batch's forwarded requests to the event loop, once. Dropped
+/// without having sent (the cluster layer lost the callback, or panicked), it answers every
+/// request with an error, so none waits forever and the in-flight count stays exact.
+struct ForwardAnswers {
+    port: Arc<LoopPort>,
+    compress: bool,
+    serializer: Serializer,
+    token: usize,
+    sid: SessionId,
+    /// Ids of the forwarded requests.
+    ids: Vec<u64>,
+    sent: bool,
+}
+
+impl ForwardAnswers {
+    fn send(mut self, replies: Vec<(u64, Reply)>) {
+        self.deliver(replies);
+    }
+
+    fn deliver(&mut self, replies: Vec<(u64, Reply)>) {
+        self.sent = true;
+        let mut out = Vec::new();
+        for (id, reply) in replies {
+            encode_reply_with(self.compress, self.serializer, self.sid, id, reply, &mut out);
+        }
+        let count = self.ids.len();
+        let _ = self.port.send(LoopMsg::Forwarded { token: self.token, session: self.sid, out, count });
+    }
+}
+
+impl Drop for ForwardAnswers {
+    fn drop(&mut self) {
+        if !self.sent {
+            let lost = || Reply::Err(HandlerError::internal("the cluster layer lost the request"));
+            let replies = self.ids.iter().map(|id| (*id, lost())).collect();
+            self.deliver(replies);
+        }
+    }
 }
 
 /// One message. `Err` is a protocol violation that closes the connection.

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
@@ -12,7 +13,7 @@ use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, 
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::config::{ConfigError, ConfigSource};
 use dragonfruit_core::{codes, HandlerError, Messenger, Reply, Route, Session, SessionSink};
-use log::{info, warn};
+use log::{error, info, warn};
 
 use crate::config::{self, RpcConfig};
 use crate::discovery::{self, Discovery};
@@ -115,7 +116,15 @@ impl Inner {
         };
         let ctx = RouteCtx { route, session, body };
         let index = match routers.get(server_type) {
-            Some(router) => router.pick(&ctx, servers),
+            // A router is the application's code: a panic in it fails this message, not
+            // the worker's batch (whose forwarded requests would then never be answered).
+            Some(router) => match catch_unwind(AssertUnwindSafe(|| router.pick(&ctx, servers))) {
+                Ok(index) => index,
+                Err(_) => {
+                    error!("the router of {server_type} panicked on route {route}");
+                    return Err(HandlerError::internal(format!("the router of {server_type} failed")));
+                }
+            },
             None => {
                 if let Some((_, id)) = sticky.iter().find(|(t, _)| *t == type_key) {
                     return Ok(id);
