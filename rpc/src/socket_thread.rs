@@ -551,16 +551,32 @@ impl SocketThread {
         }
     }
 
-    /// Notes which peers not yet seen connected are connected now (a socket that accepts
-    /// messages has a connection: see `dealer`).
+    /// Looks at every peer's connection (a socket that accepts messages has one: see
+    /// `dealer`). A peer seen up for the first time counts as connected from now on; the
+    /// calls waiting on a peer whose connection was up and is gone (its process died, or
+    /// heartbeats stopped) fail now rather than at their timeout. Like a timeout, such a
+    /// failure does not say whether the call ran.
     fn probe_peers(&mut self, now: Instant) {
         if now < self.next_probe {
             return;
         }
         self.next_probe = now + PROBE;
-        for peer in self.peers.values_mut().filter(|peer| !peer.was_up) {
+        let mut lost = Vec::new();
+        for (id, peer) in &mut self.peers {
             if peer.socket.get_events().is_ok_and(|events| events.contains(zmq::POLLOUT)) {
                 peer.was_up = true;
+            } else if peer.was_up {
+                lost.push(id.clone());
+            }
+        }
+        if lost.is_empty() || self.pending.is_empty() {
+            return;
+        }
+        let waiting: Vec<u64> =
+            self.pending.iter().filter(|(_, p)| lost.contains(&p.to)).map(|(corr, _)| *corr).collect();
+        for corr in waiting {
+            if let Some(p) = self.pending.remove(&corr) {
+                (p.reply)(Err(HandlerError::internal(format!("connection to server {} lost", p.to))));
             }
         }
     }
@@ -1094,6 +1110,28 @@ mod tests {
                 Ok(Err(e)) => assert!(e.message.contains("connection lost"), "{peer}: {e:?}"),
                 other => panic!("{peer}: the call should fail long before the 60 s timeout: {other:?}"),
             }
+        }
+        io.send(Cmd::Stop);
+        thread.join().unwrap();
+    }
+
+    /// Calls already sent to a server whose process then dies fail once its connection is
+    /// seen gone, not at their timeout.
+    #[test]
+    fn calls_waiting_on_a_server_that_dies_fail_when_its_connection_goes() {
+        let ctx = zmq::Context::new();
+        let (server, addr) = fake_server(&ctx);
+        let table = Arc::new(ServerTable::new());
+        table.replace(fake_entry("peer", &addr));
+        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let (io, thread) =
+            spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(60))).unwrap();
+        let waiting = kick_call(&io, "peer");
+        recv_call(&server);
+        drop(server);
+        match waiting.recv_timeout(Duration::from_secs(10)) {
+            Ok(Err(e)) => assert!(e.message.contains("connection to server peer lost"), "{e:?}"),
+            other => panic!("the call should fail long before the 60 s timeout: {other:?}"),
         }
         io.send(Cmd::Stop);
         thread.join().unwrap();
