@@ -512,6 +512,15 @@ impl SocketThread {
             };
             while let Some((deadline, mut frames)) = queue.pop_front() {
                 let expired = deadline <= now;
+                if expired {
+                    let one_way = frames.iter().filter(|f| matches!(f, Frame::Call { corr: 0, .. })).count();
+                    if one_way > 0 {
+                        warn!(
+                            "server {to} not connected within {:?}: {one_way} one-way messages dropped",
+                            self.timeout
+                        );
+                    }
+                }
                 frames.retain(|frame| match frame {
                     Frame::Call { corr: 0, .. } => !expired,
                     Frame::Call { corr, .. } => self.pending.contains_key(corr),
