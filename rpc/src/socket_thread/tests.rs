@@ -1,0 +1,509 @@
+use super::*;
+use crate::ServerEntry;
+
+struct NoCalls;
+
+fn limits(timeout: Duration) -> Limits {
+    Limits { timeout, heartbeat: Duration::from_secs(1) }
+}
+
+impl Inbound for NoCalls {
+    fn on_calls(&self, calls: Vec<(String, Call, Responder)>) {
+        for (_, _, responder) in calls {
+            responder.send(Err(HandlerError::internal("no calls in this test")));
+        }
+    }
+}
+
+/// Senders write the wake-up byte only while the thread sleeps. A lost wake-up would
+/// leave a command waiting for the 100 ms poll cap, so 2,000 round trips from four
+/// threads would take minutes instead of well under the bound below.
+#[test]
+fn no_wake_up_is_lost() {
+    let ctx = zmq::Context::new();
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let table = Arc::new(ServerTable::new());
+    let (io, thread) =
+        spawn(ctx, router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let senders: Vec<_> = (0..4)
+        .map(|_| {
+            let io = io.clone();
+            std::thread::spawn(move || {
+                for _ in 0..500 {
+                    let (tx, rx) = crossbeam_channel::bounded(1);
+                    let call = Call::KickUser { uid: "u".into(), reason: "r".into() };
+                    io.call("nobody", call, Some(Box::new(move |r| drop(tx.send(r)))));
+                    let answer = rx.recv_timeout(Duration::from_secs(5)).expect("answered");
+                    assert!(matches!(answer, Err(e) if e.code == codes::NOT_FOUND));
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
+
+fn envelope(frames: &[Frame]) -> Vec<u8> {
+    wire::encode(frames)
+}
+
+/// What a peer can send that is not a well-formed envelope in the right direction.
+fn bad_payloads() -> Vec<Vec<u8>> {
+    let reply = Frame::Reply { corr: 99, result: Ok(Answer::Done) };
+    let call = Frame::Call { corr: 98, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
+    let mut truncated = envelope(std::slice::from_ref(&call));
+    truncated.truncate(truncated.len() - 2);
+    vec![
+        Vec::new(),
+        vec![wire::VERSION + 1, 0],
+        vec![wire::VERSION, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+        truncated,
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+    ]
+    .into_iter()
+    .chain([envelope(&[reply]), envelope(&[call])])
+    .collect()
+}
+
+fn raw_socket(ctx: &zmq::Context, kind: zmq::SocketType) -> zmq::Socket {
+    let socket = ctx.socket(kind).unwrap();
+    socket.set_linger(0).unwrap();
+    socket.set_rcvtimeo(5_000).unwrap();
+    socket
+}
+
+/// A peer that sends garbage, another layout version, a truncated envelope, an answer
+/// to a ROUTER and a multi-part message gets log lines, not a dead thread: the call it
+/// sends last is still served. Calls are decoded in order, so the answer arrives only
+/// after every bad message before it was read.
+#[test]
+fn bad_envelopes_on_the_router_are_dropped_and_later_calls_served() {
+    let ctx = zmq::Context::new();
+    let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let table = Arc::new(ServerTable::new());
+    let (io, thread) =
+        spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+    let peer = raw_socket(&ctx, zmq::DEALER);
+    peer.set_identity(b"rogue").unwrap();
+    peer.connect(&endpoint).unwrap();
+    // The wrong-direction call in `bad_payloads` has corr 98 and is answered; skip it.
+    let mut sent = bad_payloads();
+    sent.pop();
+    for payload in &sent {
+        peer.send(payload.as_slice(), 0).unwrap();
+    }
+    peer.send_multipart([b"one".as_slice(), b"two"], 0).unwrap();
+    let call = Frame::Call { corr: 7, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
+    peer.send(envelope(&[call]), 0).unwrap();
+    let answer = peer.recv_bytes(0).expect("the call after the bad messages is answered");
+    match wire::decode(&answer).unwrap().as_slice() {
+        [Frame::Reply { corr: 7, result: Err(e) }] => assert_eq!(e.message, "no calls in this test"),
+        other => panic!("unexpected answer {other:?}"),
+    }
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
+
+/// A peer that answers with garbage, calls on the DEALER, or answers to calls nobody
+/// made: each is dropped, and the caller gets exactly the one real answer.
+#[test]
+fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
+    let ctx = zmq::Context::new();
+    let fake = raw_socket(&ctx, zmq::ROUTER);
+    fake.bind("tcp://127.0.0.1:*").unwrap();
+    let fake_addr = fake.get_last_endpoint().unwrap().unwrap();
+    let entry = ServerEntry {
+        id: "fake".into(),
+        server_type: "room".into(),
+        frontend: false,
+        rpc_addr: fake_addr,
+        metadata: Default::default(),
+    };
+    let table = Arc::new(ServerTable::new());
+    table.replace(HashMap::from([("fake".to_owned(), entry)]));
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let (io, thread) =
+        spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    io.call("fake", Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(Box::new(move |r| drop(tx.send(r)))));
+    let parts = fake.recv_multipart(0).expect("the call reaches the fake server");
+    let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+    assert_eq!(identity, b"test");
+    let corr = match wire::decode(&payload).unwrap().as_slice() {
+        [Frame::Call { corr, call: Call::KickUser { .. } }] => *corr,
+        other => panic!("unexpected call {other:?}"),
+    };
+    for bad in bad_payloads() {
+        fake.send_multipart([identity.as_slice(), &bad], 0).unwrap();
+    }
+    let real = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+    fake.send_multipart([identity.as_slice(), &envelope(&[real])], 0).unwrap();
+    let answer = rx.recv_timeout(Duration::from_secs(5)).expect("the real answer is delivered");
+    assert_eq!(answer, Ok(Answer::Found(true)));
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+    assert!(rx.try_recv().is_err(), "exactly one answer");
+}
+
+fn fake_server(ctx: &zmq::Context) -> (zmq::Socket, String) {
+    let socket = raw_socket(ctx, zmq::ROUTER);
+    // As `bind_router`: a restarted peer takes over its identity at once.
+    socket.set_router_handover(true).unwrap();
+    socket.bind("tcp://127.0.0.1:*").unwrap();
+    let endpoint = socket.get_last_endpoint().unwrap().unwrap();
+    (socket, endpoint)
+}
+
+fn fake_entry(id: &str, rpc_addr: &str) -> HashMap<String, ServerEntry> {
+    let entry = ServerEntry {
+        id: id.into(),
+        server_type: "connector".into(),
+        frontend: true,
+        rpc_addr: rpc_addr.into(),
+        metadata: Default::default(),
+    };
+    HashMap::from([(id.to_owned(), entry)])
+}
+
+/// The correlation id of the one call `server` receives.
+fn recv_call(server: &zmq::Socket) -> (Vec<u8>, u64) {
+    let parts = server.recv_multipart(0).expect("a call arrives");
+    let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+    match wire::decode(&payload).unwrap().as_slice() {
+        [Frame::Call { corr, .. }] => (identity, *corr),
+        other => panic!("unexpected frames {other:?}"),
+    }
+}
+
+fn kick_call(io: &Io, to: &str) -> Receiver<Result<Answer, HandlerError>> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    io.call(to, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(Box::new(move |r| drop(tx.send(r)))));
+    rx
+}
+
+/// A server restarted under the same id on a new endpoint (a killed process whose
+/// registry entry was replaced before it expired): calls go to the new endpoint, and
+/// calls still waiting on the old process fail at once instead of at their timeout.
+#[test]
+fn a_server_back_on_a_new_endpoint_gets_the_calls() {
+    let ctx = zmq::Context::new();
+    let (old, old_addr) = fake_server(&ctx);
+    let (new, new_addr) = fake_server(&ctx);
+    let table = Arc::new(ServerTable::new());
+    table.replace(fake_entry("fe", &old_addr));
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let timeout = Duration::from_secs(30);
+    let (io, thread) =
+        spawn(ctx.clone(), router, "test".into(), table.clone(), Arc::new(NoCalls), limits(timeout)).unwrap();
+    let waiting = kick_call(&io, "fe");
+    recv_call(&old);
+    table.replace(fake_entry("fe", &new_addr));
+    io.send(Cmd::PeersChanged);
+    match waiting.recv_timeout(timeout / 2) {
+        Ok(Err(e)) => assert!(e.code == codes::INTERNAL && e.message.contains("new endpoint"), "{e:?}"),
+        other => panic!("the call to the old process should fail before its timeout: {other:?}"),
+    }
+    let answered = kick_call(&io, "fe");
+    let (identity, corr) = recv_call(&new);
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+    new.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
+
+/// A restarted server takes over its ROUTER identity on its peers, so an answer to a call
+/// of the previous process can arrive at the new one; it must not answer a new call.
+#[test]
+fn answers_to_a_previous_process_do_not_answer_new_calls() {
+    let ctx = zmq::Context::new();
+    let (server, addr) = fake_server(&ctx);
+    let mut old_corr = None;
+    for life in ["old", "new"] {
+        let table = Arc::new(ServerTable::new());
+        table.replace(fake_entry("peer", &addr));
+        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let (io, thread) =
+            spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+        let answered = kick_call(&io, "peer");
+        let (identity, corr) = recv_call(&server);
+        match old_corr {
+            None => {
+                // The process dies with its call unanswered.
+                old_corr = Some(corr);
+                io.send(Cmd::Stop);
+                thread.join().unwrap();
+                assert!(matches!(answered.recv_timeout(Duration::from_secs(5)), Ok(Err(_))), "{life}");
+            }
+            Some(old) => {
+                let late = Frame::Reply { corr: old, result: Ok(Answer::Found(false)) };
+                let real = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+                server.send_multipart([identity.as_slice(), &envelope(&[late])], 0).unwrap();
+                server.send_multipart([identity.as_slice(), &envelope(&[real])], 0).unwrap();
+                assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))), "{life}");
+                io.send(Cmd::Stop);
+                thread.join().unwrap();
+            }
+        }
+    }
+}
+
+/// A call that timed out while its server was down must not run when a server comes
+/// back at the same endpoint (a fixed `rpc.bind` port): the caller was told it failed.
+#[test]
+fn calls_that_failed_are_not_replayed_to_a_server_back_at_the_same_endpoint() {
+    let ctx = zmq::Context::new();
+    let (first, addr) = fake_server(&ctx);
+    let table = Arc::new(ServerTable::new());
+    table.replace(fake_entry("peer", &addr));
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let timeout = Duration::from_millis(300);
+    let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap();
+    let answered = kick_call(&io, "peer");
+    let (identity, corr) = recv_call(&first);
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+    first.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    let failed = kick_call(&io, "peer");
+    assert!(matches!(failed.recv_timeout(Duration::from_secs(5)), Ok(Err(_))), "fails while the server is down");
+    let again = raw_socket(&ctx, zmq::ROUTER);
+    again.set_router_handover(true).unwrap();
+    again.bind(&addr).unwrap();
+    // Calls fail at once until the DEALER has reconnected; then the first one sent is
+    // the first the server gets.
+    let answered = (0..200)
+        .find_map(|_| {
+            let answered = kick_call(&io, "peer");
+            match answered.recv_timeout(Duration::from_millis(20)) {
+                Ok(Err(e)) if e.message.contains("connection lost") => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    None
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => Some(answered),
+            }
+        })
+        .expect("reconnected");
+    let (identity, corr) = recv_call(&again);
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+    again.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))), "the new call, not the old");
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
+
+/// A call whose responder is dropped unanswered (its job lost) is answered with an error
+/// at once.
+#[test]
+fn a_dropped_responder_answers_with_an_error() {
+    struct Drops;
+    impl Inbound for Drops {
+        fn on_calls(&self, calls: Vec<(String, Call, Responder)>) {
+            drop(calls);
+        }
+    }
+    let ctx = zmq::Context::new();
+    let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let table = Arc::new(ServerTable::new());
+    let (io, thread) =
+        spawn(ctx.clone(), router, "test".into(), table, Arc::new(Drops), limits(Duration::from_secs(5))).unwrap();
+    let peer = raw_socket(&ctx, zmq::DEALER);
+    peer.connect(&endpoint).unwrap();
+    let call = Frame::Call { corr: 3, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
+    peer.send(envelope(&[call]), 0).unwrap();
+    let answer = peer.recv_bytes(0).expect("answered");
+    match wire::decode(&answer).unwrap().as_slice() {
+        [Frame::Reply { corr: 3, result: Err(e) }] => assert!(e.message.contains("dropped unanswered"), "{e:?}"),
+        other => panic!("unexpected answer {other:?}"),
+    }
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
+
+/// Calls waiting when the thread stops, queued behind the stop, or waiting when a reply
+/// callback panics on the thread: each still gets its one answer.
+#[test]
+fn every_call_is_answered_when_the_thread_stops_or_panics() {
+    let ctx = zmq::Context::new();
+    let (server, addr) = fake_server(&ctx);
+    for panics in [false, true] {
+        let table = Arc::new(ServerTable::new());
+        table.replace(fake_entry("peer", &addr));
+        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+        let (io, thread) =
+            spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(60))).unwrap();
+        let waiting = kick_call(&io, "peer");
+        recv_call(&server);
+        let queued = if panics {
+            // Answered at once (no such server) by a callback that panics.
+            io.call(
+                "nobody",
+                Call::KickUser { uid: "u".into(), reason: "r".into() },
+                Some(Box::new(|_| panic!("callback bug"))),
+            );
+            None
+        } else {
+            io.send(Cmd::Stop);
+            Some(kick_call(&io, "peer"))
+        };
+        for rx in std::iter::once(waiting).chain(queued) {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Err(e)) => assert!(e.message.contains("rpc layer stopped"), "{e:?}"),
+                other => panic!("panics={panics}: {other:?}"),
+            }
+        }
+        assert_eq!(thread.join().is_err(), panics);
+    }
+}
+
+/// A server whose connection was up and is lost (its process died) fails calls at once,
+/// whether or not anything was sent to it before, instead of at the timeout: a push to
+/// every frontend must not wait out a dead one.
+#[test]
+fn calls_to_a_server_whose_connection_was_lost_fail_at_once() {
+    let ctx = zmq::Context::new();
+    let (used, used_addr) = fake_server(&ctx);
+    let (idle, idle_addr) = fake_server(&ctx);
+    let table = Arc::new(ServerTable::new());
+    let mut entries = fake_entry("used", &used_addr);
+    entries.extend(fake_entry("idle", &idle_addr));
+    table.replace(entries);
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let timeout = Duration::from_secs(60);
+    let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap();
+    let answered = kick_call(&io, "used");
+    let (identity, corr) = recv_call(&used);
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+    used.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    // Long enough for the idle peer's connection to be seen up.
+    std::thread::sleep(Duration::from_millis(500));
+    drop((used, idle));
+    std::thread::sleep(Duration::from_millis(300));
+    for peer in ["used", "idle"] {
+        match kick_call(&io, peer).recv_timeout(Duration::from_secs(10)) {
+            Ok(Err(e)) => assert!(e.message.contains("connection lost"), "{peer}: {e:?}"),
+            other => panic!("{peer}: the call should fail long before the 60 s timeout: {other:?}"),
+        }
+    }
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
+
+/// Calls already sent to a server whose process then dies fail once its connection is
+/// seen gone, not at their timeout.
+#[test]
+fn calls_waiting_on_a_server_that_dies_fail_when_its_connection_goes() {
+    let ctx = zmq::Context::new();
+    let (server, addr) = fake_server(&ctx);
+    let table = Arc::new(ServerTable::new());
+    table.replace(fake_entry("peer", &addr));
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let (io, thread) =
+        spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(60))).unwrap();
+    let waiting = kick_call(&io, "peer");
+    recv_call(&server);
+    drop(server);
+    match waiting.recv_timeout(Duration::from_secs(10)) {
+        Ok(Err(e)) => assert!(e.message.contains("connection to server peer lost"), "{e:?}"),
+        other => panic!("the call should fail long before the 60 s timeout: {other:?}"),
+    }
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
+
+/// Messages for a server whose connection is not up yet wait for it, in order, while
+/// their calls have not timed out; one-way messages older than the timeout are dropped.
+#[test]
+fn messages_wait_for_a_server_that_comes_up_within_the_timeout() {
+    let ctx = zmq::Context::new();
+    let addr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("tcp://{}", listener.local_addr().unwrap())
+    };
+    let table = Arc::new(ServerTable::new());
+    table.replace(fake_entry("peer", &addr));
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let timeout = Duration::from_millis(1500);
+    let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap();
+    let one_way = |uid: &str| Cmd::Call {
+        to: "peer".into(),
+        call: Call::KickUser { uid: uid.into(), reason: "r".into() },
+        reply: None,
+    };
+    io.send(one_way("stale"));
+    std::thread::sleep(timeout + Duration::from_millis(200));
+    io.send(one_way("fresh"));
+    let first = kick_call(&io, "peer");
+    let second = kick_call(&io, "peer");
+    std::thread::sleep(Duration::from_millis(200));
+    let server = raw_socket(&ctx, zmq::ROUTER);
+    server.bind(&addr).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let parts = server.recv_multipart(0).expect("held messages arrive once the server is up");
+        let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+        for frame in wire::decode(&payload).unwrap() {
+            let Frame::Call { corr, call: Call::KickUser { uid, .. } } = frame else { panic!("{frame:?}") };
+            if corr != 0 {
+                let reply = Frame::Reply { corr, result: Ok(Answer::Found(got.len() == 1)) };
+                server.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+            }
+            got.push(uid);
+        }
+    }
+    assert_eq!(got, ["fresh", "u", "u"], "in order, without the expired one-way message");
+    assert_eq!(first.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    assert_eq!(second.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
+
+/// The same for a frontend known only from the sessions it sends (not yet discovered):
+/// a session naming a new endpoint moves the calls back to that frontend there.
+#[test]
+fn a_learned_frontend_back_on_a_new_endpoint_gets_the_calls() {
+    let ctx = zmq::Context::new();
+    let (old, old_addr) = fake_server(&ctx);
+    let (new, new_addr) = fake_server(&ctx);
+    let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let table = Arc::new(ServerTable::new());
+    let (io, thread) =
+        spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+    let frontend = raw_socket(&ctx, zmq::DEALER);
+    frontend.set_identity(b"fe").unwrap();
+    frontend.connect(&endpoint).unwrap();
+    for (corr, addr) in [(1, &old_addr), (2, &new_addr)] {
+        let session = wire::SessionSnapshot {
+            id: 1,
+            frontend_id: "fe".into(),
+            frontend_rpc: addr.clone(),
+            frontend_type: "connector".into(),
+            ..Default::default()
+        };
+        let call = Frame::Call { corr, call: Call::Handle { session, msgs: Vec::new() } };
+        frontend.send(envelope(&[call]), 0).unwrap();
+        frontend.recv_bytes(0).expect("answered");
+        if corr == 1 {
+            let answered = kick_call(&io, "fe");
+            let (identity, corr) = recv_call(&old);
+            let reply = Frame::Reply { corr, result: Ok(Answer::Found(false)) };
+            old.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+            assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
+        }
+    }
+    let answered = kick_call(&io, "fe");
+    let (identity, corr) = recv_call(&new);
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+    new.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
