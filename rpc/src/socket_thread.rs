@@ -138,16 +138,22 @@ struct Peer {
     was_up: bool,
     /// Its loss was logged (once per outage).
     warned: bool,
+    /// When the socket was made.
+    since: Instant,
+    /// It never connected within the call timeout (a wrong advertised address, a
+    /// firewall): its calls fail at once, as for a lost connection, until it connects.
+    unreachable: bool,
 }
 
 impl Peer {
     fn new(addr: String, socket: zmq::Socket) -> Peer {
-        Peer { addr, socket, was_up: false, warned: false }
+        Peer { addr, socket, was_up: false, warned: false, since: Instant::now(), unreachable: false }
     }
 
     /// Its connection is up.
     fn up(&mut self, id: &str) {
         self.was_up = true;
+        self.unreachable = false;
         if std::mem::take(&mut self.warned) {
             info!("connection to server {id} at {} is back", self.addr);
         }
@@ -167,6 +173,7 @@ impl Peer {
                 self.up(id);
                 Sent::Yes
             }
+            Err(e) if is_again(&e) && self.unreachable => Sent::Failed(frames, "never connected".into()),
             Err(e) if is_again(&e) && !self.was_up => Sent::Hold(frames),
             Err(e) if is_again(&e) => {
                 self.lost(id);
@@ -589,6 +596,13 @@ impl SocketThread {
             } else if peer.was_up {
                 peer.lost(id);
                 lost.push(id.clone());
+            } else if !peer.unreachable && now.duration_since(peer.since) > self.timeout {
+                peer.unreachable = true;
+                peer.warned = true;
+                warn!(
+                    "server {id} at {} not reachable for {:?}; failing its calls until it connects",
+                    peer.addr, self.timeout
+                );
             }
         }
         if lost.is_empty() || self.pending.is_empty() {

@@ -419,8 +419,11 @@ fn calls_waiting_on_a_server_that_dies_fail_when_its_connection_goes() {
     thread.join().unwrap();
 }
 
-/// Messages for a server whose connection is not up yet wait for it, in order, while
-/// their calls have not timed out; one-way messages older than the timeout are dropped.
+fn one_way(uid: &str) -> Cmd {
+    Cmd::Call { to: "peer".into(), call: Call::KickUser { uid: uid.into(), reason: "r".into() }, reply: None }
+}
+
+/// Messages for a server whose connection is not up yet wait for it, in order.
 #[test]
 fn messages_wait_for_a_server_that_comes_up_within_the_timeout() {
     let ctx = zmq::Context::new();
@@ -431,19 +434,12 @@ fn messages_wait_for_a_server_that_comes_up_within_the_timeout() {
     let table = Arc::new(ServerTable::new());
     table.replace(fake_entry("peer", &addr));
     let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let timeout = Duration::from_millis(1500);
-    let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap();
-    let one_way = |uid: &str| Cmd::Call {
-        to: "peer".into(),
-        call: Call::KickUser { uid: uid.into(), reason: "r".into() },
-        reply: None,
-    };
-    io.send(one_way("stale"));
-    std::thread::sleep(timeout + Duration::from_millis(200));
-    io.send(one_way("fresh"));
+    let (io, thread) =
+        spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+    io.send(one_way("first"));
     let first = kick_call(&io, "peer");
     let second = kick_call(&io, "peer");
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(300));
     let server = raw_socket(&ctx, zmq::ROUTER);
     server.bind(&addr).unwrap();
     let mut got = Vec::new();
@@ -459,7 +455,7 @@ fn messages_wait_for_a_server_that_comes_up_within_the_timeout() {
             got.push(uid);
         }
     }
-    assert_eq!(got, ["fresh", "u", "u"], "in order, without the expired one-way message");
+    assert_eq!(got, ["first", "u", "u"], "in order");
     assert_eq!(first.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
     assert_eq!(second.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
     io.send(Cmd::Stop);
@@ -503,6 +499,60 @@ fn a_learned_frontend_back_on_a_new_endpoint_gets_the_calls() {
     let (identity, corr) = recv_call(&new);
     let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
     new.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
+
+/// A server that never connects (a wrong advertised address, a firewall) has its messages
+/// held only for the first call timeout; after that its calls fail at once, until it
+/// connects, and the held one-way messages are dropped, never sent late.
+#[test]
+fn calls_to_a_server_that_never_connects_fail_at_once_after_a_timeout() {
+    let ctx = zmq::Context::new();
+    let addr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("tcp://{}", listener.local_addr().unwrap())
+    };
+    let table = Arc::new(ServerTable::new());
+    table.replace(fake_entry("peer", &addr));
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let (io, thread) =
+        spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_millis(300))).unwrap();
+    io.send(one_way("stale"));
+    match kick_call(&io, "peer").recv_timeout(Duration::from_secs(5)) {
+        Ok(Err(e)) => assert_eq!(e.code, codes::TIMEOUT, "held, then timed out: {e:?}"),
+        other => panic!("{other:?}"),
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    match kick_call(&io, "peer").recv_timeout(Duration::from_secs(5)) {
+        Ok(Err(e)) => assert!(e.code == codes::INTERNAL && e.message.contains("never connected"), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    let server = raw_socket(&ctx, zmq::ROUTER);
+    server.bind(&addr).unwrap();
+    let answered = (0..200)
+        .find_map(|_| {
+            let answered = kick_call(&io, "peer");
+            match answered.recv_timeout(Duration::from_millis(20)) {
+                Ok(Err(e)) if e.message.contains("never connected") => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    None
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => Some(answered),
+            }
+        })
+        .expect("connected once the server is up");
+    // The held one-way message expired with the timeout: never sent late.
+    let parts = server.recv_multipart(0).expect("the call arrives");
+    let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+    let corr = match wire::decode(&payload).unwrap().as_slice() {
+        [Frame::Call { corr, call: Call::KickUser { uid, .. } }] if *corr != 0 && uid == "u" => *corr,
+        other => panic!("unexpected frames {other:?}"),
+    };
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+    server.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
     assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
     io.send(Cmd::Stop);
     thread.join().unwrap();
