@@ -57,6 +57,21 @@ fn graceful_stop_finishes_in_flight_requests_then_kicks() {
     assert_eq!(*probe.state.lifecycle.lock().unwrap(), vec!["init", "after_init", "before_shutdown", "shutdown"]);
 }
 
+/// The on-close callbacks of the sessions a stop closes run on the pool, side by side, and
+/// all finish before the stop returns (they may still need the cluster layer).
+#[test]
+fn a_stop_runs_on_close_callbacks_in_parallel_and_waits_for_them() {
+    let probe = Probe::default();
+    let server = Server::start(probe_app(&probe).workers(4));
+    let clients: Vec<_> = (0..8).map(|_| server.client()).collect();
+    for client in &clients {
+        let _: bool = client.request("probe.watch_slow", &100u64).unwrap();
+    }
+    server.handle.shutdown().unwrap();
+    assert_eq!(probe.state.closed_sessions.lock().unwrap().len(), 8, "all ran before the stop returned");
+    assert!(probe.state.max_closing.load(std::sync::atomic::Ordering::SeqCst) > 1, "side by side");
+}
+
 #[test]
 fn shutdown_wait_is_bounded() {
     let probe = Probe::default();

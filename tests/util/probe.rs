@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use dragonfruit_core::{Component, Ctx, HandlerError, Routes, SessionId};
+use dragonfruit_core::{Component, Ctx, HandlerError, Routes, Session, SessionId};
 use serde_json::{json, Value};
 
 use super::args::{internal, Kv, PushUsers};
@@ -23,6 +23,9 @@ pub struct State {
     gate_open: Mutex<bool>,
     gate_cv: Condvar,
     pub closed_sessions: Mutex<Vec<SessionId>>,
+    /// Slow on-close callbacks (`watch_slow`) running now, and the most at once.
+    pub closing: AtomicUsize,
+    pub max_closing: AtomicUsize,
     pub lifecycle: Mutex<Vec<&'static str>>,
 }
 
@@ -130,6 +133,18 @@ impl Component for Probe {
             session.bind(&uid).map_err(|e| HandlerError::new("BIND", e.to_string()))?;
             let state = p.state.clone();
             session.on_close(move |s| state.closed_sessions.lock().unwrap().push(s.id())).map_err(internal)?;
+            Ok(true)
+        });
+        r.handler("watch_slow", |p: &Probe, ctx: &mut Ctx<'_>, ms: u64| {
+            let state = p.state.clone();
+            let callback = move |s: &Session| {
+                let now = state.closing.fetch_add(1, Ordering::SeqCst) + 1;
+                state.max_closing.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(ms));
+                state.closed_sessions.lock().unwrap().push(s.id());
+                state.closing.fetch_sub(1, Ordering::SeqCst);
+            };
+            ctx.session().on_close(callback).map_err(internal)?;
             Ok(true)
         });
         r.handler("push_users", |_: &Probe, ctx: &mut Ctx<'_>, req: PushUsers| {

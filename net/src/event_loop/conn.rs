@@ -2,6 +2,7 @@
 //! backpressure), hand batches to workers, write responses and pushes, kick and close.
 
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -356,7 +357,7 @@ impl EventLoop {
     }
 
     /// Forgets a closed connection whose work is done; the session's on-close callbacks
-    /// run on a worker.
+    /// run on a worker, counted in `closing` so a stop can wait for them.
     pub(super) fn finalize(&mut self, token: usize) {
         if !self.agents.contains(token) {
             return;
@@ -366,11 +367,11 @@ impl EventLoop {
         if let Some(session) = agent.session {
             self.by_session.remove(&agent.sid);
             self.shared.registry.remove(session.id());
-            if self.finishing {
+            let running = ClosingGuard::start(&self.closing);
+            self.pool.spawn(move || {
+                let _running = running;
                 session.close();
-            } else {
-                self.pool.spawn(move || session.close());
-            }
+            });
         }
     }
 
@@ -412,5 +413,22 @@ impl EventLoop {
         if self.dirty.is_empty() {
             self.dirty = dirty;
         }
+    }
+}
+
+/// One on-close job counted in [`EventLoop::closing`](super::EventLoop), until it ends
+/// (also by a panic).
+struct ClosingGuard(Arc<AtomicUsize>);
+
+impl ClosingGuard {
+    fn start(counter: &Arc<AtomicUsize>) -> ClosingGuard {
+        counter.fetch_add(1, Ordering::SeqCst);
+        ClosingGuard(counter.clone())
+    }
+}
+
+impl Drop for ClosingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

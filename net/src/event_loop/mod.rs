@@ -11,6 +11,7 @@ mod shutdown;
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -65,8 +66,10 @@ pub(crate) struct EventLoop {
     next_tick: Instant,
     /// Set by a stop request: the deadline for in-flight work.
     stop_deadline: Option<Instant>,
-    /// Run on-close callbacks inline (during the final shutdown) instead of on the pool.
+    /// The final shutdown has begun: closing connections do not wait for queued work.
     finishing: bool,
+    /// Sessions' on-close callbacks running on the pool; a stop waits for them.
+    closing: Arc<AtomicUsize>,
     /// `accept` failed for lack of resources; retry at the next tick.
     accept_retry: bool,
     /// The inbox had more than one budget's worth of messages.
@@ -118,6 +121,7 @@ impl EventLoop {
             next_tick: now + tick,
             stop_deadline: None,
             finishing: false,
+            closing: Arc::new(AtomicUsize::new(0)),
             accept_retry: false,
             inbox_backlog: false,
             last_refusal_log: None,

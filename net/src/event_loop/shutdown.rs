@@ -2,6 +2,7 @@
 //! `before_shutdown` hooks, kick and close every connection, `shutdown` hooks.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -55,6 +56,7 @@ impl EventLoop {
             // Work abandoned by the timeout must not keep the session alive.
             self.finalize(token);
         }
+        self.wait_for_close_callbacks();
         if let Some(cluster) = &self.shared.cluster {
             cluster.stop();
         }
@@ -63,5 +65,26 @@ impl EventLoop {
         }
         info!("server {} stopped", self.shared.server.id);
         Ok(())
+    }
+
+    /// Waits (up to `shutdown.timeout`) for the sessions' on-close callbacks, which run side
+    /// by side on the pool: they may still need the cluster layer and the hooks that follow
+    /// (the sample game tells the room server a player left).
+    fn wait_for_close_callbacks(&self) {
+        let deadline = Instant::now() + self.shared.config.shutdown.timeout;
+        loop {
+            let running = self.closing.load(Ordering::SeqCst);
+            if running == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    "{running} on-close callbacks still running after {:?}; stopping anyway",
+                    self.shared.config.shutdown.timeout
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
