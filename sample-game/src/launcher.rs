@@ -73,8 +73,10 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         "sample-game: starting a local cluster: connector-1 (clients on tcp {}) and {} room server(s); discovery dir {dir}",
         args.tcp, args.rooms
     );
-    // Connector first in the list: it is stopped first, so clients are kicked while the
-    // room servers can still answer.
+    // Connector first in the list, so it is signalled first. Every server stops at about
+    // the same time (a Ctrl-C in a terminal reaches the whole process group anyway): the
+    // rooms go away with the cluster, so players' "leave the room" calls refused by a
+    // stopping room server lose nothing.
     let mut servers = Vec::new();
     let started = spawn("connector-1", "connector", &["--tcp", &args.tcp], args, &dir).and_then(|s| {
         servers.push(s);
