@@ -123,7 +123,17 @@ fn parse_env_value(raw: &str) -> toml::Value {
     }
 }
 
-/// Parses `"30s"`, `"250ms"`, `"1.5s"`, `"2m"`, `"1h"`, or a bare number of seconds.
+/// The longest duration a setting takes (100 years): deadlines computed from any setting
+/// stay representable, so a huge value is a config error, not a crash later.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `secs` as a duration if it is a number of seconds from 0 to [`MAX_DURATION`].
+fn bounded_secs(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && secs >= 0.0 && secs <= MAX_DURATION.as_secs_f64()).then(|| Duration::from_secs_f64(secs))
+}
+
+/// Parses `"30s"`, `"250ms"`, `"1.5s"`, `"2m"`, `"1h"`, or a bare number of seconds, up to
+/// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
@@ -137,8 +147,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "h" => 3600.0,
         _ => return None,
     };
-    let secs = number * scale;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    bounded_secs(number * scale)
 }
 
 /// Serde helper for `Duration` fields written as `"30s"` or a number of seconds.
@@ -155,9 +164,9 @@ pub mod duration {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Int(secs) => Ok(Duration::from_secs(secs)),
-            Raw::Float(secs) if secs.is_finite() && secs >= 0.0 => Ok(Duration::from_secs_f64(secs)),
-            Raw::Float(secs) => Err(D::Error::custom(format!("bad duration {secs}"))),
+            Raw::Int(secs) => bounded_secs(secs as f64)
+                .ok_or_else(|| D::Error::custom(format!("bad duration {secs}: over 100 years"))),
+            Raw::Float(secs) => bounded_secs(secs).ok_or_else(|| D::Error::custom(format!("bad duration {secs}"))),
             Raw::Text(text) => parse_duration(&text).ok_or_else(|| D::Error::custom(format!("bad duration {text:?}"))),
         }
     }
@@ -203,5 +212,21 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("abc"), None);
+    }
+
+    /// Values too large for a deadline are config errors, not panics (`from_secs_f64`
+    /// panics past u64 seconds; `Instant + d` past i64).
+    #[test]
+    fn huge_durations_are_errors() {
+        assert_eq!(parse_duration("876000h"), Some(MAX_DURATION));
+        assert_eq!(parse_duration("876001h"), None);
+        assert_eq!(parse_duration("99999999999999999999999999h"), None);
+        for toml in ["timeout = 1e30", "timeout = 9223372036854775807", "timeout = \"1e400s\"", "timeout = 4000000000"]
+        {
+            let src = ConfigSource::from_toml(&format!("[dispatch]\n{toml}\n")).unwrap();
+            assert!(src.section::<Dispatch>("dispatch").is_err(), "{toml}");
+        }
+        let src = ConfigSource::from_toml("[dispatch]\ntimeout = 3153600000\n").unwrap();
+        assert_eq!(src.section::<Dispatch>("dispatch").unwrap().timeout, MAX_DURATION);
     }
 }
