@@ -314,6 +314,36 @@ fn requests_a_cluster_layer_loses_are_answered() {
     assert!(wait_until(T, || server.handle.stats().in_flight == 0), "{:?}", server.handle.stats());
 }
 
+/// A backend stopping gracefully while requests flow: frontends keep routing to it until
+/// they see it leave discovery, so it must still serve them until then. No request fails.
+#[test]
+fn a_backend_stopping_under_load_fails_no_request() {
+    let mut c = cluster("drain", 2, TIMEOUT, None);
+    let client = c.frontend.client();
+    let (stopping, _) = c.backends.remove(0);
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        stopping.handle.shutdown().unwrap();
+    });
+    let mut pending = std::collections::VecDeque::new();
+    let (mut sent, mut failed) = (0u32, Vec::new());
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until || !pending.is_empty() {
+        while Instant::now() < until && pending.len() < 8 {
+            pending.push_back(client.send_request("room.room.echo", sent.to_string().as_bytes()).unwrap());
+            sent += 1;
+        }
+        let Some(p) = pending.pop_front() else { break };
+        match p.wait() {
+            Ok(_) => {}
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    stopper.join().unwrap();
+    assert!(failed.is_empty(), "{} of {sent} failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    assert!(wait_until(T, || c.fe_module.servers().len() == 2), "the stopped backend left");
+}
+
 #[test]
 fn a_stopped_backend_leaves_and_traffic_moves() {
     let mut c = cluster("failover", 2, TIMEOUT, None);

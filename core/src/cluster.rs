@@ -111,6 +111,11 @@ pub trait Cluster: Send + Sync {
     fn session_bound(&self, uid: &str, unique: bool);
     /// Leaves discovery so no new calls are routed here. Called when a stop begins.
     fn begin_stop(&self);
+    /// After [`Cluster::begin_stop`]: other servers may still route calls here until they
+    /// see this one leave, so it keeps serving them and the stop waits. Default: never.
+    fn draining(&self) -> bool {
+        false
+    }
     /// Stops threads; pending calls fail. Called at the end of a stop.
     fn stop(&self);
 }

@@ -8,6 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, ForwardDone, OrderKey};
 use dragonfruit_core::codec::MessageType;
@@ -37,7 +38,11 @@ pub(crate) struct Inner {
     default_router: RandomRouter,
     pub(crate) table: Arc<ServerTable>,
     pub(crate) started: OnceLock<Started>,
+    /// A stop has begun (left discovery).
     stopping: AtomicBool,
+    /// From then on calls are refused; until then peers may not have seen this server
+    /// leave, so their calls are still served (see `Discovery::propagation`).
+    refuse_after: OnceLock<Instant>,
 }
 
 pub(crate) struct Started {
@@ -59,6 +64,7 @@ impl ClusterModule {
             table: Arc::new(ServerTable::new()),
             started: OnceLock::new(),
             stopping: AtomicBool::new(false),
+            refuse_after: OnceLock::new(),
         };
         ClusterModule { inner: Arc::new(inner) }
     }
@@ -88,6 +94,12 @@ impl ClusterModule {
 }
 
 impl Inner {
+    /// A stop began and peers have had time to see this server leave: new calls are
+    /// refused.
+    fn refusing(&self) -> bool {
+        self.stopping.load(Ordering::Acquire) && self.refuse_after.get().is_none_or(|t| Instant::now() >= *t)
+    }
+
     /// Picks the server for a message or call on `route`.
     pub(crate) fn pick(&self, route: &Route, session: Option<&Session>, body: &[u8]) -> Result<String, HandlerError> {
         let snapshot = self.table.snapshot();
@@ -189,7 +201,7 @@ impl Inner {
             }
             return;
         };
-        let stopping = self.stopping.load(Ordering::Acquire);
+        let stopping = self.refusing();
         let mut ordered: Vec<(OrderKey, Box<dyn FnOnce() + Send>)> = Vec::new();
         for (from, call, responder) in calls {
             match call {
@@ -467,8 +479,13 @@ impl Cluster for ClusterModule {
     }
 
     fn begin_stop(&self) {
+        let _ = self.inner.refuse_after.set(Instant::now() + self.inner.discovery.propagation());
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.discovery.deregister();
+    }
+
+    fn draining(&self) -> bool {
+        self.inner.stopping.load(Ordering::Acquire) && !self.inner.refusing()
     }
 
     fn stop(&self) {
@@ -498,6 +515,9 @@ mod tests {
             Ok(())
         }
         fn deregister(&self) {}
+        fn propagation(&self) -> std::time::Duration {
+            std::time::Duration::ZERO
+        }
         fn stop(&self) {}
     }
 

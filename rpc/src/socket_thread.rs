@@ -424,12 +424,18 @@ impl SocketThread {
     }
 
     /// Opens DEALERs to new peers and to peers on a new endpoint (restarted under the same
-    /// id); closes those of vanished or moved peers and fails the calls waiting on them,
-    /// since no answer can come back on a closed socket.
+    /// id: the old process is gone, so the calls waiting on it fail now). A peer that left
+    /// discovery keeps its DEALER while calls wait on it: a server stopping gracefully still
+    /// answers them (it drains), and a dead one is noticed by `probe_peers`, which also
+    /// closes the DEALER once nothing waits on it.
     fn connect_peers(&mut self) {
         let snapshot = self.table.snapshot();
         let table = &snapshot.by_id;
-        self.peers.retain(|id, peer| table.get(id).is_some_and(|entry| entry.rpc_addr == peer.addr));
+        let pending = &self.pending;
+        self.peers.retain(|id, peer| match table.get(id) {
+            Some(entry) => entry.rpc_addr == peer.addr,
+            None => pending.values().any(|p| &p.to == id),
+        });
         self.held.retain(|id, _| self.peers.contains_key(id));
         let orphaned: Vec<u64> =
             self.pending.iter().filter(|(_, p)| !self.peers.contains_key(&p.to)).map(|(c, _)| *c).collect();
@@ -589,6 +595,7 @@ impl SocketThread {
             return;
         }
         self.next_probe = now + PROBE;
+        self.close_retired_peers();
         let mut lost = Vec::new();
         for (id, peer) in &mut self.peers {
             if peer.socket.get_events().is_ok_and(|events| events.contains(zmq::POLLOUT)) {
@@ -615,6 +622,17 @@ impl SocketThread {
                 (p.reply)(Err(HandlerError::internal(format!("connection to server {} lost", p.to))));
             }
         }
+    }
+
+    /// Closes the DEALERs of peers that left discovery once no call waits on them.
+    fn close_retired_peers(&mut self) {
+        let snapshot = self.table.snapshot();
+        if self.peers.len() <= snapshot.by_id.len() && self.peers.keys().all(|id| snapshot.by_id.contains_key(id)) {
+            return;
+        }
+        let pending = &self.pending;
+        self.peers.retain(|id, _| snapshot.by_id.contains_key(id) || pending.values().any(|p| &p.to == id));
+        self.held.retain(|id, _| self.peers.contains_key(id));
     }
 
     fn expire(&mut self) {

@@ -77,6 +77,9 @@ pub(crate) struct EventLoop {
     last_refusal_log: Option<Instant>,
 }
 
+/// How often a stopping loop looks at whether it may finish.
+const STOP_CHECK: Duration = Duration::from_millis(20);
+
 /// Session ids start at a random point below 2^52, so they stay exact as JSON numbers in a
 /// browser. A frontend restarted under the same server id must not reuse the ids of its
 /// previous process: a backend still holding a session of that process (a handler running
@@ -136,6 +139,9 @@ impl EventLoop {
         loop {
             let timeout = if self.inbox_backlog {
                 Duration::ZERO
+            } else if self.stop_deadline.is_some() {
+                // Stopping: look at the stop conditions often.
+                self.next_tick.saturating_duration_since(Instant::now()).min(STOP_CHECK)
             } else {
                 self.next_tick.saturating_duration_since(Instant::now())
             };
@@ -178,7 +184,8 @@ impl EventLoop {
             self.flush_dirty();
             Stats::set(&self.shared.stats.in_flight, self.in_flight as u64);
             if let Some(deadline) = self.stop_deadline {
-                let idle = self.in_flight == 0 && self.jobs == 0 && self.shared.dispatcher.pending() == 0;
+                let draining = self.shared.cluster.as_ref().is_some_and(|c| c.draining());
+                let idle = self.in_flight == 0 && self.jobs == 0 && self.shared.dispatcher.pending() == 0 && !draining;
                 if idle || self.now >= deadline {
                     break;
                 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use log::{debug, warn};
 
-use super::{Discovery, DiscoveryError, OnChange};
+use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
 use crate::table::{ServerEntry, ServerTable};
 
 /// Files older than this are deleted by whoever scans (dead servers' leftovers).
@@ -135,6 +135,11 @@ impl Discovery for EmbeddedDiscovery {
             running.deregistered.store(true, Ordering::Release);
             let _ = fs::remove_file(&running.own_file);
         }
+    }
+
+    /// Others rescan the directory every `refresh`, and route with the new table at once.
+    fn propagation(&self) -> Duration {
+        self.refresh + PROPAGATION_MARGIN
     }
 
     fn stop(&self) {

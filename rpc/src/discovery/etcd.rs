@@ -18,7 +18,7 @@ use log::{info, warn};
 use serde_json::{json, Value};
 
 use super::http::{self, Endpoint};
-use super::{Discovery, DiscoveryError, OnChange};
+use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
 use crate::table::{ServerEntry, ServerTable};
 
 /// Time limit of one etcd call.
@@ -302,6 +302,12 @@ impl Discovery for EtcdDiscovery {
                 warn!("cannot revoke etcd lease of {}: {e}; it expires in {:?}", shared.key, shared.ttl);
             }
         }
+    }
+
+    /// Watches see the deletion within milliseconds; the margin covers a watch being
+    /// reopened and the calls already on their way.
+    fn propagation(&self) -> Duration {
+        PROPAGATION_MARGIN * 5
     }
 
     fn stop(&self) {

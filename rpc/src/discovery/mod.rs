@@ -7,6 +7,7 @@ mod etcd;
 mod http;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -41,6 +42,10 @@ pub enum DiscoveryError {
     Spawn(String),
 }
 
+/// Time for other servers to act on a table change once they have read it, and for calls
+/// already on their way to arrive.
+pub(crate) const PROPAGATION_MARGIN: Duration = Duration::from_millis(100);
+
 /// Called after every change of the table.
 pub type OnChange = Arc<dyn Fn() + Send + Sync>;
 
@@ -51,6 +56,8 @@ pub trait Discovery: Send + Sync {
     fn start(&self, me: ServerEntry, table: Arc<ServerTable>, changed: OnChange) -> Result<(), DiscoveryError>;
     /// Leaves the cluster (graceful stop); the table keeps updating.
     fn deregister(&self);
+    /// How long after [`Discovery::deregister`] other servers may still list this one.
+    fn propagation(&self) -> Duration;
     /// Stops the background threads.
     fn stop(&self);
 }
