@@ -1,6 +1,6 @@
 //! The sample game as separate processes: the launcher's local cluster, a room server
-//! killed with SIGKILL while requests are in flight, a killed connector restarted, and a
-//! frozen room server.
+//! killed with SIGKILL while requests are in flight, a killed connector restarted, a
+//! frozen room server, and a room server stopped gracefully under load.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -259,5 +259,61 @@ fn a_frozen_room_server_is_noticed_by_heartbeats() {
             Err(e) => panic!("the room server did not come back: {e}"),
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A rolling restart: a room server stopped with SIGTERM while players send requests. It
+/// leaves discovery and keeps serving until the connector has seen it go, so no request
+/// fails; it exits cleanly.
+#[test]
+fn a_room_server_stopped_under_load_fails_no_request() {
+    let dir = std::env::temp_dir().join(format!("df-sg-rolling-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = free_port();
+    let spawn = |role: &str, id: &str, extra: &[&str]| {
+        Proc(
+            Command::new(BIN)
+                .args(["--role", role, "--id", id, "--discovery-dir", dir.to_str().unwrap()])
+                .args(extra)
+                .env("RUST_LOG", "error")
+                .env("DRAGONFRUIT_DISCOVERY__TTL", "2s")
+                .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _connector = spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let mut room1 = spawn("room", "room-1", &[]);
+    let _room2 = spawn("room", "room-2", &[]);
+    let players: Vec<Client> = (0..8).map(|i| player(port, &format!("p{i}"))).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) < 3 {
+        assert!(Instant::now() < deadline, "servers registered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut sent, mut failed) = (0u32, Vec::new());
+    let mut pending = std::collections::VecDeque::new();
+    let started = Instant::now();
+    let mut signalled = false;
+    while started.elapsed() < Duration::from_millis(2000) || !pending.is_empty() {
+        if !signalled && started.elapsed() > Duration::from_millis(300) {
+            signal(&room1.0, libc::SIGTERM);
+            signalled = true;
+        }
+        while started.elapsed() < Duration::from_millis(2000) && pending.len() < 32 {
+            let client = &players[sent as usize % players.len()];
+            pending.push_back(client.send_request("room.room.echo", sent.to_string().as_bytes()).unwrap());
+            sent += 1;
+        }
+        let Some(p) = pending.pop_front() else { break };
+        if let Err(e) = p.wait_timeout(Duration::from_secs(5)) {
+            failed.push(e.to_string());
+        }
+    }
+    assert!(failed.is_empty(), "{} of {sent} failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    let status = wait_exit(&mut room1.0, T).expect("room-1 stopped");
+    assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
