@@ -344,6 +344,23 @@ fn a_backend_stopping_under_load_fails_no_request() {
     assert!(wait_until(T, || c.fe_module.servers().len() == 2), "the stopped backend left");
 }
 
+/// A backend stopped while it runs requests answers them before it goes: its last answers
+/// are sent, not dropped with its sockets.
+#[test]
+fn a_stopping_backend_sends_its_last_answers() {
+    for round in 0..5 {
+        let mut c = cluster(&format!("last{round}"), 1, TIMEOUT, None);
+        let clients: Vec<Client> = (0..4).map(|_| c.frontend.client()).collect();
+        let pending: Vec<_> = clients.iter().map(|cl| cl.send_request("room.room.sleep", b"400").unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let (backend, _) = c.backends.remove(0);
+        backend.handle.shutdown().unwrap();
+        for p in pending {
+            assert_eq!(p.wait().unwrap(), b"400", "round {round}");
+        }
+    }
+}
+
 #[test]
 fn a_stopped_backend_leaves_and_traffic_moves() {
     let mut c = cluster("failover", 2, TIMEOUT, None);

@@ -196,6 +196,9 @@ enum Sent {
     Failed(Vec<Frame>, String),
 }
 
+/// How long closing sockets keep trying to write what was queued before a stop, in ms.
+const STOP_LINGER_MS: i32 = 500;
+
 /// How often every peer's connection is looked at (`probe_peers`).
 const PROBE: Duration = Duration::from_millis(100);
 
@@ -264,6 +267,12 @@ impl Drop for SocketThread {
             if let Cmd::Call { reply: Some(reply), .. } = cmd {
                 reply(stopped());
             }
+        }
+        // Sockets are made with no linger; messages the last flush queued get this long to
+        // be written before the sockets go.
+        let _ = self.router.set_linger(STOP_LINGER_MS);
+        for peer in self.peers.values() {
+            let _ = peer.socket.set_linger(STOP_LINGER_MS);
         }
         self.peers.clear();
     }
@@ -336,6 +345,8 @@ impl SocketThread {
         loop {
             self.drain_wake();
             if !self.drain_commands() {
+                // Answers and calls queued before the stop still go out (see `Drop`).
+                self.flush();
                 break;
             }
             self.flush();
