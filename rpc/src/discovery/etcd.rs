@@ -5,7 +5,7 @@
 //! While etcd is unreachable the last table stays in force; when it is back the lease is
 //! kept alive again, or granted and the entry put again if it expired.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -53,6 +53,8 @@ struct Shared {
     deregistered: AtomicBool,
     /// Wakes sleeping threads at stop.
     sleeper: (Mutex<()>, Condvar),
+    /// Keys under the prefix that hold no server entry, logged once each.
+    bad_keys: Mutex<HashSet<String>>,
     /// The open watch connection, shut down at stop to unblock its reader.
     watch: Mutex<Option<TcpStream>>,
     table: Arc<ServerTable>,
@@ -83,20 +85,13 @@ fn int64(v: Option<&Value>) -> Option<i64> {
     }
 }
 
-/// The server entry in the value of `kv`, or `None` (and a log line: someone else wrote
-/// under the cluster's prefix) when it is not one.
-fn server_entry(key: &str, kv: &Value) -> Option<ServerEntry> {
-    let value = unb64(&kv["value"]);
-    match value.as_deref().map(serde_json::from_str::<ServerEntry>) {
-        Some(Ok(entry)) => Some(entry),
-        Some(Err(e)) => {
-            warn!("etcd key {key} does not hold a server entry ({e}); ignored");
-            None
-        }
-        None => {
-            warn!("etcd key {key} has no UTF-8 value; ignored");
-            None
-        }
+/// The server entry in the value of `kv`, or why it is not one (someone else wrote under
+/// the cluster's prefix).
+fn server_entry(kv: &Value) -> Result<ServerEntry, String> {
+    match unb64(&kv["value"]).as_deref().map(serde_json::from_str::<ServerEntry>) {
+        Some(Ok(entry)) => Ok(entry),
+        Some(Err(e)) => Err(format!("does not hold a server entry ({e})")),
+        None => Err("has no UTF-8 value".into()),
     }
 }
 
@@ -176,11 +171,29 @@ impl Shared {
         let mut servers = HashMap::new();
         for kv in answer.get("kvs").and_then(Value::as_array).into_iter().flatten() {
             let Some(key) = unb64(&kv["key"]) else { continue };
-            if let Some(entry) = server_entry(&key, kv) {
+            if let Some(entry) = self.entry_of(&key, kv) {
                 servers.insert(key, entry);
             }
         }
         Ok((servers, revision))
+    }
+
+    /// The server entry under `key`; a key that holds none is logged once (until it holds
+    /// one again) and ignored.
+    fn entry_of(&self, key: &str, kv: &Value) -> Option<ServerEntry> {
+        let mut bad = self.bad_keys.lock().unwrap_or_else(|p| p.into_inner());
+        match server_entry(kv) {
+            Ok(entry) => {
+                bad.remove(key);
+                Some(entry)
+            }
+            Err(why) => {
+                if bad.insert(key.to_owned()) {
+                    warn!("etcd key {key} {why}; ignored");
+                }
+                None
+            }
+        }
     }
 
     fn publish(&self, by_key: &HashMap<String, ServerEntry>) {
@@ -237,8 +250,9 @@ impl Shared {
                 let kv = &event["kv"];
                 let Some(key) = unb64(&kv["key"]) else { continue };
                 if event.get("type").and_then(Value::as_str) == Some("DELETE") {
+                    self.bad_keys.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                     touched |= servers.remove(&key).is_some();
-                } else if let Some(entry) = server_entry(&key, kv) {
+                } else if let Some(entry) = self.entry_of(&key, kv) {
                     servers.insert(key, entry);
                     touched = true;
                 } else {
@@ -271,6 +285,7 @@ impl Discovery for EtcdDiscovery {
             deregistered: AtomicBool::new(false),
             sleeper: (Mutex::new(()), Condvar::new()),
             watch: Mutex::new(None),
+            bad_keys: Mutex::new(HashSet::new()),
             table,
             changed,
         });
