@@ -349,11 +349,11 @@ impl Completion {
         match self {
             Completion::Direct(done) => {
                 let done = done.take()?;
-                Some(Box::new(move |result| done(replies(ids, result))))
+                Some(ReplyFn::new(move |result| done(replies(ids, result))))
             }
             Completion::Gather(collector) => {
                 let collector = collector.clone();
-                Some(Box::new(move |result| collector.complete(ids, result)))
+                Some(ReplyFn::new(move |result| collector.complete(ids, result)))
             }
         }
     }

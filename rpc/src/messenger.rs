@@ -10,6 +10,7 @@ use dragonfruit_core::{HandlerError, Messenger, MessengerError, Route};
 
 use crate::cluster::{Inner, Started};
 use crate::remote_session::blocking;
+use crate::socket_thread::ReplyFn;
 use crate::table::ServerEntry;
 use crate::wire::{Answer, Call};
 
@@ -41,7 +42,7 @@ impl ClusterMessenger {
             started.io.call(
                 &server.id,
                 call(),
-                Some(Box::new(move |r| {
+                Some(ReplyFn::new(move |r| {
                     let _ = tx.send(r);
                 })),
             );

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use dragonfruit_core::{HandlerError, Serializer, Session, SessionError, SessionInit, SessionSink};
 
-use crate::socket_thread::Io;
+use crate::socket_thread::{Io, ReplyFn};
 use crate::table::ServerEntry;
 use crate::wire::{Answer, Call, SessionSnapshot};
 
@@ -56,7 +56,7 @@ pub(crate) fn blocking(io: &Io, to: &str, call: Call, timeout: Duration) -> Resu
     io.call(
         to,
         call,
-        Some(Box::new(move |result| {
+        Some(ReplyFn::new(move |result| {
             let _ = tx.send(result);
         })),
     );

@@ -24,8 +24,32 @@ use log::{debug, info, warn};
 use crate::table::ServerTable;
 use crate::wire::{self, Answer, Call, Frame};
 
-/// Receives the answer to a call, exactly once.
-pub(crate) type ReplyFn = Box<dyn FnOnce(Result<Answer, HandlerError>) + Send>;
+/// Receives the answer to a call, exactly once: dropped uncalled (its call lost with a
+/// stopped thread, or in a channel nobody reads any more), it gets "rpc layer stopped".
+pub(crate) struct ReplyFn(Option<Box<dyn FnOnce(CallResult) + Send>>);
+
+/// The answer to a call, or why there is none.
+pub(crate) type CallResult = Result<Answer, HandlerError>;
+
+impl ReplyFn {
+    pub(crate) fn new(f: impl FnOnce(CallResult) + Send + 'static) -> ReplyFn {
+        ReplyFn(Some(Box::new(f)))
+    }
+
+    pub(crate) fn call(mut self, result: CallResult) {
+        if let Some(f) = self.0.take() {
+            f(result);
+        }
+    }
+}
+
+impl Drop for ReplyFn {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(HandlerError::internal("rpc layer stopped")));
+        }
+    }
+}
 
 /// Handles calls arriving on the ROUTER socket. Must not block: long work goes to a pool
 /// and answers later through the [`Responder`].
@@ -74,7 +98,7 @@ impl Io {
     pub(crate) fn send(&self, cmd: Cmd) {
         if let Err(crossbeam_channel::SendError(cmd)) = self.tx.send(cmd) {
             if let Cmd::Call { reply: Some(reply), to, .. } = cmd {
-                reply(Err(HandlerError::internal(format!("rpc layer stopped; no call to {to}"))));
+                reply.call(Err(HandlerError::internal(format!("rpc layer stopped; no call to {to}"))));
             }
             return;
         }
@@ -255,19 +279,12 @@ pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket
     Ok((router, endpoint))
 }
 
-/// Every call gets its answer exactly once, also when the thread stops with calls waiting
-/// or queued, or unwinds from a panic (a reply callback runs on this thread): those fail.
+/// When the thread stops, or unwinds from a panic (reply callbacks run on it), the calls
+/// still waiting and those queued in its channel are answered "rpc layer stopped" by their
+/// `ReplyFn`'s drop: the pending map goes with the thread, and the channel drops its
+/// messages with its last receiver (later sends fail in `Io::send`).
 impl Drop for SocketThread {
     fn drop(&mut self) {
-        let stopped = || Err(HandlerError::internal("rpc layer stopped"));
-        for (_, pending) in self.pending.drain() {
-            (pending.reply)(stopped());
-        }
-        while let Ok(cmd) = self.rx.try_recv() {
-            if let Cmd::Call { reply: Some(reply), .. } = cmd {
-                reply(stopped());
-            }
-        }
         // Sockets are made with no linger; messages the last flush queued get this long to
         // be written before the sockets go.
         let _ = self.router.set_linger(STOP_LINGER_MS);
@@ -404,7 +421,7 @@ impl SocketThread {
         if !self.peers.contains_key(&to) {
             let Some(addr) = self.table.get(&to).map(|e| e.rpc_addr) else {
                 if let Some(reply) = reply {
-                    reply(Err(HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"))));
+                    reply.call(Err(HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"))));
                 }
                 return;
             };
@@ -414,7 +431,7 @@ impl SocketThread {
                 }
                 Err(e) => {
                     if let Some(reply) = reply {
-                        reply(Err(HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"))));
+                        reply.call(Err(HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"))));
                     }
                     return;
                 }
@@ -456,7 +473,7 @@ impl SocketThread {
                     Some(entry) => format!("server {} restarted on a new endpoint {}", p.to, entry.rpc_addr),
                     None => format!("server {} left the cluster", p.to),
                 };
-                (p.reply)(Err(HandlerError::internal(why)));
+                p.reply.call(Err(HandlerError::internal(why)));
             }
         }
         for (id, entry) in table.iter() {
@@ -590,7 +607,7 @@ impl SocketThread {
         for frame in frames {
             if let Frame::Call { corr, .. } = frame {
                 if let Some(p) = self.pending.remove(&corr) {
-                    (p.reply)(Err(HandlerError::internal(format!("server {to} unreachable: {why}"))));
+                    p.reply.call(Err(HandlerError::internal(format!("server {to} unreachable: {why}"))));
                 }
             }
         }
@@ -630,7 +647,7 @@ impl SocketThread {
             self.pending.iter().filter(|(_, p)| lost.contains(&p.to)).map(|(corr, _)| *corr).collect();
         for corr in waiting {
             if let Some(p) = self.pending.remove(&corr) {
-                (p.reply)(Err(HandlerError::internal(format!("connection to server {} lost", p.to))));
+                p.reply.call(Err(HandlerError::internal(format!("connection to server {} lost", p.to))));
             }
         }
     }
@@ -656,7 +673,7 @@ impl SocketThread {
             self.deadlines.pop();
             if let Some(p) = self.pending.remove(&corr) {
                 let message = format!("server {} did not answer within {:?}", p.to, self.timeout);
-                (p.reply)(Err(HandlerError::timeout(message)));
+                p.reply.call(Err(HandlerError::timeout(message)));
             }
         }
     }
@@ -747,7 +764,7 @@ impl SocketThread {
                 for frame in decode_from(&payload, id) {
                     match frame {
                         Frame::Reply { corr, result } => match self.pending.remove(&corr) {
-                            Some(p) => (p.reply)(result),
+                            Some(p) => p.reply.call(result),
                             None => debug!("late answer {corr} from {id} dropped"),
                         },
                         Frame::Call { .. } => warn!("server {id} sent a call on a DEALER"),

@@ -33,7 +33,7 @@ fn no_wake_up_is_lost() {
                 for _ in 0..500 {
                     let (tx, rx) = crossbeam_channel::bounded(1);
                     let call = Call::KickUser { uid: "u".into(), reason: "r".into() };
-                    io.call("nobody", call, Some(Box::new(move |r| drop(tx.send(r)))));
+                    io.call("nobody", call, Some(ReplyFn::new(move |r| drop(tx.send(r)))));
                     let answer = rx.recv_timeout(Duration::from_secs(5)).expect("answered");
                     assert!(matches!(answer, Err(e) if e.code == codes::NOT_FOUND));
                 }
@@ -130,7 +130,11 @@ fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
     let (io, thread) =
         spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
-    io.call("fake", Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(Box::new(move |r| drop(tx.send(r)))));
+    io.call(
+        "fake",
+        Call::KickUser { uid: "u".into(), reason: "r".into() },
+        Some(ReplyFn::new(move |r| drop(tx.send(r)))),
+    );
     let parts = fake.recv_multipart(0).expect("the call reaches the fake server");
     let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
     assert_eq!(identity, b"test");
@@ -182,7 +186,7 @@ fn recv_call(server: &zmq::Socket) -> (Vec<u8>, u64) {
 
 fn kick_call(io: &Io, to: &str) -> Receiver<Result<Answer, HandlerError>> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    io.call(to, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(Box::new(move |r| drop(tx.send(r)))));
+    io.call(to, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(ReplyFn::new(move |r| drop(tx.send(r)))));
     rx
 }
 
@@ -346,7 +350,7 @@ fn every_call_is_answered_when_the_thread_stops_or_panics() {
             io.call(
                 "nobody",
                 Call::KickUser { uid: "u".into(), reason: "r".into() },
-                Some(Box::new(|_| panic!("callback bug"))),
+                Some(ReplyFn::new(|_| panic!("callback bug"))),
             );
             None
         } else {
