@@ -57,6 +57,53 @@ fn player(port: u16, name: &str) -> Client {
     }
 }
 
+/// Servers of one test cluster, started one by one from the binary: a discovery
+/// directory of their own (removed on drop) and the settings every one of them gets, on
+/// top of quiet logs and a 100 ms registry refresh.
+struct Servers {
+    dir: std::path::PathBuf,
+    env: Vec<(&'static str, &'static str)>,
+}
+
+impl Servers {
+    fn new(name: &str, env: &[(&'static str, &'static str)]) -> Servers {
+        let dir = std::env::temp_dir().join(format!("df-sg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Servers { dir, env: env.to_vec() }
+    }
+
+    fn spawn(&self, role: &str, id: &str, extra: &[&str]) -> Proc {
+        Proc(
+            Command::new(BIN)
+                .args(["--role", role, "--id", id, "--discovery-dir", self.dir.to_str().unwrap()])
+                .args(extra)
+                .env("RUST_LOG", "error")
+                .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
+                .envs(self.env.iter().copied())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// Waits until `n` servers have registered, then a little longer so that every one has
+    /// seen the others.
+    fn wait_registered(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0) < n {
+            assert!(Instant::now() < deadline, "servers registered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 const T: Duration = Duration::from_secs(5);
 
 #[test]
@@ -102,36 +149,16 @@ fn the_launcher_runs_a_playable_cluster_and_stops_it() {
 
 #[test]
 fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
-    let dir = std::env::temp_dir().join(format!("df-sg-kill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let servers = Servers::new("kill", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);
     let port = free_port();
-    let spawn = |role: &str, id: &str, extra: &[&str]| {
-        Proc(
-            Command::new(BIN)
-                .args(["--role", role, "--id", id, "--discovery-dir", dir.to_str().unwrap()])
-                .args(extra)
-                .env("RUST_LOG", "error")
-                .env("DRAGONFRUIT_DISCOVERY__TTL", "2s")
-                .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
-                .env("DRAGONFRUIT_RPC__TIMEOUT", "2s")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let _connector = spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
-    let mut room1 = spawn("room", "room-1", &[]);
-    let _room2 = spawn("room", "room-2", &[]);
+    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let mut room1 = servers.spawn("room", "room-1", &[]);
+    let _room2 = servers.spawn("room", "room-2", &[]);
     // The room router keeps each roomless player on one room server (by session id), so
     // several players are needed to have some on the server that dies.
     let players: Vec<Client> = (0..8).map(|i| player(port, &format!("p{i}"))).collect();
     // Both room servers must be serving before one is killed.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) < 3 {
-        assert!(Instant::now() < deadline, "servers registered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    servers.wait_registered(3);
 
     let send = |range: std::ops::Range<u32>| -> Vec<_> {
         let request = |(i, client): (u32, &Client)| client.send_request("room.room.echo", format!("{i}").as_bytes());
@@ -163,7 +190,6 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
         assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes());
     }
     assert!(players.iter().all(|c| !c.is_closed()), "the clients stayed connected to the connector");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A connector killed with SIGKILL and started again at once under its id: its registry
@@ -171,27 +197,12 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
 /// on the new connector must get the room server's calls back (session data, pushes).
 #[test]
 fn a_killed_connector_restarted_under_its_id_serves_again() {
-    let dir = std::env::temp_dir().join(format!("df-sg-restart-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // The killed connector's entry outlives the test.
+    let servers = Servers::new("restart", &[("DRAGONFRUIT_DISCOVERY__TTL", "60s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);
     let port = free_port();
-    let spawn = |role: &str, id: &str, extra: &[&str]| {
-        Proc(
-            Command::new(BIN)
-                .args(["--role", role, "--id", id, "--discovery-dir", dir.to_str().unwrap()])
-                .args(extra)
-                .env("RUST_LOG", "error")
-                // The killed connector's entry outlives the test.
-                .env("DRAGONFRUIT_DISCOVERY__TTL", "60s")
-                .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
-                .env("DRAGONFRUIT_RPC__TIMEOUT", "2s")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
     let tcp = format!("127.0.0.1:{port}");
-    let _room = spawn("room", "room-1", &[]);
-    let mut connector = spawn("connector", "connector-1", &["--tcp", &tcp]);
+    let _room = servers.spawn("room", "room-1", &[]);
+    let mut connector = servers.spawn("connector", "connector-1", &["--tcp", &tcp]);
     let alice = player(port, "alice");
     let joined: Value = alice.request("room.room.join", &json!({"room": "lobby"})).unwrap();
     assert_eq!(joined["members"], json!(["alice"]));
@@ -199,7 +210,7 @@ fn a_killed_connector_restarted_under_its_id_serves_again() {
     assert!(wait_exit(&mut connector.0, T).is_some());
     assert!(alice.wait_closed(T), "the connection died with the connector");
 
-    let _connector = spawn("connector", "connector-1", &["--tcp", &tcp]);
+    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &tcp]);
     let bob = player(port, "bob");
     // Joining pushes the session's room to the connector (a call from the room server).
     let joined: Value = bob.request("room.room.join", &json!({"room": "lobby"})).unwrap();
@@ -212,7 +223,6 @@ fn a_killed_connector_restarted_under_its_id_serves_again() {
     assert_eq!(bob.recv_push_as::<Value>(T).unwrap(), ("onChat".to_string(), json!({"from": "bob", "text": "back"})));
     let left: Value = bob.request("room.room.leave", &json!({})).unwrap();
     assert_eq!(left, json!({"room": "lobby"}), "the room the connector was told about");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A room server that freezes (SIGSTOP: its host hangs, or the network to it breaks) sends
@@ -220,27 +230,18 @@ fn a_killed_connector_restarted_under_its_id_serves_again() {
 /// at the 30 s call timeout, and work again once it runs again.
 #[test]
 fn a_frozen_room_server_is_noticed_by_heartbeats() {
-    let dir = std::env::temp_dir().join(format!("df-sg-frozen-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // Discovery keeps listing the frozen server; the call timeout is long.
+    let servers = Servers::new(
+        "frozen",
+        &[
+            ("DRAGONFRUIT_DISCOVERY__TTL", "60s"),
+            ("DRAGONFRUIT_RPC__TIMEOUT", "30s"),
+            ("DRAGONFRUIT_RPC__HEARTBEAT", "200ms"),
+        ],
+    );
     let port = free_port();
-    let spawn = |role: &str, id: &str, extra: &[&str]| {
-        Proc(
-            Command::new(BIN)
-                .args(["--role", role, "--id", id, "--discovery-dir", dir.to_str().unwrap()])
-                .args(extra)
-                .env("RUST_LOG", "error")
-                // Discovery keeps listing the frozen server; the call timeout is long.
-                .env("DRAGONFRUIT_DISCOVERY__TTL", "60s")
-                .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
-                .env("DRAGONFRUIT_RPC__TIMEOUT", "30s")
-                .env("DRAGONFRUIT_RPC__HEARTBEAT", "200ms")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let room = spawn("room", "room-1", &[]);
-    let _connector = spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let room = servers.spawn("room", "room-1", &[]);
+    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
     let player = player(port, "p");
     signal(&room.0, libc::SIGSTOP);
     // Three heartbeats of 200 ms without an answer close the connection.
@@ -259,7 +260,6 @@ fn a_frozen_room_server_is_noticed_by_heartbeats() {
             Err(e) => panic!("the room server did not come back: {e}"),
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A rolling restart: a room server stopped with SIGTERM while players send requests. It
@@ -267,32 +267,13 @@ fn a_frozen_room_server_is_noticed_by_heartbeats() {
 /// fails; it exits cleanly.
 #[test]
 fn a_room_server_stopped_under_load_fails_no_request() {
-    let dir = std::env::temp_dir().join(format!("df-sg-rolling-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let servers = Servers::new("rolling", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
     let port = free_port();
-    let spawn = |role: &str, id: &str, extra: &[&str]| {
-        Proc(
-            Command::new(BIN)
-                .args(["--role", role, "--id", id, "--discovery-dir", dir.to_str().unwrap()])
-                .args(extra)
-                .env("RUST_LOG", "error")
-                .env("DRAGONFRUIT_DISCOVERY__TTL", "2s")
-                .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let _connector = spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
-    let mut room1 = spawn("room", "room-1", &[]);
-    let _room2 = spawn("room", "room-2", &[]);
+    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let mut room1 = servers.spawn("room", "room-1", &[]);
+    let _room2 = servers.spawn("room", "room-2", &[]);
     let players: Vec<Client> = (0..8).map(|i| player(port, &format!("p{i}"))).collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) < 3 {
-        assert!(Instant::now() < deadline, "servers registered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    servers.wait_registered(3);
     let (mut sent, mut failed) = (0u32, Vec::new());
     let mut pending = std::collections::VecDeque::new();
     let started = Instant::now();
@@ -315,5 +296,4 @@ fn a_room_server_stopped_under_load_fails_no_request() {
     assert!(failed.is_empty(), "{} of {sent} failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
     let status = wait_exit(&mut room1.0, T).expect("room-1 stopped");
     assert!(status.success(), "{status}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
