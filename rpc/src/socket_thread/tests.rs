@@ -44,8 +44,7 @@ fn no_wake_up_is_lost() {
         s.join().unwrap();
     }
     assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
 }
 
 fn envelope(frames: &[Frame]) -> Vec<u8> {
@@ -105,8 +104,7 @@ fn bad_envelopes_on_the_router_are_dropped_and_later_calls_served() {
         [Frame::Reply { corr: 7, result: Err(e) }] => assert_eq!(e.message, "no calls in this test"),
         other => panic!("unexpected answer {other:?}"),
     }
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
 }
 
 /// A peer that answers with garbage, calls on the DEALER, or answers to calls nobody
@@ -149,18 +147,23 @@ fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
     fake.send_multipart([identity.as_slice(), &envelope(&[real])], 0).unwrap();
     let answer = rx.recv_timeout(Duration::from_secs(5)).expect("the real answer is delivered");
     assert_eq!(answer, Ok(Answer::Found(true)));
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
     assert!(rx.try_recv().is_err(), "exactly one answer");
 }
 
 fn fake_server(ctx: &zmq::Context) -> (zmq::Socket, String) {
+    let socket = fake_server_at(ctx, "tcp://127.0.0.1:*");
+    let endpoint = socket.get_last_endpoint().unwrap().unwrap();
+    (socket, endpoint)
+}
+
+/// A ROUTER standing in for a server, bound at `endpoint`.
+fn fake_server_at(ctx: &zmq::Context, endpoint: &str) -> zmq::Socket {
     let socket = raw_socket(ctx, zmq::ROUTER);
     // As `bind_router`: a restarted peer takes over its identity at once.
     socket.set_router_handover(true).unwrap();
-    socket.bind("tcp://127.0.0.1:*").unwrap();
-    let endpoint = socket.get_last_endpoint().unwrap().unwrap();
-    (socket, endpoint)
+    socket.bind(endpoint).unwrap();
+    socket
 }
 
 fn fake_entry(id: &str, rpc_addr: &str) -> HashMap<String, ServerEntry> {
@@ -190,6 +193,51 @@ fn kick_call(io: &Io, to: &str) -> Receiver<Result<Answer, HandlerError>> {
     rx
 }
 
+/// Answers the one call `server` receives next with `Found(found)`.
+fn answer_next(server: &zmq::Socket, found: bool) {
+    let (identity, corr) = recv_call(server);
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(found)) };
+    server.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+}
+
+/// A socket thread `fe` whose table lists `peers` (id, endpoint), answering incoming calls
+/// with `NoCalls`.
+fn start_with_peers(ctx: &zmq::Context, peers: &[(&str, &str)], timeout: Duration) -> (Io, JoinHandle<()>) {
+    let table = Arc::new(ServerTable::new());
+    table.replace(peers.iter().flat_map(|(id, addr)| fake_entry(id, addr)).collect());
+    let (router, _) = bind_router(ctx, "tcp://127.0.0.1:*").unwrap();
+    spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap()
+}
+
+fn stop(io: Io, thread: JoinHandle<()>) {
+    io.send(Cmd::Stop);
+    thread.join().unwrap();
+}
+
+/// An endpoint nothing listens on (yet).
+fn unused_endpoint() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("tcp://{}", listener.local_addr().unwrap())
+}
+
+/// Makes calls to `peer` until one is sent (is not refused at once with `refusal`, as
+/// they are while the DEALER has no connection); returns its answer channel.
+fn call_once_connected(io: &Io, refusal: &str) -> Receiver<Result<Answer, HandlerError>> {
+    (0..200)
+        .find_map(|_| {
+            let answered = kick_call(io, "peer");
+            match answered.recv_timeout(Duration::from_millis(20)) {
+                Ok(Err(e)) if e.message.contains(refusal) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    None
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => Some(answered),
+            }
+        })
+        .expect("connected once the server is up")
+}
+
 /// A server restarted under the same id on a new endpoint (a killed process whose
 /// registry entry was replaced before it expired): calls go to the new endpoint, and
 /// calls still waiting on the old process fail at once instead of at their timeout.
@@ -213,12 +261,9 @@ fn a_server_back_on_a_new_endpoint_gets_the_calls() {
         other => panic!("the call to the old process should fail before its timeout: {other:?}"),
     }
     let answered = kick_call(&io, "fe");
-    let (identity, corr) = recv_call(&new);
-    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
-    new.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    answer_next(&new, true);
     assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
 }
 
 /// A restarted server takes over its ROUTER identity on its peers, so an answer to a call
@@ -229,19 +274,14 @@ fn answers_to_a_previous_process_do_not_answer_new_calls() {
     let (server, addr) = fake_server(&ctx);
     let mut old_corr = None;
     for life in ["old", "new"] {
-        let table = Arc::new(ServerTable::new());
-        table.replace(fake_entry("peer", &addr));
-        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-        let (io, thread) =
-            spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+        let (io, thread) = start_with_peers(&ctx, &[("peer", &addr)], Duration::from_secs(5));
         let answered = kick_call(&io, "peer");
         let (identity, corr) = recv_call(&server);
         match old_corr {
             None => {
                 // The process dies with its call unanswered.
                 old_corr = Some(corr);
-                io.send(Cmd::Stop);
-                thread.join().unwrap();
+                stop(io, thread);
                 assert!(matches!(answered.recv_timeout(Duration::from_secs(5)), Ok(Err(_))), "{life}");
             }
             Some(old) => {
@@ -250,8 +290,7 @@ fn answers_to_a_previous_process_do_not_answer_new_calls() {
                 server.send_multipart([identity.as_slice(), &envelope(&[late])], 0).unwrap();
                 server.send_multipart([identity.as_slice(), &envelope(&[real])], 0).unwrap();
                 assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))), "{life}");
-                io.send(Cmd::Stop);
-                thread.join().unwrap();
+                stop(io, thread);
             }
         }
     }
@@ -263,44 +302,21 @@ fn answers_to_a_previous_process_do_not_answer_new_calls() {
 fn calls_that_failed_are_not_replayed_to_a_server_back_at_the_same_endpoint() {
     let ctx = zmq::Context::new();
     let (first, addr) = fake_server(&ctx);
-    let table = Arc::new(ServerTable::new());
-    table.replace(fake_entry("peer", &addr));
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let timeout = Duration::from_millis(300);
-    let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap();
+    let (io, thread) = start_with_peers(&ctx, &[("peer", &addr)], Duration::from_millis(300));
     let answered = kick_call(&io, "peer");
-    let (identity, corr) = recv_call(&first);
-    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
-    first.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    answer_next(&first, true);
     assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
     drop(first);
     std::thread::sleep(Duration::from_millis(200));
     let failed = kick_call(&io, "peer");
     assert!(matches!(failed.recv_timeout(Duration::from_secs(5)), Ok(Err(_))), "fails while the server is down");
-    let again = raw_socket(&ctx, zmq::ROUTER);
-    again.set_router_handover(true).unwrap();
-    again.bind(&addr).unwrap();
+    let again = fake_server_at(&ctx, &addr);
     // Calls fail at once until the DEALER has reconnected; then the first one sent is
     // the first the server gets.
-    let answered = (0..200)
-        .find_map(|_| {
-            let answered = kick_call(&io, "peer");
-            match answered.recv_timeout(Duration::from_millis(20)) {
-                Ok(Err(e)) if e.message.contains("connection lost") => {
-                    std::thread::sleep(Duration::from_millis(20));
-                    None
-                }
-                Ok(other) => panic!("{other:?}"),
-                Err(_) => Some(answered),
-            }
-        })
-        .expect("reconnected");
-    let (identity, corr) = recv_call(&again);
-    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
-    again.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    let answered = call_once_connected(&io, "connection lost");
+    answer_next(&again, true);
     assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))), "the new call, not the old");
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
 }
 
 /// A call whose responder is dropped unanswered (its job lost) is answered with an error
@@ -327,8 +343,7 @@ fn a_dropped_responder_answers_with_an_error() {
         [Frame::Reply { corr: 3, result: Err(e) }] => assert!(e.message.contains("dropped unanswered"), "{e:?}"),
         other => panic!("unexpected answer {other:?}"),
     }
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
 }
 
 /// Calls waiting when the thread stops, queued behind the stop, or waiting when a reply
@@ -338,11 +353,7 @@ fn every_call_is_answered_when_the_thread_stops_or_panics() {
     let ctx = zmq::Context::new();
     let (server, addr) = fake_server(&ctx);
     for panics in [false, true] {
-        let table = Arc::new(ServerTable::new());
-        table.replace(fake_entry("peer", &addr));
-        let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-        let (io, thread) =
-            spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(60))).unwrap();
+        let (io, thread) = start_with_peers(&ctx, &[("peer", &addr)], Duration::from_secs(60));
         let waiting = kick_call(&io, "peer");
         recv_call(&server);
         let queued = if panics {
@@ -375,17 +386,9 @@ fn calls_to_a_server_whose_connection_was_lost_fail_at_once() {
     let ctx = zmq::Context::new();
     let (used, used_addr) = fake_server(&ctx);
     let (idle, idle_addr) = fake_server(&ctx);
-    let table = Arc::new(ServerTable::new());
-    let mut entries = fake_entry("used", &used_addr);
-    entries.extend(fake_entry("idle", &idle_addr));
-    table.replace(entries);
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let timeout = Duration::from_secs(60);
-    let (io, thread) = spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap();
+    let (io, thread) = start_with_peers(&ctx, &[("used", &used_addr), ("idle", &idle_addr)], Duration::from_secs(60));
     let answered = kick_call(&io, "used");
-    let (identity, corr) = recv_call(&used);
-    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
-    used.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    answer_next(&used, true);
     assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
     // Long enough for the idle peer's connection to be seen up.
     std::thread::sleep(Duration::from_millis(500));
@@ -397,8 +400,7 @@ fn calls_to_a_server_whose_connection_was_lost_fail_at_once() {
             other => panic!("{peer}: the call should fail long before the 60 s timeout: {other:?}"),
         }
     }
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
 }
 
 /// Calls already sent to a server whose process then dies fail once its connection is
@@ -407,11 +409,7 @@ fn calls_to_a_server_whose_connection_was_lost_fail_at_once() {
 fn calls_waiting_on_a_server_that_dies_fail_when_its_connection_goes() {
     let ctx = zmq::Context::new();
     let (server, addr) = fake_server(&ctx);
-    let table = Arc::new(ServerTable::new());
-    table.replace(fake_entry("peer", &addr));
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let (io, thread) =
-        spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(60))).unwrap();
+    let (io, thread) = start_with_peers(&ctx, &[("peer", &addr)], Duration::from_secs(60));
     let waiting = kick_call(&io, "peer");
     recv_call(&server);
     drop(server);
@@ -419,8 +417,7 @@ fn calls_waiting_on_a_server_that_dies_fail_when_its_connection_goes() {
         Ok(Err(e)) => assert!(e.message.contains("connection to server peer lost"), "{e:?}"),
         other => panic!("the call should fail long before the 60 s timeout: {other:?}"),
     }
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
 }
 
 fn one_way(uid: &str) -> Cmd {
@@ -431,21 +428,13 @@ fn one_way(uid: &str) -> Cmd {
 #[test]
 fn messages_wait_for_a_server_that_comes_up_within_the_timeout() {
     let ctx = zmq::Context::new();
-    let addr = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("tcp://{}", listener.local_addr().unwrap())
-    };
-    let table = Arc::new(ServerTable::new());
-    table.replace(fake_entry("peer", &addr));
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let (io, thread) =
-        spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+    let addr = unused_endpoint();
+    let (io, thread) = start_with_peers(&ctx, &[("peer", &addr)], Duration::from_secs(5));
     io.send(one_way("first"));
     let first = kick_call(&io, "peer");
     let second = kick_call(&io, "peer");
     std::thread::sleep(Duration::from_millis(300));
-    let server = raw_socket(&ctx, zmq::ROUTER);
-    server.bind(&addr).unwrap();
+    let server = fake_server_at(&ctx, &addr);
     let mut got = Vec::new();
     while got.len() < 3 {
         let parts = server.recv_multipart(0).expect("held messages arrive once the server is up");
@@ -462,8 +451,7 @@ fn messages_wait_for_a_server_that_comes_up_within_the_timeout() {
     assert_eq!(got, ["first", "u", "u"], "in order");
     assert_eq!(first.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
     assert_eq!(second.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
 }
 
 /// The same for a frontend known only from the sessions it sends (not yet discovered):
@@ -493,19 +481,14 @@ fn a_learned_frontend_back_on_a_new_endpoint_gets_the_calls() {
         frontend.recv_bytes(0).expect("answered");
         if corr == 1 {
             let answered = kick_call(&io, "fe");
-            let (identity, corr) = recv_call(&old);
-            let reply = Frame::Reply { corr, result: Ok(Answer::Found(false)) };
-            old.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+            answer_next(&old, false);
             assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
         }
     }
     let answered = kick_call(&io, "fe");
-    let (identity, corr) = recv_call(&new);
-    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
-    new.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    answer_next(&new, true);
     assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
 }
 
 /// A server that never connects (a wrong advertised address, a firewall) has its messages
@@ -514,15 +497,8 @@ fn a_learned_frontend_back_on_a_new_endpoint_gets_the_calls() {
 #[test]
 fn calls_to_a_server_that_never_connects_fail_at_once_after_a_timeout() {
     let ctx = zmq::Context::new();
-    let addr = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("tcp://{}", listener.local_addr().unwrap())
-    };
-    let table = Arc::new(ServerTable::new());
-    table.replace(fake_entry("peer", &addr));
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let (io, thread) =
-        spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(Duration::from_millis(300))).unwrap();
+    let addr = unused_endpoint();
+    let (io, thread) = start_with_peers(&ctx, &[("peer", &addr)], Duration::from_millis(300));
     io.send(one_way("stale"));
     match kick_call(&io, "peer").recv_timeout(Duration::from_secs(5)) {
         Ok(Err(e)) => assert_eq!(e.code, codes::TIMEOUT, "held, then timed out: {e:?}"),
@@ -533,21 +509,8 @@ fn calls_to_a_server_that_never_connects_fail_at_once_after_a_timeout() {
         Ok(Err(e)) => assert!(e.code == codes::INTERNAL && e.message.contains("never connected"), "{e:?}"),
         other => panic!("{other:?}"),
     }
-    let server = raw_socket(&ctx, zmq::ROUTER);
-    server.bind(&addr).unwrap();
-    let answered = (0..200)
-        .find_map(|_| {
-            let answered = kick_call(&io, "peer");
-            match answered.recv_timeout(Duration::from_millis(20)) {
-                Ok(Err(e)) if e.message.contains("never connected") => {
-                    std::thread::sleep(Duration::from_millis(20));
-                    None
-                }
-                Ok(other) => panic!("{other:?}"),
-                Err(_) => Some(answered),
-            }
-        })
-        .expect("connected once the server is up");
+    let server = fake_server_at(&ctx, &addr);
+    let answered = call_once_connected(&io, "never connected");
     // The held one-way message expired with the timeout: never sent late.
     let parts = server.recv_multipart(0).expect("the call arrives");
     let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
@@ -558,6 +521,5 @@ fn calls_to_a_server_that_never_connects_fail_at_once_after_a_timeout() {
     let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
     server.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
     assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
-    io.send(Cmd::Stop);
-    thread.join().unwrap();
+    stop(io, thread);
 }
