@@ -652,15 +652,13 @@ impl SocketThread {
         }
     }
 
-    /// Closes the DEALERs of peers that left discovery once no call waits on them.
+    /// Closes the DEALERs of peers that left discovery once no call waits on them
+    /// (`connect_peers` keeps them only while calls wait).
     fn close_retired_peers(&mut self) {
         let snapshot = self.table.snapshot();
-        if self.peers.len() <= snapshot.by_id.len() && self.peers.keys().all(|id| snapshot.by_id.contains_key(id)) {
-            return;
+        if self.peers.keys().any(|id| !snapshot.by_id.contains_key(id)) {
+            self.connect_peers();
         }
-        let pending = &self.pending;
-        self.peers.retain(|id, _| snapshot.by_id.contains_key(id) || pending.values().any(|p| &p.to == id));
-        self.held.retain(|id, _| self.peers.contains_key(id));
     }
 
     fn expire(&mut self) {
