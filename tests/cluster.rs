@@ -452,3 +452,53 @@ fn a_kept_session_of_a_restarted_frontend_reaches_no_new_player() {
     assert_eq!((route.as_str(), v), ("onMsg", json!("yours")));
     assert_eq!(backend.kept.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn forwarded_routes_use_route_codes_and_compression() {
+    // libpitaya compresses request bodies by default and may send dictionary codes for any
+    // announced route, backend routes included; the frontend inflates and expands before
+    // forwarding, and codes and compresses what comes back.
+    let dir = cluster_dir("codes");
+    let backend = Backend::default();
+    let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let builder = probe_app(&Probe::default())
+        .server_id("connector-1")
+        .route_dictionary([("room.room.echo", 1), ("room.room.push", 2), ("onMsg", 3)])
+        .compression(true)
+        .cluster(Arc::new(fe_module.clone()));
+    let frontend = Server::start(builder);
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    let client = frontend.client_with(dragonfruit_client::ClientConfig {
+        use_route_codes: true,
+        compress_requests: true,
+        ..Default::default()
+    });
+    let body = "compress me ".repeat(300);
+    assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes());
+    let _: bool = client.request("room.room.push", &json!({"text": body})).unwrap();
+    let (route, v): (String, Value) = client.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), v), ("onMsg", json!({"text": body})));
+
+    // On the wire: the answer to a coded request and the push are compressed, the push coded.
+    let mut raw = frontend.raw_ready();
+    let dict = client.handshake().dict.clone();
+    assert_eq!(dict.get("room.room.echo"), Some(&1));
+    let mut msg = vec![0x01 /* request, route coded */, 9, 0, 1];
+    msg.extend_from_slice(body.as_bytes());
+    raw.send_packet(dragonfruit_core::codec::PacketType::Data, &msg);
+    let answer = raw.read_data_body();
+    assert_eq!(answer[0], 0x04 | dragonfruit_core::codec::FLAG_COMPRESSED, "large answer compressed");
+    let reply = dragonfruit_core::codec::decode_message_owned(&answer, &Default::default(), 1 << 20).unwrap();
+    assert_eq!((reply.id, reply.body.as_slice()), (9, body.as_bytes()));
+    let mut msg = vec![0x01, 10, 0, 2];
+    msg.extend_from_slice(serde_json::to_vec(&json!({"text": body})).unwrap().as_slice());
+    raw.send_packet(dragonfruit_core::codec::PacketType::Data, &msg);
+    let mut bodies = [raw.read_data_body(), raw.read_data_body()];
+    bodies.sort(); // the push (type 3) may overtake the answer (type 2)
+    assert_eq!(bodies[0], [0x04, 10, b't', b'r', b'u', b'e'], "small answer plain");
+    assert_eq!(bodies[1][..3], [0x07 | dragonfruit_core::codec::FLAG_COMPRESSED, 0, 3], "push coded and compressed");
+    let push = dragonfruit_core::codec::decode_message_owned(&bodies[1], &dragonfruit_core::codec::RouteDictionary::new(dict.clone()).unwrap(), 1 << 20).unwrap();
+    assert_eq!(push.route, "onMsg");
+    assert_eq!(serde_json::from_slice::<Value>(&push.body).unwrap(), json!({"text": body}));
+}
