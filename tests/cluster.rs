@@ -498,7 +498,44 @@ fn forwarded_routes_use_route_codes_and_compression() {
     bodies.sort(); // the push (type 3) may overtake the answer (type 2)
     assert_eq!(bodies[0], [0x04, 10, b't', b'r', b'u', b'e'], "small answer plain");
     assert_eq!(bodies[1][..3], [0x07 | dragonfruit_core::codec::FLAG_COMPRESSED, 0, 3], "push coded and compressed");
-    let push = dragonfruit_core::codec::decode_message_owned(&bodies[1], &dragonfruit_core::codec::RouteDictionary::new(dict.clone()).unwrap(), 1 << 20).unwrap();
+    let push = dragonfruit_core::codec::decode_message_owned(
+        &bodies[1],
+        &dragonfruit_core::codec::RouteDictionary::new(dict.clone()).unwrap(),
+        1 << 20,
+    )
+    .unwrap();
     assert_eq!(push.route, "onMsg");
     assert_eq!(serde_json::from_slice::<Value>(&push.body).unwrap(), json!({"text": body}));
+}
+
+#[test]
+fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
+    let dir = cluster_dir("unreachable");
+    let timeout = Duration::from_millis(300);
+    let (_room, _) = start_backend(&dir, "room-1", &Backend::default(), timeout);
+    // Discovery lists room-0, but nothing listens at its endpoint (a wrong advertised
+    // address, a firewall): its connection is never made.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let ghost = ServerEntry {
+        id: "room-0".into(),
+        server_type: "room".into(),
+        frontend: false,
+        rpc_addr: format!("tcp://{closed}"),
+        metadata: Default::default(),
+    };
+    std::fs::write(dir.join("room-0.json"), serde_json::to_vec(&ghost).unwrap()).unwrap();
+    // The frontend's discovery keeps listing it for a minute.
+    let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(60));
+    let fe_module = ClusterModule::new(RpcConfig { timeout, ..Default::default() }, Box::new(discovery));
+    let frontend =
+        Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || fe_module.servers().len() == 3), "connector-1, room-0 and room-1 listed");
+    // Not connected within the call timeout: unreachable, and routed around.
+    std::thread::sleep(timeout + Duration::from_millis(300));
+    let client = frontend.client();
+    for i in 0..40 {
+        let body = format!("{i}");
+        assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes(), "request {i}");
+    }
+    assert!(fe_module.servers().iter().any(|s| s.id == "room-0"), "still listed");
 }

@@ -126,7 +126,7 @@ impl Inner {
             let text = format!("no server of type {server_type} for route {route}");
             return Err(HandlerError::new(codes::NOT_FOUND, text));
         };
-        let ctx = RouteCtx { route, session, body };
+        let ctx = RouteCtx { route, session, body, unreachable: &snapshot.unreachable };
         let index = match routers.get(server_type) {
             // A router is the application's code: a panic in it fails this message, not
             // the worker's batch (whose forwarded requests would then never be answered).

@@ -1,5 +1,6 @@
 //! Routing functions: which server of a type gets a forwarded message or a user RPC.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,18 @@ pub struct RouteCtx<'a> {
     pub session: Option<&'a Session>,
     /// The message body (serialized).
     pub body: &'a [u8],
+    /// Ids of servers this server cannot reach now (connection lost, or never made within
+    /// `rpc.timeout`): a call to one fails at once, until its connection is back or
+    /// discovery drops it. The default router avoids them; a router of stateless work can
+    /// too ([`RouteCtx::is_reachable`]).
+    pub unreachable: &'a HashSet<String>,
+}
+
+impl RouteCtx<'_> {
+    /// Whether this server's connection to `server` is up (or not yet known to be down).
+    pub fn is_reachable(&self, server: &ServerEntry) -> bool {
+        self.unreachable.is_empty() || !self.unreachable.contains(&server.id)
+    }
 }
 
 /// Chooses one server of a type. Registered per server type on the cluster module.
@@ -25,9 +38,10 @@ pub trait Router: Send + Sync {
     fn pick(&self, ctx: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize>;
 }
 
-/// The default: a uniformly random live server. For forwarded client messages the cluster
-/// module asks it once per server type and batch (the messages of one session read
-/// together), so those go to one server and run there in order.
+/// The default: a uniformly random live server, among the reachable ones while any is
+/// ([`RouteCtx::unreachable`]). For forwarded client messages the cluster module asks it
+/// once per server type and batch (the messages of one session read together), so those go
+/// to one server and run there in order.
 #[derive(Debug)]
 pub struct RandomRouter {
     state: AtomicU64,
@@ -40,8 +54,9 @@ impl Default for RandomRouter {
     }
 }
 
-impl Router for RandomRouter {
-    fn pick(&self, _: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize> {
+impl RandomRouter {
+    /// A uniformly random index below `n` (`n` > 0).
+    fn index(&self, n: usize) -> usize {
         // xorshift64*, advanced atomically so concurrent callers get different values.
         let mut x = self.state.load(Ordering::Relaxed);
         loop {
@@ -50,10 +65,27 @@ impl Router for RandomRouter {
             next ^= next << 25;
             next ^= next >> 27;
             match self.state.compare_exchange_weak(x, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return Some((next.wrapping_mul(0x2545_f491_4f6c_dd1d) % servers.len() as u64) as usize),
+                Ok(_) => return (next.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize,
                 Err(current) => x = current,
             }
         }
+    }
+}
+
+impl Router for RandomRouter {
+    fn pick(&self, ctx: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize> {
+        if servers.is_empty() {
+            return None;
+        }
+        if ctx.unreachable.is_empty() {
+            return Some(self.index(servers.len()));
+        }
+        let reachable = servers.iter().filter(|s| ctx.is_reachable(s)).count();
+        if reachable == 0 || reachable == servers.len() {
+            return Some(self.index(servers.len()));
+        }
+        let nth = self.index(reachable);
+        servers.iter().enumerate().filter(|(_, s)| ctx.is_reachable(s)).nth(nth).map(|(i, _)| i)
     }
 }
 
@@ -66,7 +98,19 @@ pub fn rendezvous(key: &str, servers: &[ServerEntry]) -> Option<usize> {
 
 /// [`rendezvous`] on a key of any bytes (a session id's, say).
 pub fn rendezvous_bytes(key: &[u8], servers: &[ServerEntry]) -> Option<usize> {
-    servers.iter().enumerate().max_by_key(|(_, s)| fnv1a(&[key, b"\0", s.id.as_bytes()])).map(|(i, _)| i)
+    rendezvous_among(key, servers, |_| true)
+}
+
+/// [`rendezvous_bytes`] among the servers `keep` accepts (say, [`RouteCtx::is_reachable`]);
+/// the index is into `servers`. A key whose server is left out goes where it would go if
+/// that server had left the cluster, and every other key stays.
+pub fn rendezvous_among(key: &[u8], servers: &[ServerEntry], keep: impl Fn(&ServerEntry) -> bool) -> Option<usize> {
+    servers
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| keep(s))
+        .max_by_key(|(_, s)| fnv1a(&[key, b"\0", s.id.as_bytes()]))
+        .map(|(i, _)| i)
 }
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {
@@ -100,13 +144,33 @@ mod tests {
     fn random_spreads() {
         let r = RandomRouter::default();
         let route = Route::parse("room.room.join").unwrap();
-        let ctx = RouteCtx { route: &route, session: None, body: b"" };
+        let none = HashSet::new();
+        let ctx = RouteCtx { route: &route, session: None, body: b"", unreachable: &none };
         let list = servers(&["a", "b", "c"]);
         let mut seen = [0; 3];
         for _ in 0..300 {
             seen[r.pick(&ctx, &list).unwrap()] += 1;
         }
         assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
+        assert_eq!(r.pick(&ctx, &[]), None);
+    }
+
+    #[test]
+    fn random_avoids_unreachable_servers_while_one_is_reachable() {
+        let r = RandomRouter::default();
+        let route = Route::parse("room.room.join").unwrap();
+        let list = servers(&["a", "b", "c"]);
+        let b_down = HashSet::from(["b".to_owned()]);
+        let ctx = RouteCtx { route: &route, session: None, body: b"", unreachable: &b_down };
+        let mut seen = [0; 3];
+        for _ in 0..300 {
+            seen[r.pick(&ctx, &list).unwrap()] += 1;
+        }
+        assert_eq!(seen[1], 0, "{seen:?}");
+        assert!(seen[0] > 100 && seen[2] > 100, "the others share the load: {seen:?}");
+        let all_down: HashSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let ctx = RouteCtx { unreachable: &all_down, ..ctx };
+        assert!(r.pick(&ctx, &list).is_some(), "none reachable: still picks (the call fails at once)");
     }
 
     #[test]
@@ -127,5 +191,11 @@ mod tests {
         }
         assert!(moved > 30 && moved < 110, "about a third of the keys lived on room-2: {moved}");
         assert_eq!(rendezvous("x", &[]), None);
+        for i in 0..200 {
+            let key = format!("room{i}");
+            let without_2 = rendezvous_among(key.as_bytes(), &three, |s| s.id != "room-2").unwrap();
+            assert_eq!(three[without_2].id, two[rendezvous(&key, &two).unwrap()].id, "as if room-2 had left");
+        }
+        assert_eq!(rendezvous_among(b"x", &three, |_| false), None);
     }
 }

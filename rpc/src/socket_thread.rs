@@ -8,7 +8,7 @@
 //! whose connection was lost fail at once.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -256,6 +256,8 @@ struct SocketThread {
     wake_ready: bool,
     /// When to next look for peers that got connected (`probe_peers`).
     next_probe: Instant,
+    /// The peers last published as unreachable to the table (for routers).
+    unreachable: HashSet<String>,
 }
 
 /// High-water marks well above any in-flight bound, so sends never block or drop.
@@ -341,6 +343,7 @@ pub(crate) fn spawn(
         answers: HashMap::new(),
         wake_ready: false,
         next_probe: Instant::now(),
+        unreachable: HashSet::new(),
     };
     let handle = std::thread::Builder::new().name("df-rpc".into()).spawn(move || thread.run())?;
     Ok((io, handle))
@@ -486,6 +489,18 @@ impl SocketThread {
                 }
                 Err(e) => warn!("cannot connect to server {id} at {}: {e}", entry.rpc_addr),
             }
+        }
+        self.publish_unreachable();
+    }
+
+    /// Tells the table (and so the routers) which peers are down now: those whose loss is
+    /// logged (`Peer::warned`: connection lost, or never made within the timeout). Only a
+    /// change is published.
+    fn publish_unreachable(&mut self) {
+        let now: HashSet<String> = self.peers.iter().filter(|(_, p)| p.warned).map(|(id, _)| id.clone()).collect();
+        if now != self.unreachable {
+            self.table.set_unreachable(now.clone());
+            self.unreachable = now;
         }
     }
 
@@ -640,6 +655,7 @@ impl SocketThread {
                 );
             }
         }
+        self.publish_unreachable();
         if lost.is_empty() || self.pending.is_empty() {
             return;
         }

@@ -1,7 +1,7 @@
 //! The servers of the cluster as discovery last saw them. Discovery threads replace the
 //! table; everyone else reads cheap snapshots.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,7 @@ pub struct ServerTable {
 struct Sources {
     discovered: HashMap<String, ServerEntry>,
     learned: HashMap<String, (ServerEntry, Instant)>,
+    unreachable: HashSet<String>,
 }
 
 /// One version of the table, with the per-type lists routers need precomputed.
@@ -52,10 +53,15 @@ pub struct Snapshot {
     pub by_id: HashMap<String, ServerEntry>,
     /// Servers by type, sorted by id.
     pub by_type: HashMap<String, Arc<[ServerEntry]>>,
+    /// Ids of listed servers this server cannot reach now: the RPC thread saw their
+    /// connection lost, or never made within `rpc.timeout`. Calls to them fail at once; the
+    /// default router avoids them while a server of the same type is reachable.
+    pub unreachable: HashSet<String>,
 }
 
 impl Snapshot {
-    fn of(servers: HashMap<String, ServerEntry>) -> Snapshot {
+    fn of(servers: HashMap<String, ServerEntry>, unreachable: &HashSet<String>) -> Snapshot {
+        let unreachable = unreachable.iter().filter(|id| servers.contains_key(*id)).cloned().collect();
         let mut by_type: HashMap<String, Vec<ServerEntry>> = HashMap::new();
         for server in servers.values() {
             by_type.entry(server.server_type.clone()).or_default().push(server.clone());
@@ -67,7 +73,7 @@ impl Snapshot {
                 (t, Arc::from(list))
             })
             .collect();
-        Snapshot { by_id: servers, by_type }
+        Snapshot { by_id: servers, by_type, unreachable }
     }
 }
 
@@ -117,17 +123,28 @@ impl ServerTable {
         self.publish(&sources)
     }
 
+    /// Sets which servers this server cannot reach now (the RPC thread's view, from its
+    /// connections); the next snapshots carry it in [`Snapshot::unreachable`].
+    pub fn set_unreachable(&self, ids: HashSet<String>) {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        sources.unreachable = ids;
+        self.publish(&sources);
+    }
+
+    /// Publishes a new snapshot if anything changed; returns whether the servers did.
     fn publish(&self, sources: &Sources) -> bool {
         let mut all = sources.discovered.clone();
         for (id, (entry, _)) in &sources.learned {
             all.entry(id.clone()).or_insert_with(|| entry.clone());
         }
+        let next = Snapshot::of(all, &sources.unreachable);
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        if current.by_id == all {
+        if **current == next {
             return false;
         }
-        *current = Arc::new(Snapshot::of(all));
-        true
+        let servers_changed = current.by_id != next.by_id;
+        *current = Arc::new(next);
+        servers_changed
     }
 
     /// The server with `id`.
@@ -180,5 +197,25 @@ mod tests {
         assert!(!table.replace(both), "now discovered: same table");
         assert!(table.replace(HashMap::from([("room-1".into(), entry("room-1", false))])));
         assert!(table.get("connector-1").is_none(), "once discovered, discovery alone decides");
+    }
+
+    #[test]
+    fn unreachable_servers_ride_along_in_snapshots() {
+        let table = ServerTable::new();
+        table.replace(HashMap::from([
+            ("room-1".into(), entry("room-1", false)),
+            ("room-2".into(), entry("room-2", false)),
+        ]));
+        let before = table.snapshot();
+        table.set_unreachable(HashSet::from(["room-2".to_owned(), "gone".to_owned()]));
+        let after = table.snapshot();
+        assert_eq!(after.unreachable, HashSet::from(["room-2".to_owned()]), "only listed servers");
+        assert_eq!((&after.by_id, &after.by_type), (&before.by_id, &before.by_type), "the servers are the same");
+        assert!(!table.replace(after.by_id.clone()), "no change of servers to report");
+        assert_eq!(table.snapshot().unreachable.len(), 1, "kept across discovery refreshes");
+        table.replace(HashMap::from([("room-1".into(), entry("room-1", false))]));
+        assert!(table.snapshot().unreachable.is_empty(), "a server that left is not listed as unreachable");
+        table.set_unreachable(HashSet::new());
+        assert!(table.snapshot().unreachable.is_empty());
     }
 }

@@ -1,6 +1,6 @@
 //! `RoomRouter`: all traffic about one room goes to one room server.
 
-use dragonfruit_rpc::router::{rendezvous, rendezvous_bytes};
+use dragonfruit_rpc::router::{rendezvous, rendezvous_among};
 use dragonfruit_rpc::{RandomRouter, RouteCtx, Router, ServerEntry};
 
 use crate::room::ROOM_KEY;
@@ -10,7 +10,9 @@ use crate::room::ROOM_KEY;
 /// of players in no room (echo) go by session id, so each player's messages stay on one room
 /// server and in order; user RPCs with no session go to a random room server. Every
 /// connector computes the same choice, and when a room server dies only its rooms (and
-/// players) move.
+/// players) move. Players in no room hold no state on a room server, so they also move off
+/// one this connector cannot reach, before discovery drops it; a room stays on its server
+/// until discovery drops that server (a short outage does not split it).
 #[derive(Debug, Default)]
 pub struct RoomRouter {
     fallback: RandomRouter,
@@ -28,7 +30,11 @@ impl Router for RoomRouter {
         match room {
             Some(room) => rendezvous(&room, servers),
             None => match ctx.session {
-                Some(session) => rendezvous_bytes(&session.id().to_be_bytes(), servers),
+                Some(session) => {
+                    let key = session.id().to_be_bytes();
+                    rendezvous_among(&key, servers, |s| ctx.is_reachable(s))
+                        .or_else(|| rendezvous_among(&key, servers, |_| true))
+                }
                 None => self.fallback.pick(ctx, servers),
             },
         }
@@ -93,8 +99,15 @@ mod tests {
     }
 
     fn pick(route: &str, session: Option<&Session>, body: &[u8]) -> usize {
+        pick_unreachable(route, session, body, &[])
+    }
+
+    fn pick_unreachable(route: &str, session: Option<&Session>, body: &[u8], down: &[&str]) -> usize {
         let route = Route::parse(route).unwrap();
-        RoomRouter::default().pick(&RouteCtx { route: &route, session, body }, &rooms()).unwrap()
+        let unreachable: HashSet<String> = down.iter().map(|s| s.to_string()).collect();
+        RoomRouter::default()
+            .pick(&RouteCtx { route: &route, session, body, unreachable: &unreachable }, &rooms())
+            .unwrap()
     }
 
     #[test]
@@ -121,5 +134,25 @@ mod tests {
         assert_eq!(used.len(), 2, "players spread over both servers");
         let anonymous: HashSet<usize> = (0..64).map(|_| pick("room.room.left", None, b"")).collect();
         assert_eq!(anonymous.len(), 2, "calls without a session go to a random server");
+    }
+
+    #[test]
+    fn only_roomless_players_move_off_an_unreachable_server() {
+        let servers = rooms();
+        let lobby = rendezvous("lobby", &servers).unwrap();
+        let down = [servers[lobby].id.as_str()];
+        let member = session(1, Some("lobby"));
+        assert_eq!(pick_unreachable("room.room.say", Some(&member), b"{}", &down), lobby, "the room stays");
+        for sid in 0..20 {
+            let player = session(sid, None);
+            assert_ne!(pick_unreachable("room.room.echo", Some(&player), b"x", &down), lobby, "session {sid}");
+            assert_ne!(pick_unreachable("room.room.left", None, b"", &down), lobby);
+        }
+        let both = [servers[0].id.as_str(), servers[1].id.as_str()];
+        let player = session(7, None);
+        assert_eq!(
+            pick_unreachable("room.room.echo", Some(&player), b"x", &both),
+            pick("room.room.echo", Some(&player), b"x")
+        );
     }
 }

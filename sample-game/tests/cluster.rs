@@ -167,8 +167,9 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     let mut in_flight = send(0..200);
     signal(&room1.0, libc::SIGKILL);
     let started = Instant::now();
-    // Discovery still lists room-1 for up to two seconds: the requests of the players on it
-    // go to the dead server and must fail cleanly, not hang.
+    // Until the connector sees room-1's connection lost (and for the requests already
+    // there), the requests of the players on it go to the dead server and must fail
+    // cleanly, not hang.
     in_flight.extend(send(200..400));
     let (mut ok, mut failed) = (0, 0);
     for pending in in_flight {
@@ -190,6 +191,40 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
         assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes());
     }
     assert!(players.iter().all(|c| !c.is_closed()), "the clients stayed connected to the connector");
+}
+
+/// Players in no room hold no state on a room server, so their requests move to the other
+/// room server as soon as the connector sees its connection to a killed one lost, long
+/// before discovery (60 s here) drops it.
+#[test]
+fn roomless_players_move_off_a_killed_room_server_before_discovery_drops_it() {
+    let servers =
+        Servers::new("failover", &[("DRAGONFRUIT_DISCOVERY__TTL", "60s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);
+    let port = free_port();
+    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let mut room1 = servers.spawn("room", "room-1", &[]);
+    let _room2 = servers.spawn("room", "room-2", &[]);
+    servers.wait_registered(3);
+    // Sixteen players: by session id, some are on each room server.
+    let players: Vec<Client> = (0..16).map(|i| player(port, &format!("p{i}"))).collect();
+    for client in &players {
+        assert_eq!(client.request_raw("room.room.echo", b"before").unwrap(), b"before");
+    }
+    signal(&room1.0, libc::SIGKILL);
+    assert!(wait_exit(&mut room1.0, T).is_some());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let failed = players.iter().filter(|c| c.request_raw("room.room.echo", b"after").is_err()).count();
+        if failed == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{failed} players still fail; discovery lists room-1 for 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (i, client) in (0..200).zip(players.iter().cycle()) {
+        let body = format!("then {i}");
+        assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes());
+    }
 }
 
 /// A connector killed with SIGKILL and started again at once under its id: its registry
