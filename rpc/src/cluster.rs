@@ -423,12 +423,14 @@ impl Cluster for ClusterModule {
 
     fn start(&self, ctx: ClusterContext) -> Result<(), ClusterError> {
         let inner = &self.inner;
+        // `ClusterModule::new` takes the config as given; `from_source` checked it already.
+        inner.rpc.validate().map_err(|e| ClusterError::Other(e.to_string()))?;
         let zctx = zmq::Context::new();
         let (router, endpoint) = socket_thread::bind_router(&zctx, &inner.rpc.bind)
             .map_err(|message| ClusterError::Bind { addr: inner.rpc.bind.clone(), message })?;
         let rpc_addr = if inner.rpc.advertise.is_empty() { endpoint.clone() } else { inner.rpc.advertise.clone() };
-        if rpc_addr.contains("0.0.0.0") || rpc_addr.contains("://*") {
-            let message = format!("{rpc_addr} cannot be dialled: set rpc.advertise");
+        if let Err(message) = config::check_dialable(&rpc_addr) {
+            let message = format!("{message}; set rpc.advertise");
             return Err(ClusterError::Bind { addr: inner.rpc.bind.clone(), message });
         }
         let me = ServerEntry {

@@ -13,8 +13,9 @@ pub struct RpcConfig {
     /// `rpc.bind`: ZeroMQ endpoint of this server's ROUTER socket; `*` as port picks a
     /// free one. Default `"tcp://127.0.0.1:*"`.
     pub bind: String,
-    /// `rpc.advertise`: endpoint other servers connect to; empty means the bound one
-    /// (which must then not be a wildcard address). Default "".
+    /// `rpc.advertise`: endpoint other servers connect to, `tcp://host:port` or
+    /// `ipc://path` ([`check_dialable`]); empty means the bound one (which must then not be
+    /// a wildcard address). Default "".
     pub advertise: String,
     /// `rpc.timeout`: how long a call waits for its answer; forwarded requests are then
     /// answered `PIT-504`. Default "5s".
@@ -22,7 +23,8 @@ pub struct RpcConfig {
     pub timeout: Duration,
     /// `rpc.heartbeat`: heartbeat interval on connections to other servers; a server silent
     /// for three intervals (its host died or froze, the network broke) is disconnected, and
-    /// calls to it fail at once until it is back. "0s" turns heartbeats off. Default "1s".
+    /// calls to it fail at once until it is back. "0s" turns heartbeats off; otherwise at
+    /// least [`MIN_HEARTBEAT`]. Default "1s".
     #[serde(with = "duration")]
     pub heartbeat: Duration,
 }
@@ -90,7 +92,10 @@ impl DiscoveryConfig {
         if self.ttl < Duration::from_secs(1) && self.kind == DiscoveryKind::Etcd {
             return Err(ConfigError::Invalid { key: "discovery.ttl", message: "etcd leases need at least 1s".into() });
         }
-        if self.refresh.is_zero() || self.ttl <= self.refresh {
+        if self.refresh.is_zero() {
+            return Err(ConfigError::Invalid { key: "discovery.refresh", message: "must be positive".into() });
+        }
+        if self.ttl <= self.refresh {
             let message = "ttl must be longer than refresh".to_owned();
             return Err(ConfigError::Invalid { key: "discovery.ttl", message });
         }
@@ -98,13 +103,101 @@ impl DiscoveryConfig {
     }
 }
 
+/// Shortest `rpc.heartbeat` other than off: three silent intervals disconnect a peer, and a
+/// busy machine can leave a connection's I/O thread that long without a turn.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+
+impl RpcConfig {
+    /// Checks ranges and that `advertise` can be dialled.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| Err(ConfigError::Invalid { key, message });
+        if self.timeout.is_zero() {
+            return invalid("rpc.timeout", "must be positive".into());
+        }
+        if !self.heartbeat.is_zero() && self.heartbeat < MIN_HEARTBEAT {
+            return invalid("rpc.heartbeat", format!("must be \"0s\" (off) or at least {MIN_HEARTBEAT:?}"));
+        }
+        if !self.advertise.is_empty() {
+            if let Err(message) = check_dialable(&self.advertise) {
+                return invalid("rpc.advertise", message);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether other servers can connect to `endpoint`: `tcp://host:port` with a host that is
+/// not a wildcard and a port from 1 to 65535, or `ipc://path`.
+pub fn check_dialable(endpoint: &str) -> Result<(), String> {
+    if let Some(path) = endpoint.strip_prefix("ipc://") {
+        return match path {
+            "" | "*" => Err(format!("{endpoint}: an ipc endpoint needs a path")),
+            _ => Ok(()),
+        };
+    }
+    let Some(rest) = endpoint.strip_prefix("tcp://") else {
+        return Err(format!("{endpoint}: expected tcp://host:port or ipc://path"));
+    };
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err(format!("{endpoint}: no port"));
+    };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if matches!(host, "" | "*" | "0.0.0.0" | "::") {
+        return Err(format!("{endpoint}: a wildcard address cannot be dialled by other servers"));
+    }
+    match port.parse::<u16>() {
+        Ok(1..) => Ok(()),
+        _ => Err(format!("{endpoint}: the port must be a number from 1 to 65535")),
+    }
+}
+
 /// Reads `[rpc]` and `[discovery]`.
 pub fn from_source(source: &ConfigSource) -> Result<(RpcConfig, DiscoveryConfig), ConfigError> {
     let rpc: RpcConfig = source.section("rpc")?;
-    if rpc.timeout.is_zero() {
-        return Err(ConfigError::Invalid { key: "rpc.timeout", message: "must be positive".into() });
-    }
+    rpc.validate()?;
     let discovery: DiscoveryConfig = source.section("discovery")?;
     discovery.validate()?;
     Ok((rpc, discovery))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(toml: &str) -> String {
+        from_source(&ConfigSource::from_toml(toml).unwrap()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert!(from_source(&ConfigSource::empty()).is_ok());
+        assert!(error("[rpc]\ntimeout = \"0s\"\n").contains("rpc.timeout"));
+        assert!(error("[rpc]\nheartbeat = \"1ms\"\n").contains("rpc.heartbeat"));
+        assert!(from_source(&ConfigSource::from_toml("[rpc]\nheartbeat = \"0s\"\n").unwrap()).is_ok(), "off");
+        assert!(error("[rpc]\nadvertise = \"nonsense\"\n").contains("rpc.advertise"));
+        assert!(error("[discovery]\nrefresh = \"0s\"\n").contains("discovery.refresh"));
+        assert!(error("[discovery]\nttl = \"100ms\"\n").contains("discovery.ttl"));
+    }
+
+    #[test]
+    fn dialable_endpoints() {
+        for ok in ["tcp://127.0.0.1:5000", "tcp://game-1.internal:5000", "tcp://[::1]:5000", "ipc:///tmp/room-1"] {
+            assert_eq!(check_dialable(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "nonsense",
+            "tcp://127.0.0.1",
+            "tcp://127.0.0.1:*",
+            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1:99999",
+            "tcp://0.0.0.0:5000",
+            "tcp://*:5000",
+            "tcp://[::]:5000",
+            "tcp://:5000",
+            "ipc://",
+            "udp://127.0.0.1:5000",
+        ] {
+            assert!(check_dialable(bad).is_err(), "{bad}");
+        }
+    }
 }
