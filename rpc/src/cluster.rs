@@ -450,6 +450,7 @@ impl Cluster for ClusterModule {
             return Err(ClusterError::Other("cluster module started twice".into()));
         }
         let notify = io.clone();
+        inner.table.set_own_id(&me.id);
         if let Err(e) =
             inner.discovery.start(me.clone(), inner.table.clone(), Arc::new(move || notify.send(Cmd::PeersChanged)))
         {

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use log::info;
 use serde::{Deserialize, Serialize};
 
 /// One server, as announced to the cluster.
@@ -37,6 +38,8 @@ const LEARNED_TTL: Duration = Duration::from_secs(30);
 pub struct ServerTable {
     current: RwLock<Arc<Snapshot>>,
     sources: Mutex<Sources>,
+    /// This server's id: its own comings and goings are not logged as news.
+    own_id: std::sync::OnceLock<String>,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +86,11 @@ impl ServerTable {
         ServerTable::default()
     }
 
+    /// Tells the table which server it belongs to (set once, at start).
+    pub(crate) fn set_own_id(&self, id: &str) {
+        let _ = self.own_id.set(id.to_owned());
+    }
+
     /// The current servers.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -93,6 +101,7 @@ impl ServerTable {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         sources.learned.retain(|id, (_, seen)| !servers.contains_key(id) && now.duration_since(*seen) < LEARNED_TTL);
+        log_changes(&sources.discovered, &servers, self.own_id.get().map_or("", String::as_str));
         sources.discovered = servers;
         self.publish(&sources)
     }
@@ -162,6 +171,26 @@ impl ServerTable {
         let mut out: Vec<ServerEntry> = self.snapshot().by_id.values().cloned().collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+}
+
+/// Logs the servers that joined, left or moved to a new endpoint, as discovery reports them
+/// to this server (`own_id`, which is not news to itself).
+fn log_changes(before: &HashMap<String, ServerEntry>, after: &HashMap<String, ServerEntry>, own_id: &str) {
+    for (id, server) in after.iter().filter(|(id, _)| *id != own_id) {
+        match before.get(id) {
+            None => info!("{own_id}: server {id} ({}) joined at {}", server.server_type, server.rpc_addr),
+            Some(old) if old.rpc_addr != server.rpc_addr => {
+                let (kind, addr) = (&server.server_type, &server.rpc_addr);
+                info!("{own_id}: server {id} ({kind}) is now at {addr} (was {})", old.rpc_addr)
+            }
+            Some(_) => {}
+        }
+    }
+    for (id, server) in before.iter().filter(|(id, _)| *id != own_id) {
+        if !after.contains_key(id) {
+            info!("{own_id}: server {id} ({}) left", server.server_type);
+        }
     }
 }
 
