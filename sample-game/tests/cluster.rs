@@ -98,6 +98,25 @@ impl Servers {
     }
 }
 
+/// `connector-1` (clients on `port`), `room-1` and `room-2`, registered with each other.
+struct TwoRooms {
+    port: u16,
+    _connector: Proc,
+    room1: Proc,
+    _room2: Proc,
+}
+
+impl Servers {
+    fn two_rooms(&self) -> TwoRooms {
+        let port = free_port();
+        let _connector = self.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+        let room1 = self.spawn("room", "room-1", &[]);
+        let _room2 = self.spawn("room", "room-2", &[]);
+        self.wait_registered(3);
+        TwoRooms { port, _connector, room1, _room2 }
+    }
+}
+
 impl Drop for Servers {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -150,22 +169,17 @@ fn the_launcher_runs_a_playable_cluster_and_stops_it() {
 #[test]
 fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     let servers = Servers::new("kill", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);
-    let port = free_port();
-    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
-    let mut room1 = servers.spawn("room", "room-1", &[]);
-    let _room2 = servers.spawn("room", "room-2", &[]);
+    let mut cluster = servers.two_rooms();
     // The room router keeps each roomless player on one room server (by session id), so
     // several players are needed to have some on the server that dies.
-    let players: Vec<Client> = (0..8).map(|i| player(port, &format!("p{i}"))).collect();
-    // Both room servers must be serving before one is killed.
-    servers.wait_registered(3);
+    let players: Vec<Client> = (0..8).map(|i| player(cluster.port, &format!("p{i}"))).collect();
 
     let send = |range: std::ops::Range<u32>| -> Vec<_> {
         let request = |(i, client): (u32, &Client)| client.send_request("room.room.echo", format!("{i}").as_bytes());
         range.zip(players.iter().cycle()).map(|p| request(p).unwrap()).collect()
     };
     let mut in_flight = send(0..200);
-    signal(&room1.0, libc::SIGKILL);
+    signal(&cluster.room1.0, libc::SIGKILL);
     let started = Instant::now();
     // Until the connector sees room-1's connection lost (and for the requests already
     // there), the requests of the players on it go to the dead server and must fail
@@ -182,7 +196,7 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     assert_eq!(ok + failed, 400, "every request answered");
     assert!(failed > 0 && ok > 0, "the players on the dead server failed, the others not ({ok} ok)");
     assert!(started.elapsed() < Duration::from_secs(5), "within the rpc timeout (2 s) plus margin");
-    assert!(wait_exit(&mut room1.0, T).is_some());
+    assert!(wait_exit(&mut cluster.room1.0, T).is_some());
 
     // Once discovery drops room-1 (2 s), everything goes to room-2.
     std::thread::sleep(Duration::from_millis(2600));
@@ -200,18 +214,14 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
 fn roomless_players_move_off_a_killed_room_server_before_discovery_drops_it() {
     let servers =
         Servers::new("failover", &[("DRAGONFRUIT_DISCOVERY__TTL", "60s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);
-    let port = free_port();
-    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
-    let mut room1 = servers.spawn("room", "room-1", &[]);
-    let _room2 = servers.spawn("room", "room-2", &[]);
-    servers.wait_registered(3);
+    let mut cluster = servers.two_rooms();
     // Sixteen players: by session id, some are on each room server.
-    let players: Vec<Client> = (0..16).map(|i| player(port, &format!("p{i}"))).collect();
+    let players: Vec<Client> = (0..16).map(|i| player(cluster.port, &format!("p{i}"))).collect();
     for client in &players {
         assert_eq!(client.request_raw("room.room.echo", b"before").unwrap(), b"before");
     }
-    signal(&room1.0, libc::SIGKILL);
-    assert!(wait_exit(&mut room1.0, T).is_some());
+    signal(&cluster.room1.0, libc::SIGKILL);
+    assert!(wait_exit(&mut cluster.room1.0, T).is_some());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let failed = players.iter().filter(|c| c.request_raw("room.room.echo", b"after").is_err()).count();
@@ -303,19 +313,15 @@ fn a_frozen_room_server_is_noticed_by_heartbeats() {
 #[test]
 fn a_room_server_stopped_under_load_fails_no_request() {
     let servers = Servers::new("rolling", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
-    let port = free_port();
-    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
-    let mut room1 = servers.spawn("room", "room-1", &[]);
-    let _room2 = servers.spawn("room", "room-2", &[]);
-    let players: Vec<Client> = (0..8).map(|i| player(port, &format!("p{i}"))).collect();
-    servers.wait_registered(3);
+    let mut cluster = servers.two_rooms();
+    let players: Vec<Client> = (0..8).map(|i| player(cluster.port, &format!("p{i}"))).collect();
     let (mut sent, mut failed) = (0u32, Vec::new());
     let mut pending = std::collections::VecDeque::new();
     let started = Instant::now();
     let mut signalled = false;
     while started.elapsed() < Duration::from_millis(2000) || !pending.is_empty() {
         if !signalled && started.elapsed() > Duration::from_millis(300) {
-            signal(&room1.0, libc::SIGTERM);
+            signal(&cluster.room1.0, libc::SIGTERM);
             signalled = true;
         }
         while started.elapsed() < Duration::from_millis(2000) && pending.len() < 32 {
@@ -329,6 +335,6 @@ fn a_room_server_stopped_under_load_fails_no_request() {
         }
     }
     assert!(failed.is_empty(), "{} of {sent} failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
-    let status = wait_exit(&mut room1.0, T).expect("room-1 stopped");
+    let status = wait_exit(&mut cluster.room1.0, T).expect("room-1 stopped");
     assert!(status.success(), "{status}");
 }
