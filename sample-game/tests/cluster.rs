@@ -1,6 +1,7 @@
 //! The sample game as separate processes: the launcher's local cluster, a room server
 //! killed with SIGKILL while requests are in flight, a killed connector restarted, a
-//! frozen room server, and a room server stopped gracefully under load.
+//! frozen room server, a room server stopped gracefully under load, and roomless players
+//! moving off a killed room server before discovery drops it.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
