@@ -1,6 +1,6 @@
 //! `RoomRouter`: all traffic about one room goes to one room server.
 
-use dragonfruit_rpc::router::{rendezvous, rendezvous_among};
+use dragonfruit_rpc::router::{rendezvous, rendezvous_among, rendezvous_bytes};
 use dragonfruit_rpc::{RandomRouter, RouteCtx, Router, ServerEntry};
 
 use crate::room::ROOM_KEY;
@@ -32,8 +32,7 @@ impl Router for RoomRouter {
             None => match ctx.session {
                 Some(session) => {
                     let key = session.id().to_be_bytes();
-                    rendezvous_among(&key, servers, |s| ctx.is_reachable(s))
-                        .or_else(|| rendezvous_among(&key, servers, |_| true))
+                    rendezvous_among(&key, servers, |s| ctx.is_reachable(s)).or_else(|| rendezvous_bytes(&key, servers))
                 }
                 None => self.fallback.pick(ctx, servers),
             },
