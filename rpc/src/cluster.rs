@@ -303,25 +303,32 @@ fn run_message(
     m.request.then_some(WireReply { id: m.id, result })
 }
 
-/// The replies to requests `ids` from the answer to their `Handle` call: one per id, in
-/// the answer's order, with an error for any the server left out.
+/// The replies to requests `ids` from the answer to their `Handle` call: exactly one per
+/// id, with an error for any the server left out. Answers to ids not asked (a peer of
+/// another build, say) are dropped, so the client never gets a response it did not ask
+/// for or two for one request.
 fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Vec<(u64, Reply)> {
-    match result {
-        Ok(Answer::Replies(list)) => {
-            let mut replies: Vec<(u64, Reply)> =
-                list.into_iter().map(|r| (r.id, r.result.map_or_else(Reply::Err, |b| Reply::Ok(b.0)))).collect();
-            if replies.len() != ids.len() || replies.iter().zip(&ids).any(|((a, _), b)| a != b) {
-                for id in ids {
-                    if !replies.iter().any(|(answered, _)| *answered == id) {
-                        replies.push((id, Reply::Err(HandlerError::internal("the server dropped the request"))));
-                    }
-                }
-            }
-            replies
-        }
-        Ok(_) => ids.iter().map(|id| (*id, Reply::Err(HandlerError::internal("unexpected answer")))).collect(),
-        Err(e) => ids.iter().map(|id| (*id, Reply::Err(e.clone()))).collect(),
+    let list = match result {
+        Ok(Answer::Replies(list)) => list,
+        Ok(_) => return ids.iter().map(|id| (*id, Reply::Err(HandlerError::internal("unexpected answer")))).collect(),
+        Err(e) => return ids.iter().map(|id| (*id, Reply::Err(e.clone()))).collect(),
+    };
+    let mut replies: Vec<(u64, Reply)> =
+        list.into_iter().map(|r| (r.id, r.result.map_or_else(Reply::Err, |b| Reply::Ok(b.0)))).collect();
+    if replies.len() == ids.len() && replies.iter().zip(&ids).all(|((a, _), b)| a == b) {
+        return replies;
     }
+    let mut matched = Vec::with_capacity(ids.len());
+    for id in ids {
+        match replies.iter().position(|(answered, _)| *answered == id) {
+            Some(i) => matched.push(replies.remove(i)),
+            None => matched.push((id, Reply::Err(HandlerError::internal("the server dropped the request")))),
+        }
+    }
+    if !replies.is_empty() {
+        warn!("dropped {} answers to requests the call did not carry", replies.len());
+    }
+    matched
 }
 
 /// Where the answers to one forwarded batch go.
@@ -587,8 +594,9 @@ mod tests {
         assert_eq!(all, vec![(1, Reply::Ok(b"a".to_vec())), (2, Reply::Ok(b"b".to_vec()))]);
 
         let missing = replies(vec![1, 2, 3], Ok(Answer::Replies(vec![ok(3, b"c")])));
-        assert_eq!(missing.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![3, 1, 2]);
-        assert!(matches!(&missing[1].1, Reply::Err(e) if e.message.contains("dropped")));
+        assert_eq!(missing.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2, 3], "in request order");
+        assert!(matches!(&missing[0].1, Reply::Err(e) if e.message.contains("dropped")));
+        assert_eq!(missing[2].1, Reply::Ok(b"c".to_vec()));
 
         let failed = replies(vec![4, 5], Err(HandlerError::timeout("slow")));
         assert!(failed.iter().all(|(_, r)| matches!(r, Reply::Err(e) if e.message == "slow")));
@@ -596,5 +604,9 @@ mod tests {
 
         let odd = replies(vec![6], Ok(Answer::Done));
         assert!(matches!(&odd[0], (6, Reply::Err(e)) if e.message == "unexpected answer"));
+
+        let answers = vec![ok(9, b"not asked"), ok(8, b"first"), ok(8, b"again"), ok(7, b"seven")];
+        let extra = replies(vec![7, 8], Ok(Answer::Replies(answers)));
+        assert_eq!(extra, vec![(7, Reply::Ok(b"seven".to_vec())), (8, Reply::Ok(b"first".to_vec()))]);
     }
 }
