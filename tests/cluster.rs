@@ -539,3 +539,45 @@ fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
     }
     assert!(fe_module.servers().iter().any(|s| s.id == "room-0"), "still listed");
 }
+
+#[test]
+fn a_forwarded_call_with_bad_session_data_is_refused_not_run_with_an_empty_session() {
+    use dragonfruit_rpc::wire::{self, Answer, Call, Frame, SessionSnapshot, WireMessage};
+    let dir = cluster_dir("badsession");
+    let (_room, module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    assert!(wait_until(T, || !module.servers().is_empty()));
+    let addr = module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
+    // A frontend of another build, say, whose snapshot carries data that is not an object.
+    let ctx = zmq::Context::new();
+    let peer = ctx.socket(zmq::DEALER).unwrap();
+    peer.set_identity(b"odd-frontend").unwrap();
+    peer.set_rcvtimeo(5000).unwrap();
+    peer.connect(&addr).unwrap();
+    let whoami = |corr: u64, data: &[u8]| {
+        let session = SessionSnapshot {
+            id: 1,
+            frontend_id: "odd-frontend".into(),
+            uid: None,
+            data: data.to_vec(),
+            frontend_rpc: String::new(),
+            frontend_type: "connector".into(),
+        };
+        let msgs = vec![WireMessage { request: true, id: 5, route: "room.room.whoami".into(), body: b"{}".to_vec() }];
+        peer.send(wire::encode(&[Frame::Call { corr, call: Call::Handle { session, msgs } }]), 0).unwrap();
+        match wire::decode(&peer.recv_bytes(0).expect("an answer")).unwrap().pop() {
+            Some(Frame::Reply { corr: answered, result }) if answered == corr => result,
+            other => panic!("{other:?}"),
+        }
+    };
+    match whoami(1, b"[1, 2]") {
+        Err(e) => assert!(e.message.contains("bad session data"), "{e:?}"),
+        other => panic!("ran with an empty session: {other:?}"),
+    }
+    match whoami(2, br#"{"gold": 5}"#) {
+        Ok(Answer::Replies(replies)) => {
+            let body: Value = serde_json::from_slice(replies[0].result.as_ref().unwrap().0.as_slice()).unwrap();
+            assert_eq!(body["data"], json!({"gold": 5}));
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -209,10 +209,12 @@ impl Inner {
                     let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
                     let service = started.ctx.service.clone();
                     let sink = started.sink.clone();
-                    let job = move || {
-                        let session = remote_session(session, sink, service.env().serializer);
-                        let replies = msgs.into_iter().filter_map(|m| run_message(&service, &session, m)).collect();
-                        responder.send(Ok(Answer::Replies(replies)));
+                    let job = move || match remote_session(session, sink, service.env().serializer) {
+                        Ok(session) => {
+                            let replies = msgs.into_iter().filter_map(|m| run_message(&service, &session, m)).collect();
+                            responder.send(Ok(Answer::Replies(replies)));
+                        }
+                        Err(e) => responder.send(Err(e)),
                     };
                     ordered.push((key, Box::new(job)));
                 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dragonfruit_core::{HandlerError, Serializer, Session, SessionError, SessionInit, SessionSink};
+use log::warn;
 
 use crate::socket_thread::{Io, ReplyFn};
 use crate::table::ServerEntry;
@@ -35,8 +36,18 @@ fn session_data(session: &Session) -> Vec<u8> {
 }
 
 /// A temporary session for one forwarded batch. The handshake is not carried: on a backend
-/// `Session::handshake` is empty.
-pub(crate) fn remote_session(s: SessionSnapshot, sink: Arc<dyn SessionSink>, serializer: Serializer) -> Arc<Session> {
+/// `Session::handshake` is empty. Session data that is not a JSON object is an error, not
+/// an empty session: a handler pushing that back would wipe the frontend's data.
+pub(crate) fn remote_session(
+    s: SessionSnapshot,
+    sink: Arc<dyn SessionSink>,
+    serializer: Serializer,
+) -> Result<Arc<Session>, HandlerError> {
+    let data = serde_json::from_slice(&s.data).map_err(|e| {
+        let text = format!("session {} of {}: bad session data: {e}", s.id, s.frontend_id);
+        warn!("{text}");
+        HandlerError::bad_request(text)
+    })?;
     let init = SessionInit {
         id: s.id,
         frontend_id: Arc::from(s.frontend_id),
@@ -45,9 +56,9 @@ pub(crate) fn remote_session(s: SessionSnapshot, sink: Arc<dyn SessionSink>, ser
         created_unix_ms: 0,
         serializer,
         uid: s.uid,
-        data: serde_json::from_slice(&s.data).unwrap_or_default(),
+        data,
     };
-    Arc::new(Session::new(init, sink))
+    Ok(Arc::new(Session::new(init, sink)))
 }
 
 /// Sends `call` to `to` and waits for the answer (the socket thread enforces `timeout`).
