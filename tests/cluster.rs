@@ -530,13 +530,11 @@ fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
     let frontend =
         Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
     assert!(wait_until(T, || fe_module.servers().len() == 3), "connector-1, room-0 and room-1 listed");
-    // Not connected within the call timeout: unreachable, and routed around.
-    std::thread::sleep(timeout + Duration::from_millis(300));
+    // Not connected within the call timeout (300 ms): unreachable, and routed around. Until
+    // then about half the requests fail; after, none (40 in a row by chance: 1 in 2^40).
     let client = frontend.client();
-    for i in 0..40 {
-        let body = format!("{i}");
-        assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes(), "request {i}");
-    }
+    let all_served = || (0..40).all(|i| client.request_raw("room.room.echo", format!("{i}").as_bytes()).is_ok());
+    assert!(wait_until(T, all_served), "requests still go to the unreachable server");
     assert!(fe_module.servers().iter().any(|s| s.id == "room-0"), "still listed");
 }
 
