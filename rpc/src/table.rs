@@ -30,9 +30,11 @@ const LEARNED_TTL: Duration = Duration::from_secs(30);
 
 /// Live servers by id, swapped whole on change.
 ///
-/// Discovery is the authority. Besides, a frontend that sends this server a session is
-/// *learned* from that session (its id, type and endpoint), so answers and pushes reach it
-/// even before discovery lists it; a learned entry goes once discovery lists that id, or after
+/// Discovery is the authority, except on one point. A frontend that sends this server a
+/// session is *learned* from that session (its id, type and endpoint), so answers and
+/// pushes reach it even before discovery lists it, and reach the live process when
+/// discovery still lists an old endpoint for its id (restarted under the id). A learned
+/// entry goes once discovery lists the same endpoint, or moves that id elsewhere, or after
 /// [`LEARNED_TTL`] without calls from it.
 #[derive(Debug, Default)]
 pub struct ServerTable {
@@ -98,20 +100,40 @@ impl ServerTable {
 
     /// Replaces the discovered servers; returns whether the table changed.
     pub fn replace(&self, servers: HashMap<String, ServerEntry>) -> bool {
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let sources = &mut *guard;
         let now = Instant::now();
-        sources.learned.retain(|id, (_, seen)| !servers.contains_key(id) && now.duration_since(*seen) < LEARNED_TTL);
+        let before = &sources.discovered;
+        sources.learned.retain(|id, (learned, seen)| {
+            now.duration_since(*seen) < LEARNED_TTL
+                && match servers.get(id) {
+                    None => true,
+                    // Discovery caught up with what the server's own calls said.
+                    Some(listed) if listed.rpc_addr == learned.rpc_addr => false,
+                    // Discovery moved it since: that is newer than the calls; otherwise its
+                    // entry is the stale one (a process restarted under the id).
+                    Some(listed) => before.get(id).is_some_and(|old| old.rpc_addr == listed.rpc_addr),
+                }
+        });
         log_changes(&sources.discovered, &servers, self.own_id.get().map_or("", String::as_str));
         sources.discovered = servers;
-        self.publish(&sources)
+        self.publish(sources)
     }
 
     /// Learns a frontend from a session it sent (its id, type and endpoint); returns
-    /// whether the table changed. Cheap when the server is already known: nothing is
-    /// allocated unless the table changes.
+    /// whether the table changed. A frontend calling now is where it says it is: its
+    /// endpoint wins over a different one discovery still lists for its id (a frontend
+    /// restarted under its id, before discovery has caught up), so calls back to it reach
+    /// the live process. Cheap when the server is already known: nothing is allocated
+    /// unless the table changes.
     pub fn learn_frontend(&self, id: &str, server_type: &str, rpc_addr: &str) -> bool {
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        if rpc_addr.is_empty() || sources.discovered.contains_key(id) {
+        let mut guard = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let sources = &mut *guard;
+        if rpc_addr.is_empty() {
+            return false;
+        }
+        let listed = sources.discovered.get(id);
+        if listed.is_some_and(|e| e.rpc_addr == rpc_addr) {
             return false;
         }
         let now = Instant::now();
@@ -126,10 +148,10 @@ impl ServerTable {
             server_type: server_type.to_owned(),
             frontend: true,
             rpc_addr: rpc_addr.to_owned(),
-            metadata: BTreeMap::new(),
+            metadata: listed.map(|e| e.metadata.clone()).unwrap_or_default(),
         };
         sources.learned.insert(id.to_owned(), (entry, now));
-        self.publish(&sources)
+        self.publish(sources)
     }
 
     /// Sets which servers this server cannot reach now (the RPC thread's view, from its
@@ -144,7 +166,7 @@ impl ServerTable {
     fn publish(&self, sources: &Sources) -> bool {
         let mut all = sources.discovered.clone();
         for (id, (entry, _)) in &sources.learned {
-            all.entry(id.clone()).or_insert_with(|| entry.clone());
+            all.insert(id.clone(), entry.clone());
         }
         let next = Snapshot::of(all, &sources.unreachable);
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
@@ -218,7 +240,6 @@ mod tests {
         assert!(table.learn_frontend("connector-1", "connector", moved), "restarted on a new endpoint");
         assert_eq!(table.get("connector-1").map(|e| e.rpc_addr), Some(moved.to_owned()));
         assert_eq!(table.of_type("connector").len(), 1);
-        assert!(!table.learn_frontend("room-1", "room", "tcp://127.0.0.1:2"), "discovery wins");
         let both = HashMap::from([
             ("room-1".into(), entry("room-1", false)),
             ("connector-1".into(), entry("connector-1", true)),
@@ -226,6 +247,36 @@ mod tests {
         assert!(!table.replace(both), "now discovered: same table");
         assert!(table.replace(HashMap::from([("room-1".into(), entry("room-1", false))])));
         assert!(table.get("connector-1").is_none(), "once discovered, discovery alone decides");
+    }
+
+    #[test]
+    fn a_calling_frontend_wins_over_a_stale_discovered_endpoint() {
+        let table = ServerTable::new();
+        let old = entry("connector-1", true);
+        table.replace(HashMap::from([("connector-1".into(), old.clone())]));
+        assert!(!table.learn_frontend("connector-1", "connector", &old.rpc_addr), "discovery agrees");
+        // Restarted under its id: its calls say where it is before discovery does.
+        let new_addr = "tcp://127.0.0.1:7/connector-1";
+        assert!(table.learn_frontend("connector-1", "connector", new_addr));
+        assert_eq!(table.get("connector-1").unwrap().rpc_addr, new_addr);
+        assert!(!table.replace(HashMap::from([("connector-1".into(), old.clone())])), "a stale rescan changes nothing");
+        assert_eq!(table.get("connector-1").unwrap().rpc_addr, new_addr);
+        // Discovery catches up: the learned entry goes, discovery decides again.
+        let mut caught_up = old.clone();
+        caught_up.rpc_addr = new_addr.into();
+        assert!(!table.replace(HashMap::from([("connector-1".into(), caught_up)])));
+        let moved = "tcp://127.0.0.1:8/connector-1";
+        let mut later = old.clone();
+        later.rpc_addr = moved.into();
+        assert!(table.replace(HashMap::from([("connector-1".into(), later)])));
+        assert_eq!(table.get("connector-1").unwrap().rpc_addr, moved);
+
+        // Discovery moving an id is newer news than earlier calls.
+        assert!(table.learn_frontend("connector-1", "connector", new_addr));
+        let mut again = old.clone();
+        again.rpc_addr = "tcp://127.0.0.1:9/connector-1".into();
+        assert!(table.replace(HashMap::from([("connector-1".into(), again.clone())])));
+        assert_eq!(table.get("connector-1").unwrap().rpc_addr, again.rpc_addr);
     }
 
     #[test]

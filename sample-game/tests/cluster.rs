@@ -243,11 +243,22 @@ fn roomless_players_move_off_a_killed_room_server_before_discovery_drops_it() {
 /// on the new connector must get the room server's calls back (session data, pushes).
 #[test]
 fn a_killed_connector_restarted_under_its_id_serves_again() {
-    // The killed connector's entry outlives the test.
-    let servers = Servers::new("restart", &[("DRAGONFRUIT_DISCOVERY__TTL", "60s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);
+    // The killed connector's entry outlives the test, and the room server rescans the
+    // registry only every 3 s: it still lists the old endpoint when the new connector's
+    // players come, and must call back where their sessions say the connector is.
+    let servers = Servers::new(
+        "restart",
+        &[
+            ("DRAGONFRUIT_DISCOVERY__TTL", "60s"),
+            ("DRAGONFRUIT_DISCOVERY__REFRESH", "3s"),
+            ("DRAGONFRUIT_RPC__TIMEOUT", "2s"),
+        ],
+    );
     let port = free_port();
     let tcp = format!("127.0.0.1:{port}");
     let _room = servers.spawn("room", "room-1", &[]);
+    // Registered before the connector's first scan, so the connector finds it at once.
+    servers.wait_registered(1);
     let mut connector = servers.spawn("connector", "connector-1", &["--tcp", &tcp]);
     let alice = player(port, "alice");
     let joined: Value = alice.request("room.room.join", &json!({"room": "lobby"})).unwrap();
