@@ -352,7 +352,10 @@ fn a_stopping_backend_sends_its_last_answers() {
         let mut c = cluster(&format!("last{round}"), 1, TIMEOUT, None);
         let clients: Vec<Client> = (0..4).map(|_| c.frontend.client()).collect();
         let pending: Vec<_> = clients.iter().map(|cl| cl.send_request("room.room.sleep", b"400").unwrap()).collect();
-        std::thread::sleep(Duration::from_millis(50));
+        // Stopped once all four run there (a request arriving after the drain period would
+        // rightly be refused).
+        let started = &c.backend.sleeps_started;
+        assert!(wait_until(T, || started.load(std::sync::atomic::Ordering::SeqCst) == 4), "round {round}");
         let (backend, _) = c.backends.remove(0);
         backend.handle.shutdown().unwrap();
         for p in pending {

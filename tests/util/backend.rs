@@ -2,6 +2,7 @@
 //! remote session (data, bind, push, kick), ordering, and remotes for user RPC.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +19,8 @@ pub struct Backend {
     pub order: Arc<Mutex<OrderLog>>,
     /// Sessions kept by `keep` for later pushes (`push_kept`).
     pub kept: Arc<Mutex<Vec<Arc<Session>>>>,
+    /// `sleep` requests that have started here.
+    pub sleeps_started: Arc<AtomicUsize>,
 }
 
 impl Component for Backend {
@@ -80,7 +83,8 @@ impl Component for Backend {
             }
             Ok(true)
         });
-        r.handler("sleep", |_: &Backend, _: &mut Ctx<'_>, ms: u64| {
+        r.handler("sleep", |b: &Backend, _: &mut Ctx<'_>, ms: u64| {
+            b.sleeps_started.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(ms));
             Ok(ms)
         });
