@@ -582,3 +582,23 @@ fn a_forwarded_call_with_bad_session_data_is_refused_not_run_with_an_empty_sessi
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_panicking_backend_handler_or_remote_fails_that_call_only() {
+    let c = cluster("panics", 1, TIMEOUT, None);
+    let client = c.frontend.client();
+    for _ in 0..3 {
+        match client.request_raw("room.room.boom", b"{}") {
+            Err(ClientError::Server(e)) => assert_eq!(e.code, codes::INTERNAL, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        match client.request::<_, Value>("probe.rpc_route", "room.room.boom") {
+            Err(ClientError::Server(e)) => assert_eq!(e.code, codes::INTERNAL, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        // The same session, the backend and its workers go on.
+        assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
+        let doubled: u64 = client.request("probe.rpc_double", &4u64).unwrap();
+        assert_eq!(doubled, 8);
+    }
+}

@@ -91,6 +91,12 @@ impl Component for Backend {
         r.notify("note", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| {
             ctx.session().push("onNote", &msg).map_err(internal)
         });
+        r.raw_handler("boom", |_: &Backend, _: &mut Ctx<'_>, _: &[u8]| -> Result<Vec<u8>, HandlerError> {
+            panic!("handler bug")
+        });
+        r.remote("boom", |_: &Backend, _: &RemoteCtx<'_>, _: Value| -> Result<Value, HandlerError> {
+            panic!("remote bug")
+        });
         r.remote("double", |_: &Backend, _: &RemoteCtx<'_>, n: u64| Ok(n * 2));
         r.remote("server", |_: &Backend, ctx: &RemoteCtx<'_>, _: Value| {
             Ok(json!({"server": &*ctx.server().id, "caller": ctx.caller()}))

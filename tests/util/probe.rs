@@ -152,6 +152,7 @@ impl Component for Probe {
         });
         r.handler("kick_user", |_: &Probe, ctx: &mut Ctx<'_>, uid: String| ctx.kick_user(&uid, "kicked by probe"));
         r.handler("rpc_double", |_: &Probe, ctx: &mut Ctx<'_>, n: u64| ctx.rpc::<_, u64>("room.room.double", &n));
+        r.handler("rpc_route", |_: &Probe, ctx: &mut Ctx<'_>, route: String| ctx.rpc::<_, Value>(&route, &json!({})));
         r.handler("rpc_server", |_: &Probe, ctx: &mut Ctx<'_>, server: String| {
             ctx.rpc_to::<_, Value>(&server, "room.room.server", &json!({}))
         });
