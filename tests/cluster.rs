@@ -602,3 +602,44 @@ fn a_panicking_backend_handler_or_remote_fails_that_call_only() {
         assert_eq!(doubled, 8);
     }
 }
+
+#[test]
+fn backend_pipelines_run_around_forwarded_requests() {
+    let dir = cluster_dir("pipelines");
+    let module = cluster_module(&dir, TIMEOUT);
+    let builder = App::builder("room")
+        .server_id("room-1")
+        .component("room", Backend::default())
+        .cluster(Arc::new(module.clone()))
+        // Authentication, as games do it: only `bind` before a uid is bound.
+        .before(|ctx, _| match ctx.session().uid() {
+            None if ctx.route().method() != "bind" => {
+                Err(dragonfruit_core::HandlerError::new("AUTH-401", "log in first"))
+            }
+            _ => Ok(()),
+        })
+        .before(|ctx, body| {
+            if ctx.route().method() == "echo" {
+                body.splice(0..0, b"pre:".iter().copied());
+            }
+            Ok(())
+        })
+        .after(|ctx, result| {
+            if let (Ok(body), "echo") = (result.as_mut(), ctx.route().method()) {
+                body.extend_from_slice(b"+post");
+            }
+        });
+    let _room = Server::start_backend(builder);
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let frontend =
+        Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && module.servers().len() == 2));
+    let client = frontend.client();
+    match client.request_raw("room.room.echo", b"x") {
+        Err(ClientError::Server(e)) => assert_eq!((e.code.as_str(), e.message.as_str()), ("AUTH-401", "log in first")),
+        other => panic!("the before pipeline must fail the request: {other:?}"),
+    }
+    let uid: Option<String> = client.request("room.room.bind", "ann").unwrap();
+    assert_eq!(uid.as_deref(), Some("ann"));
+    assert_eq!(client.request_raw("room.room.echo", b"x").unwrap(), b"pre:x+post");
+}
