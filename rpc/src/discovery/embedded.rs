@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
 use crate::table::{ServerEntry, ServerTable};
@@ -61,13 +61,17 @@ fn write_entry(path: &Path, entry: &ServerEntry) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
-fn touch(path: &Path, entry: &ServerEntry) {
+/// Keeps this server's file fresh; writes it again, and its directory, when they are gone
+/// (a `/tmp` cleaner, an operator).
+fn touch(path: &Path, entry: &ServerEntry) -> std::io::Result<()> {
     let touched = fs::File::options().write(true).open(path).and_then(|f| f.set_modified(SystemTime::now()));
-    if touched.is_err() {
-        if let Err(e) = write_entry(path, entry) {
-            warn!("cannot refresh registry file {}: {e}", path.display());
-        }
+    if touched.is_ok() {
+        return Ok(());
     }
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    write_entry(path, entry)
 }
 
 fn scan(dir: &Path, ttl: Duration) -> HashMap<String, ServerEntry> {
@@ -112,16 +116,34 @@ impl Discovery for EmbeddedDiscovery {
         let gone = deregistered.clone();
         let thread = std::thread::Builder::new()
             .name("df-discovery".into())
-            .spawn(move || loop {
-                match stop_rx.recv_timeout(refresh) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    _ => return,
-                }
-                if !gone.load(Ordering::Acquire) {
-                    touch(&file, &me);
-                }
-                if table.replace(scan(&dir, ttl)) {
-                    changed();
+            .spawn(move || {
+                // Logged once per outage, not every refresh.
+                let mut failing = false;
+                loop {
+                    match stop_rx.recv_timeout(refresh) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    if !gone.load(Ordering::Acquire) {
+                        match touch(&file, &me) {
+                            Ok(()) if failing => {
+                                info!("registry file {} written again", file.display());
+                                failing = false;
+                            }
+                            Ok(()) => {}
+                            Err(e) if !failing => {
+                                warn!(
+                                    "cannot refresh registry file {}: {e}; others will drop this server",
+                                    file.display()
+                                );
+                                failing = true;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    if table.replace(scan(&dir, ttl)) {
+                        changed();
+                    }
                 }
             })
             .map_err(|e| DiscoveryError::Spawn(e.to_string()))?;
@@ -211,6 +233,26 @@ mod tests {
         std::thread::sleep(refresh * 3);
         assert_eq!(ta.all().len(), 1, "junk is ignored");
         a.stop();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_removed_registry_directory_is_written_again() {
+        let dir = std::env::temp_dir().join(format!("df-embedded-gone-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (refresh, ttl) = (Duration::from_millis(50), Duration::from_millis(300));
+        let (a, b) =
+            (EmbeddedDiscovery::new(dir.clone(), refresh, ttl), EmbeddedDiscovery::new(dir.clone(), refresh, ttl));
+        let (ta, tb) = (Arc::new(ServerTable::new()), Arc::new(ServerTable::new()));
+        a.start(entry("room-1"), ta.clone(), Arc::new(|| {})).unwrap();
+        b.start(entry("room-2"), tb.clone(), Arc::new(|| {})).unwrap();
+        assert!(wait(|| ta.all().len() == 2 && tb.all().len() == 2));
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(wait(|| dir.join(file_name("room-1")).exists() && dir.join(file_name("room-2")).exists()));
+        std::thread::sleep(ttl * 2);
+        assert_eq!((ta.all().len(), tb.all().len()), (2, 2), "neither dropped the other");
+        a.stop();
+        b.stop();
         let _ = fs::remove_dir_all(&dir);
     }
 }
