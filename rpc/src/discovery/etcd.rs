@@ -152,7 +152,11 @@ impl Shared {
                 None => self.register(),
             };
             match result {
-                Ok(()) => last_warning = None,
+                Ok(()) => {
+                    if last_warning.take().is_some() {
+                        info!("etcd at {} reachable again; {} registered", self.url, self.key);
+                    }
+                }
                 Err(e) => {
                     if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                         warn!("etcd at {} unreachable ({e}); serving with the last known servers", self.url);
