@@ -17,7 +17,13 @@ struct Outcome {
     answered: u64,
     errors: u64,
     ready: usize,
+    /// Requests still unanswered at the end that were sent over [`STALLED`] before it: lost
+    /// or stuck in the server, not merely in flight.
+    stalled: u64,
 }
+
+/// An answer this late counts as lost (latencies under load here are milliseconds).
+const STALLED: Duration = Duration::from_secs(1);
 
 struct Plan<'a> {
     args: &'a Args,
@@ -108,7 +114,8 @@ fn drive(plan: &Plan<'_>) -> io::Result<Outcome> {
         }
     }
     errors += conns.iter().filter(|c| c.closed).count() as u64;
-    Ok(Outcome { hist, answered, errors, ready })
+    let stalled = sent.iter().flatten().filter(|(_, at)| plan.stop_at.duration_since(*at) > STALLED).count() as u64;
+    Ok(Outcome { hist, answered, errors, ready, stalled })
 }
 
 fn run_threads(args: &Args, record_from: Instant, stop_at: Instant) -> Result<Vec<Outcome>, String> {
@@ -136,12 +143,13 @@ pub(crate) fn echo(args: &Args) -> Result<(), String> {
     let outcomes = run_threads(args, record_from, stop_at)?;
     let wall = start.elapsed().as_secs_f64();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-    let (mut answered, mut errors, mut ready) = (0, 0, 0);
+    let (mut answered, mut errors, mut ready, mut stalled) = (0, 0, 0, 0);
     for o in &outcomes {
         hist.add(&o.hist).expect("same bounds");
         answered += o.answered;
         errors += o.errors;
         ready += o.ready;
+        stalled += o.stalled;
     }
     let secs = args.duration.as_secs_f64();
     println!(
@@ -158,10 +166,12 @@ pub(crate) fn echo(args: &Args) -> Result<(), String> {
         hist.max()
     );
     println!("  errors             {errors}");
+    println!("  unanswered         {stalled} (sent over {STALLED:?} before the end)");
     println!("  bench cpu          {:.0}% of one core", (cpu_seconds_self() - self_cpu) / wall * 100.0);
     server_cpu.report(wall);
-    if ready < args.connections || errors > 0 {
-        return Err(format!("{} connections failed, {errors} errors", args.connections - ready));
+    if ready < args.connections || errors > 0 || stalled > 0 {
+        let failed = args.connections - ready;
+        return Err(format!("{failed} connections failed, {errors} errors, {stalled} requests unanswered"));
     }
     Ok(())
 }
