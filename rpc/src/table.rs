@@ -110,8 +110,9 @@ impl ServerTable {
                     None => true,
                     // Discovery caught up with what the server's own calls said.
                     Some(listed) if listed.rpc_addr == learned.rpc_addr => false,
-                    // Discovery moved it since: that is newer than the calls; otherwise its
-                    // entry is the stale one (a process restarted under the id).
+                    // Discovery listed it anew or moved it (a frontend restarted after a
+                    // graceful stop): that is newer than the calls. Otherwise its entry is
+                    // the stale one (a process restarted under the id before it expired).
                     Some(listed) => before.get(id).is_some_and(|old| old.rpc_addr == listed.rpc_addr),
                 }
         });
@@ -134,7 +135,8 @@ impl ServerTable {
         }
         let listed = sources.discovered.get(id);
         if listed.is_some_and(|e| e.rpc_addr == rpc_addr) {
-            return false;
+            // Discovery and the calls agree: an older learned endpoint is stale.
+            return sources.learned.remove(id).is_some() && self.publish(sources);
         }
         let now = Instant::now();
         if let Some((known, seen)) = sources.learned.get_mut(id) {
@@ -270,6 +272,20 @@ mod tests {
         later.rpc_addr = moved.into();
         assert!(table.replace(HashMap::from([("connector-1".into(), later)])));
         assert_eq!(table.get("connector-1").unwrap().rpc_addr, moved);
+
+        // Calls that agree with discovery again drop an older learned endpoint.
+        let table = ServerTable::new();
+        table.replace(HashMap::from([("connector-1".into(), old.clone())]));
+        assert!(table.learn_frontend("connector-1", "connector", new_addr));
+        assert!(table.learn_frontend("connector-1", "connector", &old.rpc_addr));
+        assert_eq!(table.get("connector-1").unwrap().rpc_addr, old.rpc_addr);
+
+        // A frontend stopped gracefully leaves discovery; restarted, it is listed anew at a
+        // new endpoint: that beats what the old process's calls said.
+        let table = ServerTable::new();
+        assert!(table.learn_frontend("connector-1", "connector", new_addr));
+        table.replace(HashMap::from([("connector-1".into(), old.clone())]));
+        assert_eq!(table.get("connector-1").unwrap().rpc_addr, old.rpc_addr);
 
         // Discovery moving an id is newer news than earlier calls.
         assert!(table.learn_frontend("connector-1", "connector", new_addr));
