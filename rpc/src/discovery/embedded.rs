@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -31,7 +30,9 @@ pub struct EmbeddedDiscovery {
 struct Running {
     stop: Sender<()>,
     thread: JoinHandle<()>,
-    deregistered: Arc<AtomicBool>,
+    /// Set by `deregister`; held by the refresh thread while it touches the file, so a
+    /// refresh cannot write the file again just after `deregister` removed it.
+    deregistered: Arc<Mutex<bool>>,
     own_file: PathBuf,
 }
 
@@ -111,7 +112,7 @@ impl Discovery for EmbeddedDiscovery {
         write_entry(&own_file, &me).map_err(dir_error)?;
         table.replace(scan(&self.dir, self.ttl));
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
-        let deregistered = Arc::new(AtomicBool::new(false));
+        let deregistered = Arc::new(Mutex::new(false));
         let (dir, refresh, ttl, file) = (self.dir.clone(), self.refresh, self.ttl, own_file.clone());
         let gone = deregistered.clone();
         let thread = std::thread::Builder::new()
@@ -124,7 +125,8 @@ impl Discovery for EmbeddedDiscovery {
                         Err(RecvTimeoutError::Timeout) => {}
                         _ => return,
                     }
-                    if !gone.load(Ordering::Acquire) {
+                    let deregistered = gone.lock().unwrap_or_else(|p| p.into_inner());
+                    if !*deregistered {
                         match touch(&file, &me) {
                             Ok(()) if failing => {
                                 info!("registry file {} written again", file.display());
@@ -141,6 +143,7 @@ impl Discovery for EmbeddedDiscovery {
                             Err(_) => {}
                         }
                     }
+                    drop(deregistered);
                     if table.replace(scan(&dir, ttl)) {
                         changed();
                     }
@@ -154,7 +157,7 @@ impl Discovery for EmbeddedDiscovery {
 
     fn deregister(&self) {
         if let Some(running) = self.running.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            running.deregistered.store(true, Ordering::Release);
+            *running.deregistered.lock().unwrap_or_else(|p| p.into_inner()) = true;
             let _ = fs::remove_file(&running.own_file);
         }
     }
@@ -175,7 +178,7 @@ impl Discovery for EmbeddedDiscovery {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
 
