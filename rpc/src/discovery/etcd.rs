@@ -50,7 +50,10 @@ struct Shared {
     value: String,
     lease: Mutex<Option<String>>,
     stopping: AtomicBool,
-    deregistered: AtomicBool,
+    /// Set by `deregister`, which holds it while it revokes the lease; the keepalive thread
+    /// holds it for each keepalive or registration, so none can register this server again
+    /// just after a graceful stop revoked its lease.
+    deregistered: Mutex<bool>,
     /// Wakes sleeping threads at stop.
     sleeper: (Mutex<()>, Condvar),
     /// Keys under the prefix that hold no server entry, logged once each.
@@ -136,7 +139,8 @@ impl Shared {
     fn keepalive_loop(&self) {
         let mut last_warning: Option<Instant> = None;
         while self.sleep(self.ttl / 3) {
-            if self.deregistered.load(Ordering::Acquire) {
+            let deregistered = self.deregistered.lock().unwrap_or_else(|p| p.into_inner());
+            if *deregistered {
                 continue;
             }
             let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -286,7 +290,7 @@ impl Discovery for EtcdDiscovery {
             value: serde_json::to_string(&me).map_err(|e| etcd_error(e.to_string()))?,
             lease: Mutex::new(None),
             stopping: AtomicBool::new(false),
-            deregistered: AtomicBool::new(false),
+            deregistered: Mutex::new(false),
             sleeper: (Mutex::new(()), Condvar::new()),
             watch: Mutex::new(None),
             bad_keys: Mutex::new(HashSet::new()),
@@ -314,7 +318,8 @@ impl Discovery for EtcdDiscovery {
         let guard = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let Some(running) = guard.as_ref() else { return };
         let shared = &running.shared;
-        shared.deregistered.store(true, Ordering::Release);
+        let mut deregistered = shared.deregistered.lock().unwrap_or_else(|p| p.into_inner());
+        *deregistered = true;
         let lease = shared.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(id) = lease {
             if let Err(e) = shared.call("/v3/lease/revoke", json!({ "ID": id })) {
