@@ -344,6 +344,65 @@ fn a_backend_stopping_under_load_fails_no_request() {
     assert!(wait_until(T, || c.fe_module.servers().len() == 2), "the stopped backend left");
 }
 
+/// Embedded discovery whose leaving takes a while, like revoking an etcd lease on a slow
+/// etcd: others see the server leave only when `deregister` returns.
+struct SlowLeave(EmbeddedDiscovery);
+
+impl dragonfruit_rpc::Discovery for SlowLeave {
+    fn start(
+        &self,
+        me: ServerEntry,
+        table: Arc<dragonfruit_rpc::ServerTable>,
+        changed: dragonfruit_rpc::discovery::OnChange,
+    ) -> Result<(), dragonfruit_rpc::DiscoveryError> {
+        self.0.start(me, table, changed)
+    }
+    fn deregister(&self) {
+        std::thread::sleep(Duration::from_millis(500));
+        self.0.deregister();
+    }
+    fn propagation(&self) -> Duration {
+        self.0.propagation()
+    }
+    fn stop(&self) {
+        self.0.stop();
+    }
+}
+
+/// The drain period starts when deregistration is done: a slow one must not eat it.
+#[test]
+fn a_backend_whose_leaving_is_slow_fails_no_request_while_stopping() {
+    let dir = cluster_dir("slowleave");
+    let discovery =
+        SlowLeave(EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_millis(600)));
+    let module = ClusterModule::new(RpcConfig { timeout: TIMEOUT, ..Default::default() }, Box::new(discovery));
+    let builder = App::builder("room")
+        .server_id("room-1")
+        .component("room", Backend::default())
+        .cluster(Arc::new(module.clone()));
+    let stopping = Server::start_backend(builder);
+    let (_other, other_module) = start_backend(&dir, "room-2", &Backend::default(), TIMEOUT);
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let frontend =
+        Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || [&module, &other_module, &fe_module].iter().all(|m| m.servers().len() == 3)));
+    let client = frontend.client();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        stopping.handle.shutdown().unwrap();
+    });
+    let (mut sent, mut failed) = (0u32, Vec::new());
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let pending: Vec<_> =
+            (0..8).map(|i| client.send_request("room.room.echo", format!("{sent}-{i}").as_bytes()).unwrap()).collect();
+        sent += 8;
+        failed.extend(pending.into_iter().filter_map(|p| p.wait().err()).map(|e| e.to_string()));
+    }
+    stopper.join().unwrap();
+    assert!(failed.is_empty(), "{} of {sent} failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+}
+
 /// A backend stopped while it runs requests answers them before it goes: its last answers
 /// are sent, not dropped with its sockets.
 #[test]

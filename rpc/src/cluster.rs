@@ -491,9 +491,11 @@ impl Cluster for ClusterModule {
     }
 
     fn begin_stop(&self) {
+        // The drain period counts from when deregistration is done (revoking an etcd lease
+        // can take a while), not from when it started; calls are served normally until then.
+        self.inner.discovery.deregister();
         let _ = self.inner.refuse_after.set(Instant::now() + self.inner.discovery.propagation());
         self.inner.stopping.store(true, Ordering::Release);
-        self.inner.discovery.deregister();
     }
 
     fn draining(&self) -> bool {
