@@ -345,8 +345,15 @@ fn a_backend_stopping_under_load_fails_no_request() {
 }
 
 /// Embedded discovery whose leaving takes a while, like revoking an etcd lease on a slow
-/// etcd: others see the server leave only when `deregister` returns.
-struct SlowLeave(EmbeddedDiscovery);
+/// etcd: others see the server leave only when `deregister` returns (and `left` is set).
+struct SlowLeave(EmbeddedDiscovery, Duration, Arc<std::sync::atomic::AtomicBool>);
+
+impl SlowLeave {
+    fn new(dir: &std::path::Path, leaving_takes: Duration) -> SlowLeave {
+        let discovery = EmbeddedDiscovery::new(dir.to_owned(), Duration::from_millis(50), Duration::from_millis(600));
+        SlowLeave(discovery, leaving_takes, Arc::default())
+    }
+}
 
 impl dragonfruit_rpc::Discovery for SlowLeave {
     fn start(
@@ -358,8 +365,9 @@ impl dragonfruit_rpc::Discovery for SlowLeave {
         self.0.start(me, table, changed)
     }
     fn deregister(&self) {
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(self.1);
         self.0.deregister();
+        self.2.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     fn propagation(&self) -> Duration {
         self.0.propagation()
@@ -373,8 +381,7 @@ impl dragonfruit_rpc::Discovery for SlowLeave {
 #[test]
 fn a_backend_whose_leaving_is_slow_fails_no_request_while_stopping() {
     let dir = cluster_dir("slowleave");
-    let discovery =
-        SlowLeave(EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_millis(600)));
+    let discovery = SlowLeave::new(&dir, Duration::from_millis(500));
     let module = ClusterModule::new(RpcConfig { timeout: TIMEOUT, ..Default::default() }, Box::new(discovery));
     let builder = App::builder("room")
         .server_id("room-1")
@@ -401,6 +408,27 @@ fn a_backend_whose_leaving_is_slow_fails_no_request_while_stopping() {
     }
     stopper.join().unwrap();
     assert!(failed.is_empty(), "{} of {sent} failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+}
+
+/// A frontend's event loop goes on serving its clients while it leaves discovery.
+#[test]
+fn a_frontend_serves_its_clients_while_it_leaves_discovery() {
+    let dir = cluster_dir("frontleave");
+    let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    let discovery = SlowLeave::new(&dir, Duration::from_millis(1500));
+    let left = discovery.2.clone();
+    let fe_module = ClusterModule::new(RpcConfig { timeout: TIMEOUT, ..Default::default() }, Box::new(discovery));
+    let frontend =
+        Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    let client = frontend.client();
+    let pending = client.send_request("room.room.sleep", b"300").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let handle = frontend.handle.clone();
+    let stopper = std::thread::spawn(move || handle.shutdown());
+    assert_eq!(pending.wait().unwrap(), b"300");
+    assert!(!left.load(std::sync::atomic::Ordering::SeqCst), "answered while leaving, not after");
+    stopper.join().unwrap().unwrap();
 }
 
 /// A backend stopped while it runs requests answers them before it goes: its last answers

@@ -38,7 +38,12 @@ pub(crate) struct Inner {
     default_router: RandomRouter,
     pub(crate) table: Arc<ServerTable>,
     pub(crate) started: OnceLock<Started>,
-    /// A stop has begun (left discovery).
+    /// A stop has begun: leaving discovery (on the `df-leave` thread, so a slow etcd does
+    /// not hold up the event loop), then draining.
+    leaving: AtomicBool,
+    /// The `df-leave` thread, joined at `stop`.
+    leave_thread: Mutex<Option<JoinHandle<()>>>,
+    /// This server has left discovery.
     stopping: AtomicBool,
     /// From then on calls are refused; until then peers may not have seen this server
     /// leave, so their calls are still served (see `Discovery::propagation`).
@@ -63,6 +68,8 @@ impl ClusterModule {
             default_router: RandomRouter::default(),
             table: Arc::new(ServerTable::new()),
             started: OnceLock::new(),
+            leaving: AtomicBool::new(false),
+            leave_thread: Mutex::new(None),
             stopping: AtomicBool::new(false),
             refuse_after: OnceLock::new(),
         };
@@ -94,6 +101,15 @@ impl ClusterModule {
 }
 
 impl Inner {
+    /// Leaves discovery, then starts the drain period: it counts from when deregistration
+    /// is done (revoking an etcd lease can take a while), not from when it started, and
+    /// calls are served normally until then.
+    fn leave(&self) {
+        self.discovery.deregister();
+        let _ = self.refuse_after.set(Instant::now() + self.discovery.propagation());
+        self.stopping.store(true, Ordering::Release);
+    }
+
     /// A stop began and peers have had time to see this server leave: new calls are
     /// refused.
     fn refusing(&self) -> bool {
@@ -491,18 +507,27 @@ impl Cluster for ClusterModule {
     }
 
     fn begin_stop(&self) {
-        // The drain period counts from when deregistration is done (revoking an etcd lease
-        // can take a while), not from when it started; calls are served normally until then.
-        self.inner.discovery.deregister();
-        let _ = self.inner.refuse_after.set(Instant::now() + self.inner.discovery.propagation());
-        self.inner.stopping.store(true, Ordering::Release);
+        if self.inner.leaving.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.inner.clone();
+        match std::thread::Builder::new().name("df-leave".into()).spawn(move || inner.leave()) {
+            Ok(thread) => *self.inner.leave_thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread),
+            Err(e) => {
+                warn!("cannot spawn a thread to leave discovery ({e}); leaving on this one");
+                self.inner.leave();
+            }
+        }
     }
 
     fn draining(&self) -> bool {
-        self.inner.stopping.load(Ordering::Acquire) && !self.inner.refusing()
+        self.inner.leaving.load(Ordering::Acquire) && !self.inner.refusing()
     }
 
     fn stop(&self) {
+        if let Some(thread) = self.inner.leave_thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = thread.join();
+        }
         if let Some(started) = self.inner.started.get() {
             started.io.send(Cmd::Stop);
             if let Some(thread) = started.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
