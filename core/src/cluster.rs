@@ -109,10 +109,13 @@ pub trait Cluster: Send + Sync {
     /// layer kicks the sessions of `uid` on the other frontends (this frontend already
     /// kicked its own). Must not block.
     fn session_bound(&self, uid: &str, unique: bool);
-    /// Leaves discovery so no new calls are routed here. Called when a stop begins.
+    /// Leaves discovery so no new calls are routed here. Called on the event loop when a
+    /// stop begins: must not block (leave on another thread and report it in
+    /// [`Cluster::draining`]).
     fn begin_stop(&self);
-    /// After [`Cluster::begin_stop`]: other servers may still route calls here until they
-    /// see this one leave, so it keeps serving them and the stop waits. Default: never.
+    /// After [`Cluster::begin_stop`]: still leaving, or other servers may still route calls
+    /// here until they see this one leave, so it keeps serving them and the stop waits.
+    /// Default: never.
     fn draining(&self) -> bool {
         false
     }
