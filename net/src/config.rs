@@ -9,6 +9,9 @@ use dragonfruit_core::config::{duration, ConfigError, ConfigSource};
 use dragonfruit_core::Serializer;
 use serde::Deserialize;
 
+/// Longest `server.id`, in bytes (ZeroMQ identities carry it plus a per-process suffix).
+pub const MAX_SERVER_ID: usize = 200;
+
 /// All settings of one server.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Config {
@@ -40,7 +43,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// `server.id`: unique id; empty means `<type>-<pid>-<random>`. Default "".
+    /// `server.id`: unique id, at most [`MAX_SERVER_ID`] bytes; empty means
+    /// `<type>-<pid>-<random>`. Default "".
     pub id: String,
     /// `server.type`: the server type routes name. Default "connector".
     #[serde(rename = "type")]
@@ -226,6 +230,9 @@ impl Config {
         if self.server.server_type.is_empty() || self.server.server_type.contains('.') {
             return invalid("server.type", "must be non-empty and contain no dot");
         }
+        if self.server.id.len() > MAX_SERVER_ID {
+            return invalid("server.id", "must be at most 200 bytes");
+        }
         if !self.server.frontend && self.acceptor.tcp.is_some() {
             return invalid("acceptor.tcp", "a backend (server.frontend = false) has no client acceptor");
         }
@@ -292,5 +299,6 @@ mod tests {
         assert!(bad("[server]\nserializer = \"xml\"\n").contains("server.serializer"));
         assert!(bad("[packet]\nmax_size = 16777216\n").contains("packet.max_size"));
         assert!(bad("[dispatch]\nconcurency = 3\n").contains("[dispatch]"));
+        assert!(bad(&format!("[server]\nid = \"{}\"\n", "x".repeat(201))).contains("server.id"));
     }
 }

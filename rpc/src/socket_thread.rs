@@ -229,13 +229,17 @@ const PROBE: Duration = Duration::from_millis(100);
 struct SocketThread {
     ctx: zmq::Context,
     own_id: String,
+    /// This process's identity on its peers' ROUTERs: the server id and a random suffix.
+    /// Two processes with one id (a restart, or two clusters on one machine whose ids
+    /// collide and whose endpoints get reused) must never take over each other's
+    /// connections and answers.
+    identity: Vec<u8>,
     router: zmq::Socket,
     peers: HashMap<String, Peer>,
     pending: HashMap<u64, Pending>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
-    /// Starts at a random value: a server restarted under the same id takes over its ROUTER
-    /// identity on its peers, so answers to the previous process's calls can reach this one
-    /// and must not match its calls.
+    /// Starts at a random value, so an answer meant for another process can never match a
+    /// call of this one.
     next_corr: u64,
     rx: Receiver<Cmd>,
     wake_read: UnixStream,
@@ -271,6 +275,8 @@ pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket
     let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
     router.set_linger(0).map_err(|e| e.to_string())?;
     router.set_router_mandatory(true).map_err(|e| e.to_string())?;
+    // A peer's DEALER that reconnects (its identity is unique to its process) takes over its
+    // identity at once, before this side has noticed the old connection is gone.
     router.set_router_handover(true).map_err(|e| e.to_string())?;
     router.set_sndhwm(HWM).map_err(|e| e.to_string())?;
     router.set_rcvhwm(HWM).map_err(|e| e.to_string())?;
@@ -324,6 +330,7 @@ pub(crate) fn spawn(
     let io = Io { tx, wake: wake.clone() };
     let mut thread = SocketThread {
         ctx,
+        identity: process_identity(&own_id),
         own_id,
         router,
         peers: HashMap::new(),
@@ -347,6 +354,26 @@ pub(crate) fn spawn(
     };
     let handle = std::thread::Builder::new().name("df-rpc".into()).spawn(move || thread.run())?;
     Ok((io, handle))
+}
+
+/// Separates the server id from the per-process suffix in a ROUTER identity.
+const IDENTITY_SEPARATOR: char = '#';
+
+/// `<server id>#<16 random hex digits>` (ZeroMQ identities are at most 255 bytes; server
+/// ids are limited to 200).
+fn process_identity(own_id: &str) -> Vec<u8> {
+    use std::hash::BuildHasher;
+    let suffix = std::collections::hash_map::RandomState::new().hash_one(("identity", std::process::id()));
+    format!("{own_id}{IDENTITY_SEPARATOR}{suffix:016x}").into_bytes()
+}
+
+/// The server id in a peer's ROUTER identity.
+fn server_of(identity: &[u8]) -> String {
+    let identity = String::from_utf8_lossy(identity);
+    match identity.rfind(IDENTITY_SEPARATOR) {
+        Some(at) => identity[..at].to_owned(),
+        None => identity.into_owned(),
+    }
 }
 
 /// A random correlation id to start from (std's hasher keys are seeded by the OS).
@@ -510,7 +537,7 @@ impl SocketThread {
     /// the connection instead, and drops what its callers gave up on.
     fn dealer(&self, addr: &str) -> Result<zmq::Socket, zmq::Error> {
         let socket = self.ctx.socket(zmq::DEALER)?;
-        socket.set_identity(self.own_id.as_bytes())?;
+        socket.set_identity(&self.identity)?;
         socket.set_immediate(true)?;
         if !self.heartbeat.is_zero() {
             // A peer whose host died or froze sends no FIN: without heartbeats its connection
@@ -558,7 +585,7 @@ impl SocketThread {
             let parts = [identity.as_slice(), &wire::encode(&frames)];
             if let Err(e) = self.router.send_multipart(parts, zmq::DONTWAIT) {
                 // EHOSTUNREACH: the caller is gone; its calls fail on its side.
-                debug!("answer to {} dropped: {e}", String::from_utf8_lossy(&identity));
+                debug!("answer to {} dropped: {e}", server_of(&identity));
             }
         }
     }
@@ -659,6 +686,9 @@ impl SocketThread {
         if lost.is_empty() || self.pending.is_empty() {
             return;
         }
+        // Answers that came in before the connection went are still in the socket: deliver
+        // them first (a server that stops sends its last answers, then closes).
+        self.read_peers();
         let waiting: Vec<u64> =
             self.pending.iter().filter(|(_, p)| lost.contains(&p.to)).map(|(corr, _)| *corr).collect();
         for corr in waiting {
@@ -680,9 +710,16 @@ impl SocketThread {
     fn expire(&mut self) {
         let now = Instant::now();
         self.probe_peers(now);
+        let mut read = false;
         while let Some(Reverse((deadline, corr))) = self.deadlines.peek().copied() {
             if deadline > now {
                 break;
+            }
+            if self.pending.contains_key(&corr) && !read {
+                // An answer already received is not a timeout: read before failing any.
+                read = true;
+                self.read_peers();
+                continue;
             }
             self.deadlines.pop();
             if let Some(p) = self.pending.remove(&corr) {
@@ -738,7 +775,7 @@ impl SocketThread {
             };
             got = true;
             let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).unwrap_or_default();
-            let from = String::from_utf8_lossy(&identity).into_owned();
+            let from = server_of(&identity);
             for frame in decode_from(&payload, &from) {
                 match frame {
                     Frame::Call { corr, call } => {

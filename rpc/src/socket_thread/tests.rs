@@ -135,7 +135,8 @@ fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
     );
     let parts = fake.recv_multipart(0).expect("the call reaches the fake server");
     let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
-    assert_eq!(identity, b"test");
+    assert_eq!(server_of(&identity), "test", "the server id, then a per-process suffix");
+    assert!(identity.starts_with(b"test#") && identity.len() == 21, "{:?}", String::from_utf8_lossy(&identity));
     let corr = match wire::decode(&payload).unwrap().as_slice() {
         [Frame::Call { corr, call: Call::KickUser { .. } }] => *corr,
         other => panic!("unexpected call {other:?}"),
@@ -294,6 +295,31 @@ fn answers_to_a_previous_process_do_not_answer_new_calls() {
             }
         }
     }
+}
+
+/// Two processes with the same server id (two clusters on one machine whose ids collide and
+/// whose endpoints get reused, or a misconfiguration) call the same server: each connection
+/// keeps its own identity, so neither takes the other's answers.
+#[test]
+fn two_processes_with_one_id_get_their_own_answers() {
+    let ctx = zmq::Context::new();
+    let (server, addr) = fake_server(&ctx);
+    let (io_a, thread_a) = start_with_peers(&ctx, &[("peer", &addr)], Duration::from_secs(5));
+    let first = call_once_connected(&io_a, "unreachable");
+    let (identity_a, corr_a) = recv_call(&server);
+    // The second "fe" connects and calls while the first still waits for its answer.
+    let (io_b, thread_b) = start_with_peers(&ctx, &[("peer", &addr)], Duration::from_secs(5));
+    let second = call_once_connected(&io_b, "unreachable");
+    let (identity_b, corr_b) = recv_call(&server);
+    assert_ne!(identity_a, identity_b);
+    for (identity, corr, found) in [(&identity_a, corr_a, true), (&identity_b, corr_b, false)] {
+        let reply = Frame::Reply { corr, result: Ok(Answer::Found(found)) };
+        server.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    }
+    assert_eq!(first.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    assert_eq!(second.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
+    stop(io_a, thread_a);
+    stop(io_b, thread_b);
 }
 
 /// A call that timed out while its server was down must not run when a server comes
