@@ -43,10 +43,9 @@ pub(crate) struct Inner {
     leaving: AtomicBool,
     /// The `df-leave` thread, joined at `stop`.
     leave_thread: Mutex<Option<JoinHandle<()>>>,
-    /// This server has left discovery.
-    stopping: AtomicBool,
-    /// From then on calls are refused; until then peers may not have seen this server
-    /// leave, so their calls are still served (see `Discovery::propagation`).
+    /// Set once this server has left discovery: from then on calls are refused; until then
+    /// peers may not have seen it leave, so their calls are still served (see
+    /// `Discovery::propagation`).
     refuse_after: OnceLock<Instant>,
 }
 
@@ -70,7 +69,6 @@ impl ClusterModule {
             started: OnceLock::new(),
             leaving: AtomicBool::new(false),
             leave_thread: Mutex::new(None),
-            stopping: AtomicBool::new(false),
             refuse_after: OnceLock::new(),
         };
         ClusterModule { inner: Arc::new(inner) }
@@ -107,13 +105,12 @@ impl Inner {
     fn leave(&self) {
         self.discovery.deregister();
         let _ = self.refuse_after.set(Instant::now() + self.discovery.propagation());
-        self.stopping.store(true, Ordering::Release);
     }
 
     /// A stop began and peers have had time to see this server leave: new calls are
     /// refused.
     fn refusing(&self) -> bool {
-        self.stopping.load(Ordering::Acquire) && self.refuse_after.get().is_none_or(|t| Instant::now() >= *t)
+        self.refuse_after.get().is_some_and(|t| Instant::now() >= *t)
     }
 
     /// Picks the server for a message or call on `route`.
