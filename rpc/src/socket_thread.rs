@@ -368,9 +368,7 @@ const IDENTITY_SEPARATOR: char = '#';
 /// `<server id>#<16 random hex digits>` (ZeroMQ identities are at most 255 bytes; server
 /// ids are limited to 200).
 fn process_identity(own_id: &str) -> Vec<u8> {
-    use std::hash::BuildHasher;
-    let suffix = std::collections::hash_map::RandomState::new().hash_one(("identity", std::process::id()));
-    format!("{own_id}{IDENTITY_SEPARATOR}{suffix:016x}").into_bytes()
+    format!("{own_id}{IDENTITY_SEPARATOR}{:016x}", random_u64()).into_bytes()
 }
 
 /// The server id in a peer's ROUTER identity.
@@ -382,10 +380,16 @@ fn server_of(identity: &[u8]) -> String {
     }
 }
 
-/// A random correlation id to start from (std's hasher keys are seeded by the OS).
+/// A random correlation id to start from.
 fn first_corr() -> u64 {
+    random_u64().max(1)
+}
+
+/// A random number, different at every call (std's hasher keys are seeded by the OS and
+/// differ per `RandomState`).
+fn random_u64() -> u64 {
     use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(std::process::id()).max(1)
+    std::collections::hash_map::RandomState::new().hash_one(std::process::id())
 }
 
 fn is_again(e: &zmq::Error) -> bool {
