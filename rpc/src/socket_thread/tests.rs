@@ -194,6 +194,14 @@ fn kick_call(io: &Io, to: &str) -> Receiver<Result<Answer, HandlerError>> {
     rx
 }
 
+/// Calls `to` through `io`, answers at `server` with `Found(found)`, and checks the caller
+/// gets that answer.
+fn call_is_answered(io: &Io, to: &str, server: &zmq::Socket, found: bool) {
+    let answered = kick_call(io, to);
+    answer_next(server, found);
+    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(found))));
+}
+
 /// Answers the one call `server` receives next with `Found(found)`.
 fn answer_next(server: &zmq::Socket, found: bool) {
     let (identity, corr) = recv_call(server);
@@ -261,9 +269,7 @@ fn a_server_back_on_a_new_endpoint_gets_the_calls() {
         Ok(Err(e)) => assert!(e.code == codes::INTERNAL && e.message.contains("new endpoint"), "{e:?}"),
         other => panic!("the call to the old process should fail before its timeout: {other:?}"),
     }
-    let answered = kick_call(&io, "fe");
-    answer_next(&new, true);
-    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    call_is_answered(&io, "fe", &new, true);
     stop(io, thread);
 }
 
@@ -374,9 +380,7 @@ fn calls_that_failed_are_not_replayed_to_a_server_back_at_the_same_endpoint() {
     let ctx = zmq::Context::new();
     let (first, addr) = fake_server(&ctx);
     let (io, thread) = start_with_peers(&ctx, &[("peer", &addr)], Duration::from_millis(300));
-    let answered = kick_call(&io, "peer");
-    answer_next(&first, true);
-    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    call_is_answered(&io, "peer", &first, true);
     drop(first);
     std::thread::sleep(Duration::from_millis(200));
     let failed = kick_call(&io, "peer");
@@ -458,9 +462,7 @@ fn calls_to_a_server_whose_connection_was_lost_fail_at_once() {
     let (used, used_addr) = fake_server(&ctx);
     let (idle, idle_addr) = fake_server(&ctx);
     let (io, thread) = start_with_peers(&ctx, &[("used", &used_addr), ("idle", &idle_addr)], Duration::from_secs(60));
-    let answered = kick_call(&io, "used");
-    answer_next(&used, true);
-    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    call_is_answered(&io, "used", &used, true);
     // Long enough for the idle peer's connection to be seen up.
     std::thread::sleep(Duration::from_millis(500));
     drop((used, idle));
@@ -551,14 +553,10 @@ fn a_learned_frontend_back_on_a_new_endpoint_gets_the_calls() {
         frontend.send(envelope(&[call]), 0).unwrap();
         frontend.recv_bytes(0).expect("answered");
         if corr == 1 {
-            let answered = kick_call(&io, "fe");
-            answer_next(&old, false);
-            assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
+            call_is_answered(&io, "fe", &old, false);
         }
     }
-    let answered = kick_call(&io, "fe");
-    answer_next(&new, true);
-    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    call_is_answered(&io, "fe", &new, true);
     stop(io, thread);
 }
 
