@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 use dragonfruit_client::{Client, ClientError};
 use dragonfruit_core::cluster::{self, ClusterContext, ClusterError, Forward, ForwardDone};
 use dragonfruit_core::{codes, Messenger, Session};
-use dragonfruit_net::App;
+use dragonfruit_net::{App, AppBuilder};
 use dragonfruit_rpc::router::rendezvous;
-use dragonfruit_rpc::{ClusterModule, EmbeddedDiscovery, RouteCtx, Router, RpcConfig, ServerEntry};
+use dragonfruit_rpc::{ClusterModule, EmbeddedDiscovery, RouteCtx, Router, ServerEntry};
 use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
-use crate::util::{cluster_dir, cluster_module, probe_app, wait_until, Probe, Server, T};
+use crate::util::{cluster_dir, cluster_module, module_with, probe_app, wait_until, Probe, Server, T};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -26,9 +26,17 @@ struct Cluster {
 
 fn start_backend(dir: &std::path::Path, id: &str, backend: &Backend, timeout: Duration) -> (Server, ClusterModule) {
     let module = cluster_module(dir, timeout);
-    let builder =
-        App::builder("room").server_id(id).component("room", backend.clone()).cluster(Arc::new(module.clone()));
-    (Server::start_backend(builder), module)
+    (Server::start_backend(room_builder(id, backend, &module)), module)
+}
+
+/// A `room` server `id` serving `backend` in the cluster of `module`.
+fn room_builder(id: &str, backend: &Backend, module: &ClusterModule) -> AppBuilder {
+    App::builder("room").server_id(id).component("room", backend.clone()).cluster(Arc::new(module.clone()))
+}
+
+/// `connector-1`, the probe frontend, in the cluster of `module`.
+fn start_connector(module: &ClusterModule) -> Server {
+    Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(module.clone())))
 }
 
 fn cluster(
@@ -45,8 +53,7 @@ fn cluster(
     if let Some(router) = router {
         fe_module = router(fe_module);
     }
-    let builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
-    let frontend = Server::start(builder);
+    let frontend = start_connector(&fe_module);
     assert!(wait_until(T, || fe_module.servers().len() == n_backends + 1), "frontend sees the backends");
     for (_, m) in &backends {
         assert!(wait_until(T, || m.servers().len() == n_backends + 1), "backends see everyone");
@@ -382,16 +389,12 @@ impl dragonfruit_rpc::Discovery for SlowLeave {
 fn a_backend_whose_leaving_is_slow_fails_no_request_while_stopping() {
     let dir = cluster_dir("slowleave");
     let discovery = SlowLeave::new(&dir, Duration::from_millis(500));
-    let module = ClusterModule::new(RpcConfig { timeout: TIMEOUT, ..Default::default() }, Box::new(discovery));
-    let builder = App::builder("room")
-        .server_id("room-1")
-        .component("room", Backend::default())
-        .cluster(Arc::new(module.clone()));
+    let module = module_with(discovery, TIMEOUT);
+    let builder = room_builder("room-1", &Backend::default(), &module);
     let stopping = Server::start_backend(builder);
     let (_other, other_module) = start_backend(&dir, "room-2", &Backend::default(), TIMEOUT);
     let fe_module = cluster_module(&dir, TIMEOUT);
-    let frontend =
-        Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    let frontend = start_connector(&fe_module);
     assert!(wait_until(T, || [&module, &other_module, &fe_module].iter().all(|m| m.servers().len() == 3)));
     let client = frontend.client();
     let stopper = std::thread::spawn(move || {
@@ -417,9 +420,8 @@ fn a_frontend_serves_its_clients_while_it_leaves_discovery() {
     let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
     let discovery = SlowLeave::new(&dir, Duration::from_millis(1500));
     let left = discovery.2.clone();
-    let fe_module = ClusterModule::new(RpcConfig { timeout: TIMEOUT, ..Default::default() }, Box::new(discovery));
-    let frontend =
-        Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    let fe_module = module_with(discovery, TIMEOUT);
+    let frontend = start_connector(&fe_module);
     assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
     let client = frontend.client();
     let pending = client.send_request("room.room.sleep", b"300").unwrap();
@@ -475,11 +477,8 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
     let dir = cluster_dir("refront");
     // Entries live 30 s for this backend: the stale one cannot expire during the test.
     let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(30));
-    let room_module = ClusterModule::new(RpcConfig { timeout: TIMEOUT, ..Default::default() }, Box::new(discovery));
-    let builder = App::builder("room")
-        .server_id("room-1")
-        .component("room", Backend::default())
-        .cluster(Arc::new(room_module.clone()));
+    let room_module = module_with(discovery, TIMEOUT);
+    let builder = room_builder("room-1", &Backend::default(), &room_module);
     let _room = Server::start_backend(builder);
     let dead = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -498,8 +497,7 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
     };
     assert!(wait_until(T, || seen(true)), "the backend sees the dead frontend's entry");
     let fe_module = cluster_module(&dir, TIMEOUT);
-    let frontend =
-        Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    let frontend = start_connector(&fe_module);
     assert!(wait_until(T, || seen(false)), "the backend sees the new endpoint");
     assert!(wait_until(T, || fe_module.servers().len() == 2));
     let client = frontend.client();
@@ -521,8 +519,7 @@ fn a_kept_session_of_a_restarted_frontend_reaches_no_new_player() {
     let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
     let start_frontend = || {
         let module = cluster_module(&dir, TIMEOUT);
-        let frontend =
-            Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(module.clone())));
+        let frontend = start_connector(&module);
         assert!(wait_until(T, || module.servers().len() == 2 && room_module.servers().len() == 2));
         frontend
     };
@@ -616,9 +613,8 @@ fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
     std::fs::write(dir.join("room-0.json"), serde_json::to_vec(&ghost).unwrap()).unwrap();
     // The frontend's discovery keeps listing it for a minute.
     let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(60));
-    let fe_module = ClusterModule::new(RpcConfig { timeout, ..Default::default() }, Box::new(discovery));
-    let frontend =
-        Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    let fe_module = module_with(discovery, timeout);
+    let frontend = start_connector(&fe_module);
     assert!(wait_until(T, || fe_module.servers().len() == 3), "connector-1, room-0 and room-1 listed");
     // Not connected within the call timeout (300 ms): unreachable, and routed around. Until
     // then about half the requests fail; after, none (40 in a row by chance: 1 in 2^40).
@@ -694,10 +690,7 @@ fn a_panicking_backend_handler_or_remote_fails_that_call_only() {
 fn backend_pipelines_run_around_forwarded_requests() {
     let dir = cluster_dir("pipelines");
     let module = cluster_module(&dir, TIMEOUT);
-    let builder = App::builder("room")
-        .server_id("room-1")
-        .component("room", Backend::default())
-        .cluster(Arc::new(module.clone()))
+    let builder = room_builder("room-1", &Backend::default(), &module)
         // Authentication, as games do it: only `bind` before a uid is bound.
         .before(|ctx, _| match ctx.session().uid() {
             None if ctx.route().method() != "bind" => {
@@ -718,8 +711,7 @@ fn backend_pipelines_run_around_forwarded_requests() {
         });
     let _room = Server::start_backend(builder);
     let fe_module = cluster_module(&dir, TIMEOUT);
-    let frontend =
-        Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    let frontend = start_connector(&fe_module);
     assert!(wait_until(T, || fe_module.servers().len() == 2 && module.servers().len() == 2));
     let client = frontend.client();
     match client.request_raw("room.room.echo", b"x") {

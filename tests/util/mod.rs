@@ -98,10 +98,20 @@ pub fn cluster_dir(name: &str) -> std::path::PathBuf {
 
 /// A cluster module with fast embedded discovery in `dir` and a short call timeout.
 pub fn cluster_module(dir: &std::path::Path, timeout: Duration) -> dragonfruit_rpc::ClusterModule {
-    let rpc = dragonfruit_rpc::RpcConfig { timeout, ..Default::default() };
     let discovery =
         dragonfruit_rpc::EmbeddedDiscovery::new(dir.to_owned(), Duration::from_millis(50), Duration::from_millis(600));
-    dragonfruit_rpc::ClusterModule::new(rpc, Box::new(discovery))
+    module_with(discovery, timeout)
+}
+
+/// A cluster module over `discovery` with the call timeout `timeout`.
+pub fn module_with(
+    discovery: impl dragonfruit_rpc::Discovery + 'static,
+    timeout: Duration,
+) -> dragonfruit_rpc::ClusterModule {
+    dragonfruit_rpc::ClusterModule::new(
+        dragonfruit_rpc::RpcConfig { timeout, ..Default::default() },
+        Box::new(discovery),
+    )
 }
 
 /// Default deadline for anything that should happen promptly.
