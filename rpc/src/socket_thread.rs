@@ -741,7 +741,7 @@ impl SocketThread {
             if deadline > now {
                 break;
             }
-            if self.pending.contains_key(&corr) && !read {
+            if !read && self.pending.contains_key(&corr) {
                 // An answer already received is not a timeout: read before failing any.
                 read = true;
                 self.read_peers();
