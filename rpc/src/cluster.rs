@@ -114,10 +114,15 @@ impl Inner {
     }
 
     /// Picks the server for a message or call on `route`.
-    pub(crate) fn pick(&self, route: &Route, session: Option<&Session>, body: &[u8]) -> Result<String, HandlerError> {
+    pub(crate) fn pick(
+        &self,
+        route: &Route,
+        session: Option<&Session>,
+        body: &[u8],
+    ) -> Result<ServerEntry, HandlerError> {
         let snapshot = self.table.snapshot();
         let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
-        self.pick_in(&snapshot, &routers, route, session, body, &mut Vec::new()).map(str::to_owned)
+        self.pick_in(&snapshot, &routers, route, session, body, &mut Vec::new()).cloned()
     }
 
     /// [`Inner::pick`] with the table and routers already at hand (one lookup per batch).
@@ -131,8 +136,8 @@ impl Inner {
         route: &Route,
         session: Option<&Session>,
         body: &[u8],
-        sticky: &mut Vec<(&'s str, &'s str)>,
-    ) -> Result<&'s str, HandlerError> {
+        sticky: &mut Vec<(&'s str, &'s ServerEntry)>,
+    ) -> Result<&'s ServerEntry, HandlerError> {
         let server_type = route.server_type().unwrap_or_default();
         let Some((type_key, servers)) = snapshot.by_type.get_key_value(server_type).filter(|(_, s)| !s.is_empty())
         else {
@@ -151,18 +156,18 @@ impl Inner {
                 }
             },
             None => {
-                if let Some((_, id)) = sticky.iter().find(|(t, _)| *t == type_key) {
-                    return Ok(id);
+                if let Some((_, server)) = sticky.iter().find(|(t, _)| *t == type_key) {
+                    return Ok(server);
                 }
                 let index = self.default_router.pick(&ctx, servers);
                 if let Some(server) = index.and_then(|i| servers.get(i)) {
-                    sticky.push((type_key, &server.id));
+                    sticky.push((type_key, server));
                 }
                 index
             }
         };
         match index.and_then(|i| servers.get(i)) {
-            Some(server) => Ok(&server.id),
+            Some(server) => Ok(server),
             None => {
                 Err(HandlerError::new(codes::NOT_FOUND, format!("the router of {server_type} refused route {route}")))
             }
@@ -175,7 +180,7 @@ impl Inner {
             done(msgs.iter().filter(|m| m.kind == MessageType::Request).map(|m| (m.id, refusal())).collect());
             return;
         };
-        let mut groups: Vec<(&str, Vec<WireMessage>)> = Vec::new();
+        let mut groups: Vec<(&ServerEntry, Vec<WireMessage>)> = Vec::new();
         let mut refused = Vec::new();
         let table = self.table.snapshot();
         let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
@@ -185,7 +190,7 @@ impl Inner {
             match self.pick_in(&table, &routers, &msg.route, Some(session), &msg.body, &mut sticky) {
                 Ok(to) => {
                     let wire = WireMessage { request, id: msg.id, route: msg.route.into_string(), body: msg.body };
-                    match groups.iter_mut().find(|(id, _)| *id == to) {
+                    match groups.iter_mut().find(|(server, _)| server.id == to.id) {
                         Some((_, list)) => list.push(wire),
                         None => groups.push((to, vec![wire])),
                     }
@@ -203,7 +208,7 @@ impl Inner {
             let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
             // The last call takes the snapshot; earlier ones get copies.
             let session = if groups.peek().is_some() { snapshot.clone() } else { std::mem::take(&mut snapshot) };
-            started.io.call(to, Call::Handle { session, msgs }, completion.reply_fn(ids));
+            started.io.call_server(to, Call::Handle { session, msgs }, completion.reply_fn(ids));
         }
     }
 
@@ -498,7 +503,7 @@ impl Cluster for ClusterModule {
         for server in self.inner.table.all() {
             if server.frontend && server.id != started.me.id {
                 let reason = "another session logged in with this uid".to_owned();
-                started.io.call(&server.id, Call::KickUser { uid: uid.to_owned(), reason }, None);
+                started.io.call_server(&server, Call::KickUser { uid: uid.to_owned(), reason }, None);
             }
         }
     }
@@ -575,7 +580,7 @@ mod tests {
         let routers = inner.routers.read().unwrap();
         let mut sticky = Vec::new();
         let mut pick = |r: &&str| inner.pick_in(snapshot, &routers, &Route::parse(r).unwrap(), None, b"", &mut sticky);
-        routes.iter().map(|r| pick(r).unwrap()).collect()
+        routes.iter().map(|r| pick(r).unwrap().id.as_str()).collect()
     }
 
     #[test]

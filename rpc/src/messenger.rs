@@ -39,8 +39,8 @@ impl ClusterMessenger {
         let (tx, rx) = crossbeam_channel::bounded(others.len().max(1));
         for server in &others {
             let tx = tx.clone();
-            started.io.call(
-                &server.id,
+            started.io.call_server(
+                server,
                 call(),
                 Some(ReplyFn::new(move |r| {
                     let _ = tx.send(r);
@@ -104,7 +104,7 @@ impl Messenger for ClusterMessenger {
                     self.local.broadcast(frontend_type, route, body.clone())?;
                 } else {
                     let call = Call::Broadcast { route: route.to_owned(), body: body.to_vec() };
-                    started.io.call(&server.id, call, None);
+                    started.io.call_server(server, call, None);
                 }
             }
             Ok(())
@@ -119,21 +119,19 @@ impl Messenger for ClusterMessenger {
         let outcome = self.with(|inner, started| {
             let me = &started.me;
             let server_type = parsed.server_type().unwrap_or(&me.server_type);
-            let to = match target {
+            let picked = match target {
                 CallTarget::Server(id) if id == me.id => return None,
-                CallTarget::Server(id) => id.to_owned(),
+                CallTarget::Server(id) => Ok((id.to_owned(), None)),
                 _ if server_type == me.server_type => return None,
-                CallTarget::Session(session) => match inner.pick(&parsed, Some(session), &body) {
-                    Ok(id) => id,
-                    Err(e) => return Some(Err(e)),
-                },
-                CallTarget::Any => match inner.pick(&parsed, None, &body) {
-                    Ok(id) => id,
-                    Err(e) => return Some(Err(e)),
-                },
+                CallTarget::Session(session) => inner.pick(&parsed, Some(session), &body).map(seen),
+                CallTarget::Any => inner.pick(&parsed, None, &body).map(seen),
+            };
+            let (to, seen_at) = match picked {
+                Ok(picked) => picked,
+                Err(e) => return Some(Err(e)),
             };
             let call = Call::User { route: route.to_owned(), body: body.clone() };
-            Some(match blocking(&started.io, &to, call, inner.rpc.timeout) {
+            Some(match blocking(&started.io, &to, seen_at.as_deref(), call, inner.rpc.timeout) {
                 Ok(Answer::Body(bytes)) => Ok(bytes.0),
                 Ok(_) => Err(HandlerError::internal("unexpected answer to a user rpc")),
                 Err(e) => Err(e),
@@ -145,4 +143,9 @@ impl Messenger for ClusterMessenger {
             None => self.local.call(route, target, body),
         }
     }
+}
+
+/// A routed server as (id, endpoint the router saw it at).
+fn seen(server: ServerEntry) -> (String, Option<String>) {
+    (server.id, Some(server.rpc_addr))
 }

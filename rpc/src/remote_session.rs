@@ -62,10 +62,19 @@ pub(crate) fn remote_session(
 }
 
 /// Sends `call` to `to` and waits for the answer (the socket thread enforces `timeout`).
-pub(crate) fn blocking(io: &Io, to: &str, call: Call, timeout: Duration) -> Result<Answer, HandlerError> {
+/// Calls `to` (at `seen_at` if the table no longer lists it: see [`Io::call_server`]) and
+/// waits for the answer.
+pub(crate) fn blocking(
+    io: &Io,
+    to: &str,
+    seen_at: Option<&str>,
+    call: Call,
+    timeout: Duration,
+) -> Result<Answer, HandlerError> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    io.call(
+    io.call_seen(
         to,
+        seen_at,
         call,
         Some(ReplyFn::new(move |result| {
             let _ = tx.send(result);
@@ -99,12 +108,12 @@ impl SessionSink for RemoteSink {
 
     fn bind(&self, session: &Session, uid: &str) -> Result<(), SessionError> {
         let call = Call::Bind { session: session.id(), uid: uid.to_owned() };
-        blocking(&self.io, session.frontend_id(), call, self.timeout).map(|_| ()).map_err(refused)
+        blocking(&self.io, session.frontend_id(), None, call, self.timeout).map(|_| ()).map_err(refused)
     }
 
     fn push_data(&self, session: &Session) -> Result<(), SessionError> {
         let call = Call::SessionData { session: session.id(), data: session_data(session) };
-        blocking(&self.io, session.frontend_id(), call, self.timeout).map(|_| ()).map_err(refused)
+        blocking(&self.io, session.frontend_id(), None, call, self.timeout).map(|_| ()).map_err(refused)
     }
 
     fn is_frontend(&self) -> bool {

@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, Sender};
 use dragonfruit_core::{codes, HandlerError};
 use log::{debug, info, warn};
 
-use crate::table::ServerTable;
+use crate::table::{ServerEntry, ServerTable};
 use crate::wire::{self, Answer, Call, Frame};
 
 /// Receives the answer to a call, exactly once: dropped uncalled (its call lost with a
@@ -62,6 +62,9 @@ pub(crate) enum Cmd {
     /// Send `call` to server `to`; `reply` gets the answer (`None`: no answer wanted).
     Call {
         to: String,
+        /// Where the caller saw `to` when it chose it (a router's table snapshot): used
+        /// when the table no longer lists `to` by the time the call is queued.
+        seen_at: Option<String>,
         call: Call,
         reply: Option<ReplyFn>,
     },
@@ -111,9 +114,22 @@ impl Io {
         }
     }
 
-    /// Sends `call` to server `to`.
+    /// Sends `call` to server `to`, at its endpoint in the server table (`NOT_FOUND` when
+    /// the table does not list it).
     pub(crate) fn call(&self, to: &str, call: Call, reply: Option<ReplyFn>) {
-        self.send(Cmd::Call { to: to.to_owned(), call, reply });
+        self.call_seen(to, None, call, reply);
+    }
+
+    /// Sends `call` to `server`, chosen from a table snapshot. A server that left the table
+    /// since (it stopped gracefully and is draining: it still serves until peers have had
+    /// time to see it leave) still gets the call, at the endpoint the snapshot listed.
+    pub(crate) fn call_server(&self, server: &ServerEntry, call: Call, reply: Option<ReplyFn>) {
+        self.call_seen(&server.id, Some(&server.rpc_addr), call, reply);
+    }
+
+    /// [`Io::call`] or, with `seen_at`, [`Io::call_server`].
+    pub(crate) fn call_seen(&self, to: &str, seen_at: Option<&str>, call: Call, reply: Option<ReplyFn>) {
+        self.send(Cmd::Call { to: to.to_owned(), seen_at: seen_at.map(str::to_owned), call, reply });
     }
 }
 
@@ -445,7 +461,7 @@ impl SocketThread {
     fn drain_commands(&mut self) -> bool {
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
-                Cmd::Call { to, call, reply } => self.queue_call(to, call, reply),
+                Cmd::Call { to, seen_at, call, reply } => self.queue_call(to, seen_at, call, reply),
                 Cmd::Reply { identity, corr, result } => {
                     self.answers.entry(identity).or_default().push(Frame::Reply { corr, result });
                 }
@@ -456,11 +472,12 @@ impl SocketThread {
         true
     }
 
-    fn queue_call(&mut self, to: String, call: Call, reply: Option<ReplyFn>) {
+    fn queue_call(&mut self, to: String, seen_at: Option<String>, call: Call, reply: Option<ReplyFn>) {
         // A peer that left the table is dropped (and its calls failed) by `connect_peers`,
-        // queued with the table change; only unknown peers need a table lookup here.
+        // queued with the table change; only unknown peers need a table lookup here. The
+        // table is newer than `seen_at` (a restart on a new endpoint), so it comes first.
         if !self.peers.contains_key(&to) {
-            let Some(addr) = self.table.get(&to).map(|e| e.rpc_addr) else {
+            let Some(addr) = self.table.get(&to).map(|e| e.rpc_addr).or(seen_at) else {
                 if let Some(reply) = reply {
                     reply.call(Err(HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"))));
                 }
@@ -494,16 +511,16 @@ impl SocketThread {
 
     /// Opens DEALERs to new peers and to peers on a new endpoint (restarted under the same
     /// id: the old process is gone, so the calls waiting on it fail now). A peer that left
-    /// discovery keeps its DEALER while calls wait on it: a server stopping gracefully still
-    /// answers them (it drains), and a dead one is noticed by `probe_peers`, which also
-    /// closes the DEALER once nothing waits on it.
+    /// discovery keeps its DEALER while calls or held messages wait on it: a server stopping
+    /// gracefully still answers them (it drains), and a dead one is noticed by `probe_peers`,
+    /// which also closes the DEALER once nothing waits on it.
     fn connect_peers(&mut self) {
         let snapshot = self.table.snapshot();
         let table = &snapshot.by_id;
-        let pending = &self.pending;
+        let (pending, held) = (&self.pending, &self.held);
         self.peers.retain(|id, peer| match table.get(id) {
             Some(entry) => entry.rpc_addr == peer.addr,
-            None => pending.values().any(|p| &p.to == id),
+            None => held.contains_key(id) || pending.values().any(|p| &p.to == id),
         });
         self.held.retain(|id, _| self.peers.contains_key(id));
         let orphaned: Vec<u64> =

@@ -273,6 +273,49 @@ fn a_server_back_on_a_new_endpoint_gets_the_calls() {
     stop(io, thread);
 }
 
+/// A router chose a server from a table snapshot, then the table dropped it (it stopped
+/// gracefully: it left discovery and serves until peers have had time to see that) before
+/// the socket thread got the call: the call still reaches it, at the endpoint the router
+/// saw, answered or one-way. A call by bare id to a server the table does not list fails
+/// `NOT_FOUND`, and the table's endpoint beats a stale one from a snapshot.
+#[test]
+fn a_server_that_left_the_table_after_it_was_chosen_gets_the_call() {
+    let ctx = zmq::Context::new();
+    let (draining, draining_addr) = fake_server(&ctx);
+    let table = Arc::new(ServerTable::new());
+    table.replace(fake_entry("peer", &draining_addr));
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let (io, thread) =
+        spawn(ctx.clone(), router, "fe".into(), table.clone(), Arc::new(NoCalls), limits(Duration::from_secs(5)))
+            .unwrap();
+    call_is_answered(&io, "peer", &draining, true);
+    let chosen = table.get("peer").unwrap();
+    table.replace(HashMap::new());
+    io.send(Cmd::PeersChanged);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let reply = ReplyFn::new(move |r| drop(tx.send(r)));
+    io.call_server(&chosen, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(reply));
+    answer_next(&draining, true);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    io.call_server(&chosen, Call::KickUser { uid: "one-way".into(), reason: "r".into() }, None);
+    recv_call(&draining);
+    // With nothing waiting on it, its DEALER is closed at the next probe.
+    std::thread::sleep(PROBE * 3);
+    match kick_call(&io, "peer").recv_timeout(Duration::from_secs(5)) {
+        Ok(Err(e)) => assert_eq!(e.code, codes::NOT_FOUND, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    let (restarted, restarted_addr) = fake_server(&ctx);
+    table.replace(fake_entry("peer", &restarted_addr));
+    io.send(Cmd::PeersChanged);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let reply = ReplyFn::new(move |r| drop(tx.send(r)));
+    io.call_server(&chosen, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(reply));
+    answer_next(&restarted, false);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
+    stop(io, thread);
+}
+
 /// A restarted server takes over its ROUTER identity on its peers, so an answer to a call
 /// of the previous process can arrive at the new one; it must not answer a new call.
 #[test]
@@ -494,7 +537,12 @@ fn calls_waiting_on_a_server_that_dies_fail_when_its_connection_goes() {
 }
 
 fn one_way(uid: &str) -> Cmd {
-    Cmd::Call { to: "peer".into(), call: Call::KickUser { uid: uid.into(), reason: "r".into() }, reply: None }
+    Cmd::Call {
+        to: "peer".into(),
+        seen_at: None,
+        call: Call::KickUser { uid: uid.into(), reason: "r".into() },
+        reply: None,
+    }
 }
 
 /// Messages for a server whose connection is not up yet wait for it, in order.
