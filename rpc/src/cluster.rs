@@ -5,16 +5,16 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, ForwardDone, OrderKey};
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::config::{ConfigError, ConfigSource};
 use dragonfruit_core::{codes, HandlerError, Messenger, Reply, Route, Session, SessionSink};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::config::{self, RpcConfig};
 use crate::discovery::{self, Discovery};
@@ -43,10 +43,66 @@ pub(crate) struct Inner {
     leaving: AtomicBool,
     /// The `df-leave` thread, joined at `stop`.
     leave_thread: Mutex<Option<JoinHandle<()>>>,
-    /// Set once this server has left discovery: from then on calls are refused; until then
-    /// peers may not have seen it leave, so their calls are still served (see
-    /// `Discovery::propagation`).
-    refuse_after: OnceLock<Instant>,
+    /// When a stopping server starts refusing calls.
+    drain: Drain,
+}
+
+/// How long a stopping server must have had no call before it refuses calls (once peers
+/// have had time to see it leave).
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+/// The drain of a stopping server. Until peers have had time to see it leave
+/// (`Discovery::propagation`, counted from when leaving is done) they may still route to
+/// it, so it serves their calls. A peer can be later than that (it rescans discovery less
+/// often, or its discovery thread is starved), so the server also goes on serving while
+/// calls keep coming, and refuses calls only once none has come for [`DRAIN_QUIET`]; from
+/// then on it refuses them all. The stop's `shutdown.timeout` bounds the wait.
+struct Drain {
+    /// Set once this server has left discovery: the end of the propagation period.
+    until: OnceLock<Instant>,
+    /// When the last call a stopping server refuses (a forwarded batch or a user RPC) was
+    /// taken, in milliseconds since `epoch`.
+    last_call: AtomicU64,
+    epoch: Instant,
+    /// Calls are refused from now on.
+    over: AtomicBool,
+}
+
+impl Drain {
+    fn new() -> Drain {
+        Drain {
+            until: OnceLock::new(),
+            last_call: AtomicU64::new(0),
+            epoch: Instant::now(),
+            over: AtomicBool::new(false),
+        }
+    }
+
+    /// Left discovery; peers know within `propagation`.
+    fn start(&self, propagation: Duration) {
+        let _ = self.until.set(Instant::now() + propagation);
+    }
+
+    /// A call this server refuses while stopping is taken.
+    fn call_taken(&self) {
+        self.last_call.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn refusing(&self) -> bool {
+        if self.over.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some(until) = self.until.get() else { return false };
+        let now = Instant::now();
+        let last_call = self.epoch + Duration::from_millis(self.last_call.load(Ordering::Relaxed));
+        if now < *until || now.saturating_duration_since(last_call) < DRAIN_QUIET {
+            return false;
+        }
+        if !self.over.swap(true, Ordering::AcqRel) {
+            debug!("drained: peers have seen this server leave and sent no call for {DRAIN_QUIET:?}");
+        }
+        true
+    }
 }
 
 pub(crate) struct Started {
@@ -69,7 +125,7 @@ impl ClusterModule {
             started: OnceLock::new(),
             leaving: AtomicBool::new(false),
             leave_thread: Mutex::new(None),
-            refuse_after: OnceLock::new(),
+            drain: Drain::new(),
         };
         ClusterModule { inner: Arc::new(inner) }
     }
@@ -104,13 +160,13 @@ impl Inner {
     /// calls are served normally until then.
     fn leave(&self) {
         self.discovery.deregister();
-        let _ = self.refuse_after.set(Instant::now() + self.discovery.propagation());
+        self.drain.start(self.discovery.propagation());
     }
 
-    /// A stop began and peers have had time to see this server leave: new calls are
-    /// refused.
+    /// A stop began, peers have had time to see this server leave and have stopped
+    /// calling: new calls are refused (see [`Drain`]).
     fn refusing(&self) -> bool {
-        self.refuse_after.get().is_some_and(|t| Instant::now() >= *t)
+        self.drain.refusing()
     }
 
     /// Picks the server for a message or call on `route`.
@@ -220,6 +276,11 @@ impl Inner {
             return;
         };
         let stopping = self.refusing();
+        let refusable =
+            |(_, call, _): &(String, Call, Responder)| matches!(call, Call::Handle { .. } | Call::User { .. });
+        if !stopping && self.leaving.load(Ordering::Acquire) && calls.iter().any(refusable) {
+            self.drain.call_taken();
+        }
         let mut ordered: Vec<(OrderKey, Box<dyn FnOnce() + Send>)> = Vec::new();
         for (from, call, responder) in calls {
             match call {
