@@ -386,7 +386,7 @@ struct SlowLeave(EmbeddedDiscovery, Duration, Arc<std::sync::atomic::AtomicBool>
 
 impl SlowLeave {
     fn new(dir: &std::path::Path, leaving_takes: Duration) -> SlowLeave {
-        let discovery = EmbeddedDiscovery::new(dir.to_owned(), Duration::from_millis(50), Duration::from_millis(600));
+        let discovery = EmbeddedDiscovery::new(dir.to_owned(), Duration::from_millis(50), Duration::from_secs(3));
         SlowLeave(discovery, leaving_takes, Arc::default())
     }
 }

@@ -100,7 +100,8 @@ fn servers_survive_an_etcd_outage_and_register_again() {
         "both servers registered again: {:?}",
         table.all().iter().map(|s| s.id.clone()).collect::<Vec<_>>()
     );
-    assert!(wait_until(T, || room_module.servers().len() == 3), "watches resumed");
+    // Both see the observer, which registered after both of them: both watches resumed.
+    assert!(wait_until(T, || room_module.servers().len() == 3 && fe_module.servers().len() == 3), "watches resumed");
     newcomer.deregister();
     newcomer.stop();
     assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");

@@ -49,7 +49,7 @@ pub(crate) struct Inner {
 
 /// How long a stopping server must have had no call before it refuses calls (once peers
 /// have had time to see it leave).
-const DRAIN_QUIET: Duration = Duration::from_millis(100);
+const DRAIN_QUIET: Duration = Duration::from_millis(500);
 
 /// The drain of a stopping server. Until peers have had time to see it leave
 /// (`Discovery::propagation`, counted from when leaving is done) they may still route to

@@ -23,12 +23,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(builder: AppBuilder) -> Server {
+        capture_logs();
         let app = builder.tcp("127.0.0.1:0").build().expect("build");
         Server { handle: app.start().expect("start") }
     }
 
     /// Starts a server without a client acceptor (a backend).
     pub fn start_backend(builder: AppBuilder) -> Server {
+        capture_logs();
         let app = builder.frontend(false).build().expect("build");
         Server { handle: app.start().expect("start") }
     }
@@ -96,10 +98,12 @@ pub fn cluster_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// A cluster module with fast embedded discovery in `dir` and a short call timeout.
+/// A cluster module with fast embedded discovery in `dir` (rescans every 50 ms; entries
+/// live 3 s, as by default, so a test machine stalled for a moment does not drop live
+/// servers) and a short call timeout.
 pub fn cluster_module(dir: &std::path::Path, timeout: Duration) -> dragonfruit_rpc::ClusterModule {
     let discovery =
-        dragonfruit_rpc::EmbeddedDiscovery::new(dir.to_owned(), Duration::from_millis(50), Duration::from_millis(600));
+        dragonfruit_rpc::EmbeddedDiscovery::new(dir.to_owned(), Duration::from_millis(50), Duration::from_secs(3));
     module_with(discovery, timeout)
 }
 
@@ -112,6 +116,14 @@ pub fn module_with(
         dragonfruit_rpc::RpcConfig { timeout, ..Default::default() },
         Box::new(discovery),
     )
+}
+
+/// Sends log lines (`info` and up unless `RUST_LOG` says otherwise) to the test harness,
+/// which shows them with a failing test's output. Threads inherit the capture of the test
+/// thread that spawned them, so a test's servers log into that test's output.
+pub fn capture_logs() {
+    let env = env_logger::Env::default().default_filter_or("info");
+    let _ = env_logger::Builder::from_env(env).is_test(true).try_init();
 }
 
 /// Default deadline for anything that should happen promptly.
