@@ -380,6 +380,28 @@ fn a_stopping_backend_serves_a_frontend_that_is_slow_to_see_it_leave() {
     assert_eq!(fe_module.servers().len(), 2, "the frontend saw room-1 leave");
 }
 
+/// A frontend stopping gracefully leaves discovery first, then waits for its forwarded
+/// requests. Backends drop it from their tables meanwhile; a handler still running for one
+/// of its sessions must still reach it (bind, push) at the endpoint the session named.
+#[test]
+fn a_stopping_frontend_still_gets_binds_and_pushes_from_its_forwarded_requests() {
+    let c = cluster("fedrain", 1, TIMEOUT, None);
+    let Cluster { frontend, backends, backend, .. } = c;
+    let room_module = &backends[0].1;
+    let client = frontend.client();
+    let pending = client.send_request("room.room.slow_bind_push", br#"{"ms": 1500, "uid": "dave"}"#).unwrap();
+    assert!(wait_until(T, || backend.sleeps_started.load(std::sync::atomic::Ordering::SeqCst) == 1));
+    let stopper = stop_after(frontend, Duration::ZERO);
+    assert!(
+        wait_until(Duration::from_millis(1200), || room_module.servers().iter().all(|s| s.id != "connector-1")),
+        "the backend dropped the stopping frontend while the handler sleeps"
+    );
+    assert_eq!(pending.wait().unwrap(), br#""dave""#, "bound on the frontend");
+    let (route, v): (String, Value) = client.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), v), ("onMsg", json!({"late": true})));
+    stopper.join().unwrap();
+}
+
 /// Embedded discovery whose leaving takes a while, like revoking an etcd lease on a slow
 /// etcd: others see the server leave only when `deregister` returns (and `left` is set).
 struct SlowLeave(EmbeddedDiscovery, Duration, Arc<std::sync::atomic::AtomicBool>);

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, ForwardDone, OrderKey};
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::config::{ConfigError, ConfigSource};
-use dragonfruit_core::{codes, HandlerError, Messenger, Reply, Route, Session, SessionSink};
+use dragonfruit_core::{codes, HandlerError, Messenger, Reply, Route, Session};
 use log::{debug, error, info, warn};
 
 use crate::config::{self, RpcConfig};
 use crate::discovery::{self, Discovery};
 use crate::messenger::ClusterMessenger;
-use crate::remote_session::{remote_session, snapshot, RemoteSink};
+use crate::remote_session::{remote_session, snapshot};
 use crate::router::{RandomRouter, RouteCtx, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, ReplyFn, Responder};
 use crate::table::{ServerEntry, ServerTable, Snapshot};
@@ -110,7 +110,6 @@ pub(crate) struct Started {
     pub(crate) io: Io,
     thread: Mutex<Option<JoinHandle<()>>>,
     pub(crate) me: ServerEntry,
-    sink: Arc<dyn SessionSink>,
 }
 
 impl ClusterModule {
@@ -287,8 +286,8 @@ impl Inner {
                 Call::Handle { session, msgs } if !stopping => {
                     let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
                     let service = started.ctx.service.clone();
-                    let sink = started.sink.clone();
-                    let job = move || match remote_session(session, sink, service.env().serializer) {
+                    let (io, timeout) = (started.io.clone(), self.rpc.timeout);
+                    let job = move || match remote_session(session, &io, timeout, service.env().serializer) {
                         Ok(session) => {
                             let replies = msgs.into_iter().filter_map(|m| run_message(&service, &session, m)).collect();
                             responder.send(Ok(Answer::Replies(replies)));
@@ -532,8 +531,7 @@ impl Cluster for ClusterModule {
         let limits = socket_thread::Limits { timeout: inner.rpc.timeout, heartbeat: inner.rpc.heartbeat };
         let (io, thread) = socket_thread::spawn(zctx, router, me.id.clone(), inner.table.clone(), inbound, limits)
             .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;
-        let sink: Arc<dyn SessionSink> = Arc::new(RemoteSink { io: io.clone(), timeout: inner.rpc.timeout });
-        let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone(), sink };
+        let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone() };
         if inner.started.set(started).is_err() {
             return Err(ClusterError::Other("cluster module started twice".into()));
         }

@@ -13,10 +13,25 @@ use crate::socket_thread::{Io, ReplyFn};
 use crate::table::ServerEntry;
 use crate::wire::{Answer, Call, SessionSnapshot};
 
-/// The sink of remote sessions.
+/// The sink of one remote session: calls go to the session's frontend.
 pub(crate) struct RemoteSink {
-    pub(crate) io: Io,
-    pub(crate) timeout: Duration,
+    io: Io,
+    timeout: Duration,
+    /// Where the frontend said it is, in the snapshot (empty: not said). Used when this
+    /// server's table no longer lists the frontend: a frontend stopping gracefully leaves
+    /// discovery first, then waits for its forwarded requests, whose handlers may still
+    /// push to, bind or kick its sessions.
+    frontend_rpc: String,
+}
+
+impl RemoteSink {
+    fn frontend_rpc(&self) -> Option<&str> {
+        Some(self.frontend_rpc.as_str()).filter(|a| !a.is_empty())
+    }
+
+    fn blocking(&self, session: &Session, call: Call) -> Result<(), SessionError> {
+        blocking(&self.io, session.frontend_id(), self.frontend_rpc(), call, self.timeout).map(|_| ()).map_err(refused)
+    }
 }
 
 /// What a backend needs to know of a session of frontend `me`.
@@ -40,7 +55,8 @@ fn session_data(session: &Session) -> Vec<u8> {
 /// an empty session: a handler pushing that back would wipe the frontend's data.
 pub(crate) fn remote_session(
     s: SessionSnapshot,
-    sink: Arc<dyn SessionSink>,
+    io: &Io,
+    timeout: Duration,
     serializer: Serializer,
 ) -> Result<Arc<Session>, HandlerError> {
     let data = serde_json::from_slice(&s.data).map_err(|e| {
@@ -48,6 +64,7 @@ pub(crate) fn remote_session(
         warn!("{text}");
         HandlerError::bad_request(text)
     })?;
+    let sink = Arc::new(RemoteSink { io: io.clone(), timeout, frontend_rpc: s.frontend_rpc });
     let init = SessionInit {
         id: s.id,
         frontend_id: Arc::from(s.frontend_id),
@@ -72,7 +89,7 @@ pub(crate) fn blocking(
     timeout: Duration,
 ) -> Result<Answer, HandlerError> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    io.call_seen(
+    io.call(
         to,
         seen_at,
         call,
@@ -97,23 +114,22 @@ fn refused(e: HandlerError) -> SessionError {
 impl SessionSink for RemoteSink {
     fn push(&self, session: &Session, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
         let call = Call::Push { session: session.id(), route: route.to_owned(), body };
-        self.io.call(session.frontend_id(), call, None);
+        self.io.call(session.frontend_id(), self.frontend_rpc(), call, None);
         Ok(())
     }
 
     fn kick(&self, session: &Session, reason: &str) -> Result<(), SessionError> {
-        self.io.call(session.frontend_id(), Call::Kick { session: session.id(), reason: reason.to_owned() }, None);
+        let call = Call::Kick { session: session.id(), reason: reason.to_owned() };
+        self.io.call(session.frontend_id(), self.frontend_rpc(), call, None);
         Ok(())
     }
 
     fn bind(&self, session: &Session, uid: &str) -> Result<(), SessionError> {
-        let call = Call::Bind { session: session.id(), uid: uid.to_owned() };
-        blocking(&self.io, session.frontend_id(), None, call, self.timeout).map(|_| ()).map_err(refused)
+        self.blocking(session, Call::Bind { session: session.id(), uid: uid.to_owned() })
     }
 
     fn push_data(&self, session: &Session) -> Result<(), SessionError> {
-        let call = Call::SessionData { session: session.id(), data: session_data(session) };
-        blocking(&self.io, session.frontend_id(), None, call, self.timeout).map(|_| ()).map_err(refused)
+        self.blocking(session, Call::SessionData { session: session.id(), data: session_data(session) })
     }
 
     fn is_frontend(&self) -> bool {

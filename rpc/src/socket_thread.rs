@@ -114,21 +114,16 @@ impl Io {
         }
     }
 
-    /// Sends `call` to server `to`, at its endpoint in the server table (`NOT_FOUND` when
-    /// the table does not list it).
-    pub(crate) fn call(&self, to: &str, call: Call, reply: Option<ReplyFn>) {
-        self.call_seen(to, None, call, reply);
-    }
-
     /// Sends `call` to `server`, chosen from a table snapshot. A server that left the table
     /// since (it stopped gracefully and is draining: it still serves until peers have had
     /// time to see it leave) still gets the call, at the endpoint the snapshot listed.
     pub(crate) fn call_server(&self, server: &ServerEntry, call: Call, reply: Option<ReplyFn>) {
-        self.call_seen(&server.id, Some(&server.rpc_addr), call, reply);
+        self.call(&server.id, Some(&server.rpc_addr), call, reply);
     }
 
-    /// [`Io::call`] or, with `seen_at`, [`Io::call_server`].
-    pub(crate) fn call_seen(&self, to: &str, seen_at: Option<&str>, call: Call, reply: Option<ReplyFn>) {
+    /// Sends `call` to server `to`, at its endpoint in the server table; if the table does
+    /// not list `to`, at `seen_at` (where the caller last saw it), else `NOT_FOUND`.
+    pub(crate) fn call(&self, to: &str, seen_at: Option<&str>, call: Call, reply: Option<ReplyFn>) {
         self.send(Cmd::Call { to: to.to_owned(), seen_at: seen_at.map(str::to_owned), call, reply });
     }
 }

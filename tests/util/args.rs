@@ -12,6 +12,13 @@ pub struct Kv {
     pub v: Value,
 }
 
+/// `{"ms": sleep, "uid": uid to bind}`.
+#[derive(Deserialize)]
+pub struct SlowBindPush {
+    pub ms: u64,
+    pub uid: String,
+}
+
 /// `{"uids": [...], "msg": value}`.
 #[derive(Deserialize)]
 pub struct PushUsers {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes, Session, SessionId};
 use serde_json::{json, Value};
 
-use super::args::{internal, Kv, PushUsers};
+use super::args::{internal, Kv, PushUsers, SlowBindPush};
 
 /// Per (frontend, session), the `seq` numbers in the order they ran here.
 pub type OrderLog = HashMap<(String, SessionId), Vec<u64>>;
@@ -87,6 +87,15 @@ impl Component for Backend {
             b.sleeps_started.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(ms));
             Ok(ms)
+        });
+        // Sleeps, then binds the uid and pushes `onMsg` {"late": true}: calls back to the
+        // frontend well after the request came.
+        r.handler("slow_bind_push", |b: &Backend, ctx: &mut Ctx<'_>, req: SlowBindPush| {
+            b.sleeps_started.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(req.ms));
+            ctx.session().bind(&req.uid).map_err(|e| HandlerError::new("BIND", e.to_string()))?;
+            ctx.session().push("onMsg", &json!({"late": true})).map_err(internal)?;
+            Ok(ctx.session().uid())
         });
         r.notify("note", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| {
             ctx.session().push("onNote", &msg).map_err(internal)

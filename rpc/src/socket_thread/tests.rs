@@ -33,7 +33,7 @@ fn no_wake_up_is_lost() {
                 for _ in 0..500 {
                     let (tx, rx) = crossbeam_channel::bounded(1);
                     let call = Call::KickUser { uid: "u".into(), reason: "r".into() };
-                    io.call("nobody", call, Some(ReplyFn::new(move |r| drop(tx.send(r)))));
+                    io.call("nobody", None, call, Some(ReplyFn::new(move |r| drop(tx.send(r)))));
                     let answer = rx.recv_timeout(Duration::from_secs(5)).expect("answered");
                     assert!(matches!(answer, Err(e) if e.code == codes::NOT_FOUND));
                 }
@@ -130,6 +130,7 @@ fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
     let (tx, rx) = crossbeam_channel::unbounded();
     io.call(
         "fake",
+        None,
         Call::KickUser { uid: "u".into(), reason: "r".into() },
         Some(ReplyFn::new(move |r| drop(tx.send(r)))),
     );
@@ -190,7 +191,12 @@ fn recv_call(server: &zmq::Socket) -> (Vec<u8>, u64) {
 
 fn kick_call(io: &Io, to: &str) -> Receiver<Result<Answer, HandlerError>> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    io.call(to, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(ReplyFn::new(move |r| drop(tx.send(r)))));
+    io.call(
+        to,
+        None,
+        Call::KickUser { uid: "u".into(), reason: "r".into() },
+        Some(ReplyFn::new(move |r| drop(tx.send(r)))),
+    );
     rx
 }
 
@@ -478,6 +484,7 @@ fn every_call_is_answered_when_the_thread_stops_or_panics() {
             // Answered at once (no such server) by a callback that panics.
             io.call(
                 "nobody",
+                None,
                 Call::KickUser { uid: "u".into(), reason: "r".into() },
                 Some(ReplyFn::new(|_| panic!("callback bug"))),
             );
