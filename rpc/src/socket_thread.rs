@@ -178,11 +178,18 @@ struct Peer {
     /// It never connected within the call timeout (a wrong advertised address, a
     /// firewall): its calls fail at once, as for a lost connection, until it connects.
     unreachable: bool,
+    /// The server table lists it. One it does not (it left, and its DEALER is kept for the
+    /// calls waiting on it; or a call named where it was seen) only gets calls that name
+    /// that endpoint; calls by bare id fail `NOT_FOUND`, as for any server not listed.
+    listed: bool,
+    /// While it is not listed: when it left the table, or a call for it was last queued.
+    last_use: Instant,
 }
 
 impl Peer {
-    fn new(addr: String, socket: zmq::Socket) -> Peer {
-        Peer { addr, socket, was_up: false, warned: false, since: Instant::now(), unreachable: false }
+    fn new(addr: String, socket: zmq::Socket, listed: bool) -> Peer {
+        let now = Instant::now();
+        Peer { addr, socket, was_up: false, warned: false, since: now, unreachable: false, listed, last_use: now }
     }
 
     /// Its connection is up.
@@ -239,6 +246,12 @@ const STOP_GRACE: Duration = Duration::from_millis(100);
 
 /// How often every peer's connection is looked at (`probe_peers`).
 const PROBE: Duration = Duration::from_millis(100);
+
+/// How long the DEALER of a peer the table no longer lists stays open after it left the
+/// table or a call was last queued for it (longer while calls wait on it or messages are
+/// held for it): closing it drops what it has not written yet (linger 0), such as a push
+/// just sent.
+const RETIRE_AFTER: Duration = Duration::from_secs(1);
 
 struct SocketThread {
     ctx: zmq::Context,
@@ -468,26 +481,44 @@ impl SocketThread {
     }
 
     fn queue_call(&mut self, to: String, seen_at: Option<String>, call: Call, reply: Option<ReplyFn>) {
-        // A peer that left the table is dropped (and its calls failed) by `connect_peers`,
-        // queued with the table change; only unknown peers need a table lookup here. The
-        // table is newer than `seen_at` (a restart on a new endpoint), so it comes first.
-        if !self.peers.contains_key(&to) {
-            let Some(addr) = self.table.get(&to).map(|e| e.rpc_addr).or(seen_at) else {
-                if let Some(reply) = reply {
-                    reply.call(Err(HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"))));
-                }
-                return;
-            };
-            match self.dealer(&addr) {
-                Ok(socket) => {
-                    self.peers.insert(to.clone(), Peer::new(addr, socket));
-                }
-                Err(e) => {
-                    if let Some(reply) = reply {
-                        reply.call(Err(HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"))));
+        let not_found = |reply: Option<ReplyFn>| {
+            if let Some(reply) = reply {
+                reply.call(Err(HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"))));
+            }
+        };
+        // `connect_peers`, queued with each table change, keeps `listed` current and drops
+        // (failing their calls) peers that moved, so a listed peer needs no lookup here.
+        let listed = self.peers.get(&to).map(|peer| peer.listed);
+        if listed != Some(true) {
+            let entry = self.table.get(&to);
+            if listed == Some(false) && entry.is_some() {
+                // Listed again, or elsewhere, since the last table change was handled.
+                self.connect_peers();
+            }
+            if !self.peers.contains_key(&to) {
+                // The table is newer than `seen_at` (a restart on a new endpoint).
+                let target = match entry {
+                    Some(entry) => Some((entry.rpc_addr, true)),
+                    None => seen_at.map(|addr| (addr, false)),
+                };
+                let Some((addr, listed)) = target else { return not_found(reply) };
+                match self.dealer(&addr) {
+                    Ok(socket) => {
+                        self.peers.insert(to.clone(), Peer::new(addr, socket, listed));
                     }
-                    return;
+                    Err(e) => {
+                        if let Some(reply) = reply {
+                            reply.call(Err(HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"))));
+                        }
+                        return;
+                    }
                 }
+            } else if entry.is_none() && seen_at.is_none() {
+                // Kept only for the calls waiting on it, or for calls that name where it is.
+                return not_found(reply);
+            }
+            if let Some(peer) = self.peers.get_mut(&to) {
+                peer.last_use = Instant::now();
             }
         }
         let corr = match reply {
@@ -506,16 +537,25 @@ impl SocketThread {
 
     /// Opens DEALERs to new peers and to peers on a new endpoint (restarted under the same
     /// id: the old process is gone, so the calls waiting on it fail now). A peer that left
-    /// discovery keeps its DEALER while calls or held messages wait on it: a server stopping
-    /// gracefully still answers them (it drains), and a dead one is noticed by `probe_peers`,
-    /// which also closes the DEALER once nothing waits on it.
+    /// discovery keeps its DEALER while calls or held messages wait on it, and for
+    /// [`RETIRE_AFTER`] after it left or was last used: a server stopping gracefully still
+    /// answers (it drains), and a dead one is noticed by `probe_peers`, which also closes
+    /// the DEALER once that is over. Only calls that name its endpoint use it meanwhile.
     fn connect_peers(&mut self) {
         let snapshot = self.table.snapshot();
         let table = &snapshot.by_id;
         let (pending, held) = (&self.pending, &self.held);
         self.peers.retain(|id, peer| match table.get(id) {
-            Some(entry) => entry.rpc_addr == peer.addr,
-            None => held.contains_key(id) || pending.values().any(|p| &p.to == id),
+            Some(entry) => {
+                peer.listed = true;
+                entry.rpc_addr == peer.addr
+            }
+            None => {
+                if std::mem::replace(&mut peer.listed, false) {
+                    peer.last_use = Instant::now();
+                }
+                peer.last_use.elapsed() < RETIRE_AFTER || held.contains_key(id) || pending.values().any(|p| &p.to == id)
+            }
         });
         self.held.retain(|id, _| self.peers.contains_key(id));
         let orphaned: Vec<u64> =
@@ -535,7 +575,7 @@ impl SocketThread {
             }
             match self.dealer(&entry.rpc_addr) {
                 Ok(socket) => {
-                    self.peers.insert(id.clone(), Peer::new(entry.rpc_addr.clone(), socket));
+                    self.peers.insert(id.clone(), Peer::new(entry.rpc_addr.clone(), socket, true));
                 }
                 Err(e) => warn!("cannot connect to server {id} at {}: {e}", entry.rpc_addr),
             }

@@ -283,7 +283,8 @@ fn a_server_back_on_a_new_endpoint_gets_the_calls() {
 /// gracefully: it left discovery and serves until peers have had time to see that) before
 /// the socket thread got the call: the call still reaches it, at the endpoint the router
 /// saw, answered or one-way. A call by bare id to a server the table does not list fails
-/// `NOT_FOUND`, and the table's endpoint beats a stale one from a snapshot.
+/// `NOT_FOUND`, even while its DEALER is still open, and the table's endpoint beats a stale
+/// one from a snapshot.
 #[test]
 fn a_server_that_left_the_table_after_it_was_chosen_gets_the_call() {
     let ctx = zmq::Context::new();
@@ -301,16 +302,17 @@ fn a_server_that_left_the_table_after_it_was_chosen_gets_the_call() {
     let (tx, rx) = crossbeam_channel::unbounded();
     let reply = ReplyFn::new(move |r| drop(tx.send(r)));
     io.call_server(&chosen, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(reply));
-    answer_next(&draining, true);
-    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
-    io.call_server(&chosen, Call::KickUser { uid: "one-way".into(), reason: "r".into() }, None);
-    recv_call(&draining);
-    // With nothing waiting on it, its DEALER is closed at the next probe.
-    std::thread::sleep(PROBE * 3);
+    let (identity, corr) = recv_call(&draining);
+    // Its DEALER stays open for the call waiting on it, but only for calls naming it.
     match kick_call(&io, "peer").recv_timeout(Duration::from_secs(5)) {
         Ok(Err(e)) => assert_eq!(e.code, codes::NOT_FOUND, "{e:?}"),
         other => panic!("{other:?}"),
     }
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+    draining.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    io.call_server(&chosen, Call::KickUser { uid: "one-way".into(), reason: "r".into() }, None);
+    recv_call(&draining);
     let (restarted, restarted_addr) = fake_server(&ctx);
     table.replace(fake_entry("peer", &restarted_addr));
     io.send(Cmd::PeersChanged);
