@@ -60,8 +60,8 @@ const DRAIN_QUIET: Duration = Duration::from_millis(500);
 struct Drain {
     /// Set once this server has left discovery: the end of the propagation period.
     until: OnceLock<Instant>,
-    /// When the last call a stopping server refuses (a forwarded batch or a user RPC) was
-    /// taken, in milliseconds since `epoch`.
+    /// When the last call of the kinds a stopping server refuses (a forwarded batch, a
+    /// user RPC) was taken while stopping, in milliseconds since `epoch`, plus one; 0: none.
     last_call: AtomicU64,
     epoch: Instant,
     /// Calls are refused from now on.
@@ -85,7 +85,8 @@ impl Drain {
 
     /// A call this server refuses while stopping is taken.
     fn call_taken(&self) {
-        self.last_call.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let since_epoch = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_call.store(since_epoch + 1, Ordering::Relaxed);
     }
 
     fn refusing(&self) -> bool {
@@ -94,8 +95,11 @@ impl Drain {
         }
         let Some(until) = self.until.get() else { return false };
         let now = Instant::now();
-        let last_call = self.epoch + Duration::from_millis(self.last_call.load(Ordering::Relaxed));
-        if now < *until || now.saturating_duration_since(last_call) < DRAIN_QUIET {
+        let last_call = match self.last_call.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.epoch + Duration::from_millis(ms - 1)),
+        };
+        if now < *until || last_call.is_some_and(|t| now.saturating_duration_since(t) < DRAIN_QUIET) {
             return false;
         }
         if !self.over.swap(true, Ordering::AcqRel) {
@@ -640,6 +644,28 @@ mod tests {
         let mut sticky = Vec::new();
         let mut pick = |r: &&str| inner.pick_in(snapshot, &routers, &Route::parse(r).unwrap(), None, b"", &mut sticky);
         routes.iter().map(|r| pick(r).unwrap().id.as_str()).collect()
+    }
+
+    /// Serving until the propagation period is over and no call came for `DRAIN_QUIET`;
+    /// refusing for good from then on.
+    #[test]
+    fn a_drain_lasts_while_calls_keep_coming() {
+        let idle = Drain::new();
+        assert!(!idle.refusing(), "not stopping");
+        idle.start(Duration::ZERO);
+        assert!(idle.refusing(), "no call came: over once peers know");
+
+        let busy = Drain::new();
+        busy.start(Duration::from_millis(50));
+        busy.call_taken();
+        assert!(!busy.refusing(), "within the propagation period");
+        std::thread::sleep(Duration::from_millis(60));
+        busy.call_taken();
+        assert!(!busy.refusing(), "propagation over, but calls keep coming");
+        std::thread::sleep(DRAIN_QUIET + Duration::from_millis(20));
+        assert!(busy.refusing(), "quiet for DRAIN_QUIET");
+        busy.call_taken();
+        assert!(busy.refusing(), "for good");
     }
 
     #[test]
