@@ -203,8 +203,14 @@ impl Peer {
 
     /// Its connection, once up, is gone.
     fn lost(&mut self, id: &str) {
-        if !std::mem::replace(&mut self.warned, true) {
+        if std::mem::replace(&mut self.warned, true) {
+            return;
+        }
+        if self.listed {
             warn!("connection to server {id} at {} lost; failing its calls until it is back", self.addr);
+        } else {
+            // It left discovery first: a graceful stop, not news for the operator.
+            debug!("connection to server {id} at {} closed after it left the cluster", self.addr);
         }
     }
 
