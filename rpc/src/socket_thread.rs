@@ -297,6 +297,8 @@ struct SocketThread {
     unreachable: HashSet<String>,
     /// When an answer or a call was last handed to ZeroMQ.
     last_sent: Option<Instant>,
+    /// The socket file of an `ipc://` ROUTER endpoint, removed at stop.
+    ipc_file: Option<IpcFile>,
 }
 
 /// High-water marks well above any in-flight bound, so sends never block or drop.
@@ -335,6 +337,39 @@ impl Drop for SocketThread {
             let _ = peer.socket.set_linger(STOP_LINGER_MS);
         }
         self.peers.clear();
+        if let Some(file) = &self.ipc_file {
+            file.remove();
+        }
+    }
+}
+
+/// The socket file ZeroMQ made for an `ipc://` endpoint it bound, identified by its inode.
+/// ZeroMQ leaves it behind when the socket closes (with `ipc://*`, a new `tmpXXXXXX` file in
+/// the working directory at each start).
+struct IpcFile {
+    path: std::path::PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl IpcFile {
+    fn of(endpoint: &str) -> Option<IpcFile> {
+        use std::os::unix::fs::MetadataExt;
+        let path = std::path::PathBuf::from(endpoint.strip_prefix("ipc://")?);
+        let meta = std::fs::metadata(&path).ok()?;
+        Some(IpcFile { path, dev: meta.dev(), ino: meta.ino() })
+    }
+
+    /// Removes the file if it is still this socket's: a process restarted at the same
+    /// path may already have bound it (ZeroMQ then replaced the file).
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let ours = std::fs::metadata(&self.path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
+        if ours {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                debug!("cannot remove the socket file {}: {e}", self.path.display());
+            }
+        }
     }
 }
 
@@ -363,6 +398,7 @@ pub(crate) fn spawn(
     let (tx, rx) = crossbeam_channel::unbounded();
     let wake = Arc::new(Wake { write: wake_write, sleeping: AtomicBool::new(false) });
     let io = Io { tx, wake: wake.clone() };
+    let ipc_file = router.get_last_endpoint().ok().and_then(Result::ok).and_then(|e| IpcFile::of(&e));
     let mut thread = SocketThread {
         ctx,
         identity: process_identity(&own_id),
@@ -387,6 +423,7 @@ pub(crate) fn spawn(
         next_probe: Instant::now(),
         unreachable: HashSet::new(),
         last_sent: None,
+        ipc_file,
     };
     let handle = std::thread::Builder::new().name("df-rpc".into()).spawn(move || thread.run())?;
     Ok((io, handle))

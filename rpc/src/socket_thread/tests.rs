@@ -649,3 +649,33 @@ fn calls_to_a_server_that_never_connects_fail_at_once_after_a_timeout() {
     assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
     stop(io, thread);
 }
+
+/// ZeroMQ leaves an `ipc://` socket file behind: the stopping thread removes its own, but
+/// not one a newer process bound at the same path meanwhile.
+#[test]
+fn a_stopping_thread_removes_its_ipc_socket_file_only() {
+    let dir = std::env::temp_dir().join(format!("df-ipc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("server.sock");
+    let endpoint = format!("ipc://{}", path.display());
+    let start = || {
+        let ctx = zmq::Context::new();
+        let (router, bound) = bind_router(&ctx, &endpoint).unwrap();
+        assert_eq!(bound, endpoint);
+        let table = Arc::new(ServerTable::new());
+        spawn(ctx, router, "ipc".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap()
+    };
+    let (io, thread) = start();
+    assert!(path.exists());
+    stop(io, thread);
+    assert!(!path.exists(), "removed at stop");
+
+    let (old_io, old_thread) = start();
+    // A restarted process binds the same path before the old one has stopped.
+    let (new_io, new_thread) = start();
+    stop(old_io, old_thread);
+    assert!(path.exists(), "the newer process's file is left alone");
+    stop(new_io, new_thread);
+    assert!(!path.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
