@@ -78,9 +78,8 @@ pub(crate) fn remote_session(
     Ok(Arc::new(Session::new(init, sink)))
 }
 
-/// Sends `call` to `to` and waits for the answer (the socket thread enforces `timeout`).
-/// Calls `to` (at `seen_at` if the table no longer lists it: see [`Io::call_server`]) and
-/// waits for the answer.
+/// Sends `call` to `to` (at `seen_at` if the table no longer lists it: see
+/// [`Io::call_server`]) and waits for the answer (the socket thread enforces `timeout`).
 pub(crate) fn blocking(
     io: &Io,
     to: &str,
