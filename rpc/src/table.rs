@@ -35,7 +35,7 @@ const LEARNED_TTL: Duration = Duration::from_secs(30);
 /// pushes reach it even before discovery lists it, and reach the live process when
 /// discovery still lists an old endpoint for its id (restarted under the id). A learned
 /// entry goes once discovery lists the same endpoint, or moves that id elsewhere, or after
-/// [`LEARNED_TTL`] without calls from it.
+/// 30 s without calls from it (`LEARNED_TTL`).
 #[derive(Debug, Default)]
 pub struct ServerTable {
     current: RwLock<Arc<Snapshot>>,
