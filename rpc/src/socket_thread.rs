@@ -201,6 +201,11 @@ impl Peer {
         }
     }
 
+    /// Its connection was lost, or never made within the call timeout (until it is up).
+    fn down(&self) -> bool {
+        self.warned
+    }
+
     /// Its connection, once up, is gone.
     fn lost(&mut self, id: &str) {
         if std::mem::replace(&mut self.warned, true) {
@@ -259,6 +264,9 @@ const PROBE: Duration = Duration::from_millis(100);
 /// just sent.
 const RETIRE_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a closed, departed peer whose connection was down is remembered as gone.
+const GONE_FOR: Duration = Duration::from_secs(60);
+
 struct SocketThread {
     ctx: zmq::Context,
     own_id: String,
@@ -295,6 +303,12 @@ struct SocketThread {
     next_probe: Instant,
     /// The peers last published as unreachable to the table (for routers).
     unreachable: HashSet<String>,
+    /// Peers closed after they left the table while their connection was down (a server
+    /// that died, or stopped and closed): id → (endpoint, when). A call that names that
+    /// endpoint (a stale snapshot, a kept session of a dead frontend) fails at once instead
+    /// of dialing it and waiting out the timeout. Forgotten after [`GONE_FOR`], or when the
+    /// table lists the id again.
+    gone: HashMap<String, (String, Instant)>,
     /// When an answer or a call was last handed to ZeroMQ.
     last_sent: Option<Instant>,
     /// The socket file of an `ipc://` ROUTER endpoint, removed at stop.
@@ -422,6 +436,7 @@ pub(crate) fn spawn(
         wake_ready: false,
         next_probe: Instant::now(),
         unreachable: HashSet::new(),
+        gone: HashMap::new(),
         last_sent: None,
         ipc_file,
     };
@@ -542,7 +557,7 @@ impl SocketThread {
                 // The table is newer than `seen_at` (a restart on a new endpoint).
                 let target = match entry {
                     Some(entry) => Some((entry.rpc_addr, true)),
-                    None => seen_at.map(|addr| (addr, false)),
+                    None => seen_at.filter(|addr| !self.is_gone(&to, addr)).map(|addr| (addr, false)),
                 };
                 let Some((addr, listed)) = target else { return not_found(reply) };
                 match self.dealer(&addr) {
@@ -578,6 +593,11 @@ impl SocketThread {
         self.outbox.entry(to).or_default().push(Frame::Call { corr, call });
     }
 
+    /// Whether server `id` at `addr` is known to be gone (see `gone`).
+    fn is_gone(&self, id: &str, addr: &str) -> bool {
+        self.gone.get(id).is_some_and(|(gone_addr, since)| gone_addr == addr && since.elapsed() < GONE_FOR)
+    }
+
     /// Opens DEALERs to new peers and to peers on a new endpoint (restarted under the same
     /// id: the old process is gone, so the calls waiting on it fail now). A peer that left
     /// discovery keeps its DEALER while calls or held messages wait on it, and for
@@ -587,7 +607,8 @@ impl SocketThread {
     fn connect_peers(&mut self) {
         let snapshot = self.table.snapshot();
         let table = &snapshot.by_id;
-        let (pending, held) = (&self.pending, &self.held);
+        let (pending, held, gone) = (&self.pending, &self.held, &mut self.gone);
+        gone.retain(|id, (_, since)| since.elapsed() < GONE_FOR && !table.contains_key(id));
         self.peers.retain(|id, peer| match table.get(id) {
             Some(entry) => {
                 peer.listed = true;
@@ -597,7 +618,13 @@ impl SocketThread {
                 if std::mem::replace(&mut peer.listed, false) {
                     peer.last_use = Instant::now();
                 }
-                peer.last_use.elapsed() < RETIRE_AFTER || held.contains_key(id) || pending.values().any(|p| &p.to == id)
+                let keep = peer.last_use.elapsed() < RETIRE_AFTER
+                    || held.contains_key(id)
+                    || pending.values().any(|p| &p.to == id);
+                if !keep && peer.down() {
+                    gone.insert(id.clone(), (peer.addr.clone(), Instant::now()));
+                }
+                keep
             }
         });
         self.held.retain(|id, _| self.peers.contains_key(id));

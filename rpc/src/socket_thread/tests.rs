@@ -679,3 +679,38 @@ fn a_stopping_thread_removes_its_ipc_socket_file_only() {
     assert!(!path.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A server that died and then left the table is remembered as gone: a call that names
+/// its old endpoint (a router's stale snapshot, a kept session of a dead frontend) fails at
+/// once instead of dialing it and waiting out the timeout, until the table lists it again.
+#[test]
+fn a_call_naming_a_dead_departed_server_fails_at_once() {
+    let ctx = zmq::Context::new();
+    let (server, addr) = fake_server(&ctx);
+    let table = Arc::new(ServerTable::new());
+    table.replace(fake_entry("peer", &addr));
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let timeout = Duration::from_secs(5);
+    let (io, thread) =
+        spawn(ctx.clone(), router, "fe".into(), table.clone(), Arc::new(NoCalls), limits(timeout)).unwrap();
+    call_is_answered(&io, "peer", &server, true);
+    let chosen = table.get("peer").unwrap();
+    drop(server);
+    table.replace(HashMap::new());
+    io.send(Cmd::PeersChanged);
+    // Its connection is seen lost at a probe; its DEALER is closed after `RETIRE_AFTER`.
+    std::thread::sleep(RETIRE_AFTER + PROBE * 3);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let reply = ReplyFn::new(move |r| drop(tx.send(r)));
+    io.call_server(&chosen, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(reply));
+    match rx.recv_timeout(timeout / 5) {
+        Ok(Err(e)) => assert_eq!(e.code, codes::NOT_FOUND, "{e:?}"),
+        other => panic!("a call to a gone server should fail at once: {other:?}"),
+    }
+    // Back under its id at the same endpoint, and listed: reached again.
+    let back = fake_server_at(&ctx, &addr);
+    table.replace(fake_entry("peer", &addr));
+    io.send(Cmd::PeersChanged);
+    call_is_answered(&io, "peer", &back, true);
+    stop(io, thread);
+}
