@@ -189,14 +189,24 @@ fn recv_call(server: &zmq::Socket) -> (Vec<u8>, u64) {
     }
 }
 
-fn kick_call(io: &Io, to: &str) -> Receiver<Result<Answer, HandlerError>> {
+/// A kick call, its reply callback, and the channel that callback answers on.
+fn kick() -> (Call, Option<ReplyFn>, Receiver<Result<Answer, HandlerError>>) {
     let (tx, rx) = crossbeam_channel::unbounded();
-    io.call(
-        to,
-        None,
-        Call::KickUser { uid: "u".into(), reason: "r".into() },
-        Some(ReplyFn::new(move |r| drop(tx.send(r)))),
-    );
+    let call = Call::KickUser { uid: "u".into(), reason: "r".into() };
+    (call, Some(ReplyFn::new(move |r| drop(tx.send(r)))), rx)
+}
+
+/// Kicks through server `to` (by bare id); returns the answer channel.
+fn kick_call(io: &Io, to: &str) -> Receiver<Result<Answer, HandlerError>> {
+    let (call, reply, rx) = kick();
+    io.call(to, None, call, reply);
+    rx
+}
+
+/// Kicks through `server`, as chosen from a table snapshot; returns the answer channel.
+fn kick_call_server(io: &Io, server: &ServerEntry) -> Receiver<Result<Answer, HandlerError>> {
+    let (call, reply, rx) = kick();
+    io.call_server(server, call, reply);
     rx
 }
 
@@ -218,10 +228,22 @@ fn answer_next(server: &zmq::Socket, found: bool) {
 /// A socket thread `fe` whose table lists `peers` (id, endpoint), answering incoming calls
 /// with `NoCalls`.
 fn start_with_peers(ctx: &zmq::Context, peers: &[(&str, &str)], timeout: Duration) -> (Io, JoinHandle<()>) {
+    let (io, thread, _) = start_with_table(ctx, peers, timeout);
+    (io, thread)
+}
+
+/// [`start_with_peers`], also returning the table, for tests that change it.
+fn start_with_table(
+    ctx: &zmq::Context,
+    peers: &[(&str, &str)],
+    timeout: Duration,
+) -> (Io, JoinHandle<()>, Arc<ServerTable>) {
     let table = Arc::new(ServerTable::new());
     table.replace(peers.iter().flat_map(|(id, addr)| fake_entry(id, addr)).collect());
     let (router, _) = bind_router(ctx, "tcp://127.0.0.1:*").unwrap();
-    spawn(ctx.clone(), router, "fe".into(), table, Arc::new(NoCalls), limits(timeout)).unwrap()
+    let (io, thread) =
+        spawn(ctx.clone(), router, "fe".into(), table.clone(), Arc::new(NoCalls), limits(timeout)).unwrap();
+    (io, thread, table)
 }
 
 fn stop(io: Io, thread: JoinHandle<()>) {
@@ -289,19 +311,12 @@ fn a_server_back_on_a_new_endpoint_gets_the_calls() {
 fn a_server_that_left_the_table_after_it_was_chosen_gets_the_call() {
     let ctx = zmq::Context::new();
     let (draining, draining_addr) = fake_server(&ctx);
-    let table = Arc::new(ServerTable::new());
-    table.replace(fake_entry("peer", &draining_addr));
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let (io, thread) =
-        spawn(ctx.clone(), router, "fe".into(), table.clone(), Arc::new(NoCalls), limits(Duration::from_secs(5)))
-            .unwrap();
+    let (io, thread, table) = start_with_table(&ctx, &[("peer", &draining_addr)], Duration::from_secs(5));
     call_is_answered(&io, "peer", &draining, true);
     let chosen = table.get("peer").unwrap();
     table.replace(HashMap::new());
     io.send(Cmd::PeersChanged);
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let reply = ReplyFn::new(move |r| drop(tx.send(r)));
-    io.call_server(&chosen, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(reply));
+    let rx = kick_call_server(&io, &chosen);
     let (identity, corr) = recv_call(&draining);
     // Its DEALER stays open for the call waiting on it, but only for calls naming it.
     match kick_call(&io, "peer").recv_timeout(Duration::from_secs(5)) {
@@ -316,9 +331,7 @@ fn a_server_that_left_the_table_after_it_was_chosen_gets_the_call() {
     let (restarted, restarted_addr) = fake_server(&ctx);
     table.replace(fake_entry("peer", &restarted_addr));
     io.send(Cmd::PeersChanged);
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let reply = ReplyFn::new(move |r| drop(tx.send(r)));
-    io.call_server(&chosen, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(reply));
+    let rx = kick_call_server(&io, &chosen);
     answer_next(&restarted, false);
     assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
     stop(io, thread);
@@ -687,12 +700,8 @@ fn a_stopping_thread_removes_its_ipc_socket_file_only() {
 fn a_call_naming_a_dead_departed_server_fails_at_once() {
     let ctx = zmq::Context::new();
     let (server, addr) = fake_server(&ctx);
-    let table = Arc::new(ServerTable::new());
-    table.replace(fake_entry("peer", &addr));
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
     let timeout = Duration::from_secs(5);
-    let (io, thread) =
-        spawn(ctx.clone(), router, "fe".into(), table.clone(), Arc::new(NoCalls), limits(timeout)).unwrap();
+    let (io, thread, table) = start_with_table(&ctx, &[("peer", &addr)], timeout);
     call_is_answered(&io, "peer", &server, true);
     let chosen = table.get("peer").unwrap();
     drop(server);
@@ -700,9 +709,7 @@ fn a_call_naming_a_dead_departed_server_fails_at_once() {
     io.send(Cmd::PeersChanged);
     // Its connection is seen lost at a probe; its DEALER is closed after `RETIRE_AFTER`.
     std::thread::sleep(RETIRE_AFTER + PROBE * 3);
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let reply = ReplyFn::new(move |r| drop(tx.send(r)));
-    io.call_server(&chosen, Call::KickUser { uid: "u".into(), reason: "r".into() }, Some(reply));
+    let rx = kick_call_server(&io, &chosen);
     match rx.recv_timeout(timeout / 5) {
         Ok(Err(e)) => assert_eq!(e.code, codes::NOT_FOUND, "{e:?}"),
         other => panic!("a call to a gone server should fail at once: {other:?}"),
