@@ -13,7 +13,7 @@ use dragonfruit_rpc::{ClusterModule, EmbeddedDiscovery, RouteCtx, Router, Server
 use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
-use crate::util::{cluster_dir, cluster_module, module_with, probe_app, wait_until, Probe, Server, T};
+use crate::util::{cluster_dir, cluster_module, fast_discovery, module_with, probe_app, wait_until, Probe, Server, T};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -408,8 +408,7 @@ struct SlowLeave(EmbeddedDiscovery, Duration, Arc<std::sync::atomic::AtomicBool>
 
 impl SlowLeave {
     fn new(dir: &std::path::Path, leaving_takes: Duration) -> SlowLeave {
-        let discovery = EmbeddedDiscovery::new(dir.to_owned(), Duration::from_millis(50), Duration::from_secs(3));
-        SlowLeave(discovery, leaving_takes, Arc::default())
+        SlowLeave(fast_discovery(dir), leaving_takes, Arc::default())
     }
 }
 

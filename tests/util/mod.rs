@@ -98,13 +98,15 @@ pub fn cluster_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// A cluster module with fast embedded discovery in `dir` (rescans every 50 ms; entries
-/// live 3 s, as by default, so a test machine stalled for a moment does not drop live
-/// servers) and a short call timeout.
+/// A cluster module with [`fast_discovery`] in `dir` and a short call timeout.
 pub fn cluster_module(dir: &std::path::Path, timeout: Duration) -> dragonfruit_rpc::ClusterModule {
-    let discovery =
-        dragonfruit_rpc::EmbeddedDiscovery::new(dir.to_owned(), Duration::from_millis(50), Duration::from_secs(3));
-    module_with(discovery, timeout)
+    module_with(fast_discovery(dir), timeout)
+}
+
+/// Embedded discovery in `dir` that rescans every 50 ms; entries live 3 s, as by default,
+/// so a test machine stalled for a moment does not drop live servers.
+pub fn fast_discovery(dir: &std::path::Path) -> dragonfruit_rpc::EmbeddedDiscovery {
+    dragonfruit_rpc::EmbeddedDiscovery::new(dir.to_owned(), Duration::from_millis(50), Duration::from_secs(3))
 }
 
 /// A cluster module over `discovery` with the call timeout `timeout`.
