@@ -231,7 +231,7 @@ impl Config {
             return invalid("server.type", "must be non-empty and contain no dot");
         }
         if self.server.id.len() > MAX_SERVER_ID {
-            return invalid("server.id", "must be at most 200 bytes");
+            return invalid("server.id", &format!("must be at most {MAX_SERVER_ID} bytes"));
         }
         if !self.server.frontend && self.acceptor.tcp.is_some() {
             return invalid("acceptor.tcp", "a backend (server.frontend = false) has no client acceptor");

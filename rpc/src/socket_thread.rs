@@ -653,11 +653,10 @@ impl SocketThread {
         self.publish_unreachable();
     }
 
-    /// Tells the table (and so the routers) which peers are down now: those whose loss is
-    /// logged (`Peer::warned`: connection lost, or never made within the timeout). Only a
-    /// change is published.
+    /// Tells the table (and so the routers) which peers are down now (`Peer::down`:
+    /// connection lost, or never made within the timeout). Only a change is published.
     fn publish_unreachable(&mut self) {
-        let now: HashSet<String> = self.peers.iter().filter(|(_, p)| p.warned).map(|(id, _)| id.clone()).collect();
+        let now: HashSet<String> = self.peers.iter().filter(|(_, p)| p.down()).map(|(id, _)| id.clone()).collect();
         if now != self.unreachable {
             self.table.set_unreachable(now.clone());
             self.unreachable = now;
@@ -846,8 +845,8 @@ impl SocketThread {
         }
     }
 
-    /// Closes the DEALERs of peers that left discovery once no call waits on them
-    /// (`connect_peers` keeps them only while calls wait).
+    /// Closes the DEALERs of peers that left discovery once `connect_peers` no longer keeps
+    /// them (no call or held message waits on them, and [`RETIRE_AFTER`] is over).
     fn close_retired_peers(&mut self) {
         let snapshot = self.table.snapshot();
         if self.peers.keys().any(|id| !snapshot.by_id.contains_key(id)) {
