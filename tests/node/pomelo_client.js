@@ -3,84 +3,21 @@
 // error response, kick. Prints "ok <step>" per step; exits non-zero on any failure.
 // Usage: node pomelo_client.js HOST:PORT   (the server must register the test probe)
 'use strict';
-const net = require('net');
-const Protocol = require('pomelo-protocol');
-const { Package, Message } = Protocol;
+const { Conn, Protocol, Package, Message, check, fail, deadline } = require('./conn');
 
-const [host, port] = process.argv[2].split(':');
-const sock = net.connect(Number(port), host);
-const timer = setTimeout(() => fail('timed out'), 15000);
-
-let pending = Buffer.alloc(0);
-const packets = [];
-let waiter = null;
-let closed = false;
-
-function fail(why) {
-  console.error('FAIL: ' + why);
-  process.exit(1);
-}
-
-function check(cond, why) {
-  if (!cond) fail(why);
-}
-
-// pomelo-protocol decodes whole packages only: the caller splits the TCP stream.
-sock.on('data', (chunk) => {
-  pending = Buffer.concat([pending, chunk]);
-  while (pending.length >= 4) {
-    const len = (pending[1] << 16) | (pending[2] << 8) | pending[3];
-    if (pending.length < 4 + len) break;
-    packets.push(Package.decode(pending.slice(0, 4 + len)));
-    pending = pending.slice(4 + len);
-  }
-  wake();
-});
-sock.on('close', () => { closed = true; wake(); });
-sock.on('error', (e) => { if (!closed) fail('socket error ' + e.message); });
-
-function wake() {
-  if (waiter) { const w = waiter; waiter = null; w(); }
-}
-
-async function nextPacket(skipHeartbeats = true) {
-  for (;;) {
-    while (packets.length) {
-      const p = packets.shift();
-      if (skipHeartbeats && p.type === Package.TYPE_HEARTBEAT) continue;
-      return p;
-    }
-    if (closed) return null;
-    await new Promise((resolve) => { waiter = resolve; });
-  }
-}
-
-function sendData(id, type, route, obj) {
-  const body = obj === undefined ? null : Protocol.strencode(JSON.stringify(obj));
-  sock.write(Package.encode(Package.TYPE_DATA, Message.encode(id, type, 0, route, body)));
-}
-
-async function nextMessage() {
-  const p = await nextPacket();
-  check(p && p.type === Package.TYPE_DATA, 'expected a data package, got ' + JSON.stringify(p && p.type));
-  const m = Message.decode(p.body);
-  m.json = m.body.length ? JSON.parse(Protocol.strdecode(m.body)) : null;
-  return m;
-}
+const timer = deadline(15000);
+const conn = new Conn(process.argv[2], 'client');
+const sendData = (id, type, route, obj) => conn.send(id, type, route, obj);
+const nextPacket = (skipHeartbeats) => conn.nextPacket(skipHeartbeats);
+const nextMessage = () => conn.nextMessage();
 
 async function main() {
-  await new Promise((resolve) => sock.once('connect', resolve));
-
-  const hs = { sys: { type: 'js-tcp', version: '0.0.1', rsa: {} }, user: {} };
-  sock.write(Package.encode(Package.TYPE_HANDSHAKE, Protocol.strencode(JSON.stringify(hs))));
-  const resp = await nextPacket();
-  check(resp && resp.type === Package.TYPE_HANDSHAKE, 'handshake response');
-  const data = JSON.parse(Protocol.strdecode(resp.body));
-  check(data.code === 200, 'handshake code ' + data.code);
+  await conn.connected();
+  const data = await conn.handshake();
   check(data.sys.heartbeat === 1, 'heartbeat ' + data.sys.heartbeat);
   console.log('ok handshake');
 
-  sock.write(Package.encode(Package.TYPE_HANDSHAKE_ACK));
+  conn.ack();
   console.log('ok ack');
 
   sendData(1, Message.TYPE_REQUEST, 'connector.probe.echo', { hello: 'pomelo' });
@@ -110,7 +47,7 @@ async function main() {
   check(seen.push && seen.response, 'push and response');
   console.log('ok push');
 
-  sock.write(Package.encode(Package.TYPE_HEARTBEAT));
+  conn.sock.write(Package.encode(Package.TYPE_HEARTBEAT));
   const hb = await nextPacket(false);
   check(hb && hb.type === Package.TYPE_HEARTBEAT, 'server heartbeat, got ' + JSON.stringify(hb && hb.type));
   console.log('ok heartbeat');
