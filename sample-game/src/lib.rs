@@ -7,6 +7,11 @@
 //!   `{"text"}` → `onChat {"from","text"}` to the room, `room.room.leave` → `{"room"}` (pushes
 //!   `onLeave`), `room.room.echo` (for benchmarks of forwarding). [`RoomRouter`] keeps all
 //!   members of a room on one room server, and each roomless player on one room server.
+//!
+//! The connector announces [`ROUTE_DICTIONARY`] in its handshake (unless the configuration
+//! has a `[dictionary]` of its own), as pomelo's chat demo does with its `dictionary.json`:
+//! pomelo/pinus clients then send these routes as 2-byte codes and get pushes with codes.
+//! libpitaya ignores the dictionary and keeps sending strings, which works the same.
 
 pub mod entry;
 pub mod room;
@@ -26,6 +31,20 @@ pub const CONNECTOR: &str = "connector";
 pub const ROOM: &str = "room";
 /// Default client port.
 pub const DEFAULT_TCP: &str = "127.0.0.1:3250";
+
+/// Route codes of the game's client routes and push routes. Codes are part of the
+/// client contract: keep them when routes are added.
+pub const ROUTE_DICTIONARY: [(&str, u16); 9] = [
+    ("connector.entry.echo", 1),
+    ("connector.entry.login", 2),
+    ("room.room.join", 3),
+    ("room.room.say", 4),
+    ("room.room.leave", 5),
+    ("room.room.echo", 6),
+    ("onJoin", 7),
+    ("onChat", 8),
+    ("onLeave", 9),
+];
 
 /// What one process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +80,10 @@ impl Role {
 /// The app of `role` from a configuration (its `server.type` must match the role), with the
 /// cluster module it uses, if any.
 pub fn app(role: Role, source: &ConfigSource) -> Result<(AppBuilder, Option<ClusterModule>), String> {
-    let builder = App::from_source(source).map_err(|e| e.to_string())?;
+    let mut builder = App::from_source(source).map_err(|e| e.to_string())?;
+    if builder.config_mut().dictionary.is_empty() {
+        builder = builder.route_dictionary(ROUTE_DICTIONARY);
+    }
     let cluster = || -> Result<ClusterModule, String> {
         Ok(ClusterModule::from_source(source).map_err(|e| e.to_string())?.with_router(ROOM, RoomRouter::default()))
     };
@@ -79,4 +101,24 @@ pub fn app(role: Role, source: &ConfigSource) -> Result<(AppBuilder, Option<Clus
             (builder.component("entry", entry::Entry).component_for(ROOM, "room", room::Rooms::default()), None)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dictionary(toml: &str) -> std::collections::BTreeMap<String, u16> {
+        let source = ConfigSource::from_toml(toml).unwrap();
+        let (mut builder, _) = app(Role::Standalone, &source).unwrap();
+        builder.config_mut().dictionary.clone()
+    }
+
+    #[test]
+    fn the_game_dictionary_unless_the_configuration_has_one() {
+        let game = dictionary("");
+        assert_eq!(game.len(), ROUTE_DICTIONARY.len());
+        assert_eq!(game.get("room.room.join"), Some(&3));
+        let own = dictionary("[dictionary]\n\"room.room.join\" = 40\n");
+        assert_eq!(own.into_iter().collect::<Vec<_>>(), vec![("room.room.join".to_string(), 40)]);
+    }
 }

@@ -1,7 +1,8 @@
 //! The sample game as separate processes: the launcher's local cluster, a room server
 //! killed with SIGKILL while requests are in flight, a killed connector restarted, a
 //! frozen room server, a room server stopped gracefully under load, and roomless players
-//! moving off a killed room server before discovery drops it.
+//! moving off a killed room server before discovery drops it; and a pomelo-protocol client
+//! (npm) playing through the cluster.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -165,6 +166,33 @@ fn the_launcher_runs_a_playable_cluster_and_stops_it() {
         assert!(output.iter().any(|l| l.contains(&format!("server {id}"))), "{id} announced: {output:?}");
     }
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "connector is gone");
+}
+
+/// A third-party client plays through the cluster: `tests/node/pomelo_player.js` drives the
+/// npm `pomelo-protocol` codec (installed by `scripts/test.sh`) with the route codes of the
+/// connector's dictionary, logs in, joins, chats, leaves and disconnects, the room handlers
+/// and their pushes running on the room servers.
+#[test]
+fn a_pomelo_client_plays_through_the_cluster() {
+    let node = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/node");
+    assert!(
+        node.join("node_modules/pomelo-protocol").is_dir(),
+        "npm package pomelo-protocol missing: run scripts/test.sh (it runs `npm ci` in tests/node)"
+    );
+    let servers = Servers::new("pomelo", &[]);
+    let cluster = servers.two_rooms();
+    drop(player(cluster.port, "ready")); // the connector is up and reaches a room server
+    let output = Command::new("node")
+        .arg(node.join("pomelo_player.js"))
+        .arg(format!("127.0.0.1:{}", cluster.port))
+        .output()
+        .expect("node runs (installed by scripts/test.sh)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "node player failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    for step in ["handshake", "login", "join", "chat", "string route", "errors", "leave", "disconnect"] {
+        assert!(stdout.lines().any(|l| l == format!("ok {step}")), "step {step} missing:\n{stdout}\n{stderr}");
+    }
 }
 
 #[test]
