@@ -90,6 +90,27 @@ fn forwarded_requests_run_on_a_backend_with_the_session() {
 }
 
 #[test]
+fn large_bodies_cross_the_cluster_and_oversized_ones_fail_alone() {
+    let c = cluster("large", 1, TIMEOUT, None);
+    let client = c.frontend.client();
+    // Close to the 1 MiB packet limit both ways.
+    let body = vec![b'z'; (1 << 20) - 64];
+    assert_eq!(client.request_raw("room.room.echo", &body).unwrap(), body);
+    let big: String = client.request("room.room.grow", &json!(1 << 20)).unwrap();
+    assert_eq!(big.len(), 1 << 20);
+    // Over the wire's 16 MiB: the request fails, the session goes on.
+    match client.request::<_, Value>("room.room.grow", &json!(17 << 20)) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, codes::INTERNAL, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    let _: bool = client.request("room.room.push_grown", &json!(17 << 20)).unwrap();
+    let _: bool = client.request("room.room.push", &json!("small")).unwrap();
+    let (route, msg): (String, Value) = client.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), msg), ("onMsg", json!("small")), "the oversized push is dropped, the next one arrives");
+    assert_eq!(client.request_raw("room.room.echo", b"still here").unwrap(), b"still here");
+}
+
+#[test]
 fn backend_session_changes_reach_the_frontend_only_when_pushed() {
     let c = cluster("pushback", 1, TIMEOUT, None);
     let client = c.frontend.client();

@@ -26,6 +26,12 @@ pub struct Backend {
 impl Component for Backend {
     fn routes(r: &mut Routes<Self>) {
         r.raw_handler("echo", |_: &Backend, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
+        // An answer (or a push) of `n` bytes, for bodies over the client packet limits.
+        r.handler("grow", |_: &Backend, _: &mut Ctx<'_>, n: usize| Ok("x".repeat(n)));
+        r.handler("push_grown", |_: &Backend, ctx: &mut Ctx<'_>, n: usize| {
+            ctx.session().push("onMsg", &"x".repeat(n)).map_err(internal)?;
+            Ok(true)
+        });
         r.handler("whoami", |_: &Backend, ctx: &mut Ctx<'_>, _: Value| {
             let s = ctx.session();
             Ok(json!({
