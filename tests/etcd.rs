@@ -1,5 +1,5 @@
 //! etcd discovery against a real etcd: registration, forwarding, lease expiry of a dead
-//! server, and an etcd outage.
+//! server, an etcd outage, and the loss of one member of an etcd cluster.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,8 +28,13 @@ fn phantom(id: &str, server_type: &str) -> ServerEntry {
 }
 
 fn module(etcd: &Etcd) -> ClusterModule {
+    module_at(&etcd.url())
+}
+
+/// A cluster module whose discovery uses the etcd members at `urls` (comma-separated).
+fn module_at(urls: &str) -> ClusterModule {
     let rpc = RpcConfig { timeout: Duration::from_secs(2), ..Default::default() };
-    ClusterModule::new(rpc, Box::new(EtcdDiscovery::new(&etcd.url(), "it/", TTL)))
+    ClusterModule::new(rpc, Box::new(EtcdDiscovery::new(urls, "it/", TTL)))
 }
 
 fn pair(etcd: &Etcd) -> (Server, ClusterModule, Server, ClusterModule) {
@@ -104,6 +109,38 @@ fn servers_survive_an_etcd_outage_and_register_again() {
     assert!(wait_until(T, || room_module.servers().len() == 3 && fe_module.servers().len() == 3), "watches resumed");
     newcomer.deregister();
     newcomer.stop();
+    assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
+}
+
+/// Servers given several members of an etcd cluster keep their leases and watches through
+/// the loss of the member they were using.
+#[test]
+fn servers_move_to_another_etcd_member_when_theirs_dies() {
+    let mut members = Etcd::start_cluster("members", 3);
+    let url: Vec<String> = members.iter().map(Etcd::url).collect();
+    let urls = |ids: &[usize]| ids.iter().map(|&i| url[i].clone()).collect::<Vec<_>>().join(",");
+    let room_module = module_at(&urls(&[0, 2]));
+    let room = App::builder("room").server_id("room-1").component("room", Backend::default());
+    let _room = Server::start_backend(room.cluster(Arc::new(room_module.clone())));
+    let fe_module = module_at(&urls(&[0, 1]));
+    let fe = Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    let client = fe.client();
+
+    members[0].stop();
+    // Past the lease TTL: room-1's lease was kept alive through member 2.
+    std::thread::sleep(TTL * 2);
+    assert_eq!(client.request_raw("room.room.echo", b"still").unwrap(), b"still");
+    let table = Arc::new(ServerTable::new());
+    let observer = EtcdDiscovery::new(&urls(&[1]), "it/", TTL);
+    observer.start(phantom("observer", "observer"), table.clone(), Arc::new(|| {})).unwrap();
+    let listed = |table: &ServerTable| table.all().iter().map(|s| s.id.clone()).collect::<Vec<_>>();
+    assert!(table.get("room-1").is_some() && table.get("connector-1").is_some(), "leases alive: {:?}", listed(&table));
+    // Both watches moved to another member: both see the observer join and leave.
+    assert!(wait_until(T, || fe_module.servers().len() == 3 && room_module.servers().len() == 3), "watches moved");
+    observer.deregister();
+    observer.stop();
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
     assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
 }
 

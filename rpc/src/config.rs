@@ -59,7 +59,8 @@ pub struct DiscoveryConfig {
     pub kind: DiscoveryKind,
     /// `discovery.dir`: embedded registry directory. Default `<temp dir>/dragonfruit-cluster`.
     pub dir: PathBuf,
-    /// `discovery.etcd_url`: etcd client URL (plain HTTP). Default "http://127.0.0.1:2379".
+    /// `discovery.etcd_url`: etcd client URL (plain HTTP), or the URLs of several members
+    /// of one etcd cluster separated by commas. Default "http://127.0.0.1:2379".
     pub etcd_url: String,
     /// `discovery.prefix`: etcd key prefix of this cluster. Default "dragonfruit/".
     pub prefix: String,
@@ -98,6 +99,10 @@ impl DiscoveryConfig {
         if self.ttl <= self.refresh {
             let message = "ttl must be longer than refresh".to_owned();
             return Err(ConfigError::Invalid { key: "discovery.ttl", message });
+        }
+        if self.kind == DiscoveryKind::Etcd {
+            crate::discovery::parse_endpoints(&self.etcd_url)
+                .map_err(|message| ConfigError::Invalid { key: "discovery.etcd_url", message })?;
         }
         Ok(())
     }
@@ -177,6 +182,11 @@ mod tests {
         assert!(error("[rpc]\nadvertise = \"nonsense\"\n").contains("rpc.advertise"));
         assert!(error("[discovery]\nrefresh = \"0s\"\n").contains("discovery.refresh"));
         assert!(error("[discovery]\nttl = \"100ms\"\n").contains("discovery.ttl"));
+        let etcd = |urls: &str| format!("[discovery]\nkind = \"etcd\"\netcd_url = \"{urls}\"\n");
+        assert!(from_source(&ConfigSource::from_toml(&etcd("http://a:2379, http://b:2379/")).unwrap()).is_ok());
+        for bad in ["https://a:2379", "http://a:2379,", "a:2379", ""] {
+            assert!(error(&etcd(bad)).contains("discovery.etcd_url"), "{bad}");
+        }
     }
 
     #[test]

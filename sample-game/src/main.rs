@@ -19,7 +19,7 @@ USAGE:
         (default 2), as child processes found through embedded discovery. Ctrl-C stops all.
 
     sample-game --role connector|room|standalone [--id ID] [--tcp ADDR] [--config FILE]
-                [--discovery embedded|etcd] [--discovery-dir DIR] [--etcd-url URL]
+                [--discovery embedded|etcd] [--discovery-dir DIR] [--etcd-url URL[,URL]]
         Runs one server of the cluster, e.g. on another machine with etcd discovery.
         `standalone` serves both server types in one process, without a cluster.
 
@@ -29,7 +29,8 @@ OPTIONS:
     --id ID               server id (default: generated)
     --discovery KIND      embedded (files in a directory, one machine) or etcd
     --discovery-dir DIR   embedded discovery directory
-    --etcd-url URL        etcd client URL, e.g. http://127.0.0.1:2379
+    --etcd-url URL[,URL]  etcd client URL, e.g. http://127.0.0.1:2379, or several members
+                          of one etcd cluster, comma-separated
     --config FILE         TOML configuration (docs/CONFIG.md); DRAGONFRUIT_* environment
                           variables override it, flags override both
     -h, --help            print this help

@@ -1,5 +1,6 @@
 //! A real etcd (Debian package `etcd-server`, installed by scripts/test.sh) on free loopback
-//! ports with a temporary data directory; stopped, restarted and removed by the tests.
+//! ports with a temporary data directory, alone or as the members of one etcd cluster;
+//! stopped, restarted and removed by the tests.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -10,6 +11,10 @@ use std::time::{Duration, Instant};
 pub struct Etcd {
     child: Option<Child>,
     dir: PathBuf,
+    /// Member name in its cluster.
+    member: String,
+    /// `--initial-cluster`: every member's name and peer URL.
+    initial_cluster: String,
     client_port: u16,
     peer_port: u16,
 }
@@ -19,12 +24,42 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
+    /// A one-member etcd.
     pub fn start(name: &str) -> Etcd {
-        let dir = std::env::temp_dir().join(format!("df-etcd-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut etcd = Etcd { child: None, dir, client_port: free_port(), peer_port: free_port() };
-        etcd.run();
-        etcd
+        Etcd::start_cluster(name, 1).pop().unwrap()
+    }
+
+    /// The `n` members of one etcd cluster, started together (each waits for a quorum).
+    pub fn start_cluster(name: &str, n: usize) -> Vec<Etcd> {
+        let mut members: Vec<Etcd> = (0..n)
+            .map(|i| {
+                let dir = std::env::temp_dir().join(format!("df-etcd-{}-{name}-{i}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
+                let member = format!("it{i}");
+                Etcd {
+                    child: None,
+                    dir,
+                    member,
+                    initial_cluster: String::new(),
+                    client_port: free_port(),
+                    peer_port: free_port(),
+                }
+            })
+            .collect();
+        let initial_cluster =
+            members.iter().map(|m| format!("{}={}", m.member, m.peer_url())).collect::<Vec<_>>().join(",");
+        for member in &mut members {
+            member.initial_cluster = initial_cluster.clone();
+            member.spawn();
+        }
+        for member in &members {
+            member.wait_healthy();
+        }
+        members
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
     }
 
     pub fn url(&self) -> String {
@@ -32,20 +67,28 @@ impl Etcd {
     }
 
     fn run(&mut self) {
+        self.spawn();
+        self.wait_healthy();
+    }
+
+    fn spawn(&mut self) {
         let client = self.url();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = self.peer_url();
         let child = Command::new("etcd")
-            .args(["--name", "it", "--data-dir"])
+            .args(["--name", &self.member, "--data-dir"])
             .arg(&self.dir)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("it={peer}"), "--logger", "zap", "--log-level", "error"])
+            .args(["--initial-cluster", &self.initial_cluster, "--logger", "zap", "--log-level", "error"])
             .arg("--unsafe-no-fsync")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("etcd runs (Debian package etcd-server; scripts/test.sh installs it)");
         self.child = Some(child);
+    }
+
+    fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.healthy() {
             assert!(Instant::now() < deadline, "etcd did not become healthy");

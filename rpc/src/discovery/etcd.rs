@@ -4,10 +4,14 @@
 //! graceful stop revokes the lease. A watch on `<prefix>servers/` keeps the table current.
 //! While etcd is unreachable the last table stays in force; when it is back the lease is
 //! kept alive again, or granted and the entry put again if it expired.
+//!
+//! The URL may list several members of one etcd cluster, comma-separated (as etcdctl's
+//! `--endpoints`): calls go to one member and move to the next when it fails, so a server
+//! keeps its lease and its watch through the loss of a member.
 
 use std::collections::{HashMap, HashSet};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,7 +46,10 @@ struct Running {
 }
 
 struct Shared {
-    endpoint: Endpoint,
+    /// The members, tried in turn from `current`.
+    endpoints: Vec<Endpoint>,
+    /// Index of the member calls go to first: the last one that answered.
+    current: AtomicUsize,
     url: String,
     dir: String,
     ttl: Duration,
@@ -65,7 +72,8 @@ struct Shared {
 }
 
 impl EtcdDiscovery {
-    /// Discovery through the etcd at `url` (`http://host:port`), keys under `prefix`.
+    /// Discovery through the etcd at `url` (`http://host:port`, or several members of one
+    /// etcd cluster separated by commas), keys under `prefix`.
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> EtcdDiscovery {
         EtcdDiscovery { url: url.to_owned(), prefix: prefix.to_owned(), ttl, running: Mutex::new(None) }
     }
@@ -110,9 +118,41 @@ fn prefix_end(prefix: &str) -> String {
     "\0".into()
 }
 
+/// The members listed in `urls` (comma-separated `http://host:port`).
+pub(crate) fn parse_endpoints(urls: &str) -> Result<Vec<Endpoint>, String> {
+    let endpoints = urls.split(',').map(|u| Endpoint::parse(u.trim())).collect::<Result<Vec<_>, _>>()?;
+    if endpoints.is_empty() {
+        return Err("no etcd URL".into());
+    }
+    Ok(endpoints)
+}
+
 impl Shared {
     fn call(&self, path: &str, body: Value) -> Result<Value, String> {
-        http::post(&self.endpoint, path, &body, CALL_TIMEOUT)
+        self.on_a_member(|endpoint| http::post(endpoint, path, &body, CALL_TIMEOUT))
+    }
+
+    /// Runs `f` on the current member, then on each other one until one succeeds; the one
+    /// that did becomes current. The error names what each member said.
+    fn on_a_member<T>(&self, f: impl Fn(&Endpoint) -> Result<T, String>) -> Result<T, String> {
+        let n = self.endpoints.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut errors = Vec::new();
+        for i in (0..n).map(|k| (first + k) % n) {
+            let endpoint = &self.endpoints[i];
+            match f(endpoint) {
+                Ok(value) => {
+                    if i != first {
+                        self.current.store(i, Ordering::Relaxed);
+                        info!("etcd member {} answers; using it ({})", endpoint.host_port, errors.join("; "));
+                    }
+                    return Ok(value);
+                }
+                Err(e) if n == 1 => return Err(e),
+                Err(e) => errors.push(format!("{}: {e}", endpoint.host_port)),
+            }
+        }
+        Err(errors.join("; "))
     }
 
     /// Sleeps `d`, or less if a stop begins; `false` when stopping.
@@ -240,7 +280,8 @@ impl Shared {
             "range_end": b64(&prefix_end(&self.dir)),
             "start_revision": (revision + 1).to_string(),
         }});
-        let (mut body, control) = http::post_stream(&self.endpoint, "/v3/watch", &request, CALL_TIMEOUT)?;
+        let (mut body, control) =
+            self.on_a_member(|endpoint| http::post_stream(endpoint, "/v3/watch", &request, CALL_TIMEOUT))?;
         control.set_read_timeout(Some(WATCH_IDLE)).map_err(|e| e.to_string())?;
         *self.watch.lock().unwrap_or_else(|p| p.into_inner()) = control.try_clone().ok();
         if self.stopping.load(Ordering::Acquire) {
@@ -279,10 +320,11 @@ impl Shared {
 impl Discovery for EtcdDiscovery {
     fn start(&self, me: ServerEntry, table: Arc<ServerTable>, changed: OnChange) -> Result<(), DiscoveryError> {
         let etcd_error = |message: String| DiscoveryError::Etcd { url: self.url.clone(), message };
-        let endpoint = Endpoint::parse(&self.url).map_err(etcd_error)?;
+        let endpoints = parse_endpoints(&self.url).map_err(etcd_error)?;
         let dir = format!("{}servers/", self.prefix);
         let shared = Arc::new(Shared {
-            endpoint,
+            endpoints,
+            current: AtomicUsize::new(0),
             url: self.url.clone(),
             key: format!("{dir}{}/{}", me.server_type, me.id),
             dir,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use embedded::EmbeddedDiscovery;
+pub(crate) use etcd::parse_endpoints;
 pub use etcd::EtcdDiscovery;
 
 use crate::config::{DiscoveryConfig, DiscoveryKind};
