@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dragonfruit_client::{Client, ClientError};
+use dragonfruit_client::{Client, ClientConfig, ClientError};
 use dragonfruit_core::cluster::{self, ClusterContext, ClusterError, Forward, ForwardDone};
 use dragonfruit_core::{codes, Messenger, Session};
 use dragonfruit_net::{App, AppBuilder};
@@ -91,8 +91,10 @@ fn forwarded_requests_run_on_a_backend_with_the_session() {
 
 #[test]
 fn large_bodies_cross_the_cluster_and_oversized_ones_fail_alone() {
-    let c = cluster("large", 1, TIMEOUT, None);
-    let client = c.frontend.client();
+    // 17 MiB bodies take seconds to build and move on a loaded machine: a longer call timeout.
+    let c = cluster("large", 1, Duration::from_secs(20), None);
+    let client =
+        c.frontend.client_with(ClientConfig { request_timeout: Duration::from_secs(30), ..Default::default() });
     // Close to the 1 MiB packet limit both ways.
     let body = vec![b'z'; (1 << 20) - 64];
     assert_eq!(client.request_raw("room.room.echo", &body).unwrap(), body);
