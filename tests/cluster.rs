@@ -271,6 +271,45 @@ impl Router for ByRoom {
     }
 }
 
+/// Sends the `server` remote to the server named by the session's `home`, everything else
+/// to the one named by its `entry`.
+struct BySessionKey;
+
+impl Router for BySessionKey {
+    fn pick(&self, ctx: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize> {
+        let key = if ctx.route.method() == "server" { "home" } else { "entry" };
+        let id: String = ctx.session?.get(key)?;
+        servers.iter().position(|s| s.id == id)
+    }
+}
+
+/// A backend calling a remote of its own server type for a session (the sample game's "leave
+/// the old room" on joining another) reaches the server the router picks, which may be
+/// another one of the type, and runs it itself when the router picks it.
+#[test]
+fn user_rpcs_of_the_callers_own_type_are_routed() {
+    let dir = cluster_dir("owntype");
+    let backend = Backend::default();
+    let module = || cluster_module(&dir, TIMEOUT).with_router("room", BySessionKey);
+    let rooms: Vec<_> = ["room-1", "room-2"]
+        .into_iter()
+        .map(|id| {
+            let m = module();
+            (Server::start_backend(room_builder(id, &backend, &m)), m)
+        })
+        .collect();
+    let fe_module = module();
+    let frontend = start_connector(&fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 3 && rooms.iter().all(|(_, m)| m.servers().len() == 3)));
+    let client = frontend.client();
+    let _: bool = client.request("probe.set", &json!({"k": "entry", "v": "room-1"})).unwrap();
+    for home in ["room-2", "room-1"] {
+        let _: bool = client.request("probe.set", &json!({"k": "home", "v": home})).unwrap();
+        let answer: Value = client.request("room.room.server_for_session", &json!({})).unwrap();
+        assert_eq!(answer["server"], home, "called from room-1 for a session whose home is {home}: {answer}");
+    }
+}
+
 #[test]
 fn custom_routers_choose_the_server() {
     let c = cluster("router", 2, TIMEOUT, Some(Box::new(|m: ClusterModule| m.with_router("room", ByRoom))));

@@ -195,6 +195,32 @@ fn a_pomelo_client_plays_through_the_cluster() {
     }
 }
 
+/// A player joining another room leaves the old one on whichever room server holds it
+/// (a room server calling its own server type, routed by the player's session).
+#[test]
+fn switching_rooms_tells_the_old_room_on_any_room_server() {
+    let servers = Servers::new("switch", &[]);
+    let cluster = servers.two_rooms();
+    let alice = player(cluster.port, "alice");
+    let bob = player(cluster.port, "bob");
+    // Rooms hash to both room servers: some of these moves cross servers.
+    for i in 0..8 {
+        let old = format!("r{i}");
+        let _: Value = alice.request("room.room.join", &json!({"room": old})).unwrap();
+        let _: Value = bob.request("room.room.join", &json!({"room": old})).unwrap();
+        assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "bob"})));
+        let joined: Value = alice.request("room.room.join", &json!({"room": format!("s{i}")})).unwrap();
+        assert_eq!(joined["members"], json!(["alice"]));
+        assert_eq!(
+            bob.recv_push_as::<Value>(T).unwrap(),
+            ("onLeave".to_string(), json!({"uid": "alice"})),
+            "bob is told alice left {old}"
+        );
+        let left: Value = bob.request("room.room.leave", &json!({})).unwrap();
+        assert_eq!(left["room"], old, "bob was still in {old}; no one else was");
+    }
+}
+
 #[test]
 fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     let servers = Servers::new("kill", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);

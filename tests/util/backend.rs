@@ -32,6 +32,11 @@ impl Component for Backend {
             ctx.session().push("onMsg", &"x".repeat(n)).map_err(internal)?;
             Ok(true)
         });
+        // The `server` remote, called for this session: where the router sends it.
+        r.handler("server_for_session", |_: &Backend, ctx: &mut Ctx<'_>, _: Value| {
+            let session = ctx.session().clone();
+            ctx.rpc_for::<_, Value>(&session, "room.room.server", &json!({}))
+        });
         r.handler("whoami", |_: &Backend, ctx: &mut Ctx<'_>, _: Value| {
             let s = ctx.session();
             Ok(json!({
