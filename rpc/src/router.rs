@@ -105,12 +105,7 @@ pub fn rendezvous_bytes(key: &[u8], servers: &[ServerEntry]) -> Option<usize> {
 /// the index is into `servers`. A key whose server is left out goes where it would go if
 /// that server had left the cluster, and every other key stays.
 pub fn rendezvous_among(key: &[u8], servers: &[ServerEntry], keep: impl Fn(&ServerEntry) -> bool) -> Option<usize> {
-    servers
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| keep(s))
-        .max_by_key(|(_, s)| weight(key, &s.id))
-        .map(|(i, _)| i)
+    servers.iter().enumerate().filter(|(_, s)| keep(s)).max_by_key(|(_, s)| weight(key, &s.id)).map(|(i, _)| i)
 }
 
 /// The weight of server `id` for `key`. FNV-1a alone orders ids that differ only in their
@@ -202,9 +197,13 @@ mod tests {
                 }
                 assert!(seen.iter().all(|&c| c * 10 > fair * 8 && c * 10 < fair * 12), "{n} servers: {seen:?}");
             }
-            let together = (0..n_keys).filter(|k| rendezvous(&format!("r{k}"), &list) == rendezvous(&format!("s{k}"), &list));
+            let together =
+                (0..n_keys).filter(|k| rendezvous(&format!("r{k}"), &list) == rendezvous(&format!("s{k}"), &list));
             let together = together.count();
-            assert!(together * 10 > fair * 8 && together * 10 < fair * 12, "{n} servers: r/s pairs together {together}");
+            assert!(
+                together * 10 > fair * 8 && together * 10 < fair * 12,
+                "{n} servers: r/s pairs together {together}"
+            );
         }
     }
 

@@ -89,7 +89,10 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         stop(&mut servers);
         return Err(e);
     }
-    println!("sample-game: press Ctrl-C to stop the cluster");
+    println!(
+        "sample-game: play in other terminals: cargo run --release -p sample-game -- --play NAME --tcp {}; press Ctrl-C here to stop the cluster",
+        args.tcp
+    );
     let outcome = loop {
         if stop_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
             break Ok(());

@@ -8,6 +8,8 @@
 //!   `onLeave`), `room.room.echo` (for benchmarks of forwarding). [`RoomRouter`] keeps all
 //!   members of a room on one room server, and each roomless player on one room server.
 //!
+//! `sample-game --play NAME` is a terminal player (the binary's `play` module).
+//!
 //! The connector announces [`ROUTE_DICTIONARY`] in its handshake (unless the configuration
 //! has a `[dictionary]` of its own), as pomelo's chat demo does with its `dictionary.json`:
 //! pomelo/pinus clients then send these routes as 2-byte codes and get pushes with codes.

@@ -1,6 +1,7 @@
 //! `sample-game`: runs the sample game, as a local cluster or as one of its servers.
 
 mod launcher;
+mod play;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -18,6 +19,10 @@ USAGE:
         Runs a local cluster: one connector (clients connect to ADDR) and N room servers
         (default 2), as child processes found through embedded discovery. Ctrl-C stops all.
 
+    sample-game --play NAME [--room ROOM] [--tcp ADDR]
+        Plays: logs in as NAME on the connector at ADDR and joins ROOM (default lobby).
+        Each line typed is said in the room; /join ROOM, /leave, /help, /quit.
+
     sample-game --role connector|room|standalone [--id ID] [--tcp ADDR] [--config FILE]
                 [--discovery embedded|etcd] [--discovery-dir DIR] [--etcd-url URL[,URL]]
         Runs one server of the cluster, e.g. on another machine with etcd discovery.
@@ -25,6 +30,8 @@ USAGE:
 
 OPTIONS:
     --tcp ADDR            client TCP address of the connector (default 127.0.0.1:3250)
+    --play NAME           play as NAME (see above)
+    --room ROOM           the room --play starts in (default lobby)
     --rooms N             room servers of the local cluster (default 2)
     --id ID               server id (default: generated)
     --discovery KIND      embedded (files in a directory, one machine) or etcd
@@ -40,6 +47,8 @@ Log level: RUST_LOG (default info).";
 /// Parsed command line.
 pub(crate) struct Args {
     pub(crate) role: Option<Role>,
+    pub(crate) play: Option<String>,
+    pub(crate) room: String,
     pub(crate) id: Option<String>,
     pub(crate) tcp: String,
     pub(crate) rooms: usize,
@@ -52,6 +61,8 @@ pub(crate) struct Args {
 fn parse_args() -> Result<Option<Args>, String> {
     let mut args = Args {
         role: None,
+        play: None,
+        room: "lobby".to_owned(),
         id: None,
         tcp: DEFAULT_TCP.to_owned(),
         rooms: 2,
@@ -70,6 +81,8 @@ fn parse_args() -> Result<Option<Args>, String> {
                 args.role = Some(Role::parse(&v).ok_or(format!("unknown role {v:?}: connector, room or standalone"))?);
             }
             "--id" => args.id = Some(value()?),
+            "--play" => args.play = Some(value()?),
+            "--room" => args.room = value()?,
             "--tcp" => args.tcp = value()?,
             "--rooms" => args.rooms = value()?.parse().map_err(|e| format!("--rooms: {e}"))?,
             "--discovery" => {
@@ -84,6 +97,9 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--config" => args.config = Some(value()?),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
+    }
+    if args.play.is_some() && args.role.is_some() {
+        return Err("--play and --role do not go together: a player is not a server".into());
     }
     Ok(Some(args))
 }
@@ -175,9 +191,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match args.role {
-        Some(role) => serve(role, &args),
-        None => launcher::run(&args),
+    let result = match (&args.play, args.role) {
+        (Some(name), _) => play::run(&args.tcp, name, &args.room),
+        (None, Some(role)) => serve(role, &args),
+        (None, None) => launcher::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

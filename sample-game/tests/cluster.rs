@@ -1,8 +1,9 @@
 //! The sample game as separate processes: the launcher's local cluster, a room server
 //! killed with SIGKILL while requests are in flight, a killed connector restarted, a
 //! frozen room server, a room server stopped gracefully under load, and roomless players
-//! moving off a killed room server before discovery drops it; and a pomelo-protocol client
-//! (npm) playing through the cluster.
+//! moving off a killed room server before discovery drops it; players switching rooms
+//! across room servers; a pomelo-protocol client (npm) and the terminal player
+//! (`--play`) playing through the cluster.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -219,6 +220,76 @@ fn switching_rooms_tells_the_old_room_on_any_room_server() {
         let left: Value = bob.request("room.room.leave", &json!({})).unwrap();
         assert_eq!(left["room"], old, "bob was still in {old}; no one else was");
     }
+}
+
+/// A `sample-game --play` process: lines to its input, lines of its output (each waited
+/// for at most `T`).
+struct Player {
+    proc: Proc,
+    output: std::sync::mpsc::Receiver<String>,
+}
+
+impl Player {
+    fn start(port: u16, name: &str, room: &str) -> Player {
+        let mut child = Command::new(BIN)
+            .args(["--play", name, "--tcp", &format!("127.0.0.1:{port}"), "--room", room])
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, output) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
+        Player { proc: Proc(child), output }
+    }
+
+    fn line(&self) -> String {
+        self.output.recv_timeout(T).expect("a line from the player")
+    }
+
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        let input = self.proc.0.stdin.as_mut().unwrap();
+        writeln!(input, "{line}").unwrap();
+        input.flush().unwrap();
+    }
+}
+
+/// `sample-game --play`: two terminal players chat through the cluster.
+#[test]
+fn terminal_players_chat() {
+    let servers = Servers::new("play", &[]);
+    let cluster = servers.two_rooms();
+    drop(player(cluster.port, "ready"));
+    let mut ann = Player::start(cluster.port, "ann", "den");
+    assert!(ann.line().starts_with("logged in as ann"));
+    assert_eq!(ann.line(), "you are in den: ann");
+    let mut ben = Player::start(cluster.port, "ben", "den");
+    assert!(ben.line().starts_with("logged in as ben"));
+    assert_eq!(ben.line(), "you are in den: ann, ben");
+    assert_eq!(ann.line(), "* ben joined");
+    ann.type_line("hello ben");
+    assert_eq!(ben.line(), "ann: hello ben");
+    assert_eq!(ann.line(), "ann: hello ben");
+    ben.type_line("/join");
+    assert!(ben.line().starts_with("unknown command \"/join\""));
+    ben.type_line("/join porch");
+    assert_eq!(ben.line(), "you are in porch: ben");
+    assert_eq!(ann.line(), "* ben left");
+    ben.type_line("/leave");
+    assert_eq!(ben.line(), "you left porch");
+    ben.type_line("/leave");
+    assert_eq!(ben.line(), "not in a room (GAME-403)");
+    ben.type_line("/quit");
+    assert!(wait_exit(&mut ben.proc.0, T).expect("/quit ends the player").success());
+    // The end of input quits too.
+    drop(ann.proc.0.stdin.take());
+    assert!(wait_exit(&mut ann.proc.0, T).expect("the end of input ends the player").success());
+
+    // A name the game refuses: a clear error and a failure exit.
+    let mut refused = Player::start(cluster.port, " ", "den");
+    assert!(!wait_exit(&mut refused.proc.0, T).expect("a refused login ends the player").success());
 }
 
 #[test]

@@ -1,0 +1,128 @@
+//! `sample-game --play NAME`: a terminal player. Logs in on the connector, joins a room and
+//! chats: each line typed is said in the room; `/join ROOM`, `/leave`, `/help` and `/quit`
+//! (or the end of input). Chat lines and players joining or leaving are printed as they come.
+
+use std::io::BufRead;
+
+use crossbeam_channel::{select, unbounded, Receiver};
+use dragonfruit_client::{Client, ClientConfig, ClientError, Push};
+use sample_game::entry::LoginAck;
+use sample_game::room::{Chat, Joined, MemberEvent};
+use serde_json::{json, Value};
+
+const COMMANDS: &str = "type a line to say it in your room; /join ROOM, /leave, /help, /quit";
+
+/// Plays as `name` on the connector at `addr`, starting in `room`, until `/quit`, the end
+/// of input, or the server closing the connection (an error).
+pub(crate) fn run(addr: &str, name: &str, room: &str) -> Result<(), String> {
+    // Route codes from the handshake's dictionary, as pomelo clients use them.
+    let config = ClientConfig { use_route_codes: true, ..ClientConfig::default() };
+    let client = Client::connect(addr, config).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let ack: LoginAck = match client.request("connector.entry.login", &json!({ "name": name })) {
+        Ok(ack) => ack,
+        Err(e) => return Err(format!("cannot log in as {name:?}: {}", why(e))),
+    };
+    println!("logged in as {}; {COMMANDS}", ack.uid);
+    join(&client, room)?;
+    let lines = stdin_lines();
+    loop {
+        select! {
+            recv(lines) -> line => match line {
+                Ok(line) => {
+                    if !command(&client, line.trim())? {
+                        break;
+                    }
+                }
+                Err(_) => break, // end of input
+            },
+            recv(client.pushes()) -> push => match push {
+                Ok(push) => show(&client, push),
+                Err(_) => return Err(closed(&client)),
+            },
+        }
+    }
+    client.close();
+    Ok(())
+}
+
+/// Runs one typed line; `false` to quit. Game errors are printed; a lost connection is an
+/// error.
+fn command(client: &Client, line: &str) -> Result<bool, String> {
+    let (word, rest) = line.split_once(' ').map_or((line, ""), |(w, r)| (w, r.trim()));
+    match word {
+        "" => {}
+        "/quit" => return Ok(false),
+        "/help" => println!("{COMMANDS}"),
+        "/join" if !rest.is_empty() => join(client, rest)?,
+        "/leave" => match client.request::<_, Value>("room.room.leave", &json!({})) {
+            Ok(left) => println!("you left {}", left["room"].as_str().unwrap_or("your room")),
+            Err(e) => game_error(client, e)?,
+        },
+        _ if word.starts_with('/') => println!("unknown command {line:?}; {COMMANDS}"),
+        _ => client.notify("room.room.say", &json!({ "text": line })).map_err(|_| closed(client))?,
+    }
+    Ok(true)
+}
+
+fn join(client: &Client, room: &str) -> Result<(), String> {
+    match client.request::<_, Joined>("room.room.join", &json!({ "room": room })) {
+        Ok(joined) => println!("you are in {}: {}", joined.room, joined.members.join(", ")),
+        Err(e) => game_error(client, e)?,
+    }
+    Ok(())
+}
+
+/// Prints a refusal of the game (bad room name, not in a room, ...); a broken connection
+/// ends the game.
+fn game_error(client: &Client, e: ClientError) -> Result<(), String> {
+    match e {
+        ClientError::Server(_) | ClientError::Timeout => {
+            println!("{}", why(e));
+            Ok(())
+        }
+        _ => Err(closed(client)),
+    }
+}
+
+fn why(e: ClientError) -> String {
+    match e {
+        ClientError::Server(e) => format!("{} ({})", e.message, e.code),
+        other => other.to_string(),
+    }
+}
+
+fn closed(client: &Client) -> String {
+    match client.kicked() {
+        Some(reason) if !reason.is_empty() => format!("kicked by the server: {reason}"),
+        Some(_) => "kicked by the server".into(),
+        None => "the server closed the connection".into(),
+    }
+}
+
+fn show(client: &Client, push: Push) {
+    let serializer = client.serializer();
+    let text = match push.route.as_str() {
+        "onChat" => serializer.decode::<Chat>(&push.body).map(|c| format!("{}: {}", c.from, c.text)).ok(),
+        "onJoin" => serializer.decode::<MemberEvent>(&push.body).map(|e| format!("* {} joined", e.uid)).ok(),
+        "onLeave" => serializer.decode::<MemberEvent>(&push.body).map(|e| format!("* {} left", e.uid)).ok(),
+        _ => None,
+    };
+    match text {
+        Some(text) => println!("{text}"),
+        None => println!("{}: {}", push.route, String::from_utf8_lossy(&push.body)),
+    }
+}
+
+/// Lines of standard input, read on a thread of their own.
+fn stdin_lines() -> Receiver<String> {
+    let (tx, rx) = unbounded();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
