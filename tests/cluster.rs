@@ -303,6 +303,10 @@ fn user_rpcs_of_the_callers_own_type_are_routed() {
     assert!(wait_until(T, || fe_module.servers().len() == 3 && rooms.iter().all(|(_, m)| m.servers().len() == 3)));
     let client = frontend.client();
     let _: bool = client.request("probe.set", &json!({"k": "entry", "v": "room-1"})).unwrap();
+    match client.request::<_, Value>("room.room.server_for_session", &json!({})) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, codes::NOT_FOUND, "no home: the router refuses: {e}"),
+        other => panic!("{other:?}"),
+    }
     for home in ["room-2", "room-1"] {
         let _: bool = client.request("probe.set", &json!({"k": "home", "v": home})).unwrap();
         let answer: Value = client.request("room.room.server_for_session", &json!({})).unwrap();

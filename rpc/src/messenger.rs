@@ -129,8 +129,9 @@ impl Messenger for ClusterMessenger {
             let (to, seen_at) = match picked {
                 Ok((to, _)) if to == me.id => return None,
                 Ok(picked) => picked,
-                // A stopping server has left the table: its own type's calls run here.
-                Err(_) if server_type == me.server_type => return None,
+                // A stopping server has left the table: its own type's calls run here (a
+                // router's refusal stays a refusal).
+                Err(_) if server_type == me.server_type && inner.table.get(&me.id).is_none() => return None,
                 Err(e) => return Some(Err(e)),
             };
             let call = Call::User { route: route.to_owned(), body: body.clone() };
