@@ -23,13 +23,14 @@ pub(crate) fn run(addr: &str, name: &str, room: &str) -> Result<(), String> {
         Err(e) => return Err(format!("cannot log in as {name:?}: {}", why(e))),
     };
     println!("logged in as {}; {COMMANDS}", ack.uid);
-    join(&client, room)?;
+    // The room this player is in, as the room server last answered.
+    let mut room = join(&client, room, None)?;
     let lines = stdin_lines();
     loop {
         select! {
             recv(lines) -> line => match line {
                 Ok(line) => {
-                    if !command(&client, line.trim())? {
+                    if !command(&client, line.trim(), &mut room)? {
                         break;
                     }
                 }
@@ -47,29 +48,41 @@ pub(crate) fn run(addr: &str, name: &str, room: &str) -> Result<(), String> {
 
 /// Runs one typed line; `false` to quit. Game errors are printed; a lost connection is an
 /// error.
-fn command(client: &Client, line: &str) -> Result<bool, String> {
+fn command(client: &Client, line: &str, room: &mut Option<String>) -> Result<bool, String> {
     let (word, rest) = line.split_once(' ').map_or((line, ""), |(w, r)| (w, r.trim()));
     match word {
         "" => {}
         "/quit" => return Ok(false),
         "/help" => println!("{COMMANDS}"),
-        "/join" if !rest.is_empty() => join(client, rest)?,
+        "/join" if rest.is_empty() => println!("usage: /join ROOM"),
+        "/join" => *room = join(client, rest, room.take())?,
         "/leave" => match client.request::<_, Value>("room.room.leave", &json!({})) {
-            Ok(left) => println!("you left {}", left["room"].as_str().unwrap_or("your room")),
+            Ok(left) => {
+                println!("you left {}", left["room"].as_str().unwrap_or("your room"));
+                *room = None;
+            }
             Err(e) => game_error(client, e)?,
         },
         _ if word.starts_with('/') => println!("unknown command {line:?}; {COMMANDS}"),
+        // Saying is a notify: the game answers nothing, not even a refusal.
+        _ if room.is_none() => println!("you are in no room: /join ROOM first"),
         _ => client.notify("room.room.say", &json!({ "text": line })).map_err(|_| closed(client))?,
     }
     Ok(true)
 }
 
-fn join(client: &Client, room: &str) -> Result<(), String> {
+/// Joins `room`; the room the player is in afterwards (`current` if the game refused).
+fn join(client: &Client, room: &str, current: Option<String>) -> Result<Option<String>, String> {
     match client.request::<_, Joined>("room.room.join", &json!({ "room": room })) {
-        Ok(joined) => println!("you are in {}: {}", joined.room, joined.members.join(", ")),
-        Err(e) => game_error(client, e)?,
+        Ok(joined) => {
+            println!("you are in {}: {}", joined.room, joined.members.join(", "));
+            Ok(Some(joined.room))
+        }
+        Err(e) => {
+            game_error(client, e)?;
+            Ok(current)
+        }
     }
-    Ok(())
 }
 
 /// Prints a refusal of the game (bad room name, not in a room, ...); a broken connection

@@ -273,7 +273,9 @@ fn terminal_players_chat() {
     assert_eq!(ben.line(), "ann: hello ben");
     assert_eq!(ann.line(), "ann: hello ben");
     ben.type_line("/join");
-    assert!(ben.line().starts_with("unknown command \"/join\""));
+    assert_eq!(ben.line(), "usage: /join ROOM");
+    ben.type_line("/dance");
+    assert!(ben.line().starts_with("unknown command \"/dance\""));
     ben.type_line("/join porch");
     assert_eq!(ben.line(), "you are in porch: ben");
     assert_eq!(ann.line(), "* ben left");
@@ -281,6 +283,10 @@ fn terminal_players_chat() {
     assert_eq!(ben.line(), "you left porch");
     ben.type_line("/leave");
     assert_eq!(ben.line(), "not in a room (GAME-403)");
+    ben.type_line("anyone?");
+    assert_eq!(ben.line(), "you are in no room: /join ROOM first");
+    ben.type_line(&format!("/join {}", "x".repeat(100)));
+    assert!(ben.line().ends_with("(GAME-400)"), "a room name the game refuses");
     ben.type_line("/quit");
     assert!(wait_exit(&mut ben.proc.0, T).expect("/quit ends the player").success());
     // The end of input quits too.
