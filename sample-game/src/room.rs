@@ -103,7 +103,12 @@ impl Rooms {
         let session = ctx.session().clone();
         let previous: Option<String> = session.get(ROOM_KEY);
         if previous.as_deref() == Some(name.as_str()) {
-            return Ok(Joined { members: self.members(&name), room: name });
+            let members = self.members(&name);
+            if members.contains(&uid) {
+                return Ok(Joined { members, room: name });
+            }
+            // The room was lost with the room server that held it (the router now sends it
+            // here): join it anew.
         }
         if let Some(old) = previous {
             // The old room may live on another room server: the router finds it from the

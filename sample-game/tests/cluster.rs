@@ -2,7 +2,7 @@
 //! killed with SIGKILL while requests are in flight, a killed connector restarted, a
 //! frozen room server, a room server stopped gracefully under load, and roomless players
 //! moving off a killed room server before discovery drops it; players switching rooms
-//! across room servers; a pomelo-protocol client (npm) and the terminal player
+//! across room servers; a room lost with its server joined again; a pomelo-protocol client (npm) and the terminal player
 //! (`--play`) playing through the cluster.
 
 use std::io::{BufRead, BufReader};
@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dragonfruit_client::{Client, ClientConfig, ClientError};
+use dragonfruit_rpc::router::rendezvous;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sample-game");
@@ -342,6 +343,39 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
 /// Players in no room hold no state on a room server, so their requests move to the other
 /// room server as soon as the connector sees its connection to a killed one lost, long
 /// before discovery (60 s here) drops it.
+/// A room lost with its room server (SIGKILL) can be joined again once discovery has
+/// dropped that server: the room is made anew on the other room server.
+#[test]
+fn players_rejoin_a_room_lost_with_its_server() {
+    let servers = Servers::new("lost", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
+    let mut cluster = servers.two_rooms();
+    let entry = |id: &str| dragonfruit_rpc::ServerEntry {
+        id: id.into(),
+        server_type: "room".into(),
+        frontend: false,
+        rpc_addr: String::new(),
+        metadata: Default::default(),
+    };
+    let both = [entry("room-1"), entry("room-2")];
+    let room = (0..).map(|i| format!("hall{i}")).find(|r| rendezvous(r, &both) == Some(0)).unwrap();
+    let alice = player(cluster.port, "alice");
+    let bob = player(cluster.port, "bob");
+    let _: Value = alice.request("room.room.join", &json!({"room": room})).unwrap();
+    let _: Value = bob.request("room.room.join", &json!({"room": room})).unwrap();
+    assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "bob"})));
+
+    signal(&cluster.room1.0, libc::SIGKILL);
+    assert!(wait_exit(&mut cluster.room1.0, T).is_some());
+    std::thread::sleep(Duration::from_millis(2600)); // discovery drops room-1 (2 s)
+    let joined: Value = alice.request("room.room.join", &json!({"room": room})).unwrap();
+    assert_eq!(joined["members"], json!(["alice"]), "{room} made anew on room-2");
+    let joined: Value = bob.request("room.room.join", &json!({"room": room})).unwrap();
+    assert_eq!(joined["members"], json!(["alice", "bob"]));
+    assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "bob"})));
+    bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
+    assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onChat".to_string(), json!({"from": "bob", "text": "back"})));
+}
+
 #[test]
 fn roomless_players_move_off_a_killed_room_server_before_discovery_drops_it() {
     let servers =
