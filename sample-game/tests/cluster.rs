@@ -2,8 +2,8 @@
 //! killed with SIGKILL while requests are in flight, a killed connector restarted, a
 //! frozen room server, a room server stopped gracefully under load, and roomless players
 //! moving off a killed room server before discovery drops it; players switching rooms
-//! across room servers; a room lost with its server joined again; a pomelo-protocol client (npm) and the terminal player
-//! (`--play`) playing through the cluster.
+//! across room servers; a room lost with its server joined again; a pomelo-protocol client
+//! (npm) and the terminal player (`--play`) playing through the cluster.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
