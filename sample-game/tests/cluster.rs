@@ -366,8 +366,18 @@ fn players_rejoin_a_room_lost_with_its_server() {
 
     signal(&cluster.room1.0, libc::SIGKILL);
     assert!(wait_exit(&mut cluster.room1.0, T).is_some());
-    std::thread::sleep(Duration::from_millis(2600)); // discovery drops room-1 (2 s)
-    let joined: Value = alice.request("room.room.join", &json!({"room": room})).unwrap();
+    // Until discovery drops room-1 (2 s), the room's requests fail (its server is dead).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let joined: Value = loop {
+        match alice.request("room.room.join", &json!({"room": room})) {
+            Ok(joined) => break joined,
+            Err(ClientError::Server(e)) if Instant::now() < deadline => {
+                assert_ne!(e.code, "GAME-400", "{e:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
     assert_eq!(joined["members"], json!(["alice"]), "{room} made anew on room-2");
     let joined: Value = bob.request("room.room.join", &json!({"room": room})).unwrap();
     assert_eq!(joined["members"], json!(["alice", "bob"]));
