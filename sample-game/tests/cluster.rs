@@ -223,11 +223,18 @@ fn switching_rooms_tells_the_old_room_on_any_room_server() {
     }
 }
 
-/// A `sample-game --play` process: lines to its input, lines of its output (each waited
-/// for at most `T`).
+/// A `sample-game --play` process: lines to its input, lines of its output and of its
+/// error output (each waited for at most `T`).
 struct Player {
     proc: Proc,
     output: std::sync::mpsc::Receiver<String>,
+    errors: std::sync::mpsc::Receiver<String>,
+}
+
+fn line_reader(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || BufReader::new(from).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
+    rx
 }
 
 impl Player {
@@ -237,16 +244,20 @@ impl Player {
             .env("RUST_LOG", "error")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (tx, output) = std::sync::mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
-        Player { proc: Proc(child), output }
+        let output = line_reader(child.stdout.take().unwrap());
+        let errors = line_reader(child.stderr.take().unwrap());
+        Player { proc: Proc(child), output, errors }
     }
 
     fn line(&self) -> String {
         self.output.recv_timeout(T).expect("a line from the player")
+    }
+
+    fn error_line(&self) -> String {
+        self.errors.recv_timeout(T).expect("an error line from the player")
     }
 
     fn type_line(&mut self, line: &str) {
@@ -294,8 +305,17 @@ fn terminal_players_chat() {
     drop(ann.proc.0.stdin.take());
     assert!(wait_exit(&mut ann.proc.0, T).expect("the end of input ends the player").success());
 
+    // Logging in under a name in use elsewhere kicks the older player (unique sessions).
+    let mut first = Player::start(cluster.port, "cy", "den");
+    assert!(first.line().starts_with("logged in as cy"));
+    let second = Player::start(cluster.port, "cy", "den");
+    assert!(second.line().starts_with("logged in as cy"));
+    assert_eq!(first.error_line(), "sample-game: kicked by the server: another session logged in with this uid");
+    assert!(!wait_exit(&mut first.proc.0, T).expect("the kicked player ends").success());
+
     // A name the game refuses: a clear error and a failure exit.
     let mut refused = Player::start(cluster.port, " ", "den");
+    assert!(refused.error_line().contains("cannot log in as \" \": name must be"), "a clear error");
     assert!(!wait_exit(&mut refused.proc.0, T).expect("a refused login ends the player").success());
 }
 
