@@ -144,6 +144,46 @@ fn servers_move_to_another_etcd_member_when_theirs_dies() {
     assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
 }
 
+/// A member that hangs (stopped, not dead: it accepts connections but answers nothing, as a
+/// frozen or cut-off host) is left before leases expire, and watches leave it too.
+#[test]
+fn servers_leave_a_hung_etcd_member_before_their_leases_expire() {
+    let members = Etcd::start_cluster("hung", 3);
+    let url: Vec<String> = members.iter().map(Etcd::url).collect();
+    let urls = |ids: &[usize]| ids.iter().map(|&i| url[i].clone()).collect::<Vec<_>>().join(",");
+    let room_module = module_at(&urls(&[0, 2]));
+    let room = App::builder("room").server_id("room-1").component("room", Backend::default());
+    let _room = Server::start_backend(room.cluster(Arc::new(room_module.clone())));
+    let fe_module = module_at(&urls(&[0, 1]));
+    let fe = Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    // An observer on member 1 notes whether room-1 ever leaves the cluster.
+    let table = Arc::new(ServerTable::new());
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let observer = EtcdDiscovery::new(&urls(&[1]), "it/", TTL);
+    let (seen, flag) = (table.clone(), lost.clone());
+    let on_change = Arc::new(move || {
+        if seen.get("room-1").is_none() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    observer.start(phantom("observer", "observer"), table.clone(), on_change).unwrap();
+    assert!(table.get("room-1").is_some());
+
+    members[0].freeze();
+    std::thread::sleep(TTL * 2);
+    assert!(!lost.load(std::sync::atomic::Ordering::SeqCst), "room-1's lease was kept alive through member 2");
+    assert_eq!(fe.client().request_raw("room.room.echo", b"still").unwrap(), b"still");
+    // Both watches left member 0: a server registering through member 2 is seen by both.
+    let newcomer = EtcdDiscovery::new(&urls(&[2]), "it/", TTL);
+    newcomer.start(phantom("newcomer", "observer"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    let sees = |m: &ClusterModule| m.servers().iter().any(|s| s.id == "newcomer");
+    assert!(wait_until(T, || sees(&fe_module) && sees(&room_module)), "watches moved off the hung member");
+    newcomer.stop();
+    observer.stop();
+    members[0].thaw();
+}
+
 /// Keys under the prefix that are not server entries (another program wrote them) are
 /// ignored; a server's key overwritten with one takes that server out of the table.
 #[test]

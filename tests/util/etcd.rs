@@ -126,6 +126,22 @@ impl Etcd {
         assert!(answer.starts_with("HTTP/1.1 200"), "put {key}: {answer}");
     }
 
+    /// Stops the process without killing it (SIGSTOP): its sockets still accept connections
+    /// but nothing answers, as a frozen or cut-off host. [`Etcd::thaw`] resumes it.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("etcd runs").id().to_string();
+        let status = Command::new("kill").args([sig, &pid]).status().expect("kill runs");
+        assert!(status.success(), "kill {sig} {pid}");
+    }
+
     /// Kills etcd (the data directory stays).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

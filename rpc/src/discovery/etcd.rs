@@ -31,6 +31,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 const WATCH_IDLE: Duration = Duration::from_secs(15);
 /// Pause between retries while etcd is unreachable.
 const RETRY: Duration = Duration::from_secs(1);
+/// Least time a member gets before the next one is tried.
+const MIN_ATTEMPT: Duration = Duration::from_millis(200);
 
 /// etcd-backed discovery.
 pub struct EtcdDiscovery {
@@ -50,6 +52,8 @@ struct Shared {
     endpoints: Vec<Endpoint>,
     /// Index of the member calls go to first: the last one that answered.
     current: AtomicUsize,
+    /// Index of the member the open watch reads from (`usize::MAX`: none).
+    watch_member: AtomicUsize,
     url: String,
     dir: String,
     ttl: Duration,
@@ -129,30 +133,50 @@ pub(crate) fn parse_endpoints(urls: &str) -> Result<Vec<Endpoint>, String> {
 
 impl Shared {
     fn call(&self, path: &str, body: Value) -> Result<Value, String> {
-        self.on_a_member(|endpoint| http::post(endpoint, path, &body, CALL_TIMEOUT))
+        self.on_a_member(|endpoint, timeout| http::post(endpoint, path, &body, timeout)).map(|(value, _)| value)
     }
 
     /// Runs `f` on the current member, then on each other one until one succeeds; the one
-    /// that did becomes current. The error names what each member said.
-    fn on_a_member<T>(&self, f: impl Fn(&Endpoint) -> Result<T, String>) -> Result<T, String> {
+    /// that did becomes current (and a watch on the one that failed is cancelled, so it
+    /// moves too). Returns the value and the member's index; the error names what each
+    /// member said.
+    ///
+    /// A member that hangs (its host froze or is cut off: no refusal, just silence) must not
+    /// cost a lease: keepalives go every ttl/3, so each member but the last tried gets ttl/6
+    /// (at least [`MIN_ATTEMPT`]) before the next is tried. The last gets the whole
+    /// [`CALL_TIMEOUT`], so a cluster slow everywhere still answers.
+    fn on_a_member<T>(&self, f: impl Fn(&Endpoint, Duration) -> Result<T, String>) -> Result<(T, usize), String> {
         let n = self.endpoints.len();
         let first = self.current.load(Ordering::Relaxed) % n;
+        let short = (self.ttl / 6).clamp(MIN_ATTEMPT, CALL_TIMEOUT);
         let mut errors = Vec::new();
-        for i in (0..n).map(|k| (first + k) % n) {
+        for k in 0..n {
+            let i = (first + k) % n;
             let endpoint = &self.endpoints[i];
-            match f(endpoint) {
+            match f(endpoint, if k + 1 == n { CALL_TIMEOUT } else { short }) {
                 Ok(value) => {
                     if i != first {
                         self.current.store(i, Ordering::Relaxed);
                         info!("etcd member {} answers; using it ({})", endpoint.host_port, errors.join("; "));
+                        if self.watch_member.load(Ordering::Relaxed) == first {
+                            self.cancel_watch();
+                        }
                     }
-                    return Ok(value);
+                    return Ok((value, i));
                 }
                 Err(e) if n == 1 => return Err(e),
                 Err(e) => errors.push(format!("{}: {e}", endpoint.host_port)),
             }
         }
         Err(errors.join("; "))
+    }
+
+    /// Shuts the open watch's connection down: its reader fails and the watch is opened
+    /// again (on the current member).
+    fn cancel_watch(&self) {
+        if let Some(watch) = self.watch.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            http::cancel(watch);
+        }
     }
 
     /// Sleeps `d`, or less if a stop begins; `false` when stopping.
@@ -280,10 +304,11 @@ impl Shared {
             "range_end": b64(&prefix_end(&self.dir)),
             "start_revision": (revision + 1).to_string(),
         }});
-        let (mut body, control) =
-            self.on_a_member(|endpoint| http::post_stream(endpoint, "/v3/watch", &request, CALL_TIMEOUT))?;
+        let ((mut body, control), member) =
+            self.on_a_member(|endpoint, timeout| http::post_stream(endpoint, "/v3/watch", &request, timeout))?;
         control.set_read_timeout(Some(WATCH_IDLE)).map_err(|e| e.to_string())?;
         *self.watch.lock().unwrap_or_else(|p| p.into_inner()) = control.try_clone().ok();
+        self.watch_member.store(member, Ordering::Relaxed);
         if self.stopping.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -325,6 +350,7 @@ impl Discovery for EtcdDiscovery {
         let shared = Arc::new(Shared {
             endpoints,
             current: AtomicUsize::new(0),
+            watch_member: AtomicUsize::new(usize::MAX),
             url: self.url.clone(),
             key: format!("{dir}{}/{}", me.server_type, me.id),
             dir,
@@ -385,9 +411,7 @@ impl Discovery for EtcdDiscovery {
             shared.stopping.store(true, Ordering::Release);
             shared.sleeper.1.notify_all();
         }
-        if let Some(watch) = shared.watch.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            http::cancel(watch);
-        }
+        shared.cancel_watch();
         for thread in running.threads {
             let _ = thread.join();
         }
