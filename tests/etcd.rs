@@ -27,10 +27,6 @@ fn phantom(id: &str, server_type: &str) -> ServerEntry {
     }
 }
 
-fn module(etcd: &Etcd) -> ClusterModule {
-    module_at(&etcd.url())
-}
-
 /// A cluster module whose discovery uses the etcd members at `urls` (comma-separated).
 fn module_at(urls: &str) -> ClusterModule {
     let rpc = RpcConfig { timeout: Duration::from_secs(2), ..Default::default() };
@@ -38,13 +34,24 @@ fn module_at(urls: &str) -> ClusterModule {
 }
 
 fn pair(etcd: &Etcd) -> (Server, ClusterModule, Server, ClusterModule) {
-    let room_module = module(etcd);
+    pair_at(&etcd.url(), &etcd.url())
+}
+
+/// `connector-1` and `room-1`, whose discovery uses the etcd members at `fe_urls` and
+/// `room_urls`, registered and seeing each other.
+fn pair_at(fe_urls: &str, room_urls: &str) -> (Server, ClusterModule, Server, ClusterModule) {
+    let room_module = module_at(room_urls);
     let room = App::builder("room").server_id("room-1").component("room", Backend::default());
     let room = Server::start_backend(room.cluster(Arc::new(room_module.clone())));
-    let fe_module = module(etcd);
+    let fe_module = module_at(fe_urls);
     let fe = Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
     assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
     (fe, fe_module, room, room_module)
+}
+
+/// The URLs of `members` listed by index, comma-separated.
+fn urls(members: &[Etcd], ids: &[usize]) -> String {
+    ids.iter().map(|&i| members[i].url()).collect::<Vec<_>>().join(",")
 }
 
 #[test]
@@ -117,14 +124,7 @@ fn servers_survive_an_etcd_outage_and_register_again() {
 #[test]
 fn servers_move_to_another_etcd_member_when_theirs_dies() {
     let mut members = Etcd::start_cluster("members", 3);
-    let url: Vec<String> = members.iter().map(Etcd::url).collect();
-    let urls = |ids: &[usize]| ids.iter().map(|&i| url[i].clone()).collect::<Vec<_>>().join(",");
-    let room_module = module_at(&urls(&[0, 2]));
-    let room = App::builder("room").server_id("room-1").component("room", Backend::default());
-    let _room = Server::start_backend(room.cluster(Arc::new(room_module.clone())));
-    let fe_module = module_at(&urls(&[0, 1]));
-    let fe = Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
-    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    let (fe, fe_module, _room, room_module) = pair_at(&urls(&members, &[0, 1]), &urls(&members, &[0, 2]));
     let client = fe.client();
 
     members[0].stop();
@@ -132,7 +132,7 @@ fn servers_move_to_another_etcd_member_when_theirs_dies() {
     std::thread::sleep(TTL * 2);
     assert_eq!(client.request_raw("room.room.echo", b"still").unwrap(), b"still");
     let table = Arc::new(ServerTable::new());
-    let observer = EtcdDiscovery::new(&urls(&[1]), "it/", TTL);
+    let observer = EtcdDiscovery::new(&urls(&members, &[1]), "it/", TTL);
     observer.start(phantom("observer", "observer"), table.clone(), Arc::new(|| {})).unwrap();
     let listed = |table: &ServerTable| table.all().iter().map(|s| s.id.clone()).collect::<Vec<_>>();
     assert!(table.get("room-1").is_some() && table.get("connector-1").is_some(), "leases alive: {:?}", listed(&table));
@@ -149,18 +149,11 @@ fn servers_move_to_another_etcd_member_when_theirs_dies() {
 #[test]
 fn servers_leave_a_hung_etcd_member_before_their_leases_expire() {
     let members = Etcd::start_cluster("hung", 3);
-    let url: Vec<String> = members.iter().map(Etcd::url).collect();
-    let urls = |ids: &[usize]| ids.iter().map(|&i| url[i].clone()).collect::<Vec<_>>().join(",");
-    let room_module = module_at(&urls(&[0, 2]));
-    let room = App::builder("room").server_id("room-1").component("room", Backend::default());
-    let _room = Server::start_backend(room.cluster(Arc::new(room_module.clone())));
-    let fe_module = module_at(&urls(&[0, 1]));
-    let fe = Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
-    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    let (fe, fe_module, _room, room_module) = pair_at(&urls(&members, &[0, 1]), &urls(&members, &[0, 2]));
     // An observer on member 1 notes whether room-1 ever leaves the cluster.
     let table = Arc::new(ServerTable::new());
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let observer = EtcdDiscovery::new(&urls(&[1]), "it/", TTL);
+    let observer = EtcdDiscovery::new(&urls(&members, &[1]), "it/", TTL);
     let (seen, flag) = (table.clone(), lost.clone());
     let on_change = Arc::new(move || {
         if seen.get("room-1").is_none() {
@@ -175,7 +168,7 @@ fn servers_leave_a_hung_etcd_member_before_their_leases_expire() {
     assert!(!lost.load(std::sync::atomic::Ordering::SeqCst), "room-1's lease was kept alive through member 2");
     assert_eq!(fe.client().request_raw("room.room.echo", b"still").unwrap(), b"still");
     // Both watches left member 0: a server registering through member 2 is seen by both.
-    let newcomer = EtcdDiscovery::new(&urls(&[2]), "it/", TTL);
+    let newcomer = EtcdDiscovery::new(&urls(&members, &[2]), "it/", TTL);
     newcomer.start(phantom("newcomer", "observer"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
     let sees = |m: &ClusterModule| m.servers().iter().any(|s| s.id == "newcomer");
     assert!(wait_until(T, || sees(&fe_module) && sees(&room_module)), "watches moved off the hung member");
