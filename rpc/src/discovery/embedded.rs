@@ -3,7 +3,7 @@
 //! every server rescans the directory as often. A file older than `ttl` is a dead server
 //! (killed processes vanish that way); a graceful stop deletes the file at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -75,9 +75,17 @@ fn touch(path: &Path, entry: &ServerEntry) -> std::io::Result<()> {
     write_entry(path, entry)
 }
 
-fn scan(dir: &Path, ttl: Duration) -> HashMap<String, ServerEntry> {
-    let mut servers = HashMap::new();
-    let Ok(entries) = fs::read_dir(dir) else { return servers };
+/// What one scan of the directory found.
+#[derive(Default)]
+struct Scan {
+    servers: HashMap<String, ServerEntry>,
+    /// Fresh `.json` files that hold no server entry (written by something else), and why.
+    bad: Vec<(PathBuf, String)>,
+}
+
+fn scan(dir: &Path, ttl: Duration) -> Scan {
+    let mut found = Scan::default();
+    let Ok(entries) = fs::read_dir(dir) else { return found };
     let now = SystemTime::now();
     for entry in entries.flatten() {
         let path = entry.path();
@@ -94,13 +102,28 @@ fn scan(dir: &Path, ttl: Duration) -> HashMap<String, ServerEntry> {
         }
         match fs::read(&path).map(|bytes| serde_json::from_slice::<ServerEntry>(&bytes)) {
             Ok(Ok(server)) => {
-                servers.insert(server.id.clone(), server);
+                found.servers.insert(server.id.clone(), server);
             }
-            Ok(Err(e)) => debug!("ignoring registry file {}: {e}", path.display()),
+            Ok(Err(e)) => found.bad.push((path, format!("does not hold a server entry ({e})"))),
+            // Removed since it was listed (a server leaving): not a fault.
             Err(e) => debug!("cannot read registry file {}: {e}", path.display()),
         }
     }
-    servers
+    found
+}
+
+/// Logs the bad files of `found` not logged at the last scan (`warned`), once each until
+/// they are fixed or gone; returns how many it logged.
+fn warn_bad_files(found: &Scan, warned: &mut HashSet<PathBuf>) -> usize {
+    let mut logged = 0;
+    for (path, why) in &found.bad {
+        if !warned.contains(path) {
+            warn!("registry file {} {why}; ignored", path.display());
+            logged += 1;
+        }
+    }
+    *warned = found.bad.iter().map(|(path, _)| path.clone()).collect();
+    logged
 }
 
 impl Discovery for EmbeddedDiscovery {
@@ -110,7 +133,10 @@ impl Discovery for EmbeddedDiscovery {
         fs::create_dir_all(&self.dir).map_err(dir_error)?;
         let own_file = self.dir.join(file_name(&me.id));
         write_entry(&own_file, &me).map_err(dir_error)?;
-        table.replace(scan(&self.dir, self.ttl));
+        let mut warned = HashSet::new();
+        let found = scan(&self.dir, self.ttl);
+        warn_bad_files(&found, &mut warned);
+        table.replace(found.servers);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let deregistered = Arc::new(Mutex::new(false));
         let (dir, refresh, ttl, file) = (self.dir.clone(), self.refresh, self.ttl, own_file.clone());
@@ -144,7 +170,9 @@ impl Discovery for EmbeddedDiscovery {
                         }
                     }
                     drop(deregistered);
-                    if table.replace(scan(&dir, ttl)) {
+                    let found = scan(&dir, ttl);
+                    warn_bad_files(&found, &mut warned);
+                    if table.replace(found.servers) {
                         changed();
                     }
                 }
@@ -235,6 +263,17 @@ mod tests {
         fs::write(dir.join("junk.json"), b"not json").unwrap();
         std::thread::sleep(refresh * 3);
         assert_eq!(ta.all().len(), 1, "junk is ignored");
+        // and logged once, until fixed or gone
+        let mut warned = HashSet::new();
+        let found = scan(&dir, ttl);
+        assert_eq!(found.bad.len(), 1, "{:?}", found.bad);
+        assert!(found.bad[0].0.ends_with("junk.json") && found.bad[0].1.contains("does not hold a server entry"));
+        assert_eq!(warn_bad_files(&found, &mut warned), 1);
+        assert_eq!(warn_bad_files(&scan(&dir, ttl), &mut warned), 0, "once");
+        fs::remove_file(dir.join("junk.json")).unwrap();
+        assert_eq!(warn_bad_files(&scan(&dir, ttl), &mut warned), 0);
+        fs::write(dir.join("junk.json"), b"{}").unwrap();
+        assert_eq!(warn_bad_files(&scan(&dir, ttl), &mut warned), 1, "bad again: logged again");
         a.stop();
         let _ = fs::remove_dir_all(&dir);
     }
