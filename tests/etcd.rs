@@ -119,6 +119,35 @@ fn servers_survive_an_etcd_outage_and_register_again() {
     assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
 }
 
+/// A server's key deleted by someone else (an operator; another process with its id that
+/// stopped) is put again: the server does not vanish from the cluster while it runs.
+#[test]
+fn a_server_entry_deleted_by_someone_else_is_put_again() {
+    let etcd = Etcd::start("deleted");
+    let (_fe, fe_module, _room, _) = pair(&etcd);
+    etcd.delete("it/servers/room/room-1");
+    // Others may see it leave for a moment; it is back at once, and stays past its TTL.
+    std::thread::sleep(TTL * 2);
+    let table = Arc::new(ServerTable::new());
+    let observer = EtcdDiscovery::new(&etcd.url(), "it/", TTL);
+    observer.start(phantom("observer", "observer"), table.clone(), Arc::new(|| {})).unwrap();
+    assert!(table.get("room-1").is_some(), "room-1 registered: {:?}", table.all());
+    assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "room-1")));
+    observer.deregister();
+    observer.stop();
+
+    // A process started by mistake with room-1's id takes its key (room-1 logs an error);
+    // when it stops, room-1 puts its entry back.
+    let real = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
+    let intruder = EtcdDiscovery::new(&etcd.url(), "it/", TTL);
+    intruder.start(phantom("room-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    let room_1_at = |addr: &str| fe_module.servers().iter().any(|s| s.id == "room-1" && s.rpc_addr == addr);
+    assert!(wait_until(T, || room_1_at("tcp://127.0.0.1:9")), "the intruder's entry");
+    intruder.deregister();
+    intruder.stop();
+    assert!(wait_until(T, || room_1_at(&real)), "room-1 back at {real}: {:?}", fe_module.servers());
+}
+
 /// Servers given several members of an etcd cluster keep their leases and watches through
 /// the loss of the member they were using.
 #[test]

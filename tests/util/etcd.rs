@@ -19,6 +19,11 @@ pub struct Etcd {
     peer_port: u16,
 }
 
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -110,20 +115,27 @@ impl Etcd {
 
     /// Puts `key` = `value` (no lease), as another program writing under a prefix would.
     pub fn put(&self, key: &str, value: &[u8]) {
-        use base64::Engine;
-        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-        let body = serde_json::json!({ "key": b64(key.as_bytes()), "value": b64(value) }).to_string();
+        self.post("/v3/kv/put", serde_json::json!({ "key": b64(key.as_bytes()), "value": b64(value) }));
+    }
+
+    /// Deletes `key`, as an operator with etcdctl would.
+    pub fn delete(&self, key: &str) {
+        self.post("/v3/kv/deleterange", serde_json::json!({ "key": b64(key.as_bytes()) }));
+    }
+
+    fn post(&self, path: &str, body: serde_json::Value) {
+        let body = body.to_string();
         let mut s = TcpStream::connect(("127.0.0.1", self.client_port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let head = format!(
-            "POST /v3/kv/put HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes()).unwrap();
         s.write_all(body.as_bytes()).unwrap();
         let mut answer = String::new();
         let _ = s.read_to_string(&mut answer);
-        assert!(answer.starts_with("HTTP/1.1 200"), "put {key}: {answer}");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path} {body}: {answer}");
     }
 
     /// Stops the process without killing it (SIGSTOP): its sockets still accept connections

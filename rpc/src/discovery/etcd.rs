@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use log::{info, warn};
+use log::{debug, error, info, warn};
 use serde_json::{json, Value};
 
 use super::http::{self, Endpoint};
@@ -69,6 +69,8 @@ struct Shared {
     sleeper: (Mutex<()>, Condvar),
     /// Keys under the prefix that hold no server entry, logged once each.
     bad_keys: Mutex<HashSet<String>>,
+    /// Our key was seen holding another process's entry (logged once until it is ours again).
+    taken: AtomicBool,
     /// The open watch connection, shut down at stop to unblock its reader.
     watch: Mutex<Option<TcpStream>>,
     table: Arc<ServerTable>,
@@ -296,8 +298,40 @@ impl Shared {
         }
     }
 
+    /// Puts our entry again under our lease when it vanished while this server is
+    /// registered (an operator deleted it, or another process with our id stopped). A lease
+    /// that is gone is for the keepalive thread to renew.
+    fn restore_own_key(&self) {
+        let deregistered = self.deregistered.lock().unwrap_or_else(|p| p.into_inner());
+        if *deregistered || self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(lease) = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+        match self.call("/v3/kv/put", json!({ "key": b64(&self.key), "value": b64(&self.value), "lease": lease })) {
+            Ok(_) => warn!("etcd key {} was deleted while this server runs; put it again", self.key),
+            Err(e) => debug!("cannot put etcd key {} again ({e}); the lease keepalive registers it", self.key),
+        }
+    }
+
+    /// Logs (once until it is ours again) our key holding another entry: another process
+    /// runs with this server's id.
+    fn check_own_value(&self, kv: &Value) {
+        if unb64(&kv["value"]).as_deref() == Some(self.value.as_str()) {
+            self.taken.store(false, Ordering::Relaxed);
+        } else if !self.taken.swap(true, Ordering::Relaxed) {
+            error!(
+                "etcd key {} now holds another server's entry: another process runs with this server's id \
+                 (server ids must be unique); others cannot reach this one",
+                self.key
+            );
+        }
+    }
+
     fn watch_once(&self) -> Result<(), String> {
         let (mut servers, revision) = self.range()?;
+        if !servers.contains_key(&self.key) {
+            self.restore_own_key();
+        }
         self.publish(&servers);
         let request = json!({ "create_request": {
             "key": b64(&self.dir),
@@ -323,7 +357,15 @@ impl Shared {
             for event in result.get("events").and_then(Value::as_array).into_iter().flatten() {
                 let kv = &event["kv"];
                 let Some(key) = unb64(&kv["key"]) else { continue };
-                if event.get("type").and_then(Value::as_str) == Some("DELETE") {
+                let deleted = event.get("type").and_then(Value::as_str) == Some("DELETE");
+                if key == self.key {
+                    if deleted {
+                        self.restore_own_key();
+                    } else {
+                        self.check_own_value(kv);
+                    }
+                }
+                if deleted {
                     self.bad_keys.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                     touched |= servers.remove(&key).is_some();
                 } else if let Some(entry) = self.entry_of(&key, kv) {
@@ -362,6 +404,7 @@ impl Discovery for EtcdDiscovery {
             sleeper: (Mutex::new(()), Condvar::new()),
             watch: Mutex::new(None),
             bad_keys: Mutex::new(HashSet::new()),
+            taken: AtomicBool::new(false),
             table,
             changed,
         });
