@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 
 use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
 use crate::table::{ServerEntry, ServerTable};
@@ -112,6 +112,12 @@ fn scan(dir: &Path, ttl: Duration) -> Scan {
     found
 }
 
+/// Whether the registry lists `me`'s id at another endpoint: another process runs with
+/// this server's id (its start wrote the shared file).
+fn taken_by_another(found: &Scan, me: &ServerEntry) -> bool {
+    found.servers.get(&me.id).is_some_and(|listed| listed.rpc_addr != me.rpc_addr)
+}
+
 /// Logs the bad files of `found` not logged at the last scan (`warned`), once each until
 /// they are fixed or gone; returns how many it logged.
 fn warn_bad_files(found: &Scan, warned: &mut HashSet<PathBuf>) -> usize {
@@ -146,6 +152,8 @@ impl Discovery for EmbeddedDiscovery {
             .spawn(move || {
                 // Logged once per outage, not every refresh.
                 let mut failing = false;
+                // Logged once until the file is ours again.
+                let mut taken = false;
                 loop {
                     match stop_rx.recv_timeout(refresh) {
                         Err(RecvTimeoutError::Timeout) => {}
@@ -172,6 +180,15 @@ impl Discovery for EmbeddedDiscovery {
                     drop(deregistered);
                     let found = scan(&dir, ttl);
                     warn_bad_files(&found, &mut warned);
+                    let now_taken = taken_by_another(&found, &me);
+                    if now_taken && !taken {
+                        error!(
+                            "registry file {} now holds another server's entry: another process runs with this \
+                             server's id (server ids must be unique); others cannot reach this one",
+                            file.display()
+                        );
+                    }
+                    taken = now_taken;
                     if table.replace(found.servers) {
                         changed();
                     }
@@ -263,6 +280,12 @@ mod tests {
         fs::write(dir.join("junk.json"), b"not json").unwrap();
         std::thread::sleep(refresh * 3);
         assert_eq!(ta.all().len(), 1, "junk is ignored");
+        // A file naming a's id at another endpoint: another process has a's id.
+        assert!(!taken_by_another(&scan(&dir, ttl), &entry("room/1")));
+        let mut twin = entry("room/1");
+        twin.rpc_addr = "tcp://127.0.0.1:2".into();
+        write_entry(&dir.join(file_name("room/1")), &twin).unwrap();
+        assert!(taken_by_another(&scan(&dir, ttl), &entry("room/1")));
         // and logged once, until fixed or gone
         let mut warned = HashSet::new();
         let found = scan(&dir, ttl);
