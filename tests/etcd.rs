@@ -27,23 +27,32 @@ fn phantom(id: &str, server_type: &str) -> ServerEntry {
     }
 }
 
-/// A cluster module whose discovery uses the etcd members at `urls` (comma-separated).
-fn module_at(urls: &str) -> ClusterModule {
+/// Discovery through the etcd members at `urls` (comma-separated), keys under `it/`.
+fn discovery(urls: &str) -> EtcdDiscovery {
+    EtcdDiscovery::new(urls, "it/", TTL)
+}
+
+fn module_of(discovery: EtcdDiscovery) -> ClusterModule {
     let rpc = RpcConfig { timeout: Duration::from_secs(2), ..Default::default() };
-    ClusterModule::new(rpc, Box::new(EtcdDiscovery::new(urls, "it/", TTL)))
+    ClusterModule::new(rpc, Box::new(discovery))
 }
 
 fn pair(etcd: &Etcd) -> (Server, ClusterModule, Server, ClusterModule) {
     pair_at(&etcd.url(), &etcd.url())
 }
 
-/// `connector-1` and `room-1`, whose discovery uses the etcd members at `fe_urls` and
-/// `room_urls`, registered and seeing each other.
+/// [`pair_with`] using the etcd members at `fe_urls` and `room_urls`.
 fn pair_at(fe_urls: &str, room_urls: &str) -> (Server, ClusterModule, Server, ClusterModule) {
-    let room_module = module_at(room_urls);
+    pair_with(discovery(fe_urls), discovery(room_urls))
+}
+
+/// `connector-1` and `room-1`, using discovery `fe` and `room`, registered and seeing each
+/// other.
+fn pair_with(fe: EtcdDiscovery, room: EtcdDiscovery) -> (Server, ClusterModule, Server, ClusterModule) {
+    let room_module = module_of(room);
     let room = App::builder("room").server_id("room-1").component("room", Backend::default());
     let room = Server::start_backend(room.cluster(Arc::new(room_module.clone())));
-    let fe_module = module_at(fe_urls);
+    let fe_module = module_of(fe);
     let fe = Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
     assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
     (fe, fe_module, room, room_module)
@@ -72,7 +81,7 @@ fn a_dead_server_disappears_when_its_lease_expires() {
     let etcd = Etcd::start("lease");
     let (_fe, fe_module, _room, _) = pair(&etcd);
     // A server that registers and then dies without deregistering (its keepalives stop).
-    let ghost = EtcdDiscovery::new(&etcd.url(), "it/", TTL);
+    let ghost = discovery(&etcd.url());
     ghost.start(phantom("ghost-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
     assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "ghost-1")));
     ghost.stop();
@@ -105,7 +114,7 @@ fn servers_survive_an_etcd_outage_and_register_again() {
     etcd.restart_empty();
     // etcd came back without our leases and keys: both servers must register again.
     let table = Arc::new(ServerTable::new());
-    let newcomer = EtcdDiscovery::new(&etcd.url(), "it/", TTL);
+    let newcomer = discovery(&etcd.url());
     newcomer.start(phantom("observer", "observer"), table.clone(), Arc::new(|| {})).unwrap();
     assert!(
         wait_until(TTL * 5, || table.get("connector-1").is_some() && table.get("room-1").is_some()),
@@ -129,7 +138,7 @@ fn a_server_entry_deleted_by_someone_else_is_put_again() {
     // Others may see it leave for a moment; it is back at once, and stays past its TTL.
     std::thread::sleep(TTL * 2);
     let table = Arc::new(ServerTable::new());
-    let observer = EtcdDiscovery::new(&etcd.url(), "it/", TTL);
+    let observer = discovery(&etcd.url());
     observer.start(phantom("observer", "observer"), table.clone(), Arc::new(|| {})).unwrap();
     assert!(table.get("room-1").is_some(), "room-1 registered: {:?}", table.all());
     assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "room-1")));
@@ -139,13 +148,38 @@ fn a_server_entry_deleted_by_someone_else_is_put_again() {
     // A process started by mistake with room-1's id takes its key (room-1 logs an error);
     // when it stops, room-1 puts its entry back.
     let real = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
-    let intruder = EtcdDiscovery::new(&etcd.url(), "it/", TTL);
+    let intruder = discovery(&etcd.url());
     intruder.start(phantom("room-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
     let room_1_at = |addr: &str| fe_module.servers().iter().any(|s| s.id == "room-1" && s.rpc_addr == addr);
     assert!(wait_until(T, || room_1_at("tcp://127.0.0.1:9")), "the intruder's entry");
     intruder.deregister();
     intruder.stop();
     assert!(wait_until(T, || room_1_at(&real)), "room-1 back at {real}: {:?}", fe_module.servers());
+}
+
+/// An etcd with auth enabled: servers with a user and password that may use the prefix
+/// register and forward; without credentials, or with a wrong password, discovery does not
+/// start and says why; when etcd drops their tokens they authenticate again.
+#[test]
+fn servers_authenticate_to_an_etcd_with_auth_enabled() {
+    let etcd = Etcd::start("auth");
+    etcd.enable_auth("df", "s3cret", "it/");
+    let start = |d: EtcdDiscovery| {
+        d.start(phantom("probe-1", "probe"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap_err().to_string()
+    };
+    let err = start(discovery(&etcd.url()));
+    assert!(err.contains("set discovery.etcd_user and discovery.etcd_password"), "{err}");
+    let err = start(discovery(&etcd.url()).with_credentials("df", "wrong"));
+    assert!(err.contains("authenticating as df") && err.contains("authentication failed"), "{err}");
+    // Leases far longer than the test: a server seen leaving left by revoking its lease.
+    let with_auth = || EtcdDiscovery::new(&etcd.url(), "it/", Duration::from_secs(60)).with_credentials("df", "s3cret");
+    let (fe, fe_module, room, _) = pair_with(with_auth(), with_auth());
+    assert_eq!(fe.client().request_raw("room.room.echo", b"authed").unwrap(), b"authed");
+
+    etcd.cycle_auth();
+    // Revoking the lease needs a valid token: room-1 authenticates again.
+    room.handle.shutdown().unwrap();
+    assert!(wait_until(T, || fe_module.servers().len() == 1), "room-1 revoked its lease: {:?}", fe_module.servers());
 }
 
 /// Servers given several members of an etcd cluster keep their leases and watches through
@@ -161,7 +195,7 @@ fn servers_move_to_another_etcd_member_when_theirs_dies() {
     std::thread::sleep(TTL * 2);
     assert_eq!(client.request_raw("room.room.echo", b"still").unwrap(), b"still");
     let table = Arc::new(ServerTable::new());
-    let observer = EtcdDiscovery::new(&urls(&members, &[1]), "it/", TTL);
+    let observer = discovery(&urls(&members, &[1]));
     observer.start(phantom("observer", "observer"), table.clone(), Arc::new(|| {})).unwrap();
     let listed = |table: &ServerTable| table.all().iter().map(|s| s.id.clone()).collect::<Vec<_>>();
     assert!(table.get("room-1").is_some() && table.get("connector-1").is_some(), "leases alive: {:?}", listed(&table));
@@ -182,7 +216,7 @@ fn servers_leave_a_hung_etcd_member_before_their_leases_expire() {
     // An observer on member 1 notes whether room-1 ever leaves the cluster.
     let table = Arc::new(ServerTable::new());
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let observer = EtcdDiscovery::new(&urls(&members, &[1]), "it/", TTL);
+    let observer = discovery(&urls(&members, &[1]));
     let (seen, flag) = (table.clone(), lost.clone());
     let on_change = Arc::new(move || {
         if seen.get("room-1").is_none() {
@@ -197,7 +231,7 @@ fn servers_leave_a_hung_etcd_member_before_their_leases_expire() {
     assert!(!lost.load(std::sync::atomic::Ordering::SeqCst), "room-1's lease was kept alive through member 2");
     assert_eq!(fe.client().request_raw("room.room.echo", b"still").unwrap(), b"still");
     // Both watches left member 0: a server registering through member 2 is seen by both.
-    let newcomer = EtcdDiscovery::new(&urls(&members, &[2]), "it/", TTL);
+    let newcomer = discovery(&urls(&members, &[2]));
     newcomer.start(phantom("newcomer", "observer"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
     let sees = |m: &ClusterModule| m.servers().iter().any(|s| s.id == "newcomer");
     assert!(wait_until(T, || sees(&fe_module) && sees(&room_module)), "watches moved off the hung member");

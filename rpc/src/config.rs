@@ -1,5 +1,6 @@
 //! `[rpc]` and `[discovery]` configuration sections (documented in docs/CONFIG.md).
 
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -62,6 +63,10 @@ pub struct DiscoveryConfig {
     /// `discovery.etcd_url`: etcd client URL (plain HTTP), or the URLs of several members
     /// of one etcd cluster separated by commas. Default "http://127.0.0.1:2379".
     pub etcd_url: String,
+    /// `discovery.etcd_user`: etcd user, for an etcd with auth enabled. Default "" (no auth).
+    pub etcd_user: String,
+    /// `discovery.etcd_password`: that user's password. Default "".
+    pub etcd_password: Secret,
     /// `discovery.prefix`: etcd key prefix of this cluster. Default "dragonfruit/".
     pub prefix: String,
     /// `discovery.ttl`: a server not heard of for this long is gone (embedded: age of its
@@ -80,6 +85,8 @@ impl Default for DiscoveryConfig {
             kind: DiscoveryKind::Embedded,
             dir: std::env::temp_dir().join("dragonfruit-cluster"),
             etcd_url: "http://127.0.0.1:2379".into(),
+            etcd_user: String::new(),
+            etcd_password: Secret::default(),
             prefix: "dragonfruit/".into(),
             ttl: Duration::from_secs(3),
             refresh: Duration::from_millis(500),
@@ -104,7 +111,22 @@ impl DiscoveryConfig {
             crate::discovery::parse_endpoints(&self.etcd_url)
                 .map_err(|message| ConfigError::Invalid { key: "discovery.etcd_url", message })?;
         }
+        if self.etcd_user.is_empty() && !self.etcd_password.0.is_empty() {
+            let message = "a password needs discovery.etcd_user".to_owned();
+            return Err(ConfigError::Invalid { key: "discovery.etcd_password", message });
+        }
         Ok(())
+    }
+}
+
+/// A configuration value kept out of `Debug` output (and so out of logs).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
     }
 }
 
@@ -187,6 +209,13 @@ mod tests {
         for bad in ["https://a:2379", "http://a:2379,", "a:2379", ""] {
             assert!(error(&etcd(bad)).contains("discovery.etcd_url"), "{bad}");
         }
+        assert!(error("[discovery]\netcd_password = \"pw\"\n").contains("discovery.etcd_password"));
+        let (_, discovery) =
+            from_source(&ConfigSource::from_toml("[discovery]\netcd_user = \"df\"\netcd_password = \"pw\"\n").unwrap())
+                .unwrap();
+        assert_eq!(discovery.etcd_password, Secret("pw".into()));
+        let shown = format!("{discovery:?}");
+        assert!(shown.contains("\"***\"") && !shown.contains("pw"), "the password stays out of logs: {shown}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ mod table;
 pub mod wire;
 
 pub use cluster::ClusterModule;
-pub use config::{DiscoveryConfig, DiscoveryKind, RpcConfig};
+pub use config::{DiscoveryConfig, DiscoveryKind, RpcConfig, Secret};
 pub use discovery::{Discovery, DiscoveryError, EmbeddedDiscovery, EtcdDiscovery};
 pub use router::{RandomRouter, RouteCtx, Router};
 pub use table::{ServerEntry, ServerTable, Snapshot};

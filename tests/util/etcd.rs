@@ -118,17 +118,49 @@ impl Etcd {
         self.post("/v3/kv/put", serde_json::json!({ "key": b64(key.as_bytes()), "value": b64(value) }));
     }
 
+    /// Turns etcd auth on: a `root` user, and `user` with `password` whose role may read and
+    /// write the keys under `prefix` (what a dragonfruit server needs).
+    pub fn enable_auth(&self, user: &str, password: &str, prefix: &str) {
+        use serde_json::json;
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a prefix") += 1;
+        self.post("/v3/auth/user/add", json!({ "name": "root", "password": "root-pw" }));
+        self.post("/v3/auth/user/grant", json!({ "user": "root", "role": "root" }));
+        self.post("/v3/auth/role/add", json!({ "name": "dragonfruit" }));
+        let perm = json!({ "permType": "READWRITE", "key": b64(prefix.as_bytes()), "range_end": b64(&end) });
+        self.post("/v3/auth/role/grant", json!({ "name": "dragonfruit", "perm": perm }));
+        self.post("/v3/auth/user/add", json!({ "name": user, "password": password }));
+        self.post("/v3/auth/user/grant", json!({ "user": user, "role": "dragonfruit" }));
+        self.post("/v3/auth/enable", json!({}));
+    }
+
+    /// Turns auth off and on again (as root), which drops every auth token: clients must
+    /// authenticate again.
+    pub fn cycle_auth(&self) {
+        use serde_json::json;
+        let answer = self.post("/v3/auth/authenticate", json!({ "name": "root", "password": "root-pw" }));
+        let token: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        self.post_with("/v3/auth/disable", json!({}), token["token"].as_str());
+        self.post("/v3/auth/enable", json!({}));
+    }
+
     /// Deletes `key`, as an operator with etcdctl would.
     pub fn delete(&self, key: &str) {
         self.post("/v3/kv/deleterange", serde_json::json!({ "key": b64(key.as_bytes()) }));
     }
 
-    fn post(&self, path: &str, body: serde_json::Value) {
+    /// POSTs `body` to `path`; the whole answer, which must be a 200.
+    fn post(&self, path: &str, body: serde_json::Value) -> String {
+        self.post_with(path, body, None)
+    }
+
+    fn post_with(&self, path: &str, body: serde_json::Value, token: Option<&str>) -> String {
         let body = body.to_string();
         let mut s = TcpStream::connect(("127.0.0.1", self.client_port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let auth = token.map(|t| format!("Authorization: {t}\r\n")).unwrap_or_default();
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes()).unwrap();
@@ -136,6 +168,7 @@ impl Etcd {
         let mut answer = String::new();
         let _ = s.read_to_string(&mut answer);
         assert!(answer.starts_with("HTTP/1.1 200"), "{path} {body}: {answer}");
+        answer
     }
 
     /// Stops the process without killing it (SIGSTOP): its sockets still accept connections

@@ -5,6 +5,10 @@
 //! While etcd is unreachable the last table stays in force; when it is back the lease is
 //! kept alive again, or granted and the entry put again if it expired.
 //!
+//! With `etcd_user` / `etcd_password` set, the server authenticates (etcd auth: a token in
+//! the `Authorization` header) and authenticates again when etcd no longer knows the token
+//! (an etcd restart, an idle simple token expired).
+//!
 //! The URL may list several members of one etcd cluster, comma-separated (as etcdctl's
 //! `--endpoints`): calls go to one member and move to the next when it fails, so a server
 //! keeps its lease and its watch through the loss of a member.
@@ -21,7 +25,7 @@ use base64::Engine;
 use log::{debug, error, info, warn};
 use serde_json::{json, Value};
 
-use super::http::{self, Endpoint};
+use super::http::{self, Endpoint, Post};
 use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
 use crate::table::{ServerEntry, ServerTable};
 
@@ -39,7 +43,15 @@ pub struct EtcdDiscovery {
     url: String,
     prefix: String,
     ttl: Duration,
+    credentials: Option<Credentials>,
     running: Mutex<Option<Running>>,
+}
+
+/// An etcd user and password (etcd auth).
+#[derive(Clone)]
+struct Credentials {
+    user: String,
+    password: String,
 }
 
 struct Running {
@@ -54,6 +66,9 @@ struct Shared {
     current: AtomicUsize,
     /// Index of the member the open watch reads from (`usize::MAX`: none).
     watch_member: AtomicUsize,
+    credentials: Option<Credentials>,
+    /// The auth token (etcd auth on), valid on every member.
+    token: Mutex<Option<String>>,
     url: String,
     dir: String,
     ttl: Duration,
@@ -81,7 +96,20 @@ impl EtcdDiscovery {
     /// Discovery through the etcd at `url` (`http://host:port`, or several members of one
     /// etcd cluster separated by commas), keys under `prefix`.
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> EtcdDiscovery {
-        EtcdDiscovery { url: url.to_owned(), prefix: prefix.to_owned(), ttl, running: Mutex::new(None) }
+        EtcdDiscovery {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+            ttl,
+            credentials: None,
+            running: Mutex::new(None),
+        }
+    }
+
+    /// Authenticates as `user` (for an etcd with auth enabled; the user needs read and write
+    /// access to the prefix's keys).
+    pub fn with_credentials(mut self, user: &str, password: &str) -> EtcdDiscovery {
+        self.credentials = Some(Credentials { user: user.to_owned(), password: password.to_owned() });
+        self
     }
 }
 
@@ -124,6 +152,11 @@ fn prefix_end(prefix: &str) -> String {
     "\0".into()
 }
 
+/// Whether etcd refused a call for want of a valid auth token.
+fn is_auth_error(e: &str) -> bool {
+    e.starts_with("HTTP 401") || e.contains("invalid auth token") || e.contains("user name is empty")
+}
+
 /// The members listed in `urls` (comma-separated `http://host:port`).
 pub(crate) fn parse_endpoints(urls: &str) -> Result<Vec<Endpoint>, String> {
     let endpoints = urls.split(',').map(|u| Endpoint::parse(u.trim())).collect::<Result<Vec<_>, _>>()?;
@@ -135,7 +168,54 @@ pub(crate) fn parse_endpoints(urls: &str) -> Result<Vec<Endpoint>, String> {
 
 impl Shared {
     fn call(&self, path: &str, body: Value) -> Result<Value, String> {
-        self.on_a_member(|endpoint, timeout| http::post(endpoint, path, &body, timeout)).map(|(value, _)| value)
+        self.on_a_member(|endpoint, timeout| {
+            self.authed(endpoint, timeout, |token| http::post(endpoint, &Post { path, body: &body, timeout, token }))
+        })
+        .map(|(value, _)| value)
+    }
+
+    /// Runs `f` with the auth token, authenticating first when there is none yet; when etcd
+    /// no longer knows the token (tokens live in its memory: a restart drops them, and idle
+    /// simple tokens expire), authenticates again and runs `f` once more.
+    fn authed<T>(
+        &self,
+        endpoint: &Endpoint,
+        timeout: Duration,
+        f: impl Fn(Option<&str>) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let Some(credentials) = &self.credentials else {
+            return f(None).map_err(|e| match is_auth_error(&e) {
+                true => format!("{e} (etcd has auth enabled: set discovery.etcd_user and discovery.etcd_password)"),
+                false => e,
+            });
+        };
+        let token = self.token.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let token = match token {
+            Some(token) => token,
+            None => self.authenticate(endpoint, timeout, credentials)?,
+        };
+        match f(Some(&token)) {
+            Err(e) if is_auth_error(&e) => {
+                debug!("etcd refused the auth token ({e}); authenticating again");
+                let token = self.authenticate(endpoint, timeout, credentials)?;
+                f(Some(&token))
+            }
+            other => other,
+        }
+    }
+
+    fn authenticate(
+        &self,
+        endpoint: &Endpoint,
+        timeout: Duration,
+        credentials: &Credentials,
+    ) -> Result<String, String> {
+        let body = json!({ "name": credentials.user, "password": credentials.password });
+        let answer = http::post(endpoint, &Post { path: "/v3/auth/authenticate", body: &body, timeout, token: None })
+            .map_err(|e| format!("authenticating as {}: {e}", credentials.user))?;
+        let token = answer.get("token").and_then(Value::as_str).ok_or("authentication answered no token")?.to_owned();
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
+        Ok(token)
     }
 
     /// Runs `f` on the current member, then on each other one until one succeeds; the one
@@ -338,8 +418,11 @@ impl Shared {
             "range_end": b64(&prefix_end(&self.dir)),
             "start_revision": (revision + 1).to_string(),
         }});
-        let ((mut body, control), member) =
-            self.on_a_member(|endpoint, timeout| http::post_stream(endpoint, "/v3/watch", &request, timeout))?;
+        let ((mut body, control), member) = self.on_a_member(|endpoint, timeout| {
+            self.authed(endpoint, timeout, |token| {
+                http::post_stream(endpoint, &Post { path: "/v3/watch", body: &request, timeout, token })
+            })
+        })?;
         control.set_read_timeout(Some(WATCH_IDLE)).map_err(|e| e.to_string())?;
         *self.watch.lock().unwrap_or_else(|p| p.into_inner()) = control.try_clone().ok();
         self.watch_member.store(member, Ordering::Relaxed);
@@ -393,6 +476,8 @@ impl Discovery for EtcdDiscovery {
             endpoints,
             current: AtomicUsize::new(0),
             watch_member: AtomicUsize::new(usize::MAX),
+            credentials: self.credentials.clone(),
+            token: Mutex::new(None),
             url: self.url.clone(),
             key: format!("{dir}{}/{}", me.server_type, me.id),
             dir,

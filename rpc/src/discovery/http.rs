@@ -51,11 +51,21 @@ pub(crate) struct Body {
     pending: Vec<u8>,
 }
 
-fn request(endpoint: &Endpoint, path: &str, body: &Value, timeout: Duration) -> Result<(Body, TcpStream), String> {
-    let mut stream = endpoint.connect(timeout)?;
-    let payload = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+/// One POST: `token`, when given, goes in the `Authorization` header (etcd auth).
+pub(crate) struct Post<'a> {
+    pub(crate) path: &'a str,
+    pub(crate) body: &'a Value,
+    pub(crate) timeout: Duration,
+    pub(crate) token: Option<&'a str>,
+}
+
+fn request(endpoint: &Endpoint, req: &Post<'_>) -> Result<(Body, TcpStream), String> {
+    let mut stream = endpoint.connect(req.timeout)?;
+    let payload = serde_json::to_vec(req.body).map_err(|e| e.to_string())?;
+    let auth = req.token.map(|t| format!("Authorization: {t}\r\n")).unwrap_or_default();
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST {} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        req.path,
         endpoint.host_port,
         payload.len()
     );
@@ -93,21 +103,16 @@ fn request(endpoint: &Endpoint, path: &str, body: &Value, timeout: Duration) -> 
     Ok((body, control))
 }
 
-/// POSTs `body` and returns the first JSON value of the answer.
-pub(crate) fn post(endpoint: &Endpoint, path: &str, body: &Value, timeout: Duration) -> Result<Value, String> {
-    let (mut answer, _) = request(endpoint, path, body, timeout)?;
+/// Sends `post` and returns the first JSON value of the answer.
+pub(crate) fn post(endpoint: &Endpoint, req: &Post<'_>) -> Result<Value, String> {
+    let (mut answer, _) = request(endpoint, req)?;
     answer.next_value()?.ok_or_else(|| "empty answer".to_string())
 }
 
-/// POSTs `body` and returns the streamed answer, plus a handle whose `shutdown` cancels a
+/// Sends `post` and returns the streamed answer, plus a handle whose `shutdown` cancels a
 /// blocked read from another thread.
-pub(crate) fn post_stream(
-    endpoint: &Endpoint,
-    path: &str,
-    body: &Value,
-    timeout: Duration,
-) -> Result<(Body, TcpStream), String> {
-    request(endpoint, path, body, timeout)
+pub(crate) fn post_stream(endpoint: &Endpoint, req: &Post<'_>) -> Result<(Body, TcpStream), String> {
+    request(endpoint, req)
 }
 
 /// Cancels a stream opened by [`post_stream`].
@@ -191,32 +196,41 @@ mod tests {
 
     use super::*;
 
-    fn serve_once(answer: &'static str) -> Endpoint {
+    /// An endpoint that answers one request with `answer`; the request's head arrives on
+    /// the receiver.
+    fn serve_once(answer: &'static str) -> (Endpoint, std::sync::mpsc::Receiver<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
+            let n = s.read(&mut buf).unwrap_or(0);
+            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
             s.write_all(answer.as_bytes()).unwrap();
         });
-        Endpoint::parse(&format!("http://{addr}/")).unwrap()
+        (Endpoint::parse(&format!("http://{addr}/")).unwrap(), rx)
     }
 
     #[test]
     fn content_length_chunked_and_streams() {
         let t = Duration::from_secs(5);
-        let ep = serve_once("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{\"a\":1}\n");
-        assert_eq!(post(&ep, "/x", &Value::Null, t).unwrap(), serde_json::json!({"a": 1}));
-        let ep = serve_once(
+        let req = |path| Post { path, body: &Value::Null, timeout: t, token: None };
+        let (ep, head) = serve_once("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{\"a\":1}\n");
+        assert_eq!(post(&ep, &req("/x")).unwrap(), serde_json::json!({"a": 1}));
+        assert!(!head.recv().unwrap().contains("Authorization"), "no token, no header");
+        let (ep, head) = serve_once("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+        assert_eq!(post(&ep, &Post { token: Some("tok.42"), ..req("/x") }).unwrap(), serde_json::json!({}));
+        assert!(head.recv().unwrap().contains("\r\nAuthorization: tok.42\r\n"));
+        let (ep, _) = serve_once(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n5\r\n1}\n{\"\r\n6\r\nb\":2}\n\r\n0\r\n\r\n",
         );
-        let (mut body, _) = post_stream(&ep, "/w", &Value::Null, t).unwrap();
+        let (mut body, _) = post_stream(&ep, &req("/w")).unwrap();
         assert_eq!(body.next_value().unwrap(), Some(serde_json::json!({"a": 1})));
         assert_eq!(body.next_value().unwrap(), Some(serde_json::json!({"b": 2})));
         assert_eq!(body.next_value().unwrap(), None);
-        let ep = serve_once("HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\nnope");
-        assert_eq!(post(&ep, "/x", &Value::Null, t).unwrap_err(), "HTTP 404: nope");
+        let (ep, _) = serve_once("HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\nnope");
+        assert_eq!(post(&ep, &req("/x")).unwrap_err(), "HTTP 404: nope");
         assert!(Endpoint::parse("https://x:1").is_err());
         assert!(Endpoint::parse("http://nohost").is_err());
     }
