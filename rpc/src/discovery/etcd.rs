@@ -7,7 +7,7 @@
 //!
 //! With `etcd_user` / `etcd_password` set, the server authenticates (etcd auth: a token in
 //! the `Authorization` header) and authenticates again when etcd no longer knows the token
-//! (an etcd restart, an idle simple token expired).
+//! (auth turned off and on, an idle simple token expired).
 //!
 //! The URL may list several members of one etcd cluster, comma-separated (as etcdctl's
 //! `--endpoints`): calls go to one member and move to the next when it fails, so a server
@@ -175,8 +175,8 @@ impl Shared {
     }
 
     /// Runs `f` with the auth token, authenticating first when there is none yet; when etcd
-    /// no longer knows the token (tokens live in its memory: a restart drops them, and idle
-    /// simple tokens expire), authenticates again and runs `f` once more.
+    /// no longer knows the token (auth turned off and on, a password change, an idle simple
+    /// token expired), authenticates again and runs `f` once more.
     fn authed<T>(
         &self,
         endpoint: &Endpoint,
@@ -184,9 +184,12 @@ impl Shared {
         f: impl Fn(Option<&str>) -> Result<T, String>,
     ) -> Result<T, String> {
         let Some(credentials) = &self.credentials else {
-            return f(None).map_err(|e| match is_auth_error(&e) {
-                true => format!("{e} (etcd has auth enabled: set discovery.etcd_user and discovery.etcd_password)"),
-                false => e,
+            return f(None).map_err(|e| {
+                if is_auth_error(&e) {
+                    format!("{e} (etcd has auth enabled: set discovery.etcd_user and discovery.etcd_password)")
+                } else {
+                    e
+                }
             });
         };
         let token = self.token.lock().unwrap_or_else(|p| p.into_inner()).clone();
