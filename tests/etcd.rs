@@ -182,6 +182,35 @@ fn servers_authenticate_to_an_etcd_with_auth_enabled() {
     assert!(wait_until(T, || fe_module.servers().len() == 1), "room-1 revoked its lease: {:?}", fe_module.servers());
 }
 
+/// A server started before etcd waits for it (a whole deployment starting at once); one
+/// whose etcd never answers fails after its start timeout, saying why.
+#[test]
+fn a_server_started_before_etcd_waits_for_it() {
+    let mut etcd = Etcd::not_started("late");
+    let url = etcd.url();
+    let early = std::thread::spawn(move || {
+        let (discovery, table) =
+            (discovery(&url).with_start_timeout(Duration::from_secs(30)), Arc::new(ServerTable::new()));
+        discovery.start(phantom("early-1", "room"), table.clone(), Arc::new(|| {})).map(|()| (discovery, table))
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!early.is_finished(), "still waiting for etcd");
+    etcd.restart();
+    let (early, table) = early.join().unwrap().expect("registered once etcd came up");
+    assert!(table.get("early-1").is_some());
+    let others = Arc::new(ServerTable::new());
+    let observer = discovery(&etcd.url());
+    observer.start(phantom("observer", "observer"), others.clone(), Arc::new(|| {})).unwrap();
+    assert!(others.get("early-1").is_some(), "the others see it");
+    assert!(wait_until(T, || table.get("observer").is_some()), "its watch runs");
+    early.stop();
+    observer.stop();
+
+    let never = discovery("http://127.0.0.1:9").with_start_timeout(Duration::from_secs(1));
+    let err = never.start(phantom("never-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap_err();
+    assert!(err.to_string().contains("127.0.0.1:9"), "{err}");
+}
+
 /// Servers given several members of an etcd cluster keep their leases and watches through
 /// the loss of the member they were using.
 #[test]

@@ -63,6 +63,10 @@ pub struct DiscoveryConfig {
     /// `discovery.etcd_url`: etcd client URL (plain HTTP), or the URLs of several members
     /// of one etcd cluster separated by commas. Default "http://127.0.0.1:2379".
     pub etcd_url: String,
+    /// `discovery.etcd_start_timeout`: how long a starting server waits for etcd to answer
+    /// before it fails (etcd may start with it); refusals fail at once. Default "30s".
+    #[serde(with = "duration")]
+    pub etcd_start_timeout: Duration,
     /// `discovery.etcd_user`: etcd user, for an etcd with auth enabled. Default "" (no auth).
     pub etcd_user: String,
     /// `discovery.etcd_password`: that user's password. Default "".
@@ -85,6 +89,7 @@ impl Default for DiscoveryConfig {
             kind: DiscoveryKind::Embedded,
             dir: std::env::temp_dir().join("dragonfruit-cluster"),
             etcd_url: "http://127.0.0.1:2379".into(),
+            etcd_start_timeout: Duration::from_secs(30),
             etcd_user: String::new(),
             etcd_password: Secret::default(),
             prefix: "dragonfruit/".into(),

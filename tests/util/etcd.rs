@@ -34,6 +34,20 @@ impl Etcd {
         Etcd::start_cluster(name, 1).pop().unwrap()
     }
 
+    /// A one-member etcd with its ports chosen but not running yet ([`Etcd::restart`]
+    /// starts it).
+    pub fn not_started(name: &str) -> Etcd {
+        let mut etcd = Etcd::start_cluster(name, 1).pop().unwrap();
+        etcd.stop_and_forget();
+        etcd
+    }
+
+    /// Stops it and removes its data, as if it had never run.
+    fn stop_and_forget(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
     /// The `n` members of one etcd cluster, started together (each waits for a quorum).
     pub fn start_cluster(name: &str, n: usize) -> Vec<Etcd> {
         let mut members: Vec<Etcd> = (0..n)
@@ -203,8 +217,7 @@ impl Etcd {
 
     /// Starts it again on the same ports with its data lost: every lease and key is gone.
     pub fn restart_empty(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.stop_and_forget();
         self.run();
     }
 }

@@ -35,6 +35,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 const WATCH_IDLE: Duration = Duration::from_secs(15);
 /// Pause between retries while etcd is unreachable.
 const RETRY: Duration = Duration::from_secs(1);
+/// How long `start` waits for etcd by default.
+const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Least time a member gets before the next one is tried.
 const MIN_ATTEMPT: Duration = Duration::from_millis(200);
 
@@ -43,6 +45,7 @@ pub struct EtcdDiscovery {
     url: String,
     prefix: String,
     ttl: Duration,
+    start_timeout: Duration,
     credentials: Option<Credentials>,
     running: Mutex<Option<Running>>,
 }
@@ -100,9 +103,18 @@ impl EtcdDiscovery {
             url: url.to_owned(),
             prefix: prefix.to_owned(),
             ttl,
+            start_timeout: DEFAULT_START_TIMEOUT,
             credentials: None,
             running: Mutex::new(None),
         }
+    }
+
+    /// How long `start` waits for etcd to answer (it may come up after the server, as when
+    /// a whole deployment starts at once) before it fails; zero fails at once. Refusals
+    /// (credentials, permissions) fail at once anyway. Default 30 s.
+    pub fn with_start_timeout(mut self, timeout: Duration) -> EtcdDiscovery {
+        self.start_timeout = timeout;
+        self
     }
 
     /// Authenticates as `user` (for an etcd with auth enabled; the user needs read and write
@@ -150,6 +162,12 @@ fn prefix_end(prefix: &str) -> String {
         }
     }
     "\0".into()
+}
+
+/// Whether an error is etcd refusing (wrong credentials, missing permissions), which
+/// waiting does not mend, rather than etcd not answering.
+fn is_refusal(e: &str) -> bool {
+    ["authentication failed", "permission denied", "user name is empty", "auth enabled"].iter().any(|r| e.contains(r))
 }
 
 /// Whether etcd refused a call for want of a valid auth token.
@@ -496,8 +514,27 @@ impl Discovery for EtcdDiscovery {
             table,
             changed,
         });
-        shared.register().map_err(etcd_error)?;
-        let (servers, _) = shared.range().map_err(etcd_error)?;
+        let deadline = Instant::now() + self.start_timeout;
+        let mut waiting = false;
+        let servers = loop {
+            match shared.register().and_then(|()| shared.range()) {
+                Ok((servers, _)) => break servers,
+                Err(e) if !is_refusal(&e) && Instant::now() + RETRY < deadline => {
+                    if !waiting {
+                        warn!(
+                            "etcd at {} does not answer ({e}); waiting up to {:?} for it",
+                            self.url, self.start_timeout
+                        );
+                        waiting = true;
+                    }
+                    std::thread::sleep(RETRY);
+                }
+                Err(e) => return Err(etcd_error(e)),
+            }
+        };
+        if waiting {
+            info!("etcd at {} answers; {} registered", self.url, shared.key);
+        }
         shared.publish(&servers);
         let spawn = |name: &str, f: fn(&Shared), shared: Arc<Shared>| {
             std::thread::Builder::new()

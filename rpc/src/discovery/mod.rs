@@ -68,7 +68,8 @@ pub fn from_config(config: &DiscoveryConfig) -> Box<dyn Discovery> {
     match config.kind {
         DiscoveryKind::Embedded => Box::new(EmbeddedDiscovery::new(config.dir.clone(), config.refresh, config.ttl)),
         DiscoveryKind::Etcd => {
-            let etcd = EtcdDiscovery::new(&config.etcd_url, &config.prefix, config.ttl);
+            let etcd = EtcdDiscovery::new(&config.etcd_url, &config.prefix, config.ttl)
+                .with_start_timeout(config.etcd_start_timeout);
             match config.etcd_user.as_str() {
                 "" => Box::new(etcd),
                 user => Box::new(etcd.with_credentials(user, &config.etcd_password.0)),
