@@ -286,7 +286,7 @@ mod tests {
         twin.rpc_addr = "tcp://127.0.0.1:2".into();
         write_entry(&dir.join(file_name("room/1")), &twin).unwrap();
         assert!(taken_by_another(&scan(&dir, ttl), &entry("room/1")));
-        // and logged once, until fixed or gone
+        // The junk file is logged once, until it is fixed or gone.
         let mut warned = HashSet::new();
         let found = scan(&dir, ttl);
         assert_eq!(found.bad.len(), 1, "{:?}", found.bad);
