@@ -32,7 +32,7 @@ OPTIONS:
     --tcp ADDR            client TCP address of the connector (default 127.0.0.1:3250)
     --play NAME           play as NAME (see above)
     --room ROOM           the room --play starts in (default lobby)
-    --rooms N             room servers of the local cluster (default 2)
+    --rooms N             room servers of the local cluster (default 2, at most 32)
     --id ID               server id (default: generated)
     --discovery KIND      embedded (files in a directory, one machine) or etcd
     --discovery-dir DIR   embedded discovery directory
@@ -43,6 +43,9 @@ OPTIONS:
     -h, --help            print this help
 
 Log level: RUST_LOG (default info).";
+
+/// Most room servers the local launcher starts (each is a process with its own pool).
+const MAX_ROOMS: usize = 32;
 
 /// Parsed command line.
 pub(crate) struct Args {
@@ -84,7 +87,12 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--play" => args.play = Some(value()?),
             "--room" => args.room = value()?,
             "--tcp" => args.tcp = value()?,
-            "--rooms" => args.rooms = value()?.parse().map_err(|e| format!("--rooms: {e}"))?,
+            "--rooms" => {
+                args.rooms = value()?.parse().map_err(|e| format!("--rooms: {e}"))?;
+                if args.rooms > MAX_ROOMS {
+                    return Err(format!("--rooms: at most {MAX_ROOMS} room servers on one machine"));
+                }
+            }
             "--discovery" => {
                 let v = value()?;
                 if v != "embedded" && v != "etcd" {

@@ -319,6 +319,25 @@ fn terminal_players_chat() {
     assert!(!wait_exit(&mut refused.proc.0, T).expect("a refused login ends the player").success());
 }
 
+/// Bad command lines are refused at once with the reason and exit code 2; nothing starts.
+#[test]
+fn bad_arguments_are_refused_with_a_reason() {
+    for (args, reason) in [
+        (&["--rooms", "1000"][..], "--rooms: at most 32"),
+        (&["--rooms", "two"], "--rooms: invalid digit"),
+        (&["--role", "king"], "unknown role \"king\""),
+        (&["--discovery", "zookeeper"], "unknown discovery \"zookeeper\""),
+        (&["--play", "ann", "--role", "room"], "--play and --role do not go together"),
+        (&["--tcp"], "--tcp needs a value"),
+        (&["--fast"], "unknown argument \"--fast\""),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     let servers = Servers::new("kill", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);
