@@ -13,7 +13,9 @@ use crate::messenger::Messenger;
 use crate::route::Route;
 use crate::session::{Session, SessionId, SessionRegistry};
 
-/// Where a user RPC goes.
+/// Where a user RPC goes. Routes of the caller's own server type are routed too (the
+/// router may pick another server of the type); the call runs locally, without a hop, when
+/// the target is the caller.
 #[derive(Debug, Clone, Copy)]
 pub enum CallTarget<'a> {
     /// A server of the route's type, chosen by the routing function.
