@@ -37,19 +37,23 @@ impl Etcd {
     /// A one-member etcd with its ports chosen but not running yet ([`Etcd::restart`]
     /// starts it).
     pub fn not_started(name: &str) -> Etcd {
-        let mut etcd = Etcd::start_cluster(name, 1).pop().unwrap();
-        etcd.stop_and_forget();
-        etcd
-    }
-
-    /// Stops it and removes its data, as if it had never run.
-    fn stop_and_forget(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        Etcd::members(name, 1).pop().unwrap()
     }
 
     /// The `n` members of one etcd cluster, started together (each waits for a quorum).
     pub fn start_cluster(name: &str, n: usize) -> Vec<Etcd> {
+        let mut members = Etcd::members(name, n);
+        for member in &mut members {
+            member.spawn();
+        }
+        for member in &members {
+            member.wait_healthy();
+        }
+        members
+    }
+
+    /// The `n` members of one etcd cluster, ports and directories chosen, not started.
+    fn members(name: &str, n: usize) -> Vec<Etcd> {
         let mut members: Vec<Etcd> = (0..n)
             .map(|i| {
                 let dir = std::env::temp_dir().join(format!("df-etcd-{}-{name}-{i}", std::process::id()));
@@ -69,10 +73,6 @@ impl Etcd {
             members.iter().map(|m| format!("{}={}", m.member, m.peer_url())).collect::<Vec<_>>().join(",");
         for member in &mut members {
             member.initial_cluster = initial_cluster.clone();
-            member.spawn();
-        }
-        for member in &members {
-            member.wait_healthy();
         }
         members
     }
@@ -217,7 +217,8 @@ impl Etcd {
 
     /// Starts it again on the same ports with its data lost: every lease and key is gone.
     pub fn restart_empty(&mut self) {
-        self.stop_and_forget();
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
         self.run();
     }
 }
