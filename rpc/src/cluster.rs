@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -61,21 +61,15 @@ struct Drain {
     /// Set once this server has left discovery: the end of the propagation period.
     until: OnceLock<Instant>,
     /// When the last call of the kinds a stopping server refuses (a forwarded batch, a
-    /// user RPC) was taken while stopping, in milliseconds since `epoch`, plus one; 0: none.
-    last_call: AtomicU64,
-    epoch: Instant,
+    /// user RPC) was taken while stopping. Touched only once a stop has begun.
+    last_call: Mutex<Option<Instant>>,
     /// Calls are refused from now on.
     over: AtomicBool,
 }
 
 impl Drain {
     fn new() -> Drain {
-        Drain {
-            until: OnceLock::new(),
-            last_call: AtomicU64::new(0),
-            epoch: Instant::now(),
-            over: AtomicBool::new(false),
-        }
+        Drain { until: OnceLock::new(), last_call: Mutex::new(None), over: AtomicBool::new(false) }
     }
 
     /// Left discovery; peers know within `propagation`.
@@ -85,8 +79,7 @@ impl Drain {
 
     /// A call this server refuses while stopping is taken.
     fn call_taken(&self) {
-        let since_epoch = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-        self.last_call.store(since_epoch + 1, Ordering::Relaxed);
+        *self.last_call.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 
     fn refusing(&self) -> bool {
@@ -95,10 +88,7 @@ impl Drain {
         }
         let Some(until) = self.until.get() else { return false };
         let now = Instant::now();
-        let last_call = match self.last_call.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(self.epoch + Duration::from_millis(ms - 1)),
-        };
+        let last_call = *self.last_call.lock().unwrap_or_else(|p| p.into_inner());
         if now < *until || last_call.is_some_and(|t| now.saturating_duration_since(t) < DRAIN_QUIET) {
             return false;
         }
