@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use dragonfruit_net::App;
 use dragonfruit_rpc::discovery::Discovery;
-use dragonfruit_rpc::{ClusterModule, EtcdDiscovery, RpcConfig, ServerEntry, ServerTable};
+use dragonfruit_rpc::{ClusterModule, EtcdDiscovery, ServerEntry, ServerTable};
 use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
 use crate::util::etcd::Etcd;
-use crate::util::{probe_app, wait_until, Probe, Server, T};
+use crate::util::{module_with, probe_app, wait_until, Probe, Server, T};
 
 const TTL: Duration = Duration::from_secs(2);
+/// Call timeout of the servers in these tests.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An entry for a server that exists only in discovery.
 fn phantom(id: &str, server_type: &str) -> ServerEntry {
@@ -32,11 +34,6 @@ fn discovery(urls: &str) -> EtcdDiscovery {
     EtcdDiscovery::new(urls, "it/", TTL)
 }
 
-fn module_of(discovery: EtcdDiscovery) -> ClusterModule {
-    let rpc = RpcConfig { timeout: Duration::from_secs(2), ..Default::default() };
-    ClusterModule::new(rpc, Box::new(discovery))
-}
-
 fn pair(etcd: &Etcd) -> (Server, ClusterModule, Server, ClusterModule) {
     pair_at(&etcd.url(), &etcd.url())
 }
@@ -49,10 +46,10 @@ fn pair_at(fe_urls: &str, room_urls: &str) -> (Server, ClusterModule, Server, Cl
 /// `connector-1` and `room-1`, using discovery `fe` and `room`, registered and seeing each
 /// other.
 fn pair_with(fe: EtcdDiscovery, room: EtcdDiscovery) -> (Server, ClusterModule, Server, ClusterModule) {
-    let room_module = module_of(room);
+    let room_module = module_with(room, CALL_TIMEOUT);
     let room = App::builder("room").server_id("room-1").component("room", Backend::default());
     let room = Server::start_backend(room.cluster(Arc::new(room_module.clone())));
-    let fe_module = module_of(fe);
+    let fe_module = module_with(fe, CALL_TIMEOUT);
     let fe = Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
     assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
     (fe, fe_module, room, room_module)
