@@ -14,6 +14,9 @@ use dragonfruit_client::{Client, ClientConfig, ClientError};
 use dragonfruit_rpc::router::rendezvous;
 use serde_json::{json, Value};
 
+#[path = "../../tests/node/run.rs"]
+mod node;
+
 const BIN: &str = env!("CARGO_BIN_EXE_sample-game");
 
 fn free_port() -> u16 {
@@ -176,25 +179,12 @@ fn the_launcher_runs_a_playable_cluster_and_stops_it() {
 /// and their pushes running on the room servers.
 #[test]
 fn a_pomelo_client_plays_through_the_cluster() {
-    let node = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/node");
-    assert!(
-        node.join("node_modules/pomelo-protocol").is_dir(),
-        "npm package pomelo-protocol missing: run scripts/test.sh (it runs `npm ci` in tests/node)"
-    );
     let servers = Servers::new("pomelo", &[]);
     let cluster = servers.two_rooms();
     drop(player(cluster.port, "ready")); // the connector is up and reaches a room server
-    let output = Command::new("node")
-        .arg(node.join("pomelo_player.js"))
-        .arg(format!("127.0.0.1:{}", cluster.port))
-        .output()
-        .expect("node runs (installed by scripts/test.sh)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "node player failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    for step in ["handshake", "login", "join", "chat", "string route", "errors", "leave", "disconnect"] {
-        assert!(stdout.lines().any(|l| l == format!("ok {step}")), "step {step} missing:\n{stdout}\n{stderr}");
-    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/node");
+    let steps = ["handshake", "login", "join", "chat", "string route", "errors", "leave", "disconnect"];
+    node::run_script(&dir, "pomelo_player.js", &format!("127.0.0.1:{}", cluster.port), &steps);
 }
 
 /// A player joining another room leaves the old one on whichever room server holds it

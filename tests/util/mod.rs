@@ -4,6 +4,8 @@
 pub mod args;
 pub mod backend;
 pub mod etcd;
+#[path = "../node/run.rs"]
+pub mod node;
 pub mod probe;
 pub mod raw;
 
