@@ -211,10 +211,27 @@ impl App {
     }
 }
 
+/// Binds the client listener with the system's largest accept queue.
 fn bind_tcp(addr: &str) -> io::Result<mio::net::TcpListener> {
     let std_listener = std::net::TcpListener::bind(addr)?;
+    widen_backlog(&std_listener)?;
     std_listener.set_nonblocking(true)?;
     Ok(mio::net::TcpListener::from_std(std_listener))
+}
+
+/// Raises the accept queue of a listening socket to the system's maximum
+/// (`net.core.somaxconn` on Linux, 4096 by default), as Go's `net.Listen` (Pitaya) does.
+/// `std` and `mio` listen with 128: a burst of connects beyond that (players logging back in
+/// after a restart) overflows the queue and the kernel drops their SYNs, which the clients
+/// resend only after a second or more. Listening again on a listening socket just changes
+/// its queue length; the kernel clamps the value to its maximum.
+fn widen_backlog(listener: &std::net::TcpListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen(2) on a socket this function borrows; it takes no pointers.
+    if unsafe { libc::listen(listener.as_raw_fd(), libc::c_int::MAX) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl AppBuilder {
@@ -410,4 +427,49 @@ impl AppBuilder {
 fn generated_id(server_type: &str) -> String {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     format!("{server_type}-{}-{:08x}", std::process::id(), nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use mio::{Events, Interest, Poll, Token};
+
+    use super::bind_tcp;
+
+    /// A burst of connects larger than std's accept queue (128) all complete while nothing
+    /// accepts them: with std's queue the connects past 129 would wait for good.
+    #[test]
+    fn the_client_listener_queues_a_burst_of_connects() {
+        let listener = bind_tcp("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4096);
+        let burst = 400.min(somaxconn);
+        assert!(burst > 129, "net.core.somaxconn is {somaxconn}: too small to tell std's queue from the system's");
+        let mut poll = Poll::new().unwrap();
+        let mut streams: Vec<_> = (0..burst)
+            .map(|i| {
+                let mut s = mio::net::TcpStream::connect(addr).unwrap();
+                poll.registry().register(&mut s, Token(i), Interest::WRITABLE).unwrap();
+                s
+            })
+            .collect();
+        let mut connected = vec![false; burst];
+        let mut events = Events::with_capacity(1024);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while connected.iter().any(|c| !c) && Instant::now() < deadline {
+            poll.poll(&mut events, Some(Duration::from_millis(100))).unwrap();
+            for e in events.iter() {
+                let i = e.token().0;
+                connected[i] |= streams[i].peer_addr().is_ok();
+            }
+        }
+        let n = connected.iter().filter(|c| **c).count();
+        assert_eq!(n, burst, "connects completed without an accept");
+        streams.clear();
+        drop(listener);
+    }
 }
