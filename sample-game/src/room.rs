@@ -2,8 +2,8 @@
 //! room. The room router sends every message about a room to the same room server, so a
 //! room's members and chat live in one place. The session's current room is session data
 //! (`room`), pushed to the frontend so the router can find it later. A member that no
-//! connector knows any more (its connector died, so no `left` call came) is dropped from
-//! the room the next time the room pushes to its members.
+//! connector knows any more (it just disconnected, or its connector died so no `left` call
+//! comes) is dropped from the room the next time the room pushes to its members.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -160,8 +160,8 @@ impl Rooms {
     }
 
     /// Pushes to `to`, members of `room`. Those no connector has a session for are gone
-    /// without having left (their connector died): they are dropped from the room and the
-    /// others told they left.
+    /// (disconnected with their `left` call still on its way, or their connector died): they
+    /// are dropped from the room and the others told they left.
     fn push_to_members<T: Serialize>(
         &self,
         env: &dragonfruit_core::HandlerEnv,
@@ -176,7 +176,9 @@ impl Rooms {
             let mut gone = Vec::new();
             for uid in missing {
                 if self.remove_from(room, &uid) {
-                    warn!("uid={uid} has no session on any connector; dropped from room {room}");
+                    // Usually a player who just disconnected, whose `left` call from its
+                    // connector is still on its way; else its connector died.
+                    debug!("uid={uid} has no session on any connector; dropped from room {room}");
                     gone.push(uid);
                 }
             }
