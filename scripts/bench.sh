@@ -7,6 +7,8 @@
 #   scripts/bench.sh cluster    local cluster (connector + 2 room servers): forwarded echo,
 #                               local echo on the connector, push fan-out to 1000 members
 #   scripts/bench.sh idle [N]   idle memory with N sessions (default 19900, see BENCHMARKS.md)
+#   scripts/bench.sh churn [W]  local cluster: W waves (default 40) of 500 players logging in,
+#                               joining a room, chatting and leaving; the servers' memory per wave
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -52,6 +54,11 @@ if [ "$what" = all ] || [ "$what" = cluster ]; then
     $bench echo --route room.room.echo --connections 64 --inflight 16 --duration 10 --warmup 2 --server-pid "$pids"
     $bench echo --route connector.entry.echo --connections 64 --inflight 16 --duration 10 --warmup 2 --server-pid "$pids"
     $bench fanout --connections 1000 --rounds 20 --server-pid "$pids"
+    stop
+fi
+if [ "$what" = all ] || [ "$what" = churn ]; then
+    start
+    $bench churn --connections 500 --rounds "${2:-40}" --server-pid "$pids"
     stop
 fi
 if [ "$what" = all ] || [ "$what" = idle ]; then

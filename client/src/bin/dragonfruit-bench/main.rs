@@ -7,7 +7,10 @@
 //!   session.
 //! - `fanout`: N players log in and join one room of the sample game; one says a line; prints
 //!   the time until the last member received it (`onChat`), over several rounds.
+//! - `churn`: waves of players log in, join a room, say a line and disconnect; prints the
+//!   servers' memory after each wave (state left behind by departed sessions).
 
+mod churn;
 mod conn;
 mod echo;
 mod fanout;
@@ -23,10 +26,12 @@ USAGE:
     dragonfruit-bench echo [OPTIONS]
     dragonfruit-bench idle [OPTIONS]
     dragonfruit-bench fanout [OPTIONS]
+    dragonfruit-bench churn [OPTIONS]
 
 OPTIONS:
     --addr ADDR          server address (default 127.0.0.1:3250)
-    --connections N      connections (default 64; fanout: room members, default 1000)
+    --connections N      connections (default 64; fanout: room members, default 1000;
+                         churn: players per wave, default 500)
     --inflight K         requests in flight per connection, echo mode (default 16)
     --duration SECS      measured time, echo mode (default 10)
     --warmup SECS        unmeasured time before it (default 2)
@@ -34,13 +39,14 @@ OPTIONS:
     --route ROUTE        request route (default connector.entry.echo)
     --body JSON          request body (default {\"msg\":\"hello dragonfruit\"})
     --hold SECS          idle mode: how long to hold the connections (default 3)
-    --rounds R           fanout mode: lines said (default 20)
+    --rounds R           fanout mode: lines said; churn mode: waves (default 20)
     --server-pid PIDS    server processes (comma-separated), for their CPU and memory";
 
 pub(crate) enum Mode {
     Echo,
     Idle,
     Fanout,
+    Churn,
 }
 
 pub(crate) struct Args {
@@ -64,11 +70,16 @@ fn parse_args() -> Result<Args, String> {
         Some("echo") => Mode::Echo,
         Some("idle") => Mode::Idle,
         Some("fanout") => Mode::Fanout,
+        Some("churn") => Mode::Churn,
         Some("-h" | "--help") | None => return Err(HELP.to_owned()),
         Some(other) => return Err(format!("unknown mode {other:?}\n\n{HELP}")),
     };
     let mut args = Args {
-        connections: if matches!(mode, Mode::Fanout) { 1000 } else { 64 },
+        connections: match mode {
+            Mode::Fanout => 1000,
+            Mode::Churn => 500,
+            Mode::Echo | Mode::Idle => 64,
+        },
         mode,
         addr: "127.0.0.1:3250".parse().unwrap(),
         inflight: 16,
@@ -196,6 +207,7 @@ fn main() -> ExitCode {
         Mode::Echo => echo::echo(&args),
         Mode::Idle => echo::idle(&args),
         Mode::Fanout => fanout::run(&args),
+        Mode::Churn => churn::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
