@@ -1,6 +1,7 @@
 //! A frontend and backends in one process, found through embedded discovery, talking over
 //! real ZeroMQ sockets: forwarding, remote sessions, user RPC, routers, failures.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -260,6 +261,47 @@ fn slow_backends_time_out_with_pit_504() {
     assert_eq!(other.request_raw("room.room.echo", b"other").unwrap(), b"other", "other sessions are not held up");
     // This session's next message runs after the slow one (per-session order), then works.
     assert!(wait_until(T, || client.request_raw("room.room.echo", b"after").is_ok_and(|b| b == b"after")));
+}
+
+/// A backend whose queue holds calls longer than `rpc.timeout` does not run them once their
+/// callers have given up: an overloaded backend would otherwise work on calls nobody waits
+/// for while every new one times out behind them.
+#[test]
+fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
+    let timeout = Duration::from_millis(300);
+    let dir = cluster_dir("expired");
+    let backend = Backend::default();
+    let module = cluster_module(&dir, timeout);
+    // One worker: calls queue behind a slow one.
+    let room = Server::start_backend(room_builder("room-1", &backend, &module).workers(1));
+    let fe_module = cluster_module(&dir, timeout);
+    let frontend = start_connector(&fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && module.servers().len() == 2));
+    let slow = frontend.client();
+    let queued: Vec<Client> = (0..3).map(|_| frontend.client()).collect();
+    let slow_call = std::thread::spawn(move || slow.request::<_, Value>("room.room.sleep", &1000u64));
+    assert!(wait_until(T, || backend.sleeps_started.load(Ordering::SeqCst) == 1), "the slow call runs");
+    let mut waiting: Vec<_> = queued
+        .into_iter()
+        .map(|c| std::thread::spawn(move || c.request::<_, Value>("room.room.sleep", &1u64)))
+        .collect();
+    // A user RPC from the frontend queues the same way.
+    let caller = frontend.client();
+    waiting.push(std::thread::spawn(move || caller.request::<_, Value>("probe.rpc_route", "room.room.tick")));
+    for call in waiting.into_iter().chain([slow_call]) {
+        match call.join().unwrap() {
+            Err(ClientError::Server(e)) => assert_eq!(e.code, codes::TIMEOUT, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Once an echo queued after the three is answered, the three have left the queue.
+    let fresh = frontend.client();
+    assert!(wait_until(T, || fresh.request_raw("room.room.echo", b"x").is_ok()));
+    assert_eq!(backend.sleeps_started.load(Ordering::SeqCst), 1, "the queued calls did not run");
+    assert_eq!(backend.ticks.load(Ordering::SeqCst), 0, "nor the queued user RPC");
+    // Calls that did not wait past the timeout run as before.
+    assert_eq!(frontend.client().request::<_, u64>("probe.rpc_route", "room.room.tick").unwrap(), 1);
+    drop(room);
 }
 
 struct ByRoom;

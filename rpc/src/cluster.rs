@@ -99,11 +99,53 @@ impl Drain {
     }
 }
 
+/// Calls that waited longer than `rpc.timeout` in this server's queue before a worker took
+/// them. Their callers gave up at that timeout (servers of a cluster share it), and each
+/// gave up a slot that lets a new call in, so an overloaded server that ran them would
+/// spend itself on calls nobody waits for while every new call timed out behind them.
+/// They are answered `PIT-504` instead, not run; notifies among them are dropped.
+struct Overdue {
+    /// This server's id.
+    server: String,
+    /// `rpc.timeout`.
+    timeout: Duration,
+    /// Overdue calls since the last warning, and when it was logged.
+    unlogged: Mutex<(u64, Option<Instant>)>,
+}
+
+impl Overdue {
+    /// The error to answer a call taken at `taken` with, if it waited past the timeout.
+    /// Logs a warning at most once a second.
+    fn check(&self, taken: Instant) -> Option<HandlerError> {
+        let (server, timeout) = (&self.server, self.timeout);
+        let waited = taken.elapsed();
+        if waited <= timeout {
+            return None;
+        }
+        let now = Instant::now();
+        let mut unlogged = self.unlogged.lock().unwrap_or_else(|p| p.into_inner());
+        unlogged.0 += 1;
+        if unlogged.1.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            warn!(
+                "server {server} is behind: {} call(s) waited longer than rpc.timeout ({timeout:?}) in its queue \
+                 (the last {waited:?}); their callers had given up, so they were answered {} and not run",
+                unlogged.0,
+                codes::TIMEOUT
+            );
+            *unlogged = (0, Some(now));
+        }
+        let message = format!("waited {waited:?} in the queue of server {server}, over rpc.timeout ({timeout:?})");
+        Some(HandlerError::new(codes::TIMEOUT, message))
+    }
+}
+
 pub(crate) struct Started {
     pub(crate) ctx: ClusterContext,
     pub(crate) io: Io,
     thread: Mutex<Option<JoinHandle<()>>>,
     pub(crate) me: ServerEntry,
+    /// Calls that waited past `rpc.timeout` in this server's queue.
+    overdue: Arc<Overdue>,
 }
 
 impl ClusterModule {
@@ -274,6 +316,7 @@ impl Inner {
         if !stopping && self.leaving.load(Ordering::Acquire) && calls.iter().any(refusable) {
             self.drain.call_taken();
         }
+        let taken = Instant::now();
         let mut ordered: Vec<(OrderKey, Box<dyn FnOnce() + Send>)> = Vec::new();
         for (from, call, responder) in calls {
             match call {
@@ -281,16 +324,24 @@ impl Inner {
                     let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
                     let service = started.ctx.service.clone();
                     let (io, timeout) = (started.io.clone(), self.rpc.timeout);
-                    let job = move || match remote_session(session, &io, timeout, service.env().serializer) {
-                        Ok(session) => {
-                            let replies = msgs.into_iter().filter_map(|m| run_message(&service, &session, m)).collect();
-                            responder.send(Ok(Answer::Replies(replies)));
+                    let overdue = started.overdue.clone();
+                    let job = move || {
+                        let session = match overdue.check(taken) {
+                            Some(e) => Err(e),
+                            None => remote_session(session, &io, timeout, service.env().serializer),
+                        };
+                        match session {
+                            Ok(session) => {
+                                let replies =
+                                    msgs.into_iter().filter_map(|m| run_message(&service, &session, m)).collect();
+                                responder.send(Ok(Answer::Replies(replies)));
+                            }
+                            Err(e) => responder.send(Err(e)),
                         }
-                        Err(e) => responder.send(Err(e)),
                     };
                     ordered.push((key, Box::new(job)));
                 }
-                call => self.on_call(started, stopping, &from, call, responder),
+                call => self.on_call(started, stopping, taken, &from, call, responder),
             }
         }
         if !ordered.is_empty() {
@@ -298,13 +349,18 @@ impl Inner {
         }
     }
 
-    fn on_call(&self, started: &Started, stopping: bool, from: &str, call: Call, responder: Responder) {
+    fn on_call(&self, started: &Started, stopping: bool, taken: Instant, from: &str, call: Call, responder: Responder) {
         let ctx = &started.ctx;
         let refuse_stopping = || Err(HandlerError::internal(format!("server {} is shutting down", started.me.id)));
         match call {
             Call::User { route, body } if !stopping => {
                 let (service, from) = (ctx.service.clone(), from.to_owned());
+                let overdue = started.overdue.clone();
                 ctx.dispatcher.submit(Box::new(move || {
+                    if let Some(e) = overdue.check(taken) {
+                        responder.send(Err(e));
+                        return;
+                    }
                     let result = service.execute_remote(&route, Some(&from), &body);
                     responder.send(result.map(|b| Answer::Body(ByteBuf(b))));
                 }));
@@ -525,7 +581,9 @@ impl Cluster for ClusterModule {
         let limits = socket_thread::Limits { timeout: inner.rpc.timeout, heartbeat: inner.rpc.heartbeat };
         let (io, thread) = socket_thread::spawn(zctx, router, me.id.clone(), inner.table.clone(), inbound, limits)
             .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;
-        let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone() };
+        let overdue =
+            Arc::new(Overdue { server: me.id.clone(), timeout: inner.rpc.timeout, unlogged: Mutex::default() });
+        let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone(), overdue };
         if inner.started.set(started).is_err() {
             return Err(ClusterError::Other("cluster module started twice".into()));
         }

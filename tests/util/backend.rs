@@ -21,6 +21,8 @@ pub struct Backend {
     pub kept: Arc<Mutex<Vec<Arc<Session>>>>,
     /// `sleep` requests that have started here.
     pub sleeps_started: Arc<AtomicUsize>,
+    /// Runs of the `tick` remote.
+    pub ticks: Arc<AtomicUsize>,
 }
 
 impl Component for Backend {
@@ -118,6 +120,7 @@ impl Component for Backend {
             panic!("remote bug")
         });
         r.remote("double", |_: &Backend, _: &RemoteCtx<'_>, n: u64| Ok(n * 2));
+        r.remote("tick", |b: &Backend, _: &RemoteCtx<'_>, _: Value| Ok(b.ticks.fetch_add(1, Ordering::SeqCst) + 1));
         r.remote("server", |_: &Backend, ctx: &RemoteCtx<'_>, _: Value| {
             Ok(json!({"server": &*ctx.server().id, "caller": ctx.caller()}))
         });
