@@ -304,6 +304,38 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
     drop(room);
 }
 
+/// Forwarded notifies stay in flight on the frontend until the backend has run them, so a
+/// client flooding them is paused by `dispatch.session_backlog` like one flooding local
+/// routes, instead of piling them up in the backend's memory. None is lost.
+#[test]
+fn a_client_flooding_forwarded_notifies_is_paused_not_queued_on_the_backend() {
+    let dir = cluster_dir("notifyflood");
+    let backend = Backend::default();
+    let module = cluster_module(&dir, TIMEOUT);
+    let room = Server::start_backend(room_builder("room-1", &backend, &module));
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
+    builder.config_mut().dispatch.session_backlog = 16;
+    let frontend = Server::start(builder);
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && module.servers().len() == 2));
+    let flooder = frontend.client();
+    const N: usize = 2000;
+    for _ in 0..N {
+        flooder.notify("room.room.hold", &json!({})).unwrap();
+    }
+    assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == 1), "the first notify runs and holds");
+    std::thread::sleep(Duration::from_millis(200));
+    let stats = frontend.handle.stats();
+    assert!(stats.notifies <= 16, "the frontend stopped reading at the session's backlog: {stats:?}");
+    // Others are served meanwhile.
+    assert_eq!(frontend.client().request_raw("room.room.echo", b"other").unwrap(), b"other");
+    backend.gate.open();
+    assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == N), "every notify ran");
+    assert!(wait_until(T, || frontend.handle.stats().in_flight == 0), "{:?}", frontend.handle.stats());
+    assert_eq!(flooder.request_raw("room.room.echo", b"after").unwrap(), b"after");
+    drop(room);
+}
+
 struct ByRoom;
 
 impl Router for ByRoom {

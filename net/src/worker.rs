@@ -45,8 +45,9 @@ pub(crate) struct Done {
     pub(crate) outcome: Outcome,
     /// The client sent a route as a dictionary code.
     pub(crate) saw_route_code: bool,
-    /// Requests forwarded to other servers; they stay in flight until their answers come
-    /// back as `LoopMsg::Forwarded`.
+    /// Messages forwarded to other servers; they stay in flight until the server that runs
+    /// them has answered (notifies too: a flood of them must not pile up there) and the
+    /// answer comes back as `LoopMsg::Forwarded`.
     pub(crate) forwarded: usize,
 }
 
@@ -83,7 +84,7 @@ pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, b
     Stats::add(&shared.stats.requests, tally.requests);
     Stats::add(&shared.stats.notifies, tally.notifies);
     let forwards = std::mem::take(&mut tally.forwards);
-    let forwarded = forwards.iter().filter(|f| f.kind == MessageType::Request).count();
+    let forwarded = forwards.len();
     // A panic in the cluster layer must not lose the batch's `Done`; the forwarded requests
     // are then answered by `ForwardAnswers`' drop.
     if catch_unwind(AssertUnwindSafe(|| forward(shared, token, session, forwards))).is_err() {
@@ -93,9 +94,9 @@ pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, b
     Done { token, session: session.id(), handled: batch.count - forwarded, out, outcome, saw_route_code, forwarded }
 }
 
-/// Hands messages of other server types to the cluster layer (only requests are counted
-/// in flight, and `tally.forwards` is only filled when there is a cluster layer). The
-/// answers go straight to the event loop, not through a worker.
+/// Hands messages of other server types to the cluster layer (`tally.forwards` is only
+/// filled when there is a cluster layer). The answers go straight to the event loop, not
+/// through a worker.
 fn forward(shared: &Shared, token: usize, session: &Arc<Session>, forwards: Vec<Forward>) {
     let Some(cluster) = &shared.cluster else { return };
     if forwards.is_empty() {
@@ -108,14 +109,17 @@ fn forward(shared: &Shared, token: usize, session: &Arc<Session>, forwards: Vec<
         token,
         sid: session.id(),
         ids: forwards.iter().filter(|f| f.kind == MessageType::Request).map(|f| f.id).collect(),
+        count: forwards.len(),
         sent: false,
     };
     cluster.forward(session, forwards, Box::new(move |replies| answers.send(replies)));
 }
 
-/// Sends the answers to one batch's forwarded requests to the event loop, once. Dropped
-/// without having sent (the cluster layer lost the callback, or panicked), it answers every
-/// request with an error, so none waits forever and the in-flight count stays exact.
+/// Sends the answers to one batch's forwarded requests to the event loop once the cluster
+/// layer is done with the batch, giving back the in-flight slots of all its messages.
+/// Dropped without having sent (the cluster layer lost the callback, or panicked), it
+/// answers every request with an error, so none waits forever and the in-flight count
+/// stays exact.
 struct ForwardAnswers {
     port: Arc<LoopPort>,
     compress: bool,
@@ -124,6 +128,8 @@ struct ForwardAnswers {
     sid: SessionId,
     /// Ids of the forwarded requests.
     ids: Vec<u64>,
+    /// Forwarded messages, notifies included.
+    count: usize,
     sent: bool,
 }
 
@@ -138,8 +144,7 @@ impl ForwardAnswers {
         for (id, reply) in replies {
             encode_reply_with(self.compress, self.serializer, self.sid, id, reply, &mut out);
         }
-        let count = self.ids.len();
-        let _ = self.port.send(LoopMsg::Forwarded { token: self.token, session: self.sid, out, count });
+        let _ = self.port.send(LoopMsg::Forwarded { token: self.token, session: self.sid, out, count: self.count });
     }
 }
 

@@ -291,8 +291,10 @@ impl Inner {
             }
         }
         drop(routers);
-        let with_requests = groups.iter().filter(|(_, m)| m.iter().any(|w| w.request)).count();
-        let mut completion = Completion::new(with_requests, refused, done);
+        // Every call is answered, notifies-only ones too: the frontend counts forwarded
+        // notifies in flight until the backend has run them, so a client flooding notifies
+        // is paused by backpressure instead of piling them up on the backend.
+        let mut completion = Completion::new(groups.len(), refused, done);
         let mut snapshot = snapshot(session, &started.me);
         let mut groups = groups.into_iter().peekable();
         while let Some((to, msgs)) = groups.next() {
@@ -463,9 +465,9 @@ fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Vec<(u64, Rep
 
 /// Where the answers to one forwarded batch go.
 enum Completion {
-    /// One call carries every request and none was refused: its answers are the replies.
+    /// One call carries the whole batch and no request was refused: its answers are the replies.
     Direct(Option<ForwardDone>),
-    /// Several calls carry requests, or some were refused: gathered, then `done` once.
+    /// The batch went out in several calls, or requests were refused: gathered, then `done` once.
     Gather(Collector),
 }
 
@@ -478,11 +480,8 @@ impl Completion {
         }
     }
 
-    /// The answer callback of a call carrying requests `ids`; none for notifies only.
+    /// The answer callback of a call carrying requests `ids` (none: notifies only).
     fn reply_fn(&mut self, ids: Vec<u64>) -> Option<ReplyFn> {
-        if ids.is_empty() {
-            return None;
-        }
         match self {
             Completion::Direct(done) => {
                 let done = done.take()?;

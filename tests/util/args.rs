@@ -1,5 +1,7 @@
 //! Argument types and helpers shared by the test components.
 
+use std::sync::{Condvar, Mutex};
+
 use dragonfruit_core::HandlerError;
 use serde::Deserialize;
 use serde_json::Value;
@@ -24,6 +26,28 @@ pub struct SlowBindPush {
 pub struct PushUsers {
     pub uids: Vec<String>,
     pub msg: Value,
+}
+
+/// Closed until opened: handlers wait at it.
+#[derive(Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Gate {
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until the gate is open.
+    pub fn pass(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+    }
 }
 
 /// A `PIT-500` from any error.

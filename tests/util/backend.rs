@@ -9,7 +9,7 @@ use std::time::Duration;
 use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes, Session, SessionId};
 use serde_json::{json, Value};
 
-use super::args::{internal, Kv, PushUsers, SlowBindPush};
+use super::args::{internal, Gate, Kv, PushUsers, SlowBindPush};
 
 /// Per (frontend, session), the `seq` numbers in the order they ran here.
 pub type OrderLog = HashMap<(String, SessionId), Vec<u64>>;
@@ -23,6 +23,9 @@ pub struct Backend {
     pub sleeps_started: Arc<AtomicUsize>,
     /// Runs of the `tick` remote.
     pub ticks: Arc<AtomicUsize>,
+    /// `hold` notifies that have started here; they wait at `gate`.
+    pub held: Arc<AtomicUsize>,
+    pub gate: Arc<Gate>,
 }
 
 impl Component for Backend {
@@ -109,6 +112,11 @@ impl Component for Backend {
             ctx.session().bind(&req.uid).map_err(|e| HandlerError::new("BIND", e.to_string()))?;
             ctx.session().push("onMsg", &json!({"late": true})).map_err(internal)?;
             Ok(ctx.session().uid())
+        });
+        r.notify("hold", |b: &Backend, _: &mut Ctx<'_>, _: Value| {
+            b.held.fetch_add(1, Ordering::SeqCst);
+            b.gate.pass();
+            Ok(())
         });
         r.notify("note", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| {
             ctx.session().push("onNote", &msg).map_err(internal)

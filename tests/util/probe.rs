@@ -3,13 +3,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dragonfruit_core::{Component, Ctx, HandlerError, Routes, Session, SessionId};
 use serde_json::{json, Value};
 
-use super::args::{internal, Kv, PushUsers};
+use super::args::{internal, Gate, Kv, PushUsers};
 
 #[derive(Default)]
 pub struct State {
@@ -19,9 +19,8 @@ pub struct State {
     pub max_running: AtomicUsize,
     pub threads: Mutex<HashSet<String>>,
     pub notes: Mutex<Vec<Value>>,
-    /// `gate` handlers wait while this is false.
-    gate_open: Mutex<bool>,
-    gate_cv: Condvar,
+    /// `gate` handlers wait at it.
+    gate: Gate,
     pub closed_sessions: Mutex<Vec<SessionId>>,
     /// Slow on-close callbacks (`watch_slow`) running now, and the most at once.
     pub closing: AtomicUsize,
@@ -36,8 +35,7 @@ pub struct Probe {
 
 impl Probe {
     pub fn open_gate(&self) {
-        *self.state.gate_open.lock().unwrap() = true;
-        self.state.gate_cv.notify_all();
+        self.state.gate.open();
     }
 
     pub fn order_of(&self, sid: SessionId) -> Vec<u64> {
@@ -83,10 +81,7 @@ impl Component for Probe {
         });
         r.raw_handler("gate", |p: &Probe, _: &mut Ctx<'_>, body: &[u8]| {
             let _g = p.enter();
-            let mut open = p.state.gate_open.lock().unwrap();
-            while !*open {
-                open = p.state.gate_cv.wait(open).unwrap();
-            }
+            p.state.gate.pass();
             Ok(body.to_vec())
         });
         r.handler("thread", |p: &Probe, _: &mut Ctx<'_>, _: Value| {
