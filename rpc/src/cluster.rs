@@ -299,9 +299,11 @@ impl Inner {
         let mut groups = groups.into_iter().peekable();
         while let Some((to, msgs)) = groups.next() {
             let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
+            let notifies = Notifies { session: session.id(), count: msgs.len() - ids.len() };
             // The last call takes the snapshot; earlier ones get copies.
-            let session = if groups.peek().is_some() { snapshot.clone() } else { std::mem::take(&mut snapshot) };
-            started.io.call_server(to, Call::Handle { session, msgs }, completion.reply_fn(ids));
+            let snapshot = if groups.peek().is_some() { snapshot.clone() } else { std::mem::take(&mut snapshot) };
+            let reply = completion.reply_fn(ids, notifies);
+            started.io.call_server(to, Call::Handle { session: snapshot, msgs }, reply);
         }
     }
 
@@ -480,17 +482,39 @@ impl Completion {
         }
     }
 
-    /// The answer callback of a call carrying requests `ids` (none: notifies only).
-    fn reply_fn(&mut self, ids: Vec<u64>) -> Option<ReplyFn> {
+    /// The answer callback of a call carrying requests `ids` (none: notifies only) and
+    /// `notifies`.
+    fn reply_fn(&mut self, ids: Vec<u64>, notifies: Notifies) -> Option<ReplyFn> {
         match self {
             Completion::Direct(done) => {
                 let done = done.take()?;
-                Some(ReplyFn::new(move |result| done(replies(ids, result))))
+                Some(ReplyFn::new(move |result| {
+                    notifies.check(&result);
+                    done(replies(ids, result))
+                }))
             }
             Completion::Gather(collector) => {
                 let collector = collector.clone();
-                Some(ReplyFn::new(move |result| collector.complete(ids, result)))
+                Some(ReplyFn::new(move |result| {
+                    notifies.check(&result);
+                    collector.complete(ids, result)
+                }))
             }
+        }
+    }
+}
+
+/// The notifies of one forwarded call. No client hears of their failure, so a failed call
+/// (timed out, connection lost, refused) is logged.
+struct Notifies {
+    session: u64,
+    count: usize,
+}
+
+impl Notifies {
+    fn check(&self, result: &Result<Answer, HandlerError>) {
+        if let (Err(e), 1..) = (result, self.count) {
+            warn!("sid={} {} forwarded notify(s) failed: {} {}", self.session, self.count, e.code, e.message);
         }
     }
 }
