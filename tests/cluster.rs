@@ -279,8 +279,8 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
     assert!(wait_until(T, || fe_module.servers().len() == 2 && module.servers().len() == 2));
     let slow = frontend.client();
     let queued: Vec<Client> = (0..3).map(|_| frontend.client()).collect();
-    let slow_call = std::thread::spawn(move || slow.request::<_, Value>("room.room.sleep", &1000u64));
-    assert!(wait_until(T, || backend.sleeps_started.load(Ordering::SeqCst) == 1), "the slow call runs");
+    let slow_call = std::thread::spawn(move || slow.request::<_, Value>("room.room.wait", &json!({})));
+    assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == 1), "the slow call runs");
     let mut waiting: Vec<_> = queued
         .into_iter()
         .map(|c| std::thread::spawn(move || c.request::<_, Value>("room.room.sleep", &1u64)))
@@ -294,10 +294,13 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
             other => panic!("{other:?}"),
         }
     }
+    // The queued calls have now waited well past the timeout when the slow one ends.
+    std::thread::sleep(timeout + Duration::from_millis(100));
+    backend.gate.open();
     // Once an echo queued after the three is answered, the three have left the queue.
     let fresh = frontend.client();
     assert!(wait_until(T, || fresh.request_raw("room.room.echo", b"x").is_ok()));
-    assert_eq!(backend.sleeps_started.load(Ordering::SeqCst), 1, "the queued calls did not run");
+    assert_eq!(backend.sleeps_started.load(Ordering::SeqCst), 0, "the queued calls did not run");
     assert_eq!(backend.ticks.load(Ordering::SeqCst), 0, "nor the queued user RPC");
     // Calls that did not wait past the timeout run as before.
     assert_eq!(frontend.client().request::<_, u64>("probe.rpc_route", "room.room.tick").unwrap(), 1);

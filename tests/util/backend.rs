@@ -23,7 +23,7 @@ pub struct Backend {
     pub sleeps_started: Arc<AtomicUsize>,
     /// Runs of the `tick` remote.
     pub ticks: Arc<AtomicUsize>,
-    /// `hold` notifies that have started here; they wait at `gate`.
+    /// `hold` notifies and `wait` requests that have started here; they wait at `gate`.
     pub held: Arc<AtomicUsize>,
     pub gate: Arc<Gate>,
 }
@@ -117,6 +117,11 @@ impl Component for Backend {
             b.held.fetch_add(1, Ordering::SeqCst);
             b.gate.pass();
             Ok(())
+        });
+        r.handler("wait", |b: &Backend, _: &mut Ctx<'_>, _: Value| {
+            b.held.fetch_add(1, Ordering::SeqCst);
+            b.gate.pass();
+            Ok(true)
         });
         r.notify("note", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| {
             ctx.session().push("onNote", &msg).map_err(internal)
