@@ -272,23 +272,27 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
     let dir = cluster_dir("expired");
     let backend = Backend::default();
     let module = cluster_module(&dir, timeout);
-    // One worker: calls queue behind a slow one.
-    let room = Server::start_backend(room_builder("room-1", &backend, &module).workers(1));
+    // One worker and one remote thread: calls queue behind slow ones.
+    let mut builder = room_builder("room-1", &backend, &module).workers(1);
+    builder.config_mut().dispatch.remote_concurrency = 1;
+    let room = Server::start_backend(builder);
     let fe_module = cluster_module(&dir, timeout);
     let frontend = start_connector(&fe_module);
     assert!(wait_until(T, || fe_module.servers().len() == 2 && module.servers().len() == 2));
     let slow = frontend.client();
     let queued: Vec<Client> = (0..3).map(|_| frontend.client()).collect();
     let slow_call = std::thread::spawn(move || slow.request::<_, Value>("room.room.wait", &json!({})));
-    assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == 1), "the slow call runs");
+    let slow_remote = frontend.client();
+    let slow_remote = std::thread::spawn(move || slow_remote.request::<_, Value>("probe.rpc_route", "room.room.stall"));
+    assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == 2), "the slow call and remote run");
     let mut waiting: Vec<_> = queued
         .into_iter()
         .map(|c| std::thread::spawn(move || c.request::<_, Value>("room.room.sleep", &1u64)))
         .collect();
-    // A user RPC from the frontend queues the same way.
+    // A user RPC from the frontend queues the same way behind the slow remote.
     let caller = frontend.client();
     waiting.push(std::thread::spawn(move || caller.request::<_, Value>("probe.rpc_route", "room.room.tick")));
-    for call in waiting.into_iter().chain([slow_call]) {
+    for call in waiting.into_iter().chain([slow_call, slow_remote]) {
         match call.join().unwrap() {
             Err(ClientError::Server(e)) => assert_eq!(e.code, codes::TIMEOUT, "{e:?}"),
             other => panic!("{other:?}"),
@@ -301,9 +305,12 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
     let fresh = frontend.client();
     assert!(wait_until(T, || fresh.request_raw("room.room.echo", b"x").is_ok()));
     assert_eq!(backend.sleeps_started.load(Ordering::SeqCst), 0, "the queued calls did not run");
-    assert_eq!(backend.ticks.load(Ordering::SeqCst), 0, "nor the queued user RPC");
-    // Calls that did not wait past the timeout run as before.
-    assert_eq!(frontend.client().request::<_, u64>("probe.rpc_route", "room.room.tick").unwrap(), 1);
+    // A user RPC queued after the overdue one runs, first.
+    assert_eq!(
+        frontend.client().request::<_, u64>("probe.rpc_route", "room.room.tick").unwrap(),
+        1,
+        "the queued user RPC did not run"
+    );
     drop(room);
 }
 
@@ -358,6 +365,40 @@ impl Router for BySessionKey {
         let id: String = ctx.session?.get(key)?;
         servers.iter().position(|s| s.id == id)
     }
+}
+
+/// Handlers on two servers calling remotes of each other while every worker of both is in
+/// such a handler (the sample game's players switching rooms between room servers): the
+/// remotes do not wait for those workers, so nothing waits for the timeout.
+#[test]
+fn handlers_calling_remotes_of_each_others_servers_do_not_deadlock() {
+    let dir = cluster_dir("crosscall");
+    let backend = Backend::default();
+    let module = || cluster_module(&dir, TIMEOUT).with_router("room", BySessionKey);
+    let rooms: Vec<_> = ["room-1", "room-2"]
+        .into_iter()
+        .map(|id| {
+            let m = module();
+            (Server::start_backend(room_builder(id, &backend, &m).workers(2)), m)
+        })
+        .collect();
+    let fe_module = module();
+    let frontend = start_connector(&fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 3 && rooms.iter().all(|(_, m)| m.servers().len() == 3)));
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let (at, other) = if i % 2 == 0 { ("room-1", "room-2") } else { ("room-2", "room-1") };
+            let client = frontend.client();
+            let _: bool = client.request("probe.set", &json!({"k": "entry", "v": at})).unwrap();
+            std::thread::spawn(move || client.request::<_, usize>("room.room.call_other", &other))
+        })
+        .collect();
+    assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == 4), "both workers of both servers are taken");
+    backend.gate.open();
+    for call in calls {
+        call.join().unwrap().expect("answered, not timed out");
+    }
+    assert_eq!(backend.ticks.load(Ordering::SeqCst), 8);
 }
 
 /// A backend calling a remote of its own server type for a session (the sample game's "leave

@@ -47,12 +47,14 @@ pub type ForwardDone = Box<dyn FnOnce(Vec<(u64, Reply)>) + Send>;
 /// Orders jobs of one session on a backend: `(frontend server id, session id)`.
 pub type OrderKey = (Arc<str>, SessionId);
 
-/// Runs jobs on the server's worker pool.
+/// Runs jobs on the server's worker threads.
 pub trait Dispatcher: Send + Sync {
     /// Runs `job` after every earlier job submitted with the same `key`.
     fn submit_ordered(&self, key: OrderKey, job: Box<dyn FnOnce() + Send>);
-    /// Runs `job` with no ordering.
-    fn submit(&self, job: Box<dyn FnOnce() + Send>);
+    /// Runs `job`, a remote called by another server (user RPC), with no ordering, on
+    /// threads apart from the handlers': a handler waiting on a remote of another server,
+    /// whose handlers wait on remotes of this one, must not wait for its own workers.
+    fn submit_remote(&self, job: Box<dyn FnOnce() + Send>);
     /// [`Dispatcher::submit_ordered`] for several jobs that arrived together; an
     /// implementation may run them as one unit of work to save hand-offs.
     fn submit_ordered_many(&self, jobs: Vec<(OrderKey, Box<dyn FnOnce() + Send>)>) {

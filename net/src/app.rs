@@ -404,6 +404,7 @@ impl AppBuilder {
         let pool = WorkerPool::new(config.dispatch.concurrency)
             .map_err(|e| BuildError::Io { what: "worker pool", source: io::Error::other(e) })?;
         let pool = Arc::new(pool);
+        let dispatcher = Arc::new(PoolDispatcher::new(pool.clone(), config.dispatch.remote_concurrency));
         let shared = Arc::new(Shared {
             config,
             server,
@@ -417,7 +418,7 @@ impl AppBuilder {
             sink,
             stats: Arc::new(Stats::default()),
             cluster: self.cluster,
-            dispatcher: Arc::new(PoolDispatcher::new(pool.clone())),
+            dispatcher,
             local,
         });
         Ok(App { shared, poll, inbox, pool })

@@ -167,11 +167,15 @@ pub struct DispatchConfig {
     /// `dispatch.batch`: most messages of one session handed to a worker at once (they run
     /// in order). Default 64.
     pub batch: usize,
+    /// `dispatch.remote_concurrency`: most threads running remotes that other servers call
+    /// (user RPCs), apart from the handler workers; started as needed. Default 30, as
+    /// Pitaya's `pitaya.concurrency.remote.service`.
+    pub remote_concurrency: usize,
 }
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        DispatchConfig { concurrency: 25, max_in_flight: 8192, session_backlog: 128, batch: 64 }
+        DispatchConfig { concurrency: 25, max_in_flight: 8192, session_backlog: 128, batch: 64, remote_concurrency: 30 }
     }
 }
 
@@ -251,6 +255,9 @@ impl Config {
         if self.dispatch.concurrency == 0 || self.dispatch.concurrency > 4096 {
             return invalid("dispatch.concurrency", "must be 1..=4096");
         }
+        if self.dispatch.remote_concurrency == 0 || self.dispatch.remote_concurrency > 4096 {
+            return invalid("dispatch.remote_concurrency", "must be 1..=4096");
+        }
         for (key, value) in [
             ("dispatch.max_in_flight", self.dispatch.max_in_flight),
             ("dispatch.session_backlog", self.dispatch.session_backlog),
@@ -296,6 +303,7 @@ mod tests {
     fn bad_values_are_named() {
         let bad = |toml: &str| Config::from_source(&ConfigSource::from_toml(toml).unwrap()).unwrap_err().to_string();
         assert!(bad("[dispatch]\nconcurrency = 0\n").contains("dispatch.concurrency"));
+        assert!(bad("[dispatch]\nremote_concurrency = 0\n").contains("dispatch.remote_concurrency"));
         assert!(bad("[server]\nserializer = \"xml\"\n").contains("server.serializer"));
         assert!(bad("[packet]\nmax_size = 16777216\n").contains("packet.max_size"));
         assert!(bad("[dispatch]\nconcurency = 3\n").contains("[dispatch]"));

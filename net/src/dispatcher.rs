@@ -1,6 +1,7 @@
-//! `PoolDispatcher`: core's `Dispatcher` on the app's rayon pool, for work that arrives from
-//! the cluster layer (forwarded messages, user RPCs). Jobs with the same key (one remote
-//! session) run one after another in submission order; different keys run in parallel.
+//! `PoolDispatcher`: core's `Dispatcher` for work that arrives from the cluster layer:
+//! forwarded messages on the app's rayon pool, where jobs with the same key (one remote
+//! session) run one after another in submission order and different keys in parallel;
+//! remotes called by other servers on the remote threads.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use dragonfruit_core::cluster::{Dispatcher, OrderKey};
 use log::error;
 
-use crate::pool::WorkerPool;
+use crate::pool::{RemotePool, WorkerPool};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -21,6 +22,7 @@ pub(crate) struct PoolDispatcher {
 
 struct Inner {
     pool: Arc<WorkerPool>,
+    remote: RemotePool,
     /// A key is present while a drain job runs for it; its queue holds the jobs after the
     /// running one.
     mailboxes: Mutex<HashMap<OrderKey, VecDeque<Job>>>,
@@ -29,8 +31,10 @@ struct Inner {
 }
 
 impl PoolDispatcher {
-    pub(crate) fn new(pool: Arc<WorkerPool>) -> PoolDispatcher {
-        let inner = Inner { pool, mailboxes: Mutex::new(HashMap::new()), pending: AtomicUsize::new(0) };
+    /// Forwarded messages on `pool`; remotes on up to `remote_threads` threads of their own.
+    pub(crate) fn new(pool: Arc<WorkerPool>, remote_threads: usize) -> PoolDispatcher {
+        let remote = RemotePool::new(remote_threads);
+        let inner = Inner { pool, remote, mailboxes: Mutex::new(HashMap::new()), pending: AtomicUsize::new(0) };
         PoolDispatcher { inner: Arc::new(inner) }
     }
 
@@ -113,10 +117,10 @@ impl Dispatcher for PoolDispatcher {
         }
     }
 
-    fn submit(&self, job: Job) {
+    fn submit_remote(&self, job: Job) {
         self.inner.pending.fetch_add(1, Ordering::AcqRel);
         let inner = self.inner.clone();
-        self.inner.pool.spawn(move || inner.run(job));
+        self.inner.remote.spawn(Box::new(move || inner.run(job)));
     }
 }
 
@@ -130,7 +134,7 @@ mod tests {
     #[test]
     fn same_key_in_order_other_keys_in_parallel() {
         let pool = Arc::new(WorkerPool::new(4).unwrap());
-        let d = PoolDispatcher::new(pool);
+        let d = PoolDispatcher::new(pool, 4);
         let log = Arc::new(Mutex::new(Vec::new()));
         let running = Arc::new(AtomicUsize::new(0));
         let overlapped = Arc::new(AtomicBool::new(false));
@@ -160,7 +164,7 @@ mod tests {
             })
             .collect();
         d.submit_ordered_many(together);
-        d.submit(Box::new(|| panic!("a panicking job is contained")));
+        d.submit_remote(Box::new(|| panic!("a panicking job is contained")));
         let deadline = Instant::now() + Duration::from_secs(10);
         while d.pending() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
@@ -178,7 +182,7 @@ mod tests {
     #[test]
     fn a_blocking_job_in_a_group_does_not_hold_up_the_others() {
         let pool = Arc::new(WorkerPool::new(4).unwrap());
-        let d = PoolDispatcher::new(pool);
+        let d = PoolDispatcher::new(pool, 4);
         let (b_ran, wait_b) = crossbeam_channel::bounded::<()>(1);
         let (verdict, result) = crossbeam_channel::bounded::<bool>(1);
         let a: Box<dyn FnOnce() + Send> = Box::new(move || {

@@ -360,7 +360,7 @@ impl Inner {
             Call::User { route, body } if !stopping => {
                 let (service, from) = (ctx.service.clone(), from.to_owned());
                 let overdue = started.overdue.clone();
-                ctx.dispatcher.submit(Box::new(move || {
+                ctx.dispatcher.submit_remote(Box::new(move || {
                     if let Some(e) = overdue.check(taken) {
                         responder.send(Err(e));
                         return;

@@ -23,7 +23,8 @@ pub struct Backend {
     pub sleeps_started: Arc<AtomicUsize>,
     /// Runs of the `tick` remote.
     pub ticks: Arc<AtomicUsize>,
-    /// `hold` notifies and `wait` requests that have started here; they wait at `gate`.
+    /// `hold` notifies, `wait` and `call_other` requests and `stall` remotes that have
+    /// started here; they wait at `gate`.
     pub held: Arc<AtomicUsize>,
     pub gate: Arc<Gate>,
 }
@@ -123,6 +124,12 @@ impl Component for Backend {
             b.gate.pass();
             Ok(true)
         });
+        // Waits at the gate, then calls the `tick` remote of server `other`.
+        r.handler("call_other", |b: &Backend, ctx: &mut Ctx<'_>, other: String| {
+            b.held.fetch_add(1, Ordering::SeqCst);
+            b.gate.pass();
+            ctx.rpc_to::<_, usize>(&other, "room.room.tick", &json!({}))
+        });
         r.notify("note", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| {
             ctx.session().push("onNote", &msg).map_err(internal)
         });
@@ -134,6 +141,11 @@ impl Component for Backend {
         });
         r.remote("double", |_: &Backend, _: &RemoteCtx<'_>, n: u64| Ok(n * 2));
         r.remote("tick", |b: &Backend, _: &RemoteCtx<'_>, _: Value| Ok(b.ticks.fetch_add(1, Ordering::SeqCst) + 1));
+        r.remote("stall", |b: &Backend, _: &RemoteCtx<'_>, _: Value| {
+            b.held.fetch_add(1, Ordering::SeqCst);
+            b.gate.pass();
+            Ok(true)
+        });
         r.remote("server", |_: &Backend, ctx: &RemoteCtx<'_>, _: Value| {
             Ok(json!({"server": &*ctx.server().id, "caller": ctx.caller()}))
         });
