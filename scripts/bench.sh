@@ -8,7 +8,7 @@
 #                               local echo on the connector, push fan-out to 1000 members
 #   scripts/bench.sh idle [N]   idle memory with N sessions (default 19900, see BENCHMARKS.md)
 #   scripts/bench.sh churn [W]  local cluster: W waves (default 40) of 500 players logging in,
-#                               joining a room, chatting and leaving; the servers' memory per wave
+#                               joining a room, switching rooms, chatting and leaving; the servers' memory per wave
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"

@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dragonfruit_core::cluster::{Dispatcher, OrderKey};
 use log::error;
@@ -14,6 +15,9 @@ use log::error;
 use crate::pool::{RemotePool, WorkerPool};
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// How long a remote thread waits for a job before it ends.
+const REMOTE_LINGER: Duration = Duration::from_secs(30);
 
 /// Dispatches onto a rayon pool.
 pub(crate) struct PoolDispatcher {
@@ -33,7 +37,7 @@ struct Inner {
 impl PoolDispatcher {
     /// Forwarded messages on `pool`; remotes on up to `remote_threads` threads of their own.
     pub(crate) fn new(pool: Arc<WorkerPool>, remote_threads: usize) -> PoolDispatcher {
-        let remote = RemotePool::new(remote_threads);
+        let remote = RemotePool::new(remote_threads, REMOTE_LINGER);
         let inner = Inner { pool, remote, mailboxes: Mutex::new(HashMap::new()), pending: AtomicUsize::new(0) };
         PoolDispatcher { inner: Arc::new(inner) }
     }

@@ -1,12 +1,13 @@
 //! `WorkerPool`: the handler threads: a rayon pool of exactly `dispatch.concurrency` threads.
 //! `RemotePool`: the threads running remotes that other servers call, up to
-//! `dispatch.remote_concurrency`, started as needed.
+//! `dispatch.remote_concurrency`, started as needed and ended when idle.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{error, warn};
 use rayon::ThreadPool;
 
@@ -42,62 +43,97 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Handlers block on the remotes they call: if remotes ran on the handler pool, two servers
 /// whose handlers all wait on each other's remotes (players switching rooms between two
 /// room servers) would wait for the call timeout. A thread is started when a job comes and
-/// fewer are idle than jobs wait, up to the bound; they end when the pool is dropped.
+/// fewer are idle than jobs wait, up to the bound; a thread idle for `linger` ends (each
+/// holds a stack and an allocator heap), and all end when the pool is dropped.
 pub(crate) struct RemotePool {
     jobs: Sender<Job>,
+    shared: Arc<RemoteShared>,
+}
+
+struct RemoteShared {
     queue: Receiver<Job>,
     max: usize,
-    /// Threads started, and those waiting for a job.
+    linger: Duration,
+    /// Threads running.
     started: Mutex<usize>,
-    idle: Arc<AtomicUsize>,
+    /// Threads waiting for a job.
+    idle: AtomicUsize,
 }
 
 impl RemotePool {
-    pub(crate) fn new(max: usize) -> RemotePool {
+    pub(crate) fn new(max: usize, linger: Duration) -> RemotePool {
         let (jobs, queue) = crossbeam_channel::unbounded();
-        RemotePool { jobs, queue, max, started: Mutex::new(0), idle: Arc::new(AtomicUsize::new(0)) }
+        let shared = RemoteShared { queue, max, linger, started: Mutex::new(0), idle: AtomicUsize::new(0) };
+        RemotePool { jobs, shared: Arc::new(shared) }
     }
 
     /// Runs `job` on a remote thread. Callers wait for their answers, so the queue holds at
     /// most one job per waiting caller of the cluster.
     pub(crate) fn spawn(&self, job: Job) {
         let _ = self.jobs.send(job);
-        if self.queue.len() <= self.idle.load(Ordering::Acquire) {
+        // Pairs with the fence of a thread about to end: it sees this job or this sees it gone.
+        fence(Ordering::SeqCst);
+        let shared = &self.shared;
+        if shared.queue.len() <= shared.idle.load(Ordering::SeqCst) {
             return;
         }
-        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
-        if *started >= self.max {
+        let mut started = shared.started.lock().unwrap_or_else(|p| p.into_inner());
+        if *started >= shared.max {
             return;
         }
-        let (queue, idle) = (self.queue.clone(), self.idle.clone());
-        let spawned = std::thread::Builder::new().name(format!("df-remote-{started}")).spawn(move || {
-            idle.fetch_add(1, Ordering::AcqRel);
-            while let Ok(job) = queue.recv() {
-                idle.fetch_sub(1, Ordering::AcqRel);
-                if catch_unwind(AssertUnwindSafe(job)).is_err() {
-                    error!("a remote job panicked outside its guard");
-                }
-                idle.fetch_add(1, Ordering::AcqRel);
-            }
-        });
-        match spawned {
+        let thread = shared.clone();
+        match std::thread::Builder::new().name(format!("df-remote-{started}")).spawn(move || thread.run()) {
             Ok(_) => *started += 1,
             // The running threads take the job.
             Err(e) => warn!("cannot start a remote thread: {e}"),
+        }
+    }
+
+    /// Threads running now.
+    #[cfg(test)]
+    fn threads(&self) -> usize {
+        *self.shared.started.lock().unwrap()
+    }
+}
+
+impl RemoteShared {
+    /// A remote thread: jobs until idle for `linger` or the pool is dropped.
+    fn run(&self) {
+        self.idle.fetch_add(1, Ordering::SeqCst);
+        loop {
+            match self.queue.recv_timeout(self.linger) {
+                Ok(job) => {
+                    self.idle.fetch_sub(1, Ordering::SeqCst);
+                    if catch_unwind(AssertUnwindSafe(job)).is_err() {
+                        error!("a remote job panicked outside its guard");
+                    }
+                    self.idle.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+                    self.idle.fetch_sub(1, Ordering::SeqCst);
+                    fence(Ordering::SeqCst);
+                    if self.queue.is_empty() {
+                        *started -= 1;
+                        return;
+                    }
+                    // A job came meanwhile: its sender may have counted on this thread.
+                    self.idle.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
-    fn remote_threads_start_as_needed_up_to_the_bound() {
-        let pool = RemotePool::new(3);
-        assert_eq!(*pool.started.lock().unwrap(), 0, "no thread before a job");
+    fn remote_threads_start_as_needed_up_to_the_bound_and_end_when_idle() {
+        let pool = RemotePool::new(3, Duration::from_millis(300));
+        assert_eq!(pool.threads(), 0, "no thread before a job");
         let (started, ran) = crossbeam_channel::unbounded();
         let (release, held) = crossbeam_channel::unbounded::<()>();
         for i in 0..5 {
@@ -115,6 +151,22 @@ mod tests {
         for _ in 0..2 {
             ran.recv_timeout(Duration::from_secs(5)).expect("the others run once threads are free");
         }
-        assert_eq!(*pool.started.lock().unwrap(), 3);
+        assert_eq!(pool.threads(), 3);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pool.threads() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(pool.threads(), 0, "idle threads end");
+        // And start again for new jobs, none left behind.
+        for i in 0..20 {
+            let started = started.clone();
+            pool.spawn(Box::new(move || started.send(i).unwrap()));
+            if i % 5 == 0 {
+                std::thread::sleep(Duration::from_millis(350));
+            }
+        }
+        for _ in 0..20 {
+            ran.recv_timeout(Duration::from_secs(5)).expect("every job runs");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! `churn` mode: waves of players come and go through the sample game. Each player logs in
 //! (`connector.entry.login`), joins a room (`room.room.join`, 25 players per room, new rooms
-//! every wave), says a line (`room.room.say`), waits for its own `onChat` and disconnects, so
-//! the connector's on-close remote takes it out of its room. After each wave the tool samples
+//! every wave), switches to another room (often on the other room server, whose `join`
+//! then calls `left` on the first one's), says a line (`room.room.say`), waits for its own
+//! `onChat` and disconnects, so the connector's on-close remote takes it out of its room. After each wave the tool samples
 //! the servers' resident memory: state kept for departed sessions shows as memory that keeps
 //! growing wave after wave instead of levelling off.
 
@@ -23,6 +24,7 @@ enum Phase {
     Connecting,
     LoggingIn,
     Joining,
+    Switching,
     Talking,
 }
 
@@ -57,6 +59,7 @@ impl Wave<'_> {
             let i = event.token().0;
             let name = self.name(i);
             let room = format!("{}-r{}", self.tag, i / ROOM_SIZE);
+            let next_room = format!("{}-s{}", self.tag, i / ROOM_SIZE);
             let Some(player) = self.players[i].as_mut() else { continue };
             let (c, phase) = (&mut player.conn, &mut player.phase);
             if event.is_writable() && c.just_connected() {
@@ -87,6 +90,11 @@ impl Wave<'_> {
                                 *phase = Phase::Joining;
                             }
                             (MessageType::Response, Phase::Joining) => {
+                                let body = format!(r#"{{"room":"{next_room}"}}"#);
+                                conn::request(3, "room.room.join", body.as_bytes(), out);
+                                *phase = Phase::Switching;
+                            }
+                            (MessageType::Response, Phase::Switching) => {
                                 conn::notify("room.room.say", format!(r#"{{"text":"{name}"}}"#).as_bytes(), out);
                                 *phase = Phase::Talking;
                             }
@@ -131,7 +139,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     let rss = |pids: &[u32]| pids.iter().map(|p| rss_kib_of(*p).unwrap_or(0)).collect::<Vec<u64>>();
     let before = rss(&args.server_pids);
     println!(
-        "churn: {} waves of {n} players (log in, join a room of {ROOM_SIZE}, say a line, disconnect)",
+        "churn: {} waves of {n} players (log in, join a room of {ROOM_SIZE}, switch rooms, say a line, disconnect)",
         args.rounds
     );
     let show = |v: &[u64]| v.iter().map(|k| format!("{k:>8}")).collect::<Vec<_>>().join(" ");

@@ -7,8 +7,8 @@
 //!   session.
 //! - `fanout`: N players log in and join one room of the sample game; one says a line; prints
 //!   the time until the last member received it (`onChat`), over several rounds.
-//! - `churn`: waves of players log in, join a room, say a line and disconnect; prints the
-//!   servers' memory after each wave (state left behind by departed sessions).
+//! - `churn`: waves of players log in, join a room, switch rooms, say a line and disconnect;
+//!   prints the servers' memory after each wave (state left behind by departed sessions).
 
 mod churn;
 mod conn;
