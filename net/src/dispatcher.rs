@@ -19,7 +19,7 @@ type Job = Box<dyn FnOnce() + Send>;
 /// How long a remote thread waits for a job before it ends.
 const REMOTE_LINGER: Duration = Duration::from_secs(30);
 
-/// Dispatches onto a rayon pool.
+/// Dispatches forwarded messages onto the rayon pool and remotes onto the remote threads.
 pub(crate) struct PoolDispatcher {
     inner: Arc<Inner>,
 }
