@@ -115,3 +115,33 @@ fn one_flooding_session_does_not_stall_others() {
         assert_eq!(p.wait().unwrap(), b"f");
     }
 }
+
+/// A client the server stops reading (backpressure) is not taken for silent: its heartbeats
+/// wait unread in the socket, so the heartbeat timeout does not close it while it is paused.
+#[test]
+fn a_paused_client_is_not_closed_for_silence() {
+    let probe = Probe::default();
+    let mut builder = probe_app(&probe).workers(2).heartbeat(Duration::from_millis(100));
+    builder.config_mut().dispatch.session_backlog = 2;
+    builder.config_mut().dispatch.max_in_flight = 3;
+    let server = Server::start(builder);
+    // The first is held back by its session's backlog, the second by the server's bound.
+    let clients = [server.client(), server.client()];
+    let mut stuck = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        stuck.extend((0..10).map(|_| client.send_request("probe.gate", b"g").unwrap()));
+        assert!(wait_until(T, || server.handle.stats().in_flight == 2 + i as u64));
+    }
+    // Paused for many heartbeat intervals; the clients send their heartbeats all along.
+    std::thread::sleep(Duration::from_millis(800));
+    for client in &clients {
+        assert!(!client.is_closed(), "closed while paused: {:?}", client.kicked());
+    }
+    probe.open_gate();
+    for p in stuck {
+        assert_eq!(p.wait().unwrap(), b"g");
+    }
+    for client in &clients {
+        assert_eq!(client.request_raw("probe.echo", b"still here").unwrap(), b"still here");
+    }
+}

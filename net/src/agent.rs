@@ -129,6 +129,12 @@ impl Agent {
         self.queued + self.running + self.forwarded.max(0) as usize
     }
 
+    /// The loop does not read this connection now: its backlog is full, or the server's
+    /// in-flight bound holds it back.
+    pub(crate) fn held_back(&self, session_backlog: usize) -> bool {
+        self.starved || self.backlog() >= session_backlog
+    }
+
     /// Queues one raw DATA packet.
     pub(crate) fn enqueue(&mut self, packet: &[u8], batch_limit: usize) {
         match self.queue.back_mut() {

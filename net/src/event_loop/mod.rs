@@ -281,6 +281,11 @@ impl EventLoop {
             if agent.stream.is_none() {
                 continue;
             }
+            if agent.phase == Phase::Working && agent.held_back(cfg.dispatch.session_backlog) {
+                // Backpressure: the loop is not reading this client, so its heartbeats wait
+                // unread; its silence is the server's.
+                agent.last_seen = now;
+            }
             let reason = match agent.phase {
                 Phase::AwaitHandshake | Phase::Validating | Phase::AwaitAck => {
                     (now.duration_since(agent.since) > handshake_timeout).then_some("handshake timeout")
