@@ -1,9 +1,10 @@
 //! The sample game as a player sees it: login, rooms, chat, leaving.
 
 use dragonfruit_client::{Client, ClientError};
+use dragonfruit_core::{Component, Ctx, Routes};
 use dragonfruit_net::App;
 use sample_game::entry::{Entry, LoginAck};
-use sample_game::room::{Chat, Joined, MemberEvent, Rooms};
+use sample_game::room::{Chat, Joined, MemberEvent, Rooms, LEFT_ROUTE};
 use serde_json::{json, Value};
 
 use crate::util::{wait_until, Server, T};
@@ -68,4 +69,44 @@ fn disconnecting_leaves_the_room() {
     let joined: Joined = carol.request("room.room.join", &json!({"room": "r"})).unwrap();
     assert_eq!(joined.members, vec!["carol".to_string()]);
     assert!(wait_until(T, || server.handle.sessions().len() == 1));
+}
+
+/// Asks the sample game's `left` remote as a connector does for a session that closed.
+#[derive(Default)]
+struct LateLeave;
+
+impl Component for LateLeave {
+    fn routes(r: &mut Routes<Self>) {
+        // The session as `left` names it: [frontend id, session id].
+        r.handler("session", |_: &LateLeave, ctx: &mut Ctx<'_>, _: Value| {
+            Ok((ctx.session().frontend_id().to_owned(), ctx.session().id()))
+        });
+        r.handler("left", |_: &LateLeave, ctx: &mut Ctx<'_>, left: Value| ctx.rpc::<_, bool>(LEFT_ROUTE, &left));
+    }
+}
+
+/// A player who logs in again (the old session is kicked) and rejoins its room stays in it
+/// when the old session's `left` call from its close arrives after the rejoin.
+#[test]
+fn a_late_leave_of_a_replaced_session_keeps_the_player_in_the_room() {
+    let server =
+        Server::start(App::builder("connector").component("entry", Entry).component("late", LateLeave).component_for(
+            "room",
+            "room",
+            Rooms::default(),
+        ));
+    let first = login(&server, "erin");
+    let old: Value = first.request("connector.late.session", &json!({})).unwrap();
+    let _: Joined = first.request("room.room.join", &json!({"room": "r"})).unwrap();
+    let second = login(&server, "erin");
+    assert!(first.wait_closed(T), "unique sessions: the first one is kicked");
+    let joined: Joined = second.request("room.room.join", &json!({"room": "r"})).unwrap();
+    assert_eq!(joined.members, vec!["erin".to_string()]);
+    // The old session's left, late: as its connector sends it.
+    let late = json!({"uid": "erin", "room": "r", "session": old});
+    let removed: bool = second.request("connector.late.left", &late).unwrap();
+    assert!(!removed, "the member is the new session");
+    second.notify("room.room.say", &json!({"text": "still here"})).unwrap();
+    let (route, chat): (String, Chat) = second.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), chat.text.as_str()), ("onChat", "still here"));
 }

@@ -55,7 +55,8 @@ impl Entry {
         let serializer = ctx.serializer();
         let watched = session.on_close(move |s| {
             let (Some(uid), Some(room)) = (s.uid(), s.get::<String>(ROOM_KEY)) else { return };
-            let Ok(body) = serializer.encode(&Left { uid, room }) else { return };
+            let session = Some((s.frontend_id().to_owned(), s.id()));
+            let Ok(body) = serializer.encode(&Left { uid, room, session }) else { return };
             if let Err(e) = messenger.call(LEFT_ROUTE, CallTarget::Session(s), body) {
                 warn!("sid={} could not leave its room on disconnect: {e}", s.id());
             }

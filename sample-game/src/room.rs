@@ -5,7 +5,7 @@
 //! connector knows any more (it just disconnected, or its connector died so no `left` call
 //! comes) is dropped from the room the next time the room pushes to its members.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes};
@@ -21,10 +21,16 @@ pub const ROOM_KEY: &str = "room";
 /// The remote that removes a player from a room (called when they leave or disconnect).
 pub const LEFT_ROUTE: &str = "room.room.left";
 
+/// A session as `(frontend server id, session id)`.
+pub type SessionRef = (String, u64);
+
+/// Members of one room: uid and the session that joined.
+type Members = BTreeMap<String, SessionRef>;
+
 /// The room component. Cloning shares the rooms.
 #[derive(Debug, Default, Clone)]
 pub struct Rooms {
-    rooms: Arc<Mutex<HashMap<String, BTreeSet<String>>>>,
+    rooms: Arc<Mutex<HashMap<String, Members>>>,
 }
 
 /// `room.room.join` argument.
@@ -73,6 +79,15 @@ pub struct Left {
     pub uid: String,
     /// Which room.
     pub room: String,
+    /// The session leaving. A player who logged in again and rejoined has a new session in
+    /// the room, which the old session's late `left` (sent when it closed) must not remove.
+    /// `None`: whichever session holds the uid.
+    #[serde(default)]
+    pub session: Option<SessionRef>,
+}
+
+fn session_ref(session: &dragonfruit_core::Session) -> SessionRef {
+    (session.frontend_id().to_owned(), session.id())
 }
 
 impl Component for Rooms {
@@ -90,7 +105,7 @@ fn internal(e: impl std::fmt::Display) -> HandlerError {
 }
 
 impl Rooms {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, BTreeSet<String>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Members>> {
         self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -105,6 +120,8 @@ impl Rooms {
         if previous.as_deref() == Some(name.as_str()) {
             let members = self.members(&name);
             if members.contains(&uid) {
+                // This session's membership (a replaced session's is taken over).
+                self.lock().entry(name.clone()).or_default().insert(uid, session_ref(&session));
                 return Ok(Joined { members, room: name });
             }
             // The room was lost with the room server that held it (the router now sends it
@@ -113,7 +130,7 @@ impl Rooms {
         if let Some(old) = previous {
             // The old room may live on another room server: the router finds it from the
             // session's current room.
-            let left = Left { uid: uid.clone(), room: old };
+            let left = Left { uid: uid.clone(), room: old, session: Some(session_ref(&session)) };
             if let Err(e) = ctx.rpc_for::<_, bool>(&session, LEFT_ROUTE, &left) {
                 warn!("uid={uid} could not leave room {}: {e}", left.room);
             }
@@ -121,9 +138,9 @@ impl Rooms {
         let (members, others) = {
             let mut rooms = self.lock();
             let room = rooms.entry(name.clone()).or_default();
-            let others: Vec<String> = room.iter().cloned().collect();
-            room.insert(uid.clone());
-            (room.iter().cloned().collect::<Vec<_>>(), others)
+            let others: Vec<String> = room.keys().filter(|m| **m != uid).cloned().collect();
+            room.insert(uid.clone(), session_ref(&session));
+            (room.keys().cloned().collect::<Vec<_>>(), others)
         };
         session.set(ROOM_KEY, &name).map_err(internal)?;
         session.push_to_frontend().map_err(internal)?;
@@ -153,7 +170,7 @@ impl Rooms {
         let Some(room) = session.get::<String>(ROOM_KEY) else {
             return Err(HandlerError::new("GAME-403", "not in a room"));
         };
-        self.remove_member(ctx, &Left { uid, room: room.clone() });
+        self.remove_member(ctx, &Left { uid, room: room.clone(), session: Some(session_ref(&session)) });
         session.remove(ROOM_KEY);
         session.push_to_frontend().map_err(internal)?;
         Ok(serde_json::json!({ "room": room }))
@@ -175,7 +192,7 @@ impl Rooms {
         while !missing.is_empty() {
             let mut gone = Vec::new();
             for uid in missing {
-                if self.remove_from(room, &uid) {
+                if self.remove_from(room, &uid, None) {
                     // Usually a player who just disconnected, whose `left` call from its
                     // connector is still on its way; else its connector died.
                     debug!("uid={uid} has no session on any connector; dropped from room {room}");
@@ -198,11 +215,16 @@ impl Rooms {
         Ok(())
     }
 
-    /// Removes `uid` from `room` (and the room once empty); false if it was not there.
-    fn remove_from(&self, room: &str, uid: &str) -> bool {
+    /// Removes `uid` from `room` (and the room once empty) if `session` (any if `None`)
+    /// is its member's session; false if it was not there.
+    fn remove_from(&self, room: &str, uid: &str, session: Option<&SessionRef>) -> bool {
         let mut rooms = self.lock();
         let Some(members) = rooms.get_mut(room) else { return false };
-        let removed = members.remove(uid);
+        if session.is_some_and(|s| members.get(uid).is_some_and(|m| m != s)) {
+            debug!("uid={uid} left room {room} from a session it replaced; still a member");
+            return false;
+        }
+        let removed = members.remove(uid).is_some();
         if members.is_empty() {
             rooms.remove(room);
         }
@@ -210,12 +232,12 @@ impl Rooms {
     }
 
     fn members(&self, room: &str) -> Vec<String> {
-        self.lock().get(room).map(|m| m.iter().cloned().collect()).unwrap_or_default()
+        self.lock().get(room).map(|m| m.keys().cloned().collect()).unwrap_or_default()
     }
 
     /// Removes `left.uid` from `left.room` and tells the others; false if it was not there.
     fn remove_member(&self, env: &dragonfruit_core::HandlerEnv, left: &Left) -> bool {
-        if !self.remove_from(&left.room, &left.uid) {
+        if !self.remove_from(&left.room, &left.uid, left.session.as_ref()) {
             return false;
         }
         debug!("uid={} left room {}", left.uid, left.room);
