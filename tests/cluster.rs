@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use dragonfruit_client::{Client, ClientConfig, ClientError};
 use dragonfruit_core::cluster::{self, ClusterContext, ClusterError, Forward, ForwardDone};
+use dragonfruit_core::codec::{encode_data_packet, EncodeOptions, MessageOut};
 use dragonfruit_core::{codes, Messenger, Session};
 use dragonfruit_net::{App, AppBuilder};
 use dragonfruit_rpc::router::rendezvous;
@@ -14,7 +15,9 @@ use dragonfruit_rpc::{ClusterModule, EmbeddedDiscovery, RouteCtx, Router, Server
 use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
-use crate::util::{cluster_dir, cluster_module, fast_discovery, module_with, probe_app, wait_until, Probe, Server, T};
+use crate::util::{
+    cluster_dir, cluster_module, fast_discovery, module_with, probe_app, wait_until, Probe, RawConn, Server, T,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -365,6 +368,55 @@ impl Router for BySessionKey {
         let id: String = ctx.session?.get(key)?;
         servers.iter().position(|s| s.id == id)
     }
+}
+
+/// A batch of one client's messages split over two servers: the answer of a fast one does
+/// not wait for a slow one, also when the slow one only got notifies.
+#[test]
+fn each_server_answers_its_part_of_a_batch_without_waiting_for_the_others() {
+    let dir = cluster_dir("splitbatch");
+    let backend = Backend::default();
+    // Longer than the reads below wait: chat-1's part is never failed by the timeout here.
+    let timeout = Duration::from_secs(30);
+    let module = cluster_module(&dir, timeout);
+    let room = Server::start_backend(room_builder("room-1", &backend, &module));
+    let chat_module = cluster_module(&dir, timeout);
+    let chat = Server::start_backend(
+        App::builder("chat")
+            .server_id("chat-1")
+            .component("room", backend.clone())
+            .cluster(Arc::new(chat_module.clone())),
+    );
+    let fe_module = cluster_module(&dir, timeout);
+    let frontend = start_connector(&fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 3));
+    let mut raw = RawConn::connect(frontend.addr());
+    raw.handshake_ok();
+    // Each pair in one write, so the frontend forwards it as one batch split over chat-1
+    // (held at the gate) and room-1.
+    let batch = |first: MessageOut<'_>, second: MessageOut<'_>| {
+        let mut bytes = Vec::new();
+        for msg in [first, second] {
+            encode_data_packet(&msg, &EncodeOptions::default(), &mut bytes).unwrap();
+        }
+        bytes
+    };
+    raw.send(&batch(MessageOut::notify("chat.room.hold", b"{}"), MessageOut::request(1, "room.room.echo", b"fast")));
+    let msg = raw.read_message();
+    assert_eq!((msg.id, msg.body.as_slice()), (1, &b"fast"[..]), "answered while chat-1 holds the notify");
+    raw.send(&batch(
+        MessageOut::request(2, "chat.room.wait", b"{}"),
+        MessageOut::request(3, "room.room.echo", b"again"),
+    ));
+    let msg = raw.read_message();
+    assert_eq!((msg.id, msg.body.as_slice()), (3, &b"again"[..]), "answered while chat-1 holds the request");
+    // The request waits behind the notify (one session's messages run in order there).
+    assert_eq!(backend.held.load(Ordering::SeqCst), 1);
+    backend.gate.open();
+    let msg = raw.read_message();
+    assert_eq!((msg.id, msg.body.as_slice()), (2, &b"true"[..]));
+    assert!(wait_until(T, || frontend.handle.stats().in_flight == 0), "{:?}", frontend.handle.stats());
+    drop((room, chat));
 }
 
 /// Handlers on two servers calling remotes of each other while every worker of both is in

@@ -40,9 +40,13 @@ pub struct Forward {
     pub body: Vec<u8>,
 }
 
-/// Receives, once, the replies to the forwarded requests, keyed by message id (notifies
-/// have none).
-pub type ForwardDone = Box<dyn FnOnce(Vec<(u64, Reply)>) + Send>;
+/// Receives the outcome of forwarded messages in parts, one per call the cluster layer made
+/// for them (so one server's answers do not wait for another's): the replies to the
+/// requests of that part, keyed by message id (notifies have none), and how many messages,
+/// requests and notifies, it finished. Each message is finished once. Dropped with messages
+/// unfinished (a cluster layer that lost a call), the frontend answers their requests with
+/// an error.
+pub type ForwardDone = Arc<dyn Fn(Vec<(u64, Reply)>, usize) + Send + Sync>;
 
 /// Orders jobs of one session on a backend: `(frontend server id, session id)`.
 pub type OrderKey = (Arc<str>, SessionId);

@@ -4,7 +4,7 @@
 //! even if it panics, so the loop's in-flight count stays exact.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use dragonfruit_core::cluster::Forward;
 use dragonfruit_core::codec::{
@@ -102,59 +102,82 @@ fn forward(shared: &Shared, token: usize, session: &Arc<Session>, forwards: Vec<
     if forwards.is_empty() {
         return;
     }
+    let unfinished = Unfinished {
+        ids: forwards.iter().filter(|f| f.kind == MessageType::Request).map(|f| f.id).collect(),
+        count: forwards.len(),
+    };
     let answers = ForwardAnswers {
         port: shared.port.clone(),
         compress: shared.config.message.compression,
         serializer: session.serializer(),
         token,
         sid: session.id(),
-        ids: forwards.iter().filter(|f| f.kind == MessageType::Request).map(|f| f.id).collect(),
-        count: forwards.len(),
-        sent: false,
+        unfinished: Mutex::new(unfinished),
     };
-    cluster.forward(session, forwards, Box::new(move |replies| answers.send(replies)));
+    cluster.forward(session, forwards, Arc::new(move |replies, finished| answers.deliver(replies, finished)));
 }
 
-/// Sends the answers to one batch's forwarded requests to the event loop once the cluster
-/// layer is done with the batch, giving back the in-flight slots of all its messages.
-/// Dropped without having sent (the cluster layer lost the callback, or panicked), it
-/// answers every request with an error, so none waits forever and the in-flight count
-/// stays exact.
+/// Sends the answers to one batch's forwarded messages to the event loop as each part of
+/// the batch is finished, giving back the in-flight slots of its messages (notifies
+/// included). Dropped with messages unfinished (the cluster layer lost a callback, or
+/// panicked), it answers their requests with an error, so none waits forever and the
+/// in-flight count stays exact.
 struct ForwardAnswers {
     port: Arc<LoopPort>,
     compress: bool,
     serializer: Serializer,
     token: usize,
     sid: SessionId,
-    /// Ids of the forwarded requests.
+    unfinished: Mutex<Unfinished>,
+}
+
+/// What of a forwarded batch is not finished yet.
+#[derive(Default)]
+struct Unfinished {
+    /// Ids of the requests not answered.
     ids: Vec<u64>,
-    /// Forwarded messages, notifies included.
+    /// Messages, notifies included.
     count: usize,
-    sent: bool,
 }
 
 impl ForwardAnswers {
-    fn send(mut self, replies: Vec<(u64, Reply)>) {
-        self.deliver(replies);
+    /// One part: the replies to its requests and how many messages it finished. Replies to
+    /// requests not forwarded, or answered already, are dropped.
+    fn deliver(&self, replies: Vec<(u64, Reply)>, finished: usize) {
+        let (replies, count) = {
+            let mut left = self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
+            let mut answer = |id: u64| match left.ids.iter().position(|i| *i == id) {
+                Some(at) => {
+                    left.ids.swap_remove(at);
+                    true
+                }
+                None => false,
+            };
+            let replies: Vec<_> = replies.into_iter().filter(|(id, _)| answer(*id)).collect();
+            let count = finished.min(left.count);
+            left.count -= count;
+            (replies, count)
+        };
+        self.send(replies, count);
     }
 
-    fn deliver(&mut self, replies: Vec<(u64, Reply)>) {
-        self.sent = true;
+    fn send(&self, replies: Vec<(u64, Reply)>, count: usize) {
+        if replies.is_empty() && count == 0 {
+            return;
+        }
         let mut out = Vec::new();
         for (id, reply) in replies {
             encode_reply_with(self.compress, self.serializer, self.sid, id, reply, &mut out);
         }
-        let _ = self.port.send(LoopMsg::Forwarded { token: self.token, session: self.sid, out, count: self.count });
+        let _ = self.port.send(LoopMsg::Forwarded { token: self.token, session: self.sid, out, count });
     }
 }
 
 impl Drop for ForwardAnswers {
     fn drop(&mut self) {
-        if !self.sent {
-            let lost = || Reply::Err(HandlerError::internal("the cluster layer lost the request"));
-            let replies = self.ids.iter().map(|id| (*id, lost())).collect();
-            self.deliver(replies);
-        }
+        let left = std::mem::take(self.unfinished.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let lost = || Reply::Err(HandlerError::internal("the cluster layer lost the request"));
+        self.send(left.ids.iter().map(|id| (*id, lost())).collect(), left.count);
     }
 }
 

@@ -268,11 +268,15 @@ impl Inner {
     fn forward(&self, session: &Arc<Session>, msgs: Vec<Forward>, done: ForwardDone) {
         let Some(started) = self.started.get() else {
             let refusal = || Reply::Err(HandlerError::internal("cluster layer is not started"));
-            done(msgs.iter().filter(|m| m.kind == MessageType::Request).map(|m| (m.id, refusal())).collect());
+            done(
+                msgs.iter().filter(|m| m.kind == MessageType::Request).map(|m| (m.id, refusal())).collect(),
+                msgs.len(),
+            );
             return;
         };
         let mut groups: Vec<(&ServerEntry, Vec<WireMessage>)> = Vec::new();
         let mut refused = Vec::new();
+        let mut dropped = 0;
         let table = self.table.snapshot();
         let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
         let mut sticky = Vec::new();
@@ -287,23 +291,34 @@ impl Inner {
                     }
                 }
                 Err(e) if request => refused.push((msg.id, Reply::Err(e))),
-                Err(e) => warn!("sid={} notify {} dropped: {e}", session.id(), msg.route),
+                Err(e) => {
+                    warn!("sid={} notify {} dropped: {e}", session.id(), msg.route);
+                    dropped += 1;
+                }
             }
         }
         drop(routers);
+        if !refused.is_empty() || dropped > 0 {
+            let finished = refused.len() + dropped;
+            done(refused, finished);
+        }
         // Every call is answered, notifies-only ones too: the frontend counts forwarded
         // notifies in flight until the backend has run them, so a client flooding notifies
-        // is paused by backpressure instead of piling them up on the backend.
-        let mut completion = Completion::new(groups.len(), refused, done);
+        // is paused by backpressure instead of piling them up on the backend. Each call's
+        // answers go to the client when it is answered, not when the batch's other calls are.
         let mut snapshot = snapshot(session, &started.me);
         let mut groups = groups.into_iter().peekable();
         while let Some((to, msgs)) = groups.next() {
             let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
-            let notifies = Notifies { session: session.id(), count: msgs.len() - ids.len() };
+            let (count, done) = (msgs.len(), done.clone());
+            let notifies = Notifies { session: session.id(), count: count - ids.len() };
+            let reply = ReplyFn::new(move |result| {
+                notifies.check(&result);
+                done(replies(ids, result), count)
+            });
             // The last call takes the snapshot; earlier ones get copies.
             let snapshot = if groups.peek().is_some() { snapshot.clone() } else { std::mem::take(&mut snapshot) };
-            let reply = completion.reply_fn(ids, notifies);
-            started.io.call_server(to, Call::Handle { session: snapshot, msgs }, reply);
+            started.io.call_server(to, Call::Handle { session: snapshot, msgs }, Some(reply));
         }
     }
 
@@ -465,45 +480,6 @@ fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Vec<(u64, Rep
     matched
 }
 
-/// Where the answers to one forwarded batch go.
-enum Completion {
-    /// One call carries the whole batch and no request was refused: its answers are the replies.
-    Direct(Option<ForwardDone>),
-    /// The batch went out in several calls, or requests were refused: gathered, then `done` once.
-    Gather(Collector),
-}
-
-impl Completion {
-    fn new(calls: usize, refused: Vec<(u64, Reply)>, done: ForwardDone) -> Completion {
-        if calls == 1 && refused.is_empty() {
-            Completion::Direct(Some(done))
-        } else {
-            Completion::Gather(Collector::new(calls, refused, done))
-        }
-    }
-
-    /// The answer callback of a call carrying requests `ids` (none: notifies only) and
-    /// `notifies`.
-    fn reply_fn(&mut self, ids: Vec<u64>, notifies: Notifies) -> Option<ReplyFn> {
-        match self {
-            Completion::Direct(done) => {
-                let done = done.take()?;
-                Some(ReplyFn::new(move |result| {
-                    notifies.check(&result);
-                    done(replies(ids, result))
-                }))
-            }
-            Completion::Gather(collector) => {
-                let collector = collector.clone();
-                Some(ReplyFn::new(move |result| {
-                    notifies.check(&result);
-                    collector.complete(ids, result)
-                }))
-            }
-        }
-    }
-}
-
 /// The notifies of one forwarded call. No client hears of their failure, so a failed call
 /// (timed out, connection lost, refused) is logged.
 struct Notifies {
@@ -515,47 +491,6 @@ impl Notifies {
     fn check(&self, result: &Result<Answer, HandlerError>) {
         if let (Err(e), 1..) = (result, self.count) {
             warn!("sid={} {} forwarded notify(s) failed: {} {}", self.session, self.count, e.code, e.message);
-        }
-    }
-}
-
-/// Gathers the answers of the calls one batch was split into, then calls `done` once.
-#[derive(Clone)]
-struct Collector {
-    state: Arc<Mutex<Gathering>>,
-}
-
-struct Gathering {
-    calls_left: usize,
-    replies: Vec<(u64, Reply)>,
-    done: Option<ForwardDone>,
-}
-
-impl Collector {
-    fn new(calls: usize, replies: Vec<(u64, Reply)>, done: ForwardDone) -> Collector {
-        if calls == 0 {
-            done(replies);
-            return Collector {
-                state: Arc::new(Mutex::new(Gathering { calls_left: 0, replies: Vec::new(), done: None })),
-            };
-        }
-        Collector { state: Arc::new(Mutex::new(Gathering { calls_left: calls, replies, done: Some(done) })) }
-    }
-
-    fn complete(&self, ids: Vec<u64>, result: Result<Answer, HandlerError>) {
-        let replies = replies(ids, result);
-        let finished = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.replies.extend(replies);
-            state.calls_left -= 1;
-            if state.calls_left == 0 {
-                state.done.take().map(|done| (done, std::mem::take(&mut state.replies)))
-            } else {
-                None
-            }
-        };
-        if let Some((done, replies)) = finished {
-            done(replies);
         }
     }
 }
