@@ -23,6 +23,7 @@ use crate::remote_session::{remote_session, snapshot};
 use crate::router::{RandomRouter, RouteCtx, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, ReplyFn, Responder};
 use crate::table::{ServerEntry, ServerTable, Snapshot};
+use crate::throttle::Throttle;
 use crate::wire::{Answer, ByteBuf, Call, WireMessage, WireReply};
 
 /// The cluster layer of one server; plug it in with `AppBuilder::cluster`.
@@ -45,6 +46,17 @@ pub(crate) struct Inner {
     leave_thread: Mutex<Option<JoinHandle<()>>>,
     /// When a stopping server starts refusing calls.
     drain: Drain,
+    /// Warnings about notifies no client hears of, one per failure while a server is down.
+    notify_warnings: Arc<NotifyWarnings>,
+}
+
+/// See [`Inner::notify_warnings`].
+#[derive(Default)]
+struct NotifyWarnings {
+    /// A router refused a notify.
+    dropped: Throttle,
+    /// A call carrying notifies failed.
+    failed: Throttle,
 }
 
 /// How long a stopping server must have had no call before it refuses calls (once peers
@@ -109,8 +121,7 @@ struct Overdue {
     server: String,
     /// `rpc.timeout`.
     timeout: Duration,
-    /// Overdue calls since the last warning, and when it was logged.
-    unlogged: Mutex<(u64, Option<Instant>)>,
+    warning: Throttle,
 }
 
 impl Overdue {
@@ -122,17 +133,12 @@ impl Overdue {
         if waited <= timeout {
             return None;
         }
-        let now = Instant::now();
-        let mut unlogged = self.unlogged.lock().unwrap_or_else(|p| p.into_inner());
-        unlogged.0 += 1;
-        if unlogged.1.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+        if let Some(more) = self.warning.due() {
             warn!(
-                "server {server} is behind: {} call(s) waited longer than rpc.timeout ({timeout:?}) in its queue \
-                 (the last {waited:?}); their callers had given up, so they were answered {} and not run",
-                unlogged.0,
+                "server {server} is behind: a call waited {waited:?} in its queue, longer than rpc.timeout \
+                 ({timeout:?}); its caller had given up, so it was answered {} and not run{more}",
                 codes::TIMEOUT
             );
-            *unlogged = (0, Some(now));
         }
         let message = format!("waited {waited:?} in the queue of server {server}, over rpc.timeout ({timeout:?})");
         Some(HandlerError::new(codes::TIMEOUT, message))
@@ -161,6 +167,7 @@ impl ClusterModule {
             leaving: AtomicBool::new(false),
             leave_thread: Mutex::new(None),
             drain: Drain::new(),
+            notify_warnings: Arc::default(),
         };
         ClusterModule { inner: Arc::new(inner) }
     }
@@ -292,7 +299,9 @@ impl Inner {
                 }
                 Err(e) if request => refused.push((msg.id, Reply::Err(e))),
                 Err(e) => {
-                    warn!("sid={} notify {} dropped: {e}", session.id(), msg.route);
+                    if let Some(more) = self.notify_warnings.dropped.due() {
+                        warn!("sid={} notify {} dropped: {e}{more}", session.id(), msg.route);
+                    }
                     dropped += 1;
                 }
             }
@@ -311,9 +320,15 @@ impl Inner {
         while let Some((to, msgs)) = groups.next() {
             let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
             let (count, done) = (msgs.len(), done.clone());
-            let notifies = Notifies { session: session.id(), count: count - ids.len() };
+            let notifies = (count > ids.len()).then(|| Notifies {
+                session: session.id(),
+                count: count - ids.len(),
+                warnings: self.notify_warnings.clone(),
+            });
             let reply = ReplyFn::new(move |result| {
-                notifies.check(&result);
+                if let Some(notifies) = notifies {
+                    notifies.check(&result);
+                }
                 done(replies(ids, result), count)
             });
             // The last call takes the snapshot; earlier ones get copies.
@@ -485,12 +500,15 @@ fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Vec<(u64, Rep
 struct Notifies {
     session: u64,
     count: usize,
+    warnings: Arc<NotifyWarnings>,
 }
 
 impl Notifies {
     fn check(&self, result: &Result<Answer, HandlerError>) {
-        if let (Err(e), 1..) = (result, self.count) {
-            warn!("sid={} {} forwarded notify(s) failed: {} {}", self.session, self.count, e.code, e.message);
+        if let Err(e) = result {
+            if let Some(more) = self.warnings.failed.due() {
+                warn!("sid={} {} forwarded notify(s) failed: {} {}{more}", self.session, self.count, e.code, e.message);
+            }
         }
     }
 }
@@ -540,7 +558,7 @@ impl Cluster for ClusterModule {
         let (io, thread) = socket_thread::spawn(zctx, router, me.id.clone(), inner.table.clone(), inbound, limits)
             .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;
         let overdue =
-            Arc::new(Overdue { server: me.id.clone(), timeout: inner.rpc.timeout, unlogged: Mutex::default() });
+            Arc::new(Overdue { server: me.id.clone(), timeout: inner.rpc.timeout, warning: Throttle::default() });
         let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone(), overdue };
         if inner.started.set(started).is_err() {
             return Err(ClusterError::Other("cluster module started twice".into()));

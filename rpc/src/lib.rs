@@ -30,6 +30,7 @@ mod remote_session;
 pub mod router;
 mod socket_thread;
 mod table;
+mod throttle;
 pub mod wire;
 
 pub use cluster::ClusterModule;
