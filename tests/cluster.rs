@@ -324,9 +324,11 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
 fn a_client_flooding_forwarded_notifies_is_paused_not_queued_on_the_backend() {
     let dir = cluster_dir("notifyflood");
     let backend = Backend::default();
-    let module = cluster_module(&dir, TIMEOUT);
+    // Long enough that no held notify's call times out (it would then not run) on a slow machine.
+    let timeout = Duration::from_secs(20);
+    let module = cluster_module(&dir, timeout);
     let room = Server::start_backend(room_builder("room-1", &backend, &module));
-    let fe_module = cluster_module(&dir, TIMEOUT);
+    let fe_module = cluster_module(&dir, timeout);
     let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
     builder.config_mut().dispatch.session_backlog = 16;
     let frontend = Server::start(builder);
