@@ -428,7 +428,8 @@ fn each_server_answers_its_part_of_a_batch_without_waiting_for_the_others() {
 fn handlers_calling_remotes_of_each_others_servers_do_not_deadlock() {
     let dir = cluster_dir("crosscall");
     let backend = Backend::default();
-    let module = || cluster_module(&dir, TIMEOUT).with_router("room", BySessionKey);
+    // Long enough for a slow machine; deadlocked calls would wait for it and fail.
+    let module = || cluster_module(&dir, Duration::from_secs(20)).with_router("room", BySessionKey);
     let rooms: Vec<_> = ["room-1", "room-2"]
         .into_iter()
         .map(|id| {
