@@ -308,12 +308,18 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
     let fresh = frontend.client();
     assert!(wait_until(T, || fresh.request_raw("room.room.echo", b"x").is_ok()));
     assert_eq!(backend.sleeps_started.load(Ordering::SeqCst), 0, "the queued calls did not run");
-    // A user RPC queued after the overdue one runs, first.
-    assert_eq!(
-        frontend.client().request::<_, u64>("probe.rpc_route", "room.room.tick").unwrap(),
-        1,
-        "the queued user RPC did not run"
-    );
+    // User RPCs queued after the overdue one run; it did not (on a slow machine a call may
+    // time out at 300 ms too and run or not later, so count the calls made).
+    let client = frontend.client();
+    let mut calls = 0;
+    let ticks = loop {
+        calls += 1;
+        match client.request::<_, u64>("probe.rpc_route", "room.room.tick") {
+            Ok(ticks) => break ticks,
+            Err(e) => assert!(calls < 20, "{e:?}"),
+        }
+    };
+    assert!(ticks <= calls, "the queued user RPC did not run: {ticks} runs for {calls} calls");
     drop(room);
 }
 
