@@ -5,7 +5,7 @@ use dragonfruit_core::{Component, Ctx, HandlerError, Routes};
 use log::warn;
 use serde::{Deserialize, Serialize};
 
-use crate::room::{Left, LEFT_ROUTE, ROOM_KEY};
+use crate::room::{session_ref, Left, LEFT_ROUTE, ROOM_KEY};
 
 /// Longest player name accepted.
 pub const MAX_NAME: usize = 32;
@@ -55,8 +55,7 @@ impl Entry {
         let serializer = ctx.serializer();
         let watched = session.on_close(move |s| {
             let (Some(uid), Some(room)) = (s.uid(), s.get::<String>(ROOM_KEY)) else { return };
-            let session = Some((s.frontend_id().to_owned(), s.id()));
-            let Ok(body) = serializer.encode(&Left { uid, room, session }) else { return };
+            let Ok(body) = serializer.encode(&Left { uid, room, session: Some(session_ref(s)) }) else { return };
             if let Err(e) = messenger.call(LEFT_ROUTE, CallTarget::Session(s), body) {
                 warn!("sid={} could not leave its room on disconnect: {e}", s.id());
             }

@@ -86,7 +86,8 @@ pub struct Left {
     pub session: Option<SessionRef>,
 }
 
-fn session_ref(session: &dragonfruit_core::Session) -> SessionRef {
+/// How `Left` names `session`.
+pub fn session_ref(session: &dragonfruit_core::Session) -> SessionRef {
     (session.frontend_id().to_owned(), session.id())
 }
 
