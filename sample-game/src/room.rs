@@ -119,10 +119,11 @@ impl Rooms {
         let session = ctx.session().clone();
         let previous: Option<String> = session.get(ROOM_KEY);
         if previous.as_deref() == Some(name.as_str()) {
-            let members = self.members(&name);
-            if members.contains(&uid) {
+            let mut rooms = self.lock();
+            if let Some(room) = rooms.get_mut(&name).filter(|room| room.contains_key(&uid)) {
                 // This session's membership (a replaced session's is taken over).
-                self.lock().entry(name.clone()).or_default().insert(uid, session_ref(&session));
+                room.insert(uid, session_ref(&session));
+                let members = room.keys().cloned().collect();
                 return Ok(Joined { members, room: name });
             }
             // The room was lost with the room server that held it (the router now sends it
