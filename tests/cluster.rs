@@ -332,8 +332,7 @@ fn a_client_flooding_forwarded_notifies_is_paused_not_queued_on_the_backend() {
     let backend = Backend::default();
     // Long enough that no held notify's call times out (it would then not run) on a slow machine.
     let timeout = Duration::from_secs(20);
-    let module = cluster_module(&dir, timeout);
-    let room = Server::start_backend(room_builder("room-1", &backend, &module));
+    let (room, module) = start_backend(&dir, "room-1", &backend, timeout);
     let fe_module = cluster_module(&dir, timeout);
     let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
     builder.config_mut().dispatch.session_backlog = 16;
@@ -386,8 +385,7 @@ fn each_server_answers_its_part_of_a_batch_without_waiting_for_the_others() {
     let backend = Backend::default();
     // Longer than the reads below wait: chat-1's part is never failed by the timeout here.
     let timeout = Duration::from_secs(30);
-    let module = cluster_module(&dir, timeout);
-    let room = Server::start_backend(room_builder("room-1", &backend, &module));
+    let (room, _) = start_backend(&dir, "room-1", &backend, timeout);
     let chat_module = cluster_module(&dir, timeout);
     let chat = Server::start_backend(
         App::builder("chat")

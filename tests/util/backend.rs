@@ -29,6 +29,14 @@ pub struct Backend {
     pub gate: Arc<Gate>,
 }
 
+impl Backend {
+    /// Counts a handler in `held`, then waits at the gate.
+    fn hold(&self) {
+        self.held.fetch_add(1, Ordering::SeqCst);
+        self.gate.pass();
+    }
+}
+
 impl Component for Backend {
     fn routes(r: &mut Routes<Self>) {
         r.raw_handler("echo", |_: &Backend, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
@@ -115,19 +123,16 @@ impl Component for Backend {
             Ok(ctx.session().uid())
         });
         r.notify("hold", |b: &Backend, _: &mut Ctx<'_>, _: Value| {
-            b.held.fetch_add(1, Ordering::SeqCst);
-            b.gate.pass();
+            b.hold();
             Ok(())
         });
         r.handler("wait", |b: &Backend, _: &mut Ctx<'_>, _: Value| {
-            b.held.fetch_add(1, Ordering::SeqCst);
-            b.gate.pass();
+            b.hold();
             Ok(true)
         });
         // Waits at the gate, then calls the `tick` remote of server `other`.
         r.handler("call_other", |b: &Backend, ctx: &mut Ctx<'_>, other: String| {
-            b.held.fetch_add(1, Ordering::SeqCst);
-            b.gate.pass();
+            b.hold();
             ctx.rpc_to::<_, usize>(&other, "room.room.tick", &json!({}))
         });
         r.notify("note", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| {
@@ -142,8 +147,7 @@ impl Component for Backend {
         r.remote("double", |_: &Backend, _: &RemoteCtx<'_>, n: u64| Ok(n * 2));
         r.remote("tick", |b: &Backend, _: &RemoteCtx<'_>, _: Value| Ok(b.ticks.fetch_add(1, Ordering::SeqCst) + 1));
         r.remote("stall", |b: &Backend, _: &RemoteCtx<'_>, _: Value| {
-            b.held.fetch_add(1, Ordering::SeqCst);
-            b.gate.pass();
+            b.hold();
             Ok(true)
         });
         r.remote("server", |_: &Backend, ctx: &RemoteCtx<'_>, _: Value| {
