@@ -11,7 +11,7 @@ use dragonfruit_core::codec::{encode_data_packet, EncodeOptions, MessageOut};
 use dragonfruit_core::{codes, Messenger, Session};
 use dragonfruit_net::{App, AppBuilder};
 use dragonfruit_rpc::router::rendezvous;
-use dragonfruit_rpc::{ClusterModule, EmbeddedDiscovery, RouteCtx, Router, ServerEntry};
+use dragonfruit_rpc::{ClusterModule, ClusterStats, EmbeddedDiscovery, RouteCtx, Router, ServerEntry};
 use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
@@ -91,6 +91,20 @@ fn forwarded_requests_run_on_a_backend_with_the_session() {
         Err(ClientError::Server(e)) => assert_eq!(e.code, codes::NOT_FOUND, "remotes are not reachable by clients"),
         other => panic!("{other:?}"),
     }
+    client.notify("room.room.note", &json!("hi")).unwrap();
+    let (route, _): (String, Value) = client.recv_push_as(T).unwrap();
+    assert_eq!(route, "onNote");
+    // Both sides count: the frontend forwarded 4 requests and a notify, the backends ran
+    // them, and the notify's push came back to the frontend as a one-way message.
+    let fe = c.fe_module.stats();
+    assert_eq!((fe.forwarded_requests, fe.forwarded_notifies), (4, 1), "{fe:?}");
+    assert!(wait_until(T, || c.fe_module.stats().answered == fe.calls), "{:?}", c.fe_module.stats());
+    assert_eq!(fe.calls, 5, "a call per batch: {fe:?}");
+    assert_eq!((fe.timed_out, fe.failed, fe.handled_requests, fe.handled_notifies), (0, 0, 0, 0), "{fe:?}");
+    let rooms: Vec<ClusterStats> = c.backends.iter().map(|(_, m)| m.stats()).collect();
+    let sum = |f: fn(&ClusterStats) -> u64| rooms.iter().map(f).sum::<u64>();
+    assert_eq!((sum(|r| r.handled_requests), sum(|r| r.handled_notifies)), (4, 1), "{rooms:?}");
+    assert_eq!((sum(|r| r.one_way), sum(|r| r.calls), sum(|r| r.forwarded_requests)), (1, 0, 0), "{rooms:?}");
 }
 
 #[test]
@@ -235,6 +249,10 @@ fn user_rpc_between_servers() {
         Err(ClientError::Server(e)) => assert_eq!(e.code, codes::NOT_FOUND),
         other => panic!("{other:?}"),
     }
+    let fe = c.fe_module.stats();
+    assert_eq!((fe.calls, fe.answered, fe.failed, fe.timed_out), (4, 3, 1, 0), "room-9 is no server: {fe:?}");
+    let ran: u64 = c.backends.iter().map(|(_, m)| m.stats().remote_calls).sum();
+    assert_eq!(ran, 3);
 }
 
 #[test]
@@ -260,6 +278,8 @@ fn slow_backends_time_out_with_pit_504() {
         Err(ClientError::Server(e)) => assert_eq!(e.code, codes::TIMEOUT),
         other => panic!("{other:?}"),
     }
+    let fe = c.fe_module.stats();
+    assert_eq!((fe.calls, fe.timed_out, fe.answered, fe.failed), (1, 1, 0, 0), "{fe:?}");
     let other = c.frontend.client();
     assert_eq!(other.request_raw("room.room.echo", b"other").unwrap(), b"other", "other sessions are not held up");
     // This session's next message runs after the slow one (per-session order), then works.
@@ -308,6 +328,8 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
     let fresh = frontend.client();
     assert!(wait_until(T, || fresh.request_raw("room.room.echo", b"x").is_ok()));
     assert_eq!(backend.sleeps_started.load(Ordering::SeqCst), 0, "the queued calls did not run");
+    let room_stats = module.stats();
+    assert!(room_stats.overdue >= 4, "three forwarded calls and a user RPC: {room_stats:?}");
     // User RPCs queued after the overdue one run; it did not (on a slow machine a call may
     // time out at 300 ms too and run or not later, so count the calls made).
     let client = frontend.client();

@@ -22,6 +22,7 @@ use crate::messenger::ClusterMessenger;
 use crate::remote_session::{remote_session, snapshot};
 use crate::router::{RandomRouter, RouteCtx, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, ReplyFn, Responder};
+use crate::stats::{ClusterStats, Counters};
 use crate::table::{ServerEntry, ServerTable, Snapshot};
 use crate::throttle::Throttle;
 use crate::wire::{Answer, ByteBuf, Call, WireMessage, WireReply};
@@ -48,6 +49,7 @@ pub(crate) struct Inner {
     drain: Drain,
     /// Warnings about notifies no client hears of, one per failure while a server is down.
     notify_warnings: Arc<NotifyWarnings>,
+    stats: Arc<Counters>,
 }
 
 /// See [`Inner::notify_warnings`].
@@ -122,6 +124,7 @@ struct Overdue {
     /// `rpc.timeout`.
     timeout: Duration,
     warning: Throttle,
+    stats: Arc<Counters>,
 }
 
 impl Overdue {
@@ -133,6 +136,7 @@ impl Overdue {
         if waited <= timeout {
             return None;
         }
+        Counters::add(&self.stats.overdue, 1);
         if let Some(more) = self.warning.due() {
             warn!(
                 "server {server} is behind: a call waited {waited:?} in its queue, longer than rpc.timeout \
@@ -168,6 +172,7 @@ impl ClusterModule {
             leave_thread: Mutex::new(None),
             drain: Drain::new(),
             notify_warnings: Arc::default(),
+            stats: Arc::default(),
         };
         ClusterModule { inner: Arc::new(inner) }
     }
@@ -193,6 +198,12 @@ impl ClusterModule {
     /// This server's entry, once started.
     pub fn me(&self) -> Option<ServerEntry> {
         self.inner.started.get().map(|s| s.me.clone())
+    }
+
+    /// The counters of this server's calls to other servers and of the work it did for
+    /// them, since it started.
+    pub fn stats(&self) -> ClusterStats {
+        self.inner.stats.snapshot()
     }
 }
 
@@ -320,6 +331,8 @@ impl Inner {
         while let Some((to, msgs)) = groups.next() {
             let ids: Vec<u64> = msgs.iter().filter(|m| m.request).map(|m| m.id).collect();
             let (count, done) = (msgs.len(), done.clone());
+            Counters::add(&self.stats.forwarded_requests, ids.len() as u64);
+            Counters::add(&self.stats.forwarded_notifies, (count - ids.len()) as u64);
             let notifies = (count > ids.len()).then(|| Notifies {
                 session: session.id(),
                 count: count - ids.len(),
@@ -358,7 +371,7 @@ impl Inner {
                     let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
                     let service = started.ctx.service.clone();
                     let (io, timeout) = (started.io.clone(), self.rpc.timeout);
-                    let overdue = started.overdue.clone();
+                    let (overdue, stats) = (started.overdue.clone(), self.stats.clone());
                     let job = move || {
                         let session = match overdue.check(taken) {
                             Some(e) => Err(e),
@@ -366,6 +379,9 @@ impl Inner {
                         };
                         match session {
                             Ok(session) => {
+                                let requests = msgs.iter().filter(|m| m.request).count() as u64;
+                                Counters::add(&stats.handled_requests, requests);
+                                Counters::add(&stats.handled_notifies, msgs.len() as u64 - requests);
                                 let replies =
                                     msgs.into_iter().filter_map(|m| run_message(&service, &session, m)).collect();
                                 responder.send(Ok(Answer::Replies(replies)));
@@ -389,12 +405,13 @@ impl Inner {
         match call {
             Call::User { route, body } if !stopping => {
                 let (service, from) = (ctx.service.clone(), from.to_owned());
-                let overdue = started.overdue.clone();
+                let (overdue, stats) = (started.overdue.clone(), self.stats.clone());
                 ctx.dispatcher.submit_remote(Box::new(move || {
                     if let Some(e) = overdue.check(taken) {
                         responder.send(Err(e));
                         return;
                     }
+                    Counters::add(&stats.remote_calls, 1);
                     let result = service.execute_remote(&route, Some(&from), &body);
                     responder.send(result.map(|b| Answer::Body(ByteBuf(b))));
                 }));
@@ -555,10 +572,22 @@ impl Cluster for ClusterModule {
         };
         let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
         let limits = socket_thread::Limits { timeout: inner.rpc.timeout, heartbeat: inner.rpc.heartbeat };
-        let (io, thread) = socket_thread::spawn(zctx, router, me.id.clone(), inner.table.clone(), inbound, limits)
-            .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;
-        let overdue =
-            Arc::new(Overdue { server: me.id.clone(), timeout: inner.rpc.timeout, warning: Throttle::default() });
+        let (io, thread) = socket_thread::spawn(
+            zctx,
+            router,
+            me.id.clone(),
+            inner.table.clone(),
+            inbound,
+            limits,
+            inner.stats.clone(),
+        )
+        .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;
+        let overdue = Arc::new(Overdue {
+            server: me.id.clone(),
+            timeout: inner.rpc.timeout,
+            warning: Throttle::default(),
+            stats: inner.stats.clone(),
+        });
         let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone(), overdue };
         if inner.started.set(started).is_err() {
             return Err(ClusterError::Other("cluster module started twice".into()));

@@ -10,6 +10,7 @@
 //!
 //! # Layout
 //! - [`ClusterModule`] (`cluster`): core's `Cluster`: forwarding, inbound calls.
+//! - `stats`: [`ClusterStats`], the counters of calls made and of work done for others.
 //! - `socket_thread`: the only thread touching ZeroMQ sockets; batching, correlation,
 //!   timeouts.
 //! - [`wire`]: the postcard envelope between servers.
@@ -29,6 +30,7 @@ mod messenger;
 mod remote_session;
 pub mod router;
 mod socket_thread;
+mod stats;
 mod table;
 mod throttle;
 pub mod wire;
@@ -37,4 +39,5 @@ pub use cluster::ClusterModule;
 pub use config::{DiscoveryConfig, DiscoveryKind, RpcConfig, Secret};
 pub use discovery::{Discovery, DiscoveryError, EmbeddedDiscovery, EtcdDiscovery};
 pub use router::{RandomRouter, RouteCtx, Router};
+pub use stats::ClusterStats;
 pub use table::{ServerEntry, ServerTable, Snapshot};

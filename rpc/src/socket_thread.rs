@@ -21,6 +21,7 @@ use crossbeam_channel::{Receiver, Sender};
 use dragonfruit_core::{codes, HandlerError};
 use log::{debug, info, warn};
 
+use crate::stats::Counters;
 use crate::table::{ServerEntry, ServerTable};
 use crate::wire::{self, Answer, Call, Frame};
 
@@ -290,6 +291,8 @@ struct SocketThread {
     inbound: Arc<dyn Inbound>,
     timeout: Duration,
     heartbeat: Duration,
+    /// This server's cluster counters (calls made and how they ended).
+    stats: Arc<Counters>,
     /// Frames to send per peer id, this iteration.
     outbox: HashMap<String, Vec<Frame>>,
     /// Messages for peers with no connection up (DEALERs queue nothing themselves, see
@@ -397,6 +400,12 @@ pub(crate) struct Limits {
     pub(crate) heartbeat: Duration,
 }
 
+/// Counts a call failed here, without an answer from its server, and tells its caller.
+fn fail(stats: &Counters, reply: ReplyFn, error: HandlerError) {
+    Counters::add(&stats.failed, 1);
+    reply.call(Err(error));
+}
+
 /// Starts the socket thread with an already bound ROUTER.
 pub(crate) fn spawn(
     ctx: zmq::Context,
@@ -405,6 +414,7 @@ pub(crate) fn spawn(
     table: Arc<ServerTable>,
     inbound: Arc<dyn Inbound>,
     limits: Limits,
+    stats: Arc<Counters>,
 ) -> io::Result<(Io, JoinHandle<()>)> {
     let (wake_read, wake_write) = UnixStream::pair()?;
     wake_read.set_nonblocking(true)?;
@@ -439,6 +449,7 @@ pub(crate) fn spawn(
         gone: HashMap::new(),
         last_sent: None,
         ipc_file,
+        stats,
     };
     let handle = std::thread::Builder::new().name("df-rpc".into()).spawn(move || thread.run())?;
     Ok((io, handle))
@@ -539,9 +550,12 @@ impl SocketThread {
     }
 
     fn queue_call(&mut self, to: String, seen_at: Option<String>, call: Call, reply: Option<ReplyFn>) {
+        Counters::add(if reply.is_some() { &self.stats.calls } else { &self.stats.one_way }, 1);
+        let stats = &self.stats.clone();
         let not_found = |reply: Option<ReplyFn>| {
             if let Some(reply) = reply {
-                reply.call(Err(HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"))));
+                let error = HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"));
+                fail(stats, reply, error);
             }
         };
         // `connect_peers`, queued with each table change, keeps `listed` current and drops
@@ -566,7 +580,11 @@ impl SocketThread {
                     }
                     Err(e) => {
                         if let Some(reply) = reply {
-                            reply.call(Err(HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"))));
+                            fail(
+                                stats,
+                                reply,
+                                HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}")),
+                            );
                         }
                         return;
                     }
@@ -636,7 +654,7 @@ impl SocketThread {
                     Some(entry) => format!("server {} restarted on a new endpoint {}", p.to, entry.rpc_addr),
                     None => format!("server {} left the cluster", p.to),
                 };
-                p.reply.call(Err(HandlerError::internal(why)));
+                fail(&self.stats, p.reply, HandlerError::internal(why));
             }
         }
         for (id, entry) in table.iter() {
@@ -796,7 +814,7 @@ impl SocketThread {
         for frame in frames {
             if let Frame::Call { corr, .. } = frame {
                 if let Some(p) = self.pending.remove(&corr) {
-                    p.reply.call(Err(HandlerError::internal(format!("server {to} unreachable: {why}"))));
+                    fail(&self.stats, p.reply, HandlerError::internal(format!("server {to} unreachable: {why}")));
                 }
             }
         }
@@ -840,7 +858,8 @@ impl SocketThread {
             self.pending.iter().filter(|(_, p)| lost.contains(&p.to)).map(|(corr, _)| *corr).collect();
         for corr in waiting {
             if let Some(p) = self.pending.remove(&corr) {
-                p.reply.call(Err(HandlerError::internal(format!("connection to server {} lost", p.to))));
+                let error = HandlerError::internal(format!("connection to server {} lost", p.to));
+                fail(&self.stats, p.reply, error);
             }
         }
     }
@@ -871,6 +890,7 @@ impl SocketThread {
             self.deadlines.pop();
             if let Some(p) = self.pending.remove(&corr) {
                 let message = format!("server {} did not answer within {:?}", p.to, self.timeout);
+                Counters::add(&self.stats.timed_out, 1);
                 p.reply.call(Err(HandlerError::timeout(message)));
             }
         }
@@ -962,7 +982,10 @@ impl SocketThread {
                 for frame in decode_from(&payload, id) {
                     match frame {
                         Frame::Reply { corr, result } => match self.pending.remove(&corr) {
-                            Some(p) => p.reply.call(result),
+                            Some(p) => {
+                                Counters::add(&self.stats.answered, 1);
+                                p.reply.call(result);
+                            }
                             None => debug!("late answer {corr} from {id} dropped"),
                         },
                         Frame::Call { .. } => warn!("server {id} sent a call on a DEALER"),

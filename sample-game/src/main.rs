@@ -9,6 +9,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use dragonfruit_core::config::ConfigSource;
+use dragonfruit_net::StatsSnapshot;
+use dragonfruit_rpc::ClusterStats;
 use sample_game::{Role, DEFAULT_TCP};
 
 const HELP: &str = "\
@@ -156,15 +158,35 @@ fn serve(role: Role, args: &Args) -> Result<(), String> {
     let stopper = handle.clone();
     ctrlc::set_handler(move || stopper.stop()).map_err(|e| format!("cannot install signal handler: {e}"))?;
     let result = handle.join().map_err(|e| e.to_string());
-    let stats = handle.stats();
-    log::info!(
-        "served {} connections, {} requests, {} notifies, {} pushes",
-        stats.accepted,
-        stats.requests,
-        stats.notifies,
-        stats.pushes
-    );
+    log::info!("{}", summary(handle.tcp_addr().is_some(), &handle.stats(), cluster.map(|c| c.stats())));
     result
+}
+
+/// What a server did, for its last log line: a frontend's clients and forwarding, a
+/// backend's work for other servers, and how this server's calls to others ended.
+fn summary(frontend: bool, app: &StatsSnapshot, cluster: Option<ClusterStats>) -> String {
+    let mut line = String::from("served ");
+    if frontend {
+        line += &format!(
+            "{} connections, {} requests, {} notifies, {} pushes",
+            app.accepted, app.requests, app.notifies, app.pushes
+        );
+    }
+    let Some(c) = cluster else { return line };
+    if frontend {
+        line += &format!(" (forwarded {} requests, {} notifies)", c.forwarded_requests, c.forwarded_notifies);
+    } else {
+        line += &format!("{} forwarded requests, {} notifies", c.handled_requests, c.handled_notifies);
+    }
+    line += &format!(", {} remote calls for other servers", c.remote_calls);
+    if c.overdue > 0 {
+        line += &format!(" ({} overdue calls not run)", c.overdue);
+    }
+    line += &format!("; {} calls and {} one-way messages to other servers", c.calls, c.one_way);
+    if c.timed_out + c.failed > 0 {
+        line += &format!(" ({} timed out, {} failed)", c.timed_out, c.failed);
+    }
+    line
 }
 
 /// Raises the open-file limit so `connection.max` is not capped by a small default: to
@@ -210,5 +232,32 @@ fn main() -> ExitCode {
             eprintln!("sample-game: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_summary_tells_its_work_for_other_servers() {
+        let app = StatsSnapshot::default();
+        let room =
+            ClusterStats { handled_requests: 7, handled_notifies: 2, remote_calls: 3, calls: 4, ..Default::default() };
+        assert_eq!(
+            summary(false, &app, Some(room)),
+            "served 7 forwarded requests, 2 notifies, 3 remote calls for other servers; 4 calls and 0 one-way \
+             messages to other servers"
+        );
+        let app = StatsSnapshot { accepted: 2, requests: 9, notifies: 1, pushes: 5, ..Default::default() };
+        let connector =
+            ClusterStats { forwarded_requests: 8, calls: 6, timed_out: 1, overdue: 2, ..Default::default() };
+        assert_eq!(
+            summary(true, &app, Some(connector)),
+            "served 2 connections, 9 requests, 1 notifies, 5 pushes (forwarded 8 requests, 0 notifies), 0 remote \
+             calls for other servers (2 overdue calls not run); 6 calls and 0 one-way messages to other servers (1 \
+             timed out, 0 failed)"
+        );
+        assert_eq!(summary(true, &app, None), "served 2 connections, 9 requests, 1 notifies, 5 pushes");
     }
 }

@@ -24,7 +24,8 @@ fn no_wake_up_is_lost() {
     let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
     let table = Arc::new(ServerTable::new());
     let (io, thread) =
-        spawn(ctx, router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+        spawn(ctx, router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5)), Default::default())
+            .unwrap();
     let started = Instant::now();
     let senders: Vec<_> = (0..4)
         .map(|_| {
@@ -85,8 +86,16 @@ fn bad_envelopes_on_the_router_are_dropped_and_later_calls_served() {
     let ctx = zmq::Context::new();
     let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
     let table = Arc::new(ServerTable::new());
-    let (io, thread) =
-        spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+    let (io, thread) = spawn(
+        ctx.clone(),
+        router,
+        "test".into(),
+        table,
+        Arc::new(NoCalls),
+        limits(Duration::from_secs(5)),
+        Default::default(),
+    )
+    .unwrap();
     let peer = raw_socket(&ctx, zmq::DEALER);
     peer.set_identity(b"rogue").unwrap();
     peer.connect(&endpoint).unwrap();
@@ -125,8 +134,16 @@ fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
     let table = Arc::new(ServerTable::new());
     table.replace(HashMap::from([("fake".to_owned(), entry)]));
     let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let (io, thread) =
-        spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+    let (io, thread) = spawn(
+        ctx.clone(),
+        router,
+        "test".into(),
+        table,
+        Arc::new(NoCalls),
+        limits(Duration::from_secs(5)),
+        Default::default(),
+    )
+    .unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
     io.call(
         "fake",
@@ -242,7 +259,8 @@ fn start_with_table(
     table.replace(peers.iter().flat_map(|(id, addr)| fake_entry(id, addr)).collect());
     let (router, _) = bind_router(ctx, "tcp://127.0.0.1:*").unwrap();
     let (io, thread) =
-        spawn(ctx.clone(), router, "fe".into(), table.clone(), Arc::new(NoCalls), limits(timeout)).unwrap();
+        spawn(ctx.clone(), router, "fe".into(), table.clone(), Arc::new(NoCalls), limits(timeout), Default::default())
+            .unwrap();
     (io, thread, table)
 }
 
@@ -287,8 +305,16 @@ fn a_server_back_on_a_new_endpoint_gets_the_calls() {
     table.replace(fake_entry("fe", &old_addr));
     let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
     let timeout = Duration::from_secs(30);
-    let (io, thread) =
-        spawn(ctx.clone(), router, "test".into(), table.clone(), Arc::new(NoCalls), limits(timeout)).unwrap();
+    let (io, thread) = spawn(
+        ctx.clone(),
+        router,
+        "test".into(),
+        table.clone(),
+        Arc::new(NoCalls),
+        limits(timeout),
+        Default::default(),
+    )
+    .unwrap();
     let waiting = kick_call(&io, "fe");
     recv_call(&old);
     table.replace(fake_entry("fe", &new_addr));
@@ -393,9 +419,16 @@ fn the_last_answer_before_a_stop_arrives() {
         let (router, addr) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
         let inbound = Arc::new(AnswerThenStop(std::sync::OnceLock::new()));
         let table = Arc::new(ServerTable::new());
-        let (io, thread) =
-            spawn(ctx.clone(), router, "server".into(), table, inbound.clone(), limits(Duration::from_secs(5)))
-                .unwrap();
+        let (io, thread) = spawn(
+            ctx.clone(),
+            router,
+            "server".into(),
+            table,
+            inbound.clone(),
+            limits(Duration::from_secs(5)),
+            Default::default(),
+        )
+        .unwrap();
         let _ = inbound.0.set(io);
         let caller = raw_socket(&ctx, zmq::DEALER);
         caller.set_identity(format!("caller#{round}").as_bytes()).unwrap();
@@ -471,8 +504,16 @@ fn a_dropped_responder_answers_with_an_error() {
     let ctx = zmq::Context::new();
     let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
     let table = Arc::new(ServerTable::new());
-    let (io, thread) =
-        spawn(ctx.clone(), router, "test".into(), table, Arc::new(Drops), limits(Duration::from_secs(5))).unwrap();
+    let (io, thread) = spawn(
+        ctx.clone(),
+        router,
+        "test".into(),
+        table,
+        Arc::new(Drops),
+        limits(Duration::from_secs(5)),
+        Default::default(),
+    )
+    .unwrap();
     let peer = raw_socket(&ctx, zmq::DEALER);
     peer.connect(&endpoint).unwrap();
     let call = Frame::Call { corr: 3, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
@@ -606,8 +647,16 @@ fn a_learned_frontend_back_on_a_new_endpoint_gets_the_calls() {
     let (new, new_addr) = fake_server(&ctx);
     let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
     let table = Arc::new(ServerTable::new());
-    let (io, thread) =
-        spawn(ctx.clone(), router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap();
+    let (io, thread) = spawn(
+        ctx.clone(),
+        router,
+        "test".into(),
+        table,
+        Arc::new(NoCalls),
+        limits(Duration::from_secs(5)),
+        Default::default(),
+    )
+    .unwrap();
     let frontend = raw_socket(&ctx, zmq::DEALER);
     frontend.set_identity(b"fe").unwrap();
     frontend.connect(&endpoint).unwrap();
@@ -676,7 +725,8 @@ fn a_stopping_thread_removes_its_ipc_socket_file_only() {
         let (router, bound) = bind_router(&ctx, &endpoint).unwrap();
         assert_eq!(bound, endpoint);
         let table = Arc::new(ServerTable::new());
-        spawn(ctx, router, "ipc".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5))).unwrap()
+        spawn(ctx, router, "ipc".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5)), Default::default())
+            .unwrap()
     };
     let (io, thread) = start();
     assert!(path.exists());
