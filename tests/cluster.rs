@@ -212,6 +212,14 @@ fn pushes_to_users_on_every_frontend_and_broadcast() {
     assert_eq!(ann_again.request_raw("probe.echo", b"still me").unwrap(), b"still me");
 }
 
+/// Forwarded notifies that fail on a backend are logged there, throttled like local ones.
+#[test]
+fn a_flood_of_failing_forwarded_notifies_logs_a_line_a_second_on_the_backend() {
+    let c = cluster("notifylog", 1, TIMEOUT, None);
+    let lines = crate::malformed::failing_notifies(&c.frontend.client(), "room.room.note", "room.room.whoami", 500);
+    assert!((1..=10).contains(&lines), "{lines} warnings for 500 failing notifies");
+}
+
 #[test]
 fn forwarded_messages_keep_session_order() {
     let c = cluster("order", 1, TIMEOUT, None);

@@ -17,6 +17,8 @@
 //! - [`cluster`]: the [`cluster::Cluster`] and [`cluster::Dispatcher`] ports between the
 //!   runtime and a cluster layer.
 //! - [`config`]: layered TOML + environment configuration, read into typed sections.
+//! - [`throttle`]: [`throttle::Throttle`], at most a log line a second for a warning that
+//!   can come at a high rate.
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 pub mod cluster;
@@ -28,6 +30,7 @@ pub mod messenger;
 pub mod route;
 pub mod serializer;
 pub mod session;
+pub mod throttle;
 
 pub use error::{codes, HandlerError};
 pub use handler::{

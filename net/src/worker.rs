@@ -5,6 +5,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use dragonfruit_core::cluster::Forward;
 use dragonfruit_core::codec::{
@@ -214,6 +215,9 @@ fn handle_message(
         }
         Resolved::Error(e) => Reply::refusal(session, msg.kind, msg.route, e),
     };
+    if let Reply::Dropped(e) = &reply {
+        service.log_dropped(Instant::now(), session.id(), msg.route, e);
+    }
     encode_reply(shared, session, msg.id, reply, out);
     Ok(())
 }
@@ -227,7 +231,7 @@ fn encode_reply(shared: &Shared, session: &Session, id: u64, reply: Reply, out: 
 fn encode_reply_with(compress: bool, serializer: Serializer, sid: SessionId, id: u64, reply: Reply, out: &mut Vec<u8>) {
     let opts = EncodeOptions { dict: None, compress };
     let (body, is_error) = match reply {
-        Reply::None => return,
+        Reply::None | Reply::Dropped(_) => return,
         Reply::Ok(body) => (body, false),
         Reply::Err(e) => (serializer.encode_error(&e), true),
     };

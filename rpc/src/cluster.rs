@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, ForwardDone, OrderKey};
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::config::{ConfigError, ConfigSource};
+use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{codes, HandlerError, Messenger, Reply, Route, Session};
 use log::{debug, error, info, warn};
 
@@ -24,7 +25,6 @@ use crate::router::{RandomRouter, RouteCtx, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, ReplyFn, Responder};
 use crate::stats::{ClusterStats, Counters};
 use crate::table::{ServerEntry, ServerTable, Snapshot};
-use crate::throttle::Throttle;
 use crate::wire::{Answer, ByteBuf, Call, WireMessage, WireReply};
 
 /// The cluster layer of one server; plug it in with `AppBuilder::cluster`.
@@ -137,7 +137,7 @@ impl Overdue {
             return None;
         }
         Counters::add(&self.stats.overdue, 1);
-        if let Some(more) = self.warning.due() {
+        if let Some(more) = self.warning.due(Instant::now()) {
             warn!(
                 "server {server} is behind: a call waited {waited:?} in its queue, longer than rpc.timeout \
                  ({timeout:?}); its caller had given up, so it was answered {} and not run{more}",
@@ -310,7 +310,7 @@ impl Inner {
                 }
                 Err(e) if request => refused.push((msg.id, Reply::Err(e))),
                 Err(e) => {
-                    if let Some(more) = self.notify_warnings.dropped.due() {
+                    if let Some(more) = self.notify_warnings.dropped.due(Instant::now()) {
                         warn!("sid={} notify {} dropped: {e}{more}", session.id(), msg.route);
                     }
                     dropped += 1;
@@ -478,6 +478,10 @@ fn run_message(
     let reply = service.execute(session, kind, m.id, &m.route, Cow::Borrowed(&m.body));
     let result = match reply {
         Reply::None => return None,
+        Reply::Dropped(e) => {
+            service.log_dropped(Instant::now(), session.id(), &m.route, &e);
+            return None;
+        }
         Reply::Ok(body) => Ok(ByteBuf(body)),
         Reply::Err(e) => Err(e),
     };
@@ -523,7 +527,7 @@ struct Notifies {
 impl Notifies {
     fn check(&self, result: &Result<Answer, HandlerError>) {
         if let Err(e) = result {
-            if let Some(more) = self.warnings.failed.due() {
+            if let Some(more) = self.warnings.failed.due(Instant::now()) {
                 warn!("sid={} {} forwarded notify(s) failed: {} {}{more}", self.session, self.count, e.code, e.message);
             }
         }

@@ -32,7 +32,6 @@ pub mod router;
 mod socket_thread;
 mod stats;
 mod table;
-mod throttle;
 pub mod wire;
 
 pub use cluster::ClusterModule;

@@ -124,10 +124,45 @@ pub fn module_with(
 
 /// Sends log lines (`info` and up unless `RUST_LOG` says otherwise) to the test harness,
 /// which shows them with a failing test's output. Threads inherit the capture of the test
-/// thread that spawned them, so a test's servers log into that test's output.
+/// thread that spawned them, so a test's servers log into that test's output. Warnings and
+/// errors are also kept for [`warnings`].
 pub fn capture_logs() {
     let env = env_logger::Env::default().default_filter_or("info");
-    let _ = env_logger::Builder::from_env(env).is_test(true).try_init();
+    let logger = env_logger::Builder::from_env(env).is_test(true).build();
+    let max = logger.filter().max(log::LevelFilter::Warn);
+    if log::set_boxed_logger(Box::new(Capture(logger))).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// The warnings and errors of this test process so far (of every test: filter by a
+/// session or server id).
+pub fn warnings() -> Vec<String> {
+    WARNINGS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// env_logger, keeping warnings and errors in [`WARNINGS`].
+struct Capture(env_logger::Logger);
+
+impl log::Log for Capture {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn || self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if record.level() <= log::Level::Warn {
+            WARNINGS.lock().unwrap_or_else(|p| p.into_inner()).push(record.args().to_string());
+        }
+        if self.0.enabled(record.metadata()) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
 }
 
 /// Default deadline for anything that should happen promptly.

@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, error, warn};
 
@@ -14,7 +15,8 @@ use crate::codec::MessageType;
 use crate::error::HandlerError;
 use crate::handler::{Ctx, Handler, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines, RemoteCtx};
 use crate::route::Route;
-use crate::session::Session;
+use crate::session::{Session, SessionId};
+use crate::throttle::Throttle;
 
 /// The outcome of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +27,10 @@ pub enum Reply {
     Ok(Vec<u8>),
     /// Error response.
     Err(HandlerError),
+    /// A notify that failed, or a notify sent to a request route (it ran; its answer was
+    /// dropped): nothing to send, and no client hears of it, so the caller logs it with
+    /// [`HandlerService::log_dropped`].
+    Dropped(HandlerError),
 }
 
 impl Reply {
@@ -59,6 +65,8 @@ pub struct HandlerService {
     by_text: HashMap<Box<str>, (Route, Handler)>,
     pipelines: Pipelines,
     env: HandlerEnv,
+    /// Warnings of [`Reply::Dropped`] notifies.
+    dropped: Arc<Throttle>,
 }
 
 impl HandlerService {
@@ -76,7 +84,16 @@ impl HandlerService {
                 }
             }
         }
-        HandlerService { registry, by_text, pipelines, env }
+        HandlerService { registry, by_text, pipelines, env, dropped: Arc::default() }
+    }
+
+    /// Logs the failure of a notify (`Reply::Dropped`) of `session` on `route` at `now`. A
+    /// client flooding failing notifies would flood the log (as fast as it writes them), so
+    /// these warnings are logged at most once a second per server, with how many were not.
+    pub fn log_dropped(&self, now: Instant, session: SessionId, route: &str, error: &HandlerError) {
+        if let Some(more) = self.dropped.due(now) {
+            warn!("sid={session} route={route} notify failed: {error}{more}");
+        }
     }
 
     /// The handler registry.
@@ -126,7 +143,8 @@ impl HandlerService {
     }
 
     /// Runs `handler` (found with [`HandlerService::resolve`]). Requests always get a
-    /// `Reply::Ok` or `Reply::Err`; notifies get `Reply::None` (their errors are logged).
+    /// `Reply::Ok` or `Reply::Err`; notifies get `Reply::None`, or `Reply::Dropped` when
+    /// they failed or were sent to a request route (for the caller to log).
     /// The body is copied only if a before-pipeline may change it.
     pub fn execute_handler(
         &self,
@@ -137,17 +155,8 @@ impl HandlerService {
         handler: &Handler,
         body: Cow<'_, [u8]>,
     ) -> Reply {
-        match (kind, handler.kind) {
-            (MessageType::Request, HandlerKind::Notify) => {
-                return Reply::Err(HandlerError::bad_request(format!("tried to request a notify route {route}")));
-            }
-            (MessageType::Notify, HandlerKind::Request) => {
-                warn!(
-                    "sid={} route={route} notify sent to a request route; running it, dropping the answer",
-                    session.id()
-                );
-            }
-            _ => {}
+        if (kind, handler.kind) == (MessageType::Request, HandlerKind::Notify) {
+            return Reply::Err(HandlerError::bad_request(format!("tried to request a notify route {route}")));
         }
         let mut ctx = Ctx::new(session, route, kind, id, &self.env);
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -166,7 +175,15 @@ impl HandlerService {
             error!("sid={} route={route} handler panicked: {}", session.id(), panic_text(&*panic));
             Err(HandlerError::internal("internal server error"))
         });
-        finish(session, kind, route, result)
+        match (kind, handler.kind, result) {
+            (MessageType::Request, _, Ok(body)) => Reply::Ok(body),
+            (MessageType::Request, _, Err(e)) => Reply::Err(e),
+            (_, HandlerKind::Request, Ok(_)) => Reply::Dropped(HandlerError::bad_request(format!(
+                "notify sent to the request route {route}; it ran, its answer was dropped"
+            ))),
+            (_, _, Ok(_)) => Reply::None,
+            (_, _, Err(e)) => Reply::Dropped(e),
+        }
     }
 }
 
@@ -193,17 +210,4 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic".to_owned())
-}
-
-/// Turns a handler result into the reply its message type gets.
-fn finish(session: &Session, kind: MessageType, route: &Route, result: Result<Vec<u8>, HandlerError>) -> Reply {
-    match (kind, result) {
-        (MessageType::Request, Ok(body)) => Reply::Ok(body),
-        (MessageType::Request, Err(e)) => Reply::Err(e),
-        (_, Ok(_)) => Reply::None,
-        (_, Err(e)) => {
-            warn!("sid={} route={route} notify failed: {e}", session.id());
-            Reply::None
-        }
-    }
 }

@@ -150,11 +150,16 @@ fn typed_raw_and_error_paths() {
     assert_eq!(svc.execute(&session(), MessageType::Notify, 0, "counter.note", Cow::Borrowed(b"7")), Reply::None);
     assert_eq!(*counter.notified.lock().unwrap(), vec![7]);
     let body = Cow::Borrowed(&br#"{"a":1,"b":1}"#[..]);
-    assert_eq!(
-        svc.execute(&session(), MessageType::Notify, 0, "counter.add", body),
-        Reply::None,
-        "notify to a request route runs, no answer"
-    );
+    match svc.execute(&session(), MessageType::Notify, 0, "counter.add", body) {
+        Reply::Dropped(e) => assert_eq!(e.code, codes::BAD_REQUEST, "notify to a request route runs, no answer: {e}"),
+        other => panic!("{other:?}"),
+    }
+    // A failing notify: nothing for the client, the error for the caller to log.
+    match svc.execute(&session(), MessageType::Notify, 0, "counter.note", Cow::Borrowed(b"not a number")) {
+        Reply::Dropped(e) => assert_eq!(e.code, codes::BAD_REQUEST, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(*counter.notified.lock().unwrap(), vec![7]);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! `Throttle`: a warning that can come at a high rate (one per failed call while a server
-//! is down or behind) is logged at most once a second, saying how many were not logged.
+//! is down or behind, one per failing notify of a flooding client) is logged at most once a
+//! second, saying how many were not logged. The caller passes the time: core reads no clock.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -8,17 +9,16 @@ use std::time::{Duration, Instant};
 const EVERY: Duration = Duration::from_secs(1);
 
 /// One kind of warning.
-#[derive(Default)]
-pub(crate) struct Throttle {
+#[derive(Debug, Default)]
+pub struct Throttle {
     /// Occurrences not logged since the last line, and when that was.
     state: Mutex<(u64, Option<Instant>)>,
 }
 
 impl Throttle {
-    /// Counts one occurrence. `Some(text)`: log it now, with `text` appended (empty, or how
-    /// many were not logged since the last line).
-    pub(crate) fn due(&self) -> Option<String> {
-        let now = Instant::now();
+    /// Counts one occurrence at `now`. `Some(text)`: log it now, with `text` appended
+    /// (empty, or how many were not logged since the last line).
+    pub fn due(&self, now: Instant) -> Option<String> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match state.1 {
             Some(last) if now.duration_since(last) < EVERY => {
@@ -40,12 +40,13 @@ mod tests {
     #[test]
     fn logs_the_first_then_at_most_once_a_second_with_the_count() {
         let t = Throttle::default();
-        assert_eq!(t.due().as_deref(), Some(""));
-        assert_eq!(t.due(), None);
-        assert_eq!(t.due(), None);
+        let start = Instant::now();
+        assert_eq!(t.due(start).as_deref(), Some(""));
+        assert_eq!(t.due(start), None);
+        assert_eq!(t.due(start + EVERY / 2), None);
         // A second later: the next one is logged with the two skipped.
-        t.state.lock().unwrap().1 = Some(Instant::now() - EVERY);
-        assert_eq!(t.due().as_deref(), Some(" (2 more not logged)"));
-        assert_eq!(t.due(), None);
+        assert_eq!(t.due(start + EVERY).as_deref(), Some(" (2 more not logged)"));
+        assert_eq!(t.due(start + EVERY), None);
+        assert_eq!(t.due(start + EVERY * 3).as_deref(), Some(" (1 more not logged)"));
     }
 }
