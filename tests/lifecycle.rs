@@ -8,7 +8,7 @@ use dragonfruit_core::config::ConfigSource;
 use dragonfruit_net::App;
 use serde_json::json;
 
-use crate::util::{probe_app, wait_until, Probe, Server, T};
+use crate::util::{probe_app, wait_until, warnings, Probe, Server, T};
 
 #[test]
 fn start_stop_join_from_clones() {
@@ -99,6 +99,13 @@ fn connections_over_the_cap_are_refused() {
     let mut third = server.raw();
     assert!(third.closed_within(T));
     assert_eq!(server.handle.stats().refused, 1);
+    // A burst of refusals is logged a line a second, not a line each.
+    for _ in 0..30 {
+        assert!(server.raw().closed_within(T));
+    }
+    assert_eq!(server.handle.stats().refused, 31);
+    let lines = warnings().iter().filter(|l| l.contains("connection.max (2) reached")).count();
+    assert!((1..=5).contains(&lines), "{lines} warnings for 31 refusals");
     assert_eq!(a.request_raw("probe.echo", b"a").unwrap(), b"a");
     drop(b);
     assert!(wait_until(T, || server.handle.stats().active == 1));

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
+use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::SessionId;
 use log::{debug, warn};
 use mio::net::TcpListener;
@@ -74,7 +75,8 @@ pub(crate) struct EventLoop {
     accept_retry: bool,
     /// The inbox had more than one budget's worth of messages.
     inbox_backlog: bool,
-    last_refusal_log: Option<Instant>,
+    /// Warnings of connections refused at `connection.max`.
+    refusals: Throttle,
 }
 
 /// How often a stopping loop looks at whether it may finish.
@@ -127,7 +129,7 @@ impl EventLoop {
             closing: Arc::new(AtomicUsize::new(0)),
             accept_retry: false,
             inbox_backlog: false,
-            last_refusal_log: None,
+            refusals: Throttle::default(),
         }
     }
 
@@ -203,9 +205,9 @@ impl EventLoop {
                 Ok((mut stream, addr)) => {
                     if self.agents.len() >= self.shared.config.connection.max {
                         Stats::add(&stats.refused, 1);
-                        if self.last_refusal_log.is_none_or(|t| self.now.duration_since(t) > Duration::from_secs(1)) {
-                            warn!("refusing connection from {addr}: connection.max ({}) reached", self.agents.len());
-                            self.last_refusal_log = Some(self.now);
+                        if let Some(more) = self.refusals.due(self.now) {
+                            let open = self.agents.len();
+                            warn!("refusing connection from {addr}: connection.max ({open}) reached{more}");
                         }
                         continue;
                     }
