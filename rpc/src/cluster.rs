@@ -575,7 +575,11 @@ impl Cluster for ClusterModule {
             metadata: ctx.server.metadata.clone(),
         };
         let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
-        let limits = socket_thread::Limits { timeout: inner.rpc.timeout, heartbeat: inner.rpc.heartbeat };
+        let limits = socket_thread::Limits {
+            timeout: inner.rpc.timeout,
+            heartbeat: inner.rpc.heartbeat,
+            max_message: socket_thread::MAX_MESSAGE,
+        };
         let (io, thread) = socket_thread::spawn(
             zctx,
             router,

@@ -291,6 +291,8 @@ struct SocketThread {
     inbound: Arc<dyn Inbound>,
     timeout: Duration,
     heartbeat: Duration,
+    /// See [`Limits::max_message`].
+    max_message: usize,
     /// This server's cluster counters (calls made and how they ended).
     stats: Arc<Counters>,
     /// Frames to send per peer id, this iteration.
@@ -321,8 +323,33 @@ struct SocketThread {
 /// High-water marks well above any in-flight bound, so sends never block or drop.
 const HWM: i32 = 1_000_000;
 /// Largest message accepted from a peer (ZeroMQ drops the connection of a peer that sends a
-/// larger one). A Sys RPC carries at most `dispatch.batch` packets of `packet.max_size`.
-const MAX_MESSAGE: i64 = 256 << 20;
+/// larger one, failing every call on it). A Sys RPC carries at most `dispatch.batch` packets
+/// of `packet.max_size`; what one iteration sends a peer is split into messages of at most
+/// a quarter of this, and a single call or answer over it fails alone (see `flush`).
+pub(crate) const MAX_MESSAGE: usize = 256 << 20;
+
+/// Splits `frames`, bound for one peer, into messages of at most `target` bytes by
+/// [`Frame::size_hint`] (a larger frame goes alone), in order.
+fn split(frames: Vec<Frame>, target: usize) -> Vec<Vec<Frame>> {
+    let mut messages = Vec::new();
+    let (mut current, mut size) = (Vec::new(), 0);
+    for frame in frames {
+        let frame_size = frame.size_hint();
+        if !current.is_empty() && size + frame_size > target {
+            messages.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += frame_size;
+        current.push(frame);
+    }
+    if !current.is_empty() {
+        messages.push(current);
+    }
+    messages
+}
+
+/// Room for the envelope's version byte and frame count.
+const ENVELOPE: usize = 16;
 
 /// Creates the ROUTER socket bound at `bind` and returns it with its real endpoint.
 pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket, String), String> {
@@ -334,7 +361,6 @@ pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket
     router.set_router_handover(true).map_err(|e| e.to_string())?;
     router.set_sndhwm(HWM).map_err(|e| e.to_string())?;
     router.set_rcvhwm(HWM).map_err(|e| e.to_string())?;
-    router.set_maxmsgsize(MAX_MESSAGE).map_err(|e| e.to_string())?;
     router.bind(bind).map_err(|e| e.to_string())?;
     let endpoint =
         router.get_last_endpoint().map_err(|e| e.to_string())?.map_err(|_| "endpoint not utf-8".to_string())?;
@@ -398,6 +424,8 @@ pub(crate) struct Limits {
     /// ZMTP heartbeat interval on connections to peers; a peer silent for three of them is
     /// disconnected. Zero: no heartbeats.
     pub(crate) heartbeat: Duration,
+    /// Largest message taken from a peer ([`MAX_MESSAGE`]; lower in tests).
+    pub(crate) max_message: usize,
 }
 
 /// Counts a call failed here, without an answer from its server, and tells its caller.
@@ -416,6 +444,7 @@ pub(crate) fn spawn(
     limits: Limits,
     stats: Arc<Counters>,
 ) -> io::Result<(Io, JoinHandle<()>)> {
+    router.set_maxmsgsize(limits.max_message as i64)?;
     let (wake_read, wake_write) = UnixStream::pair()?;
     wake_read.set_nonblocking(true)?;
     wake_write.set_nonblocking(true)?;
@@ -440,6 +469,7 @@ pub(crate) fn spawn(
         inbound,
         timeout: limits.timeout,
         heartbeat: limits.heartbeat,
+        max_message: limits.max_message,
         outbox: HashMap::new(),
         held: HashMap::new(),
         answers: HashMap::new(),
@@ -699,17 +729,25 @@ impl SocketThread {
         socket.set_linger(0)?;
         socket.set_sndhwm(HWM)?;
         socket.set_rcvhwm(HWM)?;
-        socket.set_maxmsgsize(MAX_MESSAGE)?;
+        socket.set_maxmsgsize(self.max_message as i64)?;
         socket.connect(addr)?;
         Ok(socket)
     }
 
-    /// Sends this iteration's frames: one message per peer and per caller. A peer whose
+    /// Sends this iteration's frames: a message per peer and per caller, split when large
+    /// (a peer drops the connection of one that sends a message over its limit). A call
+    /// over the limit fails, an answer over it becomes an error, alone. A peer whose
     /// connection is not up yet gets its messages held, in order.
     fn flush(&mut self) {
         self.send_held();
         let mut failed = Vec::new();
+        let target = self.max_message / 4;
+        let mut messages = Vec::new();
         for (to, frames) in std::mem::take(&mut self.outbox) {
+            let frames = self.refuse_oversized_calls(&to, frames);
+            messages.extend(split(frames, target).into_iter().map(|frames| (to.clone(), frames)));
+        }
+        for (to, frames) in messages {
             let Some(peer) = self.peers.get_mut(&to) else {
                 warn!("cannot send to server {to}: no connection");
                 failed.push((to, frames, "no connection".to_owned()));
@@ -732,12 +770,58 @@ impl SocketThread {
             self.fail_frames(&to, frames, &why);
         }
         for (identity, frames) in std::mem::take(&mut self.answers) {
-            let parts = [identity.as_slice(), &wire::encode(&frames)];
-            match self.router.send_multipart(parts, zmq::DONTWAIT) {
-                Ok(()) => self.last_sent = Some(Instant::now()),
-                // EHOSTUNREACH: the caller is gone; its calls fail on its side.
-                Err(e) => debug!("answer to {} dropped: {e}", server_of(&identity)),
+            let frames = frames.into_iter().map(|frame| self.shrink_oversized_answer(&identity, frame)).collect();
+            for frames in split(frames, target) {
+                let parts = [identity.as_slice(), &wire::encode(&frames)];
+                match self.router.send_multipart(parts, zmq::DONTWAIT) {
+                    Ok(()) => self.last_sent = Some(Instant::now()),
+                    // EHOSTUNREACH: the caller is gone; its calls fail on its side.
+                    Err(e) => debug!("answer to {} dropped: {e}", server_of(&identity)),
+                }
             }
+        }
+    }
+
+    /// Whether a frame of `size` bytes (by its hint) cannot go in a message.
+    fn oversized(&self, size: usize) -> bool {
+        size + ENVELOPE > self.max_message
+    }
+
+    /// `frames` without the calls too large for one message: those fail (or, one-way,
+    /// are dropped with a warning) here, so the peer does not drop the connection.
+    fn refuse_oversized_calls(&mut self, to: &str, mut frames: Vec<Frame>) -> Vec<Frame> {
+        if !frames.iter().any(|f| self.oversized(f.size_hint())) {
+            return frames;
+        }
+        let limit = self.max_message;
+        frames.retain(|frame| {
+            let size = frame.size_hint();
+            if !self.oversized(size) {
+                return true;
+            }
+            let why = format!("a call of {size} bytes to server {to} is over the {limit}-byte message limit");
+            match frame {
+                Frame::Call { corr, .. } => match self.pending.remove(corr) {
+                    Some(p) => fail(&self.stats, p.reply, HandlerError::internal(why)),
+                    None => warn!("{why}; dropped"),
+                },
+                Frame::Reply { .. } => warn!("{why}; dropped"),
+            }
+            false
+        });
+        frames
+    }
+
+    /// `frame`, or an error in its place if it is an answer too large for one message.
+    fn shrink_oversized_answer(&self, identity: &[u8], frame: Frame) -> Frame {
+        let size = frame.size_hint();
+        match frame {
+            Frame::Reply { corr, .. } if self.oversized(size) => {
+                let why = format!("the answer ({size} bytes) is over the {}-byte message limit", self.max_message);
+                warn!("answer to {}: {why}; an error goes instead", server_of(identity));
+                Frame::Reply { corr, result: Err(HandlerError::internal(why)) }
+            }
+            frame => frame,
         }
     }
 

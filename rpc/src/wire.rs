@@ -184,6 +184,63 @@ pub enum Frame {
     },
 }
 
+/// Bound on what postcard adds per field or element: a varint (length, integer or enum
+/// tag) takes at most 10 bytes.
+const PER_FIELD: usize = 10;
+
+fn error_size(e: &HandlerError) -> usize {
+    let metadata: usize = e.metadata.iter().map(|(k, v)| k.len() + v.len() + 2 * PER_FIELD).sum();
+    e.code.len() + e.message.len() + metadata + 3 * PER_FIELD
+}
+
+fn strings_size(list: &[String]) -> usize {
+    list.iter().map(|s| s.len() + PER_FIELD).sum::<usize>() + PER_FIELD
+}
+
+impl Frame {
+    /// At least the bytes this frame takes in an envelope (the bytes and strings it
+    /// carries, plus [`PER_FIELD`] per field, element and tag): cheap, for splitting what
+    /// is bound for one peer into messages under ZeroMQ's size limit before encoding.
+    /// New fields must be counted here (a unit test checks every variant).
+    pub fn size_hint(&self) -> usize {
+        let body = match self {
+            Frame::Call { call, .. } => match call {
+                Call::Handle { session: s, msgs } => {
+                    let session = s.frontend_id.len()
+                        + s.uid.as_ref().map_or(0, String::len)
+                        + s.data.len()
+                        + s.frontend_rpc.len()
+                        + s.frontend_type.len()
+                        + 6 * PER_FIELD;
+                    let msgs: usize = msgs.iter().map(|m| m.route.len() + m.body.len() + 4 * PER_FIELD).sum();
+                    session + msgs + PER_FIELD
+                }
+                Call::User { route, body } | Call::Broadcast { route, body } => route.len() + body.len(),
+                Call::Push { route, body, .. } => route.len() + body.len(),
+                Call::Kick { reason: text, .. } | Call::Bind { uid: text, .. } => text.len(),
+                Call::SessionData { data, .. } => data.len(),
+                Call::PushUsers { uids, route, body } => strings_size(uids) + route.len() + body.len(),
+                Call::KickUser { uid, reason } => uid.len() + reason.len(),
+            },
+            Frame::Reply { result, .. } => match result {
+                Err(e) => error_size(e),
+                Ok(Answer::Done | Answer::Found(_)) => 0,
+                Ok(Answer::Body(bytes)) => bytes.0.len(),
+                Ok(Answer::Missing(uids)) => strings_size(uids),
+                Ok(Answer::Replies(list)) => {
+                    let replies: usize = list
+                        .iter()
+                        .map(|r| 3 * PER_FIELD + r.result.as_ref().map_or_else(error_size, |b| b.0.len()))
+                        .sum();
+                    replies + PER_FIELD
+                }
+            },
+        };
+        // Frame tag, corr, call or result tag, and up to three scalar fields.
+        body + 6 * PER_FIELD
+    }
+}
+
 /// Encodes frames into one envelope.
 pub fn encode(frames: &[Frame]) -> Vec<u8> {
     let out = vec![VERSION];

@@ -1,10 +1,11 @@
 use super::*;
+use crate::wire::ByteBuf;
 use crate::ServerEntry;
 
 struct NoCalls;
 
 fn limits(timeout: Duration) -> Limits {
-    Limits { timeout, heartbeat: Duration::from_secs(1) }
+    Limits { timeout, heartbeat: Duration::from_secs(1), max_message: MAX_MESSAGE }
 }
 
 impl Inbound for NoCalls {
@@ -770,4 +771,68 @@ fn a_call_naming_a_dead_departed_server_fails_at_once() {
     io.send(Cmd::PeersChanged);
     call_is_answered(&io, "peer", &back, true);
     stop(io, thread);
+}
+
+/// Answers user RPCs: `grow` with that many bytes (a little-endian u32 body), any other
+/// route with the body it got.
+struct Echo;
+
+impl Inbound for Echo {
+    fn on_calls(&self, calls: Vec<(String, Call, Responder)>) {
+        for (_, call, responder) in calls {
+            match call {
+                Call::User { route, body } if route == "grow" => {
+                    let n = u32::from_le_bytes(body.try_into().unwrap()) as usize;
+                    responder.send(Ok(Answer::Body(ByteBuf(vec![7; n]))))
+                }
+                Call::User { body, .. } => responder.send(Ok(Answer::Body(ByteBuf(body)))),
+                _ => responder.send(Err(HandlerError::internal("not in this test"))),
+            }
+        }
+    }
+}
+
+/// ZeroMQ drops the connection of a peer that sends a message over the receiver's limit,
+/// failing every call waiting on it. What one pass sends a peer (many calls, or many
+/// answers to one caller) is split into messages under the limit, and a single call or
+/// answer over it fails alone: the connection stays up for everybody else's calls.
+#[test]
+fn large_calls_and_answers_never_exceed_the_message_limit() {
+    let ctx = zmq::Context::new();
+    let max_message = 1 << 20;
+    let limits = Limits { max_message, ..limits(Duration::from_secs(20)) };
+    let (router, addr) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let table = Arc::new(ServerTable::new());
+    let (server, server_thread) =
+        spawn(ctx.clone(), router, "server".into(), table, Arc::new(Echo), limits, Default::default()).unwrap();
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let table = Arc::new(ServerTable::new());
+    table.replace(fake_entry("server", &addr));
+    let stats = Arc::new(Counters::default());
+    let (io, thread) =
+        spawn(ctx.clone(), router, "caller".into(), table, Arc::new(NoCalls), limits, stats.clone()).unwrap();
+    let call = |route: &str, body: Vec<u8>| {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let call = Call::User { route: route.into(), body };
+        io.call("server", None, call, Some(ReplyFn::new(move |r| drop(tx.send(r)))));
+        rx
+    };
+    // 2 MiB of calls, queued faster than one pass sends them, and their 2 MiB of answers.
+    let bodies: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 50 << 10]).collect();
+    let waiting: Vec<_> = bodies.iter().map(|body| call("echo", body.clone())).collect();
+    for (body, answer) in bodies.iter().zip(waiting) {
+        assert_eq!(answer.recv_timeout(Duration::from_secs(20)), Ok(Ok(Answer::Body(ByteBuf(body.clone())))));
+    }
+    // A call over the limit fails at once; an answer over it becomes an error.
+    let too_big = call("echo", vec![1; max_message]).recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(matches!(&too_big, Err(e) if e.message.contains("message limit")), "{too_big:?}");
+    let grown = call("grow", (max_message as u32).to_le_bytes().to_vec()).recv_timeout(Duration::from_secs(20));
+    assert!(matches!(&grown, Ok(Err(e)) if e.message.contains("message limit")), "{grown:?}");
+    // The connection never dropped: nothing failed but the call over the limit.
+    let fits = call("grow", 1000u32.to_le_bytes().to_vec()).recv_timeout(Duration::from_secs(20));
+    assert_eq!(fits, Ok(Ok(Answer::Body(ByteBuf(vec![7; 1000])))));
+    let counted = stats.snapshot();
+    assert_eq!((counted.calls, counted.answered, counted.failed, counted.timed_out), (43, 42, 1, 0), "{counted:?}");
+    stop(io, thread);
+    stop(server, server_thread);
 }
