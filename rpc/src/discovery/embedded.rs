@@ -1,6 +1,6 @@
 //! Embedded discovery for the servers of one machine, with no external service: each
 //! server keeps a file `<dir>/<id>.json` holding its entry and touches it every `refresh`;
-//! every server rescans the directory as often. A file older than `ttl` is a dead server
+//! every server rescans the directory as often. A file untouched for `ttl` is a dead server
 //! (killed processes vanish that way); a graceful stop deletes the file at once.
 
 use std::collections::{HashMap, HashSet};
@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use log::{debug, error, info, warn};
@@ -75,6 +75,41 @@ fn touch(path: &Path, entry: &ServerEntry) -> std::io::Result<()> {
     write_entry(path, entry)
 }
 
+/// How long each registry file has gone untouched, by this process's monotonic clock. File
+/// times are wall-clock times, which jump (a laptop resuming from sleep, an NTP step): by
+/// age alone, a jump forward made every other server look dead, so each scanning server
+/// dropped them all (and deleted their files) until their owners' next touch. A file is
+/// judged by its age only when first seen.
+#[derive(Default)]
+struct Freshness {
+    /// Path -> (modification time last seen, untouched time when it was seen, then).
+    seen: HashMap<PathBuf, (SystemTime, Duration, Instant)>,
+}
+
+impl Freshness {
+    /// How long the file at `path`, modified at `mtime`, has gone untouched at `now`: zero
+    /// when its time changed since the last scan, its age (against `wall_now`) at first sight.
+    fn untouched(&mut self, path: &Path, mtime: SystemTime, wall_now: SystemTime, now: Instant) -> Duration {
+        match self.seen.get_mut(path) {
+            Some((seen, base, since)) if *seen == mtime => *base + now.saturating_duration_since(*since),
+            Some(entry) => {
+                *entry = (mtime, Duration::ZERO, now);
+                Duration::ZERO
+            }
+            None => {
+                let age = wall_now.duration_since(mtime).unwrap_or_default();
+                self.seen.insert(path.to_owned(), (mtime, age, now));
+                age
+            }
+        }
+    }
+
+    /// Forgets the files not in `present`.
+    fn keep_only(&mut self, present: &HashSet<PathBuf>) {
+        self.seen.retain(|path, _| present.contains(path));
+    }
+}
+
 /// What one scan of the directory found.
 #[derive(Default)]
 struct Scan {
@@ -83,19 +118,26 @@ struct Scan {
     bad: Vec<(PathBuf, String)>,
 }
 
-fn scan(dir: &Path, ttl: Duration) -> Scan {
+/// The time now, by the wall clock (file times) and the monotonic clock.
+fn now() -> (SystemTime, Instant) {
+    (SystemTime::now(), Instant::now())
+}
+
+/// Reads the registry at `(wall_now, now)`; deletes files untouched for [`REMOVE_AFTER`].
+fn scan(dir: &Path, ttl: Duration, freshness: &mut Freshness, (wall_now, now): (SystemTime, Instant)) -> Scan {
     let mut found = Scan::default();
     let Ok(entries) = fs::read_dir(dir) else { return found };
-    let now = SystemTime::now();
+    let mut present = HashSet::new();
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
         }
-        let age = entry.metadata().and_then(|m| m.modified()).map(|t| now.duration_since(t).unwrap_or_default());
-        let Ok(age) = age else { continue };
-        if age > ttl {
-            if age > REMOVE_AFTER {
+        let Ok(mtime) = entry.metadata().and_then(|m| m.modified()) else { continue };
+        present.insert(path.clone());
+        let untouched = freshness.untouched(&path, mtime, wall_now, now);
+        if untouched > ttl {
+            if untouched > REMOVE_AFTER {
                 let _ = fs::remove_file(&path);
             }
             continue;
@@ -109,6 +151,7 @@ fn scan(dir: &Path, ttl: Duration) -> Scan {
             Err(e) => debug!("cannot read registry file {}: {e}", path.display()),
         }
     }
+    freshness.keep_only(&present);
     found
 }
 
@@ -140,7 +183,8 @@ impl Discovery for EmbeddedDiscovery {
         let own_file = self.dir.join(file_name(&me.id));
         write_entry(&own_file, &me).map_err(dir_error)?;
         let mut warned = HashSet::new();
-        let found = scan(&self.dir, self.ttl);
+        let mut freshness = Freshness::default();
+        let found = scan(&self.dir, self.ttl, &mut freshness, now());
         warn_bad_files(&found, &mut warned);
         table.replace(found.servers);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
@@ -178,7 +222,7 @@ impl Discovery for EmbeddedDiscovery {
                         }
                     }
                     drop(deregistered);
-                    let found = scan(&dir, ttl);
+                    let found = scan(&dir, ttl, &mut freshness, now());
                     warn_bad_files(&found, &mut warned);
                     let now_taken = taken_by_another(&found, &me);
                     if now_taken && !taken {
@@ -281,23 +325,71 @@ mod tests {
         std::thread::sleep(refresh * 3);
         assert_eq!(ta.all().len(), 1, "junk is ignored");
         // A file naming a's id at another endpoint: another process has a's id.
-        assert!(!taken_by_another(&scan(&dir, ttl), &entry("room/1")));
+        assert!(!taken_by_another(&scan(&dir, ttl, &mut Freshness::default(), now()), &entry("room/1")));
         let mut twin = entry("room/1");
         twin.rpc_addr = "tcp://127.0.0.1:2".into();
         write_entry(&dir.join(file_name("room/1")), &twin).unwrap();
-        assert!(taken_by_another(&scan(&dir, ttl), &entry("room/1")));
+        assert!(taken_by_another(&scan(&dir, ttl, &mut Freshness::default(), now()), &entry("room/1")));
         // The junk file is logged once, until it is fixed or gone.
         let mut warned = HashSet::new();
-        let found = scan(&dir, ttl);
+        let found = scan(&dir, ttl, &mut Freshness::default(), now());
         assert_eq!(found.bad.len(), 1, "{:?}", found.bad);
         assert!(found.bad[0].0.ends_with("junk.json") && found.bad[0].1.contains("does not hold a server entry"));
         assert_eq!(warn_bad_files(&found, &mut warned), 1);
-        assert_eq!(warn_bad_files(&scan(&dir, ttl), &mut warned), 0, "once");
+        assert_eq!(warn_bad_files(&scan(&dir, ttl, &mut Freshness::default(), now()), &mut warned), 0, "once");
         fs::remove_file(dir.join("junk.json")).unwrap();
-        assert_eq!(warn_bad_files(&scan(&dir, ttl), &mut warned), 0);
+        assert_eq!(warn_bad_files(&scan(&dir, ttl, &mut Freshness::default(), now()), &mut warned), 0);
         fs::write(dir.join("junk.json"), b"{}").unwrap();
-        assert_eq!(warn_bad_files(&scan(&dir, ttl), &mut warned), 1, "bad again: logged again");
+        assert_eq!(
+            warn_bad_files(&scan(&dir, ttl, &mut Freshness::default(), now()), &mut warned),
+            1,
+            "bad again: logged again"
+        );
         a.stop();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// File times are wall-clock times: a jump forward (a laptop waking up, an NTP step)
+    /// must not make live servers look dead. Untouched time counts on the monotonic clock
+    /// once a file has been seen.
+    #[test]
+    fn a_jump_of_the_wall_clock_does_not_expire_live_servers() {
+        let mut f = Freshness::default();
+        let path = Path::new("room-1.json");
+        let (mtime, t0) = now();
+        let second = Duration::from_secs(1);
+        assert_eq!(f.untouched(path, mtime, mtime + second, t0), second, "first sight: its age");
+        // The wall clock jumps an hour; one second passed, the file was not touched yet.
+        assert_eq!(f.untouched(path, mtime, mtime + 3600 * second, t0 + second), 2 * second);
+        // Touched (its time changed): fresh, whatever the wall clock says.
+        let touched = mtime + 3600 * second;
+        assert_eq!(f.untouched(path, touched, touched, t0 + 2 * second), Duration::ZERO);
+        // Then untouched for 5 s: a dead server, although its age says nothing.
+        assert_eq!(f.untouched(path, touched, touched - 60 * second, t0 + 7 * second), 5 * second);
+        // A leftover file seen for the first time is judged by its age.
+        let old = Path::new("ghost.json");
+        assert_eq!(f.untouched(old, mtime, mtime + 7200 * second, t0), 7200 * second);
+        f.keep_only(&HashSet::from([path.to_owned()]));
+        assert_eq!(f.seen.len(), 1, "forgets removed files");
+
+        // The same through a scan of a registry: a jump neither drops nor deletes a server.
+        let dir = std::env::temp_dir().join(format!("df-embedded-jump-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(file_name("room-1"));
+        write_entry(&file, &entry("room-1")).unwrap();
+        let ttl = 3 * second;
+        let mut f = Freshness::default();
+        let (wall, at) = now();
+        assert!(scan(&dir, ttl, &mut f, (wall, at)).servers.contains_key("room-1"));
+        let jumped = (wall + 3600 * second, at + second);
+        assert!(scan(&dir, ttl, &mut f, jumped).servers.contains_key("room-1"), "kept after the jump");
+        assert!(file.exists(), "not deleted");
+        // Untouched past the ttl by the monotonic clock: gone, then deleted.
+        assert!(scan(&dir, ttl, &mut f, (wall + 3600 * second, at + 5 * second)).servers.is_empty());
+        assert!(file.exists());
+        scan(&dir, ttl, &mut f, (wall + 3600 * second, at + REMOVE_AFTER + 2 * second));
+        assert!(!file.exists(), "deleted once untouched for REMOVE_AFTER");
         let _ = fs::remove_dir_all(&dir);
     }
 
