@@ -110,7 +110,8 @@ impl ConfigSource {
             None => Ok(T::default()),
             Some(value) => value.clone().try_into().map_err(|e: toml::de::Error| ConfigError::Section {
                 section: name.to_owned(),
-                message: e.to_string(),
+                // One line: toml puts "in `key`" on a line of its own.
+                message: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
             }),
         }
     }
@@ -207,6 +208,10 @@ mod tests {
     fn errors_are_reported() {
         let src = ConfigSource::from_toml("[dispatch]\nconcurency = 4\n").unwrap();
         assert!(matches!(src.section::<Dispatch>("dispatch"), Err(ConfigError::Section { .. })));
+        let src = ConfigSource::from_toml("[dispatch]\nconcurrency = \"many\"\n").unwrap();
+        let text = src.section::<Dispatch>("dispatch").unwrap_err().to_string();
+        assert!(text.starts_with("config section [dispatch]: ") && text.ends_with("in `concurrency`"), "{text}");
+        assert!(!text.contains('\n'), "one line: {text:?}");
         assert!(ConfigSource::from_toml("[[").is_err());
         assert!(ConfigSource::empty().with_env([("DRAGONFRUIT_X".into(), "1".into())]).is_err());
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
