@@ -8,6 +8,21 @@ fn limits(timeout: Duration) -> Limits {
     Limits { timeout, heartbeat: Duration::from_secs(1), max_message: MAX_MESSAGE }
 }
 
+/// A socket thread `id` on a free loopback port with `table`, handing calls to `inbound`;
+/// its endpoint.
+fn start_thread(
+    ctx: &zmq::Context,
+    id: &str,
+    table: Arc<ServerTable>,
+    inbound: Arc<dyn Inbound>,
+    timeout: Duration,
+) -> (Io, JoinHandle<()>, String) {
+    let (router, endpoint) = bind_router(ctx, "tcp://127.0.0.1:*").unwrap();
+    let (io, thread) =
+        spawn(ctx.clone(), router, id.into(), table, inbound, limits(timeout), Default::default()).unwrap();
+    (io, thread, endpoint)
+}
+
 impl Inbound for NoCalls {
     fn on_calls(&self, calls: Vec<(String, Call, Responder)>) {
         for (_, _, responder) in calls {
@@ -22,11 +37,7 @@ impl Inbound for NoCalls {
 #[test]
 fn no_wake_up_is_lost() {
     let ctx = zmq::Context::new();
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let table = Arc::new(ServerTable::new());
-    let (io, thread) =
-        spawn(ctx, router, "test".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5)), Default::default())
-            .unwrap();
+    let (io, thread, _) = start_thread(&ctx, "test", Arc::default(), Arc::new(NoCalls), Duration::from_secs(5));
     let started = Instant::now();
     let senders: Vec<_> = (0..4)
         .map(|_| {
@@ -85,18 +96,7 @@ fn raw_socket(ctx: &zmq::Context, kind: zmq::SocketType) -> zmq::Socket {
 #[test]
 fn bad_envelopes_on_the_router_are_dropped_and_later_calls_served() {
     let ctx = zmq::Context::new();
-    let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let table = Arc::new(ServerTable::new());
-    let (io, thread) = spawn(
-        ctx.clone(),
-        router,
-        "test".into(),
-        table,
-        Arc::new(NoCalls),
-        limits(Duration::from_secs(5)),
-        Default::default(),
-    )
-    .unwrap();
+    let (io, thread, endpoint) = start_thread(&ctx, "test", Arc::default(), Arc::new(NoCalls), Duration::from_secs(5));
     let peer = raw_socket(&ctx, zmq::DEALER);
     peer.set_identity(b"rogue").unwrap();
     peer.connect(&endpoint).unwrap();
@@ -134,17 +134,7 @@ fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
     };
     let table = Arc::new(ServerTable::new());
     table.replace(HashMap::from([("fake".to_owned(), entry)]));
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let (io, thread) = spawn(
-        ctx.clone(),
-        router,
-        "test".into(),
-        table,
-        Arc::new(NoCalls),
-        limits(Duration::from_secs(5)),
-        Default::default(),
-    )
-    .unwrap();
+    let (io, thread, _) = start_thread(&ctx, "test", table, Arc::new(NoCalls), Duration::from_secs(5));
     let (tx, rx) = crossbeam_channel::unbounded();
     io.call(
         "fake",
@@ -258,10 +248,7 @@ fn start_with_table(
 ) -> (Io, JoinHandle<()>, Arc<ServerTable>) {
     let table = Arc::new(ServerTable::new());
     table.replace(peers.iter().flat_map(|(id, addr)| fake_entry(id, addr)).collect());
-    let (router, _) = bind_router(ctx, "tcp://127.0.0.1:*").unwrap();
-    let (io, thread) =
-        spawn(ctx.clone(), router, "fe".into(), table.clone(), Arc::new(NoCalls), limits(timeout), Default::default())
-            .unwrap();
+    let (io, thread, _) = start_thread(ctx, "fe", table.clone(), Arc::new(NoCalls), timeout);
     (io, thread, table)
 }
 
@@ -304,18 +291,8 @@ fn a_server_back_on_a_new_endpoint_gets_the_calls() {
     let (new, new_addr) = fake_server(&ctx);
     let table = Arc::new(ServerTable::new());
     table.replace(fake_entry("fe", &old_addr));
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
     let timeout = Duration::from_secs(30);
-    let (io, thread) = spawn(
-        ctx.clone(),
-        router,
-        "test".into(),
-        table.clone(),
-        Arc::new(NoCalls),
-        limits(timeout),
-        Default::default(),
-    )
-    .unwrap();
+    let (io, thread, _) = start_thread(&ctx, "test", table.clone(), Arc::new(NoCalls), timeout);
     let waiting = kick_call(&io, "fe");
     recv_call(&old);
     table.replace(fake_entry("fe", &new_addr));
@@ -417,19 +394,8 @@ impl Inbound for AnswerThenStop {
 fn the_last_answer_before_a_stop_arrives() {
     let ctx = zmq::Context::new();
     for round in 0..10 {
-        let (router, addr) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
         let inbound = Arc::new(AnswerThenStop(std::sync::OnceLock::new()));
-        let table = Arc::new(ServerTable::new());
-        let (io, thread) = spawn(
-            ctx.clone(),
-            router,
-            "server".into(),
-            table,
-            inbound.clone(),
-            limits(Duration::from_secs(5)),
-            Default::default(),
-        )
-        .unwrap();
+        let (io, thread, addr) = start_thread(&ctx, "server", Arc::default(), inbound.clone(), Duration::from_secs(5));
         let _ = inbound.0.set(io);
         let caller = raw_socket(&ctx, zmq::DEALER);
         caller.set_identity(format!("caller#{round}").as_bytes()).unwrap();
@@ -503,18 +469,7 @@ fn a_dropped_responder_answers_with_an_error() {
         }
     }
     let ctx = zmq::Context::new();
-    let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let table = Arc::new(ServerTable::new());
-    let (io, thread) = spawn(
-        ctx.clone(),
-        router,
-        "test".into(),
-        table,
-        Arc::new(Drops),
-        limits(Duration::from_secs(5)),
-        Default::default(),
-    )
-    .unwrap();
+    let (io, thread, endpoint) = start_thread(&ctx, "test", Arc::default(), Arc::new(Drops), Duration::from_secs(5));
     let peer = raw_socket(&ctx, zmq::DEALER);
     peer.connect(&endpoint).unwrap();
     let call = Frame::Call { corr: 3, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
@@ -646,18 +601,7 @@ fn a_learned_frontend_back_on_a_new_endpoint_gets_the_calls() {
     let ctx = zmq::Context::new();
     let (old, old_addr) = fake_server(&ctx);
     let (new, new_addr) = fake_server(&ctx);
-    let (router, endpoint) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
-    let table = Arc::new(ServerTable::new());
-    let (io, thread) = spawn(
-        ctx.clone(),
-        router,
-        "test".into(),
-        table,
-        Arc::new(NoCalls),
-        limits(Duration::from_secs(5)),
-        Default::default(),
-    )
-    .unwrap();
+    let (io, thread, endpoint) = start_thread(&ctx, "test", Arc::default(), Arc::new(NoCalls), Duration::from_secs(5));
     let frontend = raw_socket(&ctx, zmq::DEALER);
     frontend.set_identity(b"fe").unwrap();
     frontend.connect(&endpoint).unwrap();
