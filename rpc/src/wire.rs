@@ -198,10 +198,10 @@ fn strings_size(list: &[String]) -> usize {
 }
 
 impl Frame {
-    /// At least the bytes this frame takes in an envelope (the bytes and strings it
-    /// carries, plus 10 bytes, the most postcard adds, per field, element and tag): cheap, for splitting what
-    /// is bound for one peer into messages under ZeroMQ's size limit before encoding.
-    /// New fields must be counted here (a unit test checks every variant).
+    /// At least the bytes this frame takes in an envelope: the bytes and strings it
+    /// carries, plus 10 bytes (the most postcard adds) per field, element and tag. Cheap,
+    /// for splitting what is bound for one peer into messages under ZeroMQ's size limit
+    /// before encoding. New fields must be counted here (a unit test checks every variant).
     pub fn size_hint(&self) -> usize {
         let body = match self {
             Frame::Call { call, .. } => match call {
