@@ -799,7 +799,7 @@ impl SocketThread {
             if !self.oversized(size) {
                 return true;
             }
-            let why = format!("a call of {size} bytes to server {to} is over the {limit}-byte message limit");
+            let why = format!("a call of about {size} bytes to server {to} is over the {limit}-byte message limit");
             match frame {
                 Frame::Call { corr, .. } => match self.pending.remove(corr) {
                     Some(p) => fail(&self.stats, p.reply, HandlerError::internal(why)),
@@ -817,7 +817,8 @@ impl SocketThread {
         let size = frame.size_hint();
         match frame {
             Frame::Reply { corr, .. } if self.oversized(size) => {
-                let why = format!("the answer ({size} bytes) is over the {}-byte message limit", self.max_message);
+                let why =
+                    format!("the answer (about {size} bytes) is over the {}-byte message limit", self.max_message);
                 warn!("answer to {}: {why}; an error goes instead", server_of(identity));
                 Frame::Reply { corr, result: Err(HandlerError::internal(why)) }
             }
