@@ -219,3 +219,20 @@ fn a_flood_of_failing_notifies_logs_a_line_a_second() {
     assert!((1..=10).contains(&lines), "{lines} warnings for 500 failing notifies");
     server.assert_serving();
 }
+
+/// One client opening connection after connection with garbage would write a warning per
+/// connection: protocol errors are warnings at most once a second (each one at debug), and
+/// every one is counted.
+#[test]
+fn a_flood_of_bad_connections_logs_a_line_a_second() {
+    let server = server();
+    for _ in 0..40 {
+        let mut conn = server.raw();
+        conn.send(&[0x77, 0, 0, 1, b'x']);
+        assert!(conn.closed_within(T));
+    }
+    assert!(crate::util::wait_until(T, || server.handle.stats().protocol_errors == 40));
+    let lines = warnings().iter().filter(|l| l.contains("protocol error: wrong packet type 119")).count();
+    assert!((1..=5).contains(&lines), "{lines} warnings for 40 bad connections");
+    server.assert_serving();
+}

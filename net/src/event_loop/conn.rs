@@ -2,6 +2,7 @@
 //! backpressure), hand batches to workers, write responses and pushes, kick and close.
 
 use std::io::{self, Read};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,11 +123,22 @@ impl EventLoop {
         match verdict {
             Ok(go_on) => go_on && agent.phase != Phase::Closing,
             Err(reason) => {
-                Stats::add(&self.shared.stats.protocol_errors, 1);
-                warn!("conn={token} sid={} addr={} protocol error: {reason}", agent.sid, agent.addr);
+                let (sid, addr) = (agent.sid, agent.addr);
+                self.protocol_error(token, sid, addr, &reason);
                 self.close(token, "protocol error");
                 false
             }
+        }
+    }
+
+    /// Counts a protocol error of connection `token` and logs it: at debug each, and as a
+    /// warning at most once a second with how many were not (one client opening connection
+    /// after connection with garbage would otherwise write a warning per connection).
+    fn protocol_error(&self, token: usize, sid: SessionId, addr: SocketAddr, reason: &str) {
+        Stats::add(&self.shared.stats.protocol_errors, 1);
+        match self.protocol_errors.due(self.now) {
+            Some(more) => warn!("conn={token} sid={sid} addr={addr} protocol error: {reason}{more}"),
+            None => debug!("conn={token} sid={sid} addr={addr} protocol error: {reason}"),
         }
     }
 
@@ -254,8 +266,9 @@ impl EventLoop {
             Outcome::HandshakeAccepted(_) => {}
             Outcome::HandshakeRefused => self.close_after_flush(token),
             Outcome::Close(reason) => {
-                Stats::add(&self.shared.stats.protocol_errors, 1);
-                warn!("conn={token} sid={} addr={} protocol error: {reason}", done.session, agent.addr);
+                let addr = agent.addr;
+                self.protocol_error(token, done.session, addr, &reason);
+                let agent = &mut self.agents[token];
                 self.in_flight -= agent.discard_queue();
                 self.close_after_flush(token);
             }

@@ -77,6 +77,8 @@ pub(crate) struct EventLoop {
     inbox_backlog: bool,
     /// Warnings of connections refused at `connection.max`.
     refusals: Throttle,
+    /// Warnings of connections closed for a protocol error.
+    protocol_errors: Throttle,
 }
 
 /// How often a stopping loop looks at whether it may finish.
@@ -130,6 +132,7 @@ impl EventLoop {
             accept_retry: false,
             inbox_backlog: false,
             refusals: Throttle::default(),
+            protocol_errors: Throttle::default(),
         }
     }
 
