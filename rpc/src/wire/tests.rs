@@ -78,6 +78,15 @@ proptest! {
         prop_assert_eq!(decode(&bytes).unwrap(), frames);
     }
 
+    /// Every kind of frame, with any integers and strings: the hint is never below the
+    /// encoded size (the splitting that keeps messages under ZeroMQ's limit relies on it).
+    #[test]
+    fn size_hints_bound_every_frame(frame in any_frame()) {
+        let encoded = encode(std::slice::from_ref(&frame)).len() - 2;
+        prop_assert!(encoded <= frame.size_hint(), "{} bytes, hint {}", encoded, frame.size_hint());
+        prop_assert_eq!(decode(&encode(std::slice::from_ref(&frame))).unwrap(), vec![frame]);
+    }
+
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = decode(&bytes);
@@ -85,4 +94,57 @@ proptest! {
         versioned.extend(bytes);
         let _ = decode(&versioned);
     }
+}
+
+fn any_bytes() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..40)
+}
+
+fn any_error() -> impl Strategy<Value = HandlerError> {
+    (".{0,12}", ".{0,20}", proptest::collection::btree_map(".{0,6}", ".{0,6}", 0..3))
+        .prop_map(|(code, message, metadata)| HandlerError { code, message, metadata })
+}
+
+fn any_call() -> impl Strategy<Value = Call> {
+    let s = || ".{0,16}";
+    prop_oneof![
+        (any::<u64>(), proptest::option::of(s()), any_bytes(), s(), s(), s()).prop_map(
+            |(id, uid, data, frontend_id, frontend_rpc, frontend_type)| Call::Handle {
+                session: SessionSnapshot { id, frontend_id, uid, data, frontend_rpc, frontend_type },
+                msgs: vec![WireMessage { request: true, id, route: "r".into(), body: vec![1; 3] }],
+            }
+        ),
+        (s(), any_bytes()).prop_map(|(route, body)| Call::User { route, body }),
+        (any::<u64>(), s(), any_bytes()).prop_map(|(session, route, body)| Call::Push { session, route, body }),
+        (any::<u64>(), s()).prop_map(|(session, reason)| Call::Kick { session, reason }),
+        (any::<u64>(), s()).prop_map(|(session, uid)| Call::Bind { session, uid }),
+        (any::<u64>(), any_bytes()).prop_map(|(session, data)| Call::SessionData { session, data }),
+        (proptest::collection::vec(s(), 0..4), s(), any_bytes()).prop_map(|(uids, route, body)| Call::PushUsers {
+            uids,
+            route,
+            body
+        }),
+        (s(), s()).prop_map(|(uid, reason)| Call::KickUser { uid, reason }),
+        (s(), any_bytes()).prop_map(|(route, body)| Call::Broadcast { route, body }),
+    ]
+}
+
+fn any_answer() -> impl Strategy<Value = Result<Answer, HandlerError>> {
+    let reply = (any::<u64>(), prop_oneof![any_bytes().prop_map(|b| Ok(ByteBuf(b))), any_error().prop_map(Err)])
+        .prop_map(|(id, result)| WireReply { id, result });
+    prop_oneof![
+        Just(Ok(Answer::Done)),
+        any_bytes().prop_map(|b| Ok(Answer::Body(ByteBuf(b)))),
+        proptest::collection::vec(reply, 0..4).prop_map(|list| Ok(Answer::Replies(list))),
+        proptest::collection::vec(".{0,8}", 0..4).prop_map(|uids| Ok(Answer::Missing(uids))),
+        any::<bool>().prop_map(|found| Ok(Answer::Found(found))),
+        any_error().prop_map(Err),
+    ]
+}
+
+fn any_frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (any::<u64>(), any_call()).prop_map(|(corr, call)| Frame::Call { corr, call }),
+        (any::<u64>(), any_answer()).prop_map(|(corr, result)| Frame::Reply { corr, result }),
+    ]
 }
