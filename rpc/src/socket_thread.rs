@@ -328,24 +328,37 @@ const HWM: i32 = 1_000_000;
 /// a quarter of this, and a single call or answer over it fails alone (see `flush`).
 pub(crate) const MAX_MESSAGE: usize = 256 << 20;
 
+/// What one pass sends a peer, ready to send: see [`split`].
+struct Split {
+    /// Messages of at most the target size (a larger frame alone), in order.
+    messages: Vec<Vec<Frame>>,
+    /// Frames too large for any message, with their size.
+    oversized: Vec<(Frame, usize)>,
+}
+
 /// Splits `frames`, bound for one peer, into messages of at most `target` bytes by
-/// [`Frame::size_hint`] (a larger frame goes alone), in order.
-fn split(frames: Vec<Frame>, target: usize) -> Vec<Vec<Frame>> {
-    let mut messages = Vec::new();
+/// [`Frame::size_hint`] (a larger frame goes alone), in order, and sets apart the frames
+/// that with the envelope would be over `limit`.
+fn split(frames: Vec<Frame>, target: usize, limit: usize) -> Split {
+    let mut out = Split { messages: Vec::new(), oversized: Vec::new() };
     let (mut current, mut size) = (Vec::new(), 0);
     for frame in frames {
         let frame_size = frame.size_hint();
+        if frame_size + ENVELOPE > limit {
+            out.oversized.push((frame, frame_size));
+            continue;
+        }
         if !current.is_empty() && size + frame_size > target {
-            messages.push(std::mem::take(&mut current));
+            out.messages.push(std::mem::take(&mut current));
             size = 0;
         }
         size += frame_size;
         current.push(frame);
     }
     if !current.is_empty() {
-        messages.push(current);
+        out.messages.push(current);
     }
-    messages
+    out
 }
 
 /// Room for the envelope's version byte and frame count.
@@ -741,11 +754,14 @@ impl SocketThread {
     fn flush(&mut self) {
         self.send_held();
         let mut failed = Vec::new();
-        let target = self.max_message / 4;
+        let (target, limit) = (self.max_message / 4, self.max_message);
         let mut messages = Vec::new();
         for (to, frames) in std::mem::take(&mut self.outbox) {
-            let frames = self.refuse_oversized_calls(&to, frames);
-            messages.extend(split(frames, target).into_iter().map(|frames| (to.clone(), frames)));
+            let split = split(frames, target, limit);
+            for (frame, size) in split.oversized {
+                self.refuse_oversized_call(&to, frame, size);
+            }
+            messages.extend(split.messages.into_iter().map(|frames| (to.clone(), frames)));
         }
         for (to, frames) in messages {
             let Some(peer) = self.peers.get_mut(&to) else {
@@ -770,8 +786,16 @@ impl SocketThread {
             self.fail_frames(&to, frames, &why);
         }
         for (identity, frames) in std::mem::take(&mut self.answers) {
-            let frames = frames.into_iter().map(|frame| self.shrink_oversized_answer(&identity, frame)).collect();
-            for frames in split(frames, target) {
+            let mut split = split(frames, target, limit);
+            let errors: Vec<Frame> = split
+                .oversized
+                .into_iter()
+                .map(|(frame, size)| self.oversized_answer(&identity, frame, size))
+                .collect();
+            if !errors.is_empty() {
+                split.messages.push(errors);
+            }
+            for frames in split.messages {
                 let parts = [identity.as_slice(), &wire::encode(&frames)];
                 match self.router.send_multipart(parts, zmq::DONTWAIT) {
                     Ok(()) => self.last_sent = Some(Instant::now()),
@@ -782,48 +806,29 @@ impl SocketThread {
         }
     }
 
-    /// Whether a frame of `size` bytes (by its hint) cannot go in a message.
-    fn oversized(&self, size: usize) -> bool {
-        size + ENVELOPE > self.max_message
-    }
-
-    /// `frames` without the calls too large for one message: those fail (or, one-way,
-    /// are dropped with a warning) here, so the peer does not drop the connection.
-    fn refuse_oversized_calls(&mut self, to: &str, mut frames: Vec<Frame>) -> Vec<Frame> {
-        if !frames.iter().any(|f| self.oversized(f.size_hint())) {
-            return frames;
-        }
+    /// A call of `size` bytes, too large for one message, for server `to`: it fails here
+    /// (one-way, it is dropped with a warning), so the peer does not drop the connection.
+    fn refuse_oversized_call(&mut self, to: &str, frame: Frame, size: usize) {
         let limit = self.max_message;
-        frames.retain(|frame| {
-            let size = frame.size_hint();
-            if !self.oversized(size) {
-                return true;
-            }
-            let why = format!("a call of about {size} bytes to server {to} is over the {limit}-byte message limit");
-            match frame {
-                Frame::Call { corr, .. } => match self.pending.remove(corr) {
-                    Some(p) => fail(&self.stats, p.reply, HandlerError::internal(why)),
-                    None => warn!("{why}; dropped"),
-                },
-                Frame::Reply { .. } => warn!("{why}; dropped"),
-            }
-            false
-        });
-        frames
+        let why = format!("a call of about {size} bytes to server {to} is over the {limit}-byte message limit");
+        match frame {
+            Frame::Call { corr, .. } => match self.pending.remove(&corr) {
+                Some(p) => fail(&self.stats, p.reply, HandlerError::internal(why)),
+                None => warn!("{why}; dropped"),
+            },
+            Frame::Reply { .. } => warn!("{why}; dropped"),
+        }
     }
 
-    /// `frame`, or an error in its place if it is an answer too large for one message.
-    fn shrink_oversized_answer(&self, identity: &[u8], frame: Frame) -> Frame {
-        let size = frame.size_hint();
-        match frame {
-            Frame::Reply { corr, .. } if self.oversized(size) => {
-                let why =
-                    format!("the answer (about {size} bytes) is over the {}-byte message limit", self.max_message);
-                warn!("answer to {}: {why}; an error goes instead", server_of(identity));
-                Frame::Reply { corr, result: Err(HandlerError::internal(why)) }
-            }
-            frame => frame,
-        }
+    /// The error answer that goes instead of an answer of `size` bytes, too large for one
+    /// message, to the caller with ROUTER identity `identity`.
+    fn oversized_answer(&self, identity: &[u8], frame: Frame, size: usize) -> Frame {
+        let why = format!("the answer (about {size} bytes) is over the {}-byte message limit", self.max_message);
+        warn!("answer to {}: {why}; an error goes instead", server_of(identity));
+        let corr = match frame {
+            Frame::Reply { corr, .. } | Frame::Call { corr, .. } => corr,
+        };
+        Frame::Reply { corr, result: Err(HandlerError::internal(why)) }
     }
 
     /// At a stop, after the last flush: a message handed to a ROUTER right before it is
