@@ -168,18 +168,7 @@ fn bind_push_and_kick_from_a_backend() {
 
 #[test]
 fn pushes_to_users_on_every_frontend_and_broadcast() {
-    let dir = cluster_dir("fanout");
-    let backend = Backend::default();
-    let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
-    let fronts: Vec<(Server, ClusterModule)> = (1..=2)
-        .map(|i| {
-            let module = cluster_module(&dir, TIMEOUT);
-            let builder =
-                probe_app(&Probe::default()).server_id(&format!("connector-{i}")).cluster(Arc::new(module.clone()));
-            (Server::start(builder), module)
-        })
-        .collect();
-    assert!(wait_until(T, || room_module.servers().len() == 3 && fronts.iter().all(|(_, m)| m.servers().len() == 3)));
+    let (fronts, _room) = two_frontends("fanout");
     let a = fronts[0].0.client();
     let b = fronts[1].0.client();
     let _: bool = a.request("probe.bind", "ann").unwrap();
@@ -210,6 +199,101 @@ fn pushes_to_users_on_every_frontend_and_broadcast() {
     assert!(a.wait_closed(T), "older session on the other frontend kicked");
     assert_eq!(a.kicked().as_deref(), Some("another session logged in with this uid"));
     assert_eq!(ann_again.request_raw("probe.echo", b"still me").unwrap(), b"still me");
+}
+
+/// Two frontends of one cluster, `connector-1` and `connector-2`, and a room server.
+fn two_frontends(name: &str) -> (Vec<(Server, ClusterModule)>, Server) {
+    let dir = cluster_dir(name);
+    let (room, room_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    let fronts: Vec<(Server, ClusterModule)> = (1..=2)
+        .map(|i| {
+            let module = cluster_module(&dir, TIMEOUT);
+            let builder =
+                probe_app(&Probe::default()).server_id(&format!("connector-{i}")).cluster(Arc::new(module.clone()));
+            (Server::start(builder), module)
+        })
+        .collect();
+    assert!(wait_until(T, || room_module.servers().len() == 3 && fronts.iter().all(|(_, m)| m.servers().len() == 3)));
+    (fronts, room)
+}
+
+/// With unique sessions, a uid bound on two frontends at the same moment keeps exactly one
+/// session: each frontend tells the other of its bind, and of the two binds (ordered by
+/// time, then frontend id, the same way on both) the earlier one's session is kicked.
+/// Kicking on any news, both went.
+#[test]
+fn a_uid_bound_on_two_frontends_at_once_keeps_exactly_one_session() {
+    let (fronts, _room) = two_frontends("bindrace");
+    for round in 0..20 {
+        let (a, b) = (fronts[0].0.client(), fronts[1].0.client());
+        let uid = format!("racer-{round}");
+        let barrier = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            for client in [&a, &b] {
+                let (barrier, uid) = (&barrier, &uid);
+                s.spawn(move || {
+                    barrier.wait();
+                    let _ = client.request::<_, bool>("probe.bind", uid);
+                });
+            }
+        });
+        assert!(wait_until(T, || a.is_closed() || b.is_closed()), "round {round}: one session is kicked");
+        // The other frontend's kick, if any, would come within a message's time.
+        std::thread::sleep(Duration::from_millis(100));
+        let (kept, gone) = if a.is_closed() { (&b, &a) } else { (&a, &b) };
+        assert!(!kept.is_closed(), "round {round}: both sessions were kicked");
+        assert_eq!(gone.kicked().as_deref(), Some(dragonfruit_core::session::KICKED_BY_NEWER), "round {round}");
+        assert_eq!(kept.request_raw("probe.echo", b"still me").unwrap(), b"still me", "round {round}");
+    }
+}
+
+/// What another frontend says of its binds decides by their order: a session bound
+/// earlier than the other's bind is kicked, a later one stays, and a bind heard of before
+/// the local one (the messages crossed) still kicks the local session if it is later.
+#[test]
+fn binds_on_other_frontends_kick_only_earlier_sessions() {
+    use dragonfruit_rpc::wire::{self, Answer, Call, Frame};
+    let dir = cluster_dir("bindorder");
+    let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let frontend = start_connector(&fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    // A second frontend of our own making, telling connector-1 of its binds.
+    let ctx = zmq::Context::new();
+    let peer = ctx.socket(zmq::DEALER).unwrap();
+    peer.set_identity(b"connector-2#0000000000000001").unwrap();
+    peer.set_rcvtimeo(5000).unwrap();
+    peer.connect(&fe_module.me().unwrap().rpc_addr).unwrap();
+    let bound_elsewhere = |corr: u64, uid: &str, bound_at: u64| {
+        let call = Call::KickOlder { uid: uid.into(), bound_at };
+        peer.send(wire::encode(&[Frame::Call { corr, call }]), 0).unwrap();
+        match wire::decode(&peer.recv_bytes(0).expect("an answer")).unwrap().pop() {
+            Some(Frame::Reply { corr: answered, result: Ok(Answer::Done) }) if answered == corr => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    let bind = |uid: &str| {
+        let client = frontend.client();
+        let _: bool = client.request("probe.bind", uid).unwrap();
+        client
+    };
+    let (earlier, later) = (bind("bea"), bind("cy"));
+    bound_elsewhere(1, "bea", u64::MAX);
+    bound_elsewhere(2, "cy", 1);
+    assert!(earlier.wait_closed(T), "bound before the other frontend's bind: kicked");
+    assert_eq!(earlier.kicked().as_deref(), Some(dragonfruit_core::session::KICKED_BY_NEWER));
+    assert_eq!(later.request_raw("probe.echo", b"x").unwrap(), b"x", "bound after it: stays");
+    // Heard of first, bound here after, but the other bind is later: this session goes.
+    bound_elsewhere(3, "zed", u64::MAX);
+    let crossed = frontend.client();
+    // Kicked while binding: the answer may not come.
+    let _ = crossed.request::<_, bool>("probe.bind", "zed");
+    assert!(crossed.wait_closed(T), "a later bind heard of before the local one wins");
+    assert_eq!(crossed.kicked().as_deref(), Some(dragonfruit_core::session::KICKED_BY_NEWER));
+    // Heard of first and earlier: the local bind stays.
+    bound_elsewhere(4, "amy", 1);
+    let stays = bind("amy");
+    assert_eq!(stays.request_raw("probe.echo", b"y").unwrap(), b"y");
 }
 
 /// Forwarded notifies that fail on a backend are logged there, throttled like local ones.
@@ -575,7 +659,9 @@ impl cluster::Cluster for LosesCalls {
         assert!(msgs.iter().all(|m| m.body != b"panic"), "cluster layer bug");
         drop(done);
     }
-    fn session_bound(&self, _: &str, _: bool) {}
+    fn session_bound(&self, _: &str, _: bool, _: u64) -> bool {
+        false
+    }
     fn begin_stop(&self) {}
     fn stop(&self) {}
 }

@@ -113,10 +113,13 @@ pub trait Cluster: Send + Sync {
     /// Forwards `msgs` of `session`; `done` receives the replies (also for failures: no
     /// server of the type, timeouts). Must not block.
     fn forward(&self, session: &Arc<Session>, msgs: Vec<Forward>, done: ForwardDone);
-    /// A session of this frontend was bound to `uid`. With unique sessions the cluster
-    /// layer kicks the sessions of `uid` on the other frontends (this frontend already
-    /// kicked its own). Must not block.
-    fn session_bound(&self, uid: &str, unique: bool);
+    /// A session of this frontend was bound to `uid` at `bound_at` (unix µs). With unique
+    /// sessions the cluster layer has the other frontends kick their sessions of `uid`
+    /// bound earlier (this frontend already kicked its own), and returns `true` if it knows
+    /// of a later bind of `uid` on another frontend: then this session is the one to kick.
+    /// Binds are ordered by time, then frontend id, the same way on every frontend, so of
+    /// two binds at about the same moment exactly one session stays. Must not block.
+    fn session_bound(&self, uid: &str, unique: bool, bound_at: u64) -> bool;
     /// Leaves discovery so no new calls are routed here. Called on the event loop when a
     /// stop begins: must not block (leave on another thread and report it in
     /// [`Cluster::draining`]).

@@ -5,10 +5,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use dragonfruit_core::cluster::{CallTarget, Cluster};
 use dragonfruit_core::codec::deflate_if_smaller;
+use dragonfruit_core::session::KICKED_BY_NEWER;
 use dragonfruit_core::{
     codes, HandlerError, HandlerService, Messenger, MessengerError, Session, SessionError, SessionId, SessionRegistry,
     SessionSink,
@@ -121,16 +123,21 @@ impl SessionSink for FrontendSink {
         if session.is_closed() {
             return Err(SessionError::Closed);
         }
-        let others = self.registry.bind(session.id(), uid);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let bound_at = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
+        let others = self.registry.bind(session.id(), uid, bound_at);
         if self.unique {
             for other in others {
                 debug!("sid={} uid={uid} kicked: same uid bound by sid={}", other.id(), session.id());
                 self.registry.unbind(other.id());
-                let _ = other.kick("another session logged in with this uid");
+                let _ = other.kick(KICKED_BY_NEWER);
             }
         }
-        if let Some(cluster) = &self.cluster {
-            cluster.session_bound(uid, self.unique);
+        let later_elsewhere = self.cluster.as_ref().is_some_and(|c| c.session_bound(uid, self.unique, bound_at));
+        if later_elsewhere {
+            debug!("sid={} uid={uid} kicked: the uid was bound later on another frontend", session.id());
+            self.registry.unbind(session.id());
+            let _ = session.kick(KICKED_BY_NEWER);
         }
         Ok(())
     }

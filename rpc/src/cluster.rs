@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, ForwardDone, OrderKey};
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::config::{ConfigError, ConfigSource};
+use dragonfruit_core::session::KICKED_BY_NEWER;
 use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{codes, HandlerError, Messenger, Reply, Route, Session};
 use log::{debug, error, info, warn};
 
+use crate::binds::{Bind, RemoteBinds};
 use crate::config::{self, RpcConfig};
 use crate::discovery::{self, Discovery};
 use crate::messenger::ClusterMessenger;
@@ -50,6 +52,8 @@ pub(crate) struct Inner {
     /// Warnings about notifies no client hears of, one per failure while a server is down.
     notify_warnings: Arc<NotifyWarnings>,
     stats: Arc<Counters>,
+    /// Uids other frontends bound lately (unique sessions across frontends).
+    remote_binds: RemoteBinds,
 }
 
 /// See [`Inner::notify_warnings`].
@@ -161,6 +165,8 @@ pub(crate) struct Started {
 impl ClusterModule {
     /// A cluster layer with these settings and discovery backend.
     pub fn new(rpc: RpcConfig, discovery: Box<dyn Discovery>) -> ClusterModule {
+        // Long past any message between frontends that is still answered.
+        let remote_binds = RemoteBinds::new(rpc.timeout.saturating_mul(2));
         let inner = Inner {
             rpc,
             discovery,
@@ -173,6 +179,7 @@ impl ClusterModule {
             drain: Drain::new(),
             notify_warnings: Arc::default(),
             stats: Arc::default(),
+            remote_binds,
         };
         ClusterModule { inner: Arc::new(inner) }
     }
@@ -455,6 +462,19 @@ impl Inner {
                 let result = ctx.local.kick_user(&uid, &reason);
                 responder.send(result.map(Answer::Found).map_err(|e| HandlerError::internal(e.to_string())));
             }
+            Call::KickOlder { uid, bound_at } => {
+                let theirs = Bind { at: bound_at, frontend: from.to_owned() };
+                for session in ctx.sessions.by_uid(&uid) {
+                    let at = ctx.sessions.bound_at(session.id()).unwrap_or(0);
+                    if (Bind { at, frontend: started.me.id.clone() }) < theirs {
+                        debug!("sid={} uid={uid} kicked: bound again later on {from}", session.id());
+                        ctx.sessions.unbind(session.id());
+                        let _ = session.kick(KICKED_BY_NEWER);
+                    }
+                }
+                self.remote_binds.heard(&uid, theirs, Instant::now());
+                responder.send(Ok(Answer::Done));
+            }
             Call::Broadcast { route, body } => {
                 let result = ctx.local.broadcast(&ctx.server.server_type, &route, body.into());
                 responder.send(result.map(|()| Answer::Done).map_err(|e| HandlerError::internal(e.to_string())));
@@ -622,14 +642,18 @@ impl Cluster for ClusterModule {
         self.inner.forward(session, msgs, done);
     }
 
-    fn session_bound(&self, uid: &str, unique: bool) {
-        let Some(started) = self.inner.started.get().filter(|_| unique) else { return };
+    fn session_bound(&self, uid: &str, unique: bool, bound_at: u64) -> bool {
+        let Some(started) = self.inner.started.get().filter(|_| unique) else { return false };
+        let ours = Bind { at: bound_at, frontend: started.me.id.clone() };
+        if self.inner.remote_binds.later_than(uid, &ours, Instant::now()) {
+            return true;
+        }
         for server in self.inner.table.all() {
             if server.frontend && server.id != started.me.id {
-                let reason = "another session logged in with this uid".to_owned();
-                started.io.call_server(&server, Call::KickUser { uid: uid.to_owned(), reason }, None);
+                started.io.call_server(&server, Call::KickOlder { uid: uid.to_owned(), bound_at }, None);
             }
         }
+        false
     }
 
     fn begin_stop(&self) {

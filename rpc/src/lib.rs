@@ -23,6 +23,7 @@
 //! `dragonfruit-net`, reached only through core's traits.
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+mod binds;
 mod cluster;
 pub mod config;
 pub mod discovery;

@@ -148,6 +148,15 @@ pub enum Call {
         #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
+    /// To a frontend, from a frontend where `uid` was just bound (unique sessions): kick
+    /// your sessions of `uid` bound before this bind. Binds are ordered by `bound_at`, then
+    /// by frontend id (the caller's), the same way on both sides.
+    KickOlder {
+        /// The uid.
+        uid: String,
+        /// When it was bound on the caller (unix µs, the caller's clock).
+        bound_at: u64,
+    },
 }
 
 /// A successful answer.
@@ -221,6 +230,7 @@ impl Frame {
                 Call::SessionData { data, .. } => data.len(),
                 Call::PushUsers { uids, route, body } => strings_size(uids) + route.len() + body.len(),
                 Call::KickUser { uid, reason } => uid.len() + reason.len(),
+                Call::KickOlder { uid, .. } => uid.len(),
             },
             Frame::Reply { result, .. } => match result {
                 Err(e) => error_size(e),

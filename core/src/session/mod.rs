@@ -25,6 +25,9 @@ use crate::serializer::{SerializeError, Serializer};
 /// Session id, unique within one frontend server.
 pub type SessionId = u64;
 
+/// The kick reason of a session replaced by a later bind of its uid (unique sessions).
+pub const KICKED_BY_NEWER: &str = "another session logged in with this uid";
+
 /// A callback run once when the session's connection closes.
 pub type OnClose = Box<dyn FnOnce(&Session) + Send>;
 

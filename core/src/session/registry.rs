@@ -20,6 +20,9 @@ struct Index {
     /// The uid each session is indexed under, so removal never depends on the session's
     /// own view (a bind may be in progress while the connection closes).
     uid_of: HashMap<SessionId, String>,
+    /// When each session bound its uid (unix µs, as the binder said), so that of two
+    /// binds of one uid on different frontends the later keeps it.
+    bound_at: HashMap<SessionId, u64>,
 }
 
 /// Which sessions a search returns.
@@ -60,9 +63,7 @@ impl SessionRegistry {
     pub fn remove(&self, id: SessionId) -> Option<Arc<Session>> {
         let mut index = self.write();
         let session = index.by_id.remove(&id)?;
-        if let Some(uid) = index.uid_of.remove(&id) {
-            index.unlink_uid(&uid, id);
-        }
+        index.unbind(id);
         Some(session)
     }
 
@@ -78,13 +79,15 @@ impl SessionRegistry {
         ids.iter().filter_map(|id| index.by_id.get(id).cloned()).collect()
     }
 
-    /// Indexes session `id` under `uid` and returns the other sessions already bound to it
-    /// (the ones a unique-session policy kicks).
-    pub fn bind(&self, id: SessionId, uid: &str) -> Vec<Arc<Session>> {
+    /// Indexes session `id` under `uid`, bound at `at` (unix µs: the caller reads the
+    /// clock), and returns the other sessions already bound to it (the ones a
+    /// unique-session policy kicks).
+    pub fn bind(&self, id: SessionId, uid: &str, at: u64) -> Vec<Arc<Session>> {
         let mut index = self.write();
         if !index.by_id.contains_key(&id) {
             return Vec::new();
         }
+        index.bound_at.insert(id, at);
         if let Some(previous) = index.uid_of.insert(id, uid.to_owned()) {
             if previous != uid {
                 index.unlink_uid(&previous, id);
@@ -100,10 +103,12 @@ impl SessionRegistry {
 
     /// Drops session `id` from the uid index (the session stays registered).
     pub fn unbind(&self, id: SessionId) {
-        let mut index = self.write();
-        if let Some(uid) = index.uid_of.remove(&id) {
-            index.unlink_uid(&uid, id);
-        }
+        self.write().unbind(id);
+    }
+
+    /// When session `id` bound its uid (unix µs, as given to [`SessionRegistry::bind`]).
+    pub fn bound_at(&self, id: SessionId) -> Option<u64> {
+        self.read().bound_at.get(&id).copied()
     }
 
     /// Number of sessions.
@@ -138,6 +143,13 @@ impl SessionRegistry {
 }
 
 impl Index {
+    fn unbind(&mut self, id: SessionId) {
+        self.bound_at.remove(&id);
+        if let Some(uid) = self.uid_of.remove(&id) {
+            self.unlink_uid(&uid, id);
+        }
+    }
+
     fn unlink_uid(&mut self, uid: &str, id: SessionId) {
         if let Some(ids) = self.by_uid.get_mut(uid) {
             ids.retain(|other| *other != id);

@@ -93,10 +93,11 @@ fn registry_indexes_by_id_and_uid() {
     reg.insert(a.clone());
     reg.insert(b.clone());
     a.bind("u").unwrap();
-    assert!(reg.bind(1, "u").is_empty());
+    assert!(reg.bind(1, "u", 100).is_empty());
     b.bind("u").unwrap();
-    let others = reg.bind(2, "u");
+    let others = reg.bind(2, "u", 200);
     assert_eq!(others.iter().map(|s| s.id()).collect::<Vec<_>>(), vec![1]);
+    assert_eq!((reg.bound_at(1), reg.bound_at(2)), (Some(100), Some(200)));
     assert_eq!(reg.by_uid("u").len(), 2);
     assert_eq!(reg.bound_uids(), 1);
     let (total, page) = reg.search(&SessionFilter { query: Some("2".into()), bound_only: false }, 0, 10);
@@ -105,6 +106,9 @@ fn registry_indexes_by_id_and_uid() {
     assert_eq!(total, 2);
     reg.remove(1);
     assert_eq!(reg.by_uid("u").len(), 1);
+    assert_eq!(reg.bound_at(1), None, "forgotten with the session");
+    reg.unbind(2);
+    assert_eq!((reg.by_uid("u").len(), reg.bound_at(2)), (0, None));
     reg.remove(2);
     assert_eq!((reg.len(), reg.bound_uids()), (0, 0));
 }

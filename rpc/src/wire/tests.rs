@@ -32,6 +32,7 @@ fn every_variant_round_trips() {
         Frame::Call { corr: 5, call: Call::PushUsers { uids: vec!["a".into()], route: "r".into(), body: vec![9] } },
         Frame::Call { corr: 6, call: Call::KickUser { uid: "a".into(), reason: "r".into() } },
         Frame::Call { corr: 0, call: Call::Broadcast { route: "r".into(), body: vec![] } },
+        Frame::Call { corr: 0, call: Call::KickOlder { uid: "a".into(), bound_at: u64::MAX } },
         Frame::Reply {
             corr: 1,
             result: Ok(Answer::Replies(vec![WireReply { id: 3, result: Ok(ByteBuf(b"ok".to_vec())) }])),
@@ -126,6 +127,7 @@ fn any_call() -> impl Strategy<Value = Call> {
         }),
         (s(), s()).prop_map(|(uid, reason)| Call::KickUser { uid, reason }),
         (s(), any_bytes()).prop_map(|(route, body)| Call::Broadcast { route, body }),
+        (s(), any::<u64>()).prop_map(|(uid, bound_at)| Call::KickOlder { uid, bound_at }),
     ]
 }
 
