@@ -120,6 +120,13 @@ pub trait Cluster: Send + Sync {
     /// Binds are ordered by time, then frontend id, the same way on every frontend, so of
     /// two binds at about the same moment exactly one session stays. Must not block.
     fn session_bound(&self, uid: &str, unique: bool, bound_at: u64) -> bool;
+    /// The stamp of a bind made now, `wall_us` being the time (unix µs): by default that
+    /// time. A cluster layer makes it later than every bind this frontend made or heard of
+    /// too (a hybrid logical clock), so a bind that follows the announcement of another is
+    /// ordered after it whatever the two machines' clocks say.
+    fn bind_stamp(&self, wall_us: u64) -> u64 {
+        wall_us
+    }
     /// Leaves discovery so no new calls are routed here. Called on the event loop when a
     /// stop begins: must not block (leave on another thread and report it in
     /// [`Cluster::draining`]).

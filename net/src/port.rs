@@ -124,7 +124,8 @@ impl SessionSink for FrontendSink {
             return Err(SessionError::Closed);
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        let bound_at = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
+        let wall_us = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
+        let bound_at = self.cluster.as_ref().map_or(wall_us, |c| c.bind_stamp(wall_us));
         let others = self.registry.bind(session.id(), uid, bound_at);
         if self.unique {
             for other in others {

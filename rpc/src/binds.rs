@@ -3,9 +3,13 @@
 //! the binding frontend), then frontend id, the same way on every frontend, so of two
 //! binds of one uid at about the same moment exactly one session stays (kicking on any
 //! news, both would go). A bind heard of before the local one (the messages crossed) is
-//! remembered for a while, so a local bind that is earlier loses at once.
+//! remembered for a while, so a local bind that is earlier loses at once. Times come from
+//! a hybrid logical clock: the wall clock, but later than every bind made or heard of, so
+//! a bind made after hearing of another is ordered after it even if this machine's clock
+//! is behind (a player logging in again on another frontend always wins).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,10 +22,12 @@ pub(crate) struct Bind {
     pub(crate) frontend: String,
 }
 
-/// Binds other frontends announced lately, per uid (the latest).
+/// Binds other frontends announced lately, per uid (the latest), and the bind clock.
 pub(crate) struct RemoteBinds {
     keep: Duration,
     state: Mutex<State>,
+    /// The latest bind time made or heard of (unix µs).
+    clock: AtomicU64,
 }
 
 #[derive(Default)]
@@ -34,11 +40,25 @@ struct State {
 impl RemoteBinds {
     /// Remembers binds for `keep` (longer than a message between frontends can take).
     pub(crate) fn new(keep: Duration) -> RemoteBinds {
-        RemoteBinds { keep, state: Mutex::default() }
+        RemoteBinds { keep, state: Mutex::default(), clock: AtomicU64::new(0) }
+    }
+
+    /// The time of a bind made now, `wall_us` by the wall clock: at least that, and later
+    /// than every bind made or heard of before.
+    pub(crate) fn stamp(&self, wall_us: u64) -> u64 {
+        let mut last = self.clock.load(Ordering::Acquire);
+        loop {
+            let next = wall_us.max(last.saturating_add(1));
+            match self.clock.compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return next,
+                Err(now) => last = now,
+            }
+        }
     }
 
     /// Another frontend bound `uid` (`bind`); heard at `now`.
     pub(crate) fn heard(&self, uid: &str, bind: Bind, now: Instant) {
+        self.clock.fetch_max(bind.at, Ordering::AcqRel);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.forget_older_than(now, self.keep);
         let later = state.latest.get(uid).is_none_or(|(known, _)| *known < bind);
@@ -102,6 +122,19 @@ mod tests {
         assert!(!binds.later_than("ann", &mine, now + Duration::from_secs(11)));
         assert!(binds.state.lock().unwrap().latest.is_empty());
         assert!(binds.state.lock().unwrap().heard.is_empty());
+    }
+
+    #[test]
+    fn stamps_follow_every_bind_made_or_heard_of() {
+        let binds = RemoteBinds::new(Duration::from_secs(10));
+        assert_eq!(binds.stamp(1_000), 1_000, "the wall clock");
+        assert_eq!(binds.stamp(1_000), 1_001, "later than the last one");
+        assert_eq!(binds.stamp(900), 1_002, "a clock that went back");
+        // Another frontend, whose clock is ahead, bound at 5,000: a bind made after hearing
+        // of it is later, though this clock says 2,000.
+        binds.heard("ann", bind(5_000, "connector-2"), Instant::now());
+        assert_eq!(binds.stamp(2_000), 5_001);
+        assert_eq!(binds.stamp(9_000), 9_000);
     }
 
     #[test]

@@ -656,6 +656,10 @@ impl Cluster for ClusterModule {
         false
     }
 
+    fn bind_stamp(&self, wall_us: u64) -> u64 {
+        self.inner.remote_binds.stamp(wall_us)
+    }
+
     fn begin_stop(&self) {
         if self.inner.leaving.swap(true, Ordering::AcqRel) {
             return;
