@@ -2,11 +2,12 @@
 //! kick their sessions of that uid bound *earlier*. Binds are ordered by time (unix µs on
 //! the binding frontend), then frontend id, the same way on every frontend, so of two
 //! binds of one uid at about the same moment exactly one session stays (kicking on any
-//! news, both would go). A bind heard of before the local one (the messages crossed) is
-//! remembered for a while, so a local bind that is earlier loses at once. Times come from
-//! a hybrid logical clock: the wall clock, but later than every bind made or heard of, so
-//! a bind made after hearing of another is ordered after it even if this machine's clock
-//! is behind (a player logging in again on another frontend always wins).
+//! news, both would go). Times come from a hybrid logical clock: the wall clock, but later
+//! than every bind made or heard of, so a bind made after hearing of another is ordered
+//! after it even if this machine's clock is behind (a player logging in again on another
+//! frontend always wins). A later bind heard of between a local bind's stamp and its
+//! announcement (before the local session was indexed, so nothing was kicked) is
+//! remembered for a while: the local session, earlier, is then kicked at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
