@@ -233,6 +233,6 @@ fn a_flood_of_bad_connections_logs_a_line_a_second() {
     }
     assert!(crate::util::wait_until(T, || server.handle.stats().protocol_errors == 40));
     let lines = warnings().iter().filter(|l| l.contains("protocol error: wrong packet type 119")).count();
-    assert!((1..=5).contains(&lines), "{lines} warnings for 40 bad connections");
+    assert!((1..=10).contains(&lines), "{lines} warnings for 40 bad connections");
     server.assert_serving();
 }
