@@ -39,7 +39,7 @@ struct State {
 }
 
 impl RemoteBinds {
-    /// Remembers binds for `keep` (longer than a message between frontends can take).
+    /// Remembers announced binds for `keep`.
     pub(crate) fn new(keep: Duration) -> RemoteBinds {
         RemoteBinds { keep, state: Mutex::default(), clock: AtomicU64::new(0) }
     }

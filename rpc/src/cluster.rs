@@ -65,6 +65,13 @@ struct NotifyWarnings {
     failed: Throttle,
 }
 
+/// How long binds announced by other frontends are remembered. What needs it is a bind
+/// heard of between a local bind's stamp and its announcement (microseconds apart); a bind
+/// heard of earlier is older than the local one (the bind clock saw it) and one heard of
+/// later meets the indexed local session. Bounded, whatever `rpc.timeout` says: every bind
+/// in the cluster is remembered this long.
+const REMEMBER_REMOTE_BINDS: Duration = Duration::from_secs(10);
+
 /// How long a stopping server must have had no call before it refuses calls (once peers
 /// have had time to see it leave).
 const DRAIN_QUIET: Duration = Duration::from_millis(500);
@@ -165,8 +172,6 @@ pub(crate) struct Started {
 impl ClusterModule {
     /// A cluster layer with these settings and discovery backend.
     pub fn new(rpc: RpcConfig, discovery: Box<dyn Discovery>) -> ClusterModule {
-        // Long past any message between frontends that is still answered.
-        let remote_binds = RemoteBinds::new(rpc.timeout.saturating_mul(2));
         let inner = Inner {
             rpc,
             discovery,
@@ -179,7 +184,7 @@ impl ClusterModule {
             drain: Drain::new(),
             notify_warnings: Arc::default(),
             stats: Arc::default(),
-            remote_binds,
+            remote_binds: RemoteBinds::new(REMEMBER_REMOTE_BINDS),
         };
         ClusterModule { inner: Arc::new(inner) }
     }
