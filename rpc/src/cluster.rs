@@ -469,6 +469,9 @@ impl Inner {
             }
             Call::KickOlder { uid, bound_at } => {
                 let theirs = Bind { at: bound_at, frontend: from.to_owned() };
+                // Heard (clock and memory) before looking at the sessions: a local bind
+                // stamped before it and not yet indexed then finds it in the memory.
+                self.remote_binds.heard(&uid, theirs.clone(), Instant::now());
                 for session in ctx.sessions.by_uid(&uid) {
                     let at = ctx.sessions.bound_at(session.id()).unwrap_or(0);
                     if (Bind { at, frontend: started.me.id.clone() }) < theirs {
@@ -477,7 +480,6 @@ impl Inner {
                         let _ = session.kick(KICKED_BY_NEWER);
                     }
                 }
-                self.remote_binds.heard(&uid, theirs, Instant::now());
                 responder.send(Ok(Answer::Done));
             }
             Call::Broadcast { route, body } => {
