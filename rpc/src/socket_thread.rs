@@ -336,10 +336,11 @@ struct Split {
     oversized: Vec<(Frame, usize)>,
 }
 
-/// Splits `frames`, bound for one peer, into messages of at most `target` bytes by
-/// [`Frame::size_hint`] (a larger frame goes alone), in order, and sets apart the frames
-/// that with the envelope would be over `limit`.
-fn split(frames: Vec<Frame>, target: usize, limit: usize) -> Split {
+/// Splits `frames`, bound for one peer, into messages of at most a quarter of `limit`
+/// bytes by [`Frame::size_hint`] (a larger frame goes alone), in order, and sets apart the
+/// frames that with the envelope would be over `limit`.
+fn split(frames: Vec<Frame>, limit: usize) -> Split {
+    let target = limit / 4;
     let mut out = Split { messages: Vec::new(), oversized: Vec::new() };
     let (mut current, mut size) = (Vec::new(), 0);
     for frame in frames {
@@ -441,10 +442,13 @@ pub(crate) struct Limits {
     pub(crate) max_message: usize,
 }
 
-/// Counts a call failed here, without an answer from its server, and tells its caller.
-fn fail(stats: &Counters, reply: ReplyFn, error: HandlerError) {
-    Counters::add(&stats.failed, 1);
-    reply.call(Err(error));
+/// Counts a call failed here, without an answer from its server, and tells its caller
+/// (a one-way call, `None`, has nobody to tell and is not counted).
+fn fail(stats: &Counters, reply: impl Into<Option<ReplyFn>>, error: HandlerError) {
+    if let Some(reply) = reply.into() {
+        Counters::add(&stats.failed, 1);
+        reply.call(Err(error));
+    }
 }
 
 /// Starts the socket thread with an already bound ROUTER.
@@ -594,13 +598,7 @@ impl SocketThread {
 
     fn queue_call(&mut self, to: String, seen_at: Option<String>, call: Call, reply: Option<ReplyFn>) {
         Counters::add(if reply.is_some() { &self.stats.calls } else { &self.stats.one_way }, 1);
-        let stats = &self.stats.clone();
-        let not_found = |reply: Option<ReplyFn>| {
-            if let Some(reply) = reply {
-                let error = HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"));
-                fail(stats, reply, error);
-            }
-        };
+        let not_found = || HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"));
         // `connect_peers`, queued with each table change, keeps `listed` current and drops
         // (failing their calls) peers that moved, so a listed peer needs no lookup here.
         let listed = self.peers.get(&to).map(|peer| peer.listed);
@@ -616,25 +614,19 @@ impl SocketThread {
                     Some(entry) => Some((entry.rpc_addr, true)),
                     None => seen_at.filter(|addr| !self.is_gone(&to, addr)).map(|addr| (addr, false)),
                 };
-                let Some((addr, listed)) = target else { return not_found(reply) };
+                let Some((addr, listed)) = target else { return fail(&self.stats, reply, not_found()) };
                 match self.dealer(&addr) {
                     Ok(socket) => {
                         self.peers.insert(to.clone(), Peer::new(addr, socket, listed));
                     }
                     Err(e) => {
-                        if let Some(reply) = reply {
-                            fail(
-                                stats,
-                                reply,
-                                HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}")),
-                            );
-                        }
-                        return;
+                        let error = HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"));
+                        return fail(&self.stats, reply, error);
                     }
                 }
             } else if entry.is_none() && seen_at.is_none() {
                 // Kept only for the calls waiting on it, or for calls that name where it is.
-                return not_found(reply);
+                return fail(&self.stats, reply, not_found());
             }
             if let Some(peer) = self.peers.get_mut(&to) {
                 peer.last_use = Instant::now();
@@ -754,10 +746,9 @@ impl SocketThread {
     fn flush(&mut self) {
         self.send_held();
         let mut failed = Vec::new();
-        let (target, limit) = (self.max_message / 4, self.max_message);
         let mut messages = Vec::new();
         for (to, frames) in std::mem::take(&mut self.outbox) {
-            let split = split(frames, target, limit);
+            let split = split(frames, self.max_message);
             for (frame, size) in split.oversized {
                 self.refuse_oversized_call(&to, frame, size);
             }
@@ -786,7 +777,7 @@ impl SocketThread {
             self.fail_frames(&to, frames, &why);
         }
         for (identity, frames) in std::mem::take(&mut self.answers) {
-            let mut split = split(frames, target, limit);
+            let mut split = split(frames, self.max_message);
             let errors: Vec<Frame> = split
                 .oversized
                 .into_iter()
