@@ -9,6 +9,8 @@
 #   scripts/bench.sh idle [N]   idle memory with N sessions (default 19900, see BENCHMARKS.md)
 #   scripts/bench.sh churn [W]  local cluster: W waves (default 40) of 500 players logging in,
 #                               joining a room, switching rooms, chatting and leaving; the servers' memory per wave
+#   scripts/bench.sh flood      local cluster: one client flooding room.room.say notifies, another
+#                               probing with connector.entry.echo every 1 ms; the probe's latencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -59,6 +61,11 @@ fi
 if [ "$what" = all ] || [ "$what" = churn ]; then
     start
     $bench churn --connections 500 --rounds "${2:-40}" --server-pid "$pids"
+    stop
+fi
+if [ "$what" = all ] || [ "$what" = flood ]; then
+    start
+    $bench flood --duration 10 --warmup 1 --server-pid "$pids"
     stop
 fi
 if [ "$what" = all ] || [ "$what" = idle ]; then

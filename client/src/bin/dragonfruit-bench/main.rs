@@ -9,11 +9,14 @@
 //!   the time until the last member received it (`onChat`), over several rounds.
 //! - `churn`: waves of players log in, join a room, switch rooms, say a line and disconnect;
 //!   prints the servers' memory after each wave (state left behind by departed sessions).
+//! - `flood`: connections sending notifies as fast as the server takes them, and one client
+//!   probing with a request every millisecond; prints the probe's latencies.
 
 mod churn;
 mod conn;
 mod echo;
 mod fanout;
+mod flood;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -27,16 +30,21 @@ USAGE:
     dragonfruit-bench idle [OPTIONS]
     dragonfruit-bench fanout [OPTIONS]
     dragonfruit-bench churn [OPTIONS]
+    dragonfruit-bench flood [OPTIONS]
 
 OPTIONS:
     --addr ADDR          server address (default 127.0.0.1:3250)
     --connections N      connections (default 64; fanout: room members, default 1000;
-                         churn: players per wave, default 500)
+                         churn: players per wave, default 500; flood: flooding
+                         connections, default 1)
     --inflight K         requests in flight per connection, echo mode (default 16)
-    --duration SECS      measured time, echo mode (default 10)
+    --duration SECS      measured time, echo and flood modes (default 10)
     --warmup SECS        unmeasured time before it (default 2)
     --threads T          client threads, 1 or 2 (default 1)
-    --route ROUTE        request route (default connector.entry.echo)
+    --route ROUTE        request route (default connector.entry.echo); flood mode:
+                         the notifies' route (default room.room.say)
+    --probe-route ROUTE  flood mode: the probe's request route (default
+                         connector.entry.echo)
     --body JSON          request body (default {\"msg\":\"hello dragonfruit\"})
     --hold SECS          idle mode: how long to hold the connections (default 3)
     --rounds R           fanout mode: lines said; churn mode: waves (default 20)
@@ -47,6 +55,7 @@ pub(crate) enum Mode {
     Idle,
     Fanout,
     Churn,
+    Flood,
 }
 
 pub(crate) struct Args {
@@ -58,6 +67,7 @@ pub(crate) struct Args {
     pub(crate) warmup: Duration,
     pub(crate) threads: usize,
     pub(crate) route: String,
+    pub(crate) probe_route: String,
     pub(crate) body: Vec<u8>,
     pub(crate) hold: Duration,
     pub(crate) rounds: usize,
@@ -71,6 +81,7 @@ fn parse_args() -> Result<Args, String> {
         Some("idle") => Mode::Idle,
         Some("fanout") => Mode::Fanout,
         Some("churn") => Mode::Churn,
+        Some("flood") => Mode::Flood,
         Some("-h" | "--help") | None => return Err(HELP.to_owned()),
         Some(other) => return Err(format!("unknown mode {other:?}\n\n{HELP}")),
     };
@@ -79,6 +90,11 @@ fn parse_args() -> Result<Args, String> {
             Mode::Fanout => 1000,
             Mode::Churn => 500,
             Mode::Echo | Mode::Idle => 64,
+            Mode::Flood => 1,
+        },
+        route: match mode {
+            Mode::Flood => "room.room.say".into(),
+            _ => "connector.entry.echo".into(),
         },
         mode,
         addr: "127.0.0.1:3250".parse().unwrap(),
@@ -86,7 +102,7 @@ fn parse_args() -> Result<Args, String> {
         duration: Duration::from_secs(10),
         warmup: Duration::from_secs(2),
         threads: 1,
-        route: "connector.entry.echo".into(),
+        probe_route: "connector.entry.echo".into(),
         body: br#"{"msg":"hello dragonfruit"}"#.to_vec(),
         hold: Duration::from_secs(3),
         rounds: 20,
@@ -107,6 +123,7 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => args.warmup = secs(value()?)?,
             "--threads" => args.threads = number(value()?, "--threads")?,
             "--route" => args.route = value()?,
+            "--probe-route" => args.probe_route = value()?,
             "--body" => args.body = value()?.into_bytes(),
             "--hold" => args.hold = secs(value()?)?,
             "--rounds" => args.rounds = number(value()?, "--rounds")?,
@@ -208,6 +225,7 @@ fn main() -> ExitCode {
         Mode::Idle => echo::idle(&args),
         Mode::Fanout => fanout::run(&args),
         Mode::Churn => churn::run(&args),
+        Mode::Flood => flood::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
