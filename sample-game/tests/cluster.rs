@@ -332,15 +332,22 @@ fn bad_arguments_are_refused_with_a_reason() {
 fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     let servers = Servers::new("kill", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);
     let mut cluster = servers.two_rooms();
-    // The room router keeps each roomless player on one room server (by session id), so
-    // several players are needed to have some on the server that dies.
-    let players: Vec<Client> = (0..8).map(|i| player(cluster.port, &format!("p{i}"))).collect();
+    // The room router keeps each roomless player on one room server (by session id, random
+    // per run), so several players are needed to have some on each server: with 24, all on
+    // one is a chance in 8 million (with 8 it was one in 128).
+    let players: Vec<Client> = (0..24).map(|i| player(cluster.port, &format!("p{i}"))).collect();
 
     let send = |range: std::ops::Range<u32>| -> Vec<_> {
         let request = |(i, client): (u32, &Client)| client.send_request("room.room.echo", format!("{i}").as_bytes());
         range.zip(players.iter().cycle()).map(|p| request(p).unwrap()).collect()
     };
+    // room-1 is stopped first, so the requests forwarded to it are still there when it is
+    // killed (on a busy machine it could otherwise answer them all before the kill, and the
+    // connector see its connection lost before the next ones: none would fail). Stopped,
+    // its connection stays up (heartbeats miss only after 3 s), so the router still picks it.
+    signal(&cluster.room1.0, libc::SIGSTOP);
     let mut in_flight = send(0..200);
+    std::thread::sleep(Duration::from_millis(300));
     signal(&cluster.room1.0, libc::SIGKILL);
     let started = Instant::now();
     // Until the connector sees room-1's connection lost (and for the requests already
