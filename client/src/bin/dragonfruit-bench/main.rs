@@ -45,7 +45,8 @@ OPTIONS:
                          the notifies' route (default room.room.say)
     --probe-route ROUTE  flood mode: the probe's request route (default
                          connector.entry.echo)
-    --body JSON          request body (default {\"msg\":\"hello dragonfruit\"})
+    --body JSON          request body (default {\"msg\":\"hello dragonfruit\"}; flood
+                         mode: {\"text\":\"flood\"})
     --hold SECS          idle mode: how long to hold the connections (default 3)
     --rounds R           fanout mode: lines said; churn mode: waves (default 20)
     --server-pid PIDS    server processes (comma-separated), for their CPU and memory";
@@ -85,6 +86,7 @@ fn parse_args() -> Result<Args, String> {
         Some("-h" | "--help") | None => return Err(HELP.to_owned()),
         Some(other) => return Err(format!("unknown mode {other:?}\n\n{HELP}")),
     };
+    let flood = matches!(mode, Mode::Flood);
     let mut args = Args {
         connections: match mode {
             Mode::Fanout => 1000,
@@ -92,10 +94,7 @@ fn parse_args() -> Result<Args, String> {
             Mode::Echo | Mode::Idle => 64,
             Mode::Flood => 1,
         },
-        route: match mode {
-            Mode::Flood => "room.room.say".into(),
-            _ => "connector.entry.echo".into(),
-        },
+        route: if flood { "room.room.say" } else { "connector.entry.echo" }.into(),
         mode,
         addr: "127.0.0.1:3250".parse().unwrap(),
         inflight: 16,
@@ -103,7 +102,7 @@ fn parse_args() -> Result<Args, String> {
         warmup: Duration::from_secs(2),
         threads: 1,
         probe_route: "connector.entry.echo".into(),
-        body: br#"{"msg":"hello dragonfruit"}"#.to_vec(),
+        body: if flood { br#"{"text":"flood"}"#.to_vec() } else { br#"{"msg":"hello dragonfruit"}"#.to_vec() },
         hold: Duration::from_secs(3),
         rounds: 20,
         server_pids: Vec::new(),
