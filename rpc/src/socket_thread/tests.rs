@@ -341,6 +341,40 @@ fn a_server_that_left_the_table_after_it_was_chosen_gets_the_call() {
     stop(io, thread);
 }
 
+/// One-way messages sent to a server right as it leaves the table (pushes and kicks for the
+/// sessions of a frontend that is stopping) all arrive: its DEALER stays open a moment
+/// after it left ([`RETIRE_AFTER`]) instead of closing with messages not yet written (the
+/// sockets have no linger).
+#[test]
+fn one_way_messages_sent_as_a_server_leaves_the_table_arrive() {
+    let ctx = zmq::Context::new();
+    let (server, addr) = fake_server(&ctx);
+    let (io, thread, table) = start_with_table(&ctx, &[("peer", &addr)], Duration::from_secs(5));
+    call_is_answered(&io, "peer", &server, true);
+    let chosen = table.get("peer").unwrap();
+    // 16 MiB: more than the loopback connection takes before the DEALER would be closed.
+    let (count, body) = (256u64, vec![7u8; 64 * 1024]);
+    for session in 0..count {
+        io.call_server(&chosen, Call::Push { session, route: "onGoodbye".into(), body: body.clone() }, None);
+    }
+    table.replace(HashMap::new());
+    io.send(Cmd::PeersChanged);
+    server.set_rcvtimeo(5000).unwrap();
+    let mut pushed = Vec::new();
+    while (pushed.len() as u64) < count {
+        let parts =
+            server.recv_multipart(0).unwrap_or_else(|e| panic!("{} of {count} pushes arrived: {e}", pushed.len()));
+        for frame in wire::decode(&parts[1]).unwrap() {
+            match frame {
+                Frame::Call { corr: 0, call: Call::Push { session, body: b, .. } } if b == body => pushed.push(session),
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+    assert_eq!(pushed, (0..count).collect::<Vec<_>>(), "all, in order");
+    stop(io, thread);
+}
+
 /// A restarted server takes over its ROUTER identity on its peers, so an answer to a call
 /// of the previous process can arrive at the new one; it must not answer a new call.
 #[test]
