@@ -3,7 +3,8 @@
 //! frozen room server, a room server stopped gracefully under load, and roomless players
 //! moving off a killed room server before discovery drops it; players switching rooms
 //! across room servers; a room lost with its server joined again; a pomelo-protocol client
-//! (npm) and the terminal player (`--play`) playing through the cluster.
+//! (npm) and the terminal player (`--play`) playing through the cluster; the servers
+//! deployed on their own (`--role`) with etcd discovery.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -12,10 +13,16 @@ use std::time::{Duration, Instant};
 
 use dragonfruit_client::{Client, ClientConfig, ClientError};
 use dragonfruit_rpc::router::rendezvous;
+use dragonfruit_rpc::{Discovery, EtcdDiscovery, ServerEntry, ServerTable};
 use serde_json::{json, Value};
 
 #[path = "../../tests/node/run.rs"]
 mod node;
+
+// The real etcd the integration tests use (the test command installs `etcd-server`).
+#[allow(dead_code)]
+#[path = "../../tests/util/etcd.rs"]
+mod etcd;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sample-game");
 
@@ -47,6 +54,17 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitS
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// A room server's entry, to work out with the room router's hash which one holds a room.
+fn room_entry(id: &str) -> ServerEntry {
+    ServerEntry {
+        id: id.into(),
+        server_type: "room".into(),
+        frontend: false,
+        rpc_addr: String::new(),
+        metadata: Default::default(),
+    }
 }
 
 /// Connects once the connector is up and has discovered a room server.
@@ -385,14 +403,7 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
 fn players_rejoin_a_room_lost_with_its_server() {
     let servers = Servers::new("lost", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
     let mut cluster = servers.two_rooms();
-    let entry = |id: &str| dragonfruit_rpc::ServerEntry {
-        id: id.into(),
-        server_type: "room".into(),
-        frontend: false,
-        rpc_addr: String::new(),
-        metadata: Default::default(),
-    };
-    let both = [entry("room-1"), entry("room-2")];
+    let both = [room_entry("room-1"), room_entry("room-2")];
     let room = (0..).map(|i| format!("hall{i}")).find(|r| rendezvous(r, &both) == Some(0)).unwrap();
     let alice = player(cluster.port, "alice");
     let bob = player(cluster.port, "bob");
@@ -560,4 +571,77 @@ fn a_room_server_stopped_under_load_fails_no_request() {
     assert!(failed.is_empty(), "{} of {sent} failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
     let status = wait_exit(&mut cluster.room1.0, T).expect("room-1 stopped");
     assert!(status.success(), "{status}");
+}
+
+/// The servers started on their own with etcd discovery, as on several machines
+/// (`--role ... --discovery etcd --etcd-url URL`): they find each other through a real etcd,
+/// players play across them, and a server stopped gracefully deregisters at once (the lease
+/// TTL is a minute here, so expiry cannot be what removes it) and exits cleanly.
+#[test]
+fn servers_deployed_on_their_own_find_each_other_through_etcd() {
+    let etcd = etcd::Etcd::start("sg");
+    let url = etcd.url();
+    let port = free_port();
+    let spawn = |role: &str, id: &str, extra: &[&str]| {
+        Proc(
+            Command::new(BIN)
+                .args(["--role", role, "--id", id, "--discovery", "etcd", "--etcd-url", &url])
+                .args(extra)
+                .env("RUST_LOG", "error")
+                .env("DRAGONFRUIT_DISCOVERY__TTL", "60s")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut connector = spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let mut rooms = [spawn("room", "room-1", &[]), spawn("room", "room-2", &[])];
+    // Another server's view of the cluster, through the same etcd and key prefix.
+    let observer = EtcdDiscovery::new(&url, "dragonfruit/", Duration::from_secs(60));
+    let table = std::sync::Arc::new(ServerTable::new());
+    let me = ServerEntry {
+        id: "observer".into(),
+        server_type: "observer".into(),
+        frontend: false,
+        rpc_addr: "tcp://127.0.0.1:9".into(),
+        metadata: Default::default(),
+    };
+    observer.start(me, table.clone(), std::sync::Arc::new(|| {})).unwrap();
+    let listed = |id: &str| table.get(id).is_some();
+    let until = |cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            assert!(Instant::now() < deadline, "{:?}", table.snapshot().by_id.keys().collect::<Vec<_>>());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    until(&|| ["connector-1", "room-1", "room-2"].iter().all(|id| listed(id)));
+
+    let (ann, ben) = (player(port, "ann"), player(port, "ben"));
+    for p in [&ann, &ben] {
+        let _: Value = p.request("room.room.join", &json!({"room": "deck"})).unwrap();
+    }
+    assert_eq!(ann.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "ben"})));
+    ben.notify("room.room.say", &json!({"text": "over etcd"})).unwrap();
+    let heard = ("onChat".to_string(), json!({"from": "ben", "text": "over etcd"}));
+    assert_eq!(ann.recv_push_as::<Value>(T).unwrap(), heard);
+
+    // The room server not holding the room stops; the other keeps the game going.
+    let deck = if rendezvous("deck", &[room_entry("room-1"), room_entry("room-2")]) == Some(0) { 0 } else { 1 };
+    let other = &mut rooms[1 - deck];
+    signal(&other.0, libc::SIGTERM);
+    let gone = format!("room-{}", 2 - deck);
+    until(&|| !listed(&gone));
+    assert!(wait_exit(&mut other.0, T).expect("stopped").success());
+    ben.notify("room.room.say", &json!({"text": "still here"})).unwrap();
+    let heard = ("onChat".to_string(), json!({"from": "ben", "text": "still here"}));
+    assert_eq!(ann.recv_push_as::<Value>(T).unwrap(), heard);
+    assert_eq!(ann.request_raw("room.room.echo", b"echo").unwrap(), b"echo");
+
+    for proc in [&mut connector, &mut rooms[deck]] {
+        signal(&proc.0, libc::SIGTERM);
+        assert!(wait_exit(&mut proc.0, T).expect("stopped").success());
+    }
+    until(&|| !listed("connector-1") && !listed("room-1") && !listed("room-2"));
+    observer.stop();
 }
