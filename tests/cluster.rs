@@ -254,17 +254,13 @@ fn a_uid_bound_on_two_frontends_at_once_keeps_exactly_one_session() {
 #[test]
 fn binds_on_other_frontends_kick_only_earlier_sessions() {
     use dragonfruit_rpc::wire::{self, Answer, Call, Frame};
-    let dir = cluster_dir("bindorder");
-    let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
-    let fe_module = cluster_module(&dir, TIMEOUT);
-    let frontend = start_connector(&fe_module);
-    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    let c = cluster("bindorder", 1, TIMEOUT, None);
     // A second frontend of our own making, telling connector-1 of its binds.
     let ctx = zmq::Context::new();
     let peer = ctx.socket(zmq::DEALER).unwrap();
     peer.set_identity(b"connector-2#0000000000000001").unwrap();
     peer.set_rcvtimeo(5000).unwrap();
-    peer.connect(&fe_module.me().unwrap().rpc_addr).unwrap();
+    peer.connect(&c.fe_module.me().unwrap().rpc_addr).unwrap();
     let bound_elsewhere = |corr: u64, uid: &str, bound_at: u64| {
         let call = Call::KickOlder { uid: uid.into(), bound_at };
         peer.send(wire::encode(&[Frame::Call { corr, call }]), 0).unwrap();
@@ -274,7 +270,7 @@ fn binds_on_other_frontends_kick_only_earlier_sessions() {
         }
     };
     let bind = |uid: &str| {
-        let client = frontend.client();
+        let client = c.frontend.client();
         let _: bool = client.request("probe.bind", uid).unwrap();
         client
     };

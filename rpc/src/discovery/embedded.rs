@@ -325,28 +325,29 @@ mod tests {
         std::thread::sleep(refresh * 3);
         assert_eq!(ta.all().len(), 1, "junk is ignored");
         // A file naming a's id at another endpoint: another process has a's id.
-        assert!(!taken_by_another(&scan(&dir, ttl, &mut Freshness::default(), now()), &entry("room/1")));
+        assert!(!taken_by_another(&scan_once(&dir, ttl), &entry("room/1")));
         let mut twin = entry("room/1");
         twin.rpc_addr = "tcp://127.0.0.1:2".into();
         write_entry(&dir.join(file_name("room/1")), &twin).unwrap();
-        assert!(taken_by_another(&scan(&dir, ttl, &mut Freshness::default(), now()), &entry("room/1")));
+        assert!(taken_by_another(&scan_once(&dir, ttl), &entry("room/1")));
         // The junk file is logged once, until it is fixed or gone.
         let mut warned = HashSet::new();
-        let found = scan(&dir, ttl, &mut Freshness::default(), now());
+        let found = scan_once(&dir, ttl);
         assert_eq!(found.bad.len(), 1, "{:?}", found.bad);
         assert!(found.bad[0].0.ends_with("junk.json") && found.bad[0].1.contains("does not hold a server entry"));
         assert_eq!(warn_bad_files(&found, &mut warned), 1);
-        assert_eq!(warn_bad_files(&scan(&dir, ttl, &mut Freshness::default(), now()), &mut warned), 0, "once");
+        assert_eq!(warn_bad_files(&scan_once(&dir, ttl), &mut warned), 0, "once");
         fs::remove_file(dir.join("junk.json")).unwrap();
-        assert_eq!(warn_bad_files(&scan(&dir, ttl, &mut Freshness::default(), now()), &mut warned), 0);
+        assert_eq!(warn_bad_files(&scan_once(&dir, ttl), &mut warned), 0);
         fs::write(dir.join("junk.json"), b"{}").unwrap();
-        assert_eq!(
-            warn_bad_files(&scan(&dir, ttl, &mut Freshness::default(), now()), &mut warned),
-            1,
-            "bad again: logged again"
-        );
+        assert_eq!(warn_bad_files(&scan_once(&dir, ttl), &mut warned), 1, "bad again: logged again");
         a.stop();
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A scan by a server that has seen no file before (judged by their age).
+    fn scan_once(dir: &Path, ttl: Duration) -> Scan {
+        scan(dir, ttl, &mut Freshness::default(), now())
     }
 
     /// File times are wall-clock times: a jump forward (a laptop waking up, an NTP step)
