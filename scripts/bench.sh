@@ -11,6 +11,9 @@
 #                               joining a room, switching rooms, chatting and leaving; the servers' memory per wave
 #   scripts/bench.sh flood      local cluster: one client flooding room.room.say notifies, another
 #                               probing with connector.entry.echo every 1 ms; the probe's latencies
+#   scripts/bench.sh sessions   connector + 2 room servers started with --role, all in one session
+#                               and then each in a session of its own (as from three terminals):
+#                               forwarded echo at two loads each
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -67,6 +70,41 @@ if [ "$what" = all ] || [ "$what" = flood ]; then
     start
     $bench flood --duration 10 --warmup 1 --server-pid "$pids"
     stop
+fi
+if [ "$what" = all ] || [ "$what" = sessions ]; then
+    # The three servers with --role, found through a fresh embedded discovery directory.
+    dir=$(mktemp -d)
+    serve() {
+        local role=$1 id=$2
+        shift 2
+        echo "target/release/sample-game --role $role --id $id --discovery-dir $dir $* >>/tmp/dragonfruit-bench-server.log 2>&1"
+    }
+    servers=("$(serve connector connector-1 --tcp "127.0.0.1:$port")" "$(serve room room-1)" "$(serve room room-2)")
+    run_forwarded() {
+        wait_port
+        sleep 1.5
+        for load in "64 16" "16 4"; do
+            set -- $load
+            $bench echo --route room.room.echo --connections "$1" --inflight "$2" --duration 10 --warmup 2 --server-pid "$pids"
+        done
+        for pid in ${pids//,/ }; do kill -INT "$pid" 2>/dev/null || true; done
+        for _ in $(seq 100); do
+            pgrep -f "^target/release/sample-game --role .* --discovery-dir $dir" >/dev/null || break
+            sleep 0.1
+        done
+    }
+    export RUST_LOG=warn
+    echo "== one session for the three servers"
+    setsid bash -c "${servers[0]} & ${servers[1]} & ${servers[2]} & wait" &
+    sleep 0.5
+    pids=$(pgrep -d, -f "^target/release/sample-game --role .* --discovery-dir $dir")
+    run_forwarded
+    echo "== a session for each server"
+    for cmd in "${servers[@]}"; do setsid bash -c "exec $cmd" & done
+    sleep 0.5
+    pids=$(pgrep -d, -f "^target/release/sample-game --role .* --discovery-dir $dir")
+    run_forwarded
+    rm -rf "$dir"
 fi
 if [ "$what" = all ] || [ "$what" = idle ]; then
     start --role standalone
