@@ -29,6 +29,8 @@ USAGE:
                 [--discovery embedded|etcd] [--discovery-dir DIR] [--etcd-url URL[,URL]]
         Runs one server of the cluster, e.g. on another machine with etcd discovery.
         `standalone` serves both server types in one process, without a cluster.
+        Several servers on one machine: start them from one shell session (BENCHMARKS.md,
+        section 'Servers started from separate terminals').
 
 OPTIONS:
     --tcp ADDR            client TCP address of the connector (default 127.0.0.1:3250)
