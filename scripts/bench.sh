@@ -11,6 +11,8 @@
 #                               joining a room, switching rooms, chatting and leaving; the servers' memory per wave
 #   scripts/bench.sh flood      local cluster: one client flooding room.room.say notifies, another
 #                               probing with connector.entry.echo every 1 ms; the probe's latencies
+#   scripts/bench.sh steady     local cluster: local and forwarded echo sent at steady rates
+#                               (1k to 50k requests/s over 100 connections); the servers' CPU
 #   scripts/bench.sh sessions   connector + 2 room servers started with --role, all in one session
 #                               and then each in a session of its own (as from three terminals):
 #                               forwarded echo at two loads each
@@ -69,6 +71,15 @@ fi
 if [ "$what" = all ] || [ "$what" = flood ]; then
     start
     $bench flood --duration 10 --warmup 1 --server-pid "$pids"
+    stop
+fi
+if [ "$what" = all ] || [ "$what" = steady ]; then
+    start
+    for route in connector.entry.echo room.room.echo; do
+        for rate in 1000 5000 10000 50000; do
+            $bench echo --route "$route" --connections 100 --rate "$rate" --duration 10 --warmup 2 --server-pid "$pids"
+        done
+    done
     stop
 fi
 if [ "$what" = all ] || [ "$what" = sessions ]; then

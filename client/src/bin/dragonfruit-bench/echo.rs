@@ -20,7 +20,13 @@ struct Outcome {
     /// Requests still unanswered at the end that were sent over [`STALLED`] before it: lost
     /// or stuck in the server, not merely in flight.
     stalled: u64,
+    /// With `--rate`: requests not sent when due because every connection had `--inflight`
+    /// waiting (the servers did not keep up with the rate).
+    behind: u64,
 }
+
+/// How often a thread sending at `--rate` sends what has come due.
+const PACE_TICK: Duration = Duration::from_millis(1);
 
 /// An answer this late counts as lost (latencies under load here are milliseconds).
 const STALLED: Duration = Duration::from_secs(1);
@@ -32,10 +38,13 @@ struct Plan<'a> {
     stop_at: Instant,
 }
 
-/// One thread's connections: handshake, then K requests in flight each (none when idle).
+/// One thread's connections: handshake, then K requests in flight each (none when idle), or
+/// requests at this thread's share of `--rate`.
 fn drive(plan: &Plan<'_>) -> io::Result<Outcome> {
     let args = plan.args;
     let idle = matches!(args.mode, Mode::Idle);
+    let pace = args.rate.map(|r| Pace { rate: r * plan.conns as f64 / args.connections as f64, ..Pace::default() });
+    let mut pace = if idle { None } else { pace };
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(4096);
     let mut conns: Vec<Conn> = Vec::with_capacity(plan.conns);
@@ -53,13 +62,19 @@ fn drive(plan: &Plan<'_>) -> io::Result<Outcome> {
             let token = Token(conns.len());
             conns.push(Conn::open(args.addr, poll.registry(), token)?);
             sent.push(VecDeque::new());
-            next_id.push(1);
+            // Set to 1 when the handshake answer comes: 0 means not ready.
+            next_id.push(0);
         }
         let now = Instant::now();
         if now >= plan.stop_at {
             break;
         }
-        poll.poll(&mut events, Some((plan.stop_at - now).min(Duration::from_millis(100))))?;
+        let mut wait = (plan.stop_at - now).min(Duration::from_millis(100));
+        if let Some(pace) = &mut pace {
+            pace.send_due(now, plan, &mut conns, &mut sent, &mut next_id);
+            wait = wait.min(PACE_TICK);
+        }
+        poll.poll(&mut events, Some(wait))?;
         for event in events.iter() {
             let i = event.token().0;
             let c = &mut conns[i];
@@ -78,7 +93,8 @@ fn drive(plan: &Plan<'_>) -> io::Result<Outcome> {
                         }
                         conn::ack(out);
                         ready += 1;
-                        if !idle {
+                        *next_id = 1;
+                        if !idle && pace.is_none() {
                             for _ in 0..args.inflight {
                                 conn::request(*next_id, &args.route, &args.body, out);
                                 sent.push_back((*next_id, now));
@@ -103,9 +119,11 @@ fn drive(plan: &Plan<'_>) -> io::Result<Outcome> {
                                 let _ = hist.record(now.duration_since(at).as_micros().max(1) as u64);
                             }
                         }
-                        conn::request(*next_id, &args.route, &args.body, out);
-                        sent.push_back((*next_id, now));
-                        *next_id += 1;
+                        if pace.is_none() {
+                            conn::request(*next_id, &args.route, &args.body, out);
+                            sent.push_back((*next_id, now));
+                            *next_id += 1;
+                        }
                     }
                     _ => errors += 1,
                 });
@@ -115,7 +133,64 @@ fn drive(plan: &Plan<'_>) -> io::Result<Outcome> {
     }
     errors += conns.iter().filter(|c| c.closed).count() as u64;
     let stalled = sent.iter().flatten().filter(|(_, at)| plan.stop_at.duration_since(*at) > STALLED).count() as u64;
-    Ok(Outcome { hist, answered, errors, ready, stalled })
+    let behind = pace.map_or(0, |p| p.behind);
+    Ok(Outcome { hist, answered, errors, ready, stalled, behind })
+}
+
+/// Sending at a steady rate: what has come due since the first connection was ready goes
+/// out round-robin to the ready connections with fewer than `--inflight` waiting.
+#[derive(Default)]
+struct Pace {
+    /// Requests a second for this thread.
+    rate: f64,
+    start: Option<Instant>,
+    sent: u64,
+    behind: u64,
+    next: usize,
+}
+
+impl Pace {
+    fn send_due(
+        &mut self,
+        now: Instant,
+        plan: &Plan<'_>,
+        conns: &mut [Conn],
+        sent: &mut [VecDeque<(u64, Instant)>],
+        next_id: &mut [u64],
+    ) {
+        // A connection is ready once its handshake answer came (its next id is set then).
+        let ready = |conns: &[Conn], next_id: &[u64], i: usize| next_id[i] > 0 && !conns[i].closed;
+        let Some(start) = self.start.or_else(|| (0..conns.len()).any(|i| ready(conns, next_id, i)).then_some(now))
+        else {
+            return;
+        };
+        self.start = Some(start);
+        let due = (now.duration_since(start).as_secs_f64() * self.rate) as u64;
+        let mut tried = 0;
+        while self.sent < due {
+            if tried == conns.len() {
+                if now >= plan.record_from {
+                    self.behind += due - self.sent;
+                }
+                self.sent = due;
+                break;
+            }
+            let i = self.next % conns.len();
+            self.next += 1;
+            if !ready(conns, next_id, i) || sent[i].len() >= plan.args.inflight {
+                tried += 1;
+                continue;
+            }
+            tried = 0;
+            conn::request(next_id[i], &plan.args.route, &plan.args.body, &mut conns[i].wbuf);
+            sent[i].push_back((next_id[i], now));
+            next_id[i] += 1;
+            self.sent += 1;
+        }
+        for c in conns.iter_mut() {
+            c.flush();
+        }
+    }
 }
 
 fn run_threads(args: &Args, record_from: Instant, stop_at: Instant) -> Result<Vec<Outcome>, String> {
@@ -143,8 +218,9 @@ pub(crate) fn echo(args: &Args) -> Result<(), String> {
     let outcomes = run_threads(args, record_from, stop_at)?;
     let wall = start.elapsed().as_secs_f64();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-    let (mut answered, mut errors, mut ready, mut stalled) = (0, 0, 0, 0);
+    let (mut answered, mut errors, mut ready, mut stalled, mut behind) = (0, 0, 0, 0, 0);
     for o in &outcomes {
+        behind += o.behind;
         hist.add(&o.hist).expect("same bounds");
         answered += o.answered;
         errors += o.errors;
@@ -152,10 +228,16 @@ pub(crate) fn echo(args: &Args) -> Result<(), String> {
         stalled += o.stalled;
     }
     let secs = args.duration.as_secs_f64();
-    println!(
-        "echo {} conns x {} in flight, route {}, {} client thread(s), {:.1} s measured",
-        args.connections, args.inflight, args.route, args.threads, secs
-    );
+    match args.rate {
+        Some(rate) => println!(
+            "echo {} conns at {rate:.0} req/s in all (at most {} waiting each), route {}, {} client thread(s), {:.1} s measured",
+            args.connections, args.inflight, args.route, args.threads, secs
+        ),
+        None => println!(
+            "echo {} conns x {} in flight, route {}, {} client thread(s), {:.1} s measured",
+            args.connections, args.inflight, args.route, args.threads, secs
+        ),
+    }
     println!("  connections ready  {ready}/{}", args.connections);
     println!("  requests/s         {:.0}", answered as f64 / secs);
     println!(
@@ -167,11 +249,16 @@ pub(crate) fn echo(args: &Args) -> Result<(), String> {
     );
     println!("  errors             {errors}");
     println!("  unanswered         {stalled} (sent over {STALLED:?} before the end)");
+    if args.rate.is_some() {
+        println!("  not sent           {behind} (due while every connection had --inflight waiting)");
+    }
     println!("  bench cpu          {:.0}% of one core", (cpu_seconds_self() - self_cpu) / wall * 100.0);
     server_cpu.report(wall);
-    if ready < args.connections || errors > 0 || stalled > 0 {
+    if ready < args.connections || errors > 0 || stalled > 0 || behind > 0 {
         let failed = args.connections - ready;
-        return Err(format!("{failed} connections failed, {errors} errors, {stalled} requests unanswered"));
+        return Err(format!(
+            "{failed} connections failed, {errors} errors, {stalled} requests unanswered, {behind} not sent at the rate"
+        ));
     }
     Ok(())
 }

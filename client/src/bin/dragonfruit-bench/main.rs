@@ -37,7 +37,11 @@ OPTIONS:
     --connections N      connections (default 64; fanout: room members, default 1000;
                          churn: players per wave, default 500; flood: flooding
                          connections, default 1)
-    --inflight K         requests in flight per connection, echo mode (default 16)
+    --inflight K         requests in flight per connection, echo mode (default 16);
+                         with --rate, the most each connection may have waiting
+    --rate R             echo mode: send R requests a second in all, spread over the
+                         connections, instead of a new one per answer (a steady load,
+                         to read the servers' CPU at it)
     --duration SECS      measured time, echo and flood modes (default 10)
     --warmup SECS        unmeasured time before it (default 2)
     --threads T          client threads, 1 or 2 (default 1)
@@ -64,6 +68,7 @@ pub(crate) struct Args {
     pub(crate) addr: SocketAddr,
     pub(crate) connections: usize,
     pub(crate) inflight: usize,
+    pub(crate) rate: Option<f64>,
     pub(crate) duration: Duration,
     pub(crate) warmup: Duration,
     pub(crate) threads: usize,
@@ -98,6 +103,7 @@ fn parse_args() -> Result<Args, String> {
         mode,
         addr: "127.0.0.1:3250".parse().unwrap(),
         inflight: 16,
+        rate: None,
         duration: Duration::from_secs(10),
         warmup: Duration::from_secs(2),
         threads: 1,
@@ -118,6 +124,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--connections" => args.connections = number(value()?, "--connections")?,
             "--inflight" => args.inflight = number(value()?, "--inflight")?,
+            "--rate" => match value()?.parse::<f64>() {
+                Ok(r) if r.is_finite() && r > 0.0 => args.rate = Some(r),
+                _ => return Err("--rate must be a positive number".into()),
+            },
             "--duration" => args.duration = secs(value()?)?,
             "--warmup" => args.warmup = secs(value()?)?,
             "--threads" => args.threads = number(value()?, "--threads")?,
