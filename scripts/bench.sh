@@ -85,6 +85,8 @@ fi
 if [ "$what" = all ] || [ "$what" = sessions ]; then
     # The three servers with --role, found through a fresh embedded discovery directory.
     dir=$(mktemp -d)
+    ours="^target/release/sample-game --role .* --discovery-dir $dir"
+    trap 'pkill -INT -f "$ours" || true; rm -rf "$dir"; stop' EXIT
     serve() {
         local role=$1 id=$2
         shift 2
@@ -93,29 +95,29 @@ if [ "$what" = all ] || [ "$what" = sessions ]; then
     servers=("$(serve connector connector-1 --tcp "127.0.0.1:$port")" "$(serve room room-1)" "$(serve room room-2)")
     run_forwarded() {
         wait_port
-        sleep 1.5
+        for _ in $(seq 100); do
+            [ "$(pgrep -c -f "$ours")" = 3 ] && break
+            sleep 0.1
+        done
+        pids=$(pgrep -d, -f "$ours")
+        sleep 1.5  # let the connector discover the room servers
         for load in "64 16" "16 4"; do
             set -- $load
             $bench echo --route room.room.echo --connections "$1" --inflight "$2" --duration 10 --warmup 2 --server-pid "$pids"
         done
-        for pid in ${pids//,/ }; do kill -INT "$pid" 2>/dev/null || true; done
+        pkill -INT -f "$ours" || true
         for _ in $(seq 100); do
-            pgrep -f "^target/release/sample-game --role .* --discovery-dir $dir" >/dev/null || break
+            pgrep -f "$ours" >/dev/null || break
             sleep 0.1
         done
     }
     export RUST_LOG=warn
     echo "== one session for the three servers"
     setsid bash -c "${servers[0]} & ${servers[1]} & ${servers[2]} & wait" &
-    sleep 0.5
-    pids=$(pgrep -d, -f "^target/release/sample-game --role .* --discovery-dir $dir")
     run_forwarded
     echo "== a session for each server"
     for cmd in "${servers[@]}"; do setsid bash -c "exec $cmd" & done
-    sleep 0.5
-    pids=$(pgrep -d, -f "^target/release/sample-game --role .* --discovery-dir $dir")
     run_forwarded
-    rm -rf "$dir"
 fi
 if [ "$what" = all ] || [ "$what" = idle ]; then
     start --role standalone
