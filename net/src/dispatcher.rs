@@ -24,6 +24,13 @@ pub(crate) struct PoolDispatcher {
     inner: Arc<Inner>,
 }
 
+/// The sessions of one forwarded batch not yet taken by a worker.
+struct Group {
+    left: VecDeque<(OrderKey, Job)>,
+    /// A helper job is queued and has not started.
+    helper_queued: bool,
+}
+
 struct Inner {
     pool: Arc<WorkerPool>,
     remote: RemotePool,
@@ -56,17 +63,35 @@ impl Inner {
         self.pending.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Drains several mailboxes: halves go to `rayon::join`, so while one session's handler
-    /// blocks, idle workers take the other sessions.
-    fn drain_many(self: &Arc<Self>, mut fresh: Vec<(OrderKey, Job)>) {
-        if fresh.len() <= 1 {
-            if let Some((key, job)) = fresh.pop() {
-                self.clone().drain(key, job);
-            }
-            return;
+    /// Drains several mailboxes (the sessions of one forwarded batch): this worker takes
+    /// them one after another, and while some are left a helper job is queued that takes
+    /// them too, so while one session's handler blocks another worker goes on with the rest.
+    /// At most one helper waits to start at a time (a helper that starts queues the next),
+    /// so a batch of quick handlers wakes one more worker at most, not one per session: each
+    /// worker woken runs rayon's idle loop (yielding and stealing) before it sleeps again,
+    /// CPU the other stages need (BENCHMARKS.md, "Servers started from separate terminals").
+    fn drain_many(self: &Arc<Self>, fresh: Vec<(OrderKey, Job)>) {
+        let group = Arc::new(Mutex::new(Group { left: fresh.into(), helper_queued: false }));
+        self.clone().drain_group(group);
+    }
+
+    fn drain_group(self: Arc<Self>, group: Arc<Mutex<Group>>) {
+        loop {
+            let (key, job) = {
+                let mut g = group.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(next) = g.left.pop_front() else { return };
+                if !g.left.is_empty() && !g.helper_queued {
+                    g.helper_queued = true;
+                    let (inner, group) = (self.clone(), group.clone());
+                    self.pool.spawn(move || {
+                        group.lock().unwrap_or_else(|p| p.into_inner()).helper_queued = false;
+                        inner.drain_group(group);
+                    });
+                }
+                next
+            };
+            self.clone().drain(key, job);
         }
-        let right = fresh.split_off(fresh.len() / 2);
-        rayon::join(|| self.drain_many(fresh), || self.drain_many(right));
     }
 
     fn drain(self: Arc<Self>, key: OrderKey, first: Job) {
@@ -198,5 +223,33 @@ mod tests {
         });
         d.submit_ordered_many(vec![((Arc::from("fe"), 1), a), ((Arc::from("fe"), 2), b)]);
         assert_eq!(result.recv_timeout(Duration::from_secs(10)), Ok(true), "B ran while A was blocked");
+    }
+
+    #[test]
+    fn every_blocking_job_of_a_group_gets_a_worker() {
+        // Four sessions of one group whose handlers each wait until all four have started:
+        // the group's helpers must go on queueing helpers while handlers block.
+        let pool = Arc::new(WorkerPool::new(6).unwrap());
+        let d = PoolDispatcher::new(pool, 4);
+        let started = Arc::new(AtomicUsize::new(0));
+        let (done, finished) = crossbeam_channel::unbounded::<bool>();
+        let jobs: Vec<(OrderKey, Job)> = (0..4u64)
+            .map(|key| {
+                let (started, done) = (started.clone(), done.clone());
+                let job: Job = Box::new(move || {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while started.load(Ordering::SeqCst) < 4 && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    let _ = done.send(started.load(Ordering::SeqCst) == 4);
+                });
+                ((Arc::from("fe"), key), job)
+            })
+            .collect();
+        d.submit_ordered_many(jobs);
+        for _ in 0..4 {
+            assert_eq!(finished.recv_timeout(Duration::from_secs(10)), Ok(true), "all four ran at once");
+        }
     }
 }
