@@ -12,9 +12,7 @@ use std::time::Duration;
 use dragonfruit_core::cluster::{Dispatcher, OrderKey};
 use log::error;
 
-use crate::pool::{RemotePool, WorkerPool};
-
-type Job = Box<dyn FnOnce() + Send>;
+use crate::pool::{Job, RemotePool, WorkerPool};
 
 /// How long a remote thread waits for a job before it ends.
 const REMOTE_LINGER: Duration = Duration::from_secs(30);
@@ -22,13 +20,6 @@ const REMOTE_LINGER: Duration = Duration::from_secs(30);
 /// Dispatches forwarded messages onto the rayon pool and remotes onto the remote threads.
 pub(crate) struct PoolDispatcher {
     inner: Arc<Inner>,
-}
-
-/// The sessions of one forwarded batch not yet taken by a worker.
-struct Group {
-    left: VecDeque<(OrderKey, Job)>,
-    /// A helper job is queued and has not started.
-    helper_queued: bool,
 }
 
 struct Inner {
@@ -61,37 +52,6 @@ impl Inner {
             error!("a cluster job panicked");
         }
         self.pending.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// Drains several mailboxes (the sessions of one forwarded batch): this worker takes
-    /// them one after another, and while some are left a helper job is queued that takes
-    /// them too, so while one session's handler blocks another worker goes on with the rest.
-    /// At most one helper waits to start at a time (a helper that starts queues the next),
-    /// so a batch of quick handlers wakes one more worker at most, not one per session: each
-    /// worker woken runs rayon's idle loop (yielding and stealing) before it sleeps again,
-    /// CPU the other stages need (BENCHMARKS.md, "Servers started from separate terminals").
-    fn drain_many(self: &Arc<Self>, fresh: Vec<(OrderKey, Job)>) {
-        let group = Arc::new(Mutex::new(Group { left: fresh.into(), helper_queued: false }));
-        self.clone().drain_group(group);
-    }
-
-    fn drain_group(self: Arc<Self>, group: Arc<Mutex<Group>>) {
-        loop {
-            let (key, job) = {
-                let mut g = group.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(next) = g.left.pop_front() else { return };
-                if !g.left.is_empty() && !g.helper_queued {
-                    g.helper_queued = true;
-                    let (inner, group) = (self.clone(), group.clone());
-                    self.pool.spawn(move || {
-                        group.lock().unwrap_or_else(|p| p.into_inner()).helper_queued = false;
-                        inner.drain_group(group);
-                    });
-                }
-                next
-            };
-            self.clone().drain(key, job);
-        }
     }
 
     fn drain(self: Arc<Self>, key: OrderKey, first: Job) {
@@ -140,10 +100,16 @@ impl Dispatcher for PoolDispatcher {
                 }
             }
         }
-        if !fresh.is_empty() {
-            let inner = self.inner.clone();
-            self.inner.pool.spawn(move || inner.drain_many(fresh));
-        }
+        // The sessions of one forwarded batch: one worker takes them in turn (with a helper
+        // queued while some are left), not a worker each.
+        let drains = fresh
+            .into_iter()
+            .map(|(key, job)| {
+                let inner = self.inner.clone();
+                Box::new(move || inner.drain(key, job)) as Job
+            })
+            .collect();
+        self.inner.pool.spawn_group(drains);
     }
 
     fn submit_remote(&self, job: Job) {

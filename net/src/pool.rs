@@ -2,6 +2,7 @@
 //! `RemotePool`: the threads running remotes that other servers call, up to
 //! `dispatch.remote_concurrency`, started as needed and ended when idle.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,15 +30,67 @@ impl WorkerPool {
 
     /// Runs `job` on a worker.
     pub(crate) fn spawn(&self, job: impl FnOnce() + Send + 'static) {
-        self.pool.spawn(move || {
-            if catch_unwind(AssertUnwindSafe(job)).is_err() {
-                error!("a worker job panicked outside its guard");
+        self.pool.spawn(move || run_guarded(job));
+    }
+
+    /// Runs `jobs` (independent of each other) on workers: one worker takes them one after
+    /// another, and while some are left a helper job is queued that takes them too, so while
+    /// one job blocks another worker goes on with the rest. At most one helper waits to
+    /// start at a time (a helper that starts queues the next while jobs are left), so quick
+    /// jobs wake one more worker at most, not one each: every worker woken runs rayon's
+    /// idle loop (yielding and trying to steal) before it sleeps again, CPU the event loop
+    /// and the RPC thread need (BENCHMARKS.md, "Servers started from separate terminals").
+    pub(crate) fn spawn_group(self: &Arc<Self>, jobs: Vec<Job>) {
+        let mut jobs = jobs.into_iter();
+        match (jobs.next(), jobs.len()) {
+            (None, _) => {}
+            (Some(job), 0) => self.spawn(job),
+            (Some(first), _) => {
+                let mut left = VecDeque::with_capacity(jobs.len() + 1);
+                left.push_back(first);
+                left.extend(jobs);
+                let group = Arc::new(Mutex::new(Group { left, helper_queued: false }));
+                let pool = self.clone();
+                self.spawn(move || pool.drain_group(&group));
             }
-        });
+        }
+    }
+
+    fn drain_group(self: &Arc<Self>, group: &Arc<Mutex<Group>>) {
+        loop {
+            let job = {
+                let mut g = group.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(job) = g.left.pop_front() else { return };
+                if !g.left.is_empty() && !g.helper_queued {
+                    g.helper_queued = true;
+                    let (pool, group) = (self.clone(), group.clone());
+                    self.spawn(move || {
+                        group.lock().unwrap_or_else(|p| p.into_inner()).helper_queued = false;
+                        pool.drain_group(&group);
+                    });
+                }
+                job
+            };
+            run_guarded(job);
+        }
     }
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+/// The jobs of a [`WorkerPool::spawn_group`] call not yet taken by a worker.
+struct Group {
+    left: VecDeque<Job>,
+    /// A helper job is queued and has not started.
+    helper_queued: bool,
+}
+
+fn run_guarded(job: impl FnOnce()) {
+    if catch_unwind(AssertUnwindSafe(job)).is_err() {
+        error!("a worker job panicked outside its guard");
+    }
+}
+
+/// A job for a pool.
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
 /// Threads for remotes called by other servers (user RPCs), apart from the handler pool.
 /// Handlers block on the remotes they call: if remotes ran on the handler pool, two servers

@@ -192,10 +192,19 @@ impl EventLoop {
         agent.running = batch.count;
         self.jobs += 1;
         let shared = self.shared.clone();
-        self.pool.spawn(move || {
+        // Spawned with the others of this loop pass by `spawn_batches`.
+        self.batches.push(Box::new(move || {
             let done = run_batch(&shared, token, &session, batch);
             let _ = shared.port.send(LoopMsg::Done(done));
-        });
+        }));
+    }
+
+    /// Hands the batches of this loop pass to the pool, as one group: a worker takes them in
+    /// turn, more join while any is left (`WorkerPool::spawn_group`).
+    pub(super) fn spawn_batches(&mut self) {
+        if !self.batches.is_empty() {
+            self.pool.spawn_group(std::mem::take(&mut self.batches));
+        }
     }
 
     /// Appends packets a worker or the cluster produced for `token`, unless it is closing.

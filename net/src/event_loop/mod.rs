@@ -25,7 +25,7 @@ use slab::Slab;
 
 use crate::agent::{Agent, Phase};
 use crate::app::Shared;
-use crate::pool::WorkerPool;
+use crate::pool::{Job, WorkerPool};
 use crate::port::LoopMsg;
 use crate::stats::Stats;
 
@@ -54,6 +54,8 @@ pub(crate) struct EventLoop {
     in_flight: usize,
     /// Jobs (batches and handshakes) on the pool.
     jobs: usize,
+    /// Session batches given out in this loop pass, spawned together at its end.
+    batches: Vec<Job>,
     /// Agents paused by the global in-flight bound, resumed as work completes.
     starved: Vec<usize>,
     /// Agents with output to flush at the end of the iteration.
@@ -119,6 +121,7 @@ impl EventLoop {
             pool,
             in_flight: 0,
             jobs: 0,
+            batches: Vec::new(),
             starved: Vec::new(),
             dirty: Vec::new(),
             scratch: vec![0; READ_CHUNK],
@@ -186,6 +189,7 @@ impl EventLoop {
                 self.on_tick();
                 self.next_tick = self.now + self.tick;
             }
+            self.spawn_batches();
             self.flush_dirty();
             Stats::set(&self.shared.stats.in_flight, self.in_flight as u64);
             if let Some(deadline) = self.stop_deadline {

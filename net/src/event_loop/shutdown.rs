@@ -37,10 +37,12 @@ impl EventLoop {
         }
         self.now = Instant::now();
         self.drain_inbox();
+        self.spawn_batches();
         let tokens: Vec<usize> = self.agents.iter().map(|(t, _)| t).collect();
         for &token in &tokens {
             self.kick(token, "server shutting down");
         }
+        self.spawn_batches();
         let deadline = Instant::now() + FINAL_FLUSH;
         while self.agents.iter().any(|(_, a)| a.stream.is_some() && a.pending_write() > 0) && Instant::now() < deadline
         {
