@@ -298,6 +298,32 @@ fn a_flood_of_failing_forwarded_notifies_logs_a_line_a_second_on_the_backend() {
     assert!((1..=10).contains(&lines), "{lines} warnings for 500 failing notifies");
 }
 
+/// A session's on-close callbacks run after the messages it forwarded before closing: a
+/// player's last chat line, sent just before quitting, is said before the game hears that
+/// the player left (the sample game's on-close callback calls the room server's `left`).
+#[test]
+fn on_close_runs_after_the_messages_forwarded_before_the_close() {
+    let dir = cluster_dir("close-after-forward");
+    let backend = Backend::default();
+    let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let probe = Probe::default();
+    let frontend = Server::start(probe_app(&probe).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    let client = frontend.client();
+    let _: bool = client.request("probe.bind", "quitter").unwrap();
+    let sid = frontend.handle.sessions().by_uid("quitter")[0].id();
+    client.notify("room.room.hold", &json!({})).unwrap();
+    client.close();
+    assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == 1), "the notify runs and holds");
+    // Well within the forwarded call's timeout (2 s), after which it would count as done.
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(probe.state.closed_sessions.lock().unwrap().is_empty(), "on-close ran before the notify finished");
+    backend.gate.open();
+    assert!(wait_until(T, || probe.state.closed_sessions.lock().unwrap().contains(&sid)), "on-close runs after it");
+    assert!(wait_until(T, || frontend.handle.sessions().by_uid("quitter").is_empty()));
+}
+
 #[test]
 fn forwarded_messages_keep_session_order() {
     let c = cluster("order", 1, TIMEOUT, None);

@@ -231,6 +231,31 @@ fn switching_rooms_tells_the_old_room_on_any_room_server() {
     }
 }
 
+/// A player's last line, said right before the connection closes, reaches the room: the
+/// connector runs the session's on-close callback (which tells the room server the player
+/// left) only after the room server has run the messages the player sent before closing.
+#[test]
+fn a_line_said_just_before_quitting_reaches_the_room() {
+    let servers = Servers::new("lastword", &[]);
+    let cluster = servers.two_rooms();
+    let alice = player(cluster.port, "alice");
+    let _: Value = alice.request("room.room.join", &json!({"room": "hall"})).unwrap();
+    for i in 0..10 {
+        let name = format!("guest{i}");
+        let guest = player(cluster.port, &name);
+        let _: Value = guest.request("room.room.join", &json!({"room": "hall"})).unwrap();
+        assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": name})));
+        guest.notify("room.room.say", &json!({"text": "bye"})).unwrap();
+        guest.close();
+        assert_eq!(
+            alice.recv_push_as::<Value>(T).unwrap(),
+            ("onChat".to_string(), json!({"from": name, "text": "bye"})),
+            "{name}'s last line is said before it leaves"
+        );
+        assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onLeave".to_string(), json!({"uid": name})));
+    }
+}
+
 /// A `sample-game --play` process: lines to its input, lines of its output and of its
 /// error output (each waited for at most `T`).
 struct Player {

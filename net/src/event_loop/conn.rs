@@ -231,6 +231,8 @@ impl EventLoop {
                 self.write_out(token, out);
                 if self.agents[token].stream.is_some() {
                     self.pump(token);
+                } else {
+                    self.settle_closed(token);
                 }
             }
             _ => {}
@@ -283,13 +285,7 @@ impl EventLoop {
             }
         }
         match self.agents.get(token) {
-            Some(agent) if agent.stream.is_none() => {
-                if agent.queue.is_empty() {
-                    self.finalize(token);
-                } else {
-                    self.dispatch(token);
-                }
-            }
+            Some(agent) if agent.stream.is_none() => self.settle_closed(token),
             Some(_) => self.pump(token),
             None => {}
         }
@@ -355,7 +351,7 @@ impl EventLoop {
     }
 
     /// Closes the socket now. Messages already queued still run (their answers are
-    /// dropped); the session is finalized when the last one finishes.
+    /// dropped); the session is finalized when the last one finishes (`settle_closed`).
     pub(super) fn close(&mut self, token: usize, reason: &str) {
         let Some(agent) = self.agents.get_mut(token) else { return };
         if let Some(mut stream) = agent.stream.take() {
@@ -369,12 +365,25 @@ impl EventLoop {
         agent.rbuf = Vec::new();
         agent.wbuf = Vec::new();
         agent.wpos = 0;
-        if agent.running == 0 {
-            if agent.queue.is_empty() || self.finishing {
-                self.finalize(token);
-            } else {
-                self.dispatch(token);
-            }
+        self.settle_closed(token);
+    }
+
+    /// A closed connection's remaining work: its queued messages go to a worker; once none
+    /// runs and every message it forwarded has been answered, it is finalized. So the
+    /// session's on-close callbacks run after the messages the client sent before closing,
+    /// also those another server runs (a player's last chat line is said before the game
+    /// hears that the player left). A stop (`finishing`) finalizes at once.
+    fn settle_closed(&mut self, token: usize) {
+        let Some(agent) = self.agents.get(token) else { return };
+        if agent.stream.is_some() || agent.running > 0 {
+            return;
+        }
+        if self.finishing {
+            self.finalize(token);
+        } else if !agent.queue.is_empty() {
+            self.dispatch(token);
+        } else if agent.forwarded <= 0 {
+            self.finalize(token);
         }
     }
 
