@@ -40,7 +40,12 @@ fn room_builder(id: &str, backend: &Backend, module: &ClusterModule) -> AppBuild
 
 /// `connector-1`, the probe frontend, in the cluster of `module`.
 fn start_connector(module: &ClusterModule) -> Server {
-    Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(module.clone())))
+    start_connector_with(&Probe::default(), module)
+}
+
+/// `connector-1` serving `probe`, whose state the test reads, in the cluster of `module`.
+fn start_connector_with(probe: &Probe, module: &ClusterModule) -> Server {
+    Server::start(probe_app(probe).server_id("connector-1").cluster(Arc::new(module.clone())))
 }
 
 fn cluster(
@@ -308,7 +313,7 @@ fn on_close_runs_after_the_messages_forwarded_before_the_close() {
     let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
     let fe_module = cluster_module(&dir, TIMEOUT);
     let probe = Probe::default();
-    let frontend = Server::start(probe_app(&probe).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    let frontend = start_connector_with(&probe, &fe_module);
     assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
     let client = frontend.client();
     let _: bool = client.request("probe.bind", "quitter").unwrap();
