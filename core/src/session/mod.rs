@@ -254,8 +254,10 @@ impl Session {
         self.sink.kick(self, reason)
     }
 
-    /// Registers a callback run once when the connection closes (frontend only). Runs
-    /// at once, on this thread, if the session is already closed.
+    /// Registers a callback run once when the connection closes (frontend only), after
+    /// the messages the client sent before closing have run, on this server or on those
+    /// they were forwarded to (net's runtime; a stop may cut that wait short). Runs at
+    /// once, on this thread, if the session is already closed.
     pub fn on_close(&self, callback: impl FnOnce(&Session) + Send + 'static) -> Result<(), SessionError> {
         if !self.sink.is_frontend() {
             return Err(SessionError::FrontendOnly("on_close"));
