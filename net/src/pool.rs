@@ -40,20 +40,16 @@ impl WorkerPool {
     /// jobs wake one more worker at most, not one each: every worker woken runs rayon's
     /// idle loop (yielding and trying to steal) before it sleeps again, CPU the event loop
     /// and the RPC thread need (BENCHMARKS.md, "Servers started from separate terminals").
-    pub(crate) fn spawn_group(self: &Arc<Self>, jobs: Vec<Job>) {
-        let mut jobs = jobs.into_iter();
-        match (jobs.next(), jobs.len()) {
-            (None, _) => {}
-            (Some(job), 0) => self.spawn(job),
-            (Some(first), _) => {
-                let mut left = VecDeque::with_capacity(jobs.len() + 1);
-                left.push_back(first);
-                left.extend(jobs);
-                let group = Arc::new(Mutex::new(Group { left, helper_queued: false }));
-                let pool = self.clone();
-                self.spawn(move || pool.drain_group(&group));
+    pub(crate) fn spawn_group(self: &Arc<Self>, mut jobs: Vec<Job>) {
+        if jobs.len() <= 1 {
+            if let Some(job) = jobs.pop() {
+                self.spawn(job);
             }
+            return;
         }
+        let group = Arc::new(Mutex::new(Group { left: jobs.into(), helper_queued: false }));
+        let pool = self.clone();
+        self.spawn(move || pool.drain_group(&group));
     }
 
     fn drain_group(self: &Arc<Self>, group: &Arc<Mutex<Group>>) {
