@@ -51,6 +51,8 @@ impl EventLoop {
             for token in tokens {
                 self.flush_agent(token);
             }
+            // A connection closed once its kick is written may still have messages to run.
+            self.spawn_batches();
         }
         self.finishing = true;
         for token in tokens {
