@@ -43,8 +43,8 @@ struct Plan<'a> {
 fn drive(plan: &Plan<'_>) -> io::Result<Outcome> {
     let args = plan.args;
     let idle = matches!(args.mode, Mode::Idle);
-    let pace = args.rate.map(|r| Pace { rate: r * plan.conns as f64 / args.connections as f64, ..Pace::default() });
-    let mut pace = if idle { None } else { pace };
+    let share = plan.conns as f64 / args.connections as f64;
+    let mut pace = args.rate.filter(|_| !idle).map(|r| Pace { rate: r * share, ..Pace::default() });
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(4096);
     let mut conns: Vec<Conn> = Vec::with_capacity(plan.conns);
@@ -96,9 +96,7 @@ fn drive(plan: &Plan<'_>) -> io::Result<Outcome> {
                         *next_id = 1;
                         if !idle && pace.is_none() {
                             for _ in 0..args.inflight {
-                                conn::request(*next_id, &args.route, &args.body, out);
-                                sent.push_back((*next_id, now));
-                                *next_id += 1;
+                                send_request(args, next_id, sent, now, out);
                             }
                         }
                     }
@@ -120,9 +118,7 @@ fn drive(plan: &Plan<'_>) -> io::Result<Outcome> {
                             }
                         }
                         if pace.is_none() {
-                            conn::request(*next_id, &args.route, &args.body, out);
-                            sent.push_back((*next_id, now));
-                            *next_id += 1;
+                            send_request(args, next_id, sent, now, out);
                         }
                     }
                     _ => errors += 1,
@@ -135,6 +131,13 @@ fn drive(plan: &Plan<'_>) -> io::Result<Outcome> {
     let stalled = sent.iter().flatten().filter(|(_, at)| plan.stop_at.duration_since(*at) > STALLED).count() as u64;
     let behind = pace.map_or(0, |p| p.behind);
     Ok(Outcome { hist, answered, errors, ready, stalled, behind })
+}
+
+/// Appends request `next_id` (then the next id) to `out` and notes when it went.
+fn send_request(args: &Args, next_id: &mut u64, sent: &mut VecDeque<(u64, Instant)>, now: Instant, out: &mut Vec<u8>) {
+    conn::request(*next_id, &args.route, &args.body, out);
+    sent.push_back((*next_id, now));
+    *next_id += 1;
 }
 
 /// Sending at a steady rate: what has come due since the first connection was ready goes
@@ -182,9 +185,7 @@ impl Pace {
                 continue;
             }
             tried = 0;
-            conn::request(next_id[i], &plan.args.route, &plan.args.body, &mut conns[i].wbuf);
-            sent[i].push_back((next_id[i], now));
-            next_id[i] += 1;
+            send_request(plan.args, &mut next_id[i], &mut sent[i], now, &mut conns[i].wbuf);
             self.sent += 1;
         }
         for c in conns.iter_mut() {
@@ -220,12 +221,12 @@ pub(crate) fn echo(args: &Args) -> Result<(), String> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     let (mut answered, mut errors, mut ready, mut stalled, mut behind) = (0, 0, 0, 0, 0);
     for o in &outcomes {
-        behind += o.behind;
         hist.add(&o.hist).expect("same bounds");
         answered += o.answered;
         errors += o.errors;
         ready += o.ready;
         stalled += o.stalled;
+        behind += o.behind;
     }
     let secs = args.duration.as_secs_f64();
     match args.rate {
