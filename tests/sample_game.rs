@@ -10,7 +10,11 @@ use serde_json::{json, Value};
 use crate::util::{wait_until, Server, T};
 
 fn game() -> Server {
-    Server::start(App::builder("connector").component("entry", Entry).component_for("room", "room", Rooms::default()))
+    Server::start(App::builder("connector").component("entry", Entry::default()).component_for(
+        "room",
+        "room",
+        Rooms::default(),
+    ))
 }
 
 fn login(server: &Server, name: &str) -> Client {
@@ -89,12 +93,13 @@ impl Component for LateLeave {
 /// when the old session's `left` call from its close arrives after the rejoin.
 #[test]
 fn a_late_leave_of_a_replaced_session_keeps_the_player_in_the_room() {
-    let server =
-        Server::start(App::builder("connector").component("entry", Entry).component("late", LateLeave).component_for(
+    let server = Server::start(
+        App::builder("connector").component("entry", Entry::default()).component("late", LateLeave).component_for(
             "room",
             "room",
             Rooms::default(),
-        ));
+        ),
+    );
     let first = login(&server, "erin");
     let old: Value = first.request("connector.late.session", &json!({})).unwrap();
     let _: Joined = first.request("room.room.join", &json!({"room": "r"})).unwrap();

@@ -1,6 +1,10 @@
 //! `entry`: the connector's component (echo, login).
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use dragonfruit_core::cluster::CallTarget;
+use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{Component, Ctx, HandlerError, Routes};
 use log::warn;
 use serde::{Deserialize, Serialize};
@@ -12,7 +16,11 @@ pub const MAX_NAME: usize = 32;
 
 /// The connector's entry component.
 #[derive(Debug, Default)]
-pub struct Entry;
+pub struct Entry {
+    /// Players whose room could not be told they left (no room server reachable, many
+    /// players disconnecting at once): logged at most once a second.
+    leave_failures: Arc<Throttle>,
+}
 
 /// `connector.entry.login` argument.
 #[derive(Debug, Deserialize)]
@@ -53,11 +61,14 @@ impl Entry {
         // room server holds it (the router finds it from the session's `room`).
         let messenger = ctx.messenger().clone();
         let serializer = ctx.serializer();
+        let failures = Arc::clone(&self.leave_failures);
         let watched = session.on_close(move |s| {
             let (Some(uid), Some(room)) = (s.uid(), s.get::<String>(ROOM_KEY)) else { return };
             let Ok(body) = serializer.encode(&Left { uid, room, session: Some(session_ref(s)) }) else { return };
             if let Err(e) = messenger.call(LEFT_ROUTE, CallTarget::Session(s), body) {
-                warn!("sid={} could not leave its room on disconnect: {e}", s.id());
+                if let Some(more) = failures.due(Instant::now()) {
+                    warn!("sid={} could not leave its room on disconnect: {e}{more}", s.id());
+                }
             }
         });
         watched.map_err(|e| HandlerError::internal(e.to_string()))?;

@@ -1,6 +1,6 @@
 //! The local cluster: the connector and the room servers as child processes of this one,
-//! sharing an embedded-discovery directory. Ctrl-C (or SIGTERM) stops them all; children
-//! also die with the launcher (`PR_SET_PDEATHSIG`).
+//! sharing an embedded-discovery directory. Ctrl-C (or SIGTERM) stops them all, the
+//! connector first; children also die with the launcher (`PR_SET_PDEATHSIG`).
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
@@ -23,6 +23,10 @@ fn spawn(id: &str, role: &str, extra: &[&str], args: &Args, dir: &str) -> Result
     if let Some(config) = &args.config {
         cmd.args(["--config", config]);
     }
+    // A process group of its own: a Ctrl-C in the terminal reaches only the launcher, which
+    // stops the servers in order. The session stays the launcher's (see "Sharing a machine"
+    // in ARCHITECTURE.md).
+    cmd.process_group(0);
     // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
     unsafe {
         cmd.pre_exec(|| {
@@ -34,7 +38,17 @@ fn spawn(id: &str, role: &str, extra: &[&str], args: &Args, dir: &str) -> Result
     Ok(Server { id: id.to_owned(), child })
 }
 
+/// Stops the connector (first in `servers`), then the room servers: the players it kicks
+/// leave their rooms (a call to the room server holding each) while the room servers still
+/// serve, so a stop loses no leave and logs no warning.
 fn stop(servers: &mut [Server]) {
+    let (connector, rooms) = servers.split_at_mut(servers.len().min(1));
+    stop_together(connector);
+    stop_together(rooms);
+}
+
+/// Sends SIGTERM to every server, then waits for each (killing one that takes too long).
+fn stop_together(servers: &mut [Server]) {
     for server in servers.iter() {
         // SAFETY: kill on a pid we spawned and have not reaped.
         unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
@@ -73,10 +87,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         "sample-game: starting a local cluster: connector-1 (clients on tcp {}) and {} room server(s); discovery dir {dir}",
         args.tcp, args.rooms
     );
-    // Connector first in the list, so it is signalled first. Every server stops at about
-    // the same time (a Ctrl-C in a terminal reaches the whole process group anyway): the
-    // rooms go away with the cluster, so players' "leave the room" calls refused by a
-    // stopping room server lose nothing.
+    // Connector first in the list: it is stopped first.
     let mut servers = Vec::new();
     let started = spawn("connector-1", "connector", &["--tcp", &args.tcp], args, &dir).and_then(|s| {
         servers.push(s);

@@ -92,16 +92,17 @@ pub fn app(role: Role, source: &ConfigSource) -> Result<(AppBuilder, Option<Clus
     Ok(match role {
         Role::Connector => {
             let module = cluster()?;
-            (builder.component("entry", entry::Entry).cluster(Arc::new(module.clone())), Some(module))
+            (builder.component("entry", entry::Entry::default()).cluster(Arc::new(module.clone())), Some(module))
         }
         Role::Room => {
             let module = cluster()?;
             let builder = builder.frontend(false).component("room", room::Rooms::default());
             (builder.cluster(Arc::new(module.clone())), Some(module))
         }
-        Role::Standalone => {
-            (builder.component("entry", entry::Entry).component_for(ROOM, "room", room::Rooms::default()), None)
-        }
+        Role::Standalone => (
+            builder.component("entry", entry::Entry::default()).component_for(ROOM, "room", room::Rooms::default()),
+            None,
+        ),
     })
 }
 

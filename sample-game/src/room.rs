@@ -7,7 +7,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
+use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes};
 use log::{debug, warn};
 use serde::{Deserialize, Serialize};
@@ -31,6 +33,9 @@ type Members = BTreeMap<String, SessionRef>;
 #[derive(Debug, Default, Clone)]
 pub struct Rooms {
     rooms: Arc<Mutex<HashMap<String, Members>>>,
+    /// Players whose old room could not be told they left as they joined another (its room
+    /// server unreachable): logged at most once a second.
+    leave_failures: Arc<Throttle>,
 }
 
 /// `room.room.join` argument.
@@ -134,7 +139,9 @@ impl Rooms {
             // session's current room.
             let left = Left { uid: uid.clone(), room: old, session: Some(session_ref(&session)) };
             if let Err(e) = ctx.rpc_for::<_, bool>(&session, LEFT_ROUTE, &left) {
-                warn!("uid={uid} could not leave room {}: {e}", left.room);
+                if let Some(more) = self.leave_failures.due(Instant::now()) {
+                    warn!("uid={uid} could not leave room {}: {e}{more}", left.room);
+                }
             }
         }
         let (members, others) = {
