@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
 use crate::util::{
-    cluster_dir, cluster_module, fast_discovery, module_with, probe_app, wait_until, Probe, RawConn, Server, T,
+    cluster_dir, cluster_module, fast_discovery, module_with, probe_app, wait_until, warnings, Probe, RawConn, Server,
+    T,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -265,10 +266,12 @@ fn binds_on_other_frontends_kick_only_earlier_sessions() {
     let peer = ctx.socket(zmq::DEALER).unwrap();
     peer.set_identity(b"connector-2#0000000000000001").unwrap();
     peer.set_rcvtimeo(5000).unwrap();
-    peer.connect(&c.fe_module.me().unwrap().rpc_addr).unwrap();
+    let fe = c.fe_module.me().unwrap();
+    peer.connect(&fe.rpc_addr).unwrap();
     let bound_elsewhere = |corr: u64, uid: &str, bound_at: u64| {
         let call = Call::KickOlder { uid: uid.into(), bound_at };
-        peer.send(wire::encode(&[Frame::Call { corr, call }]), 0).unwrap();
+        let to = wire::addressee(&fe.id, fe.instance);
+        peer.send_multipart([to, wire::encode(&[Frame::Call { corr, call }])], 0).unwrap();
         match wire::decode(&peer.recv_bytes(0).expect("an answer")).unwrap().pop() {
             Some(Frame::Reply { corr: answered, result: Ok(Answer::Done) }) if answered == corr => {}
             other => panic!("{other:?}"),
@@ -768,6 +771,37 @@ fn a_stopping_backend_serves_a_frontend_that_is_slow_to_see_it_leave() {
     assert_eq!(fe_module.servers().len(), 2, "the frontend saw room-1 leave");
 }
 
+/// A server stopping gracefully tells its peers it is leaving: one that has not yet seen it
+/// leave in discovery (it rescans seldom) does not report the connection closed at the end
+/// of the stop as lost, though calls to it then fail at once as for a lost one.
+#[test]
+fn a_peer_slow_to_see_a_server_leave_does_not_warn_that_its_connection_is_lost() {
+    let dir = cluster_dir("byepeer");
+    let (stopping, stopping_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    let addr = stopping_module.me().unwrap().rpc_addr;
+    // Rescans every 20 s: it lists room-1 through the whole test.
+    let slow = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(20), Duration::from_secs(60));
+    let fe_module = module_with(slow, TIMEOUT);
+    let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
+    // Its own stop would wait for others to see it leave, up to this.
+    builder.config_mut().shutdown.timeout = Duration::from_millis(500);
+    let frontend = Server::start(builder);
+    assert!(wait_until(T, || fe_module.servers().len() == 2));
+    let client = frontend.client();
+    assert_eq!(client.request_raw("room.room.echo", b"up").unwrap(), b"up", "the connection to room-1 is up");
+    stopping.handle.shutdown().unwrap();
+    let started = Instant::now();
+    // Probes notice the closed connection within 100 ms; then calls fail at once.
+    assert!(
+        wait_until(T, || matches!(client.request_raw("room.room.echo", b"gone"), Err(ClientError::Server(_)))),
+        "calls to the stopped server fail"
+    );
+    assert!(started.elapsed() < TIMEOUT, "failed at once, not at the call timeout");
+    assert!(fe_module.servers().iter().any(|s| s.id == "room-1"), "the frontend still lists room-1");
+    let lost: Vec<String> = warnings().into_iter().filter(|w| w.contains(&addr) && w.contains("lost")).collect();
+    assert!(lost.is_empty(), "{lost:?}");
+}
+
 /// A frontend stopping gracefully leaves discovery first, then waits for its forwarded
 /// requests. Backends drop it from their tables meanwhile; a handler still running for one
 /// of its sessions must still reach it (bind, push) at the endpoint the session named.
@@ -917,6 +951,7 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
         frontend: true,
         rpc_addr: dead.clone(),
         metadata: Default::default(),
+        instance: 0,
     };
     std::fs::write(dir.join("connector-1.json"), serde_json::to_vec(&stale).unwrap()).unwrap();
     let seen = |addr_is_dead: bool| {
@@ -1036,6 +1071,7 @@ fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
         frontend: false,
         rpc_addr: format!("tcp://{closed}"),
         metadata: Default::default(),
+        instance: 0,
     };
     std::fs::write(dir.join("room-0.json"), serde_json::to_vec(&ghost).unwrap()).unwrap();
     // The frontend's discovery keeps listing it for a minute.
@@ -1074,7 +1110,8 @@ fn a_forwarded_call_with_bad_session_data_is_refused_not_run_with_an_empty_sessi
             frontend_type: "connector".into(),
         };
         let msgs = vec![WireMessage { request: true, id: 5, route: "room.room.whoami".into(), body: b"{}".to_vec() }];
-        peer.send(wire::encode(&[Frame::Call { corr, call: Call::Handle { session, msgs } }]), 0).unwrap();
+        let call = wire::encode(&[Frame::Call { corr, call: Call::Handle { session, msgs } }]);
+        peer.send_multipart([b"room-1".to_vec(), call], 0).unwrap();
         match wire::decode(&peer.recv_bytes(0).expect("an answer")).unwrap().pop() {
             Some(Frame::Reply { corr: answered, result }) if answered == corr => result,
             other => panic!("{other:?}"),

@@ -26,6 +26,7 @@ fn phantom(id: &str, server_type: &str) -> ServerEntry {
         frontend: false,
         rpc_addr: "tcp://127.0.0.1:9".into(),
         metadata: BTreeMap::new(),
+        instance: 0,
     }
 }
 

@@ -226,6 +226,11 @@ impl Inner {
     fn leave(&self) {
         self.discovery.deregister();
         self.drain.start(self.discovery.propagation());
+        if let Some(started) = self.started.get() {
+            // Peers slow to see it in discovery then do not take the end of the stop for a
+            // lost connection.
+            started.io.send(Cmd::Leaving);
+        }
     }
 
     /// A stop began, peers have had time to see this server leave and have stopped
@@ -594,12 +599,14 @@ impl Cluster for ClusterModule {
             let message = format!("{message}; set rpc.advertise");
             return Err(ClusterError::Bind { addr: inner.rpc.bind.clone(), message });
         }
+        let process = socket_thread::Process::new(&ctx.server.id);
         let me = ServerEntry {
             id: ctx.server.id.to_string(),
             server_type: ctx.server.server_type.to_string(),
             frontend: ctx.server.frontend,
             rpc_addr,
             metadata: ctx.server.metadata.clone(),
+            instance: process.instance,
         };
         let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
         let limits = socket_thread::Limits {
@@ -607,16 +614,9 @@ impl Cluster for ClusterModule {
             heartbeat: inner.rpc.heartbeat,
             max_message: socket_thread::MAX_MESSAGE,
         };
-        let (io, thread) = socket_thread::spawn(
-            zctx,
-            router,
-            me.id.clone(),
-            inner.table.clone(),
-            inbound,
-            limits,
-            inner.stats.clone(),
-        )
-        .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;
+        let (io, thread) =
+            socket_thread::spawn(zctx, router, process, inner.table.clone(), inbound, limits, inner.stats.clone())
+                .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;
         let overdue = Arc::new(Overdue {
             server: me.id.clone(),
             timeout: inner.rpc.timeout,
@@ -729,6 +729,7 @@ mod tests {
             frontend: false,
             rpc_addr: String::new(),
             metadata: BTreeMap::new(),
+            instance: 0,
         };
         module.inner.table.replace(servers.iter().map(|s| (s.0.to_owned(), entry(s))).collect());
         module

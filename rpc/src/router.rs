@@ -142,6 +142,7 @@ mod tests {
                 frontend: false,
                 rpc_addr: String::new(),
                 metadata: Default::default(),
+                instance: 0,
             })
             .collect()
     }

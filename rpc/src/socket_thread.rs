@@ -18,12 +18,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{codes, HandlerError};
 use log::{debug, info, warn};
 
 use crate::stats::Counters;
 use crate::table::{ServerEntry, ServerTable};
-use crate::wire::{self, Answer, Call, Frame};
+use crate::wire::{self, addressee, Answer, Call, Frame};
 
 /// Receives the answer to a call, exactly once: dropped uncalled (its call lost with a
 /// stopped thread, or in a channel nobody reads any more), it gets "rpc layer stopped".
@@ -78,6 +79,8 @@ pub(crate) enum Cmd {
     /// The server table changed: connect new peers and those on a new endpoint, fail the
     /// calls waiting on vanished or moved ones.
     PeersChanged,
+    /// This server has left discovery to stop: tell every peer (`Frame::Leaving`).
+    Leaving,
     Stop,
 }
 
@@ -185,26 +188,59 @@ struct Peer {
     listed: bool,
     /// While it is not listed: when it left the table, or a call for it was last queued.
     last_use: Instant,
+    /// It said it is leaving (`Frame::Leaving`): stopping gracefully, so the loss of its
+    /// connection is not warned of. Cleared when a connection to it is back after a loss
+    /// (a new process at that endpoint).
+    leaving: bool,
+    /// The process it is (`addressee`): every message to it names it, and another process
+    /// on its endpoint (it died and the port was reused) refuses them.
+    addressee: Vec<u8>,
+    /// Another process answered on its endpoint (`Frame::Misdirected`): down until the
+    /// table lists it anew (which replaces this peer).
+    misdirected: bool,
 }
 
 impl Peer {
-    fn new(addr: String, socket: zmq::Socket, listed: bool) -> Peer {
+    fn new(addr: String, socket: zmq::Socket, listed: bool, addressee: Vec<u8>) -> Peer {
         let now = Instant::now();
-        Peer { addr, socket, was_up: false, warned: false, since: now, unreachable: false, listed, last_use: now }
+        Peer {
+            addr,
+            socket,
+            was_up: false,
+            warned: false,
+            since: now,
+            unreachable: false,
+            listed,
+            last_use: now,
+            leaving: false,
+            addressee,
+            misdirected: false,
+        }
     }
 
     /// Its connection is up.
     fn up(&mut self, id: &str) {
         self.was_up = true;
         self.unreachable = false;
-        if std::mem::take(&mut self.warned) {
+        if std::mem::take(&mut self.warned) && !std::mem::take(&mut self.leaving) {
             info!("connection to server {id} at {} is back", self.addr);
         }
     }
 
-    /// Its connection was lost, or never made within the call timeout (until it is up).
+    /// Its connection was lost, or never made within the call timeout (until it is up), or
+    /// another process holds its endpoint.
     fn down(&self) -> bool {
-        self.warned
+        self.warned || self.misdirected
+    }
+
+    /// Another process refused the calls sent to its endpoint.
+    fn misdirected(&mut self, id: &str, by: &str) {
+        if !std::mem::replace(&mut self.misdirected, true) {
+            warn!(
+                "server {id} at {} is gone: another process ({by}) holds that endpoint now; failing its calls until discovery lists it anew",
+                self.addr
+            );
+        }
     }
 
     /// Its connection, once up, is gone.
@@ -212,17 +248,18 @@ impl Peer {
         if std::mem::replace(&mut self.warned, true) {
             return;
         }
-        if self.listed {
+        if self.listed && !self.leaving {
             warn!("connection to server {id} at {} lost; failing its calls until it is back", self.addr);
         } else {
-            // It left discovery first: a graceful stop, not news for the operator.
+            // It left discovery first (this server may not have seen that yet, but it said
+            // so): a graceful stop, not news for the operator.
             debug!("connection to server {id} at {} closed after it left the cluster", self.addr);
         }
     }
 
     /// Sends `frames` as one message.
     fn send(&mut self, id: &str, frames: Vec<Frame>) -> Sent {
-        match self.socket.send(wire::encode(&frames), zmq::DONTWAIT) {
+        match self.socket.send_multipart([self.addressee.as_slice(), &wire::encode(&frames)], zmq::DONTWAIT) {
             Ok(()) => {
                 self.up(id);
                 Sent::Yes
@@ -274,8 +311,10 @@ struct SocketThread {
     /// This process's identity on its peers' ROUTERs: the server id and a random suffix.
     /// Two processes with one id (a restart, or two clusters on one machine whose ids
     /// collide and whose endpoints get reused) must never take over each other's
-    /// connections and answers.
+    /// connections and answers. Messages to this process name it as their addressee.
     identity: Vec<u8>,
+    /// Messages refused as meant for another process: a warning a second at most.
+    misdirected: Throttle,
     router: zmq::Socket,
     peers: HashMap<String, Peer>,
     pending: HashMap<u64, Pending>,
@@ -455,7 +494,7 @@ fn fail(stats: &Counters, reply: impl Into<Option<ReplyFn>>, error: HandlerError
 pub(crate) fn spawn(
     ctx: zmq::Context,
     router: zmq::Socket,
-    own_id: String,
+    own: Process,
     table: Arc<ServerTable>,
     inbound: Arc<dyn Inbound>,
     limits: Limits,
@@ -471,8 +510,9 @@ pub(crate) fn spawn(
     let ipc_file = router.get_last_endpoint().ok().and_then(Result::ok).and_then(|e| IpcFile::of(&e));
     let mut thread = SocketThread {
         ctx,
-        identity: process_identity(&own_id),
-        own_id,
+        identity: addressee(&own.id, own.instance),
+        own_id: own.id,
+        misdirected: Throttle::default(),
         router,
         peers: HashMap::new(),
         pending: HashMap::new(),
@@ -503,12 +543,25 @@ pub(crate) fn spawn(
 }
 
 /// Separates the server id from the per-process suffix in a ROUTER identity.
-const IDENTITY_SEPARATOR: char = '#';
+const IDENTITY_SEPARATOR: char = wire::INSTANCE_SEPARATOR;
 
-/// `<server id>#<16 random hex digits>` (ZeroMQ identities are at most 255 bytes; server
-/// ids are limited to 200).
-fn process_identity(own_id: &str) -> Vec<u8> {
-    format!("{own_id}{IDENTITY_SEPARATOR}{:016x}", random_u64()).into_bytes()
+/// This process of a server: its server id, and its instance ([`ServerEntry::instance`]).
+pub(crate) struct Process {
+    pub(crate) id: String,
+    pub(crate) instance: u64,
+}
+
+impl Process {
+    /// A new process of server `id`: a random instance, never 0 (0 means "not known").
+    pub(crate) fn new(id: &str) -> Process {
+        Process { id: id.to_owned(), instance: random_u64().max(1) }
+    }
+}
+
+/// The instance in a process identity (0 when it names none).
+fn instance_of(identity: &[u8]) -> u64 {
+    let identity = String::from_utf8_lossy(identity);
+    identity.rfind(IDENTITY_SEPARATOR).and_then(|at| u64::from_str_radix(&identity[at + 1..], 16).ok()).unwrap_or(0)
 }
 
 /// The server id in a peer's ROUTER identity.
@@ -590,6 +643,12 @@ impl SocketThread {
                     self.answers.entry(identity).or_default().push(Frame::Reply { corr, result });
                 }
                 Cmd::PeersChanged => self.connect_peers(),
+                Cmd::Leaving => {
+                    // To peers not connected it is dropped (`send_held`): nothing to tell.
+                    for id in self.peers.keys() {
+                        self.outbox.entry(id.clone()).or_default().push(Frame::Leaving);
+                    }
+                }
                 Cmd::Stop => return false,
             }
         }
@@ -611,13 +670,14 @@ impl SocketThread {
             if !self.peers.contains_key(&to) {
                 // The table is newer than `seen_at` (a restart on a new endpoint).
                 let target = match entry {
-                    Some(entry) => Some((entry.rpc_addr, true)),
-                    None => seen_at.filter(|addr| !self.is_gone(&to, addr)).map(|addr| (addr, false)),
+                    Some(entry) => Some((entry.rpc_addr, true, entry.instance)),
+                    // The process there is not known: any process of server `to` will do.
+                    None => seen_at.filter(|addr| !self.is_gone(&to, addr)).map(|addr| (addr, false, 0)),
                 };
-                let Some((addr, listed)) = target else { return fail(&self.stats, reply, not_found()) };
+                let Some((addr, listed, instance)) = target else { return fail(&self.stats, reply, not_found()) };
                 match self.dealer(&addr) {
                     Ok(socket) => {
-                        self.peers.insert(to.clone(), Peer::new(addr, socket, listed));
+                        self.peers.insert(to.clone(), Peer::new(addr, socket, listed, addressee(&to, instance)));
                     }
                     Err(e) => {
                         let error = HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"));
@@ -665,7 +725,9 @@ impl SocketThread {
         self.peers.retain(|id, peer| match table.get(id) {
             Some(entry) => {
                 peer.listed = true;
-                entry.rpc_addr == peer.addr
+                // Another process at the same endpoint (restarted, or a reused port) is a
+                // new peer too.
+                entry.rpc_addr == peer.addr && peer.addressee == addressee(id, entry.instance)
             }
             None => {
                 if std::mem::replace(&mut peer.listed, false) {
@@ -686,7 +748,7 @@ impl SocketThread {
         for corr in orphaned {
             if let Some(p) = self.pending.remove(&corr) {
                 let why = match table.get(&p.to) {
-                    Some(entry) => format!("server {} restarted on a new endpoint {}", p.to, entry.rpc_addr),
+                    Some(entry) => format!("server {} restarted (now at {})", p.to, entry.rpc_addr),
                     None => format!("server {} left the cluster", p.to),
                 };
                 fail(&self.stats, p.reply, HandlerError::internal(why));
@@ -698,7 +760,8 @@ impl SocketThread {
             }
             match self.dealer(&entry.rpc_addr) {
                 Ok(socket) => {
-                    self.peers.insert(id.clone(), Peer::new(entry.rpc_addr.clone(), socket, true));
+                    let to = addressee(id, entry.instance);
+                    self.peers.insert(id.clone(), Peer::new(entry.rpc_addr.clone(), socket, true, to));
                 }
                 Err(e) => warn!("cannot connect to server {id} at {}: {e}", entry.rpc_addr),
             }
@@ -807,7 +870,7 @@ impl SocketThread {
                 Some(p) => fail(&self.stats, p.reply, HandlerError::internal(why)),
                 None => warn!("{why}; dropped"),
             },
-            Frame::Reply { .. } => warn!("{why}; dropped"),
+            Frame::Reply { .. } | Frame::Leaving | Frame::Misdirected { .. } => warn!("{why}; dropped"),
         }
     }
 
@@ -818,6 +881,7 @@ impl SocketThread {
         warn!("answer to {}: {why}; an error goes instead", server_of(identity));
         let corr = match frame {
             Frame::Reply { corr, .. } | Frame::Call { corr, .. } => corr,
+            Frame::Leaving | Frame::Misdirected { .. } => 0,
         };
         Frame::Reply { corr, result: Err(HandlerError::internal(why)) }
     }
@@ -865,7 +929,8 @@ impl SocketThread {
                 frames.retain(|frame| match frame {
                     Frame::Call { corr: 0, .. } => !expired,
                     Frame::Call { corr, .. } => self.pending.contains_key(corr),
-                    Frame::Reply { .. } => false,
+                    // Not connected: nothing to tell.
+                    Frame::Reply { .. } | Frame::Leaving | Frame::Misdirected { .. } => false,
                 });
                 if frames.is_empty() {
                     continue;
@@ -1022,13 +1087,22 @@ impl SocketThread {
                 }
             };
             got = true;
-            let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).unwrap_or_default();
+            let Ok([identity, to, payload]) = <[Vec<u8>; 3]>::try_from(parts) else {
+                warn!("rpc message that is not [identity, addressee, envelope] dropped (a peer of another version?)");
+                continue;
+            };
             let from = server_of(&identity);
+            if !self.meant_for_me(&to) {
+                self.refuse_misdirected(identity, &to, &payload);
+                continue;
+            }
             for frame in decode_from(&payload, &from) {
                 match frame {
                     Frame::Call { corr, call } => {
                         if let Call::Handle { session: s, .. } = &call {
-                            if self.table.learn_frontend(&s.frontend_id, &s.frontend_type, &s.frontend_rpc) {
+                            // The frontend sends its own sessions: its identity names its process.
+                            let instance = if s.frontend_id == from { instance_of(&identity) } else { 0 };
+                            if self.table.learn_frontend(&s.frontend_id, &s.frontend_type, &s.frontend_rpc, instance) {
                                 // New, or back on a new endpoint: calls to it go there now.
                                 self.connect_peers();
                             }
@@ -1037,6 +1111,13 @@ impl SocketThread {
                         calls.push((from.clone(), call, responder));
                     }
                     Frame::Reply { .. } => warn!("server {from} sent an answer to a ROUTER"),
+                    Frame::Leaving => {
+                        if let Some(peer) = self.peers.get_mut(&from) {
+                            debug!("server {from} at {} is leaving the cluster", peer.addr);
+                            peer.leaving = true;
+                        }
+                    }
+                    Frame::Misdirected { .. } => warn!("server {from} sent a refusal to a ROUTER"),
                 }
             }
         }
@@ -1049,7 +1130,8 @@ impl SocketThread {
     /// Reads the answers waiting on every DEALER and hands them to their callers.
     fn read_peers(&mut self) -> bool {
         let mut got = false;
-        for (id, peer) in &self.peers {
+        let mut misdirected = false;
+        for (id, peer) in &mut self.peers {
             loop {
                 let payload = match peer.socket.recv_bytes(zmq::DONTWAIT) {
                     Ok(payload) => payload,
@@ -1069,12 +1151,47 @@ impl SocketThread {
                             }
                             None => debug!("late answer {corr} from {id} dropped"),
                         },
-                        Frame::Call { .. } => warn!("server {id} sent a call on a DEALER"),
+                        Frame::Misdirected { by } => {
+                            peer.misdirected(id, &by);
+                            misdirected = true;
+                        }
+                        Frame::Call { .. } | Frame::Leaving => warn!("server {id} sent a call on a DEALER"),
                     }
                 }
             }
         }
+        if misdirected {
+            self.publish_unreachable();
+        }
         got
+    }
+
+    /// Whether a message naming `to` as its addressee is for this process: it names this
+    /// process, or this server without saying which process.
+    fn meant_for_me(&self, to: &[u8]) -> bool {
+        to == self.identity.as_slice() || to == self.own_id.as_bytes()
+    }
+
+    /// A message from the process with ROUTER identity `identity` meant for process `to`,
+    /// not this one: a peer's connection to a process that died reached this one on the
+    /// same endpoint. Its calls are answered with an error, and a `Misdirected` frame goes
+    /// first, which marks that peer down on the caller; nothing in it runs.
+    fn refuse_misdirected(&mut self, identity: Vec<u8>, to: &[u8], payload: &[u8]) {
+        let (from, to) = (server_of(&identity), String::from_utf8_lossy(to));
+        let me = String::from_utf8_lossy(&self.identity).into_owned();
+        if let Some(more) = self.misdirected.due(Instant::now()) {
+            warn!("calls from server {from} meant for {to} refused: this endpoint is {me}'s now{more}");
+        }
+        let why = format!("server {} unreachable: its endpoint is another process's now", server_of(to.as_bytes()));
+        let mut answers = vec![Frame::Misdirected { by: me }];
+        for frame in wire::decode(payload).unwrap_or_default() {
+            if let Frame::Call { corr, .. } = frame {
+                if corr != 0 {
+                    answers.push(Frame::Reply { corr, result: Err(HandlerError::internal(why.clone())) });
+                }
+            }
+        }
+        self.answers.entry(identity).or_default().extend(answers);
     }
 }
 

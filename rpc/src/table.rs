@@ -23,6 +23,21 @@ pub struct ServerEntry {
     /// Free-form metadata.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Which process of `id` this is: random, new at every start. Every message to a
+    /// server names the process meant, and a process refuses messages meant for another
+    /// (one that died on the same endpoint, its port since taken by this one). 0: not
+    /// known, any process of `id` (entries of older builds, servers learned from a call).
+    #[serde(default)]
+    pub instance: u64,
+}
+
+impl ServerEntry {
+    /// Whether `other` is the same process at the same place (an unknown instance matches
+    /// any).
+    fn same_process(&self, other: &ServerEntry) -> bool {
+        self.rpc_addr == other.rpc_addr
+            && (self.instance == other.instance || self.instance == 0 || other.instance == 0)
+    }
 }
 
 /// How long a learned server stays without calls from it while discovery does not list it.
@@ -109,11 +124,11 @@ impl ServerTable {
                 && match servers.get(id) {
                     None => true,
                     // Discovery caught up with what the server's own calls said.
-                    Some(listed) if listed.rpc_addr == learned.rpc_addr => false,
+                    Some(listed) if listed.same_process(learned) => false,
                     // Discovery listed it anew or moved it (a frontend restarted after a
                     // graceful stop): that is newer than the calls. Otherwise its entry is
                     // the stale one (a process restarted under the id before it expired).
-                    Some(listed) => before.get(id).is_some_and(|old| old.rpc_addr == listed.rpc_addr),
+                    Some(listed) => before.get(id).is_some_and(|old| old.same_process(listed)),
                 }
         });
         log_changes(&sources.discovered, &servers, self.own_id.get().map_or("", String::as_str));
@@ -121,26 +136,28 @@ impl ServerTable {
         self.publish(sources)
     }
 
-    /// Learns a frontend from a session it sent (its id, type and endpoint); returns
-    /// whether the table changed. A frontend calling now is where it says it is: its
-    /// endpoint wins over a different one discovery still lists for its id (a frontend
-    /// restarted under its id, before discovery has caught up), so calls back to it reach
-    /// the live process. Cheap when the server is already known: nothing is allocated
-    /// unless the table changes.
-    pub fn learn_frontend(&self, id: &str, server_type: &str, rpc_addr: &str) -> bool {
+    /// Learns a frontend from a session it sent (its id, type, endpoint and process
+    /// instance, 0 if not known); returns whether the table changed. A frontend calling now
+    /// is where it says it is: its endpoint and process win over others discovery still
+    /// lists for its id (a frontend restarted under its id, before discovery has caught
+    /// up), so calls back to it reach the live process. Cheap when the server is already
+    /// known: nothing is allocated unless the table changes.
+    pub fn learn_frontend(&self, id: &str, server_type: &str, rpc_addr: &str, instance: u64) -> bool {
         let mut guard = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let sources = &mut *guard;
         if rpc_addr.is_empty() {
             return false;
         }
         let listed = sources.discovered.get(id);
-        if listed.is_some_and(|e| e.rpc_addr == rpc_addr) {
+        let here =
+            |e: &ServerEntry| e.rpc_addr == rpc_addr && (e.instance == instance || e.instance == 0 || instance == 0);
+        if listed.is_some_and(here) {
             // Discovery and the calls agree: an older learned endpoint is stale.
             return sources.learned.remove(id).is_some() && self.publish(sources);
         }
         let now = Instant::now();
         if let Some((known, seen)) = sources.learned.get_mut(id) {
-            if known.server_type == server_type && known.rpc_addr == rpc_addr && known.frontend {
+            if known.server_type == server_type && here(known) && known.frontend {
                 *seen = now;
                 return false;
             }
@@ -151,6 +168,7 @@ impl ServerTable {
             frontend: true,
             rpc_addr: rpc_addr.to_owned(),
             metadata: listed.map(|e| e.metadata.clone()).unwrap_or_default(),
+            instance,
         };
         sources.learned.insert(id.to_owned(), (entry, now));
         self.publish(sources)
@@ -208,6 +226,9 @@ fn log_changes(before: &HashMap<String, ServerEntry>, after: &HashMap<String, Se
                 let (kind, addr) = (&server.server_type, &server.rpc_addr);
                 info!("{own_id}: server {id} ({kind}) is now at {addr} (was {})", old.rpc_addr)
             }
+            Some(old) if old.instance != server.instance => {
+                info!("{own_id}: server {id} ({}) restarted at {}", server.server_type, server.rpc_addr)
+            }
             Some(_) => {}
         }
     }
@@ -229,6 +250,7 @@ mod tests {
             frontend,
             rpc_addr: format!("tcp://127.0.0.1:1/{id}"),
             metadata: BTreeMap::new(),
+            instance: 0,
         }
     }
 
@@ -236,10 +258,10 @@ mod tests {
     fn learned_servers_until_discovery_lists_them() {
         let table = ServerTable::new();
         assert!(table.replace(HashMap::from([("room-1".into(), entry("room-1", false))])));
-        assert!(table.learn_frontend("connector-1", "connector", "tcp://127.0.0.1:9"));
-        assert!(!table.learn_frontend("connector-1", "connector", "tcp://127.0.0.1:9"), "already known");
+        assert!(table.learn_frontend("connector-1", "connector", "tcp://127.0.0.1:9", 0));
+        assert!(!table.learn_frontend("connector-1", "connector", "tcp://127.0.0.1:9", 0), "already known");
         let moved = "tcp://127.0.0.1:1/connector-1";
-        assert!(table.learn_frontend("connector-1", "connector", moved), "restarted on a new endpoint");
+        assert!(table.learn_frontend("connector-1", "connector", moved, 0), "restarted on a new endpoint");
         assert_eq!(table.get("connector-1").map(|e| e.rpc_addr), Some(moved.to_owned()));
         assert_eq!(table.of_type("connector").len(), 1);
         let both = HashMap::from([
@@ -256,10 +278,10 @@ mod tests {
         let table = ServerTable::new();
         let old = entry("connector-1", true);
         table.replace(HashMap::from([("connector-1".into(), old.clone())]));
-        assert!(!table.learn_frontend("connector-1", "connector", &old.rpc_addr), "discovery agrees");
+        assert!(!table.learn_frontend("connector-1", "connector", &old.rpc_addr, 0), "discovery agrees");
         // Restarted under its id: its calls say where it is before discovery does.
         let new_addr = "tcp://127.0.0.1:7/connector-1";
-        assert!(table.learn_frontend("connector-1", "connector", new_addr));
+        assert!(table.learn_frontend("connector-1", "connector", new_addr, 0));
         assert_eq!(table.get("connector-1").unwrap().rpc_addr, new_addr);
         assert!(!table.replace(HashMap::from([("connector-1".into(), old.clone())])), "a stale rescan changes nothing");
         assert_eq!(table.get("connector-1").unwrap().rpc_addr, new_addr);
@@ -276,23 +298,42 @@ mod tests {
         // Calls that agree with discovery again drop an older learned endpoint.
         let table = ServerTable::new();
         table.replace(HashMap::from([("connector-1".into(), old.clone())]));
-        assert!(table.learn_frontend("connector-1", "connector", new_addr));
-        assert!(table.learn_frontend("connector-1", "connector", &old.rpc_addr));
+        assert!(table.learn_frontend("connector-1", "connector", new_addr, 0));
+        assert!(table.learn_frontend("connector-1", "connector", &old.rpc_addr, 0));
         assert_eq!(table.get("connector-1").unwrap().rpc_addr, old.rpc_addr);
 
         // A frontend stopped gracefully leaves discovery; restarted, it is listed anew at a
         // new endpoint: that beats what the old process's calls said.
         let table = ServerTable::new();
-        assert!(table.learn_frontend("connector-1", "connector", new_addr));
+        assert!(table.learn_frontend("connector-1", "connector", new_addr, 0));
         table.replace(HashMap::from([("connector-1".into(), old.clone())]));
         assert_eq!(table.get("connector-1").unwrap().rpc_addr, old.rpc_addr);
 
         // Discovery moving an id is newer news than earlier calls.
-        assert!(table.learn_frontend("connector-1", "connector", new_addr));
+        assert!(table.learn_frontend("connector-1", "connector", new_addr, 0));
         let mut again = old.clone();
         again.rpc_addr = "tcp://127.0.0.1:9/connector-1".into();
         assert!(table.replace(HashMap::from([("connector-1".into(), again.clone())])));
         assert_eq!(table.get("connector-1").unwrap().rpc_addr, again.rpc_addr);
+    }
+
+    #[test]
+    fn a_frontend_restarted_on_the_same_endpoint_is_a_new_process() {
+        let table = ServerTable::new();
+        let old = ServerEntry { instance: 1, ..entry("connector-1", true) };
+        table.replace(HashMap::from([("connector-1".into(), old.clone())]));
+        assert!(!table.learn_frontend("connector-1", "connector", &old.rpc_addr, 1), "discovery agrees");
+        assert!(!table.learn_frontend("connector-1", "connector", &old.rpc_addr, 0), "an unknown instance agrees");
+        // Restarted at the same endpoint: its calls name the new process before discovery does.
+        assert!(table.learn_frontend("connector-1", "connector", &old.rpc_addr, 2));
+        assert_eq!(table.get("connector-1").unwrap().instance, 2);
+        assert!(!table.replace(HashMap::from([("connector-1".into(), old.clone())])), "a stale rescan changes nothing");
+        assert_eq!(table.get("connector-1").unwrap().instance, 2);
+        let caught_up = ServerEntry { instance: 2, ..old.clone() };
+        assert!(!table.replace(HashMap::from([("connector-1".into(), caught_up)])), "discovery caught up");
+        let restarted = ServerEntry { instance: 3, ..old };
+        assert!(table.replace(HashMap::from([("connector-1".into(), restarted)])), "discovery lists a newer one");
+        assert_eq!(table.get("connector-1").unwrap().instance, 3);
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! one iteration into one message. Postcard encodes enum variants by index and struct
 //! fields by position, so variants and fields are only ever appended, and a new layout
 //! gets a new version byte.
+//!
+//! A DEALER sends two parts: the [`addressee`] (the process the message is meant for),
+//! then the envelope; a ROUTER answers with the envelope alone. A process refuses a
+//! message addressed to another ([`Frame::Misdirected`]).
 
 use dragonfruit_core::HandlerError;
 use serde::{Deserialize, Serialize};
@@ -10,6 +14,22 @@ use thiserror::Error;
 
 /// Layout version of the envelope.
 pub const VERSION: u8 = 1;
+
+/// Separates the server id from the process instance in an [`addressee`] (and in a
+/// DEALER's identity, which is its process's addressee).
+pub const INSTANCE_SEPARATOR: char = '#';
+
+/// The process `instance` of server `id` (`ServerEntry::instance`) as a message's first
+/// part: `<server id>#<instance in 16 hex digits>`, or the bare id when the instance is
+/// not known (0), which any process of that server takes. It is also that process's
+/// identity on its peers' ROUTERs (ZeroMQ identities are at most 255 bytes; server ids
+/// are limited to 200).
+pub fn addressee(id: &str, instance: u64) -> Vec<u8> {
+    if instance == 0 {
+        return id.as_bytes().to_vec();
+    }
+    format!("{id}{INSTANCE_SEPARATOR}{instance:016x}").into_bytes()
+}
 
 /// Why an envelope could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -191,6 +211,17 @@ pub enum Frame {
         /// The answer or the error.
         result: Result<Answer, HandlerError>,
     },
+    /// The sender is stopping gracefully and has left discovery: its connections closing
+    /// at the end of its stop are not a loss to warn of, though a peer may not have seen it
+    /// leave in discovery yet. Sent on its DEALERs, to every peer.
+    Leaving,
+    /// The calls of a message reached a process other than the one they name (the one
+    /// meant died, and `by` took its endpoint): they are answered with errors and not run.
+    /// Sent before those answers, on the ROUTER.
+    Misdirected {
+        /// The process that refused them (`<server id>#<instance>`).
+        by: String,
+    },
 }
 
 /// Bound on what postcard adds per field or element: a varint (length, integer or enum
@@ -245,6 +276,8 @@ impl Frame {
                     replies + PER_FIELD
                 }
             },
+            Frame::Leaving => 0,
+            Frame::Misdirected { by } => by.len(),
         };
         // Frame tag, corr, call or result tag, and up to three scalar fields.
         body + 6 * PER_FIELD

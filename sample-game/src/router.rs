@@ -93,6 +93,7 @@ mod tests {
                 frontend: false,
                 rpc_addr: String::new(),
                 metadata: BTreeMap::new(),
+                instance: 0,
             })
             .collect()
     }

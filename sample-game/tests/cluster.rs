@@ -1,4 +1,5 @@
-//! The sample game as separate processes: the launcher's local cluster, a room server
+//! The sample game as separate processes: the launcher's local cluster (and its stop
+//! without warnings), players leaving while their room server is down, a room server
 //! killed with SIGKILL while requests are in flight, a killed connector restarted, a
 //! frozen room server, a room server stopped gracefully under load, and roomless players
 //! moving off a killed room server before discovery drops it; players switching rooms
@@ -64,6 +65,7 @@ fn room_entry(id: &str) -> ServerEntry {
         frontend: false,
         rpc_addr: String::new(),
         metadata: Default::default(),
+        instance: 0,
     }
 }
 
@@ -97,18 +99,27 @@ impl Servers {
         Servers { dir, env: env.to_vec() }
     }
 
+    fn command(&self, role: &str, id: &str, extra: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(["--role", role, "--id", id, "--discovery-dir", self.dir.to_str().unwrap()])
+            .args(extra)
+            .env("RUST_LOG", "error")
+            .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
+            .envs(self.env.iter().copied())
+            .stdout(Stdio::null());
+        command
+    }
+
     fn spawn(&self, role: &str, id: &str, extra: &[&str]) -> Proc {
-        Proc(
-            Command::new(BIN)
-                .args(["--role", role, "--id", id, "--discovery-dir", self.dir.to_str().unwrap()])
-                .args(extra)
-                .env("RUST_LOG", "error")
-                .env("DRAGONFRUIT_DISCOVERY__REFRESH", "100ms")
-                .envs(self.env.iter().copied())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
+        Proc(self.command(role, id, extra).spawn().unwrap())
+    }
+
+    /// As `spawn`, logging warnings; the thread returns the log lines once the server exits.
+    fn spawn_logged(&self, role: &str, id: &str, extra: &[&str]) -> (Proc, std::thread::JoinHandle<Vec<String>>) {
+        let mut child = self.command(role, id, extra).env("RUST_LOG", "warn").stderr(Stdio::piped()).spawn().unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        (Proc(child), std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect()))
     }
 
     /// Waits until `n` servers have registered, then a little longer so that every one has
@@ -153,15 +164,22 @@ const T: Duration = Duration::from_secs(5);
 #[test]
 fn the_launcher_runs_a_playable_cluster_and_stops_it() {
     let port = free_port();
+    // A process group of its own, as a terminal gives a command, so that the Ctrl-C below
+    // goes to the group as a terminal's would.
+    use std::os::unix::process::CommandExt;
     let mut launcher = Proc(
         Command::new(BIN)
             .args(["--tcp", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
             .spawn()
             .unwrap(),
     );
     let mut lines = BufReader::new(launcher.0.stdout.take().unwrap()).lines();
+    let stderr = BufReader::new(launcher.0.stderr.take().unwrap());
+    let logged = std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect::<Vec<_>>());
     let alice = player(port, "alice");
     let bob = player(port, "bob");
     let joined: Value = alice.request("room.room.join", &json!({"room": "lobby"})).unwrap();
@@ -180,15 +198,33 @@ fn the_launcher_runs_a_playable_cluster_and_stops_it() {
         "disconnect leaves the room"
     );
 
-    signal(&launcher.0, libc::SIGINT);
+    // More players in rooms on both room servers when the cluster stops.
+    let others: Vec<Client> = (0..24)
+        .map(|i| {
+            let c = player(port, &format!("p{i}"));
+            let _: Value = c.request("room.room.join", &json!({"room": format!("r{}", i % 8)})).unwrap();
+            c
+        })
+        .collect();
+
+    // Ctrl-C: to the whole process group.
+    // SAFETY: kill on the process group of a child we spawned and have not reaped.
+    unsafe { libc::kill(-(launcher.0.id() as libc::pid_t), libc::SIGINT) };
     let status = wait_exit(&mut launcher.0, Duration::from_secs(30)).expect("launcher stops");
     assert!(status.success(), "{status}");
-    assert!(alice.wait_closed(T), "clients are kicked");
+    for c in std::iter::once(&alice).chain(&others) {
+        assert!(c.wait_closed(T), "clients are kicked");
+    }
     let output: Vec<String> = lines.by_ref().map_while(Result::ok).collect();
     for id in ["connector-1", "room-1", "room-2"] {
         assert!(output.iter().any(|l| l.contains(&format!("server {id}"))), "{id} announced: {output:?}");
     }
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "connector is gone");
+    // An ordinary stop warns of nothing: the players kicked leave their rooms before the
+    // room servers stop.
+    let logged = logged.join().unwrap();
+    let warnings: Vec<&String> = logged.iter().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+    assert!(warnings.is_empty(), "{} warnings, first: {:?}", warnings.len(), &warnings[..warnings.len().min(3)]);
 }
 
 /// A third-party client plays through the cluster: `tests/node/pomelo_player.js` drives the
@@ -485,6 +521,74 @@ fn roomless_players_move_off_a_killed_room_server_before_discovery_drops_it() {
     }
 }
 
+/// Players disconnecting while no room server is reachable cannot leave their rooms: the
+/// connector says so at most once a second (with how many it did not log), not once per
+/// player, and goes on serving.
+#[test]
+fn players_leaving_while_their_room_server_is_down_log_a_line_a_second() {
+    let servers = Servers::new("leavelog", &[("DRAGONFRUIT_DISCOVERY__TTL", "60s")]);
+    let port = free_port();
+    let (mut connector, logged) =
+        servers.spawn_logged("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let mut room = servers.spawn("room", "room-1", &[]);
+    servers.wait_registered(2);
+    let players: Vec<Client> = (0..30)
+        .map(|i| {
+            let c = player(port, &format!("p{i}"));
+            let _: Value = c.request("room.room.join", &json!({"room": format!("r{}", i % 5)})).unwrap();
+            c
+        })
+        .collect();
+    signal(&room.0, libc::SIGKILL);
+    assert!(wait_exit(&mut room.0, T).is_some());
+    // The connector sees the connection lost (its calls then fail at once).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while players[0].request_raw("room.room.echo", b"{}").is_ok() {
+        assert!(Instant::now() < deadline, "the connector still reaches the killed room server");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(players);
+    let alice = Client::connect(("127.0.0.1", port), ClientConfig::default()).unwrap();
+    let _: Value = alice.request("connector.entry.login", &json!({"name": "alice"})).unwrap();
+    signal(&connector.0, libc::SIGTERM);
+    assert!(wait_exit(&mut connector.0, Duration::from_secs(20)).is_some_and(|s| s.success()));
+    let logged = logged.join().unwrap();
+    let lines: Vec<&String> = logged.iter().filter(|l| l.contains("could not leave its room")).collect();
+    // The 30 closes take well under a second: one line, or two if they straddle a second.
+    assert!((1..=2).contains(&lines.len()), "{} lines: {lines:?}", lines.len());
+}
+
+/// A room server killed while its connector still lists it (discovery has not expired its
+/// entry), and its RPC port then taken by a server of another cluster with the same id
+/// (two clusters on one machine): the connector's connection to the old endpoint reaches
+/// the newcomer, which must refuse calls meant for the process that was there, not run
+/// them, and refuse them at once, not leave them to time out.
+#[test]
+fn a_server_on_the_endpoint_of_a_killed_one_refuses_calls_meant_for_it() {
+    let rpc_port = free_port();
+    let bind = format!("tcp://127.0.0.1:{rpc_port}");
+    let ours = Servers::new("reuse-a", &[("DRAGONFRUIT_DISCOVERY__TTL", "60s"), ("DRAGONFRUIT_RPC__TIMEOUT", "3s")]);
+    let port = free_port();
+    let _connector = ours.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let mut room = Proc(ours.command("room", "room-1", &[]).env("DRAGONFRUIT_RPC__BIND", &bind).spawn().unwrap());
+    ours.wait_registered(2);
+    let alice = player(port, "alice");
+    let _: Value = alice.request("room.room.join", &json!({"room": "lobby"})).unwrap();
+    signal(&room.0, libc::SIGKILL);
+    assert!(wait_exit(&mut room.0, T).is_some());
+    let theirs = Servers::new("reuse-b", &[]);
+    let _newcomer = Proc(theirs.command("room", "room-1", &[]).env("DRAGONFRUIT_RPC__BIND", &bind).spawn().unwrap());
+    theirs.wait_registered(1);
+    // The connector's connection to that endpoint comes back, to the newcomer.
+    std::thread::sleep(Duration::from_millis(1500));
+    for i in 0..10 {
+        let started = Instant::now();
+        let answer = alice.request_raw("room.room.echo", format!("echo {i}").as_bytes());
+        assert!(answer.is_err(), "a server of another cluster answered: {answer:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "refused at once, not at the call timeout");
+    }
+}
+
 /// A connector killed with SIGKILL and started again at once under its id: its registry
 /// entry has not expired, so the room server sees the same id on a new RPC endpoint. Players
 /// on the new connector must get the room server's calls back (session data, pushes).
@@ -630,6 +734,7 @@ fn servers_deployed_on_their_own_find_each_other_through_etcd() {
         frontend: false,
         rpc_addr: "tcp://127.0.0.1:9".into(),
         metadata: Default::default(),
+        instance: 0,
     };
     observer.start(me, table.clone(), std::sync::Arc::new(|| {})).unwrap();
     let listed = |id: &str| table.get(id).is_some();

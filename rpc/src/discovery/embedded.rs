@@ -278,6 +278,7 @@ mod tests {
             frontend: false,
             rpc_addr: "tcp://127.0.0.1:1".into(),
             metadata: Default::default(),
+            instance: 0,
         }
     }
 

@@ -19,7 +19,7 @@ fn start_thread(
 ) -> (Io, JoinHandle<()>, String) {
     let (router, endpoint) = bind_router(ctx, "tcp://127.0.0.1:*").unwrap();
     let (io, thread) =
-        spawn(ctx.clone(), router, id.into(), table, inbound, limits(timeout), Default::default()).unwrap();
+        spawn(ctx.clone(), router, Process::new(id), table, inbound, limits(timeout), Default::default()).unwrap();
     (io, thread, endpoint)
 }
 
@@ -90,7 +90,7 @@ fn raw_socket(ctx: &zmq::Context, kind: zmq::SocketType) -> zmq::Socket {
 }
 
 /// A peer that sends garbage, another layout version, a truncated envelope, an answer
-/// to a ROUTER and a multi-part message gets log lines, not a dead thread: the call it
+/// to a ROUTER and messages of the wrong number of parts gets log lines, not a dead thread: the call it
 /// sends last is still served. Calls are decoded in order, so the answer arrives only
 /// after every bad message before it was read.
 #[test]
@@ -104,16 +104,78 @@ fn bad_envelopes_on_the_router_are_dropped_and_later_calls_served() {
     let mut sent = bad_payloads();
     sent.pop();
     for payload in &sent {
-        peer.send(payload.as_slice(), 0).unwrap();
+        peer.send_multipart([b"test".as_slice(), payload], 0).unwrap();
     }
-    peer.send_multipart([b"one".as_slice(), b"two"], 0).unwrap();
+    peer.send(b"one part".as_slice(), 0).unwrap();
+    peer.send_multipart([b"one".as_slice(), b"two", b"three"], 0).unwrap();
     let call = Frame::Call { corr: 7, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
-    peer.send(envelope(&[call]), 0).unwrap();
+    peer.send_multipart([b"test".as_slice(), &envelope(&[call])], 0).unwrap();
     let answer = peer.recv_bytes(0).expect("the call after the bad messages is answered");
     match wire::decode(&answer).unwrap().as_slice() {
         [Frame::Reply { corr: 7, result: Err(e) }] => assert_eq!(e.message, "no calls in this test"),
         other => panic!("unexpected answer {other:?}"),
     }
+    stop(io, thread);
+}
+
+/// A message naming another process of this server (one that died on this endpoint, whose
+/// port this process took), or another server, is refused: its calls are answered with
+/// errors after a `Misdirected` frame naming this process, and none runs. A message naming
+/// this server without saying which process is served.
+#[test]
+fn messages_meant_for_another_process_are_refused() {
+    let ctx = zmq::Context::new();
+    let (io, thread, endpoint) = start_thread(&ctx, "test", Arc::default(), Arc::new(NoCalls), Duration::from_secs(5));
+    let peer = raw_socket(&ctx, zmq::DEALER);
+    peer.set_identity(b"caller#1").unwrap();
+    peer.connect(&endpoint).unwrap();
+    for (to, served) in [("test#0000000000000001", false), ("other", false), ("test", true)] {
+        let call = Frame::Call { corr: 5, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
+        let one_way = Frame::Call { corr: 0, call: Call::KickUser { uid: "v".into(), reason: "r".into() } };
+        peer.send_multipart([to.as_bytes(), &envelope(&[one_way, call])], 0).unwrap();
+        let answer = peer.recv_bytes(0).expect("answered");
+        match wire::decode(&answer).unwrap().as_slice() {
+            [Frame::Reply { corr: 5, result: Err(e) }] if served => assert_eq!(e.message, "no calls in this test"),
+            [Frame::Misdirected { by }, Frame::Reply { corr: 5, result: Err(e) }] if !served => {
+                assert!(by.starts_with("test#") && by.len() == 21, "{by}");
+                assert!(e.message.contains("another process"), "{e:?}");
+            }
+            other => panic!("to {to}: {other:?}"),
+        }
+    }
+    stop(io, thread);
+}
+
+/// A peer whose endpoint another process holds now (it refused a call as meant for
+/// another) is down for routers until the table lists that server anew.
+#[test]
+fn a_peer_whose_endpoint_another_process_holds_is_unreachable_until_listed_anew() {
+    let ctx = zmq::Context::new();
+    let (server, addr) = fake_server(&ctx);
+    let (io, thread, table) = start_with_table(&ctx, &[("peer", &addr)], Duration::from_secs(5));
+    let answered = kick_call(&io, "peer");
+    let (identity, corr) = recv_call(&server);
+    let refusal = [
+        Frame::Misdirected { by: "peer#0000000000000002".into() },
+        Frame::Reply { corr, result: Err(HandlerError::internal("server peer unreachable: another process")) },
+    ];
+    server.send_multipart([identity.as_slice(), &envelope(&refusal)], 0).unwrap();
+    assert!(matches!(answered.recv_timeout(Duration::from_secs(5)), Ok(Err(_))));
+    let down = |want: bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while table.snapshot().unreachable.contains("peer") != want {
+            assert!(Instant::now() < deadline, "peer down: {}, wanted {want}", !want);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    down(true);
+    let mut anew = fake_entry("peer", &addr);
+    anew.get_mut("peer").unwrap().instance = 2;
+    table.replace(anew);
+    io.send(Cmd::PeersChanged);
+    // Listed anew: a new peer, not down.
+    down(false);
+    call_is_answered(&io, "peer", &server, true);
     stop(io, thread);
 }
 
@@ -131,6 +193,7 @@ fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
         frontend: false,
         rpc_addr: fake_addr,
         metadata: Default::default(),
+        instance: 0,
     };
     let table = Arc::new(ServerTable::new());
     table.replace(HashMap::from([("fake".to_owned(), entry)]));
@@ -143,7 +206,7 @@ fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
         Some(ReplyFn::new(move |r| drop(tx.send(r)))),
     );
     let parts = fake.recv_multipart(0).expect("the call reaches the fake server");
-    let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+    let [identity, _to, payload] = <[Vec<u8>; 3]>::try_from(parts).expect("identity, addressee and envelope");
     assert_eq!(server_of(&identity), "test", "the server id, then a per-process suffix");
     assert!(identity.starts_with(b"test#") && identity.len() == 21, "{:?}", String::from_utf8_lossy(&identity));
     let corr = match wire::decode(&payload).unwrap().as_slice() {
@@ -183,6 +246,7 @@ fn fake_entry(id: &str, rpc_addr: &str) -> HashMap<String, ServerEntry> {
         frontend: true,
         rpc_addr: rpc_addr.into(),
         metadata: Default::default(),
+        instance: 0,
     };
     HashMap::from([(id.to_owned(), entry)])
 }
@@ -190,7 +254,7 @@ fn fake_entry(id: &str, rpc_addr: &str) -> HashMap<String, ServerEntry> {
 /// The correlation id of the one call `server` receives.
 fn recv_call(server: &zmq::Socket) -> (Vec<u8>, u64) {
     let parts = server.recv_multipart(0).expect("a call arrives");
-    let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+    let [identity, _to, payload] = <[Vec<u8>; 3]>::try_from(parts).expect("identity, addressee and envelope");
     match wire::decode(&payload).unwrap().as_slice() {
         [Frame::Call { corr, .. }] => (identity, *corr),
         other => panic!("unexpected frames {other:?}"),
@@ -298,7 +362,7 @@ fn a_server_back_on_a_new_endpoint_gets_the_calls() {
     table.replace(fake_entry("fe", &new_addr));
     io.send(Cmd::PeersChanged);
     match waiting.recv_timeout(timeout / 2) {
-        Ok(Err(e)) => assert!(e.code == codes::INTERNAL && e.message.contains("new endpoint"), "{e:?}"),
+        Ok(Err(e)) => assert!(e.code == codes::INTERNAL && e.message.contains("restarted"), "{e:?}"),
         other => panic!("the call to the old process should fail before its timeout: {other:?}"),
     }
     call_is_answered(&io, "fe", &new, true);
@@ -364,7 +428,7 @@ fn one_way_messages_sent_as_a_server_leaves_the_table_arrive() {
     while (pushed.len() as u64) < count {
         let parts =
             server.recv_multipart(0).unwrap_or_else(|e| panic!("{} of {count} pushes arrived: {e}", pushed.len()));
-        for frame in wire::decode(&parts[1]).unwrap() {
+        for frame in wire::decode(&parts[2]).unwrap() {
             match frame {
                 Frame::Call { corr: 0, call: Call::Push { session, body: b, .. } } if b == body => pushed.push(session),
                 other => panic!("unexpected frame {other:?}"),
@@ -436,7 +500,7 @@ fn the_last_answer_before_a_stop_arrives() {
         caller.set_immediate(true).unwrap();
         caller.connect(&addr).unwrap();
         let call = Frame::Call { corr: 7, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
-        caller.send(envelope(&[call]), 0).unwrap();
+        caller.send_multipart([b"server".as_slice(), &envelope(&[call])], 0).unwrap();
         let answer = caller.recv_bytes(0).unwrap_or_else(|e| panic!("round {round}: no answer ({e})"));
         match wire::decode(&answer).unwrap().as_slice() {
             [Frame::Reply { corr: 7, result: Ok(Answer::Found(true)) }] => {}
@@ -507,7 +571,7 @@ fn a_dropped_responder_answers_with_an_error() {
     let peer = raw_socket(&ctx, zmq::DEALER);
     peer.connect(&endpoint).unwrap();
     let call = Frame::Call { corr: 3, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
-    peer.send(envelope(&[call]), 0).unwrap();
+    peer.send_multipart([b"test".as_slice(), &envelope(&[call])], 0).unwrap();
     let answer = peer.recv_bytes(0).expect("answered");
     match wire::decode(&answer).unwrap().as_slice() {
         [Frame::Reply { corr: 3, result: Err(e) }] => assert!(e.message.contains("dropped unanswered"), "{e:?}"),
@@ -612,7 +676,7 @@ fn messages_wait_for_a_server_that_comes_up_within_the_timeout() {
     let mut got = Vec::new();
     while got.len() < 3 {
         let parts = server.recv_multipart(0).expect("held messages arrive once the server is up");
-        let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+        let [identity, _to, payload] = <[Vec<u8>; 3]>::try_from(parts).expect("identity, addressee and envelope");
         for frame in wire::decode(&payload).unwrap() {
             let Frame::Call { corr, call: Call::KickUser { uid, .. } } = frame else { panic!("{frame:?}") };
             if corr != 0 {
@@ -648,7 +712,7 @@ fn a_learned_frontend_back_on_a_new_endpoint_gets_the_calls() {
             ..Default::default()
         };
         let call = Frame::Call { corr, call: Call::Handle { session, msgs: Vec::new() } };
-        frontend.send(envelope(&[call]), 0).unwrap();
+        frontend.send_multipart([b"test".as_slice(), &envelope(&[call])], 0).unwrap();
         frontend.recv_bytes(0).expect("answered");
         if corr == 1 {
             call_is_answered(&io, "fe", &old, false);
@@ -680,7 +744,7 @@ fn calls_to_a_server_that_never_connects_fail_at_once_after_a_timeout() {
     let answered = call_once_connected(&io, "never connected");
     // The held one-way message expired with the timeout: never sent late.
     let parts = server.recv_multipart(0).expect("the call arrives");
-    let [identity, payload] = <[Vec<u8>; 2]>::try_from(parts).expect("identity and envelope");
+    let [identity, _to, payload] = <[Vec<u8>; 3]>::try_from(parts).expect("identity, addressee and envelope");
     let corr = match wire::decode(&payload).unwrap().as_slice() {
         [Frame::Call { corr, call: Call::KickUser { uid, .. } }] if *corr != 0 && uid == "u" => *corr,
         other => panic!("unexpected frames {other:?}"),
@@ -704,8 +768,16 @@ fn a_stopping_thread_removes_its_ipc_socket_file_only() {
         let (router, bound) = bind_router(&ctx, &endpoint).unwrap();
         assert_eq!(bound, endpoint);
         let table = Arc::new(ServerTable::new());
-        spawn(ctx, router, "ipc".into(), table, Arc::new(NoCalls), limits(Duration::from_secs(5)), Default::default())
-            .unwrap()
+        spawn(
+            ctx,
+            router,
+            Process::new("ipc"),
+            table,
+            Arc::new(NoCalls),
+            limits(Duration::from_secs(5)),
+            Default::default(),
+        )
+        .unwrap()
     };
     let (io, thread) = start();
     assert!(path.exists());
@@ -782,13 +854,13 @@ fn large_calls_and_answers_never_exceed_the_message_limit() {
     let (router, addr) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
     let table = Arc::new(ServerTable::new());
     let (server, server_thread) =
-        spawn(ctx.clone(), router, "server".into(), table, Arc::new(Echo), limits, Default::default()).unwrap();
+        spawn(ctx.clone(), router, Process::new("server"), table, Arc::new(Echo), limits, Default::default()).unwrap();
     let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
     let table = Arc::new(ServerTable::new());
     table.replace(fake_entry("server", &addr));
     let stats = Arc::new(Counters::default());
     let (io, thread) =
-        spawn(ctx.clone(), router, "caller".into(), table, Arc::new(NoCalls), limits, stats.clone()).unwrap();
+        spawn(ctx.clone(), router, Process::new("caller"), table, Arc::new(NoCalls), limits, stats.clone()).unwrap();
     let call = |route: &str, body: Vec<u8>| {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let call = Call::User { route: route.into(), body };

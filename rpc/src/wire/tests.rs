@@ -148,5 +148,7 @@ fn any_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         (any::<u64>(), any_call()).prop_map(|(corr, call)| Frame::Call { corr, call }),
         (any::<u64>(), any_answer()).prop_map(|(corr, result)| Frame::Reply { corr, result }),
+        Just(Frame::Leaving),
+        any::<String>().prop_map(|by| Frame::Misdirected { by }),
     ]
 }
