@@ -723,7 +723,6 @@ fn servers_deployed_on_their_own_find_each_other_through_etcd() {
                 .unwrap(),
         )
     };
-    let mut connector = spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
     let mut rooms = [spawn("room", "room-1", &[]), spawn("room", "room-2", &[])];
     // Another server's view of the cluster, through the same etcd and key prefix.
     let observer = EtcdDiscovery::new(&url, "dragonfruit/", Duration::from_secs(60));
@@ -745,7 +744,11 @@ fn servers_deployed_on_their_own_find_each_other_through_etcd() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    until(&|| ["connector-1", "room-1", "room-2"].iter().all(|id| listed(id)));
+    // The room servers first: the connector then lists both from its start, so the room
+    // the players join below is where the room router puts it with both.
+    until(&|| ["room-1", "room-2"].iter().all(|id| listed(id)));
+    let mut connector = spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    until(&|| listed("connector-1"));
 
     let (ann, ben) = (player(port, "ann"), player(port, "ben"));
     for p in [&ann, &ben] {
