@@ -96,7 +96,7 @@ pub fn app(role: Role, source: &ConfigSource) -> Result<(AppBuilder, Option<Clus
         }
         Role::Room => {
             let module = cluster()?;
-            let builder = builder.frontend(false).component("room", room::Rooms::default());
+            let builder = builder.frontend(false).component("room", room::Rooms::in_cluster(module.clone()));
             (builder.cluster(Arc::new(module.clone())), Some(module))
         }
         Role::Standalone => (

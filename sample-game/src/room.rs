@@ -1,7 +1,11 @@
 //! `room`: chat rooms, held by room servers. Members are uids; a player is in at most one
 //! room. The room router sends every message about a room to the same room server, so a
-//! room's members and chat live in one place. The session's current room is session data
-//! (`room`), pushed to the frontend so the router can find it later. A member that no
+//! room's members and chat live in one place. The session's current room and the room
+//! server holding it are session data (`room`, `room_server`), pushed to the frontend so
+//! the router can find them later. A room lives on the server it was created on until it
+//! empties or that server goes: a player joining a room that another room server holds
+//! (the router's choice for the name moved when a room server joined the cluster) is
+//! admitted there. A member that no
 //! connector knows any more (it just disconnected, or its connector died so no `left` call
 //! comes) is dropped from the room the next time the room pushes to its members.
 
@@ -11,8 +15,12 @@ use std::time::Instant;
 
 use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes};
+use dragonfruit_rpc::ClusterModule;
 use log::{debug, warn};
 use serde::{Deserialize, Serialize};
+
+/// Error code of `room.room.admit` for a room not held (any more) by that server.
+const NO_ROOM: &str = "GAME-404";
 
 /// Longest room name.
 pub const MAX_ROOM: usize = 32;
@@ -20,6 +28,12 @@ pub const MAX_ROOM: usize = 32;
 pub const MAX_TEXT: usize = 500;
 /// Session key holding the current room.
 pub const ROOM_KEY: &str = "room";
+/// Session key holding the id of the room server holding the current room.
+pub const ROOM_SERVER_KEY: &str = "room_server";
+/// The remote saying whether a room server holds a room.
+const HOLDS_ROUTE: &str = "room.room.holds";
+/// The remote admitting a player to a room its room server holds.
+const ADMIT_ROUTE: &str = "room.room.admit";
 /// The remote that removes a player from a room (called when they leave or disconnect).
 pub const LEFT_ROUTE: &str = "room.room.left";
 
@@ -30,12 +44,32 @@ pub type SessionRef = (String, u64);
 type Members = BTreeMap<String, SessionRef>;
 
 /// The room component. Cloning shares the rooms.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct Rooms {
     rooms: Arc<Mutex<HashMap<String, Members>>>,
+    /// The cluster this room server is part of (none in a standalone server): where to
+    /// look for a room held by another room server.
+    cluster: Option<ClusterModule>,
     /// Players whose old room could not be told they left as they joined another (its room
     /// server unreachable): logged at most once a second.
     leave_failures: Arc<Throttle>,
+}
+
+impl std::fmt::Debug for Rooms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rooms").field("rooms", &self.lock().len()).finish_non_exhaustive()
+    }
+}
+
+/// Argument of the `room.room.admit` remote.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Admit {
+    /// Who joins.
+    pub uid: String,
+    /// Which room.
+    pub room: String,
+    /// The session joining.
+    pub session: SessionRef,
 }
 
 /// `room.room.join` argument.
@@ -103,6 +137,8 @@ impl Component for Rooms {
         r.handler("leave", |rooms: &Rooms, ctx: &mut Ctx<'_>, _: serde_json::Value| rooms.leave(ctx));
         r.raw_handler("echo", |_: &Rooms, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
         r.remote("left", |rooms: &Rooms, ctx: &RemoteCtx<'_>, left: Left| Ok(rooms.remove_member(ctx, &left)));
+        r.remote("holds", |rooms: &Rooms, _: &RemoteCtx<'_>, room: String| Ok(rooms.lock().contains_key(&room)));
+        r.remote("admit", |rooms: &Rooms, ctx: &RemoteCtx<'_>, admit: Admit| rooms.admit(ctx, admit));
     }
 }
 
@@ -111,6 +147,11 @@ fn internal(e: impl std::fmt::Display) -> HandlerError {
 }
 
 impl Rooms {
+    /// The room component of a room server in the cluster of `cluster`.
+    pub fn in_cluster(cluster: ClusterModule) -> Rooms {
+        Rooms { cluster: Some(cluster), ..Rooms::default() }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Members>> {
         self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -144,6 +185,15 @@ impl Rooms {
                 }
             }
         }
+        if !self.lock().contains_key(&name) {
+            let admit = Admit { uid: uid.clone(), room: name.clone(), session: session_ref(&session) };
+            if let Some((holder, joined)) = self.admit_elsewhere(ctx, &admit)? {
+                session.set(ROOM_KEY, &name).map_err(internal)?;
+                session.set(ROOM_SERVER_KEY, &holder).map_err(internal)?;
+                session.push_to_frontend().map_err(internal)?;
+                return Ok(joined);
+            }
+        }
         let (members, others) = {
             let mut rooms = self.lock();
             let room = rooms.entry(name.clone()).or_default();
@@ -152,8 +202,54 @@ impl Rooms {
             (room.keys().cloned().collect::<Vec<_>>(), others)
         };
         session.set(ROOM_KEY, &name).map_err(internal)?;
+        session.set(ROOM_SERVER_KEY, &*ctx.server().id).map_err(internal)?;
         session.push_to_frontend().map_err(internal)?;
         self.push_to_members(ctx, &name, "onJoin", &MemberEvent { uid }, &others)?;
+        Ok(Joined { room: name, members })
+    }
+
+    /// Admits `admit.uid` to `admit.room` on the other room server holding it, if one does
+    /// (the room was created before this server joined the cluster, or while the router
+    /// could not see it): that server's id and the answer. A room server that does not
+    /// answer holds nothing reachable; one that holds the room but cannot admit (it went
+    /// down between the two calls) fails the join, so the room is not split.
+    fn admit_elsewhere(&self, ctx: &Ctx<'_>, admit: &Admit) -> Result<Option<(String, Joined)>, HandlerError> {
+        let Some(cluster) = &self.cluster else { return Ok(None) };
+        let me = ctx.server();
+        let others = cluster.servers().into_iter().filter(|s| *s.server_type == *me.server_type && *s.id != *me.id);
+        for server in others {
+            match ctx.rpc_to::<_, bool>(&server.id, HOLDS_ROUTE, &admit.room) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    debug!("room server {} not asked for room {}: {e}", server.id, admit.room);
+                    continue;
+                }
+            }
+            return match ctx.rpc_to::<_, Joined>(&server.id, ADMIT_ROUTE, admit) {
+                Ok(joined) => Ok(Some((server.id, joined))),
+                // It emptied meanwhile: created here.
+                Err(e) if e.code == NO_ROOM => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+        Ok(None)
+    }
+
+    /// Adds a player to a room held here, whose join the router sent to another room
+    /// server (see `admit_elsewhere`).
+    fn admit(&self, env: &dragonfruit_core::HandlerEnv, admit: Admit) -> Result<Joined, HandlerError> {
+        let Admit { uid, room: name, session } = admit;
+        let (members, others) = {
+            let mut rooms = self.lock();
+            let Some(room) = rooms.get_mut(&name) else {
+                return Err(HandlerError::new(NO_ROOM, format!("no room {name} here")));
+            };
+            let others: Vec<String> = room.keys().filter(|m| **m != uid).cloned().collect();
+            room.insert(uid.clone(), session);
+            (room.keys().cloned().collect::<Vec<_>>(), others)
+        };
+        self.push_to_members(env, &name, "onJoin", &MemberEvent { uid }, &others)?;
         Ok(Joined { room: name, members })
     }
 
@@ -181,6 +277,7 @@ impl Rooms {
         };
         self.remove_member(ctx, &Left { uid, room: room.clone(), session: Some(session_ref(&session)) });
         session.remove(ROOM_KEY);
+        session.remove(ROOM_SERVER_KEY);
         session.push_to_frontend().map_err(internal)?;
         Ok(serde_json::json!({ "room": room }))
     }

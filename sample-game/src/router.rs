@@ -3,10 +3,13 @@
 use dragonfruit_rpc::router::{rendezvous, rendezvous_among, rendezvous_bytes};
 use dragonfruit_rpc::{RandomRouter, RouteCtx, Router, ServerEntry};
 
-use crate::room::ROOM_KEY;
+use crate::room::{ROOM_KEY, ROOM_SERVER_KEY};
 
 /// Routes `room.*` by room name with rendezvous hashing: `join` by the room in its body,
-/// everything else (say, leave, the `left` remote) by the session's current room. Messages
+/// everything else (say, leave, the `left` remote) by the session's current room, to the
+/// room server holding it (`room_server` in the session) while that server is listed: a
+/// room lives where it was created, so a room server joining the cluster, which moves
+/// some names' rendezvous choice to it, moves no live room. Messages
 /// of players in no room (echo) go by session id, so each player's messages stay on one room
 /// server and in order; user RPCs with no session go to a random room server. Every
 /// connector computes the same choice, and when a room server dies only its rooms (and
@@ -20,15 +23,22 @@ pub struct RoomRouter {
 
 impl Router for RoomRouter {
     fn pick(&self, ctx: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize> {
+        let current = ctx.session.and_then(|s| s.get::<String>(ROOM_KEY));
         let room = if ctx.route.method() == "join" {
             serde_json::from_slice::<serde_json::Value>(ctx.body)
                 .ok()
                 .and_then(|v| v.get("room")?.as_str().map(|s| s.trim().to_owned()))
         } else {
-            ctx.session.and_then(|s| s.get::<String>(ROOM_KEY))
+            current.clone()
         };
         match room {
-            Some(room) => rendezvous(&room, servers),
+            Some(room) => {
+                let holder = ctx
+                    .session
+                    .filter(|_| current.as_ref() == Some(&room))
+                    .and_then(|s| s.get::<String>(ROOM_SERVER_KEY));
+                holder.and_then(|id| servers.iter().position(|s| s.id == id)).or_else(|| rendezvous(&room, servers))
+            }
             None => match ctx.session {
                 Some(session) => {
                     let key = session.id().to_be_bytes();
@@ -70,7 +80,15 @@ mod tests {
     }
 
     fn session(id: u64, room: Option<&str>) -> Session {
-        let data: BTreeMap<_, _> = room.map(|r| (ROOM_KEY.to_owned(), serde_json::json!(r))).into_iter().collect();
+        held_session(id, room, None)
+    }
+
+    /// A session in `room`, held by room server `holder` (`None`: not said).
+    fn held_session(id: u64, room: Option<&str>, holder: Option<&str>) -> Session {
+        let mut data: BTreeMap<_, _> = room.map(|r| (ROOM_KEY.to_owned(), serde_json::json!(r))).into_iter().collect();
+        if let Some(holder) = holder {
+            data.insert(ROOM_SERVER_KEY.to_owned(), serde_json::json!(holder));
+        }
         let init = SessionInit {
             id,
             frontend_id: Arc::from("connector-1"),
@@ -118,6 +136,23 @@ mod tests {
         for sid in 0..20 {
             assert_eq!(pick("room.room.say", Some(&session(sid, Some("lobby"))), b"{}"), joined);
         }
+    }
+
+    #[test]
+    fn a_room_stays_on_the_server_holding_it_while_that_is_listed() {
+        let servers = rooms();
+        let hashed = rendezvous("lobby", &servers).unwrap();
+        let other = 1 - hashed;
+        // Created on the other server before the hashed one joined the cluster.
+        let member = held_session(1, Some("lobby"), Some(&servers[other].id));
+        for route in ["room.room.say", "room.room.leave", "room.room.left"] {
+            assert_eq!(pick(route, Some(&member), b"{}"), other, "{route}");
+        }
+        assert_eq!(pick("room.room.join", Some(&member), br#"{"room":"lobby"}"#), other, "joining it again");
+        assert_eq!(pick("room.room.join", Some(&member), br#"{"room":"hall"}"#), rendezvous("hall", &servers).unwrap());
+        // Its server is gone: by name again.
+        let lost = held_session(1, Some("lobby"), Some("room-9"));
+        assert_eq!(pick("room.room.say", Some(&lost), b"{}"), hashed);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use dragonfruit_client::{Client, ClientConfig, ClientError};
@@ -115,11 +116,13 @@ impl Servers {
         Proc(self.command(role, id, extra).spawn().unwrap())
     }
 
-    /// As `spawn`, logging warnings; the thread returns the log lines once the server exits.
-    fn spawn_logged(&self, role: &str, id: &str, extra: &[&str]) -> (Proc, std::thread::JoinHandle<Vec<String>>) {
-        let mut child = self.command(role, id, extra).env("RUST_LOG", "warn").stderr(Stdio::piped()).spawn().unwrap();
+    /// As `spawn`, logging at `level`; its log lines come on the channel as they are written.
+    fn spawn_logged(&self, role: &str, id: &str, extra: &[&str], level: &str) -> (Proc, mpsc::Receiver<String>) {
+        let mut child = self.command(role, id, extra).env("RUST_LOG", level).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = BufReader::new(child.stderr.take().unwrap());
-        (Proc(child), std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect()))
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || stderr.lines().map_while(Result::ok).try_for_each(|line| tx.send(line)));
+        (Proc(child), rx)
     }
 
     /// Waits until `n` servers have registered, then a little longer so that every one has
@@ -521,6 +524,63 @@ fn roomless_players_move_off_a_killed_room_server_before_discovery_drops_it() {
     }
 }
 
+/// A room server joining the cluster moves the room router's choice for some room names to
+/// it, but not the live rooms of those names: their members keep playing on the server
+/// holding them, and a player joining one is admitted there, not put in a new room of the
+/// same name.
+#[test]
+fn a_room_server_joining_the_cluster_moves_no_live_room() {
+    let servers = Servers::new("scaleout", &[]);
+    let port = free_port();
+    let (_connector, log) =
+        servers.spawn_logged("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")], "info");
+    let _room1 = servers.spawn("room", "room-1", &[]);
+    servers.wait_registered(2);
+    // A room the router puts on room-2 once it is there.
+    let both = [room_entry("room-1"), room_entry("room-2")];
+    let name = (0..).map(|i| format!("r{i}")).find(|r| rendezvous(r, &both) == Some(1)).unwrap();
+    let (alice, bob) = (player(port, "alice"), player(port, "bob"));
+    for p in [&alice, &bob] {
+        let _: Value = p.request("room.room.join", &json!({"room": name})).unwrap();
+    }
+    assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "bob"})));
+
+    let _room2 = servers.spawn("room", "room-2", &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line =
+            log.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("the connector sees room-2");
+        if line.contains("server room-2 (room) joined") {
+            break;
+        }
+    }
+    bob.notify("room.room.say", &json!({"text": "still here"})).unwrap();
+    for p in [&alice, &bob] {
+        let heard = p.recv_push_as::<Value>(T).unwrap();
+        assert_eq!(heard, ("onChat".to_string(), json!({"from": "bob", "text": "still here"})), "on the room's server");
+    }
+    let carol = player(port, "carol");
+    let joined: Value = carol.request("room.room.join", &json!({"room": name})).unwrap();
+    assert_eq!(joined["members"], json!(["alice", "bob", "carol"]), "admitted to the live room");
+    for p in [&alice, &bob] {
+        assert_eq!(p.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "carol"})));
+    }
+    carol.notify("room.room.say", &json!({"text": "hi all"})).unwrap();
+    for p in [&alice, &bob, &carol] {
+        assert_eq!(
+            p.recv_push_as::<Value>(T).unwrap(),
+            ("onChat".to_string(), json!({"from": "carol", "text": "hi all"}))
+        );
+    }
+    // Emptied, the room goes; made again, it is where the router puts it now.
+    for p in [&alice, &bob, &carol] {
+        let _: Value = p.request("room.room.leave", &json!({})).unwrap();
+    }
+    let _: Value = alice.request("room.room.join", &json!({"room": name})).unwrap();
+    let joined: Value = bob.request("room.room.join", &json!({"room": name})).unwrap();
+    assert_eq!(joined["members"], json!(["alice", "bob"]));
+}
+
 /// Players disconnecting while no room server is reachable cannot leave their rooms: the
 /// connector says so at most once a second (with how many it did not log), not once per
 /// player, and goes on serving.
@@ -529,7 +589,7 @@ fn players_leaving_while_their_room_server_is_down_log_a_line_a_second() {
     let servers = Servers::new("leavelog", &[("DRAGONFRUIT_DISCOVERY__TTL", "60s")]);
     let port = free_port();
     let (mut connector, logged) =
-        servers.spawn_logged("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+        servers.spawn_logged("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")], "warn");
     let mut room = servers.spawn("room", "room-1", &[]);
     servers.wait_registered(2);
     let players: Vec<Client> = (0..30)
@@ -552,7 +612,7 @@ fn players_leaving_while_their_room_server_is_down_log_a_line_a_second() {
     let _: Value = alice.request("connector.entry.login", &json!({"name": "alice"})).unwrap();
     signal(&connector.0, libc::SIGTERM);
     assert!(wait_exit(&mut connector.0, Duration::from_secs(20)).is_some_and(|s| s.success()));
-    let logged = logged.join().unwrap();
+    let logged: Vec<String> = logged.iter().collect();
     let lines: Vec<&String> = logged.iter().filter(|l| l.contains("could not leave its room")).collect();
     // The 30 closes take well under a second: one line, or two if they straddle a second.
     assert!((1..=2).contains(&lines.len()), "{} lines: {lines:?}", lines.len());
