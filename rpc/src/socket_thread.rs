@@ -315,6 +315,8 @@ struct SocketThread {
     identity: Vec<u8>,
     /// Messages refused as meant for another process: a warning a second at most.
     misdirected: Throttle,
+    /// Messages with the wrong number of parts: a warning a second at most.
+    malformed: Throttle,
     router: zmq::Socket,
     peers: HashMap<String, Peer>,
     pending: HashMap<u64, Pending>,
@@ -513,6 +515,7 @@ pub(crate) fn spawn(
         identity: addressee(&own.id, own.instance),
         own_id: own.id,
         misdirected: Throttle::default(),
+        malformed: Throttle::default(),
         router,
         peers: HashMap::new(),
         pending: HashMap::new(),
@@ -1088,7 +1091,9 @@ impl SocketThread {
             };
             got = true;
             let Ok([identity, to, payload]) = <[Vec<u8>; 3]>::try_from(parts) else {
-                warn!("rpc message that is not [identity, addressee, envelope] dropped (a peer of another version?)");
+                if let Some(more) = self.malformed.due(Instant::now()) {
+                    warn!("rpc message not made of an addressee and an envelope dropped (a peer of another version?){more}");
+                }
                 continue;
             };
             let from = server_of(&identity);
@@ -1155,7 +1160,9 @@ impl SocketThread {
                             peer.misdirected(id, &by);
                             misdirected = true;
                         }
-                        Frame::Call { .. } | Frame::Leaving => warn!("server {id} sent a call on a DEALER"),
+                        Frame::Call { .. } | Frame::Leaving => {
+                            warn!("server {id} sent a frame meant for a ROUTER on a DEALER")
+                        }
                     }
                 }
             }
