@@ -802,6 +802,53 @@ fn a_peer_slow_to_see_a_server_leave_does_not_warn_that_its_connection_is_lost()
     assert!(lost.is_empty(), "{lost:?}");
 }
 
+/// A backend restarted at the same fixed endpoint, gracefully, while a frontend still lists
+/// the previous process (it rescans seldom): the frontend's connection reaches the new
+/// process, which refuses the calls meant for the old one (they fail at once, none runs);
+/// a routine restart, so neither side warns. (Listed anew, the server is a new peer: the
+/// socket thread's `a_peer_whose_endpoint_another_process_holds_is_unreachable_until_listed_anew`.)
+#[test]
+fn a_backend_restarted_at_its_endpoint_refuses_calls_for_its_previous_process_quietly() {
+    let dir = cluster_dir("samebind");
+    let bind =
+        format!("tcp://127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let room_module = || {
+        let rpc = dragonfruit_rpc::RpcConfig { timeout: TIMEOUT, bind: bind.clone(), ..Default::default() };
+        ClusterModule::new(rpc, Box::new(fast_discovery(&dir)))
+    };
+    let backend = Backend::default();
+    let old_module = room_module();
+    let old = Server::start_backend(room_builder("room-1", &backend, &old_module));
+    // Rescans every 20 s: it lists the old process through the whole test.
+    let slow = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(20), Duration::from_secs(60));
+    let fe_module = module_with(slow, TIMEOUT);
+    let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
+    // Its own stop would wait for others to see it leave, up to this.
+    builder.config_mut().shutdown.timeout = Duration::from_millis(500);
+    let frontend = Server::start(builder);
+    assert!(wait_until(T, || fe_module.servers().len() == 2));
+    let client = frontend.client();
+    assert_eq!(client.request_raw("room.room.echo", b"old").unwrap(), b"old");
+    let old_instance = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap().instance;
+    old.handle.shutdown().unwrap();
+    let new_module = room_module();
+    let _new = Server::start_backend(room_builder("room-1", &backend, &new_module));
+    let new_instance = new_module.me().unwrap().instance;
+    assert_ne!(old_instance, new_instance);
+    // The frontend's connection comes back, to the new process (probes every 100 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..5 {
+        let started = Instant::now();
+        let refused = client.request_raw("room.room.echo", b"to the old one");
+        assert!(refused.is_err(), "the new process ran a call meant for the old one");
+        assert!(started.elapsed() < TIMEOUT, "refused at once, not at the call timeout");
+    }
+    assert!(fe_module.servers().iter().any(|s| s.id == "room-1" && s.instance == old_instance), "still listed");
+    let noisy: Vec<String> =
+        warnings().into_iter().filter(|w| w.contains("room-1") && w.contains(&bind) || w.contains("refused")).collect();
+    assert!(noisy.is_empty(), "{noisy:?}");
+}
+
 /// A frontend stopping gracefully leaves discovery first, then waits for its forwarded
 /// requests. Backends drop it from their tables meanwhile; a handler still running for one
 /// of its sessions must still reach it (bind, push) at the endpoint the session named.

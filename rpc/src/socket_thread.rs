@@ -235,7 +235,17 @@ impl Peer {
 
     /// Another process refused the calls sent to its endpoint.
     fn misdirected(&mut self, id: &str, by: &str) {
-        if !std::mem::replace(&mut self.misdirected, true) {
+        if std::mem::replace(&mut self.misdirected, true) {
+            return;
+        }
+        if server_of(by.as_bytes()) == id {
+            // Restarted at the same endpoint (a fixed port): routine, and discovery lists
+            // the new process shortly.
+            info!(
+                "server {id} at {} restarted; failing calls to its old process until discovery lists the new one",
+                self.addr
+            );
+        } else {
             warn!(
                 "server {id} at {} is gone: another process ({by}) holds that endpoint now; failing its calls until discovery lists it anew",
                 self.addr
@@ -1187,7 +1197,12 @@ impl SocketThread {
         let (from, to) = (server_of(&identity), String::from_utf8_lossy(to));
         let me = String::from_utf8_lossy(&self.identity).into_owned();
         if let Some(more) = self.misdirected.due(Instant::now()) {
-            warn!("calls from server {from} meant for {to} refused: this endpoint is {me}'s now{more}");
+            if server_of(to.as_bytes()) == self.own_id {
+                // This server's previous process, restarted at the same endpoint: routine.
+                info!("calls from server {from} meant for this server's previous process refused{more}");
+            } else {
+                warn!("calls from server {from} meant for {to} refused: this endpoint is {me}'s now{more}");
+            }
         }
         let why = format!("server {} unreachable: its endpoint is another process's now", server_of(to.as_bytes()));
         let mut answers = vec![Frame::Misdirected { by: me }];
