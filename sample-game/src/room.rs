@@ -188,24 +188,38 @@ impl Rooms {
         if !self.lock().contains_key(&name) {
             let admit = Admit { uid: uid.clone(), room: name.clone(), session: session_ref(&session) };
             if let Some((holder, joined)) = self.admit_elsewhere(ctx, &admit)? {
-                session.set(ROOM_KEY, &name).map_err(internal)?;
-                session.set(ROOM_SERVER_KEY, &holder).map_err(internal)?;
-                session.push_to_frontend().map_err(internal)?;
+                remember_room(&session, &name, &holder)?;
                 return Ok(joined);
             }
         }
+        remember_room(&session, &name, &ctx.server().id)?;
+        let joined = self.enter(ctx, &name, &uid, session_ref(&session), true)?;
+        joined.ok_or_else(|| internal(format!("room {name} not made")))
+    }
+
+    /// Adds `uid` (joining from `session`) to `room`, made if `create`, and tells the other
+    /// members; `None` if the room is not here and not to be made.
+    fn enter(
+        &self,
+        env: &dragonfruit_core::HandlerEnv,
+        room: &str,
+        uid: &str,
+        session: SessionRef,
+        create: bool,
+    ) -> Result<Option<Joined>, HandlerError> {
         let (members, others) = {
             let mut rooms = self.lock();
-            let room = rooms.entry(name.clone()).or_default();
-            let others: Vec<String> = room.keys().filter(|m| **m != uid).cloned().collect();
-            room.insert(uid.clone(), session_ref(&session));
-            (room.keys().cloned().collect::<Vec<_>>(), others)
+            let members = match rooms.get_mut(room) {
+                Some(members) => members,
+                None if create => rooms.entry(room.to_owned()).or_default(),
+                None => return Ok(None),
+            };
+            let others: Vec<String> = members.keys().filter(|m| *m != uid).cloned().collect();
+            members.insert(uid.to_owned(), session);
+            (members.keys().cloned().collect::<Vec<_>>(), others)
         };
-        session.set(ROOM_KEY, &name).map_err(internal)?;
-        session.set(ROOM_SERVER_KEY, &*ctx.server().id).map_err(internal)?;
-        session.push_to_frontend().map_err(internal)?;
-        self.push_to_members(ctx, &name, "onJoin", &MemberEvent { uid }, &others)?;
-        Ok(Joined { room: name, members })
+        self.push_to_members(env, room, "onJoin", &MemberEvent { uid: uid.to_owned() }, &others)?;
+        Ok(Some(Joined { room: room.to_owned(), members }))
     }
 
     /// Admits `admit.uid` to `admit.room` on the other room server holding it, if one does
@@ -239,18 +253,9 @@ impl Rooms {
     /// Adds a player to a room held here, whose join the router sent to another room
     /// server (see `admit_elsewhere`).
     fn admit(&self, env: &dragonfruit_core::HandlerEnv, admit: Admit) -> Result<Joined, HandlerError> {
-        let Admit { uid, room: name, session } = admit;
-        let (members, others) = {
-            let mut rooms = self.lock();
-            let Some(room) = rooms.get_mut(&name) else {
-                return Err(HandlerError::new(NO_ROOM, format!("no room {name} here")));
-            };
-            let others: Vec<String> = room.keys().filter(|m| **m != uid).cloned().collect();
-            room.insert(uid.clone(), session);
-            (room.keys().cloned().collect::<Vec<_>>(), others)
-        };
-        self.push_to_members(env, &name, "onJoin", &MemberEvent { uid }, &others)?;
-        Ok(Joined { room: name, members })
+        let Admit { uid, room, session } = admit;
+        let joined = self.enter(env, &room, &uid, session, false)?;
+        joined.ok_or_else(|| HandlerError::new(NO_ROOM, format!("no room {room} here")))
     }
 
     fn say(&self, ctx: &mut Ctx<'_>, req: Say) -> Result<(), HandlerError> {
@@ -356,6 +361,14 @@ impl Rooms {
         }
         true
     }
+}
+
+/// Notes in the session, and on its frontend, that its room is `room`, held by room server
+/// `holder` (the router sends the room's messages there).
+fn remember_room(session: &dragonfruit_core::Session, room: &str, holder: &str) -> Result<(), HandlerError> {
+    session.set(ROOM_KEY, room).map_err(internal)?;
+    session.set(ROOM_SERVER_KEY, holder).map_err(internal)?;
+    session.push_to_frontend().map_err(internal)
 }
 
 fn logged_in(ctx: &Ctx<'_>) -> Result<String, HandlerError> {
