@@ -771,6 +771,19 @@ fn a_stopping_backend_serves_a_frontend_that_is_slow_to_see_it_leave() {
     assert_eq!(fe_module.servers().len(), 2, "the frontend saw room-1 leave");
 }
 
+/// `connector-1` in the cluster of `dir`, once it lists one other server: its discovery
+/// rescans only every 20 s, so it keeps that view through a test; it stops within 500 ms
+/// (its own stop would wait for others to see it leave).
+fn frontend_slow_to_rescan(dir: &std::path::Path) -> (Server, ClusterModule) {
+    let slow = EmbeddedDiscovery::new(dir.to_owned(), Duration::from_secs(20), Duration::from_secs(60));
+    let fe_module = module_with(slow, TIMEOUT);
+    let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
+    builder.config_mut().shutdown.timeout = Duration::from_millis(500);
+    let frontend = Server::start(builder);
+    assert!(wait_until(T, || fe_module.servers().len() == 2));
+    (frontend, fe_module)
+}
+
 /// A server stopping gracefully tells its peers it is leaving: one that has not yet seen it
 /// leave in discovery (it rescans seldom) does not report the connection closed at the end
 /// of the stop as lost, though calls to it then fail at once as for a lost one.
@@ -779,14 +792,8 @@ fn a_peer_slow_to_see_a_server_leave_does_not_warn_that_its_connection_is_lost()
     let dir = cluster_dir("byepeer");
     let (stopping, stopping_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
     let addr = stopping_module.me().unwrap().rpc_addr;
-    // Rescans every 20 s: it lists room-1 through the whole test.
-    let slow = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(20), Duration::from_secs(60));
-    let fe_module = module_with(slow, TIMEOUT);
-    let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
-    // Its own stop would wait for others to see it leave, up to this.
-    builder.config_mut().shutdown.timeout = Duration::from_millis(500);
-    let frontend = Server::start(builder);
-    assert!(wait_until(T, || fe_module.servers().len() == 2));
+    // It lists room-1 through the whole test.
+    let (frontend, fe_module) = frontend_slow_to_rescan(&dir);
     let client = frontend.client();
     assert_eq!(client.request_raw("room.room.echo", b"up").unwrap(), b"up", "the connection to room-1 is up");
     stopping.handle.shutdown().unwrap();
@@ -819,14 +826,8 @@ fn a_backend_restarted_at_its_endpoint_refuses_calls_for_its_previous_process_qu
     let backend = Backend::default();
     let old_module = room_module();
     let old = Server::start_backend(room_builder("room-1", &backend, &old_module));
-    // Rescans every 20 s: it lists the old process through the whole test.
-    let slow = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(20), Duration::from_secs(60));
-    let fe_module = module_with(slow, TIMEOUT);
-    let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
-    // Its own stop would wait for others to see it leave, up to this.
-    builder.config_mut().shutdown.timeout = Duration::from_millis(500);
-    let frontend = Server::start(builder);
-    assert!(wait_until(T, || fe_module.servers().len() == 2));
+    // It lists the old process through the whole test.
+    let (frontend, fe_module) = frontend_slow_to_rescan(&dir);
     let client = frontend.client();
     assert_eq!(client.request_raw("room.room.echo", b"old").unwrap(), b"old");
     let old_instance = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap().instance;
