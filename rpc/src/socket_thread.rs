@@ -196,7 +196,7 @@ struct Peer {
     /// on its endpoint (it died and the port was reused) refuses them.
     addressee: Vec<u8>,
     /// Another process answered on its endpoint (`Frame::Misdirected`): down until the
-    /// table lists it anew (which replaces this peer).
+    /// table lists it anew (which replaces this peer, or has it name the listed process).
     misdirected: bool,
 }
 
@@ -739,8 +739,18 @@ impl SocketThread {
             Some(entry) => {
                 peer.listed = true;
                 // Another process at the same endpoint (restarted, or a reused port) is a
-                // new peer too.
-                entry.rpc_addr == peer.addr && peer.addressee == addressee(id, entry.instance)
+                // new peer too. A peer whose process was not known (called at an endpoint
+                // before the table listed it) is the one listed there.
+                let listed = addressee(id, entry.instance);
+                let same = entry.rpc_addr == peer.addr
+                    && (peer.addressee == listed || peer.addressee == id.as_bytes() || entry.instance == 0);
+                if same && peer.addressee != listed {
+                    // Messages name that process from now on; one that refused a message
+                    // naming none may take them.
+                    peer.addressee = listed;
+                    peer.misdirected = false;
+                }
+                same
             }
             None => {
                 if std::mem::replace(&mut peer.listed, false) {

@@ -405,6 +405,40 @@ fn a_server_that_left_the_table_after_it_was_chosen_gets_the_call() {
     stop(io, thread);
 }
 
+/// A server called at an endpoint while the table does not list it (a remote session
+/// calling its frontend back before discovery lists that), so with its process not known,
+/// keeps its connection when the table lists it there with its instance: the call waiting
+/// on it is answered, and later messages name that process.
+#[test]
+fn a_server_called_by_endpoint_then_listed_there_keeps_its_connection() {
+    let ctx = zmq::Context::new();
+    let (server, addr) = fake_server(&ctx);
+    let (io, thread, table) = start_with_table(&ctx, &[], Duration::from_secs(5));
+    let (call, reply, rx) = kick();
+    io.call("peer", Some(&addr), call, reply);
+    let parts = server.recv_multipart(0).expect("the call arrives");
+    let [identity, to, payload] = <[Vec<u8>; 3]>::try_from(parts).expect("identity, addressee and envelope");
+    assert_eq!(to, b"peer", "any process of the server");
+    let [Frame::Call { corr, .. }] = wire::decode(&payload).unwrap()[..] else { panic!("one call") };
+    let mut listed = fake_entry("peer", &addr);
+    listed.get_mut("peer").unwrap().instance = 7;
+    table.replace(listed);
+    io.send(Cmd::PeersChanged);
+    // Commands run in order: once this is answered, the table change has been handled.
+    assert!(kick_call(&io, "nobody").recv_timeout(Duration::from_secs(5)).is_ok());
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+    server.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))), "the waiting call");
+    let answered = kick_call(&io, "peer");
+    let parts = server.recv_multipart(0).expect("the next call arrives");
+    assert_eq!(parts[1], wire::addressee("peer", 7), "names the listed process");
+    let [Frame::Call { corr, .. }] = wire::decode(&parts[2]).unwrap()[..] else { panic!("one call") };
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(false)) };
+    server.send_multipart([parts[0].as_slice(), &envelope(&[reply])], 0).unwrap();
+    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(false))));
+    stop(io, thread);
+}
+
 /// One-way messages sent to a server right as it leaves the table (pushes and kicks for the
 /// sessions of a frontend that is stopping) all arrive: its DEALER stays open a moment
 /// after it left ([`RETIRE_AFTER`]) instead of closing with messages not yet written (the
