@@ -49,9 +49,14 @@ fn stop(servers: &mut [Server]) {
 
 /// Sends SIGTERM to every server, then waits for each (killing one that takes too long).
 fn stop_together(servers: &mut [Server]) {
-    for server in servers.iter() {
-        // SAFETY: kill on a pid we spawned and have not reaped.
-        unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
+    for server in servers.iter_mut() {
+        // One that exited was reaped (by `try_wait`, here or while the cluster ran): its pid
+        // may belong to another process by now. One that has not been reaped keeps its pid
+        // (a zombie at worst), so the signal reaches it or nobody.
+        if matches!(server.child.try_wait(), Ok(None)) {
+            // SAFETY: kill on a pid we spawned and have not reaped.
+            unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
+        }
     }
     for server in servers.iter_mut() {
         let deadline = Instant::now() + STOP_WAIT;
