@@ -32,11 +32,15 @@ pub struct ServerEntry {
 }
 
 impl ServerEntry {
-    /// Whether `other` is the same process at the same place (an unknown instance matches
+    /// Whether this is process `instance` at `rpc_addr` (an unknown instance, 0, matches
     /// any).
+    fn is_at(&self, rpc_addr: &str, instance: u64) -> bool {
+        self.rpc_addr == rpc_addr && (self.instance == instance || self.instance == 0 || instance == 0)
+    }
+
+    /// Whether `other` is the same process at the same place.
     fn same_process(&self, other: &ServerEntry) -> bool {
-        self.rpc_addr == other.rpc_addr
-            && (self.instance == other.instance || self.instance == 0 || other.instance == 0)
+        self.is_at(&other.rpc_addr, other.instance)
     }
 }
 
@@ -149,8 +153,7 @@ impl ServerTable {
             return false;
         }
         let listed = sources.discovered.get(id);
-        let here =
-            |e: &ServerEntry| e.rpc_addr == rpc_addr && (e.instance == instance || e.instance == 0 || instance == 0);
+        let here = |e: &ServerEntry| e.is_at(rpc_addr, instance);
         if listed.is_some_and(here) {
             // Discovery and the calls agree: an older learned endpoint is stale.
             return sources.learned.remove(id).is_some() && self.publish(sources);
