@@ -6,6 +6,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Receiver;
+
 use crate::Args;
 
 /// How long a child may take to stop gracefully before it is killed.
@@ -40,15 +42,18 @@ fn spawn(id: &str, role: &str, extra: &[&str], args: &Args, dir: &str) -> Result
 
 /// Stops the connector (first in `servers`), then the room servers: the players it kicks
 /// leave their rooms (a call to the room server holding each) while the room servers still
-/// serve, so a stop loses no leave and logs no warning.
-fn stop(servers: &mut [Server]) {
+/// serve, so a stop loses no leave and logs no warning. Another Ctrl-C on `again` kills
+/// the servers still running at once.
+fn stop(servers: &mut [Server], again: &Receiver<()>) {
     let (connector, rooms) = servers.split_at_mut(servers.len().min(1));
-    stop_together(connector);
-    stop_together(rooms);
+    let mut killing = false;
+    stop_together(connector, again, &mut killing);
+    stop_together(rooms, again, &mut killing);
 }
 
-/// Sends SIGTERM to every server, then waits for each (killing one that takes too long).
-fn stop_together(servers: &mut [Server]) {
+/// Sends SIGTERM to every server, then waits for each, killing one that takes too long, or
+/// every one once `again` has a signal (`killing`).
+fn stop_together(servers: &mut [Server], again: &Receiver<()>, killing: &mut bool) {
     for server in servers.iter_mut() {
         // One that exited was reaped (by `try_wait`, here or while the cluster ran): its pid
         // may belong to another process by now. One that has not been reaped keeps its pid
@@ -61,10 +66,16 @@ fn stop_together(servers: &mut [Server]) {
     for server in servers.iter_mut() {
         let deadline = Instant::now() + STOP_WAIT;
         loop {
+            if !*killing && again.try_recv().is_ok() {
+                eprintln!("sample-game: Ctrl-C again: killing the servers still running");
+                *killing = true;
+            }
             match server.child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() >= deadline => {
-                    eprintln!("sample-game: {} did not stop in time; killing it", server.id);
+                Ok(None) if *killing || Instant::now() >= deadline => {
+                    if !*killing {
+                        eprintln!("sample-game: {} did not stop in time; killing it", server.id);
+                    }
                     let _ = server.child.kill();
                     let _ = server.child.wait();
                     break;
@@ -102,7 +113,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         })
     });
     if let Err(e) = started {
-        stop(&mut servers);
+        stop(&mut servers, &stop_rx);
         return Err(e);
     }
     println!(
@@ -121,8 +132,8 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             break Err(format!("server {id} exited unexpectedly ({status}); stopping the cluster"));
         }
     };
-    println!("sample-game: stopping the cluster");
-    stop(&mut servers);
+    println!("sample-game: stopping the cluster (Ctrl-C again to kill the servers at once)");
+    stop(&mut servers, &stop_rx);
     if args.discovery_dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -20,7 +20,8 @@ USAGE:
     sample-game [--tcp ADDR] [--rooms N] [--config FILE]
         Runs a local cluster: one connector (clients connect to ADDR) and N room servers
         (default 2), as child processes found through embedded discovery. Ctrl-C stops all:
-        the connector first (its players leave their rooms), then the room servers.
+        the connector first (its players leave their rooms), then the room servers; Ctrl-C
+        again kills the servers still running.
 
     sample-game --play NAME [--room ROOM] [--tcp ADDR]
         Plays: logs in as NAME on the connector at ADDR and joins ROOM (default lobby).

@@ -1,5 +1,5 @@
-//! The sample game as separate processes: the launcher's local cluster (and its stop
-//! without warnings), players leaving while their room server is down, a room server
+//! The sample game as separate processes: the launcher's local cluster (its stop without
+//! warnings, a second Ctrl-C killing a server that does not stop), players leaving while their room server is down, a room server
 //! killed with SIGKILL while requests are in flight, a killed connector restarted, a
 //! frozen room server, a room server stopped gracefully under load, and roomless players
 //! moving off a killed room server before discovery drops it; players switching rooms
@@ -228,6 +228,49 @@ fn the_launcher_runs_a_playable_cluster_and_stops_it() {
     let logged = logged.join().unwrap();
     let warnings: Vec<&String> = logged.iter().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
     assert!(warnings.is_empty(), "{} warnings, first: {:?}", warnings.len(), &warnings[..warnings.len().min(3)]);
+}
+
+/// A second Ctrl-C while the launcher waits for a server that does not stop (here a
+/// frozen connector) kills the servers at once instead of waiting out their stop time.
+#[test]
+fn a_second_ctrl_c_kills_servers_that_do_not_stop() {
+    use std::os::unix::process::CommandExt;
+    let port = free_port();
+    let mut launcher = Proc(
+        Command::new(BIN)
+            .args(["--tcp", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    drop(player(port, "ready"));
+    let pid = launcher.0.id();
+    let children: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert_eq!(children.len(), 3, "the connector and two room servers");
+    // SAFETY: signals to the launcher's children (running: the cluster serves) and to the
+    // launcher, none reaped.
+    unsafe {
+        libc::kill(children[0], libc::SIGSTOP);
+        libc::kill(pid as libc::pid_t, libc::SIGINT);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(launcher.0.try_wait().unwrap().is_none(), "waits for the frozen connector");
+    let again = Instant::now();
+    signal(&launcher.0, libc::SIGINT);
+    let status = wait_exit(&mut launcher.0, Duration::from_secs(30)).expect("launcher stops");
+    assert!(again.elapsed() < Duration::from_secs(5), "killed at once, not after the stop time: {:?}", again.elapsed());
+    assert!(status.success(), "{status}");
+    for child in children {
+        let cmdline = std::fs::read_to_string(format!("/proc/{child}/cmdline")).unwrap_or_default();
+        assert!(!cmdline.contains("sample-game"), "server {child} left running");
+    }
 }
 
 /// A third-party client plays through the cluster: `tests/node/pomelo_player.js` drives the
