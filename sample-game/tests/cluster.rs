@@ -164,22 +164,28 @@ impl Drop for Servers {
 
 const T: Duration = Duration::from_secs(5);
 
-#[test]
-fn the_launcher_runs_a_playable_cluster_and_stops_it() {
-    let port = free_port();
-    // A process group of its own, as a terminal gives a command, so that the Ctrl-C below
-    // goes to the group as a terminal's would.
+/// The launcher (the local cluster) with clients on `port`, logging warnings, its output
+/// piped to the test if `piped`. In a process group of its own, as a terminal gives a
+/// command, so that a Ctrl-C sent to the group goes where a terminal's would.
+fn launcher(port: u16, piped: bool) -> Proc {
     use std::os::unix::process::CommandExt;
-    let mut launcher = Proc(
+    let output = || if piped { Stdio::piped() } else { Stdio::null() };
+    Proc(
         Command::new(BIN)
             .args(["--tcp", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(output())
+            .stderr(output())
             .process_group(0)
             .spawn()
             .unwrap(),
-    );
+    )
+}
+
+#[test]
+fn the_launcher_runs_a_playable_cluster_and_stops_it() {
+    let port = free_port();
+    let mut launcher = launcher(port, true);
     let mut lines = BufReader::new(launcher.0.stdout.take().unwrap()).lines();
     let stderr = BufReader::new(launcher.0.stderr.take().unwrap());
     let logged = std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect::<Vec<_>>());
@@ -234,18 +240,8 @@ fn the_launcher_runs_a_playable_cluster_and_stops_it() {
 /// frozen connector) kills the servers at once instead of waiting out their stop time.
 #[test]
 fn a_second_ctrl_c_kills_servers_that_do_not_stop() {
-    use std::os::unix::process::CommandExt;
     let port = free_port();
-    let mut launcher = Proc(
-        Command::new(BIN)
-            .args(["--tcp", &format!("127.0.0.1:{port}")])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap(),
-    );
+    let mut launcher = launcher(port, false);
     drop(player(port, "ready"));
     let pid = launcher.0.id();
     let children: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
