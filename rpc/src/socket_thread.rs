@@ -23,7 +23,7 @@ use dragonfruit_core::{codes, HandlerError};
 use log::{debug, info, warn};
 
 use crate::stats::Counters;
-use crate::table::{ServerEntry, ServerTable};
+use crate::table::{same_instance, ServerEntry, ServerTable};
 use crate::wire::{self, addressee, Answer, Call, Frame};
 
 /// Receives the answer to a call, exactly once: dropped uncalled (its call lost with a
@@ -192,8 +192,11 @@ struct Peer {
     /// connection is not warned of. Cleared when a connection to it is back after a loss
     /// (a new process at that endpoint).
     leaving: bool,
-    /// The process it is (`addressee`): every message to it names it, and another process
-    /// on its endpoint (it died and the port was reused) refuses them.
+    /// Which process of the server it is (`ServerEntry::instance`; 0: not known, any).
+    instance: u64,
+    /// That process as every message to it names it (`wire::addressee`, kept for the
+    /// sends): another process on its endpoint (it died and the port was reused) refuses
+    /// them.
     addressee: Vec<u8>,
     /// Another process answered on its endpoint (`Frame::Misdirected`): down until the
     /// table lists it anew (which replaces this peer, or has it name the listed process).
@@ -201,9 +204,12 @@ struct Peer {
 }
 
 impl Peer {
-    fn new(addr: String, socket: zmq::Socket, listed: bool, addressee: Vec<u8>) -> Peer {
+    /// Process `instance` of server `id` at `addr`.
+    fn new(id: &str, instance: u64, addr: String, socket: zmq::Socket, listed: bool) -> Peer {
         let now = Instant::now();
         Peer {
+            instance,
+            addressee: addressee(id, instance),
             addr,
             socket,
             was_up: false,
@@ -213,7 +219,6 @@ impl Peer {
             listed,
             last_use: now,
             leaving: false,
-            addressee,
             misdirected: false,
         }
     }
@@ -555,9 +560,6 @@ pub(crate) fn spawn(
     Ok((io, handle))
 }
 
-/// Separates the server id from the per-process suffix in a ROUTER identity.
-const IDENTITY_SEPARATOR: char = wire::INSTANCE_SEPARATOR;
-
 /// This process of a server: its server id, and its instance ([`ServerEntry::instance`]).
 pub(crate) struct Process {
     pub(crate) id: String,
@@ -571,19 +573,14 @@ impl Process {
     }
 }
 
-/// The instance in a process identity (0 when it names none).
+/// The instance in a process identity (which always names one: `<id>#<instance>`).
 fn instance_of(identity: &[u8]) -> u64 {
-    let identity = String::from_utf8_lossy(identity);
-    identity.rfind(IDENTITY_SEPARATOR).and_then(|at| u64::from_str_radix(&identity[at + 1..], 16).ok()).unwrap_or(0)
+    wire::parse_addressee(identity).1
 }
 
 /// The server id in a peer's ROUTER identity.
 fn server_of(identity: &[u8]) -> String {
-    let identity = String::from_utf8_lossy(identity);
-    match identity.rfind(IDENTITY_SEPARATOR) {
-        Some(at) => identity[..at].to_owned(),
-        None => identity.into_owned(),
-    }
+    wire::parse_addressee(identity).0
 }
 
 /// A random correlation id to start from.
@@ -690,7 +687,7 @@ impl SocketThread {
                 let Some((addr, listed, instance)) = target else { return fail(&self.stats, reply, not_found()) };
                 match self.dealer(&addr) {
                     Ok(socket) => {
-                        self.peers.insert(to.clone(), Peer::new(addr, socket, listed, addressee(&to, instance)));
+                        self.peers.insert(to.clone(), Peer::new(&to, instance, addr, socket, listed));
                     }
                     Err(e) => {
                         let error = HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"));
@@ -741,13 +738,12 @@ impl SocketThread {
                 // Another process at the same endpoint (restarted, or a reused port) is a
                 // new peer too. A peer whose process was not known (called at an endpoint
                 // before the table listed it) is the one listed there.
-                let listed = addressee(id, entry.instance);
-                let same = entry.rpc_addr == peer.addr
-                    && (peer.addressee == listed || peer.addressee == id.as_bytes() || entry.instance == 0);
-                if same && peer.addressee != listed {
+                let same = entry.rpc_addr == peer.addr && same_instance(peer.instance, entry.instance);
+                if same && peer.instance != entry.instance {
                     // Messages name that process from now on; one that refused a message
                     // naming none may take them.
-                    peer.addressee = listed;
+                    peer.instance = entry.instance;
+                    peer.addressee = addressee(id, entry.instance);
                     peer.misdirected = false;
                 }
                 same
@@ -783,8 +779,7 @@ impl SocketThread {
             }
             match self.dealer(&entry.rpc_addr) {
                 Ok(socket) => {
-                    let to = addressee(id, entry.instance);
-                    self.peers.insert(id.clone(), Peer::new(entry.rpc_addr.clone(), socket, true, to));
+                    self.peers.insert(id.clone(), Peer::new(id, entry.instance, entry.rpc_addr.clone(), socket, true));
                 }
                 Err(e) => warn!("cannot connect to server {id} at {}: {e}", entry.rpc_addr),
             }
@@ -1204,17 +1199,17 @@ impl SocketThread {
     /// same endpoint. Its calls are answered with an error, and a `Misdirected` frame goes
     /// first, which marks that peer down on the caller; nothing in it runs.
     fn refuse_misdirected(&mut self, identity: Vec<u8>, to: &[u8], payload: &[u8]) {
-        let (from, to) = (server_of(&identity), String::from_utf8_lossy(to));
+        let (from, to, meant) = (server_of(&identity), String::from_utf8_lossy(to), server_of(to));
         let me = String::from_utf8_lossy(&self.identity).into_owned();
         if let Some(more) = self.misdirected.due(Instant::now()) {
-            if server_of(to.as_bytes()) == self.own_id {
+            if meant == self.own_id {
                 // This server's previous process, restarted at the same endpoint: routine.
                 info!("calls from server {from} meant for this server's previous process refused{more}");
             } else {
                 warn!("calls from server {from} meant for {to} refused: this endpoint is {me}'s now{more}");
             }
         }
-        let why = format!("server {} unreachable: its endpoint is another process's now", server_of(to.as_bytes()));
+        let why = format!("server {meant} unreachable: its endpoint is another process's now");
         let mut answers = vec![Frame::Misdirected { by: me }];
         for frame in wire::decode(payload).unwrap_or_default() {
             if let Frame::Call { corr, .. } = frame {

@@ -31,11 +31,16 @@ pub struct ServerEntry {
     pub instance: u64,
 }
 
+/// Whether instances `a` and `b` ([`ServerEntry::instance`]) may be the same process: equal,
+/// or one not known (0), which matches any.
+pub(crate) fn same_instance(a: u64, b: u64) -> bool {
+    a == b || a == 0 || b == 0
+}
+
 impl ServerEntry {
-    /// Whether this is process `instance` at `rpc_addr` (an unknown instance, 0, matches
-    /// any).
+    /// Whether this is process `instance` at `rpc_addr`.
     fn is_at(&self, rpc_addr: &str, instance: u64) -> bool {
-        self.rpc_addr == rpc_addr && (self.instance == instance || self.instance == 0 || instance == 0)
+        self.rpc_addr == rpc_addr && same_instance(self.instance, instance)
     }
 
     /// Whether `other` is the same process at the same place.

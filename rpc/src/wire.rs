@@ -31,6 +31,16 @@ pub fn addressee(id: &str, instance: u64) -> Vec<u8> {
     format!("{id}{INSTANCE_SEPARATOR}{instance:016x}").into_bytes()
 }
 
+/// The server id and process instance an [`addressee`] (or a DEALER's identity) names;
+/// instance 0 when it names none.
+pub fn parse_addressee(bytes: &[u8]) -> (String, u64) {
+    let text = String::from_utf8_lossy(bytes);
+    match text.rfind(INSTANCE_SEPARATOR) {
+        Some(at) => (text[..at].to_owned(), u64::from_str_radix(&text[at + 1..], 16).unwrap_or(0)),
+        None => (text.into_owned(), 0),
+    }
+}
+
 /// Why an envelope could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
