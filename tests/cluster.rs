@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use dragonfruit_client::{Client, ClientConfig, ClientError};
 use dragonfruit_core::cluster::{self, ClusterContext, ClusterError, Forward, ForwardDone};
 use dragonfruit_core::codec::{encode_data_packet, EncodeOptions, MessageOut};
-use dragonfruit_core::{codes, Messenger, Session};
+use dragonfruit_core::{codes, Component, HandlerEnv, Messenger, Routes, Session};
 use dragonfruit_net::{App, AppBuilder};
 use dragonfruit_rpc::router::rendezvous;
 use dragonfruit_rpc::{ClusterModule, ClusterStats, EmbeddedDiscovery, RouteCtx, Router, ServerEntry};
@@ -977,6 +977,37 @@ fn a_stopped_backend_leaves_and_traffic_moves() {
     let (_, remaining) = &c.backends[0];
     c.frontend.handle.shutdown().unwrap();
     assert!(wait_until(T, || remaining.servers().len() == 1), "backends drop a stopped frontend");
+}
+
+/// A component handing its state over at stop: its `before_shutdown` calls another server.
+#[derive(Clone, Default)]
+struct HandsOver(Arc<std::sync::Mutex<Vec<Result<u64, String>>>>);
+
+impl Component for HandsOver {
+    fn routes(_: &mut Routes<Self>) {}
+
+    fn before_shutdown(&self, env: &HandlerEnv) {
+        let answer = env.rpc_to::<_, u64>("room-1", "room.room.double", &21u64).map_err(|e| e.to_string());
+        self.0.lock().unwrap().push(answer);
+    }
+}
+
+/// A stopping server's `before_shutdown` hook runs after it left discovery and others
+/// stopped calling it, and can still call other servers (to hand state over).
+#[test]
+fn a_stopping_server_can_call_others_from_its_before_shutdown_hook() {
+    let dir = cluster_dir("handover");
+    let backend = Backend::default();
+    let (_room1, module1) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    let hands_over = HandsOver::default();
+    let module2 = cluster_module(&dir, TIMEOUT);
+    let room2 =
+        Server::start_backend(room_builder("room-2", &backend, &module2).component("handover", hands_over.clone()));
+    assert!(wait_until(T, || module1.servers().len() == 2 && module2.servers().len() == 2), "they see each other");
+    room2.handle.shutdown().unwrap();
+    assert_eq!(*hands_over.0.lock().unwrap(), vec![Ok(42)]);
+    assert!(module1.servers().iter().all(|s| s.id != "room-2"), "room-2 had left discovery");
+    assert_eq!(module1.stats().remote_calls, 1);
 }
 
 /// A killed frontend leaves its registry entry until it expires. Restarted at once under

@@ -168,7 +168,7 @@ impl App {
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let components = self.shared.service.registry().components().to_vec();
         for c in &components {
-            c.component.init();
+            c.component.init(self.shared.service.env());
         }
         if let Some(cluster) = &self.shared.cluster {
             let shared = &self.shared;
@@ -182,7 +182,7 @@ impl App {
             })?;
         }
         for c in &components {
-            c.component.after_init();
+            c.component.after_init(self.shared.service.env());
         }
         let shared = self.shared.clone();
         let event_loop = EventLoop::new(self.poll, tcp, self.inbox, self.shared, self.pool);

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dragonfruit_core::{Component, Ctx, HandlerError, Routes, Session, SessionId};
+use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, Routes, Session, SessionId};
 use serde_json::{json, Value};
 
 use super::args::{internal, Gate, Kv, PushUsers};
@@ -158,16 +158,16 @@ impl Component for Probe {
         });
     }
 
-    fn init(&self) {
+    fn init(&self, _: &HandlerEnv) {
         self.state.lifecycle.lock().unwrap().push("init");
     }
-    fn after_init(&self) {
+    fn after_init(&self, _: &HandlerEnv) {
         self.state.lifecycle.lock().unwrap().push("after_init");
     }
-    fn before_shutdown(&self) {
+    fn before_shutdown(&self, _: &HandlerEnv) {
         self.state.lifecycle.lock().unwrap().push("before_shutdown");
     }
-    fn shutdown(&self) {
+    fn shutdown(&self, _: &HandlerEnv) {
         self.state.lifecycle.lock().unwrap().push("shutdown");
     }
 }

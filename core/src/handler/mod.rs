@@ -28,14 +28,18 @@ pub trait Component: Send + Sync + 'static {
     where
         Self: Sized;
 
-    /// Called once at start-up, before any client is accepted.
-    fn init(&self) {}
-    /// Called after every component's `init`.
-    fn after_init(&self) {}
-    /// Called at shutdown once in-flight requests are done, before connections close.
-    fn before_shutdown(&self) {}
-    /// Called at shutdown after connections are closed.
-    fn shutdown(&self) {}
+    /// Called once at start-up, before any client is accepted and before the cluster layer
+    /// starts. `env` is the environment handlers get (pushes, kicks, RPC; RPC to other
+    /// servers works from `after_init` on).
+    fn init(&self, _env: &HandlerEnv) {}
+    /// Called after every component's `init`, once the cluster layer (if any) has started.
+    fn after_init(&self, _env: &HandlerEnv) {}
+    /// Called at shutdown once in-flight requests are done, before connections close. In a
+    /// cluster the server has left discovery and other servers have stopped calling it, but
+    /// it can still call them (hand its state over, for example).
+    fn before_shutdown(&self, _env: &HandlerEnv) {}
+    /// Called at shutdown after connections are closed and the cluster layer has stopped.
+    fn shutdown(&self, _env: &HandlerEnv) {}
 }
 
 /// Whether a handler answers.

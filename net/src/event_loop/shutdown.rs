@@ -33,7 +33,7 @@ impl EventLoop {
         }
         let components = self.shared.service.registry().components().to_vec();
         for c in &components {
-            c.component.before_shutdown();
+            c.component.before_shutdown(self.shared.service.env());
         }
         self.now = Instant::now();
         self.drain_inbox();
@@ -65,7 +65,7 @@ impl EventLoop {
             cluster.stop();
         }
         for c in &components {
-            c.component.shutdown();
+            c.component.shutdown(self.shared.service.env());
         }
         info!("server {} stopped", self.shared.server.id);
         Ok(())
