@@ -1,15 +1,16 @@
-//! `entry`: the connector's component (echo, login).
+//! `entry`: the connector's component (echo, login; the `moved` remote, by which a room
+//! server handing its rooms over at its stop has the members' sessions note the new holder).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use dragonfruit_core::cluster::CallTarget;
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::{Component, Ctx, HandlerError, Routes};
+use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes};
 use log::warn;
 use serde::{Deserialize, Serialize};
 
-use crate::room::{session_ref, Left, LEFT_ROUTE, ROOM_KEY};
+use crate::room::{session_ref, Left, Moved, LEFT_ROUTE, ROOM_KEY, ROOM_SERVER_KEY};
 
 /// Longest player name accepted.
 pub const MAX_NAME: usize = 32;
@@ -40,7 +41,24 @@ impl Component for Entry {
     fn routes(r: &mut Routes<Self>) {
         r.raw_handler("echo", |_: &Entry, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
         r.handler("login", Entry::login);
+        r.remote("moved", |_: &Entry, ctx: &RemoteCtx<'_>, moved: Vec<Moved>| Ok(moved_rooms(ctx, moved)));
     }
+}
+
+/// Notes in the sessions named that their room is held by another room server now; the
+/// `(room, session id)` of those no longer here or no longer in that room.
+fn moved_rooms(env: &HandlerEnv, moved: Vec<Moved>) -> Vec<(String, u64)> {
+    let mut stale = Vec::new();
+    for Moved { room, server, sessions } in moved {
+        for sid in sessions {
+            let session = env.sessions().and_then(|r| r.get(sid));
+            match session.filter(|s| s.get::<String>(ROOM_KEY).as_deref() == Some(room.as_str())) {
+                Some(s) if s.set(ROOM_SERVER_KEY, &server).is_ok() => {}
+                _ => stale.push((room.clone(), sid)),
+            }
+        }
+    }
+    stale
 }
 
 impl Entry {

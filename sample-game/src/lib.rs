@@ -7,6 +7,7 @@
 //!   `{"text"}` → `onChat {"from","text"}` to the room, `room.room.leave` → `{"room"}` (pushes
 //!   `onLeave`), `room.room.echo` (for benchmarks of forwarding). [`RoomRouter`] keeps all
 //!   members of a room on one room server, and each roomless player on one room server.
+//!   A room server stopping gracefully hands its rooms over to the others (see [`room`]).
 //!
 //! `sample-game --play NAME` is a terminal player (the binary's `play` module).
 //!

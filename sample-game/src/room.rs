@@ -5,7 +5,11 @@
 //! the router can find them later. A room lives on the server it was created on until it
 //! empties or that server goes: a player joining a room that another room server holds
 //! (the router's choice for the name moved when a room server joined the cluster) is
-//! admitted there. A member that no
+//! admitted there. A room server stopping gracefully hands its rooms over, members and
+//! all, to the room servers the router now picks for them (`adopt`), and has the members'
+//! connectors note the new holder in their sessions (`connector.entry.moved`). A room lost
+//! with a room server that died is made anew by the first member who speaks or joins it.
+//! A member that no
 //! connector knows any more (it just disconnected, or its connector died so no `left` call
 //! comes) is dropped from the room the next time the room pushes to its members.
 
@@ -14,9 +18,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes};
-use dragonfruit_rpc::ClusterModule;
-use log::{debug, warn};
+use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes};
+use dragonfruit_rpc::router::rendezvous;
+use dragonfruit_rpc::{ClusterModule, ServerEntry};
+use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
 /// Error code of `room.room.admit` for a room not held (any more) by that server.
@@ -36,12 +41,16 @@ const HOLDS_ROUTE: &str = "room.room.holds";
 const ADMIT_ROUTE: &str = "room.room.admit";
 /// The remote that removes a player from a room (called when they leave or disconnect).
 pub const LEFT_ROUTE: &str = "room.room.left";
+/// The remote taking over rooms from a room server that stops.
+const ADOPT_ROUTE: &str = "room.room.adopt";
+/// The connector's remote noting in its sessions that their room moved to another server.
+pub const MOVED_ROUTE: &str = "connector.entry.moved";
 
 /// A session as `(frontend server id, session id)`.
 pub type SessionRef = (String, u64);
 
 /// Members of one room: uid and the session that joined.
-type Members = BTreeMap<String, SessionRef>;
+pub type Members = BTreeMap<String, SessionRef>;
 
 /// The room component. Cloning shares the rooms.
 #[derive(Default, Clone)]
@@ -70,6 +79,18 @@ pub struct Admit {
     pub room: String,
     /// The session joining.
     pub session: SessionRef,
+}
+
+/// Argument of the connector's `moved` remote: room `room` is now held by room server
+/// `server`; its members' sessions on that connector (ids) are to note it.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Moved {
+    /// The room.
+    pub room: String,
+    /// The room server holding it now.
+    pub server: String,
+    /// Session ids of its members on the connector called.
+    pub sessions: Vec<u64>,
 }
 
 /// `room.room.join` argument.
@@ -139,6 +160,14 @@ impl Component for Rooms {
         r.remote("left", |rooms: &Rooms, ctx: &RemoteCtx<'_>, left: Left| Ok(rooms.remove_member(ctx, &left)));
         r.remote("holds", |rooms: &Rooms, _: &RemoteCtx<'_>, room: String| Ok(rooms.lock().contains_key(&room)));
         r.remote("admit", |rooms: &Rooms, ctx: &RemoteCtx<'_>, admit: Admit| rooms.admit(ctx, admit));
+        r.remote("adopt", |rooms: &Rooms, _: &RemoteCtx<'_>, adopted: Vec<(String, Members)>| {
+            rooms.adopt(adopted);
+            Ok(true)
+        });
+    }
+
+    fn before_shutdown(&self, env: &HandlerEnv) {
+        self.hand_over(env);
     }
 }
 
@@ -164,41 +193,51 @@ impl Rooms {
         }
         let session = ctx.session().clone();
         let previous: Option<String> = session.get(ROOM_KEY);
-        if previous.as_deref() == Some(name.as_str()) {
-            let mut rooms = self.lock();
-            if let Some(room) = rooms.get_mut(&name).filter(|room| room.contains_key(&uid)) {
-                // This session's membership (a replaced session's is taken over).
-                room.insert(uid, session_ref(&session));
-                let members = room.keys().cloned().collect();
-                return Ok(Joined { members, room: name });
-            }
-            // The room was lost with the room server that held it (the router now sends it
-            // here): join it anew.
-        }
-        if let Some(old) = previous {
-            // The old room may live on another room server: the router finds it from the
-            // session's current room.
-            let left = Left { uid: uid.clone(), room: old, session: Some(session_ref(&session)) };
-            if let Err(e) = ctx.rpc_for::<_, bool>(&session, LEFT_ROUTE, &left) {
-                if let Some(more) = self.leave_failures.due(Instant::now()) {
-                    warn!("uid={uid} could not leave room {}: {e}{more}", left.room);
+        match previous {
+            // Joined again: still a member where the room is held, or it was lost with the room
+            // server that held it (the router now sends it here) and is joined anew.
+            Some(old) if old == name => {}
+            Some(old) => {
+                // The old room may live on another room server: the router finds it from the
+                // session's current room.
+                let left = Left { uid: uid.clone(), room: old, session: Some(session_ref(&session)) };
+                if let Err(e) = ctx.rpc_for::<_, bool>(&session, LEFT_ROUTE, &left) {
+                    if let Some(more) = self.leave_failures.due(Instant::now()) {
+                        warn!("uid={uid} could not leave room {}: {e}{more}", left.room);
+                    }
                 }
             }
+            None => {}
         }
-        if !self.lock().contains_key(&name) {
-            let admit = Admit { uid: uid.clone(), room: name.clone(), session: session_ref(&session) };
+        Ok(self.enter_anywhere(ctx, &uid, &name, &session)?.1)
+    }
+
+    /// Puts `uid` in `room`: admitted by the room server holding it if another one does, else
+    /// here (the room made if need be). Notes the room and its server in the session: the
+    /// server's id and the answer.
+    fn enter_anywhere(
+        &self,
+        ctx: &Ctx<'_>,
+        uid: &str,
+        room: &str,
+        session: &dragonfruit_core::Session,
+    ) -> Result<(String, Joined), HandlerError> {
+        if !self.lock().contains_key(room) {
+            let admit = Admit { uid: uid.to_owned(), room: room.to_owned(), session: session_ref(session) };
             if let Some((holder, joined)) = self.admit_elsewhere(ctx, &admit)? {
-                remember_room(&session, &name, &holder)?;
-                return Ok(joined);
+                remember_room(session, room, &holder)?;
+                return Ok((holder, joined));
             }
         }
-        remember_room(&session, &name, &ctx.server().id)?;
-        let joined = self.enter(ctx, &name, &uid, session_ref(&session), true)?;
-        joined.ok_or_else(|| internal(format!("room {name} not made")))
+        let me = ctx.server().id.to_string();
+        remember_room(session, room, &me)?;
+        let joined = self.enter(ctx, room, uid, session_ref(session), true)?;
+        Ok((me, joined.ok_or_else(|| internal(format!("room {room} not made")))?))
     }
 
     /// Adds `uid` (joining from `session`) to `room`, made if `create`, and tells the other
-    /// members; `None` if the room is not here and not to be made.
+    /// members (unless it was one already: its session is updated, a replaced session's
+    /// membership taken over); `None` if the room is not here and not to be made.
     fn enter(
         &self,
         env: &dragonfruit_core::HandlerEnv,
@@ -214,11 +253,15 @@ impl Rooms {
                 None if create => rooms.entry(room.to_owned()).or_default(),
                 None => return Ok(None),
             };
-            let others: Vec<String> = members.keys().filter(|m| *m != uid).cloned().collect();
-            members.insert(uid.to_owned(), session);
+            let others: Vec<String> = match members.insert(uid.to_owned(), session) {
+                Some(_) => Vec::new(),
+                None => members.keys().filter(|m| *m != uid).cloned().collect(),
+            };
             (members.keys().cloned().collect::<Vec<_>>(), others)
         };
-        self.push_to_members(env, room, "onJoin", &MemberEvent { uid: uid.to_owned() }, &others)?;
+        if !others.is_empty() {
+            self.push_to_members(env, room, "onJoin", &MemberEvent { uid: uid.to_owned() }, &others)?;
+        }
         Ok(Some(Joined { room: room.to_owned(), members }))
     }
 
@@ -228,10 +271,7 @@ impl Rooms {
     /// answer holds nothing reachable; one that holds the room but cannot admit (it went
     /// down between the two calls) fails the join, so the room is not split.
     fn admit_elsewhere(&self, ctx: &Ctx<'_>, admit: &Admit) -> Result<Option<(String, Joined)>, HandlerError> {
-        let Some(cluster) = &self.cluster else { return Ok(None) };
-        let me = ctx.server();
-        let others = cluster.servers().into_iter().filter(|s| *s.server_type == *me.server_type && *s.id != *me.id);
-        for server in others {
+        for server in self.other_room_servers(ctx) {
             match ctx.rpc_to::<_, bool>(&server.id, HOLDS_ROUTE, &admit.room) {
                 Ok(true) => {}
                 Ok(false) => continue,
@@ -250,6 +290,13 @@ impl Rooms {
         Ok(None)
     }
 
+    /// The other room servers of the cluster (none in a standalone server).
+    fn other_room_servers(&self, env: &HandlerEnv) -> Vec<ServerEntry> {
+        let Some(cluster) = &self.cluster else { return Vec::new() };
+        let me = env.server();
+        cluster.servers().into_iter().filter(|s| *s.server_type == *me.server_type && *s.id != *me.id).collect()
+    }
+
     /// Adds a player to a room held here, whose join the router sent to another room
     /// server (see `admit_elsewhere`).
     fn admit(&self, env: &dragonfruit_core::HandlerEnv, admit: Admit) -> Result<Joined, HandlerError> {
@@ -263,15 +310,34 @@ impl Rooms {
         if req.text.chars().count() > MAX_TEXT {
             return Err(HandlerError::new("GAME-400", format!("text longer than {MAX_TEXT} characters")));
         }
-        let Some(room) = ctx.session().get::<String>(ROOM_KEY) else {
+        let session = ctx.session().clone();
+        let Some(room) = session.get::<String>(ROOM_KEY) else {
             return Err(HandlerError::new("GAME-403", "join a room first"));
         };
         let members = self.members(&room);
-        if !members.contains(&uid) {
+        let me = ctx.server().id.to_string();
+        let holder = session.get::<String>(ROOM_SERVER_KEY);
+        let chat = Chat { from: uid.clone(), text: req.text };
+        if members.contains(&uid) {
+            if holder.as_deref() != Some(me.as_str()) {
+                // Handed over from a stopped room server, and its connector was not told.
+                remember_room(&session, &room, &me)?;
+            }
+            return self.push_to_members(ctx, &room, "onChat", &chat, &members);
+        }
+        if !members.is_empty() && holder.as_deref() == Some(me.as_str()) {
             return Err(HandlerError::new("GAME-403", format!("not a member of {room}")));
         }
-        self.push_to_members(ctx, &room, "onChat", &Chat { from: uid, text: req.text }, &members)?;
-        Ok(())
+        // The room server that held the room went (died, or stopped and the room is on its
+        // way here), so the router sent the line here. The player enters the room again,
+        // where it is held now (made anew here if nowhere), and the line is said there.
+        let (holder, joined) = self.enter_anywhere(ctx, &uid, &room, &session)?;
+        debug!("uid={uid} entered room {room} again on {holder} by speaking");
+        if holder == me {
+            self.push_to_members(ctx, &room, "onChat", &chat, &joined.members)
+        } else {
+            ctx.push_to_users("onChat", &chat, &joined.members).map(drop)
+        }
     }
 
     fn leave(&self, ctx: &mut Ctx<'_>) -> Result<serde_json::Value, HandlerError> {
@@ -360,6 +426,90 @@ impl Rooms {
             }
         }
         true
+    }
+}
+
+impl Rooms {
+    /// Takes over rooms handed over by a room server that stops, merged with any of the same
+    /// name made here meanwhile (the members already here keep their sessions).
+    fn adopt(&self, adopted: Vec<(String, Members)>) {
+        let mut rooms = self.lock();
+        for (room, members) in adopted {
+            let here = rooms.entry(room).or_default();
+            for (uid, session) in members {
+                here.entry(uid).or_insert(session);
+            }
+        }
+    }
+
+    /// At a graceful stop (this server has left discovery and others have stopped calling
+    /// it): hands every room over to the room server the router now picks for its name
+    /// (rendezvous over the others), then has each member's connector note the new holder
+    /// in the session. Members whose session is gone or in another room by then are taken
+    /// out of the adopted room again.
+    fn hand_over(&self, env: &HandlerEnv) {
+        if self.cluster.is_none() {
+            return;
+        }
+        let rooms: Vec<(String, Members)> = self.lock().drain().collect();
+        if rooms.is_empty() {
+            return;
+        }
+        let (total, players) = (rooms.len(), rooms.iter().map(|(_, m)| m.len()).sum::<usize>());
+        let others = self.other_room_servers(env);
+        if others.is_empty() {
+            info!("{total} rooms ({players} players) close with this server: no other room server to take them");
+            return;
+        }
+        let mut by_target: BTreeMap<String, Vec<(String, Members)>> = BTreeMap::new();
+        for (room, members) in rooms {
+            if let Some(i) = rendezvous(&room, &others) {
+                by_target.entry(others[i].id.to_string()).or_default().push((room, members));
+            }
+        }
+        // The rooms taken over: room -> (its new server, members).
+        let mut adopted: HashMap<String, (String, Members)> = HashMap::new();
+        for (target, rooms) in by_target {
+            match env.rpc_to::<_, bool>(&target, ADOPT_ROUTE, &rooms) {
+                Ok(_) => adopted.extend(rooms.into_iter().map(|(room, members)| (room, (target.clone(), members)))),
+                Err(e) => {
+                    let lost: usize = rooms.iter().map(|(_, m)| m.len()).sum();
+                    warn!("{} rooms ({lost} players) not handed over to {target}, so closed: {e}", rooms.len());
+                }
+            }
+        }
+        let mut moved: BTreeMap<&str, Vec<Moved>> = BTreeMap::new();
+        for (room, (server, members)) in &adopted {
+            let mut by_frontend: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+            for (frontend, sid) in members.values() {
+                by_frontend.entry(frontend).or_default().push(*sid);
+            }
+            for (frontend, sessions) in by_frontend {
+                let m = Moved { room: room.clone(), server: server.clone(), sessions };
+                moved.entry(frontend).or_default().push(m);
+            }
+        }
+        for (frontend, moved) in moved {
+            let stale = match env.rpc_to::<_, Vec<(String, u64)>>(frontend, MOVED_ROUTE, &moved) {
+                Ok(stale) => stale,
+                Err(e) => {
+                    // Their lines still reach the room (see `say`).
+                    warn!("connector {frontend} not told where {} rooms went: {e}", moved.len());
+                    continue;
+                }
+            };
+            for (room, sid) in stale {
+                let Some((server, members)) = adopted.get(&room) else { continue };
+                let session = (frontend.to_owned(), sid);
+                let Some(uid) = members.iter().find(|(_, s)| **s == session).map(|(u, _)| u.clone()) else { continue };
+                let left = Left { uid, room, session: Some(session) };
+                if let Err(e) = env.rpc_to::<_, bool>(server, LEFT_ROUTE, &left) {
+                    debug!("uid={} not taken out of handed-over room {}: {e}", left.uid, left.room);
+                }
+            }
+        }
+        let handed: usize = adopted.values().map(|(_, m)| m.len()).sum();
+        info!("handed {} of {total} rooms ({handed} of {players} players) over to other room servers", adopted.len());
     }
 }
 

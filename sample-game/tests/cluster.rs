@@ -3,7 +3,8 @@
 //! killed with SIGKILL while requests are in flight, a killed connector restarted, a
 //! frozen room server, a room server stopped gracefully under load, and roomless players
 //! moving off a killed room server before discovery drops it; players switching rooms
-//! across room servers; a room lost with its server joined again; a pomelo-protocol client
+//! across room servers; a room lost with its server joined again or made anew by members
+//! speaking; a room server stopped gracefully handing its rooms over; a pomelo-protocol client
 //! (npm) and the terminal player (`--play`) playing through the cluster; the servers
 //! deployed on their own (`--role`) with etcd discovery.
 
@@ -618,6 +619,110 @@ fn a_room_server_joining_the_cluster_moves_no_live_room() {
     let _: Value = alice.request("room.room.join", &json!({"room": name})).unwrap();
     let joined: Value = bob.request("room.room.join", &json!({"room": name})).unwrap();
     assert_eq!(joined["members"], json!(["alice", "bob"]));
+}
+
+/// The next push `p` gets.
+fn heard(p: &Client) -> (String, Value) {
+    p.recv_push_as::<Value>(T).unwrap()
+}
+
+fn chat(from: &str, text: &str) -> (String, Value) {
+    ("onChat".to_string(), json!({"from": from, "text": text}))
+}
+
+/// A rolling restart with players in a room: its room server, stopped gracefully, hands the
+/// room over, members and all, so members who stay silent keep hearing it; the connector's
+/// sessions note the new holder, so the room stays there when the server is back under its
+/// id; no server logs a warning.
+#[test]
+fn a_room_server_stopped_gracefully_hands_its_rooms_over() {
+    let servers = Servers::new("handover", &[]);
+    let port = free_port();
+    let (_connector, connector_log) =
+        servers.spawn_logged("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")], "warn");
+    let (mut room1, room1_log) = servers.spawn_logged("room", "room-1", &[], "info");
+    let (_room2, room2_log) = servers.spawn_logged("room", "room-2", &[], "warn");
+    servers.wait_registered(3);
+    let both = [room_entry("room-1"), room_entry("room-2")];
+    let room = (0..).map(|i| format!("hall{i}")).find(|r| rendezvous(r, &both) == Some(0)).unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|name| player(port, name));
+    for p in [&alice, &bob, &carol] {
+        let _: Value = p.request("room.room.join", &json!({"room": room})).unwrap();
+    }
+    for (p, joiner) in [(&alice, "bob"), (&alice, "carol"), (&bob, "carol")] {
+        assert_eq!(heard(p), ("onJoin".to_string(), json!({"uid": joiner})));
+    }
+
+    signal(&room1.0, libc::SIGTERM);
+    assert!(wait_exit(&mut room1.0, Duration::from_secs(15)).is_some_and(|s| s.success()), "room-1 stopped");
+    let room1_lines: Vec<String> = room1_log.iter().collect();
+    assert!(room1_lines.iter().any(|l| l.contains("handed 1 of 1 rooms (3 of 3 players) over")), "{room1_lines:#?}");
+    bob.notify("room.room.say", &json!({"text": "still here"})).unwrap();
+    for p in [&alice, &bob, &carol] {
+        assert_eq!(heard(p), chat("bob", "still here"));
+    }
+
+    // Back under its id: the room stays where it went (the sessions name its new server).
+    let _room1 = servers.spawn("room", "room-1", &[]);
+    servers.wait_registered(3);
+    alice.notify("room.room.say", &json!({"text": "hello again"})).unwrap();
+    for p in [&alice, &bob, &carol] {
+        assert_eq!(heard(p), chat("alice", "hello again"));
+    }
+    let _: Value = carol.request("room.room.leave", &json!({})).unwrap();
+    for p in [&alice, &bob] {
+        assert_eq!(heard(p), ("onLeave".to_string(), json!({"uid": "carol"})));
+    }
+    bob.notify("room.room.say", &json!({"text": "bye carol"})).unwrap();
+    for p in [&alice, &bob] {
+        assert_eq!(heard(p), chat("bob", "bye carol"));
+    }
+    assert!(matches!(carol.recv_push(Duration::from_millis(300)), Err(ClientError::Timeout)), "carol left");
+    let warned: Vec<String> = connector_log
+        .try_iter()
+        .chain(room2_log.try_iter())
+        .chain(room1_lines)
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert!(warned.is_empty(), "{warned:#?}");
+}
+
+/// A room lost with its room server (SIGKILL) is made anew by the first member who speaks
+/// in it (on the other room server, once discovery has dropped the dead one), and the
+/// others enter it again as they speak.
+#[test]
+fn a_room_lost_with_its_server_is_made_anew_by_members_speaking() {
+    let servers = Servers::new("lostsay", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
+    let mut cluster = servers.two_rooms();
+    let both = [room_entry("room-1"), room_entry("room-2")];
+    let room = (0..).map(|i| format!("hall{i}")).find(|r| rendezvous(r, &both) == Some(0)).unwrap();
+    let alice = player(cluster.port, "alice");
+    let bob = player(cluster.port, "bob");
+    let _: Value = alice.request("room.room.join", &json!({"room": room})).unwrap();
+    let _: Value = bob.request("room.room.join", &json!({"room": room})).unwrap();
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+
+    signal(&cluster.room1.0, libc::SIGKILL);
+    assert!(wait_exit(&mut cluster.room1.0, T).is_some());
+    // Lines to the dead server are lost until discovery drops it (2 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let said = loop {
+        let text = format!("anyone? {}", Instant::now().elapsed().as_nanos());
+        bob.notify("room.room.say", &json!({"text": text})).unwrap();
+        match bob.recv_push_as::<Value>(Duration::from_millis(300)) {
+            Ok(push) => break push,
+            Err(ClientError::Timeout) => assert!(Instant::now() < deadline, "bob's line never came back"),
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    assert_eq!(said.0, "onChat");
+    assert_eq!(said.1["from"], "bob");
+    alice.notify("room.room.say", &json!({"text": "here"})).unwrap();
+    // (Skipping a late echo of one of bob's tries.)
+    let bob_heard: Vec<(String, Value)> =
+        std::iter::repeat_with(|| heard(&bob)).filter(|(_, v)| v["from"] != "bob").take(2).collect();
+    assert_eq!(bob_heard, vec![("onJoin".to_string(), json!({"uid": "alice"})), chat("alice", "here")]);
+    assert_eq!(heard(&alice), chat("alice", "here"));
 }
 
 /// Players disconnecting while no room server is reachable cannot leave their rooms: the
