@@ -5,10 +5,14 @@ use std::time::{Duration, Instant};
 
 use dragonfruit_core::codec::PacketType;
 use dragonfruit_core::config::ConfigSource;
+use dragonfruit_core::{Component, HandlerEnv, Routes};
 use dragonfruit_net::App;
 use serde_json::json;
 
 use crate::util::{probe_app, wait_until, warnings, Probe, Server, T};
+
+/// The probe's hooks, in the order they run over a start and a stop.
+const LIFECYCLE: [&str; 6] = ["init", "after_init", "stopping", "stopping done", "before_shutdown", "shutdown"];
 
 #[test]
 fn start_stop_join_from_clones() {
@@ -23,7 +27,7 @@ fn start_stop_join_from_clones() {
     assert!(handle.join().is_ok());
     assert!(t.join().unwrap().is_ok());
     assert!(!handle.is_running());
-    assert_eq!(*probe.state.lifecycle.lock().unwrap(), vec!["init", "after_init", "before_shutdown", "shutdown"]);
+    assert_eq!(*probe.state.lifecycle.lock().unwrap(), LIFECYCLE);
 }
 
 #[test]
@@ -36,6 +40,45 @@ fn blocking_run_is_stopped_from_another_thread() {
     stopper.stop();
     assert!(runner.join().unwrap().is_ok());
     assert_eq!(probe.state.lifecycle.lock().unwrap().last(), Some(&"shutdown"));
+}
+
+/// The `stopping` hooks run as a stop begins, on a worker; the stop waits for them before it
+/// kicks the clients.
+#[test]
+fn the_stopping_hooks_run_as_a_stop_begins_and_the_stop_waits_for_them() {
+    let probe = Probe::default();
+    let server = Server::start(probe_app(&probe));
+    let mut raw = server.raw_ready();
+    server.handle.stop();
+    assert!(wait_until(T, || probe.state.lifecycle.lock().unwrap().last() == Some(&"stopping")));
+    let kick = raw.read_packet();
+    assert_eq!(kick.kind, PacketType::Kick);
+    assert!(probe.state.lifecycle.lock().unwrap().contains(&"stopping done"), "kicked once the hook returned");
+    server.handle.join().unwrap();
+    assert_eq!(*probe.state.lifecycle.lock().unwrap(), LIFECYCLE);
+}
+
+/// A component whose `stopping` hook panics.
+struct PanicsWhenStopping;
+
+impl Component for PanicsWhenStopping {
+    fn routes(_: &mut Routes<Self>) {}
+
+    fn stopping(&self, _: &HandlerEnv) {
+        panic!("stopping hook failed");
+    }
+}
+
+/// A panicking `stopping` hook is logged; the stop goes on at once and runs the others.
+#[test]
+fn a_panicking_stopping_hook_does_not_hold_up_the_stop() {
+    let probe = Probe::default();
+    let server = Server::start(probe_app(&probe).component("panics", PanicsWhenStopping));
+    let started = Instant::now();
+    server.handle.shutdown().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "stopped without waiting for shutdown.timeout (10 s)");
+    assert_eq!(*probe.state.lifecycle.lock().unwrap(), LIFECYCLE);
+    assert!(warnings().iter().any(|l| l.contains("component panics: its stopping hook panicked")));
 }
 
 #[test]
@@ -54,7 +97,7 @@ fn graceful_stop_finishes_in_flight_requests_then_kicks() {
     assert_eq!(kick.kind, PacketType::Kick);
     assert!(raw.closed_within(T));
     server.handle.join().unwrap();
-    assert_eq!(*probe.state.lifecycle.lock().unwrap(), vec!["init", "after_init", "before_shutdown", "shutdown"]);
+    assert_eq!(*probe.state.lifecycle.lock().unwrap(), LIFECYCLE);
 }
 
 /// The on-close callbacks of the sessions a stop closes run on the pool, side by side, and

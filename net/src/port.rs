@@ -50,6 +50,8 @@ pub(crate) enum LoopMsg {
     Kick { session: SessionId, reason: String },
     /// Begin a graceful stop.
     Stop,
+    /// The components' `stopping` hooks have returned.
+    StoppingDone,
 }
 
 /// Sender half of the loop's inbox, with wake-ups coalesced: a burst of messages costs

@@ -164,6 +164,12 @@ impl Component for Probe {
     fn after_init(&self, _: &HandlerEnv) {
         self.state.lifecycle.lock().unwrap().push("after_init");
     }
+    fn stopping(&self, _: &HandlerEnv) {
+        self.state.lifecycle.lock().unwrap().push("stopping");
+        // The stop waits for this hook.
+        std::thread::sleep(Duration::from_millis(300));
+        self.state.lifecycle.lock().unwrap().push("stopping done");
+    }
     fn before_shutdown(&self, _: &HandlerEnv) {
         self.state.lifecycle.lock().unwrap().push("before_shutdown");
     }

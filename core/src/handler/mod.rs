@@ -34,6 +34,12 @@ pub trait Component: Send + Sync + 'static {
     fn init(&self, _env: &HandlerEnv) {}
     /// Called after every component's `init`, once the cluster layer (if any) has started.
     fn after_init(&self, _env: &HandlerEnv) {}
+    /// Called once when a graceful stop begins: the server has stopped accepting connections
+    /// and reading new client messages and, in a cluster, begins leaving discovery while it
+    /// still answers other servers' calls. Runs on a worker; the stop waits for it (within
+    /// `shutdown.timeout`). The time to hand state over to other servers, before they stop
+    /// calling this one.
+    fn stopping(&self, _env: &HandlerEnv) {}
     /// Called at shutdown once in-flight requests are done, before connections close. In a
     /// cluster the server has left discovery and other servers have stopped calling it, but
     /// it can still call them (hand its state over, for example).

@@ -276,6 +276,7 @@ impl EventLoop {
                     }
                 }
                 LoopMsg::Stop => self.begin_stop(),
+                LoopMsg::StoppingDone => self.jobs -= 1,
             }
         }
         self.inbox_backlog = true;

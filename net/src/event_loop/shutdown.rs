@@ -1,13 +1,16 @@
-//! The end of a graceful stop, after in-flight work has finished or timed out:
-//! `before_shutdown` hooks, kick and close every connection, `shutdown` hooks.
+//! A graceful stop: its beginning (stop accepting, leave the cluster, `stopping` hooks) and
+//! its end, after in-flight work has finished or timed out: `before_shutdown` hooks, kick
+//! and close every connection, `shutdown` hooks.
 
 use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{error, info, warn};
 
 use super::EventLoop;
+use crate::port::LoopMsg;
 
 /// How long the final kicks may take to reach clients.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
@@ -25,6 +28,19 @@ impl EventLoop {
             cluster.begin_stop();
         }
         self.stop_deadline = Some(self.now + self.shared.config.shutdown.timeout);
+        // The `stopping` hooks, on a worker (they may call other servers); the stop waits.
+        let components = self.shared.service.registry().components().to_vec();
+        let shared = self.shared.clone();
+        self.jobs += 1;
+        self.pool.spawn(move || {
+            for c in &components {
+                let env = shared.service.env();
+                if catch_unwind(AssertUnwindSafe(|| c.component.stopping(env))).is_err() {
+                    error!("component {}: its stopping hook panicked", c.name);
+                }
+            }
+            let _ = shared.port.send(LoopMsg::StoppingDone);
+        });
     }
 
     pub(super) fn finish(mut self) -> io::Result<()> {
