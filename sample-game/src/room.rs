@@ -5,15 +5,19 @@
 //! the router can find them later. A room lives on the server it was created on until it
 //! empties or that server goes: a player joining a room that another room server holds
 //! (the router's choice for the name moved when a room server joined the cluster) is
-//! admitted there. A room server stopping gracefully hands its rooms over, members and
-//! all, to the room servers the router now picks for them (`adopt`), and has the members'
-//! connectors note the new holder in their sessions (`connector.entry.moved`). A room lost
-//! with a room server that died is made anew by the first member who speaks or joins it.
+//! admitted there. A room server stopping gracefully hands its rooms over as its stop
+//! begins, members and all, to the room servers the router will pick for them (`adopt`),
+//! and has the members' connectors note the new holder in their sessions
+//! (`connector.entry.moved`); what still reaches it for those rooms meanwhile is passed on
+//! to the new holder (joins admitted there, lines said there, leaves forwarded), and rooms
+//! it is asked to make are made there. A room lost with a room server that died is made
+//! anew by the first member who speaks or joins it.
 //! A member that no
 //! connector knows any more (it just disconnected, or its connector died so no `left` call
 //! comes) is dropped from the room the next time the room pushes to its members.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -62,6 +66,9 @@ pub struct Rooms {
     /// Players whose old room could not be told they left as they joined another (its room
     /// server unreachable): logged at most once a second.
     leave_failures: Arc<Throttle>,
+    /// Set when this server's stop begins: its rooms are handed over, new ones are made on
+    /// the room server that takes over the name.
+    handing_over: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Rooms {
@@ -79,6 +86,9 @@ pub struct Admit {
     pub room: String,
     /// The session joining.
     pub session: SessionRef,
+    /// Make the room if it is not there (asked by a room server that is stopping).
+    #[serde(default)]
+    pub create: bool,
 }
 
 /// Argument of the connector's `moved` remote: room `room` is now held by room server
@@ -166,7 +176,15 @@ impl Component for Rooms {
         });
     }
 
+    fn stopping(&self, env: &HandlerEnv) {
+        if self.cluster.is_some() {
+            self.handing_over.store(true, Ordering::SeqCst);
+            self.hand_over(env);
+        }
+    }
+
     fn before_shutdown(&self, env: &HandlerEnv) {
+        // Rooms made here while the stop began, if any.
         self.hand_over(env);
     }
 }
@@ -223,8 +241,19 @@ impl Rooms {
         session: &dragonfruit_core::Session,
     ) -> Result<(String, Joined), HandlerError> {
         if !self.lock().contains_key(room) {
-            let admit = Admit { uid: uid.to_owned(), room: room.to_owned(), session: session_ref(session) };
-            if let Some((holder, joined)) = self.admit_elsewhere(ctx, &admit)? {
+            let admit =
+                Admit { uid: uid.to_owned(), room: room.to_owned(), session: session_ref(session), create: false };
+            let mut admitted = self.admit_elsewhere(ctx, &admit)?;
+            if admitted.is_none() && self.handing_over.load(Ordering::SeqCst) {
+                // Stopping: the room is made where the router looks for it once this server
+                // is gone.
+                let others = self.other_room_servers(ctx);
+                if let Some(target) = rendezvous(room, &others).map(|i| others[i].id.to_string()) {
+                    let joined = ctx.rpc_to::<_, Joined>(&target, ADMIT_ROUTE, &Admit { create: true, ..admit })?;
+                    admitted = Some((target, joined));
+                }
+            }
+            if let Some((holder, joined)) = admitted {
                 remember_room(session, room, &holder)?;
                 return Ok((holder, joined));
             }
@@ -271,23 +300,25 @@ impl Rooms {
     /// answer holds nothing reachable; one that holds the room but cannot admit (it went
     /// down between the two calls) fails the join, so the room is not split.
     fn admit_elsewhere(&self, ctx: &Ctx<'_>, admit: &Admit) -> Result<Option<(String, Joined)>, HandlerError> {
-        for server in self.other_room_servers(ctx) {
-            match ctx.rpc_to::<_, bool>(&server.id, HOLDS_ROUTE, &admit.room) {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    debug!("room server {} not asked for room {}: {e}", server.id, admit.room);
-                    continue;
-                }
-            }
-            return match ctx.rpc_to::<_, Joined>(&server.id, ADMIT_ROUTE, admit) {
-                Ok(joined) => Ok(Some((server.id, joined))),
-                // It emptied meanwhile: created here.
-                Err(e) if e.code == NO_ROOM => Ok(None),
-                Err(e) => Err(e),
-            };
+        let Some(holder) = self.holder_elsewhere(ctx, &admit.room) else { return Ok(None) };
+        match ctx.rpc_to::<_, Joined>(&holder, ADMIT_ROUTE, admit) {
+            Ok(joined) => Ok(Some((holder, joined))),
+            // It emptied meanwhile: created here.
+            Err(e) if e.code == NO_ROOM => Ok(None),
+            Err(e) => Err(e),
         }
-        Ok(None)
+    }
+
+    /// The other room server holding `room`, if one does. A room server that does not
+    /// answer holds nothing reachable.
+    fn holder_elsewhere(&self, env: &HandlerEnv, room: &str) -> Option<String> {
+        let holder = self.other_room_servers(env).into_iter().find(|server| {
+            env.rpc_to::<_, bool>(&server.id, HOLDS_ROUTE, room).unwrap_or_else(|e| {
+                debug!("room server {} not asked for room {room}: {e}", server.id);
+                false
+            })
+        });
+        holder.map(|server| server.id.to_string())
     }
 
     /// The other room servers of the cluster (none in a standalone server).
@@ -300,8 +331,8 @@ impl Rooms {
     /// Adds a player to a room held here, whose join the router sent to another room
     /// server (see `admit_elsewhere`).
     fn admit(&self, env: &dragonfruit_core::HandlerEnv, admit: Admit) -> Result<Joined, HandlerError> {
-        let Admit { uid, room, session } = admit;
-        let joined = self.enter(env, &room, &uid, session, false)?;
+        let Admit { uid, room, session, create } = admit;
+        let joined = self.enter(env, &room, &uid, session, create)?;
         joined.ok_or_else(|| HandlerError::new(NO_ROOM, format!("no room {room} here")))
     }
 
@@ -415,7 +446,16 @@ impl Rooms {
     /// Removes `left.uid` from `left.room` and tells the others; false if it was not there.
     fn remove_member(&self, env: &dragonfruit_core::HandlerEnv, left: &Left) -> bool {
         if !self.remove_from(&left.room, &left.uid, left.session.as_ref()) {
-            return false;
+            if !self.members(&left.room).is_empty() {
+                return false;
+            }
+            // No such room here: it may have been handed over (this server is stopping, or
+            // the player's session did not hear where it went).
+            let Some(holder) = self.holder_elsewhere(env, &left.room) else { return false };
+            return env.rpc_to::<_, bool>(&holder, LEFT_ROUTE, left).unwrap_or_else(|e| {
+                debug!("uid={} not taken out of room {} on {holder}: {e}", left.uid, left.room);
+                false
+            });
         }
         debug!("uid={} left room {}", left.uid, left.room);
         let others = self.members(&left.room);
@@ -442,11 +482,10 @@ impl Rooms {
         }
     }
 
-    /// At a graceful stop (this server has left discovery and others have stopped calling
-    /// it): hands every room over to the room server the router now picks for its name
-    /// (rendezvous over the others), then has each member's connector note the new holder
-    /// in the session. Members whose session is gone or in another room by then are taken
-    /// out of the adopted room again.
+    /// At a graceful stop: hands every room over to the room server the router picks for its
+    /// name once this one is gone (rendezvous over the others), then has each member's
+    /// connector note the new holder in the session. Members whose session is gone or in
+    /// another room by then are taken out of the adopted room again.
     fn hand_over(&self, env: &HandlerEnv) {
         if self.cluster.is_none() {
             return;
