@@ -653,17 +653,31 @@ fn a_room_server_stopped_gracefully_hands_its_rooms_over() {
         assert_eq!(heard(p), ("onJoin".to_string(), json!({"uid": joiner})));
     }
 
+    // Bob talks all through room-1's stop; everyone hears every line.
     signal(&room1.0, libc::SIGTERM);
-    assert!(wait_exit(&mut room1.0, Duration::from_secs(15)).is_some_and(|s| s.success()), "room-1 stopped");
+    let mut said = Vec::new();
+    let mut stopped_at = None;
+    while stopped_at.is_none_or(|at: Instant| at.elapsed() < Duration::from_millis(500)) {
+        let text = format!("line {}", said.len());
+        bob.notify("room.room.say", &json!({"text": text})).unwrap();
+        said.push(chat("bob", &text));
+        std::thread::sleep(Duration::from_millis(20));
+        if stopped_at.is_none() && matches!(room1.0.try_wait(), Ok(Some(_))) {
+            stopped_at = Some(Instant::now());
+        }
+        assert!(said.len() < 1000, "room-1 did not stop");
+    }
+    assert!(room1.0.try_wait().unwrap().unwrap().success());
     let room1_lines: Vec<String> = room1_log.iter().collect();
     assert!(room1_lines.iter().any(|l| l.contains("handed 1 of 1 rooms (3 of 3 players) over")), "{room1_lines:#?}");
-    bob.notify("room.room.say", &json!({"text": "still here"})).unwrap();
     for p in [&alice, &bob, &carol] {
-        assert_eq!(heard(p), chat("bob", "still here"));
+        let got: Vec<(String, Value)> = said.iter().map(|_| heard(p)).collect();
+        assert_eq!(got, said);
     }
 
-    // Back under its id: the room stays where it went (the sessions name its new server).
-    let _room1 = servers.spawn("room", "room-1", &[]);
+    // Back under its id: the room stays where it went (the sessions name its new server, so
+    // its traffic goes straight there).
+    let (mut room1, room1_log) = servers.spawn_logged("room", "room-1", &[], "info");
     servers.wait_registered(3);
     alice.notify("room.room.say", &json!({"text": "hello again"})).unwrap();
     for p in [&alice, &bob, &carol] {
@@ -678,10 +692,15 @@ fn a_room_server_stopped_gracefully_hands_its_rooms_over() {
         assert_eq!(heard(p), chat("bob", "bye carol"));
     }
     assert!(matches!(carol.recv_push(Duration::from_millis(300)), Err(ClientError::Timeout)), "carol left");
+    signal(&room1.0, libc::SIGTERM);
+    assert!(wait_exit(&mut room1.0, T).is_some_and(|s| s.success()));
+    let room1_back: Vec<String> = room1_log.iter().collect();
+    assert!(room1_back.iter().any(|l| l.contains("served 0 forwarded requests, 0 notifies")), "{room1_back:#?}");
     let warned: Vec<String> = connector_log
         .try_iter()
         .chain(room2_log.try_iter())
         .chain(room1_lines)
+        .chain(room1_back)
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))
         .collect();
     assert!(warned.is_empty(), "{warned:#?}");
