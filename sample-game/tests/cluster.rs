@@ -71,6 +71,13 @@ fn room_entry(id: &str) -> ServerEntry {
     }
 }
 
+/// A room name (`prefix` and a number) that the room router puts on `room-{n}` of `room-1`
+/// and `room-2`.
+fn room_on(n: usize, prefix: &str) -> String {
+    let both = [room_entry("room-1"), room_entry("room-2")];
+    (0..).map(|i| format!("{prefix}{i}")).find(|r| rendezvous(r, &both) == Some(n - 1)).unwrap()
+}
+
 /// Connects once the connector is up and has discovered a room server.
 fn player(port: u16, name: &str) -> Client {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -498,25 +505,27 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     assert!(players.iter().all(|c| !c.is_closed()), "the clients stayed connected to the connector");
 }
 
-/// Players in no room hold no state on a room server, so their requests move to the other
-/// room server as soon as the connector sees its connection to a killed one lost, long
-/// before discovery (60 s here) drops it.
+/// `alice` and `bob` in a room held by room-1 of `cluster`, room-1 then killed (SIGKILL):
+/// the room's name and the players.
+fn two_in_a_room_of_a_killed_server(cluster: &mut TwoRooms) -> (String, Client, Client) {
+    let room = room_on(1, "hall");
+    let (alice, bob) = (player(cluster.port, "alice"), player(cluster.port, "bob"));
+    for p in [&alice, &bob] {
+        let _: Value = p.request("room.room.join", &json!({"room": room})).unwrap();
+    }
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+    signal(&cluster.room1.0, libc::SIGKILL);
+    assert!(wait_exit(&mut cluster.room1.0, T).is_some());
+    (room, alice, bob)
+}
+
 /// A room lost with its room server (SIGKILL) can be joined again once discovery has
 /// dropped that server: the room is made anew on the other room server.
 #[test]
 fn players_rejoin_a_room_lost_with_its_server() {
     let servers = Servers::new("lost", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
     let mut cluster = servers.two_rooms();
-    let both = [room_entry("room-1"), room_entry("room-2")];
-    let room = (0..).map(|i| format!("hall{i}")).find(|r| rendezvous(r, &both) == Some(0)).unwrap();
-    let alice = player(cluster.port, "alice");
-    let bob = player(cluster.port, "bob");
-    let _: Value = alice.request("room.room.join", &json!({"room": room})).unwrap();
-    let _: Value = bob.request("room.room.join", &json!({"room": room})).unwrap();
-    assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "bob"})));
-
-    signal(&cluster.room1.0, libc::SIGKILL);
-    assert!(wait_exit(&mut cluster.room1.0, T).is_some());
+    let (room, alice, bob) = two_in_a_room_of_a_killed_server(&mut cluster);
     // Until discovery drops room-1 (2 s), the room's requests fail (its server is dead).
     let deadline = Instant::now() + Duration::from_secs(15);
     let joined: Value = loop {
@@ -537,6 +546,9 @@ fn players_rejoin_a_room_lost_with_its_server() {
     assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onChat".to_string(), json!({"from": "bob", "text": "back"})));
 }
 
+/// Players in no room hold no state on a room server, so their requests move to the other
+/// room server as soon as the connector sees its connection to a killed one lost, long
+/// before discovery (60 s here) drops it.
 #[test]
 fn roomless_players_move_off_a_killed_room_server_before_discovery_drops_it() {
     let servers =
@@ -577,8 +589,7 @@ fn a_room_server_joining_the_cluster_moves_no_live_room() {
     let _room1 = servers.spawn("room", "room-1", &[]);
     servers.wait_registered(2);
     // A room the router puts on room-2 once it is there.
-    let both = [room_entry("room-1"), room_entry("room-2")];
-    let name = (0..).map(|i| format!("r{i}")).find(|r| rendezvous(r, &both) == Some(1)).unwrap();
+    let name = room_on(2, "r");
     let (alice, bob) = (player(port, "alice"), player(port, "bob"));
     for p in [&alice, &bob] {
         let _: Value = p.request("room.room.join", &json!({"room": name})).unwrap();
@@ -643,8 +654,7 @@ fn a_room_server_stopped_gracefully_hands_its_rooms_over() {
     let (mut room1, room1_log) = servers.spawn_logged("room", "room-1", &[], "info");
     let (_room2, room2_log) = servers.spawn_logged("room", "room-2", &[], "warn");
     servers.wait_registered(3);
-    let both = [room_entry("room-1"), room_entry("room-2")];
-    let room = (0..).map(|i| format!("hall{i}")).find(|r| rendezvous(r, &both) == Some(0)).unwrap();
+    let room = room_on(1, "hall");
     let [alice, bob, carol] = ["alice", "bob", "carol"].map(|name| player(port, name));
     for p in [&alice, &bob, &carol] {
         let _: Value = p.request("room.room.join", &json!({"room": room})).unwrap();
@@ -713,16 +723,7 @@ fn a_room_server_stopped_gracefully_hands_its_rooms_over() {
 fn a_room_lost_with_its_server_is_made_anew_by_members_speaking() {
     let servers = Servers::new("lostsay", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
     let mut cluster = servers.two_rooms();
-    let both = [room_entry("room-1"), room_entry("room-2")];
-    let room = (0..).map(|i| format!("hall{i}")).find(|r| rendezvous(r, &both) == Some(0)).unwrap();
-    let alice = player(cluster.port, "alice");
-    let bob = player(cluster.port, "bob");
-    let _: Value = alice.request("room.room.join", &json!({"room": room})).unwrap();
-    let _: Value = bob.request("room.room.join", &json!({"room": room})).unwrap();
-    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
-
-    signal(&cluster.room1.0, libc::SIGKILL);
-    assert!(wait_exit(&mut cluster.room1.0, T).is_some());
+    let (_, alice, bob) = two_in_a_room_of_a_killed_server(&mut cluster);
     // Lines to the dead server are lost until discovery drops it (2 s).
     let deadline = Instant::now() + Duration::from_secs(15);
     let said = loop {
