@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes};
+use dragonfruit_core::{codes, Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes};
 use dragonfruit_rpc::router::rendezvous;
 use dragonfruit_rpc::{ClusterModule, ServerEntry};
 use log::{debug, info, warn};
@@ -177,15 +177,17 @@ impl Component for Rooms {
     }
 
     fn stopping(&self, env: &HandlerEnv) {
-        if self.cluster.is_some() {
-            self.handing_over.store(true, Ordering::SeqCst);
-            self.hand_over(env);
-        }
+        self.hand_over(env);
     }
 
     fn before_shutdown(&self, env: &HandlerEnv) {
-        // Rooms made here while the stop began, if any.
+        // Rooms adopted from another server stopping meanwhile, if any.
         self.hand_over(env);
+        let rooms = self.lock();
+        if self.cluster.is_some() && !rooms.is_empty() {
+            let players: usize = rooms.values().map(Members::len).sum();
+            info!("{} rooms ({players} players) close with this server: no other room server", rooms.len());
+        }
     }
 }
 
@@ -240,33 +242,36 @@ impl Rooms {
         room: &str,
         session: &dragonfruit_core::Session,
     ) -> Result<(String, Joined), HandlerError> {
-        if !self.lock().contains_key(room) {
-            let admit =
-                Admit { uid: uid.to_owned(), room: room.to_owned(), session: session_ref(session), create: false };
-            let mut admitted = self.admit_elsewhere(ctx, &admit)?;
-            if admitted.is_none() && self.handing_over.load(Ordering::SeqCst) {
-                // Stopping: the room is made where the router looks for it once this server
-                // is gone.
-                let others = self.other_room_servers(ctx);
-                if let Some(target) = rendezvous(room, &others).map(|i| others[i].id.to_string()) {
-                    let joined = ctx.rpc_to::<_, Joined>(&target, ADMIT_ROUTE, &Admit { create: true, ..admit })?;
-                    admitted = Some((target, joined));
-                }
-            }
-            if let Some((holder, joined)) = admitted {
-                remember_room(session, room, &holder)?;
-                return Ok((holder, joined));
-            }
-        }
         let me = ctx.server().id.to_string();
-        remember_room(session, room, &me)?;
-        let joined = self.enter(ctx, room, uid, session_ref(session), true)?;
-        Ok((me, joined.ok_or_else(|| internal(format!("room {room} not made")))?))
+        // Held here.
+        if let Some(joined) = self.enter(ctx, room, uid, session_ref(session), false)? {
+            remember_room(session, room, &me)?;
+            return Ok((me, joined));
+        }
+        let admit = Admit { uid: uid.to_owned(), room: room.to_owned(), session: session_ref(session), create: false };
+        if let Some((holder, joined)) = self.admit_elsewhere(ctx, &admit)? {
+            remember_room(session, room, &holder)?;
+            return Ok((holder, joined));
+        }
+        // Held nowhere: made here, unless this server is handing its rooms over (stopping);
+        // then where the router will look for it once this server is gone.
+        if let Some(joined) = self.enter(ctx, room, uid, session_ref(session), true)? {
+            remember_room(session, room, &me)?;
+            return Ok((me, joined));
+        }
+        let others = self.other_room_servers(ctx);
+        let Some(target) = rendezvous(room, &others).map(|i| others[i].id.to_string()) else {
+            return Err(HandlerError::new(codes::NOT_FOUND, format!("no room server to make room {room} on")));
+        };
+        let joined = ctx.rpc_to::<_, Joined>(&target, ADMIT_ROUTE, &Admit { create: true, ..admit })?;
+        remember_room(session, room, &target)?;
+        Ok((target, joined))
     }
 
-    /// Adds `uid` (joining from `session`) to `room`, made if `create`, and tells the other
-    /// members (unless it was one already: its session is updated, a replaced session's
-    /// membership taken over); `None` if the room is not here and not to be made.
+    /// Adds `uid` (joining from `session`) to `room`, made if `create` (and this server is
+    /// not handing its rooms over), and tells the other members (unless it was one already:
+    /// its session is updated, a replaced session's membership taken over); `None` if the
+    /// room is not here and not to be made.
     fn enter(
         &self,
         env: &dragonfruit_core::HandlerEnv,
@@ -279,7 +284,10 @@ impl Rooms {
             let mut rooms = self.lock();
             let members = match rooms.get_mut(room) {
                 Some(members) => members,
-                None if create => rooms.entry(room.to_owned()).or_default(),
+                // The flag is set under this lock with the rooms taken for the hand-over.
+                None if create && !self.handing_over.load(Ordering::SeqCst) => {
+                    rooms.entry(room.to_owned()).or_default()
+                }
                 None => return Ok(None),
             };
             let others: Vec<String> = match members.insert(uid.to_owned(), session) {
@@ -487,19 +495,21 @@ impl Rooms {
     /// connector note the new holder in the session. Members whose session is gone or in
     /// another room by then are taken out of the adopted room again.
     fn hand_over(&self, env: &HandlerEnv) {
-        if self.cluster.is_none() {
+        let others = self.other_room_servers(env);
+        if others.is_empty() {
+            // The last room server (or a standalone one): its rooms live until it stops.
             return;
         }
-        let rooms: Vec<(String, Members)> = self.lock().drain().collect();
+        let rooms: Vec<(String, Members)> = {
+            let mut rooms = self.lock();
+            // From now on no room is made here (see `enter`).
+            self.handing_over.store(true, Ordering::SeqCst);
+            rooms.drain().collect()
+        };
         if rooms.is_empty() {
             return;
         }
         let (total, players) = (rooms.len(), rooms.iter().map(|(_, m)| m.len()).sum::<usize>());
-        let others = self.other_room_servers(env);
-        if others.is_empty() {
-            info!("{total} rooms ({players} players) close with this server: no other room server to take them");
-            return;
-        }
         let mut by_target: BTreeMap<String, Vec<(String, Members)>> = BTreeMap::new();
         for (room, members) in rooms {
             if let Some(i) = rendezvous(&room, &others) {
