@@ -1,9 +1,12 @@
 //! The local cluster: the connector and the room servers as child processes of this one,
-//! sharing an embedded-discovery directory. Ctrl-C (or SIGTERM) stops them all, the
-//! connector first; children also die with the launcher (`PR_SET_PDEATHSIG`).
+//! sharing an embedded-discovery directory. A server that exits while the cluster runs
+//! (it crashed, was killed, or was stopped to restart it: a room server stopped with
+//! SIGTERM hands its rooms over first) is started again under its id, unless it failed
+//! at start or keeps exiting. Ctrl-C (or SIGTERM) stops them all, the connector first;
+//! children also die with the launcher (`PR_SET_PDEATHSIG`).
 
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -12,13 +15,52 @@ use crate::Args;
 
 /// How long a child may take to stop gracefully before it is killed.
 const STOP_WAIT: Duration = Duration::from_secs(15);
+/// A server exiting with an error this soon after it started failed to start (its port is
+/// taken, its configuration is wrong): starting it again would fail the same way.
+const START_FAILURE: Duration = Duration::from_secs(1);
+/// A server is started again at most this many times within `RESTART_WINDOW`; one that
+/// exits more often stops the cluster.
+const MAX_RESTARTS: usize = 3;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 struct Server {
     id: String,
+    /// `--role` and the arguments after `--id`.
+    role: &'static str,
+    extra: Vec<String>,
     child: Child,
+    started: Instant,
+    /// When it was started again, within the last `RESTART_WINDOW`.
+    restarts: Vec<Instant>,
 }
 
-fn spawn(id: &str, role: &str, extra: &[&str], args: &Args, dir: &str) -> Result<Server, String> {
+impl Server {
+    /// Starts the server again after it exited with `status`, unless it failed at start
+    /// or has exited too often: then why the cluster stops.
+    fn restart(&mut self, status: ExitStatus, args: &Args, dir: &str) -> Result<(), String> {
+        let now = Instant::now();
+        if !status.success() && status.code().is_some() && now - self.started < START_FAILURE {
+            return Err(format!("server {} failed at start ({status}); stopping the cluster", self.id));
+        }
+        self.restarts.retain(|at| now - *at < RESTART_WINDOW);
+        if self.restarts.len() >= MAX_RESTARTS {
+            return Err(format!(
+                "server {} exited {} times within {RESTART_WINDOW:?} ({status}); stopping the cluster",
+                self.id,
+                MAX_RESTARTS + 1
+            ));
+        }
+        println!("sample-game: server {} exited ({status}); starting it again", self.id);
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let again = spawn(&self.id, self.role, &extra, args, dir)?;
+        self.child = again.child;
+        self.started = again.started;
+        self.restarts.push(now);
+        Ok(())
+    }
+}
+
+fn spawn(id: &str, role: &'static str, extra: &[&str], args: &Args, dir: &str) -> Result<Server, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.args(["--role", role, "--id", id, "--discovery", "embedded", "--discovery-dir", dir]).args(extra);
@@ -37,7 +79,8 @@ fn spawn(id: &str, role: &str, extra: &[&str], args: &Args, dir: &str) -> Result
         });
     }
     let child = cmd.spawn().map_err(|e| format!("cannot start {id}: {e}"))?;
-    Ok(Server { id: id.to_owned(), child })
+    let extra = extra.iter().map(|e| e.to_string()).collect();
+    Ok(Server { id: id.to_owned(), role, extra, child, started: Instant::now(), restarts: Vec::new() })
 }
 
 /// Stops the connector (first in `servers`), then the room servers: the players it kicks
@@ -124,12 +167,12 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         if stop_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
             break Ok(());
         }
-        let exited = servers.iter_mut().find_map(|s| match s.child.try_wait() {
-            Ok(Some(status)) => Some((s.id.clone(), status)),
-            _ => None,
+        let restarted = servers.iter_mut().try_for_each(|s| match s.child.try_wait() {
+            Ok(Some(status)) => s.restart(status, args, &dir),
+            _ => Ok(()),
         });
-        if let Some((id, status)) = exited {
-            break Err(format!("server {id} exited unexpectedly ({status}); stopping the cluster"));
+        if let Err(e) = restarted {
+            break Err(e);
         }
     };
     println!("sample-game: stopping the cluster (Ctrl-C again to kill the servers at once)");

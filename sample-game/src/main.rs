@@ -19,9 +19,11 @@ sample-game: a small multiplayer chat game on a dragonfruit cluster
 USAGE:
     sample-game [--tcp ADDR] [--rooms N] [--config FILE]
         Runs a local cluster: one connector (clients connect to ADDR) and N room servers
-        (default 2), as child processes found through embedded discovery. Ctrl-C stops all:
-        the connector first (its players leave their rooms), then the room servers; Ctrl-C
-        again kills the servers still running.
+        (default 2), as child processes found through embedded discovery. A server that
+        exits (crashed, killed, or stopped with SIGTERM to restart it: a room server hands
+        its rooms over first) is started again, unless it failed at start or exited 4 times
+        in a minute. Ctrl-C stops all: the connector first (its players leave their rooms),
+        then the room servers; Ctrl-C again kills the servers still running.
 
     sample-game --play NAME [--room ROOM] [--tcp ADDR]
         Plays: logs in as NAME on the connector at ADDR and joins ROOM (default lobby).

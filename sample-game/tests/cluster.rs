@@ -244,6 +244,106 @@ fn the_launcher_runs_a_playable_cluster_and_stops_it() {
     assert!(warnings.is_empty(), "{} warnings, first: {:?}", warnings.len(), &warnings[..warnings.len().min(3)]);
 }
 
+/// The pid of the launcher's child serving as server `id`, if one runs.
+fn child_serving(launcher: u32, id: &str) -> Option<libc::pid_t> {
+    let children = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children")).ok()?;
+    children.split_whitespace().filter_map(|c| c.parse().ok()).find(|pid: &libc::pid_t| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        cmdline.split(|b| *b == 0).any(|arg| arg == id.as_bytes())
+    })
+}
+
+/// Waits for a line containing `text` on `lines`.
+fn wait_line(lines: &mpsc::Receiver<String>, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains(text) => return,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {text:?}: {e}"),
+        }
+    }
+}
+
+/// A server of the local cluster that exits is started again under its id: a room server
+/// stopped with SIGTERM (a restart: its room is handed over, the chat goes on), a killed
+/// connector (players connect again and play). One that keeps exiting stops the cluster.
+#[test]
+fn the_launcher_starts_again_a_server_that_exits() {
+    let port = free_port();
+    let mut launcher = launcher(port, true);
+    let out = line_reader(launcher.0.stdout.take().unwrap());
+    let err = line_reader(launcher.0.stderr.take().unwrap());
+    let pid = launcher.0.id();
+    let (alice, bob) = (player(port, "alice"), player(port, "bob"));
+    for p in [&alice, &bob] {
+        let _: Value = p.request("room.room.join", &json!({"room": "lobby"})).unwrap();
+    }
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+
+    let room1 = child_serving(pid, "room-1").unwrap();
+    // SAFETY: a running child of the launcher (the cluster serves).
+    unsafe { libc::kill(room1, libc::SIGTERM) };
+    wait_line(&out, "server room-1 exited (exit status: 0); starting it again");
+    bob.notify("room.room.say", &json!({"text": "still here"})).unwrap();
+    for p in [&alice, &bob] {
+        assert_eq!(heard(p), chat("bob", "still here"));
+    }
+
+    let connector = child_serving(pid, "connector-1").unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(connector, libc::SIGKILL) };
+    wait_line(&out, "server connector-1 exited (signal: 9 (SIGKILL)); starting it again");
+    assert!(alice.wait_closed(T));
+    let carol = player(port, "carol");
+    let _: Value = carol.request("room.room.join", &json!({"room": "lobby"})).unwrap();
+    carol.notify("room.room.say", &json!({"text": "anyone?"})).unwrap();
+    // (The room may first tell her that the killed connector's players left.)
+    let said = std::iter::repeat_with(|| heard(&carol)).find(|(route, _)| route != "onLeave");
+    assert_eq!(said, Some(chat("carol", "anyone?")));
+
+    // Killed again and again: the fourth exit within a minute stops the cluster.
+    for _ in 0..4 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let room2 = loop {
+            if let Some(room2) = child_serving(pid, "room-2") {
+                break room2;
+            }
+            assert!(Instant::now() < deadline, "room-2 started again");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // SAFETY: as above.
+        unsafe { libc::kill(room2, libc::SIGKILL) };
+        while child_serving(pid, "room-2") == Some(room2) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let status = wait_exit(&mut launcher.0, Duration::from_secs(30)).expect("the launcher stops");
+    assert!(!status.success());
+    wait_line(&err, "server room-2 exited 4 times within 60s");
+}
+
+/// A server that fails at start (the connector's port is taken) is not started again: the
+/// launcher stops the cluster at once and says why.
+#[test]
+fn the_launcher_stops_when_a_server_fails_at_start() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut launcher = launcher(taken.local_addr().unwrap().port(), true);
+    let err = line_reader(launcher.0.stderr.take().unwrap());
+    let status = wait_exit(&mut launcher.0, Duration::from_secs(10)).expect("the launcher stops");
+    assert!(!status.success());
+    wait_line(&err, "server connector-1 failed at start (exit status: 1); stopping the cluster");
+    // No server of it is left: they all had its discovery directory in their arguments.
+    let dir = format!("dragonfruit-sample-game-{}", launcher.0.id());
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&dir))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// A second Ctrl-C while the launcher waits for a server that does not stop (here a
 /// frozen connector) kills the servers at once instead of waiting out their stop time.
 #[test]
