@@ -367,9 +367,10 @@ impl Rooms {
         if !members.is_empty() && holder.as_deref() == Some(me.as_str()) {
             return Err(HandlerError::new("GAME-403", format!("not a member of {room}")));
         }
-        // The room server that held the room went (died, or stopped and the room is on its
-        // way here), so the router sent the line here. The player enters the room again,
-        // where it is held now (made anew here if nowhere), and the line is said there.
+        // The player's room is not held here: its room server died or stopped (the router
+        // sent the line here instead), or this server is stopping and handed the room on.
+        // The player enters the room again where it is held now (made anew if nowhere),
+        // and the line is said there.
         let (holder, joined) = self.enter_anywhere(ctx, &uid, &room, &session)?;
         debug!("uid={uid} entered room {room} again on {holder} by speaking");
         if holder == me {
