@@ -1052,6 +1052,59 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
     assert_eq!((route.as_str(), v), ("onMsg", json!({"back": true})));
 }
 
+/// A push to users while a listed frontend does not answer (here an entry whose endpoint
+/// nobody serves) reaches the users of the others, and reports no user missing: the silent
+/// frontend may hold any of them (the sample game would drop them from their rooms).
+#[test]
+fn a_push_while_a_frontend_does_not_answer_reports_no_user_missing() {
+    let dir = cluster_dir("silentfront");
+    let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let frontend = start_connector(&fe_module);
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("tcp://{}", listener.local_addr().unwrap())
+    };
+    let silent = ServerEntry {
+        id: "connector-9".into(),
+        server_type: "connector".into(),
+        frontend: true,
+        rpc_addr: dead,
+        metadata: Default::default(),
+        instance: 0,
+    };
+    let file = dir.join("connector-9.json");
+    std::fs::write(&file, serde_json::to_vec(&silent).unwrap()).unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keeper = {
+        let (file, done) = (file.clone(), done.clone());
+        // Kept fresh, as a live server keeps its entry.
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                let _ = std::fs::File::options()
+                    .write(true)
+                    .open(&file)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    assert!(wait_until(T, || room_module.servers().len() == 3), "the backend lists the silent frontend");
+    let client = frontend.client();
+    let _: bool = client.request("probe.bind", "ann").unwrap();
+    let missing: Vec<String> =
+        client.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": "hi"})).unwrap();
+    assert_eq!(missing, Vec::<String>::new());
+    assert_eq!(client.recv_push_as::<Value>(T).unwrap().1, json!("hi"));
+    done.store(true, Ordering::SeqCst);
+    keeper.join().unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(wait_until(T, || room_module.servers().len() == 2), "the entry is gone");
+    let missing: Vec<String> =
+        client.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": "hi"})).unwrap();
+    assert_eq!(missing, vec!["ghost".to_string()], "every frontend answered");
+}
+
 /// A backend may keep a session and push to it later. Once its frontend has restarted under
 /// the same id, such a push must not reach a player of the new process: session ids do not
 /// repeat across restarts.

@@ -27,7 +27,7 @@ pub enum MessengerError {
 /// Operations on other users' sessions.
 pub trait Messenger: Send + Sync {
     /// Pushes `body` on `route` to every session bound to one of `uids`. Returns the uids
-    /// that had no session anywhere.
+    /// that had no session anywhere: none when a frontend did not answer (it may hold any).
     fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError>;
     /// Kicks every session bound to `uid`; returns whether one was found.
     fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError>;

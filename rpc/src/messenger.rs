@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use dragonfruit_core::cluster::CallTarget;
 use dragonfruit_core::{HandlerError, Messenger, MessengerError, Route};
+use log::debug;
 
 use crate::cluster::{Inner, Started};
 use crate::remote_session::blocking;
@@ -32,8 +33,9 @@ impl ClusterMessenger {
         Some(f(&inner, started))
     }
 
-    /// Sends `call` to every other frontend and gathers the answers (until the timeout).
-    fn ask_frontends(inner: &Inner, started: &Started, call: impl Fn() -> Call) -> Vec<Answer> {
+    /// Sends `call` to every other frontend and gathers the answers (until the timeout), and
+    /// whether every one answered.
+    fn ask_frontends(inner: &Inner, started: &Started, call: impl Fn() -> Call) -> (Vec<Answer>, bool) {
         let others: Vec<ServerEntry> =
             inner.table.all().into_iter().filter(|s| s.frontend && s.id != started.me.id).collect();
         let (tx, rx) = crossbeam_channel::bounded(others.len().max(1));
@@ -48,7 +50,16 @@ impl ClusterMessenger {
             );
         }
         let deadline = Instant::now() + inner.rpc.timeout;
-        (0..others.len()).filter_map(|_| rx.recv_deadline(deadline).ok()?.ok()).collect()
+        let mut answers = Vec::with_capacity(others.len());
+        for _ in &others {
+            match rx.recv_deadline(deadline) {
+                Ok(Ok(answer)) => answers.push(answer),
+                Ok(Err(_)) => {}
+                Err(_) => break,
+            }
+        }
+        let all = answers.len() == others.len();
+        (answers, all)
     }
 }
 
@@ -59,13 +70,18 @@ impl Messenger for ClusterMessenger {
         } else {
             uids.to_vec()
         };
-        let answers = self
+        let (answers, all) = self
             .with(|inner, started| {
                 let call = || Call::PushUsers { uids: uids.to_vec(), route: route.to_owned(), body: body.to_vec() };
                 Self::ask_frontends(inner, started, call)
             })
-            .unwrap_or_default();
-        // A uid is missing when no frontend that answered has it.
+            .unwrap_or((Vec::new(), true));
+        if !all {
+            // A frontend that did not answer may hold any of them: none is known missing.
+            debug!("push to {} users on {route}: a frontend did not answer; none reported missing", uids.len());
+            return Ok(Vec::new());
+        }
+        // A uid is missing when no frontend has it.
         let mut missing: HashSet<String> = local.into_iter().collect();
         for answer in answers {
             if let Answer::Missing(theirs) = answer {
@@ -81,7 +97,7 @@ impl Messenger for ClusterMessenger {
             Some(false) => false,
             _ => self.local.kick_user(uid, reason)?,
         };
-        let answers = self
+        let (answers, _) = self
             .with(|inner, started| {
                 Self::ask_frontends(inner, started, || Call::KickUser {
                     uid: uid.to_owned(),

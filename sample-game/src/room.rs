@@ -14,7 +14,8 @@
 //! anew by the first member who speaks or joins it.
 //! A member that no
 //! connector knows any more (it just disconnected, or its connector died so no `left` call
-//! comes) is dropped from the room the next time the room pushes to its members.
+//! comes) is dropped from the room the next time the room pushes to its members (once
+//! every listed connector answers: one that does not may hold it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};

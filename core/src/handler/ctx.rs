@@ -66,7 +66,7 @@ impl HandlerEnv {
     }
 
     /// Pushes `value` on `route` to the sessions of `uids`, wherever they are connected;
-    /// returns the uids not found.
+    /// returns the uids known to have no session (none while a frontend does not answer).
     pub fn push_to_users<T: Serialize + ?Sized>(
         &self,
         route: &str,
