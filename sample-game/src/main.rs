@@ -27,7 +27,8 @@ USAGE:
 
     sample-game --play NAME [--room ROOM] [--tcp ADDR]
         Plays: logs in as NAME on the connector at ADDR and joins ROOM (default lobby).
-        Each line typed is said in the room; /join ROOM, /leave, /help, /quit.
+        Each line typed is said in the room; /join ROOM, /leave, /help, /quit. A lost
+        connection (not a kick) is made again for up to 30 s, back in the same room.
 
     sample-game --role connector|room|standalone [--id ID] [--tcp ADDR] [--config FILE]
                 [--discovery embedded|etcd] [--discovery-dir DIR] [--etcd-url URL[,URL]]

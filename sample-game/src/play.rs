@@ -1,8 +1,11 @@
 //! `sample-game --play NAME`: a terminal player. Logs in on the connector, joins a room and
 //! chats: each line typed is said in the room; `/join ROOM`, `/leave`, `/help` and `/quit`
 //! (or the end of input). Chat lines and players joining or leaving are printed as they come.
+//! A connection lost without a kick (the connector crashed or was restarted) is made again,
+//! logged in and back in the room, for up to `RECONNECT_FOR`.
 
 use std::io::BufRead;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, unbounded, Receiver};
 use dragonfruit_client::{Client, ClientConfig, ClientError, Push};
@@ -12,9 +15,44 @@ use serde_json::{json, Value};
 
 const COMMANDS: &str = "type a line to say it in your room; /join ROOM, /leave, /help, /quit";
 
+/// How long a player whose connection was lost tries to connect again.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
 /// Plays as `name` on the connector at `addr`, starting in `room`, until `/quit`, the end
-/// of input, or the server closing the connection (an error).
+/// of input, a kick, or a connection lost and not made again (an error).
 pub(crate) fn run(addr: &str, name: &str, room: &str) -> Result<(), String> {
+    let client = log_in(addr, name)?;
+    // The room this player is in, as the room server last answered.
+    let mut room = join(&client, room, None)?;
+    let mut client = client;
+    let lines = stdin_lines();
+    loop {
+        let outcome = select! {
+            recv(lines) -> line => match line {
+                Ok(line) => command(&client, line.trim(), &mut room),
+                Err(_) => Ok(false), // end of input
+            },
+            recv(client.pushes()) -> push => match push {
+                Ok(push) => {
+                    show(&client, push);
+                    Ok(true)
+                }
+                Err(_) => Err(closed(&client)),
+            },
+        };
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(why) if client.kicked().is_some() => return Err(why),
+            Err(why) => (client, room) = reconnect(addr, name, room, &why)?,
+        }
+    }
+    client.close();
+    Ok(())
+}
+
+/// Connects to `addr` and logs in as `name`.
+fn log_in(addr: &str, name: &str) -> Result<Client, String> {
     // Route codes from the handshake's dictionary, as pomelo clients use them.
     let config = ClientConfig { use_route_codes: true, ..ClientConfig::default() };
     let client = Client::connect(addr, config).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
@@ -23,27 +61,26 @@ pub(crate) fn run(addr: &str, name: &str, room: &str) -> Result<(), String> {
         Err(e) => return Err(format!("cannot log in as {name:?}: {}", why(e))),
     };
     println!("logged in as {}; {COMMANDS}", ack.uid);
-    // The room this player is in, as the room server last answered.
-    let mut room = join(&client, room, None)?;
-    let lines = stdin_lines();
-    loop {
-        select! {
-            recv(lines) -> line => match line {
-                Ok(line) => {
-                    if !command(&client, line.trim(), &mut room)? {
-                        break;
-                    }
-                }
-                Err(_) => break, // end of input
-            },
-            recv(client.pushes()) -> push => match push {
-                Ok(push) => show(&client, push),
-                Err(_) => return Err(closed(&client)),
-            },
+    Ok(client)
+}
+
+/// Connects again after the connection was lost (`why`), logs in and joins `room` again:
+/// the new connection and the room it is in.
+fn reconnect(addr: &str, name: &str, room: Option<String>, why: &str) -> Result<(Client, Option<String>), String> {
+    println!("{why}; connecting again");
+    let deadline = Instant::now() + RECONNECT_FOR;
+    let client = loop {
+        match log_in(addr, name) {
+            Ok(client) => break client,
+            Err(e) if Instant::now() >= deadline => return Err(format!("{why}; gave up connecting again: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
         }
-    }
-    client.close();
-    Ok(())
+    };
+    let room = match room {
+        Some(room) => join(&client, &room, None)?,
+        None => None,
+    };
+    Ok((client, room))
 }
 
 /// Runs one typed line; `false` to quit. Game errors are printed; a lost connection is an
@@ -108,7 +145,7 @@ fn closed(client: &Client) -> String {
     match client.kicked() {
         Some(reason) if !reason.is_empty() => format!("kicked by the server: {reason}"),
         Some(_) => "kicked by the server".into(),
-        None => "the server closed the connection".into(),
+        None => "the connection to the server was lost".into(),
     }
 }
 

@@ -619,6 +619,39 @@ fn two_in_a_room_of_a_killed_server(cluster: &mut TwoRooms) -> (String, Client, 
     (room, alice, bob)
 }
 
+/// A terminal player whose connector dies connects again once it is back (restarted under
+/// its id, as the launcher does), logs in, is back in its room and chats on.
+#[test]
+fn a_terminal_player_connects_again_when_its_connector_comes_back() {
+    let servers = Servers::new("replay", &[]);
+    let port = free_port();
+    let tcp = format!("127.0.0.1:{port}");
+    let _room = servers.spawn("room", "room-1", &[]);
+    let mut connector = servers.spawn("connector", "connector-1", &["--tcp", &tcp]);
+    servers.wait_registered(2);
+    drop(player(port, "ready"));
+    let mut ann = Player::start(port, "ann", "den");
+    assert!(ann.line().starts_with("logged in as ann"));
+    assert_eq!(ann.line(), "you are in den: ann");
+
+    signal(&connector.0, libc::SIGKILL);
+    assert!(wait_exit(&mut connector.0, T).is_some());
+    assert_eq!(ann.line(), "the connection to the server was lost; connecting again");
+    std::thread::sleep(Duration::from_millis(700)); // a failed try or two first
+    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &tcp]);
+    let back = Instant::now() + Duration::from_secs(20);
+    let login = ann.output.recv_timeout(back.saturating_duration_since(Instant::now())).expect("logged in again");
+    assert!(login.starts_with("logged in as ann"), "{login}");
+    assert_eq!(ann.line(), "you are in den: ann");
+    let bob = player(port, "bob");
+    let joined: Value = bob.request("room.room.join", &json!({"room": "den"})).unwrap();
+    assert_eq!(joined["members"], json!(["ann", "bob"]));
+    assert_eq!(ann.line(), "* bob joined");
+    ann.type_line("welcome back");
+    assert_eq!(heard(&bob), chat("ann", "welcome back"));
+    assert!(ann.proc.0.try_wait().unwrap().is_none(), "still playing");
+}
+
 /// A room lost with its room server (SIGKILL) can be joined again once discovery has
 /// dropped that server: the room is made anew on the other room server.
 #[test]
