@@ -1,5 +1,6 @@
 //! `entry`: the connector's component (echo, login; the `moved` remote, by which a room
-//! server handing its rooms over at its stop has the members' sessions note the new holder).
+//! server handing its rooms over at its stop has the members' sessions note the new holder,
+//! and `in_room`, by which one making anew a room lost with its server finds its members).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,7 +43,22 @@ impl Component for Entry {
         r.raw_handler("echo", |_: &Entry, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
         r.handler("login", Entry::login);
         r.remote("moved", |_: &Entry, ctx: &RemoteCtx<'_>, moved: Vec<Moved>| Ok(moved_rooms(ctx, moved)));
+        r.remote("in_room", |_: &Entry, ctx: &RemoteCtx<'_>, room: Moved| Ok(in_room(ctx, room)));
     }
+}
+
+/// The players (uid, session id) whose session here is in `room.room`, whose new holder
+/// (`room.server`) their sessions note.
+fn in_room(env: &HandlerEnv, room: Moved) -> Vec<(String, u64)> {
+    let sessions = env.sessions().map(|r| r.all()).unwrap_or_default();
+    let in_it = sessions.into_iter().filter(|s| s.get::<String>(ROOM_KEY).as_deref() == Some(room.room.as_str()));
+    in_it
+        .filter_map(|s| {
+            let uid = s.uid()?;
+            s.set(ROOM_SERVER_KEY, &room.server).ok()?;
+            Some((uid, s.id()))
+        })
+        .collect()
 }
 
 /// Notes in the sessions named that their room is held by another room server now; the

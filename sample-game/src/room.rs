@@ -11,7 +11,9 @@
 //! (`connector.entry.moved`); what still reaches it for those rooms meanwhile is passed on
 //! to the new holder (joins admitted there, lines said there, leaves forwarded), and rooms
 //! it is asked to make are made there. A room lost with a room server that died is made
-//! anew by the first member who speaks or joins it.
+//! anew by the first member who speaks or joins it, with every player whose session on the
+//! connectors says it is in the room (`connector.entry.in_room`): the sessions outlive the
+//! room server.
 //! A member that no
 //! connector knows any more (it just disconnected, or its connector died so no `left` call
 //! comes) is dropped from the room the next time the room pushes to its members (once
@@ -50,6 +52,9 @@ pub const LEFT_ROUTE: &str = "room.room.left";
 const ADOPT_ROUTE: &str = "room.room.adopt";
 /// The connector's remote noting in its sessions that their room moved to another server.
 pub const MOVED_ROUTE: &str = "connector.entry.moved";
+/// The connector's remote naming the players whose session is in a room (lost with its
+/// room server, made anew on another), noting the new holder in those sessions.
+pub const IN_ROOM_ROUTE: &str = "connector.entry.in_room";
 
 /// A session as `(frontend server id, session id)`.
 pub type SessionRef = (String, u64);
@@ -93,7 +98,8 @@ pub struct Admit {
 }
 
 /// Argument of the connector's `moved` remote: room `room` is now held by room server
-/// `server`; its members' sessions on that connector (ids) are to note it.
+/// `server`; its members' sessions on that connector (ids) are to note it. Also of its
+/// `in_room` remote (no session ids: every session in the room).
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Moved {
     /// The room.
@@ -255,7 +261,15 @@ impl Rooms {
             return Ok((holder, joined));
         }
         // Held nowhere: made here, unless this server is handing its rooms over (stopping);
-        // then where the router will look for it once this server is gone.
+        // then where the router will look for it once this server is gone. A room the player
+        // was in was lost with its room server: its other members, as the connectors'
+        // sessions say, are in it again too.
+        let lost = session.get::<String>(ROOM_KEY).as_deref() == Some(room);
+        if lost && !self.handing_over.load(Ordering::SeqCst) {
+            let members = self.members_by_sessions(ctx, room);
+            debug!("room {room} made anew with {} members found in the connectors' sessions", members.len());
+            self.adopt(vec![(room.to_owned(), members)]);
+        }
         if let Some(joined) = self.enter(ctx, room, uid, session_ref(session), true)? {
             remember_room(session, room, &me)?;
             return Ok((me, joined));
@@ -328,6 +342,22 @@ impl Rooms {
             })
         });
         holder.map(|server| server.id.to_string())
+    }
+
+    /// The members of `room` by the connectors' sessions: every player whose session says it
+    /// is in the room (it was lost with its room server). Each connector notes this server
+    /// as the room's holder in those sessions.
+    fn members_by_sessions(&self, env: &HandlerEnv, room: &str) -> Members {
+        let Some(cluster) = &self.cluster else { return Members::new() };
+        let found = Moved { room: room.to_owned(), server: env.server().id.to_string(), sessions: Vec::new() };
+        let mut members = Members::new();
+        for frontend in cluster.servers().into_iter().filter(|s| s.frontend) {
+            match env.rpc_to::<_, Vec<(String, u64)>>(&frontend.id, IN_ROOM_ROUTE, &found) {
+                Ok(found) => members.extend(found.into_iter().map(|(uid, sid)| (uid, (frontend.id.to_string(), sid)))),
+                Err(e) => debug!("connector {} not asked who is in room {room}: {e}", frontend.id),
+            }
+        }
+        members
     }
 
     /// The other room servers of the cluster (none in a standalone server).
