@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use dragonfruit_core::cluster::CallTarget;
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes};
+use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes, Session};
 use log::warn;
 use serde::{Deserialize, Serialize};
 
-use crate::room::{session_ref, Left, Moved, LEFT_ROUTE, ROOM_KEY, ROOM_SERVER_KEY};
+use crate::room::{session_ref, InRoom, Left, Moved, LEFT_ROUTE, ROOM_KEY, ROOM_SERVER_KEY};
 
 /// Longest player name accepted.
 pub const MAX_NAME: usize = 32;
@@ -43,22 +43,16 @@ impl Component for Entry {
         r.raw_handler("echo", |_: &Entry, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
         r.handler("login", Entry::login);
         r.remote("moved", |_: &Entry, ctx: &RemoteCtx<'_>, moved: Vec<Moved>| Ok(moved_rooms(ctx, moved)));
-        r.remote("in_room", |_: &Entry, ctx: &RemoteCtx<'_>, room: Moved| Ok(in_room(ctx, room)));
+        r.remote("in_room", |_: &Entry, ctx: &RemoteCtx<'_>, room: InRoom| Ok(in_room(ctx, room)));
     }
 }
 
-/// The players (uid, session id) whose session here is in `room.room`, whose new holder
-/// (`room.server`) their sessions note.
-fn in_room(env: &HandlerEnv, room: Moved) -> Vec<(String, u64)> {
+/// The players (uid, session id) whose session here is in `room.room`; their sessions note
+/// its new holder, `room.server`.
+fn in_room(env: &HandlerEnv, room: InRoom) -> Vec<(String, u64)> {
     let sessions = env.sessions().map(|r| r.all()).unwrap_or_default();
-    let in_it = sessions.into_iter().filter(|s| s.get::<String>(ROOM_KEY).as_deref() == Some(room.room.as_str()));
-    in_it
-        .filter_map(|s| {
-            let uid = s.uid()?;
-            s.set(ROOM_SERVER_KEY, &room.server).ok()?;
-            Some((uid, s.id()))
-        })
-        .collect()
+    let noted = sessions.into_iter().filter(|s| note_holder(s, &room.room, &room.server));
+    noted.filter_map(|s| Some((s.uid()?, s.id()))).collect()
 }
 
 /// Notes in the sessions named that their room is held by another room server now; the
@@ -68,13 +62,17 @@ fn moved_rooms(env: &HandlerEnv, moved: Vec<Moved>) -> Vec<(String, u64)> {
     for Moved { room, server, sessions } in moved {
         for sid in sessions {
             let session = env.sessions().and_then(|r| r.get(sid));
-            match session.filter(|s| s.get::<String>(ROOM_KEY).as_deref() == Some(room.as_str())) {
-                Some(s) if s.set(ROOM_SERVER_KEY, &server).is_ok() => {}
-                _ => stale.push((room.clone(), sid)),
+            if !session.is_some_and(|s| note_holder(&s, &room, &server)) {
+                stale.push((room.clone(), sid));
             }
         }
     }
     stale
+}
+
+/// If `session` is in `room`, notes that room server `server` holds it; whether it did.
+fn note_holder(session: &Session, room: &str, server: &str) -> bool {
+    session.get::<String>(ROOM_KEY).as_deref() == Some(room) && session.set(ROOM_SERVER_KEY, server).is_ok()
 }
 
 impl Entry {

@@ -97,9 +97,18 @@ pub struct Admit {
     pub create: bool,
 }
 
+/// Argument of the connector's `in_room` remote: room `room`, lost with its room server,
+/// is made anew on room server `server`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InRoom {
+    /// The room.
+    pub room: String,
+    /// The room server holding it now.
+    pub server: String,
+}
+
 /// Argument of the connector's `moved` remote: room `room` is now held by room server
-/// `server`; its members' sessions on that connector (ids) are to note it. Also of its
-/// `in_room` remote (no session ids: every session in the room).
+/// `server`; its members' sessions on that connector (ids) are to note it.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Moved {
     /// The room.
@@ -349,7 +358,7 @@ impl Rooms {
     /// as the room's holder in those sessions.
     fn members_by_sessions(&self, env: &HandlerEnv, room: &str) -> Members {
         let Some(cluster) = &self.cluster else { return Members::new() };
-        let found = Moved { room: room.to_owned(), server: env.server().id.to_string(), sessions: Vec::new() };
+        let found = InRoom { room: room.to_owned(), server: env.server().id.to_string() };
         let mut members = Members::new();
         for frontend in cluster.servers().into_iter().filter(|s| s.frontend) {
             match env.rpc_to::<_, Vec<(String, u64)>>(&frontend.id, IN_ROOM_ROUTE, &found) {
