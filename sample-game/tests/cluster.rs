@@ -814,8 +814,15 @@ fn a_room_server_stopped_gracefully_hands_its_rooms_over() {
     assert!(room1.0.try_wait().unwrap().unwrap().success());
     let room1_lines: Vec<String> = room1_log.iter().collect();
     assert!(room1_lines.iter().any(|l| l.contains("handed 1 of 1 rooms (3 of 3 players) over")), "{room1_lines:#?}");
+    // Every line, once. (Lines said as the room moves can arrive out of order: the
+    // connector does not hold a player's next line for the answer to the last one, and
+    // the two go to different room servers.)
+    let key = |c: &(String, Value)| c.1["text"].as_str().unwrap_or_default().to_owned();
+    let mut said: Vec<String> = said.iter().map(key).collect();
+    said.sort();
     for p in [&alice, &bob, &carol] {
-        let got: Vec<(String, Value)> = said.iter().map(|_| heard(p)).collect();
+        let mut got: Vec<String> = said.iter().map(|_| key(&heard(p))).collect();
+        got.sort();
         assert_eq!(got, said);
     }
 
