@@ -1022,18 +1022,8 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
     let room_module = module_with(discovery, TIMEOUT);
     let builder = room_builder("room-1", &Backend::default(), &room_module);
     let _room = Server::start_backend(builder);
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("tcp://{}", listener.local_addr().unwrap())
-    };
-    let stale = ServerEntry {
-        id: "connector-1".into(),
-        server_type: "connector".into(),
-        frontend: true,
-        rpc_addr: dead.clone(),
-        metadata: Default::default(),
-        instance: 0,
-    };
+    let stale = frontend_at_a_dead_endpoint("connector-1");
+    let dead = stale.rpc_addr.clone();
     std::fs::write(dir.join("connector-1.json"), serde_json::to_vec(&stale).unwrap()).unwrap();
     let seen = |addr_is_dead: bool| {
         room_module.servers().iter().any(|s| s.id == "connector-1" && (s.rpc_addr == dead) == addr_is_dead)
@@ -1052,6 +1042,19 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
     assert_eq!((route.as_str(), v), ("onMsg", json!({"back": true})));
 }
 
+/// A registry entry for frontend `id` (type `connector`) at an endpoint nobody serves.
+fn frontend_at_a_dead_endpoint(id: &str) -> ServerEntry {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    ServerEntry {
+        id: id.into(),
+        server_type: "connector".into(),
+        frontend: true,
+        rpc_addr: format!("tcp://{}", listener.local_addr().unwrap()),
+        metadata: Default::default(),
+        instance: 0,
+    }
+}
+
 /// A push to users while a listed frontend does not answer (here an entry whose endpoint
 /// nobody serves) reaches the users of the others, and reports no user missing: the silent
 /// frontend may hold any of them (the sample game would drop them from their rooms).
@@ -1063,18 +1066,7 @@ fn a_push_while_a_frontend_does_not_answer_reports_no_user_missing() {
     let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), Duration::from_millis(500));
     let fe_module = cluster_module(&dir, Duration::from_secs(5));
     let frontend = start_connector(&fe_module);
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("tcp://{}", listener.local_addr().unwrap())
-    };
-    let silent = ServerEntry {
-        id: "connector-9".into(),
-        server_type: "connector".into(),
-        frontend: true,
-        rpc_addr: dead,
-        metadata: Default::default(),
-        instance: 0,
-    };
+    let silent = frontend_at_a_dead_endpoint("connector-9");
     let file = dir.join("connector-9.json");
     std::fs::write(&file, serde_json::to_vec(&silent).unwrap()).unwrap();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
