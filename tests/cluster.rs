@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
 use crate::util::{
-    cluster_dir, cluster_module, fast_discovery, module_with, probe_app, wait_until, warnings, Probe, RawConn, Server,
-    T,
+    cluster_dir, cluster_module, fast_discovery, module_with, probe_app, wait_until, warnings, warnings_since, Probe,
+    RawConn, Server, T,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -784,13 +784,25 @@ fn frontend_slow_to_rescan(dir: &std::path::Path) -> (Server, ClusterModule) {
     (frontend, fe_module)
 }
 
+/// An RPC endpoint for a test that picks its warnings by endpoint: a socket file of its own
+/// (a TCP port could have been another test's, whose peers would then reach, and warn
+/// about, this test's servers).
+fn own_endpoint(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("df-it-{}-{name}-rpc", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    format!("ipc://{}", dir.join("room-1.ipc").display())
+}
+
 /// A server stopping gracefully tells its peers it is leaving: one that has not yet seen it
 /// leave in discovery (it rescans seldom) does not report the connection closed at the end
 /// of the stop as lost, though calls to it then fail at once as for a lost one.
 #[test]
 fn a_peer_slow_to_see_a_server_leave_does_not_warn_that_its_connection_is_lost() {
+    let logged_before = warnings().len();
     let dir = cluster_dir("byepeer");
-    let (stopping, stopping_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    let rpc = dragonfruit_rpc::RpcConfig { timeout: TIMEOUT, bind: own_endpoint("byepeer"), ..Default::default() };
+    let stopping_module = ClusterModule::new(rpc, Box::new(fast_discovery(&dir)));
+    let stopping = Server::start_backend(room_builder("room-1", &Backend::default(), &stopping_module));
     let addr = stopping_module.me().unwrap().rpc_addr;
     // It lists room-1 through the whole test.
     let (frontend, fe_module) = frontend_slow_to_rescan(&dir);
@@ -805,7 +817,8 @@ fn a_peer_slow_to_see_a_server_leave_does_not_warn_that_its_connection_is_lost()
     );
     assert!(started.elapsed() < TIMEOUT, "failed at once, not at the call timeout");
     assert!(fe_module.servers().iter().any(|s| s.id == "room-1"), "the frontend still lists room-1");
-    let lost: Vec<String> = warnings().into_iter().filter(|w| w.contains(&addr) && w.contains("lost")).collect();
+    let lost: Vec<String> =
+        warnings_since(logged_before).into_iter().filter(|w| w.contains(&addr) && w.contains("lost")).collect();
     assert!(lost.is_empty(), "{lost:?}");
 }
 
@@ -816,9 +829,9 @@ fn a_peer_slow_to_see_a_server_leave_does_not_warn_that_its_connection_is_lost()
 /// socket thread's `a_peer_whose_endpoint_another_process_holds_is_unreachable_until_listed_anew`.)
 #[test]
 fn a_backend_restarted_at_its_endpoint_refuses_calls_for_its_previous_process_quietly() {
+    let logged_before = warnings().len();
     let dir = cluster_dir("samebind");
-    let bind =
-        format!("tcp://127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let bind = own_endpoint("samebind");
     let room_module = || {
         let rpc = dragonfruit_rpc::RpcConfig { timeout: TIMEOUT, bind: bind.clone(), ..Default::default() };
         ClusterModule::new(rpc, Box::new(fast_discovery(&dir)))
@@ -846,9 +859,10 @@ fn a_backend_restarted_at_its_endpoint_refuses_calls_for_its_previous_process_qu
     }
     assert!(fe_module.servers().iter().any(|s| s.id == "room-1" && s.instance == old_instance), "still listed");
     // This test's warnings name its endpoint or one of its two processes (other tests' do
-    // not: their endpoints and instances differ).
+    // not: their instances differ, and no other server has its endpoint while it runs).
     let ours = [bind.clone(), format!("{old_instance:016x}"), format!("{new_instance:016x}")];
-    let noisy: Vec<String> = warnings().into_iter().filter(|w| ours.iter().any(|o| w.contains(o.as_str()))).collect();
+    let noisy: Vec<String> =
+        warnings_since(logged_before).into_iter().filter(|w| ours.iter().any(|o| w.contains(o.as_str()))).collect();
     assert!(noisy.is_empty(), "{noisy:?}");
 }
 

@@ -141,6 +141,13 @@ pub fn warnings() -> Vec<String> {
     WARNINGS.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
+/// The warnings logged after the first `from` ([`warnings`]`().len()` when a test began):
+/// a test that picks its lines by endpoint then skips those of another test whose server
+/// had the same port before.
+pub fn warnings_since(from: usize) -> Vec<String> {
+    WARNINGS.lock().unwrap_or_else(|p| p.into_inner()).get(from..).unwrap_or_default().to_vec()
+}
+
 static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// env_logger, keeping warnings and errors in [`WARNINGS`].
