@@ -1073,8 +1073,9 @@ fn a_room_server_stopped_under_load_fails_no_request() {
 
 /// The servers started on their own with etcd discovery, as on several machines
 /// (`--role ... --discovery etcd --etcd-url URL`): they find each other through a real etcd,
-/// players play across them, and a server stopped gracefully deregisters at once (the lease
-/// TTL is a minute here, so expiry cannot be what removes it) and exits cleanly.
+/// players play across them, and the room server holding their room, stopped gracefully,
+/// deregisters at once (the lease TTL is a minute here, so expiry cannot be what removes
+/// it) and exits cleanly while the room lives on on the other.
 #[test]
 fn servers_deployed_on_their_own_find_each_other_through_etcd() {
     let etcd = etcd::Etcd::start("sg");
@@ -1128,19 +1129,20 @@ fn servers_deployed_on_their_own_find_each_other_through_etcd() {
     let heard = ("onChat".to_string(), json!({"from": "ben", "text": "over etcd"}));
     assert_eq!(ann.recv_push_as::<Value>(T).unwrap(), heard);
 
-    // The room server not holding the room stops; the other keeps the game going.
+    // The room server holding the room stops: it leaves etcd at once, hands the room over
+    // to the other, which keeps the game going.
     let deck = if rendezvous("deck", &[room_entry("room-1"), room_entry("room-2")]) == Some(0) { 0 } else { 1 };
-    let other = &mut rooms[1 - deck];
-    signal(&other.0, libc::SIGTERM);
-    let gone = format!("room-{}", 2 - deck);
+    let holder = &mut rooms[deck];
+    signal(&holder.0, libc::SIGTERM);
+    let gone = format!("room-{}", deck + 1);
     until(&|| !listed(&gone));
-    assert!(wait_exit(&mut other.0, T).expect("stopped").success());
+    assert!(wait_exit(&mut holder.0, T).expect("stopped").success());
     ben.notify("room.room.say", &json!({"text": "still here"})).unwrap();
     let heard = ("onChat".to_string(), json!({"from": "ben", "text": "still here"}));
     assert_eq!(ann.recv_push_as::<Value>(T).unwrap(), heard);
     assert_eq!(ann.request_raw("room.room.echo", b"echo").unwrap(), b"echo");
 
-    for proc in [&mut connector, &mut rooms[deck]] {
+    for proc in [&mut connector, &mut rooms[1 - deck]] {
         signal(&proc.0, libc::SIGTERM);
         assert!(wait_exit(&mut proc.0, T).expect("stopped").success());
     }
