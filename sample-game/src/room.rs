@@ -92,9 +92,14 @@ pub struct Admit {
     pub room: String,
     /// The session joining.
     pub session: SessionRef,
-    /// Make the room if it is not there (asked by a room server that is stopping).
+    /// Make the room if it is not there (asked by the room server a join or a line reached,
+    /// when the name hashes here, or when it is stopping).
     #[serde(default)]
     pub create: bool,
+    /// The player was in the room, lost with the room server that held it: made anew, it
+    /// takes in every player the connectors' sessions place in it.
+    #[serde(default)]
+    pub lost: bool,
 }
 
 /// Argument of the connector's `in_room` remote: room `room`, lost with its room server,
@@ -264,32 +269,55 @@ impl Rooms {
             remember_room(session, room, &me)?;
             return Ok((me, joined));
         }
-        let admit = Admit { uid: uid.to_owned(), room: room.to_owned(), session: session_ref(session), create: false };
+        let admit = Admit {
+            uid: uid.to_owned(),
+            room: room.to_owned(),
+            session: session_ref(session),
+            create: false,
+            lost: false,
+        };
         if let Some((holder, joined)) = self.admit_elsewhere(ctx, &admit)? {
             remember_room(session, room, &holder)?;
             return Ok((holder, joined));
         }
-        // Held nowhere: made here, unless this server is handing its rooms over (stopping);
-        // then where the router will look for it once this server is gone. A room the player
-        // was in was lost with its room server: its other members, as the connectors'
-        // sessions say, are in it again too.
+        // Held nowhere: made where the router places the name (rendezvous over the room
+        // servers; not here once this server hands its rooms over). A room the player was
+        // in was lost with its room server: its other members, as the connectors' sessions
+        // say, are in it again too.
         let lost = session.get::<String>(ROOM_KEY).as_deref() == Some(room);
-        if lost && !self.handing_over.load(Ordering::SeqCst) {
-            let members = self.members_by_sessions(ctx, room);
-            debug!("room {room} made anew with {} members found in the connectors' sessions", members.len());
-            self.adopt(vec![(room.to_owned(), members)]);
-        }
-        if let Some(joined) = self.enter(ctx, room, uid, session_ref(session), true)? {
+        let here = !self.handing_over.load(Ordering::SeqCst);
+        let servers = self.room_servers(ctx, here);
+        let target = match rendezvous(room, &servers) {
+            Some(i) => servers[i].id.to_string(),
+            None if here => me.clone(),
+            None => return Err(HandlerError::new(codes::NOT_FOUND, format!("no room server to make room {room} on"))),
+        };
+        if target == me {
+            if lost {
+                self.make_lost_room(ctx, room);
+            }
+            let Some(joined) = self.enter(ctx, room, uid, session_ref(session), true)? else {
+                // This server began handing its rooms over meanwhile.
+                return Err(HandlerError::new(codes::INTERNAL, format!("room {room}: its room server is stopping")));
+            };
             remember_room(session, room, &me)?;
             return Ok((me, joined));
         }
-        let others = self.other_room_servers(ctx);
-        let Some(target) = rendezvous(room, &others).map(|i| others[i].id.to_string()) else {
-            return Err(HandlerError::new(codes::NOT_FOUND, format!("no room server to make room {room} on")));
-        };
-        let joined = ctx.rpc_to::<_, Joined>(&target, ADMIT_ROUTE, &Admit { create: true, ..admit })?;
+        let joined = ctx.rpc_to::<_, Joined>(&target, ADMIT_ROUTE, &Admit { create: true, lost, ..admit })?;
         remember_room(session, room, &target)?;
         Ok((target, joined))
+    }
+
+    /// Makes `room`, lost with the room server that held it, here, with every player the
+    /// connectors' sessions place in it (unless it is here already, or this server is
+    /// handing its rooms over).
+    fn make_lost_room(&self, env: &HandlerEnv, room: &str) {
+        if self.lock().contains_key(room) || self.handing_over.load(Ordering::SeqCst) {
+            return;
+        }
+        let members = self.members_by_sessions(env, room);
+        debug!("room {room} made anew with {} members found in the connectors' sessions", members.len());
+        self.adopt(vec![(room.to_owned(), members)]);
     }
 
     /// Adds `uid` (joining from `session`) to `room`, made if `create` (and this server is
@@ -371,15 +399,25 @@ impl Rooms {
 
     /// The other room servers of the cluster (none in a standalone server).
     fn other_room_servers(&self, env: &HandlerEnv) -> Vec<ServerEntry> {
+        self.room_servers(env, false)
+    }
+
+    /// The room servers of the cluster, this one only if `with_me` (none in a standalone
+    /// server).
+    fn room_servers(&self, env: &HandlerEnv, with_me: bool) -> Vec<ServerEntry> {
         let Some(cluster) = &self.cluster else { return Vec::new() };
         let me = env.server();
-        cluster.servers().into_iter().filter(|s| *s.server_type == *me.server_type && *s.id != *me.id).collect()
+        let of_type = cluster.servers().into_iter().filter(|s| *s.server_type == *me.server_type);
+        of_type.filter(|s| with_me || *s.id != *me.id).collect()
     }
 
     /// Adds a player to a room held here, whose join the router sent to another room
     /// server (see `admit_elsewhere`).
     fn admit(&self, env: &dragonfruit_core::HandlerEnv, admit: Admit) -> Result<Joined, HandlerError> {
-        let Admit { uid, room, session, create } = admit;
+        let Admit { uid, room, session, create, lost } = admit;
+        if create && lost {
+            self.make_lost_room(env, &room);
+        }
         let joined = self.enter(env, &room, &uid, session, create)?;
         joined.ok_or_else(|| HandlerError::new(NO_ROOM, format!("no room {room} here")))
     }

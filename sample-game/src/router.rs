@@ -5,8 +5,9 @@ use dragonfruit_rpc::{RandomRouter, RouteCtx, Router, ServerEntry};
 
 use crate::room::{ROOM_KEY, ROOM_SERVER_KEY};
 
-/// Routes `room.*` by room name with rendezvous hashing: `join` by the room in its body,
-/// everything else (say, leave, the `left` remote) by the session's current room, to the
+/// Routes `room.*` by room name with rendezvous hashing: everything (say, leave, the
+/// `left` remote, and `join` of a player already in a room) by the session's current room,
+/// `join` of a player in no room by the room in its body, to the
 /// room server holding it (`room_server` in the session) while that server is listed: a
 /// room lives where it was created, so a room server joining the cluster, which moves
 /// some names' rendezvous choice to it, moves no live room. Messages
@@ -24,6 +25,19 @@ pub struct RoomRouter {
 impl Router for RoomRouter {
     fn pick(&self, ctx: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize> {
         let current = ctx.session.and_then(|s| s.get::<String>(ROOM_KEY));
+        let holder = || {
+            let id = ctx.session?.get::<String>(ROOM_SERVER_KEY)?;
+            servers.iter().position(|s| s.id == id)
+        };
+        if ctx.route.method() == "join" && current.is_some() {
+            // A player in a room joins another through the server holding its room: it
+            // leaves there in order with the lines it said before (a line sent to one room
+            // server and the join to another could run after the leave), then enters the
+            // new room wherever it is held (or made where the name hashes).
+            if let Some(i) = holder() {
+                return Some(i);
+            }
+        }
         let room = if ctx.route.method() == "join" {
             serde_json::from_slice::<serde_json::Value>(ctx.body)
                 .ok()
@@ -33,11 +47,8 @@ impl Router for RoomRouter {
         };
         match room {
             Some(room) => {
-                let holder = ctx
-                    .session
-                    .filter(|_| current.as_ref() == Some(&room))
-                    .and_then(|s| s.get::<String>(ROOM_SERVER_KEY));
-                holder.and_then(|id| servers.iter().position(|s| s.id == id)).or_else(|| rendezvous(&room, servers))
+                let held = if current.as_ref() == Some(&room) { holder() } else { None };
+                held.or_else(|| rendezvous(&room, servers))
             }
             None => match ctx.session {
                 Some(session) => {
@@ -149,10 +160,27 @@ mod tests {
             assert_eq!(pick(route, Some(&member), b"{}"), other, "{route}");
         }
         assert_eq!(pick("room.room.join", Some(&member), br#"{"room":"lobby"}"#), other, "joining it again");
-        assert_eq!(pick("room.room.join", Some(&member), br#"{"room":"hall"}"#), rendezvous("hall", &servers).unwrap());
+        assert_eq!(pick("room.room.join", Some(&member), br#"{"room":"hall"}"#), other, "leaving it for another");
         // Its server is gone: by name again.
         let lost = held_session(1, Some("lobby"), Some("room-9"));
         assert_eq!(pick("room.room.say", Some(&lost), b"{}"), hashed);
+    }
+
+    /// A player in a room joins another through the server holding its room (where its
+    /// lines go), whichever server the new room's name hashes to; a player in no room, or
+    /// whose room's server is gone, by the new room's name.
+    #[test]
+    fn a_join_goes_to_the_server_of_the_players_room() {
+        let servers = rooms();
+        let (lobby, hall) = (rendezvous("lobby", &servers).unwrap(), rendezvous("hall", &servers).unwrap());
+        let hall_elsewhere =
+            (0..).map(|i| format!("hall{i}")).find(|r| rendezvous(r, &servers) != Some(lobby)).unwrap();
+        let member = held_session(1, Some("lobby"), Some(&servers[lobby].id));
+        let body = format!(r#"{{"room":"{hall_elsewhere}"}}"#);
+        assert_eq!(pick("room.room.join", Some(&member), body.as_bytes()), lobby);
+        assert_eq!(pick("room.room.join", Some(&session(2, None)), br#"{"room":"hall"}"#), hall);
+        let lost = held_session(3, Some("lobby"), Some("room-9"));
+        assert_eq!(pick("room.room.join", Some(&lost), br#"{"room":"hall"}"#), hall);
     }
 
     #[test]

@@ -391,6 +391,32 @@ fn a_pomelo_client_plays_through_the_cluster() {
     node::run_script(&dir, "pomelo_player.js", &format!("127.0.0.1:{}", cluster.port), &steps);
 }
 
+/// A player says a line and at once joins a room on the other room server, again and
+/// again: the line reaches the room it was said in, before the player leaves it (the join
+/// goes through the server holding the player's room, after the line; sent to the other
+/// server, its leave could overtake the line there).
+#[test]
+fn a_line_said_right_before_switching_rooms_reaches_the_room() {
+    let servers = Servers::new("sayswitch", &[]);
+    let cluster = servers.two_rooms();
+    let (a, b) = (room_on(1, "a"), room_on(2, "b"));
+    let (alice, bob) = (player(cluster.port, "alice"), player(cluster.port, "bob"));
+    for p in [&alice, &bob] {
+        let _: Value = p.request("room.room.join", &json!({"room": a})).unwrap();
+    }
+    let event = |route: &str| (route.to_string(), json!({"uid": "bob"}));
+    assert_eq!(heard(&alice), event("onJoin"));
+    for i in 0..30 {
+        let text = format!("bye {i}");
+        bob.notify("room.room.say", &json!({"text": text})).unwrap();
+        let switched = bob.send_request("room.room.join", json!({"room": b}).to_string().as_bytes()).unwrap();
+        switched.wait_timeout(T).unwrap();
+        let _: Value = bob.request("room.room.join", &json!({"room": a})).unwrap();
+        let alice_heard: Vec<(String, Value)> = (0..3).map(|_| heard(&alice)).collect();
+        assert_eq!(alice_heard, vec![chat("bob", &text), event("onLeave"), event("onJoin")], "round {i}");
+    }
+}
+
 /// A player joining another room leaves the old one on whichever room server holds it
 /// (a room server calling its own server type, routed by the player's session).
 #[test]
