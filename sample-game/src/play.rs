@@ -93,7 +93,7 @@ fn command(client: &Client, line: &str, room: &mut Option<String>) -> Result<boo
         "/help" => println!("{COMMANDS}"),
         "/join" if rest.is_empty() => println!("usage: /join ROOM"),
         "/join" => *room = join(client, rest, room.take())?,
-        "/leave" => match client.request::<_, Value>("room.room.leave", &json!({})) {
+        "/leave" => match client.request::<_, Value>("room.room.leave", &json!({})).inspect(|_| show_pending(client)) {
             Ok(left) => {
                 println!("you left {}", left["room"].as_str().unwrap_or("your room"));
                 *room = None;
@@ -110,7 +110,9 @@ fn command(client: &Client, line: &str, room: &mut Option<String>) -> Result<boo
 
 /// Joins `room`; the room the player is in afterwards (`current` if the game refused).
 fn join(client: &Client, room: &str, current: Option<String>) -> Result<Option<String>, String> {
-    match client.request::<_, Joined>("room.room.join", &json!({ "room": room })) {
+    let answer = client.request::<_, Joined>("room.room.join", &json!({ "room": room }));
+    show_pending(client);
+    match answer {
         Ok(joined) => {
             println!("you are in {}: {}", joined.room, joined.members.join(", "));
             Ok(Some(joined.room))
@@ -146,6 +148,14 @@ fn closed(client: &Client) -> String {
         Some(reason) if !reason.is_empty() => format!("kicked by the server: {reason}"),
         Some(_) => "kicked by the server".into(),
         None => "the connection to the server was lost".into(),
+    }
+}
+
+/// Prints the pushes that came while waiting for an answer (lines said in the room being
+/// left), before the answer.
+fn show_pending(client: &Client) {
+    for push in client.pushes().try_iter() {
+        show(client, push);
     }
 }
 

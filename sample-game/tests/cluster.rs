@@ -533,8 +533,12 @@ fn terminal_players_chat() {
     assert_eq!(ben.line(), "usage: /join ROOM");
     ben.type_line("/dance");
     assert!(ben.line().starts_with("unknown command \"/dance\""));
+    // A line and at once a move: shown in that order, also to the one moving.
+    ben.type_line("see you");
     ben.type_line("/join porch");
+    assert_eq!(ben.line(), "ben: see you");
     assert_eq!(ben.line(), "you are in porch: ben");
+    assert_eq!(ann.line(), "ben: see you");
     assert_eq!(ann.line(), "* ben left");
     ben.type_line("/leave");
     assert_eq!(ben.line(), "you left porch");
