@@ -771,16 +771,20 @@ fn a_stopping_backend_serves_a_frontend_that_is_slow_to_see_it_leave() {
     assert_eq!(fe_module.servers().len(), 2, "the frontend saw room-1 leave");
 }
 
-/// `connector-1` in the cluster of `dir`, once it lists one other server: its discovery
-/// rescans only every 20 s, so it keeps that view through a test; it stops within 500 ms
-/// (its own stop would wait for others to see it leave).
-fn frontend_slow_to_rescan(dir: &std::path::Path) -> (Server, ClusterModule) {
+/// `connector-1` in the cluster of `dir`, once it lists the other server (of `other`) and
+/// that one lists it: its discovery rescans only every 20 s, so it keeps that view through
+/// a test; it stops within 500 ms (its own stop would wait for others to see it leave).
+fn frontend_slow_to_rescan(dir: &std::path::Path, other: &ClusterModule) -> (Server, ClusterModule) {
     let slow = EmbeddedDiscovery::new(dir.to_owned(), Duration::from_secs(20), Duration::from_secs(60));
     let fe_module = module_with(slow, TIMEOUT);
     let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
     builder.config_mut().shutdown.timeout = Duration::from_millis(500);
     let frontend = Server::start(builder);
-    assert!(wait_until(T, || fe_module.servers().len() == 2));
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && other.servers().len() == 2));
+    // The other server tells the peers it is connected to when it stops (`Frame::Leaving`):
+    // time for its connection to this one to come up once it lists it. (One stopping right
+    // as a peer joins may not have told it, which then warns that the connection is lost.)
+    std::thread::sleep(Duration::from_millis(200));
     (frontend, fe_module)
 }
 
@@ -805,7 +809,7 @@ fn a_peer_slow_to_see_a_server_leave_does_not_warn_that_its_connection_is_lost()
     let stopping = Server::start_backend(room_builder("room-1", &Backend::default(), &stopping_module));
     let addr = stopping_module.me().unwrap().rpc_addr;
     // It lists room-1 through the whole test.
-    let (frontend, fe_module) = frontend_slow_to_rescan(&dir);
+    let (frontend, fe_module) = frontend_slow_to_rescan(&dir, &stopping_module);
     let client = frontend.client();
     assert_eq!(client.request_raw("room.room.echo", b"up").unwrap(), b"up", "the connection to room-1 is up");
     stopping.handle.shutdown().unwrap();
@@ -840,7 +844,7 @@ fn a_backend_restarted_at_its_endpoint_refuses_calls_for_its_previous_process_qu
     let old_module = room_module();
     let old = Server::start_backend(room_builder("room-1", &backend, &old_module));
     // It lists the old process through the whole test.
-    let (frontend, fe_module) = frontend_slow_to_rescan(&dir);
+    let (frontend, fe_module) = frontend_slow_to_rescan(&dir, &old_module);
     let client = frontend.client();
     assert_eq!(client.request_raw("room.room.echo", b"old").unwrap(), b"old");
     let old_instance = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap().instance;
