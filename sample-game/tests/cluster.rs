@@ -78,6 +78,16 @@ fn room_on(n: usize, prefix: &str) -> String {
     (0..).map(|i| format!("{prefix}{i}")).find(|r| rendezvous(r, &both) == Some(n - 1)).unwrap()
 }
 
+/// The next push `p` gets.
+fn heard(p: &Client) -> (String, Value) {
+    p.recv_push_as::<Value>(T).unwrap()
+}
+
+/// An `onChat` push.
+fn chat(from: &str, text: &str) -> (String, Value) {
+    ("onChat".to_string(), json!({"from": from, "text": text}))
+}
+
 /// Connects once the connector is up and has discovered a room server.
 fn player(port: u16, name: &str) -> Client {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -203,17 +213,13 @@ fn the_launcher_runs_a_playable_cluster_and_stops_it() {
     assert_eq!(joined["members"], json!(["alice"]));
     let joined: Value = bob.request("room.room.join", &json!({"room": "lobby"})).unwrap();
     assert_eq!(joined["members"], json!(["alice", "bob"]));
-    assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "bob"})));
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
     bob.notify("room.room.say", &json!({"text": "hi"})).unwrap();
     for c in [&alice, &bob] {
-        assert_eq!(c.recv_push_as::<Value>(T).unwrap(), ("onChat".to_string(), json!({"from": "bob", "text": "hi"})));
+        assert_eq!(heard(c), chat("bob", "hi"));
     }
     bob.close();
-    assert_eq!(
-        alice.recv_push_as::<Value>(T).unwrap(),
-        ("onLeave".to_string(), json!({"uid": "bob"})),
-        "disconnect leaves the room"
-    );
+    assert_eq!(heard(&alice), ("onLeave".to_string(), json!({"uid": "bob"})), "disconnect leaves the room");
 
     // More players in rooms on both room servers when the cluster stops.
     let others: Vec<Client> = (0..24)
@@ -430,14 +436,10 @@ fn switching_rooms_tells_the_old_room_on_any_room_server() {
         let old = format!("r{i}");
         let _: Value = alice.request("room.room.join", &json!({"room": old})).unwrap();
         let _: Value = bob.request("room.room.join", &json!({"room": old})).unwrap();
-        assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "bob"})));
+        assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
         let joined: Value = alice.request("room.room.join", &json!({"room": format!("s{i}")})).unwrap();
         assert_eq!(joined["members"], json!(["alice"]));
-        assert_eq!(
-            bob.recv_push_as::<Value>(T).unwrap(),
-            ("onLeave".to_string(), json!({"uid": "alice"})),
-            "bob is told alice left {old}"
-        );
+        assert_eq!(heard(&bob), ("onLeave".to_string(), json!({"uid": "alice"})), "bob is told alice left {old}");
         let left: Value = bob.request("room.room.leave", &json!({})).unwrap();
         assert_eq!(left["room"], old, "bob was still in {old}; no one else was");
     }
@@ -456,15 +458,11 @@ fn a_line_said_just_before_quitting_reaches_the_room() {
         let name = format!("guest{i}");
         let guest = player(cluster.port, &name);
         let _: Value = guest.request("room.room.join", &json!({"room": "hall"})).unwrap();
-        assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": name})));
+        assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": name})));
         guest.notify("room.room.say", &json!({"text": "bye"})).unwrap();
         guest.close();
-        assert_eq!(
-            alice.recv_push_as::<Value>(T).unwrap(),
-            ("onChat".to_string(), json!({"from": name, "text": "bye"})),
-            "{name}'s last line is said before it leaves"
-        );
-        assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onLeave".to_string(), json!({"uid": name})));
+        assert_eq!(heard(&alice), chat(&name, "bye"), "{name}'s last line is said before it leaves");
+        assert_eq!(heard(&alice), ("onLeave".to_string(), json!({"uid": name})));
     }
 }
 
@@ -707,7 +705,7 @@ fn players_rejoin_a_room_lost_with_its_server() {
     let joined: Value = bob.request("room.room.join", &json!({"room": room})).unwrap();
     assert_eq!(joined["members"], json!(["alice", "bob"]));
     bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
-    assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onChat".to_string(), json!({"from": "bob", "text": "back"})));
+    assert_eq!(heard(&alice), chat("bob", "back"));
 }
 
 /// Players in no room hold no state on a room server, so their requests move to the other
@@ -758,7 +756,7 @@ fn a_room_server_joining_the_cluster_moves_no_live_room() {
     for p in [&alice, &bob] {
         let _: Value = p.request("room.room.join", &json!({"room": name})).unwrap();
     }
-    assert_eq!(alice.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "bob"})));
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
 
     let _room2 = servers.spawn("room", "room-2", &[]);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -771,21 +769,17 @@ fn a_room_server_joining_the_cluster_moves_no_live_room() {
     }
     bob.notify("room.room.say", &json!({"text": "still here"})).unwrap();
     for p in [&alice, &bob] {
-        let heard = p.recv_push_as::<Value>(T).unwrap();
-        assert_eq!(heard, ("onChat".to_string(), json!({"from": "bob", "text": "still here"})), "on the room's server");
+        assert_eq!(heard(p), chat("bob", "still here"), "on the room's server");
     }
     let carol = player(port, "carol");
     let joined: Value = carol.request("room.room.join", &json!({"room": name})).unwrap();
     assert_eq!(joined["members"], json!(["alice", "bob", "carol"]), "admitted to the live room");
     for p in [&alice, &bob] {
-        assert_eq!(p.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "carol"})));
+        assert_eq!(heard(p), ("onJoin".to_string(), json!({"uid": "carol"})));
     }
     carol.notify("room.room.say", &json!({"text": "hi all"})).unwrap();
     for p in [&alice, &bob, &carol] {
-        assert_eq!(
-            p.recv_push_as::<Value>(T).unwrap(),
-            ("onChat".to_string(), json!({"from": "carol", "text": "hi all"}))
-        );
+        assert_eq!(heard(p), chat("carol", "hi all"));
     }
     // Emptied, the room goes; made again, it is where the router puts it now.
     for p in [&alice, &bob, &carol] {
@@ -794,15 +788,6 @@ fn a_room_server_joining_the_cluster_moves_no_live_room() {
     let _: Value = alice.request("room.room.join", &json!({"room": name})).unwrap();
     let joined: Value = bob.request("room.room.join", &json!({"room": name})).unwrap();
     assert_eq!(joined["members"], json!(["alice", "bob"]));
-}
-
-/// The next push `p` gets.
-fn heard(p: &Client) -> (String, Value) {
-    p.recv_push_as::<Value>(T).unwrap()
-}
-
-fn chat(from: &str, text: &str) -> (String, Value) {
-    ("onChat".to_string(), json!({"from": from, "text": text}))
 }
 
 /// A rolling restart with players in a room: its room server, stopped gracefully, hands the
@@ -1023,11 +1008,11 @@ fn a_killed_connector_restarted_under_its_id_serves_again() {
     let joined: Value = bob.request("room.room.join", &json!({"room": "lobby"})).unwrap();
     assert_eq!(joined["members"], json!(["alice", "bob"]), "alice's connector died without telling the room");
     // Telling alice that bob joined found her on no connector: she was dropped.
-    assert_eq!(bob.recv_push_as::<Value>(T).unwrap(), ("onLeave".to_string(), json!({"uid": "alice"})));
+    assert_eq!(heard(&bob), ("onLeave".to_string(), json!({"uid": "alice"})));
     let joined: Value = bob.request("room.room.join", &json!({"room": "lobby"})).unwrap();
     assert_eq!(joined["members"], json!(["bob"]));
     bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
-    assert_eq!(bob.recv_push_as::<Value>(T).unwrap(), ("onChat".to_string(), json!({"from": "bob", "text": "back"})));
+    assert_eq!(heard(&bob), chat("bob", "back"));
     let left: Value = bob.request("room.room.leave", &json!({})).unwrap();
     assert_eq!(left, json!({"room": "lobby"}), "the room the connector was told about");
 }
@@ -1154,10 +1139,9 @@ fn servers_deployed_on_their_own_find_each_other_through_etcd() {
     for p in [&ann, &ben] {
         let _: Value = p.request("room.room.join", &json!({"room": "deck"})).unwrap();
     }
-    assert_eq!(ann.recv_push_as::<Value>(T).unwrap(), ("onJoin".to_string(), json!({"uid": "ben"})));
+    assert_eq!(heard(&ann), ("onJoin".to_string(), json!({"uid": "ben"})));
     ben.notify("room.room.say", &json!({"text": "over etcd"})).unwrap();
-    let heard = ("onChat".to_string(), json!({"from": "ben", "text": "over etcd"}));
-    assert_eq!(ann.recv_push_as::<Value>(T).unwrap(), heard);
+    assert_eq!(heard(&ann), chat("ben", "over etcd"));
 
     // The room server holding the room stops: it leaves etcd at once, hands the room over
     // to the other, which keeps the game going.
@@ -1168,8 +1152,7 @@ fn servers_deployed_on_their_own_find_each_other_through_etcd() {
     until(&|| !listed(&gone));
     assert!(wait_exit(&mut holder.0, T).expect("stopped").success());
     ben.notify("room.room.say", &json!({"text": "still here"})).unwrap();
-    let heard = ("onChat".to_string(), json!({"from": "ben", "text": "still here"}));
-    assert_eq!(ann.recv_push_as::<Value>(T).unwrap(), heard);
+    assert_eq!(heard(&ann), chat("ben", "still here"));
     assert_eq!(ann.request_raw("room.room.echo", b"echo").unwrap(), b"echo");
 
     for proc in [&mut connector, &mut rooms[1 - deck]] {
