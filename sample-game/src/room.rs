@@ -253,9 +253,9 @@ impl Rooms {
         Ok(self.enter_anywhere(ctx, &uid, &name, &session)?.1)
     }
 
-    /// Puts `uid` in `room`: admitted by the room server holding it if another one does, else
-    /// here (the room made if need be). Notes the room and its server in the session: the
-    /// server's id and the answer.
+    /// Puts `uid` in `room`: here if this server holds it, else admitted by the room server
+    /// holding it, else in the room made where the name hashes. Notes the room and its
+    /// server in the session: the server's id and the answer.
     fn enter_anywhere(
         &self,
         ctx: &Ctx<'_>,
@@ -363,7 +363,7 @@ impl Rooms {
         let Some(holder) = self.holder_elsewhere(ctx, &admit.room) else { return Ok(None) };
         match ctx.rpc_to::<_, Joined>(&holder, ADMIT_ROUTE, admit) {
             Ok(joined) => Ok(Some((holder, joined))),
-            // It emptied meanwhile: created here.
+            // It emptied meanwhile: made where the name hashes (see `enter_anywhere`).
             Err(e) if e.code == NO_ROOM => Ok(None),
             Err(e) => Err(e),
         }
@@ -411,8 +411,9 @@ impl Rooms {
         of_type.filter(|s| with_me || *s.id != *me.id).collect()
     }
 
-    /// Adds a player to a room held here, whose join the router sent to another room
-    /// server (see `admit_elsewhere`).
+    /// Adds a player whose join or line reached another room server to a room held here
+    /// (see `admit_elsewhere`), or made here if `admit.create` (the name hashes here, or that
+    /// server is stopping; see `enter_anywhere`).
     fn admit(&self, env: &dragonfruit_core::HandlerEnv, admit: Admit) -> Result<Joined, HandlerError> {
         let Admit { uid, room, session, create, lost } = admit;
         if create && lost {
@@ -432,17 +433,17 @@ impl Rooms {
             return Err(HandlerError::new("GAME-403", "join a room first"));
         };
         let members = self.members(&room);
-        let me = ctx.server().id.to_string();
+        let me = ctx.server().id.clone();
         let holder = session.get::<String>(ROOM_SERVER_KEY);
         let chat = Chat { from: uid.clone(), text: req.text };
         if members.contains(&uid) {
-            if holder.as_deref() != Some(me.as_str()) {
+            if holder.as_deref() != Some(&*me) {
                 // Handed over from a stopped room server, and its connector was not told.
                 remember_room(&session, &room, &me)?;
             }
             return self.push_to_members(ctx, &room, "onChat", &chat, &members);
         }
-        if !members.is_empty() && holder.as_deref() == Some(me.as_str()) {
+        if !members.is_empty() && holder.as_deref() == Some(&*me) {
             return Err(HandlerError::new("GAME-403", format!("not a member of {room}")));
         }
         // The player's room is not held here: its room server died or stopped (the router
@@ -451,7 +452,7 @@ impl Rooms {
         // and the line is said there.
         let (holder, joined) = self.enter_anywhere(ctx, &uid, &room, &session)?;
         debug!("uid={uid} entered room {room} again on {holder} by speaking");
-        if holder == me {
+        if *holder == *me {
             self.push_to_members(ctx, &room, "onChat", &chat, &joined.members)
         } else {
             ctx.push_to_users("onChat", &chat, &joined.members).map(drop)

@@ -25,16 +25,14 @@ pub struct RoomRouter {
 impl Router for RoomRouter {
     fn pick(&self, ctx: &RouteCtx<'_>, servers: &[ServerEntry]) -> Option<usize> {
         let current = ctx.session.and_then(|s| s.get::<String>(ROOM_KEY));
-        let holder = || {
-            let id = ctx.session?.get::<String>(ROOM_SERVER_KEY)?;
-            servers.iter().position(|s| s.id == id)
-        };
-        if ctx.route.method() == "join" && current.is_some() {
-            // A player in a room joins another through the server holding its room: it
-            // leaves there in order with the lines it said before (a line sent to one room
-            // server and the join to another could run after the leave), then enters the
-            // new room wherever it is held (or made where the name hashes).
-            if let Some(i) = holder() {
+        if current.is_some() {
+            // A player in a room: everything goes to the server holding it while that is
+            // listed. A join of another room too: the player leaves there in order with the
+            // lines it said before (a line sent to one room server and the join to another
+            // could run after the leave), then enters the new room wherever it is held (or
+            // made where the name hashes).
+            let holder = ctx.session.and_then(|s| s.get::<String>(ROOM_SERVER_KEY));
+            if let Some(i) = holder.and_then(|id| servers.iter().position(|s| s.id == id)) {
                 return Some(i);
             }
         }
@@ -43,13 +41,10 @@ impl Router for RoomRouter {
                 .ok()
                 .and_then(|v| v.get("room")?.as_str().map(|s| s.trim().to_owned()))
         } else {
-            current.clone()
+            current
         };
         match room {
-            Some(room) => {
-                let held = if current.as_ref() == Some(&room) { holder() } else { None };
-                held.or_else(|| rendezvous(&room, servers))
-            }
+            Some(room) => rendezvous(&room, servers),
             None => match ctx.session {
                 Some(session) => {
                     let key = session.id().to_be_bytes();
