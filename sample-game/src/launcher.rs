@@ -51,16 +51,21 @@ impl Server {
             ));
         }
         println!("sample-game: server {} exited ({status}); starting it again", self.id);
-        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let again = spawn(&self.id, self.role, &extra, args, dir)?;
-        self.child = again.child;
-        self.started = again.started;
+        self.child = launch(&self.id, self.role, &self.extra, args, dir)?;
+        self.started = Instant::now();
         self.restarts.push(now);
         Ok(())
     }
 }
 
 fn spawn(id: &str, role: &'static str, extra: &[&str], args: &Args, dir: &str) -> Result<Server, String> {
+    let extra: Vec<String> = extra.iter().map(|e| e.to_string()).collect();
+    let child = launch(id, role, &extra, args, dir)?;
+    Ok(Server { id: id.to_owned(), role, extra, child, started: Instant::now(), restarts: Vec::new() })
+}
+
+/// Starts the process of server `id`.
+fn launch(id: &str, role: &str, extra: &[String], args: &Args, dir: &str) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.args(["--role", role, "--id", id, "--discovery", "embedded", "--discovery-dir", dir]).args(extra);
@@ -78,9 +83,7 @@ fn spawn(id: &str, role: &'static str, extra: &[&str], args: &Args, dir: &str) -
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| format!("cannot start {id}: {e}"))?;
-    let extra = extra.iter().map(|e| e.to_string()).collect();
-    Ok(Server { id: id.to_owned(), role, extra, child, started: Instant::now(), restarts: Vec::new() })
+    cmd.spawn().map_err(|e| format!("cannot start {id}: {e}"))
 }
 
 /// Stops the connector (first in `servers`), then the room servers: the players it kicks

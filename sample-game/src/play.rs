@@ -21,10 +21,9 @@ const RECONNECT_FOR: Duration = Duration::from_secs(30);
 /// Plays as `name` on the connector at `addr`, starting in `room`, until `/quit`, the end
 /// of input, a kick, or a connection lost and not made again (an error).
 pub(crate) fn run(addr: &str, name: &str, room: &str) -> Result<(), String> {
-    let client = log_in(addr, name)?;
+    let mut client = log_in(addr, name)?;
     // The room this player is in, as the room server last answered.
     let mut room = join(&client, room, None)?;
-    let mut client = client;
     let lines = stdin_lines();
     loop {
         let outcome = select! {
