@@ -11,7 +11,7 @@ use dragonfruit_core::codec::{encode_data_packet, EncodeOptions, MessageOut};
 use dragonfruit_core::{codes, Component, HandlerEnv, Messenger, Routes, Session};
 use dragonfruit_net::{App, AppBuilder};
 use dragonfruit_rpc::router::rendezvous;
-use dragonfruit_rpc::{ClusterModule, ClusterStats, EmbeddedDiscovery, RouteCtx, Router, ServerEntry};
+use dragonfruit_rpc::{ClusterModule, ClusterStats, EmbeddedDiscovery, RouteCtx, Router, ServerEntry, ServerListener};
 use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
@@ -995,6 +995,75 @@ fn a_stopped_backend_leaves_and_traffic_moves() {
     let (_, remaining) = &c.backends[0];
     c.frontend.handle.shutdown().unwrap();
     assert!(wait_until(T, || remaining.servers().len() == 1), "backends drop a stopped frontend");
+}
+
+/// What server listeners heard: a line per call. It calls each room server that joins (a
+/// listener may call other servers).
+#[derive(Clone, Default)]
+struct Watcher(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ServerListener for Watcher {
+    fn server_joined(&self, env: &HandlerEnv, server: &ServerEntry) {
+        let mut line = format!("joined {}", server.id);
+        if server.server_type == "room" {
+            let answer = env.rpc_to::<_, u64>(&server.id, "room.room.double", &21u64);
+            line += &format!(" {answer:?}");
+        }
+        self.0.lock().unwrap().push(line);
+    }
+
+    fn server_left(&self, _: &HandlerEnv, server: &ServerEntry) {
+        self.0.lock().unwrap().push(format!("left {}", server.id));
+    }
+}
+
+impl Watcher {
+    fn heard(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A listener that panics every time.
+struct Panics;
+
+impl ServerListener for Panics {
+    fn server_joined(&self, _: &HandlerEnv, server: &ServerEntry) {
+        panic!("listener fails on {}", server.id);
+    }
+}
+
+/// Server listeners hear the servers already there as joined, then every join and leave:
+/// a graceful stop, a restart under the same id, a server that died (its entry expired);
+/// never their own server. A panicking listener does not silence the others.
+#[test]
+fn server_listeners_hear_servers_join_and_leave() {
+    let dir = cluster_dir("listeners");
+    let backend = Backend::default();
+    let (_room1, _) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    let watcher = Watcher::default();
+    let fe_module = cluster_module(&dir, TIMEOUT).with_listener(Panics).with_listener(watcher.clone());
+    let frontend = start_connector(&fe_module);
+    let heard = |n: usize| {
+        assert!(wait_until(T, || watcher.heard().len() >= n), "{:?}", watcher.heard());
+        std::thread::sleep(Duration::from_millis(200));
+        watcher.heard()
+    };
+    assert_eq!(heard(1), ["joined room-1 Ok(42)"]);
+    let (room2, _) = start_backend(&dir, "room-2", &backend, TIMEOUT);
+    assert_eq!(heard(2)[1..], ["joined room-2 Ok(42)"]);
+    room2.handle.shutdown().unwrap();
+    assert_eq!(heard(3)[2..], ["left room-2"]);
+    let (_room2, _) = start_backend(&dir, "room-2", &backend, TIMEOUT);
+    assert_eq!(heard(4)[3..], ["joined room-2 Ok(42)"]);
+    // A frontend that dies: its entry is not refreshed and expires (`discovery.ttl`, 3 s).
+    let dead = frontend_at_a_dead_endpoint("connector-9");
+    std::fs::write(dir.join("connector-9.json"), serde_json::to_vec(&dead).unwrap()).unwrap();
+    assert_eq!(heard(5)[4..], ["joined connector-9"]);
+    assert!(wait_until(Duration::from_secs(10), || watcher.heard().len() >= 6), "{:?}", watcher.heard());
+    assert_eq!(heard(6)[5..], ["left connector-9"]);
+    assert!(warnings().iter().any(|w| w.contains("a server listener panicked")), "the panics are logged");
+    frontend.handle.shutdown().unwrap();
+    assert_eq!(watcher.heard().len(), 6, "nothing about its own server: {:?}", watcher.heard());
 }
 
 /// A component handing its state over at stop: its `before_shutdown` calls another server.

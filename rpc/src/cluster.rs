@@ -21,6 +21,7 @@ use log::{debug, error, info, warn};
 use crate::binds::{Bind, RemoteBinds};
 use crate::config::{self, RpcConfig};
 use crate::discovery::{self, Discovery};
+use crate::listener::{Listeners, ServerListener};
 use crate::messenger::ClusterMessenger;
 use crate::remote_session::{remote_session, snapshot};
 use crate::router::{RandomRouter, RouteCtx, Router};
@@ -54,6 +55,8 @@ pub(crate) struct Inner {
     stats: Arc<Counters>,
     /// Uids other frontends bound lately (unique sessions across frontends).
     remote_binds: RemoteBinds,
+    /// Told when servers join and leave.
+    listeners: Listeners,
 }
 
 /// See [`Inner::notify_warnings`].
@@ -185,6 +188,7 @@ impl ClusterModule {
             notify_warnings: Arc::default(),
             stats: Arc::default(),
             remote_binds: RemoteBinds::new(REMEMBER_REMOTE_BINDS),
+            listeners: Listeners::default(),
         };
         ClusterModule { inner: Arc::new(inner) }
     }
@@ -199,6 +203,13 @@ impl ClusterModule {
     /// random server.
     pub fn with_router(self, server_type: &str, router: impl Router + 'static) -> ClusterModule {
         self.inner.routers.write().unwrap_or_else(|p| p.into_inner()).insert(server_type.to_owned(), Arc::new(router));
+        self
+    }
+
+    /// Tells `listener` when servers join and leave the cluster, from the start of this
+    /// server to its stop (see [`ServerListener`]).
+    pub fn with_listener(self, listener: impl ServerListener + 'static) -> ClusterModule {
+        self.inner.listeners.add(Arc::new(listener));
         self
     }
 
@@ -623,12 +634,17 @@ impl Cluster for ClusterModule {
             warning: Throttle::default(),
             stats: inner.stats.clone(),
         });
+        let env = ctx.service.env().clone();
         let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone(), overdue };
         if inner.started.set(started).is_err() {
             return Err(ClusterError::Other("cluster module started twice".into()));
         }
         let notify = io.clone();
         inner.table.set_own_id(&me.id);
+        if let Err(e) = inner.listeners.start(&inner.table, env) {
+            self.stop();
+            return Err(ClusterError::Other(format!("cannot spawn the server listeners' thread: {e}")));
+        }
         if let Err(e) =
             inner.discovery.start(me.clone(), inner.table.clone(), Arc::new(move || notify.send(Cmd::PeersChanged)))
         {
@@ -689,6 +705,8 @@ impl Cluster for ClusterModule {
         if let Some(thread) = self.inner.leave_thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = thread.join();
         }
+        // Before the RPC thread: a listener under way may be calling another server.
+        self.inner.listeners.stop(&self.inner.table);
         if let Some(started) = self.inner.started.get() {
             started.io.send(Cmd::Stop);
             if let Some(thread) = started.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {

@@ -17,6 +17,7 @@
 //! - `messenger`, `remote_session`: cluster-wide messenger, remote agents' session sink.
 //! - [`router`]: routing functions ([`RandomRouter`], [`router::rendezvous`]).
 //! - [`discovery`]: [`EmbeddedDiscovery`] (files, one machine) and [`EtcdDiscovery`].
+//! - `listener`: [`ServerListener`]s, told on their own thread when servers join and leave.
 //! - [`config`]: `[rpc]` and `[discovery]` settings.
 //!
 //! This crate does not know the client wire protocol or client sockets: those stay in
@@ -27,6 +28,7 @@ mod binds;
 mod cluster;
 pub mod config;
 pub mod discovery;
+mod listener;
 mod messenger;
 mod remote_session;
 pub mod router;
@@ -38,6 +40,7 @@ pub mod wire;
 pub use cluster::ClusterModule;
 pub use config::{DiscoveryConfig, DiscoveryKind, RpcConfig, Secret};
 pub use discovery::{Discovery, DiscoveryError, EmbeddedDiscovery, EtcdDiscovery};
+pub use listener::ServerListener;
 pub use router::{RandomRouter, RouteCtx, Router};
 pub use stats::ClusterStats;
-pub use table::{ServerEntry, ServerTable, Snapshot};
+pub use table::{ServerEntry, ServerEvent, ServerTable, Snapshot};

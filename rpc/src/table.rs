@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Sender;
 use log::info;
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +67,22 @@ pub struct ServerTable {
     sources: Mutex<Sources>,
     /// This server's id: its own comings and goings are not logged as news.
     own_id: std::sync::OnceLock<String>,
+    /// Where the changes discovery reports go, once someone listens (see
+    /// [`ServerTable::watch`]).
+    watcher: Mutex<Option<Sender<Vec<ServerEvent>>>>,
+}
+
+/// A change of the cluster's servers, as discovery reports it to one server (servers
+/// learned from their calls are not news, nor is the server itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// Discovery lists a server it did not: one new to the cluster, or a new process of a
+    /// listed server id (restarted or moved to a new endpoint), after the `Left` of the
+    /// old one.
+    Joined(ServerEntry),
+    /// Discovery no longer lists this server: it left (a graceful stop), its entry expired
+    /// (it died), or another process of its id took its place.
+    Left(ServerEntry),
 }
 
 #[derive(Debug, Default)]
@@ -117,6 +134,12 @@ impl ServerTable {
         let _ = self.own_id.set(id.to_owned());
     }
 
+    /// Sends the changes discovery reports from now on to `events`, in order, each
+    /// [`ServerTable::replace`]'s in one message; `None` stops sending.
+    pub(crate) fn watch(&self, events: Option<Sender<Vec<ServerEvent>>>) {
+        *self.watcher.lock().unwrap_or_else(|p| p.into_inner()) = events;
+    }
+
     /// The current servers.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -140,9 +163,17 @@ impl ServerTable {
                     Some(listed) => before.get(id).is_some_and(|old| old.same_process(listed)),
                 }
         });
-        log_changes(&sources.discovered, &servers, self.own_id.get().map_or("", String::as_str));
+        let events = changes(&sources.discovered, &servers, self.own_id.get().map_or("", String::as_str));
         sources.discovered = servers;
-        self.publish(sources)
+        let changed = self.publish(sources);
+        // Once published, so a watcher reads the table the news is about; still under the
+        // lock, so the news of two rescans arrives in order.
+        if !events.is_empty() {
+            if let Some(watcher) = &*self.watcher.lock().unwrap_or_else(|p| p.into_inner()) {
+                let _ = watcher.send(events);
+            }
+        }
+        changed
     }
 
     /// Learns a frontend from a session it sent (its id, type, endpoint and process
@@ -224,27 +255,37 @@ impl ServerTable {
     }
 }
 
-/// Logs the servers that joined, left or moved to a new endpoint, as discovery reports them
-/// to this server (`own_id`, which is not news to itself).
-fn log_changes(before: &HashMap<String, ServerEntry>, after: &HashMap<String, ServerEntry>, own_id: &str) {
+/// The changes from `before` to `after`, as seen by server `own_id` (which is not news to
+/// itself): servers that left, then servers that joined (a new process of an id leaves as
+/// the old one and joins as itself). Logs each.
+fn changes(
+    before: &HashMap<String, ServerEntry>,
+    after: &HashMap<String, ServerEntry>,
+    own_id: &str,
+) -> Vec<ServerEvent> {
+    let (mut left, mut joined) = (Vec::new(), Vec::new());
     for (id, server) in after.iter().filter(|(id, _)| *id != own_id) {
+        let kind = &server.server_type;
         match before.get(id) {
-            None => info!("{own_id}: server {id} ({}) joined at {}", server.server_type, server.rpc_addr),
+            None => info!("{own_id}: server {id} ({kind}) joined at {}", server.rpc_addr),
             Some(old) if old.rpc_addr != server.rpc_addr => {
-                let (kind, addr) = (&server.server_type, &server.rpc_addr);
-                info!("{own_id}: server {id} ({kind}) is now at {addr} (was {})", old.rpc_addr)
+                info!("{own_id}: server {id} ({kind}) is now at {} (was {})", server.rpc_addr, old.rpc_addr);
+                left.push(ServerEvent::Left(old.clone()));
             }
             Some(old) if old.instance != server.instance => {
-                info!("{own_id}: server {id} ({}) restarted at {}", server.server_type, server.rpc_addr)
+                info!("{own_id}: server {id} ({kind}) restarted at {}", server.rpc_addr);
+                left.push(ServerEvent::Left(old.clone()));
             }
-            Some(_) => {}
+            Some(_) => continue,
         }
+        joined.push(ServerEvent::Joined(server.clone()));
     }
-    for (id, server) in before.iter().filter(|(id, _)| *id != own_id) {
-        if !after.contains_key(id) {
-            info!("{own_id}: server {id} ({}) left", server.server_type);
-        }
+    for (id, server) in before.iter().filter(|(id, _)| *id != own_id && !after.contains_key(*id)) {
+        info!("{own_id}: server {id} ({}) left", server.server_type);
+        left.push(ServerEvent::Left(server.clone()));
     }
+    left.extend(joined);
+    left
 }
 
 #[cfg(test)]
@@ -362,5 +403,49 @@ mod tests {
         assert!(table.snapshot().unreachable.is_empty(), "a server that left is not listed as unreachable");
         table.set_unreachable(HashSet::new());
         assert!(table.snapshot().unreachable.is_empty());
+    }
+
+    #[test]
+    fn a_watcher_hears_joins_leaves_and_new_processes_in_order_but_not_its_own_server() {
+        let table = ServerTable::new();
+        table.set_own_id("room-1");
+        table.replace(HashMap::from([("room-1".into(), entry("room-1", false))]));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        table.watch(Some(tx));
+        let (c1, c2) = (entry("connector-1", true), entry("connector-2", true));
+        let me = ("room-1".to_owned(), entry("room-1", false));
+        table.replace(HashMap::from([
+            me.clone(),
+            ("connector-1".into(), c1.clone()),
+            ("connector-2".into(), c2.clone()),
+        ]));
+        let mut first = rx.try_recv().unwrap();
+        first.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(first, vec![ServerEvent::Joined(c1.clone()), ServerEvent::Joined(c2.clone())]);
+        table.learn_frontend("connector-3", "connector", "tcp://127.0.0.1:2", 7);
+        let restarted = ServerEntry { instance: 9, ..c1.clone() };
+        let moved = ServerEntry { rpc_addr: "tcp://127.0.0.1:3".into(), ..c2.clone() };
+        table.replace(HashMap::from([
+            me.clone(),
+            ("connector-1".into(), restarted.clone()),
+            ("connector-2".into(), moved.clone()),
+        ]));
+        let second = rx.try_recv().unwrap();
+        assert_eq!(second.len(), 4);
+        assert!(
+            second[..2].contains(&ServerEvent::Left(c1)) && second[..2].contains(&ServerEvent::Left(c2)),
+            "{second:?}"
+        );
+        assert!(
+            second[2..].contains(&ServerEvent::Joined(restarted))
+                && second[2..].contains(&ServerEvent::Joined(moved.clone()))
+        );
+        table.replace(HashMap::from([me.clone(), ("connector-2".into(), moved.clone())]));
+        assert_eq!(rx.try_recv().unwrap().len(), 1, "connector-1 left");
+        table.replace(HashMap::from([me, ("connector-2".into(), moved)]));
+        assert!(rx.try_recv().is_err(), "no change, no news; a learned server is none either");
+        table.watch(None);
+        table.replace(HashMap::new());
+        assert!(rx.try_recv().is_err(), "not watched any more");
     }
 }
