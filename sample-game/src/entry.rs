@@ -1,6 +1,8 @@
 //! `entry`: the connector's component (echo, login; the `moved` remote, by which a room
 //! server handing its rooms over at its stop has the members' sessions note the new holder,
-//! and `in_room`, by which one making anew a room lost with its server finds its members).
+//! `in_room`, by which one making anew a room lost with its server finds its members, and
+//! `sessions_held`, by which one asks a connector restarted under its id which members'
+//! sessions it holds).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,7 +46,16 @@ impl Component for Entry {
         r.handler("login", Entry::login);
         r.remote("moved", |_: &Entry, ctx: &RemoteCtx<'_>, moved: Vec<Moved>| Ok(moved_rooms(ctx, moved)));
         r.remote("in_room", |_: &Entry, ctx: &RemoteCtx<'_>, room: InRoom| Ok(in_room(ctx, room)));
+        r.remote("sessions_held", |_: &Entry, ctx: &RemoteCtx<'_>, sessions: Vec<u64>| {
+            Ok(sessions_held(ctx, sessions))
+        });
     }
+}
+
+/// Which of `sessions` (ids) are sessions of this connector.
+fn sessions_held(env: &HandlerEnv, sessions: Vec<u64>) -> Vec<u64> {
+    let Some(registry) = env.sessions() else { return Vec::new() };
+    sessions.into_iter().filter(|sid| registry.get(*sid).is_some()).collect()
 }
 
 /// The players (uid, session id) whose session here is in `room.room`; their sessions note

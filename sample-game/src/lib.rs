@@ -97,7 +97,9 @@ pub fn app(role: Role, source: &ConfigSource) -> Result<(AppBuilder, Option<Clus
         }
         Role::Room => {
             let module = cluster()?;
-            let builder = builder.frontend(false).component("room", room::Rooms::in_cluster(module.clone()));
+            let rooms = room::Rooms::in_cluster(module.clone());
+            let module = module.with_listener(rooms.clone());
+            let builder = builder.frontend(false).component("room", rooms);
             (builder.cluster(Arc::new(module.clone())), Some(module))
         }
         Role::Standalone => (

@@ -17,9 +17,11 @@
 //! A member that no
 //! connector knows any more (it just disconnected, or its connector died so no `left` call
 //! comes) is dropped from the room the next time the room pushes to its members (once
-//! every listed connector answers: one that does not may hold it).
+//! every listed connector answers: one that does not may hold it), and as soon as discovery
+//! drops its connector (a server listener), unless that connector, restarted under its id,
+//! says it still holds the member's session (`connector.entry.sessions_held`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -27,7 +29,7 @@ use std::time::Instant;
 use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{codes, Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes};
 use dragonfruit_rpc::router::rendezvous;
-use dragonfruit_rpc::{ClusterModule, ServerEntry};
+use dragonfruit_rpc::{ClusterModule, ServerEntry, ServerListener};
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +52,8 @@ const ADMIT_ROUTE: &str = "room.room.admit";
 pub const LEFT_ROUTE: &str = "room.room.left";
 /// The remote taking over rooms from a room server that stops.
 const ADOPT_ROUTE: &str = "room.room.adopt";
+/// The connector's remote saying which of the session ids named it holds.
+pub const SESSIONS_HELD_ROUTE: &str = "connector.entry.sessions_held";
 /// The connector's remote noting in its sessions that their room moved to another server.
 pub const MOVED_ROUTE: &str = "connector.entry.moved";
 /// The connector's remote naming the players whose session is in a room (lost with its
@@ -557,7 +561,70 @@ impl Rooms {
     }
 }
 
+/// Drops the members of connectors that left the cluster (see [`Rooms::drop_members_of`]).
+impl ServerListener for Rooms {
+    fn server_left(&self, env: &HandlerEnv, server: &ServerEntry) {
+        if server.frontend {
+            self.drop_members_of(env, &server.id);
+        }
+    }
+}
+
 impl Rooms {
+    /// Drops from their rooms the members whose session was on frontend `id`, which
+    /// discovery no longer lists as it did (it stopped, died, or was restarted under its
+    /// id), and tells the others they left; a connector that dies sends no `left` calls.
+    /// If a process of `id` is still known (restarted, or calling this server) it is asked
+    /// which of those sessions it holds, and they stay; if it cannot answer, they all stay
+    /// (the next push to their rooms finds out).
+    fn drop_members_of(&self, env: &HandlerEnv, id: &str) {
+        let on_it: Vec<(String, String, SessionRef)> = self
+            .lock()
+            .iter()
+            .flat_map(|(room, members)| members.iter().map(move |(uid, s)| (room, uid, s)))
+            .filter(|(_, _, session)| session.0 == id)
+            .map(|(room, uid, session)| (room.clone(), uid.clone(), session.clone()))
+            .collect();
+        if on_it.is_empty() {
+            return;
+        }
+        let known = self.cluster.as_ref().is_some_and(|c| c.servers().iter().any(|s| s.id == id));
+        let held: HashSet<u64> = if known {
+            let sessions: Vec<u64> = on_it.iter().map(|(_, _, session)| session.1).collect();
+            match env.rpc_to::<_, Vec<u64>>(id, SESSIONS_HELD_ROUTE, &sessions) {
+                Ok(held) => held.into_iter().collect(),
+                Err(e) => {
+                    debug!("connector {id} left or restarted but cannot say which of its players are still on it: {e}");
+                    return;
+                }
+            }
+        } else {
+            HashSet::new()
+        };
+        let mut gone: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (room, uid, session) in on_it.into_iter().filter(|(_, _, session)| !held.contains(&session.1)) {
+            if self.remove_from(&room, &uid, Some(&session)) {
+                gone.entry(room).or_default().push(uid);
+            }
+        }
+        let players: usize = gone.values().map(Vec::len).sum();
+        if players > 0 {
+            info!("{players} players of connector {id}, which left the cluster, dropped from {} rooms", gone.len());
+        }
+        for (room, uids) in gone {
+            for uid in uids {
+                let others = self.members(&room);
+                if others.is_empty() {
+                    break;
+                }
+                if let Err(e) = self.push_to_members(env, &room, "onLeave", &MemberEvent { uid: uid.clone() }, &others)
+                {
+                    warn!("onLeave for {uid} in {room} not sent: {e}");
+                }
+            }
+        }
+    }
+
     /// Takes over rooms handed over by a room server that stops, merged with any of the same
     /// name made here meanwhile (the members already here keep their sessions).
     fn adopt(&self, adopted: Vec<(String, Members)>) {

@@ -1006,15 +1006,99 @@ fn a_killed_connector_restarted_under_its_id_serves_again() {
     let bob = player(port, "bob");
     // Joining pushes the session's room to the connector (a call from the room server).
     let joined: Value = bob.request("room.room.join", &json!({"room": "lobby"})).unwrap();
-    assert_eq!(joined["members"], json!(["alice", "bob"]), "alice's connector died without telling the room");
-    // Telling alice that bob joined found her on no connector: she was dropped.
-    assert_eq!(heard(&bob), ("onLeave".to_string(), json!({"uid": "alice"})));
+    // Alice's connector died without telling the room. She is dropped once the room server
+    // sees a new process under the connector's id (its next rescan), or, before that, when
+    // telling her that bob joined finds her on no connector.
+    if joined["members"] == json!(["alice", "bob"]) {
+        assert_eq!(heard(&bob), ("onLeave".to_string(), json!({"uid": "alice"})));
+    } else {
+        assert_eq!(joined["members"], json!(["bob"]));
+    }
     let joined: Value = bob.request("room.room.join", &json!({"room": "lobby"})).unwrap();
     assert_eq!(joined["members"], json!(["bob"]));
     bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
     assert_eq!(heard(&bob), chat("bob", "back"));
     let left: Value = bob.request("room.room.leave", &json!({})).unwrap();
     assert_eq!(left, json!({"room": "lobby"}), "the room the connector was told about");
+}
+
+/// Players whose connector dies send no `left` call: they leave their rooms once discovery
+/// drops the connector (`discovery.ttl`), and the others are told, with nobody speaking.
+#[test]
+fn players_of_a_dead_connector_leave_their_rooms_without_anyone_speaking() {
+    let servers = Servers::new("deadfront", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
+    let (port1, port2) = (free_port(), free_port());
+    let _room = servers.spawn("room", "room-1", &[]);
+    let _connector1 = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port1}")]);
+    let mut connector2 = servers.spawn("connector", "connector-2", &["--tcp", &format!("127.0.0.1:{port2}")]);
+    servers.wait_registered(3);
+    let alice = player(port1, "alice");
+    assert_eq!(join_hall(&alice), json!(["alice"]));
+    let (bob, carol) = (player(port2, "bob"), player(port2, "carol"));
+    join_hall(&bob);
+    join_hall(&carol);
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "carol"})));
+    signal(&connector2.0, libc::SIGKILL);
+    assert!(wait_exit(&mut connector2.0, T).is_some());
+    let mut left = vec![heard(&alice), heard(&alice)];
+    left.sort_by_key(|(_, v)| v.to_string());
+    assert_eq!(left, [leave("bob"), leave("carol")]);
+    assert_eq!(join_hall(&alice), json!(["alice"]));
+}
+
+/// Joins room `hall`; its members.
+fn join_hall(p: &Client) -> Value {
+    p.request::<_, Value>("room.room.join", &json!({"room": "hall"})).unwrap()["members"].clone()
+}
+
+/// An `onLeave` push.
+fn leave(uid: &str) -> (String, Value) {
+    ("onLeave".to_string(), json!({"uid": uid}))
+}
+
+/// A connector killed and started again at once under its id: the room server sees a new
+/// process of it at its next registry rescan (not a gap) and asks it which of its members'
+/// sessions it holds. The player who came back and joined again before that rescan stays;
+/// the one who did not leaves, and the others are told.
+#[test]
+fn a_connector_restarted_under_its_id_keeps_the_players_who_came_back() {
+    // The room server rescans every 5 s, the others every 100 ms.
+    let servers = Servers::new("refront", &[("DRAGONFRUIT_DISCOVERY__TTL", "15s")]);
+    let (port1, port2) = (free_port(), free_port());
+    let tcp2 = format!("127.0.0.1:{port2}");
+    let room = servers.command("room", "room-1", &[]).env("DRAGONFRUIT_DISCOVERY__REFRESH", "5s").spawn();
+    let _room = Proc(room.unwrap());
+    let _connector1 = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port1}")]);
+    let mut connector2 = servers.spawn("connector", "connector-2", &["--tcp", &tcp2]);
+    servers.wait_registered(3);
+    let alice = player(port1, "alice");
+    join_hall(&alice);
+    let (dave, erin) = (player(port2, "dave"), player(port2, "erin"));
+    join_hall(&dave);
+    join_hall(&erin);
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "dave"})));
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "erin"})));
+
+    // Right after a rescan of the room server (it touches its registry file as it rescans).
+    let rescan = || std::fs::metadata(servers.dir.join("room-1.json")).unwrap().modified().unwrap();
+    let before = rescan();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rescan() == before {
+        assert!(Instant::now() < deadline, "the room server rescans");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rescanned = rescan();
+    signal(&connector2.0, libc::SIGKILL);
+    assert!(wait_exit(&mut connector2.0, T).is_some());
+    let _connector2 = servers.spawn("connector", "connector-2", &["--tcp", &tcp2]);
+    let dave = player(port2, "dave");
+    assert_eq!(join_hall(&dave), json!(["alice", "dave", "erin"]), "still a member: no onJoin");
+    assert_eq!(rescan(), rescanned, "dave joined again before the room server's next rescan");
+    assert_eq!(alice.recv_push_as::<Value>(Duration::from_secs(10)).unwrap(), leave("erin"), "at the next rescan");
+    assert_eq!(join_hall(&alice), json!(["alice", "dave"]));
+    dave.notify("room.room.say", &json!({"text": "still here"})).unwrap();
+    assert_eq!(heard(&alice), chat("dave", "still here"));
 }
 
 /// A room server that freezes (SIGSTOP: its host hangs, or the network to it breaks) sends
