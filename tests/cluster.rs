@@ -1012,8 +1012,9 @@ impl ServerListener for Watcher {
         self.0.lock().unwrap().push(line);
     }
 
-    fn server_left(&self, _: &HandlerEnv, server: &ServerEntry) {
-        self.0.lock().unwrap().push(format!("left {}", server.id));
+    fn server_left(&self, _: &HandlerEnv, server: &ServerEntry, reachable: bool) {
+        let how = if reachable { "" } else { " (unreachable)" };
+        self.0.lock().unwrap().push(format!("left {}{how}", server.id));
     }
 }
 
@@ -1041,7 +1042,10 @@ fn server_listeners_hear_servers_join_and_leave() {
     let backend = Backend::default();
     let (_room1, _) = start_backend(&dir, "room-1", &backend, TIMEOUT);
     let watcher = Watcher::default();
-    let fe_module = cluster_module(&dir, TIMEOUT).with_listener(Panics).with_listener(watcher.clone());
+    // A server never reached is unreachable after the call timeout: well before its entry
+    // expires (3 s).
+    let timeout = Duration::from_millis(500);
+    let fe_module = cluster_module(&dir, timeout).with_listener(Panics).with_listener(watcher.clone());
     let frontend = start_connector(&fe_module);
     let heard = |n: usize| {
         assert!(wait_until(T, || watcher.heard().len() >= n), "{:?}", watcher.heard());
@@ -1052,6 +1056,7 @@ fn server_listeners_hear_servers_join_and_leave() {
     let (room2, _) = start_backend(&dir, "room-2", &backend, TIMEOUT);
     assert_eq!(heard(2)[1..], ["joined room-2 Ok(42)"]);
     room2.handle.shutdown().unwrap();
+    // Reachable: a stopping server serves until its peers have seen it leave.
     assert_eq!(heard(3)[2..], ["left room-2"]);
     let (_room2, _) = start_backend(&dir, "room-2", &backend, TIMEOUT);
     assert_eq!(heard(4)[3..], ["joined room-2 Ok(42)"]);
@@ -1060,7 +1065,7 @@ fn server_listeners_hear_servers_join_and_leave() {
     std::fs::write(dir.join("connector-9.json"), serde_json::to_vec(&dead).unwrap()).unwrap();
     assert_eq!(heard(5)[4..], ["joined connector-9"]);
     assert!(wait_until(Duration::from_secs(10), || watcher.heard().len() >= 6), "{:?}", watcher.heard());
-    assert_eq!(heard(6)[5..], ["left connector-9"]);
+    assert_eq!(heard(6)[5..], ["left connector-9 (unreachable)"], "its endpoint never answered");
     assert!(warnings().iter().any(|w| w.contains("a server listener panicked")), "the panics are logged");
     frontend.handle.shutdown().unwrap();
     assert_eq!(watcher.heard().len(), 6, "nothing about its own server: {:?}", watcher.heard());

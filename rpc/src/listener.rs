@@ -27,9 +27,12 @@ pub trait ServerListener: Send + Sync {
         let _ = (env, server);
     }
     /// Discovery no longer lists `server`: it stopped gracefully, its entry expired (it
-    /// died: within `discovery.ttl`), or another process of its id took its place.
-    fn server_left(&self, env: &HandlerEnv, server: &ServerEntry) {
-        let _ = (env, server);
+    /// died: within `discovery.ttl`; or it could not renew its entry in time), or another
+    /// process of its id took its place. `reachable`: this server's connection to it was
+    /// up then (see [`ServerEvent::Left`]): it is stopping gracefully, or still runs and
+    /// may be listed again soon, so what lives only on it is not necessarily gone.
+    fn server_left(&self, env: &HandlerEnv, server: &ServerEntry, reachable: bool) {
+        let _ = (env, server, reachable);
     }
 }
 
@@ -80,7 +83,7 @@ impl Listeners {
 fn tell(listener: &dyn ServerListener, env: &HandlerEnv, event: &ServerEvent) {
     let call = AssertUnwindSafe(|| match event {
         ServerEvent::Joined(server) => listener.server_joined(env, server),
-        ServerEvent::Left(server) => listener.server_left(env, server),
+        ServerEvent::Left { server, reachable } => listener.server_left(env, server, *reachable),
     });
     if catch_unwind(call).is_err() {
         error!("a server listener panicked on {event:?}; it is told of later changes");

@@ -81,8 +81,18 @@ pub enum ServerEvent {
     /// old one.
     Joined(ServerEntry),
     /// Discovery no longer lists this server: it left (a graceful stop), its entry expired
-    /// (it died), or another process of its id took its place.
-    Left(ServerEntry),
+    /// (it died, or could not renew its entry in time), or another process of its id took
+    /// its place.
+    Left {
+        /// The server as it was listed.
+        server: ServerEntry,
+        /// Whether this server's connection to it was up when discovery dropped it: then it
+        /// is stopping gracefully, or it still runs and only its entry lapsed (etcd lost its
+        /// lease, its registry file went unrefreshed too long) and it may be listed again.
+        /// False when the connection was lost (it died or hangs) or it was replaced by
+        /// another process of its id.
+        reachable: bool,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -163,7 +173,8 @@ impl ServerTable {
                     Some(listed) => before.get(id).is_some_and(|old| old.same_process(listed)),
                 }
         });
-        let events = changes(&sources.discovered, &servers, self.own_id.get().map_or("", String::as_str));
+        let own_id = self.own_id.get().map_or("", String::as_str);
+        let events = changes(&sources.discovered, &servers, &sources.unreachable, own_id);
         sources.discovered = servers;
         let changed = self.publish(sources);
         // Once published, so a watcher reads the table the news is about; still under the
@@ -256,13 +267,16 @@ impl ServerTable {
 }
 
 /// The changes from `before` to `after`, as seen by server `own_id` (which is not news to
-/// itself): servers that left, then servers that joined (a new process of an id leaves as
-/// the old one and joins as itself). Logs each.
+/// itself) while it cannot reach the servers `unreachable`: servers that left, then servers
+/// that joined (a new process of an id leaves as the old one and joins as itself). Logs
+/// each.
 fn changes(
     before: &HashMap<String, ServerEntry>,
     after: &HashMap<String, ServerEntry>,
+    unreachable: &HashSet<String>,
     own_id: &str,
 ) -> Vec<ServerEvent> {
+    let replaced = |old: &ServerEntry| ServerEvent::Left { server: old.clone(), reachable: false };
     let (mut left, mut joined) = (Vec::new(), Vec::new());
     for (id, server) in after.iter().filter(|(id, _)| *id != own_id) {
         let kind = &server.server_type;
@@ -270,11 +284,11 @@ fn changes(
             None => info!("{own_id}: server {id} ({kind}) joined at {}", server.rpc_addr),
             Some(old) if old.rpc_addr != server.rpc_addr => {
                 info!("{own_id}: server {id} ({kind}) is now at {} (was {})", server.rpc_addr, old.rpc_addr);
-                left.push(ServerEvent::Left(old.clone()));
+                left.push(replaced(old));
             }
             Some(old) if old.instance != server.instance => {
                 info!("{own_id}: server {id} ({kind}) restarted at {}", server.rpc_addr);
-                left.push(ServerEvent::Left(old.clone()));
+                left.push(replaced(old));
             }
             Some(_) => continue,
         }
@@ -282,7 +296,7 @@ fn changes(
     }
     for (id, server) in before.iter().filter(|(id, _)| *id != own_id && !after.contains_key(*id)) {
         info!("{own_id}: server {id} ({}) left", server.server_type);
-        left.push(ServerEvent::Left(server.clone()));
+        left.push(ServerEvent::Left { server: server.clone(), reachable: !unreachable.contains(id) });
     }
     left.extend(joined);
     left
@@ -432,18 +446,21 @@ mod tests {
         ]));
         let second = rx.try_recv().unwrap();
         assert_eq!(second.len(), 4);
+        let replaced = |server: ServerEntry| ServerEvent::Left { server, reachable: false };
+        assert!(second[..2].contains(&replaced(c1)) && second[..2].contains(&replaced(c2)), "{second:?}");
         assert!(
-            second[..2].contains(&ServerEvent::Left(c1)) && second[..2].contains(&ServerEvent::Left(c2)),
-            "{second:?}"
-        );
-        assert!(
-            second[2..].contains(&ServerEvent::Joined(restarted))
+            second[2..].contains(&ServerEvent::Joined(restarted.clone()))
                 && second[2..].contains(&ServerEvent::Joined(moved.clone()))
         );
         table.replace(HashMap::from([me.clone(), ("connector-2".into(), moved.clone())]));
-        assert_eq!(rx.try_recv().unwrap().len(), 1, "connector-1 left");
-        table.replace(HashMap::from([me, ("connector-2".into(), moved)]));
+        let left = ServerEvent::Left { server: restarted, reachable: true };
+        assert_eq!(rx.try_recv().unwrap(), vec![left], "connector-1 left, and the connection to it was up");
+        table.replace(HashMap::from([me.clone(), ("connector-2".into(), moved.clone())]));
         assert!(rx.try_recv().is_err(), "no change, no news; a learned server is none either");
+        table.set_unreachable(HashSet::from(["connector-2".to_owned()]));
+        table.replace(HashMap::from([me]));
+        let left = ServerEvent::Left { server: moved, reachable: false };
+        assert_eq!(rx.try_recv().unwrap(), vec![left], "connector-2 left, its connection lost");
         table.watch(None);
         table.replace(HashMap::new());
         assert!(rx.try_recv().is_err(), "not watched any more");

@@ -563,8 +563,10 @@ impl Rooms {
 
 /// Drops the members of connectors that left the cluster (see [`Rooms::drop_members_of`]).
 impl ServerListener for Rooms {
-    fn server_left(&self, env: &HandlerEnv, server: &ServerEntry) {
-        if server.frontend {
+    fn server_left(&self, env: &HandlerEnv, server: &ServerEntry, reachable: bool) {
+        // One still reachable is stopping (its players' `left` calls come as it closes
+        // their connections) or only lost its entry for a while: its players are there.
+        if server.frontend && !reachable {
             self.drop_members_of(env, &server.id);
         }
     }
@@ -572,8 +574,9 @@ impl ServerListener for Rooms {
 
 impl Rooms {
     /// Drops from their rooms the members whose session was on frontend `id`, which
-    /// discovery no longer lists as it did (it stopped, died, or was restarted under its
-    /// id), and tells the others they left; a connector that dies sends no `left` calls.
+    /// discovery no longer lists as it did and which this server cannot reach (it died, or
+    /// was restarted under its id), and tells the others they left; a connector that dies
+    /// sends no `left` calls.
     /// If a process of `id` is still known (restarted, or calling this server) it is asked
     /// which of those sessions it holds, and they stay; if it cannot answer, they all stay
     /// (the next push to their rooms finds out).
