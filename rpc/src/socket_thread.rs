@@ -364,6 +364,8 @@ struct SocketThread {
     next_probe: Instant,
     /// The peers last published as unreachable to the table (for routers).
     unreachable: HashSet<String>,
+    /// The table's version (`ServerTable::version`) `connect_peers` last handled.
+    peers_version: u64,
     /// Peers closed after they left the table while their connection was down (a server
     /// that died, or stopped and closed): id → (endpoint, when). A call that names that
     /// endpoint (a stale snapshot, a kept session of a dead frontend) fails at once instead
@@ -551,6 +553,7 @@ pub(crate) fn spawn(
         wake_ready: false,
         next_probe: Instant::now(),
         unreachable: HashSet::new(),
+        peers_version: 0,
         gone: HashMap::new(),
         last_sent: None,
         ipc_file,
@@ -669,7 +672,13 @@ impl SocketThread {
         Counters::add(if reply.is_some() { &self.stats.calls } else { &self.stats.one_way }, 1);
         let not_found = || HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"));
         // `connect_peers`, queued with each table change, keeps `listed` current and drops
-        // (failing their calls) peers that moved, so a listed peer needs no lookup here.
+        // (failing their calls) peers that moved, so a listed peer needs no lookup here,
+        // once the last change is handled: a caller may have read it first (a server
+        // listener told of a restart calls the new process) and its call must not go to
+        // the old process, which would fail it.
+        if self.table.version() != self.peers_version {
+            self.connect_peers();
+        }
         let listed = self.peers.get(&to).map(|peer| peer.listed);
         if listed != Some(true) {
             let entry = self.table.get(&to);
@@ -728,6 +737,7 @@ impl SocketThread {
     /// answers (it drains), and a dead one is noticed by `probe_peers`, which also closes
     /// the DEALER once that is over. Only calls that name its endpoint use it meanwhile.
     fn connect_peers(&mut self) {
+        self.peers_version = self.table.version();
         let snapshot = self.table.snapshot();
         let table = &snapshot.by_id;
         let (pending, held, gone) = (&self.pending, &self.held, &mut self.gone);

@@ -2,6 +2,7 @@
 //! table; everyone else reads cheap snapshots.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,8 @@ pub struct ServerTable {
     sources: Mutex<Sources>,
     /// This server's id: its own comings and goings are not logged as news.
     own_id: std::sync::OnceLock<String>,
+    /// See [`ServerTable::version`].
+    version: AtomicU64,
     /// Where the changes discovery reports go, once someone listens (see
     /// [`ServerTable::watch`]).
     watcher: Mutex<Option<Sender<Vec<ServerEvent>>>>,
@@ -245,7 +248,16 @@ impl ServerTable {
         }
         let servers_changed = current.by_id != next.by_id;
         *current = Arc::new(next);
+        if servers_changed {
+            self.version.fetch_add(1, Ordering::Release);
+        }
         servers_changed
+    }
+
+    /// Counts the changes of the servers (not of their reachability): a reader that saw
+    /// version `v` has seen every change if it is still `v`.
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     /// The server with `id`.

@@ -597,7 +597,8 @@ impl Rooms {
             match env.rpc_to::<_, Vec<u64>>(id, SESSIONS_HELD_ROUTE, &sessions) {
                 Ok(held) => held.into_iter().collect(),
                 Err(e) => {
-                    debug!("connector {id} left or restarted but cannot say which of its players are still on it: {e}");
+                    let players = on_it.len();
+                    info!("connector {id} restarted but cannot say which of {players} room members it still holds ({e}); they stay until their rooms find out");
                     return;
                 }
             }

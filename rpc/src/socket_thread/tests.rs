@@ -369,6 +369,26 @@ fn a_server_back_on_a_new_endpoint_gets_the_calls() {
     stop(io, thread);
 }
 
+/// A caller that read the table after a restart under the same id (a server listener told
+/// of it) calls the new process before the socket thread has handled the change: the call
+/// reaches the new process instead of failing as meant for the old one.
+#[test]
+fn a_call_to_a_restarted_server_made_before_the_change_is_handled_reaches_it() {
+    let ctx = zmq::Context::new();
+    let (old, old_addr) = fake_server(&ctx);
+    let (new, new_addr) = fake_server(&ctx);
+    let table = Arc::new(ServerTable::new());
+    table.replace(fake_entry("fe", &old_addr));
+    let timeout = Duration::from_secs(30);
+    let (io, thread, _) = start_thread(&ctx, "test", table.clone(), Arc::new(NoCalls), timeout);
+    call_is_answered(&io, "fe", &old, true);
+    table.replace(fake_entry("fe", &new_addr)); // no `Cmd::PeersChanged` yet
+    let answered = kick_call(&io, "fe");
+    answer_next(&new, false);
+    assert_eq!(answered.recv_timeout(timeout / 2), Ok(Ok(Answer::Found(false))));
+    stop(io, thread);
+}
+
 /// A router chose a server from a table snapshot, then the table dropped it (it stopped
 /// gracefully: it left discovery and serves until peers have had time to see that) before
 /// the socket thread got the call: the call still reaches it, at the endpoint the router
