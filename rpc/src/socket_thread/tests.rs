@@ -351,22 +351,46 @@ fn call_once_connected(io: &Io, refusal: &str) -> Receiver<Result<Answer, Handle
 #[test]
 fn a_server_back_on_a_new_endpoint_gets_the_calls() {
     let ctx = zmq::Context::new();
-    let (old, old_addr) = fake_server(&ctx);
-    let (new, new_addr) = fake_server(&ctx);
-    let table = Arc::new(ServerTable::new());
-    table.replace(fake_entry("fe", &old_addr));
-    let timeout = Duration::from_secs(30);
-    let (io, thread, _) = start_thread(&ctx, "test", table.clone(), Arc::new(NoCalls), timeout);
-    let waiting = kick_call(&io, "fe");
-    recv_call(&old);
-    table.replace(fake_entry("fe", &new_addr));
-    io.send(Cmd::PeersChanged);
-    match waiting.recv_timeout(timeout / 2) {
+    let fe = FeToRestart::start(&ctx);
+    let waiting = kick_call(&fe.io, "fe");
+    recv_call(&fe.old);
+    fe.restart();
+    fe.io.send(Cmd::PeersChanged);
+    match waiting.recv_timeout(FeToRestart::TIMEOUT / 2) {
         Ok(Err(e)) => assert!(e.code == codes::INTERNAL && e.message.contains("restarted"), "{e:?}"),
         other => panic!("the call to the old process should fail before its timeout: {other:?}"),
     }
-    call_is_answered(&io, "fe", &new, true);
-    stop(io, thread);
+    call_is_answered(&fe.io, "fe", &fe.new, true);
+    stop(fe.io, fe.thread);
+}
+
+/// A socket thread whose table lists server `fe` at a fake server (`old`), and another
+/// fake server (`new`) to list it at instead, as if restarted there.
+struct FeToRestart {
+    io: Io,
+    thread: JoinHandle<()>,
+    table: Arc<ServerTable>,
+    old: zmq::Socket,
+    new: zmq::Socket,
+    new_addr: String,
+}
+
+impl FeToRestart {
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn start(ctx: &zmq::Context) -> FeToRestart {
+        let (old, old_addr) = fake_server(ctx);
+        let (new, new_addr) = fake_server(ctx);
+        let table = Arc::new(ServerTable::new());
+        table.replace(fake_entry("fe", &old_addr));
+        let (io, thread, _) = start_thread(ctx, "test", table.clone(), Arc::new(NoCalls), Self::TIMEOUT);
+        FeToRestart { io, thread, table, old, new, new_addr }
+    }
+
+    /// The table lists `fe` at `new` now.
+    fn restart(&self) {
+        self.table.replace(fake_entry("fe", &self.new_addr));
+    }
 }
 
 /// A caller that read the table after a restart under the same id (a server listener told
@@ -375,18 +399,13 @@ fn a_server_back_on_a_new_endpoint_gets_the_calls() {
 #[test]
 fn a_call_to_a_restarted_server_made_before_the_change_is_handled_reaches_it() {
     let ctx = zmq::Context::new();
-    let (old, old_addr) = fake_server(&ctx);
-    let (new, new_addr) = fake_server(&ctx);
-    let table = Arc::new(ServerTable::new());
-    table.replace(fake_entry("fe", &old_addr));
-    let timeout = Duration::from_secs(30);
-    let (io, thread, _) = start_thread(&ctx, "test", table.clone(), Arc::new(NoCalls), timeout);
-    call_is_answered(&io, "fe", &old, true);
-    table.replace(fake_entry("fe", &new_addr)); // no `Cmd::PeersChanged` yet
-    let answered = kick_call(&io, "fe");
-    answer_next(&new, false);
-    assert_eq!(answered.recv_timeout(timeout / 2), Ok(Ok(Answer::Found(false))));
-    stop(io, thread);
+    let fe = FeToRestart::start(&ctx);
+    call_is_answered(&fe.io, "fe", &fe.old, true);
+    fe.restart(); // no `Cmd::PeersChanged` yet
+    let answered = kick_call(&fe.io, "fe");
+    answer_next(&fe.new, false);
+    assert_eq!(answered.recv_timeout(FeToRestart::TIMEOUT / 2), Ok(Ok(Answer::Found(false))));
+    stop(fe.io, fe.thread);
 }
 
 /// A router chose a server from a table snapshot, then the table dropped it (it stopped
