@@ -775,16 +775,24 @@ fn a_stopping_backend_serves_a_frontend_that_is_slow_to_see_it_leave() {
 /// that one lists it: its discovery rescans only every 20 s, so it keeps that view through
 /// a test; it stops within 500 ms (its own stop would wait for others to see it leave).
 fn frontend_slow_to_rescan(dir: &std::path::Path, other: &ClusterModule) -> (Server, ClusterModule) {
+    let (frontend, fe_module) = slow_frontend(dir);
+    assert!(wait_until(T, || other.servers().len() == 2));
+    // The other server tells the peers it is connected to when it stops (`Frame::Leaving`):
+    // time for its connection to this one to come up once it lists it. (One it connects to
+    // later is told then: `a_peer_that_joined_as_a_server_stopped_is_told_it_is_leaving`.)
+    std::thread::sleep(Duration::from_millis(200));
+    (frontend, fe_module)
+}
+
+/// [`frontend_slow_to_rescan`], once it lists the other server, whether or not that one
+/// lists it.
+fn slow_frontend(dir: &std::path::Path) -> (Server, ClusterModule) {
     let slow = EmbeddedDiscovery::new(dir.to_owned(), Duration::from_secs(20), Duration::from_secs(60));
     let fe_module = module_with(slow, TIMEOUT);
     let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
     builder.config_mut().shutdown.timeout = Duration::from_millis(500);
     let frontend = Server::start(builder);
-    assert!(wait_until(T, || fe_module.servers().len() == 2 && other.servers().len() == 2));
-    // The other server tells the peers it is connected to when it stops (`Frame::Leaving`):
-    // time for its connection to this one to come up once it lists it. (One stopping right
-    // as a peer joins may not have told it, which then warns that the connection is lost.)
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(wait_until(T, || fe_module.servers().len() == 2));
     (frontend, fe_module)
 }
 
@@ -821,6 +829,41 @@ fn a_peer_slow_to_see_a_server_leave_does_not_warn_that_its_connection_is_lost()
     );
     assert!(started.elapsed() < TIMEOUT, "failed at once, not at the call timeout");
     assert!(fe_module.servers().iter().any(|s| s.id == "room-1"), "the frontend still lists room-1");
+    let lost: Vec<String> =
+        warnings_since(logged_before).into_iter().filter(|w| w.contains(&addr) && w.contains("lost")).collect();
+    assert!(lost.is_empty(), "{lost:?}");
+}
+
+/// A server that stops right as a peer joins, before it has seen that peer in discovery,
+/// tells it that it is leaving once it connects to it while it drains (it rescans then):
+/// the peer does not report the connection closed at the end of the stop as lost.
+#[test]
+fn a_peer_that_joined_as_a_server_stopped_is_told_it_is_leaving() {
+    let logged_before = warnings().len();
+    let dir = cluster_dir("joinbye");
+    let rpc = dragonfruit_rpc::RpcConfig { timeout: TIMEOUT, bind: own_endpoint("joinbye"), ..Default::default() };
+    // It rescans every 2 s: the frontend joins, and the stop begins, between two rescans
+    // (it touches its registry file as it rescans).
+    let rare = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(2), Duration::from_secs(60));
+    let stopping_module = ClusterModule::new(rpc, Box::new(rare));
+    let stopping = Server::start_backend(room_builder("room-1", &Backend::default(), &stopping_module));
+    let addr = stopping_module.me().unwrap().rpc_addr;
+    let touched = || std::fs::metadata(dir.join("room-1.json")).unwrap().modified().unwrap();
+    let before = touched();
+    assert!(wait_until(T, || touched() != before), "room-1 rescans");
+    let rescanned = touched();
+    let (frontend, _fe_module) = slow_frontend(&dir);
+    // Time for the frontend's connection to room-1 to come up; no call, which would have
+    // room-1 learn of the frontend and connect back.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(touched(), rescanned, "no rescan of room-1 since");
+    assert_eq!(stopping_module.servers().len(), 1, "room-1 has not seen the frontend");
+    stopping.handle.shutdown().unwrap();
+    let client = frontend.client();
+    assert!(
+        wait_until(T, || matches!(client.request_raw("room.room.echo", b"gone"), Err(ClientError::Server(_)))),
+        "calls to the stopped server fail"
+    );
     let lost: Vec<String> =
         warnings_since(logged_before).into_iter().filter(|w| w.contains(&addr) && w.contains("lost")).collect();
     assert!(lost.is_empty(), "{lost:?}");

@@ -366,6 +366,8 @@ struct SocketThread {
     unreachable: HashSet<String>,
     /// The table's version (`ServerTable::version`) `connect_peers` last handled.
     peers_version: u64,
+    /// This server has left discovery to stop (`Cmd::Leaving`).
+    leaving: bool,
     /// Peers closed after they left the table while their connection was down (a server
     /// that died, or stopped and closed): id → (endpoint, when). A call that names that
     /// endpoint (a stale snapshot, a kept session of a dead frontend) fails at once instead
@@ -554,6 +556,7 @@ pub(crate) fn spawn(
         next_probe: Instant::now(),
         unreachable: HashSet::new(),
         peers_version: 0,
+        leaving: false,
         gone: HashMap::new(),
         last_sent: None,
         ipc_file,
@@ -657,7 +660,10 @@ impl SocketThread {
                 }
                 Cmd::PeersChanged => self.connect_peers(),
                 Cmd::Leaving => {
-                    // To peers not connected it is dropped (`send_held`): nothing to tell.
+                    // Peers not connected get it once they are, within the call timeout
+                    // (`send_held`); peers connected from now on too (`add_peer`): one that
+                    // joined as this server stopped must not take its going for a loss.
+                    self.leaving = true;
                     for id in self.peers.keys() {
                         self.outbox.entry(id.clone()).or_default().push(Frame::Leaving);
                     }
@@ -696,7 +702,7 @@ impl SocketThread {
                 let Some((addr, listed, instance)) = target else { return fail(&self.stats, reply, not_found()) };
                 match self.dealer(&addr) {
                     Ok(socket) => {
-                        self.peers.insert(to.clone(), Peer::new(&to, instance, addr, socket, listed));
+                        self.add_peer(Peer::new(&to, instance, addr, socket, listed), &to);
                     }
                     Err(e) => {
                         let error = HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"));
@@ -789,12 +795,20 @@ impl SocketThread {
             }
             match self.dealer(&entry.rpc_addr) {
                 Ok(socket) => {
-                    self.peers.insert(id.clone(), Peer::new(id, entry.instance, entry.rpc_addr.clone(), socket, true));
+                    self.add_peer(Peer::new(id, entry.instance, entry.rpc_addr.clone(), socket, true), id);
                 }
                 Err(e) => warn!("cannot connect to server {id} at {}: {e}", entry.rpc_addr),
             }
         }
         self.publish_unreachable();
+    }
+
+    /// Adds peer `id`; a peer added once this server is leaving is told so.
+    fn add_peer(&mut self, peer: Peer, id: &str) {
+        if self.leaving {
+            self.outbox.entry(id.to_owned()).or_default().push(Frame::Leaving);
+        }
+        self.peers.insert(id.to_owned(), peer);
     }
 
     /// Tells the table (and so the routers) which peers are down now (`Peer::down`:
@@ -957,8 +971,10 @@ impl SocketThread {
                 frames.retain(|frame| match frame {
                     Frame::Call { corr: 0, .. } => !expired,
                     Frame::Call { corr, .. } => self.pending.contains_key(corr),
+                    // Told once connected (see `Cmd::Leaving`).
+                    Frame::Leaving => !expired,
                     // Not connected: nothing to tell.
-                    Frame::Reply { .. } | Frame::Leaving | Frame::Misdirected { .. } => false,
+                    Frame::Reply { .. } | Frame::Misdirected { .. } => false,
                 });
                 if frames.is_empty() {
                     continue;
