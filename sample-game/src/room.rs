@@ -576,10 +576,9 @@ impl Rooms {
     /// Drops from their rooms the members whose session was on frontend `id`, which
     /// discovery no longer lists as it did and which this server cannot reach (it died, or
     /// was restarted under its id), and tells the others they left; a connector that dies
-    /// sends no `left` calls.
-    /// If a process of `id` is still known (restarted, or calling this server) it is asked
-    /// which of those sessions it holds, and they stay; if it cannot answer, they all stay
-    /// (the next push to their rooms finds out).
+    /// sends no `left` calls. If a process of `id` is still known (restarted, or calling
+    /// this server) it is asked which of those sessions it holds, and they stay; if it
+    /// cannot answer, they all stay (the next push to their rooms finds out).
     fn drop_members_of(&self, env: &HandlerEnv, id: &str) {
         let on_it: Vec<(String, String, SessionRef)> = self
             .lock()
@@ -598,7 +597,7 @@ impl Rooms {
                 Ok(held) => held.into_iter().collect(),
                 Err(e) => {
                     let players = on_it.len();
-                    info!("connector {id} restarted but cannot say which of {players} room members it still holds ({e}); they stay until their rooms find out");
+                    info!("connector {id} cannot say which of its {players} room members it still holds ({e}); they stay until their rooms find out");
                     return;
                 }
             }
@@ -613,7 +612,7 @@ impl Rooms {
         }
         let players: usize = gone.values().map(Vec::len).sum();
         if players > 0 {
-            info!("{players} players of connector {id}, which left the cluster, dropped from {} rooms", gone.len());
+            info!("{players} players whose connector {id} is gone dropped from {} rooms", gone.len());
         }
         for (room, uids) in gone {
             for uid in uids {
