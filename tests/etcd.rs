@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
 use crate::util::etcd::Etcd;
-use crate::util::{module_with, probe_app, wait_until, Probe, Server, T};
+use crate::util::{module_with, probe_app, wait_until, warnings, warnings_since, Probe, Server, T};
 
 const TTL: Duration = Duration::from_secs(2);
 /// Call timeout of the servers in these tests.
@@ -84,6 +84,23 @@ fn a_dead_server_disappears_when_its_lease_expires() {
     assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "ghost-1")));
     ghost.stop();
     assert!(wait_until(TTL * 4, || !fe_module.servers().iter().any(|s| s.id == "ghost-1")), "lease expired");
+}
+
+/// etcd sends nothing on a watch while nothing changes: servers open their watch again
+/// after a silence (15 s) without a warning, and go on seeing changes.
+#[test]
+fn a_quiet_cluster_keeps_watching_etcd_without_warnings() {
+    let etcd = Etcd::start("quiet");
+    let (_fe, fe_module, _room, _) = pair(&etcd);
+    let logged_before = warnings().len();
+    std::thread::sleep(Duration::from_secs(17));
+    let url = etcd.url();
+    let about_etcd: Vec<String> = warnings_since(logged_before).into_iter().filter(|w| w.contains(&url)).collect();
+    assert!(about_etcd.is_empty(), "{about_etcd:?}");
+    let late = discovery(&url);
+    late.start(phantom("late-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "late-1")), "still watching");
+    late.stop();
 }
 
 #[test]

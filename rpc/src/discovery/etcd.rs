@@ -31,7 +31,9 @@ use crate::table::{ServerEntry, ServerTable};
 
 /// Time limit of one etcd call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
-/// A silent watch is reopened (with a full resync) after this long.
+/// A silent watch is opened again (after a full resync) after this long: etcd sends nothing
+/// on a watch while nothing changes, and a member gone without closing the connection
+/// sends nothing either.
 const WATCH_IDLE: Duration = Duration::from_secs(15);
 /// Pause between retries while etcd is unreachable.
 const RETRY: Duration = Duration::from_secs(1);
@@ -450,7 +452,19 @@ impl Shared {
         if self.stopping.load(Ordering::Acquire) {
             return Ok(());
         }
-        while let Some(message) = body.next_value()? {
+        loop {
+            let message = match body.next_value() {
+                Ok(Some(message)) => message,
+                Ok(None) => return Err("watch stream ended".into()),
+                // Nothing changed for a while (etcd sends nothing then), or the member is
+                // gone without closing the connection: open a new watch after a resync,
+                // which says which.
+                Err(_) if body.timed_out() => {
+                    debug!("etcd watch silent for {WATCH_IDLE:?}; opening it again");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             let result = message.get("result").ok_or("watch message without result")?;
             if result.get("canceled").and_then(Value::as_bool).unwrap_or(false)
                 || result.get("compact_revision").is_some()
@@ -484,7 +498,6 @@ impl Shared {
                 self.publish(&servers);
             }
         }
-        Err("watch stream ended".into())
     }
 }
 

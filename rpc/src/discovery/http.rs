@@ -49,6 +49,8 @@ pub(crate) struct Body {
     left: usize,
     finished: bool,
     pending: Vec<u8>,
+    /// The last read failed for want of data within the socket's read timeout.
+    timed_out: bool,
 }
 
 /// One POST: `token`, when given, goes in the `Authorization` header (etcd auth).
@@ -95,7 +97,7 @@ fn request(endpoint: &Endpoint, req: &Post<'_>) -> Result<(Body, TcpStream), Str
         }
     }
     let left = if chunked { 0 } else { length.unwrap_or(usize::MAX) };
-    let mut body = Body { reader, chunked, left, finished: false, pending: Vec::new() };
+    let mut body = Body { reader, chunked, left, finished: false, pending: Vec::new(), timed_out: false };
     if status != 200 {
         let text = body.read_all().unwrap_or_default();
         return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&text).trim()));
@@ -121,6 +123,18 @@ pub(crate) fn cancel(control: &TcpStream) {
 }
 
 impl Body {
+    /// Whether the last read failed for want of data within the read timeout (an idle
+    /// stream, or a peer gone without closing the connection).
+    pub(crate) fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+
+    /// Notes why a read failed.
+    fn failed(&mut self, e: std::io::Error) -> String {
+        self.timed_out = matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
+        e.to_string()
+    }
+
     /// Reads more body bytes into `pending`; `false` at the end of the body.
     fn fill(&mut self) -> Result<bool, String> {
         if self.finished {
@@ -128,7 +142,8 @@ impl Body {
         }
         if self.chunked && self.left == 0 {
             let mut line = String::new();
-            if self.reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            let read = self.reader.read_line(&mut line);
+            if read.map_err(|e| self.failed(e))? == 0 {
                 return Err("connection closed in chunked body".into());
             }
             let size = line.trim().split(';').next().unwrap_or("");
@@ -144,7 +159,8 @@ impl Body {
             return Ok(false);
         }
         let mut buf = vec![0u8; self.left.min(64 << 10)];
-        let n = self.reader.read(&mut buf).map_err(|e| e.to_string())?;
+        let read = self.reader.read(&mut buf);
+        let n = read.map_err(|e| self.failed(e))?;
         if n == 0 {
             if self.chunked || self.left != usize::MAX {
                 return Err("connection closed in body".into());
@@ -233,5 +249,30 @@ mod tests {
         assert_eq!(post(&ep, &req("/x")).unwrap_err(), "HTTP 404: nope");
         assert!(Endpoint::parse("https://x:1").is_err());
         assert!(Endpoint::parse("http://nohost").is_err());
+    }
+
+    /// A stream that goes silent past the read timeout reports it (`timed_out`, as an idle
+    /// etcd watch does); one whose connection closes does not.
+    #[test]
+    fn a_silent_stream_times_out_and_a_closed_one_does_not() {
+        const HEAD_AND_A_CHUNK: &str = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"a\":1}\n\r\n";
+        let req = Post { path: "/w", body: &Value::Null, timeout: Duration::from_secs(5), token: None };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = s.read(&mut [0u8; 4096]);
+            s.write_all(HEAD_AND_A_CHUNK.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let (mut body, control) = post_stream(&Endpoint::parse(&format!("http://{addr}/")).unwrap(), &req).unwrap();
+        control.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        assert_eq!(body.next_value().unwrap(), Some(serde_json::json!({"a": 1})));
+        assert!(body.next_value().is_err() && body.timed_out(), "silent");
+        let (ep, _) = serve_once(HEAD_AND_A_CHUNK);
+        let (mut body, control) = post_stream(&ep, &req).unwrap();
+        control.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        assert_eq!(body.next_value().unwrap(), Some(serde_json::json!({"a": 1})));
+        assert!(body.next_value().is_err() && !body.timed_out(), "closed");
     }
 }
