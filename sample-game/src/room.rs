@@ -447,13 +447,12 @@ impl Rooms {
             }
             return self.push_to_members(ctx, &room, "onChat", &chat, &members);
         }
-        if !members.is_empty() && holder.as_deref() == Some(&*me) {
-            return Err(HandlerError::new("GAME-403", format!("not a member of {room}")));
-        }
         // The player's room is not held here: its room server died or stopped (the router
         // sent the line here instead), or this server is stopping and handed the room on.
-        // The player enters the room again where it is held now (made anew if nowhere),
-        // and the line is said there.
+        // Or it is, but does not list the player: dropped while its connector could not be
+        // reached (frozen, or out of discovery for a while); the session is what the player
+        // sees. The player enters the room again where it is held now (made anew if
+        // nowhere), the others are told, and the line is said there.
         let (holder, joined) = self.enter_anywhere(ctx, &uid, &room, &session)?;
         debug!("uid={uid} entered room {room} again on {holder} by speaking");
         if *holder == *me {

@@ -1047,6 +1047,40 @@ fn players_of_a_dead_connector_leave_their_rooms_without_anyone_speaking() {
     assert_eq!(join_hall(&alice), json!(["alice"]));
 }
 
+/// A connector frozen longer than `discovery.ttl` (SIGSTOP: its host hangs) is taken for
+/// dead: its players leave their rooms. When it runs again its players are still
+/// connected, and one that speaks is back in its room: the others hear it join, then the
+/// line.
+#[test]
+fn a_player_dropped_while_its_connector_was_frozen_is_back_in_its_room_by_speaking() {
+    let servers = Servers::new("frozenfront", &[("DRAGONFRUIT_DISCOVERY__TTL", "4s")]);
+    let (port1, port2) = (free_port(), free_port());
+    let _room = servers.spawn("room", "room-1", &[]);
+    let _connector1 = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port1}")]);
+    let connector2 = servers.spawn("connector", "connector-2", &["--tcp", &format!("127.0.0.1:{port2}")]);
+    servers.wait_registered(3);
+    let alice = player(port1, "alice");
+    join_hall(&alice);
+    let bob = player(port2, "bob");
+    join_hall(&bob);
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+    signal(&connector2.0, libc::SIGSTOP);
+    // Heartbeats find it silent within 3 s, its entry expires after 4 s.
+    assert_eq!(alice.recv_push_as::<Value>(Duration::from_secs(10)).unwrap(), leave("bob"));
+    signal(&connector2.0, libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
+        if let Ok(push) = alice.recv_push_as::<Value>(Duration::from_millis(500)) {
+            assert_eq!(push, ("onJoin".to_string(), json!({"uid": "bob"})));
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob's line reached the room once his connector ran again");
+    }
+    assert_eq!(heard(&alice), chat("bob", "back"));
+    assert_eq!(join_hall(&alice), json!(["alice", "bob"]));
+}
+
 /// Joins room `hall`; its members.
 fn join_hall(p: &Client) -> Value {
     p.request::<_, Value>("room.room.join", &json!({"room": "hall"})).unwrap()["members"].clone()
