@@ -19,7 +19,9 @@
 //! comes) is dropped from the room the next time the room pushes to its members (once
 //! every listed connector answers: one that does not may hold it), and as soon as discovery
 //! drops its connector (a server listener), unless that connector, restarted under its id,
-//! says it still holds the member's session (`connector.entry.sessions_held`).
+//! says it still holds the member's session (`connector.entry.sessions_held`). A player
+//! dropped so while still connected (its connector froze for longer than the discovery
+//! ttl) is back in its room when it speaks: its session still names the room.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
