@@ -562,7 +562,7 @@ impl Rooms {
     }
 }
 
-/// Drops the members of connectors that left the cluster (see [`Rooms::drop_members_of`]).
+/// Drops the members of connectors that are gone (see `Rooms::drop_members_of`).
 impl ServerListener for Rooms {
     fn server_left(&self, env: &HandlerEnv, server: &ServerEntry, reachable: bool) {
         // One still reachable is stopping (its players' `left` calls come as it closes
