@@ -13,8 +13,10 @@
 //! it is asked to make are made there. A room lost with a room server that died is made
 //! anew by the first member who speaks or joins it, with every player whose session on the
 //! connectors says it is in the room (`connector.entry.in_room`): the sessions outlive the
-//! room server.
-//! A member that no
+//! room server. One that was only out of reach (frozen, cut off for longer than the
+//! discovery ttl) gives up its copies of the rooms made anew elsewhere when it is back
+//! (`release`, asked by the room server that made them, a server listener), and the
+//! players who joined its copy meanwhile are members of the one room. A member that no
 //! connector knows any more (it just disconnected, or its connector died so no `left` call
 //! comes) is dropped from the room the next time the room pushes to its members (once
 //! every listed connector answers: one that does not may hold it), and as soon as discovery
@@ -54,6 +56,9 @@ const ADMIT_ROUTE: &str = "room.room.admit";
 pub const LEFT_ROUTE: &str = "room.room.left";
 /// The remote taking over rooms from a room server that stops.
 const ADOPT_ROUTE: &str = "room.room.adopt";
+/// The remote by which a room server gives up its copies of rooms another made anew while
+/// it was out of reach.
+const RELEASE_ROUTE: &str = "room.room.release";
 /// The connector's remote saying which of the session ids named it holds.
 pub const SESSIONS_HELD_ROUTE: &str = "connector.entry.sessions_held";
 /// The connector's remote noting in its sessions that their room moved to another server.
@@ -81,6 +86,10 @@ pub struct Rooms {
     /// Set when this server's stop begins: its rooms are handed over, new ones are made on
     /// the room server that takes over the name.
     handing_over: Arc<AtomicBool>,
+    /// Rooms made anew here, lost with the room server that held them (`make_lost_room`).
+    /// One that was only out of reach (frozen, cut off for longer than the discovery ttl)
+    /// still holds its copy when it comes back: it is told to give those up.
+    made_anew: Arc<Mutex<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for Rooms {
@@ -201,6 +210,7 @@ impl Component for Rooms {
             rooms.adopt(adopted);
             Ok(true)
         });
+        r.remote("release", |rooms: &Rooms, ctx: &RemoteCtx<'_>, names: Vec<String>| Ok(rooms.release(ctx, names)));
     }
 
     fn stopping(&self, env: &HandlerEnv) {
@@ -324,6 +334,7 @@ impl Rooms {
         let members = self.members_by_sessions(env, room);
         debug!("room {room} made anew with {} members found in the connectors' sessions", members.len());
         self.adopt(vec![(room.to_owned(), members)]);
+        self.made_anew.lock().unwrap_or_else(|p| p.into_inner()).insert(room.to_owned());
     }
 
     /// Adds `uid` (joining from `session`) to `room`, made if `create` (and this server is
@@ -564,6 +575,12 @@ impl Rooms {
 
 /// Drops the members of connectors that are gone (see `Rooms::drop_members_of`).
 impl ServerListener for Rooms {
+    fn server_joined(&self, env: &HandlerEnv, server: &ServerEntry) {
+        if *server.server_type == *env.server().server_type && *server.id != *env.server().id {
+            self.reclaim_from(env, &server.id);
+        }
+    }
+
     fn server_left(&self, env: &HandlerEnv, server: &ServerEntry, reachable: bool) {
         // One still reachable is stopping (its players' `left` calls come as it closes
         // their connections) or only lost its entry for a while: its players are there.
@@ -574,6 +591,52 @@ impl ServerListener for Rooms {
 }
 
 impl Rooms {
+    /// Room server `id` joined: if it is one that was only out of reach while this server
+    /// made its rooms anew, it still holds its copies, and a player joining there would be
+    /// in a room apart. It gives up the copies of the rooms made anew here (`release`), and
+    /// the players whose session is in one (joined there meanwhile) are members here too.
+    fn reclaim_from(&self, env: &HandlerEnv, id: &str) {
+        let names: Vec<String> = {
+            let rooms = self.lock();
+            let mut made_anew = self.made_anew.lock().unwrap_or_else(|p| p.into_inner());
+            made_anew.retain(|room| rooms.contains_key(room));
+            made_anew.iter().cloned().collect()
+        };
+        if names.is_empty() {
+            return;
+        }
+        let released = match env.rpc_to::<_, Vec<String>>(id, RELEASE_ROUTE, &names) {
+            Ok(released) => released,
+            Err(e) => {
+                warn!("room server {id} not asked to give up {} rooms made anew here: {e}", names.len());
+                return;
+            }
+        };
+        if released.is_empty() {
+            return;
+        }
+        info!("room server {id} is back and gave up {} rooms made anew here while it was out of reach", released.len());
+        for room in released {
+            let members = self.members_by_sessions(env, &room);
+            self.adopt(vec![(room, members)]);
+        }
+    }
+
+    /// Gives up this server's copies of `names`, made anew on the room server calling while
+    /// this one was out of reach; the names given up.
+    fn release(&self, env: &HandlerEnv, names: Vec<String>) -> Vec<String> {
+        let mut rooms = self.lock();
+        let released: Vec<String> = names.into_iter().filter(|room| rooms.remove(room).is_some()).collect();
+        if !released.is_empty() {
+            info!(
+                "gave up {} rooms another room server made anew while this one ({}) was out of reach",
+                released.len(),
+                env.server().id
+            );
+        }
+        released
+    }
+
     /// Drops from their rooms the members whose session was on frontend `id`, which
     /// discovery no longer lists as it did and which this server cannot reach (it died, or
     /// was restarted under its id), and tells the others they left; a connector that dies

@@ -905,6 +905,51 @@ fn a_room_lost_with_its_server_is_made_anew_by_members_speaking() {
     assert_eq!(alice_heard, Some(chat("alice", "here")));
 }
 
+/// A room server frozen longer than `discovery.ttl` (SIGSTOP: its host hangs, or it is cut
+/// off) is taken for dead, and its rooms are made anew on the other when members speak.
+/// When it runs again it still holds its copies: it gives them up, and a player who joined
+/// there meanwhile is in the one room with the others.
+#[test]
+fn a_room_server_back_from_a_freeze_gives_up_the_rooms_made_anew_elsewhere() {
+    let servers = Servers::new("frozenroom", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
+    let cluster = servers.two_rooms();
+    let room = room_on(1, "hall");
+    let (alice, bob) = (player(cluster.port, "alice"), player(cluster.port, "bob"));
+    for p in [&alice, &bob] {
+        let _: Value = p.request("room.room.join", &json!({"room": room})).unwrap();
+    }
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+    signal(&cluster.room1.0, libc::SIGSTOP);
+    // Lines to the frozen server are lost until discovery drops it (2 s); then room-2 makes
+    // the room anew.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let made_anew = (0..).find(|i| {
+        alice.notify("room.room.say", &json!({"text": format!("anyone? {i}")})).unwrap();
+        let heard = alice.recv_push_as::<Value>(Duration::from_millis(300)).is_ok();
+        assert!(heard || Instant::now() < deadline, "alice's line never came back");
+        heard
+    });
+    assert!(made_anew.is_some());
+    signal(&cluster.room1.0, libc::SIGCONT);
+    // Time for the connector to list room-1 again: carol's join goes there.
+    std::thread::sleep(Duration::from_millis(1500));
+    let carol = player(cluster.port, "carol");
+    let _: Value = carol.request("room.room.join", &json!({"room": room})).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        alice.notify("room.room.say", &json!({"text": "all here?"})).unwrap();
+        let pushes: Vec<_> =
+            std::iter::from_fn(|| carol.recv_push_as::<Value>(Duration::from_millis(300)).ok()).collect();
+        if pushes.contains(&chat("alice", "all here?")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "carol never heard alice: {pushes:?}");
+    }
+    carol.notify("room.room.say", &json!({"text": "hi"})).unwrap();
+    let alice_heard = std::iter::repeat_with(|| heard(&alice)).find(|(_, v)| v["from"] == "carol");
+    assert_eq!(alice_heard, Some(chat("carol", "hi")));
+}
+
 /// Players disconnecting while no room server is reachable cannot leave their rooms: the
 /// connector says so at most once a second (with how many it did not log), not once per
 /// player, and goes on serving.
