@@ -174,6 +174,27 @@ impl Servers {
     }
 }
 
+/// `room-1`, `connector-1` and `connector-2` (clients on `port1` and `port2`), registered
+/// with each other.
+struct TwoConnectors {
+    port1: u16,
+    port2: u16,
+    _room: Proc,
+    _connector1: Proc,
+    connector2: Proc,
+}
+
+impl Servers {
+    fn two_connectors(&self) -> TwoConnectors {
+        let (port1, port2) = (free_port(), free_port());
+        let _room = self.spawn("room", "room-1", &[]);
+        let _connector1 = self.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port1}")]);
+        let connector2 = self.spawn("connector", "connector-2", &["--tcp", &format!("127.0.0.1:{port2}")]);
+        self.wait_registered(3);
+        TwoConnectors { port1, port2, _room, _connector1, connector2 }
+    }
+}
+
 impl Drop for Servers {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -636,14 +657,20 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
 /// `alice` and `bob` in a room held by room-1 of `cluster`, room-1 then killed (SIGKILL):
 /// the room's name and the players.
 fn two_in_a_room_of_a_killed_server(cluster: &mut TwoRooms) -> (String, Client, Client) {
+    let two = two_in_a_room_of_room1(cluster);
+    signal(&cluster.room1.0, libc::SIGKILL);
+    assert!(wait_exit(&mut cluster.room1.0, T).is_some());
+    two
+}
+
+/// `alice` and `bob` in a room held by room-1 of `cluster`: the room's name and the players.
+fn two_in_a_room_of_room1(cluster: &TwoRooms) -> (String, Client, Client) {
     let room = room_on(1, "hall");
     let (alice, bob) = (player(cluster.port, "alice"), player(cluster.port, "bob"));
     for p in [&alice, &bob] {
         let _: Value = p.request("room.room.join", &json!({"room": room})).unwrap();
     }
     assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
-    signal(&cluster.room1.0, libc::SIGKILL);
-    assert!(wait_exit(&mut cluster.room1.0, T).is_some());
     (room, alice, bob)
 }
 
@@ -913,12 +940,7 @@ fn a_room_lost_with_its_server_is_made_anew_by_members_speaking() {
 fn a_room_server_back_from_a_freeze_gives_up_the_rooms_made_anew_elsewhere() {
     let servers = Servers::new("frozenroom", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
     let cluster = servers.two_rooms();
-    let room = room_on(1, "hall");
-    let (alice, bob) = (player(cluster.port, "alice"), player(cluster.port, "bob"));
-    for p in [&alice, &bob] {
-        let _: Value = p.request("room.room.join", &json!({"room": room})).unwrap();
-    }
-    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+    let (room, alice, _bob) = two_in_a_room_of_room1(&cluster);
     signal(&cluster.room1.0, libc::SIGSTOP);
     // Lines to the frozen server are lost until discovery drops it (2 s); then room-2 makes
     // the room anew.
@@ -1072,11 +1094,8 @@ fn a_killed_connector_restarted_under_its_id_serves_again() {
 #[test]
 fn players_of_a_dead_connector_leave_their_rooms_without_anyone_speaking() {
     let servers = Servers::new("deadfront", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
-    let (port1, port2) = (free_port(), free_port());
-    let _room = servers.spawn("room", "room-1", &[]);
-    let _connector1 = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port1}")]);
-    let mut connector2 = servers.spawn("connector", "connector-2", &["--tcp", &format!("127.0.0.1:{port2}")]);
-    servers.wait_registered(3);
+    let mut cluster = servers.two_connectors();
+    let (port1, port2) = (cluster.port1, cluster.port2);
     let alice = player(port1, "alice");
     assert_eq!(join_hall(&alice), json!(["alice"]));
     let (bob, carol) = (player(port2, "bob"), player(port2, "carol"));
@@ -1084,8 +1103,8 @@ fn players_of_a_dead_connector_leave_their_rooms_without_anyone_speaking() {
     join_hall(&carol);
     assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
     assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "carol"})));
-    signal(&connector2.0, libc::SIGKILL);
-    assert!(wait_exit(&mut connector2.0, T).is_some());
+    signal(&cluster.connector2.0, libc::SIGKILL);
+    assert!(wait_exit(&mut cluster.connector2.0, T).is_some());
     let mut left = vec![heard(&alice), heard(&alice)];
     left.sort_by_key(|(_, v)| v.to_string());
     assert_eq!(left, [leave("bob"), leave("carol")]);
@@ -1099,20 +1118,17 @@ fn players_of_a_dead_connector_leave_their_rooms_without_anyone_speaking() {
 #[test]
 fn a_player_dropped_while_its_connector_was_frozen_is_back_in_its_room_by_speaking() {
     let servers = Servers::new("frozenfront", &[("DRAGONFRUIT_DISCOVERY__TTL", "4s")]);
-    let (port1, port2) = (free_port(), free_port());
-    let _room = servers.spawn("room", "room-1", &[]);
-    let _connector1 = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port1}")]);
-    let connector2 = servers.spawn("connector", "connector-2", &["--tcp", &format!("127.0.0.1:{port2}")]);
-    servers.wait_registered(3);
+    let cluster = servers.two_connectors();
+    let (port1, port2) = (cluster.port1, cluster.port2);
     let alice = player(port1, "alice");
     join_hall(&alice);
     let bob = player(port2, "bob");
     join_hall(&bob);
     assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
-    signal(&connector2.0, libc::SIGSTOP);
+    signal(&cluster.connector2.0, libc::SIGSTOP);
     // Heartbeats find it silent within 3 s, its entry expires after 4 s.
     assert_eq!(alice.recv_push_as::<Value>(Duration::from_secs(10)).unwrap(), leave("bob"));
-    signal(&connector2.0, libc::SIGCONT);
+    signal(&cluster.connector2.0, libc::SIGCONT);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
