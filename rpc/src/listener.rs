@@ -18,7 +18,8 @@ use crate::table::{ServerEntry, ServerEvent, ServerTable};
 /// the environment handlers get (pushes, kicks, RPC). Calls come one at a time, in the
 /// order discovery reported the changes, once [`ClusterModule::servers`](crate::ClusterModule::servers)
 /// shows them (it may show later ones too); the servers already listed when this server
-/// starts come as joined. This server itself is never news.
+/// starts come as joined. This server itself is never news. A server's stop waits for the
+/// call under way, so a listener must not wait for its own server to stop.
 pub trait ServerListener: Send + Sync {
     /// Discovery lists `server`: new to the cluster, or a new process of a server id
     /// (restarted, or moved to another endpoint) after [`ServerListener::server_left`] of
