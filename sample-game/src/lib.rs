@@ -97,7 +97,11 @@ pub fn app(role: Role, source: &ConfigSource) -> Result<(AppBuilder, Option<Clus
         }
         Role::Room => {
             let module = cluster()?;
-            let rooms = room::Rooms::in_cluster(module.clone());
+            let game: room::GameConfig = source.section("game").map_err(|e| e.to_string())?;
+            if game.member_check.is_zero() {
+                return Err("game.member_check: must be positive".into());
+            }
+            let rooms = room::Rooms::in_cluster(module.clone(), game.member_check);
             let module = module.with_listener(rooms.clone());
             let builder = builder.frontend(false).component("room", rooms);
             (builder.cluster(Arc::new(module.clone())), Some(module))
@@ -126,5 +130,14 @@ mod tests {
         assert_eq!(game.get("room.room.join"), Some(&3));
         let own = dictionary("[dictionary]\n\"room.room.join\" = 40\n");
         assert_eq!(own.into_iter().collect::<Vec<_>>(), vec![("room.room.join".to_string(), 40)]);
+    }
+
+    #[test]
+    fn a_room_server_refuses_a_bad_member_check() {
+        let error = |toml: &str| app(Role::Room, &ConfigSource::from_toml(toml).unwrap()).err().unwrap_or_default();
+        assert!(error("[game]\nmember_check = \"0s\"\n").contains("game.member_check"));
+        assert!(error("[game]\nmember_check = \"soon\"\n").contains("soon"));
+        assert!(error("[game]\nmember_chek = \"1s\"\n").contains("member_chek"));
+        assert_eq!(error("[game]\nmember_check = \"2s\"\n"), "");
     }
 }

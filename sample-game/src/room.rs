@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{codes, Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes};
@@ -90,6 +90,33 @@ pub struct Rooms {
     /// One that was only out of reach (frozen, cut off for longer than the discovery ttl)
     /// still holds its copy when it comes back: it is told to give those up.
     made_anew: Arc<Mutex<HashSet<String>>>,
+    /// How often members are checked with their connectors (`game.member_check`), and the
+    /// thread that does it (room servers in a cluster).
+    member_check: Duration,
+    checker: Arc<Mutex<Option<Checker>>>,
+}
+
+/// The thread checking the members' sessions; it ends when `stop` is dropped.
+struct Checker {
+    stop: crossbeam_channel::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// The `[game]` configuration section (sample game only).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GameConfig {
+    /// How often a room server asks each connector which of its members' sessions it still
+    /// holds, and drops the others (a player whose `left` call was lost: its room server
+    /// was out of reach as it disconnected). Positive.
+    #[serde(with = "dragonfruit_core::config::duration")]
+    pub member_check: Duration,
+}
+
+impl Default for GameConfig {
+    fn default() -> GameConfig {
+        GameConfig { member_check: Duration::from_secs(10) }
+    }
 }
 
 impl std::fmt::Debug for Rooms {
@@ -213,8 +240,20 @@ impl Component for Rooms {
         r.remote("release", |rooms: &Rooms, ctx: &RemoteCtx<'_>, names: Vec<String>| Ok(rooms.release(ctx, names)));
     }
 
+    fn after_init(&self, env: &HandlerEnv) {
+        if self.cluster.is_some() && !self.member_check.is_zero() {
+            self.start_checking_members(env);
+        }
+    }
+
     fn stopping(&self, env: &HandlerEnv) {
+        self.stop_checking_members();
         self.hand_over(env);
+    }
+
+    fn shutdown(&self, _: &HandlerEnv) {
+        // Already, unless the stop was not graceful.
+        self.stop_checking_members();
     }
 
     fn before_shutdown(&self, env: &HandlerEnv) {
@@ -233,9 +272,60 @@ fn internal(e: impl std::fmt::Display) -> HandlerError {
 }
 
 impl Rooms {
-    /// The room component of a room server in the cluster of `cluster`.
-    pub fn in_cluster(cluster: ClusterModule) -> Rooms {
-        Rooms { cluster: Some(cluster), ..Rooms::default() }
+    /// The room component of a room server in the cluster of `cluster`, checking its
+    /// members' sessions with their connectors every `member_check`.
+    pub fn in_cluster(cluster: ClusterModule, member_check: Duration) -> Rooms {
+        Rooms { cluster: Some(cluster), member_check, ..Rooms::default() }
+    }
+
+    /// Starts the thread that checks the members every `member_check` (see
+    /// [`GameConfig::member_check`]).
+    fn start_checking_members(&self, env: &HandlerEnv) {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let (rooms, env, every) = (self.clone(), env.clone(), self.member_check);
+        let spawned = std::thread::Builder::new().name("sg-members".into()).spawn(move || {
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                rooms.check_members(&env);
+            }
+        });
+        match spawned {
+            Ok(thread) => *self.checker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Checker { stop, thread }),
+            Err(e) => {
+                warn!("cannot start the thread checking room members ({e}); lost leaves are found by pushes only")
+            }
+        }
+    }
+
+    /// Stops the member checks; waits for the one under way.
+    fn stop_checking_members(&self) {
+        let checker = self.checker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(Checker { stop, thread }) = checker {
+            drop(stop);
+            let _ = thread.join();
+        }
+    }
+
+    /// Asks each connector still in the cluster which of the members' sessions on it it
+    /// still holds, and drops the others from their rooms (their `left` call was lost:
+    /// this server was out of reach as they disconnected). Members of connectors that are
+    /// gone are the server listener's (`drop_members_of`).
+    fn check_members(&self, env: &HandlerEnv) {
+        let mut by_connector: BTreeMap<String, Vec<(String, String, SessionRef)>> = BTreeMap::new();
+        for (room, members) in self.lock().iter() {
+            for (uid, session) in members {
+                by_connector.entry(session.0.clone()).or_default().push((room.clone(), uid.clone(), session.clone()));
+            }
+        }
+        for (connector, members) in by_connector {
+            if self.is_known(&connector) {
+                self.drop_unheld(env, &connector, members);
+            }
+        }
+    }
+
+    /// Whether server `id` is in this server's table (listed, or calling it).
+    fn is_known(&self, id: &str) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.servers().iter().any(|s| s.id == id))
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Members>> {
@@ -654,29 +744,39 @@ impl Rooms {
         if on_it.is_empty() {
             return;
         }
-        let known = self.cluster.as_ref().is_some_and(|c| c.servers().iter().any(|s| s.id == id));
-        let held: HashSet<u64> = if known {
-            let sessions: Vec<u64> = on_it.iter().map(|(_, _, session)| session.1).collect();
-            match env.rpc_to::<_, Vec<u64>>(id, SESSIONS_HELD_ROUTE, &sessions) {
-                Ok(held) => held.into_iter().collect(),
-                Err(e) => {
-                    let players = on_it.len();
-                    info!("connector {id} cannot say which of its {players} room members it still holds ({e}); they stay until their rooms find out");
-                    return;
-                }
-            }
+        if self.is_known(id) {
+            self.drop_unheld(env, id, on_it);
         } else {
-            HashSet::new()
-        };
+            self.drop_members(env, id, on_it);
+        }
+    }
+
+    /// Drops those of `members`, whose sessions were on connector `id`, that it no longer
+    /// holds (asked with its `sessions_held` remote); none if it cannot answer.
+    fn drop_unheld(&self, env: &HandlerEnv, id: &str, members: Vec<(String, String, SessionRef)>) {
+        let sessions: Vec<u64> = members.iter().map(|(_, _, session)| session.1).collect();
+        match env.rpc_to::<_, Vec<u64>>(id, SESSIONS_HELD_ROUTE, &sessions) {
+            Ok(held) => {
+                let held: HashSet<u64> = held.into_iter().collect();
+                let unheld = members.into_iter().filter(|(_, _, session)| !held.contains(&session.1)).collect();
+                self.drop_members(env, id, unheld);
+            }
+            Err(e) => debug!("connector {id} cannot say which of its {} room members it holds: {e}", sessions.len()),
+        }
+    }
+
+    /// Drops `members` (room, uid, session on connector `id`) from their rooms, unless they
+    /// joined again from another session, and tells the others they left.
+    fn drop_members(&self, env: &HandlerEnv, id: &str, members: Vec<(String, String, SessionRef)>) {
         let mut gone: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (room, uid, session) in on_it.into_iter().filter(|(_, _, session)| !held.contains(&session.1)) {
+        for (room, uid, session) in members {
             if self.remove_from(&room, &uid, Some(&session)) {
                 gone.entry(room).or_default().push(uid);
             }
         }
         let players: usize = gone.values().map(Vec::len).sum();
         if players > 0 {
-            info!("{players} players whose connector {id} is gone dropped from {} rooms", gone.len());
+            info!("{players} players no longer on connector {id} dropped from {} rooms", gone.len());
         }
         for (room, uids) in gone {
             for uid in uids {

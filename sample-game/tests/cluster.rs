@@ -1142,6 +1142,37 @@ fn a_player_dropped_while_its_connector_was_frozen_is_back_in_its_room_by_speaki
     assert_eq!(join_hall(&alice), json!(["alice", "bob"]));
 }
 
+/// A player who disconnects while its room server is out of reach (here frozen long enough
+/// for heartbeats to drop the connection, not for discovery to drop the server) has its
+/// `left` call fail: the room server finds it gone when it next checks its members with
+/// the connectors (`game.member_check`), and the others are told.
+#[test]
+fn a_player_whose_leave_was_lost_is_dropped_at_the_next_member_check() {
+    let servers = Servers::new(
+        "lostleave",
+        &[
+            ("DRAGONFRUIT_RPC__HEARTBEAT", "200ms"),
+            ("DRAGONFRUIT_DISCOVERY__TTL", "10s"),
+            ("DRAGONFRUIT_GAME__MEMBER_CHECK", "1s"),
+        ],
+    );
+    let port = free_port();
+    let room = servers.spawn("room", "room-1", &[]);
+    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    servers.wait_registered(2);
+    let (alice, bob) = (player(port, "alice"), player(port, "bob"));
+    join_hall(&alice);
+    join_hall(&bob);
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+    signal(&room.0, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(1)); // three heartbeats missed: connection lost
+    drop(bob);
+    std::thread::sleep(Duration::from_millis(500)); // bob's `left` call fails at once
+    signal(&room.0, libc::SIGCONT);
+    assert_eq!(alice.recv_push_as::<Value>(Duration::from_secs(10)).unwrap(), leave("bob"));
+    assert_eq!(join_hall(&alice), json!(["alice"]));
+}
+
 /// Joins room `hall`; its members.
 fn join_hall(p: &Client) -> Value {
     p.request::<_, Value>("room.room.join", &json!({"room": "hall"})).unwrap()["members"].clone()
