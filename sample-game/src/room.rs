@@ -98,7 +98,7 @@ pub struct Rooms {
 
 /// The thread checking the members' sessions; it ends when `stop` is dropped.
 struct Checker {
-    stop: crossbeam_channel::Sender<()>,
+    stop: Option<crossbeam_channel::Sender<()>>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -247,12 +247,14 @@ impl Component for Rooms {
     }
 
     fn stopping(&self, env: &HandlerEnv) {
-        self.stop_checking_members();
+        // No new check; one under way is not waited for (it may be waiting on a connector).
+        if let Some(checker) = self.checker.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            checker.stop.take();
+        }
         self.hand_over(env);
     }
 
     fn shutdown(&self, _: &HandlerEnv) {
-        // Already, unless the stop was not graceful.
         self.stop_checking_members();
     }
 
@@ -289,7 +291,9 @@ impl Rooms {
             }
         });
         match spawned {
-            Ok(thread) => *self.checker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Checker { stop, thread }),
+            Ok(thread) => {
+                *self.checker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Checker { stop: Some(stop), thread })
+            }
             Err(e) => {
                 warn!("cannot start the thread checking room members ({e}); lost leaves are found by pushes only")
             }
