@@ -315,10 +315,16 @@ impl Rooms {
     /// gone are the server listener's (`drop_members_of`).
     fn check_members(&self, env: &HandlerEnv) {
         let mut by_connector: BTreeMap<String, Vec<(String, String, SessionRef)>> = BTreeMap::new();
-        for (room, members) in self.lock().iter() {
-            for (uid, session) in members {
-                by_connector.entry(session.0.clone()).or_default().push((room.clone(), uid.clone(), session.clone()));
+        {
+            let rooms = self.lock();
+            for (room, members) in rooms.iter() {
+                for (uid, session) in members {
+                    let member = (room.clone(), uid.clone(), session.clone());
+                    by_connector.entry(session.0.clone()).or_default().push(member);
+                }
             }
+            // Forget the rooms made anew that have closed since.
+            self.made_anew.lock().unwrap_or_else(|p| p.into_inner()).retain(|room| rooms.contains_key(room));
         }
         for (connector, members) in by_connector {
             if self.is_known(&connector) {
