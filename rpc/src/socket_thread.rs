@@ -688,10 +688,6 @@ impl SocketThread {
         let listed = self.peers.get(&to).map(|peer| peer.listed);
         if listed != Some(true) {
             let entry = self.table.get(&to);
-            if listed == Some(false) && entry.is_some() {
-                // Listed again, or elsewhere, since the last table change was handled.
-                self.connect_peers();
-            }
             if !self.peers.contains_key(&to) {
                 // The table is newer than `seen_at` (a restart on a new endpoint).
                 let target = match entry {
