@@ -314,23 +314,32 @@ impl Rooms {
     /// this server was out of reach as they disconnected). Members of connectors that are
     /// gone are the server listener's (`drop_members_of`).
     fn check_members(&self, env: &HandlerEnv) {
-        let mut by_connector: BTreeMap<String, Vec<(String, String, SessionRef)>> = BTreeMap::new();
-        {
-            let rooms = self.lock();
-            for (room, members) in rooms.iter() {
-                for (uid, session) in members {
-                    let member = (room.clone(), uid.clone(), session.clone());
-                    by_connector.entry(session.0.clone()).or_default().push(member);
-                }
-            }
-            // Forget the rooms made anew that have closed since.
-            self.made_anew.lock().unwrap_or_else(|p| p.into_inner()).retain(|room| rooms.contains_key(room));
-        }
-        for (connector, members) in by_connector {
+        // Forget the rooms made anew that have closed since.
+        self.made_anew_held();
+        for (connector, members) in self.members_by_connector() {
             if self.is_known(&connector) {
                 self.drop_unheld(env, &connector, members);
             }
         }
+    }
+
+    /// Every member (room, uid, session), by the connector holding its session.
+    fn members_by_connector(&self) -> BTreeMap<String, Vec<(String, String, SessionRef)>> {
+        let mut by_connector: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for (room, members) in self.lock().iter() {
+            for (uid, session) in members {
+                by_connector.entry(session.0.clone()).or_default().push((room.clone(), uid.clone(), session.clone()));
+            }
+        }
+        by_connector
+    }
+
+    /// The rooms made anew here that are still held here (the others are forgotten).
+    fn made_anew_held(&self) -> Vec<String> {
+        let rooms = self.lock();
+        let mut made_anew = self.made_anew.lock().unwrap_or_else(|p| p.into_inner());
+        made_anew.retain(|room| rooms.contains_key(room));
+        made_anew.iter().cloned().collect()
     }
 
     /// Whether server `id` is in this server's table (listed, or calling it).
@@ -662,14 +671,19 @@ impl Rooms {
             });
         }
         debug!("uid={} left room {}", left.uid, left.room);
-        let others = self.members(&left.room);
-        if !others.is_empty() {
-            let event = MemberEvent { uid: left.uid.clone() };
-            if let Err(e) = self.push_to_members(env, &left.room, "onLeave", &event, &others) {
-                warn!("onLeave for {} in {} not sent: {e}", left.uid, left.room);
-            }
-        }
+        self.tell_left(env, &left.room, &left.uid);
         true
+    }
+
+    /// Tells the members of `room`, if any, that `uid` left it.
+    fn tell_left(&self, env: &HandlerEnv, room: &str, uid: &str) {
+        let others = self.members(room);
+        if others.is_empty() {
+            return;
+        }
+        if let Err(e) = self.push_to_members(env, room, "onLeave", &MemberEvent { uid: uid.to_owned() }, &others) {
+            warn!("onLeave for {uid} in {room} not sent: {e}");
+        }
     }
 }
 
@@ -696,12 +710,7 @@ impl Rooms {
     /// in a room apart. It gives up the copies of the rooms made anew here (`release`), and
     /// the players whose session is in one (joined there meanwhile) are members here too.
     fn reclaim_from(&self, env: &HandlerEnv, id: &str) {
-        let names: Vec<String> = {
-            let rooms = self.lock();
-            let mut made_anew = self.made_anew.lock().unwrap_or_else(|p| p.into_inner());
-            made_anew.retain(|room| rooms.contains_key(room));
-            made_anew.iter().cloned().collect()
-        };
+        let names = self.made_anew_held();
         if names.is_empty() {
             return;
         }
@@ -744,16 +753,7 @@ impl Rooms {
     /// this server) it is asked which of those sessions it holds, and they stay; if it
     /// cannot answer, they all stay (the next push to their rooms finds out).
     fn drop_members_of(&self, env: &HandlerEnv, id: &str) {
-        let on_it: Vec<(String, String, SessionRef)> = self
-            .lock()
-            .iter()
-            .flat_map(|(room, members)| members.iter().map(move |(uid, s)| (room, uid, s)))
-            .filter(|(_, _, session)| session.0 == id)
-            .map(|(room, uid, session)| (room.clone(), uid.clone(), session.clone()))
-            .collect();
-        if on_it.is_empty() {
-            return;
-        }
+        let Some(on_it) = self.members_by_connector().remove(id) else { return };
         if self.is_known(id) {
             self.drop_unheld(env, id, on_it);
         } else {
@@ -788,17 +788,8 @@ impl Rooms {
         if players > 0 {
             info!("{players} players no longer on connector {id} dropped from {} rooms", gone.len());
         }
-        for (room, uids) in gone {
-            for uid in uids {
-                let others = self.members(&room);
-                if others.is_empty() {
-                    break;
-                }
-                if let Err(e) = self.push_to_members(env, &room, "onLeave", &MemberEvent { uid: uid.clone() }, &others)
-                {
-                    warn!("onLeave for {uid} in {room} not sent: {e}");
-                }
-            }
+        for (room, uid) in gone.iter().flat_map(|(room, uids)| uids.iter().map(move |uid| (room, uid))) {
+            self.tell_left(env, room, uid);
         }
     }
 
