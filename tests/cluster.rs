@@ -823,14 +823,24 @@ fn a_peer_slow_to_see_a_server_leave_does_not_warn_that_its_connection_is_lost()
     stopping.handle.shutdown().unwrap();
     let started = Instant::now();
     // Probes notice the closed connection within 100 ms; then calls fail at once.
+    calls_to_the_stopped_server_fail(&client);
+    assert!(started.elapsed() < TIMEOUT, "failed at once, not at the call timeout");
+    assert!(fe_module.servers().iter().any(|s| s.id == "room-1"), "the frontend still lists room-1");
+    no_lost_connection_warning(logged_before, &addr);
+}
+
+/// Echo requests to room-1 through `client` fail (with an error answer) within `T`.
+fn calls_to_the_stopped_server_fail(client: &Client) {
     assert!(
         wait_until(T, || matches!(client.request_raw("room.room.echo", b"gone"), Err(ClientError::Server(_)))),
         "calls to the stopped server fail"
     );
-    assert!(started.elapsed() < TIMEOUT, "failed at once, not at the call timeout");
-    assert!(fe_module.servers().iter().any(|s| s.id == "room-1"), "the frontend still lists room-1");
+}
+
+/// No warning logged since the `logged_before`th calls the connection to `addr` lost.
+fn no_lost_connection_warning(logged_before: usize, addr: &str) {
     let lost: Vec<String> =
-        warnings_since(logged_before).into_iter().filter(|w| w.contains(&addr) && w.contains("lost")).collect();
+        warnings_since(logged_before).into_iter().filter(|w| w.contains(addr) && w.contains("lost")).collect();
     assert!(lost.is_empty(), "{lost:?}");
 }
 
@@ -859,14 +869,8 @@ fn a_peer_that_joined_as_a_server_stopped_is_told_it_is_leaving() {
     assert_eq!(touched(), rescanned, "no rescan of room-1 since");
     assert_eq!(stopping_module.servers().len(), 1, "room-1 has not seen the frontend");
     stopping.handle.shutdown().unwrap();
-    let client = frontend.client();
-    assert!(
-        wait_until(T, || matches!(client.request_raw("room.room.echo", b"gone"), Err(ClientError::Server(_)))),
-        "calls to the stopped server fail"
-    );
-    let lost: Vec<String> =
-        warnings_since(logged_before).into_iter().filter(|w| w.contains(&addr) && w.contains("lost")).collect();
-    assert!(lost.is_empty(), "{lost:?}");
+    calls_to_the_stopped_server_fail(&frontend.client());
+    no_lost_connection_warning(logged_before, &addr);
 }
 
 /// A backend restarted at the same fixed endpoint, gracefully, while a frontend still lists

@@ -134,6 +134,12 @@ impl Servers {
         Proc(self.command(role, id, extra).spawn().unwrap())
     }
 
+    /// Connector `id`, clients on a free port: the port and the process.
+    fn connector(&self, id: &str) -> (u16, Proc) {
+        let port = free_port();
+        (port, self.spawn("connector", id, &["--tcp", &format!("127.0.0.1:{port}")]))
+    }
+
     /// As `spawn`, logging at `level`; its log lines come on the channel as they are written.
     fn spawn_logged(&self, role: &str, id: &str, extra: &[&str], level: &str) -> (Proc, mpsc::Receiver<String>) {
         let mut child = self.command(role, id, extra).env("RUST_LOG", level).stderr(Stdio::piped()).spawn().unwrap();
@@ -165,8 +171,7 @@ struct TwoRooms {
 
 impl Servers {
     fn two_rooms(&self) -> TwoRooms {
-        let port = free_port();
-        let _connector = self.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+        let (port, _connector) = self.connector("connector-1");
         let room1 = self.spawn("room", "room-1", &[]);
         let _room2 = self.spawn("room", "room-2", &[]);
         self.wait_registered(3);
@@ -186,10 +191,9 @@ struct TwoConnectors {
 
 impl Servers {
     fn two_connectors(&self) -> TwoConnectors {
-        let (port1, port2) = (free_port(), free_port());
         let _room = self.spawn("room", "room-1", &[]);
-        let _connector1 = self.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port1}")]);
-        let connector2 = self.spawn("connector", "connector-2", &["--tcp", &format!("127.0.0.1:{port2}")]);
+        let (port1, _connector1) = self.connector("connector-1");
+        let (port2, connector2) = self.connector("connector-2");
         self.wait_registered(3);
         TwoConnectors { port1, port2, _room, _connector1, connector2 }
     }
@@ -1019,8 +1023,7 @@ fn a_server_on_the_endpoint_of_a_killed_one_refuses_calls_meant_for_it() {
     let rpc_port = free_port();
     let bind = format!("tcp://127.0.0.1:{rpc_port}");
     let ours = Servers::new("reuse-a", &[("DRAGONFRUIT_DISCOVERY__TTL", "60s"), ("DRAGONFRUIT_RPC__TIMEOUT", "3s")]);
-    let port = free_port();
-    let _connector = ours.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let (port, _connector) = ours.connector("connector-1");
     let mut room = Proc(ours.command("room", "room-1", &[]).env("DRAGONFRUIT_RPC__BIND", &bind).spawn().unwrap());
     ours.wait_registered(2);
     let alice = player(port, "alice");
@@ -1156,9 +1159,8 @@ fn a_player_whose_leave_was_lost_is_dropped_at_the_next_member_check() {
             ("DRAGONFRUIT_GAME__MEMBER_CHECK", "1s"),
         ],
     );
-    let port = free_port();
     let room = servers.spawn("room", "room-1", &[]);
-    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let (port, _connector) = servers.connector("connector-1");
     servers.wait_registered(2);
     let (alice, bob) = (player(port, "alice"), player(port, "bob"));
     join_hall(&alice);
@@ -1241,9 +1243,8 @@ fn a_frozen_room_server_is_noticed_by_heartbeats() {
             ("DRAGONFRUIT_RPC__HEARTBEAT", "200ms"),
         ],
     );
-    let port = free_port();
     let room = servers.spawn("room", "room-1", &[]);
-    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let (port, _connector) = servers.connector("connector-1");
     let player = player(port, "p");
     signal(&room.0, libc::SIGSTOP);
     // Three heartbeats of 200 ms without an answer close the connection.
