@@ -16,6 +16,8 @@
 #   scripts/bench.sh sessions   connector + 2 room servers started with --role, all in one session
 #                               and then each in a session of its own (as from three terminals):
 #                               forwarded echo at two loads each
+#   scripts/bench.sh rooms [N ...]  local clusters of N room servers each (default 2 8 32; not
+#                               part of `all`): forwarded echo at 64 x 16, the servers' CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -118,6 +120,15 @@ if [ "$what" = all ] || [ "$what" = sessions ]; then
     echo "== a session for each server"
     for cmd in "${servers[@]}"; do setsid bash -c "exec $cmd" & done
     run_forwarded
+fi
+if [ "$what" = rooms ]; then
+    shift
+    for rooms in ${*:-2 8 32}; do
+        echo "== $rooms room servers"
+        start --rooms "$rooms"
+        $bench echo --route room.room.echo --connections 64 --inflight 16 --duration 10 --warmup 2 --server-pid "$pids"
+        stop
+    done
 fi
 if [ "$what" = all ] || [ "$what" = idle ]; then
     start --role standalone

@@ -201,6 +201,10 @@ struct Peer {
     /// Another process answered on its endpoint (`Frame::Misdirected`): down until the
     /// table lists it anew (which replaces this peer, or has it name the listed process).
     misdirected: bool,
+    /// When a message was last handed to ZeroMQ for it. Only a peer sent something within
+    /// the call timeout can have an answer or a refusal for this server that matters now,
+    /// so only those are read and polled at every pass (see [`SocketThread::read_peers`]).
+    last_sent: Option<Instant>,
 }
 
 impl Peer {
@@ -220,7 +224,13 @@ impl Peer {
             last_use: now,
             leaving: false,
             misdirected: false,
+            last_sent: None,
         }
+    }
+
+    /// It may have answers for this server: something was sent to it within `window`.
+    fn may_answer(&self, now: Instant, window: Duration) -> bool {
+        self.last_sent.is_some_and(|sent| now.duration_since(sent) <= window)
     }
 
     /// Its connection is up.
@@ -277,6 +287,7 @@ impl Peer {
         match self.socket.send_multipart([self.addressee.as_slice(), &wire::encode(&frames)], zmq::DONTWAIT) {
             Ok(()) => {
                 self.up(id);
+                self.last_sent = Some(Instant::now());
                 Sent::Yes
             }
             Err(e) if is_again(&e) && self.unreachable => Sent::Failed(frames, "never connected".into()),
@@ -1034,12 +1045,14 @@ impl SocketThread {
             }
         }
         self.publish_unreachable();
+        // Every peer is read here, also those a pass leaves alone (late answers, refusals
+        // of one-way messages), and answers that came in before a connection went are
+        // delivered before its calls fail (a server that stops sends its last answers,
+        // then closes).
+        self.read_peers(Peers::All);
         if lost.is_empty() || self.pending.is_empty() {
             return;
         }
-        // Answers that came in before the connection went are still in the socket: deliver
-        // them first (a server that stops sends its last answers, then closes).
-        self.read_peers();
         let waiting: Vec<u64> =
             self.pending.iter().filter(|(_, p)| lost.contains(&p.to)).map(|(corr, _)| *corr).collect();
         for corr in waiting {
@@ -1070,7 +1083,7 @@ impl SocketThread {
             if !read && self.pending.contains_key(&corr) {
                 // An answer already received is not a timeout: read before failing any.
                 read = true;
-                self.read_peers();
+                self.read_peers(Peers::All);
                 continue;
             }
             self.deadlines.pop();
@@ -1088,28 +1101,35 @@ impl SocketThread {
         next.map_or(cap, |d| d.min(cap)).as_millis() as i64 + 1
     }
 
-    /// Blocks until a socket or the wake-up fd is readable, or the next deadline.
+    /// Blocks until a socket or the wake-up fd is readable, or the next deadline (at most
+    /// [`PROBE`]). Peers that cannot have answers that matter now (see [`Peers`]) are not
+    /// polled: each socket polled costs system calls at every pass, so polling them all
+    /// would make every pass dearer as the cluster grows.
     fn wait(&mut self) -> Result<(), zmq::Error> {
+        let now = Instant::now();
         let mut items = Vec::with_capacity(2 + self.peers.len());
         items.push(self.router.as_poll_item(zmq::POLLIN));
         items.push(zmq::PollItem::from_fd(self.wake_read.as_raw_fd(), zmq::POLLIN));
         // A peer with held messages is also polled for writing: its connection came up.
         let held = &self.held;
-        items.extend(self.peers.iter().map(|(id, peer)| {
-            let events = if held.contains_key(id) { zmq::POLLIN | zmq::POLLOUT } else { zmq::POLLIN };
-            peer.socket.as_poll_item(events)
+        items.extend(self.peers.iter().filter_map(|(id, peer)| {
+            if held.contains_key(id) {
+                Some(peer.socket.as_poll_item(zmq::POLLIN | zmq::POLLOUT))
+            } else {
+                peer.may_answer(now, self.timeout).then(|| peer.socket.as_poll_item(zmq::POLLIN))
+            }
         }));
         zmq::poll(&mut items, self.poll_timeout())?;
         self.wake_ready = items[1].is_readable();
         Ok(())
     }
 
-    /// Reads what every socket holds; whether anything came. Reading a ZeroMQ socket that
-    /// holds nothing costs one `poll(0)` of its mailbox fd and no sleep, so a busy thread
-    /// skips blocking in `zmq_poll`.
+    /// Reads what the ROUTER and the peers that may answer hold; whether anything came.
+    /// Reading a ZeroMQ socket that holds nothing costs one `poll(0)` of its mailbox fd and
+    /// no sleep, so a busy thread skips blocking in `zmq_poll`.
     fn read_all(&mut self) -> bool {
         let from_callers = self.read_router();
-        self.read_peers() || from_callers
+        self.read_peers(Peers::MayAnswer) || from_callers
     }
 
     /// Reads every waiting message and hands their calls over together, so work that
@@ -1169,11 +1189,16 @@ impl SocketThread {
         got
     }
 
-    /// Reads the answers waiting on every DEALER and hands them to their callers.
-    fn read_peers(&mut self) -> bool {
+    /// Reads the answers waiting on the DEALERs of `which` peers and hands them to their
+    /// callers.
+    fn read_peers(&mut self, which: Peers) -> bool {
         let mut got = false;
         let mut misdirected = false;
+        let now = Instant::now();
         for (id, peer) in &mut self.peers {
+            if which == Peers::MayAnswer && !peer.may_answer(now, self.timeout) {
+                continue;
+            }
             loop {
                 let payload = match peer.socket.recv_bytes(zmq::DONTWAIT) {
                     Ok(payload) => payload,
@@ -1242,6 +1267,17 @@ impl SocketThread {
         }
         self.answers.entry(identity).or_default().extend(answers);
     }
+}
+
+/// Which peers' DEALERs a read looks at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Peers {
+    /// Every peer (`probe_peers`, every [`PROBE`]; before calls fail for want of an answer).
+    All,
+    /// Those sent something within the call timeout (every pass): an answer to a call
+    /// comes within it (a later one is dropped anyway), and a refusal right after a send.
+    /// What the others get (a late answer, nothing else) waits for the next probe.
+    MayAnswer,
 }
 
 /// The frames of an envelope from `from`; none (and a warning) if it is malformed.

@@ -179,6 +179,32 @@ fn a_peer_whose_endpoint_another_process_holds_is_unreachable_until_listed_anew(
     stop(io, thread);
 }
 
+/// A pass reads and polls only the peers sent something within the call timeout (each
+/// socket polled costs system calls at every pass); what another peer sends is still read,
+/// at the next probe: a refusal long after the last call marks it down.
+#[test]
+fn a_peer_sent_nothing_for_a_while_is_still_read() {
+    let ctx = zmq::Context::new();
+    let (server, addr) = fake_server(&ctx);
+    let timeout = Duration::from_millis(300);
+    let (io, thread, table) = start_with_table(&ctx, &[("peer", &addr)], timeout);
+    let answered = kick_call(&io, "peer");
+    let (identity, corr) = recv_call(&server);
+    let reply = Frame::Reply { corr, result: Ok(Answer::Found(true)) };
+    server.send_multipart([identity.as_slice(), &envelope(&[reply])], 0).unwrap();
+    assert_eq!(answered.recv_timeout(Duration::from_secs(5)), Ok(Ok(Answer::Found(true))));
+    // Past the call timeout: the peer is read only by the probe now.
+    std::thread::sleep(timeout * 2);
+    let refusal = Frame::Misdirected { by: "peer#0000000000000002".into() };
+    server.send_multipart([identity.as_slice(), &envelope(&[refusal])], 0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !table.snapshot().unreachable.contains("peer") {
+        assert!(Instant::now() < deadline, "the refusal was never read");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop(io, thread);
+}
+
 /// A peer that answers with garbage, calls on the DEALER, or answers to calls nobody
 /// made: each is dropped, and the caller gets exactly the one real answer.
 #[test]
