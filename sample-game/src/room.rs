@@ -410,27 +410,44 @@ impl Rooms {
         // in was lost with its room server: its other members, as the connectors' sessions
         // say, are in it again too.
         let lost = session.get::<String>(ROOM_KEY).as_deref() == Some(room);
-        let here = !self.handing_over.load(Ordering::SeqCst);
-        let servers = self.room_servers(ctx, here);
-        let target = match rendezvous(room, &servers) {
-            Some(i) => servers[i].id.to_string(),
-            None if here => me.clone(),
-            None => return Err(HandlerError::new(codes::NOT_FOUND, format!("no room server to make room {room} on"))),
-        };
-        if target == me {
-            if lost {
-                self.make_lost_room(ctx, room);
-            }
-            let Some(joined) = self.enter(ctx, room, uid, session_ref(session), true)? else {
-                // This server began handing its rooms over meanwhile.
-                return Err(HandlerError::new(codes::INTERNAL, format!("room {room}: its room server is stopping")));
+        let mut here = !self.handing_over.load(Ordering::SeqCst);
+        let mut servers = self.room_servers(ctx, here);
+        let admit = Admit { create: true, lost, ..admit };
+        loop {
+            let target = match rendezvous(room, &servers) {
+                Some(i) => servers[i].id.to_string(),
+                None if here => me.clone(),
+                None => {
+                    return Err(HandlerError::new(codes::NOT_FOUND, format!("no room server to make room {room} on")))
+                }
             };
-            remember_room(session, room, &me)?;
-            return Ok((me, joined));
+            let joined = if target == me {
+                if lost {
+                    self.make_lost_room(ctx, room);
+                }
+                self.enter(ctx, room, uid, session_ref(session), true)?
+            } else {
+                match ctx.rpc_to::<_, Joined>(&target, ADMIT_ROUTE, &admit) {
+                    Ok(joined) => Some(joined),
+                    Err(e) if e.code == NO_ROOM => None,
+                    Err(e) => return Err(e),
+                }
+            };
+            match joined {
+                Some(joined) => {
+                    remember_room(session, room, &target)?;
+                    return Ok((target, joined));
+                }
+                // That server (this one, meanwhile) is stopping: it hands its rooms over and
+                // makes none, though still listed until discovery says it left. The name
+                // goes where the router places it without that server, as its hand-over
+                // would.
+                None => {
+                    here &= target != me;
+                    servers.retain(|s| *s.id != *target);
+                }
+            }
         }
-        let joined = ctx.rpc_to::<_, Joined>(&target, ADMIT_ROUTE, &Admit { create: true, lost, ..admit })?;
-        remember_room(session, room, &target)?;
-        Ok((target, joined))
     }
 
     /// Makes `room`, lost with the room server that held it, here, with every player the

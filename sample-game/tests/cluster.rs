@@ -903,6 +903,47 @@ fn a_room_server_stopped_gracefully_hands_its_rooms_over() {
     assert!(warned.is_empty(), "{warned:#?}");
 }
 
+/// A room made while the room server its name hashes to is stopping (handing its rooms over,
+/// still listed by the others until their next rescan) is made on another room server: the
+/// join does not fail. Rescans every 2 s here, so the other room server still lists the
+/// stopping one when the join comes.
+#[test]
+fn a_room_made_as_its_room_server_stops_goes_to_another() {
+    let servers =
+        Servers::new("makestop", &[("DRAGONFRUIT_DISCOVERY__REFRESH", "2s"), ("DRAGONFRUIT_DISCOVERY__TTL", "6s")]);
+    let port = free_port();
+    let _connector = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let (mut room1, room1_log) = servers.spawn_logged("room", "room-1", &[], "info");
+    let (_room2, room2_log) = servers.spawn_logged("room", "room-2", &[], "warn");
+    servers.wait_registered(3);
+    std::thread::sleep(Duration::from_millis(2200)); // every server has rescanned once
+    let [alice, bob] = ["alice", "bob"].map(|name| player(port, name));
+    let _: Value = alice.request("room.room.join", &json!({"room": room_on(2, "a")})).unwrap();
+    let _: Value = bob.request("room.room.join", &json!({"room": room_on(1, "b")})).unwrap();
+
+    signal(&room1.0, libc::SIGTERM);
+    wait_line(&room1_log, "handed 1 of 1 rooms");
+    // Alice's join goes to room-2 (her room's server), where the new room's name hashes to
+    // room-1.
+    let new_room = room_on(1, "new");
+    let joined: Value = alice.request("room.room.join", &json!({"room": new_room})).unwrap();
+    assert_eq!(joined, json!({"room": new_room, "members": ["alice"]}));
+    assert!(wait_exit(&mut room1.0, Duration::from_secs(15)).is_some_and(|s| s.success()));
+    // The room lives on room-2: bob joins it and both hear each other.
+    let _: Value = bob.request("room.room.join", &json!({"room": new_room})).unwrap();
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+    bob.notify("room.room.say", &json!({"text": "hi"})).unwrap();
+    for p in [&alice, &bob] {
+        assert_eq!(heard(p), chat("bob", "hi"));
+    }
+    let warned: Vec<String> = room2_log
+        .try_iter()
+        .chain(room1_log.try_iter())
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert!(warned.is_empty(), "{warned:#?}");
+}
+
 /// A room lost with its room server (SIGKILL) is made anew by the first member who speaks
 /// in it (on the other room server, once discovery has dropped the dead one), with every
 /// player whose session is in it: the silent ones hear the line too.
