@@ -375,6 +375,34 @@ fn user_rpc_between_servers() {
     assert_eq!(ran, 3);
 }
 
+/// A handler asks several servers at once (`rpc_to_each`): the answers come in the order
+/// asked, a server that is not in the cluster answers `NOT_FOUND` alone, and every call is
+/// out before the first answer (two `stall` remotes wait at a gate opened once both have
+/// started: asked one after the other, the first call would time out).
+#[test]
+fn user_rpc_to_each_of_several_servers_at_once() {
+    let c = cluster("rpceach", 2, TIMEOUT, None);
+    let client = c.frontend.client();
+    let ids = ["room-2", "room-9", "room-1"];
+    let answers: Value = client.request("probe.rpc_each", &json!([ids, "room.room.server"])).unwrap();
+    assert_eq!(
+        answers,
+        json!([
+            {"server": "room-2", "caller": "connector-1"},
+            {"error": codes::NOT_FOUND},
+            {"server": "room-1", "caller": "connector-1"},
+        ])
+    );
+    let caller = c.frontend.client();
+    let stalled = std::thread::spawn(move || {
+        caller.request::<_, Value>("probe.rpc_each", &json!([["room-1", "room-2"], "room.room.stall"]))
+    });
+    let both = wait_until(T, || c.backend.held.load(Ordering::SeqCst) == 2);
+    c.backend.gate.open();
+    assert!(both, "both remotes ran at once");
+    assert_eq!(stalled.join().unwrap().unwrap(), json!([true, true]));
+}
+
 #[test]
 fn no_server_of_the_type_fails_at_once() {
     let c = cluster("noserver", 1, Duration::from_secs(5), None);

@@ -36,4 +36,12 @@ pub trait Messenger: Send + Sync {
     /// Calls the remote (user RPC handler) `route` on a server of its type and waits for
     /// the serialized answer, up to the configured timeout (`PIT-504` after it).
     fn call(&self, route: &str, target: CallTarget<'_>, body: Vec<u8>) -> Result<Vec<u8>, HandlerError>;
+    /// Calls the remote `route` on each of the servers `server_ids` with the same `body`, and
+    /// waits for every answer: the answers in the order of `server_ids`, each as from
+    /// [`call`](Messenger::call) with [`CallTarget::Server`]. The cluster's messenger sends
+    /// every call before it waits, so asking N servers takes about as long as asking the
+    /// slowest one; this default asks them one after another.
+    fn call_each(&self, route: &str, server_ids: &[&str], body: Vec<u8>) -> Vec<Result<Vec<u8>, HandlerError>> {
+        server_ids.iter().map(|id| self.call(route, CallTarget::Server(id), body.clone())).collect()
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dragonfruit_core::cluster::CallTarget;
 use dragonfruit_core::{HandlerError, Messenger, MessengerError, Route};
@@ -162,6 +162,48 @@ impl Messenger for ClusterMessenger {
             Some(result) => result,
             None => self.local.call(route, target, body),
         }
+    }
+
+    fn call_each(&self, route: &str, server_ids: &[&str], body: Vec<u8>) -> Vec<Result<Vec<u8>, HandlerError>> {
+        let local = |id: &str| self.local.call(route, CallTarget::Server(id), body.clone());
+        if let Err(e) = Route::parse(route) {
+            let error = HandlerError::bad_request(e.to_string());
+            return server_ids.iter().map(|_| Err(error.clone())).collect();
+        }
+        let answers = self.with(|inner, started| {
+            let mut answers: Vec<Option<Result<Vec<u8>, HandlerError>>> = vec![None; server_ids.len()];
+            let (tx, rx) = crossbeam_channel::bounded(server_ids.len());
+            let mut sent = 0;
+            for (i, id) in server_ids.iter().enumerate() {
+                if *id == &*started.me.id {
+                    continue;
+                }
+                let tx = tx.clone();
+                let call = Call::User { route: route.to_owned(), body: body.clone() };
+                started.io.call(id, None, call, Some(ReplyFn::new(move |r| drop(tx.send((i, r))))));
+                sent += 1;
+            }
+            // This server's own remote runs here while the others' calls are out.
+            for (i, id) in server_ids.iter().enumerate() {
+                if *id == &*started.me.id {
+                    answers[i] = Some(local(id));
+                }
+            }
+            // Every reply callback runs once (answer, failure, the call timeout, or "rpc
+            // layer stopped"); the margin only guards against a lost one.
+            let deadline = Instant::now() + inner.rpc.timeout + Duration::from_secs(1);
+            for _ in 0..sent {
+                let Ok((i, result)) = rx.recv_deadline(deadline) else { break };
+                answers[i] = Some(match result {
+                    Ok(Answer::Body(bytes)) => Ok(bytes.0),
+                    Ok(_) => Err(HandlerError::internal("unexpected answer to a user rpc")),
+                    Err(e) => Err(e),
+                });
+            }
+            let no_answer = |id: &str| HandlerError::timeout(format!("no answer from {id}"));
+            answers.into_iter().zip(server_ids).map(|(a, id)| a.unwrap_or_else(|| Err(no_answer(id)))).collect()
+        });
+        answers.unwrap_or_else(|| server_ids.iter().map(|id| local(id)).collect())
     }
 }
 

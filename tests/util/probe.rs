@@ -151,6 +151,12 @@ impl Component for Probe {
         r.handler("rpc_server", |_: &Probe, ctx: &mut Ctx<'_>, server: String| {
             ctx.rpc_to::<_, Value>(&server, "room.room.server", &json!({}))
         });
+        // Calls `route` on each of `ids` at once: each answer, or the error's code.
+        r.handler("rpc_each", |_: &Probe, ctx: &mut Ctx<'_>, (ids, route): (Vec<String>, String)| {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let answers = ctx.rpc_to_each::<_, Value>(&ids, &route, &json!({}));
+            Ok(answers.into_iter().map(|a| a.unwrap_or_else(|e| json!({"error": e.code}))).collect::<Vec<_>>())
+        });
         r.handler("broadcast", |_: &Probe, ctx: &mut Ctx<'_>, msg: Value| {
             let server_type = ctx.server().server_type.to_string();
             ctx.broadcast(&server_type, "onMsg", &msg)?;
