@@ -513,15 +513,19 @@ impl Rooms {
     }
 
     /// The other room server holding `room`, if one does. A room server that does not
-    /// answer holds nothing reachable.
+    /// answer holds nothing reachable. They are all asked at once: a room held nowhere (a
+    /// new one) costs one round trip however many room servers there are.
     fn holder_elsewhere(&self, env: &HandlerEnv, room: &str) -> Option<String> {
-        let holder = self.other_room_servers(env).into_iter().find(|server| {
-            env.rpc_to::<_, bool>(&server.id, HOLDS_ROUTE, room).unwrap_or_else(|e| {
-                debug!("room server {} not asked for room {room}: {e}", server.id);
-                false
-            })
-        });
-        holder.map(|server| server.id.to_string())
+        let others = self.other_room_servers(env);
+        let ids: Vec<&str> = others.iter().map(|s| &*s.id).collect();
+        let answers = env.rpc_to_each::<_, bool>(&ids, HOLDS_ROUTE, room);
+        ids.into_iter().zip(answers).find_map(|(id, holds)| match holds {
+            Ok(holds) => holds.then(|| id.to_owned()),
+            Err(e) => {
+                debug!("room server {id} not asked for room {room}: {e}");
+                None
+            }
+        })
     }
 
     /// The members of `room` by the connectors' sessions: every player whose session says it
@@ -530,11 +534,14 @@ impl Rooms {
     fn members_by_sessions(&self, env: &HandlerEnv, room: &str) -> Members {
         let Some(cluster) = &self.cluster else { return Members::new() };
         let found = InRoom { room: room.to_owned(), server: env.server().id.to_string() };
+        let frontends: Vec<ServerEntry> = cluster.servers().into_iter().filter(|s| s.frontend).collect();
+        let ids: Vec<&str> = frontends.iter().map(|s| &*s.id).collect();
+        let answers = env.rpc_to_each::<_, Vec<(String, u64)>>(&ids, IN_ROOM_ROUTE, &found);
         let mut members = Members::new();
-        for frontend in cluster.servers().into_iter().filter(|s| s.frontend) {
-            match env.rpc_to::<_, Vec<(String, u64)>>(&frontend.id, IN_ROOM_ROUTE, &found) {
-                Ok(found) => members.extend(found.into_iter().map(|(uid, sid)| (uid, (frontend.id.to_string(), sid)))),
-                Err(e) => debug!("connector {} not asked who is in room {room}: {e}", frontend.id),
+        for (id, answer) in ids.into_iter().zip(answers) {
+            match answer {
+                Ok(found) => members.extend(found.into_iter().map(|(uid, sid)| (uid, (id.to_owned(), sid)))),
+                Err(e) => debug!("connector {id} not asked who is in room {room}: {e}"),
             }
         }
         members
