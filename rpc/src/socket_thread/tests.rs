@@ -161,22 +161,24 @@ fn a_peer_whose_endpoint_another_process_holds_is_unreachable_until_listed_anew(
     ];
     server.send_multipart([identity.as_slice(), &envelope(&refusal)], 0).unwrap();
     assert!(matches!(answered.recv_timeout(Duration::from_secs(5)), Ok(Err(_))));
-    let down = |want: bool| {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while table.snapshot().unreachable.contains("peer") != want {
-            assert!(Instant::now() < deadline, "peer down: {}, wanted {want}", !want);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
-    down(true);
+    peer_down(&table, true);
     let mut anew = fake_entry("peer", &addr);
     anew.get_mut("peer").unwrap().instance = 2;
     table.replace(anew);
     io.send(Cmd::PeersChanged);
     // Listed anew: a new peer, not down.
-    down(false);
+    peer_down(&table, false);
     call_is_answered(&io, "peer", &server, true);
     stop(io, thread);
+}
+
+/// Waits (up to 5 s) until `table` lists server `peer` as unreachable, or not, as `want`.
+fn peer_down(table: &ServerTable, want: bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while table.snapshot().unreachable.contains("peer") != want {
+        assert!(Instant::now() < deadline, "peer down: {}, wanted {want}", !want);
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A pass reads and polls only the peers sent something within the call timeout (each
@@ -197,11 +199,8 @@ fn a_peer_sent_nothing_for_a_while_is_still_read() {
     std::thread::sleep(timeout * 2);
     let refusal = Frame::Misdirected { by: "peer#0000000000000002".into() };
     server.send_multipart([identity.as_slice(), &envelope(&[refusal])], 0).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !table.snapshot().unreachable.contains("peer") {
-        assert!(Instant::now() < deadline, "the refusal was never read");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // The refusal is read.
+    peer_down(&table, true);
     stop(io, thread);
 }
 
