@@ -610,6 +610,21 @@ fn bad_arguments_are_refused_with_a_reason() {
     }
 }
 
+/// The launcher refuses a client address the connector could not listen on before it
+/// starts any server.
+#[test]
+fn the_launcher_refuses_a_client_address_it_cannot_listen_on() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    for (addr, reason) in [("nope", "invalid socket address"), (taken.as_str(), "in use")] {
+        let out = Command::new(BIN).args(["--tcp", addr]).output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{addr}: {stderr}");
+        assert!(stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains(reason), "{addr}: {stderr}");
+        assert!(!stdout.contains("starting"), "{addr}: no server started: {stdout}");
+    }
+}
+
 #[test]
 fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     let servers = Servers::new("kill", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);
