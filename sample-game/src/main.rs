@@ -57,6 +57,7 @@ Log level: RUST_LOG (default info).";
 const MAX_ROOMS: usize = 32;
 
 /// Parsed command line.
+#[derive(Clone)]
 pub(crate) struct Args {
     pub(crate) role: Option<Role>,
     pub(crate) play: Option<String>,
@@ -149,6 +150,18 @@ fn source(role: Role, args: &Args) -> Result<ConfigSource, String> {
     Ok(source)
 }
 
+/// Checks the configuration every server of the local cluster gets (the launcher's file
+/// and environment, embedded discovery) without starting anything, so that a wrong one
+/// stops the launcher before it starts any server.
+fn check_local_cluster(args: &Args) -> Result<(), String> {
+    let args = Args { discovery: Some("embedded".into()), ..args.clone() };
+    for role in [Role::Connector, Role::Room] {
+        let (mut builder, _) = sample_game::app(role, &source(role, &args)?)?;
+        builder.config_mut().validate().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// Runs one server until Ctrl-C or SIGTERM.
 fn serve(role: Role, args: &Args) -> Result<(), String> {
     let (builder, cluster) = sample_game::app(role, &source(role, args)?)?;
@@ -231,7 +244,7 @@ fn main() -> ExitCode {
     let result = match (&args.play, args.role) {
         (Some(name), _) => play::run(&args.tcp, name, &args.room),
         (None, Some(role)) => serve(role, &args),
-        (None, None) => launcher::run(&args),
+        (None, None) => check_local_cluster(&args).and_then(|()| launcher::run(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -354,16 +354,26 @@ fn the_launcher_starts_again_a_server_that_exits() {
     wait_line(&err, "server room-2 exited 4 times within 60s");
 }
 
-/// A server that fails at start (the connector's port is taken) is not started again: the
-/// launcher stops the cluster at once and says why.
+/// A server that fails at start (here every server: the RPC endpoint they are all given is
+/// taken) is not started again: the launcher stops the cluster at once and says why.
 #[test]
 fn the_launcher_stops_when_a_server_fails_at_start() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut launcher = launcher(taken.local_addr().unwrap().port(), true);
+    let rpc = format!("tcp://{}", taken.local_addr().unwrap());
+    let mut launcher = Proc(
+        Command::new(BIN)
+            .args(["--tcp", &format!("127.0.0.1:{}", free_port())])
+            .env("RUST_LOG", "warn")
+            .env("DRAGONFRUIT_RPC__BIND", &rpc)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let err = line_reader(launcher.0.stderr.take().unwrap());
     let status = wait_exit(&mut launcher.0, Duration::from_secs(10)).expect("the launcher stops");
     assert!(!status.success());
-    wait_line(&err, "server connector-1 failed at start (exit status: 1); stopping the cluster");
+    wait_line(&err, "failed at start (exit status: 1); stopping the cluster");
     // No server of it is left: they all had its discovery directory in their arguments.
     let dir = format!("dragonfruit-sample-game-{}", launcher.0.id());
     let left: Vec<String> = std::fs::read_dir("/proc")
@@ -610,19 +620,28 @@ fn bad_arguments_are_refused_with_a_reason() {
     }
 }
 
-/// The launcher refuses a client address the connector could not listen on before it
-/// starts any server.
+/// The launcher refuses a client address the connector could not listen on, and a
+/// configuration its servers would refuse, before it starts any server.
 #[test]
-fn the_launcher_refuses_a_client_address_it_cannot_listen_on() {
+fn the_launcher_refuses_a_bad_address_or_configuration_before_starting_servers() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = taken.local_addr().unwrap().to_string();
-    for (addr, reason) in [("nope", "invalid socket address"), (taken.as_str(), "in use")] {
-        let out = Command::new(BIN).args(["--tcp", addr]).output().unwrap();
+    let refused = |command: &mut Command, reason: &str| {
+        let out = command.output().unwrap();
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert_eq!(out.status.code(), Some(1), "{addr}: {stderr}");
-        assert!(stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains(reason), "{addr}: {stderr}");
-        assert!(!stdout.contains("starting"), "{addr}: no server started: {stdout}");
-    }
+        assert_eq!(out.status.code(), Some(1), "{reason}: {stderr}");
+        assert!(stderr.contains(reason), "{reason}: {stderr}");
+        assert!(!stdout.contains("starting"), "{reason}: no server started: {stdout}");
+    };
+    refused(Command::new(BIN).args(["--tcp", "nope"]), "cannot listen on nope: invalid socket address");
+    refused(Command::new(BIN).args(["--tcp", &taken]), &format!("cannot listen on {taken}: Address already in use"));
+    // And a configuration a server would refuse.
+    let free = format!("127.0.0.1:{}", free_port());
+    refused(
+        Command::new(BIN).args(["--tcp", &free]).env("DRAGONFRUIT_DISPATCH__CONCURRENCY", "0"),
+        "dispatch.concurrency: must be 1..=4096",
+    );
+    refused(Command::new(BIN).args(["--tcp", &free]).env("DRAGONFRUIT_GAME__MEMBER_CHECK", "0s"), "game.member_check");
 }
 
 #[test]
