@@ -151,11 +151,7 @@ impl Messenger for ClusterMessenger {
                 Err(e) => return Some(Err(e)),
             };
             let call = Call::User { route: route.to_owned(), body: body.clone() };
-            Some(match blocking(&started.io, &to, seen_at.as_deref(), call, inner.rpc.timeout) {
-                Ok(Answer::Body(bytes)) => Ok(bytes.0),
-                Ok(_) => Err(HandlerError::internal("unexpected answer to a user rpc")),
-                Err(e) => Err(e),
-            })
+            Some(user_answer(blocking(&started.io, &to, seen_at.as_deref(), call, inner.rpc.timeout)))
         });
         // `None`: this server's own remote, or no running cluster layer.
         match outcome.flatten() {
@@ -194,16 +190,21 @@ impl Messenger for ClusterMessenger {
             let deadline = Instant::now() + inner.rpc.timeout + Duration::from_secs(1);
             for _ in 0..sent {
                 let Ok((i, result)) = rx.recv_deadline(deadline) else { break };
-                answers[i] = Some(match result {
-                    Ok(Answer::Body(bytes)) => Ok(bytes.0),
-                    Ok(_) => Err(HandlerError::internal("unexpected answer to a user rpc")),
-                    Err(e) => Err(e),
-                });
+                answers[i] = Some(user_answer(result));
             }
             let no_answer = |id: &str| HandlerError::timeout(format!("no answer from {id}"));
             answers.into_iter().zip(server_ids).map(|(a, id)| a.unwrap_or_else(|| Err(no_answer(id)))).collect()
         });
         answers.unwrap_or_else(|| server_ids.iter().map(|id| local(id)).collect())
+    }
+}
+
+/// The body a user RPC answered with, or why there is none.
+fn user_answer(result: Result<Answer, HandlerError>) -> Result<Vec<u8>, HandlerError> {
+    match result {
+        Ok(Answer::Body(bytes)) => Ok(bytes.0),
+        Ok(_) => Err(HandlerError::internal("unexpected answer to a user rpc")),
+        Err(e) => Err(e),
     }
 }
 
