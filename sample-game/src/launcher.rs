@@ -140,9 +140,6 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             std::env::temp_dir().join(format!("dragonfruit-sample-game-{}", std::process::id())).display().to_string()
         }
     };
-    // A client address the connector could not listen on (malformed, or taken) is refused
-    // before any server starts.
-    drop(std::net::TcpListener::bind(&args.tcp).map_err(|e| format!("cannot listen on {}: {e}", args.tcp))?);
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     ctrlc::set_handler(move || {
         let _ = stop_tx.try_send(());

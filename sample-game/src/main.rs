@@ -151,9 +151,11 @@ fn source(role: Role, args: &Args) -> Result<ConfigSource, String> {
 }
 
 /// Checks the configuration every server of the local cluster gets (the launcher's file
-/// and environment, embedded discovery) without starting anything, so that a wrong one
-/// stops the launcher before it starts any server.
+/// and environment, embedded discovery) and the connector's client address (malformed, or
+/// taken) without starting anything, so that a wrong one stops the launcher before it
+/// starts any server.
 fn check_local_cluster(args: &Args) -> Result<(), String> {
+    drop(std::net::TcpListener::bind(&args.tcp).map_err(|e| format!("cannot listen on {}: {e}", args.tcp))?);
     let args = Args { discovery: Some("embedded".into()), ..args.clone() };
     for role in [Role::Connector, Role::Room] {
         let (mut builder, _) = sample_game::app(role, &source(role, &args)?)?;
