@@ -3,6 +3,7 @@
 mod util;
 
 mod cluster;
+mod config_doc;
 mod dispatch;
 mod etcd;
 mod lifecycle;
