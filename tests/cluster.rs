@@ -403,6 +403,50 @@ fn user_rpc_to_each_of_several_servers_at_once() {
     assert_eq!(stalled.join().unwrap().unwrap(), json!([true, true]));
 }
 
+/// Every server set to postcard (a format that does not describe itself): forwarded
+/// requests, answers, errors from the backend and from the frontend, pushes, binds and user
+/// RPC all carry postcard bodies the client reads.
+#[test]
+fn a_cluster_of_postcard_servers_speaks_postcard_end_to_end() {
+    use dragonfruit_core::Serializer::Postcard;
+    let dir = cluster_dir("postcard");
+    let backend = Backend::default();
+    let module = cluster_module(&dir, TIMEOUT);
+    let _room = Server::start_backend(room_builder("room-1", &backend, &module).serializer(Postcard));
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let frontend = Server::start(
+        probe_app(&Probe::default()).server_id("connector-1").serializer(Postcard).cluster(Arc::new(fe_module.clone())),
+    );
+    assert!(wait_until(T, || fe_module.servers().len() == 2), "frontend sees the backend");
+    let client = frontend.client();
+    assert_eq!(client.handshake().serializer, "postcard");
+
+    let grown: String = client.request("room.room.grow", &5usize).unwrap();
+    assert_eq!(grown, "xxxxx");
+    let uid: Option<String> = client.request("room.room.bind", "carol").unwrap();
+    assert_eq!(uid.as_deref(), Some("carol"));
+    assert_eq!(frontend.handle.sessions().by_uid("carol").len(), 1, "bound on the frontend");
+    assert!(client.request::<_, bool>("room.room.push_grown", &3usize).unwrap());
+    let (route, pushed): (String, String) = client.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), pushed.as_str()), ("onMsg", "xxx"));
+    let doubled: u64 = client.request("probe.rpc_double", &21u64).unwrap();
+    assert_eq!(doubled, 42, "user RPC between postcard servers");
+
+    // Errors: a body the backend's handler cannot read, a route the backend does not
+    // serve, and a server type nobody serves (answered by the frontend).
+    for (route, code) in [
+        ("room.room.grow", codes::BAD_REQUEST),
+        ("room.room.nope", codes::NOT_FOUND),
+        ("chat.chat.say", codes::NOT_FOUND),
+    ] {
+        match client.request::<_, String>(route, &[0xffu8; 12]) {
+            Err(ClientError::Server(e)) => assert_eq!(e.code, code, "{route}: {e}"),
+            other => panic!("{route}: {other:?}"),
+        }
+    }
+    assert_eq!(client.request::<_, String>("room.room.grow", &2usize).unwrap(), "xx", "the session goes on");
+}
+
 #[test]
 fn no_server_of_the_type_fails_at_once() {
     let c = cluster("noserver", 1, Duration::from_secs(5), None);
