@@ -447,6 +447,29 @@ fn a_cluster_of_postcard_servers_speaks_postcard_end_to_end() {
     assert_eq!(client.request::<_, String>("room.room.grow", &2usize).unwrap(), "xx", "the session goes on");
 }
 
+/// A backend bound to every interface at a port picked at start announces the host it is
+/// given with the port it got (`advertise = "tcp://host:*"`), and is reached there.
+#[test]
+fn a_wildcard_bind_is_advertised_with_its_host_and_the_port_it_got() {
+    let dir = cluster_dir("advertise");
+    let backend = Backend::default();
+    let rpc = dragonfruit_rpc::RpcConfig {
+        bind: "tcp://0.0.0.0:*".into(),
+        advertise: "tcp://127.0.0.1:*".into(),
+        timeout: TIMEOUT,
+        ..Default::default()
+    };
+    let module = ClusterModule::new(rpc, Box::new(crate::util::fast_discovery(&dir)));
+    let _room = Server::start_backend(room_builder("room-1", &backend, &module));
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let frontend = start_connector(&fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 2), "frontend sees the backend");
+    let room = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap();
+    let port = room.rpc_addr.strip_prefix("tcp://127.0.0.1:").and_then(|p| p.parse::<u16>().ok());
+    assert!(matches!(port, Some(1..)), "announced {}", room.rpc_addr);
+    assert_eq!(frontend.client().request_raw("room.room.echo", b"via 0.0.0.0").unwrap(), b"via 0.0.0.0");
+}
+
 #[test]
 fn no_server_of_the_type_fails_at_once() {
     let c = cluster("noserver", 1, Duration::from_secs(5), None);

@@ -605,7 +605,7 @@ impl Cluster for ClusterModule {
         let zctx = zmq::Context::new();
         let (router, endpoint) = socket_thread::bind_router(&zctx, &inner.rpc.bind)
             .map_err(|message| ClusterError::Bind { addr: inner.rpc.bind.clone(), message })?;
-        let rpc_addr = if inner.rpc.advertise.is_empty() { endpoint.clone() } else { inner.rpc.advertise.clone() };
+        let rpc_addr = inner.rpc.advertised(&endpoint);
         if let Err(message) = config::check_dialable(&rpc_addr) {
             let message = format!("{message}; set rpc.advertise");
             return Err(ClusterError::Bind { addr: inner.rpc.bind.clone(), message });

@@ -15,8 +15,9 @@ pub struct RpcConfig {
     /// free one. Default `"tcp://127.0.0.1:*"`.
     pub bind: String,
     /// `rpc.advertise`: endpoint other servers connect to, `tcp://host:port` or
-    /// `ipc://path` ([`check_dialable`]); empty means the bound one (which must then not be
-    /// a wildcard address). Default "".
+    /// `ipc://path` ([`check_dialable`]); `tcp://host:*` takes the port `bind` got (a
+    /// wildcard bind with a port picked at start); empty means the bound one (which must
+    /// then not be a wildcard address). Default "".
     pub advertise: String,
     /// `rpc.timeout`: how long a call waits for its answer; forwarded requests are then
     /// answered `PIT-504`. Default "5s".
@@ -150,11 +151,31 @@ impl RpcConfig {
             return invalid("rpc.heartbeat", format!("must be \"0s\" (off) or at least {MIN_HEARTBEAT:?}"));
         }
         if !self.advertise.is_empty() {
-            if let Err(message) = check_dialable(&self.advertise) {
-                return invalid("rpc.advertise", message);
+            // `tcp://host:*` is checked with the port it will get.
+            let advertise = match self.advertise.strip_suffix(":*") {
+                Some(host) if self.advertise.starts_with("tcp://") => format!("{host}:1"),
+                _ => self.advertise.clone(),
+            };
+            if let Err(message) = check_dialable(&advertise) {
+                return invalid("rpc.advertise", message.replace(&advertise, &self.advertise));
+            }
+            if advertise != self.advertise && !self.bind.starts_with("tcp://") {
+                return invalid("rpc.advertise", format!("{}: `*` takes the port of a tcp bind", self.advertise));
             }
         }
         Ok(())
+    }
+
+    /// The endpoint this server announces, given the one its ROUTER bound: `advertise`
+    /// (its `*` port replaced by the bound port), or the bound endpoint.
+    pub fn advertised(&self, bound: &str) -> String {
+        if self.advertise.is_empty() {
+            return bound.to_owned();
+        }
+        match (self.advertise.strip_suffix(":*"), bound.rsplit_once(':')) {
+            (Some(host), Some((_, port))) => format!("{host}:{port}"),
+            _ => self.advertise.clone(),
+        }
     }
 }
 
@@ -207,6 +228,15 @@ mod tests {
         assert!(error("[rpc]\nheartbeat = \"1ms\"\n").contains("rpc.heartbeat"));
         assert!(from_source(&ConfigSource::from_toml("[rpc]\nheartbeat = \"0s\"\n").unwrap()).is_ok(), "off");
         assert!(error("[rpc]\nadvertise = \"nonsense\"\n").contains("rpc.advertise"));
+        let rpc = |toml: &str| from_source(&ConfigSource::from_toml(toml).unwrap()).map(|(rpc, _)| rpc);
+        let wildcard = rpc("[rpc]\nbind = \"tcp://0.0.0.0:*\"\nadvertise = \"tcp://10.0.0.5:*\"\n").unwrap();
+        assert_eq!(wildcard.advertised("tcp://0.0.0.0:41234"), "tcp://10.0.0.5:41234", "the bound port");
+        let fixed = rpc("[rpc]\nadvertise = \"tcp://10.0.0.5:5000\"\n").unwrap();
+        assert_eq!(fixed.advertised("tcp://127.0.0.1:41234"), "tcp://10.0.0.5:5000");
+        assert_eq!(RpcConfig::default().advertised("tcp://127.0.0.1:41234"), "tcp://127.0.0.1:41234");
+        assert!(error("[rpc]\nadvertise = \"tcp://0.0.0.0:*\"\n").contains("wildcard"), "a wildcard host");
+        let ipc = error("[rpc]\nbind = \"ipc:///tmp/x\"\nadvertise = \"tcp://10.0.0.5:*\"\n");
+        assert!(ipc.contains("rpc.advertise") && ipc.contains("tcp bind"), "{ipc}");
         assert!(error("[discovery]\nrefresh = \"0s\"\n").contains("discovery.refresh"));
         assert!(error("[discovery]\nttl = \"100ms\"\n").contains("discovery.ttl"));
         let etcd = |urls: &str| format!("[discovery]\nkind = \"etcd\"\netcd_url = \"{urls}\"\n");
