@@ -149,6 +149,25 @@ fn backend_session_changes_reach_the_frontend_only_when_pushed() {
     assert_eq!(whoami(&client)["data"], json!({"b": 2}), "the next call carries the frontend's data");
 }
 
+/// A backend pushes what its handler changed, not its whole copy: keys the frontend set
+/// while the backend's handler ran stay, and a key the handler removed goes.
+#[test]
+fn a_backend_push_keeps_session_changes_made_meanwhile_on_the_frontend() {
+    let c = cluster("pushmerge", 1, TIMEOUT, None);
+    let client = c.frontend.client();
+    let _: bool = client.request("probe.set", &json!({"k": "old", "v": "x"})).unwrap();
+    let held = client.send_request("room.room.set_held", br#"{"k": "b", "v": 2}"#).unwrap();
+    assert!(wait_until(T, || c.backend.held.load(Ordering::SeqCst) == 1), "the backend handler started");
+    let _: bool = client.request("probe.set", &json!({"k": "a", "v": 1})).unwrap();
+    c.backend.gate.open();
+    assert_eq!(held.wait_timeout(T).unwrap(), b"true");
+    let data: Value = client.request("probe.get_all", &json!({})).unwrap();
+    assert_eq!(data, json!({"a": 1, "b": 2, "old": "x"}), "set on the frontend meanwhile, and pushed");
+    let _: bool = client.request("room.room.unset", "old").unwrap();
+    let data: Value = client.request("probe.get_all", &json!({})).unwrap();
+    assert_eq!(data, json!({"a": 1, "b": 2}), "removed on the backend");
+}
+
 #[test]
 fn bind_push_and_kick_from_a_backend() {
     let c = cluster("bindpush", 1, TIMEOUT, None);

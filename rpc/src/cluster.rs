@@ -475,6 +475,17 @@ impl Inner {
                 };
                 responder.send(result);
             }
+            Call::SessionChanges { session, set, removed } => {
+                let result = match (ctx.sessions.get(session), serde_json::from_slice::<BTreeMap<_, _>>(&set)) {
+                    (Some(s), Ok(set)) => {
+                        s.change_data(set, &removed);
+                        Ok(Answer::Done)
+                    }
+                    (None, _) => Err(no_session(session, &started.me.id)),
+                    (_, Err(e)) => Err(HandlerError::bad_request(format!("session data: {e}"))),
+                };
+                responder.send(result);
+            }
             Call::PushUsers { uids, route, body } => {
                 let result = ctx.local.push_to_users(&route, body.into(), &uids);
                 responder.send(result.map(Answer::Missing).map_err(|e| HandlerError::internal(e.to_string())));

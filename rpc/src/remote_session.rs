@@ -1,13 +1,17 @@
 //! Remote agents: on a backend, a forwarded message runs with a temporary `Session` built
 //! from the frontend's snapshot. Its sink turns push, kick, bind and "push session data" into
 //! calls back to the frontend that holds the connection. Data changed on the backend reaches
-//! the frontend only through `push_to_frontend`, as in Pitaya.
+//! the frontend only through `push_to_frontend`, as in Pitaya; what goes is the keys set and
+//! removed here (not the whole copy, which would undo changes the frontend made meanwhile).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dragonfruit_core::serializer::SerializeError;
 use dragonfruit_core::{HandlerError, Serializer, Session, SessionError, SessionInit, SessionSink};
 use log::warn;
+use serde_json::Value;
 
 use crate::socket_thread::{Io, ReplyFn};
 use crate::table::ServerEntry;
@@ -22,6 +26,9 @@ pub(crate) struct RemoteSink {
     /// discovery first, then waits for its forwarded requests, whose handlers may still
     /// push to, bind or kick its sessions.
     frontend_rpc: String,
+    /// The session's data as the frontend has it, as far as this server knows: the
+    /// snapshot's, then what the last push left. A push sends the differences.
+    pushed: Mutex<BTreeMap<String, Value>>,
 }
 
 impl RemoteSink {
@@ -59,12 +66,17 @@ pub(crate) fn remote_session(
     timeout: Duration,
     serializer: Serializer,
 ) -> Result<Arc<Session>, HandlerError> {
-    let data = serde_json::from_slice(&s.data).map_err(|e| {
+    let data: BTreeMap<String, Value> = serde_json::from_slice(&s.data).map_err(|e| {
         let text = format!("session {} of {}: bad session data: {e}", s.id, s.frontend_id);
         warn!("{text}");
         HandlerError::bad_request(text)
     })?;
-    let sink = Arc::new(RemoteSink { io: io.clone(), timeout, frontend_rpc: s.frontend_rpc });
+    let sink = Arc::new(RemoteSink {
+        io: io.clone(),
+        timeout,
+        frontend_rpc: s.frontend_rpc,
+        pushed: Mutex::new(data.clone()),
+    });
     let init = SessionInit {
         id: s.id,
         frontend_id: Arc::from(s.frontend_id),
@@ -128,7 +140,16 @@ impl SessionSink for RemoteSink {
     }
 
     fn push_data(&self, session: &Session) -> Result<(), SessionError> {
-        self.blocking(session, Call::SessionData { session: session.id(), data: session_data(session) })
+        // Held across the call: pushes of one session from two threads go one after another.
+        let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        let data = session.data();
+        let set: BTreeMap<&String, &Value> = data.iter().filter(|(k, v)| pushed.get(*k) != Some(*v)).collect();
+        let removed: Vec<String> = pushed.keys().filter(|k| !data.contains_key(*k)).cloned().collect();
+        let set = serde_json::to_vec(&set)
+            .map_err(|e| SerializeError { serializer: "json", message: format!("session data: {e}") })?;
+        self.blocking(session, Call::SessionChanges { session: session.id(), set, removed })?;
+        *pushed = data;
+        Ok(())
     }
 
     fn is_frontend(&self) -> bool {

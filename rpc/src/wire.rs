@@ -145,7 +145,8 @@ pub enum Call {
         /// The uid.
         uid: String,
     },
-    /// To a frontend: replace a session's data (Pitaya's `PushToFront`).
+    /// To a frontend: replace a session's data (Pitaya's `PushToFront`). Servers send
+    /// [`Call::SessionChanges`] now; this is still taken from servers of earlier builds.
     SessionData {
         /// Session id.
         session: u64,
@@ -186,6 +187,17 @@ pub enum Call {
         uid: String,
         /// When it was bound on the caller (unix µs, the caller's clock).
         bound_at: u64,
+    },
+    /// To a frontend: the changes a backend made to a session's data (`push_to_frontend`):
+    /// keys set and keys removed. Keys it did not change stay as the frontend has them.
+    SessionChanges {
+        /// Session id.
+        session: u64,
+        /// JSON object of the keys set, with their new values.
+        #[serde(with = "serde_bytes")]
+        set: Vec<u8>,
+        /// Keys removed.
+        removed: Vec<String>,
     },
 }
 
@@ -272,6 +284,7 @@ impl Frame {
                 Call::PushUsers { uids, route, body } => strings_size(uids) + route.len() + body.len(),
                 Call::KickUser { uid, reason } => uid.len() + reason.len(),
                 Call::KickOlder { uid, .. } => uid.len(),
+                Call::SessionChanges { set, removed, .. } => set.len() + strings_size(removed),
             },
             Frame::Reply { result, .. } => match result {
                 Err(e) => error_size(e),

@@ -23,7 +23,7 @@ pub struct Backend {
     pub sleeps_started: Arc<AtomicUsize>,
     /// Runs of the `tick` remote.
     pub ticks: Arc<AtomicUsize>,
-    /// `hold` notifies, `wait` and `call_other` requests and `stall` remotes that have
+    /// `hold` notifies, `wait`, `set_held` and `call_other` requests and `stall` remotes that have
     /// started here; they wait at `gate`.
     pub held: Arc<AtomicUsize>,
     pub gate: Arc<Gate>,
@@ -60,6 +60,18 @@ impl Component for Backend {
         });
         r.handler("set", |_: &Backend, ctx: &mut Ctx<'_>, kv: Kv| {
             ctx.session().set(&kv.k, &kv.v).map_err(internal)?;
+            ctx.session().push_to_frontend().map_err(internal)?;
+            Ok(true)
+        });
+        // Waits at the gate, then sets and pushes: the frontend changes the session meanwhile.
+        r.handler("set_held", |b: &Backend, ctx: &mut Ctx<'_>, kv: Kv| {
+            b.hold();
+            ctx.session().set(&kv.k, &kv.v).map_err(internal)?;
+            ctx.session().push_to_frontend().map_err(internal)?;
+            Ok(true)
+        });
+        r.handler("unset", |_: &Backend, ctx: &mut Ctx<'_>, k: String| {
+            ctx.session().remove(&k);
             ctx.session().push_to_frontend().map_err(internal)?;
             Ok(true)
         });

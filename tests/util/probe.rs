@@ -123,6 +123,7 @@ impl Component for Probe {
             Ok(true)
         });
         r.handler("get", |_: &Probe, ctx: &mut Ctx<'_>, kv: Kv| Ok(ctx.session().value(&kv.k).unwrap_or(Value::Null)));
+        r.handler("get_all", |_: &Probe, ctx: &mut Ctx<'_>, _: Value| Ok(ctx.session().data()));
         r.handler("bind", |p: &Probe, ctx: &mut Ctx<'_>, uid: String| {
             let session = ctx.session();
             session.bind(&uid).map_err(|e| HandlerError::new("BIND", e.to_string()))?;

@@ -221,13 +221,26 @@ impl Session {
         self.state().data.clone()
     }
 
-    /// Replaces all data (used when a backend pushes its copy to the frontend).
+    /// Replaces all data.
     pub fn replace_data(&self, data: BTreeMap<String, Value>) {
         self.state().data = data;
     }
 
-    /// Sends the session's data to its frontend (Pitaya's `PushToFront`). A no-op on the
-    /// frontend itself.
+    /// Sets the keys of `set` and removes those of `removed`, at once (used when a backend
+    /// pushes its changes to the frontend); other keys stay.
+    pub fn change_data(&self, set: BTreeMap<String, Value>, removed: &[String]) {
+        let data = &mut self.state().data;
+        for key in removed {
+            data.remove(key);
+        }
+        data.extend(set);
+    }
+
+    /// Sends the changes this server made to the session's data to its frontend (Pitaya's
+    /// `PushToFront`): the keys set or removed here since the session reached this server,
+    /// or since the last push. Keys the frontend changed meanwhile that this server did not
+    /// touch keep the frontend's values (Pitaya sends its whole copy over them). A no-op on
+    /// the frontend itself.
     pub fn push_to_frontend(&self) -> Result<(), SessionError> {
         self.sink.push_data(self)
     }

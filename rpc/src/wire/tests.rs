@@ -33,6 +33,10 @@ fn every_variant_round_trips() {
         Frame::Call { corr: 6, call: Call::KickUser { uid: "a".into(), reason: "r".into() } },
         Frame::Call { corr: 0, call: Call::Broadcast { route: "r".into(), body: vec![] } },
         Frame::Call { corr: 0, call: Call::KickOlder { uid: "a".into(), bound_at: u64::MAX } },
+        Frame::Call {
+            corr: 7,
+            call: Call::SessionChanges { session: 7, set: br#"{"a":1}"#.to_vec(), removed: vec!["b".into()] },
+        },
         Frame::Reply {
             corr: 1,
             result: Ok(Answer::Replies(vec![WireReply { id: 3, result: Ok(ByteBuf(b"ok".to_vec())) }])),
@@ -120,6 +124,8 @@ fn any_call() -> impl Strategy<Value = Call> {
         (any::<u64>(), s()).prop_map(|(session, reason)| Call::Kick { session, reason }),
         (any::<u64>(), s()).prop_map(|(session, uid)| Call::Bind { session, uid }),
         (any::<u64>(), any_bytes()).prop_map(|(session, data)| Call::SessionData { session, data }),
+        (any::<u64>(), any_bytes(), proptest::collection::vec(s(), 0..4))
+            .prop_map(|(session, set, removed)| Call::SessionChanges { session, set, removed }),
         (proptest::collection::vec(s(), 0..4), s(), any_bytes()).prop_map(|(uids, route, body)| Call::PushUsers {
             uids,
             route,
