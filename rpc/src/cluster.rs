@@ -465,26 +465,12 @@ impl Inner {
                 responder.send(result.map(|()| Answer::Done));
             }
             Call::SessionData { session, data } => {
-                let result = match (ctx.sessions.get(session), serde_json::from_slice::<BTreeMap<_, _>>(&data)) {
-                    (Some(s), Ok(data)) => {
-                        s.replace_data(data);
-                        Ok(Answer::Done)
-                    }
-                    (None, _) => Err(no_session(session, &started.me.id)),
-                    (_, Err(e)) => Err(HandlerError::bad_request(format!("session data: {e}"))),
-                };
-                responder.send(result);
+                let found = ctx.sessions.get(session).ok_or_else(|| no_session(session, &started.me.id));
+                responder.send(change_session(found, &data, |s, data| s.replace_data(data)));
             }
             Call::SessionChanges { session, set, removed } => {
-                let result = match (ctx.sessions.get(session), serde_json::from_slice::<BTreeMap<_, _>>(&set)) {
-                    (Some(s), Ok(set)) => {
-                        s.change_data(set, &removed);
-                        Ok(Answer::Done)
-                    }
-                    (None, _) => Err(no_session(session, &started.me.id)),
-                    (_, Err(e)) => Err(HandlerError::bad_request(format!("session data: {e}"))),
-                };
-                responder.send(result);
+                let found = ctx.sessions.get(session).ok_or_else(|| no_session(session, &started.me.id));
+                responder.send(change_session(found, &set, |s, set| s.change_data(set, &removed)));
             }
             Call::PushUsers { uids, route, body } => {
                 let result = ctx.local.push_to_users(&route, body.into(), &uids);
@@ -515,6 +501,19 @@ impl Inner {
             }
         }
     }
+}
+
+/// Applies session data a backend pushed (`json`, an object) to the session `found` with
+/// `apply`.
+fn change_session(
+    found: Result<Arc<Session>, HandlerError>,
+    json: &[u8],
+    apply: impl FnOnce(&Session, BTreeMap<String, serde_json::Value>),
+) -> Result<Answer, HandlerError> {
+    let session = found?;
+    let data = serde_json::from_slice(json).map_err(|e| HandlerError::bad_request(format!("session data: {e}")))?;
+    apply(&session, data);
+    Ok(Answer::Done)
 }
 
 fn no_session(session: u64, server: &str) -> HandlerError {
