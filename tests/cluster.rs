@@ -97,19 +97,26 @@ fn forwarded_requests_run_on_a_backend_with_the_session() {
         Err(ClientError::Server(e)) => assert_eq!(e.code, codes::NOT_FOUND, "remotes are not reachable by clients"),
         other => panic!("{other:?}"),
     }
+    match client.request::<_, Value>("room.room.fail", &json!({})) {
+        Err(ClientError::Server(e)) => {
+            let capacity = e.metadata.get("capacity").map(String::as_str);
+            assert_eq!((e.code.as_str(), e.message.as_str(), capacity), ("GAME-002", "room is full", Some("8")));
+        }
+        other => panic!("{other:?}"),
+    }
     client.notify("room.room.note", &json!("hi")).unwrap();
     let (route, _): (String, Value) = client.recv_push_as(T).unwrap();
     assert_eq!(route, "onNote");
-    // Both sides count: the frontend forwarded 4 requests and a notify, the backends ran
+    // Both sides count: the frontend forwarded 5 requests and a notify, the backends ran
     // them, and the notify's push came back to the frontend as a one-way message.
     let fe = c.fe_module.stats();
-    assert_eq!((fe.forwarded_requests, fe.forwarded_notifies), (4, 1), "{fe:?}");
+    assert_eq!((fe.forwarded_requests, fe.forwarded_notifies), (5, 1), "{fe:?}");
     assert!(wait_until(T, || c.fe_module.stats().answered == fe.calls), "{:?}", c.fe_module.stats());
-    assert_eq!(fe.calls, 5, "a call per batch: {fe:?}");
+    assert_eq!(fe.calls, 6, "a call per batch: {fe:?}");
     assert_eq!((fe.timed_out, fe.failed, fe.handled_requests, fe.handled_notifies), (0, 0, 0, 0), "{fe:?}");
     let rooms: Vec<ClusterStats> = c.backends.iter().map(|(_, m)| m.stats()).collect();
     let sum = |f: fn(&ClusterStats) -> u64| rooms.iter().map(f).sum::<u64>();
-    assert_eq!((sum(|r| r.handled_requests), sum(|r| r.handled_notifies)), (4, 1), "{rooms:?}");
+    assert_eq!((sum(|r| r.handled_requests), sum(|r| r.handled_notifies)), (5, 1), "{rooms:?}");
     assert_eq!((sum(|r| r.one_way), sum(|r| r.calls), sum(|r| r.forwarded_requests)), (1, 0, 0), "{rooms:?}");
 }
 
@@ -451,6 +458,13 @@ fn a_cluster_of_postcard_servers_speaks_postcard_end_to_end() {
     let doubled: u64 = client.request("probe.rpc_double", &21u64).unwrap();
     assert_eq!(doubled, 42, "user RPC between postcard servers");
 
+    match client.request::<_, String>("room.room.fail", &()) {
+        Err(ClientError::Server(e)) => {
+            let capacity = e.metadata.get("capacity").map(String::as_str);
+            assert_eq!((e.code.as_str(), e.message.as_str(), capacity), ("GAME-002", "room is full", Some("8")));
+        }
+        other => panic!("{other:?}"),
+    }
     // Errors: a body the backend's handler cannot read, a route the backend does not
     // serve, and a server type nobody serves (answered by the frontend).
     for (route, code) in [

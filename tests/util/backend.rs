@@ -70,6 +70,9 @@ impl Component for Backend {
             ctx.session().push_to_frontend().map_err(internal)?;
             Ok(true)
         });
+        r.raw_handler("fail", |_: &Backend, _: &mut Ctx<'_>, _: &[u8]| {
+            Err(HandlerError::new("GAME-002", "room is full").with_metadata("capacity", "8"))
+        });
         r.handler("unset", |_: &Backend, ctx: &mut Ctx<'_>, k: String| {
             ctx.session().remove(&k);
             ctx.session().push_to_frontend().map_err(internal)?;
