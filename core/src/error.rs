@@ -108,6 +108,18 @@ impl fmt::Display for HandlerError {
 
 impl std::error::Error for HandlerError {}
 
+/// A failed session operation as a handler's error, so handlers can use `?` on them: a
+/// frontend out of reach (cluster mode) is `PIT-504`, anything else `PIT-500`, with the
+/// operation's message.
+impl From<crate::SessionError> for HandlerError {
+    fn from(e: crate::SessionError) -> HandlerError {
+        match e {
+            crate::SessionError::Unreachable(_) => HandlerError::timeout(e.to_string()),
+            _ => HandlerError::internal(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +131,16 @@ mod tests {
         assert_eq!(e.to_json(), br#"{"code":"G","msg":"m","metadata":{"k":"v"}}"#);
         assert_eq!(HandlerError::from_json(&e.to_json()), Some(e));
         assert_eq!(HandlerError::from_json(br#"{"code":500}"#).unwrap().code, "500");
+    }
+
+    #[test]
+    fn session_errors_become_handler_errors() {
+        let e = HandlerError::from(crate::SessionError::Unreachable("no answer from connector-1".into()));
+        assert_eq!(
+            (e.code.as_str(), e.message.as_str()),
+            (codes::TIMEOUT, "frontend unreachable: no answer from connector-1")
+        );
+        let e = HandlerError::from(crate::SessionError::AlreadyBound("bob".into()));
+        assert_eq!((e.code.as_str(), e.message.as_str()), (codes::INTERNAL, "session is already bound to uid \"bob\""));
     }
 }
