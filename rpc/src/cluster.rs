@@ -662,8 +662,9 @@ impl Cluster for ClusterModule {
             return Err(ClusterError::Discovery(e.to_string()));
         }
         io.send(Cmd::PeersChanged);
+        let announced = if me.rpc_addr == endpoint { String::new() } else { format!(", announced as {}", me.rpc_addr) };
         info!(
-            "cluster: server {} ({}) rpc at {endpoint}; {} servers known",
+            "cluster: server {} ({}) rpc at {endpoint}{announced}; {} servers known",
             me.id,
             me.server_type,
             inner.table.all().len()
