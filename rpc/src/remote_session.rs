@@ -26,9 +26,12 @@ pub(crate) struct RemoteSink {
     /// discovery first, then waits for its forwarded requests, whose handlers may still
     /// push to, bind or kick its sessions.
     frontend_rpc: String,
-    /// The session's data as the frontend has it, as far as this server knows: the
-    /// snapshot's, then what the last push left. A push sends the differences.
-    pushed: Mutex<BTreeMap<String, Value>>,
+    /// The snapshot's session data (JSON), the frontend's when the call was made.
+    snapshot: Vec<u8>,
+    /// The session's data as the frontend has it, as far as this server knows: what the
+    /// last push left (none yet: the snapshot's, read at the first push). A push sends the
+    /// differences.
+    pushed: Mutex<Option<BTreeMap<String, Value>>>,
 }
 
 impl RemoteSink {
@@ -66,7 +69,7 @@ pub(crate) fn remote_session(
     timeout: Duration,
     serializer: Serializer,
 ) -> Result<Arc<Session>, HandlerError> {
-    let data: BTreeMap<String, Value> = serde_json::from_slice(&s.data).map_err(|e| {
+    let data = serde_json::from_slice(&s.data).map_err(|e| {
         let text = format!("session {} of {}: bad session data: {e}", s.id, s.frontend_id);
         warn!("{text}");
         HandlerError::bad_request(text)
@@ -75,7 +78,8 @@ pub(crate) fn remote_session(
         io: io.clone(),
         timeout,
         frontend_rpc: s.frontend_rpc,
-        pushed: Mutex::new(data.clone()),
+        snapshot: s.data,
+        pushed: Mutex::new(None),
     });
     let init = SessionInit {
         id: s.id,
@@ -142,6 +146,8 @@ impl SessionSink for RemoteSink {
     fn push_data(&self, session: &Session) -> Result<(), SessionError> {
         // Held across the call: pushes of one session from two threads go one after another.
         let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        // The snapshot's data was read once already, when the session was made.
+        let pushed = pushed.get_or_insert_with(|| serde_json::from_slice(&self.snapshot).unwrap_or_default());
         let data = session.data();
         let set: BTreeMap<&String, &Value> = data.iter().filter(|(k, v)| pushed.get(*k) != Some(*v)).collect();
         let removed: Vec<String> = pushed.keys().filter(|k| !data.contains_key(*k)).cloned().collect();
