@@ -80,6 +80,17 @@ fn bind_once_data_push_and_close() {
 }
 
 #[test]
+fn changes_pushed_by_a_backend_leave_other_keys_alone() {
+    let s = session(7, Arc::new(Recorder { frontend: true, ..Recorder::default() }));
+    s.set("a", &1).unwrap();
+    s.set("b", &2).unwrap();
+    s.set("c", &3).unwrap();
+    let set = [("b".to_owned(), serde_json::json!(20)), ("d".to_owned(), serde_json::json!(4))].into();
+    s.change_data(set, &["c".to_owned(), "absent".to_owned()]);
+    assert_eq!(serde_json::json!(s.data()), serde_json::json!({"a": 1, "b": 20, "d": 4}));
+}
+
+#[test]
 fn on_close_is_frontend_only() {
     let s = session(1, Arc::new(Recorder::default()));
     assert!(matches!(s.on_close(|_| {}), Err(SessionError::FrontendOnly(_))));
