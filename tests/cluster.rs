@@ -97,13 +97,7 @@ fn forwarded_requests_run_on_a_backend_with_the_session() {
         Err(ClientError::Server(e)) => assert_eq!(e.code, codes::NOT_FOUND, "remotes are not reachable by clients"),
         other => panic!("{other:?}"),
     }
-    match client.request::<_, Value>("room.room.fail", &json!({})) {
-        Err(ClientError::Server(e)) => {
-            let capacity = e.metadata.get("capacity").map(String::as_str);
-            assert_eq!((e.code.as_str(), e.message.as_str(), capacity), ("GAME-002", "room is full", Some("8")));
-        }
-        other => panic!("{other:?}"),
-    }
+    room_is_full(client.request::<_, Value>("room.room.fail", &json!({})));
     client.notify("room.room.note", &json!("hi")).unwrap();
     let (route, _): (String, Value) = client.recv_push_as(T).unwrap();
     assert_eq!(route, "onNote");
@@ -118,6 +112,17 @@ fn forwarded_requests_run_on_a_backend_with_the_session() {
     let sum = |f: fn(&ClusterStats) -> u64| rooms.iter().map(f).sum::<u64>();
     assert_eq!((sum(|r| r.handled_requests), sum(|r| r.handled_notifies)), (5, 1), "{rooms:?}");
     assert_eq!((sum(|r| r.one_way), sum(|r| r.calls), sum(|r| r.forwarded_requests)), (1, 0, 0), "{rooms:?}");
+}
+
+/// `room.room.fail`'s error, as the client got it: code, message and metadata.
+fn room_is_full<T: std::fmt::Debug>(answer: Result<T, ClientError>) {
+    match answer {
+        Err(ClientError::Server(e)) => {
+            let capacity = e.metadata.get("capacity").map(String::as_str);
+            assert_eq!((e.code.as_str(), e.message.as_str(), capacity), ("GAME-002", "room is full", Some("8")));
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -458,13 +463,7 @@ fn a_cluster_of_postcard_servers_speaks_postcard_end_to_end() {
     let doubled: u64 = client.request("probe.rpc_double", &21u64).unwrap();
     assert_eq!(doubled, 42, "user RPC between postcard servers");
 
-    match client.request::<_, String>("room.room.fail", &()) {
-        Err(ClientError::Server(e)) => {
-            let capacity = e.metadata.get("capacity").map(String::as_str);
-            assert_eq!((e.code.as_str(), e.message.as_str(), capacity), ("GAME-002", "room is full", Some("8")));
-        }
-        other => panic!("{other:?}"),
-    }
+    room_is_full(client.request::<_, String>("room.room.fail", &()));
     // Errors: a body the backend's handler cannot read, a route the backend does not
     // serve, and a server type nobody serves (answered by the frontend).
     for (route, code) in [
