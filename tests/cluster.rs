@@ -180,6 +180,45 @@ fn a_backend_push_keeps_session_changes_made_meanwhile_on_the_frontend() {
     assert_eq!(data, json!({"a": 1, "b": 2}), "removed on the backend");
 }
 
+/// Session data a backend of an earlier build pushes (its whole copy) replaces the
+/// frontend's; changes that are not a JSON object, or for a session not there, are refused.
+#[test]
+fn session_data_from_a_backend_of_an_earlier_build_is_taken_whole() {
+    use dragonfruit_rpc::wire::{self, Answer, Call, Frame};
+    let c = cluster("olddata", 1, TIMEOUT, None);
+    let client = c.frontend.client();
+    let _: bool = client.request("probe.set", &json!({"k": "a", "v": 1})).unwrap();
+    let sid = client.request::<_, Value>("probe.whoami", &json!({})).unwrap()["id"].as_u64().unwrap();
+    let ctx = zmq::Context::new();
+    let peer = ctx.socket(zmq::DEALER).unwrap();
+    peer.set_identity(b"room-9#0000000000000001").unwrap();
+    peer.set_rcvtimeo(5000).unwrap();
+    let fe = c.fe_module.me().unwrap();
+    peer.connect(&fe.rpc_addr).unwrap();
+    let call = |corr: u64, call: Call| {
+        let to = wire::addressee(&fe.id, fe.instance);
+        peer.send_multipart([to, wire::encode(&[Frame::Call { corr, call }])], 0).unwrap();
+        match wire::decode(&peer.recv_bytes(0).expect("an answer")).unwrap().pop() {
+            Some(Frame::Reply { corr: answered, result }) if answered == corr => result,
+            other => panic!("{other:?}"),
+        }
+    };
+    let whole = call(1, Call::SessionData { session: sid, data: br#"{"b": 2}"#.to_vec() });
+    assert_eq!(whole, Ok(Answer::Done));
+    let data: Value = client.request("probe.get_all", &json!({})).unwrap();
+    assert_eq!(data, json!({"b": 2}), "the whole copy replaces the frontend's");
+    match call(2, Call::SessionChanges { session: sid, set: b"[1]".to_vec(), removed: vec![] }) {
+        Err(e) => assert_eq!(e.code, codes::BAD_REQUEST, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    match call(3, Call::SessionChanges { session: sid + 1, set: b"{}".to_vec(), removed: vec![] }) {
+        Err(e) => assert_eq!(e.code, codes::NOT_FOUND, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    let data: Value = client.request("probe.get_all", &json!({})).unwrap();
+    assert_eq!(data, json!({"b": 2}), "refused changes change nothing");
+}
+
 #[test]
 fn bind_push_and_kick_from_a_backend() {
     let c = cluster("bindpush", 1, TIMEOUT, None);
