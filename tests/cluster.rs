@@ -219,6 +219,79 @@ fn session_data_from_a_backend_of_an_earlier_build_is_taken_whole() {
     assert_eq!(data, json!({"b": 2}), "refused changes change nothing");
 }
 
+/// A frontend of an earlier build (its discovery entry has no `wire_level`) would drop an
+/// envelope holding session changes, so a backend pushes it the whole copy; a frontend
+/// that reads changes gets the changes. Each frontend here is a ZeroMQ peer of our own
+/// making, listed in discovery, forwarding a `set` of its session to the backend.
+#[test]
+fn a_backend_pushes_session_data_as_each_frontends_build_reads_it() {
+    use dragonfruit_rpc::wire::{self, Answer, Call, Frame, SessionSnapshot, WireMessage};
+    let dir = cluster_dir("wirelevel");
+    let (_room, module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    assert!(wait_until(T, || module.me().is_some()));
+    let room = module.me().unwrap();
+    let ctx = zmq::Context::new();
+    for (id, level) in [("connector-old", 0), ("connector-new", wire::LEVEL)] {
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.set_rcvtimeo(5000).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = router.get_last_endpoint().unwrap().unwrap();
+        let entry = ServerEntry {
+            id: id.into(),
+            server_type: "connector".into(),
+            frontend: true,
+            rpc_addr: endpoint.clone(),
+            metadata: Default::default(),
+            instance: 7,
+            wire_level: level,
+        };
+        let mut entry = serde_json::to_value(entry).unwrap();
+        if level == 0 {
+            entry.as_object_mut().unwrap().remove("wire_level"); // as an earlier build writes it
+        }
+        std::fs::write(dir.join(format!("{id}.json")), serde_json::to_vec(&entry).unwrap()).unwrap();
+        assert!(wait_until(T, || module.servers().iter().any(|s| s.id == id)), "{id} listed");
+
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_identity(&wire::addressee(id, 7)).unwrap();
+        dealer.set_rcvtimeo(5000).unwrap();
+        dealer.connect(&room.rpc_addr).unwrap();
+        let session = SessionSnapshot {
+            id: 5,
+            frontend_id: id.into(),
+            uid: None,
+            data: br#"{"a":1}"#.to_vec(),
+            frontend_rpc: endpoint,
+            frontend_type: "connector".into(),
+        };
+        let set = br#"{"k":"b","v":2}"#.to_vec();
+        let msgs = vec![WireMessage { request: true, id: 9, route: "room.room.set".into(), body: set }];
+        let call = wire::encode(&[Frame::Call { corr: 1, call: Call::Handle { session, msgs } }]);
+        dealer.send_multipart([wire::addressee(&room.id, room.instance), call], 0).unwrap();
+
+        // The backend's push comes to the frontend's ROUTER: identity, addressee, envelope.
+        let parts = router.recv_multipart(0).expect("the session data pushed");
+        let Some(Frame::Call { corr, call }) = wire::decode(&parts[2]).unwrap().pop() else { panic!("{parts:?}") };
+        let json = |bytes: &[u8]| serde_json::from_slice::<Value>(bytes).unwrap();
+        match call {
+            Call::SessionData { session: 5, data } if level == 0 => assert_eq!(json(&data), json!({"a": 1, "b": 2})),
+            Call::SessionChanges { session: 5, set, removed } if level > 0 => {
+                assert_eq!((json(&set), removed), (json!({"b": 2}), vec![]));
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+        router
+            .send_multipart([parts[0].clone(), wire::encode(&[Frame::Reply { corr, result: Ok(Answer::Done) }])], 0)
+            .unwrap();
+        match wire::decode(&dealer.recv_bytes(0).expect("the answer")).unwrap().pop() {
+            Some(Frame::Reply { corr: 1, result: Ok(Answer::Replies(replies)) }) => {
+                assert_eq!(replies[0].result.as_ref().unwrap().0, b"true", "{id}")
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn bind_push_and_kick_from_a_backend() {
     let c = cluster("bindpush", 1, TIMEOUT, None);
@@ -1357,6 +1430,7 @@ fn frontend_at_a_dead_endpoint(id: &str) -> ServerEntry {
         rpc_addr: format!("tcp://{}", listener.local_addr().unwrap()),
         metadata: Default::default(),
         instance: 0,
+        wire_level: 0,
     }
 }
 
@@ -1505,6 +1579,7 @@ fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
         rpc_addr: format!("tcp://{closed}"),
         metadata: Default::default(),
         instance: 0,
+        wire_level: 0,
     };
     std::fs::write(dir.join("room-0.json"), serde_json::to_vec(&ghost).unwrap()).unwrap();
     // The frontend's discovery keeps listing it for a minute.

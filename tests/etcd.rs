@@ -27,6 +27,7 @@ fn phantom(id: &str, server_type: &str) -> ServerEntry {
         rpc_addr: "tcp://127.0.0.1:9".into(),
         metadata: BTreeMap::new(),
         instance: 0,
+        wire_level: 0,
     }
 }
 

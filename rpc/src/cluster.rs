@@ -28,7 +28,7 @@ use crate::router::{RandomRouter, RouteCtx, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, ReplyFn, Responder};
 use crate::stats::{ClusterStats, Counters};
 use crate::table::{ServerEntry, ServerTable, Snapshot};
-use crate::wire::{Answer, ByteBuf, Call, WireMessage, WireReply};
+use crate::wire::{self, Answer, ByteBuf, Call, WireMessage, WireReply};
 
 /// The cluster layer of one server; plug it in with `AppBuilder::cluster`.
 #[derive(Clone)]
@@ -398,12 +398,12 @@ impl Inner {
                 Call::Handle { session, msgs } if !stopping => {
                     let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
                     let service = started.ctx.service.clone();
-                    let (io, timeout) = (started.io.clone(), self.rpc.timeout);
+                    let (io, timeout, table) = (started.io.clone(), self.rpc.timeout, self.table.clone());
                     let (overdue, stats) = (started.overdue.clone(), self.stats.clone());
                     let job = move || {
                         let session = match overdue.check(taken) {
                             Some(e) => Err(e),
-                            None => remote_session(session, &io, timeout, service.env().serializer),
+                            None => remote_session(session, &io, table, timeout, service.env().serializer),
                         };
                         match session {
                             Ok(session) => {
@@ -628,6 +628,7 @@ impl Cluster for ClusterModule {
             rpc_addr,
             metadata: ctx.server.metadata.clone(),
             instance: process.instance,
+            wire_level: wire::LEVEL,
         };
         let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
         let limits = socket_thread::Limits {
@@ -759,6 +760,7 @@ mod tests {
             rpc_addr: String::new(),
             metadata: BTreeMap::new(),
             instance: 0,
+            wire_level: 0,
         };
         module.inner.table.replace(servers.iter().map(|s| (s.0.to_owned(), entry(s))).collect());
         module

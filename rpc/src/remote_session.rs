@@ -14,8 +14,8 @@ use log::warn;
 use serde_json::Value;
 
 use crate::socket_thread::{Io, ReplyFn};
-use crate::table::ServerEntry;
-use crate::wire::{Answer, Call, SessionSnapshot};
+use crate::table::{ServerEntry, ServerTable};
+use crate::wire::{self, Answer, Call, SessionSnapshot};
 
 /// The sink of one remote session: calls go to the session's frontend.
 pub(crate) struct RemoteSink {
@@ -26,6 +26,8 @@ pub(crate) struct RemoteSink {
     /// discovery first, then waits for its forwarded requests, whose handlers may still
     /// push to, bind or kick its sessions.
     frontend_rpc: String,
+    /// This server's table: what the frontend's build reads (`ServerEntry::wire_level`).
+    table: Arc<ServerTable>,
     /// The snapshot's session data (JSON), the frontend's when the call was made.
     snapshot: Vec<u8>,
     /// The session's data as the frontend has it, as far as this server knows: what the
@@ -66,6 +68,7 @@ fn session_data(session: &Session) -> Vec<u8> {
 pub(crate) fn remote_session(
     s: SessionSnapshot,
     io: &Io,
+    table: Arc<ServerTable>,
     timeout: Duration,
     serializer: Serializer,
 ) -> Result<Arc<Session>, HandlerError> {
@@ -78,6 +81,7 @@ pub(crate) fn remote_session(
         io: io.clone(),
         timeout,
         frontend_rpc: s.frontend_rpc,
+        table,
         snapshot: s.data,
         pushed: Mutex::new(None),
     });
@@ -144,6 +148,13 @@ impl SessionSink for RemoteSink {
     }
 
     fn push_data(&self, session: &Session) -> Result<(), SessionError> {
+        let level = self.table.wire_level(session.frontend_id(), &self.frontend_rpc);
+        if level < wire::LEVEL_SESSION_CHANGES {
+            // A frontend of an earlier build (or one not listed) takes only the whole copy.
+            let data = serde_json::to_vec(&session.data())
+                .map_err(|e| SerializeError { serializer: "json", message: format!("session data: {e}") })?;
+            return self.blocking(session, Call::SessionData { session: session.id(), data });
+        }
         // Held across the call: pushes of one session from two threads go one after another.
         let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
         // The snapshot's data was read once already, when the session was made.

@@ -143,6 +143,7 @@ mod tests {
                 rpc_addr: String::new(),
                 metadata: Default::default(),
                 instance: 0,
+                wire_level: 0,
             })
             .collect()
     }

@@ -31,6 +31,11 @@ pub struct ServerEntry {
     /// known, any process of `id` (entries of older builds, servers learned from a call).
     #[serde(default)]
     pub instance: u64,
+    /// Which later additions to the messages between servers it reads
+    /// ([`wire::LEVEL`](crate::wire::LEVEL)); 0 for entries of older builds and servers
+    /// learned from a call.
+    #[serde(default)]
+    pub wire_level: u32,
 }
 
 /// Whether instances `a` and `b` ([`ServerEntry::instance`]) may be the same process: equal,
@@ -222,6 +227,7 @@ impl ServerTable {
             rpc_addr: rpc_addr.to_owned(),
             metadata: listed.map(|e| e.metadata.clone()).unwrap_or_default(),
             instance,
+            wire_level: 0,
         };
         sources.learned.insert(id.to_owned(), (entry, now));
         self.publish(sources)
@@ -263,6 +269,14 @@ impl ServerTable {
     /// The server with `id`.
     pub fn get(&self, id: &str) -> Option<ServerEntry> {
         self.snapshot().by_id.get(id).cloned()
+    }
+
+    /// The [`ServerEntry::wire_level`] of server `id` at `rpc_addr` (any endpoint if
+    /// empty); 0 when no such server is listed.
+    pub(crate) fn wire_level(&self, id: &str, rpc_addr: &str) -> u32 {
+        let snapshot = self.snapshot();
+        let entry = snapshot.by_id.get(id).filter(|e| rpc_addr.is_empty() || e.rpc_addr == rpc_addr);
+        entry.map_or(0, |e| e.wire_level)
     }
 
     /// Servers of `server_type`, sorted by id (stable input for routers).
@@ -326,6 +340,7 @@ mod tests {
             rpc_addr: format!("tcp://127.0.0.1:1/{id}"),
             metadata: BTreeMap::new(),
             instance: 0,
+            wire_level: 0,
         }
     }
 

@@ -15,6 +15,15 @@ use thiserror::Error;
 /// Layout version of the envelope.
 pub const VERSION: u8 = 1;
 
+/// The calls and fields this build reads beyond those of [`VERSION`]'s first builds, which
+/// it announces as its `ServerEntry::wire_level`. An older build drops a whole envelope
+/// holding a call kind it does not know, so a server sends a kind added later only to
+/// servers whose level reads it. 1: [`Call::SessionChanges`].
+pub const LEVEL: u32 = 1;
+
+/// The first [`LEVEL`] that reads [`Call::SessionChanges`].
+pub const LEVEL_SESSION_CHANGES: u32 = 1;
+
 /// Separates the server id from the process instance in an [`addressee`] (and in a
 /// DEALER's identity, which is its process's addressee).
 pub const INSTANCE_SEPARATOR: char = '#';

@@ -118,6 +118,7 @@ mod tests {
                 rpc_addr: String::new(),
                 metadata: BTreeMap::new(),
                 instance: 0,
+                wire_level: 0,
             })
             .collect()
     }

@@ -68,6 +68,7 @@ fn room_entry(id: &str) -> ServerEntry {
         rpc_addr: String::new(),
         metadata: Default::default(),
         instance: 0,
+        wire_level: 0,
     }
 }
 
@@ -1405,6 +1406,7 @@ fn servers_deployed_on_their_own_find_each_other_through_etcd() {
         rpc_addr: "tcp://127.0.0.1:9".into(),
         metadata: Default::default(),
         instance: 0,
+        wire_level: 0,
     };
     observer.start(me, table.clone(), std::sync::Arc::new(|| {})).unwrap();
     let listed = |id: &str| table.get(id).is_some();

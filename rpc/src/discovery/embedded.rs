@@ -279,6 +279,7 @@ mod tests {
             rpc_addr: "tcp://127.0.0.1:1".into(),
             metadata: Default::default(),
             instance: 0,
+            wire_level: 0,
         }
     }
 

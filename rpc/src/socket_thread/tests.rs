@@ -219,6 +219,7 @@ fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
         rpc_addr: fake_addr,
         metadata: Default::default(),
         instance: 0,
+        wire_level: 0,
     };
     let table = Arc::new(ServerTable::new());
     table.replace(HashMap::from([("fake".to_owned(), entry)]));
@@ -272,6 +273,7 @@ fn fake_entry(id: &str, rpc_addr: &str) -> HashMap<String, ServerEntry> {
         rpc_addr: rpc_addr.into(),
         metadata: Default::default(),
         instance: 0,
+        wire_level: 0,
     };
     HashMap::from([(id.to_owned(), entry)])
 }
