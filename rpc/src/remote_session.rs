@@ -151,9 +151,7 @@ impl SessionSink for RemoteSink {
         let level = self.table.wire_level(session.frontend_id(), &self.frontend_rpc);
         if level < wire::LEVEL_SESSION_CHANGES {
             // A frontend of an earlier build (or one not listed) takes only the whole copy.
-            let data = serde_json::to_vec(&session.data())
-                .map_err(|e| SerializeError { serializer: "json", message: format!("session data: {e}") })?;
-            return self.blocking(session, Call::SessionData { session: session.id(), data });
+            return self.blocking(session, Call::SessionData { session: session.id(), data: session_data(session) });
         }
         // Held across the call: pushes of one session from two threads go one after another.
         let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
