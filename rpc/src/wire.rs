@@ -15,10 +15,11 @@ use thiserror::Error;
 /// Layout version of the envelope.
 pub const VERSION: u8 = 1;
 
-/// The calls and fields this build reads beyond those of [`VERSION`]'s first builds, which
-/// it announces as its `ServerEntry::wire_level`. An older build drops a whole envelope
-/// holding a call kind it does not know, so a server sends a kind added later only to
-/// servers whose level reads it. 1: [`Call::SessionChanges`].
+/// The calls and fields this build reads beyond those of builds that announce no level
+/// (level 0: every kind up to [`Call::KickOlder`] and [`Frame::Misdirected`]); announced as
+/// its `ServerEntry::wire_level`. An older build drops a whole envelope holding a kind it
+/// does not know, so a server sends a kind added later only to servers whose level reads
+/// it. 1: [`Call::SessionChanges`].
 pub const LEVEL: u32 = 1;
 
 /// The first [`LEVEL`] that reads [`Call::SessionChanges`].
