@@ -151,15 +151,12 @@ impl RpcConfig {
             return invalid("rpc.heartbeat", format!("must be \"0s\" (off) or at least {MIN_HEARTBEAT:?}"));
         }
         if !self.advertise.is_empty() {
-            // `tcp://host:*` is checked with the port it will get.
-            let advertise = match self.advertise.strip_suffix(":*") {
-                Some(host) if self.advertise.starts_with("tcp://") => format!("{host}:1"),
-                _ => self.advertise.clone(),
-            };
+            // `tcp://host:*` is checked with a port as it will get one.
+            let advertise = self.advertised("tcp://*:1");
             if let Err(message) = check_dialable(&advertise) {
                 return invalid("rpc.advertise", message.replace(&advertise, &self.advertise));
             }
-            if advertise != self.advertise && !self.bind.starts_with("tcp://") {
+            if self.bound_port_host().is_some() && !self.bind.starts_with("tcp://") {
                 return invalid("rpc.advertise", format!("{}: `*` takes the port of a tcp bind", self.advertise));
             }
         }
@@ -172,10 +169,16 @@ impl RpcConfig {
         if self.advertise.is_empty() {
             return bound.to_owned();
         }
-        match (self.advertise.strip_suffix(":*"), bound.rsplit_once(':')) {
+        match (self.bound_port_host(), bound.rsplit_once(':')) {
             (Some(host), Some((_, port))) => format!("{host}:{port}"),
             _ => self.advertise.clone(),
         }
+    }
+
+    /// `tcp://host` of an `advertise` written `tcp://host:*` (the port is the one `bind`
+    /// gets); `None` for any other.
+    fn bound_port_host(&self) -> Option<&str> {
+        self.advertise.strip_suffix(":*").filter(|host| host.starts_with("tcp://"))
     }
 }
 
