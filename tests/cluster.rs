@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use dragonfruit_client::{Client, ClientConfig, ClientError};
 use dragonfruit_core::cluster::{self, ClusterContext, ClusterError, Forward, ForwardDone};
 use dragonfruit_core::codec::{encode_data_packet, EncodeOptions, MessageOut};
-use dragonfruit_core::{codes, Component, HandlerEnv, Messenger, Routes, Session};
+use dragonfruit_core::{codes, Component, HandlerEnv, HandlerError, Messenger, Routes, Session};
 use dragonfruit_net::{App, AppBuilder};
 use dragonfruit_rpc::router::rendezvous;
+use dragonfruit_rpc::wire;
 use dragonfruit_rpc::{ClusterModule, ClusterStats, EmbeddedDiscovery, RouteCtx, Router, ServerEntry, ServerListener};
 use serde_json::{json, Value};
 
@@ -114,6 +115,50 @@ fn forwarded_requests_run_on_a_backend_with_the_session() {
     assert_eq!((sum(|r| r.one_way), sum(|r| r.calls), sum(|r| r.forwarded_requests)), (1, 0, 0), "{rooms:?}");
 }
 
+/// A ZeroMQ DEALER of our own making calling one server: a server of another build, or one
+/// a test plays. `identity` is what the called server sees; `to`, the addressee its calls
+/// name.
+struct RawPeer {
+    socket: zmq::Socket,
+    to: Vec<u8>,
+    _ctx: zmq::Context,
+}
+
+impl RawPeer {
+    fn new(identity: &[u8], rpc_addr: &str, to: Vec<u8>) -> RawPeer {
+        let ctx = zmq::Context::new();
+        let socket = ctx.socket(zmq::DEALER).unwrap();
+        socket.set_identity(identity).unwrap();
+        socket.set_rcvtimeo(5000).unwrap();
+        socket.connect(rpc_addr).unwrap();
+        RawPeer { socket, to, _ctx: ctx }
+    }
+
+    /// A peer calling `server`, named with its process.
+    fn to(identity: &[u8], server: &ServerEntry) -> RawPeer {
+        let to = wire::addressee(&server.id, server.instance);
+        RawPeer::new(identity, &server.rpc_addr, to)
+    }
+
+    fn send(&self, corr: u64, call: wire::Call) {
+        let envelope = wire::encode(&[wire::Frame::Call { corr, call }]);
+        self.socket.send_multipart([self.to.as_slice(), &envelope], 0).unwrap();
+    }
+
+    /// The next frame that comes, which must answer call `corr`.
+    fn answer(&self, corr: u64) -> Result<wire::Answer, HandlerError> {
+        match wire::decode(&self.socket.recv_bytes(0).expect("an answer")).unwrap().pop() {
+            Some(wire::Frame::Reply { corr: answered, result }) if answered == corr => result,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn call(&self, corr: u64, call: wire::Call) -> Result<wire::Answer, HandlerError> {
+        self.send(corr, call);
+        self.answer(corr)
+    }
+}
+
 /// `room.room.fail`'s error, as the client got it: code, message and metadata.
 fn room_is_full<T: std::fmt::Debug>(answer: Result<T, ClientError>) {
     match answer {
@@ -184,25 +229,13 @@ fn a_backend_push_keeps_session_changes_made_meanwhile_on_the_frontend() {
 /// frontend's; changes that are not a JSON object, or for a session not there, are refused.
 #[test]
 fn session_data_from_a_backend_of_an_earlier_build_is_taken_whole() {
-    use dragonfruit_rpc::wire::{self, Answer, Call, Frame};
+    use dragonfruit_rpc::wire::{Answer, Call};
     let c = cluster("olddata", 1, TIMEOUT, None);
     let client = c.frontend.client();
     let _: bool = client.request("probe.set", &json!({"k": "a", "v": 1})).unwrap();
     let sid = client.request::<_, Value>("probe.whoami", &json!({})).unwrap()["id"].as_u64().unwrap();
-    let ctx = zmq::Context::new();
-    let peer = ctx.socket(zmq::DEALER).unwrap();
-    peer.set_identity(b"room-9#0000000000000001").unwrap();
-    peer.set_rcvtimeo(5000).unwrap();
-    let fe = c.fe_module.me().unwrap();
-    peer.connect(&fe.rpc_addr).unwrap();
-    let call = |corr: u64, call: Call| {
-        let to = wire::addressee(&fe.id, fe.instance);
-        peer.send_multipart([to, wire::encode(&[Frame::Call { corr, call }])], 0).unwrap();
-        match wire::decode(&peer.recv_bytes(0).expect("an answer")).unwrap().pop() {
-            Some(Frame::Reply { corr: answered, result }) if answered == corr => result,
-            other => panic!("{other:?}"),
-        }
-    };
+    let peer = RawPeer::to(b"room-9#0000000000000001", &c.fe_module.me().unwrap());
+    let call = |corr: u64, call: Call| peer.call(corr, call);
     let whole = call(1, Call::SessionData { session: sid, data: br#"{"b": 2}"#.to_vec() });
     assert_eq!(whole, Ok(Answer::Done));
     let data: Value = client.request("probe.get_all", &json!({})).unwrap();
@@ -252,10 +285,7 @@ fn a_backend_pushes_session_data_as_each_frontends_build_reads_it() {
         std::fs::write(dir.join(format!("{id}.json")), serde_json::to_vec(&entry).unwrap()).unwrap();
         assert!(wait_until(T, || module.servers().iter().any(|s| s.id == id)), "{id} listed");
 
-        let dealer = ctx.socket(zmq::DEALER).unwrap();
-        dealer.set_identity(&wire::addressee(id, 7)).unwrap();
-        dealer.set_rcvtimeo(5000).unwrap();
-        dealer.connect(&room.rpc_addr).unwrap();
+        let peer = RawPeer::to(&wire::addressee(id, 7), &room);
         let session = SessionSnapshot {
             id: 5,
             frontend_id: id.into(),
@@ -266,8 +296,7 @@ fn a_backend_pushes_session_data_as_each_frontends_build_reads_it() {
         };
         let set = br#"{"k":"b","v":2}"#.to_vec();
         let msgs = vec![WireMessage { request: true, id: 9, route: "room.room.set".into(), body: set }];
-        let call = wire::encode(&[Frame::Call { corr: 1, call: Call::Handle { session, msgs } }]);
-        dealer.send_multipart([wire::addressee(&room.id, room.instance), call], 0).unwrap();
+        peer.send(1, Call::Handle { session, msgs });
 
         // The backend's push comes to the frontend's ROUTER: identity, addressee, envelope.
         let parts = router.recv_multipart(0).expect("the session data pushed");
@@ -283,10 +312,8 @@ fn a_backend_pushes_session_data_as_each_frontends_build_reads_it() {
         router
             .send_multipart([parts[0].clone(), wire::encode(&[Frame::Reply { corr, result: Ok(Answer::Done) }])], 0)
             .unwrap();
-        match wire::decode(&dealer.recv_bytes(0).expect("the answer")).unwrap().pop() {
-            Some(Frame::Reply { corr: 1, result: Ok(Answer::Replies(replies)) }) => {
-                assert_eq!(replies[0].result.as_ref().unwrap().0, b"true", "{id}")
-            }
+        match peer.answer(1) {
+            Ok(Answer::Replies(replies)) => assert_eq!(replies[0].result.as_ref().unwrap().0, b"true", "{id}"),
             other => panic!("{id}: {other:?}"),
         }
     }
@@ -402,23 +429,12 @@ fn a_uid_bound_on_two_frontends_at_once_keeps_exactly_one_session() {
 /// again on this frontend keeps the new session).
 #[test]
 fn binds_on_other_frontends_kick_only_earlier_sessions() {
-    use dragonfruit_rpc::wire::{self, Answer, Call, Frame};
+    use dragonfruit_rpc::wire::{Answer, Call};
     let c = cluster("bindorder", 1, TIMEOUT, None);
     // A second frontend of our own making, telling connector-1 of its binds.
-    let ctx = zmq::Context::new();
-    let peer = ctx.socket(zmq::DEALER).unwrap();
-    peer.set_identity(b"connector-2#0000000000000001").unwrap();
-    peer.set_rcvtimeo(5000).unwrap();
-    let fe = c.fe_module.me().unwrap();
-    peer.connect(&fe.rpc_addr).unwrap();
+    let peer = RawPeer::to(b"connector-2#0000000000000001", &c.fe_module.me().unwrap());
     let bound_elsewhere = |corr: u64, uid: &str, bound_at: u64| {
-        let call = Call::KickOlder { uid: uid.into(), bound_at };
-        let to = wire::addressee(&fe.id, fe.instance);
-        peer.send_multipart([to, wire::encode(&[Frame::Call { corr, call }])], 0).unwrap();
-        match wire::decode(&peer.recv_bytes(0).expect("an answer")).unwrap().pop() {
-            Some(Frame::Reply { corr: answered, result: Ok(Answer::Done) }) if answered == corr => {}
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(peer.call(corr, Call::KickOlder { uid: uid.into(), bound_at }), Ok(Answer::Done));
     };
     let bind = |uid: &str| {
         let client = c.frontend.client();
@@ -1597,17 +1613,13 @@ fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
 
 #[test]
 fn a_forwarded_call_with_bad_session_data_is_refused_not_run_with_an_empty_session() {
-    use dragonfruit_rpc::wire::{self, Answer, Call, Frame, SessionSnapshot, WireMessage};
+    use dragonfruit_rpc::wire::{Answer, Call, SessionSnapshot, WireMessage};
     let dir = cluster_dir("badsession");
     let (_room, module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
     assert!(wait_until(T, || !module.servers().is_empty()));
     let addr = module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
     // A frontend of another build, say, whose snapshot carries data that is not an object.
-    let ctx = zmq::Context::new();
-    let peer = ctx.socket(zmq::DEALER).unwrap();
-    peer.set_identity(b"odd-frontend").unwrap();
-    peer.set_rcvtimeo(5000).unwrap();
-    peer.connect(&addr).unwrap();
+    let peer = RawPeer::new(b"odd-frontend", &addr, b"room-1".to_vec());
     let whoami = |corr: u64, data: &[u8]| {
         let session = SessionSnapshot {
             id: 1,
@@ -1618,12 +1630,7 @@ fn a_forwarded_call_with_bad_session_data_is_refused_not_run_with_an_empty_sessi
             frontend_type: "connector".into(),
         };
         let msgs = vec![WireMessage { request: true, id: 5, route: "room.room.whoami".into(), body: b"{}".to_vec() }];
-        let call = wire::encode(&[Frame::Call { corr, call: Call::Handle { session, msgs } }]);
-        peer.send_multipart([b"room-1".to_vec(), call], 0).unwrap();
-        match wire::decode(&peer.recv_bytes(0).expect("an answer")).unwrap().pop() {
-            Some(Frame::Reply { corr: answered, result }) if answered == corr => result,
-            other => panic!("{other:?}"),
-        }
+        peer.call(corr, Call::Handle { session, msgs })
     };
     match whoami(1, b"[1, 2]") {
         Err(e) => assert!(e.message.contains("bad session data"), "{e:?}"),
