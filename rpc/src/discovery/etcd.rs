@@ -168,6 +168,17 @@ fn prefix_end(prefix: &str) -> String {
 
 /// Whether an error is etcd refusing (wrong credentials, missing permissions), which
 /// waiting does not mend, rather than etcd not answering.
+/// Why a watch stream ended with a message that is not a watch result: etcd's gateway sends
+/// `{"error":{"message":..,"http_code":..}}` when the member stops ("transport is closing").
+fn watch_ended(message: &Value) -> String {
+    let error = &message["error"];
+    match (error["message"].as_str(), int64(error.get("http_code"))) {
+        (Some(why), Some(code)) => format!("etcd ended the watch: {why} (HTTP {code})"),
+        (Some(why), None) => format!("etcd ended the watch: {why}"),
+        _ => format!("unexpected message on the watch stream: {message}"),
+    }
+}
+
 fn is_refusal(e: &str) -> bool {
     ["authentication failed", "permission denied", "user name is empty", "auth enabled"].iter().any(|r| e.contains(r))
 }
@@ -465,7 +476,7 @@ impl Shared {
                 }
                 Err(e) => return Err(e),
             };
-            let result = message.get("result").ok_or("watch message without result")?;
+            let Some(result) = message.get("result") else { return Err(watch_ended(&message)) };
             if result.get("canceled").and_then(Value::as_bool).unwrap_or(false)
                 || result.get("compact_revision").is_some()
             {
@@ -609,5 +620,14 @@ mod tests {
         assert_eq!(int64(Some(&json!("42"))), Some(42));
         assert_eq!(int64(Some(&json!(7))), Some(7));
         assert_eq!(unb64(&json!(b64("héllo"))), Some("héllo".into()));
+    }
+
+    #[test]
+    fn a_watch_ended_by_etcd_says_why() {
+        // What etcd 3.5's gateway sends on an open watch when the member stops (SIGTERM).
+        let stopping = json!({"error":{"grpc_code":14,"http_code":503,"message":"transport is closing","http_status":"Service Unavailable"}});
+        assert_eq!(watch_ended(&stopping), "etcd ended the watch: transport is closing (HTTP 503)");
+        assert_eq!(watch_ended(&json!({"error":{"message":"gone"}})), "etcd ended the watch: gone");
+        assert_eq!(watch_ended(&json!({"x":1})), r#"unexpected message on the watch stream: {"x":1}"#);
     }
 }
