@@ -630,6 +630,38 @@ fn a_wildcard_bind_is_advertised_with_its_host_and_the_port_it_got() {
     assert_eq!(frontend.client().request_raw("room.room.echo", b"via 0.0.0.0").unwrap(), b"via 0.0.0.0");
 }
 
+/// Servers announced on IPv6 addresses (as in an IPv6-only deployment): the backend listens
+/// on every interface (`tcp://*:*`, both IPv4 and IPv6) and announces `[::1]`, the frontend
+/// binds `[::1]`; forwarded requests reach the backend and its pushes come back.
+#[test]
+fn servers_on_ipv6_endpoints_reach_each_other() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let dir = cluster_dir("ipv6");
+    let backend = Backend::default();
+    let rpc = |bind: &str, advertise: &str| dragonfruit_rpc::RpcConfig {
+        bind: bind.into(),
+        advertise: advertise.into(),
+        timeout: TIMEOUT,
+        ..Default::default()
+    };
+    let module = ClusterModule::new(rpc("tcp://*:*", "tcp://[::1]:*"), Box::new(crate::util::fast_discovery(&dir)));
+    let _room = Server::start_backend(room_builder("room-1", &backend, &module));
+    let fe_module = ClusterModule::new(rpc("tcp://[::1]:*", ""), Box::new(crate::util::fast_discovery(&dir)));
+    let frontend = start_connector(&fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 2), "frontend sees the backend");
+    for server in fe_module.servers() {
+        assert!(server.rpc_addr.starts_with("tcp://[::1]:"), "{} announced {}", server.id, server.rpc_addr);
+    }
+    let client = frontend.client();
+    assert_eq!(client.request_raw("room.room.echo", b"over ipv6").unwrap(), b"over ipv6");
+    let _: bool = client.request("room.room.push", &json!("back over ipv6")).unwrap();
+    let (route, v): (String, Value) = client.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), v), ("onMsg", json!("back over ipv6")));
+}
+
 #[test]
 fn no_server_of_the_type_fails_at_once() {
     let c = cluster("noserver", 1, Duration::from_secs(5), None);

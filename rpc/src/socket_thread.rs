@@ -436,6 +436,15 @@ fn split(frames: Vec<Frame>, limit: usize) -> Split {
 /// Room for the envelope's version byte and frame count.
 const ENVELOPE: usize = 16;
 
+/// Whether a socket for `endpoint` needs ZeroMQ's IPv6 option: an IPv6 address
+/// (`tcp://[fd00::5]:4000`), or `tcp://*:port`, which then listens on IPv6 and IPv4 alike.
+/// Names stay IPv4, as ZeroMQ takes only the first address a name resolves to: with the
+/// option, a name with an IPv6 address (`localhost` on many hosts) would be dialled there
+/// even where the server listens on IPv4 only.
+fn ipv6(endpoint: &str) -> bool {
+    endpoint.strip_prefix("tcp://").is_some_and(|rest| rest.starts_with('[') || rest.starts_with("*:"))
+}
+
 /// Creates the ROUTER socket bound at `bind` and returns it with its real endpoint.
 pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket, String), String> {
     let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
@@ -446,6 +455,7 @@ pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket
     router.set_router_handover(true).map_err(|e| e.to_string())?;
     router.set_sndhwm(HWM).map_err(|e| e.to_string())?;
     router.set_rcvhwm(HWM).map_err(|e| e.to_string())?;
+    router.set_ipv6(ipv6(bind)).map_err(|e| e.to_string())?;
     router.bind(bind).map_err(|e| e.to_string())?;
     let endpoint =
         router.get_last_endpoint().map_err(|e| e.to_string())?.map_err(|_| "endpoint not utf-8".to_string())?;
@@ -847,6 +857,7 @@ impl SocketThread {
         socket.set_sndhwm(HWM)?;
         socket.set_rcvhwm(HWM)?;
         socket.set_maxmsgsize(self.max_message as i64)?;
+        socket.set_ipv6(ipv6(addr))?;
         socket.connect(addr)?;
         Ok(socket)
     }
