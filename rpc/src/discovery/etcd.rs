@@ -166,8 +166,6 @@ fn prefix_end(prefix: &str) -> String {
     "\0".into()
 }
 
-/// Whether an error is etcd refusing (wrong credentials, missing permissions), which
-/// waiting does not mend, rather than etcd not answering.
 /// Why a watch stream ended with a message that is not a watch result: etcd's gateway sends
 /// `{"error":{"message":..,"http_code":..}}` when the member stops ("transport is closing").
 fn watch_ended(message: &Value) -> String {
@@ -179,6 +177,8 @@ fn watch_ended(message: &Value) -> String {
     }
 }
 
+/// Whether an error is etcd refusing (wrong credentials, missing permissions), which
+/// waiting does not mend, rather than etcd not answering.
 fn is_refusal(e: &str) -> bool {
     ["authentication failed", "permission denied", "user name is empty", "auth enabled"].iter().any(|r| e.contains(r))
 }
