@@ -269,15 +269,9 @@ fn a_backend_pushes_session_data_as_each_frontends_build_reads_it() {
         router.set_rcvtimeo(5000).unwrap();
         router.bind("tcp://127.0.0.1:*").unwrap();
         let endpoint = router.get_last_endpoint().unwrap().unwrap();
-        let entry = ServerEntry {
-            id: id.into(),
-            server_type: "connector".into(),
-            frontend: true,
-            rpc_addr: endpoint.clone(),
-            metadata: Default::default(),
-            instance: 7,
-            wire_level: level,
-        };
+        let mut entry = ServerEntry::new(id, "connector", true, endpoint.clone());
+        entry.instance = 7;
+        entry.wire_level = level;
         let mut entry = serde_json::to_value(entry).unwrap();
         if level == 0 {
             entry.as_object_mut().unwrap().remove("wire_level"); // as an earlier build writes it
@@ -1471,15 +1465,7 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
 /// A registry entry for frontend `id` (type `connector`) at an endpoint nobody serves.
 fn frontend_at_a_dead_endpoint(id: &str) -> ServerEntry {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    ServerEntry {
-        id: id.into(),
-        server_type: "connector".into(),
-        frontend: true,
-        rpc_addr: format!("tcp://{}", listener.local_addr().unwrap()),
-        metadata: Default::default(),
-        instance: 0,
-        wire_level: 0,
-    }
+    ServerEntry::new(id, "connector", true, format!("tcp://{}", listener.local_addr().unwrap()))
 }
 
 /// A push to users while a listed frontend does not answer (here an entry whose endpoint
@@ -1620,15 +1606,7 @@ fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
     // Discovery lists room-0, but nothing listens at its endpoint (a wrong advertised
     // address, a firewall): its connection is never made.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let ghost = ServerEntry {
-        id: "room-0".into(),
-        server_type: "room".into(),
-        frontend: false,
-        rpc_addr: format!("tcp://{closed}"),
-        metadata: Default::default(),
-        instance: 0,
-        wire_level: 0,
-    };
+    let ghost = ServerEntry::new("room-0", "room", false, format!("tcp://{closed}"));
     std::fs::write(dir.join("room-0.json"), serde_json::to_vec(&ghost).unwrap()).unwrap();
     // The frontend's discovery keeps listing it for a minute.
     let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(60));

@@ -1,7 +1,6 @@
 //! etcd discovery against a real etcd: registration, forwarding, lease expiry of a dead
 //! server, an etcd outage, and the loss of one member of an etcd cluster.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,15 +19,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An entry for a server that exists only in discovery.
 fn phantom(id: &str, server_type: &str) -> ServerEntry {
-    ServerEntry {
-        id: id.into(),
-        server_type: server_type.into(),
-        frontend: false,
-        rpc_addr: "tcp://127.0.0.1:9".into(),
-        metadata: BTreeMap::new(),
-        instance: 0,
-        wire_level: 0,
-    }
+    ServerEntry::new(id, server_type, false, "tcp://127.0.0.1:9")
 }
 
 /// Discovery through the etcd members at `urls` (comma-separated), keys under `it/`.

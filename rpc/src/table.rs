@@ -10,8 +10,11 @@ use crossbeam_channel::Sender;
 use log::info;
 use serde::{Deserialize, Serialize};
 
-/// One server, as announced to the cluster.
+/// One server, as announced to the cluster. Made with [`ServerEntry::new`] outside this
+/// crate (fields are added as the cluster learns more of its servers; their defaults are
+/// what an entry of an older build says).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ServerEntry {
     /// Unique id.
     pub id: String,
@@ -45,6 +48,27 @@ pub(crate) fn same_instance(a: u64, b: u64) -> bool {
 }
 
 impl ServerEntry {
+    /// Server `id` of `server_type` at ZeroMQ endpoint `rpc_addr`, with no metadata; its
+    /// process and wire level not known (0), as for a server learned from an older build.
+    /// For a custom [`Discovery`](crate::discovery::Discovery)'s entries of other servers, or
+    /// a router's tests.
+    pub fn new(
+        id: impl Into<String>,
+        server_type: impl Into<String>,
+        frontend: bool,
+        rpc_addr: impl Into<String>,
+    ) -> Self {
+        ServerEntry {
+            id: id.into(),
+            server_type: server_type.into(),
+            frontend,
+            rpc_addr: rpc_addr.into(),
+            metadata: BTreeMap::new(),
+            instance: 0,
+            wire_level: 0,
+        }
+    }
+
     /// Whether this is process `instance` at `rpc_addr`.
     fn is_at(&self, rpc_addr: &str, instance: u64) -> bool {
         self.rpc_addr == rpc_addr && same_instance(self.instance, instance)

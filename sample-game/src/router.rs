@@ -109,18 +109,7 @@ mod tests {
     }
 
     fn rooms() -> Vec<ServerEntry> {
-        ["room-1", "room-2"]
-            .iter()
-            .map(|id| ServerEntry {
-                id: id.to_string(),
-                server_type: "room".into(),
-                frontend: false,
-                rpc_addr: String::new(),
-                metadata: BTreeMap::new(),
-                instance: 0,
-                wire_level: 0,
-            })
-            .collect()
+        ["room-1", "room-2"].iter().map(|id| ServerEntry::new(*id, "room", false, "")).collect()
     }
 
     fn pick(route: &str, session: Option<&Session>, body: &[u8]) -> usize {

@@ -61,15 +61,7 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitS
 
 /// A room server's entry, to work out with the room router's hash which one holds a room.
 fn room_entry(id: &str) -> ServerEntry {
-    ServerEntry {
-        id: id.into(),
-        server_type: "room".into(),
-        frontend: false,
-        rpc_addr: String::new(),
-        metadata: Default::default(),
-        instance: 0,
-        wire_level: 0,
-    }
+    ServerEntry::new(id, "room", false, "")
 }
 
 /// A room name (`prefix` and a number) that the room router puts on `room-{n}` of `room-1`
@@ -1399,15 +1391,7 @@ fn servers_deployed_on_their_own_find_each_other_through_etcd() {
     // Another server's view of the cluster, through the same etcd and key prefix.
     let observer = EtcdDiscovery::new(&url, "dragonfruit/", Duration::from_secs(60));
     let table = std::sync::Arc::new(ServerTable::new());
-    let me = ServerEntry {
-        id: "observer".into(),
-        server_type: "observer".into(),
-        frontend: false,
-        rpc_addr: "tcp://127.0.0.1:9".into(),
-        metadata: Default::default(),
-        instance: 0,
-        wire_level: 0,
-    };
+    let me = ServerEntry::new("observer", "observer", false, "tcp://127.0.0.1:9");
     observer.start(me, table.clone(), std::sync::Arc::new(|| {})).unwrap();
     let listed = |id: &str| table.get(id).is_some();
     let until = |cond: &dyn Fn() -> bool| {
