@@ -437,12 +437,14 @@ fn split(frames: Vec<Frame>, limit: usize) -> Split {
 const ENVELOPE: usize = 16;
 
 /// Whether a socket for `endpoint` needs ZeroMQ's IPv6 option: an IPv6 address
-/// (`tcp://[fd00::5]:4000`), or `tcp://*:port`, which then listens on IPv6 and IPv4 alike.
+/// (`tcp://[fd00::5]:4000`, or unbracketed as `tcp://$POD_IP:*` may write it), or
+/// `tcp://*:port`, which then listens on IPv6 and IPv4 alike.
 /// Names stay IPv4, as ZeroMQ takes only the first address a name resolves to: with the
 /// option, a name with an IPv6 address (`localhost` on many hosts) would be dialled there
 /// even where the server listens on IPv4 only.
 fn ipv6(endpoint: &str) -> bool {
-    endpoint.strip_prefix("tcp://").is_some_and(|rest| rest.starts_with('[') || rest.starts_with("*:"))
+    let host = endpoint.strip_prefix("tcp://").and_then(|rest| rest.rsplit_once(':')).map(|(host, _)| host);
+    host.is_some_and(|host| host == "*" || host.contains(':'))
 }
 
 /// Creates the ROUTER socket bound at `bind` and returns it with its real endpoint.

@@ -989,7 +989,7 @@ fn large_calls_and_answers_never_exceed_the_message_limit() {
 
 #[test]
 fn ipv6_is_on_for_ipv6_addresses_and_the_wildcard_only() {
-    for endpoint in ["tcp://[::1]:5000", "tcp://[fd00::5]:*", "tcp://*:*", "tcp://*:5000"] {
+    for endpoint in ["tcp://[::1]:5000", "tcp://[fd00::5]:*", "tcp://fd00::5:4000", "tcp://*:*", "tcp://*:5000"] {
         assert!(ipv6(endpoint), "{endpoint}");
     }
     for endpoint in ["tcp://127.0.0.1:5000", "tcp://0.0.0.0:*", "tcp://localhost:5000", "ipc:///tmp/x", "ipc://*"] {
