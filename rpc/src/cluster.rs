@@ -753,15 +753,7 @@ mod tests {
 
     fn module(servers: &[(&str, &str)]) -> ClusterModule {
         let module = ClusterModule::new(RpcConfig::default(), Box::new(FixedTable));
-        let entry = |(id, server_type): &(&str, &str)| ServerEntry {
-            id: id.to_string(),
-            server_type: server_type.to_string(),
-            frontend: false,
-            rpc_addr: String::new(),
-            metadata: BTreeMap::new(),
-            instance: 0,
-            wire_level: 0,
-        };
+        let entry = |(id, server_type): &(&str, &str)| ServerEntry::new(*id, *server_type, false, "");
         module.inner.table.replace(servers.iter().map(|s| (s.0.to_owned(), entry(s))).collect());
         module
     }

@@ -135,17 +135,7 @@ mod tests {
     use super::*;
 
     fn servers(ids: &[&str]) -> Vec<ServerEntry> {
-        ids.iter()
-            .map(|id| ServerEntry {
-                id: id.to_string(),
-                server_type: "room".into(),
-                frontend: false,
-                rpc_addr: String::new(),
-                metadata: Default::default(),
-                instance: 0,
-                wire_level: 0,
-            })
-            .collect()
+        ids.iter().map(|id| ServerEntry::new(*id, "room", false, "")).collect()
     }
 
     #[test]

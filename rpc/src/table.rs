@@ -357,15 +357,7 @@ mod tests {
     use super::*;
 
     fn entry(id: &str, frontend: bool) -> ServerEntry {
-        ServerEntry {
-            id: id.into(),
-            server_type: if frontend { "connector" } else { "room" }.into(),
-            frontend,
-            rpc_addr: format!("tcp://127.0.0.1:1/{id}"),
-            metadata: BTreeMap::new(),
-            instance: 0,
-            wire_level: 0,
-        }
+        ServerEntry::new(id, if frontend { "connector" } else { "room" }, frontend, format!("tcp://127.0.0.1:1/{id}"))
     }
 
     #[test]

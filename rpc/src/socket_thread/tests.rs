@@ -212,15 +212,7 @@ fn bad_answers_on_a_dealer_are_dropped_and_the_real_answer_delivered() {
     let fake = raw_socket(&ctx, zmq::ROUTER);
     fake.bind("tcp://127.0.0.1:*").unwrap();
     let fake_addr = fake.get_last_endpoint().unwrap().unwrap();
-    let entry = ServerEntry {
-        id: "fake".into(),
-        server_type: "room".into(),
-        frontend: false,
-        rpc_addr: fake_addr,
-        metadata: Default::default(),
-        instance: 0,
-        wire_level: 0,
-    };
+    let entry = ServerEntry::new("fake", "room", false, fake_addr);
     let table = Arc::new(ServerTable::new());
     table.replace(HashMap::from([("fake".to_owned(), entry)]));
     let (io, thread, _) = start_thread(&ctx, "test", table, Arc::new(NoCalls), Duration::from_secs(5));
@@ -266,15 +258,7 @@ fn fake_server_at(ctx: &zmq::Context, endpoint: &str) -> zmq::Socket {
 }
 
 fn fake_entry(id: &str, rpc_addr: &str) -> HashMap<String, ServerEntry> {
-    let entry = ServerEntry {
-        id: id.into(),
-        server_type: "connector".into(),
-        frontend: true,
-        rpc_addr: rpc_addr.into(),
-        metadata: Default::default(),
-        instance: 0,
-        wire_level: 0,
-    };
+    let entry = ServerEntry::new(id, "connector", true, rpc_addr);
     HashMap::from([(id.to_owned(), entry)])
 }
 
