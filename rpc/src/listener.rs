@@ -27,8 +27,9 @@ pub trait ServerListener: Send + Sync {
     fn server_joined(&self, env: &HandlerEnv, server: &ServerEntry) {
         let _ = (env, server);
     }
-    /// Discovery no longer lists `server`: it stopped gracefully, its entry expired (it
-    /// died: within `discovery.ttl`; or it could not renew its entry in time), or another
+    /// Discovery no longer lists `server`: it stopped gracefully, it died (its entry
+    /// expired within `discovery.ttl`, or embedded discovery saw its process exit), its
+    /// entry expired while it runs (it could not renew it in time), or another
     /// process of its id took its place. `reachable`: this server's connection to it was
     /// up then (see [`ServerEvent::Left`]): it is stopping gracefully, or still runs and
     /// may be listed again soon, so what lives only on it is not necessarily gone.

@@ -121,8 +121,8 @@ pub enum ServerEvent {
         /// Whether this server's connection to it was up when discovery dropped it: then it
         /// is stopping gracefully, or it still runs and only its entry lapsed (etcd lost its
         /// lease, its registry file went unrefreshed too long) and it may be listed again.
-        /// False when the connection was lost (it died or hangs) or it was replaced by
-        /// another process of its id.
+        /// False when the connection was lost (it died or hangs), discovery saw its process
+        /// exit, or it was replaced by another process of its id.
         reachable: bool,
     },
 }
@@ -189,6 +189,13 @@ impl ServerTable {
 
     /// Replaces the discovered servers; returns whether the table changed.
     pub fn replace(&self, servers: HashMap<String, ServerEntry>) -> bool {
+        self.replace_noting_exited(servers, &HashSet::new())
+    }
+
+    /// As [`ServerTable::replace`], from a discovery that knows the servers of `exited`
+    /// died (their process is gone): when they leave, [`ServerEvent::Left`] says they are
+    /// not reachable, though this server's connection to them may not have failed yet.
+    pub fn replace_noting_exited(&self, servers: HashMap<String, ServerEntry>, exited: &HashSet<String>) -> bool {
         let mut guard = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let sources = &mut *guard;
         let now = Instant::now();
@@ -206,7 +213,7 @@ impl ServerTable {
                 }
         });
         let own_id = self.own_id.get().map_or("", String::as_str);
-        let events = changes(&sources.discovered, &servers, &sources.unreachable, own_id);
+        let events = changes(&sources.discovered, &servers, &sources.unreachable, exited, own_id);
         sources.discovered = servers;
         let changed = self.publish(sources);
         // Once published, so a watcher reads the table the news is about; still under the
@@ -324,6 +331,7 @@ fn changes(
     before: &HashMap<String, ServerEntry>,
     after: &HashMap<String, ServerEntry>,
     unreachable: &HashSet<String>,
+    exited: &HashSet<String>,
     own_id: &str,
 ) -> Vec<ServerEvent> {
     let replaced = |old: &ServerEntry| ServerEvent::Left { server: old.clone(), reachable: false };
@@ -346,7 +354,8 @@ fn changes(
     }
     for (id, server) in before.iter().filter(|(id, _)| *id != own_id && !after.contains_key(*id)) {
         info!("{own_id}: server {id} ({}) left", server.server_type);
-        left.push(ServerEvent::Left { server: server.clone(), reachable: !unreachable.contains(id) });
+        let reachable = !unreachable.contains(id) && !exited.contains(id);
+        left.push(ServerEvent::Left { server: server.clone(), reachable });
     }
     left.extend(joined);
     left
@@ -507,5 +516,18 @@ mod tests {
         table.watch(None);
         table.replace(HashMap::new());
         assert!(rx.try_recv().is_err(), "not watched any more");
+    }
+
+    #[test]
+    fn a_server_whose_process_exited_leaves_unreachable() {
+        let table = ServerTable::new();
+        table.set_own_id("room-1");
+        let c1 = entry("connector-1", true);
+        table.replace(HashMap::from([("connector-1".into(), c1.clone())]));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        table.watch(Some(tx));
+        // The connection to it has not failed yet, but discovery saw its process exit.
+        table.replace_noting_exited(HashMap::new(), &HashSet::from(["connector-1".to_owned()]));
+        assert_eq!(rx.try_recv().unwrap(), vec![ServerEvent::Left { server: c1, reachable: false }]);
     }
 }

@@ -1,7 +1,9 @@
 //! Embedded discovery for the servers of one machine, with no external service: each
 //! server keeps a file `<dir>/<id>.json` holding its entry and touches it every `refresh`;
-//! every server rescans the directory as often. A file untouched for `ttl` is a dead server
-//! (killed processes vanish that way); a graceful stop deletes the file at once.
+//! every server rescans the directory as often. A file untouched for `ttl` is a dead server;
+//! a graceful stop deletes the file at once. The file also names the process that keeps it
+//! (pid and PID namespace, on Linux): servers in the same PID namespace see a killed server
+//! gone at their next rescan, without waiting for `ttl`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use log::{debug, error, info, warn};
+use serde::{Deserialize, Serialize};
 
 use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
 use crate::table::{ServerEntry, ServerTable};
@@ -56,15 +59,67 @@ fn file_name(id: &str) -> String {
     name + ".json"
 }
 
-fn write_entry(path: &Path, entry: &ServerEntry) -> std::io::Result<()> {
+/// The process keeping a registry file: its pid, in PID namespace `ns` (the target of
+/// `/proc/self/ns/pid`, e.g. `pid:[4026531836]`). Another server checks the pid only from
+/// the same namespace: a container sharing the directory sees other pids, or none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Owner {
+    pid: u32,
+    #[serde(rename = "pid_ns")]
+    ns: String,
+}
+
+impl Owner {
+    /// This process; `None` where there is no `/proc` (not Linux): files then say no owner,
+    /// and servers are dropped after `ttl` only.
+    fn this_process() -> Option<Owner> {
+        let ns = fs::read_link("/proc/self/ns/pid").ok()?.to_str()?.to_owned();
+        Some(Owner { pid: std::process::id(), ns })
+    }
+
+    /// The owner a registry file names, if any (files of older builds name none).
+    fn of_file(bytes: &[u8]) -> Option<Owner> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// Whether this owner, seen from namespace `ours`, has exited: no such process, or a
+    /// zombie (dead, not yet reaped by its parent: a container's first process often
+    /// reaps late). A running process (also one of another user) or a pid of another
+    /// namespace counts as running: the file then expires after `ttl`, as before.
+    fn exited(&self, ours: &str) -> bool {
+        if self.ns != ours {
+            return false;
+        }
+        let Ok(pid) = libc::pid_t::try_from(self.pid) else { return false };
+        if pid <= 0 {
+            return false; // kill(0 or less) would name process groups
+        }
+        // SAFETY: signal 0 sends nothing; kill only checks that the process exists.
+        let rc = unsafe { libc::kill(pid, 0) };
+        if rc != 0 {
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        }
+        // `<pid> (<command>) <state> ...`; the command may hold spaces and parentheses.
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    }
+}
+
+/// Writes `entry`, naming `owner`, to the registry file at `path` (atomically).
+fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>) -> std::io::Result<()> {
+    let mut json = serde_json::to_value(entry)?;
+    if let (Some(owner), Some(fields)) = (owner, json.as_object_mut()) {
+        fields.insert("pid".into(), owner.pid.into());
+        fields.insert("pid_ns".into(), owner.ns.clone().into());
+    }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    fs::write(&tmp, serde_json::to_vec(entry)?)?;
+    fs::write(&tmp, serde_json::to_vec(&json)?)?;
     fs::rename(&tmp, path)
 }
 
 /// Keeps this server's file fresh; writes it again, and its directory, when they are gone
 /// (a `/tmp` cleaner, an operator).
-fn touch(path: &Path, entry: &ServerEntry) -> std::io::Result<()> {
+fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>) -> std::io::Result<()> {
     let touched = fs::File::options().write(true).open(path).and_then(|f| f.set_modified(SystemTime::now()));
     if touched.is_ok() {
         return Ok(());
@@ -72,7 +127,7 @@ fn touch(path: &Path, entry: &ServerEntry) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
-    write_entry(path, entry)
+    write_entry(path, entry, owner)
 }
 
 /// How long each registry file has gone untouched, by this process's monotonic clock. File
@@ -114,6 +169,8 @@ impl Freshness {
 #[derive(Default)]
 struct Scan {
     servers: HashMap<String, ServerEntry>,
+    /// Ids of fresh files whose process has exited.
+    exited: HashSet<String>,
     /// Fresh `.json` files that hold no server entry (written by something else), and why.
     bad: Vec<(PathBuf, String)>,
 }
@@ -123,8 +180,15 @@ fn now() -> (SystemTime, Instant) {
     (SystemTime::now(), Instant::now())
 }
 
-/// Reads the registry at `(wall_now, now)`; deletes files untouched for [`REMOVE_AFTER`].
-fn scan(dir: &Path, ttl: Duration, freshness: &mut Freshness, (wall_now, now): (SystemTime, Instant)) -> Scan {
+/// Reads the registry at `(wall_now, now)`, from PID namespace `ns` (`None`: pids are not
+/// checked); deletes files untouched for [`REMOVE_AFTER`].
+fn scan(
+    dir: &Path,
+    ttl: Duration,
+    ns: Option<&str>,
+    freshness: &mut Freshness,
+    (wall_now, now): (SystemTime, Instant),
+) -> Scan {
     let mut found = Scan::default();
     let Ok(entries) = fs::read_dir(dir) else { return found };
     let mut present = HashSet::new();
@@ -142,8 +206,19 @@ fn scan(dir: &Path, ttl: Duration, freshness: &mut Freshness, (wall_now, now): (
             }
             continue;
         }
-        match fs::read(&path).map(|bytes| serde_json::from_slice::<ServerEntry>(&bytes)) {
+        let bytes = fs::read(&path);
+        match bytes.as_ref().map(|bytes| serde_json::from_slice::<ServerEntry>(bytes)) {
             Ok(Ok(server)) => {
+                let owner = bytes.as_deref().ok().and_then(Owner::of_file);
+                if let (Some(owner), Some(ns)) = (owner, ns) {
+                    if owner.exited(ns) {
+                        // Killed: gone now, not after `ttl`. The file stays (a process
+                        // restarting under this id may be writing it) until it expires.
+                        debug!("registry file {}: process {} has exited", path.display(), owner.pid);
+                        found.exited.insert(server.id);
+                        continue;
+                    }
+                }
                 found.servers.insert(server.id.clone(), server);
             }
             Ok(Err(e)) => found.bad.push((path, format!("does not hold a server entry ({e})"))),
@@ -181,12 +256,14 @@ impl Discovery for EmbeddedDiscovery {
             |e: std::io::Error| DiscoveryError::Dir { dir: self.dir.display().to_string(), message: e.to_string() };
         fs::create_dir_all(&self.dir).map_err(dir_error)?;
         let own_file = self.dir.join(file_name(&me.id));
-        write_entry(&own_file, &me).map_err(dir_error)?;
+        let owner = Owner::this_process();
+        write_entry(&own_file, &me, owner.as_ref()).map_err(dir_error)?;
         let mut warned = HashSet::new();
         let mut freshness = Freshness::default();
-        let found = scan(&self.dir, self.ttl, &mut freshness, now());
+        let ns = owner.as_ref().map(|o| o.ns.clone());
+        let found = scan(&self.dir, self.ttl, ns.as_deref(), &mut freshness, now());
         warn_bad_files(&found, &mut warned);
-        table.replace(found.servers);
+        table.replace_noting_exited(found.servers, &found.exited);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let deregistered = Arc::new(Mutex::new(false));
         let (dir, refresh, ttl, file) = (self.dir.clone(), self.refresh, self.ttl, own_file.clone());
@@ -205,7 +282,7 @@ impl Discovery for EmbeddedDiscovery {
                     }
                     let deregistered = gone.lock().unwrap_or_else(|p| p.into_inner());
                     if !*deregistered {
-                        match touch(&file, &me) {
+                        match touch(&file, &me, owner.as_ref()) {
                             Ok(()) if failing => {
                                 info!("registry file {} written again", file.display());
                                 failing = false;
@@ -222,7 +299,7 @@ impl Discovery for EmbeddedDiscovery {
                         }
                     }
                     drop(deregistered);
-                    let found = scan(&dir, ttl, &mut freshness, now());
+                    let found = scan(&dir, ttl, ns.as_deref(), &mut freshness, now());
                     warn_bad_files(&found, &mut warned);
                     let now_taken = taken_by_another(&found, &me);
                     if now_taken && !taken {
@@ -233,7 +310,7 @@ impl Discovery for EmbeddedDiscovery {
                         );
                     }
                     taken = now_taken;
-                    if table.replace(found.servers) {
+                    if table.replace_noting_exited(found.servers, &found.exited) {
                         changed();
                     }
                 }
@@ -320,7 +397,7 @@ mod tests {
         assert!(wait(|| ta.get("room-2").is_none()), "graceful leave");
         b.stop();
         // A server that stops touching its file (killed) expires after ttl.
-        write_entry(&dir.join(file_name("ghost")), &entry("ghost")).unwrap();
+        write_entry(&dir.join(file_name("ghost")), &entry("ghost"), None).unwrap();
         assert!(wait(|| ta.get("ghost").is_some()));
         assert!(wait(|| ta.get("ghost").is_none()), "stale file expires");
         fs::write(dir.join("junk.json"), b"not json").unwrap();
@@ -330,7 +407,7 @@ mod tests {
         assert!(!taken_by_another(&scan_once(&dir, ttl), &entry("room/1")));
         let mut twin = entry("room/1");
         twin.rpc_addr = "tcp://127.0.0.1:2".into();
-        write_entry(&dir.join(file_name("room/1")), &twin).unwrap();
+        write_entry(&dir.join(file_name("room/1")), &twin, None).unwrap();
         assert!(taken_by_another(&scan_once(&dir, ttl), &entry("room/1")));
         // The junk file is logged once, until it is fixed or gone.
         let mut warned = HashSet::new();
@@ -347,9 +424,56 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// A fresh file whose process has exited (reaped or not) is a dead server at once; a
+    /// running owner, an owner in another PID namespace, or no owner named keep it until
+    /// `ttl`.
+    #[test]
+    fn a_file_whose_process_exited_is_dropped_at_once() {
+        let Some(me) = Owner::this_process() else { return }; // no /proc: pids not checked
+        let dir = std::env::temp_dir().join(format!("df-embedded-owner-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = Owner { pid: child.id(), ns: me.ns.clone() };
+        child.wait().unwrap(); // reaped: the pid names no process
+        let mut zombie = std::process::Command::new("true").spawn().unwrap();
+        let unreaped = Owner { pid: zombie.id(), ns: me.ns.clone() };
+        let stat = format!("/proc/{}/stat", unreaped.pid);
+        let state = || fs::read_to_string(&stat).unwrap_or_default().rsplit_once(')').map(|(_, r)| r.trim().to_owned());
+        assert!(
+            wait(|| state().is_some_and(|s| s.starts_with('Z'))),
+            "the child exited, not reaped yet: {:?}",
+            state()
+        );
+        let elsewhere = Owner { pid: dead.pid, ns: "pid:[1]".into() };
+        let owners = [
+            ("killed", Some(&dead)),
+            ("unreaped", Some(&unreaped)),
+            ("running", Some(&me)),
+            ("other-ns", Some(&elsewhere)),
+            ("old", None),
+        ];
+        for (id, owner) in owners {
+            write_entry(&dir.join(file_name(id)), &entry(id), owner).unwrap();
+        }
+        let ttl = Duration::from_secs(60);
+        let found = scan(&dir, ttl, Some(&me.ns), &mut Freshness::default(), now());
+        let mut ids: Vec<_> = found.servers.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["old", "other-ns", "running"]);
+        assert_eq!(found.exited, HashSet::from(["killed".to_owned(), "unreaped".to_owned()]));
+        let unchecked = scan(&dir, ttl, None, &mut Freshness::default(), now());
+        assert_eq!(unchecked.servers.len(), 5, "no namespace of our own: pids not checked");
+        zombie.wait().unwrap();
+        assert!(dir.join(file_name("killed")).exists(), "the file stays until it expires");
+        assert_eq!(Owner::of_file(&fs::read(dir.join(file_name("running"))).unwrap()), Some(me));
+        assert!(!Owner { pid: 0, ns: dead.ns.clone() }.exited(&dead.ns), "pid 0 names no process");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// A scan by a server that has seen no file before (judged by their age).
     fn scan_once(dir: &Path, ttl: Duration) -> Scan {
-        scan(dir, ttl, &mut Freshness::default(), now())
+        scan(dir, ttl, None, &mut Freshness::default(), now())
     }
 
     /// File times are wall-clock times: a jump forward (a laptop waking up, an NTP step)
@@ -380,18 +504,18 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let file = dir.join(file_name("room-1"));
-        write_entry(&file, &entry("room-1")).unwrap();
+        write_entry(&file, &entry("room-1"), None).unwrap();
         let ttl = 3 * second;
         let mut f = Freshness::default();
         let (wall, at) = now();
-        assert!(scan(&dir, ttl, &mut f, (wall, at)).servers.contains_key("room-1"));
+        assert!(scan(&dir, ttl, None, &mut f, (wall, at)).servers.contains_key("room-1"));
         let jumped = (wall + 3600 * second, at + second);
-        assert!(scan(&dir, ttl, &mut f, jumped).servers.contains_key("room-1"), "kept after the jump");
+        assert!(scan(&dir, ttl, None, &mut f, jumped).servers.contains_key("room-1"), "kept after the jump");
         assert!(file.exists(), "not deleted");
         // Untouched past the ttl by the monotonic clock: gone, then deleted.
-        assert!(scan(&dir, ttl, &mut f, (wall + 3600 * second, at + 5 * second)).servers.is_empty());
+        assert!(scan(&dir, ttl, None, &mut f, (wall + 3600 * second, at + 5 * second)).servers.is_empty());
         assert!(file.exists());
-        scan(&dir, ttl, &mut f, (wall + 3600 * second, at + REMOVE_AFTER + 2 * second));
+        scan(&dir, ttl, None, &mut f, (wall + 3600 * second, at + REMOVE_AFTER + 2 * second));
         assert!(!file.exists(), "deleted once untouched for REMOVE_AFTER");
         let _ = fs::remove_dir_all(&dir);
     }
