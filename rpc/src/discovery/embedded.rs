@@ -300,6 +300,18 @@ impl Discovery for EmbeddedDiscovery {
                     }
                     drop(deregistered);
                     let found = scan(&dir, ttl, ns.as_deref(), &mut freshness, now());
+                    if found.exited.contains(&me.id) {
+                        // Our file names a process that has exited: another process with our
+                        // id wrote it, then died. Ours again (we touched it meanwhile).
+                        let deregistered = gone.lock().unwrap_or_else(|p| p.into_inner());
+                        if !*deregistered && write_entry(&file, &me, owner.as_ref()).is_ok() {
+                            info!(
+                                "registry file {} held the entry of another process with this server's id, \
+                                 which has exited; written again",
+                                file.display()
+                            );
+                        }
+                    }
                     warn_bad_files(&found, &mut warned);
                     let now_taken = taken_by_another(&found, &me);
                     if now_taken && !taken {
@@ -468,6 +480,32 @@ mod tests {
         assert!(dir.join(file_name("killed")).exists(), "the file stays until it expires");
         assert_eq!(Owner::of_file(&fs::read(dir.join(file_name("running"))).unwrap()), Some(me));
         assert!(!Owner { pid: 0, ns: dead.ns.clone() }.exited(&dead.ns), "pid 0 names no process");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Another process with a running server's id took its file, then died: the running
+    /// server writes its entry again at its next refresh (it kept touching the file, which
+    /// would otherwise name the dead process until this one stops).
+    #[test]
+    fn a_file_taken_by_a_process_that_exited_is_written_again() {
+        let Some(me) = Owner::this_process() else { return };
+        let dir = std::env::temp_dir().join(format!("df-embedded-retake-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let a = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(60));
+        let listed = Arc::new(ServerTable::new());
+        a.start(entry("room-1"), listed.clone(), Arc::new(|| {})).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let impostor = Owner { pid: child.id(), ns: me.ns };
+        child.wait().unwrap();
+        let mut theirs = entry("room-1");
+        theirs.rpc_addr = "tcp://127.0.0.1:2".into();
+        let file = dir.join(file_name("room-1"));
+        write_entry(&file, &theirs, Some(&impostor)).unwrap();
+        let held = || serde_json::from_slice::<ServerEntry>(&fs::read(&file).unwrap_or_default()).ok();
+        assert!(wait(|| held().is_some_and(|e| e.rpc_addr == "tcp://127.0.0.1:1")), "{:?}", held());
+        assert_eq!(Owner::of_file(&fs::read(&file).unwrap()).map(|o| o.pid), Some(std::process::id()));
+        a.deregister();
+        a.stop();
         fs::remove_dir_all(&dir).unwrap();
     }
 
