@@ -77,11 +77,6 @@ impl Owner {
         Some(Owner { pid: std::process::id(), ns })
     }
 
-    /// The owner a registry file names, if any (files of older builds name none).
-    fn of_file(bytes: &[u8]) -> Option<Owner> {
-        serde_json::from_slice(bytes).ok()
-    }
-
     /// Whether this owner, seen from namespace `ours`, has exited: no such process, or a
     /// zombie (dead, not yet reaped by its parent: a container's first process often
     /// reaps late). A running process (also one of another user) or a pid of another
@@ -105,15 +100,21 @@ impl Owner {
     }
 }
 
+/// What a registry file holds: the server's entry and, beside its fields, the process
+/// keeping it (files of older builds name none; older builds ignore these fields).
+#[derive(Debug, Serialize, Deserialize)]
+struct Registration {
+    #[serde(flatten)]
+    entry: ServerEntry,
+    #[serde(flatten)]
+    owner: Option<Owner>,
+}
+
 /// Writes `entry`, naming `owner`, to the registry file at `path` (atomically).
 fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>) -> std::io::Result<()> {
-    let mut json = serde_json::to_value(entry)?;
-    if let (Some(owner), Some(fields)) = (owner, json.as_object_mut()) {
-        fields.insert("pid".into(), owner.pid.into());
-        fields.insert("pid_ns".into(), owner.ns.clone().into());
-    }
+    let registration = Registration { entry: entry.clone(), owner: owner.cloned() };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    fs::write(&tmp, serde_json::to_vec(&json)?)?;
+    fs::write(&tmp, serde_json::to_vec(&registration)?)?;
     fs::rename(&tmp, path)
 }
 
@@ -206,10 +207,8 @@ fn scan(
             }
             continue;
         }
-        let bytes = fs::read(&path);
-        match bytes.as_ref().map(|bytes| serde_json::from_slice::<ServerEntry>(bytes)) {
-            Ok(Ok(server)) => {
-                let owner = bytes.as_deref().ok().and_then(Owner::of_file);
+        match fs::read(&path).map(|bytes| serde_json::from_slice::<Registration>(&bytes)) {
+            Ok(Ok(Registration { entry: server, owner })) => {
                 if let (Some(owner), Some(ns)) = (owner, ns) {
                     if owner.exited(ns) {
                         // Killed: gone now, not after `ttl`. The file stays (a process
@@ -260,8 +259,7 @@ impl Discovery for EmbeddedDiscovery {
         write_entry(&own_file, &me, owner.as_ref()).map_err(dir_error)?;
         let mut warned = HashSet::new();
         let mut freshness = Freshness::default();
-        let ns = owner.as_ref().map(|o| o.ns.clone());
-        let found = scan(&self.dir, self.ttl, ns.as_deref(), &mut freshness, now());
+        let found = scan(&self.dir, self.ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
         warn_bad_files(&found, &mut warned);
         table.replace_noting_exited(found.servers, &found.exited);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
@@ -299,7 +297,7 @@ impl Discovery for EmbeddedDiscovery {
                         }
                     }
                     drop(deregistered);
-                    let found = scan(&dir, ttl, ns.as_deref(), &mut freshness, now());
+                    let found = scan(&dir, ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
                     if found.exited.contains(&me.id) {
                         // Our file names a process that has exited: another process with our
                         // id wrote it, then died. Ours again (we touched it meanwhile).
@@ -361,15 +359,12 @@ mod tests {
     use super::*;
 
     fn entry(id: &str) -> ServerEntry {
-        ServerEntry {
-            id: id.into(),
-            server_type: "room".into(),
-            frontend: false,
-            rpc_addr: "tcp://127.0.0.1:1".into(),
-            metadata: Default::default(),
-            instance: 0,
-            wire_level: 0,
-        }
+        ServerEntry::new(id, "room", false, "tcp://127.0.0.1:1")
+    }
+
+    /// What the registry file at `path` holds.
+    fn registration(path: &Path) -> Registration {
+        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
     }
 
     fn wait(mut cond: impl FnMut() -> bool) -> bool {
@@ -478,7 +473,7 @@ mod tests {
         assert_eq!(unchecked.servers.len(), 5, "no namespace of our own: pids not checked");
         zombie.wait().unwrap();
         assert!(dir.join(file_name("killed")).exists(), "the file stays until it expires");
-        assert_eq!(Owner::of_file(&fs::read(dir.join(file_name("running"))).unwrap()), Some(me));
+        assert_eq!(registration(&dir.join(file_name("running"))).owner, Some(me));
         assert!(!Owner { pid: 0, ns: dead.ns.clone() }.exited(&dead.ns), "pid 0 names no process");
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -503,7 +498,7 @@ mod tests {
         write_entry(&file, &theirs, Some(&impostor)).unwrap();
         let held = || serde_json::from_slice::<ServerEntry>(&fs::read(&file).unwrap_or_default()).ok();
         assert!(wait(|| held().is_some_and(|e| e.rpc_addr == "tcp://127.0.0.1:1")), "{:?}", held());
-        assert_eq!(Owner::of_file(&fs::read(&file).unwrap()).map(|o| o.pid), Some(std::process::id()));
+        assert_eq!(registration(&file).owner.map(|o| o.pid), Some(std::process::id()));
         a.deregister();
         a.stop();
         fs::remove_dir_all(&dir).unwrap();
