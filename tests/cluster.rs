@@ -45,6 +45,18 @@ fn start_connector(module: &ClusterModule) -> Server {
     start_connector_with(&Probe::default(), module)
 }
 
+/// A cluster module in `dir` ([`fast_discovery`]) whose ROUTER binds `bind` and is
+/// announced as `advertise` (empty: the bound endpoint).
+fn module_at(dir: &std::path::Path, bind: &str, advertise: &str) -> ClusterModule {
+    let rpc = dragonfruit_rpc::RpcConfig {
+        bind: bind.into(),
+        advertise: advertise.into(),
+        timeout: TIMEOUT,
+        ..Default::default()
+    };
+    ClusterModule::new(rpc, Box::new(fast_discovery(dir)))
+}
+
 /// `connector-1` serving `probe`, whose state the test reads, in the cluster of `module`.
 fn start_connector_with(probe: &Probe, module: &ClusterModule) -> Server {
     Server::start(probe_app(probe).server_id("connector-1").cluster(Arc::new(module.clone())))
@@ -607,13 +619,7 @@ fn a_cluster_of_postcard_servers_speaks_postcard_end_to_end() {
 fn a_wildcard_bind_is_advertised_with_its_host_and_the_port_it_got() {
     let dir = cluster_dir("advertise");
     let backend = Backend::default();
-    let rpc = dragonfruit_rpc::RpcConfig {
-        bind: "tcp://0.0.0.0:*".into(),
-        advertise: "tcp://127.0.0.1:*".into(),
-        timeout: TIMEOUT,
-        ..Default::default()
-    };
-    let module = ClusterModule::new(rpc, Box::new(crate::util::fast_discovery(&dir)));
+    let module = module_at(&dir, "tcp://0.0.0.0:*", "tcp://127.0.0.1:*");
     let _room = Server::start_backend(room_builder("room-1", &backend, &module));
     let fe_module = cluster_module(&dir, TIMEOUT);
     let frontend = start_connector(&fe_module);
@@ -635,15 +641,9 @@ fn servers_on_ipv6_endpoints_reach_each_other() {
     }
     let dir = cluster_dir("ipv6");
     let backend = Backend::default();
-    let rpc = |bind: &str, advertise: &str| dragonfruit_rpc::RpcConfig {
-        bind: bind.into(),
-        advertise: advertise.into(),
-        timeout: TIMEOUT,
-        ..Default::default()
-    };
-    let module = ClusterModule::new(rpc("tcp://*:*", "tcp://[::1]:*"), Box::new(crate::util::fast_discovery(&dir)));
+    let module = module_at(&dir, "tcp://*:*", "tcp://[::1]:*");
     let _room = Server::start_backend(room_builder("room-1", &backend, &module));
-    let fe_module = ClusterModule::new(rpc("tcp://[::1]:*", ""), Box::new(crate::util::fast_discovery(&dir)));
+    let fe_module = module_at(&dir, "tcp://[::1]:*", "");
     let frontend = start_connector(&fe_module);
     assert!(wait_until(T, || fe_module.servers().len() == 2), "frontend sees the backend");
     for server in fe_module.servers() {
@@ -1093,8 +1093,7 @@ fn own_endpoint(name: &str) -> String {
 fn a_peer_slow_to_see_a_server_leave_does_not_warn_that_its_connection_is_lost() {
     let logged_before = warnings().len();
     let dir = cluster_dir("byepeer");
-    let rpc = dragonfruit_rpc::RpcConfig { timeout: TIMEOUT, bind: own_endpoint("byepeer"), ..Default::default() };
-    let stopping_module = ClusterModule::new(rpc, Box::new(fast_discovery(&dir)));
+    let stopping_module = module_at(&dir, &own_endpoint("byepeer"), "");
     let stopping = Server::start_backend(room_builder("room-1", &Backend::default(), &stopping_module));
     let addr = stopping_module.me().unwrap().rpc_addr;
     // It lists room-1 through the whole test.
@@ -1164,10 +1163,7 @@ fn a_backend_restarted_at_its_endpoint_refuses_calls_for_its_previous_process_qu
     let logged_before = warnings().len();
     let dir = cluster_dir("samebind");
     let bind = own_endpoint("samebind");
-    let room_module = || {
-        let rpc = dragonfruit_rpc::RpcConfig { timeout: TIMEOUT, bind: bind.clone(), ..Default::default() };
-        ClusterModule::new(rpc, Box::new(fast_discovery(&dir)))
-    };
+    let room_module = || module_at(&dir, &bind, "");
     let backend = Backend::default();
     let old_module = room_module();
     let old = Server::start_backend(room_builder("room-1", &backend, &old_module));
