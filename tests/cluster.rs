@@ -613,6 +613,33 @@ fn a_cluster_of_postcard_servers_speaks_postcard_end_to_end() {
     assert_eq!(client.request::<_, String>("room.room.grow", &2usize).unwrap(), "xx", "the session goes on");
 }
 
+/// A server that joins with another serializer than this one's is warned of, on both sides
+/// (they cannot read each other's bodies: a forwarded request fails `PIT-400`, say);
+/// servers of one serializer are not.
+#[test]
+fn a_server_of_another_serializer_is_warned_of_when_it_joins() {
+    use dragonfruit_core::Serializer::Postcard;
+    let dir = cluster_dir("serializers");
+    let backend = Backend::default();
+    let module = cluster_module(&dir, TIMEOUT);
+    let _room = Server::start_backend(room_builder("room-postcard", &backend, &module).serializer(Postcard));
+    let _same = Server::start_backend(room_builder("room-json", &backend, &cluster_module(&dir, TIMEOUT)));
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let _frontend =
+        Server::start(probe_app(&Probe::default()).server_id("connector-json").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || fe_module.servers().len() == 3), "frontend sees both backends");
+    let about = |by: &str, of: &str| {
+        let start = format!("{by}: server {of} ");
+        warnings().iter().any(|w| w.starts_with(&start) && w.contains("server.serializer"))
+    };
+    assert!(wait_until(T, || about("connector-json", "room-postcard")), "the frontend warns of the backend");
+    assert!(wait_until(T, || about("room-postcard", "connector-json")), "the backend warns of the frontend");
+    assert!(about("room-postcard", "room-json"), "{:?}", warnings());
+    for (by, of) in [("connector-json", "room-json"), ("room-json", "connector-json")] {
+        assert!(!about(by, of), "{by} warned of {of}, which has its serializer");
+    }
+}
+
 /// A backend bound to every interface at a port picked at start announces the host it is
 /// given with the port it got (`advertise = "tcp://host:*"`), and is reached there.
 #[test]

@@ -629,6 +629,7 @@ impl Cluster for ClusterModule {
             metadata: ctx.server.metadata.clone(),
             instance: process.instance,
             wire_level: wire::LEVEL,
+            serializer: ctx.service.env().serializer().name().to_owned(),
         };
         let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
         let limits = socket_thread::Limits {
@@ -651,7 +652,7 @@ impl Cluster for ClusterModule {
             return Err(ClusterError::Other("cluster module started twice".into()));
         }
         let notify = io.clone();
-        inner.table.set_own_id(&me.id);
+        inner.table.set_own(&me.id, &me.serializer);
         if let Err(e) = inner.listeners.start(&inner.table, env) {
             self.stop();
             return Err(ClusterError::Other(format!("cannot spawn the server listeners' thread: {e}")));

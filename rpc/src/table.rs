@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use log::info;
+use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 /// One server, as announced to the cluster. Made with [`ServerEntry::new`] outside this
@@ -39,6 +39,11 @@ pub struct ServerEntry {
     /// learned from a call.
     #[serde(default)]
     pub wire_level: u32,
+    /// Its body serializer (`server.serializer`: `"json"`, `"postcard"`); empty for entries
+    /// of older builds and servers learned from a call. Servers of one cluster decode each
+    /// other's bodies, so a server that differs is warned of when it joins.
+    #[serde(default)]
+    pub serializer: String,
 }
 
 /// Whether instances `a` and `b` ([`ServerEntry::instance`]) may be the same process: equal,
@@ -66,6 +71,7 @@ impl ServerEntry {
             metadata: BTreeMap::new(),
             instance: 0,
             wire_level: 0,
+            serializer: String::new(),
         }
     }
 
@@ -95,8 +101,9 @@ const LEARNED_TTL: Duration = Duration::from_secs(30);
 pub struct ServerTable {
     current: RwLock<Arc<Snapshot>>,
     sources: Mutex<Sources>,
-    /// This server's id: its own comings and goings are not logged as news.
-    own_id: std::sync::OnceLock<String>,
+    /// This server: its own comings and goings are not logged as news, and servers whose
+    /// serializer differs from its own are warned of.
+    own: std::sync::OnceLock<Own>,
     /// See [`ServerTable::version`].
     version: AtomicU64,
     /// Where the changes discovery reports go, once someone listens (see
@@ -125,6 +132,14 @@ pub enum ServerEvent {
         /// exit, or it was replaced by another process of its id.
         reachable: bool,
     },
+}
+
+/// The server a table belongs to.
+#[derive(Debug, Default)]
+struct Own {
+    id: String,
+    /// Its serializer's name.
+    serializer: String,
 }
 
 #[derive(Debug, Default)]
@@ -171,9 +186,10 @@ impl ServerTable {
         ServerTable::default()
     }
 
-    /// Tells the table which server it belongs to (set once, at start).
-    pub(crate) fn set_own_id(&self, id: &str) {
-        let _ = self.own_id.set(id.to_owned());
+    /// Tells the table which server it belongs to, and that server's serializer (set once,
+    /// at start).
+    pub(crate) fn set_own(&self, id: &str, serializer: &str) {
+        let _ = self.own.set(Own { id: id.to_owned(), serializer: serializer.to_owned() });
     }
 
     /// Sends the changes discovery reports from now on to `events`, in order, each
@@ -212,8 +228,9 @@ impl ServerTable {
                     Some(listed) => before.get(id).is_some_and(|old| old.same_process(listed)),
                 }
         });
-        let own_id = self.own_id.get().map_or("", String::as_str);
-        let events = changes(&sources.discovered, &servers, &sources.unreachable, exited, own_id);
+        let nobody = Own::default();
+        let own = self.own.get().unwrap_or(&nobody);
+        let events = changes(&sources.discovered, &servers, &sources.unreachable, exited, own);
         sources.discovered = servers;
         let changed = self.publish(sources);
         // Once published, so a watcher reads the table the news is about; still under the
@@ -259,6 +276,7 @@ impl ServerTable {
             metadata: listed.map(|e| e.metadata.clone()).unwrap_or_default(),
             instance,
             wire_level: 0,
+            serializer: String::new(),
         };
         sources.learned.insert(id.to_owned(), (entry, now));
         self.publish(sources)
@@ -323,17 +341,18 @@ impl ServerTable {
     }
 }
 
-/// The changes from `before` to `after`, as seen by server `own_id` (which is not news to
+/// The changes from `before` to `after`, as seen by server `own` (which is not news to
 /// itself) while it cannot reach the servers `unreachable`: servers that left, then servers
 /// that joined (a new process of an id leaves as the old one and joins as itself). Logs
-/// each.
+/// each, and warns of a server joining with another serializer than `own`'s.
 fn changes(
     before: &HashMap<String, ServerEntry>,
     after: &HashMap<String, ServerEntry>,
     unreachable: &HashSet<String>,
     exited: &HashSet<String>,
-    own_id: &str,
+    own: &Own,
 ) -> Vec<ServerEvent> {
+    let own_id = own.id.as_str();
     let replaced = |old: &ServerEntry| ServerEvent::Left { server: old.clone(), reachable: false };
     let (mut left, mut joined) = (Vec::new(), Vec::new());
     for (id, server) in after.iter().filter(|(id, _)| *id != own_id) {
@@ -350,6 +369,7 @@ fn changes(
             }
             Some(_) => continue,
         }
+        warn_of_another_serializer(own, server);
         joined.push(ServerEvent::Joined(server.clone()));
     }
     for (id, server) in before.iter().filter(|(id, _)| *id != own_id && !after.contains_key(*id)) {
@@ -359,6 +379,22 @@ fn changes(
     }
     left.extend(joined);
     left
+}
+
+/// Warns when `server` (just listed) encodes bodies otherwise than `own`: each decodes the
+/// bodies the other forwards, answers, pushes and passes in user RPCs with its own
+/// serializer, so those fail (the client gets `PIT-400` for a forwarded request, say). Not
+/// known on either side (an older build's entry): nothing to say.
+fn warn_of_another_serializer(own: &Own, server: &ServerEntry) {
+    if own.serializer.is_empty() || server.serializer.is_empty() || own.serializer == server.serializer {
+        return;
+    }
+    warn!(
+        "{}: server {} ({}) encodes bodies as {}, this server as {}: the messages they pass each other \
+         (forwarded requests, answers, pushes, user RPCs) fail to decode; give every server of the \
+         cluster the same server.serializer",
+        own.id, server.id, server.server_type, server.serializer, own.serializer
+    );
 }
 
 #[cfg(test)]
@@ -474,7 +510,7 @@ mod tests {
     #[test]
     fn a_watcher_hears_joins_leaves_and_new_processes_in_order_but_not_its_own_server() {
         let table = ServerTable::new();
-        table.set_own_id("room-1");
+        table.set_own("room-1", "json");
         table.replace(HashMap::from([("room-1".into(), entry("room-1", false))]));
         let (tx, rx) = crossbeam_channel::unbounded();
         table.watch(Some(tx));
@@ -521,7 +557,7 @@ mod tests {
     #[test]
     fn a_server_whose_process_exited_leaves_unreachable() {
         let table = ServerTable::new();
-        table.set_own_id("room-1");
+        table.set_own("room-1", "json");
         let c1 = entry("connector-1", true);
         table.replace(HashMap::from([("connector-1".into(), c1.clone())]));
         let (tx, rx) = crossbeam_channel::unbounded();
