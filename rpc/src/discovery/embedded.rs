@@ -1,7 +1,9 @@
 //! Embedded discovery for the servers of one machine, with no external service: each
 //! server keeps a file `<dir>/<id>.json` holding its entry and touches it every `refresh`;
-//! every server rescans the directory as often. A file untouched for `ttl` is a dead server;
-//! a graceful stop deletes the file at once. The file also names the process that keeps it
+//! every server rescans the directory as often. A file untouched for `ttl` is a dead server
+//! (the `ttl` of the server that wrote it, which the file says, as an etcd lease's TTL is
+//! its owner's: servers with other settings do not drop it between its touches); a graceful
+//! stop deletes the file at once. The file also names the process that keeps it
 //! (pid and PID namespace, on Linux): servers in the same PID namespace see a killed server
 //! gone at their next rescan, without waiting for `ttl`.
 
@@ -19,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
 use crate::table::{ServerEntry, ServerTable};
 
-/// Files older than this are deleted by whoever scans (dead servers' leftovers).
+/// Files untouched for this long, and for twice their `ttl`, are deleted by whoever scans
+/// (dead servers' leftovers).
 const REMOVE_AFTER: Duration = Duration::from_secs(60);
 
 /// The file-based registry.
@@ -101,18 +104,24 @@ impl Owner {
 }
 
 /// What a registry file holds: the server's entry and, beside its fields, the process
-/// keeping it (files of older builds name none; older builds ignore these fields).
+/// keeping it and how long after its last touch the server counts as alive, its `ttl`
+/// (files of older builds name neither: the reader's own `ttl` applies; older builds
+/// ignore these fields).
 #[derive(Debug, Serialize, Deserialize)]
 struct Registration {
     #[serde(flatten)]
     entry: ServerEntry,
     #[serde(flatten)]
     owner: Option<Owner>,
+    #[serde(default, rename = "ttl_ms")]
+    ttl: Option<u64>,
 }
 
-/// Writes `entry`, naming `owner`, to the registry file at `path` (atomically).
-fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>) -> std::io::Result<()> {
-    let registration = Registration { entry: entry.clone(), owner: owner.cloned() };
+/// Writes `entry`, naming `owner` and the server's `ttl`, to the registry file at `path`
+/// (atomically).
+fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, ttl: Option<Duration>) -> std::io::Result<()> {
+    let ttl = ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+    let registration = Registration { entry: entry.clone(), owner: owner.cloned(), ttl };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     fs::write(&tmp, serde_json::to_vec(&registration)?)?;
     fs::rename(&tmp, path)
@@ -120,7 +129,7 @@ fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>) -> std::
 
 /// Keeps this server's file fresh; writes it again, and its directory, when they are gone
 /// (a `/tmp` cleaner, an operator).
-fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>) -> std::io::Result<()> {
+fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, ttl: Duration) -> std::io::Result<()> {
     let touched = fs::File::options().write(true).open(path).and_then(|f| f.set_modified(SystemTime::now()));
     if touched.is_ok() {
         return Ok(());
@@ -128,7 +137,7 @@ fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>) -> std::io::Re
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
-    write_entry(path, entry, owner)
+    write_entry(path, entry, owner, Some(ttl))
 }
 
 /// How long each registry file has gone untouched, by this process's monotonic clock. File
@@ -182,7 +191,8 @@ fn now() -> (SystemTime, Instant) {
 }
 
 /// Reads the registry at `(wall_now, now)`, from PID namespace `ns` (`None`: pids are not
-/// checked); deletes files untouched for [`REMOVE_AFTER`].
+/// checked); a file is judged by the `ttl` it says, else by `ttl`. Deletes files untouched
+/// for [`REMOVE_AFTER`] and twice their ttl.
 fn scan(
     dir: &Path,
     ttl: Duration,
@@ -201,14 +211,19 @@ fn scan(
         let Ok(mtime) = entry.metadata().and_then(|m| m.modified()) else { continue };
         present.insert(path.clone());
         let untouched = freshness.untouched(&path, mtime, wall_now, now);
-        if untouched > ttl {
-            if untouched > REMOVE_AFTER {
+        let read = fs::read(&path).map(|bytes| serde_json::from_slice::<Registration>(&bytes));
+        let limit = match &read {
+            Ok(Ok(Registration { ttl: Some(ms), .. })) => Duration::from_millis(*ms),
+            _ => ttl,
+        };
+        if untouched > limit {
+            if untouched > REMOVE_AFTER.max(limit.saturating_mul(2)) {
                 let _ = fs::remove_file(&path);
             }
             continue;
         }
-        match fs::read(&path).map(|bytes| serde_json::from_slice::<Registration>(&bytes)) {
-            Ok(Ok(Registration { entry: server, owner })) => {
+        match read {
+            Ok(Ok(Registration { entry: server, owner, .. })) => {
                 if let (Some(owner), Some(ns)) = (owner, ns) {
                     if owner.exited(ns) {
                         // Killed: gone now, not after `ttl`. The file stays (a process
@@ -256,7 +271,7 @@ impl Discovery for EmbeddedDiscovery {
         fs::create_dir_all(&self.dir).map_err(dir_error)?;
         let own_file = self.dir.join(file_name(&me.id));
         let owner = Owner::this_process();
-        write_entry(&own_file, &me, owner.as_ref()).map_err(dir_error)?;
+        write_entry(&own_file, &me, owner.as_ref(), Some(self.ttl)).map_err(dir_error)?;
         let mut warned = HashSet::new();
         let mut freshness = Freshness::default();
         let found = scan(&self.dir, self.ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
@@ -280,7 +295,7 @@ impl Discovery for EmbeddedDiscovery {
                     }
                     let deregistered = gone.lock().unwrap_or_else(|p| p.into_inner());
                     if !*deregistered {
-                        match touch(&file, &me, owner.as_ref()) {
+                        match touch(&file, &me, owner.as_ref(), ttl) {
                             Ok(()) if failing => {
                                 info!("registry file {} written again", file.display());
                                 failing = false;
@@ -302,7 +317,7 @@ impl Discovery for EmbeddedDiscovery {
                         // Our file names a process that has exited: another process with our
                         // id wrote it, then died. Ours again (we touched it meanwhile).
                         let deregistered = gone.lock().unwrap_or_else(|p| p.into_inner());
-                        if !*deregistered && write_entry(&file, &me, owner.as_ref()).is_ok() {
+                        if !*deregistered && write_entry(&file, &me, owner.as_ref(), Some(ttl)).is_ok() {
                             info!(
                                 "registry file {} held the entry of another process with this server's id, \
                                  which has exited; written again",
@@ -404,7 +419,7 @@ mod tests {
         assert!(wait(|| ta.get("room-2").is_none()), "graceful leave");
         b.stop();
         // A server that stops touching its file (killed) expires after ttl.
-        write_entry(&dir.join(file_name("ghost")), &entry("ghost"), None).unwrap();
+        write_entry(&dir.join(file_name("ghost")), &entry("ghost"), None, None).unwrap();
         assert!(wait(|| ta.get("ghost").is_some()));
         assert!(wait(|| ta.get("ghost").is_none()), "stale file expires");
         fs::write(dir.join("junk.json"), b"not json").unwrap();
@@ -414,7 +429,7 @@ mod tests {
         assert!(!taken_by_another(&scan_once(&dir, ttl), &entry("room/1")));
         let mut twin = entry("room/1");
         twin.rpc_addr = "tcp://127.0.0.1:2".into();
-        write_entry(&dir.join(file_name("room/1")), &twin, None).unwrap();
+        write_entry(&dir.join(file_name("room/1")), &twin, None, None).unwrap();
         assert!(taken_by_another(&scan_once(&dir, ttl), &entry("room/1")));
         // The junk file is logged once, until it is fixed or gone.
         let mut warned = HashSet::new();
@@ -461,7 +476,7 @@ mod tests {
             ("old", None),
         ];
         for (id, owner) in owners {
-            write_entry(&dir.join(file_name(id)), &entry(id), owner).unwrap();
+            write_entry(&dir.join(file_name(id)), &entry(id), owner, None).unwrap();
         }
         let ttl = Duration::from_secs(60);
         let found = scan(&dir, ttl, Some(&me.ns), &mut Freshness::default(), now());
@@ -495,7 +510,7 @@ mod tests {
         let mut theirs = entry("room-1");
         theirs.rpc_addr = "tcp://127.0.0.1:2".into();
         let file = dir.join(file_name("room-1"));
-        write_entry(&file, &theirs, Some(&impostor)).unwrap();
+        write_entry(&file, &theirs, Some(&impostor), None).unwrap();
         let held = || serde_json::from_slice::<ServerEntry>(&fs::read(&file).unwrap_or_default()).ok();
         assert!(wait(|| held().is_some_and(|e| e.rpc_addr == "tcp://127.0.0.1:1")), "{:?}", held());
         assert_eq!(registration(&file).owner.map(|o| o.pid), Some(std::process::id()));
@@ -537,7 +552,7 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let file = dir.join(file_name("room-1"));
-        write_entry(&file, &entry("room-1"), None).unwrap();
+        write_entry(&file, &entry("room-1"), None, None).unwrap();
         let ttl = 3 * second;
         let mut f = Freshness::default();
         let (wall, at) = now();
@@ -550,6 +565,59 @@ mod tests {
         assert!(file.exists());
         scan(&dir, ttl, None, &mut f, (wall + 3600 * second, at + REMOVE_AFTER + 2 * second));
         assert!(!file.exists(), "deleted once untouched for REMOVE_AFTER");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A file is judged by the ttl of the server that wrote it (as an etcd lease's TTL is
+    /// its owner's), not the reader's: a server that refreshes its file less often than a
+    /// reader's ttl (settings differ between servers) is not dropped between its touches, and
+    /// one with a shorter ttl is dropped sooner. Files of older builds (no ttl) are judged by
+    /// the reader's. A leftover file is deleted once untouched for twice its ttl too.
+    #[test]
+    fn each_file_is_judged_by_the_ttl_of_the_server_that_wrote_it() {
+        let dir = std::env::temp_dir().join(format!("df-embedded-ttl-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let second = Duration::from_secs(1);
+        for (id, ttl) in
+            [("slow", Some(5 * second)), ("quick", Some(second / 2)), ("old", None), ("long", Some(100 * second))]
+        {
+            write_entry(&dir.join(file_name(id)), &entry(id), None, ttl).unwrap();
+        }
+        let reader_ttl = 2 * second;
+        let mut f = Freshness::default();
+        let (wall, at) = now();
+        let listed = |f: &mut Freshness, after: Duration| {
+            let mut ids: Vec<String> =
+                scan(&dir, reader_ttl, None, f, (wall, at + after)).servers.into_keys().collect();
+            ids.sort_unstable();
+            ids
+        };
+        assert_eq!(listed(&mut f, Duration::ZERO), ["long", "old", "quick", "slow"]);
+        assert_eq!(listed(&mut f, second), ["long", "old", "slow"], "quick: its own ttl, half a second");
+        assert_eq!(listed(&mut f, 3 * second), ["long", "slow"], "old: the reader's ttl");
+        assert_eq!(listed(&mut f, 6 * second), ["long"]);
+        assert_eq!(listed(&mut f, 150 * second), Vec::<String>::new());
+        assert!(dir.join(file_name("long")).exists(), "kept for twice its ttl");
+        assert!(!dir.join(file_name("slow")).exists(), "deleted after REMOVE_AFTER");
+        listed(&mut f, 201 * second);
+        assert!(!dir.join(file_name("long")).exists(), "deleted after twice its ttl");
+
+        // Live: a server touching its file every 400 ms (ttl 2 s) is never dropped by one
+        // whose ttl is 150 ms.
+        let (slow, quick) = (Arc::new(ServerTable::new()), Arc::new(ServerTable::new()));
+        let a = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(400), 2 * second);
+        let b = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_millis(150));
+        a.start(entry("a"), slow.clone(), Arc::new(|| {})).unwrap();
+        b.start(entry("b"), quick.clone(), Arc::new(|| {})).unwrap();
+        let until = Instant::now() + 2 * second;
+        while Instant::now() < until {
+            assert!(quick.get("a").is_some(), "b dropped a between its touches");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(slow.get("b").is_some() || wait(|| slow.get("b").is_some()));
+        a.stop();
+        b.stop();
         let _ = fs::remove_dir_all(&dir);
     }
 
