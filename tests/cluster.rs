@@ -773,6 +773,58 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
     drop(room);
 }
 
+/// A call that waited in a backend's queue is judged by its caller's `rpc.timeout`, which
+/// servers announce in discovery, not the backend's own (settings may differ between
+/// servers): a frontend waiting 4 s gets the answers to a forwarded request and a user RPC
+/// that waited 800 ms behind slow calls on a backend whose own timeout is 300 ms; a
+/// frontend waiting 300 ms does not have the calls it gave up on run by a backend whose own
+/// timeout is 4 s.
+#[test]
+fn calls_in_a_backend_queue_are_judged_by_their_callers_timeout() {
+    let (long, short) = (Duration::from_secs(4), Duration::from_millis(300));
+    for (fe_timeout, be_timeout) in [(long, short), (short, long)] {
+        let dir = cluster_dir(&format!("callers-timeout-{}", fe_timeout.as_millis()));
+        let backend = Backend::default();
+        let module = cluster_module(&dir, be_timeout);
+        // One worker and one remote thread: calls queue behind slow ones.
+        let mut builder = room_builder("room-1", &backend, &module).workers(1);
+        builder.config_mut().dispatch.remote_concurrency = 1;
+        let _room = Server::start_backend(builder);
+        let fe_module = cluster_module(&dir, fe_timeout);
+        let frontend = start_connector(&fe_module);
+        assert!(wait_until(T, || fe_module.servers().len() == 2 && module.servers().len() == 2));
+        let (slow, slow_remote) = (frontend.client(), frontend.client());
+        let held = [
+            std::thread::spawn(move || slow.request::<_, Value>("room.room.wait", &json!({}))),
+            std::thread::spawn(move || slow_remote.request::<_, Value>("probe.rpc_route", "room.room.stall")),
+        ];
+        assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == 2), "the slow call and remote run");
+        let (queued, caller) = (frontend.client(), frontend.client());
+        let waiting = [
+            std::thread::spawn(move || queued.request::<_, Value>("room.room.sleep", &1u64)),
+            std::thread::spawn(move || caller.request::<_, Value>("probe.rpc_route", "room.room.tick")),
+        ];
+        std::thread::sleep(Duration::from_millis(800));
+        backend.gate.open();
+        let results: Vec<_> = waiting.into_iter().map(|call| call.join().unwrap()).collect();
+        held.into_iter().for_each(|call| drop(call.join().unwrap()));
+        if fe_timeout == long {
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            assert_eq!(backend.sleeps_started.load(Ordering::SeqCst), 1);
+            assert_eq!(module.stats().overdue, 0);
+        } else {
+            for result in results {
+                assert!(matches!(&result, Err(ClientError::Server(e)) if e.code == codes::TIMEOUT), "{result:?}");
+            }
+            // Once an echo queued after them is answered, they have left the queue.
+            let fresh = frontend.client();
+            assert!(wait_until(T, || fresh.request_raw("room.room.echo", b"x").is_ok()));
+            assert_eq!(backend.sleeps_started.load(Ordering::SeqCst), 0, "the given-up call did not run");
+            assert!(module.stats().overdue >= 2, "{:?}", module.stats());
+        }
+    }
+}
+
 /// Forwarded notifies stay in flight on the frontend until the backend has run them, so a
 /// client flooding them is paused by `dispatch.session_backlog` like one flooding local
 /// routes, instead of piling them up in the backend's memory. None is lost.

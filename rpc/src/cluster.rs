@@ -127,25 +127,31 @@ impl Drain {
     }
 }
 
-/// Calls that waited longer than `rpc.timeout` in this server's queue before a worker took
-/// them. Their callers gave up at that timeout (servers of a cluster share it), and each
-/// gave up a slot that lets a new call in, so an overloaded server that ran them would
-/// spend itself on calls nobody waits for while every new call timed out behind them.
-/// They are answered `PIT-504` instead, not run; notifies among them are dropped.
+/// Calls that waited longer than their caller's `rpc.timeout` in this server's queue before
+/// a worker took them. Their callers gave up at that timeout, and each gave up a slot that
+/// lets a new call in, so an overloaded server that ran them would spend itself on calls
+/// nobody waits for while every new call timed out behind them. They are answered
+/// `PIT-504` instead, not run; notifies among them are dropped.
 struct Overdue {
     /// This server's id.
     server: String,
-    /// `rpc.timeout`.
+    /// This server's `rpc.timeout`: for callers that do not announce theirs.
     timeout: Duration,
     warning: Throttle,
     stats: Arc<Counters>,
 }
 
 impl Overdue {
-    /// The error to answer a call taken at `taken` with, if it waited past the timeout.
-    /// Logs a warning at most once a second.
-    fn check(&self, taken: Instant) -> Option<HandlerError> {
-        let (server, timeout) = (&self.server, self.timeout);
+    /// How long a call from server `from` waits for its answer: the `rpc.timeout` it
+    /// announces in discovery (servers may differ), else this server's.
+    fn timeout_of(&self, table: &Snapshot, from: &str) -> Duration {
+        table.by_id.get(from).and_then(ServerEntry::rpc_timeout).unwrap_or(self.timeout)
+    }
+
+    /// The error to answer a call taken at `taken` with, if it waited past its caller's
+    /// `timeout`. Logs a warning at most once a second.
+    fn check(&self, taken: Instant, timeout: Duration) -> Option<HandlerError> {
+        let server = &self.server;
         let waited = taken.elapsed();
         if waited <= timeout {
             return None;
@@ -153,12 +159,13 @@ impl Overdue {
         Counters::add(&self.stats.overdue, 1);
         if let Some(more) = self.warning.due(Instant::now()) {
             warn!(
-                "server {server} is behind: a call waited {waited:?} in its queue, longer than rpc.timeout \
-                 ({timeout:?}); its caller had given up, so it was answered {} and not run{more}",
+                "server {server} is behind: a call waited {waited:?} in its queue, longer than its caller's \
+                 rpc.timeout ({timeout:?}); its caller had given up, so it was answered {} and not run{more}",
                 codes::TIMEOUT
             );
         }
-        let message = format!("waited {waited:?} in the queue of server {server}, over rpc.timeout ({timeout:?})");
+        let message =
+            format!("waited {waited:?} in the queue of server {server}, over the caller's rpc.timeout ({timeout:?})");
         Some(HandlerError::new(codes::TIMEOUT, message))
     }
 }
@@ -392,8 +399,10 @@ impl Inner {
             self.drain.call_taken();
         }
         let taken = Instant::now();
+        let servers = self.table.snapshot();
         let mut ordered: Vec<(OrderKey, Box<dyn FnOnce() + Send>)> = Vec::new();
         for (from, call, responder) in calls {
+            let callers_timeout = started.overdue.timeout_of(&servers, &from);
             match call {
                 Call::Handle { session, msgs } if !stopping => {
                     let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
@@ -401,7 +410,7 @@ impl Inner {
                     let (io, timeout, table) = (started.io.clone(), self.rpc.timeout, self.table.clone());
                     let (overdue, stats) = (started.overdue.clone(), self.stats.clone());
                     let job = move || {
-                        let session = match overdue.check(taken) {
+                        let session = match overdue.check(taken, callers_timeout) {
                             Some(e) => Err(e),
                             None => remote_session(session, &io, table, timeout, service.env().serializer),
                         };
@@ -419,7 +428,7 @@ impl Inner {
                     };
                     ordered.push((key, Box::new(job)));
                 }
-                call => self.on_call(started, stopping, taken, &from, call, responder),
+                call => self.on_call(started, stopping, (taken, callers_timeout), &from, call, responder),
             }
         }
         if !ordered.is_empty() {
@@ -427,7 +436,17 @@ impl Inner {
         }
     }
 
-    fn on_call(&self, started: &Started, stopping: bool, taken: Instant, from: &str, call: Call, responder: Responder) {
+    /// Handles one call other than a forwarded batch, from server `from`, taken from the
+    /// socket at `taken.0`; its caller waits `taken.1` for the answer.
+    fn on_call(
+        &self,
+        started: &Started,
+        stopping: bool,
+        (taken, callers_timeout): (Instant, Duration),
+        from: &str,
+        call: Call,
+        responder: Responder,
+    ) {
         let ctx = &started.ctx;
         let refuse_stopping = || Err(HandlerError::internal(format!("server {} is shutting down", started.me.id)));
         match call {
@@ -435,7 +454,7 @@ impl Inner {
                 let (service, from) = (ctx.service.clone(), from.to_owned());
                 let (overdue, stats) = (started.overdue.clone(), self.stats.clone());
                 ctx.dispatcher.submit_remote(Box::new(move || {
-                    if let Some(e) = overdue.check(taken) {
+                    if let Some(e) = overdue.check(taken, callers_timeout) {
                         responder.send(Err(e));
                         return;
                     }
@@ -630,6 +649,7 @@ impl Cluster for ClusterModule {
             instance: process.instance,
             wire_level: wire::LEVEL,
             serializer: ctx.service.env().serializer().name().to_owned(),
+            rpc_timeout_ms: u64::try_from(inner.rpc.timeout.as_millis()).unwrap_or(u64::MAX),
         };
         let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
         let limits = socket_thread::Limits {

@@ -44,6 +44,12 @@ pub struct ServerEntry {
     /// other's bodies, so a server that differs is warned of when it joins.
     #[serde(default)]
     pub serializer: String,
+    /// Its `rpc.timeout` in milliseconds: how long its calls wait for their answers. A
+    /// server does not run a call that waited longer than that in its queue (the caller has
+    /// given up). 0 for entries of older builds and servers learned from a call (the
+    /// receiving server's own timeout applies).
+    #[serde(default)]
+    pub rpc_timeout_ms: u64,
 }
 
 /// Whether instances `a` and `b` ([`ServerEntry::instance`]) may be the same process: equal,
@@ -72,7 +78,14 @@ impl ServerEntry {
             instance: 0,
             wire_level: 0,
             serializer: String::new(),
+            rpc_timeout_ms: 0,
         }
+    }
+
+    /// How long calls from this server wait for their answers, if it says (see
+    /// [`ServerEntry::rpc_timeout_ms`]).
+    pub fn rpc_timeout(&self) -> Option<Duration> {
+        (self.rpc_timeout_ms > 0).then(|| Duration::from_millis(self.rpc_timeout_ms))
     }
 
     /// Whether this is process `instance` at `rpc_addr`.
@@ -277,6 +290,7 @@ impl ServerTable {
             instance,
             wire_level: 0,
             serializer: String::new(),
+            rpc_timeout_ms: 0,
         };
         sources.learned.insert(id.to_owned(), (entry, now));
         self.publish(sources)
