@@ -714,28 +714,44 @@ fn slow_backends_time_out_with_pit_504() {
     assert!(wait_until(T, || client.request_raw("room.room.echo", b"after").is_ok_and(|b| b == b"after")));
 }
 
+/// A backend (`rpc.timeout` `be_timeout`) with one worker and one remote thread, so calls
+/// queue behind slow ones, and a frontend (`fe_timeout`) whose slow forwarded request and
+/// slow user RPC (`held`, ending when `backend.gate` opens) hold both.
+struct HeldBackend {
+    backend: Backend,
+    module: ClusterModule,
+    room: Server,
+    frontend: Server,
+    held: [std::thread::JoinHandle<Result<Value, ClientError>>; 2],
+}
+
+fn held_backend(name: &str, fe_timeout: Duration, be_timeout: Duration) -> HeldBackend {
+    let dir = cluster_dir(name);
+    let backend = Backend::default();
+    let module = cluster_module(&dir, be_timeout);
+    let mut builder = room_builder("room-1", &backend, &module).workers(1);
+    builder.config_mut().dispatch.remote_concurrency = 1;
+    let room = Server::start_backend(builder);
+    let fe_module = cluster_module(&dir, fe_timeout);
+    let frontend = start_connector(&fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && module.servers().len() == 2));
+    let (slow, slow_remote) = (frontend.client(), frontend.client());
+    let held = [
+        std::thread::spawn(move || slow.request::<_, Value>("room.room.wait", &json!({}))),
+        std::thread::spawn(move || slow_remote.request::<_, Value>("probe.rpc_route", "room.room.stall")),
+    ];
+    assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == 2), "the slow call and remote run");
+    HeldBackend { backend, module, room, frontend, held }
+}
+
 /// A backend whose queue holds calls longer than `rpc.timeout` does not run them once their
 /// callers have given up: an overloaded backend would otherwise work on calls nobody waits
 /// for while every new one times out behind them.
 #[test]
 fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
     let timeout = Duration::from_millis(300);
-    let dir = cluster_dir("expired");
-    let backend = Backend::default();
-    let module = cluster_module(&dir, timeout);
-    // One worker and one remote thread: calls queue behind slow ones.
-    let mut builder = room_builder("room-1", &backend, &module).workers(1);
-    builder.config_mut().dispatch.remote_concurrency = 1;
-    let room = Server::start_backend(builder);
-    let fe_module = cluster_module(&dir, timeout);
-    let frontend = start_connector(&fe_module);
-    assert!(wait_until(T, || fe_module.servers().len() == 2 && module.servers().len() == 2));
-    let slow = frontend.client();
+    let HeldBackend { backend, module, room, frontend, held } = held_backend("expired", timeout, timeout);
     let queued: Vec<Client> = (0..3).map(|_| frontend.client()).collect();
-    let slow_call = std::thread::spawn(move || slow.request::<_, Value>("room.room.wait", &json!({})));
-    let slow_remote = frontend.client();
-    let slow_remote = std::thread::spawn(move || slow_remote.request::<_, Value>("probe.rpc_route", "room.room.stall"));
-    assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == 2), "the slow call and remote run");
     let mut waiting: Vec<_> = queued
         .into_iter()
         .map(|c| std::thread::spawn(move || c.request::<_, Value>("room.room.sleep", &1u64)))
@@ -743,7 +759,7 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
     // A user RPC from the frontend queues the same way behind the slow remote.
     let caller = frontend.client();
     waiting.push(std::thread::spawn(move || caller.request::<_, Value>("probe.rpc_route", "room.room.tick")));
-    for call in waiting.into_iter().chain([slow_call, slow_remote]) {
+    for call in waiting.into_iter().chain(held) {
         match call.join().unwrap() {
             Err(ClientError::Server(e)) => assert_eq!(e.code, codes::TIMEOUT, "{e:?}"),
             other => panic!("{other:?}"),
@@ -783,22 +799,8 @@ fn calls_that_waited_past_the_timeout_in_a_backend_queue_are_not_run() {
 fn calls_in_a_backend_queue_are_judged_by_their_callers_timeout() {
     let (long, short) = (Duration::from_secs(4), Duration::from_millis(300));
     for (fe_timeout, be_timeout) in [(long, short), (short, long)] {
-        let dir = cluster_dir(&format!("callers-timeout-{}", fe_timeout.as_millis()));
-        let backend = Backend::default();
-        let module = cluster_module(&dir, be_timeout);
-        // One worker and one remote thread: calls queue behind slow ones.
-        let mut builder = room_builder("room-1", &backend, &module).workers(1);
-        builder.config_mut().dispatch.remote_concurrency = 1;
-        let _room = Server::start_backend(builder);
-        let fe_module = cluster_module(&dir, fe_timeout);
-        let frontend = start_connector(&fe_module);
-        assert!(wait_until(T, || fe_module.servers().len() == 2 && module.servers().len() == 2));
-        let (slow, slow_remote) = (frontend.client(), frontend.client());
-        let held = [
-            std::thread::spawn(move || slow.request::<_, Value>("room.room.wait", &json!({}))),
-            std::thread::spawn(move || slow_remote.request::<_, Value>("probe.rpc_route", "room.room.stall")),
-        ];
-        assert!(wait_until(T, || backend.held.load(Ordering::SeqCst) == 2), "the slow call and remote run");
+        let name = format!("callers-timeout-{}", fe_timeout.as_millis());
+        let HeldBackend { backend, module, room: _room, frontend, held } = held_backend(&name, fe_timeout, be_timeout);
         let (queued, caller) = (frontend.client(), frontend.client());
         let waiting = [
             std::thread::spawn(move || queued.request::<_, Value>("room.room.sleep", &1u64)),
