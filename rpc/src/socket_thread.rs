@@ -343,6 +343,9 @@ struct SocketThread {
     misdirected: Throttle,
     /// Messages with the wrong number of parts: a warning a second at most.
     malformed: Throttle,
+    /// Listed servers no socket could be made for (see `connect_peers`): a warning a second
+    /// at most.
+    unconnectable: Throttle,
     router: zmq::Socket,
     peers: HashMap<String, Peer>,
     pending: HashMap<u64, Pending>,
@@ -558,6 +561,7 @@ pub(crate) fn spawn(
         own_id: own.id,
         misdirected: Throttle::default(),
         malformed: Throttle::default(),
+        unconnectable: Throttle::default(),
         router,
         peers: HashMap::new(),
         pending: HashMap::new(),
@@ -808,6 +812,7 @@ impl SocketThread {
                 fail(&self.stats, p.reply, HandlerError::internal(why));
             }
         }
+        let mut failed = Vec::new();
         for (id, entry) in table.iter() {
             if self.peers.contains_key(id) {
                 continue;
@@ -816,7 +821,17 @@ impl SocketThread {
                 Ok(socket) => {
                     self.add_peer(Peer::new(id, entry.instance, entry.rpc_addr.clone(), socket, true), id);
                 }
-                Err(e) => warn!("cannot connect to server {id} at {}: {e}", entry.rpc_addr),
+                Err(e) => failed.push(format!("{id} at {}: {e}", entry.rpc_addr)),
+            }
+        }
+        // Tried again at every change of the table. Many at once: ZeroMQ's limit of sockets
+        // per process (1,023), or the open-file limit, in a cluster of about as many servers.
+        if let Some(first) = failed.first() {
+            if let Some(more) = self.unconnectable.due(Instant::now()) {
+                warn!(
+                    "cannot connect to {} listed server(s), calls to them fail (first: {first}){more}",
+                    failed.len()
+                );
             }
         }
         self.publish_unreachable();
