@@ -828,10 +828,7 @@ impl SocketThread {
         // per process (1,023), or the open-file limit, in a cluster of about as many servers.
         if let Some(first) = failed.first() {
             if let Some(more) = self.unconnectable.due(Instant::now()) {
-                warn!(
-                    "cannot connect to {} listed server(s), calls to them fail (first: {first}){more}",
-                    failed.len()
-                );
+                warn!("cannot connect to {} listed server(s), calls to them fail (first: {first}){more}", failed.len());
             }
         }
         self.publish_unreachable();

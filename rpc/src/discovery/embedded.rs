@@ -3,13 +3,16 @@
 //! every server rescans the directory as often. A file untouched for `ttl` is a dead server
 //! (the `ttl` of the server that wrote it, which the file says, as an etcd lease's TTL is
 //! its owner's: servers with other settings do not drop it between its touches); a graceful
-//! stop deletes the file at once. The file also names the process that keeps it
+//! stop deletes the file at once, and the server serves calls until the slowest of the
+//! others (each file says how often its server rescans) has seen it leave. The file also
+//! names the process that keeps it
 //! (pid and PID namespace, on Linux): servers in the same PID namespace see a killed server
 //! gone at their next rescan, without waiting for `ttl`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -31,6 +34,9 @@ pub struct EmbeddedDiscovery {
     refresh: Duration,
     ttl: Duration,
     running: Mutex<Option<Running>>,
+    /// The longest rescan period the files of the last scan announce (milliseconds): how
+    /// long others may take to see this server leave.
+    slowest_rescan: Arc<AtomicU64>,
 }
 
 struct Running {
@@ -45,7 +51,7 @@ struct Running {
 impl EmbeddedDiscovery {
     /// A registry in `dir`.
     pub fn new(dir: PathBuf, refresh: Duration, ttl: Duration) -> EmbeddedDiscovery {
-        EmbeddedDiscovery { dir, refresh, ttl, running: Mutex::new(None) }
+        EmbeddedDiscovery { dir, refresh, ttl, running: Mutex::new(None), slowest_rescan: Arc::default() }
     }
 }
 
@@ -103,10 +109,17 @@ impl Owner {
     }
 }
 
+/// How a server keeps its registry file: it touches the file and rescans the directory
+/// every `refresh`, and counts as alive for `ttl` after a touch.
+#[derive(Debug, Clone, Copy)]
+struct Terms {
+    refresh: Duration,
+    ttl: Duration,
+}
+
 /// What a registry file holds: the server's entry and, beside its fields, the process
-/// keeping it and how long after its last touch the server counts as alive, its `ttl`
-/// (files of older builds name neither: the reader's own `ttl` applies; older builds
-/// ignore these fields).
+/// keeping it and its [`Terms`] (files of older builds name neither: the reader's own
+/// apply; older builds ignore these fields).
 #[derive(Debug, Serialize, Deserialize)]
 struct Registration {
     #[serde(flatten)]
@@ -115,13 +128,24 @@ struct Registration {
     owner: Option<Owner>,
     #[serde(default, rename = "ttl_ms")]
     ttl: Option<u64>,
+    #[serde(default, rename = "refresh_ms")]
+    refresh: Option<u64>,
 }
 
-/// Writes `entry`, naming `owner` and the server's `ttl`, to the registry file at `path`
+/// Milliseconds, for the registry file.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Writes `entry`, naming `owner` and the server's `terms`, to the registry file at `path`
 /// (atomically).
-fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, ttl: Option<Duration>) -> std::io::Result<()> {
-    let ttl = ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-    let registration = Registration { entry: entry.clone(), owner: owner.cloned(), ttl };
+fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, terms: Option<Terms>) -> std::io::Result<()> {
+    let registration = Registration {
+        entry: entry.clone(),
+        owner: owner.cloned(),
+        ttl: terms.map(|t| millis(t.ttl)),
+        refresh: terms.map(|t| millis(t.refresh)),
+    };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     fs::write(&tmp, serde_json::to_vec(&registration)?)?;
     fs::rename(&tmp, path)
@@ -129,7 +153,7 @@ fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, ttl: Opt
 
 /// Keeps this server's file fresh; writes it again, and its directory, when they are gone
 /// (a `/tmp` cleaner, an operator).
-fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, ttl: Duration) -> std::io::Result<()> {
+fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, terms: Terms) -> std::io::Result<()> {
     let touched = fs::File::options().write(true).open(path).and_then(|f| f.set_modified(SystemTime::now()));
     if touched.is_ok() {
         return Ok(());
@@ -137,7 +161,7 @@ fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, ttl: Duration)
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
-    write_entry(path, entry, owner, Some(ttl))
+    write_entry(path, entry, owner, Some(terms))
 }
 
 /// How long each registry file has gone untouched, by this process's monotonic clock. File
@@ -183,6 +207,8 @@ struct Scan {
     exited: HashSet<String>,
     /// Fresh `.json` files that hold no server entry (written by something else), and why.
     bad: Vec<(PathBuf, String)>,
+    /// The longest rescan period the fresh files announce (none: zero).
+    slowest_rescan: Duration,
 }
 
 /// The time now, by the wall clock (file times) and the monotonic clock.
@@ -223,7 +249,7 @@ fn scan(
             continue;
         }
         match read {
-            Ok(Ok(Registration { entry: server, owner, .. })) => {
+            Ok(Ok(Registration { entry: server, owner, refresh, .. })) => {
                 if let (Some(owner), Some(ns)) = (owner, ns) {
                     if owner.exited(ns) {
                         // Killed: gone now, not after `ttl`. The file stays (a process
@@ -233,6 +259,8 @@ fn scan(
                         continue;
                     }
                 }
+                let rescan = Duration::from_millis(refresh.unwrap_or(0));
+                found.slowest_rescan = found.slowest_rescan.max(rescan);
                 found.servers.insert(server.id.clone(), server);
             }
             Ok(Err(e)) => found.bad.push((path, format!("does not hold a server entry ({e})"))),
@@ -271,15 +299,18 @@ impl Discovery for EmbeddedDiscovery {
         fs::create_dir_all(&self.dir).map_err(dir_error)?;
         let own_file = self.dir.join(file_name(&me.id));
         let owner = Owner::this_process();
-        write_entry(&own_file, &me, owner.as_ref(), Some(self.ttl)).map_err(dir_error)?;
+        let terms = Terms { refresh: self.refresh, ttl: self.ttl };
+        write_entry(&own_file, &me, owner.as_ref(), Some(terms)).map_err(dir_error)?;
         let mut warned = HashSet::new();
         let mut freshness = Freshness::default();
         let found = scan(&self.dir, self.ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
         warn_bad_files(&found, &mut warned);
+        self.slowest_rescan.store(millis(found.slowest_rescan), Ordering::Relaxed);
         table.replace_noting_exited(found.servers, &found.exited);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let deregistered = Arc::new(Mutex::new(false));
         let (dir, refresh, ttl, file) = (self.dir.clone(), self.refresh, self.ttl, own_file.clone());
+        let slowest_rescan = self.slowest_rescan.clone();
         let gone = deregistered.clone();
         let thread = std::thread::Builder::new()
             .name("df-discovery".into())
@@ -295,7 +326,7 @@ impl Discovery for EmbeddedDiscovery {
                     }
                     let deregistered = gone.lock().unwrap_or_else(|p| p.into_inner());
                     if !*deregistered {
-                        match touch(&file, &me, owner.as_ref(), ttl) {
+                        match touch(&file, &me, owner.as_ref(), terms) {
                             Ok(()) if failing => {
                                 info!("registry file {} written again", file.display());
                                 failing = false;
@@ -317,7 +348,7 @@ impl Discovery for EmbeddedDiscovery {
                         // Our file names a process that has exited: another process with our
                         // id wrote it, then died. Ours again (we touched it meanwhile).
                         let deregistered = gone.lock().unwrap_or_else(|p| p.into_inner());
-                        if !*deregistered && write_entry(&file, &me, owner.as_ref(), Some(ttl)).is_ok() {
+                        if !*deregistered && write_entry(&file, &me, owner.as_ref(), Some(terms)).is_ok() {
                             info!(
                                 "registry file {} held the entry of another process with this server's id, \
                                  which has exited; written again",
@@ -335,6 +366,7 @@ impl Discovery for EmbeddedDiscovery {
                         );
                     }
                     taken = now_taken;
+                    slowest_rescan.store(millis(found.slowest_rescan), Ordering::Relaxed);
                     if table.replace_noting_exited(found.servers, &found.exited) {
                         changed();
                     }
@@ -353,9 +385,11 @@ impl Discovery for EmbeddedDiscovery {
         }
     }
 
-    /// Others rescan the directory every `refresh`, and route with the new table at once.
+    /// Others rescan the directory every `refresh` (each its own, which its file says; files
+    /// of older builds say none: this server's), and route with the new table at once.
     fn propagation(&self) -> Duration {
-        self.refresh + PROPAGATION_MARGIN
+        let slowest = Duration::from_millis(self.slowest_rescan.load(Ordering::Relaxed));
+        self.refresh.max(slowest) + PROPAGATION_MARGIN
     }
 
     fn stop(&self) {
@@ -582,7 +616,8 @@ mod tests {
         for (id, ttl) in
             [("slow", Some(5 * second)), ("quick", Some(second / 2)), ("old", None), ("long", Some(100 * second))]
         {
-            write_entry(&dir.join(file_name(id)), &entry(id), None, ttl).unwrap();
+            let terms = ttl.map(|ttl| Terms { refresh: ttl / 3, ttl });
+            write_entry(&dir.join(file_name(id)), &entry(id), None, terms).unwrap();
         }
         let reader_ttl = 2 * second;
         let mut f = Freshness::default();
@@ -618,6 +653,33 @@ mod tests {
         assert!(slow.get("b").is_some() || wait(|| slow.get("b").is_some()));
         a.stop();
         b.stop();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A stopping server serves calls until the slowest of the others has seen it leave:
+    /// each file says how often its server rescans, and `propagation` covers the longest
+    /// (files of older builds say nothing: this server's own period).
+    #[test]
+    fn a_stopping_server_waits_for_the_slowest_rescan_of_the_others() {
+        let dir = std::env::temp_dir().join(format!("df-embedded-rescan-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let quick = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(1));
+        let slow = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(2), Duration::from_secs(6));
+        slow.start(entry("slow"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+        quick.start(entry("quick"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+        assert_eq!(quick.propagation(), Duration::from_secs(2) + PROPAGATION_MARGIN, "slow rescans every 2 s");
+        assert_eq!(slow.propagation(), Duration::from_secs(2) + PROPAGATION_MARGIN, "its own period is the longest");
+        slow.deregister();
+        slow.stop();
+        assert!(
+            wait(|| quick.propagation() == Duration::from_millis(50) + PROPAGATION_MARGIN),
+            "gone: {:?}",
+            quick.propagation()
+        );
+        write_entry(&dir.join(file_name("old")), &entry("old"), None, None).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(quick.propagation(), Duration::from_millis(50) + PROPAGATION_MARGIN, "an older build's file");
+        quick.stop();
         let _ = fs::remove_dir_all(&dir);
     }
 
