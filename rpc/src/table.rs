@@ -40,14 +40,15 @@ pub struct ServerEntry {
     #[serde(default)]
     pub wire_level: u32,
     /// Its body serializer (`server.serializer`: `"json"`, `"postcard"`); empty for entries
-    /// of older builds and servers learned from a call. Servers of one cluster decode each
+    /// of older builds and servers learned from a call that discovery does not list under
+    /// their id. Servers of one cluster decode each
     /// other's bodies, so a server that differs is warned of when it joins.
     #[serde(default)]
     pub serializer: String,
     /// Its `rpc.timeout` in milliseconds: how long its calls wait for their answers. A
     /// server does not run a call that waited longer than that in its queue (the caller has
-    /// given up). 0 for entries of older builds and servers learned from a call (the
-    /// receiving server's own timeout applies).
+    /// given up). 0 for entries of older builds and servers learned from a call that
+    /// discovery does not list under their id (the receiving server's own timeout applies).
     #[serde(default)]
     pub rpc_timeout_ms: u64,
 }
@@ -289,8 +290,9 @@ impl ServerTable {
             metadata: listed.map(|e| e.metadata.clone()).unwrap_or_default(),
             instance,
             wire_level: 0,
-            serializer: String::new(),
-            rpc_timeout_ms: 0,
+            // As the listed process of its id says (most likely the same settings).
+            serializer: listed.map(|e| e.serializer.clone()).unwrap_or_default(),
+            rpc_timeout_ms: listed.map_or(0, |e| e.rpc_timeout_ms),
         };
         sources.learned.insert(id.to_owned(), (entry, now));
         self.publish(sources)
@@ -441,13 +443,16 @@ mod tests {
     #[test]
     fn a_calling_frontend_wins_over_a_stale_discovered_endpoint() {
         let table = ServerTable::new();
-        let old = entry("connector-1", true);
+        let old = ServerEntry { rpc_timeout_ms: 7000, serializer: "postcard".into(), ..entry("connector-1", true) };
         table.replace(HashMap::from([("connector-1".into(), old.clone())]));
         assert!(!table.learn_frontend("connector-1", "connector", &old.rpc_addr, 0), "discovery agrees");
         // Restarted under its id: its calls say where it is before discovery does.
         let new_addr = "tcp://127.0.0.1:7/connector-1";
         assert!(table.learn_frontend("connector-1", "connector", new_addr, 0));
-        assert_eq!(table.get("connector-1").unwrap().rpc_addr, new_addr);
+        let learned = table.get("connector-1").unwrap();
+        assert_eq!(learned.rpc_addr, new_addr);
+        // Settings as the listed process of its id announced them.
+        assert_eq!((learned.rpc_timeout(), learned.serializer.as_str()), (Some(Duration::from_secs(7)), "postcard"));
         assert!(!table.replace(HashMap::from([("connector-1".into(), old.clone())])), "a stale rescan changes nothing");
         assert_eq!(table.get("connector-1").unwrap().rpc_addr, new_addr);
         // Discovery catches up: the learned entry goes, discovery decides again.
