@@ -416,6 +416,13 @@ mod tests {
         serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
     }
 
+    /// An empty directory of this test process named for `test`.
+    fn fresh_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("df-embedded-{test}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
     fn wait(mut cond: impl FnMut() -> bool) -> bool {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::time::Instant::now() < deadline {
@@ -429,8 +436,7 @@ mod tests {
 
     #[test]
     fn servers_see_each_other_leave_and_expire() {
-        let dir = std::env::temp_dir().join(format!("df-embedded-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = fresh_dir("test");
         let (refresh, ttl) = (Duration::from_millis(50), Duration::from_millis(300));
         let a = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
         let b = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
@@ -486,8 +492,7 @@ mod tests {
     #[test]
     fn a_file_whose_process_exited_is_dropped_at_once() {
         let Some(me) = Owner::this_process() else { return }; // no /proc: pids not checked
-        let dir = std::env::temp_dir().join(format!("df-embedded-owner-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = fresh_dir("owner");
         fs::create_dir_all(&dir).unwrap();
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = Owner { pid: child.id(), ns: me.ns.clone() };
@@ -533,8 +538,7 @@ mod tests {
     #[test]
     fn a_file_taken_by_a_process_that_exited_is_written_again() {
         let Some(me) = Owner::this_process() else { return };
-        let dir = std::env::temp_dir().join(format!("df-embedded-retake-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = fresh_dir("retake");
         let a = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(60));
         let listed = Arc::new(ServerTable::new());
         a.start(entry("room-1"), listed.clone(), Arc::new(|| {})).unwrap();
@@ -582,8 +586,7 @@ mod tests {
         assert_eq!(f.seen.len(), 1, "forgets removed files");
 
         // The same through a scan of a registry: a jump neither drops nor deletes a server.
-        let dir = std::env::temp_dir().join(format!("df-embedded-jump-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = fresh_dir("jump");
         fs::create_dir_all(&dir).unwrap();
         let file = dir.join(file_name("room-1"));
         write_entry(&file, &entry("room-1"), None, None).unwrap();
@@ -609,8 +612,7 @@ mod tests {
     /// the reader's. A leftover file is deleted once untouched for twice its ttl too.
     #[test]
     fn each_file_is_judged_by_the_ttl_of_the_server_that_wrote_it() {
-        let dir = std::env::temp_dir().join(format!("df-embedded-ttl-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = fresh_dir("ttl");
         fs::create_dir_all(&dir).unwrap();
         let second = Duration::from_secs(1);
         for (id, ttl) in
@@ -661,8 +663,7 @@ mod tests {
     /// (files of older builds say nothing: this server's own period).
     #[test]
     fn a_stopping_server_waits_for_the_slowest_rescan_of_the_others() {
-        let dir = std::env::temp_dir().join(format!("df-embedded-rescan-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = fresh_dir("rescan");
         let quick = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(1));
         let slow = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(2), Duration::from_secs(6));
         slow.start(entry("slow"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
@@ -685,8 +686,7 @@ mod tests {
 
     #[test]
     fn a_removed_registry_directory_is_written_again() {
-        let dir = std::env::temp_dir().join(format!("df-embedded-gone-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = fresh_dir("gone");
         let (refresh, ttl) = (Duration::from_millis(50), Duration::from_millis(300));
         let (a, b) =
             (EmbeddedDiscovery::new(dir.clone(), refresh, ttl), EmbeddedDiscovery::new(dir.clone(), refresh, ttl));
