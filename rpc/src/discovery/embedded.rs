@@ -5,9 +5,8 @@
 //! its owner's: servers with other settings do not drop it between its touches); a graceful
 //! stop deletes the file at once, and the server serves calls until the slowest of the
 //! others (each file says how often its server rescans) has seen it leave. The file also
-//! names the process that keeps it
-//! (pid and PID namespace, on Linux): servers in the same PID namespace see a killed server
-//! gone at their next rescan, without waiting for `ttl`.
+//! names the process that keeps it (pid and PID namespace, on Linux): servers in the same
+//! PID namespace see a killed server gone at their next rescan, without waiting for `ttl`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
