@@ -672,7 +672,7 @@ impl Cluster for ClusterModule {
             return Err(ClusterError::Other("cluster module started twice".into()));
         }
         let notify = io.clone();
-        inner.table.set_own(&me.id, &me.serializer);
+        inner.table.set_own(&me);
         if let Err(e) = inner.listeners.start(&inner.table, env) {
             self.stop();
             return Err(ClusterError::Other(format!("cannot spawn the server listeners' thread: {e}")));

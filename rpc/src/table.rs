@@ -41,8 +41,8 @@ pub struct ServerEntry {
     pub wire_level: u32,
     /// Its body serializer (`server.serializer`: `"json"`, `"postcard"`); empty for entries
     /// of older builds and servers learned from a call that discovery does not list under
-    /// their id. Servers of one cluster decode each
-    /// other's bodies, so a server that differs is warned of when it joins.
+    /// their id. Servers of one cluster decode each other's bodies, so a server that
+    /// differs is warned of when it joins.
     #[serde(default)]
     pub serializer: String,
     /// Its `rpc.timeout` in milliseconds: how long its calls wait for their answers. A
@@ -115,9 +115,9 @@ const LEARNED_TTL: Duration = Duration::from_secs(30);
 pub struct ServerTable {
     current: RwLock<Arc<Snapshot>>,
     sources: Mutex<Sources>,
-    /// This server: its own comings and goings are not logged as news, and servers whose
-    /// serializer differs from its own are warned of.
-    own: std::sync::OnceLock<Own>,
+    /// This server's entry: its own comings and goings are not logged as news, and servers
+    /// whose serializer differs from its own are warned of.
+    own: std::sync::OnceLock<ServerEntry>,
     /// See [`ServerTable::version`].
     version: AtomicU64,
     /// Where the changes discovery reports go, once someone listens (see
@@ -146,14 +146,6 @@ pub enum ServerEvent {
         /// exit, or it was replaced by another process of its id.
         reachable: bool,
     },
-}
-
-/// The server a table belongs to.
-#[derive(Debug, Default)]
-struct Own {
-    id: String,
-    /// Its serializer's name.
-    serializer: String,
 }
 
 #[derive(Debug, Default)]
@@ -200,10 +192,9 @@ impl ServerTable {
         ServerTable::default()
     }
 
-    /// Tells the table which server it belongs to, and that server's serializer (set once,
-    /// at start).
-    pub(crate) fn set_own(&self, id: &str, serializer: &str) {
-        let _ = self.own.set(Own { id: id.to_owned(), serializer: serializer.to_owned() });
+    /// Tells the table which server it belongs to (set once, at start).
+    pub(crate) fn set_own(&self, me: &ServerEntry) {
+        let _ = self.own.set(me.clone());
     }
 
     /// Sends the changes discovery reports from now on to `events`, in order, each
@@ -242,9 +233,7 @@ impl ServerTable {
                     Some(listed) => before.get(id).is_some_and(|old| old.same_process(listed)),
                 }
         });
-        let nobody = Own::default();
-        let own = self.own.get().unwrap_or(&nobody);
-        let events = changes(&sources.discovered, &servers, &sources.unreachable, exited, own);
+        let events = changes(&sources.discovered, &servers, &sources.unreachable, exited, self.own.get());
         sources.discovered = servers;
         let changed = self.publish(sources);
         // Once published, so a watcher reads the table the news is about; still under the
@@ -358,7 +347,7 @@ impl ServerTable {
 }
 
 /// The changes from `before` to `after`, as seen by server `own` (which is not news to
-/// itself) while it cannot reach the servers `unreachable`: servers that left, then servers
+/// itself; none before the table knows its server) while it cannot reach the servers `unreachable`: servers that left, then servers
 /// that joined (a new process of an id leaves as the old one and joins as itself). Logs
 /// each, and warns of a server joining with another serializer than `own`'s.
 fn changes(
@@ -366,9 +355,9 @@ fn changes(
     after: &HashMap<String, ServerEntry>,
     unreachable: &HashSet<String>,
     exited: &HashSet<String>,
-    own: &Own,
+    own: Option<&ServerEntry>,
 ) -> Vec<ServerEvent> {
-    let own_id = own.id.as_str();
+    let own_id = own.map_or("", |me| me.id.as_str());
     let replaced = |old: &ServerEntry| ServerEvent::Left { server: old.clone(), reachable: false };
     let (mut left, mut joined) = (Vec::new(), Vec::new());
     for (id, server) in after.iter().filter(|(id, _)| *id != own_id) {
@@ -385,7 +374,9 @@ fn changes(
             }
             Some(_) => continue,
         }
-        warn_of_another_serializer(own, server);
+        if let Some(me) = own {
+            warn_of_another_serializer(me, server);
+        }
         joined.push(ServerEvent::Joined(server.clone()));
     }
     for (id, server) in before.iter().filter(|(id, _)| *id != own_id && !after.contains_key(*id)) {
@@ -397,19 +388,19 @@ fn changes(
     left
 }
 
-/// Warns when `server` (just listed) encodes bodies otherwise than `own`: each decodes the
+/// Warns when `server` (just listed) encodes bodies otherwise than `me`: each decodes the
 /// bodies the other forwards, answers, pushes and passes in user RPCs with its own
 /// serializer, so those fail (the client gets `PIT-400` for a forwarded request, say). Not
 /// known on either side (an older build's entry): nothing to say.
-fn warn_of_another_serializer(own: &Own, server: &ServerEntry) {
-    if own.serializer.is_empty() || server.serializer.is_empty() || own.serializer == server.serializer {
+fn warn_of_another_serializer(me: &ServerEntry, server: &ServerEntry) {
+    if me.serializer.is_empty() || server.serializer.is_empty() || me.serializer == server.serializer {
         return;
     }
     warn!(
         "{}: server {} ({}) encodes bodies as {}, this server as {}: the messages they pass each other \
          (forwarded requests, answers, pushes, user RPCs) fail to decode; give every server of the \
          cluster the same server.serializer",
-        own.id, server.id, server.server_type, server.serializer, own.serializer
+        me.id, server.id, server.server_type, server.serializer, me.serializer
     );
 }
 
@@ -529,7 +520,7 @@ mod tests {
     #[test]
     fn a_watcher_hears_joins_leaves_and_new_processes_in_order_but_not_its_own_server() {
         let table = ServerTable::new();
-        table.set_own("room-1", "json");
+        table.set_own(&entry("room-1", false));
         table.replace(HashMap::from([("room-1".into(), entry("room-1", false))]));
         let (tx, rx) = crossbeam_channel::unbounded();
         table.watch(Some(tx));
@@ -576,7 +567,7 @@ mod tests {
     #[test]
     fn a_server_whose_process_exited_leaves_unreachable() {
         let table = ServerTable::new();
-        table.set_own("room-1", "json");
+        table.set_own(&entry("room-1", false));
         let c1 = entry("connector-1", true);
         table.replace(HashMap::from([("connector-1".into(), c1.clone())]));
         let (tx, rx) = crossbeam_channel::unbounded();
