@@ -27,7 +27,7 @@ use crate::remote_session::{remote_session, snapshot};
 use crate::router::{RandomRouter, RouteCtx, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, ReplyFn, Responder};
 use crate::stats::{ClusterStats, Counters};
-use crate::table::{ServerEntry, ServerTable, Snapshot};
+use crate::table::{millis, ServerEntry, ServerTable, Snapshot};
 use crate::wire::{self, Answer, ByteBuf, Call, WireMessage, WireReply};
 
 /// The cluster layer of one server; plug it in with `AppBuilder::cluster`.
@@ -649,7 +649,7 @@ impl Cluster for ClusterModule {
             instance: process.instance,
             wire_level: wire::LEVEL,
             serializer: ctx.service.env().serializer().name().to_owned(),
-            rpc_timeout_ms: u64::try_from(inner.rpc.timeout.as_millis()).unwrap_or(u64::MAX),
+            rpc_timeout_ms: millis(inner.rpc.timeout),
         };
         let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
         let limits = socket_thread::Limits {

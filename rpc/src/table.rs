@@ -53,6 +53,11 @@ pub struct ServerEntry {
     pub rpc_timeout_ms: u64,
 }
 
+/// `d` in whole milliseconds, as entries and registry files announce durations.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Whether instances `a` and `b` ([`ServerEntry::instance`]) may be the same process: equal,
 /// or one not known (0), which matches any.
 pub(crate) fn same_instance(a: u64, b: u64) -> bool {

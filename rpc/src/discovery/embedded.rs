@@ -21,7 +21,7 @@ use log::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
-use crate::table::{ServerEntry, ServerTable};
+use crate::table::{millis, ServerEntry, ServerTable};
 
 /// Files untouched for this long, and for twice their `ttl`, are deleted by whoever scans
 /// (dead servers' leftovers).
@@ -129,11 +129,6 @@ struct Registration {
     ttl: Option<u64>,
     #[serde(default, rename = "refresh_ms")]
     refresh: Option<u64>,
-}
-
-/// Milliseconds, for the registry file.
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Writes `entry`, naming `owner` and the server's `terms`, to the registry file at `path`
