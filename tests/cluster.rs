@@ -127,6 +127,51 @@ fn forwarded_requests_run_on_a_backend_with_the_session() {
     assert_eq!((sum(|r| r.one_way), sum(|r| r.calls), sum(|r| r.forwarded_requests)), (1, 0, 0), "{rooms:?}");
 }
 
+/// A frontend is also a server of its type for the others (Pitaya lets a `gate` or `chat`
+/// frontend take calls for its routes from other frontends): calls forwarded to it run on a
+/// remote session whose frontend is the caller, beside its own clients' local sessions.
+#[test]
+fn a_frontend_runs_the_calls_another_frontend_forwards_to_its_type() {
+    let dir = cluster_dir("frontend-to-frontend");
+    let backend = Backend::default();
+    let room_module = cluster_module(&dir, TIMEOUT);
+    let room = Server::start(room_builder("room-1", &backend, &room_module));
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let connector = start_connector(&fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+
+    // A client of the connector reaches room-1's handlers; what they do to its session
+    // (bind, data pushed back, a push) reaches the connector's session.
+    let alice = connector.client();
+    let _: Option<String> = alice.request("room.room.bind", "alice").unwrap();
+    let _: bool = alice.request("room.room.set", &json!({"k": "gold", "v": 5})).unwrap();
+    let there = whoami(&alice);
+    assert_eq!(
+        (&there["server"], &there["frontend"], &there["uid"]),
+        (&json!("room-1"), &json!("connector-1"), &json!("alice"))
+    );
+    let me: Value = alice.request("probe.whoami", &json!({})).unwrap();
+    assert_eq!((&me["uid"], &me["id"]), (&json!("alice"), &there["session"]), "bound on the connector");
+    let gold: Value = alice.request("probe.get", &json!({"k": "gold"})).unwrap();
+    assert_eq!(gold, json!(5), "data pushed back to the connector");
+
+    // room-1's own client: local routes run there, the connector's are forwarded to it.
+    let bob = room.client();
+    let local: Value = bob.request("room.room.whoami", &json!({})).unwrap();
+    assert_eq!((&local["server"], &local["frontend"]), (&json!("room-1"), &json!("room-1")));
+    let _: Option<String> = bob.request("room.room.bind", "bob").unwrap();
+    let far: Value = bob.request("connector.probe.whoami", &json!({})).unwrap();
+    assert_eq!((&far["uid"], &far["id"]), (&json!("bob"), &local["session"]), "{far}");
+
+    // Pushes to uids reach each on its own frontend, from either side.
+    let _: Value = alice.request("probe.push_users", &json!({"uids": ["bob"], "msg": "from alice"})).unwrap();
+    let (route, msg): (String, Value) = bob.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), msg), ("onMsg", json!("from alice")));
+    let _: Value = bob.request("room.room.push_users", &json!({"uids": ["alice"], "msg": "from bob"})).unwrap();
+    let (route, msg): (String, Value) = alice.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), msg), ("onMsg", json!("from bob")));
+}
+
 /// A ZeroMQ DEALER of our own making calling one server: a server of another build, or one
 /// a test plays. `identity` is what the called server sees; `to`, the addressee its calls
 /// name.
