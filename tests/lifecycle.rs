@@ -172,6 +172,32 @@ fn a_client_that_does_not_read_is_disconnected_alone() {
     assert_eq!(server.handle.stats().active, 1);
 }
 
+/// Many clients that read too slowly, each within `write_queue_bytes`, could still take
+/// the server's memory together: past `write_queue_total` the one furthest behind goes.
+#[test]
+fn the_client_furthest_behind_is_disconnected_when_the_write_queues_pass_their_total() {
+    let mut builder = probe_app(&Probe::default());
+    builder.config_mut().connection.write_queue_bytes = 256 << 20;
+    builder.config_mut().connection.write_queue_total = 16 << 20;
+    let server = Server::start(builder);
+    let healthy = server.client();
+    let mut behind = server.raw_ready();
+    let mut slightly_behind = server.raw_ready();
+    // 8 answers of 4 MB (over the total alone), and one of 2 MB, neither read yet.
+    slightly_behind.request(1, "probe.big", b"2000000");
+    for id in 1..=8 {
+        behind.request(id, "probe.big", b"4000000");
+    }
+    assert!(wait_until(Duration::from_secs(20), || server.handle.stats().closed >= 1), "furthest behind cut");
+    assert!(behind.closed_within(T));
+    let answer = slightly_behind.read_message();
+    assert_eq!((answer.id, answer.body.len()), (1, 2_000_002), "the other client keeps its answer");
+    assert_eq!(healthy.request_raw("probe.echo", b"fine").unwrap(), b"fine");
+    assert_eq!(server.handle.stats().closed, 1);
+    let cut = warnings().iter().filter(|l| l.contains("over connection.write_queue_total (16777216)")).count();
+    assert!(cut >= 1, "{:?}", warnings());
+}
+
 #[test]
 fn configuration_from_toml_and_environment() {
     let toml = r#"

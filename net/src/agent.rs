@@ -59,6 +59,9 @@ pub(crate) struct Agent {
     /// Encoded packets not yet written; `wbuf[wpos..]` is pending.
     pub(crate) wbuf: Vec<u8>,
     pub(crate) wpos: usize,
+    /// Pending bytes as of the last flush: this connection's part of the loop's
+    /// `write_total`.
+    pub(crate) counted: usize,
     /// Edge-triggered readiness: the socket may still hold unread bytes.
     pub(crate) readable: bool,
     /// The last event said the peer closed its side: read until end of stream rather
@@ -98,6 +101,7 @@ impl Agent {
             rbuf: Vec::new(),
             wbuf: Vec::new(),
             wpos: 0,
+            counted: 0,
             readable: false,
             read_closed: false,
             queue: VecDeque::new(),

@@ -143,11 +143,16 @@ pub struct ConnectionConfig {
     /// `connection.write_queue_bytes`: bytes waiting to be written to one client before it
     /// is judged not to read and is disconnected. Default 4194304 (4 MiB).
     pub write_queue_bytes: usize,
+    /// `connection.write_queue_total`: bytes waiting to be written to all clients together.
+    /// Past it the clients furthest behind are disconnected until the total is back under
+    /// three quarters of it, so many clients that do not read (in a busy room, each within
+    /// `write_queue_bytes`) cannot take the server's memory. Default 268435456 (256 MiB).
+    pub write_queue_total: usize,
 }
 
 impl Default for ConnectionConfig {
     fn default() -> Self {
-        ConnectionConfig { max: 100_000, write_queue_bytes: 4 << 20 }
+        ConnectionConfig { max: 100_000, write_queue_bytes: 4 << 20, write_queue_total: 256 << 20 }
     }
 }
 
@@ -264,6 +269,7 @@ impl Config {
             ("dispatch.batch", self.dispatch.batch),
             ("connection.max", self.connection.max),
             ("connection.write_queue_bytes", self.connection.write_queue_bytes),
+            ("connection.write_queue_total", self.connection.write_queue_total),
         ] {
             if value == 0 {
                 return invalid(key, "must be positive");

@@ -365,6 +365,7 @@ impl EventLoop {
         agent.rbuf = Vec::new();
         agent.wbuf = Vec::new();
         agent.wpos = 0;
+        self.write_total -= std::mem::take(&mut agent.counted);
         self.settle_closed(token);
     }
 
@@ -395,6 +396,7 @@ impl EventLoop {
         }
         let mut agent = self.agents.remove(token);
         self.in_flight -= agent.discard_queue();
+        self.write_total -= agent.counted;
         if let Some(session) = agent.session {
             self.by_session.remove(&agent.sid);
             self.shared.registry.remove(session.id());
@@ -412,23 +414,54 @@ impl EventLoop {
         let Some(agent) = self.agents.get_mut(token) else { return };
         let before = agent.pending_write();
         let result = agent.flush();
-        Stats::add(&self.shared.stats.bytes_out, (before - agent.pending_write()) as u64);
+        let pending = agent.pending_write();
+        Stats::add(&self.shared.stats.bytes_out, (before - pending) as u64);
+        self.write_total = self.write_total - agent.counted + pending;
+        agent.counted = pending;
         match result {
             Ok(true) if agent.phase == Phase::Closing => self.close(token, "closed after final write"),
             Ok(true) => {}
             Ok(false) => {
                 let limit = self.shared.config.connection.write_queue_bytes;
-                if agent.pending_write() > limit {
-                    warn!(
-                        "conn={token} sid={} addr={} disconnected: client is not reading ({} bytes queued, limit {limit})",
-                        agent.sid,
-                        agent.addr,
-                        agent.pending_write()
-                    );
+                if pending > limit {
+                    // Clients that stop reading together (a busy room) would log a line each.
+                    if let Some(more) = self.not_reading.due(self.now) {
+                        warn!(
+                            "conn={token} sid={} addr={} disconnected: client is not reading ({pending} bytes queued, \
+                             limit {limit}){more}",
+                            agent.sid, agent.addr,
+                        );
+                    }
                     self.close(token, "write queue full");
                 }
             }
             Err(e) => self.close(token, &format!("write error: {e}")),
+        }
+    }
+
+    /// Past `connection.write_queue_total`: disconnects the clients furthest behind (most
+    /// bytes queued) until the total is back under three quarters of the limit, so the next
+    /// cut is some way off.
+    fn shed_write_queues(&mut self) {
+        let limit = self.shared.config.connection.write_queue_total;
+        let total = self.write_total;
+        let mut behind: Vec<(usize, usize)> =
+            self.agents.iter().filter(|(_, a)| a.counted > 0).map(|(token, a)| (a.counted, token)).collect();
+        behind.sort_unstable_by(|a, b| b.cmp(a));
+        let largest = behind.first().map_or(0, |&(bytes, _)| bytes);
+        let mut cut = 0;
+        for (_, token) in behind {
+            if self.write_total <= limit / 4 * 3 {
+                break;
+            }
+            self.close(token, "write queues over connection.write_queue_total");
+            cut += 1;
+        }
+        if let Some(more) = self.shed.due(self.now) {
+            warn!(
+                "{total} bytes queued for clients, over connection.write_queue_total ({limit}): disconnected the {cut} \
+                 furthest behind (the first with {largest} bytes queued){more}"
+            );
         }
     }
 
@@ -443,6 +476,9 @@ impl EventLoop {
         dirty.clear();
         if self.dirty.is_empty() {
             self.dirty = dirty;
+        }
+        if self.write_total > self.shared.config.connection.write_queue_total {
+            self.shed_write_queues();
         }
     }
 }

@@ -81,6 +81,13 @@ pub(crate) struct EventLoop {
     refusals: Throttle,
     /// Warnings of connections closed for a protocol error.
     protocol_errors: Throttle,
+    /// Bytes waiting to be written to all clients, as of each one's last flush
+    /// (`Agent::counted`), against `connection.write_queue_total`.
+    write_total: usize,
+    /// Warnings of clients disconnected for not reading.
+    not_reading: Throttle,
+    /// Warnings of clients disconnected for the total of the write queues.
+    shed: Throttle,
 }
 
 /// How often a stopping loop looks at whether it may finish.
@@ -136,6 +143,9 @@ impl EventLoop {
             inbox_backlog: false,
             refusals: Throttle::default(),
             protocol_errors: Throttle::default(),
+            write_total: 0,
+            not_reading: Throttle::default(),
+            shed: Throttle::default(),
         }
     }
 
