@@ -11,6 +11,8 @@
 #                               joining a room, switching rooms, chatting and leaving; the servers' memory per wave
 #   scripts/bench.sh flood      local cluster: one client flooding room.room.say notifies, another
 #                               probing with connector.entry.echo every 1 ms; the probe's latencies
+#   scripts/bench.sh stalled [N] local cluster: N room members (default 500) stop reading while
+#                               another says lines in their room; the servers' peak memory
 #   scripts/bench.sh steady     local cluster: local and forwarded echo sent at steady rates
 #                               (1k to 50k requests/s over 100 connections); the servers' CPU
 #   scripts/bench.sh sessions   connector + 2 room servers started with --role, all in one session
@@ -73,6 +75,11 @@ fi
 if [ "$what" = all ] || [ "$what" = flood ]; then
     start
     $bench flood --duration 10 --warmup 1 --server-pid "$pids"
+    stop
+fi
+if [ "$what" = all ] || [ "$what" = stalled ]; then
+    start
+    $bench stalled --connections "${2:-500}" --duration 30 --server-pid "$pids"
     stop
 fi
 if [ "$what" = all ] || [ "$what" = steady ]; then

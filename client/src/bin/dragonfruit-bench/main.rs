@@ -11,12 +11,15 @@
 //!   prints the servers' memory after each wave (state left behind by departed sessions).
 //! - `flood`: connections sending notifies as fast as the server takes them, and one client
 //!   probing with a request every millisecond; prints the probe's latencies.
+//! - `stalled`: N members of one room of the sample game stop reading while another says
+//!   lines there; prints the servers' peak memory and how many members they cut off.
 
 mod churn;
 mod conn;
 mod echo;
 mod fanout;
 mod flood;
+mod stalled;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -31,18 +34,20 @@ USAGE:
     dragonfruit-bench fanout [OPTIONS]
     dragonfruit-bench churn [OPTIONS]
     dragonfruit-bench flood [OPTIONS]
+    dragonfruit-bench stalled [OPTIONS]
 
 OPTIONS:
     --addr ADDR          server address (default 127.0.0.1:3250)
     --connections N      connections (default 64; fanout: room members, default 1000;
                          churn: players per wave, default 500; flood: flooding
-                         connections, default 1)
+                         connections, default 1; stalled: members not reading,
+                         default 500)
     --inflight K         requests in flight per connection, echo mode (default 16);
                          with --rate, the most each connection may have waiting
     --rate R             echo mode: send R requests a second in all, spread over the
                          connections, instead of a new one per answer (a steady load,
                          to read the servers' CPU at it)
-    --duration SECS      measured time, echo and flood modes (default 10)
+    --duration SECS      measured time, echo, flood and stalled modes (default 10)
     --warmup SECS        unmeasured time before it (default 2)
     --threads T          client threads, 1 or 2 (default 1)
     --route ROUTE        request route (default connector.entry.echo); flood mode:
@@ -61,6 +66,7 @@ pub(crate) enum Mode {
     Fanout,
     Churn,
     Flood,
+    Stalled,
 }
 
 pub(crate) struct Args {
@@ -88,6 +94,7 @@ fn parse_args() -> Result<Args, String> {
         Some("fanout") => Mode::Fanout,
         Some("churn") => Mode::Churn,
         Some("flood") => Mode::Flood,
+        Some("stalled") => Mode::Stalled,
         Some("-h" | "--help") | None => return Err(HELP.to_owned()),
         Some(other) => return Err(format!("unknown mode {other:?}\n\n{HELP}")),
     };
@@ -95,7 +102,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         connections: match mode {
             Mode::Fanout => 1000,
-            Mode::Churn => 500,
+            Mode::Churn | Mode::Stalled => 500,
             Mode::Echo | Mode::Idle => 64,
             Mode::Flood => 1,
         },
@@ -235,6 +242,7 @@ fn main() -> ExitCode {
         Mode::Fanout => fanout::run(&args),
         Mode::Churn => churn::run(&args),
         Mode::Flood => flood::run(&args),
+        Mode::Stalled => stalled::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
