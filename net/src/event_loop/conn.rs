@@ -447,6 +447,7 @@ impl EventLoop {
         let total = self.write_total;
         let mut behind: Vec<(usize, usize)> =
             self.agents.iter().filter(|(_, a)| a.counted > 0).map(|(token, a)| (a.counted, token)).collect();
+        debug_assert_eq!(behind.iter().map(|&(bytes, _)| bytes).sum::<usize>(), total, "write_total drifted");
         behind.sort_unstable_by(|a, b| b.cmp(a));
         let largest = behind.first().map_or(0, |&(bytes, _)| bytes);
         let mut cut = 0;
