@@ -63,13 +63,8 @@ impl Conn {
     }
 
     /// Calls `f` with each whole packet read so far, then drops them from the buffer.
-    pub(crate) fn packets(&mut self, mut f: impl FnMut(PacketType, &[u8], &mut Vec<u8>)) {
-        let mut used = 0;
-        while let Ok(Some((packet, n))) = parse_packet(&self.rbuf[used..], MAX_WIRE_BODY) {
-            f(packet.kind, packet.body, &mut self.wbuf);
-            used += n;
-        }
-        self.rbuf.drain(..used);
+    pub(crate) fn packets(&mut self, f: impl FnMut(PacketType, &[u8], &mut Vec<u8>)) {
+        take_packets(&mut self.rbuf, &mut self.wbuf, f);
     }
 
     /// Writes what the socket takes.
@@ -85,6 +80,17 @@ impl Conn {
             Err(_) => self.closed = true,
         }
     }
+}
+
+/// Calls `f` with each whole packet in `rbuf` (and `out`, for what to send back), then drops
+/// them from `rbuf`.
+pub(crate) fn take_packets(rbuf: &mut Vec<u8>, out: &mut Vec<u8>, mut f: impl FnMut(PacketType, &[u8], &mut Vec<u8>)) {
+    let mut used = 0;
+    while let Ok(Some((packet, n))) = parse_packet(&rbuf[used..], MAX_WIRE_BODY) {
+        f(packet.kind, packet.body, out);
+        used += n;
+    }
+    rbuf.drain(..used);
 }
 
 /// Appends a request packet.

@@ -13,7 +13,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use dragonfruit_client::{Client, ClientConfig};
-use dragonfruit_core::codec::{decode_message, parse_packet, MessageType, PacketType, RouteDictionary, MAX_WIRE_BODY};
+use dragonfruit_core::codec::{decode_message, MessageType, PacketType, RouteDictionary};
 use hdrhistogram::Histogram;
 
 use crate::conn::{self, handshake_packet};
@@ -31,13 +31,8 @@ fn read_until(stream: &mut TcpStream, mut f: impl FnMut(PacketType, &[u8], &mut 
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         buf.extend_from_slice(&scratch[..n]);
-        let mut used = 0;
         let mut done = false;
-        while let Ok(Some((packet, len))) = parse_packet(&buf[used..], MAX_WIRE_BODY) {
-            done |= f(packet.kind, packet.body, &mut out);
-            used += len;
-        }
-        buf.drain(..used);
+        conn::take_packets(&mut buf, &mut out, |kind, body, out| done |= f(kind, body, out));
         stream.write_all(&out)?;
         out.clear();
         if done {
