@@ -13,6 +13,11 @@
 #                               probing with connector.entry.echo every 1 ms; the probe's latencies
 #   scripts/bench.sh stalled [N] local cluster: N room members (default 500) stop reading while
 #                               another says lines in their room; the servers' peak memory
+#   scripts/bench.sh starved    local cluster and a second connector: 1000 members of a room on
+#                               connector-2, 20 speakers on connector-1 saying lines as fast as
+#                               they are answered; then again with connector-2's event loop
+#                               starved of CPU (its thread at nice 19 beside two busy loops, as
+#                               a frontend on an overloaded host); connector-2's memory
 #   scripts/bench.sh steady     local cluster: local and forwarded echo sent at steady rates
 #                               (1k to 50k requests/s over 100 connections); the servers' CPU
 #   scripts/bench.sh sessions   connector + 2 room servers started with --role, all in one session
@@ -80,6 +85,30 @@ fi
 if [ "$what" = all ] || [ "$what" = stalled ]; then
     start
     $bench stalled --connections "${2:-500}" --duration 30 --server-pid "$pids"
+    stop
+fi
+if [ "$what" = all ] || [ "$what" = starved ]; then
+    start
+    RUST_LOG=warn target/release/sample-game --role connector --id connector-2 --tcp 127.0.0.1:3251 \
+        --discovery-dir "/tmp/dragonfruit-sample-game-$server_pid" >>/tmp/dragonfruit-bench-server.log 2>&1 &
+    c2=$!
+    hogs=""
+    trap 'kill $hogs 2>/dev/null; kill -INT $c2 2>/dev/null; stop' EXIT
+    port=3251 wait_port
+    sleep 1.5  # let connector-2 discover the room servers
+    echo "== connector-2 as the others"
+    $bench talk --members-addr 127.0.0.1:3251 --duration 10 --server-pid "$c2"
+    echo "== connector-2's event loop at nice 19 beside two busy loops"
+    renice -n 19 -p "$(grep -l '^df-loop$' /proc/"$c2"/task/*/comm | cut -d/ -f5)" >/dev/null
+    for _ in 1 2; do
+        bash -c 'while :; do :; done' &
+        hogs="$hogs $!"
+    done
+    $bench talk --members-addr 127.0.0.1:3251 --duration 20 --server-pid "$c2" || true
+    kill $hogs
+    hogs=""
+    kill -INT "$c2"; wait "$c2" || true
+    trap stop EXIT
     stop
 fi
 if [ "$what" = all ] || [ "$what" = steady ]; then

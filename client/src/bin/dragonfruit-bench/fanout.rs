@@ -3,6 +3,7 @@
 //! line (`room.room.say`) and the tool measures the time until the last member has received
 //! its `onChat` push.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use dragonfruit_core::codec::{decode_message, parse_handshake_response, MessageType, PacketType, RouteDictionary};
@@ -19,7 +20,9 @@ enum Phase {
     Ready,
 }
 
-struct Fanout {
+/// Room members read by one thread: each logs in and joins one room, then counts the
+/// `onChat` pushes it hears.
+pub(crate) struct Fanout {
     poll: Poll,
     events: Events,
     conns: Vec<Conn>,
@@ -33,11 +36,49 @@ struct Fanout {
     errors: u64,
     room: String,
     scratch: Vec<u8>,
+    /// `onChat` pushes heard, by all members.
+    pub(crate) heard: u64,
 }
 
 impl Fanout {
+    /// `n` members of `room`, connected to `addr`, logged in and joined.
+    pub(crate) fn join(addr: SocketAddr, n: usize, room: String) -> Result<Fanout, String> {
+        let poll = Poll::new().map_err(|e| e.to_string())?;
+        let mut f = Fanout {
+            poll,
+            events: Events::with_capacity(4096),
+            conns: Vec::with_capacity(n),
+            phases: vec![Phase::Connecting; n],
+            got: vec![0; n],
+            round: 0,
+            missing: 0,
+            ready: 0,
+            errors: 0,
+            room,
+            scratch: vec![0u8; 256 << 10],
+            heard: 0,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while f.ready < n {
+            while f.conns.len() < n && f.conns.len() - f.ready < 256 {
+                let token = Token(f.conns.len());
+                f.conns.push(Conn::open(addr, f.poll.registry(), token).map_err(|e| e.to_string())?);
+            }
+            if Instant::now() > deadline || f.errors > 0 {
+                return Err(format!("only {} of {n} members joined ({} errors)", f.ready, f.errors));
+            }
+            f.step(Duration::from_millis(50))?;
+        }
+        // Let the onJoin pushes of the set-up drain.
+        let settle = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < settle {
+            f.step(Duration::from_millis(50))?;
+        }
+        Ok(f)
+    }
+
     /// One poll and the work it brings.
-    fn step(&mut self, timeout: Duration) -> Result<(), String> {
+    pub(crate) fn step(&mut self, timeout: Duration) -> Result<(), String> {
         self.poll.poll(&mut self.events, Some(timeout)).map_err(|e| e.to_string())?;
         let hs = conn::handshake_packet();
         let empty = RouteDictionary::default();
@@ -52,6 +93,7 @@ impl Fanout {
                 c.read_all(&mut self.scratch);
                 let (phase, got) = (&mut self.phases[i], &mut self.got[i]);
                 let (ready, missing, errors) = (&mut self.ready, &mut self.missing, &mut self.errors);
+                let heard = &mut self.heard;
                 let (room, round) = (&self.room, self.round);
                 c.packets(|kind, body, out| match kind {
                     PacketType::Handshake if parse_handshake_response(body).is_ok_and(|h| h.code == 200) => {
@@ -77,6 +119,7 @@ impl Fanout {
                                 *ready += 1;
                             }
                             (MessageType::Push, _) if msg.route == "onChat" => {
+                                *heard += 1;
                                 let text: Option<String> = serde_json::from_slice::<serde_json::Value>(msg.body)
                                     .ok()
                                     .and_then(|v| v.get("text")?.as_str().map(str::to_owned));
@@ -107,36 +150,7 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 /// Runs the fan-out measurement.
 pub(crate) fn run(args: &Args) -> Result<(), String> {
     let n = args.connections;
-    let poll = Poll::new().map_err(|e| e.to_string())?;
-    let mut f = Fanout {
-        poll,
-        events: Events::with_capacity(4096),
-        conns: Vec::with_capacity(n),
-        phases: vec![Phase::Connecting; n],
-        got: vec![0; n],
-        round: 0,
-        missing: 0,
-        ready: 0,
-        errors: 0,
-        room: format!("fanout-{}", std::process::id()),
-        scratch: vec![0u8; 256 << 10],
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while f.ready < n {
-        while f.conns.len() < n && f.conns.len() - f.ready < 256 {
-            let token = Token(f.conns.len());
-            f.conns.push(Conn::open(args.addr, f.poll.registry(), token).map_err(|e| e.to_string())?);
-        }
-        if Instant::now() > deadline || f.errors > 0 {
-            return Err(format!("only {} of {n} members joined ({} errors)", f.ready, f.errors));
-        }
-        f.step(Duration::from_millis(50))?;
-    }
-    // Let the onJoin pushes of the set-up drain.
-    let settle = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < settle {
-        f.step(Duration::from_millis(50))?;
-    }
+    let mut f = Fanout::join(args.addr, n, format!("fanout-{}", std::process::id()))?;
     let server_cpu = ServerCpu::start(&args.server_pids);
     let started = Instant::now();
     let mut times = Vec::with_capacity(args.rounds);

@@ -13,6 +13,9 @@
 //!   probing with a request every millisecond; prints the probe's latencies.
 //! - `stalled`: N members of one room of the sample game stop reading while another says
 //!   lines there; prints the servers' peak memory and how many members they cut off.
+//! - `talk`: N members of one room of the sample game on one frontend, S speakers on
+//!   another saying lines as fast as they are answered; prints lines said, pushes heard and
+//!   the servers' memory every second, and at the end.
 
 mod churn;
 mod conn;
@@ -20,6 +23,7 @@ mod echo;
 mod fanout;
 mod flood;
 mod stalled;
+mod talk;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -35,19 +39,22 @@ USAGE:
     dragonfruit-bench churn [OPTIONS]
     dragonfruit-bench flood [OPTIONS]
     dragonfruit-bench stalled [OPTIONS]
+    dragonfruit-bench talk [OPTIONS]
 
 OPTIONS:
     --addr ADDR          server address (default 127.0.0.1:3250)
     --connections N      connections (default 64; fanout: room members, default 1000;
                          churn: players per wave, default 500; flood: flooding
                          connections, default 1; stalled: members not reading,
-                         default 500)
+                         default 500; talk: room members, default 1000)
+    --members-addr ADDR  talk mode: the members' server (default --addr, the speakers')
+    --speakers S         talk mode: players saying lines (default 20)
     --inflight K         requests in flight per connection, echo mode (default 16);
                          with --rate, the most each connection may have waiting
     --rate R             echo mode: send R requests a second in all, spread over the
                          connections, instead of a new one per answer (a steady load,
                          to read the servers' CPU at it)
-    --duration SECS      measured time, echo, flood and stalled modes (default 10)
+    --duration SECS      measured time, echo, flood, stalled and talk modes (default 10)
     --warmup SECS        unmeasured time before it (default 2)
     --threads T          client threads, 1 or 2 (default 1)
     --route ROUTE        request route (default connector.entry.echo); flood mode:
@@ -67,11 +74,14 @@ pub(crate) enum Mode {
     Churn,
     Flood,
     Stalled,
+    Talk,
 }
 
 pub(crate) struct Args {
     pub(crate) mode: Mode,
     pub(crate) addr: SocketAddr,
+    pub(crate) members_addr: Option<SocketAddr>,
+    pub(crate) speakers: usize,
     pub(crate) connections: usize,
     pub(crate) inflight: usize,
     pub(crate) rate: Option<f64>,
@@ -95,13 +105,14 @@ fn parse_args() -> Result<Args, String> {
         Some("churn") => Mode::Churn,
         Some("flood") => Mode::Flood,
         Some("stalled") => Mode::Stalled,
+        Some("talk") => Mode::Talk,
         Some("-h" | "--help") | None => return Err(HELP.to_owned()),
         Some(other) => return Err(format!("unknown mode {other:?}\n\n{HELP}")),
     };
     let flood = matches!(mode, Mode::Flood);
     let mut args = Args {
         connections: match mode {
-            Mode::Fanout => 1000,
+            Mode::Fanout | Mode::Talk => 1000,
             Mode::Churn | Mode::Stalled => 500,
             Mode::Echo | Mode::Idle => 64,
             Mode::Flood => 1,
@@ -109,6 +120,8 @@ fn parse_args() -> Result<Args, String> {
         route: if flood { "room.room.say" } else { "connector.entry.echo" }.into(),
         mode,
         addr: "127.0.0.1:3250".parse().unwrap(),
+        members_addr: None,
+        speakers: 20,
         inflight: 16,
         rate: None,
         duration: Duration::from_secs(10),
@@ -129,6 +142,11 @@ fn parse_args() -> Result<Args, String> {
                 let v = value()?;
                 args.addr = v.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or("no address")?;
             }
+            "--members-addr" => {
+                let v = value()?;
+                args.members_addr = Some(v.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or("no address")?);
+            }
+            "--speakers" => args.speakers = number(value()?, "--speakers")?,
             "--connections" => args.connections = number(value()?, "--connections")?,
             "--inflight" => args.inflight = number(value()?, "--inflight")?,
             "--rate" => match value()?.parse::<f64>() {
@@ -152,8 +170,13 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown flag {other:?}")),
         }
     }
-    if args.connections == 0 || args.inflight == 0 || args.rounds == 0 || !(1..=2).contains(&args.threads) {
-        return Err("--connections, --inflight and --rounds must be positive, --threads 1 or 2".into());
+    if args.connections == 0
+        || args.inflight == 0
+        || args.rounds == 0
+        || args.speakers == 0
+        || !(1..=2).contains(&args.threads)
+    {
+        return Err("--connections, --inflight, --rounds and --speakers must be positive, --threads 1 or 2".into());
     }
     Ok(args)
 }
@@ -209,6 +232,31 @@ impl ServerCpu {
     }
 }
 
+/// Each server's memory: before, peak while sampled, last sample.
+pub(crate) struct Memory(pub(crate) Vec<(u32, u64, u64, u64)>);
+
+impl Memory {
+    pub(crate) fn start(pids: &[u32]) -> Memory {
+        Memory(pids.iter().filter_map(|&pid| rss_kib_of(pid).map(|kib| (pid, kib, kib, kib))).collect())
+    }
+
+    pub(crate) fn sample(&mut self) {
+        for (pid, _, peak, last) in &mut self.0 {
+            if let Some(kib) = rss_kib_of(*pid) {
+                *peak = (*peak).max(kib);
+                *last = kib;
+            }
+        }
+    }
+
+    /// Prints each server's memory.
+    pub(crate) fn report(&self) {
+        for (pid, before, peak, last) in &self.0 {
+            println!("  server rss KiB     before {before}  peak {peak}  at the end {last}  (pid {pid})");
+        }
+    }
+}
+
 /// Raises the open-file limit: to 262144 where the process may raise its hard limit, else
 /// the soft limit to the hard one.
 fn raise_fd_limit() {
@@ -243,6 +291,7 @@ fn main() -> ExitCode {
         Mode::Churn => churn::run(&args),
         Mode::Flood => flood::run(&args),
         Mode::Stalled => stalled::run(&args),
+        Mode::Talk => talk::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,7 @@ use dragonfruit_core::codec::{decode_message, MessageType, PacketType, RouteDict
 use hdrhistogram::Histogram;
 
 use crate::conn::{self, handshake_packet};
-use crate::{rss_kib_of, Args};
+use crate::{Args, Memory};
 
 /// Lines said before each `room.room.echo`.
 const LINES_PER_ECHO: usize = 10;
@@ -91,24 +91,6 @@ fn cut_off(stream: &mut TcpStream, scratch: &mut [u8]) -> bool {
     false
 }
 
-/// Each server's memory: before, peak while sampled, last sample.
-struct Memory(Vec<(u32, u64, u64, u64)>);
-
-impl Memory {
-    fn start(pids: &[u32]) -> Memory {
-        Memory(pids.iter().filter_map(|&pid| rss_kib_of(pid).map(|kib| (pid, kib, kib, kib))).collect())
-    }
-
-    fn sample(&mut self) {
-        for (pid, _, peak, last) in &mut self.0 {
-            if let Some(kib) = rss_kib_of(*pid) {
-                *peak = (*peak).max(kib);
-                *last = kib;
-            }
-        }
-    }
-}
-
 pub(crate) fn run(args: &Args) -> Result<(), String> {
     let n = args.connections;
     let room = format!("stalled-{}", std::process::id());
@@ -169,9 +151,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         if listener.is_closed() { "lost" } else { "up" }
     );
     println!("  silent cut off     {cut} of {n}");
-    for (pid, before, peak, last) in &memory.0 {
-        println!("  server rss KiB     before {before}  peak {peak}  at the end {last}  (pid {pid})");
-    }
+    memory.report();
     if listener.is_closed() || speaker.is_closed() {
         return Err("the speaker or the listener was disconnected".into());
     }
