@@ -24,11 +24,25 @@ pub enum MessengerError {
     NoServer(String),
 }
 
+/// Where [`Messenger::push_to_users_then`] answers: the uids with no session, or why the
+/// push failed.
+pub type PushAnswer = Box<dyn FnOnce(Result<Vec<String>, MessengerError>) + Send>;
+
 /// Operations on other users' sessions.
 pub trait Messenger: Send + Sync {
     /// Pushes `body` on `route` to every session bound to one of `uids`. Returns the uids
     /// that had no session anywhere: none when a frontend did not answer (it may hold any).
     fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError>;
+    /// As [`push_to_users`](Messenger::push_to_users), answered through `then` (called
+    /// once, on any thread) when the pushes are with this server's connections rather than
+    /// when they were handed over: the runtime's messenger calls it once its event loop has
+    /// queued them to the clients (where `connection.write_queue_total` bounds them). A
+    /// frontend answers other servers' pushes so: a server pushing faster than the frontend
+    /// writes waits for it, instead of the pushes piling up in the frontend's memory. This
+    /// default calls `then` at once with what `push_to_users` returned.
+    fn push_to_users_then(&self, route: &str, body: Arc<[u8]>, uids: &[String], then: PushAnswer) {
+        then(self.push_to_users(route, body, uids));
+    }
     /// Kicks every session bound to `uid`; returns whether one was found.
     fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError>;
     /// Pushes `body` on `route` to every session of every frontend of `frontend_type`.

@@ -12,8 +12,8 @@ use dragonfruit_core::cluster::{CallTarget, Cluster};
 use dragonfruit_core::codec::deflate_if_smaller;
 use dragonfruit_core::session::KICKED_BY_NEWER;
 use dragonfruit_core::{
-    codes, HandlerError, HandlerService, Messenger, MessengerError, Session, SessionError, SessionId, SessionRegistry,
-    SessionSink,
+    codes, HandlerError, HandlerService, Messenger, MessengerError, PushAnswer, Session, SessionError, SessionId,
+    SessionRegistry, SessionSink,
 };
 use log::{debug, info};
 use mio::Waker;
@@ -42,8 +42,8 @@ pub(crate) enum LoopMsg {
         /// Forwarded requests these answers complete.
         count: usize,
     },
-    /// Push to some sessions.
-    Push { sessions: Vec<SessionId>, push: PushBody },
+    /// Push to some sessions, then run `taken` (if any) once they are queued to them.
+    Push { sessions: Vec<SessionId>, push: PushBody, taken: Option<Taken> },
     /// Push to every session in the working state.
     Broadcast(PushBody),
     /// Kick a session.
@@ -52,6 +52,30 @@ pub(crate) enum LoopMsg {
     Stop,
     /// The components' `stopping` hooks have returned.
     StoppingDone,
+}
+
+/// What a push asked of the loop runs once the loop has queued it to its sessions. Dropped
+/// unrun (the loop stopped first), it answers [`MessengerError::Stopped`].
+pub(crate) struct Taken {
+    then: Option<PushAnswer>,
+    /// The uids that had no session here, to answer with.
+    missing: Vec<String>,
+}
+
+impl Taken {
+    pub(crate) fn run(mut self) {
+        if let Some(then) = self.then.take() {
+            then(Ok(std::mem::take(&mut self.missing)));
+        }
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(then) = self.then.take() {
+            then(Err(MessengerError::Stopped));
+        }
+    }
 }
 
 /// Sender half of the loop's inbox, with wake-ups coalesced: a burst of messages costs
@@ -114,7 +138,7 @@ pub(crate) struct FrontendSink {
 impl SessionSink for FrontendSink {
     fn push(&self, session: &Session, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
         let push = self.port.push_body(route, &body);
-        self.port.send(LoopMsg::Push { sessions: vec![session.id()], push }).map_err(stopped)
+        self.port.send(LoopMsg::Push { sessions: vec![session.id()], push, taken: None }).map_err(stopped)
     }
 
     fn kick(&self, session: &Session, reason: &str) -> Result<(), SessionError> {
@@ -166,8 +190,9 @@ pub(crate) struct LocalMessenger {
     pub(crate) service: OnceLock<Weak<HandlerService>>,
 }
 
-impl Messenger for LocalMessenger {
-    fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
+impl LocalMessenger {
+    /// The sessions bound to `uids` here, and the uids with none.
+    fn find(&self, uids: &[String]) -> (Vec<SessionId>, Vec<String>) {
         let mut missing = Vec::new();
         let mut sessions = Vec::new();
         for uid in uids {
@@ -177,11 +202,29 @@ impl Messenger for LocalMessenger {
             }
             sessions.extend(found.iter().map(|s| s.id()));
         }
+        (sessions, missing)
+    }
+}
+
+impl Messenger for LocalMessenger {
+    fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
+        let (sessions, missing) = self.find(uids);
         if !sessions.is_empty() {
             let push = self.port.push_body(route, &body);
-            self.port.send(LoopMsg::Push { sessions, push })?;
+            self.port.send(LoopMsg::Push { sessions, push, taken: None })?;
         }
         Ok(missing)
+    }
+
+    fn push_to_users_then(&self, route: &str, body: Arc<[u8]>, uids: &[String], then: PushAnswer) {
+        let (sessions, missing) = self.find(uids);
+        let taken = Taken { then: Some(then), missing };
+        if sessions.is_empty() {
+            return taken.run();
+        }
+        let push = self.port.push_body(route, &body);
+        // Refused (the loop stopped), the message and so `taken` are dropped: it answers.
+        let _ = self.port.send(LoopMsg::Push { sessions, push, taken: Some(taken) });
     }
 
     fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError> {
@@ -209,5 +252,88 @@ impl Messenger for LocalMessenger {
             Some(service) => service.execute_remote(route, None, &body),
             None => Err(HandlerError::internal("server is not running")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crossbeam_channel::TryRecvError;
+    use dragonfruit_core::{Serializer, SessionInit};
+    use mio::{Poll, Token};
+
+    use super::*;
+
+    type Answers = (Sender<Result<Vec<String>, MessengerError>>, Receiver<Result<Vec<String>, MessengerError>>);
+
+    /// A messenger whose loop is this test: it holds the inbox, with one session bound to "ann".
+    fn messenger(poll: &Poll) -> (LocalMessenger, Receiver<LoopMsg>) {
+        let waker = Waker::new(poll.registry(), Token(0)).unwrap();
+        let (port, inbox) = LoopPort::new(waker, false);
+        let registry = Arc::new(SessionRegistry::new());
+        let sink =
+            Arc::new(FrontendSink { port: port.clone(), registry: registry.clone(), unique: true, cluster: None });
+        let init = SessionInit {
+            id: 7,
+            frontend_id: Arc::from("fe-1"),
+            handshake: Arc::default(),
+            remote_addr: None,
+            created_unix_ms: 0,
+            serializer: Serializer::Json,
+            uid: None,
+            data: BTreeMap::new(),
+        };
+        registry.insert(Arc::new(Session::new(init, sink)));
+        registry.bind(7, "ann", 1);
+        let messenger = LocalMessenger {
+            port,
+            registry,
+            server_id: "fe-1".into(),
+            server_type: "connector".into(),
+            frontend: true,
+            service: OnceLock::new(),
+        };
+        (messenger, inbox)
+    }
+
+    fn push_then(messenger: &LocalMessenger, uids: &[&str], answers: &Answers) {
+        let uids: Vec<String> = uids.iter().map(|u| u.to_string()).collect();
+        let tx = answers.0.clone();
+        let then = Box::new(move |result| drop(tx.send(result)));
+        messenger.push_to_users_then("onChat", Arc::from(&b"{}"[..]), &uids, then);
+    }
+
+    /// Other servers' pushes are answered once the loop has queued them to the clients, not
+    /// when they reach its inbox: a server pushing faster than the loop writes waits for it,
+    /// instead of the pushes piling up in the inbox.
+    #[test]
+    fn a_push_is_answered_once_the_loop_has_taken_it() {
+        let poll = Poll::new().unwrap();
+        let (messenger, inbox) = messenger(&poll);
+        let answers: Answers = crossbeam_channel::unbounded();
+        let ghost = || vec!["ghost".to_string()];
+        push_then(&messenger, &["ann", "ghost"], &answers);
+        assert_eq!(answers.1.try_recv().unwrap_err(), TryRecvError::Empty, "answered before the loop took it");
+        let Ok(LoopMsg::Push { sessions, taken: Some(taken), .. }) = inbox.try_recv() else {
+            panic!("no push with its answer in the loop's inbox")
+        };
+        assert_eq!(sessions, vec![7]);
+        taken.run();
+        assert_eq!(answers.1.try_recv().unwrap().unwrap(), ghost());
+        assert!(answers.1.try_recv().is_err(), "answered once");
+
+        // Nobody here: nothing for the loop to do, answered at once.
+        push_then(&messenger, &["ghost"], &answers);
+        assert_eq!(answers.1.try_recv().unwrap().unwrap(), ghost());
+        assert!(inbox.try_recv().is_err());
+
+        // The loop stopped before it took the push, or refused it: answered, as stopped.
+        push_then(&messenger, &["ann"], &answers);
+        drop(inbox.try_recv().unwrap());
+        assert!(matches!(answers.1.try_recv().unwrap(), Err(MessengerError::Stopped)));
+        drop(inbox);
+        push_then(&messenger, &["ann"], &answers);
+        assert!(matches!(answers.1.try_recv().unwrap(), Err(MessengerError::Stopped)));
     }
 }

@@ -15,7 +15,7 @@ use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::config::{ConfigError, ConfigSource};
 use dragonfruit_core::session::KICKED_BY_NEWER;
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::{codes, HandlerError, Messenger, Reply, Route, Session};
+use dragonfruit_core::{codes, HandlerError, Messenger, MessengerError, Reply, Route, Session};
 use log::{debug, error, info, warn};
 
 use crate::binds::{Bind, RemoteBinds};
@@ -492,8 +492,12 @@ impl Inner {
                 responder.send(change_session(found, &set, |s, set| s.change_data(set, &removed)));
             }
             Call::PushUsers { uids, route, body } => {
-                let result = ctx.local.push_to_users(&route, body.into(), &uids);
-                responder.send(result.map(Answer::Missing).map_err(|e| HandlerError::internal(e.to_string())));
+                // Answered once this frontend's loop has queued the pushes: a server pushing
+                // faster than the loop writes waits for it (the pushes do not pile up here).
+                let answer = move |result: Result<Vec<String>, MessengerError>| {
+                    responder.send(result.map(Answer::Missing).map_err(|e| HandlerError::internal(e.to_string())));
+                };
+                ctx.local.push_to_users_then(&route, body.into(), &uids, Box::new(answer));
             }
             Call::KickUser { uid, reason } => {
                 let result = ctx.local.kick_user(&uid, &reason);

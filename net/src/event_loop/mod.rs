@@ -266,11 +266,14 @@ impl EventLoop {
             match msg {
                 LoopMsg::Done(done) => self.on_done(done),
                 LoopMsg::Forwarded { token, session, out, count } => self.on_forwarded(token, session, out, count),
-                LoopMsg::Push { sessions, push } => {
+                LoopMsg::Push { sessions, push, taken } => {
                     for sid in sessions {
                         if let Some(&token) = self.by_session.get(&sid) {
                             self.write_push(token, &push);
                         }
+                    }
+                    if let Some(taken) = taken {
+                        taken.run();
                     }
                 }
                 LoopMsg::Broadcast(push) => {
