@@ -37,7 +37,7 @@ pub use handler::{
     Component, Ctx, HandlerEnv, HandlerKind, HandlerRegistry, HandlerService, Pipelines, RemoteCtx, Reply, Routes,
     ServerInfo,
 };
-pub use messenger::{Messenger, MessengerError, PushAnswer};
+pub use messenger::{Messenger, MessengerError, OnTaken};
 pub use route::{Route, RouteError};
 pub use serializer::Serializer;
 pub use session::{Session, SessionError, SessionId, SessionInit, SessionRegistry, SessionSink};

@@ -24,9 +24,9 @@ pub enum MessengerError {
     NoServer(String),
 }
 
-/// Where [`Messenger::push_to_users_then`] answers: the uids with no session, or why the
-/// push failed.
-pub type PushAnswer = Box<dyn FnOnce(Result<Vec<String>, MessengerError>) + Send>;
+/// Where [`Messenger::push_to_users_then`] and [`Messenger::broadcast_then`] answer, once
+/// the push is with this server's connections: its result, or why it failed.
+pub type OnTaken<T> = Box<dyn FnOnce(Result<T, MessengerError>) + Send>;
 
 /// Operations on other users' sessions.
 pub trait Messenger: Send + Sync {
@@ -40,13 +40,23 @@ pub trait Messenger: Send + Sync {
     /// frontend answers other servers' pushes so: a server pushing faster than the frontend
     /// writes waits for it, instead of the pushes piling up in the frontend's memory. This
     /// default calls `then` at once with what `push_to_users` returned.
-    fn push_to_users_then(&self, route: &str, body: Arc<[u8]>, uids: &[String], then: PushAnswer) {
+    fn push_to_users_then(&self, route: &str, body: Arc<[u8]>, uids: &[String], then: OnTaken<Vec<String>>) {
         then(self.push_to_users(route, body, uids));
     }
     /// Kicks every session bound to `uid`; returns whether one was found.
     fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError>;
-    /// Pushes `body` on `route` to every session of every frontend of `frontend_type`.
+    /// Pushes `body` on `route` to every session of every frontend of `frontend_type`. The
+    /// cluster's messenger returns once the other frontends have queued it to their clients
+    /// (or did not answer within `rpc.timeout`), so a server broadcasting faster than a
+    /// frontend writes waits for it.
     fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError>;
+    /// As [`broadcast`](Messenger::broadcast) to this server's own sessions, answered
+    /// through `then` as [`push_to_users_then`](Messenger::push_to_users_then) is: once the
+    /// event loop has queued the push to every client. This default calls `then` at once
+    /// with what `broadcast` returned.
+    fn broadcast_then(&self, frontend_type: &str, route: &str, body: Arc<[u8]>, then: OnTaken<()>) {
+        then(self.broadcast(frontend_type, route, body));
+    }
     /// Calls the remote (user RPC handler) `route` on a server of its type and waits for
     /// the serialized answer, up to the configured timeout (`PIT-504` after it).
     fn call(&self, route: &str, target: CallTarget<'_>, body: Vec<u8>) -> Result<Vec<u8>, HandlerError>;

@@ -12,7 +12,7 @@ use dragonfruit_core::cluster::{CallTarget, Cluster};
 use dragonfruit_core::codec::deflate_if_smaller;
 use dragonfruit_core::session::KICKED_BY_NEWER;
 use dragonfruit_core::{
-    codes, HandlerError, HandlerService, Messenger, MessengerError, PushAnswer, Session, SessionError, SessionId,
+    codes, HandlerError, HandlerService, Messenger, MessengerError, OnTaken, Session, SessionError, SessionId,
     SessionRegistry, SessionSink,
 };
 use log::{debug, info};
@@ -44,8 +44,8 @@ pub(crate) enum LoopMsg {
     },
     /// Push to some sessions, then run `taken` (if any) once they are queued to them.
     Push { sessions: Vec<SessionId>, push: PushBody, taken: Option<Taken> },
-    /// Push to every session in the working state.
-    Broadcast(PushBody),
+    /// Push to every session in the working state, then run `taken` (if any).
+    Broadcast(PushBody, Option<Taken>),
     /// Kick a session.
     Kick { session: SessionId, reason: String },
     /// Begin a graceful stop.
@@ -54,25 +54,26 @@ pub(crate) enum LoopMsg {
     StoppingDone,
 }
 
-/// What a push asked of the loop runs once the loop has queued it to its sessions. Dropped
-/// unrun (the loop stopped first), it answers [`MessengerError::Stopped`].
-pub(crate) struct Taken {
-    then: Option<PushAnswer>,
-    /// The uids that had no session here, to answer with.
-    missing: Vec<String>,
-}
+/// The answer to a push another server asked for, run by the loop once it has queued the
+/// push to its sessions. Dropped unrun (the loop stopped first), it answers
+/// [`MessengerError::Stopped`].
+pub(crate) struct Taken(Option<OnTaken<()>>);
 
 impl Taken {
+    pub(crate) fn new(then: OnTaken<()>) -> Taken {
+        Taken(Some(then))
+    }
+
     pub(crate) fn run(mut self) {
-        if let Some(then) = self.then.take() {
-            then(Ok(std::mem::take(&mut self.missing)));
+        if let Some(then) = self.0.take() {
+            then(Ok(()));
         }
     }
 }
 
 impl Drop for Taken {
     fn drop(&mut self) {
-        if let Some(then) = self.then.take() {
+        if let Some(then) = self.0.take() {
             then(Err(MessengerError::Stopped));
         }
     }
@@ -191,6 +192,14 @@ pub(crate) struct LocalMessenger {
 }
 
 impl LocalMessenger {
+    /// Broadcasts reach the sessions of this server only when it is a frontend of that type.
+    fn check_type(&self, frontend_type: &str) -> Result<(), MessengerError> {
+        if !self.frontend || frontend_type != &*self.server_type {
+            return Err(MessengerError::NoServer(frontend_type.to_owned()));
+        }
+        Ok(())
+    }
+
     /// The sessions bound to `uids` here, and the uids with none.
     fn find(&self, uids: &[String]) -> (Vec<SessionId>, Vec<String>) {
         let mut missing = Vec::new();
@@ -216,12 +225,12 @@ impl Messenger for LocalMessenger {
         Ok(missing)
     }
 
-    fn push_to_users_then(&self, route: &str, body: Arc<[u8]>, uids: &[String], then: PushAnswer) {
+    fn push_to_users_then(&self, route: &str, body: Arc<[u8]>, uids: &[String], then: OnTaken<Vec<String>>) {
         let (sessions, missing) = self.find(uids);
-        let taken = Taken { then: Some(then), missing };
         if sessions.is_empty() {
-            return taken.run();
+            return then(Ok(missing));
         }
+        let taken = Taken::new(Box::new(move |taken: Result<(), MessengerError>| then(taken.map(|()| missing))));
         let push = self.port.push_body(route, &body);
         // Refused (the loop stopped), the message and so `taken` are dropped: it answers.
         let _ = self.port.send(LoopMsg::Push { sessions, push, taken: Some(taken) });
@@ -236,10 +245,16 @@ impl Messenger for LocalMessenger {
     }
 
     fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError> {
-        if !self.frontend || frontend_type != &*self.server_type {
-            return Err(MessengerError::NoServer(frontend_type.to_owned()));
+        self.check_type(frontend_type)?;
+        self.port.send(LoopMsg::Broadcast(self.port.push_body(route, &body), None))
+    }
+
+    fn broadcast_then(&self, frontend_type: &str, route: &str, body: Arc<[u8]>, then: OnTaken<()>) {
+        if let Err(e) = self.check_type(frontend_type) {
+            return then(Err(e));
         }
-        self.port.send(LoopMsg::Broadcast(self.port.push_body(route, &body)))
+        // Refused (the loop stopped), the message and so `taken` are dropped: it answers.
+        let _ = self.port.send(LoopMsg::Broadcast(self.port.push_body(route, &body), Some(Taken::new(then))));
     }
 
     fn call(&self, route: &str, target: CallTarget<'_>, body: Vec<u8>) -> Result<Vec<u8>, HandlerError> {
@@ -304,11 +319,11 @@ mod tests {
         messenger.push_to_users_then("onChat", Arc::from(&b"{}"[..]), &uids, then);
     }
 
-    /// Other servers' pushes are answered once the loop has queued them to the clients, not
-    /// when they reach its inbox: a server pushing faster than the loop writes waits for it,
-    /// instead of the pushes piling up in the inbox.
+    /// Other servers' pushes to users and broadcasts are answered once the loop has queued
+    /// them to the clients, not when they reach its inbox: a server pushing faster than the
+    /// loop writes waits for it, instead of the pushes piling up in the inbox.
     #[test]
-    fn a_push_is_answered_once_the_loop_has_taken_it() {
+    fn pushes_are_answered_once_the_loop_has_taken_them() {
         let poll = Poll::new().unwrap();
         let (messenger, inbox) = messenger(&poll);
         let answers: Answers = crossbeam_channel::unbounded();
@@ -322,6 +337,20 @@ mod tests {
         taken.run();
         assert_eq!(answers.1.try_recv().unwrap().unwrap(), ghost());
         assert!(answers.1.try_recv().is_err(), "answered once");
+
+        // A broadcast, the same way; one to another type fails at once.
+        let (tx, done) = crossbeam_channel::unbounded();
+        let then = move |result| drop(tx.send(result));
+        messenger.broadcast_then("connector", "onChat", Arc::from(&b"{}"[..]), Box::new(then.clone()));
+        assert_eq!(done.try_recv().unwrap_err(), TryRecvError::Empty, "answered before the loop took it");
+        let Ok(LoopMsg::Broadcast(_, Some(taken))) = inbox.try_recv() else {
+            panic!("no broadcast with its answer in the loop's inbox")
+        };
+        taken.run();
+        assert!(done.try_recv().unwrap().is_ok());
+        messenger.broadcast_then("gate", "onChat", Arc::from(&b"{}"[..]), Box::new(then));
+        assert!(matches!(done.try_recv().unwrap(), Err(MessengerError::NoServer(_))));
+        assert!(inbox.try_recv().is_err());
 
         // Nobody here: nothing for the loop to do, answered at once.
         push_then(&messenger, &["ghost"], &answers);

@@ -519,8 +519,11 @@ impl Inner {
                 responder.send(Ok(Answer::Done));
             }
             Call::Broadcast { route, body } => {
-                let result = ctx.local.broadcast(&ctx.server.server_type, &route, body.into());
-                responder.send(result.map(|()| Answer::Done).map_err(|e| HandlerError::internal(e.to_string())));
+                // As pushes to users: answered once this frontend's loop has queued it.
+                let answer = move |result: Result<(), MessengerError>| {
+                    responder.send(result.map(|()| Answer::Done).map_err(|e| HandlerError::internal(e.to_string())));
+                };
+                ctx.local.broadcast_then(&ctx.server.server_type, &route, body.into(), Box::new(answer));
             }
         }
     }

@@ -38,8 +38,14 @@ impl ClusterMessenger {
     fn ask_frontends(inner: &Inner, started: &Started, call: impl Fn() -> Call) -> (Vec<Answer>, bool) {
         let others: Vec<ServerEntry> =
             inner.table.all().into_iter().filter(|s| s.frontend && s.id != started.me.id).collect();
+        Self::ask(inner, started, &others, call)
+    }
+
+    /// Sends `call` to each of `others` and gathers the answers (until the timeout), and
+    /// whether every one answered.
+    fn ask(inner: &Inner, started: &Started, others: &[ServerEntry], call: impl Fn() -> Call) -> (Vec<Answer>, bool) {
         let (tx, rx) = crossbeam_channel::bounded(others.len().max(1));
-        for server in &others {
+        for server in others {
             let tx = tx.clone();
             started.io.call_server(
                 server,
@@ -51,7 +57,7 @@ impl ClusterMessenger {
         }
         let deadline = Instant::now() + inner.rpc.timeout;
         let mut answers = Vec::with_capacity(others.len());
-        for _ in &others {
+        for _ in others {
             match rx.recv_deadline(deadline) {
                 Ok(Ok(answer)) => answers.push(answer),
                 Ok(Err(_)) => {}
@@ -110,18 +116,25 @@ impl Messenger for ClusterMessenger {
 
     fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError> {
         let Some(result) = self.with(|inner, started| {
-            let servers = inner.table.of_type(frontend_type);
-            let frontends: Vec<&ServerEntry> = servers.iter().filter(|s| s.frontend).collect();
-            if frontends.is_empty() {
+            let (mine, others): (Vec<ServerEntry>, Vec<ServerEntry>) = inner
+                .table
+                .of_type(frontend_type)
+                .iter()
+                .filter(|s| s.frontend)
+                .cloned()
+                .partition(|s| s.id == started.me.id);
+            if mine.is_empty() && others.is_empty() {
                 return Err(MessengerError::NoServer(frontend_type.to_owned()));
             }
-            for server in frontends {
-                if server.id == started.me.id {
-                    self.local.broadcast(frontend_type, route, body.clone())?;
-                } else {
-                    let call = Call::Broadcast { route: route.to_owned(), body: body.to_vec() };
-                    started.io.call_server(server, call, None);
-                }
+            if !mine.is_empty() {
+                self.local.broadcast(frontend_type, route, body.clone())?;
+            }
+            // Each frontend answers once its loop has queued the push to its clients: a
+            // server broadcasting faster than one writes waits for it.
+            let call = || Call::Broadcast { route: route.to_owned(), body: body.to_vec() };
+            let (_, all) = Self::ask(inner, started, &others, call);
+            if !all {
+                debug!("broadcast on {route} to {frontend_type}: a frontend did not answer");
             }
             Ok(())
         }) else {

@@ -276,11 +276,14 @@ impl EventLoop {
                         taken.run();
                     }
                 }
-                LoopMsg::Broadcast(push) => {
+                LoopMsg::Broadcast(push, taken) => {
                     let tokens: Vec<usize> =
                         self.agents.iter().filter(|(_, a)| a.phase == Phase::Working).map(|(t, _)| t).collect();
                     for token in tokens {
                         self.write_push(token, &push);
+                    }
+                    if let Some(taken) = taken {
+                        taken.run();
                     }
                 }
                 LoopMsg::Kick { session, reason } => {
