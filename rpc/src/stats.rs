@@ -30,10 +30,11 @@ pub struct ClusterStats {
     /// Client notifies this frontend forwarded.
     pub forwarded_notifies: u64,
     /// Calls to other servers that wait for an answer: forwarded batches, user RPCs, binds
-    /// and session data of remote sessions, pushes to and kicks of users on every frontend.
+    /// and session data of remote sessions, pushes to and kicks of users on every frontend,
+    /// broadcasts.
     pub calls: u64,
     /// Messages to other servers that wait for no answer: pushes to and kicks of one
-    /// session of another frontend (from remote sessions), broadcasts.
+    /// session of another frontend (from remote sessions).
     pub one_way: u64,
     /// Calls the server called answered (with a result or an error of its own).
     pub answered: u64,
