@@ -428,8 +428,78 @@ fn pushes_to_users_on_every_frontend_and_broadcast() {
     assert_eq!(ann_again.request_raw("probe.echo", b"still me").unwrap(), b"still me");
 }
 
+/// With unique sessions on every frontend, a push to users goes only to the frontend where
+/// each was last found (learned from the frontends' answers): one call per frontend holding
+/// some of them, not one to every frontend. A user not found where they were (reconnected
+/// elsewhere) is looked for on every frontend; one found nowhere is reported missing.
+#[test]
+fn pushes_to_users_go_to_the_frontend_where_each_was_found() {
+    let (fronts, (_room, room_module)) = two_frontends("whereabouts");
+    let a = fronts[0].0.client();
+    let b = fronts[1].0.client();
+    let _: bool = a.request("probe.bind", "ann").unwrap();
+    let _: bool = b.request("probe.bind", "ben").unwrap();
+    let calls = || room_module.stats().calls;
+    let push = |uids: Value, msg: u64| -> (Vec<String>, u64) {
+        let before = calls();
+        let missing: Vec<String> = a.request("room.room.push_users", &json!({"uids": uids, "msg": msg})).unwrap();
+        (missing, calls() - before)
+    };
+    // Not known yet: asked of both frontends.
+    assert_eq!(push(json!(["ann", "ben"]), 1), (vec![], 2));
+    // Known: each to its own; one user, one call.
+    assert_eq!(push(json!(["ann", "ben"]), 2), (vec![], 2));
+    assert_eq!(push(json!(["ann"]), 3), (vec![], 1), "asked of connector-2 too");
+    assert_eq!(push(json!(["ben"]), 4), (vec![], 1), "asked of connector-1 too");
+    for (c, heard) in [(&a, vec![1, 2, 3]), (&b, vec![1, 2, 4])] {
+        for n in heard {
+            assert_eq!(c.recv_push_as::<Value>(T).unwrap().1, json!(n));
+        }
+    }
+    // Ben leaves connector-2 and comes back on connector-1: not found where he was, then
+    // found on the other (two calls, then one), and heard once.
+    b.close();
+    let ben = fronts[0].0.client();
+    let _: bool = ben.request("probe.bind", "ben").unwrap();
+    assert_eq!(push(json!(["ben"]), 5), (vec![], 3));
+    assert_eq!(ben.recv_push_as::<Value>(T).unwrap().1, json!(5));
+    assert_eq!(push(json!(["ben"]), 6), (vec![], 1));
+    assert_eq!(ben.recv_push_as::<Value>(T).unwrap().1, json!(6));
+    assert!(ben.recv_push_as::<Value>(Duration::from_millis(200)).is_err(), "heard twice");
+    // Nobody anywhere: asked of both, missing.
+    assert_eq!(push(json!(["ghost", "ann"]), 7), (vec!["ghost".to_string()], 2));
+}
+
+/// A frontend that lets a uid have several sessions (`session.unique = false`) gets every
+/// push to users: a user found on one frontend may have a session on another too.
+#[test]
+fn without_unique_sessions_pushes_to_users_reach_every_frontend() {
+    let dir = cluster_dir("whereabouts-shared");
+    let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    let fronts: Vec<(Server, ClusterModule)> = (1..=2)
+        .map(|i| {
+            let module = cluster_module(&dir, TIMEOUT);
+            let mut builder =
+                probe_app(&Probe::default()).server_id(&format!("connector-{i}")).cluster(Arc::new(module.clone()));
+            builder.config_mut().session.unique = i == 1;
+            (Server::start(builder), module)
+        })
+        .collect();
+    assert!(wait_until(T, || room_module.servers().len() == 3 && fronts.iter().all(|(_, m)| m.servers().len() == 3)));
+    let (a, b) = (fronts[0].0.client(), fronts[1].0.client());
+    let _: bool = a.request("probe.bind", "ann").unwrap();
+    let _: bool = b.request("probe.bind", "ann").unwrap();
+    for n in 1..=3 {
+        let missing: Vec<String> = a.request("room.room.push_users", &json!({"uids": ["ann"], "msg": n})).unwrap();
+        assert!(missing.is_empty());
+        for c in [&a, &b] {
+            assert_eq!(c.recv_push_as::<Value>(T).unwrap().1, json!(n), "push {n}");
+        }
+    }
+}
+
 /// Two frontends of one cluster, `connector-1` and `connector-2`, and a room server.
-fn two_frontends(name: &str) -> (Vec<(Server, ClusterModule)>, Server) {
+fn two_frontends(name: &str) -> (Vec<(Server, ClusterModule)>, (Server, ClusterModule)) {
     let dir = cluster_dir(name);
     let (room, room_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
     let fronts: Vec<(Server, ClusterModule)> = (1..=2)
@@ -441,7 +511,7 @@ fn two_frontends(name: &str) -> (Vec<(Server, ClusterModule)>, Server) {
         })
         .collect();
     assert!(wait_until(T, || room_module.servers().len() == 3 && fronts.iter().all(|(_, m)| m.servers().len() == 3)));
-    (fronts, room)
+    (fronts, (room, room_module))
 }
 
 /// With unique sessions, a uid bound on two frontends at the same moment keeps exactly one

@@ -81,6 +81,8 @@ pub struct ClusterContext {
     pub sessions: Arc<SessionRegistry>,
     /// Reaches this server's own sessions.
     pub local: Arc<dyn Messenger>,
+    /// Binding a uid kicks the uid's older sessions (`session.unique`), on every frontend.
+    pub unique_sessions: bool,
 }
 
 /// Why a cluster layer could not start.

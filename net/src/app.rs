@@ -179,6 +179,7 @@ impl App {
                 dispatcher,
                 sessions: shared.registry.clone(),
                 local: shared.local.clone(),
+                unique_sessions: shared.config.session.unique,
             })?;
         }
         for c in &components {

@@ -657,6 +657,7 @@ impl Cluster for ClusterModule {
             wire_level: wire::LEVEL,
             serializer: ctx.service.env().serializer().name().to_owned(),
             rpc_timeout_ms: millis(inner.rpc.timeout),
+            unique_sessions: ctx.server.frontend && ctx.unique_sessions,
         };
         let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
         let limits = socket_thread::Limits {

@@ -1,8 +1,8 @@
 //! `ClusterMessenger`: pushes, kicks and broadcasts that reach sessions on every frontend,
 //! and user RPC to any server. This server's own sessions and remotes are reached directly.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Weak};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use dragonfruit_core::cluster::CallTarget;
@@ -15,15 +15,22 @@ use crate::socket_thread::ReplyFn;
 use crate::table::ServerEntry;
 use crate::wire::{Answer, Call};
 
+/// Most users whose frontend a messenger remembers; past it, it forgets them all and
+/// learns again (about 100 bytes each).
+const WHEREABOUTS_MAX: usize = 1 << 20;
+
 /// The cluster-wide messenger of one server.
 pub(crate) struct ClusterMessenger {
     local: Arc<dyn Messenger>,
     inner: Weak<Inner>,
+    /// The frontend where each user's session was last found by a push: while every
+    /// frontend keeps one session per uid (`session.unique`), a push goes only there.
+    whereabouts: Mutex<HashMap<String, String>>,
 }
 
 impl ClusterMessenger {
     pub(crate) fn new(local: Arc<dyn Messenger>, inner: Weak<Inner>) -> ClusterMessenger {
-        ClusterMessenger { local, inner }
+        ClusterMessenger { local, inner, whereabouts: Mutex::new(HashMap::new()) }
     }
 
     /// The started module, or `None` before start / after drop.
@@ -36,37 +43,127 @@ impl ClusterMessenger {
     /// Sends `call` to every other frontend and gathers the answers (until the timeout), and
     /// whether every one answered.
     fn ask_frontends(inner: &Inner, started: &Started, call: impl Fn() -> Call) -> (Vec<Answer>, bool) {
-        let others: Vec<ServerEntry> =
-            inner.table.all().into_iter().filter(|s| s.frontend && s.id != started.me.id).collect();
+        let others = other_frontends(inner, started);
         Self::ask(inner, started, &others, call)
     }
 
     /// Sends `call` to each of `others` and gathers the answers (until the timeout), and
     /// whether every one answered.
     fn ask(inner: &Inner, started: &Started, others: &[ServerEntry], call: impl Fn() -> Call) -> (Vec<Answer>, bool) {
-        let (tx, rx) = crossbeam_channel::bounded(others.len().max(1));
-        for server in others {
+        let (answers, all) = Self::ask_each(inner, started, others.iter().map(|s| (s, call())).collect());
+        (answers.into_iter().map(|(_, a)| a).collect(), all)
+    }
+
+    /// Sends each call to its server and gathers the answers (until the timeout), each with
+    /// the index of its call, and whether every one answered.
+    fn ask_each(inner: &Inner, started: &Started, calls: Vec<(&ServerEntry, Call)>) -> (Vec<(usize, Answer)>, bool) {
+        let (tx, rx) = crossbeam_channel::bounded(calls.len().max(1));
+        let sent = calls.len();
+        for (i, (server, call)) in calls.into_iter().enumerate() {
             let tx = tx.clone();
-            started.io.call_server(
-                server,
-                call(),
-                Some(ReplyFn::new(move |r| {
-                    let _ = tx.send(r);
-                })),
-            );
+            started.io.call_server(server, call, Some(ReplyFn::new(move |r| drop(tx.send((i, r))))));
         }
         let deadline = Instant::now() + inner.rpc.timeout;
-        let mut answers = Vec::with_capacity(others.len());
-        for _ in others {
+        let mut answers = Vec::with_capacity(sent);
+        let mut answered = 0;
+        for _ in 0..sent {
             match rx.recv_deadline(deadline) {
-                Ok(Ok(answer)) => answers.push(answer),
-                Ok(Err(_)) => {}
+                Ok((i, Ok(answer))) => {
+                    answers.push((i, answer));
+                    answered += 1;
+                }
+                Ok((_, Err(_))) => {}
                 Err(_) => break,
             }
         }
-        let all = answers.len() == others.len();
-        (answers, all)
+        (answers, answered == sent)
     }
+
+    /// Pushes to the users of `wanted`, none of them on this server, when every frontend
+    /// keeps one session per uid: each to the frontend where it was last found, those not
+    /// known (or no longer there) to every frontend. Returns the users found nowhere, or
+    /// `None` when a frontend did not answer (it may hold any of them).
+    fn push_targeted(
+        &self,
+        inner: &Inner,
+        started: &Started,
+        frontends: &[ServerEntry],
+        (route, body): (&str, &[u8]),
+        wanted: &[String],
+    ) -> Option<Vec<String>> {
+        let mut lists: Vec<Vec<String>> = vec![Vec::new(); frontends.len()];
+        let mut unknown = Vec::new();
+        {
+            let index: HashMap<&str, usize> = frontends.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+            let whereabouts = self.whereabouts.lock().unwrap_or_else(|p| p.into_inner());
+            for uid in wanted {
+                let at = whereabouts.get(uid).and_then(|f| index.get(f.as_str()).copied());
+                match at {
+                    Some(i) => lists[i].push(uid.clone()),
+                    None => unknown.push(uid.clone()),
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        // Round one: the known to their frontend, the others to all; round two: those not
+        // found where they were (they reconnected elsewhere) to all.
+        let mut round = 0;
+        while round == 0 || !unknown.is_empty() {
+            round += 1;
+            // Each call: the frontend's index, the uids asked (those known there first).
+            let asked: Vec<(usize, Vec<String>)> = (0..frontends.len())
+                .filter(|&i| !lists[i].is_empty() || !unknown.is_empty())
+                .map(|i| (i, lists[i].iter().chain(&unknown).cloned().collect()))
+                .collect();
+            let calls = asked
+                .iter()
+                .map(|(i, uids)| {
+                    let call = Call::PushUsers { uids: uids.clone(), route: route.to_owned(), body: body.to_vec() };
+                    (&frontends[*i], call)
+                })
+                .collect();
+            let (answers, all) = Self::ask_each(inner, started, calls);
+            let mut found: HashSet<String> = HashSet::new();
+            let mut moved = Vec::new();
+            {
+                let mut whereabouts = self.whereabouts.lock().unwrap_or_else(|p| p.into_inner());
+                for (call, answer) in answers {
+                    let Answer::Missing(theirs) = answer else { continue };
+                    let (i, uids) = &asked[call];
+                    let theirs: HashSet<String> = theirs.into_iter().collect();
+                    for (j, uid) in uids.iter().enumerate() {
+                        if !theirs.contains(uid) {
+                            let at = &frontends[*i].id;
+                            if whereabouts.get(uid) != Some(at) {
+                                if whereabouts.len() >= WHEREABOUTS_MAX {
+                                    whereabouts.clear();
+                                }
+                                whereabouts.insert(uid.clone(), at.clone());
+                            }
+                            found.insert(uid.clone());
+                        } else if j < lists[*i].len() {
+                            whereabouts.remove(uid);
+                            moved.push(uid.clone());
+                        }
+                    }
+                }
+            }
+            if !all {
+                return None;
+            }
+            missing.extend(unknown.drain(..).filter(|uid| !found.contains(uid)));
+            lists.iter_mut().for_each(Vec::clear);
+            if round == 1 {
+                unknown = moved;
+            }
+        }
+        Some(missing)
+    }
+}
+
+/// The frontends of the cluster other than this server.
+fn other_frontends(inner: &Inner, started: &Started) -> Vec<ServerEntry> {
+    inner.table.all().into_iter().filter(|s| s.frontend && s.id != started.me.id).collect()
 }
 
 impl Messenger for ClusterMessenger {
@@ -76,25 +173,36 @@ impl Messenger for ClusterMessenger {
         } else {
             uids.to_vec()
         };
-        let (answers, all) = self
-            .with(|inner, started| {
-                let call = || Call::PushUsers { uids: uids.to_vec(), route: route.to_owned(), body: body.to_vec() };
-                Self::ask_frontends(inner, started, call)
-            })
-            .unwrap_or((Vec::new(), true));
-        if !all {
-            // A frontend that did not answer may hold any of them: none is known missing.
-            debug!("push to {} users on {route}: a frontend did not answer; none reported missing", uids.len());
-            return Ok(Vec::new());
-        }
-        // A uid is missing when no frontend has it.
-        let mut missing: HashSet<String> = local.into_iter().collect();
-        for answer in answers {
-            if let Answer::Missing(theirs) = answer {
-                let theirs: HashSet<String> = theirs.into_iter().collect();
-                missing.retain(|uid| theirs.contains(uid));
+        let outcome = self.with(|inner, started| {
+            let frontends = other_frontends(inner, started);
+            // One session per uid on every frontend (this one too, if it is one): a user
+            // found here is nowhere else, and the others are looked for where they were.
+            let unique = |s: &ServerEntry| !s.frontend || s.unique_sessions;
+            if !frontends.is_empty() && unique(&started.me) && frontends.iter().all(unique) {
+                return self.push_targeted(inner, started, &frontends, (route, &body), &local);
             }
-        }
+            let call = || Call::PushUsers { uids: uids.to_vec(), route: route.to_owned(), body: body.to_vec() };
+            let (answers, all) = Self::ask(inner, started, &frontends, call);
+            // A uid is missing when no frontend has it.
+            let mut missing = local.clone();
+            for answer in answers {
+                if let Answer::Missing(theirs) = answer {
+                    let theirs: HashSet<String> = theirs.into_iter().collect();
+                    missing.retain(|uid| theirs.contains(uid));
+                }
+            }
+            all.then_some(missing)
+        });
+        let missing: HashSet<String> = match outcome {
+            // No running cluster layer: this server's own sessions only.
+            None => return Ok(local),
+            Some(Some(missing)) => missing.into_iter().collect(),
+            Some(None) => {
+                // A frontend that did not answer may hold any of them: none is known missing.
+                debug!("push to {} users on {route}: a frontend did not answer; none reported missing", uids.len());
+                return Ok(Vec::new());
+            }
+        };
         Ok(uids.iter().filter(|u| missing.contains(*u)).cloned().collect())
     }
 

@@ -51,6 +51,13 @@ pub struct ServerEntry {
     /// discovery does not list under their id (the receiving server's own timeout applies).
     #[serde(default)]
     pub rpc_timeout_ms: u64,
+    /// A frontend that keeps one session per uid (`session.unique`): binding a uid there
+    /// kicks the uid's other sessions on every frontend. While every frontend does, a push
+    /// to users goes only to the frontend where each was last found. False for backends,
+    /// entries of older builds, and servers learned from a call that discovery does not
+    /// list under their id.
+    #[serde(default)]
+    pub unique_sessions: bool,
 }
 
 /// `d` in whole milliseconds, as entries and registry files announce durations.
@@ -85,6 +92,7 @@ impl ServerEntry {
             wire_level: 0,
             serializer: String::new(),
             rpc_timeout_ms: 0,
+            unique_sessions: false,
         }
     }
 
@@ -287,6 +295,7 @@ impl ServerTable {
             // As the listed process of its id says (most likely the same settings).
             serializer: listed.map(|e| e.serializer.clone()).unwrap_or_default(),
             rpc_timeout_ms: listed.map_or(0, |e| e.rpc_timeout_ms),
+            unique_sessions: listed.is_some_and(|e| e.unique_sessions),
         };
         sources.learned.insert(id.to_owned(), (entry, now));
         self.publish(sources)
