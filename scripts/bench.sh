@@ -18,6 +18,9 @@
 #                               they are answered; then again with connector-2's event loop
 #                               starved of CPU (its thread at nice 19 beside two busy loops, as
 #                               a frontend on an overloaded host); connector-2's memory
+#   scripts/bench.sh frontends [N]  local cluster and N more connectors (default 8), no player
+#                               on them: 100 members of a room and 10 speakers on connector-1
+#                               (what every push to users costs with many frontends)
 #   scripts/bench.sh steady     local cluster: local and forwarded echo sent at steady rates
 #                               (1k to 50k requests/s over 100 connections); the servers' CPU
 #   scripts/bench.sh sessions   connector + 2 room servers started with --role, all in one session
@@ -108,6 +111,22 @@ if [ "$what" = all ] || [ "$what" = starved ]; then
     kill $hogs
     hogs=""
     kill -INT "$c2"; wait "$c2" || true
+    trap stop EXIT
+    stop
+fi
+if [ "$what" = all ] || [ "$what" = frontends ]; then
+    start
+    extra=""
+    trap 'kill -INT $extra 2>/dev/null; stop' EXIT
+    for i in $(seq 2 $((${2:-8} + 1))); do
+        RUST_LOG=warn target/release/sample-game --role connector --id "connector-$i" --tcp "127.0.0.1:$((port + i))" \
+            --discovery-dir "/tmp/dragonfruit-sample-game-$server_pid" >>/tmp/dragonfruit-bench-server.log 2>&1 &
+        extra="$extra $!"
+        port=$((port + i)) wait_port
+    done
+    sleep 1.5  # let the servers discover each other
+    $bench talk --connections 100 --speakers 10 --duration 10 --server-pid "$pids"
+    kill -INT $extra; wait $extra || true
     trap stop EXIT
     stop
 fi

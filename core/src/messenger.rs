@@ -24,8 +24,8 @@ pub enum MessengerError {
     NoServer(String),
 }
 
-/// Where [`Messenger::push_to_users_then`] and [`Messenger::broadcast_then`] answer, once
-/// the push is with this server's connections: its result, or why it failed.
+/// Where [`Messenger::push_to_users_then`] and [`Messenger::broadcast_then`] answer: the
+/// push's result, or why it failed.
 pub type OnTaken<T> = Box<dyn FnOnce(Result<T, MessengerError>) + Send>;
 
 /// Operations on other users' sessions.
@@ -34,26 +34,27 @@ pub trait Messenger: Send + Sync {
     /// that had no session anywhere: none when a frontend did not answer (it may hold any).
     fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError>;
     /// As [`push_to_users`](Messenger::push_to_users), answered through `then` (called
-    /// once, on any thread) when the pushes are with this server's connections rather than
-    /// when they were handed over: the runtime's messenger calls it once its event loop has
-    /// queued them to the clients (where `connection.write_queue_total` bounds them). A
-    /// frontend answers other servers' pushes so: a server pushing faster than the frontend
-    /// writes waits for it, instead of the pushes piling up in the frontend's memory. This
-    /// default calls `then` at once with what `push_to_users` returned.
+    /// once, on any thread). A frontend answers other servers' pushes so: the runtime's
+    /// messenger calls `then` at once while its event loop keeps up, but once the pushes
+    /// waiting for the loop would queue more than 4 MiB for their clients, only when the
+    /// loop has taken the push (where `connection.write_queue_total` bounds it). A server
+    /// pushing faster than the frontend writes then waits for it, instead of the pushes
+    /// piling up in the frontend's memory. This default calls `then` at once with what
+    /// `push_to_users` returned.
     fn push_to_users_then(&self, route: &str, body: Arc<[u8]>, uids: &[String], then: OnTaken<Vec<String>>) {
         then(self.push_to_users(route, body, uids));
     }
     /// Kicks every session bound to `uid`; returns whether one was found.
     fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError>;
     /// Pushes `body` on `route` to every session of every frontend of `frontend_type`. The
-    /// cluster's messenger returns once the other frontends have queued it to their clients
-    /// (or did not answer within `rpc.timeout`), so a server broadcasting faster than a
-    /// frontend writes waits for it.
+    /// cluster's messenger returns once the other frontends have answered (or did not
+    /// within `rpc.timeout`), which a frontend that is behind does only once it has taken
+    /// the push, so a server broadcasting faster than a frontend writes waits for it.
     fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError>;
     /// As [`broadcast`](Messenger::broadcast) to this server's own sessions, answered
-    /// through `then` as [`push_to_users_then`](Messenger::push_to_users_then) is: once the
-    /// event loop has queued the push to every client. This default calls `then` at once
-    /// with what `broadcast` returned.
+    /// through `then` as [`push_to_users_then`](Messenger::push_to_users_then) is (once the
+    /// event loop has taken it, when it is behind). This default calls `then` at once with
+    /// what `broadcast` returned.
     fn broadcast_then(&self, frontend_type: &str, route: &str, body: Arc<[u8]>, then: OnTaken<()>) {
         then(self.broadcast(frontend_type, route, body));
     }

@@ -3,7 +3,7 @@
 //! `mio::Poll` through one shared `Waker`. Also the frontend implementations of core's
 //! `SessionSink` and `Messenger` ports, which are thin senders on this inbox.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -29,6 +29,20 @@ pub(crate) struct PushBody {
     pub(crate) compressed: bool,
 }
 
+impl PushBody {
+    /// About the bytes this push queues for `recipients` clients (a packet each).
+    fn cost(&self, recipients: usize) -> usize {
+        (self.body.len() + self.route.len() + 8).saturating_mul(recipients)
+    }
+}
+
+/// Past this many bytes that the pushes waiting in the loop's inbox will queue for their
+/// clients (some 40 ms of the loop's work), the loop is behind: a push another server asks
+/// for is answered only once the loop has taken it, so servers pushing faster than this
+/// frontend writes wait for it instead of piling pushes up here. Below it, answered at once
+/// (no wait for the loop while it keeps up).
+const PUSH_BACKLOG: usize = 4 << 20;
+
 /// Everything the event loop can be asked to do from another thread.
 pub(crate) enum LoopMsg {
     /// A worker finished a batch of one session.
@@ -42,10 +56,12 @@ pub(crate) enum LoopMsg {
         /// Forwarded requests these answers complete.
         count: usize,
     },
-    /// Push to some sessions, then run `taken` (if any) once they are queued to them.
-    Push { sessions: Vec<SessionId>, push: PushBody, taken: Option<Taken> },
-    /// Push to every session in the working state, then run `taken` (if any).
-    Broadcast(PushBody, Option<Taken>),
+    /// Push to some sessions, then run `taken` (if any) once they are queued to them. `cost`
+    /// counts in the backlog until then ([`LoopPort::took_push`]).
+    Push { sessions: Vec<SessionId>, push: PushBody, taken: Option<Taken>, cost: usize },
+    /// Push to every session in the working state, then run `taken` (if any); `cost` as
+    /// for a push.
+    Broadcast { push: PushBody, taken: Option<Taken>, cost: usize },
     /// Kick a session.
     Kick { session: SessionId, reason: String },
     /// Begin a graceful stop.
@@ -86,12 +102,51 @@ pub(crate) struct LoopPort {
     waker: Waker,
     wake_pending: AtomicBool,
     compress: bool,
+    /// What the pushes in the inbox will queue for their clients ([`PushBody::cost`]).
+    pushes_waiting: AtomicUsize,
 }
 
 impl LoopPort {
     pub(crate) fn new(waker: Waker, compress: bool) -> (Arc<LoopPort>, Receiver<LoopMsg>) {
         let (tx, rx) = crossbeam_channel::unbounded();
-        (Arc::new(LoopPort { tx, waker, wake_pending: AtomicBool::new(false), compress }), rx)
+        let pushes_waiting = AtomicUsize::new(0);
+        (Arc::new(LoopPort { tx, waker, wake_pending: AtomicBool::new(false), compress, pushes_waiting }), rx)
+    }
+
+    /// Sends a push to `sessions` (every working session when `None`, about `recipients`),
+    /// counted in the backlog until the loop takes it. With `then`, the loop behind
+    /// ([`PUSH_BACKLOG`]), `then` is run once the loop has taken the push, else now.
+    fn send_push(
+        &self,
+        sessions: Option<Vec<SessionId>>,
+        push: PushBody,
+        recipients: usize,
+        then: Option<OnTaken<()>>,
+    ) -> Result<(), MessengerError> {
+        let cost = push.cost(recipients);
+        let behind = self.pushes_waiting.fetch_add(cost, Ordering::Relaxed) > PUSH_BACKLOG;
+        let (taken, now) = match then {
+            Some(then) if behind => (Some(Taken::new(then)), None),
+            then => (None, then),
+        };
+        let msg = match sessions {
+            Some(sessions) => LoopMsg::Push { sessions, push, taken, cost },
+            None => LoopMsg::Broadcast { push, taken, cost },
+        };
+        // Refused (the loop stopped), the message and so `taken` are dropped: it answers.
+        let sent = self.send(msg);
+        if sent.is_err() {
+            self.pushes_waiting.fetch_sub(cost, Ordering::Relaxed);
+        }
+        if let Some(then) = now {
+            then(if sent.is_ok() { Ok(()) } else { Err(MessengerError::Stopped) });
+        }
+        sent
+    }
+
+    /// The loop took a push of `cost` from its inbox.
+    pub(crate) fn took_push(&self, cost: usize) {
+        self.pushes_waiting.fetch_sub(cost, Ordering::Relaxed);
     }
 
     /// Sends `msg` and wakes the loop unless a wake-up is already pending.
@@ -139,7 +194,7 @@ pub(crate) struct FrontendSink {
 impl SessionSink for FrontendSink {
     fn push(&self, session: &Session, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
         let push = self.port.push_body(route, &body);
-        self.port.send(LoopMsg::Push { sessions: vec![session.id()], push, taken: None }).map_err(stopped)
+        self.port.send_push(Some(vec![session.id()]), push, 1, None).map_err(stopped)
     }
 
     fn kick(&self, session: &Session, reason: &str) -> Result<(), SessionError> {
@@ -220,7 +275,8 @@ impl Messenger for LocalMessenger {
         let (sessions, missing) = self.find(uids);
         if !sessions.is_empty() {
             let push = self.port.push_body(route, &body);
-            self.port.send(LoopMsg::Push { sessions, push, taken: None })?;
+            let recipients = sessions.len();
+            self.port.send_push(Some(sessions), push, recipients, None)?;
         }
         Ok(missing)
     }
@@ -230,10 +286,11 @@ impl Messenger for LocalMessenger {
         if sessions.is_empty() {
             return then(Ok(missing));
         }
-        let taken = Taken::new(Box::new(move |taken: Result<(), MessengerError>| then(taken.map(|()| missing))));
+        let then = Box::new(move |taken: Result<(), MessengerError>| then(taken.map(|()| missing)));
         let push = self.port.push_body(route, &body);
-        // Refused (the loop stopped), the message and so `taken` are dropped: it answers.
-        let _ = self.port.send(LoopMsg::Push { sessions, push, taken: Some(taken) });
+        // Answered by `send_push`, now or once the loop has taken it.
+        let recipients = sessions.len();
+        let _ = self.port.send_push(Some(sessions), push, recipients, Some(then));
     }
 
     fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError> {
@@ -246,15 +303,15 @@ impl Messenger for LocalMessenger {
 
     fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError> {
         self.check_type(frontend_type)?;
-        self.port.send(LoopMsg::Broadcast(self.port.push_body(route, &body), None))
+        self.port.send_push(None, self.port.push_body(route, &body), self.registry.len(), None)
     }
 
     fn broadcast_then(&self, frontend_type: &str, route: &str, body: Arc<[u8]>, then: OnTaken<()>) {
         if let Err(e) = self.check_type(frontend_type) {
             return then(Err(e));
         }
-        // Refused (the loop stopped), the message and so `taken` are dropped: it answers.
-        let _ = self.port.send(LoopMsg::Broadcast(self.port.push_body(route, &body), Some(Taken::new(then))));
+        let push = self.port.push_body(route, &body);
+        let _ = self.port.send_push(None, push, self.registry.len(), Some(then));
     }
 
     fn call(&self, route: &str, target: CallTarget<'_>, body: Vec<u8>) -> Result<Vec<u8>, HandlerError> {
@@ -274,7 +331,6 @@ impl Messenger for LocalMessenger {
 mod tests {
     use std::collections::BTreeMap;
 
-    use crossbeam_channel::TryRecvError;
     use dragonfruit_core::{Serializer, SessionInit};
     use mio::{Poll, Token};
 
@@ -319,49 +375,76 @@ mod tests {
         messenger.push_to_users_then("onChat", Arc::from(&b"{}"[..]), &uids, then);
     }
 
-    /// Other servers' pushes to users and broadcasts are answered once the loop has queued
-    /// them to the clients, not when they reach its inbox: a server pushing faster than the
-    /// loop writes waits for it, instead of the pushes piling up in the inbox.
+    /// The loop takes the next message of its inbox as `EventLoop::drain_inbox` does, and
+    /// returns the answer it carries.
+    fn take(port: &LoopPort, inbox: &Receiver<LoopMsg>) -> Option<Taken> {
+        match inbox.try_recv() {
+            Ok(LoopMsg::Push { taken, cost, .. } | LoopMsg::Broadcast { taken, cost, .. }) => {
+                port.took_push(cost);
+                taken
+            }
+            _ => panic!("no push in the loop's inbox"),
+        }
+    }
+
+    /// Other servers' pushes to users and broadcasts are answered at once while the loop
+    /// keeps up; once the pushes waiting in its inbox would queue more than
+    /// `PUSH_BACKLOG` for their clients, only when the loop has taken them: a server
+    /// pushing faster than the loop writes then waits for it, instead of the pushes piling
+    /// up in the inbox.
     #[test]
-    fn pushes_are_answered_once_the_loop_has_taken_them() {
+    fn past_the_backlog_pushes_are_answered_once_the_loop_has_taken_them() {
         let poll = Poll::new().unwrap();
         let (messenger, inbox) = messenger(&poll);
+        let port = messenger.port.clone();
         let answers: Answers = crossbeam_channel::unbounded();
+        let (tx, broadcast) = crossbeam_channel::unbounded();
+        let broadcast_then = |frontend_type: &str| {
+            let tx = tx.clone();
+            let then = Box::new(move |result| drop(tx.send(result)));
+            messenger.broadcast_then(frontend_type, "onChat", Arc::from(&b"{}"[..]), then);
+        };
         let ghost = || vec!["ghost".to_string()];
+        let big: Arc<[u8]> = vec![b' '; PUSH_BACKLOG].into();
+
+        // The loop keeps up: answered at once.
         push_then(&messenger, &["ann", "ghost"], &answers);
-        assert_eq!(answers.1.try_recv().unwrap_err(), TryRecvError::Empty, "answered before the loop took it");
-        let Ok(LoopMsg::Push { sessions, taken: Some(taken), .. }) = inbox.try_recv() else {
-            panic!("no push with its answer in the loop's inbox")
-        };
-        assert_eq!(sessions, vec![7]);
-        taken.run();
         assert_eq!(answers.1.try_recv().unwrap().unwrap(), ghost());
-        assert!(answers.1.try_recv().is_err(), "answered once");
+        broadcast_then("connector");
+        assert!(broadcast.try_recv().unwrap().is_ok());
+        // A push of this server's own puts the loop behind: then answered once taken.
+        messenger.push_to_users("onChat", big.clone(), &["ann".to_string()]).unwrap();
+        push_then(&messenger, &["ann", "ghost"], &answers);
+        broadcast_then("connector");
+        assert!(answers.1.try_recv().is_err() && broadcast.try_recv().is_err(), "answered before the loop took it");
+        for _ in 0..3 {
+            assert!(take(&port, &inbox).is_none());
+        }
+        assert!(answers.1.try_recv().is_err(), "answered before the loop took it");
+        take(&port, &inbox).expect("the push carries its answer").run();
+        assert_eq!(answers.1.try_recv().unwrap().unwrap(), ghost());
+        take(&port, &inbox).expect("the broadcast carries its answer").run();
+        assert!(broadcast.try_recv().unwrap().is_ok());
+        assert!(answers.1.try_recv().is_err() && broadcast.try_recv().is_err(), "answered once");
+        assert_eq!(port.pushes_waiting.load(Ordering::Relaxed), 0);
 
-        // A broadcast, the same way; one to another type fails at once.
-        let (tx, done) = crossbeam_channel::unbounded();
-        let then = move |result| drop(tx.send(result));
-        messenger.broadcast_then("connector", "onChat", Arc::from(&b"{}"[..]), Box::new(then.clone()));
-        assert_eq!(done.try_recv().unwrap_err(), TryRecvError::Empty, "answered before the loop took it");
-        let Ok(LoopMsg::Broadcast(_, Some(taken))) = inbox.try_recv() else {
-            panic!("no broadcast with its answer in the loop's inbox")
-        };
-        taken.run();
-        assert!(done.try_recv().unwrap().is_ok());
-        messenger.broadcast_then("gate", "onChat", Arc::from(&b"{}"[..]), Box::new(then));
-        assert!(matches!(done.try_recv().unwrap(), Err(MessengerError::NoServer(_))));
-        assert!(inbox.try_recv().is_err());
-
-        // Nobody here: nothing for the loop to do, answered at once.
+        // Caught up: at once again. Nobody here, or a broadcast to another type: at once,
+        // nothing for the loop.
+        push_then(&messenger, &["ann"], &answers);
+        assert!(answers.1.try_recv().unwrap().is_ok());
+        assert!(take(&port, &inbox).is_none());
         push_then(&messenger, &["ghost"], &answers);
         assert_eq!(answers.1.try_recv().unwrap().unwrap(), ghost());
+        broadcast_then("gate");
+        assert!(matches!(broadcast.try_recv().unwrap(), Err(MessengerError::NoServer(_))));
         assert!(inbox.try_recv().is_err());
 
-        // The loop stopped before it took the push, or refused it: answered, as stopped.
+        // The loop stopped before it took a push it was behind on, or refused one: answered,
+        // as stopped.
+        messenger.push_to_users("onChat", big, &["ann".to_string()]).unwrap();
         push_then(&messenger, &["ann"], &answers);
-        drop(inbox.try_recv().unwrap());
-        assert!(matches!(answers.1.try_recv().unwrap(), Err(MessengerError::Stopped)));
         drop(inbox);
+        assert!(matches!(answers.1.try_recv().unwrap(), Err(MessengerError::Stopped)));
         push_then(&messenger, &["ann"], &answers);
         assert!(matches!(answers.1.try_recv().unwrap(), Err(MessengerError::Stopped)));
     }

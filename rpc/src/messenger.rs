@@ -176,9 +176,10 @@ impl Messenger for ClusterMessenger {
         let outcome = self.with(|inner, started| {
             let frontends = other_frontends(inner, started);
             // One session per uid on every frontend (this one too, if it is one): a user
-            // found here is nowhere else, and the others are looked for where they were.
+            // found here is nowhere else, and the others are looked for where they were
+            // (with one other frontend, there is nothing to choose).
             let unique = |s: &ServerEntry| !s.frontend || s.unique_sessions;
-            if !frontends.is_empty() && unique(&started.me) && frontends.iter().all(unique) {
+            if frontends.len() > 1 && unique(&started.me) && frontends.iter().all(unique) {
                 return self.push_targeted(inner, started, &frontends, (route, &body), &local);
             }
             let call = || Call::PushUsers { uids: uids.to_vec(), route: route.to_owned(), body: body.to_vec() };

@@ -266,7 +266,8 @@ impl EventLoop {
             match msg {
                 LoopMsg::Done(done) => self.on_done(done),
                 LoopMsg::Forwarded { token, session, out, count } => self.on_forwarded(token, session, out, count),
-                LoopMsg::Push { sessions, push, taken } => {
+                LoopMsg::Push { sessions, push, taken, cost } => {
+                    self.shared.port.took_push(cost);
                     for sid in sessions {
                         if let Some(&token) = self.by_session.get(&sid) {
                             self.write_push(token, &push);
@@ -276,7 +277,8 @@ impl EventLoop {
                         taken.run();
                     }
                 }
-                LoopMsg::Broadcast(push, taken) => {
+                LoopMsg::Broadcast { push, taken, cost } => {
+                    self.shared.port.took_push(cost);
                     let tokens: Vec<usize> =
                         self.agents.iter().filter(|(_, a)| a.phase == Phase::Working).map(|(t, _)| t).collect();
                     for token in tokens {
