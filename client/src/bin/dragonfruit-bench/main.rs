@@ -29,6 +29,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use dragonfruit_client::{Client, ClientConfig};
+
 const HELP: &str = "\
 dragonfruit-bench: load tool for Pitaya/Pomelo-protocol servers
 
@@ -255,6 +257,16 @@ impl Memory {
             println!("  server rss KiB     before {before}  peak {peak}  at the end {last}  (pid {pid})");
         }
     }
+}
+
+/// A sample-game player named `name`, connected to `addr`, logged in and in `room`.
+pub(crate) fn player(addr: SocketAddr, name: &str, room: &str) -> Result<Client, String> {
+    let config = ClientConfig { request_timeout: Duration::from_secs(30), ..ClientConfig::default() };
+    let client = Client::connect(addr, config).map_err(|e| format!("{name}: connect: {e}"))?;
+    let login = client.request_raw("connector.entry.login", format!(r#"{{"name":"{name}"}}"#).as_bytes());
+    let join = login.and_then(|_| client.request_raw("room.room.join", format!(r#"{{"room":"{room}"}}"#).as_bytes()));
+    join.map_err(|e| format!("{name}: {e}"))?;
+    Ok(client)
 }
 
 /// Raises the open-file limit: to 262144 where the process may raise its hard limit, else

@@ -12,7 +12,6 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use dragonfruit_client::{Client, ClientConfig};
 use dragonfruit_core::codec::{decode_message, MessageType, PacketType, RouteDictionary};
 use hdrhistogram::Histogram;
 
@@ -94,16 +93,7 @@ fn cut_off(stream: &mut TcpStream, scratch: &mut [u8]) -> bool {
 pub(crate) fn run(args: &Args) -> Result<(), String> {
     let n = args.connections;
     let room = format!("stalled-{}", std::process::id());
-    let player = |role: &str| -> Result<Client, String> {
-        let config = ClientConfig { request_timeout: Duration::from_secs(30), ..ClientConfig::default() };
-        let client = Client::connect(args.addr, config).map_err(|e| format!("connect: {e}"))?;
-        let name = format!("{role}-{}", std::process::id());
-        let login = client.request_raw("connector.entry.login", format!(r#"{{"name":"{name}"}}"#).as_bytes());
-        let join =
-            login.and_then(|_| client.request_raw("room.room.join", format!(r#"{{"room":"{room}"}}"#).as_bytes()));
-        join.map_err(|e| format!("{role}: {e}"))?;
-        Ok(client)
-    };
+    let player = |role: &str| crate::player(args.addr, &format!("{role}-{}", std::process::id()), &room);
     let mut memory = Memory::start(&args.server_pids);
     let listener = player("listener")?;
     let mut silent = Vec::with_capacity(n);

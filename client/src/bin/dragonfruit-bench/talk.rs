@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dragonfruit_client::{Client, ClientConfig};
 use hdrhistogram::Histogram;
 
 use crate::conn;
@@ -44,13 +43,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     let failures = Arc::new(Mutex::new(Vec::new()));
     let mut speakers = Vec::with_capacity(args.speakers);
     for s in 0..args.speakers {
-        let config = ClientConfig { request_timeout: Duration::from_secs(30), ..ClientConfig::default() };
-        let client = Client::connect(args.addr, config).map_err(|e| format!("speaker {s}: connect: {e}"))?;
-        let name = format!("speaker{s}-{}", std::process::id());
-        let login = client.request_raw("connector.entry.login", format!(r#"{{"name":"{name}"}}"#).as_bytes());
-        let join =
-            login.and_then(|_| client.request_raw("room.room.join", format!(r#"{{"room":"{room}"}}"#).as_bytes()));
-        join.map_err(|e| format!("speaker {s}: {e}"))?;
+        let client = crate::player(args.addr, &format!("speaker{s}-{}", std::process::id()), &room)?;
         let (lines, stop, said, hist) = (lines.clone(), stop.clone(), said.clone(), hist.clone());
         let failures = failures.clone();
         speakers.push(std::thread::spawn(move || -> Result<(), String> {
