@@ -16,8 +16,8 @@ use crate::table::ServerEntry;
 use crate::wire::{Answer, Call};
 
 /// Most users whose frontend a messenger remembers; past it, it forgets them all and
-/// learns again (about 100 bytes each).
-const WHEREABOUTS_MAX: usize = 1 << 20;
+/// learns again (about 100 bytes each: some 26 MB at most).
+const WHEREABOUTS_MAX: usize = 1 << 18;
 
 /// The cluster-wide messenger of one server.
 pub(crate) struct ClusterMessenger {
