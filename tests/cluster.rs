@@ -470,6 +470,36 @@ fn pushes_to_users_go_to_the_frontend_where_each_was_found() {
     assert_eq!(push(json!(["ghost", "ann"]), 7), (vec!["ghost".to_string()], 2));
 }
 
+/// A user not found on the frontend where they were is looked for on every frontend, also
+/// when a listed frontend does not answer (it may hold the others: none is reported missing).
+#[test]
+fn a_moved_user_is_found_while_a_frontend_does_not_answer() {
+    let dir = cluster_dir("whereabouts-silent");
+    let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), Duration::from_millis(500));
+    let fronts: Vec<Server> = (1..=2)
+        .map(|i| {
+            let module = cluster_module(&dir, Duration::from_secs(5));
+            Server::start(probe_app(&Probe::default()).server_id(&format!("connector-{i}")).cluster(Arc::new(module)))
+        })
+        .collect();
+    let _silent = SilentFrontend::start(&dir, "connector-9", true);
+    assert!(wait_until(T, || room_module.servers().len() == 4), "the backend lists every frontend");
+    let a = fronts[0].client();
+    let ann = fronts[0].client();
+    let _: bool = ann.request("probe.bind", "ann").unwrap();
+    let push = |msg: u64| -> Vec<String> {
+        a.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": msg})).unwrap()
+    };
+    assert_eq!(push(1), Vec::<String>::new(), "the silent frontend may hold them");
+    assert_eq!(ann.recv_push_as::<Value>(T).unwrap().1, json!(1));
+    // Ann is now known on connector-1; she comes back on connector-2.
+    ann.close();
+    let ann = fronts[1].client();
+    let _: bool = ann.request("probe.bind", "ann").unwrap();
+    assert_eq!(push(2), Vec::<String>::new());
+    assert_eq!(ann.recv_push_as::<Value>(T).unwrap().1, json!(2), "looked for on every frontend");
+}
+
 /// A frontend that lets a uid have several sessions (`session.unique = false`) gets every
 /// push to users: a user found on one frontend may have a session on another too.
 #[test]
@@ -1660,6 +1690,47 @@ fn frontend_at_a_dead_endpoint(id: &str) -> ServerEntry {
     ServerEntry::new(id, "connector", true, format!("tcp://{}", listener.local_addr().unwrap()))
 }
 
+/// A listed frontend that never answers: a registry entry for `id` in `dir` at an endpoint
+/// nobody serves, kept fresh as a live server keeps its entry; removed when dropped.
+struct SilentFrontend {
+    file: std::path::PathBuf,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    keeper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentFrontend {
+    fn start(dir: &std::path::Path, id: &str, unique_sessions: bool) -> SilentFrontend {
+        let mut entry = frontend_at_a_dead_endpoint(id);
+        entry.unique_sessions = unique_sessions;
+        let file = dir.join(format!("{id}.json"));
+        std::fs::write(&file, serde_json::to_vec(&entry).unwrap()).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keeper = {
+            let (file, done) = (file.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    let _ = std::fs::File::options()
+                        .write(true)
+                        .open(&file)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        SilentFrontend { file, done, keeper: Some(keeper) }
+    }
+}
+
+impl Drop for SilentFrontend {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(keeper) = self.keeper.take() {
+            let _ = keeper.join();
+        }
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
 /// A push to users while a listed frontend does not answer (here an entry whose endpoint
 /// nobody serves) reaches the users of the others, and reports no user missing: the silent
 /// frontend may hold any of them (the sample game would drop them from their rooms).
@@ -1671,23 +1742,7 @@ fn a_push_while_a_frontend_does_not_answer_reports_no_user_missing() {
     let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), Duration::from_millis(500));
     let fe_module = cluster_module(&dir, Duration::from_secs(5));
     let frontend = start_connector(&fe_module);
-    let silent = frontend_at_a_dead_endpoint("connector-9");
-    let file = dir.join("connector-9.json");
-    std::fs::write(&file, serde_json::to_vec(&silent).unwrap()).unwrap();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let keeper = {
-        let (file, done) = (file.clone(), done.clone());
-        // Kept fresh, as a live server keeps its entry.
-        std::thread::spawn(move || {
-            while !done.load(Ordering::SeqCst) {
-                let _ = std::fs::File::options()
-                    .write(true)
-                    .open(&file)
-                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let silent = SilentFrontend::start(&dir, "connector-9", false);
     assert!(wait_until(T, || room_module.servers().len() == 3), "the backend lists the silent frontend");
     let client = frontend.client();
     let _: bool = client.request("probe.bind", "ann").unwrap();
@@ -1695,9 +1750,7 @@ fn a_push_while_a_frontend_does_not_answer_reports_no_user_missing() {
         client.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": "hi"})).unwrap();
     assert_eq!(missing, Vec::<String>::new());
     assert_eq!(client.recv_push_as::<Value>(T).unwrap().1, json!("hi"));
-    done.store(true, Ordering::SeqCst);
-    keeper.join().unwrap();
-    std::fs::remove_file(&file).unwrap();
+    drop(silent);
     assert!(wait_until(T, || room_module.servers().len() == 2), "the entry is gone");
     let missing: Vec<String> =
         client.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": "hi"})).unwrap();

@@ -104,7 +104,7 @@ impl ClusterMessenger {
                 }
             }
         }
-        let mut missing = Vec::new();
+        let (mut missing, mut complete) = (Vec::new(), true);
         // Round one: the known to their frontend, the others to all; round two: those not
         // found where they were (they reconnected elsewhere) to all.
         let mut round = 0;
@@ -148,16 +148,16 @@ impl ClusterMessenger {
                     }
                 }
             }
-            if !all {
-                return None;
-            }
+            // A frontend that did not answer may hold any of them (none is then known
+            // missing), but those not found where they were are still looked for.
+            complete &= all;
             missing.extend(unknown.drain(..).filter(|uid| !found.contains(uid)));
             lists.iter_mut().for_each(Vec::clear);
             if round == 1 {
                 unknown = moved;
             }
         }
-        Some(missing)
+        complete.then_some(missing)
     }
 }
 
