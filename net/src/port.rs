@@ -329,9 +329,8 @@ impl Messenger for LocalMessenger {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
-    use dragonfruit_core::{Serializer, SessionInit};
+    use dragonfruit_core::SessionInit;
     use mio::{Poll, Token};
 
     use super::*;
@@ -345,17 +344,7 @@ mod tests {
         let registry = Arc::new(SessionRegistry::new());
         let sink =
             Arc::new(FrontendSink { port: port.clone(), registry: registry.clone(), unique: true, cluster: None });
-        let init = SessionInit {
-            id: 7,
-            frontend_id: Arc::from("fe-1"),
-            handshake: Arc::default(),
-            remote_addr: None,
-            created_unix_ms: 0,
-            serializer: Serializer::Json,
-            uid: None,
-            data: BTreeMap::new(),
-        };
-        registry.insert(Arc::new(Session::new(init, sink)));
+        registry.insert(Arc::new(Session::new(SessionInit::new(7, "fe-1"), sink)));
         registry.bind(7, "ann", 1);
         let messenger = LocalMessenger {
             port,

@@ -61,7 +61,7 @@ mod tests {
     use std::collections::{BTreeMap, HashSet};
     use std::sync::Arc;
 
-    use dragonfruit_core::{Route, Serializer, Session, SessionError, SessionInit, SessionSink};
+    use dragonfruit_core::{Route, Session, SessionError, SessionInit, SessionSink};
 
     use super::*;
 
@@ -95,17 +95,7 @@ mod tests {
         if let Some(holder) = holder {
             data.insert(ROOM_SERVER_KEY.to_owned(), serde_json::json!(holder));
         }
-        let init = SessionInit {
-            id,
-            frontend_id: Arc::from("connector-1"),
-            handshake: Arc::default(),
-            remote_addr: None,
-            created_unix_ms: 0,
-            serializer: Serializer::Json,
-            uid: None,
-            data,
-        };
-        Session::new(init, Arc::new(NoClient))
+        Session::new(SessionInit { data, ..SessionInit::new(id, "connector-1") }, Arc::new(NoClient))
     }
 
     fn rooms() -> Vec<ServerEntry> {

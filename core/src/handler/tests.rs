@@ -105,17 +105,7 @@ fn service(pipelines: Pipelines) -> (HandlerService, Arc<Counter>) {
 }
 
 fn session() -> Arc<Session> {
-    let init = SessionInit {
-        id: 1,
-        frontend_id: "game-1".into(),
-        handshake: Arc::default(),
-        remote_addr: None,
-        created_unix_ms: 0,
-        serializer: Serializer::Json,
-        uid: None,
-        data: BTreeMap::new(),
-    };
-    Arc::new(Session::new(init, Arc::new(NullSink)))
+    Arc::new(Session::new(SessionInit::new(1, "game-1"), Arc::new(NullSink)))
 }
 
 fn request(svc: &HandlerService, route: &str, body: &[u8]) -> Reply {

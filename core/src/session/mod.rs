@@ -94,6 +94,24 @@ pub struct SessionInit {
     pub data: BTreeMap<String, Value>,
 }
 
+impl SessionInit {
+    /// Session `id` of frontend `frontend_id`, with no handshake, address or uid, empty data
+    /// and JSON bodies, created at 0: for tests, routers' tests and custom runtimes, which
+    /// set what they need with struct update syntax (`SessionInit { uid, ..SessionInit::new(..) }`).
+    pub fn new(id: SessionId, frontend_id: impl Into<Arc<str>>) -> SessionInit {
+        SessionInit {
+            id,
+            frontend_id: frontend_id.into(),
+            handshake: Arc::default(),
+            remote_addr: None,
+            created_unix_ms: 0,
+            serializer: Serializer::Json,
+            uid: None,
+            data: BTreeMap::new(),
+        }
+    }
+}
+
 /// One client session.
 pub struct Session {
     id: SessionId,

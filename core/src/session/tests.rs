@@ -31,17 +31,7 @@ impl SessionSink for Recorder {
 }
 
 fn session(id: SessionId, sink: Arc<Recorder>) -> Arc<Session> {
-    let init = SessionInit {
-        id,
-        frontend_id: Arc::from("fe-1"),
-        handshake: Arc::default(),
-        remote_addr: None,
-        created_unix_ms: 0,
-        serializer: Serializer::Json,
-        uid: None,
-        data: BTreeMap::new(),
-    };
-    Arc::new(Session::new(init, sink))
+    Arc::new(Session::new(SessionInit::new(id, "fe-1"), sink))
 }
 
 #[test]
