@@ -492,8 +492,9 @@ impl Inner {
                 responder.send(change_session(found, &set, |s, set| s.change_data(set, &removed)));
             }
             Call::PushUsers { uids, route, body } => {
-                // Answered once this frontend's loop has queued the pushes: a server pushing
-                // faster than the loop writes waits for it (the pushes do not pile up here).
+                // Answered at once while this frontend's loop keeps up, once it has taken
+                // the pushes while it is behind: a server pushing faster than the loop
+                // writes then waits for it (the pushes do not pile up here).
                 let answer = move |result: Result<Vec<String>, MessengerError>| {
                     responder.send(result.map(Answer::Missing).map_err(|e| HandlerError::internal(e.to_string())));
                 };
@@ -519,7 +520,7 @@ impl Inner {
                 responder.send(Ok(Answer::Done));
             }
             Call::Broadcast { route, body } => {
-                // As pushes to users: answered once this frontend's loop has queued it.
+                // Answered as pushes to users are (once taken while the loop is behind).
                 let answer = move |result: Result<(), MessengerError>| {
                     responder.send(result.map(|()| Answer::Done).map_err(|e| HandlerError::internal(e.to_string())));
                 };
