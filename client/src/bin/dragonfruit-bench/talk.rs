@@ -98,9 +98,10 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     }
     stop.store(true, Ordering::Relaxed);
     let wall = started.elapsed().as_secs_f64();
+    let (said_in_time, heard_in_time) = (said.load(Ordering::Relaxed), members.heard);
+    // The speakers end once their last echo is answered: lines said until then are due too.
     let mut errors: Vec<String> = speakers.into_iter().filter_map(|t| t.join().ok()?.err()).collect();
-    let said = said.load(Ordering::Relaxed);
-    let (due, heard_in_time) = (said * n as u64, members.heard);
+    let due = said.load(Ordering::Relaxed) * n as u64;
     let stopped = Instant::now();
     while failed.is_none() && members.heard < due && stopped.elapsed() < SETTLE {
         if let Err(e) = members.step(Duration::from_millis(10)) {
@@ -109,7 +110,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         memory.sample();
     }
     let hist = hist.lock().unwrap_or_else(|p| p.into_inner());
-    println!("  lines said/s       {:.0}", said as f64 / wall);
+    println!("  lines said/s       {:.0}", said_in_time as f64 / wall);
     println!("  pushes heard/s     {:.0}  (while the speakers spoke)", heard_in_time as f64 / wall);
     println!(
         "  heard              {} of {due} pushes due ({:.1}%), {:.1} s after the speakers stopped",
