@@ -22,7 +22,7 @@ use crate::binds::{Bind, RemoteBinds};
 use crate::config::{self, RpcConfig};
 use crate::discovery::{self, Discovery};
 use crate::listener::{Listeners, ServerListener};
-use crate::messenger::ClusterMessenger;
+use crate::messenger::{ClusterMessenger, Whereabouts};
 use crate::remote_session::{remote_session, snapshot};
 use crate::router::{RandomRouter, RouteCtx, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, ReplyFn, Responder};
@@ -55,6 +55,8 @@ pub(crate) struct Inner {
     stats: Arc<Counters>,
     /// Uids other frontends bound lately (unique sessions across frontends).
     remote_binds: RemoteBinds,
+    /// Where users' sessions were last seen, for pushes to users.
+    pub(crate) whereabouts: Whereabouts,
     /// Told when servers join and leave.
     listeners: Listeners,
 }
@@ -195,6 +197,7 @@ impl ClusterModule {
             notify_warnings: Arc::default(),
             stats: Arc::default(),
             remote_binds: RemoteBinds::new(REMEMBER_REMOTE_BINDS),
+            whereabouts: Whereabouts::default(),
             listeners: Listeners::default(),
         };
         ClusterModule { inner: Arc::new(inner) }
@@ -405,6 +408,9 @@ impl Inner {
             let callers_timeout = started.overdue.timeout_of(&servers, &from);
             match call {
                 Call::Handle { session, msgs } if !stopping => {
+                    if let Some(uid) = &session.uid {
+                        self.whereabouts.learn(uid, &session.frontend_id);
+                    }
                     let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
                     let service = started.ctx.service.clone();
                     let (io, timeout, table) = (started.io.clone(), self.rpc.timeout, self.table.clone());

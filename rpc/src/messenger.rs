@@ -15,22 +15,46 @@ use crate::socket_thread::ReplyFn;
 use crate::table::ServerEntry;
 use crate::wire::{Answer, Call};
 
-/// Most users whose frontend a messenger remembers; past it, it forgets them all and
-/// learns again (about 100 bytes each: some 26 MB at most).
+/// Most users whose frontend a server remembers; past it, it forgets them all and learns
+/// again (about 100 bytes each: some 26 MB at most).
 const WHEREABOUTS_MAX: usize = 1 << 18;
+
+/// The frontend where each user's session was last seen: in a forwarded request's session,
+/// or found by a push. While every frontend keeps one session per uid (`session.unique`),
+/// a push to a user goes only there.
+#[derive(Default)]
+pub(crate) struct Whereabouts(Mutex<HashMap<String, String>>);
+
+impl Whereabouts {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `uid`'s session is on `frontend`.
+    pub(crate) fn learn(&self, uid: &str, frontend: &str) {
+        Self::note(&mut self.map(), uid, frontend);
+    }
+
+    fn note(map: &mut HashMap<String, String>, uid: &str, frontend: &str) {
+        if map.get(uid).is_some_and(|f| f == frontend) {
+            return;
+        }
+        if map.len() >= WHEREABOUTS_MAX {
+            map.clear();
+        }
+        map.insert(uid.to_owned(), frontend.to_owned());
+    }
+}
 
 /// The cluster-wide messenger of one server.
 pub(crate) struct ClusterMessenger {
     local: Arc<dyn Messenger>,
     inner: Weak<Inner>,
-    /// The frontend where each user's session was last found by a push: while every
-    /// frontend keeps one session per uid (`session.unique`), a push goes only there.
-    whereabouts: Mutex<HashMap<String, String>>,
 }
 
 impl ClusterMessenger {
     pub(crate) fn new(local: Arc<dyn Messenger>, inner: Weak<Inner>) -> ClusterMessenger {
-        ClusterMessenger { local, inner, whereabouts: Mutex::new(HashMap::new()) }
+        ClusterMessenger { local, inner }
     }
 
     /// The started module, or `None` before start / after drop.
@@ -80,7 +104,7 @@ impl ClusterMessenger {
     }
 
     /// Pushes to the users of `wanted`, none of them on this server, when every frontend
-    /// keeps one session per uid: each to the frontend where it was last found, those not
+    /// keeps one session per uid: each to the frontend where it was last seen, those not
     /// known (or no longer there) to every frontend. Returns the users found nowhere, or
     /// `None` when a frontend did not answer (it may hold any of them).
     fn push_targeted(
@@ -95,7 +119,7 @@ impl ClusterMessenger {
         let mut unknown = Vec::new();
         {
             let index: HashMap<&str, usize> = frontends.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
-            let whereabouts = self.whereabouts.lock().unwrap_or_else(|p| p.into_inner());
+            let whereabouts = inner.whereabouts.map();
             for uid in wanted {
                 let at = whereabouts.get(uid).and_then(|f| index.get(f.as_str()).copied());
                 match at {
@@ -126,20 +150,14 @@ impl ClusterMessenger {
             let mut found: HashSet<String> = HashSet::new();
             let mut moved = Vec::new();
             {
-                let mut whereabouts = self.whereabouts.lock().unwrap_or_else(|p| p.into_inner());
+                let mut whereabouts = inner.whereabouts.map();
                 for (call, answer) in answers {
                     let Answer::Missing(theirs) = answer else { continue };
                     let (i, uids) = &asked[call];
                     let theirs: HashSet<String> = theirs.into_iter().collect();
                     for (j, uid) in uids.iter().enumerate() {
                         if !theirs.contains(uid) {
-                            let at = &frontends[*i].id;
-                            if whereabouts.get(uid) != Some(at) {
-                                if whereabouts.len() >= WHEREABOUTS_MAX {
-                                    whereabouts.clear();
-                                }
-                                whereabouts.insert(uid.clone(), at.clone());
-                            }
+                            Whereabouts::note(&mut whereabouts, uid, &frontends[*i].id);
                             found.insert(uid.clone());
                         } else if j < lists[*i].len() {
                             whereabouts.remove(uid);

@@ -53,7 +53,7 @@ pub struct ServerEntry {
     pub rpc_timeout_ms: u64,
     /// A frontend that keeps one session per uid (`session.unique`): binding a uid there
     /// kicks the uid's other sessions on every frontend. While every frontend does, a push
-    /// to users goes only to the frontend where each was last found. False for backends,
+    /// to users goes only to the frontend where each was last seen. False for backends,
     /// entries of older builds, and servers learned from a call that discovery does not
     /// list under their id.
     #[serde(default)]
