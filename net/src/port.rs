@@ -56,12 +56,10 @@ pub(crate) enum LoopMsg {
         /// Forwarded requests these answers complete.
         count: usize,
     },
-    /// Push to some sessions, then run `taken` (if any) once they are queued to them. `cost`
-    /// counts in the backlog until then ([`LoopPort::took_push`]).
-    Push { sessions: Vec<SessionId>, push: PushBody, taken: Option<Taken>, cost: usize },
-    /// Push to every session in the working state, then run `taken` (if any); `cost` as
-    /// for a push.
-    Broadcast { push: PushBody, taken: Option<Taken>, cost: usize },
+    /// Push to the sessions `to` (every session in the working state when `None`: a
+    /// broadcast), then run `taken` (if any) once it is queued to them. `cost` counts in the
+    /// backlog until then ([`LoopPort::took_push`]).
+    Push { to: Option<Vec<SessionId>>, push: PushBody, taken: Option<Taken>, cost: usize },
     /// Kick a session.
     Kick { session: SessionId, reason: String },
     /// Begin a graceful stop.
@@ -113,12 +111,12 @@ impl LoopPort {
         (Arc::new(LoopPort { tx, waker, wake_pending: AtomicBool::new(false), compress, pushes_waiting }), rx)
     }
 
-    /// Sends a push to `sessions` (every working session when `None`, about `recipients`),
+    /// Sends a push to `to` (every working session when `None`, about `recipients`),
     /// counted in the backlog until the loop takes it. With `then`, the loop behind
     /// ([`PUSH_BACKLOG`]), `then` is run once the loop has taken the push, else now.
     fn send_push(
         &self,
-        sessions: Option<Vec<SessionId>>,
+        to: Option<Vec<SessionId>>,
         push: PushBody,
         recipients: usize,
         then: Option<OnTaken<()>>,
@@ -129,12 +127,8 @@ impl LoopPort {
             Some(then) if behind => (Some(Taken::new(then)), None),
             then => (None, then),
         };
-        let msg = match sessions {
-            Some(sessions) => LoopMsg::Push { sessions, push, taken, cost },
-            None => LoopMsg::Broadcast { push, taken, cost },
-        };
         // Refused (the loop stopped), the message and so `taken` are dropped: it answers.
-        let sent = self.send(msg);
+        let sent = self.send(LoopMsg::Push { to, push, taken, cost });
         if sent.is_err() {
             self.pushes_waiting.fetch_sub(cost, Ordering::Relaxed);
         }
@@ -368,7 +362,7 @@ mod tests {
     /// returns the answer it carries.
     fn take(port: &LoopPort, inbox: &Receiver<LoopMsg>) -> Option<Taken> {
         match inbox.try_recv() {
-            Ok(LoopMsg::Push { taken, cost, .. } | LoopMsg::Broadcast { taken, cost, .. }) => {
+            Ok(LoopMsg::Push { taken, cost, .. }) => {
                 port.took_push(cost);
                 taken
             }

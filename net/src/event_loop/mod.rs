@@ -266,23 +266,23 @@ impl EventLoop {
             match msg {
                 LoopMsg::Done(done) => self.on_done(done),
                 LoopMsg::Forwarded { token, session, out, count } => self.on_forwarded(token, session, out, count),
-                LoopMsg::Push { sessions, push, taken, cost } => {
+                LoopMsg::Push { to, push, taken, cost } => {
                     self.shared.port.took_push(cost);
-                    for sid in sessions {
-                        if let Some(&token) = self.by_session.get(&sid) {
-                            self.write_push(token, &push);
+                    match to {
+                        Some(sessions) => {
+                            for sid in sessions {
+                                if let Some(&token) = self.by_session.get(&sid) {
+                                    self.write_push(token, &push);
+                                }
+                            }
                         }
-                    }
-                    if let Some(taken) = taken {
-                        taken.run();
-                    }
-                }
-                LoopMsg::Broadcast { push, taken, cost } => {
-                    self.shared.port.took_push(cost);
-                    let tokens: Vec<usize> =
-                        self.agents.iter().filter(|(_, a)| a.phase == Phase::Working).map(|(t, _)| t).collect();
-                    for token in tokens {
-                        self.write_push(token, &push);
+                        None => {
+                            let working = self.agents.iter().filter(|(_, a)| a.phase == Phase::Working);
+                            let tokens: Vec<usize> = working.map(|(t, _)| t).collect();
+                            for token in tokens {
+                                self.write_push(token, &push);
+                            }
+                        }
                     }
                     if let Some(taken) = taken {
                         taken.run();
