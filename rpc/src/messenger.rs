@@ -181,7 +181,13 @@ impl ClusterMessenger {
 
 /// The frontends of the cluster other than this server.
 fn other_frontends(inner: &Inner, started: &Started) -> Vec<ServerEntry> {
-    inner.table.all().into_iter().filter(|s| s.frontend && s.id != started.me.id).collect()
+    // Per push: only the frontends are copied out of the table (`ServerTable::all` copies
+    // every server).
+    let table = inner.table.snapshot();
+    let mut frontends: Vec<ServerEntry> =
+        table.by_id.values().filter(|s| s.frontend && s.id != started.me.id).cloned().collect();
+    frontends.sort_by(|a, b| a.id.cmp(&b.id));
+    frontends
 }
 
 impl Messenger for ClusterMessenger {

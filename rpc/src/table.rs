@@ -361,9 +361,10 @@ impl ServerTable {
 }
 
 /// The changes from `before` to `after`, as seen by server `own` (which is not news to
-/// itself; none before the table knows its server) while it cannot reach the servers `unreachable`: servers that left, then servers
-/// that joined (a new process of an id leaves as the old one and joins as itself). Logs
-/// each, and warns of a server joining with another serializer than `own`'s.
+/// itself; none before the table knows its server) while it cannot reach the servers
+/// `unreachable`: servers that left, then servers that joined (a new process of an id
+/// leaves as the old one and joins as itself). Logs each, and warns of a server joining
+/// with another serializer than `own`'s.
 fn changes(
     before: &HashMap<String, ServerEntry>,
     after: &HashMap<String, ServerEntry>,
