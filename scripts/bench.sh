@@ -55,6 +55,11 @@ start() {
         pids=$(pgrep -d, -P "$server_pid")
     fi
 }
+# Starts one more connector, id $1 on port $2, in the cluster `start` started ($! is its pid).
+extra_connector() {
+    RUST_LOG=warn target/release/sample-game --role connector --id "$1" --tcp "127.0.0.1:$2" \
+        --discovery-dir "/tmp/dragonfruit-sample-game-$server_pid" >>/tmp/dragonfruit-bench-server.log 2>&1 &
+}
 stop() {
     if [ -n "$server_pid" ]; then kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
     server_pid=""
@@ -92,8 +97,7 @@ if [ "$what" = all ] || [ "$what" = stalled ]; then
 fi
 if [ "$what" = all ] || [ "$what" = starved ]; then
     start
-    RUST_LOG=warn target/release/sample-game --role connector --id connector-2 --tcp 127.0.0.1:3251 \
-        --discovery-dir "/tmp/dragonfruit-sample-game-$server_pid" >>/tmp/dragonfruit-bench-server.log 2>&1 &
+    extra_connector connector-2 3251
     c2=$!
     hogs=""
     trap 'kill $hogs 2>/dev/null; kill -INT $c2 2>/dev/null; stop' EXIT
@@ -119,8 +123,7 @@ if [ "$what" = all ] || [ "$what" = frontends ]; then
     extra=""
     trap 'kill -INT $extra 2>/dev/null; stop' EXIT
     for i in $(seq 2 $((${2:-8} + 1))); do
-        RUST_LOG=warn target/release/sample-game --role connector --id "connector-$i" --tcp "127.0.0.1:$((port + i))" \
-            --discovery-dir "/tmp/dragonfruit-sample-game-$server_pid" >>/tmp/dragonfruit-bench-server.log 2>&1 &
+        extra_connector "connector-$i" "$((port + i))"
         extra="$extra $!"
         port=$((port + i)) wait_port
     done
