@@ -421,12 +421,15 @@ impl Inner {
                             None => remote_session(session, &io, table, timeout, service.env().serializer),
                         };
                         match session {
-                            Ok(session) => {
+                            Ok((session, unacked)) => {
                                 let requests = msgs.iter().filter(|m| m.request).count() as u64;
                                 Counters::add(&stats.handled_requests, requests);
                                 Counters::add(&stats.handled_notifies, msgs.len() as u64 - requests);
                                 let replies =
                                     msgs.into_iter().filter_map(|m| run_message(&service, &session, m)).collect();
+                                // The client gets the pushes its handlers sent before the
+                                // answers that follow them.
+                                unacked.wait(Instant::now() + timeout + Duration::from_secs(1));
                                 responder.send(Ok(Answer::Replies(replies)));
                             }
                             Err(e) => responder.send(Err(e)),

@@ -5,8 +5,8 @@
 //! removed here (not the whole copy, which would undo changes the frontend made meanwhile).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use dragonfruit_core::serializer::SerializeError;
 use dragonfruit_core::{HandlerError, Serializer, Session, SessionError, SessionInit, SessionSink};
@@ -34,6 +34,51 @@ pub(crate) struct RemoteSink {
     /// last push left (none yet: the snapshot's, read at the first push). A push sends the
     /// differences.
     pushed: Mutex<Option<BTreeMap<String, Value>>>,
+    /// Pushes and kicks sent to the frontend and not yet acknowledged.
+    unacked: Arc<Unacked>,
+}
+
+/// Pushes and kicks a remote session sent its frontend that the frontend has not yet
+/// acknowledged. They travel to the frontend's ROUTER socket and the batch's answer to its
+/// DEALER, two connections that keep no order between them, so the answer waits for them
+/// ([`Unacked::wait`]): a client gets a push its handler sent before answering before the
+/// answer, as Pitaya's clients do.
+#[derive(Default)]
+pub(crate) struct Unacked {
+    count: Mutex<usize>,
+    none_left: Condvar,
+}
+
+impl Unacked {
+    fn count(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one more sent; the reply to give its call, which counts it acknowledged (its
+    /// answer, a failure or the call's timeout: the socket thread runs each reply once).
+    fn sent(self: &Arc<Self>) -> ReplyFn {
+        *self.count() += 1;
+        let this = self.clone();
+        ReplyFn::new(move |_| {
+            let mut count = this.count();
+            *count -= 1;
+            if *count == 0 {
+                this.none_left.notify_all();
+            }
+        })
+    }
+
+    /// Blocks until every push and kick sent so far is acknowledged, or `deadline`.
+    pub(crate) fn wait(&self, deadline: Instant) {
+        let mut count = self.count();
+        while *count > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            count = self.none_left.wait_timeout(count, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
 }
 
 impl RemoteSink {
@@ -62,7 +107,8 @@ fn session_data(session: &Session) -> Vec<u8> {
     serde_json::to_vec(&session.data()).unwrap_or_else(|_| b"{}".to_vec())
 }
 
-/// A temporary session for one forwarded batch. The handshake is not carried: on a backend
+/// A temporary session for one forwarded batch, and what it sent its frontend unacknowledged
+/// (the batch's answer waits for it). The handshake is not carried: on a backend
 /// `Session::handshake` is empty. Session data that is not a JSON object is an error, not
 /// an empty session: a handler pushing that back would wipe the frontend's data.
 pub(crate) fn remote_session(
@@ -71,7 +117,7 @@ pub(crate) fn remote_session(
     table: Arc<ServerTable>,
     timeout: Duration,
     serializer: Serializer,
-) -> Result<Arc<Session>, HandlerError> {
+) -> Result<(Arc<Session>, Arc<Unacked>), HandlerError> {
     let data = serde_json::from_slice(&s.data).map_err(|e| {
         let text = format!("session {} of {}: bad session data: {e}", s.id, s.frontend_id);
         warn!("{text}");
@@ -84,7 +130,9 @@ pub(crate) fn remote_session(
         table,
         snapshot: s.data,
         pushed: Mutex::new(None),
+        unacked: Arc::default(),
     });
+    let unacked = sink.unacked.clone();
     let init = SessionInit {
         id: s.id,
         frontend_id: Arc::from(s.frontend_id),
@@ -95,7 +143,7 @@ pub(crate) fn remote_session(
         uid: s.uid,
         data,
     };
-    Ok(Arc::new(Session::new(init, sink)))
+    Ok((Arc::new(Session::new(init, sink)), unacked))
 }
 
 /// Sends `call` to `to` (at `seen_at` if the table no longer lists it: see
@@ -133,13 +181,13 @@ fn refused(e: HandlerError) -> SessionError {
 impl SessionSink for RemoteSink {
     fn push(&self, session: &Session, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
         let call = Call::Push { session: session.id(), route: route.to_owned(), body };
-        self.io.call(session.frontend_id(), self.frontend_rpc(), call, None);
+        self.io.call(session.frontend_id(), self.frontend_rpc(), call, Some(self.unacked.sent()));
         Ok(())
     }
 
     fn kick(&self, session: &Session, reason: &str) -> Result<(), SessionError> {
         let call = Call::Kick { session: session.id(), reason: reason.to_owned() };
-        self.io.call(session.frontend_id(), self.frontend_rpc(), call, None);
+        self.io.call(session.frontend_id(), self.frontend_rpc(), call, Some(self.unacked.sent()));
         Ok(())
     }
 

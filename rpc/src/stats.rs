@@ -29,12 +29,12 @@ pub struct ClusterStats {
     pub forwarded_requests: u64,
     /// Client notifies this frontend forwarded.
     pub forwarded_notifies: u64,
-    /// Calls to other servers that wait for an answer: forwarded batches, user RPCs, binds
-    /// and session data of remote sessions, pushes to and kicks of users on every frontend,
-    /// broadcasts.
+    /// Calls to other servers that wait for an answer: forwarded batches, user RPCs, binds,
+    /// session data, pushes and kicks of remote sessions (the batch's answer waits for its
+    /// pushes' acknowledgements), pushes to and kicks of users on every frontend, broadcasts.
     pub calls: u64,
-    /// Messages to other servers that wait for no answer: pushes to and kicks of one
-    /// session of another frontend (from remote sessions).
+    /// Messages to other servers that wait for no answer: a frontend's word to the others,
+    /// after a bind, to kick their older sessions of the uid (`session.unique`).
     pub one_way: u64,
     /// Calls the server called answered (with a result or an error of its own).
     pub answered: u64,
