@@ -5,10 +5,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dragonfruit_client::Client;
+use dragonfruit_core::codec::{encode_data_packet, EncodeOptions, MessageOut, MessageType};
 use dragonfruit_core::SessionId;
 use serde_json::{json, Value};
 
-use crate::util::{probe_app, wait_until, Probe, Server, T};
+use crate::util::{probe_app, wait_until, Probe, RawConn, Server, T};
 
 fn session_id(client: &Client) -> SessionId {
     let me: Value = client.request("probe.whoami", &json!({})).unwrap();
@@ -143,5 +144,53 @@ fn a_paused_client_is_not_closed_for_silence() {
     }
     for client in &clients {
         assert_eq!(client.request_raw("probe.echo", b"still here").unwrap(), b"still here");
+    }
+}
+
+/// Messages that arrive together run as one batch on a worker. Its answers reach the client
+/// in the order they were made with the pushes of its handlers: the answer to the first
+/// message before the push the second one sends.
+#[test]
+fn a_push_from_a_later_message_of_a_batch_comes_after_the_earlier_answers() {
+    let server = Server::start(probe_app(&Probe::default()));
+    let mut raw = server.raw();
+    raw.handshake_ok();
+    raw.send(&together(&[(1, "probe.echo", b"\"a\""), (2, "probe.push", b"\"b\"")]));
+    assert_eq!(next(&mut raw), "answer 1");
+    assert_eq!(next(&mut raw), "push onMsg");
+    assert_eq!(next(&mut raw), "answer 2");
+}
+
+/// A slow handler does not hold the answers to the messages before it in its batch: the
+/// first answer arrives while the second message's handler is still blocked.
+#[test]
+fn a_slow_handler_does_not_hold_the_answers_before_it_in_its_batch() {
+    let probe = Probe::default();
+    let server = Server::start(probe_app(&probe));
+    let mut raw = server.raw();
+    raw.handshake_ok();
+    raw.send(&together(&[(1, "probe.echo", b"\"a\""), (2, "probe.gate", b"\"b\""), (3, "probe.echo", b"\"c\"")]));
+    assert_eq!(next(&mut raw), "answer 1", "while the gate is closed");
+    assert!(wait_until(T, || probe.state.running.load(Ordering::SeqCst) == 1), "the gate holds the second");
+    probe.open_gate();
+    assert_eq!(next(&mut raw), "answer 2");
+    assert_eq!(next(&mut raw), "answer 3");
+}
+
+/// Requests encoded into one write, so the server reads them as one batch.
+fn together(requests: &[(u64, &str, &[u8])]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for &(id, route, body) in requests {
+        encode_data_packet(&MessageOut::request(id, route, body), &EncodeOptions::default(), &mut bytes).unwrap();
+    }
+    bytes
+}
+
+/// The next message from the server, as "answer ID" or "push ROUTE".
+fn next(raw: &mut RawConn) -> String {
+    let msg = raw.read_message();
+    match msg.kind {
+        MessageType::Response => format!("answer {}", msg.id),
+        _ => format!("push {}", msg.route),
     }
 }

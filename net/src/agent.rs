@@ -11,6 +11,8 @@ use std::time::Instant;
 use dragonfruit_core::{Session, SessionId};
 use mio::net::TcpStream;
 
+use crate::worker::EarlyOut;
+
 /// Raw DATA packets of one session, waiting for or given to a worker as one job.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
@@ -84,6 +86,10 @@ pub(crate) struct Agent {
     pub(crate) starved: bool,
     /// Listed in the loop's dirty list (has output to flush this iteration).
     pub(crate) dirty: bool,
+    /// Responses the running batch's worker handed over before the batch's end.
+    pub(crate) early: Arc<EarlyOut>,
+    /// Batches given to a worker so far (tells the running one in the loop's `long` list).
+    pub(crate) batch_no: u64,
 }
 
 impl Agent {
@@ -111,6 +117,8 @@ impl Agent {
             uses_route_codes: false,
             starved: false,
             dirty: false,
+            early: Arc::default(),
+            batch_no: 0,
         }
     }
 

@@ -43,6 +43,8 @@ pub(crate) struct Done {
     pub(crate) handled: usize,
     /// Encoded packets to write to the client, in order.
     pub(crate) out: Vec<u8>,
+    /// Responses before `out` were handed over to the loop ([`EarlyOut`]), to write first.
+    pub(crate) handed: bool,
     pub(crate) outcome: Outcome,
     /// The client sent a route as a dictionary code.
     pub(crate) saw_route_code: bool,
@@ -62,14 +64,52 @@ struct Tally {
     forwards: Vec<Forward>,
 }
 
-/// Decodes and runs the packets of `batch` for `session` in order, encoding responses.
-pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, batch: Batch) -> Done {
+/// The responses of a running batch handed to the event loop before the batch ends. Before
+/// each message after the first, the worker hands over the responses so far; the loop
+/// writes them before anything else it writes to that client while the batch runs (a push
+/// a later message's handler sends, a kick), and once the batch has run for
+/// `EARLY_AFTER` (a slow handler later in the batch does not hold the earlier answers),
+/// and at the latest before the batch's [`Done`]. Handed over, they are the loop's: a push
+/// the loop takes after the batch ended still finds them first.
+#[derive(Default)]
+pub(crate) struct EarlyOut(Mutex<Vec<u8>>);
+
+impl EarlyOut {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands `out` over, leaving it empty.
+    fn hand_over(&self, out: &mut Vec<u8>) {
+        let mut early = self.lock();
+        if early.is_empty() {
+            std::mem::swap(&mut *early, out);
+        } else {
+            early.extend_from_slice(out);
+            out.clear();
+        }
+    }
+
+    /// What was handed over and not yet taken.
+    pub(crate) fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
+/// Decodes and runs the packets of `batch` for `session` in order, encoding responses;
+/// responses so far go to `early` before each message after the first.
+pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, batch: Batch, early: &EarlyOut) -> Done {
     let mut out = Vec::new();
     let mut tally = Tally::default();
+    let mut handed = false;
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut rest = &batch.packets[..];
         while let Ok(Some((packet, used))) = parse_packet(rest, MAX_WIRE_BODY) {
             rest = &rest[used..];
+            if !out.is_empty() {
+                early.hand_over(&mut out);
+                handed = true;
+            }
             handle_message(shared, session, packet.body, &mut out, &mut tally)?;
         }
         Ok(())
@@ -92,7 +132,16 @@ pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, b
         error!("sid={} the cluster layer panicked forwarding a batch; its requests fail", session.id());
     }
     let saw_route_code = tally.saw_route_code;
-    Done { token, session: session.id(), handled: batch.count - forwarded, out, outcome, saw_route_code, forwarded }
+    Done {
+        token,
+        session: session.id(),
+        handled: batch.count - forwarded,
+        out,
+        handed,
+        outcome,
+        saw_route_code,
+        forwarded,
+    }
 }
 
 /// Hands messages of other server types to the cluster layer (`tally.forwards` is only
@@ -259,7 +308,7 @@ pub(crate) fn run_handshake(shared: &Shared, token: usize, session: SessionId, b
             (out, Outcome::HandshakeRefused)
         }
     };
-    Done { token, session, handled: 0, out, outcome, saw_route_code: false, forwarded: 0 }
+    Done { token, session, handled: 0, out, handed: false, outcome, saw_route_code: false, forwarded: 0 }
 }
 
 fn validate(shared: &Shared, body: &[u8]) -> Result<HandshakeData, HandshakeRefusal> {

@@ -14,7 +14,7 @@ use dragonfruit_core::codec::{
 use dragonfruit_core::{Session, SessionId, SessionInit};
 use log::{debug, warn};
 
-use super::EventLoop;
+use super::{EventLoop, EARLY_AFTER};
 use crate::agent::Phase;
 use crate::port::{LoopMsg, PushBody};
 use crate::stats::Stats;
@@ -190,11 +190,15 @@ impl EventLoop {
         let Some(session) = agent.session.clone() else { return };
         let Some(batch) = agent.take_batch() else { return };
         agent.running = batch.count;
+        agent.batch_no += 1;
+        if batch.count > 1 {
+            self.long.push_back((self.now, token, agent.batch_no));
+        }
         self.jobs += 1;
-        let shared = self.shared.clone();
+        let (shared, early) = (self.shared.clone(), agent.early.clone());
         // Spawned with the others of this loop pass by `spawn_batches`.
         self.batches.push(Box::new(move || {
-            let done = run_batch(&shared, token, &session, batch);
+            let done = run_batch(&shared, token, &session, batch, &early);
             let _ = shared.port.send(LoopMsg::Done(done));
         }));
     }
@@ -207,8 +211,14 @@ impl EventLoop {
         }
     }
 
-    /// Appends packets a worker or the cluster produced for `token`, unless it is closing.
+    /// Appends packets a worker or the cluster produced for `token`, unless it is closing,
+    /// after the responses its running batch handed over.
     fn write_out(&mut self, token: usize, out: Vec<u8>) {
+        self.write_early(token);
+        self.append(token, out);
+    }
+
+    fn append(&mut self, token: usize, out: Vec<u8>) {
         let Some(agent) = self.agents.get_mut(token) else { return };
         if agent.stream.is_none() || agent.phase == Phase::Closing || out.is_empty() {
             return;
@@ -220,6 +230,33 @@ impl EventLoop {
             agent.wbuf.extend_from_slice(&out);
         }
         agent.mark_dirty(token, &mut self.dirty);
+    }
+
+    /// Writes the responses `token`'s running batch has handed over ([`crate::worker::EarlyOut`]): before
+    /// anything else written to that client, so it gets them in the order they were made.
+    pub(super) fn write_early(&mut self, token: usize) {
+        let Some(agent) = self.agents.get_mut(token) else { return };
+        if agent.running > 0 {
+            let early = agent.early.take();
+            self.append(token, early);
+        }
+    }
+
+    /// Writes the handed-over responses of batches running for `EARLY_AFTER` or more, so a
+    /// slow handler does not hold the answers to the messages before it in its batch.
+    pub(super) fn write_long_batches(&mut self) {
+        while let Some(&(since, token, no)) = self.long.front() {
+            let running = self.agents.get(token).is_some_and(|a| a.running > 0 && a.batch_no == no);
+            if running && self.now < since + EARLY_AFTER {
+                break;
+            }
+            self.long.pop_front();
+            if running {
+                self.write_early(token);
+                // Looked at again every `EARLY_AFTER` until it ends.
+                self.long.push_back((self.now, token, no));
+            }
+        }
     }
 
     /// Answers of forwarded requests: write them and give the session's slots back.
@@ -252,7 +289,11 @@ impl EventLoop {
         agent.forwarded += done.forwarded as isize;
         agent.uses_route_codes |= done.saw_route_code;
         let open = agent.stream.is_some() && agent.phase != Phase::Closing;
-        self.write_out(token, done.out);
+        if done.handed {
+            let early = agent.early.take();
+            self.append(token, early);
+        }
+        self.append(token, done.out);
         let agent = &mut self.agents[token];
         match done.outcome {
             Outcome::Continue => {}
@@ -307,6 +348,7 @@ impl EventLoop {
 
     /// Frames a push for one connection (route codes only for clients that use them).
     pub(super) fn write_push(&mut self, token: usize, push: &PushBody) {
+        self.write_early(token);
         let Some(agent) = self.agents.get_mut(token) else { return };
         if agent.phase != Phase::Working || agent.stream.is_none() {
             return;
@@ -330,6 +372,7 @@ impl EventLoop {
 
     /// Sends a kick packet, then closes once it is written.
     pub(super) fn kick(&mut self, token: usize, reason: &str) {
+        self.write_early(token);
         let Some(agent) = self.agents.get_mut(token) else { return };
         if agent.stream.is_none() || agent.phase == Phase::Closing {
             return;

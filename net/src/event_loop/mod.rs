@@ -9,7 +9,7 @@
 mod conn;
 mod shutdown;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -36,6 +36,8 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const READ_CHUNK: usize = 64 << 10;
 /// Inbox messages handled per iteration before sockets get a turn again.
 const INBOX_BUDGET: usize = 8192;
+/// A batch running this long has the responses it handed over written (`EarlyOut`).
+const EARLY_AFTER: Duration = Duration::from_millis(1);
 
 pub(crate) struct EventLoop {
     poll: Poll,
@@ -60,6 +62,9 @@ pub(crate) struct EventLoop {
     starved: Vec<usize>,
     /// Agents with output to flush at the end of the iteration.
     dirty: Vec<usize>,
+    /// Batches of more than one message given to workers: (when, token, `Agent::batch_no`),
+    /// oldest first; entries of finished batches are dropped as they reach the front.
+    long: VecDeque<(Instant, usize, u64)>,
     scratch: Vec<u8>,
     /// Starts at a random point: see [`first_session_id`].
     next_sid: SessionId,
@@ -131,6 +136,7 @@ impl EventLoop {
             batches: Vec::new(),
             starved: Vec::new(),
             dirty: Vec::new(),
+            long: VecDeque::new(),
             scratch: vec![0; READ_CHUNK],
             next_sid: first_session_id(),
             now,
@@ -162,6 +168,10 @@ impl EventLoop {
                 self.next_tick.saturating_duration_since(Instant::now()).min(STOP_CHECK)
             } else {
                 self.next_tick.saturating_duration_since(Instant::now())
+            };
+            let timeout = match self.long.front() {
+                Some(&(since, ..)) => timeout.min((since + EARLY_AFTER).saturating_duration_since(Instant::now())),
+                None => timeout,
             };
             if let Err(e) = self.poll.poll(&mut self.events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -195,6 +205,7 @@ impl EventLoop {
                 }
             }
             self.drain_inbox();
+            self.write_long_batches();
             if self.now >= self.next_tick {
                 self.on_tick();
                 self.next_tick = self.now + self.tick;
