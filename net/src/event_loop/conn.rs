@@ -232,8 +232,9 @@ impl EventLoop {
         agent.mark_dirty(token, &mut self.dirty);
     }
 
-    /// Writes the responses `token`'s running batch has handed over ([`crate::worker::EarlyOut`]): before
-    /// anything else written to that client, so it gets them in the order they were made.
+    /// Writes the responses `token`'s running batch has handed over
+    /// ([`crate::worker::EarlyOut`]): before anything else written to that client, so it
+    /// gets them in the order they were made.
     pub(super) fn write_early(&mut self, token: usize) {
         let Some(agent) = self.agents.get_mut(token) else { return };
         if agent.running > 0 {
