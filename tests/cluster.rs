@@ -1974,3 +1974,29 @@ fn a_push_a_backend_handler_sends_before_answering_reaches_the_client_first() {
         assert_eq!((second.id, second.body.as_slice()), (id, &b"true"[..]), "request {id}: then the answer");
     }
 }
+
+/// Messages a client sends together to a backend and to the frontend itself: a slow local
+/// handler does not hold back the forwarded message sent before it (nor its answer).
+#[test]
+fn a_slow_local_handler_does_not_hold_back_a_message_forwarded_before_it() {
+    let dir = cluster_dir("forward-before-local");
+    let backend = Backend::default();
+    let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let probe = Probe::default();
+    let frontend = start_connector_with(&probe, &fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    let mut raw = frontend.raw();
+    raw.handshake_ok();
+    let mut bytes = Vec::new();
+    for (id, route, body) in [(1, "room.room.echo", &b"there"[..]), (2, "probe.gate", b"here")] {
+        encode_data_packet(&MessageOut::request(id, route, body), &EncodeOptions::default(), &mut bytes).unwrap();
+    }
+    raw.send(&bytes);
+    let msg = raw.read_message();
+    assert_eq!((msg.id, msg.body.as_slice()), (1, &b"there"[..]), "answered while the gate holds the second");
+    assert!(wait_until(T, || probe.state.running.load(Ordering::SeqCst) == 1), "the gate holds the second");
+    probe.open_gate();
+    let msg = raw.read_message();
+    assert_eq!((msg.id, msg.body.as_slice()), (2, &b"here"[..]));
+}

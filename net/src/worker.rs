@@ -62,6 +62,8 @@ struct Tally {
     saw_route_code: bool,
     /// Messages whose route is another server type's, for the cluster layer.
     forwards: Vec<Forward>,
+    /// Messages handed to the cluster layer so far.
+    forwarded: usize,
 }
 
 /// The responses of a running batch handed to the event loop before the batch ends. Before
@@ -110,7 +112,7 @@ pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, b
                 early.hand_over(&mut out);
                 handed = true;
             }
-            handle_message(shared, session, packet.body, &mut out, &mut tally)?;
+            handle_message(shared, (token, session), packet.body, &mut out, &mut tally)?;
         }
         Ok(())
     }));
@@ -124,14 +126,8 @@ pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, b
     };
     Stats::add(&shared.stats.requests, tally.requests);
     Stats::add(&shared.stats.notifies, tally.notifies);
-    let forwards = std::mem::take(&mut tally.forwards);
-    let forwarded = forwards.len();
-    // A panic in the cluster layer must not lose the batch's `Done`; the forwarded requests
-    // are then answered by `ForwardAnswers`' drop.
-    if catch_unwind(AssertUnwindSafe(|| forward(shared, token, session, forwards))).is_err() {
-        error!("sid={} the cluster layer panicked forwarding a batch; its requests fail", session.id());
-    }
-    let saw_route_code = tally.saw_route_code;
+    forward_collected(shared, token, session, &mut tally);
+    let (forwarded, saw_route_code) = (tally.forwarded, tally.saw_route_code);
     Done {
         token,
         session: session.id(),
@@ -141,6 +137,19 @@ pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, b
         outcome,
         saw_route_code,
         forwarded,
+    }
+}
+
+/// Hands the messages of other server types collected so far to the cluster layer: at the
+/// end of the batch, and before a local message after them, so a slow local handler does
+/// not hold back messages sent before it to other servers.
+fn forward_collected(shared: &Shared, token: usize, session: &Arc<Session>, tally: &mut Tally) {
+    let forwards = std::mem::take(&mut tally.forwards);
+    tally.forwarded += forwards.len();
+    // A panic in the cluster layer must not lose the batch's `Done`; the forwarded requests
+    // are then answered by `ForwardAnswers`' drop.
+    if catch_unwind(AssertUnwindSafe(|| forward(shared, token, session, forwards))).is_err() {
+        error!("sid={} the cluster layer panicked forwarding a batch; its requests fail", session.id());
     }
 }
 
@@ -234,7 +243,7 @@ impl Drop for ForwardAnswers {
 /// One message. `Err` is a protocol violation that closes the connection.
 fn handle_message(
     shared: &Shared,
-    session: &Arc<Session>,
+    (token, session): (usize, &Arc<Session>),
     body: &[u8],
     out: &mut Vec<u8>,
     tally: &mut Tally,
@@ -252,7 +261,12 @@ fn handle_message(
     };
     let service = &shared.service;
     let reply = match service.resolve(msg.route) {
-        Resolved::Local(route, handler) => service.execute_handler(session, msg.kind, msg.id, route, handler, body),
+        Resolved::Local(route, handler) => {
+            if !tally.forwards.is_empty() {
+                forward_collected(shared, token, session, tally);
+            }
+            service.execute_handler(session, msg.kind, msg.id, route, handler, body)
+        }
         Resolved::Remote(route) if shared.cluster.is_some() => {
             tally.forwards.push(Forward { kind: msg.kind, id: msg.id, route, body: body.into_owned() });
             return Ok(());
