@@ -322,20 +322,7 @@ fn a_backend_pushes_session_data_as_each_frontends_build_reads_it() {
     let room = module.me().unwrap();
     let ctx = zmq::Context::new();
     for (id, level) in [("connector-old", 0), ("connector-new", wire::LEVEL)] {
-        let router = ctx.socket(zmq::ROUTER).unwrap();
-        router.set_rcvtimeo(5000).unwrap();
-        router.bind("tcp://127.0.0.1:*").unwrap();
-        let endpoint = router.get_last_endpoint().unwrap().unwrap();
-        let mut entry = ServerEntry::new(id, "connector", true, endpoint.clone());
-        entry.instance = 7;
-        entry.wire_level = level;
-        let mut entry = serde_json::to_value(entry).unwrap();
-        if level == 0 {
-            entry.as_object_mut().unwrap().remove("wire_level"); // as an earlier build writes it
-        }
-        std::fs::write(dir.join(format!("{id}.json")), serde_json::to_vec(&entry).unwrap()).unwrap();
-        assert!(wait_until(T, || module.servers().iter().any(|s| s.id == id)), "{id} listed");
-
+        let (router, endpoint) = fake_frontend(&ctx, &dir, &module, (id, level));
         let peer = RawPeer::to(&wire::addressee(id, 7), &room);
         let session = SessionSnapshot {
             id: 5,
@@ -366,6 +353,96 @@ fn a_backend_pushes_session_data_as_each_frontends_build_reads_it() {
         match peer.answer(1) {
             Ok(Answer::Replies(replies)) => assert_eq!(replies[0].result.as_ref().unwrap().0, b"true", "{id}"),
             other => panic!("{id}: {other:?}"),
+        }
+    }
+}
+
+/// A frontend `id` (process 7) of a build that announces `level` (0: as builds before
+/// levels, which write none), listed in the registry `dir` of `module`'s cluster: its
+/// ROUTER (calls from servers come to it) and the endpoint it is bound at.
+fn fake_frontend(
+    ctx: &zmq::Context,
+    dir: &std::path::Path,
+    module: &ClusterModule,
+    (id, level): (&str, u32),
+) -> (zmq::Socket, String) {
+    let router = ctx.socket(zmq::ROUTER).unwrap();
+    router.set_rcvtimeo(5000).unwrap();
+    router.bind("tcp://127.0.0.1:*").unwrap();
+    let endpoint = router.get_last_endpoint().unwrap().unwrap();
+    let mut entry = ServerEntry::new(id, "connector", true, endpoint.clone());
+    entry.instance = 7;
+    entry.wire_level = level;
+    let mut entry = serde_json::to_value(entry).unwrap();
+    if level == 0 {
+        entry.as_object_mut().unwrap().remove("wire_level"); // as an earlier build writes it
+    }
+    std::fs::write(dir.join(format!("{id}.json")), serde_json::to_vec(&entry).unwrap()).unwrap();
+    assert!(wait_until(T, || module.servers().iter().any(|s| s.id == id)), "{id} listed");
+    (router, endpoint)
+}
+
+/// Parts of an answer (`Frame::Part`) go only to frontends whose build reads them: an
+/// earlier build would drop the whole message holding one. To those, a batch's push is a
+/// call of its own (acknowledged before the answer) and the answer comes whole.
+#[test]
+fn a_backend_answers_in_parts_only_frontends_that_read_them() {
+    use dragonfruit_rpc::wire::{Answer, Call, Frame, PartItem, SessionSnapshot, WireMessage};
+    let dir = cluster_dir("parts-level");
+    let (_room, module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    assert!(wait_until(T, || module.me().is_some()));
+    let room = module.me().unwrap();
+    let ctx = zmq::Context::new();
+    for (id, level) in [("connector-old", wire::LEVEL_PARTS - 1), ("connector-new", wire::LEVEL_PARTS)] {
+        let (router, endpoint) = fake_frontend(&ctx, &dir, &module, (id, level));
+        let peer = RawPeer::to(&wire::addressee(id, 7), &room);
+        let session = SessionSnapshot {
+            id: 5,
+            frontend_id: id.into(),
+            uid: None,
+            data: b"{}".to_vec(),
+            frontend_rpc: endpoint,
+            frontend_type: "connector".into(),
+        };
+        let msg =
+            |id, route: &str, body: &[u8]| WireMessage { request: true, id, route: route.into(), body: body.to_vec() };
+        let msgs = vec![msg(1, "room.room.echo", b"a"), msg(2, "room.room.push", b"\"b\"")];
+        peer.send(1, Call::Handle { session, msgs });
+        let ids = |replies: &[wire::WireReply]| replies.iter().map(|r| r.id).collect::<Vec<_>>();
+        if level < wire::LEVEL_PARTS {
+            let parts = router.recv_multipart(0).expect("the push, as a call");
+            let Some(Frame::Call { corr, call: Call::Push { session: 5, route, .. } }) =
+                wire::decode(&parts[2]).unwrap().pop()
+            else {
+                panic!("{parts:?}")
+            };
+            assert_eq!(route, "onMsg");
+            let done = wire::encode(&[Frame::Reply { corr, result: Ok(Answer::Done) }]);
+            router.send_multipart([parts[0].clone(), done], 0).unwrap();
+            match peer.answer(1) {
+                Ok(Answer::Replies(replies)) => assert_eq!(ids(&replies), [1, 2], "{id}: whole"),
+                other => panic!("{id}: {other:?}"),
+            }
+        } else {
+            let mut frames = Vec::new();
+            while !frames.iter().any(|f| matches!(f, Frame::Reply { .. })) {
+                frames.extend(wire::decode(&peer.socket.recv_bytes(0).expect("parts, then the answer")).unwrap());
+            }
+            let mut items = Vec::new();
+            for frame in &frames[..frames.len() - 1] {
+                let Frame::Part { corr: 1, items: more } = frame else { panic!("{frames:?}") };
+                items.extend(more.iter().cloned());
+            }
+            assert!(
+                matches!(&items[..], [PartItem::Reply(r), PartItem::Push { route, .. }] if r.id == 1 && route == "onMsg"),
+                "{items:?}"
+            );
+            match frames.pop() {
+                Some(Frame::Reply { corr: 1, result: Ok(Answer::Replies(replies)) }) => assert_eq!(ids(&replies), [2]),
+                other => panic!("{other:?}"),
+            }
+            let nothing = router.recv_multipart(zmq::DONTWAIT);
+            assert!(nothing.is_err(), "no call to the frontend's ROUTER: {nothing:?}");
         }
     }
 }
@@ -1988,15 +2065,31 @@ fn a_slow_local_handler_does_not_hold_back_a_message_forwarded_before_it() {
     assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
     let mut raw = frontend.raw();
     raw.handshake_ok();
-    let mut bytes = Vec::new();
-    for (id, route, body) in [(1, "room.room.echo", &b"there"[..]), (2, "probe.gate", b"here")] {
-        encode_data_packet(&MessageOut::request(id, route, body), &EncodeOptions::default(), &mut bytes).unwrap();
-    }
-    raw.send(&bytes);
+    raw.send_together(&[(1, "room.room.echo", b"there"), (2, "probe.gate", b"here")]);
     let msg = raw.read_message();
     assert_eq!((msg.id, msg.body.as_slice()), (1, &b"there"[..]), "answered while the gate holds the second");
     assert!(wait_until(T, || probe.state.running.load(Ordering::SeqCst) == 1), "the gate holds the second");
     probe.open_gate();
     let msg = raw.read_message();
     assert_eq!((msg.id, msg.body.as_slice()), (2, &b"here"[..]));
+}
+
+/// A batch forwarded to a backend is answered in parts: a push the second message's handler
+/// sends comes after the answer to the first, and a slow handler does not hold the answers
+/// to the messages before it (as for a batch a frontend runs itself).
+#[test]
+fn a_forwarded_batch_is_answered_in_order_with_its_pushes_and_not_held_by_a_slow_handler() {
+    let c = cluster("parts", 1, TIMEOUT, None);
+    let mut raw = c.frontend.raw();
+    raw.handshake_ok();
+    raw.send_together(&[(1, "room.room.echo", b"a"), (2, "room.room.push", b"\"b\"")]);
+    assert_eq!(raw.next_event(), "answer 1");
+    assert_eq!(raw.next_event(), "push onMsg");
+    assert_eq!(raw.next_event(), "answer 2");
+    raw.send_together(&[(3, "room.room.echo", b"c"), (4, "room.room.wait", b"{}"), (5, "room.room.echo", b"d")]);
+    assert_eq!(raw.next_event(), "answer 3", "while the gate holds the second");
+    assert!(wait_until(T, || c.backend.held.load(Ordering::SeqCst) == 1), "the gate holds the second");
+    c.backend.gate.open();
+    assert_eq!(raw.next_event(), "answer 4");
+    assert_eq!(raw.next_event(), "answer 5");
 }

@@ -5,11 +5,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dragonfruit_client::Client;
-use dragonfruit_core::codec::{encode_data_packet, EncodeOptions, MessageOut, MessageType};
 use dragonfruit_core::SessionId;
 use serde_json::{json, Value};
 
-use crate::util::{probe_app, wait_until, Probe, RawConn, Server, T};
+use crate::util::{probe_app, wait_until, Probe, Server, T};
 
 fn session_id(client: &Client) -> SessionId {
     let me: Value = client.request("probe.whoami", &json!({})).unwrap();
@@ -155,10 +154,10 @@ fn a_push_from_a_later_message_of_a_batch_comes_after_the_earlier_answers() {
     let server = Server::start(probe_app(&Probe::default()));
     let mut raw = server.raw();
     raw.handshake_ok();
-    raw.send(&together(&[(1, "probe.echo", b"\"a\""), (2, "probe.push", b"\"b\"")]));
-    assert_eq!(next(&mut raw), "answer 1");
-    assert_eq!(next(&mut raw), "push onMsg");
-    assert_eq!(next(&mut raw), "answer 2");
+    raw.send_together(&[(1, "probe.echo", b"\"a\""), (2, "probe.push", b"\"b\"")]);
+    assert_eq!(raw.next_event(), "answer 1");
+    assert_eq!(raw.next_event(), "push onMsg");
+    assert_eq!(raw.next_event(), "answer 2");
 }
 
 /// A slow handler does not hold the answers to the messages before it in its batch: the
@@ -169,28 +168,10 @@ fn a_slow_handler_does_not_hold_the_answers_before_it_in_its_batch() {
     let server = Server::start(probe_app(&probe));
     let mut raw = server.raw();
     raw.handshake_ok();
-    raw.send(&together(&[(1, "probe.echo", b"\"a\""), (2, "probe.gate", b"\"b\""), (3, "probe.echo", b"\"c\"")]));
-    assert_eq!(next(&mut raw), "answer 1", "while the gate is closed");
+    raw.send_together(&[(1, "probe.echo", b"\"a\""), (2, "probe.gate", b"\"b\""), (3, "probe.echo", b"\"c\"")]);
+    assert_eq!(raw.next_event(), "answer 1", "while the gate is closed");
     assert!(wait_until(T, || probe.state.running.load(Ordering::SeqCst) == 1), "the gate holds the second");
     probe.open_gate();
-    assert_eq!(next(&mut raw), "answer 2");
-    assert_eq!(next(&mut raw), "answer 3");
-}
-
-/// Requests encoded into one write, so the server reads them as one batch.
-fn together(requests: &[(u64, &str, &[u8])]) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    for &(id, route, body) in requests {
-        encode_data_packet(&MessageOut::request(id, route, body), &EncodeOptions::default(), &mut bytes).unwrap();
-    }
-    bytes
-}
-
-/// The next message from the server, as "answer ID" or "push ROUTE".
-fn next(raw: &mut RawConn) -> String {
-    let msg = raw.read_message();
-    match msg.kind {
-        MessageType::Response => format!("answer {}", msg.id),
-        _ => format!("push {}", msg.route),
-    }
+    assert_eq!(raw.next_event(), "answer 2");
+    assert_eq!(raw.next_event(), "answer 3");
 }

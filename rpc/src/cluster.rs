@@ -28,7 +28,7 @@ use crate::router::{RandomRouter, RouteCtx, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, ReplyFn, Responder};
 use crate::stats::{ClusterStats, Counters};
 use crate::table::{millis, ServerEntry, ServerTable, Snapshot};
-use crate::wire::{self, Answer, ByteBuf, Call, WireMessage, WireReply};
+use crate::wire::{self, Answer, ByteBuf, Call, PartItem, WireMessage, WireReply};
 
 /// The cluster layer of one server; plug it in with `AppBuilder::cluster`.
 #[derive(Clone)]
@@ -376,12 +376,16 @@ impl Inner {
                 count: count - ids.len(),
                 warnings: self.notify_warnings.clone(),
             });
-            let reply = ReplyFn::new(move |result| {
-                if let Some(notifies) = notifies {
-                    notifies.check(&result);
-                }
-                done(replies(ids, result), count)
-            });
+            let parts = part_taker(session.clone(), done.clone());
+            let reply = ReplyFn::with_parts(
+                move |result| {
+                    if let Some(notifies) = notifies {
+                        notifies.check(&result);
+                    }
+                    done(replies(ids, result), count)
+                },
+                parts,
+            );
             // The last call takes the snapshot; earlier ones get copies.
             let snapshot = if groups.peek().is_some() { snapshot.clone() } else { std::mem::take(&mut snapshot) };
             started.io.call_server(to, Call::Handle { session: snapshot, msgs }, Some(reply));
@@ -408,6 +412,9 @@ impl Inner {
             let callers_timeout = started.overdue.timeout_of(&servers, &from);
             match call {
                 Call::Handle { session, msgs } if !stopping => {
+                    // A batch of several messages is answered in parts (those before a slow
+                    // handler, and before a push) when the caller reads them.
+                    let parts = responder.parts();
                     if let Some(uid) = &session.uid {
                         self.whereabouts.learn(uid, &session.frontend_id);
                     }
@@ -418,15 +425,22 @@ impl Inner {
                     let job = move || {
                         let session = match overdue.check(taken, callers_timeout) {
                             Some(e) => Err(e),
-                            None => remote_session(session, &io, table, timeout, service.env().serializer),
+                            None => {
+                                remote_session(session, &io, table, timeout, service.env().serializer, parts.clone())
+                            }
                         };
                         match session {
                             Ok((session, unacked)) => {
                                 let requests = msgs.iter().filter(|m| m.request).count() as u64;
                                 Counters::add(&stats.handled_requests, requests);
                                 Counters::add(&stats.handled_notifies, msgs.len() as u64 - requests);
-                                let replies =
-                                    msgs.into_iter().filter_map(|m| run_message(&service, &session, m)).collect();
+                                let mut replies = Vec::new();
+                                for m in msgs {
+                                    if let Some(parts) = parts.as_ref().filter(|_| !replies.is_empty()) {
+                                        parts.hand_over(&mut replies);
+                                    }
+                                    replies.extend(run_message(&service, &session, m));
+                                }
                                 // The client gets the pushes its handlers sent before the
                                 // answers that follow them.
                                 unacked.wait(Instant::now() + timeout + Duration::from_secs(1));
@@ -581,6 +595,29 @@ fn run_message(
 /// id, with an error for any the server left out. Answers to ids not asked (a peer of
 /// another build, say) are dropped, so the client never gets a response it did not ask
 /// for or two for one request.
+/// Takes the parts of a forwarded call's answer (`Frame::Part`, from servers whose level
+/// sends them): answers go to the client as they come (their in-flight slots are given back
+/// with the whole answer), pushes to `session` after the answers before them.
+fn part_taker(session: Arc<Session>, done: ForwardDone) -> impl FnMut(Vec<PartItem>) + Send + 'static {
+    move |items| {
+        let mut answers = Vec::new();
+        for item in items {
+            match item {
+                PartItem::Reply(r) => answers.push((r.id, r.result.map_or_else(Reply::Err, |b| Reply::Ok(b.0)))),
+                PartItem::Push { route, body } => {
+                    if !answers.is_empty() {
+                        done(std::mem::take(&mut answers), 0);
+                    }
+                    let _ = session.push_raw(&route, body);
+                }
+            }
+        }
+        if !answers.is_empty() {
+            done(answers, 0);
+        }
+    }
+}
+
 fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Vec<(u64, Reply)> {
     let list = match result {
         Ok(Answer::Replies(list)) => list,

@@ -13,9 +13,9 @@ use dragonfruit_core::{HandlerError, Serializer, Session, SessionError, SessionI
 use log::warn;
 use serde_json::Value;
 
-use crate::socket_thread::{Io, ReplyFn};
+use crate::socket_thread::{Io, Parts, ReplyFn};
 use crate::table::{ServerEntry, ServerTable};
-use crate::wire::{self, Answer, Call, SessionSnapshot};
+use crate::wire::{self, Answer, Call, PartItem, SessionSnapshot};
 
 /// The sink of one remote session: calls go to the session's frontend.
 pub(crate) struct RemoteSink {
@@ -36,6 +36,9 @@ pub(crate) struct RemoteSink {
     pushed: Mutex<Option<BTreeMap<String, Value>>>,
     /// Pushes and kicks sent to the frontend and not yet acknowledged.
     unacked: Arc<Unacked>,
+    /// The answer in parts of the batch this session runs, when the frontend reads them:
+    /// pushes go in it, after the answers before them.
+    parts: Option<Arc<Parts>>,
 }
 
 /// Pushes and kicks a remote session sent its frontend that the frontend has not yet
@@ -108,15 +111,17 @@ fn session_data(session: &Session) -> Vec<u8> {
 }
 
 /// A temporary session for one forwarded batch, and what it sent its frontend unacknowledged
-/// (the batch's answer waits for it). The handshake is not carried: on a backend
-/// `Session::handshake` is empty. Session data that is not a JSON object is an error, not
-/// an empty session: a handler pushing that back would wipe the frontend's data.
+/// (the batch's answer waits for it). Its pushes go in `parts` (the batch's answer in
+/// parts) while the batch runs, when there is one. The handshake is not carried: on a
+/// backend `Session::handshake` is empty. Session data that is not a JSON object is an
+/// error, not an empty session: a handler pushing that back would wipe the frontend's data.
 pub(crate) fn remote_session(
     s: SessionSnapshot,
     io: &Io,
     table: Arc<ServerTable>,
     timeout: Duration,
     serializer: Serializer,
+    parts: Option<Arc<Parts>>,
 ) -> Result<(Arc<Session>, Arc<Unacked>), HandlerError> {
     let data = serde_json::from_slice(&s.data).map_err(|e| {
         let text = format!("session {} of {}: bad session data: {e}", s.id, s.frontend_id);
@@ -131,6 +136,7 @@ pub(crate) fn remote_session(
         snapshot: s.data,
         pushed: Mutex::new(None),
         unacked: Arc::default(),
+        parts,
     });
     let unacked = sink.unacked.clone();
     let init = SessionInit {
@@ -180,6 +186,15 @@ fn refused(e: HandlerError) -> SessionError {
 
 impl SessionSink for RemoteSink {
     fn push(&self, session: &Session, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
+        let mut body = body;
+        if let Some(parts) = &self.parts {
+            match parts.push(&self.io, PartItem::Push { route: route.to_owned(), body }) {
+                Ok(()) => return Ok(()),
+                // The batch is answered (a handler kept its session): a call of its own.
+                Err(PartItem::Push { body: kept, .. }) => body = kept,
+                Err(PartItem::Reply(_)) => return Ok(()),
+            }
+        }
         let call = Call::Push { session: session.id(), route: route.to_owned(), body };
         self.io.call(session.frontend_id(), self.frontend_rpc(), call, Some(self.unacked.sent()));
         Ok(())

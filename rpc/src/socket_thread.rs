@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,18 +24,38 @@ use log::{debug, info, warn};
 
 use crate::stats::Counters;
 use crate::table::{same_instance, ServerEntry, ServerTable};
-use crate::wire::{self, addressee, Answer, Call, Frame};
+use crate::wire::{self, addressee, Answer, Call, Frame, PartItem, WireReply};
 
 /// Receives the answer to a call, exactly once: dropped uncalled (its call lost with a
 /// stopped thread, or in a channel nobody reads any more), it gets "rpc layer stopped".
-pub(crate) struct ReplyFn(Option<Box<dyn FnOnce(CallResult) + Send>>);
+/// One made [`ReplyFn::with_parts`] also gets the parts of the answer sent before it
+/// ([`Frame::Part`]), in order.
+pub(crate) struct ReplyFn(Option<Box<dyn FnOnce(CallResult) + Send>>, Option<PartsFn>);
+
+/// Receives the parts of an answer ([`Frame::Part`]).
+pub(crate) type PartsFn = Box<dyn FnMut(Vec<PartItem>) + Send>;
 
 /// The answer to a call, or why there is none.
 pub(crate) type CallResult = Result<Answer, HandlerError>;
 
 impl ReplyFn {
     pub(crate) fn new(f: impl FnOnce(CallResult) + Send + 'static) -> ReplyFn {
-        ReplyFn(Some(Box::new(f)))
+        ReplyFn(Some(Box::new(f)), None)
+    }
+
+    /// A reply that also takes the parts of the answer sent before it.
+    pub(crate) fn with_parts(
+        f: impl FnOnce(CallResult) + Send + 'static,
+        parts: impl FnMut(Vec<PartItem>) + Send + 'static,
+    ) -> ReplyFn {
+        ReplyFn(Some(Box::new(f)), Some(Box::new(parts)))
+    }
+
+    /// Hands over part of the answer; dropped when this reply takes none.
+    fn part(&mut self, items: Vec<PartItem>) {
+        if let Some(parts) = &mut self.1 {
+            parts(items);
+        }
     }
 
     pub(crate) fn call(mut self, result: CallResult) {
@@ -70,12 +90,16 @@ pub(crate) enum Cmd {
         call: Call,
         reply: Option<ReplyFn>,
     },
-    /// Answer call `corr` of the peer with ROUTER identity `identity`.
+    /// Answer call `corr` of the peer with ROUTER identity `identity`, after the parts
+    /// still in `parts`.
     Reply {
         identity: Vec<u8>,
         corr: u64,
         result: Result<Answer, HandlerError>,
+        parts: Option<Arc<Parts>>,
     },
+    /// Send the parts of an answer handed over so far now: a push is among them.
+    SendParts(Arc<Parts>),
     /// The server table changed: connect new peers and those on a new endpoint, fail the
     /// calls waiting on vanished or moved ones.
     PeersChanged,
@@ -140,18 +164,92 @@ pub(crate) struct Responder {
     identity: Vec<u8>,
     /// 0 once answered, or when no answer is wanted.
     corr: u64,
+    /// Parts of the answer, sent before it.
+    parts: Option<Arc<Parts>>,
 }
 
 impl Responder {
+    /// Answers, after the parts of the answer still in its slot ([`Responder::parts`]).
     pub(crate) fn send(mut self, result: Result<Answer, HandlerError>) {
         self.answer(result);
+    }
+
+    /// The slot for parts of this call's answer, sent before it ([`Frame::Part`]): made
+    /// for forwarded batches of several messages from callers that read parts
+    /// (`wire::LEVEL_PARTS`).
+    pub(crate) fn parts(&self) -> Option<Arc<Parts>> {
+        self.parts.clone()
     }
 
     fn answer(&mut self, result: Result<Answer, HandlerError>) {
         let corr = std::mem::take(&mut self.corr);
         if corr != 0 {
-            self.io.send(Cmd::Reply { identity: std::mem::take(&mut self.identity), corr, result });
+            let parts = self.parts.take();
+            if let Some(parts) = &parts {
+                parts.close();
+            }
+            self.io.send(Cmd::Reply { identity: std::mem::take(&mut self.identity), corr, result, parts });
         }
+    }
+}
+
+/// After this long in a slot, parts of an answer are sent without waiting for more.
+pub(crate) const PARTS_AFTER: Duration = Duration::from_millis(1);
+
+/// Parts of the answer to one call, handed over by the thread running it and sent by the
+/// socket thread, the only one that takes them out: with the answer (answers not sent yet
+/// go in it), at once when a push is among them, and every [`PARTS_AFTER`] while the call
+/// waits or runs. So they reach the caller in the order they were put in, and before the
+/// answer.
+pub(crate) struct Parts {
+    identity: Vec<u8>,
+    corr: u64,
+    state: Mutex<PartsState>,
+}
+
+#[derive(Default)]
+struct PartsState {
+    items: Vec<PartItem>,
+    /// The call is answered: nothing more goes in.
+    closed: bool,
+}
+
+impl Parts {
+    fn state(&self) -> std::sync::MutexGuard<'_, PartsState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the answers in `replies` over (leaving it empty), to go before the rest.
+    pub(crate) fn hand_over(&self, replies: &mut Vec<WireReply>) {
+        let mut state = self.state();
+        if !state.closed {
+            state.items.extend(replies.drain(..).map(PartItem::Reply));
+        }
+    }
+
+    /// Puts a push in, after the answers handed over, and has it sent at once through
+    /// `io`; given back when the call is answered already.
+    pub(crate) fn push(self: &Arc<Self>, io: &Io, push: PartItem) -> Result<(), PartItem> {
+        let mut state = self.state();
+        if state.closed {
+            return Err(push);
+        }
+        state.items.push(push);
+        drop(state);
+        io.send(Cmd::SendParts(self.clone()));
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.state().closed = true;
+    }
+
+    fn take(&self) -> Vec<PartItem> {
+        std::mem::take(&mut self.state().items)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state().closed
     }
 }
 
@@ -372,6 +470,9 @@ struct SocketThread {
     held: HashMap<String, VecDeque<(Instant, Vec<Frame>)>>,
     /// Answers to send per caller identity, this iteration.
     answers: HashMap<Vec<u8>, Vec<Frame>>,
+    /// Slots of answers in parts whose calls run ([`Parts`]), with when each was last
+    /// looked at, oldest first.
+    watched_parts: VecDeque<(Instant, Arc<Parts>)>,
     /// The last `zmq_poll` saw the wake-up fd readable.
     wake_ready: bool,
     /// When to next look for peers that got connected (`probe_peers`).
@@ -579,6 +680,7 @@ pub(crate) fn spawn(
         outbox: HashMap::new(),
         held: HashMap::new(),
         answers: HashMap::new(),
+        watched_parts: VecDeque::new(),
         wake_ready: false,
         next_probe: Instant::now(),
         unreachable: HashSet::new(),
@@ -643,6 +745,7 @@ impl SocketThread {
                 self.let_last_messages_out();
                 break;
             }
+            self.send_due_parts();
             self.flush();
             self.expire();
             if self.read_all() {
@@ -682,9 +785,27 @@ impl SocketThread {
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
                 Cmd::Call { to, seen_at, call, reply } => self.queue_call(to, seen_at, call, reply),
-                Cmd::Reply { identity, corr, result } => {
+                Cmd::Reply { identity, corr, mut result, parts } => {
+                    if let Some(parts) = parts {
+                        // Answers not sent yet go in the answer itself (one frame, as
+                        // for a batch that ran quickly); pushes were sent already.
+                        let mut items = parts.take();
+                        if let Ok(Answer::Replies(list)) = &mut result {
+                            if items.iter().all(|item| matches!(item, PartItem::Reply(_))) {
+                                let earlier = items.drain(..).filter_map(|item| match item {
+                                    PartItem::Reply(r) => Some(r),
+                                    PartItem::Push { .. } => None,
+                                });
+                                list.splice(0..0, earlier);
+                            }
+                        }
+                        if !items.is_empty() {
+                            self.answers.entry(identity.clone()).or_default().push(Frame::Part { corr, items });
+                        }
+                    }
                     self.answers.entry(identity).or_default().push(Frame::Reply { corr, result });
                 }
+                Cmd::SendParts(parts) => self.send_parts(&parts),
                 Cmd::PeersChanged => self.connect_peers(),
                 Cmd::Leaving => {
                     // Peers not connected get it once they are, within the call timeout
@@ -699,6 +820,33 @@ impl SocketThread {
             }
         }
         true
+    }
+
+    /// Queues the parts handed over in `parts` for its caller, before anything queued later.
+    fn send_parts(&mut self, parts: &Parts) {
+        let items = parts.take();
+        if !items.is_empty() {
+            let frame = Frame::Part { corr: parts.corr, items };
+            self.answers.entry(parts.identity.clone()).or_default().push(frame);
+        }
+    }
+
+    /// Sends the parts of calls still running that were handed over [`PARTS_AFTER`] ago or
+    /// more, so a slow handler does not hold the answers before it in its batch.
+    fn send_due_parts(&mut self) {
+        let now = Instant::now();
+        while let Some((since, parts)) = self.watched_parts.front() {
+            if parts.is_closed() {
+                self.watched_parts.pop_front();
+                continue;
+            }
+            if now < *since + PARTS_AFTER {
+                break;
+            }
+            let Some((_, parts)) = self.watched_parts.pop_front() else { break };
+            self.send_parts(&parts);
+            self.watched_parts.push_back((now, parts));
+        }
     }
 
     fn queue_call(&mut self, to: String, seen_at: Option<String>, call: Call, reply: Option<ReplyFn>) {
@@ -944,7 +1092,9 @@ impl SocketThread {
                 Some(p) => fail(&self.stats, p.reply, HandlerError::internal(why)),
                 None => warn!("{why}; dropped"),
             },
-            Frame::Reply { .. } | Frame::Leaving | Frame::Misdirected { .. } => warn!("{why}; dropped"),
+            Frame::Reply { .. } | Frame::Part { .. } | Frame::Leaving | Frame::Misdirected { .. } => {
+                warn!("{why}; dropped")
+            }
         }
     }
 
@@ -954,7 +1104,7 @@ impl SocketThread {
         let why = format!("the answer (about {size} bytes) is over the {}-byte message limit", self.max_message);
         warn!("answer to {}: {why}; an error goes instead", server_of(identity));
         let corr = match frame {
-            Frame::Reply { corr, .. } | Frame::Call { corr, .. } => corr,
+            Frame::Reply { corr, .. } | Frame::Part { corr, .. } | Frame::Call { corr, .. } => corr,
             Frame::Leaving | Frame::Misdirected { .. } => 0,
         };
         Frame::Reply { corr, result: Err(HandlerError::internal(why)) }
@@ -1006,7 +1156,7 @@ impl SocketThread {
                     // Told once connected (see `Cmd::Leaving`).
                     Frame::Leaving => !expired,
                     // Not connected: nothing to tell.
-                    Frame::Reply { .. } | Frame::Misdirected { .. } => false,
+                    Frame::Reply { .. } | Frame::Part { .. } | Frame::Misdirected { .. } => false,
                 });
                 if frames.is_empty() {
                     continue;
@@ -1122,7 +1272,13 @@ impl SocketThread {
 
     fn poll_timeout(&self) -> i64 {
         let cap = Duration::from_millis(100);
-        let next = self.deadlines.peek().map(|Reverse((d, _))| d.saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        let next = self.deadlines.peek().map(|Reverse((d, _))| d.saturating_duration_since(now));
+        let parts = self.watched_parts.front().map(|(since, _)| (*since + PARTS_AFTER).saturating_duration_since(now));
+        let next = match (next, parts) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         next.map_or(cap, |d| d.min(cap)).as_millis() as i64 + 1
     }
 
@@ -1162,6 +1318,7 @@ impl SocketThread {
     fn read_router(&mut self) -> bool {
         let mut calls = Vec::new();
         let mut got = false;
+        let mut servers = None;
         loop {
             let parts = match self.router.recv_multipart(zmq::DONTWAIT) {
                 Ok(parts) => parts,
@@ -1194,10 +1351,25 @@ impl SocketThread {
                                 self.connect_peers();
                             }
                         }
-                        let responder = Responder { io: self.io.clone(), identity: identity.clone(), corr };
+                        let parts = match &call {
+                            // Answered in parts (a slow handler does not hold the answers
+                            // before it, pushes come after them), if the caller reads them.
+                            Call::Handle { msgs, .. } if msgs.len() > 1 && corr != 0 => {
+                                let servers = servers.get_or_insert_with(|| self.table.snapshot());
+                                let level = servers.by_id.get(&from).map_or(0, |s| s.wire_level);
+                                (level >= wire::LEVEL_PARTS).then(|| {
+                                    let parts =
+                                        Arc::new(Parts { identity: identity.clone(), corr, state: Mutex::default() });
+                                    self.watched_parts.push_back((Instant::now(), parts.clone()));
+                                    parts
+                                })
+                            }
+                            _ => None,
+                        };
+                        let responder = Responder { io: self.io.clone(), identity: identity.clone(), corr, parts };
                         calls.push((from.clone(), call, responder));
                     }
-                    Frame::Reply { .. } => warn!("server {from} sent an answer to a ROUTER"),
+                    Frame::Reply { .. } | Frame::Part { .. } => warn!("server {from} sent an answer to a ROUTER"),
                     Frame::Leaving => {
                         if let Some(peer) = self.peers.get_mut(&from) {
                             debug!("server {from} at {} is leaving the cluster", peer.addr);
@@ -1242,6 +1414,10 @@ impl SocketThread {
                                 p.reply.call(result);
                             }
                             None => debug!("late answer {corr} from {id} dropped"),
+                        },
+                        Frame::Part { corr, items } => match self.pending.get_mut(&corr) {
+                            Some(p) => p.reply.part(items),
+                            None => debug!("late part of answer {corr} from {id} dropped"),
                         },
                         Frame::Misdirected { by } => {
                             peer.misdirected(id, &by);

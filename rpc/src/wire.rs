@@ -19,11 +19,14 @@ pub const VERSION: u8 = 1;
 /// (level 0: every kind up to [`Call::KickOlder`] and [`Frame::Misdirected`]); announced as
 /// its `ServerEntry::wire_level`. An older build drops a whole envelope holding a kind it
 /// does not know, so a server sends a kind added later only to servers whose level reads
-/// it. 1: [`Call::SessionChanges`].
-pub const LEVEL: u32 = 1;
+/// it. 1: [`Call::SessionChanges`]. 2: [`Frame::Part`].
+pub const LEVEL: u32 = 2;
 
 /// The first [`LEVEL`] that reads [`Call::SessionChanges`].
 pub const LEVEL_SESSION_CHANGES: u32 = 1;
+
+/// The first [`LEVEL`] that reads [`Frame::Part`].
+pub const LEVEL_PARTS: u32 = 2;
 
 /// Separates the server id from the process instance in an [`addressee`] (and in a
 /// DEALER's identity, which is its process's addressee).
@@ -106,6 +109,22 @@ pub struct WireReply {
     pub id: u64,
     /// Response body or error.
     pub result: Result<ByteBuf, HandlerError>,
+}
+
+/// What a backend sends a session's client, in order, before the whole answer to the
+/// forwarded batch ([`Frame::Part`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PartItem {
+    /// The answer to one request of the batch.
+    Reply(WireReply),
+    /// A push the batch's handlers sent the session.
+    Push {
+        /// Push route.
+        route: String,
+        /// Serialized body.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
 }
 
 /// Bytes that postcard copies in bulk.
@@ -243,6 +262,16 @@ pub enum Frame {
         /// The answer or the error.
         result: Result<Answer, HandlerError>,
     },
+    /// Part of the answer to `Handle` call `corr`, sent before its [`Frame::Reply`]: the
+    /// answers to the batch's first requests, while later ones run, and the pushes its
+    /// handlers send the session, in the order they were made. Only to callers whose
+    /// `wire_level` is at least [`LEVEL_PARTS`].
+    Part {
+        /// Correlation id of the call.
+        corr: u64,
+        /// Answers and pushes, in order.
+        items: Vec<PartItem>,
+    },
     /// The sender is stopping gracefully and has left discovery: its connections closing
     /// at the end of its stop are not a loss to warn of, though a peer may not have seen it
     /// leave in discovery yet. Sent on its DEALERs, to every peer.
@@ -309,6 +338,16 @@ impl Frame {
                     replies + PER_FIELD
                 }
             },
+            Frame::Part { items, .. } => {
+                let items: usize = items
+                    .iter()
+                    .map(|item| match item {
+                        PartItem::Reply(r) => 3 * PER_FIELD + r.result.as_ref().map_or_else(error_size, |b| b.0.len()),
+                        PartItem::Push { route, body } => 2 * PER_FIELD + route.len() + body.len(),
+                    })
+                    .sum();
+                items + PER_FIELD
+            }
             Frame::Leaving => 0,
             Frame::Misdirected { by } => by.len(),
         };

@@ -37,6 +37,24 @@ impl RawConn {
         self.send(&out);
     }
 
+    /// Sends requests `(id, route, body)` in one write, so the server reads them as one batch.
+    pub fn send_together(&mut self, requests: &[(u64, &str, &[u8])]) {
+        let mut bytes = Vec::new();
+        for &(id, route, body) in requests {
+            encode_data_packet(&MessageOut::request(id, route, body), &EncodeOptions::default(), &mut bytes).unwrap();
+        }
+        self.send(&bytes);
+    }
+
+    /// The next message from the server, as "answer ID" or "push ROUTE".
+    pub fn next_event(&mut self) -> String {
+        let msg = self.read_message();
+        match msg.kind {
+            MessageType::Response => format!("answer {}", msg.id),
+            _ => format!("push {}", msg.route),
+        }
+    }
+
     pub fn send_message(&mut self, msg: MessageOut<'_>, dict: Option<&RouteDictionary>) {
         let mut out = Vec::new();
         encode_data_packet(&msg, &EncodeOptions { dict, compress: false }, &mut out).unwrap();

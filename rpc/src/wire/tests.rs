@@ -46,7 +46,15 @@ fn every_variant_round_trips() {
         Frame::Reply { corr: 3, result: Ok(Answer::Done) },
         Frame::Reply { corr: 5, result: Ok(Answer::Missing(vec!["x".into()])) },
         Frame::Reply { corr: 6, result: Ok(Answer::Found(true)) },
-        Frame::Reply { corr: 7, result: Err(err) },
+        Frame::Reply { corr: 7, result: Err(err.clone()) },
+        Frame::Part {
+            corr: 1,
+            items: vec![
+                PartItem::Reply(WireReply { id: 3, result: Ok(ByteBuf(b"ok".to_vec())) }),
+                PartItem::Push { route: "onChat".into(), body: b"hi".to_vec() },
+                PartItem::Reply(WireReply { id: 4, result: Err(err) }),
+            ],
+        },
     ];
     let bytes = encode(&frames);
     assert_eq!(bytes[0], VERSION);
@@ -150,10 +158,18 @@ fn any_answer() -> impl Strategy<Value = Result<Answer, HandlerError>> {
     ]
 }
 
+fn any_part_item() -> impl Strategy<Value = PartItem> {
+    let reply = (any::<u64>(), prop_oneof![any_bytes().prop_map(|b| Ok(ByteBuf(b))), any_error().prop_map(Err)])
+        .prop_map(|(id, result)| PartItem::Reply(WireReply { id, result }));
+    prop_oneof![reply, (".{0,16}", any_bytes()).prop_map(|(route, body)| PartItem::Push { route, body })]
+}
+
 fn any_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         (any::<u64>(), any_call()).prop_map(|(corr, call)| Frame::Call { corr, call }),
         (any::<u64>(), any_answer()).prop_map(|(corr, result)| Frame::Reply { corr, result }),
+        (any::<u64>(), proptest::collection::vec(any_part_item(), 0..4))
+            .prop_map(|(corr, items)| Frame::Part { corr, items }),
         Just(Frame::Leaving),
         any::<String>().prop_map(|by| Frame::Misdirected { by }),
     ]
