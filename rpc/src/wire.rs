@@ -245,7 +245,8 @@ pub enum Answer {
     Found(bool),
 }
 
-/// One unit inside an envelope.
+/// One unit inside an envelope. postcard encodes a variant by its index: new variants go
+/// at the end, or earlier builds read them as others (a unit test pins the tags).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
     /// A call; `corr` 0 asks for no answer.
@@ -262,16 +263,6 @@ pub enum Frame {
         /// The answer or the error.
         result: Result<Answer, HandlerError>,
     },
-    /// Part of the answer to `Handle` call `corr`, sent before its [`Frame::Reply`]: the
-    /// answers to the batch's first requests, while later ones run, and the pushes its
-    /// handlers send the session, in the order they were made. Only to callers whose
-    /// `wire_level` is at least [`LEVEL_PARTS`].
-    Part {
-        /// Correlation id of the call.
-        corr: u64,
-        /// Answers and pushes, in order.
-        items: Vec<PartItem>,
-    },
     /// The sender is stopping gracefully and has left discovery: its connections closing
     /// at the end of its stop are not a loss to warn of, though a peer may not have seen it
     /// leave in discovery yet. Sent on its DEALERs, to every peer.
@@ -282,6 +273,16 @@ pub enum Frame {
     Misdirected {
         /// The process that refused them (`<server id>#<instance>`).
         by: String,
+    },
+    /// Part of the answer to `Handle` call `corr`, sent before its [`Frame::Reply`]: the
+    /// answers to the batch's first requests, while later ones run, and the pushes its
+    /// handlers send the session, in the order they were made. Only to callers whose
+    /// `wire_level` is at least [`LEVEL_PARTS`].
+    Part {
+        /// Correlation id of the call.
+        corr: u64,
+        /// Answers and pushes, in order.
+        items: Vec<PartItem>,
     },
 }
 

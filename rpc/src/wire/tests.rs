@@ -174,3 +174,26 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         any::<String>().prop_map(|by| Frame::Misdirected { by }),
     ]
 }
+
+/// postcard writes an enum variant as its index, so builds agree on what a frame is only
+/// while variants keep their places: a new one goes at the end. Pins the tags builds have
+/// sent (a variant inserted in the middle made earlier builds read `Leaving` as another).
+#[test]
+fn variants_keep_the_tags_earlier_builds_read() {
+    // Version, frame count, then the frame's tag.
+    let tag = |frame: Frame| encode(&[frame])[2];
+    assert_eq!(tag(Frame::Call { corr: 0, call: Call::Kick { session: 0, reason: String::new() } }), 0);
+    assert_eq!(tag(Frame::Reply { corr: 0, result: Ok(Answer::Done) }), 1);
+    assert_eq!(tag(Frame::Leaving), 2);
+    assert_eq!(tag(Frame::Misdirected { by: String::new() }), 3);
+    assert_eq!(tag(Frame::Part { corr: 0, items: vec![] }), 4);
+    // Version, frame count, frame tag, corr, then the call's tag.
+    let call_tag = |call: Call| encode(&[Frame::Call { corr: 0, call }])[4];
+    assert_eq!(call_tag(Call::Push { session: 0, route: String::new(), body: vec![] }), 2);
+    assert_eq!(call_tag(Call::KickOlder { uid: String::new(), bound_at: 0 }), 9);
+    assert_eq!(call_tag(Call::SessionChanges { session: 0, set: vec![], removed: vec![] }), 10);
+    // Version, frame count, frame tag, corr, `Ok`, then the answer's tag.
+    let answer_tag = |answer: Answer| encode(&[Frame::Reply { corr: 0, result: Ok(answer) }])[5];
+    assert_eq!(answer_tag(Answer::Replies(vec![])), 2);
+    assert_eq!(answer_tag(Answer::Found(true)), 4);
+}
