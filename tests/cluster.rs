@@ -315,23 +315,10 @@ fn session_data_from_a_backend_of_an_earlier_build_is_taken_whole() {
 /// making, listed in discovery, forwarding a `set` of its session to the backend.
 #[test]
 fn a_backend_pushes_session_data_as_each_frontends_build_reads_it() {
-    use dragonfruit_rpc::wire::{self, Answer, Call, Frame, SessionSnapshot, WireMessage};
-    let dir = cluster_dir("wirelevel");
-    let (_room, module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
-    assert!(wait_until(T, || module.me().is_some()));
-    let room = module.me().unwrap();
-    let ctx = zmq::Context::new();
+    use dragonfruit_rpc::wire::{self, Answer, Call, Frame, WireMessage};
+    let fakes = FakeFrontends::start("wirelevel");
     for (id, level) in [("connector-old", 0), ("connector-new", wire::LEVEL)] {
-        let (router, endpoint) = fake_frontend(&ctx, &dir, &module, (id, level));
-        let peer = RawPeer::to(&wire::addressee(id, 7), &room);
-        let session = SessionSnapshot {
-            id: 5,
-            frontend_id: id.into(),
-            uid: None,
-            data: br#"{"a":1}"#.to_vec(),
-            frontend_rpc: endpoint,
-            frontend_type: "connector".into(),
-        };
+        let (router, peer, session) = fakes.add(id, level);
         let set = br#"{"k":"b","v":2}"#.to_vec();
         let msgs = vec![WireMessage { request: true, id: 9, route: "room.room.set".into(), body: set }];
         peer.send(1, Call::Handle { session, msgs });
@@ -357,29 +344,52 @@ fn a_backend_pushes_session_data_as_each_frontends_build_reads_it() {
     }
 }
 
-/// A frontend `id` (process 7) of a build that announces `level` (0: as builds before
-/// levels, which write none), listed in the registry `dir` of `module`'s cluster: its
-/// ROUTER (calls from servers come to it) and the endpoint it is bound at.
-fn fake_frontend(
-    ctx: &zmq::Context,
-    dir: &std::path::Path,
-    module: &ClusterModule,
-    (id, level): (&str, u32),
-) -> (zmq::Socket, String) {
-    let router = ctx.socket(zmq::ROUTER).unwrap();
-    router.set_rcvtimeo(5000).unwrap();
-    router.bind("tcp://127.0.0.1:*").unwrap();
-    let endpoint = router.get_last_endpoint().unwrap().unwrap();
-    let mut entry = ServerEntry::new(id, "connector", true, endpoint.clone());
-    entry.instance = 7;
-    entry.wire_level = level;
-    let mut entry = serde_json::to_value(entry).unwrap();
-    if level == 0 {
-        entry.as_object_mut().unwrap().remove("wire_level"); // as an earlier build writes it
+/// `room-1` and frontends of our own making beside it (ZeroMQ peers listed in discovery,
+/// announcing the wire level of some build), to see what the backend sends each build.
+struct FakeFrontends {
+    dir: std::path::PathBuf,
+    _room: Server,
+    module: ClusterModule,
+    room: ServerEntry,
+    ctx: zmq::Context,
+}
+
+impl FakeFrontends {
+    fn start(name: &str) -> FakeFrontends {
+        let dir = cluster_dir(name);
+        let (_room, module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+        assert!(wait_until(T, || module.me().is_some()));
+        let room = module.me().unwrap();
+        FakeFrontends { dir, _room, module, room, ctx: zmq::Context::new() }
     }
-    std::fs::write(dir.join(format!("{id}.json")), serde_json::to_vec(&entry).unwrap()).unwrap();
-    assert!(wait_until(T, || module.servers().iter().any(|s| s.id == id)), "{id} listed");
-    (router, endpoint)
+
+    /// Frontend `id` (process 7) of a build that announces `level` (0: as builds before
+    /// levels, which write none): its ROUTER (calls from servers come to it), a DEALER
+    /// calling room-1 as it, and its session 5 (data `{"a":1}`).
+    fn add(&self, id: &str, level: u32) -> (zmq::Socket, RawPeer, wire::SessionSnapshot) {
+        let router = self.ctx.socket(zmq::ROUTER).unwrap();
+        router.set_rcvtimeo(5000).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = router.get_last_endpoint().unwrap().unwrap();
+        let mut entry = ServerEntry::new(id, "connector", true, endpoint.clone());
+        entry.instance = 7;
+        entry.wire_level = level;
+        let mut entry = serde_json::to_value(entry).unwrap();
+        if level == 0 {
+            entry.as_object_mut().unwrap().remove("wire_level"); // as an earlier build writes it
+        }
+        std::fs::write(self.dir.join(format!("{id}.json")), serde_json::to_vec(&entry).unwrap()).unwrap();
+        assert!(wait_until(T, || self.module.servers().iter().any(|s| s.id == id)), "{id} listed");
+        let session = wire::SessionSnapshot {
+            id: 5,
+            frontend_id: id.into(),
+            uid: None,
+            data: br#"{"a":1}"#.to_vec(),
+            frontend_rpc: endpoint,
+            frontend_type: "connector".into(),
+        };
+        (router, RawPeer::to(&wire::addressee(id, 7), &self.room), session)
+    }
 }
 
 /// Parts of an answer (`Frame::Part`) go only to frontends whose build reads them: an
@@ -387,23 +397,10 @@ fn fake_frontend(
 /// call of its own (acknowledged before the answer) and the answer comes whole.
 #[test]
 fn a_backend_answers_in_parts_only_frontends_that_read_them() {
-    use dragonfruit_rpc::wire::{Answer, Call, Frame, PartItem, SessionSnapshot, WireMessage};
-    let dir = cluster_dir("parts-level");
-    let (_room, module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
-    assert!(wait_until(T, || module.me().is_some()));
-    let room = module.me().unwrap();
-    let ctx = zmq::Context::new();
+    use dragonfruit_rpc::wire::{Answer, Call, Frame, PartItem, WireMessage};
+    let fakes = FakeFrontends::start("parts-level");
     for (id, level) in [("connector-old", wire::LEVEL_PARTS - 1), ("connector-new", wire::LEVEL_PARTS)] {
-        let (router, endpoint) = fake_frontend(&ctx, &dir, &module, (id, level));
-        let peer = RawPeer::to(&wire::addressee(id, 7), &room);
-        let session = SessionSnapshot {
-            id: 5,
-            frontend_id: id.into(),
-            uid: None,
-            data: b"{}".to_vec(),
-            frontend_rpc: endpoint,
-            frontend_type: "connector".into(),
-        };
+        let (router, peer, session) = fakes.add(id, level);
         let msg =
             |id, route: &str, body: &[u8]| WireMessage { request: true, id, route: route.into(), body: body.to_vec() };
         let msgs = vec![msg(1, "room.room.echo", b"a"), msg(2, "room.room.push", b"\"b\"")];
@@ -693,18 +690,26 @@ fn a_flood_of_failing_forwarded_notifies_logs_a_line_a_second_on_the_backend() {
     assert!((1..=10).contains(&lines), "{lines} warnings for 500 failing notifies");
 }
 
+/// `connector-1` serving a probe and `room-1` serving a backend, in a cluster of their own
+/// (named `name`) once each sees the other: the frontend, its probe, the backend's state
+/// and the room server.
+fn probe_and_room(name: &str) -> (Server, Probe, Backend, Server) {
+    let dir = cluster_dir(name);
+    let backend = Backend::default();
+    let (room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let probe = Probe::default();
+    let frontend = start_connector_with(&probe, &fe_module);
+    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    (frontend, probe, backend, room)
+}
+
 /// A session's on-close callbacks run after the messages it forwarded before closing: a
 /// player's last chat line, sent just before quitting, is said before the game hears that
 /// the player left (the sample game's on-close callback calls the room server's `left`).
 #[test]
 fn on_close_runs_after_the_messages_forwarded_before_the_close() {
-    let dir = cluster_dir("close-after-forward");
-    let backend = Backend::default();
-    let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
-    let fe_module = cluster_module(&dir, TIMEOUT);
-    let probe = Probe::default();
-    let frontend = start_connector_with(&probe, &fe_module);
-    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    let (frontend, probe, backend, _room) = probe_and_room("close-after-forward");
     let client = frontend.client();
     let _: bool = client.request("probe.bind", "quitter").unwrap();
     let sid = frontend.handle.sessions().by_uid("quitter")[0].id();
@@ -2056,13 +2061,7 @@ fn a_push_a_backend_handler_sends_before_answering_reaches_the_client_first() {
 /// handler does not hold back the forwarded message sent before it (nor its answer).
 #[test]
 fn a_slow_local_handler_does_not_hold_back_a_message_forwarded_before_it() {
-    let dir = cluster_dir("forward-before-local");
-    let backend = Backend::default();
-    let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
-    let fe_module = cluster_module(&dir, TIMEOUT);
-    let probe = Probe::default();
-    let frontend = start_connector_with(&probe, &fe_module);
-    assert!(wait_until(T, || fe_module.servers().len() == 2 && room_module.servers().len() == 2));
+    let (frontend, probe, _backend, _room) = probe_and_room("forward-before-local");
     let mut raw = frontend.raw();
     raw.handshake_ok();
     raw.send_together(&[(1, "room.room.echo", b"there"), (2, "probe.gate", b"here")]);
