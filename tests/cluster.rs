@@ -2073,9 +2073,9 @@ fn a_slow_local_handler_does_not_hold_back_a_message_forwarded_before_it() {
     assert_eq!((msg.id, msg.body.as_slice()), (2, &b"here"[..]));
 }
 
-/// A batch forwarded to a backend is answered in parts: a push the second message's handler
-/// sends comes after the answer to the first, and a slow handler does not hold the answers
-/// to the messages before it (as for a batch a frontend runs itself).
+/// A batch forwarded to a backend is answered in parts: a push (or kick) the second
+/// message's handler sends comes after the answer to the first, and a slow handler does not
+/// hold the answers to the messages before it (as for a batch a frontend runs itself).
 #[test]
 fn a_forwarded_batch_is_answered_in_order_with_its_pushes_and_not_held_by_a_slow_handler() {
     let c = cluster("parts", 1, TIMEOUT, None);
@@ -2091,4 +2091,8 @@ fn a_forwarded_batch_is_answered_in_order_with_its_pushes_and_not_held_by_a_slow
     c.backend.gate.open();
     assert_eq!(raw.next_event(), "answer 4");
     assert_eq!(raw.next_event(), "answer 5");
+    // A kick comes after the answers before it too.
+    raw.send_together(&[(6, "room.room.echo", b"e"), (7, "room.room.kick", b"\"bye\"")]);
+    assert_eq!(raw.next_event(), "answer 6");
+    assert!(raw.closed_within(T), "then the kick");
 }

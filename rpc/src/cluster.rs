@@ -597,7 +597,7 @@ fn run_message(
 /// for or two for one request.
 /// Takes the parts of a forwarded call's answer (`Frame::Part`, from servers whose level
 /// sends them): answers go to the client as they come (their in-flight slots are given back
-/// with the whole answer), pushes to `session` after the answers before them.
+/// with the whole answer), pushes to and kicks of `session` after the answers before them.
 fn part_taker(session: Arc<Session>, done: ForwardDone) -> impl FnMut(Vec<PartItem>) + Send + 'static {
     move |items| {
         let mut answers = Vec::new();
@@ -609,6 +609,12 @@ fn part_taker(session: Arc<Session>, done: ForwardDone) -> impl FnMut(Vec<PartIt
                         done(std::mem::take(&mut answers), 0);
                     }
                     let _ = session.push_raw(&route, body);
+                }
+                PartItem::Kick(reason) => {
+                    if !answers.is_empty() {
+                        done(std::mem::take(&mut answers), 0);
+                    }
+                    let _ = session.kick(&reason);
                 }
             }
         }

@@ -37,7 +37,7 @@ pub(crate) struct RemoteSink {
     /// Pushes and kicks sent to the frontend and not yet acknowledged.
     unacked: Arc<Unacked>,
     /// The answer in parts of the batch this session runs, when the frontend reads them:
-    /// pushes go in it, after the answers before them.
+    /// pushes and kicks go in it, after the answers before them.
     parts: Option<Arc<Parts>>,
 }
 
@@ -192,7 +192,7 @@ impl SessionSink for RemoteSink {
                 Ok(()) => return Ok(()),
                 // The batch is answered (a handler kept its session): a call of its own.
                 Err(PartItem::Push { body: kept, .. }) => body = kept,
-                Err(PartItem::Reply(_)) => return Ok(()),
+                Err(_) => return Ok(()),
             }
         }
         let call = Call::Push { session: session.id(), route: route.to_owned(), body };
@@ -201,6 +201,12 @@ impl SessionSink for RemoteSink {
     }
 
     fn kick(&self, session: &Session, reason: &str) -> Result<(), SessionError> {
+        if let Some(parts) = &self.parts {
+            // After the answers before it, while the batch runs.
+            if parts.push(&self.io, PartItem::Kick(reason.to_owned())).is_ok() {
+                return Ok(());
+            }
+        }
         let call = Call::Kick { session: session.id(), reason: reason.to_owned() };
         self.io.call(session.frontend_id(), self.frontend_rpc(), call, Some(self.unacked.sent()));
         Ok(())

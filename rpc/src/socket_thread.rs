@@ -227,8 +227,8 @@ impl Parts {
         }
     }
 
-    /// Puts a push in, after the answers handed over, and has it sent at once through
-    /// `io`; given back when the call is answered already.
+    /// Puts a push or a kick in, after the answers handed over, and has it sent at once
+    /// through `io`; given back when the call is answered already.
     pub(crate) fn push(self: &Arc<Self>, io: &Io, push: PartItem) -> Result<(), PartItem> {
         let mut state = self.state();
         if state.closed {
@@ -788,13 +788,13 @@ impl SocketThread {
                 Cmd::Reply { identity, corr, mut result, parts } => {
                     if let Some(parts) = parts {
                         // Answers not sent yet go in the answer itself (one frame, as
-                        // for a batch that ran quickly); pushes were sent already.
+                        // for a batch that ran quickly); pushes and kicks were sent already.
                         let mut items = parts.take();
                         if let Ok(Answer::Replies(list)) = &mut result {
                             if items.iter().all(|item| matches!(item, PartItem::Reply(_))) {
                                 let earlier = items.drain(..).filter_map(|item| match item {
                                     PartItem::Reply(r) => Some(r),
-                                    PartItem::Push { .. } => None,
+                                    PartItem::Push { .. } | PartItem::Kick(_) => None,
                                 });
                                 list.splice(0..0, earlier);
                             }

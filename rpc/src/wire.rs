@@ -125,6 +125,8 @@ pub enum PartItem {
         #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
+    /// The batch's handlers kicked the session, with this reason.
+    Kick(String),
 }
 
 /// Bytes that postcard copies in bulk.
@@ -345,6 +347,7 @@ impl Frame {
                     .map(|item| match item {
                         PartItem::Reply(r) => 3 * PER_FIELD + r.result.as_ref().map_or_else(error_size, |b| b.0.len()),
                         PartItem::Push { route, body } => 2 * PER_FIELD + route.len() + body.len(),
+                        PartItem::Kick(reason) => PER_FIELD + reason.len(),
                     })
                     .sum();
                 items + PER_FIELD

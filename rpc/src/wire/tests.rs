@@ -53,6 +53,7 @@ fn every_variant_round_trips() {
                 PartItem::Reply(WireReply { id: 3, result: Ok(ByteBuf(b"ok".to_vec())) }),
                 PartItem::Push { route: "onChat".into(), body: b"hi".to_vec() },
                 PartItem::Reply(WireReply { id: 4, result: Err(err) }),
+                PartItem::Kick("bye".into()),
             ],
         },
     ];
@@ -161,7 +162,11 @@ fn any_answer() -> impl Strategy<Value = Result<Answer, HandlerError>> {
 fn any_part_item() -> impl Strategy<Value = PartItem> {
     let reply = (any::<u64>(), prop_oneof![any_bytes().prop_map(|b| Ok(ByteBuf(b))), any_error().prop_map(Err)])
         .prop_map(|(id, result)| PartItem::Reply(WireReply { id, result }));
-    prop_oneof![reply, (".{0,16}", any_bytes()).prop_map(|(route, body)| PartItem::Push { route, body })]
+    prop_oneof![
+        reply,
+        (".{0,16}", any_bytes()).prop_map(|(route, body)| PartItem::Push { route, body }),
+        ".{0,16}".prop_map(PartItem::Kick),
+    ]
 }
 
 fn any_frame() -> impl Strategy<Value = Frame> {
