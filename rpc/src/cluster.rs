@@ -591,10 +591,6 @@ fn run_message(
     m.request.then_some(WireReply { id: m.id, result })
 }
 
-/// The replies to requests `ids` from the answer to their `Handle` call: exactly one per
-/// id, with an error for any the server left out. Answers to ids not asked (a peer of
-/// another build, say) are dropped, so the client never gets a response it did not ask
-/// for or two for one request.
 /// Takes the parts of a forwarded call's answer (`Frame::Part`, from servers whose level
 /// sends them): answers go to the client as they come (their in-flight slots are given back
 /// with the whole answer), pushes to and kicks of `session` after the answers before them.
@@ -624,6 +620,11 @@ fn part_taker(session: Arc<Session>, done: ForwardDone) -> impl FnMut(Vec<PartIt
     }
 }
 
+/// The replies to requests `ids` from the answer to their `Handle` call: exactly one per
+/// id, with an error for any the server left out. Answers to ids not asked (a peer of
+/// another build, say) are dropped, so the client never gets a response it did not ask
+/// for or two for one request. Ids answered in parts of the answer get an error here too,
+/// which the frontend drops as answered already (`ForwardAnswers`).
 fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Vec<(u64, Reply)> {
     let list = match result {
         Ok(Answer::Replies(list)) => list,
