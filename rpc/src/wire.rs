@@ -277,9 +277,9 @@ pub enum Frame {
         by: String,
     },
     /// Part of the answer to `Handle` call `corr`, sent before its [`Frame::Reply`]: the
-    /// answers to the batch's first requests, while later ones run, and the pushes its
-    /// handlers send the session, in the order they were made. Only to callers whose
-    /// `wire_level` is at least [`LEVEL_PARTS`].
+    /// answers to the batch's first requests, while later ones run, and the pushes and
+    /// kicks its handlers send the session, in the order they were made. Only to callers
+    /// whose `wire_level` is at least [`LEVEL_PARTS`].
     Part {
         /// Correlation id of the call.
         corr: u64,
@@ -295,6 +295,10 @@ const PER_FIELD: usize = 10;
 fn error_size(e: &HandlerError) -> usize {
     let metadata: usize = e.metadata.iter().map(|(k, v)| k.len() + v.len() + 2 * PER_FIELD).sum();
     e.code.len() + e.message.len() + metadata + 3 * PER_FIELD
+}
+
+fn reply_size(r: &WireReply) -> usize {
+    3 * PER_FIELD + r.result.as_ref().map_or_else(error_size, |b| b.0.len())
 }
 
 fn strings_size(list: &[String]) -> usize {
@@ -333,19 +337,13 @@ impl Frame {
                 Ok(Answer::Done | Answer::Found(_)) => 0,
                 Ok(Answer::Body(bytes)) => bytes.0.len(),
                 Ok(Answer::Missing(uids)) => strings_size(uids),
-                Ok(Answer::Replies(list)) => {
-                    let replies: usize = list
-                        .iter()
-                        .map(|r| 3 * PER_FIELD + r.result.as_ref().map_or_else(error_size, |b| b.0.len()))
-                        .sum();
-                    replies + PER_FIELD
-                }
+                Ok(Answer::Replies(list)) => list.iter().map(reply_size).sum::<usize>() + PER_FIELD,
             },
             Frame::Part { items, .. } => {
                 let items: usize = items
                     .iter()
                     .map(|item| match item {
-                        PartItem::Reply(r) => 3 * PER_FIELD + r.result.as_ref().map_or_else(error_size, |b| b.0.len()),
+                        PartItem::Reply(r) => reply_size(r),
                         PartItem::Push { route, body } => 2 * PER_FIELD + route.len() + body.len(),
                         PartItem::Kick(reason) => PER_FIELD + reason.len(),
                     })
