@@ -86,8 +86,9 @@ pub(crate) struct Agent {
     pub(crate) starved: bool,
     /// Listed in the loop's dirty list (has output to flush this iteration).
     pub(crate) dirty: bool,
-    /// Responses the running batch's worker handed over before the batch's end.
-    pub(crate) early: Arc<EarlyOut>,
+    /// Responses the running batch's worker handed over before the batch's end (made for
+    /// the first batch of several messages: idle sessions do without).
+    pub(crate) early: Option<Arc<EarlyOut>>,
     /// Batches given to a worker so far (tells the running one in the loop's `long` list).
     pub(crate) batch_no: u64,
 }
@@ -117,7 +118,7 @@ impl Agent {
             uses_route_codes: false,
             starved: false,
             dirty: false,
-            early: Arc::default(),
+            early: None,
             batch_no: 0,
         }
     }

@@ -99,8 +99,15 @@ impl EarlyOut {
 }
 
 /// Decodes and runs the packets of `batch` for `session` in order, encoding responses;
-/// responses so far go to `early` before each message after the first.
-pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, batch: Batch, early: &EarlyOut) -> Done {
+/// responses so far go to `early` (given for batches of several messages) before each
+/// message after the first.
+pub(crate) fn run_batch(
+    shared: &Shared,
+    token: usize,
+    session: &Arc<Session>,
+    batch: Batch,
+    early: Option<&EarlyOut>,
+) -> Done {
     let mut out = Vec::new();
     let mut tally = Tally::default();
     let mut handed = false;
@@ -108,7 +115,7 @@ pub(crate) fn run_batch(shared: &Shared, token: usize, session: &Arc<Session>, b
         let mut rest = &batch.packets[..];
         while let Ok(Some((packet, used))) = parse_packet(rest, MAX_WIRE_BODY) {
             rest = &rest[used..];
-            if !out.is_empty() {
+            if let Some(early) = early.filter(|_| !out.is_empty()) {
                 early.hand_over(&mut out);
                 handed = true;
             }

@@ -195,10 +195,11 @@ impl EventLoop {
             self.long.push_back((self.now, token, agent.batch_no));
         }
         self.jobs += 1;
-        let (shared, early) = (self.shared.clone(), agent.early.clone());
+        let early = (batch.count > 1).then(|| agent.early.get_or_insert_with(Arc::default).clone());
+        let shared = self.shared.clone();
         // Spawned with the others of this loop pass by `spawn_batches`.
         self.batches.push(Box::new(move || {
-            let done = run_batch(&shared, token, &session, batch, &early);
+            let done = run_batch(&shared, token, &session, batch, early.as_deref());
             let _ = shared.port.send(LoopMsg::Done(done));
         }));
     }
@@ -237,8 +238,8 @@ impl EventLoop {
     /// gets them in the order they were made.
     pub(super) fn write_early(&mut self, token: usize) {
         let Some(agent) = self.agents.get_mut(token) else { return };
-        if agent.running > 0 {
-            let early = agent.early.take();
+        if let Some(early) = agent.early.as_ref().filter(|_| agent.running > 0) {
+            let early = early.take();
             self.append(token, early);
         }
     }
@@ -290,8 +291,8 @@ impl EventLoop {
         agent.forwarded += done.forwarded as isize;
         agent.uses_route_codes |= done.saw_route_code;
         let open = agent.stream.is_some() && agent.phase != Phase::Closing;
-        if done.handed {
-            let early = agent.early.take();
+        if let Some(early) = agent.early.as_ref().filter(|_| done.handed) {
+            let early = early.take();
             self.append(token, early);
         }
         self.append(token, done.out);
