@@ -205,6 +205,9 @@ pub(crate) struct Parts {
     identity: Vec<u8>,
     corr: u64,
     state: Mutex<PartsState>,
+    /// Something went in, or the call was answered, since the socket thread last looked:
+    /// it skips the slots of calls still queued without taking their lock.
+    touched: AtomicBool,
 }
 
 #[derive(Default)]
@@ -224,6 +227,7 @@ impl Parts {
         let mut state = self.state();
         if !state.closed {
             state.items.extend(replies.drain(..).map(PartItem::Reply));
+            self.touched.store(true, Ordering::Release);
         }
     }
 
@@ -242,14 +246,21 @@ impl Parts {
 
     fn close(&self) {
         self.state().closed = true;
+        self.touched.store(true, Ordering::Release);
     }
 
     fn take(&self) -> Vec<PartItem> {
         std::mem::take(&mut self.state().items)
     }
 
-    fn is_closed(&self) -> bool {
-        self.state().closed
+    /// What went in since the last look, or `None` once the call is answered (the answer
+    /// took the rest). Without a lock while nothing happened.
+    fn look(&self) -> Option<Vec<PartItem>> {
+        if !self.touched.swap(false, Ordering::AcqRel) {
+            return Some(Vec::new());
+        }
+        let mut state = self.state();
+        (!state.closed).then(|| std::mem::take(&mut state.items))
     }
 }
 
@@ -835,16 +846,17 @@ impl SocketThread {
     /// more, so a slow handler does not hold the answers before it in its batch.
     fn send_due_parts(&mut self) {
         let now = Instant::now();
-        while let Some((since, parts)) = self.watched_parts.front() {
-            if parts.is_closed() {
-                self.watched_parts.pop_front();
-                continue;
-            }
+        while let Some((since, _)) = self.watched_parts.front() {
             if now < *since + PARTS_AFTER {
                 break;
             }
             let Some((_, parts)) = self.watched_parts.pop_front() else { break };
-            self.send_parts(&parts);
+            // Answered calls drop out; the others are looked at again in `PARTS_AFTER`.
+            let Some(items) = parts.look() else { continue };
+            if !items.is_empty() {
+                let frame = Frame::Part { corr: parts.corr, items };
+                self.answers.entry(parts.identity.clone()).or_default().push(frame);
+            }
             self.watched_parts.push_back((now, parts));
         }
     }
@@ -1358,8 +1370,12 @@ impl SocketThread {
                                 let servers = servers.get_or_insert_with(|| self.table.snapshot());
                                 let level = servers.by_id.get(&from).map_or(0, |s| s.wire_level);
                                 (level >= wire::LEVEL_PARTS).then(|| {
-                                    let parts =
-                                        Arc::new(Parts { identity: identity.clone(), corr, state: Mutex::default() });
+                                    let parts = Arc::new(Parts {
+                                        identity: identity.clone(),
+                                        corr,
+                                        state: Mutex::default(),
+                                        touched: AtomicBool::new(false),
+                                    });
                                     self.watched_parts.push_back((Instant::now(), parts.clone()));
                                     parts
                                 })
