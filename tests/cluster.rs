@@ -2096,3 +2096,31 @@ fn a_forwarded_batch_is_answered_in_order_with_its_pushes_and_not_held_by_a_slow
     assert_eq!(raw.next_event(), "answer 6");
     assert!(raw.closed_within(T), "then the kick");
 }
+
+/// A forwarded batch answered in part times out as a whole for the rest: the answer sent
+/// in a part stands, the requests still held get `PIT-504` once each, and the late answer
+/// of the whole batch is dropped (no second response to any request).
+#[test]
+fn a_batch_answered_in_part_times_out_for_the_rest_only() {
+    let c = cluster("parts-timeout", 1, Duration::from_millis(500), None);
+    let mut raw = c.frontend.raw();
+    raw.handshake_ok();
+    raw.send_together(&[(1, "room.room.echo", b"a"), (2, "room.room.wait", b"{}"), (3, "room.room.echo", b"c")]);
+    let first = raw.read_message();
+    assert_eq!((first.id, first.error, first.body.as_slice()), (1, false, &b"a"[..]), "sent in a part");
+    let mut timed_out = Vec::new();
+    for _ in 0..2 {
+        let msg = raw.read_message();
+        assert!(msg.error, "{msg:?}");
+        let e: Value = serde_json::from_slice(&msg.body).unwrap();
+        assert_eq!(e["code"], codes::TIMEOUT, "{e}");
+        timed_out.push(msg.id);
+    }
+    timed_out.sort_unstable();
+    assert_eq!(timed_out, [2, 3]);
+    c.backend.gate.open();
+    // The batch's late answer (2 and 3) comes to nothing; the session goes on.
+    raw.send_together(&[(4, "room.room.echo", b"d")]);
+    let next = raw.read_message();
+    assert_eq!((next.id, next.body.as_slice()), (4, &b"d"[..]), "no second answer to 2 or 3 before it");
+}
