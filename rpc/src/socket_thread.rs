@@ -719,6 +719,12 @@ impl Process {
     }
 }
 
+/// Whether a forwarded batch has an answer that could go before the rest: a request before
+/// its last message (not a batch of notifies, nor notifies and then one request).
+fn may_answer_in_parts(msgs: &[wire::WireMessage]) -> bool {
+    msgs.split_last().is_some_and(|(_, before)| before.iter().any(|m| m.request))
+}
+
 /// The instance in a process identity (which always names one: `<id>#<instance>`).
 fn instance_of(identity: &[u8]) -> u64 {
     wire::parse_addressee(identity).1
@@ -845,6 +851,9 @@ impl SocketThread {
     /// Sends the parts of calls still running that were handed over [`PARTS_AFTER`] ago or
     /// more, so a slow handler does not hold the answers before it in its batch.
     fn send_due_parts(&mut self) {
+        if self.watched_parts.is_empty() {
+            return;
+        }
         let now = Instant::now();
         while let Some((since, _)) = self.watched_parts.front() {
             if now < *since + PARTS_AFTER {
@@ -1366,7 +1375,7 @@ impl SocketThread {
                         let parts = match &call {
                             // Answered in parts (a slow handler does not hold the answers
                             // before it, pushes come after them), if the caller reads them.
-                            Call::Handle { msgs, .. } if msgs.len() > 1 && corr != 0 => {
+                            Call::Handle { msgs, .. } if corr != 0 && may_answer_in_parts(msgs) => {
                                 let servers = servers.get_or_insert_with(|| self.table.snapshot());
                                 let level = servers.by_id.get(&from).map_or(0, |s| s.wire_level);
                                 (level >= wire::LEVEL_PARTS).then(|| {
