@@ -191,11 +191,12 @@ impl EventLoop {
         let Some(batch) = agent.take_batch() else { return };
         agent.running = batch.count;
         agent.batch_no += 1;
-        if batch.count > 1 {
+        // Only a batch of several messages hands responses over before it ends.
+        let early = (batch.count > 1).then(|| {
             self.long.push_back((self.now, token, agent.batch_no));
-        }
+            agent.early.get_or_insert_with(Arc::default).clone()
+        });
         self.jobs += 1;
-        let early = (batch.count > 1).then(|| agent.early.get_or_insert_with(Arc::default).clone());
         let shared = self.shared.clone();
         // Spawned with the others of this loop pass by `spawn_batches`.
         self.batches.push(Box::new(move || {
@@ -237,9 +238,14 @@ impl EventLoop {
     /// ([`crate::worker::EarlyOut`]): before anything else written to that client, so it
     /// gets them in the order they were made.
     pub(super) fn write_early(&mut self, token: usize) {
-        let Some(agent) = self.agents.get_mut(token) else { return };
-        if let Some(early) = agent.early.as_ref().filter(|_| agent.running > 0) {
-            let early = early.take();
+        if self.agents.get(token).is_some_and(|a| a.running > 0) {
+            self.take_early(token);
+        }
+    }
+
+    /// Writes what `token`'s batch handed over and the loop has not taken yet.
+    fn take_early(&mut self, token: usize) {
+        if let Some(early) = self.agents.get(token).and_then(|a| a.early.as_ref()).map(|e| e.take()) {
             self.append(token, early);
         }
     }
@@ -291,9 +297,8 @@ impl EventLoop {
         agent.forwarded += done.forwarded as isize;
         agent.uses_route_codes |= done.saw_route_code;
         let open = agent.stream.is_some() && agent.phase != Phase::Closing;
-        if let Some(early) = agent.early.as_ref().filter(|_| done.handed) {
-            let early = early.take();
-            self.append(token, early);
+        if done.handed {
+            self.take_early(token);
         }
         self.append(token, done.out);
         let agent = &mut self.agents[token];
