@@ -597,26 +597,26 @@ fn run_message(
 fn part_taker(session: Arc<Session>, done: ForwardDone) -> impl FnMut(Vec<PartItem>) + Send + 'static {
     move |items| {
         let mut answers = Vec::new();
+        // The answers so far go to the loop before a push or kick.
+        let flush = |answers: &mut Vec<(u64, Reply)>| {
+            if !answers.is_empty() {
+                done(std::mem::take(answers), 0);
+            }
+        };
         for item in items {
             match item {
                 PartItem::Reply(r) => answers.push((r.id, r.result.map_or_else(Reply::Err, |b| Reply::Ok(b.0)))),
                 PartItem::Push { route, body } => {
-                    if !answers.is_empty() {
-                        done(std::mem::take(&mut answers), 0);
-                    }
+                    flush(&mut answers);
                     let _ = session.push_raw(&route, body);
                 }
                 PartItem::Kick(reason) => {
-                    if !answers.is_empty() {
-                        done(std::mem::take(&mut answers), 0);
-                    }
+                    flush(&mut answers);
                     let _ = session.kick(&reason);
                 }
             }
         }
-        if !answers.is_empty() {
-            done(answers, 0);
-        }
+        flush(&mut answers);
     }
 }
 

@@ -185,8 +185,7 @@ fn refused(e: HandlerError) -> SessionError {
 }
 
 impl SessionSink for RemoteSink {
-    fn push(&self, session: &Session, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
-        let mut body = body;
+    fn push(&self, session: &Session, route: &str, mut body: Vec<u8>) -> Result<(), SessionError> {
         if let Some(parts) = &self.parts {
             match parts.push(&self.io, PartItem::Push { route: route.to_owned(), body }) {
                 Ok(()) => return Ok(()),

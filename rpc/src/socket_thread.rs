@@ -805,7 +805,8 @@ impl SocketThread {
                 Cmd::Reply { identity, corr, mut result, parts } => {
                     if let Some(parts) = parts {
                         // Answers not sent yet go in the answer itself (one frame, as
-                        // for a batch that ran quickly); pushes and kicks were sent already.
+                        // for a batch that ran quickly); with a push or kick among them (a
+                        // handler's thread racing the answer), a part goes first.
                         let mut items = parts.take();
                         if let Ok(Answer::Replies(list)) = &mut result {
                             if items.iter().all(|item| matches!(item, PartItem::Reply(_))) {
@@ -816,9 +817,7 @@ impl SocketThread {
                                 list.splice(0..0, earlier);
                             }
                         }
-                        if !items.is_empty() {
-                            self.answers.entry(identity.clone()).or_default().push(Frame::Part { corr, items });
-                        }
+                        self.queue_part(&parts, items);
                     }
                     self.answers.entry(identity).or_default().push(Frame::Reply { corr, result });
                 }
@@ -841,7 +840,11 @@ impl SocketThread {
 
     /// Queues the parts handed over in `parts` for its caller, before anything queued later.
     fn send_parts(&mut self, parts: &Parts) {
-        let items = parts.take();
+        self.queue_part(parts, parts.take());
+    }
+
+    /// Queues `items` (if any) as a part of the answer `parts` is for.
+    fn queue_part(&mut self, parts: &Parts, items: Vec<PartItem>) {
         if !items.is_empty() {
             let frame = Frame::Part { corr: parts.corr, items };
             self.answers.entry(parts.identity.clone()).or_default().push(frame);
@@ -862,10 +865,7 @@ impl SocketThread {
             let Some((_, parts)) = self.watched_parts.pop_front() else { break };
             // Answered calls drop out; the others are looked at again in `PARTS_AFTER`.
             let Some(items) = parts.look() else { continue };
-            if !items.is_empty() {
-                let frame = Frame::Part { corr: parts.corr, items };
-                self.answers.entry(parts.identity.clone()).or_default().push(frame);
-            }
+            self.queue_part(&parts, items);
             self.watched_parts.push_back((now, parts));
         }
     }
