@@ -412,8 +412,9 @@ impl Inner {
             let callers_timeout = started.overdue.timeout_of(&servers, &from);
             match call {
                 Call::Handle { session, msgs } if !stopping => {
-                    // A batch of several messages is answered in parts (those before a slow
-                    // handler, and before a push) when the caller reads them.
+                    // Answered in parts (those before a slow handler, and before a push) when
+                    // a request comes before the batch's last message and the caller reads
+                    // them (the socket thread made the slot).
                     let parts = responder.parts();
                     if let Some(uid) = &session.uid {
                         self.whereabouts.learn(uid, &session.frontend_id);
