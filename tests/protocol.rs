@@ -79,6 +79,21 @@ fn validators_refuse_with_their_code_and_close() {
     ));
 }
 
+/// A client given a name with several addresses (`localhost`: `::1`, then `127.0.0.1`)
+/// reaches the one the server listens on, whatever its place.
+#[test]
+fn a_client_tries_each_address_in_turn() {
+    let server = Server::start(probe_app(&Probe::default()));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let client = dragonfruit_client::Client::connect(&[closed, server.addr()][..], ClientConfig::default())
+        .expect("connects to the second address");
+    assert_eq!(client.request_raw("probe.echo", b"ok").unwrap(), b"ok");
+    assert!(matches!(
+        dragonfruit_client::Client::connect(closed, ClientConfig::default()),
+        Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    ));
+}
+
 #[test]
 fn garbage_handshake_gets_400_then_close() {
     let server = Server::start(probe_app(&Probe::default()));

@@ -132,11 +132,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Connects to the first address of `addr` that accepts, in order, within `timeout` for all.
+fn connect_any(addr: impl ToSocketAddrs, timeout: Duration) -> io::Result<TcpStream> {
+    let deadline = Instant::now() + timeout;
+    let mut failed = io::Error::other("no address");
+    for addr in addr.to_socket_addrs()? {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => failed = e,
+        }
+    }
+    Err(failed)
+}
+
 impl Client {
-    /// Connects, handshakes and acks.
+    /// Connects, handshakes and acks. Each address `addr` gives is tried in turn, within
+    /// `connect_timeout` for all (`localhost` may give `::1` before `127.0.0.1`, and a server
+    /// listens on one of them).
     pub fn connect(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client, ClientError> {
-        let addr = addr.to_socket_addrs()?.next().ok_or_else(|| io::Error::other("no address"))?;
-        let mut stream = TcpStream::connect_timeout(&addr, config.connect_timeout)?;
+        let mut stream = connect_any(addr, config.connect_timeout)?;
         stream.set_nodelay(true)?;
         let local_addr = stream.local_addr()?;
         let mut out = Vec::new();

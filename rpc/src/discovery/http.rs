@@ -4,8 +4,8 @@
 //! blocked streaming read by shutting the socket down.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -27,18 +27,33 @@ impl Endpoint {
     }
 
     fn connect(&self, timeout: Duration) -> Result<TcpStream, String> {
-        let addr = self
-            .host_port
-            .to_socket_addrs()
-            .map_err(|e| e.to_string())?
-            .next()
-            .ok_or_else(|| format!("{} does not resolve", self.host_port))?;
-        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+        let addrs = self.host_port.to_socket_addrs().map_err(|e| e.to_string())?;
+        let stream = connect_any(addrs, timeout)?.ok_or_else(|| format!("{} does not resolve", self.host_port))?;
         stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
         stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+}
+
+/// Connects to the first of `addrs` that accepts, in order, within `timeout` for all;
+/// `None` when there is none. A name may give several: `localhost` gives `::1` before
+/// `127.0.0.1` on most hosts, and etcd listens on one of them (its default
+/// `http://localhost:2379` on `127.0.0.1` only).
+fn connect_any(addrs: impl IntoIterator<Item = SocketAddr>, timeout: Duration) -> Result<Option<TcpStream>, String> {
+    let deadline = Instant::now() + timeout;
+    let mut failed = None;
+    for addr in addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(stream) => return Ok(Some(stream)),
+            Err(e) => failed = Some(format!("{addr}: {e}")),
+        }
+    }
+    failed.map_or(Ok(None), Err)
 }
 
 /// An open response body, read value by value.
@@ -249,6 +264,21 @@ mod tests {
         assert_eq!(post(&ep, &req("/x")).unwrap_err(), "HTTP 404: nope");
         assert!(Endpoint::parse("https://x:1").is_err());
         assert!(Endpoint::parse("http://nohost").is_err());
+    }
+
+    /// A name with several addresses (`localhost`: `::1`, then `127.0.0.1`) reaches the
+    /// one that listens, whatever its place; one that gives none is said so.
+    #[test]
+    fn every_address_of_a_name_is_tried_in_turn() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap();
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let t = Duration::from_secs(5);
+        let stream = connect_any([closed, open], t).unwrap().expect("connected");
+        assert_eq!(stream.peer_addr().unwrap(), open);
+        let refused = connect_any([closed], t).unwrap_err();
+        assert!(refused.starts_with(&closed.to_string()), "{refused}");
+        assert!(connect_any([], t).unwrap().is_none());
     }
 
     /// A stream that goes silent past the read timeout reports it (`timed_out`, as an idle

@@ -98,6 +98,15 @@ pub(crate) struct Args {
     pub(crate) server_pids: Vec<u32>,
 }
 
+/// The address of `v` (`host:port`) every connection of a run uses: the first that accepts
+/// a connection (`localhost` may give `::1` before `127.0.0.1`, and the server listens on
+/// one of them), or the first when none does (the run then fails connecting to it).
+fn server_addr(v: &str) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = v.to_socket_addrs().map_err(|e| format!("{v}: {e}"))?.collect();
+    let listening = addrs.iter().find(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok());
+    listening.or(addrs.first()).copied().ok_or_else(|| format!("{v}: no address"))
+}
+
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let mode = match it.next().as_deref() {
@@ -140,14 +149,8 @@ fn parse_args() -> Result<Args, String> {
         let secs = |v: String| v.parse::<f64>().map(Duration::from_secs_f64).map_err(|e| e.to_string());
         let number = |v: String, what: &str| v.parse::<usize>().map_err(|e| format!("{what}: {e}"));
         match flag.as_str() {
-            "--addr" => {
-                let v = value()?;
-                args.addr = v.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or("no address")?;
-            }
-            "--members-addr" => {
-                let v = value()?;
-                args.members_addr = Some(v.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or("no address")?);
-            }
+            "--addr" => args.addr = server_addr(&value()?)?,
+            "--members-addr" => args.members_addr = Some(server_addr(&value()?)?),
             "--speakers" => args.speakers = number(value()?, "--speakers")?,
             "--connections" => args.connections = number(value()?, "--connections")?,
             "--inflight" => args.inflight = number(value()?, "--inflight")?,
