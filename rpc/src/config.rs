@@ -61,8 +61,9 @@ pub struct DiscoveryConfig {
     pub kind: DiscoveryKind,
     /// `discovery.dir`: embedded registry directory. Default `<temp dir>/dragonfruit-cluster`.
     pub dir: PathBuf,
-    /// `discovery.etcd_url`: etcd client URL (plain HTTP), or the URLs of several members
-    /// of one etcd cluster separated by commas. Default "http://127.0.0.1:2379".
+    /// `discovery.etcd_url`: etcd client URL (plain HTTP: `http://host:port` or `host:port`),
+    /// or the URLs of several members of one etcd cluster separated by commas. Default
+    /// "http://127.0.0.1:2379".
     pub etcd_url: String,
     /// `discovery.etcd_start_timeout`: how long a starting server waits for etcd to answer
     /// before it fails (etcd may start with it); refusals fail at once. Default "30s".
@@ -243,8 +244,10 @@ mod tests {
         assert!(error("[discovery]\nrefresh = \"0s\"\n").contains("discovery.refresh"));
         assert!(error("[discovery]\nttl = \"100ms\"\n").contains("discovery.ttl"));
         let etcd = |urls: &str| format!("[discovery]\nkind = \"etcd\"\netcd_url = \"{urls}\"\n");
-        assert!(from_source(&ConfigSource::from_toml(&etcd("http://a:2379, http://b:2379/")).unwrap()).is_ok());
-        for bad in ["https://a:2379", "http://a:2379,", "a:2379", ""] {
+        for ok in ["http://a:2379, http://b:2379/", "a:2379,b:2379"] {
+            assert!(from_source(&ConfigSource::from_toml(&etcd(ok)).unwrap()).is_ok(), "{ok}");
+        }
+        for bad in ["https://a:2379", "http://a:2379,", "a", ""] {
             assert!(error(&etcd(bad)).contains("discovery.etcd_url"), "{bad}");
         }
         assert!(error("[discovery]\netcd_password = \"pw\"\n").contains("discovery.etcd_password"));

@@ -45,8 +45,8 @@ OPTIONS:
     --id ID               server id (default: generated)
     --discovery KIND      embedded (files in a directory, one machine) or etcd
     --discovery-dir DIR   embedded discovery directory
-    --etcd-url URL[,URL]  etcd client URL, e.g. http://127.0.0.1:2379, or several members
-                          of one etcd cluster, comma-separated
+    --etcd-url URL[,URL]  etcd client URL, e.g. http://127.0.0.1:2379 (or 127.0.0.1:2379),
+                          or several members of one etcd cluster, comma-separated
     --config FILE         TOML configuration (docs/CONFIG.md); DRAGONFRUIT_* environment
                           variables override it, flags override both
     -h, --help            print this help

@@ -98,7 +98,7 @@ struct Shared {
 }
 
 impl EtcdDiscovery {
-    /// Discovery through the etcd at `url` (`http://host:port`, or several members of one
+    /// Discovery through the etcd at `url` (`http://host:port` or `host:port`, or several members of one
     /// etcd cluster separated by commas), keys under `prefix`.
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> EtcdDiscovery {
         EtcdDiscovery {
@@ -188,7 +188,7 @@ fn is_auth_error(e: &str) -> bool {
     e.starts_with("HTTP 401") || e.contains("invalid auth token") || e.contains("user name is empty")
 }
 
-/// The members listed in `urls` (comma-separated `http://host:port`).
+/// The members listed in `urls` (comma-separated `http://host:port` or `host:port`).
 pub(crate) fn parse_endpoints(urls: &str) -> Result<Vec<Endpoint>, String> {
     let endpoints = urls.split(',').map(|u| Endpoint::parse(u.trim())).collect::<Result<Vec<_>, _>>()?;
     if endpoints.is_empty() {

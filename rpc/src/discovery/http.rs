@@ -16,9 +16,14 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// Parses `http://host:port` (a trailing slash is allowed).
+    /// Parses `http://host:port` (a trailing slash is allowed), or a bare `host:port` as
+    /// etcdctl's `--endpoints` and Pitaya's `pitaya.cluster.sd.etcd.endpoints` take it.
     pub(crate) fn parse(url: &str) -> Result<Endpoint, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+        let rest = match url.split_once("://") {
+            None => url,
+            Some(("http", rest)) => rest,
+            Some(_) => return Err(format!("{url}: only http:// URLs are supported")),
+        };
         let host_port = rest.trim_end_matches('/');
         if host_port.is_empty() || host_port.contains('/') || !host_port.contains(':') {
             return Err(format!("{url}: expected http://host:port"));
@@ -264,6 +269,8 @@ mod tests {
         assert_eq!(post(&ep, &req("/x")).unwrap_err(), "HTTP 404: nope");
         assert!(Endpoint::parse("https://x:1").is_err());
         assert!(Endpoint::parse("http://nohost").is_err());
+        assert_eq!(Endpoint::parse("etcd-1:2379").unwrap(), Endpoint::parse("http://etcd-1:2379/").unwrap());
+        assert!(Endpoint::parse("nohost").is_err());
     }
 
     /// A name with several addresses (`localhost`: `::1`, then `127.0.0.1`) reaches the
