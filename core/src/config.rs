@@ -133,22 +133,36 @@ fn bounded_secs(secs: f64) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0 && secs <= MAX_DURATION.as_secs_f64()).then(|| Duration::from_secs_f64(secs))
 }
 
-/// Parses `"30s"`, `"250ms"`, `"1.5s"`, `"2m"`, `"1h"`, or a bare number of seconds, up to
-/// [`MAX_DURATION`].
+/// Parses `"30s"`, `"250ms"`, `"1.5s"`, `"2m"`, `"1h"`, Go's compound form as Pitaya's
+/// configs write it (`"1m30s"`, `"1h15m"`; units `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`), or a
+/// bare number of seconds, up to [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    let scale = match unit.trim() {
-        "" | "s" => 1.0,
-        "ms" => 1e-3,
-        "us" | "µs" => 1e-6,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return None,
-    };
-    bounded_secs(number * scale)
+    let mut rest = text.trim();
+    let (mut secs, mut first) = (0.0, true);
+    loop {
+        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let (number, tail) = rest.split_at(split);
+        let number: f64 = number.parse().ok()?;
+        let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let scale = match unit.trim() {
+            // A bare number is seconds, alone only ("1m30" is not 1m30s).
+            "" if first && tail.is_empty() => 1.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" | "μs" => 1e-6,
+            "ns" => 1e-9,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        secs += number * scale;
+        first = false;
+        if tail.is_empty() {
+            return bounded_secs(secs);
+        }
+        rest = tail;
+    }
 }
 
 /// Serde helper for `Duration` fields written as `"30s"` or a number of seconds.
@@ -217,6 +231,27 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("abc"), None);
+    }
+
+    /// Go's compound durations, as Pitaya's configs write them.
+    #[test]
+    fn compound_durations() {
+        let ms = Duration::from_millis;
+        for (text, want) in [
+            ("1m30s", ms(90_000)),
+            ("1h15m", ms(4_500_000)),
+            ("2s500ms", ms(2_500)),
+            ("1.5h", ms(5_400_000)),
+            ("300ms", ms(300)),
+            ("1500000ns", Duration::from_micros(1500)),
+            ("250µs", Duration::from_micros(250)),
+            (" 45 ", ms(45_000)),
+        ] {
+            assert_eq!(parse_duration(text), Some(want), "{text}");
+        }
+        for bad in ["", "s", "1m30", "0s5", "30 s 1", "1x", "1m-30s", "1.2.3s", "m30s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 
     /// Values too large for a deadline are config errors, not panics (`from_secs_f64`
