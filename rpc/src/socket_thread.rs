@@ -573,7 +573,11 @@ pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket
     router.set_sndhwm(HWM).map_err(|e| e.to_string())?;
     router.set_rcvhwm(HWM).map_err(|e| e.to_string())?;
     router.set_ipv6(ipv6(bind)).map_err(|e| e.to_string())?;
-    router.bind(bind).map_err(|e| e.to_string())?;
+    router.bind(bind).map_err(|e| match e {
+        // ZeroMQ binds to an address or a network interface's name, never a host name.
+        zmq::Error::ENODEV => format!("{e}: rpc.bind takes an IP address, `*` or an interface name, not a host name"),
+        e => e.to_string(),
+    })?;
     let endpoint =
         router.get_last_endpoint().map_err(|e| e.to_string())?.map_err(|_| "endpoint not utf-8".to_string())?;
     Ok((router, endpoint))

@@ -980,3 +980,12 @@ fn ipv6_is_on_for_ipv6_addresses_and_the_wildcard_only() {
         assert!(!ipv6(endpoint), "{endpoint}");
     }
 }
+
+/// ZeroMQ binds to addresses and interface names only: a host name in `rpc.bind` is refused
+/// with what to write instead, not a bare "No such device".
+#[test]
+fn a_host_name_to_bind_is_refused_saying_what_rpc_bind_takes() {
+    let ctx = zmq::Context::new();
+    let Err(message) = bind_router(&ctx, "tcp://localhost:*") else { panic!("bound to a host name") };
+    assert!(message.contains("rpc.bind takes an IP address"), "{message}");
+}
