@@ -27,8 +27,11 @@ fn discovery(urls: &str) -> EtcdDiscovery {
     EtcdDiscovery::new(urls, "it/", TTL)
 }
 
+/// [`pair_with`] on `etcd`; the room server names it as etcdctl's `--endpoints` and
+/// Pitaya's configs do, without a scheme.
 fn pair(etcd: &Etcd) -> (Server, ClusterModule, Server, ClusterModule) {
-    pair_at(&etcd.url(), &etcd.url())
+    let url = etcd.url();
+    pair_at(&url, url.trim_start_matches("http://"))
 }
 
 /// [`pair_with`] using the etcd members at `fe_urls` and `room_urls`.
