@@ -925,6 +925,34 @@ fn no_server_of_the_type_fails_at_once() {
     assert!(started.elapsed() < Duration::from_secs(2), "answered without waiting for the call timeout");
 }
 
+/// `discovery.ignored_types` (Pitaya's `servertypeblacklist`): the frontend leaves the
+/// `chat` server out of its table, so it neither connects nor routes to it, while the room
+/// server, ignoring nothing, lists every server.
+#[test]
+fn a_server_leaves_servers_of_ignored_types_out() {
+    let dir = cluster_dir("ignored");
+    let backend = Backend::default();
+    let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    let chat_module = cluster_module(&dir, TIMEOUT);
+    let chat = App::builder("chat").server_id("chat-1").component("chat", backend.clone());
+    let _chat = Server::start_backend(chat.cluster(Arc::new(chat_module.clone())));
+    let fe_module = cluster_module(&dir, TIMEOUT).ignoring_types(["chat"]);
+    let frontend = start_connector(&fe_module);
+    assert!(wait_until(T, || room_module.servers().len() == 3 && fe_module.servers().len() == 2));
+    std::thread::sleep(Duration::from_millis(300)); // a few rescans of the directory
+    let mut listed: Vec<String> = fe_module.servers().into_iter().map(|s| s.id).collect();
+    listed.sort();
+    assert_eq!(listed, ["connector-1", "room-1"]);
+    let client = frontend.client();
+    assert_eq!(client.request_raw("room.room.echo", b"listed").unwrap(), b"listed");
+    match client.request_raw("chat.chat.echo", b"ignored") {
+        Err(ClientError::Server(e)) => {
+            assert!(e.code == codes::NOT_FOUND && e.message.contains("no server of type chat"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn slow_backends_time_out_with_pit_504() {
     let c = cluster("timeout", 1, Duration::from_millis(300), None);

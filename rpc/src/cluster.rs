@@ -206,7 +206,17 @@ impl ClusterModule {
     /// A cluster layer from the `[rpc]` and `[discovery]` sections.
     pub fn from_source(source: &ConfigSource) -> Result<ClusterModule, ConfigError> {
         let (rpc, discovery) = config::from_source(source)?;
-        Ok(ClusterModule::new(rpc, discovery::from_config(&discovery)))
+        Ok(ClusterModule::new(rpc, discovery::from_config(&discovery)).ignoring_types(discovery.ignored_types))
+    }
+
+    /// Leaves servers of `types` out of this server's table, as Pitaya's
+    /// `pitaya.cluster.sd.etcd.servertypeblacklist` (`discovery.ignored_types`): it neither
+    /// connects to them nor routes messages or user RPCs to them (those fail as for a type
+    /// with no server). Frontends of those types that call it are still answered. Before
+    /// start.
+    pub fn ignoring_types(self, types: impl IntoIterator<Item = impl Into<String>>) -> ClusterModule {
+        self.inner.table.ignore_types(types.into_iter().map(Into::into).collect());
+        self
     }
 
     /// Routes messages and user RPCs for `server_type` with `router` instead of picking a

@@ -83,6 +83,26 @@ pub struct DiscoveryConfig {
     /// directory. Default "500ms".
     #[serde(with = "duration")]
     pub refresh: Duration,
+    /// `discovery.ignored_types`: server types this server leaves out of its table, as
+    /// Pitaya's `pitaya.cluster.sd.etcd.servertypeblacklist`: it neither connects to them
+    /// nor routes to them. A list, or one string of names separated by commas (as an
+    /// environment variable gives it). Default none.
+    #[serde(deserialize_with = "names")]
+    pub ignored_types: Vec<String>,
+}
+
+/// A list of names, or one string of them separated by commas.
+fn names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::List(list) => list,
+        Raw::Text(text) => text.split(',').map(|name| name.trim().to_owned()).filter(|n| !n.is_empty()).collect(),
+    })
 }
 
 impl Default for DiscoveryConfig {
@@ -97,6 +117,7 @@ impl Default for DiscoveryConfig {
             prefix: "dragonfruit/".into(),
             ttl: Duration::from_secs(3),
             refresh: Duration::from_millis(500),
+            ignored_types: Vec::new(),
         }
     }
 }
@@ -117,6 +138,10 @@ impl DiscoveryConfig {
         if self.kind == DiscoveryKind::Etcd {
             crate::discovery::parse_endpoints(&self.etcd_url)
                 .map_err(|message| ConfigError::Invalid { key: "discovery.etcd_url", message })?;
+        }
+        if let Some(bad) = self.ignored_types.iter().find(|t| t.is_empty() || t.contains(['.', ',', '/'])) {
+            let message = format!("{bad:?} is not a server type");
+            return Err(ConfigError::Invalid { key: "discovery.ignored_types", message });
         }
         if self.etcd_user.is_empty() && !self.etcd_password.0.is_empty() {
             let message = "a password needs discovery.etcd_user".to_owned();
@@ -257,6 +282,21 @@ mod tests {
         assert_eq!(discovery.etcd_password, Secret("pw".into()));
         let shown = format!("{discovery:?}");
         assert!(shown.contains("\"***\"") && !shown.contains("pw"), "the password stays out of logs: {shown}");
+    }
+
+    /// As a TOML list, or one string as an environment variable gives it.
+    #[test]
+    fn ignored_types_from_a_list_or_a_string() {
+        let types = |toml: &str| from_source(&ConfigSource::from_toml(toml).unwrap()).map(|(_, d)| d.ignored_types);
+        assert_eq!(types("").unwrap(), Vec::<String>::new());
+        assert_eq!(types("[discovery]\nignored_types = [\"meta\", \"chat\"]\n").unwrap(), ["meta", "chat"]);
+        let env = ConfigSource::empty()
+            .with_env([("DRAGONFRUIT_DISCOVERY__IGNORED_TYPES".to_owned(), "meta, chat".to_owned())])
+            .unwrap();
+        assert_eq!(from_source(&env).unwrap().1.ignored_types, ["meta", "chat"]);
+        for bad in ["[\"\"]", "[\"room.x\"]", "7"] {
+            assert!(types(&format!("[discovery]\nignored_types = {bad}\n")).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -136,6 +136,8 @@ pub struct ServerTable {
     /// Where the changes discovery reports go, once someone listens (see
     /// [`ServerTable::watch`]).
     watcher: Mutex<Option<Sender<Vec<ServerEvent>>>>,
+    /// Server types discovery's lists are taken without (`discovery.ignored_types`).
+    ignored: std::sync::OnceLock<HashSet<String>>,
 }
 
 /// A change of the cluster's servers, as discovery reports it to one server (servers
@@ -210,6 +212,12 @@ impl ServerTable {
         let _ = self.own.set(me.clone());
     }
 
+    /// Leaves the servers of `types` out of what discovery lists from now on (set once,
+    /// before start): this server neither connects nor routes to them. Its own entry stays.
+    pub(crate) fn ignore_types(&self, types: HashSet<String>) {
+        let _ = self.ignored.set(types);
+    }
+
     /// Sends the changes discovery reports from now on to `events`, in order, each
     /// [`ServerTable::replace`]'s in one message; `None` stops sending.
     pub(crate) fn watch(&self, events: Option<Sender<Vec<ServerEvent>>>) {
@@ -229,7 +237,11 @@ impl ServerTable {
     /// As [`ServerTable::replace`], from a discovery that knows the servers of `exited`
     /// died (their process is gone): when they leave, [`ServerEvent::Left`] says they are
     /// not reachable, though this server's connection to them may not have failed yet.
-    pub fn replace_noting_exited(&self, servers: HashMap<String, ServerEntry>, exited: &HashSet<String>) -> bool {
+    pub fn replace_noting_exited(&self, mut servers: HashMap<String, ServerEntry>, exited: &HashSet<String>) -> bool {
+        if let Some(ignored) = self.ignored.get().filter(|types| !types.is_empty()) {
+            let own = self.own.get().map(|me| me.id.as_str());
+            servers.retain(|id, entry| !ignored.contains(&entry.server_type) || Some(id.as_str()) == own);
+        }
         let mut guard = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let sources = &mut *guard;
         let now = Instant::now();
@@ -590,5 +602,26 @@ mod tests {
         // The connection to it has not failed yet, but discovery saw its process exit.
         table.replace_noting_exited(HashMap::new(), &HashSet::from(["connector-1".to_owned()]));
         assert_eq!(rx.try_recv().unwrap(), vec![ServerEvent::Left { server: c1, reachable: false }]);
+    }
+
+    /// `discovery.ignored_types`: servers of those types never enter the table, its own
+    /// entry does; a frontend of an ignored type that calls is still learned (answers and
+    /// pushes reach it).
+    #[test]
+    fn servers_of_ignored_types_are_left_out_but_this_one() {
+        let table = ServerTable::new();
+        let me = entry("room-1", false);
+        table.set_own(&me);
+        table.ignore_types(HashSet::from(["room".to_owned(), "meta".to_owned()]));
+        let meta = ServerEntry::new("meta-1", "meta", false, "tcp://127.0.0.1:1/meta-1");
+        let (c1, r2) = (entry("connector-1", true), entry("room-2", false));
+        let listed = [&me, &meta, &c1, &r2].map(|e| (e.id.clone(), e.clone()));
+        assert!(table.replace(HashMap::from(listed)));
+        let mut ids: Vec<String> = table.all().into_iter().map(|e| e.id).collect();
+        ids.sort();
+        assert_eq!(ids, ["connector-1", "room-1"]);
+        assert!(!table.snapshot().by_type.contains_key("meta"));
+        assert!(table.learn_frontend("gate-1", "meta", "tcp://127.0.0.1:2", 7));
+        assert!(table.get("gate-1").is_some(), "a calling frontend is answered");
     }
 }
