@@ -951,6 +951,14 @@ fn a_server_leaves_servers_of_ignored_types_out() {
         }
         other => panic!("{other:?}"),
     }
+    // User RPCs too.
+    match client.request::<_, Value>("connector.probe.rpc_route", &"chat.chat.double") {
+        Err(ClientError::Server(e)) => {
+            assert!(e.code == codes::NOT_FOUND && e.message.contains("no server of type chat"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(client.request::<_, u64>("connector.probe.rpc_double", &21u64).unwrap(), 42, "listed types still work");
 }
 
 #[test]
