@@ -1984,6 +1984,35 @@ fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
     assert!(fe_module.servers().iter().any(|s| s.id == "room-0"), "still listed");
 }
 
+/// Many servers out of reach at once (a rack, a network, wrong addresses) are warned of in
+/// one line, not one each; one alone in a line of its own.
+#[test]
+fn many_servers_out_of_reach_are_warned_of_in_one_line() {
+    crate::util::capture_logs();
+    let dir = cluster_dir("outofreach");
+    std::fs::create_dir_all(&dir).unwrap();
+    let closed = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    for i in 0..6 {
+        let ghost = ServerEntry::new(format!("rackghost-{i}"), "rackghost", false, format!("tcp://{}", closed()));
+        std::fs::write(dir.join(format!("rackghost-{i}.json")), serde_json::to_vec(&ghost).unwrap()).unwrap();
+    }
+    // The frontend's discovery keeps listing them for a minute.
+    let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(60));
+    let fe_module = module_with(discovery, Duration::from_millis(300));
+    let _frontend = start_connector(&fe_module);
+    let about = || warnings().into_iter().filter(|w| w.contains("rackghost-")).collect::<Vec<_>>();
+    assert!(wait_until(T, || !about().is_empty()));
+    std::thread::sleep(Duration::from_millis(500)); // more probes, no more lines
+    let lines = about();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("6 servers not reachable for 300ms") && lines[0].contains("and 3 more"), "{}", lines[0]);
+    // A seventh, alone, gets a line of its own.
+    let ghost = ServerEntry::new("rackghost-6", "rackghost", false, format!("tcp://{}", closed()));
+    std::fs::write(dir.join("rackghost-6.json"), serde_json::to_vec(&ghost).unwrap()).unwrap();
+    assert!(wait_until(T, || about().len() == 2));
+    assert!(about()[1].contains("server rackghost-6 at tcp://"), "{}", about()[1]);
+}
+
 #[test]
 fn a_forwarded_call_with_bad_session_data_is_refused_not_run_with_an_empty_session() {
     use dragonfruit_rpc::wire::{Answer, Call, SessionSnapshot, WireMessage};

@@ -378,16 +378,19 @@ impl Peer {
     }
 
     /// Its connection, once up, is gone.
-    fn lost(&mut self, id: &str) {
+    /// Its connection was lost: whether that is news for the operator (once per outage,
+    /// and not when it said it was leaving), as `server at endpoint`.
+    fn lost(&mut self, id: &str) -> Option<String> {
         if std::mem::replace(&mut self.warned, true) {
-            return;
+            return None;
         }
         if self.listed && !self.leaving {
-            warn!("connection to server {id} at {} lost; failing its calls until it is back", self.addr);
+            Some(format!("{id} at {}", self.addr))
         } else {
             // It left discovery first (this server may not have seen that yet, but it said
             // so): a graceful stop, not news for the operator.
             debug!("connection to server {id} at {} closed after it left the cluster", self.addr);
+            None
         }
     }
 
@@ -402,7 +405,7 @@ impl Peer {
             Err(e) if is_again(&e) && self.unreachable => Sent::Failed(frames, "never connected".into()),
             Err(e) if is_again(&e) && !self.was_up => Sent::Hold(frames),
             Err(e) if is_again(&e) => {
-                self.lost(id);
+                warn_lost(self.lost(id).as_slice());
                 Sent::Failed(frames, "connection lost".into())
             }
             Err(e) => {
@@ -411,6 +414,29 @@ impl Peer {
             }
         }
     }
+}
+
+/// Servers named one line each up to this many at once; past it, in one line.
+const NAMED: usize = 3;
+
+/// Warns of `servers` (`id at endpoint`), each in a line of its own, or all in one line when
+/// there are more than [`NAMED`] (a rack or a network gone at once: one line, not hundreds).
+fn warn_of(servers: &[String], each: impl Fn(&str) -> String, all: impl Fn(usize, &str) -> String) {
+    if servers.len() <= NAMED {
+        servers.iter().for_each(|server| warn!("{}", each(server)));
+    } else {
+        let named = format!("{}, and {} more", servers[..NAMED].join(", "), servers.len() - NAMED);
+        warn!("{}", all(servers.len(), &named));
+    }
+}
+
+/// Warns of the servers whose connection was lost.
+fn warn_lost(servers: &[String]) {
+    warn_of(
+        servers,
+        |server| format!("connection to server {server} lost; failing its calls until it is back"),
+        |n, named| format!("connections to {n} servers lost ({named}); failing their calls until they are back"),
+    );
 }
 
 /// What became of a message for a peer.
@@ -440,8 +466,32 @@ const RETIRE_AFTER: Duration = Duration::from_secs(1);
 /// How long a closed, departed peer whose connection was down is remembered as gone.
 const GONE_FOR: Duration = Duration::from_secs(60);
 
+/// ZeroMQ contexts to make sockets in: each holds at most 1,023 (`ZMQ_MAX_SOCKETS`, which
+/// the zmq crate does not let one raise), so past that another is made (with one more
+/// ZeroMQ I/O thread), and a cluster of more servers than that is bounded by the open-file
+/// limit instead (about two files per peer).
+struct Contexts(Vec<zmq::Context>);
+
+impl Contexts {
+    /// A socket of `kind` in the first context with room for it.
+    fn socket(&mut self, kind: zmq::SocketType) -> Result<zmq::Socket, zmq::Error> {
+        for ctx in &self.0 {
+            match ctx.socket(kind) {
+                Err(zmq::Error::EMFILE) => continue,
+                made => return made,
+            }
+        }
+        // Every context is full (or the process is out of files, and the new one fails
+        // too: it is not kept then).
+        let ctx = zmq::Context::new();
+        let socket = ctx.socket(kind)?;
+        self.0.push(ctx);
+        Ok(socket)
+    }
+}
+
 struct SocketThread {
-    ctx: zmq::Context,
+    ctx: Contexts,
     own_id: String,
     /// This process's identity on its peers' ROUTERs: the server id and a random suffix.
     /// Two processes with one id (a restart, or two clusters on one machine whose ids
@@ -672,7 +722,7 @@ pub(crate) fn spawn(
     let io = Io { tx, wake: wake.clone() };
     let ipc_file = router.get_last_endpoint().ok().and_then(Result::ok).and_then(|e| IpcFile::of(&e));
     let mut thread = SocketThread {
-        ctx,
+        ctx: Contexts(vec![ctx]),
         identity: addressee(&own.id, own.instance),
         own_id: own.id,
         misdirected: Throttle::default(),
@@ -997,8 +1047,9 @@ impl SocketThread {
                 Err(e) => failed.push(format!("{id} at {}: {e}", entry.rpc_addr)),
             }
         }
-        // Tried again at every change of the table. Many at once: ZeroMQ's limit of sockets
-        // per process (1,023), or the open-file limit, in a cluster of about as many servers.
+        // Tried again at every change of the table. Many at once: the open-file limit, in a
+        // cluster of about as many servers (past ZeroMQ's 1,023 sockets per context, more
+        // contexts are made: `Contexts`).
         if let Some(first) = failed.first() {
             if let Some(more) = self.unconnectable.due(Instant::now()) {
                 warn!("cannot connect to {} listed server(s), calls to them fail (first: {first}){more}", failed.len());
@@ -1029,7 +1080,7 @@ impl SocketThread {
     /// so it never queues calls for a peer that is down and replays them to whatever comes
     /// back at that endpoint after their callers were told they failed; `held` waits for
     /// the connection instead, and drops what its callers gave up on.
-    fn dealer(&self, addr: &str) -> Result<zmq::Socket, zmq::Error> {
+    fn dealer(&mut self, addr: &str) -> Result<zmq::Socket, zmq::Error> {
         let socket = self.ctx.socket(zmq::DEALER)?;
         socket.set_identity(&self.identity)?;
         socket.set_immediate(true)?;
@@ -1228,22 +1279,28 @@ impl SocketThread {
         }
         self.next_probe = now + PROBE;
         self.close_retired_peers();
-        let mut lost = Vec::new();
+        let (mut lost, mut news_lost, mut never) = (Vec::new(), Vec::new(), Vec::new());
         for (id, peer) in &mut self.peers {
             if peer.socket.get_events().is_ok_and(|events| events.contains(zmq::POLLOUT)) {
                 peer.up(id);
             } else if peer.was_up {
-                peer.lost(id);
+                news_lost.extend(peer.lost(id));
                 lost.push(id.clone());
             } else if !peer.unreachable && now.duration_since(peer.since) > self.timeout {
                 peer.unreachable = true;
                 peer.warned = true;
-                warn!(
-                    "server {id} at {} not reachable for {:?}; failing its calls until it connects",
-                    peer.addr, self.timeout
-                );
+                never.push(format!("{id} at {}", peer.addr));
             }
         }
+        warn_lost(&news_lost);
+        let timeout = self.timeout;
+        warn_of(
+            &never,
+            |server| format!("server {server} not reachable for {timeout:?}; failing its calls until it connects"),
+            |n, named| {
+                format!("{n} servers not reachable for {timeout:?} ({named}); failing their calls until they connect")
+            },
+        );
         self.publish_unreachable();
         // Every peer is read here, also those a pass leaves alone (late answers, refusals
         // of one-way messages), and answers that came in before a connection went are

@@ -989,3 +989,31 @@ fn a_host_name_to_bind_is_refused_saying_what_rpc_bind_takes() {
     let Err(message) = bind_router(&ctx, "tcp://localhost:*") else { panic!("bound to a host name") };
     assert!(message.contains("rpc.bind takes an IP address"), "{message}");
 }
+
+/// Past ZeroMQ's 1,023 sockets per context, sockets are made in another context, so a
+/// server reaches more than ~1,000 peers; one poll serves sockets of both.
+#[test]
+fn sockets_past_a_contexts_limit_are_made_in_another() {
+    // About one file per socket: make sure the test may open that many.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit write and read the struct given, nothing else.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max.min(4096);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    assert!(limit.rlim_cur >= 2048, "the open-file limit is too low for this test: {}", limit.rlim_cur);
+    let first = zmq::Context::new();
+    let (router, endpoint) = bind_router(&first, "tcp://127.0.0.1:*").unwrap();
+    let mut contexts = Contexts(vec![first]);
+    let dealers: Vec<zmq::Socket> =
+        (0..1100).map(|i| contexts.socket(zmq::DEALER).unwrap_or_else(|e| panic!("socket {i}: {e}"))).collect();
+    assert_eq!(contexts.0.len(), 2, "a second context for the sockets past the first's limit");
+    let last = dealers.last().unwrap();
+    last.connect(&endpoint).unwrap();
+    last.send("over", 0).unwrap();
+    let mut items = [router.as_poll_item(zmq::POLLIN), last.as_poll_item(zmq::POLLIN)];
+    assert_eq!(zmq::poll(&mut items, 5000).unwrap(), 1, "the router hears a socket of the other context");
+    let parts = router.recv_multipart(0).unwrap();
+    assert_eq!(parts.last().unwrap(), b"over");
+}
