@@ -266,6 +266,21 @@ fn scan(
     found
 }
 
+/// The running process holding `path` (this server's file) from this PID namespace, other
+/// than this process: the file is fresh (by the ttl it says, else `ttl`) and names a process
+/// that has not exited. Another process started with this id (a copied configuration)
+/// would otherwise take the file over and leave that one running, unreachable.
+fn running_holder(path: &Path, ours: Option<&Owner>, ttl: Duration) -> Option<String> {
+    let ours = ours?;
+    let modified = fs::metadata(path).and_then(|m| m.modified()).ok()?;
+    let age = SystemTime::now().duration_since(modified).unwrap_or_default();
+    let Registration { entry, owner, ttl: said, .. } = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    let owner = owner?;
+    let fresh = age <= said.map_or(ttl, Duration::from_millis);
+    let running = owner.ns == ours.ns && owner.pid != ours.pid && !owner.exited(&ours.ns);
+    (fresh && running).then(|| format!("process {} (rpc {})", owner.pid, entry.rpc_addr))
+}
+
 /// Whether the registry lists `me`'s id at another endpoint: another process runs with
 /// this server's id (its start wrote the shared file).
 fn taken_by_another(found: &Scan, me: &ServerEntry) -> bool {
@@ -293,6 +308,9 @@ impl Discovery for EmbeddedDiscovery {
         fs::create_dir_all(&self.dir).map_err(dir_error)?;
         let own_file = self.dir.join(file_name(&me.id));
         let owner = Owner::this_process();
+        if let Some(holder) = running_holder(&own_file, owner.as_ref(), self.ttl) {
+            return Err(DiscoveryError::IdTaken { id: me.id.clone(), holder });
+        }
         let terms = Terms { refresh: self.refresh, ttl: self.ttl };
         write_entry(&own_file, &me, owner.as_ref(), Some(terms)).map_err(dir_error)?;
         let mut warned = HashSet::new();
@@ -523,6 +541,55 @@ mod tests {
         assert!(dir.join(file_name("killed")).exists(), "the file stays until it expires");
         assert_eq!(registration(&dir.join(file_name("running"))).owner, Some(me));
         assert!(!Owner { pid: 0, ns: dead.ns.clone() }.exited(&dead.ns), "pid 0 names no process");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A second process started with a running server's id stops at once (the first keeps
+    /// its file); a file of a process that exited, of this process, of another namespace,
+    /// or stale does not stop it.
+    #[test]
+    fn a_server_id_a_running_process_holds_is_refused() {
+        let Some(me) = Owner::this_process() else { return }; // no /proc: pids not checked
+        let dir = fresh_dir("taken");
+        fs::create_dir_all(&dir).unwrap();
+        let mut other = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let running = Owner { pid: other.id(), ns: me.ns.clone() };
+        let start = |id: &str| {
+            let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(3));
+            let started = discovery.start(entry(id), Arc::new(ServerTable::new()), Arc::new(|| {}));
+            discovery.stop();
+            started
+        };
+        let mut held = entry("held");
+        held.rpc_addr = "tcp://127.0.0.1:7".into();
+        write_entry(&dir.join(file_name("held")), &held, Some(&running), None).unwrap();
+        match start("held") {
+            Err(DiscoveryError::IdTaken { id, holder }) => {
+                assert_eq!(id, "held");
+                assert!(holder.contains(&other.id().to_string()) && holder.contains("tcp://127.0.0.1:7"), "{holder}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(registration(&dir.join(file_name("held"))).owner, Some(running.clone()), "the file stays its");
+        let elsewhere = Owner { pid: other.id(), ns: "pid:[1]".into() };
+        for (id, owner) in [("mine", Some(&me)), ("other-ns", Some(&elsewhere)), ("no-owner", None)] {
+            write_entry(&dir.join(file_name(id)), &held, owner, None).unwrap();
+            assert!(start(id).is_ok(), "{id}");
+        }
+        // Stale: the running process stopped touching it longer than its ttl ago.
+        let stale = dir.join(file_name("stale"));
+        write_entry(
+            &stale,
+            &held,
+            Some(&running),
+            Some(Terms { refresh: Duration::from_millis(50), ttl: Duration::from_millis(100) }),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(start("stale").is_ok(), "a stale file");
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert!(start("held").is_ok(), "its process exited");
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -38,6 +38,15 @@ pub enum DiscoveryError {
         /// What failed.
         message: String,
     },
+    /// A running process of this machine holds this server's id (embedded discovery): the
+    /// second of two processes started with one id stops, the first goes on.
+    #[error("server id {id} is taken by {holder}, still running; server ids must be unique")]
+    IdTaken {
+        /// The id.
+        id: String,
+        /// The process holding it, and its RPC endpoint.
+        holder: String,
+    },
     /// A background thread could not start.
     #[error("cannot spawn discovery thread: {0}")]
     Spawn(String),
