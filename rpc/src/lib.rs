@@ -19,6 +19,7 @@
 //! - [`discovery`]: [`EmbeddedDiscovery`] (files, one machine) and [`EtcdDiscovery`].
 //! - `listener`: [`ServerListener`]s, told on their own thread when servers join and leave.
 //! - [`config`]: `[rpc]` and `[discovery]` settings.
+//! - `grouped`: log lines about many servers at once, one line past a few.
 //!
 //! This crate does not know the client wire protocol or client sockets: those stay in
 //! `dragonfruit-net`, reached only through core's traits.
@@ -28,6 +29,7 @@ mod binds;
 mod cluster;
 pub mod config;
 pub mod discovery;
+mod grouped;
 mod listener;
 mod messenger;
 mod remote_session;

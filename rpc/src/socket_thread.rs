@@ -22,6 +22,7 @@ use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{codes, HandlerError};
 use log::{debug, info, warn};
 
+use crate::grouped;
 use crate::stats::Counters;
 use crate::table::{same_instance, ServerEntry, ServerTable};
 use crate::wire::{self, addressee, Answer, Call, Frame, PartItem, WireReply};
@@ -416,27 +417,15 @@ impl Peer {
     }
 }
 
-/// Servers named one line each up to this many at once; past it, in one line.
-const NAMED: usize = 3;
-
-/// Warns of `servers` (`id at endpoint`), each in a line of its own, or all in one line when
-/// there are more than [`NAMED`] (a rack or a network gone at once: one line, not hundreds).
-fn warn_of(servers: &[String], each: impl Fn(&str) -> String, all: impl Fn(usize, &str) -> String) {
-    if servers.len() <= NAMED {
-        servers.iter().for_each(|server| warn!("{}", each(server)));
-    } else {
-        let named = format!("{}, and {} more", servers[..NAMED].join(", "), servers.len() - NAMED);
-        warn!("{}", all(servers.len(), &named));
-    }
-}
-
 /// Warns of the servers whose connection was lost.
 fn warn_lost(servers: &[String]) {
-    warn_of(
+    let lines = grouped::lines(
         servers,
         |server| format!("connection to server {server} lost; failing its calls until it is back"),
+        String::clone,
         |n, named| format!("connections to {n} servers lost ({named}); failing their calls until they are back"),
     );
+    lines.iter().for_each(|line| warn!("{line}"));
 }
 
 /// What became of a message for a peer.
@@ -1294,13 +1283,15 @@ impl SocketThread {
         }
         warn_lost(&news_lost);
         let timeout = self.timeout;
-        warn_of(
+        let lines = grouped::lines(
             &never,
             |server| format!("server {server} not reachable for {timeout:?}; failing its calls until it connects"),
+            String::clone,
             |n, named| {
                 format!("{n} servers not reachable for {timeout:?} ({named}); failing their calls until they connect")
             },
         );
+        lines.iter().for_each(|line| warn!("{line}"));
         self.publish_unreachable();
         // Every peer is read here, also those a pass leaves alone (late answers, refusals
         // of one-way messages), and answers that came in before a connection went are

@@ -10,6 +10,8 @@ use crossbeam_channel::Sender;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::grouped;
+
 /// One server, as announced to the cluster. Made with [`ServerEntry::new`] outside this
 /// crate (fields are added as the cluster learns more of its servers; their defaults are
 /// what an entry of an older build says).
@@ -387,10 +389,11 @@ fn changes(
     let own_id = own.map_or("", |me| me.id.as_str());
     let replaced = |old: &ServerEntry| ServerEvent::Left { server: old.clone(), reachable: false };
     let (mut left, mut joined) = (Vec::new(), Vec::new());
+    let (mut news_joined, mut news_left) = (Vec::new(), Vec::new());
     for (id, server) in after.iter().filter(|(id, _)| *id != own_id) {
         let kind = &server.server_type;
         match before.get(id) {
-            None => info!("{own_id}: server {id} ({kind}) joined at {}", server.rpc_addr),
+            None => news_joined.push(server),
             Some(old) if old.rpc_addr != server.rpc_addr => {
                 info!("{own_id}: server {id} ({kind}) is now at {} (was {})", server.rpc_addr, old.rpc_addr);
                 left.push(replaced(old));
@@ -407,10 +410,23 @@ fn changes(
         joined.push(ServerEvent::Joined(server.clone()));
     }
     for (id, server) in before.iter().filter(|(id, _)| *id != own_id && !after.contains_key(*id)) {
-        info!("{own_id}: server {id} ({}) left", server.server_type);
+        news_left.push(server);
         let reachable = !unreachable.contains(id) && !exited.contains(id);
         left.push(ServerEvent::Left { server: server.clone(), reachable });
     }
+    let left_lines = grouped::lines(
+        &news_left,
+        |s| format!("{own_id}: server {} ({}) left", s.id, s.server_type),
+        |s| format!("{} ({})", s.id, s.server_type),
+        |n, named| format!("{own_id}: {n} servers left: {named}"),
+    );
+    let joined_lines = grouped::lines(
+        &news_joined,
+        |s| format!("{own_id}: server {} ({}) joined at {}", s.id, s.server_type, s.rpc_addr),
+        |s| format!("{} ({}) at {}", s.id, s.server_type, s.rpc_addr),
+        |n, named| format!("{own_id}: {n} servers joined: {named}"),
+    );
+    left_lines.iter().chain(&joined_lines).for_each(|line| info!("{line}"));
     left.extend(joined);
     left
 }
