@@ -98,12 +98,14 @@ pub(crate) struct Args {
     pub(crate) server_pids: Vec<u32>,
 }
 
-/// The address of `v` (`host:port`) every connection of a run uses: the first that accepts
-/// a connection (`localhost` may give `::1` before `127.0.0.1`, and the server listens on
-/// one of them), or the first when none does (the run then fails connecting to it).
+/// The address of `v` (`host:port`) every connection of a run uses: its only one, or of
+/// several the first that accepts a connection (`localhost` may give `::1` before
+/// `127.0.0.1`, and the server listens on one of them), or the first when none does (the
+/// run then fails connecting to it).
 fn server_addr(v: &str) -> Result<SocketAddr, String> {
     let addrs: Vec<SocketAddr> = v.to_socket_addrs().map_err(|e| format!("{v}: {e}"))?.collect();
-    let listening = addrs.iter().find(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok());
+    let accepts = |a: &&SocketAddr| std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok();
+    let listening = if addrs.len() > 1 { addrs.iter().find(accepts) } else { None };
     listening.or(addrs.first()).copied().ok_or_else(|| format!("{v}: no address"))
 }
 
