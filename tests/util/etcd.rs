@@ -41,15 +41,26 @@ impl Etcd {
     }
 
     /// The `n` members of one etcd cluster, started together (each waits for a quorum).
+    ///
+    /// A port chosen free can be taken by another test's socket before etcd binds it (etcd
+    /// then exits, and the other members wait for it): the cluster is started again on other
+    /// ports, a few times at most.
     pub fn start_cluster(name: &str, n: usize) -> Vec<Etcd> {
-        let mut members = Etcd::members(name, n);
-        for member in &mut members {
-            member.spawn();
+        let mut attempt = 1;
+        loop {
+            let mut members = Etcd::members(name, n);
+            for member in &mut members {
+                member.spawn();
+            }
+            match members.iter_mut().try_for_each(Etcd::wait_healthy) {
+                Ok(()) => return members,
+                Err(e) if e.contains("address already in use") && attempt < 3 => {
+                    eprintln!("etcd {name}: a port was taken, starting on others ({e})");
+                    attempt += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
         }
-        for member in &members {
-            member.wait_healthy();
-        }
-        members
     }
 
     /// The `n` members of one etcd cluster, ports and directories chosen, not started.
@@ -58,6 +69,7 @@ impl Etcd {
             .map(|i| {
                 let dir = std::env::temp_dir().join(format!("df-etcd-{}-{name}-{i}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_file(dir.with_extension("log"));
                 let member = format!("it{i}");
                 Etcd {
                     child: None,
@@ -87,32 +99,55 @@ impl Etcd {
 
     fn run(&mut self) {
         self.spawn();
-        self.wait_healthy();
+        if let Err(e) = self.wait_healthy() {
+            panic!("{e}");
+        }
+    }
+
+    /// Where its log goes (beside the data directory; removed with it).
+    fn log_path(&self) -> PathBuf {
+        self.dir.with_extension("log")
     }
 
     fn spawn(&mut self) {
         let client = self.url();
         let peer = self.peer_url();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("etcd log file");
         let child = Command::new("etcd")
             .args(["--name", &self.member, "--data-dir"])
             .arg(&self.dir)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &self.initial_cluster, "--logger", "zap", "--log-level", "error"])
+            .args(["--initial-cluster", &self.initial_cluster, "--logger", "zap", "--log-level", "warn"])
             .arg("--unsafe-no-fsync")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("etcd runs (Debian package etcd-server; scripts/test.sh installs it)");
         self.child = Some(child);
     }
 
-    fn wait_healthy(&self) {
+    /// Waits until it answers healthy; an error (with the end of its log) when it exits or
+    /// is not healthy within 20 s.
+    fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.healthy() {
-            assert!(Instant::now() < deadline, "etcd did not become healthy");
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                return Err(format!("etcd {} exited ({status}); its log ends: {}", self.member, self.log_tail()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("etcd {} not healthy in 20 s; its log ends: {}", self.member, self.log_tail()));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
+    }
+
+    /// The last 2,000 bytes of its log.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read(self.log_path()).unwrap_or_default();
+        String::from_utf8_lossy(&log[log.len().saturating_sub(2000)..]).into_owned()
     }
 
     fn healthy(&self) -> bool {
@@ -227,5 +262,6 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(self.log_path());
     }
 }
