@@ -27,11 +27,12 @@ mod node;
 #[path = "../../tests/util/etcd.rs"]
 mod etcd;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sample-game");
+// Ports for the servers these tests start, chosen where no other socket takes them first.
+#[path = "../../tests/util/ports.rs"]
+mod ports;
+use ports::free_port;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+const BIN: &str = env!("CARGO_BIN_EXE_sample-game");
 
 /// A child process killed (and reaped) on drop.
 struct Proc(Child);

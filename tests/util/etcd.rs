@@ -3,10 +3,12 @@
 //! stopped, restarted and removed by the tests.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::ports::free_port;
 
 pub struct Etcd {
     child: Option<Child>,
@@ -24,10 +26,6 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl Etcd {
     /// A one-member etcd.
     pub fn start(name: &str) -> Etcd {
@@ -42,9 +40,9 @@ impl Etcd {
 
     /// The `n` members of one etcd cluster, started together (each waits for a quorum).
     ///
-    /// A port chosen free can be taken by another test's socket before etcd binds it (etcd
-    /// then exits, and the other members wait for it): the cluster is started again on other
-    /// ports, a few times at most.
+    /// Should a port chosen free be taken before etcd binds it (etcd then exits, and the
+    /// other members wait for it), the cluster is started again on other ports, a few times
+    /// at most.
     pub fn start_cluster(name: &str, n: usize) -> Vec<Etcd> {
         let mut attempt = 1;
         loop {

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod etcd;
 #[path = "../node/run.rs"]
 pub mod node;
+pub mod ports;
 pub mod probe;
 pub mod raw;
 

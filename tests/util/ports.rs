@@ -1,0 +1,43 @@
+//! Free loopback ports for servers a test starts later in another process (etcd, the
+//! sample game's servers), which bind the port themselves.
+//!
+//! A port from `bind(127.0.0.1:0)` lies in the kernel's ephemeral range, which every outgoing
+//! connection also draws its local port from: between the test choosing it and the server
+//! binding it, another test's connection (or listener) can take it, and the server fails to
+//! start. Ports are chosen below that range instead, where the kernel hands out none: each
+//! one is checked free by binding it, and no two calls in one process give the same port.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The lowest port used (below it: well-known services and what a developer may run).
+const LOWEST: u32 = 10_000;
+
+/// A loopback port nothing listens on, outside the ephemeral range when it leaves room below
+/// it (else one the kernel gives for port 0).
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = ephemeral_low().saturating_sub(LOWEST);
+    if span < 1_000 {
+        return TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    }
+    // Processes that run at once (test binaries run one at a time, but a developer may run
+    // two) start in different places.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = LOWEST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port in {LOWEST}..{}", LOWEST + span)
+}
+
+/// The first port of the ephemeral range (`net.ipv4.ip_local_port_range`; Linux's default
+/// 32768 where it cannot be read).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
