@@ -16,6 +16,7 @@ use dragonfruit_rpc::{ClusterModule, ClusterStats, EmbeddedDiscovery, RouteCtx, 
 use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
+use crate::util::ports::free_port;
 use crate::util::{
     cluster_dir, cluster_module, fast_discovery, module_with, probe_app, wait_until, warnings, warnings_since, Probe,
     RawConn, Server, T,
@@ -1804,8 +1805,7 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
 
 /// A registry entry for frontend `id` (type `connector`) at an endpoint nobody serves.
 fn frontend_at_a_dead_endpoint(id: &str) -> ServerEntry {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    ServerEntry::new(id, "connector", true, format!("tcp://{}", listener.local_addr().unwrap()))
+    ServerEntry::new(id, "connector", true, format!("tcp://127.0.0.1:{}", free_port()))
 }
 
 /// A listed frontend that never answers: a registry entry for `id` in `dir` at an endpoint
@@ -1968,8 +1968,7 @@ fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
     let (_room, _) = start_backend(&dir, "room-1", &Backend::default(), timeout);
     // Discovery lists room-0, but nothing listens at its endpoint (a wrong advertised
     // address, a firewall): its connection is never made.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let ghost = ServerEntry::new("room-0", "room", false, format!("tcp://{closed}"));
+    let ghost = ServerEntry::new("room-0", "room", false, format!("tcp://127.0.0.1:{}", free_port()));
     std::fs::write(dir.join("room-0.json"), serde_json::to_vec(&ghost).unwrap()).unwrap();
     // The frontend's discovery keeps listing it for a minute.
     let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(60));
@@ -1991,9 +1990,9 @@ fn many_servers_out_of_reach_are_warned_of_in_one_line() {
     crate::util::capture_logs();
     let dir = cluster_dir("outofreach");
     std::fs::create_dir_all(&dir).unwrap();
-    let closed = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     for i in 0..6 {
-        let ghost = ServerEntry::new(format!("rackghost-{i}"), "rackghost", false, format!("tcp://{}", closed()));
+        let endpoint = format!("tcp://127.0.0.1:{}", free_port());
+        let ghost = ServerEntry::new(format!("rackghost-{i}"), "rackghost", false, endpoint);
         std::fs::write(dir.join(format!("rackghost-{i}.json")), serde_json::to_vec(&ghost).unwrap()).unwrap();
     }
     // The frontend's discovery keeps listing them for a minute.
@@ -2007,7 +2006,7 @@ fn many_servers_out_of_reach_are_warned_of_in_one_line() {
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(lines[0].contains("6 servers not reachable for 300ms") && lines[0].contains("and 3 more"), "{}", lines[0]);
     // A seventh, alone, gets a line of its own.
-    let ghost = ServerEntry::new("rackghost-6", "rackghost", false, format!("tcp://{}", closed()));
+    let ghost = ServerEntry::new("rackghost-6", "rackghost", false, format!("tcp://127.0.0.1:{}", free_port()));
     std::fs::write(dir.join("rackghost-6.json"), serde_json::to_vec(&ghost).unwrap()).unwrap();
     assert!(wait_until(T, || about().len() == 2));
     assert!(about()[1].contains("server rackghost-6 at tcp://"), "{}", about()[1]);

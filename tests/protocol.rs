@@ -84,7 +84,7 @@ fn validators_refuse_with_their_code_and_close() {
 #[test]
 fn a_client_tries_each_address_in_turn() {
     let server = Server::start(probe_app(&Probe::default()));
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed: std::net::SocketAddr = ([127, 0, 0, 1], crate::util::ports::free_port()).into();
     let client = dragonfruit_client::Client::connect(&[closed, server.addr()][..], ClientConfig::default())
         .expect("connects to the second address");
     assert_eq!(client.request_raw("probe.echo", b"ok").unwrap(), b"ok");
