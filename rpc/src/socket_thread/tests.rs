@@ -2,6 +2,12 @@ use super::*;
 use crate::wire::ByteBuf;
 use crate::ServerEntry;
 
+// Ports nothing else in the process is given, below the kernel's ephemeral range (shared with
+// the integration tests).
+#[allow(unreachable_pub)]
+#[path = "../../../tests/util/ports.rs"]
+mod ports;
+
 struct NoCalls;
 
 fn limits(timeout: Duration) -> Limits {
@@ -332,10 +338,9 @@ fn stop(io: Io, thread: JoinHandle<()>) {
     thread.join().unwrap();
 }
 
-/// An endpoint nothing listens on (yet).
+/// An endpoint nothing listens on (yet): not one another test's socket may take meanwhile.
 fn unused_endpoint() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("tcp://{}", listener.local_addr().unwrap())
+    format!("tcp://127.0.0.1:{}", ports::free_port())
 }
 
 /// Makes calls to `peer` until one is sent (is not refused at once with `refusal`, as
