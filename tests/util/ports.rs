@@ -42,3 +42,19 @@ fn ephemeral_low() -> u32 {
         .and_then(|range| range.split_whitespace().next()?.parse().ok())
         .unwrap_or(32_768)
 }
+
+/// Ports given are free, below the ephemeral range (where it leaves room) and never given twice.
+#[test]
+fn free_ports_are_below_the_ephemeral_range_and_never_repeat() {
+    let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+    let mut unique = ports.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), ports.len(), "{ports:?}");
+    if ephemeral_low() > LOWEST + 1_000 {
+        assert!(ports.iter().all(|&p| u32::from(p) >= LOWEST && u32::from(p) < ephemeral_low()), "{ports:?}");
+    }
+    for port in ports {
+        TcpListener::bind(("127.0.0.1", port)).expect("free");
+    }
+}
