@@ -5,8 +5,9 @@
 //! A port from `bind(127.0.0.1:0)` lies in the kernel's ephemeral range, which every outgoing
 //! connection also draws its local port from: between the test choosing it and the server
 //! binding it, another test's connection (or listener) can take it, and the server fails to
-//! start (or an endpoint meant dead reaches another test's server). Ports are chosen below that range instead, where the kernel hands out none: each
-//! one is checked free by binding it, and no two calls in one process give the same port.
+//! start (or an endpoint meant dead reaches another test's server). Ports are chosen below
+//! that range instead, where the kernel hands out none: each one is checked free by binding
+//! it, and no two calls in one process give the same port.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
