@@ -378,9 +378,8 @@ impl Peer {
         }
     }
 
-    /// Its connection, once up, is gone.
-    /// Its connection was lost: whether that is news for the operator (once per outage,
-    /// and not when it said it was leaving), as `server at endpoint`.
+    /// Its connection, once up, is gone: whether that is news for the operator (once per
+    /// outage, and not when it said it was leaving), as `server at endpoint`.
     fn lost(&mut self, id: &str) -> Option<String> {
         if std::mem::replace(&mut self.warned, true) {
             return None;

@@ -98,8 +98,8 @@ struct Shared {
 }
 
 impl EtcdDiscovery {
-    /// Discovery through the etcd at `url` (`http://host:port` or `host:port`, or several members of one
-    /// etcd cluster separated by commas), keys under `prefix`.
+    /// Discovery through the etcd at `url` (`http://host:port` or `host:port`, or several
+    /// members of one etcd cluster separated by commas), keys under `prefix`.
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> EtcdDiscovery {
         EtcdDiscovery {
             url: url.to_owned(),
