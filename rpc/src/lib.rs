@@ -39,6 +39,13 @@ mod stats;
 mod table;
 pub mod wire;
 
+// Ports nothing else in the process is given, below the kernel's ephemeral range (shared with
+// the integration tests).
+#[cfg(test)]
+#[allow(unreachable_pub)]
+#[path = "../../tests/util/ports.rs"]
+mod ports;
+
 pub use cluster::ClusterModule;
 pub use config::{DiscoveryConfig, DiscoveryKind, RpcConfig, Secret};
 pub use discovery::{Discovery, DiscoveryError, EmbeddedDiscovery, EtcdDiscovery};

@@ -1,12 +1,7 @@
 use super::*;
+use crate::ports;
 use crate::wire::ByteBuf;
 use crate::ServerEntry;
-
-// Ports nothing else in the process is given, below the kernel's ephemeral range (shared with
-// the integration tests).
-#[allow(unreachable_pub)]
-#[path = "../../../tests/util/ports.rs"]
-mod ports;
 
 struct NoCalls;
 
