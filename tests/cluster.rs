@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 use crate::util::backend::Backend;
 use crate::util::ports::free_port;
 use crate::util::{
-    cluster_dir, cluster_module, fast_discovery, module_with, probe_app, wait_until, warnings, warnings_since, Probe,
-    RawConn, Server, T,
+    cluster_dir, cluster_module, fast_discovery, module_with, probe_app, run_dir, wait_until, warnings, warnings_since,
+    Probe, RawConn, Server, T,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -1426,7 +1426,7 @@ fn slow_frontend(dir: &std::path::Path) -> (Server, ClusterModule) {
 /// (a TCP port could have been another test's, whose peers would then reach, and warn
 /// about, this test's servers).
 fn own_endpoint(name: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("df-it-{}-{name}-rpc", std::process::id()));
+    let dir = run_dir().join(format!("{name}-rpc"));
     std::fs::create_dir_all(&dir).unwrap();
     format!("ipc://{}", dir.join("room-1.ipc").display())
 }

@@ -94,11 +94,40 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A fresh directory for an embedded-discovery cluster of one test.
+/// A fresh directory for an embedded-discovery cluster of one test, in [`run_dir`].
 pub fn cluster_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("df-it-{}-{name}", std::process::id()));
+    let dir = run_dir().join(name);
     let _ = std::fs::remove_dir_all(&dir);
     dir
+}
+
+/// The directory of this test process's files (discovery directories, socket files):
+/// `df-it-PID` in the system's temporary directory. The servers of a test outlive the
+/// function that made their directory, and the harness has no hook after the last test, so
+/// a run's directory stays until the next run, whose first call removes those of processes
+/// that no longer run (and the `df-it-PID-NAME` directories earlier builds left, one per
+/// test).
+pub fn run_dir() -> std::path::PathBuf {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    let tmp = std::env::temp_dir();
+    SWEPT.call_once(|| remove_dead_runs(&tmp));
+    tmp.join(format!("df-it-{}", std::process::id()))
+}
+
+/// Removes the `df-it-PID*` entries of `tmp` whose process is gone (where `/proc` says).
+fn remove_dead_runs(tmp: &std::path::Path) {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("df-it-")) else { continue };
+        let Ok(pid) = rest.split('-').next().unwrap_or_default().parse::<u32>() else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A cluster module with [`fast_discovery`] in `dir` and a short call timeout.
