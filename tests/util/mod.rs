@@ -130,6 +130,27 @@ fn remove_dead_runs(tmp: &std::path::Path) {
     }
 }
 
+/// Directories of finished runs go (in the flat form of earlier builds too); this run's and
+/// those of running processes stay.
+#[test]
+fn directories_of_finished_runs_are_removed() {
+    let tmp = run_dir().join("sweep");
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let (gone, me, init) = (pid_max + 1, std::process::id(), 1);
+    for name in
+        [format!("df-it-{gone}"), format!("df-it-{gone}-forward"), format!("df-it-{me}"), format!("df-it-{init}-x")]
+    {
+        std::fs::create_dir_all(tmp.join(name).join("inside")).unwrap();
+    }
+    std::fs::create_dir_all(tmp.join("df-other")).unwrap();
+    remove_dead_runs(&tmp);
+    let mut left: Vec<String> =
+        std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    left.sort();
+    std::fs::remove_dir_all(&tmp).unwrap();
+    assert_eq!(left, [format!("df-it-{init}-x"), format!("df-it-{me}"), "df-other".to_owned()]);
+}
+
 /// A cluster module with [`fast_discovery`] in `dir` and a short call timeout.
 pub fn cluster_module(dir: &std::path::Path, timeout: Duration) -> dragonfruit_rpc::ClusterModule {
     module_with(fast_discovery(dir), timeout)
