@@ -213,7 +213,7 @@ impl ClusterModule {
     /// `pitaya.cluster.sd.etcd.servertypeblacklist` (`discovery.ignored_types`): it neither
     /// connects to them nor routes messages or user RPCs to them (those fail as for a type
     /// with no server). Frontends of those types that call it are still answered. Before
-    /// start.
+    /// start; the types add to those of earlier calls and of the configuration.
     pub fn ignoring_types(self, types: impl IntoIterator<Item = impl Into<String>>) -> ClusterModule {
         self.inner.table.ignore_types(types.into_iter().map(Into::into).collect());
         self

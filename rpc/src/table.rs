@@ -139,7 +139,7 @@ pub struct ServerTable {
     /// [`ServerTable::watch`]).
     watcher: Mutex<Option<Sender<Vec<ServerEvent>>>>,
     /// Server types discovery's lists are taken without (`discovery.ignored_types`).
-    ignored: std::sync::OnceLock<HashSet<String>>,
+    ignored: Mutex<HashSet<String>>,
 }
 
 /// A change of the cluster's servers, as discovery reports it to one server (servers
@@ -214,10 +214,11 @@ impl ServerTable {
         let _ = self.own.set(me.clone());
     }
 
-    /// Leaves the servers of `types` out of what discovery lists from now on (set once,
-    /// before start): this server neither connects nor routes to them. Its own entry stays.
+    /// Leaves the servers of `types` out of what discovery lists from now on (before start),
+    /// besides those of earlier calls: this server neither connects nor routes to them. Its
+    /// own entry stays.
     pub(crate) fn ignore_types(&self, types: HashSet<String>) {
-        let _ = self.ignored.set(types);
+        self.ignored.lock().unwrap_or_else(|p| p.into_inner()).extend(types);
     }
 
     /// Sends the changes discovery reports from now on to `events`, in order, each
@@ -240,9 +241,12 @@ impl ServerTable {
     /// died (their process is gone): when they leave, [`ServerEvent::Left`] says they are
     /// not reachable, though this server's connection to them may not have failed yet.
     pub fn replace_noting_exited(&self, mut servers: HashMap<String, ServerEntry>, exited: &HashSet<String>) -> bool {
-        if let Some(ignored) = self.ignored.get().filter(|types| !types.is_empty()) {
-            let own = self.own.get().map(|me| me.id.as_str());
-            servers.retain(|id, entry| !ignored.contains(&entry.server_type) || Some(id.as_str()) == own);
+        {
+            let ignored = self.ignored.lock().unwrap_or_else(|p| p.into_inner());
+            if !ignored.is_empty() {
+                let own = self.own.get().map(|me| me.id.as_str());
+                servers.retain(|id, entry| !ignored.contains(&entry.server_type) || Some(id.as_str()) == own);
+            }
         }
         let mut guard = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let sources = &mut *guard;
@@ -628,7 +632,9 @@ mod tests {
         let table = ServerTable::new();
         let me = entry("room-1", false);
         table.set_own(&me);
-        table.ignore_types(HashSet::from(["room".to_owned(), "meta".to_owned()]));
+        // Calls add up (a configuration's types, then a program's).
+        table.ignore_types(HashSet::from(["room".to_owned()]));
+        table.ignore_types(HashSet::from(["meta".to_owned()]));
         let meta = ServerEntry::new("meta-1", "meta", false, "tcp://127.0.0.1:1/meta-1");
         let (c1, r2) = (entry("connector-1", true), entry("room-2", false));
         let listed = [&me, &meta, &c1, &r2].map(|e| (e.id.clone(), e.clone()));
