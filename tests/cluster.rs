@@ -1730,8 +1730,7 @@ fn server_listeners_hear_servers_join_and_leave() {
     let (_room2, _) = start_backend(&dir, "room-2", &backend, TIMEOUT);
     assert_eq!(heard(4)[3..], ["joined room-2 Ok(42)"]);
     // A frontend that dies: its entry is not refreshed and expires (`discovery.ttl`, 3 s).
-    let dead = frontend_at_a_dead_endpoint("connector-9");
-    std::fs::write(dir.join("connector-9.json"), serde_json::to_vec(&dead).unwrap()).unwrap();
+    list_in(&dir, &frontend_at_a_dead_endpoint("connector-9"));
     assert_eq!(heard(5)[4..], ["joined connector-9"]);
     assert!(wait_until(Duration::from_secs(10), || watcher.heard().len() >= 6), "{:?}", watcher.heard());
     assert_eq!(heard(6)[5..], ["left connector-9 (unreachable)"], "its endpoint never answered");
@@ -1785,7 +1784,7 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
     let _room = Server::start_backend(builder);
     let stale = frontend_at_a_dead_endpoint("connector-1");
     let dead = stale.rpc_addr.clone();
-    std::fs::write(dir.join("connector-1.json"), serde_json::to_vec(&stale).unwrap()).unwrap();
+    list_in(&dir, &stale);
     let seen = |addr_is_dead: bool| {
         room_module.servers().iter().any(|s| s.id == "connector-1" && (s.rpc_addr == dead) == addr_is_dead)
     };
@@ -1803,9 +1802,22 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
     assert_eq!((route.as_str(), v), ("onMsg", json!({"back": true})));
 }
 
+/// A registry entry for server `id` of `server_type` at an endpoint nobody serves.
+fn at_a_dead_endpoint(id: &str, server_type: &str, frontend: bool) -> ServerEntry {
+    ServerEntry::new(id, server_type, frontend, format!("tcp://127.0.0.1:{}", free_port()))
+}
+
 /// A registry entry for frontend `id` (type `connector`) at an endpoint nobody serves.
 fn frontend_at_a_dead_endpoint(id: &str) -> ServerEntry {
-    ServerEntry::new(id, "connector", true, format!("tcp://127.0.0.1:{}", free_port()))
+    at_a_dead_endpoint(id, "connector", true)
+}
+
+/// Lists `entry` in the embedded registry `dir` as a server's start does (nothing keeps the
+/// file fresh); the file's path.
+fn list_in(dir: &std::path::Path, entry: &ServerEntry) -> std::path::PathBuf {
+    let file = dir.join(format!("{}.json", entry.id));
+    std::fs::write(&file, serde_json::to_vec(entry).unwrap()).unwrap();
+    file
 }
 
 /// A listed frontend that never answers: a registry entry for `id` in `dir` at an endpoint
@@ -1820,8 +1832,7 @@ impl SilentFrontend {
     fn start(dir: &std::path::Path, id: &str, unique_sessions: bool) -> SilentFrontend {
         let mut entry = frontend_at_a_dead_endpoint(id);
         entry.unique_sessions = unique_sessions;
-        let file = dir.join(format!("{id}.json"));
-        std::fs::write(&file, serde_json::to_vec(&entry).unwrap()).unwrap();
+        let file = list_in(dir, &entry);
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let keeper = {
             let (file, done) = (file.clone(), done.clone());
@@ -1968,8 +1979,7 @@ fn the_default_router_avoids_a_listed_server_it_cannot_reach() {
     let (_room, _) = start_backend(&dir, "room-1", &Backend::default(), timeout);
     // Discovery lists room-0, but nothing listens at its endpoint (a wrong advertised
     // address, a firewall): its connection is never made.
-    let ghost = ServerEntry::new("room-0", "room", false, format!("tcp://127.0.0.1:{}", free_port()));
-    std::fs::write(dir.join("room-0.json"), serde_json::to_vec(&ghost).unwrap()).unwrap();
+    list_in(&dir, &at_a_dead_endpoint("room-0", "room", false));
     // The frontend's discovery keeps listing it for a minute.
     let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(60));
     let fe_module = module_with(discovery, timeout);
@@ -1991,9 +2001,7 @@ fn many_servers_out_of_reach_are_warned_of_in_one_line() {
     let dir = cluster_dir("outofreach");
     std::fs::create_dir_all(&dir).unwrap();
     for i in 0..6 {
-        let endpoint = format!("tcp://127.0.0.1:{}", free_port());
-        let ghost = ServerEntry::new(format!("rackghost-{i}"), "rackghost", false, endpoint);
-        std::fs::write(dir.join(format!("rackghost-{i}.json")), serde_json::to_vec(&ghost).unwrap()).unwrap();
+        list_in(&dir, &at_a_dead_endpoint(&format!("rackghost-{i}"), "rackghost", false));
     }
     // The frontend's discovery keeps listing them for a minute.
     let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(60));
@@ -2006,8 +2014,7 @@ fn many_servers_out_of_reach_are_warned_of_in_one_line() {
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(lines[0].contains("6 servers not reachable for 300ms") && lines[0].contains("and 3 more"), "{}", lines[0]);
     // A seventh, alone, gets a line of its own.
-    let ghost = ServerEntry::new("rackghost-6", "rackghost", false, format!("tcp://127.0.0.1:{}", free_port()));
-    std::fs::write(dir.join("rackghost-6.json"), serde_json::to_vec(&ghost).unwrap()).unwrap();
+    list_in(&dir, &at_a_dead_endpoint("rackghost-6", "rackghost", false));
     assert!(wait_until(T, || about().len() == 2));
     assert!(about()[1].contains("server rackghost-6 at tcp://"), "{}", about()[1]);
 }
