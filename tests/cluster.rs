@@ -862,7 +862,10 @@ fn a_server_of_another_serializer_is_warned_of_when_it_joins() {
     };
     assert!(wait_until(T, || about("connector-json", "room-postcard")), "the frontend warns of the backend");
     assert!(wait_until(T, || about("room-postcard", "connector-json")), "the backend warns of the frontend");
-    assert!(about("room-postcard", "room-json"), "{:?}", warnings());
+    // Not assumed logged before the line about connector-json (it was not, once, in a run of
+    // the cluster tests; not seen again in 21 runs of this test, 15 beside two busy loops,
+    // nor 3 of the cluster tests); it must still come.
+    assert!(wait_until(T, || about("room-postcard", "room-json")), "{:?}", warnings());
     for (by, of) in [("connector-json", "room-json"), ("room-json", "connector-json")] {
         assert!(!about(by, of), "{by} warned of {of}, which has its serializer");
     }
