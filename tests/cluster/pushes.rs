@@ -1,0 +1,235 @@
+//! Pushes to users wherever they are connected, broadcasts, frontends that do not answer.
+
+use super::*;
+
+#[test]
+fn pushes_to_users_on_every_frontend_and_broadcast() {
+    let (fronts, _room) = two_frontends("fanout");
+    let a = fronts[0].0.client();
+    let b = fronts[1].0.client();
+    let _: bool = a.request("probe.bind", "ann").unwrap();
+    let _: bool = b.request("probe.bind", "ben").unwrap();
+    let missing: Vec<String> =
+        a.request("room.room.push_users", &json!({"uids": ["ann", "ben", "ghost"], "msg": "hello all"})).unwrap();
+    assert_eq!(missing, vec!["ghost".to_string()]);
+    for c in [&a, &b] {
+        let (_, v): (String, String) = c.recv_push_as(T).unwrap();
+        assert_eq!(v, "hello all");
+    }
+    // From a frontend handler too: the other frontend's user gets it.
+    let missing: Vec<String> = a.request("probe.push_users", &json!({"uids": ["ben"], "msg": 2})).unwrap();
+    assert!(missing.is_empty());
+    assert_eq!(b.recv_push_as::<Value>(T).unwrap().1, json!(2));
+    let _: bool = b.request("room.room.broadcast", &json!("everyone")).unwrap();
+    for c in [&a, &b] {
+        assert_eq!(c.recv_push_as::<Value>(T).unwrap().1, json!("everyone"));
+    }
+    let found: bool = a.request("probe.kick_user", "ben").unwrap();
+    assert!(found);
+    assert!(b.wait_closed(T));
+
+    // Unique sessions hold across frontends: binding "ann" on the second frontend kicks the
+    // session of "ann" on the first.
+    let ann_again = fronts[1].0.client();
+    let _: bool = ann_again.request("probe.bind", "ann").unwrap();
+    assert!(a.wait_closed(T), "older session on the other frontend kicked");
+    assert_eq!(a.kicked().as_deref(), Some("another session logged in with this uid"));
+    assert_eq!(ann_again.request_raw("probe.echo", b"still me").unwrap(), b"still me");
+}
+
+/// With unique sessions on every frontend, a push to users goes only to the frontend where
+/// each was last seen (in a forwarded request, or found by a push): one call per frontend
+/// holding some of them, not one to every frontend. A user not found where they were (reconnected
+/// elsewhere) is looked for on every frontend; one found nowhere is reported missing.
+#[test]
+fn pushes_to_users_go_to_the_frontend_where_each_was_found() {
+    let (fronts, (_room, room_module)) = two_frontends("whereabouts");
+    let a = fronts[0].0.client();
+    let b = fronts[1].0.client();
+    let _: bool = a.request("probe.bind", "ann").unwrap();
+    let _: bool = b.request("probe.bind", "ben").unwrap();
+    let calls = || room_module.stats().calls;
+    let push = |uids: Value, msg: u64| -> (Vec<String>, u64) {
+        let before = calls();
+        let missing: Vec<String> = a.request("room.room.push_users", &json!({"uids": uids, "msg": msg})).unwrap();
+        (missing, calls() - before)
+    };
+    // Ann's own forwarded requests told the room server where she is: one call.
+    assert_eq!(push(json!(["ann"]), 1), (vec![], 1), "asked of connector-2 too");
+    // Ben has not been seen: asked of both frontends. Then known: each to its own.
+    assert_eq!(push(json!(["ben"]), 2), (vec![], 2));
+    assert_eq!(push(json!(["ann", "ben"]), 3), (vec![], 2));
+    assert_eq!(push(json!(["ben"]), 4), (vec![], 1), "asked of connector-1 too");
+    for (c, heard) in [(&a, vec![1, 3]), (&b, vec![2, 3, 4])] {
+        for n in heard {
+            assert_eq!(c.recv_push_as::<Value>(T).unwrap().1, json!(n));
+        }
+    }
+    // Ben leaves connector-2 and comes back on connector-1: not found where he was, then
+    // found on the other (two calls, then one), and heard once.
+    b.close();
+    let ben = fronts[0].0.client();
+    let _: bool = ben.request("probe.bind", "ben").unwrap();
+    assert_eq!(push(json!(["ben"]), 5), (vec![], 3));
+    assert_eq!(ben.recv_push_as::<Value>(T).unwrap().1, json!(5));
+    assert_eq!(push(json!(["ben"]), 6), (vec![], 1));
+    assert_eq!(ben.recv_push_as::<Value>(T).unwrap().1, json!(6));
+    assert!(ben.recv_push_as::<Value>(Duration::from_millis(200)).is_err(), "heard twice");
+    // Nobody anywhere: asked of both, missing.
+    assert_eq!(push(json!(["ghost", "ann"]), 7), (vec!["ghost".to_string()], 2));
+}
+
+/// A user not found on the frontend where they were is looked for on every frontend, also
+/// when a listed frontend does not answer (it may hold the others: none is reported missing).
+#[test]
+fn a_moved_user_is_found_while_a_frontend_does_not_answer() {
+    let dir = cluster_dir("whereabouts-silent");
+    let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), Duration::from_millis(500));
+    let fronts: Vec<Server> = (1..=2)
+        .map(|i| {
+            let module = cluster_module(&dir, Duration::from_secs(5));
+            Server::start(probe_app(&Probe::default()).server_id(&format!("connector-{i}")).cluster(Arc::new(module)))
+        })
+        .collect();
+    let _silent = SilentFrontend::start(&dir, "connector-9", true);
+    assert!(wait_until(T, || room_module.servers().len() == 4), "the backend lists every frontend");
+    let a = fronts[0].client();
+    let ann = fronts[0].client();
+    let _: bool = ann.request("probe.bind", "ann").unwrap();
+    let push = |msg: u64| -> Vec<String> {
+        a.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": msg})).unwrap()
+    };
+    assert_eq!(push(1), Vec::<String>::new(), "the silent frontend may hold them");
+    assert_eq!(ann.recv_push_as::<Value>(T).unwrap().1, json!(1));
+    // Ann is now known on connector-1; she comes back on connector-2.
+    ann.close();
+    let ann = fronts[1].client();
+    let _: bool = ann.request("probe.bind", "ann").unwrap();
+    assert_eq!(push(2), Vec::<String>::new());
+    assert_eq!(ann.recv_push_as::<Value>(T).unwrap().1, json!(2), "looked for on every frontend");
+}
+
+/// A frontend that lets a uid have several sessions (`session.unique = false`) gets every
+/// push to users: a user found on one frontend may have a session on another too.
+#[test]
+fn without_unique_sessions_pushes_to_users_reach_every_frontend() {
+    let dir = cluster_dir("whereabouts-shared");
+    let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    let fronts: Vec<(Server, ClusterModule)> = (1..=2)
+        .map(|i| {
+            let module = cluster_module(&dir, TIMEOUT);
+            let mut builder =
+                probe_app(&Probe::default()).server_id(&format!("connector-{i}")).cluster(Arc::new(module.clone()));
+            builder.config_mut().session.unique = i == 1;
+            (Server::start(builder), module)
+        })
+        .collect();
+    assert!(wait_until(T, || room_module.servers().len() == 3 && fronts.iter().all(|(_, m)| m.servers().len() == 3)));
+    let (a, b) = (fronts[0].0.client(), fronts[1].0.client());
+    let _: bool = a.request("probe.bind", "ann").unwrap();
+    let _: bool = b.request("probe.bind", "ann").unwrap();
+    for n in 1..=3 {
+        let missing: Vec<String> = a.request("room.room.push_users", &json!({"uids": ["ann"], "msg": n})).unwrap();
+        assert!(missing.is_empty());
+        for c in [&a, &b] {
+            assert_eq!(c.recv_push_as::<Value>(T).unwrap().1, json!(n), "push {n}");
+        }
+    }
+}
+
+/// A listed frontend that never answers: a registry entry for `id` in `dir` at an endpoint
+/// nobody serves, kept fresh as a live server keeps its entry; removed when dropped.
+struct SilentFrontend {
+    file: std::path::PathBuf,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    keeper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentFrontend {
+    fn start(dir: &std::path::Path, id: &str, unique_sessions: bool) -> SilentFrontend {
+        let mut entry = frontend_at_a_dead_endpoint(id);
+        entry.unique_sessions = unique_sessions;
+        let file = list_in(dir, &entry);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keeper = {
+            let (file, done) = (file.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    let _ = std::fs::File::options()
+                        .write(true)
+                        .open(&file)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        SilentFrontend { file, done, keeper: Some(keeper) }
+    }
+}
+
+impl Drop for SilentFrontend {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(keeper) = self.keeper.take() {
+            let _ = keeper.join();
+        }
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// A push to users while a listed frontend does not answer (here an entry whose endpoint
+/// nobody serves) reaches the users of the others, and reports no user missing: the silent
+/// frontend may hold any of them (the sample game would drop them from their rooms).
+#[test]
+fn a_push_while_a_frontend_does_not_answer_reports_no_user_missing() {
+    let dir = cluster_dir("silentfront");
+    // The backend waits for the silent frontend for its call timeout, well within the
+    // frontend's for the forwarded request.
+    let (_room, room_module) = start_backend(&dir, "room-1", &Backend::default(), Duration::from_millis(500));
+    let fe_module = cluster_module(&dir, Duration::from_secs(5));
+    let frontend = start_connector(&fe_module);
+    let silent = SilentFrontend::start(&dir, "connector-9", false);
+    assert!(wait_until(T, || room_module.servers().len() == 3), "the backend lists the silent frontend");
+    let client = frontend.client();
+    let _: bool = client.request("probe.bind", "ann").unwrap();
+    let missing: Vec<String> =
+        client.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": "hi"})).unwrap();
+    assert_eq!(missing, Vec::<String>::new());
+    assert_eq!(client.recv_push_as::<Value>(T).unwrap().1, json!("hi"));
+    drop(silent);
+    assert!(wait_until(T, || room_module.servers().len() == 2), "the entry is gone");
+    let missing: Vec<String> =
+        client.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": "hi"})).unwrap();
+    assert_eq!(missing, vec!["ghost".to_string()], "every frontend answered");
+}
+
+/// A backend may keep a session and push to it later. Once its frontend has restarted under
+/// the same id, such a push must not reach a player of the new process: session ids do not
+/// repeat across restarts.
+#[test]
+fn a_kept_session_of_a_restarted_frontend_reaches_no_new_player() {
+    let dir = cluster_dir("kept");
+    let backend = Backend::default();
+    let (_room, room_module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    let start_frontend = || {
+        let module = cluster_module(&dir, TIMEOUT);
+        let frontend = start_connector(&module);
+        assert!(wait_until(T, || module.servers().len() == 2 && room_module.servers().len() == 2));
+        frontend
+    };
+    let first = start_frontend();
+    let old_player = first.client();
+    let _: bool = old_player.request("room.room.keep", &json!({})).unwrap();
+    first.handle.shutdown().unwrap();
+    assert!(wait_until(T, || room_module.servers().len() == 1), "the frontend left");
+
+    let second = start_frontend();
+    let player = second.client();
+    let _: bool = player.request("room.room.push_kept", &json!("not yours")).unwrap();
+    let _: bool = player.request("room.room.push", &json!("yours")).unwrap();
+    // Pushes from the backend reach the frontend in order: a push to a kept session that
+    // had landed on this player would come first.
+    let (route, v): (String, Value) = player.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), v), ("onMsg", json!("yours")));
+    assert_eq!(backend.kept.lock().unwrap().len(), 1);
+}
