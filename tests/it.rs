@@ -12,3 +12,4 @@ mod pomelo;
 mod protocol;
 mod sample_game;
 mod sessions;
+mod tidy;
