@@ -16,6 +16,8 @@
 //! pomelo/pinus clients then send these routes as 2-byte codes and get pushes with codes.
 //! libpitaya ignores the dictionary and keeps sending strings, which works the same.
 
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
 pub mod entry;
 pub mod room;
 mod router;
