@@ -156,7 +156,8 @@ struct SocketThread {
     identity: Vec<u8>,
     /// Messages refused as meant for another process: a warning a second at most.
     misdirected: Throttle,
-    /// Messages with the wrong number of parts: a warning a second at most.
+    /// Bad input from peers (messages with the wrong number of parts, malformed envelopes,
+    /// frames sent on the wrong socket): a warning a second at most.
     malformed: Throttle,
     /// Listed servers no socket could be made for (see `connect_peers`): a warning a second
     /// at most.

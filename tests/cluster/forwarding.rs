@@ -369,6 +369,29 @@ fn a_forwarded_call_with_bad_session_data_is_refused_not_run_with_an_empty_sessi
     }
 }
 
+/// A peer that sends malformed envelopes with every message (another version, a bug) gets
+/// a warning a second, not one per message, and the server goes on serving its calls.
+#[test]
+fn a_peer_flooding_bad_envelopes_is_warned_of_once_a_second() {
+    use dragonfruit_rpc::wire::Call;
+    let dir = cluster_dir("badflood");
+    let (_room, module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    assert!(wait_until(T, || !module.servers().is_empty()));
+    let addr = module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
+    let logged_before = warnings().len();
+    let peer = RawPeer::new(b"flooder", &addr, b"room-1".to_vec());
+    for _ in 0..40 {
+        peer.socket.send_multipart([b"room-1".as_slice(), b"\x09 not an envelope of this version"], 0).unwrap();
+    }
+    // Answered after the 40 were read (one connection keeps its order).
+    let answer = peer.call(1, Call::User { route: "room.nothing.here".into(), body: Vec::new() });
+    assert!(matches!(&answer, Err(e) if e.code == codes::NOT_FOUND), "{answer:?}");
+    let lines: Vec<String> =
+        warnings_since(logged_before).into_iter().filter(|l| l.contains("bad envelope from flooder")).collect();
+    assert!((1..=3).contains(&lines.len()), "{} warnings for 40 bad envelopes: {lines:?}", lines.len());
+    assert!(lines[0].contains("envelope version 9"), "{lines:?}");
+}
+
 #[test]
 fn a_panicking_backend_handler_or_remote_fails_that_call_only() {
     let c = cluster("panics", 1, TIMEOUT, None);

@@ -4,6 +4,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::HandlerError;
 use log::{debug, info, warn};
 
@@ -43,9 +44,9 @@ impl SocketThread {
             };
             got = true;
             let Ok([identity, to, payload]) = <[Vec<u8>; 3]>::try_from(parts) else {
-                if let Some(more) = self.malformed.due(Instant::now()) {
-                    warn!("rpc message not made of an addressee and an envelope dropped (a peer of another version?){more}");
-                }
+                warn_bad(&self.malformed, || {
+                    "rpc message not made of an addressee and an envelope dropped (a peer of another version?)".into()
+                });
                 continue;
             };
             let from = server_of(&identity);
@@ -53,7 +54,7 @@ impl SocketThread {
                 self.refuse_misdirected(identity, &to, &payload);
                 continue;
             }
-            for frame in decode_from(&payload, &from) {
+            for frame in decode_from(&payload, &from, &self.malformed) {
                 match frame {
                     Frame::Call { corr, call } => {
                         if let Call::Handle { session: s, .. } = &call {
@@ -86,14 +87,18 @@ impl SocketThread {
                         let responder = Responder { io: self.io.clone(), identity: identity.clone(), corr, parts };
                         calls.push((from.clone(), call, responder));
                     }
-                    Frame::Reply { .. } | Frame::Part { .. } => warn!("server {from} sent an answer to a ROUTER"),
+                    Frame::Reply { .. } | Frame::Part { .. } => {
+                        warn_bad(&self.malformed, || format!("server {from} sent an answer to a ROUTER"))
+                    }
                     Frame::Leaving => {
                         if let Some(peer) = self.peers.get_mut(&from) {
                             debug!("server {from} at {} is leaving the cluster", peer.addr);
                             peer.leaving = true;
                         }
                     }
-                    Frame::Misdirected { .. } => warn!("server {from} sent a refusal to a ROUTER"),
+                    Frame::Misdirected { .. } => {
+                        warn_bad(&self.malformed, || format!("server {from} sent a refusal to a ROUTER"))
+                    }
                 }
             }
         }
@@ -123,7 +128,7 @@ impl SocketThread {
                     }
                 };
                 got = true;
-                for frame in decode_from(&payload, id) {
+                for frame in decode_from(&payload, id, &self.malformed) {
                     match frame {
                         Frame::Reply { corr, result } => match self.pending.remove(&corr) {
                             Some(p) => {
@@ -140,9 +145,9 @@ impl SocketThread {
                             peer.misdirected(id, &by);
                             misdirected = true;
                         }
-                        Frame::Call { .. } | Frame::Leaving => {
-                            warn!("server {id} sent a frame meant for a ROUTER on a DEALER")
-                        }
+                        Frame::Call { .. } | Frame::Leaving => warn_bad(&self.malformed, || {
+                            format!("server {id} sent a frame meant for a ROUTER on a DEALER")
+                        }),
                     }
                 }
             }
@@ -198,10 +203,19 @@ pub(super) enum Peers {
     MayAnswer,
 }
 
-/// The frames of an envelope from `from`; none (and a warning) if it is malformed.
-pub(super) fn decode_from(payload: &[u8], from: &str) -> Vec<Frame> {
+/// The frames of an envelope from `from`; none (and a warning, through `throttle`) if it is
+/// malformed.
+pub(super) fn decode_from(payload: &[u8], from: &str, throttle: &Throttle) -> Vec<Frame> {
     wire::decode(payload).unwrap_or_else(|e| {
-        warn!("bad envelope from {from}: {e}");
+        warn_bad(throttle, || format!("bad envelope from {from}: {e}"));
         Vec::new()
     })
+}
+
+/// Warns of bad input from a peer, a line a second at most (with how many were not logged):
+/// a peer of another version, or one that misbehaves, may send it with every message.
+fn warn_bad(throttle: &Throttle, line: impl FnOnce() -> String) {
+    if let Some(more) = throttle.due(Instant::now()) {
+        warn!("{}{more}", line());
+    }
 }
