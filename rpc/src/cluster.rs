@@ -55,8 +55,9 @@ pub(crate) struct Inner {
     leave_thread: Mutex<Option<JoinHandle<()>>>,
     /// When a stopping server starts refusing calls.
     drain: Drain,
-    /// Warnings about notifies no client hears of, one per failure while a server is down.
-    notify_warnings: Arc<NotifyWarnings>,
+    /// Warnings that could come once per message (notifies no client hears of, one per
+    /// failure while a server is down; bad input from a peer), a line a second at most.
+    warnings: Arc<Warnings>,
     stats: Arc<Counters>,
     /// Uids other frontends bound lately (unique sessions across frontends).
     remote_binds: RemoteBinds,
@@ -66,13 +67,17 @@ pub(crate) struct Inner {
     listeners: Listeners,
 }
 
-/// See [`Inner::notify_warnings`].
+/// See [`Inner::warnings`].
 #[derive(Default)]
-struct NotifyWarnings {
+struct Warnings {
     /// A router refused a notify.
     dropped: Throttle,
     /// A call carrying notifies failed.
     failed: Throttle,
+    /// A forwarded batch came with a session this server cannot take (bad session data).
+    bad_session: Throttle,
+    /// An answer to a forwarded batch carried answers to requests the batch did not.
+    stray_answers: Throttle,
 }
 
 /// How long binds announced by other frontends are remembered. What needs it is a bind
@@ -104,7 +109,7 @@ impl ClusterModule {
             leaving: AtomicBool::new(false),
             leave_thread: Mutex::new(None),
             drain: Drain::new(),
-            notify_warnings: Arc::default(),
+            warnings: Arc::default(),
             stats: Arc::default(),
             remote_binds: RemoteBinds::new(REMEMBER_REMOTE_BINDS),
             whereabouts: Whereabouts::default(),

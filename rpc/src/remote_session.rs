@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use dragonfruit_core::serializer::SerializeError;
 use dragonfruit_core::{HandlerError, Serializer, Session, SessionError, SessionInit, SessionSink};
-use log::warn;
 use serde_json::Value;
 
 use crate::socket_thread::{Io, Parts, ReplyFn};
@@ -124,9 +123,7 @@ pub(crate) fn remote_session(
     parts: Option<Arc<Parts>>,
 ) -> Result<(Arc<Session>, Arc<Unacked>), HandlerError> {
     let data = serde_json::from_slice(&s.data).map_err(|e| {
-        let text = format!("session {} of {}: bad session data: {e}", s.id, s.frontend_id);
-        warn!("{text}");
-        HandlerError::bad_request(text)
+        HandlerError::bad_request(format!("session {} of {}: bad session data: {e}", s.id, s.frontend_id))
     })?;
     let sink = Arc::new(RemoteSink {
         io: io.clone(),

@@ -356,10 +356,18 @@ fn a_forwarded_call_with_bad_session_data_is_refused_not_run_with_an_empty_sessi
         let msgs = vec![WireMessage { request: true, id: 5, route: "room.room.whoami".into(), body: b"{}".to_vec() }];
         peer.call(corr, Call::Handle { session, msgs })
     };
+    let logged_before = warnings().len();
     match whoami(1, b"[1, 2]") {
         Err(e) => assert!(e.message.contains("bad session data"), "{e:?}"),
         other => panic!("ran with an empty session: {other:?}"),
     }
+    // Each such call is refused; the backend's warning comes once a second at most.
+    for corr in 10..30 {
+        assert!(whoami(corr, b"[1, 2]").is_err());
+    }
+    let lines = warnings_since(logged_before).into_iter().filter(|l| l.contains("of odd-frontend: bad session data"));
+    let lines = lines.count();
+    assert!((1..=3).contains(&lines), "{lines} warnings for 21 calls with bad session data");
     match whoami(2, br#"{"gold": 5}"#) {
         Ok(Answer::Replies(replies)) => {
             let body: Value = serde_json::from_slice(replies[0].result.as_ref().unwrap().0.as_slice()).unwrap();

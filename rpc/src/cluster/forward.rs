@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use dragonfruit_core::cluster::{Forward, ForwardDone};
 use dragonfruit_core::codec::MessageType;
+use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{codes, HandlerError, Reply, Route, Session};
 use log::{error, warn};
 
@@ -109,7 +110,7 @@ impl Inner {
                 }
                 Err(e) if request => refused.push((msg.id, Reply::Err(e))),
                 Err(e) => {
-                    if let Some(more) = self.notify_warnings.dropped.due(Instant::now()) {
+                    if let Some(more) = self.warnings.dropped.due(Instant::now()) {
                         warn!("sid={} notify {} dropped: {e}{more}", session.id(), msg.route);
                     }
                     dropped += 1;
@@ -135,15 +136,16 @@ impl Inner {
             let notifies = (count > ids.len()).then(|| Notifies {
                 session: session.id(),
                 count: count - ids.len(),
-                warnings: self.notify_warnings.clone(),
+                warnings: self.warnings.clone(),
             });
             let parts = part_taker(session.clone(), done.clone());
+            let warnings = self.warnings.clone();
             let reply = ReplyFn::with_parts(
                 move |result| {
                     if let Some(notifies) = notifies {
                         notifies.check(&result);
                     }
-                    done(replies(ids, result), count)
+                    done(replies(ids, result, &warnings.stray_answers), count)
                 },
                 parts,
             );
@@ -188,7 +190,7 @@ pub(super) fn part_taker(session: Arc<Session>, done: ForwardDone) -> impl FnMut
 /// another build, say) are dropped, so the client never gets a response it did not ask
 /// for or two for one request. Ids answered in parts of the answer get an error here too,
 /// which the frontend drops as answered already (`ForwardAnswers`).
-pub(super) fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Vec<(u64, Reply)> {
+pub(super) fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>, stray: &Throttle) -> Vec<(u64, Reply)> {
     let list = match result {
         Ok(Answer::Replies(list)) => list,
         Ok(_) => return ids.iter().map(|id| (*id, Reply::Err(HandlerError::internal("unexpected answer")))).collect(),
@@ -207,7 +209,9 @@ pub(super) fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Ve
         }
     }
     if !replies.is_empty() {
-        warn!("dropped {} answers to requests the call did not carry", replies.len());
+        if let Some(more) = stray.due(Instant::now()) {
+            warn!("dropped {} answers to requests the call did not carry{more}", replies.len());
+        }
     }
     matched
 }

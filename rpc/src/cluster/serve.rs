@@ -1,7 +1,7 @@
 //! Calls from other servers: forwarded batches, user RPCs and session operations, run on
 //! the app's worker pool.
 
-use super::NotifyWarnings;
+use super::Warnings;
 use crate::binds::Bind;
 use crate::stats::Counters;
 use dragonfruit_core::session::KICKED_BY_NEWER;
@@ -55,11 +55,19 @@ impl Inner {
                     let service = started.ctx.service.clone();
                     let (io, timeout, table) = (started.io.clone(), self.rpc.timeout, self.table.clone());
                     let (overdue, stats) = (started.overdue.clone(), self.stats.clone());
+                    let warnings = self.warnings.clone();
                     let job = move || {
                         let session = match overdue.check(taken, callers_timeout) {
                             Some(e) => Err(e),
                             None => {
-                                remote_session(session, &io, table, timeout, service.env().serializer, parts.clone())
+                                let serializer = service.env().serializer;
+                                remote_session(session, &io, table, timeout, serializer, parts.clone()).inspect_err(
+                                    |e| {
+                                        if let Some(more) = warnings.bad_session.due(Instant::now()) {
+                                            warn!("{}{more}", e.message);
+                                        }
+                                    },
+                                )
                             }
                         };
                         match session {
@@ -229,7 +237,7 @@ pub(super) fn run_message(
 pub(super) struct Notifies {
     pub(super) session: u64,
     pub(super) count: usize,
-    pub(super) warnings: Arc<NotifyWarnings>,
+    pub(super) warnings: Arc<Warnings>,
 }
 
 impl Notifies {

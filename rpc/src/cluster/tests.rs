@@ -1,6 +1,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::AtomicUsize;
 
+use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{codes, Reply, Route};
 
 use super::drain::DRAIN_QUIET;
@@ -98,24 +99,41 @@ fn ok(id: u64, body: &[u8]) -> WireReply {
     WireReply { id, result: Ok(ByteBuf(body.to_vec())) }
 }
 
+/// [`replies`] with a throttle of its own for the stray answers' warning.
+fn replies_of(ids: Vec<u64>, result: Result<Answer, HandlerError>) -> Vec<(u64, Reply)> {
+    replies(ids, result, &Throttle::default())
+}
+
 #[test]
 fn every_forwarded_request_gets_exactly_one_reply() {
-    let all = replies(vec![1, 2], Ok(Answer::Replies(vec![ok(1, b"a"), ok(2, b"b")])));
+    let all = replies_of(vec![1, 2], Ok(Answer::Replies(vec![ok(1, b"a"), ok(2, b"b")])));
     assert_eq!(all, vec![(1, Reply::Ok(b"a".to_vec())), (2, Reply::Ok(b"b".to_vec()))]);
 
-    let missing = replies(vec![1, 2, 3], Ok(Answer::Replies(vec![ok(3, b"c")])));
+    let missing = replies_of(vec![1, 2, 3], Ok(Answer::Replies(vec![ok(3, b"c")])));
     assert_eq!(missing.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2, 3], "in request order");
     assert!(matches!(&missing[0].1, Reply::Err(e) if e.message.contains("dropped")));
     assert_eq!(missing[2].1, Reply::Ok(b"c".to_vec()));
 
-    let failed = replies(vec![4, 5], Err(HandlerError::timeout("slow")));
+    let failed = replies_of(vec![4, 5], Err(HandlerError::timeout("slow")));
     assert!(failed.iter().all(|(_, r)| matches!(r, Reply::Err(e) if e.message == "slow")));
     assert_eq!(failed.len(), 2);
 
-    let odd = replies(vec![6], Ok(Answer::Done));
+    let odd = replies_of(vec![6], Ok(Answer::Done));
     assert!(matches!(&odd[0], (6, Reply::Err(e)) if e.message == "unexpected answer"));
 
     let answers = vec![ok(9, b"not asked"), ok(8, b"first"), ok(8, b"again"), ok(7, b"seven")];
-    let extra = replies(vec![7, 8], Ok(Answer::Replies(answers)));
+    let extra = replies_of(vec![7, 8], Ok(Answer::Replies(answers)));
     assert_eq!(extra, vec![(7, Reply::Ok(b"seven".to_vec())), (8, Reply::Ok(b"first".to_vec()))]);
+}
+
+/// Answers to requests a call did not carry (a peer of another build) are warned of
+/// through the throttle, so a peer answering so every time logs a line a second.
+#[test]
+fn stray_answers_are_warned_of_through_the_throttle() {
+    let throttle = Throttle::default();
+    replies(vec![1], Ok(Answer::Replies(vec![ok(1, b"a")])), &throttle);
+    assert!(throttle.due(Instant::now()).is_some(), "no stray answer, no warning taken");
+    let throttle = Throttle::default();
+    replies(vec![1], Ok(Answer::Replies(vec![ok(1, b"a"), ok(2, b"stray")])), &throttle);
+    assert!(throttle.due(Instant::now()).is_none(), "the warning was logged through it");
 }
