@@ -1,3 +1,5 @@
+//! Unit tests of handler registration, pipelines and dispatch.
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

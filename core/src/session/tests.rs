@@ -1,3 +1,5 @@
+//! Unit tests of sessions and the session registry.
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;

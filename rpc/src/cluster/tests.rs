@@ -1,3 +1,5 @@
+//! Unit tests of the cluster module: the drain, routing per batch, the replies of a call.
+
 use std::collections::HashSet;
 use std::sync::atomic::AtomicUsize;
 

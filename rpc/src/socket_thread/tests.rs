@@ -1,3 +1,5 @@
+//! Tests of the socket thread against real ZeroMQ sockets, and the set-up they share.
+
 use dragonfruit_core::codes;
 
 use super::peer::ipv6;

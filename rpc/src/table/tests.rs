@@ -1,3 +1,5 @@
+//! Unit tests of the server table.
+
 use super::*;
 
 fn entry(id: &str, frontend: bool) -> ServerEntry {

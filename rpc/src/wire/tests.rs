@@ -1,3 +1,5 @@
+//! Unit tests of the envelope codec.
+
 use proptest::prelude::*;
 
 use super::*;

@@ -1,3 +1,5 @@
+//! Unit tests of embedded discovery over a registry directory.
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
