@@ -335,15 +335,20 @@ fn forwarded_routes_use_route_codes_and_compression() {
     assert_eq!(serde_json::from_slice::<Value>(&push.body).unwrap(), json!({"text": body}));
 }
 
+/// `room-1` alone in a cluster directory of its own, and a peer of our own making, ZeroMQ
+/// identity `identity`, calling it by its server id (as a peer that does not know its process).
+fn room_1_and_raw_peer(name: &str, identity: &[u8]) -> ((Server, ClusterModule), RawPeer) {
+    let (room, module) = start_backend(&cluster_dir(name), "room-1", &Backend::default(), TIMEOUT);
+    assert!(wait_until(T, || !module.servers().is_empty()));
+    let addr = module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
+    ((room, module), RawPeer::new(identity, &addr, b"room-1".to_vec()))
+}
+
 #[test]
 fn a_forwarded_call_with_bad_session_data_is_refused_not_run_with_an_empty_session() {
     use dragonfruit_rpc::wire::{Answer, Call, SessionSnapshot, WireMessage};
-    let dir = cluster_dir("badsession");
-    let (_room, module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
-    assert!(wait_until(T, || !module.servers().is_empty()));
-    let addr = module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
     // A frontend of another build, say, whose snapshot carries data that is not an object.
-    let peer = RawPeer::new(b"odd-frontend", &addr, b"room-1".to_vec());
+    let (_room, peer) = room_1_and_raw_peer("badsession", b"odd-frontend");
     let whoami = |corr: u64, data: &[u8]| {
         let session = SessionSnapshot {
             id: 1,
@@ -382,12 +387,8 @@ fn a_forwarded_call_with_bad_session_data_is_refused_not_run_with_an_empty_sessi
 #[test]
 fn a_peer_flooding_bad_envelopes_is_warned_of_once_a_second() {
     use dragonfruit_rpc::wire::Call;
-    let dir = cluster_dir("badflood");
-    let (_room, module) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
-    assert!(wait_until(T, || !module.servers().is_empty()));
-    let addr = module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
+    let (_room, peer) = room_1_and_raw_peer("badflood", b"flooder");
     let logged_before = warnings().len();
-    let peer = RawPeer::new(b"flooder", &addr, b"room-1".to_vec());
     for _ in 0..40 {
         peer.socket.send_multipart([b"room-1".as_slice(), b"\x09 not an envelope of this version"], 0).unwrap();
     }
