@@ -27,6 +27,10 @@ use crate::table::{millis, ServerEntry, ServerTable};
 /// (dead servers' leftovers).
 const REMOVE_AFTER: Duration = Duration::from_secs(60);
 
+/// Largest registry file read. A server entry takes a few hundred bytes (a few KiB with
+/// much metadata); a larger file is not one, and would be read whole at every rescan.
+const MAX_ENTRY_BYTES: u64 = 1 << 20;
+
 /// The file-based registry.
 pub struct EmbeddedDiscovery {
     dir: PathBuf,
@@ -148,7 +152,14 @@ fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, terms: O
 /// Keeps this server's file fresh; writes it again, and its directory, when they are gone
 /// (a `/tmp` cleaner, an operator).
 fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, terms: Terms) -> std::io::Result<()> {
-    let touched = fs::File::options().write(true).open(path).and_then(|f| f.set_modified(SystemTime::now()));
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: opening a named pipe left at its path would wait for a reader; it fails
+    // instead, and the file is written anew (replacing the pipe).
+    let touched = fs::File::options()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now()));
     if touched.is_ok() {
         return Ok(());
     }
@@ -228,9 +239,26 @@ fn scan(
         if path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
         }
-        let Ok(mtime) = entry.metadata().and_then(|m| m.modified()) else { continue };
+        // Not following links: the servers write regular files.
+        let Ok(meta) = entry.metadata() else { continue };
+        let Ok(mtime) = meta.modified() else { continue };
         present.insert(path.clone());
         let untouched = freshness.untouched(&path, mtime, wall_now, now);
+        // Not read: a named pipe would block the scan (and this server's refresh) until
+        // something writes to it, a huge file would be read whole at every rescan.
+        let unreadable = if !meta.is_file() {
+            Some("is not a regular file".to_owned())
+        } else if meta.len() > MAX_ENTRY_BYTES {
+            Some(format!("has {} bytes, more than a server entry takes ({MAX_ENTRY_BYTES} at most)", meta.len()))
+        } else {
+            None
+        };
+        if let Some(why) = unreadable {
+            if untouched <= ttl {
+                found.bad.push((path, why));
+            }
+            continue;
+        }
         let read = fs::read(&path).map(|bytes| serde_json::from_slice::<Registration>(&bytes));
         let limit = match &read {
             Ok(Ok(Registration { ttl: Some(ms), .. })) => Duration::from_millis(*ms),
@@ -272,8 +300,9 @@ fn scan(
 /// would otherwise take the file over and leave that one running, unreachable.
 fn running_holder(path: &Path, ours: Option<&Owner>, ttl: Duration) -> Option<String> {
     let ours = ours?;
-    let modified = fs::metadata(path).and_then(|m| m.modified()).ok()?;
-    let age = SystemTime::now().duration_since(modified).unwrap_or_default();
+    // What the scan does not read is no server's file (see `scan`).
+    let meta = fs::symlink_metadata(path).ok().filter(|m| m.is_file() && m.len() <= MAX_ENTRY_BYTES)?;
+    let age = SystemTime::now().duration_since(meta.modified().ok()?).unwrap_or_default();
     let Registration { entry, owner, ttl: said, .. } = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
     let owner = owner?;
     let fresh = age <= said.map_or(ttl, Duration::from_millis);

@@ -342,3 +342,44 @@ fn a_removed_registry_directory_is_written_again() {
     b.stop();
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// What is not a regular file of a plausible size is refused without being read: a named
+/// pipe would block the scan (and with it this server's refresh) until something writes to
+/// it, and a huge file would be read whole at every rescan.
+#[test]
+fn files_that_cannot_be_entries_are_refused_unread() {
+    let dir = fresh_dir("unread");
+    fs::create_dir_all(&dir).unwrap();
+    let pipe = std::ffi::CString::new(dir.join("pipe.json").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(pipe.as_ptr(), 0o600) }, 0, "{}", std::io::Error::last_os_error());
+    let big = fs::File::create(dir.join("big.json")).unwrap();
+    big.set_len(MAX_ENTRY_BYTES + 1).unwrap();
+    write_entry(&dir.join(file_name("room-1")), &entry("room-1"), None, None).unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let scanned = dir.clone();
+    std::thread::spawn(move || drop(tx.send(scan_once(&scanned, Duration::from_secs(3)))));
+    let found = rx.recv_timeout(Duration::from_secs(5)).expect("the scan returned");
+    assert!(found.servers.contains_key("room-1"));
+    let mut bad: Vec<(String, String)> =
+        found.bad.iter().map(|(p, why)| (p.file_name().unwrap().to_string_lossy().into_owned(), why.clone())).collect();
+    bad.sort();
+    assert_eq!(bad.len(), 2, "{bad:?}");
+    assert!(bad[0].0 == "big.json" && bad[0].1.contains("bytes"), "{bad:?}");
+    assert!(bad[1].0 == "pipe.json" && bad[1].1.contains("not a regular file"), "{bad:?}");
+    // Nor is such a file read as this server's own at its start.
+    if let Some(me) = Owner::this_process() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let pipe = dir.join("pipe.json");
+        std::thread::spawn(move || drop(tx.send(running_holder(&pipe, Some(&me), Duration::from_secs(3)))));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(None));
+    }
+    // A pipe at this server's own path is replaced by its file at the next refresh.
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let pipe = dir.join("pipe.json");
+    let terms = Terms { refresh: Duration::from_millis(500), ttl: Duration::from_secs(3) };
+    std::thread::spawn(move || drop(tx.send(touch(&pipe, &entry("room-2"), None, terms).map_err(|e| e.to_string()))));
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(())));
+    assert_eq!(registration(&dir.join("pipe.json")).entry.id, "room-2");
+    let _ = fs::remove_dir_all(&dir);
+}
