@@ -9,6 +9,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Most bytes taken for an answer's status line and headers (etcd sends a few hundred).
+const MAX_HEAD: usize = 64 << 10;
+
+/// Most bytes taken for one JSON value of an answer. etcd's largest answers here are the
+/// range of every server's key (~1 KiB a server) and watch events; something else at the
+/// endpoint (a wrong URL) must not fill this server's memory.
+const MAX_VALUE: usize = 64 << 20;
+
 /// `host:port` of a plain-HTTP endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Endpoint {
@@ -69,6 +77,8 @@ pub(crate) struct Body {
     left: usize,
     finished: bool,
     pending: Vec<u8>,
+    /// How far `pending` is known to hold no whole JSON value yet.
+    scan: ValueScan,
     /// The last read failed for want of data within the socket's read timeout.
     timed_out: bool,
 }
@@ -91,18 +101,21 @@ fn request(endpoint: &Endpoint, req: &Post<'_>) -> Result<(Body, TcpStream), Str
         endpoint.host_port,
         payload.len()
     );
-    stream.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
-    stream.write_all(&payload).map_err(|e| e.to_string())?;
+    // One write: a second small one (the body) could wait for the first's ACK (Nagle).
+    let mut message = head.into_bytes();
+    message.extend_from_slice(&payload);
+    stream.write_all(&message).map_err(|e| e.to_string())?;
     let control = stream.try_clone().map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    reader.read_line(&mut line).map_err(|e| e.to_string())?;
+    let mut head_left = MAX_HEAD;
+    read_head_line(&mut reader, &mut line, &mut head_left)?;
     let status: u16 =
         line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad status line {line:?}"))?;
     let (mut chunked, mut length) = (false, None);
     loop {
         line.clear();
-        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+        if read_head_line(&mut reader, &mut line, &mut head_left)? == 0 {
             return Err("connection closed in headers".into());
         }
         let header = line.trim_end();
@@ -117,12 +130,24 @@ fn request(endpoint: &Endpoint, req: &Post<'_>) -> Result<(Body, TcpStream), Str
         }
     }
     let left = if chunked { 0 } else { length.unwrap_or(usize::MAX) };
-    let mut body = Body { reader, chunked, left, finished: false, pending: Vec::new(), timed_out: false };
+    let scan = ValueScan::default();
+    let mut body = Body { reader, chunked, left, finished: false, pending: Vec::new(), scan, timed_out: false };
     if status != 200 {
         let text = body.read_all().unwrap_or_default();
         return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&text).trim()));
     }
     Ok((body, control))
+}
+
+/// Reads a line of the answer's head into `line`, within the `left` bytes the head may
+/// still take.
+fn read_head_line(reader: &mut BufReader<TcpStream>, line: &mut String, left: &mut usize) -> Result<usize, String> {
+    let n = reader.by_ref().take(*left as u64 + 1).read_line(line).map_err(|e| e.to_string())?;
+    if n > *left {
+        return Err(format!("answer's status line and headers over {MAX_HEAD} bytes (not an etcd?)"));
+    }
+    *left -= n;
+    Ok(n)
 }
 
 /// Sends `post` and returns the first JSON value of the answer.
@@ -189,6 +214,9 @@ impl Body {
             return Ok(false);
         }
         self.pending.extend_from_slice(&buf[..n]);
+        if self.pending.len() > MAX_VALUE {
+            return Err(format!("a JSON value of the answer over {MAX_VALUE} bytes (not an etcd?)"));
+        }
         self.left -= n;
         if self.chunked && self.left == 0 {
             let mut crlf = [0u8; 2];
@@ -197,18 +225,22 @@ impl Body {
         Ok(true)
     }
 
-    /// The next JSON value of the body; `None` at its end.
+    /// The next JSON value of the body; `None` at its end. A value that arrives in many
+    /// reads (a large range) is parsed once it is whole, not at every read.
     pub(crate) fn next_value(&mut self) -> Result<Option<Value>, String> {
         loop {
-            let mut values = serde_json::Deserializer::from_slice(&self.pending).into_iter::<Value>();
-            match values.next() {
-                Some(Ok(value)) => {
-                    let used = values.byte_offset();
-                    self.pending.drain(..used);
-                    return Ok(Some(value));
+            if self.scan.may_be_whole(&self.pending) {
+                let mut values = serde_json::Deserializer::from_slice(&self.pending).into_iter::<Value>();
+                match values.next() {
+                    Some(Ok(value)) => {
+                        let used = values.byte_offset();
+                        self.pending.drain(..used);
+                        self.scan = ValueScan::default();
+                        return Ok(Some(value));
+                    }
+                    Some(Err(e)) if !e.is_eof() => return Err(format!("bad json in answer: {e}")),
+                    _ => {}
                 }
-                Some(Err(e)) if !e.is_eof() => return Err(format!("bad json in answer: {e}")),
-                _ => {}
             }
             if !self.fill()? {
                 let rest = String::from_utf8_lossy(&self.pending);
@@ -223,6 +255,65 @@ impl Body {
     fn read_all(&mut self) -> Result<Vec<u8>, String> {
         while self.fill()? {}
         Ok(std::mem::take(&mut self.pending))
+    }
+}
+
+/// Finds where the first JSON value of a buffer that grows ends, looking at each byte once:
+/// nesting of objects and arrays, and strings with their escapes.
+#[derive(Default)]
+struct ValueScan {
+    /// Bytes looked at so far.
+    pos: usize,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// The value is a number or a literal (`true`, a number): its end is where the parser
+    /// finds it, so it is tried at every read.
+    scalar: bool,
+}
+
+impl ValueScan {
+    /// Whether `buf` may hold a whole first value: a container or string closed at the top
+    /// level, or a scalar begun (the parser then says).
+    fn may_be_whole(&mut self, buf: &[u8]) -> bool {
+        if self.scalar {
+            return true;
+        }
+        while let Some(&byte) = buf.get(self.pos) {
+            self.pos += 1;
+            if self.in_string {
+                match byte {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => {
+                        self.in_string = false;
+                        if self.depth == 0 {
+                            return true;
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    // A stray closer is left to the parser to refuse.
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return true;
+                    }
+                }
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                _ if self.depth == 0 => {
+                    self.scalar = true;
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        false
     }
 }
 
@@ -271,6 +362,44 @@ mod tests {
         assert!(Endpoint::parse("http://nohost").is_err());
         assert_eq!(Endpoint::parse("etcd-1:2379").unwrap(), Endpoint::parse("http://etcd-1:2379/").unwrap());
         assert!(Endpoint::parse("nohost").is_err());
+    }
+
+    /// Something else than etcd at the endpoint cannot fill this server's memory: a head or
+    /// a JSON value over the limits is an error.
+    #[test]
+    fn answers_over_the_size_limits_are_errors() {
+        let req = Post { path: "/x", body: &Value::Null, timeout: Duration::from_secs(5), token: None };
+        let long_header = format!("HTTP/1.1 200 OK\r\nX-Junk: {}\r\n\r\n{{}}", "a".repeat(MAX_HEAD));
+        let (ep, _) = serve_once(Box::leak(long_header.into_boxed_str()));
+        let e = post(&ep, &req).unwrap_err();
+        assert!(e.contains("headers over"), "{e}");
+        // An endless string: never a whole value.
+        let endless = format!("HTTP/1.1 200 OK\r\n\r\n[\"{}", "a".repeat(MAX_VALUE + 1));
+        let (ep, _) = serve_once(Box::leak(endless.into_boxed_str()));
+        let e = post(&ep, &req).unwrap_err();
+        assert!(e.contains("JSON value of the answer over"), "{e}");
+        // Up to the limits, the answer is taken.
+        let big = format!("HTTP/1.1 200 OK\r\n\r\n\"{}\"", "a".repeat(MAX_VALUE - 2));
+        let (ep, _) = serve_once(Box::leak(big.into_boxed_str()));
+        assert_eq!(post(&ep, &req).unwrap().as_str().map(str::len), Some(MAX_VALUE - 2));
+    }
+
+    /// The scan says a value may be whole exactly when its last byte has come, fed a byte
+    /// at a time: braces and quotes inside strings, escapes, nesting, leading whitespace.
+    #[test]
+    fn the_scan_finds_where_the_first_value_ends() {
+        for value in [r#"{"a":"}{\"]","b":[1,{"c":[]}]}"#, r#""x\\""#, "[[],[[]]]", " \n {}"] {
+            let mut scan = ValueScan::default();
+            let bytes = value.as_bytes();
+            for end in 1..bytes.len() {
+                assert!(!scan.may_be_whole(&bytes[..end]), "{value} whole at {end}");
+            }
+            assert!(scan.may_be_whole(bytes), "{value}");
+            serde_json::from_slice::<Value>(bytes).unwrap();
+        }
+        // A number's end is the parser's to find: tried at every read.
+        let mut scan = ValueScan::default();
+        assert!(scan.may_be_whole(b" 12") && scan.may_be_whole(b" 123"));
     }
 
     /// A name with several addresses (`localhost`: `::1`, then `127.0.0.1`) reaches the
