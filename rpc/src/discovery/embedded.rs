@@ -334,7 +334,11 @@ impl Discovery for EmbeddedDiscovery {
     fn start(&self, me: ServerEntry, table: Arc<ServerTable>, changed: OnChange) -> Result<(), DiscoveryError> {
         let dir_error =
             |e: std::io::Error| DiscoveryError::Dir { dir: self.dir.display().to_string(), message: e.to_string() };
-        fs::create_dir_all(&self.dir).map_err(dir_error)?;
+        fs::create_dir_all(&self.dir).map_err(|e| match e.kind() {
+            // create_dir_all says only "File exists" of a file in the way.
+            std::io::ErrorKind::AlreadyExists => dir_error(std::io::Error::other("not a directory")),
+            _ => dir_error(e),
+        })?;
         let own_file = self.dir.join(file_name(&me.id));
         let owner = Owner::this_process();
         if let Some(holder) = running_holder(&own_file, owner.as_ref(), self.ttl) {

@@ -383,3 +383,15 @@ fn files_that_cannot_be_entries_are_refused_unread() {
     assert_eq!(registration(&dir.join("pipe.json")).entry.id, "room-2");
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// A registry directory that is a file in fact is refused at start, saying so (the system
+/// says only "File exists").
+#[test]
+fn a_file_as_the_registry_directory_is_refused_saying_so() {
+    let dir = fresh_dir("file");
+    fs::write(&dir, b"").unwrap();
+    let discovery = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_millis(300));
+    let e = discovery.start(entry("room-1"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap_err();
+    assert_eq!(e.to_string(), format!("registry directory {}: not a directory", dir.display()));
+    fs::remove_file(&dir).unwrap();
+}
