@@ -6,7 +6,7 @@ use std::time::Duration;
 use dragonfruit_client::ClientError;
 use serde_json::{json, Value};
 
-use crate::util::{probe_app, wait_until, Probe, Server, T};
+use crate::util::{probe_app, wait_until, warnings, warnings_since, Probe, Server, T};
 
 #[test]
 fn bind_once_and_find_by_uid() {
@@ -120,4 +120,21 @@ fn pushes_from_outside_handlers() {
     session.kick("admin").unwrap();
     assert!(client.wait_closed(T));
     assert!(client.recv_push(Duration::from_millis(50)).is_err());
+}
+
+/// A push the server cannot frame (a route over 255 bytes) is dropped with a warning a
+/// second, not one per session it was for, and the sessions go on.
+#[test]
+fn pushes_that_cannot_be_framed_are_warned_of_once_a_second() {
+    let server = Server::start(probe_app(&Probe::default()));
+    let clients: Vec<_> = (0..20).map(|_| server.client()).collect();
+    let logged_before = warnings().len();
+    let messenger = server.handle.messenger();
+    messenger.broadcast("connector", &"r".repeat(300), br#"{"lost":1}"#.to_vec().into()).unwrap();
+    messenger.broadcast("connector", "onNews", br#"{"news":1}"#.to_vec().into()).unwrap();
+    for c in &clients {
+        assert_eq!(c.recv_push(T).unwrap().route, "onNews", "the unframed push is dropped, the next comes");
+    }
+    let lines = warnings_since(logged_before).into_iter().filter(|l| l.contains("longer than 255 bytes")).count();
+    assert!((1..=3).contains(&lines), "{lines} warnings for a push to 20 sessions");
 }

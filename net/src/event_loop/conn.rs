@@ -370,7 +370,9 @@ impl EventLoop {
         };
         let opts = EncodeOptions { dict: agent.uses_route_codes.then_some(&self.shared.dict), compress: false };
         if let Err(e) = encode_data_packet(&msg, &opts, &mut agent.wbuf) {
-            warn!("sid={} push {} dropped: {e}", agent.sid, push.route);
+            if let Some(more) = self.unframed_pushes.due(self.now) {
+                warn!("sid={} push {} dropped: {e}{more}", agent.sid, push.route);
+            }
             return;
         }
         Stats::add(&self.shared.stats.pushes, 1);

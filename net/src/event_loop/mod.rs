@@ -93,6 +93,9 @@ pub(crate) struct EventLoop {
     not_reading: Throttle,
     /// Warnings of clients disconnected for the total of the write queues.
     shed: Throttle,
+    /// Warnings of pushes that cannot be framed (a route over 255 bytes): a broadcast
+    /// would log one per session.
+    unframed_pushes: Throttle,
 }
 
 /// How often a stopping loop looks at whether it may finish.
@@ -152,6 +155,7 @@ impl EventLoop {
             write_total: 0,
             not_reading: Throttle::default(),
             shed: Throttle::default(),
+            unframed_pushes: Throttle::default(),
         }
     }
 
