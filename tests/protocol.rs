@@ -10,7 +10,7 @@ use dragonfruit_net::HandshakeRefusal;
 use serde_json::{json, Value};
 
 use crate::util::raw::{test_dict, Reading};
-use crate::util::{probe_app, wait_until, Probe, Server, T};
+use crate::util::{probe_app, wait_until, warnings, warnings_since, Probe, Server, T};
 
 #[test]
 fn handshake_response_is_byte_identical_to_pitaya() {
@@ -310,4 +310,24 @@ fn postcard_serializer_is_announced_and_used() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// An answer too large for a packet (over 16 MiB) reaches the client as an error, the
+/// connection goes on, and the server warns of it a line a second however often it is asked.
+#[test]
+fn answers_too_large_to_frame_are_errors_warned_of_once_a_second() {
+    let server = Server::start(probe_app(&Probe::default()));
+    let client = server.client_with(ClientConfig { request_timeout: Duration::from_secs(30), ..Default::default() });
+    let logged_before = warnings().len();
+    for _ in 0..4 {
+        match client.request::<_, Value>("probe.big", &MAX_WIRE_BODY) {
+            Err(ClientError::Server(e)) => {
+                assert_eq!((e.code.as_str(), e.message.as_str()), (codes::INTERNAL, "response too large"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(client.request_raw("probe.echo", b"still here").unwrap(), b"still here");
+    let lines = warnings_since(logged_before).into_iter().filter(|l| l.contains("cannot be framed")).count();
+    assert!((1..=3).contains(&lines), "{lines} warnings for 4 answers too large");
 }

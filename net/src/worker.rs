@@ -13,9 +13,9 @@ use dragonfruit_core::codec::{
     parse_packet, EncodeOptions, HandshakeData, MessageOut, MessageType, PacketType, HANDSHAKE_BAD_REQUEST,
     MAX_WIRE_BODY,
 };
-use dragonfruit_core::handler::Resolved;
+use dragonfruit_core::handler::{HandlerService, Resolved};
 use dragonfruit_core::{codes, HandlerError, Reply, Serializer, Session, SessionId};
-use log::{debug, error, warn};
+use log::{debug, error};
 
 use crate::agent::Batch;
 use crate::app::{HandshakeRefusal, Shared};
@@ -174,6 +174,7 @@ fn forward(shared: &Shared, token: usize, session: &Arc<Session>, forwards: Vec<
     };
     let answers = ForwardAnswers {
         port: shared.port.clone(),
+        service: shared.service.clone(),
         compress: shared.config.message.compression,
         serializer: session.serializer(),
         token,
@@ -190,6 +191,8 @@ fn forward(shared: &Shared, token: usize, session: &Arc<Session>, forwards: Vec<
 /// in-flight count stays exact.
 struct ForwardAnswers {
     port: Arc<LoopPort>,
+    /// Logs answers too large to frame.
+    service: Arc<HandlerService>,
     compress: bool,
     serializer: Serializer,
     token: usize,
@@ -233,7 +236,7 @@ impl ForwardAnswers {
         }
         let mut out = Vec::new();
         for (id, reply) in replies {
-            encode_reply_with(self.compress, self.serializer, self.sid, id, reply, &mut out);
+            encode_reply_with(&self.service, (self.compress, self.serializer), self.sid, id, reply, &mut out);
         }
         let _ = self.port.send(LoopMsg::Forwarded { token: self.token, session: self.sid, out, count });
     }
@@ -295,10 +298,20 @@ fn handle_message(
 /// Appends the response packet for `reply` to `out`.
 fn encode_reply(shared: &Shared, session: &Session, id: u64, reply: Reply, out: &mut Vec<u8>) {
     let compress = shared.config.message.compression;
-    encode_reply_with(compress, session.serializer(), session.id(), id, reply, out);
+    encode_reply_with(&shared.service, (compress, session.serializer()), session.id(), id, reply, out);
 }
 
-fn encode_reply_with(compress: bool, serializer: Serializer, sid: SessionId, id: u64, reply: Reply, out: &mut Vec<u8>) {
+/// Appends the response packet for `reply` to request `id` of session `sid`, compressed or
+/// not and errors in `serializer`'s form; one too large to frame becomes an error (logged
+/// through `service`).
+fn encode_reply_with(
+    service: &HandlerService,
+    (compress, serializer): (bool, Serializer),
+    sid: SessionId,
+    id: u64,
+    reply: Reply,
+    out: &mut Vec<u8>,
+) {
     let opts = EncodeOptions { dict: None, compress };
     let (body, is_error) = match reply {
         Reply::None | Reply::Dropped(_) => return,
@@ -306,7 +319,7 @@ fn encode_reply_with(compress: bool, serializer: Serializer, sid: SessionId, id:
         Reply::Err(e) => (serializer.encode_error(&e), true),
     };
     if let Err(e) = encode_data_packet(&MessageOut::response(id, &body, is_error), &opts, out) {
-        warn!("sid={sid} response {id} cannot be framed: {e}");
+        service.log_unframed(Instant::now(), sid, id, &e);
         let body = serializer.encode_error(&HandlerError::internal("response too large"));
         let _ = encode_data_packet(&MessageOut::response(id, &body, true), &opts, out);
     }

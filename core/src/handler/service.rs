@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use log::{debug, error, warn};
 
-use crate::codec::MessageType;
+use crate::codec::{EncodeError, MessageType};
 use crate::error::HandlerError;
 use crate::handler::{Ctx, Handler, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines, RemoteCtx};
 use crate::route::Route;
@@ -67,6 +67,8 @@ pub struct HandlerService {
     env: HandlerEnv,
     /// Warnings of [`Reply::Dropped`] notifies.
     dropped: Arc<Throttle>,
+    /// Warnings of answers too large to frame.
+    unframed: Arc<Throttle>,
 }
 
 impl HandlerService {
@@ -84,7 +86,7 @@ impl HandlerService {
                 }
             }
         }
-        HandlerService { registry, by_text, pipelines, env, dropped: Arc::default() }
+        HandlerService { registry, by_text, pipelines, env, dropped: Arc::default(), unframed: Arc::default() }
     }
 
     /// Logs the failure of a notify (`Reply::Dropped`) of `session` on `route` at `now`. A
@@ -93,6 +95,16 @@ impl HandlerService {
     pub fn log_dropped(&self, now: Instant, session: SessionId, route: &str, error: &HandlerError) {
         if let Some(more) = self.dropped.due(now) {
             warn!("sid={session} route={route} notify failed: {error}{more}");
+        }
+    }
+
+    /// Logs that the answer to request `id` of `session` could not be framed (`error`: over
+    /// the packet size limit), at `now`; an error goes to the client instead. Clients asking
+    /// for such answers again and again would flood the log, so at most once a second per
+    /// server, with how many were not logged.
+    pub fn log_unframed(&self, now: Instant, session: SessionId, id: u64, error: &EncodeError) {
+        if let Some(more) = self.unframed.due(now) {
+            warn!("sid={session} response {id} cannot be framed: {error}{more}");
         }
     }
 
