@@ -149,6 +149,34 @@ fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, terms: O
     fs::rename(&tmp, path)
 }
 
+/// Makes the registry directory (and its parents), readable and writable by this user only:
+/// whoever can write there can list servers, and so receive the calls meant for them.
+fn make_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Refuses a registry directory that belongs to another user (a shared `/tmp`, where any
+/// user may have made it first): that user could list servers there and receive their
+/// calls, sessions included. Warns of one other users may write to.
+fn check_dir_owner(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir).map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "belongs to user {} and this server runs as user {me}: that user could list servers in it \
+             (set discovery.dir to a directory of this user)",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        warn!("registry directory {} is writable by other users: any of them can list servers in it", dir.display());
+    }
+    Ok(())
+}
+
 /// Keeps this server's file fresh; writes it again, and its directory, when they are gone
 /// (a `/tmp` cleaner, an operator).
 fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, terms: Terms) -> std::io::Result<()> {
@@ -164,7 +192,7 @@ fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, terms: Terms) 
         return Ok(());
     }
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
+        make_dir(dir)?;
     }
     write_entry(path, entry, owner, Some(terms))
 }
@@ -334,11 +362,13 @@ impl Discovery for EmbeddedDiscovery {
     fn start(&self, me: ServerEntry, table: Arc<ServerTable>, changed: OnChange) -> Result<(), DiscoveryError> {
         let dir_error =
             |e: std::io::Error| DiscoveryError::Dir { dir: self.dir.display().to_string(), message: e.to_string() };
-        fs::create_dir_all(&self.dir).map_err(|e| match e.kind() {
+        make_dir(&self.dir).map_err(|e| match e.kind() {
             // create_dir_all says only "File exists" of a file in the way.
             std::io::ErrorKind::AlreadyExists => dir_error(std::io::Error::other("not a directory")),
             _ => dir_error(e),
         })?;
+        check_dir_owner(&self.dir)
+            .map_err(|message| DiscoveryError::Dir { dir: self.dir.display().to_string(), message })?;
         let own_file = self.dir.join(file_name(&me.id));
         let owner = Owner::this_process();
         if let Some(holder) = running_holder(&own_file, owner.as_ref(), self.ttl) {

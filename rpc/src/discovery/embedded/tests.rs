@@ -395,3 +395,36 @@ fn a_file_as_the_registry_directory_is_refused_saying_so() {
     assert_eq!(e.to_string(), format!("registry directory {}: not a directory", dir.display()));
     fs::remove_file(&dir).unwrap();
 }
+
+/// A registry directory of another user is refused at start (that user could list servers
+/// there and receive their calls); one this server makes is this user's only.
+#[test]
+fn a_registry_directory_of_another_user_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let made = fresh_dir("mine").join("sub");
+    let discovery = EmbeddedDiscovery::new(made.clone(), Duration::from_millis(50), Duration::from_millis(300));
+    discovery.start(entry("room-1"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    discovery.stop();
+    assert_eq!(fs::metadata(&made).unwrap().permissions().mode() & 0o777, 0o700);
+    let _ = fs::remove_dir_all(made.parent().unwrap());
+    // Another user's: one made and given away (as root), or the root directory (as another user).
+    let theirs = if me == 0 {
+        let dir = fresh_dir("theirs");
+        fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(54321), None).unwrap();
+        dir
+    } else {
+        PathBuf::from("/")
+    };
+    let owner = fs::metadata(&theirs).unwrap().uid();
+    assert_ne!(owner, me);
+    let discovery = EmbeddedDiscovery::new(theirs.clone(), Duration::from_millis(50), Duration::from_millis(300));
+    let e = discovery.start(entry("room-1"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap_err();
+    assert!(e.to_string().contains(&format!("belongs to user {owner} and this server runs as user {me}")), "{e}");
+    assert!(!theirs.join(file_name("room-1")).exists(), "nothing written there");
+    if me == 0 {
+        fs::remove_dir_all(&theirs).unwrap();
+    }
+}
