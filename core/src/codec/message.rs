@@ -8,6 +8,9 @@ use crate::codec::{encode_packet_with, DecodeError, EncodeError, PacketType, Rou
 
 /// Flag bit: the route is a 2-byte dictionary code.
 pub const FLAG_ROUTE_CODE: u8 = 0x01;
+
+/// Longest route a message carries as a string (its length is one byte).
+pub const MAX_ROUTE_LEN: usize = 255;
 /// Flag bit: the body is a zlib stream ("gzip" in Pitaya's naming).
 pub const FLAG_COMPRESSED: u8 = 0x10;
 /// Flag bit: the response carries an error payload (Pitaya extension).
@@ -248,9 +251,9 @@ pub fn encode_message(msg: &MessageOut<'_>, opts: &EncodeOptions<'_>, out: &mut 
             Some(code) => out.extend_from_slice(&code.to_be_bytes()),
             None => {
                 let len = msg.route.len();
-                if len > 255 {
+                if let Err(e) = check_route_len(msg.route) {
                     out.truncate(start);
-                    return Err(EncodeError::RouteTooLong(len));
+                    return Err(e);
                 }
                 out.push(len as u8);
                 out.extend_from_slice(msg.route.as_bytes());
@@ -267,6 +270,15 @@ pub fn encode_message(msg: &MessageOut<'_>, opts: &EncodeOptions<'_>, out: &mut 
         out.extend_from_slice(msg.body);
     }
     Ok(())
+}
+
+/// Whether `route` fits in a message as a string ([`MAX_ROUTE_LEN`] bytes at most): checked
+/// where a push is made, so its maker hears of a route that could never be sent.
+pub fn check_route_len(route: &str) -> Result<(), EncodeError> {
+    match route.len() {
+        len if len > MAX_ROUTE_LEN => Err(EncodeError::RouteTooLong(len)),
+        _ => Ok(()),
+    }
 }
 
 /// Appends a DATA packet carrying `msg` to `out`.

@@ -50,6 +50,10 @@ pub enum SessionError {
     /// A value could not be serialized.
     #[error(transparent)]
     Serialize(#[from] SerializeError),
+    /// A push that could never be sent (its route is over
+    /// [`MAX_ROUTE_LEN`](crate::codec::MAX_ROUTE_LEN) bytes).
+    #[error("push: {0}")]
+    Unframable(#[from] crate::codec::EncodeError),
     /// The frontend could not be reached (cluster mode).
     #[error("frontend unreachable: {0}")]
     Unreachable(String),
@@ -271,6 +275,7 @@ impl Session {
 
     /// Pushes an already serialized body.
     pub fn push_raw(&self, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
+        crate::codec::check_route_len(route)?;
         if self.is_closed() {
             return Err(SessionError::Closed);
         }
