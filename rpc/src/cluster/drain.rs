@@ -1,16 +1,14 @@
 //! A stopping server's drain, and calls that waited in its queue past their caller's timeout.
 
-use crate::stats::Counters;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
-
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{codes, HandlerError};
 use log::{debug, warn};
 
+use crate::stats::Counters;
 use crate::table::{ServerEntry, Snapshot};
 
 /// How long a stopping server must have had no call before it refuses calls (once peers

@@ -1,8 +1,5 @@
 //! The frontend side of a Sys RPC: the server for each message, the call, its answers.
 
-use super::serve::Notifies;
-use crate::stats::Counters;
-
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -14,10 +11,11 @@ use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{codes, HandlerError, Reply, Route, Session};
 use log::{error, warn};
 
-use super::Inner;
+use super::{Inner, Warnings};
 use crate::remote_session::snapshot;
 use crate::router::{RouteCtx, Router};
 use crate::socket_thread::ReplyFn;
+use crate::stats::Counters;
 use crate::table::{ServerEntry, Snapshot};
 use crate::wire::{Answer, Call, PartItem, WireMessage};
 
@@ -214,4 +212,22 @@ pub(super) fn replies(ids: Vec<u64>, result: Result<Answer, HandlerError>, stray
         }
     }
     matched
+}
+
+/// The notifies of one forwarded call. No client hears of their failure, so a failed call
+/// (timed out, connection lost, refused) is logged.
+struct Notifies {
+    session: u64,
+    count: usize,
+    warnings: Arc<Warnings>,
+}
+
+impl Notifies {
+    fn check(&self, result: &Result<Answer, HandlerError>) {
+        if let Err(e) = result {
+            if let Some(more) = self.warnings.failed.due(Instant::now()) {
+                warn!("sid={} {} forwarded notify(s) failed: {} {}{more}", self.session, self.count, e.code, e.message);
+            }
+        }
+    }
 }

@@ -1,26 +1,23 @@
 //! Calls from other servers: forwarded batches, user RPCs and session operations, run on
 //! the app's worker pool.
 
-use super::Warnings;
-use crate::binds::Bind;
-use crate::stats::Counters;
-use dragonfruit_core::session::KICKED_BY_NEWER;
-use dragonfruit_core::MessengerError;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dragonfruit_core::cluster::OrderKey;
 use dragonfruit_core::codec::MessageType;
-use dragonfruit_core::{codes, HandlerError, Reply, Session};
+use dragonfruit_core::session::KICKED_BY_NEWER;
+use dragonfruit_core::{codes, HandlerError, MessengerError, Reply, Session};
 use log::{debug, warn};
 
 use super::{Inner, Started};
+use crate::binds::Bind;
 use crate::remote_session::remote_session;
 use crate::socket_thread::Responder;
+use crate::stats::Counters;
 use crate::wire::{Answer, ByteBuf, Call, WireMessage, WireReply};
 
 impl Inner {
@@ -230,22 +227,4 @@ pub(super) fn run_message(
         Reply::Err(e) => Err(e),
     };
     m.request.then_some(WireReply { id: m.id, result })
-}
-
-/// The notifies of one forwarded call. No client hears of their failure, so a failed call
-/// (timed out, connection lost, refused) is logged.
-pub(super) struct Notifies {
-    pub(super) session: u64,
-    pub(super) count: usize,
-    pub(super) warnings: Arc<Warnings>,
-}
-
-impl Notifies {
-    pub(super) fn check(&self, result: &Result<Answer, HandlerError>) {
-        if let Err(e) = result {
-            if let Some(more) = self.warnings.failed.due(Instant::now()) {
-                warn!("sid={} {} forwarded notify(s) failed: {} {}{more}", self.session, self.count, e.code, e.message);
-            }
-        }
-    }
 }
