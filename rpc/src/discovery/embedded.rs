@@ -21,6 +21,7 @@ use log::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
+use crate::grouped;
 use crate::table::{millis, ServerEntry, ServerTable};
 
 /// Files untouched for this long, and for twice their `ttl`, are deleted by whoever scans
@@ -344,18 +345,18 @@ fn taken_by_another(found: &Scan, me: &ServerEntry) -> bool {
     found.servers.get(&me.id).is_some_and(|listed| listed.rpc_addr != me.rpc_addr)
 }
 
-/// Logs the bad files of `found` not logged at the last scan (`warned`), once each until
-/// they are fixed or gone; returns how many it logged.
-fn warn_bad_files(found: &Scan, warned: &mut HashSet<PathBuf>) -> usize {
-    let mut logged = 0;
-    for (path, why) in &found.bad {
-        if !warned.contains(path) {
-            warn!("registry file {} {why}; ignored", path.display());
-            logged += 1;
-        }
-    }
+/// The warnings about the bad files of `found` not warned of at the last scan (`warned`),
+/// once each until they are fixed or gone: a line each, or one line for many (a directory
+/// shared with something else).
+fn bad_file_lines(found: &Scan, warned: &mut HashSet<PathBuf>) -> Vec<String> {
+    let new: Vec<&(PathBuf, String)> = found.bad.iter().filter(|(path, _)| !warned.contains(path)).collect();
     *warned = found.bad.iter().map(|(path, _)| path.clone()).collect();
-    logged
+    grouped::lines(
+        &new,
+        |(path, why)| format!("registry file {} {why}; ignored", path.display()),
+        |(path, _)| path.display().to_string(),
+        |n, named| format!("{n} files in the registry directory are not server entries ({named}); ignored"),
+    )
 }
 
 impl Discovery for EmbeddedDiscovery {
@@ -379,7 +380,7 @@ impl Discovery for EmbeddedDiscovery {
         let mut warned = HashSet::new();
         let mut freshness = Freshness::default();
         let found = scan(&self.dir, self.ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
-        warn_bad_files(&found, &mut warned);
+        bad_file_lines(&found, &mut warned).iter().for_each(|line| warn!("{line}"));
         self.slowest_rescan.store(millis(found.slowest_rescan), Ordering::Relaxed);
         table.replace_noting_exited(found.servers, &found.exited);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
@@ -431,7 +432,7 @@ impl Discovery for EmbeddedDiscovery {
                             );
                         }
                     }
-                    warn_bad_files(&found, &mut warned);
+                    bad_file_lines(&found, &mut warned).iter().for_each(|line| warn!("{line}"));
                     let now_taken = taken_by_another(&found, &me);
                     if now_taken && !taken {
                         error!(

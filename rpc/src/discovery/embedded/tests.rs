@@ -73,12 +73,22 @@ fn servers_see_each_other_leave_and_expire() {
     let found = scan_once(&dir, ttl);
     assert_eq!(found.bad.len(), 1, "{:?}", found.bad);
     assert!(found.bad[0].0.ends_with("junk.json") && found.bad[0].1.contains("does not hold a server entry"));
-    assert_eq!(warn_bad_files(&found, &mut warned), 1);
-    assert_eq!(warn_bad_files(&scan_once(&dir, ttl), &mut warned), 0, "once");
+    assert_eq!(bad_file_lines(&found, &mut warned).len(), 1);
+    assert!(bad_file_lines(&scan_once(&dir, ttl), &mut warned).is_empty(), "once");
     fs::remove_file(dir.join("junk.json")).unwrap();
-    assert_eq!(warn_bad_files(&scan_once(&dir, ttl), &mut warned), 0);
+    assert!(bad_file_lines(&scan_once(&dir, ttl), &mut warned).is_empty());
     fs::write(dir.join("junk.json"), b"{}").unwrap();
-    assert_eq!(warn_bad_files(&scan_once(&dir, ttl), &mut warned), 1, "bad again: logged again");
+    assert_eq!(bad_file_lines(&scan_once(&dir, ttl), &mut warned).len(), 1, "bad again: logged again");
+    // Many at once (a directory shared with something else): one line.
+    for i in 0..5 {
+        fs::write(dir.join(format!("junk{i}.json")), b"[]").unwrap();
+    }
+    let lines = bad_file_lines(&scan_once(&dir, ttl), &mut warned);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("5 files in the registry directory are not server entries (")
+            && lines[0].ends_with(" and 2 more); ignored")
+    );
     a.stop();
     let _ = fs::remove_dir_all(&dir);
 }
