@@ -160,17 +160,17 @@ fn make_dir(dir: &Path) -> std::io::Result<()> {
 /// Refuses a registry directory that belongs to another user (a shared `/tmp`, where any
 /// user may have made it first): that user could list servers there and receive their
 /// calls, sessions included. Warns of one other users may write to.
-fn check_dir_owner(dir: &Path) -> Result<(), String> {
+fn check_dir_owner(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let meta = fs::metadata(dir).map_err(|e| e.to_string())?;
+    let meta = fs::metadata(dir)?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
-        return Err(format!(
+        return Err(std::io::Error::other(format!(
             "belongs to user {} and this server runs as user {me}: that user could list servers in it \
              (set discovery.dir to a directory of this user)",
             meta.uid()
-        ));
+        )));
     }
     if meta.mode() & 0o022 != 0 {
         warn!("registry directory {} is writable by other users: any of them can list servers in it", dir.display());
@@ -273,16 +273,7 @@ fn scan(
         let Ok(mtime) = meta.modified() else { continue };
         present.insert(path.clone());
         let untouched = freshness.untouched(&path, mtime, wall_now, now);
-        // Not read: a named pipe would block the scan (and this server's refresh) until
-        // something writes to it, a huge file would be read whole at every rescan.
-        let unreadable = if !meta.is_file() {
-            Some("is not a regular file".to_owned())
-        } else if meta.len() > MAX_ENTRY_BYTES {
-            Some(format!("has {} bytes, more than a server entry takes ({MAX_ENTRY_BYTES} at most)", meta.len()))
-        } else {
-            None
-        };
-        if let Some(why) = unreadable {
+        if let Some(why) = unreadable(&meta) {
             if untouched <= ttl {
                 found.bad.push((path, why));
             }
@@ -329,14 +320,26 @@ fn scan(
 /// would otherwise take the file over and leave that one running, unreachable.
 fn running_holder(path: &Path, ours: Option<&Owner>, ttl: Duration) -> Option<String> {
     let ours = ours?;
-    // What the scan does not read is no server's file (see `scan`).
-    let meta = fs::symlink_metadata(path).ok().filter(|m| m.is_file() && m.len() <= MAX_ENTRY_BYTES)?;
+    let meta = fs::symlink_metadata(path).ok().filter(|m| unreadable(m).is_none())?;
     let age = SystemTime::now().duration_since(meta.modified().ok()?).unwrap_or_default();
     let Registration { entry, owner, ttl: said, .. } = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
     let owner = owner?;
     let fresh = age <= said.map_or(ttl, Duration::from_millis);
     let running = owner.ns == ours.ns && owner.pid != ours.pid && !owner.exited(&ours.ns);
     (fresh && running).then(|| format!("process {} (rpc {})", owner.pid, entry.rpc_addr))
+}
+
+/// Why a file of the registry directory (`meta` not following links) is not read, if it is
+/// not: a named pipe would block the reader (the scan, and with it this server's refresh)
+/// until something writes to it, and a huge file would be read whole at every rescan.
+fn unreadable(meta: &fs::Metadata) -> Option<String> {
+    if !meta.is_file() {
+        Some("is not a regular file".to_owned())
+    } else if meta.len() > MAX_ENTRY_BYTES {
+        Some(format!("has {} bytes, more than a server entry takes ({MAX_ENTRY_BYTES} at most)", meta.len()))
+    } else {
+        None
+    }
 }
 
 /// Whether the registry lists `me`'s id at another endpoint: another process runs with
@@ -368,8 +371,7 @@ impl Discovery for EmbeddedDiscovery {
             std::io::ErrorKind::AlreadyExists => dir_error(std::io::Error::other("not a directory")),
             _ => dir_error(e),
         })?;
-        check_dir_owner(&self.dir)
-            .map_err(|message| DiscoveryError::Dir { dir: self.dir.display().to_string(), message })?;
+        check_dir_owner(&self.dir).map_err(dir_error)?;
         let own_file = self.dir.join(file_name(&me.id));
         let owner = Owner::this_process();
         if let Some(holder) = running_holder(&own_file, owner.as_ref(), self.ttl) {
