@@ -236,7 +236,7 @@ impl ForwardAnswers {
         }
         let mut out = Vec::new();
         for (id, reply) in replies {
-            encode_reply_with(&self.service, (self.compress, self.serializer), self.sid, id, reply, &mut out);
+            encode_reply_with(&self.service, self.compress, self.serializer, self.sid, id, reply, &mut out);
         }
         let _ = self.port.send(LoopMsg::Forwarded { token: self.token, session: self.sid, out, count });
     }
@@ -298,7 +298,7 @@ fn handle_message(
 /// Appends the response packet for `reply` to `out`.
 fn encode_reply(shared: &Shared, session: &Session, id: u64, reply: Reply, out: &mut Vec<u8>) {
     let compress = shared.config.message.compression;
-    encode_reply_with(&shared.service, (compress, session.serializer()), session.id(), id, reply, out);
+    encode_reply_with(&shared.service, compress, session.serializer(), session.id(), id, reply, out);
 }
 
 /// Appends the response packet for `reply` to request `id` of session `sid`, compressed or
@@ -306,7 +306,8 @@ fn encode_reply(shared: &Shared, session: &Session, id: u64, reply: Reply, out: 
 /// through `service`).
 fn encode_reply_with(
     service: &HandlerService,
-    (compress, serializer): (bool, Serializer),
+    compress: bool,
+    serializer: Serializer,
     sid: SessionId,
     id: u64,
     reply: Reply,

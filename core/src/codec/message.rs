@@ -8,14 +8,14 @@ use crate::codec::{encode_packet_with, DecodeError, EncodeError, PacketType, Rou
 
 /// Flag bit: the route is a 2-byte dictionary code.
 pub const FLAG_ROUTE_CODE: u8 = 0x01;
-
-/// Longest route a message carries as a string (its length is one byte).
-pub const MAX_ROUTE_LEN: usize = 255;
 /// Flag bit: the body is a zlib stream ("gzip" in Pitaya's naming).
 pub const FLAG_COMPRESSED: u8 = 0x10;
 /// Flag bit: the response carries an error payload (Pitaya extension).
 pub const FLAG_ERROR: u8 = 0x20;
 const TYPE_MASK: u8 = 0x07;
+
+/// Longest route a message carries as a string (its length is one byte).
+pub const MAX_ROUTE_LEN: usize = 255;
 
 /// The four message types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -275,10 +275,10 @@ pub fn encode_message(msg: &MessageOut<'_>, opts: &EncodeOptions<'_>, out: &mut 
 /// Whether `route` fits in a message as a string ([`MAX_ROUTE_LEN`] bytes at most): checked
 /// where a push is made, so its maker hears of a route that could never be sent.
 pub fn check_route_len(route: &str) -> Result<(), EncodeError> {
-    match route.len() {
-        len if len > MAX_ROUTE_LEN => Err(EncodeError::RouteTooLong(len)),
-        _ => Ok(()),
+    if route.len() > MAX_ROUTE_LEN {
+        return Err(EncodeError::RouteTooLong(route.len()));
     }
+    Ok(())
 }
 
 /// Appends a DATA packet carrying `msg` to `out`.
