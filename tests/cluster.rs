@@ -19,8 +19,8 @@ use serde_json::{json, Value};
 use crate::util::backend::Backend;
 use crate::util::ports::free_port;
 use crate::util::{
-    cluster_dir, cluster_module, fast_discovery, module_with, probe_app, run_dir, wait_until, warnings, warnings_since,
-    Probe, RawConn, Server, T,
+    cluster_dir, cluster_module, fast_discovery, module_with, probe_app, run_dir, wait_until, warnings, warnings_about,
+    warnings_since, Probe, RawConn, Server, T,
 };
 
 mod answer_order;

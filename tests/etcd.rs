@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
 use crate::util::etcd::Etcd;
-use crate::util::{module_with, probe_app, wait_until, warnings, warnings_since, Probe, Server, T};
+use crate::util::{module_with, probe_app, wait_until, warnings, warnings_about, Probe, Server, T};
 
 const TTL: Duration = Duration::from_secs(2);
 /// Call timeout of the servers in these tests.
@@ -90,7 +90,7 @@ fn a_quiet_cluster_keeps_watching_etcd_without_warnings() {
     let logged_before = warnings().len();
     std::thread::sleep(Duration::from_secs(17));
     let url = etcd.url();
-    let about_etcd: Vec<String> = warnings_since(logged_before).into_iter().filter(|w| w.contains(&url)).collect();
+    let about_etcd = warnings_about(logged_before, &url);
     assert!(about_etcd.is_empty(), "{about_etcd:?}");
     let late = discovery(&url);
     late.start(phantom("late-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();

@@ -10,7 +10,7 @@ use dragonfruit_net::HandshakeRefusal;
 use serde_json::{json, Value};
 
 use crate::util::raw::{test_dict, Reading};
-use crate::util::{probe_app, wait_until, warnings, warnings_since, Probe, Server, T};
+use crate::util::{probe_app, wait_until, warnings, warnings_about, Probe, Server, T};
 
 #[test]
 fn handshake_response_is_byte_identical_to_pitaya() {
@@ -328,6 +328,6 @@ fn answers_too_large_to_frame_are_errors_warned_of_once_a_second() {
         }
     }
     assert_eq!(client.request_raw("probe.echo", b"still here").unwrap(), b"still here");
-    let lines = warnings_since(logged_before).into_iter().filter(|l| l.contains("cannot be framed")).count();
+    let lines = warnings_about(logged_before, "cannot be framed").len();
     assert!((1..=3).contains(&lines), "{lines} warnings for 4 answers too large");
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use dragonfruit_client::ClientError;
 use serde_json::{json, Value};
 
-use crate::util::{probe_app, wait_until, warnings, warnings_since, Probe, Server, T};
+use crate::util::{probe_app, wait_until, warnings, warnings_about, Probe, Server, T};
 
 #[test]
 fn bind_once_and_find_by_uid() {
@@ -135,6 +135,6 @@ fn pushes_that_cannot_be_framed_are_warned_of_once_a_second() {
     for c in &clients {
         assert_eq!(c.recv_push(T).unwrap().route, "onNews", "the unframed push is dropped, the next comes");
     }
-    let lines = warnings_since(logged_before).into_iter().filter(|l| l.contains("longer than 255 bytes")).count();
+    let lines = warnings_about(logged_before, "longer than 255 bytes").len();
     assert!((1..=3).contains(&lines), "{lines} warnings for a push to 20 sessions");
 }

@@ -199,6 +199,11 @@ pub fn warnings_since(from: usize) -> Vec<String> {
     WARNINGS.lock().unwrap_or_else(|p| p.into_inner()).get(from..).unwrap_or_default().to_vec()
 }
 
+/// The warnings logged after the first `from` ([`warnings_since`]) that contain `text`.
+pub fn warnings_about(from: usize, text: &str) -> Vec<String> {
+    warnings_since(from).into_iter().filter(|line| line.contains(text)).collect()
+}
+
 static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// env_logger, keeping warnings and errors in [`WARNINGS`].
