@@ -1,6 +1,7 @@
 //! Tidy checks of the workspace's own files, run with the tests (as rust-analyzer's tidy
 //! tests are): no Rust source file over [`MAX_LINES`] lines (STYLE.md: one concept per
-//! file; split a longer one into modules by concept).
+//! file; split a longer one into modules by concept), a short ARCHITECTURE.md, and no
+//! dead links between the documents.
 
 use std::path::{Path, PathBuf};
 
@@ -62,5 +63,107 @@ fn the_line_cap_check_finds_long_files_only_where_it_looks() {
     write("tests/node/node_modules/x/y.rs", 50);
     let long = long_files(&dir, 10);
     assert_eq!(long, vec![(dir.join("src/deep/long.rs"), 11)]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// STYLE.md: the root ARCHITECTURE.md is a map, kept short; details go to docs/INTERNALS.md.
+const ARCHITECTURE_MAX_LINES: usize = 150;
+
+#[test]
+fn the_architecture_map_stays_short() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let text = std::fs::read_to_string(workspace.join("ARCHITECTURE.md")).unwrap();
+    let lines = text.lines().count();
+    assert!(
+        lines <= ARCHITECTURE_MAX_LINES,
+        "ARCHITECTURE.md has {lines} lines, over {ARCHITECTURE_MAX_LINES}: move details to docs/INTERNALS.md"
+    );
+}
+
+/// The anchor GitHub gives a heading: lower case, spaces to `-`, other punctuation dropped.
+fn heading_anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The links of a Markdown text to other files of the repository (`[text](path#anchor)`;
+/// not web addresses), as (path, anchor).
+fn local_links(text: &str) -> Vec<(String, Option<String>)> {
+    let mut links = Vec::new();
+    for part in text.split("](").skip(1) {
+        let Some(end) = part.find(')') else { continue };
+        let target = &part[..end];
+        if target.contains("://") || target.starts_with("mailto:") || target.contains(' ') {
+            continue;
+        }
+        match target.split_once('#') {
+            Some((path, anchor)) => links.push((path.to_string(), Some(anchor.to_string()))),
+            None => links.push((target.to_string(), None)),
+        }
+    }
+    links
+}
+
+/// The broken links of the Markdown file `md`: files that do not exist, and anchors no
+/// heading of the linked file has.
+fn broken_links(md: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(md).unwrap();
+    let mut broken = Vec::new();
+    for (path, anchor) in local_links(&text) {
+        let file = if path.is_empty() { md.to_path_buf() } else { md.parent().unwrap().join(&path) };
+        if !file.exists() {
+            broken.push(format!("{}: {path} does not exist", md.display()));
+            continue;
+        }
+        let Some(anchor) = anchor else { continue };
+        let target = std::fs::read_to_string(&file).unwrap_or_default();
+        let headings = target.lines().filter_map(|line| line.strip_prefix('#')).map(|h| h.trim_start_matches('#'));
+        if !headings.map(heading_anchor).any(|a| a == anchor) {
+            broken.push(format!("{}: no heading {path}#{anchor}", md.display()));
+        }
+    }
+    broken
+}
+
+/// Documents moved or sections renamed leave no dead link in the root's or docs/' Markdown.
+#[test]
+fn the_documents_links_lead_somewhere() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut broken = Vec::new();
+    for dir in [workspace.to_path_buf(), workspace.join("docs")] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|ext| ext == "md") {
+                broken.extend(broken_links(&path));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links: {}", broken.join("; "));
+}
+
+/// The link check finds a missing file and a missing heading, and passes good links, web
+/// addresses and links within the file.
+#[test]
+fn the_link_check_finds_missing_files_and_headings() {
+    let dir = crate::util::run_dir().join("tidy-links");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("docs")).unwrap();
+    std::fs::write(dir.join("docs/B.md"), "# B\n\n## The sample game\n").unwrap();
+    let good = "[b](docs/B.md) [s](docs/B.md#the-sample-game) [w](https://x.org/a.md) [h](#top)\n# Top\n";
+    std::fs::write(dir.join("A.md"), good).unwrap();
+    assert_eq!(broken_links(&dir.join("A.md")), Vec::<String>::new());
+    std::fs::write(dir.join("A.md"), "[c](docs/C.md) [s](docs/B.md#the-game)\n").unwrap();
+    let broken = broken_links(&dir.join("A.md"));
+    assert_eq!(broken.len(), 2, "{broken:?}");
+    assert!(broken[0].ends_with("docs/C.md does not exist"), "{broken:?}");
+    assert!(broken[1].ends_with("no heading docs/B.md#the-game"), "{broken:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -74,7 +74,7 @@ fn launch(id: &str, role: &str, extra: &[String], args: &Args, dir: &str) -> Res
     }
     // A process group of its own: a Ctrl-C in the terminal reaches only the launcher, which
     // stops the servers in order. The session stays the launcher's (see "Sharing a machine"
-    // in ARCHITECTURE.md).
+    // in docs/INTERNALS.md).
     cmd.process_group(0);
     // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
     unsafe {
