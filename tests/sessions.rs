@@ -1,9 +1,12 @@
 //! Sessions: uid binding, unique sessions, data, pushes to uids, kicks, broadcast,
 //! on-close callbacks and the registry.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use dragonfruit_client::ClientError;
+use dragonfruit_core::codec::MAX_WIRE_BODY;
+use dragonfruit_core::{MessengerError, SessionError};
 use serde_json::{json, Value};
 
 use crate::util::{probe_app, wait_until, warnings, warnings_about, Probe, Server, T};
@@ -122,19 +125,41 @@ fn pushes_from_outside_handlers() {
     assert!(client.recv_push(Duration::from_millis(50)).is_err());
 }
 
-/// A push the server cannot frame (a route over 255 bytes) is dropped with a warning a
-/// second, not one per session it was for, and the sessions go on.
+/// A push no packet can carry (a route over 255 bytes, a body of 16 MiB) fails where it is
+/// made, through the messenger in all its forms and through a session, so its maker hears of
+/// it; no client gets anything of it, and the next push comes.
 #[test]
-fn pushes_that_cannot_be_framed_are_warned_of_once_a_second() {
+fn pushes_no_packet_can_carry_fail_where_they_are_made() {
     let server = Server::start(probe_app(&Probe::default()));
-    let clients: Vec<_> = (0..20).map(|_| server.client()).collect();
+    let clients: Vec<_> = (0..3).map(|_| server.client()).collect();
+    let _: bool = clients[0].request("probe.bind", "hank").unwrap();
     let logged_before = warnings().len();
     let messenger = server.handle.messenger();
-    messenger.broadcast("connector", &"r".repeat(300), br#"{"lost":1}"#.to_vec().into()).unwrap();
+    let (long, hank) = ("r".repeat(300), ["hank".to_owned()]);
+    let huge: Arc<[u8]> = vec![b'x'; MAX_WIRE_BODY].into();
+    let e = messenger.broadcast("connector", &long, br#"{"lost":1}"#.to_vec().into()).unwrap_err();
+    assert_eq!(e.to_string(), "push: route of 300 bytes is longer than 255 bytes");
+    let unframable = |r: Result<Vec<String>, MessengerError>| matches!(r, Err(MessengerError::Unframable(_)));
+    assert!(unframable(messenger.push_to_users(&long, b"{}".to_vec().into(), &hank)));
+    assert!(unframable(messenger.push_to_users("onBig", huge.clone(), &hank)));
+    let e = messenger.broadcast("connector", "onBig", huge.clone()).unwrap_err();
+    let too_long = MAX_WIRE_BODY + 2 + "onBig".len();
+    assert_eq!(e.to_string(), format!("push: packet body of {too_long} bytes exceeds {MAX_WIRE_BODY} bytes"));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let tx2 = tx.clone();
+    messenger.push_to_users_then("onBig", huge.clone(), &hank, Box::new(move |r| tx2.send(r.is_err()).unwrap()));
+    messenger.broadcast_then(
+        "connector",
+        &long,
+        b"{}".to_vec().into(),
+        Box::new(move |r| tx.send(r.is_err()).unwrap()),
+    );
+    assert_eq!(rx.iter().collect::<Vec<_>>(), [true, true], "refused through the answer");
+    let session = &server.handle.sessions().by_uid("hank")[0];
+    assert!(matches!(session.push_raw("onBig", huge.to_vec()), Err(SessionError::Unframable(_))));
     messenger.broadcast("connector", "onNews", br#"{"news":1}"#.to_vec().into()).unwrap();
     for c in &clients {
-        assert_eq!(c.recv_push(T).unwrap().route, "onNews", "the unframed push is dropped, the next comes");
+        assert_eq!(c.recv_push(T).unwrap().route, "onNews", "nothing of the refused pushes came first");
     }
-    let lines = warnings_about(logged_before, "longer than 255 bytes").len();
-    assert!((1..=3).contains(&lines), "{lines} warnings for a push to 20 sessions");
+    assert_eq!(warnings_about(logged_before, "dropped"), Vec::<String>::new(), "refused, not dropped");
 }

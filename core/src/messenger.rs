@@ -22,6 +22,10 @@ pub enum MessengerError {
     /// The operation needs a server type that does not exist.
     #[error("no server of type {0:?}")]
     NoServer(String),
+    /// A push no packet can carry ([`check_push`](crate::codec::check_push): a route over
+    /// 255 bytes, a body near 16 MiB). No session was pushed to.
+    #[error("push: {0}")]
+    Unframable(#[from] crate::codec::EncodeError),
 }
 
 /// Where [`Messenger::push_to_users_then`] and [`Messenger::broadcast_then`] answer: the

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use dragonfruit_core::cluster::{CallTarget, Cluster};
-use dragonfruit_core::codec::deflate_if_smaller;
+use dragonfruit_core::codec::{check_push, deflate_if_smaller, EncodeError};
 use dragonfruit_core::session::KICKED_BY_NEWER;
 use dragonfruit_core::{
     codes, HandlerError, HandlerService, Messenger, MessengerError, OnTaken, Session, SessionError, SessionId,
@@ -164,11 +164,14 @@ impl LoopPort {
     }
 
     /// Builds a push body, compressing it once for all recipients when enabled.
-    pub(crate) fn push_body(&self, route: &str, body: &[u8]) -> PushBody {
-        match self.compress.then(|| deflate_if_smaller(body)).flatten() {
+    pub(crate) fn push_body(&self, route: &str, body: &[u8]) -> Result<PushBody, EncodeError> {
+        // A push no packet can carry fails here, where it is made, so its maker hears of it
+        // (the loop could only drop it). Compression only ever shrinks the body.
+        check_push(route, body.len())?;
+        Ok(match self.compress.then(|| deflate_if_smaller(body)).flatten() {
             Some(z) => PushBody { route: route.into(), body: z.into(), compressed: true },
             None => PushBody { route: route.into(), body: body.into(), compressed: false },
-        }
+        })
     }
 }
 
@@ -187,7 +190,7 @@ pub(crate) struct FrontendSink {
 
 impl SessionSink for FrontendSink {
     fn push(&self, session: &Session, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
-        let push = self.port.push_body(route, &body);
+        let push = self.port.push_body(route, &body)?;
         self.port.send_push(Some(vec![session.id()]), push, 1, None).map_err(stopped)
     }
 
@@ -268,7 +271,7 @@ impl Messenger for LocalMessenger {
     fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
         let (sessions, missing) = self.find(uids);
         if !sessions.is_empty() {
-            let push = self.port.push_body(route, &body);
+            let push = self.port.push_body(route, &body)?;
             let recipients = sessions.len();
             self.port.send_push(Some(sessions), push, recipients, None)?;
         }
@@ -280,8 +283,11 @@ impl Messenger for LocalMessenger {
         if sessions.is_empty() {
             return then(Ok(missing));
         }
+        let push = match self.port.push_body(route, &body) {
+            Ok(push) => push,
+            Err(e) => return then(Err(e.into())),
+        };
         let then = Box::new(move |taken: Result<(), MessengerError>| then(taken.map(|()| missing)));
-        let push = self.port.push_body(route, &body);
         // Answered by `send_push`, now or once the loop has taken it.
         let recipients = sessions.len();
         let _ = self.port.send_push(Some(sessions), push, recipients, Some(then));
@@ -297,14 +303,14 @@ impl Messenger for LocalMessenger {
 
     fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError> {
         self.check_type(frontend_type)?;
-        self.port.send_push(None, self.port.push_body(route, &body), self.registry.len(), None)
+        self.port.send_push(None, self.port.push_body(route, &body)?, self.registry.len(), None)
     }
 
     fn broadcast_then(&self, frontend_type: &str, route: &str, body: Arc<[u8]>, then: OnTaken<()>) {
-        if let Err(e) = self.check_type(frontend_type) {
-            return then(Err(e));
-        }
-        let push = self.port.push_body(route, &body);
+        let push = match self.check_type(frontend_type).and_then(|()| Ok(self.port.push_body(route, &body)?)) {
+            Ok(push) => push,
+            Err(e) => return then(Err(e)),
+        };
         let _ = self.port.send_push(None, push, self.registry.len(), Some(then));
     }
 

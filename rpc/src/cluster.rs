@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, ForwardDone};
 use dragonfruit_core::config::{ConfigError, ConfigSource};
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::{HandlerError, Messenger, Session};
+use dragonfruit_core::{HandlerError, Messenger, Session, SessionError};
 use log::{info, warn};
 
 use crate::binds::{Bind, RemoteBinds};
@@ -78,6 +78,22 @@ struct Warnings {
     bad_session: Throttle,
     /// An answer to a forwarded batch carried answers to requests the batch did not.
     stray_answers: Throttle,
+    /// A push a backend asked for cannot be framed for the client.
+    unframed: Throttle,
+}
+
+impl Warnings {
+    /// Pushes to `session`, this frontend's, what a backend asked for. A push no packet can
+    /// carry (a body over 16 MiB; a long route from a build that let it through) is dropped
+    /// with a warning a second at most: the backend's handler was told its push was sent.
+    /// A closed session takes none, quietly.
+    fn push_for_backend(&self, session: &Session, route: &str, body: Vec<u8>) {
+        if let Err(SessionError::Unframable(e)) = session.push_raw(route, body) {
+            if let Some(more) = self.unframed.due(Instant::now()) {
+                warn!("sid={} push {route} from a backend dropped: {e}{more}", session.id());
+            }
+        }
+    }
 }
 
 /// How long binds announced by other frontends are remembered. What needs it is a bind

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use dragonfruit_core::cluster::CallTarget;
+use dragonfruit_core::codec::check_push;
 use dragonfruit_core::{HandlerError, Messenger, MessengerError, Route};
 use log::debug;
 
@@ -192,6 +193,8 @@ fn other_frontends(inner: &Inner, started: &Started) -> Vec<ServerEntry> {
 
 impl Messenger for ClusterMessenger {
     fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
+        // Refused here, where the push is made: the frontends would only drop it.
+        check_push(route, body.len())?;
         let local = if self.with(|_, s| s.me.frontend).unwrap_or(true) {
             self.local.push_to_users(route, body.clone(), uids)?
         } else {
@@ -248,6 +251,7 @@ impl Messenger for ClusterMessenger {
     }
 
     fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError> {
+        check_push(route, body.len())?;
         let Some(result) = self.with(|inner, started| {
             let (mine, others): (Vec<ServerEntry>, Vec<ServerEntry>) = inner
                 .table

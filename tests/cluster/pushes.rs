@@ -233,3 +233,40 @@ fn a_kept_session_of_a_restarted_frontend_reaches_no_new_player() {
     assert_eq!((route.as_str(), v), ("onMsg", json!("yours")));
     assert_eq!(backend.kept.lock().unwrap().len(), 1);
 }
+
+/// A push no packet can carry fails on a backend where it is made, through its messenger
+/// (to users, broadcast) and a handler's session (the client gets the handler's error, not
+/// the push). One that comes anyway (a peer whose build lets it through) is dropped by the
+/// frontend with a warning a second at most, and the session goes on.
+#[test]
+fn pushes_no_packet_can_carry_fail_on_the_backend_and_are_dropped_by_the_frontend() {
+    use dragonfruit_core::MessengerError;
+    use dragonfruit_rpc::wire::{Answer, Call};
+    let c = cluster("unframable", 1, TIMEOUT, None);
+    let client = c.frontend.client();
+    let _: bool = client.request("probe.bind", "ann").unwrap();
+    let room = c.backends[0].0.handle.messenger();
+    let long = "r".repeat(300);
+    let refused = room.push_to_users(&long, b"{}".to_vec().into(), &["ann".to_owned()]);
+    assert!(matches!(refused, Err(MessengerError::Unframable(_))), "{refused:?}");
+    let huge: Vec<u8> = vec![b'x'; dragonfruit_core::codec::MAX_WIRE_BODY];
+    let refused = room.broadcast("connector", "onBig", huge.into());
+    assert!(matches!(refused, Err(MessengerError::Unframable(_))), "{refused:?}");
+    match client.request::<_, bool>("room.room.push_grown", &json!(16 << 20)) {
+        Err(ClientError::Server(e)) => assert!(e.message.contains("exceeds 16777215 bytes"), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+
+    let sid = client.request::<_, Value>("probe.whoami", &json!({})).unwrap()["id"].as_u64().unwrap();
+    let peer = RawPeer::to(b"room-9#0000000000000001", &c.fe_module.me().unwrap());
+    let logged_before = warnings().len();
+    for corr in 1..=20 {
+        let push = Call::Push { session: sid, route: long.clone(), body: b"{}".to_vec() };
+        assert_eq!(peer.call(corr, push), Ok(Answer::Done));
+    }
+    let _: bool = client.request("room.room.push", &json!("small")).unwrap();
+    let (route, msg): (String, Value) = client.recv_push_as(T).unwrap();
+    assert_eq!((route.as_str(), msg), ("onMsg", json!("small")), "nothing of the refused pushes came first");
+    let lines = warnings_about(logged_before, "from a backend dropped").len();
+    assert!((1..=3).contains(&lines), "{lines} warnings for 20 pushes");
+}

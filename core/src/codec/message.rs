@@ -4,7 +4,7 @@ use std::borrow::Cow;
 
 use crate::codec::compress;
 use crate::codec::varint::{decode_varint, encode_varint};
-use crate::codec::{encode_packet_with, DecodeError, EncodeError, PacketType, RouteDictionary};
+use crate::codec::{encode_packet_with, DecodeError, EncodeError, PacketType, RouteDictionary, MAX_WIRE_BODY};
 
 /// Flag bit: the route is a 2-byte dictionary code.
 pub const FLAG_ROUTE_CODE: u8 = 0x01;
@@ -281,6 +281,19 @@ pub fn check_route_len(route: &str) -> Result<(), EncodeError> {
     Ok(())
 }
 
+/// Whether a push on `route` with a body of `body_len` bytes (as it goes on the wire,
+/// compressed or not) fits in a packet, whatever the client: checked where the push is made,
+/// so its maker hears of one that could never be sent.
+pub fn check_push(route: &str, body_len: usize) -> Result<(), EncodeError> {
+    check_route_len(route)?;
+    // Flag byte, route length byte, route (a route code would make it shorter), body.
+    let len = 2 + route.len() + body_len;
+    if len > MAX_WIRE_BODY {
+        return Err(EncodeError::PacketTooLarge { len, max: MAX_WIRE_BODY });
+    }
+    Ok(())
+}
+
 /// Appends a DATA packet carrying `msg` to `out`.
 pub fn encode_data_packet(
     msg: &MessageOut<'_>,
@@ -288,4 +301,43 @@ pub fn encode_data_packet(
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     encode_packet_with(PacketType::Data, out, |out| encode_message(msg, opts, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{encode_data_packet, MAX_WIRE_BODY};
+
+    /// What `check_push` accepts is what the encoder frames, at both of its bounds.
+    #[test]
+    fn check_push_agrees_with_the_encoder_at_its_bounds() {
+        let encodes = |route: &str, body_len: usize| {
+            let body = vec![b'x'; body_len];
+            let msg = MessageOut {
+                kind: MessageType::Push,
+                id: 0,
+                route,
+                error: false,
+                body: &body,
+                body_is_compressed: false,
+            };
+            encode_data_packet(&msg, &EncodeOptions::default(), &mut Vec::new()).is_ok()
+        };
+        let route = "r".repeat(MAX_ROUTE_LEN);
+        let fits = MAX_WIRE_BODY - 2 - route.len();
+        for (route, body_len, ok) in
+            [(&route[..], fits, true), (&route[..], fits + 1, false), ("onChat", MAX_WIRE_BODY - 8, true)]
+        {
+            assert_eq!(check_push(route, body_len).is_ok(), ok, "{} {body_len}", route.len());
+            assert_eq!(encodes(route, body_len), ok, "{} {body_len}", route.len());
+        }
+        let long = "r".repeat(MAX_ROUTE_LEN + 1);
+        assert_eq!(check_push(&long, 1), Err(EncodeError::RouteTooLong(MAX_ROUTE_LEN + 1)));
+        assert!(!encodes(&long, 1));
+        let too_big = check_push("onChat", MAX_WIRE_BODY).unwrap_err();
+        assert_eq!(
+            too_big.to_string(),
+            format!("packet body of {} bytes exceeds {MAX_WIRE_BODY} bytes", MAX_WIRE_BODY + 8)
+        );
+    }
 }

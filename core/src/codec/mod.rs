@@ -19,8 +19,9 @@ pub use handshake::{
     HANDSHAKE_OK,
 };
 pub use message::{
-    check_route_len, decode_message, decode_message_owned, encode_data_packet, encode_message, EncodeOptions, Message,
-    MessageOut, MessageRef, MessageType, FLAG_COMPRESSED, FLAG_ERROR, FLAG_ROUTE_CODE, MAX_ROUTE_LEN,
+    check_push, check_route_len, decode_message, decode_message_owned, encode_data_packet, encode_message,
+    EncodeOptions, Message, MessageOut, MessageRef, MessageType, FLAG_COMPRESSED, FLAG_ERROR, FLAG_ROUTE_CODE,
+    MAX_ROUTE_LEN,
 };
 pub use packet::{
     encode_packet, encode_packet_with, parse_packet, write_header, Packet, PacketDecoder, PacketRef, PacketType,

@@ -73,7 +73,6 @@ impl HandlerEnv {
         value: &T,
         uids: &[String],
     ) -> Result<Vec<String>, HandlerError> {
-        check_push_route(route)?;
         let body = self.encode(value)?;
         self.messenger.push_to_users(route, body.into(), uids).map_err(messenger_error)
     }
@@ -90,7 +89,6 @@ impl HandlerEnv {
         route: &str,
         value: &T,
     ) -> Result<(), HandlerError> {
-        check_push_route(route)?;
         let body = self.encode(value)?;
         self.messenger.broadcast(frontend_type, route, body.into()).map_err(messenger_error)
     }
@@ -160,12 +158,6 @@ impl HandlerEnv {
     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>, HandlerError> {
         self.serializer.encode(value).map_err(|e| HandlerError::internal(e.to_string()))
     }
-}
-
-/// A push route that could never be sent (over [`MAX_ROUTE_LEN`](crate::codec::MAX_ROUTE_LEN)
-/// bytes) fails the call, so its maker hears of it.
-fn check_push_route(route: &str) -> Result<(), HandlerError> {
-    crate::codec::check_route_len(route).map_err(|e| HandlerError::internal(format!("push: {e}")))
 }
 
 fn messenger_error(e: MessengerError) -> HandlerError {

@@ -222,21 +222,3 @@ fn remotes_are_for_servers_not_clients() {
     assert_eq!(err_code(request(&svc, "counter.double", b"1")), codes::NOT_FOUND, "clients cannot call remotes");
     assert_eq!(svc.registry().remote_routes(), vec!["game.counter.double".to_string()]);
 }
-
-/// Pushes to users and broadcasts on a route no message can carry fail at once (the
-/// messenger is not asked), so the handler hears of it.
-#[test]
-fn pushes_on_routes_too_long_for_a_message_fail() {
-    let (svc, _) = service(Pipelines::default());
-    let env = svc.env();
-    let long = "r".repeat(crate::codec::MAX_ROUTE_LEN + 1);
-    let uids = ["u".to_owned()];
-    let e = env.push_to_users(&long, &1, &uids).unwrap_err();
-    assert_eq!(
-        (e.code.as_str(), e.message.as_str()),
-        (codes::INTERNAL, "push: route of 256 bytes is longer than 255 bytes")
-    );
-    assert!(env.broadcast("game", &long, &1).is_err());
-    assert_eq!(env.push_to_users(&long[1..], &1, &uids).unwrap(), uids, "NoMessenger: every uid missing");
-    env.broadcast("game", &long[1..], &1).unwrap();
-}

@@ -50,8 +50,8 @@ pub enum SessionError {
     /// A value could not be serialized.
     #[error(transparent)]
     Serialize(#[from] SerializeError),
-    /// A push that could never be sent (its route is over
-    /// [`MAX_ROUTE_LEN`](crate::codec::MAX_ROUTE_LEN) bytes).
+    /// A push no packet can carry ([`check_push`](crate::codec::check_push): a route over
+    /// 255 bytes, a body near 16 MiB).
     #[error("push: {0}")]
     Unframable(#[from] crate::codec::EncodeError),
     /// The frontend could not be reached (cluster mode).
@@ -275,7 +275,7 @@ impl Session {
 
     /// Pushes an already serialized body.
     pub fn push_raw(&self, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
-        crate::codec::check_route_len(route)?;
+        crate::codec::check_push(route, body.len())?;
         if self.is_closed() {
             return Err(SessionError::Closed);
         }

@@ -52,10 +52,12 @@ fn bind_once_data_push_and_close() {
 
     s.push("onX", &serde_json::json!({"a": 1})).unwrap();
     assert_eq!(sink.pushes.lock().unwrap()[0], (7, "onX".to_owned(), br#"{"a":1}"#.to_vec()));
-    // A route no message can carry fails the push, not silently later.
+    // A push no packet can carry (route, body) fails at once, not silently later.
     let long = "r".repeat(crate::codec::MAX_ROUTE_LEN + 1);
     let refused = s.push(&long, &1).unwrap_err();
     assert_eq!(refused.to_string(), "push: route of 256 bytes is longer than 255 bytes");
+    let huge = vec![b'x'; crate::codec::MAX_WIRE_BODY];
+    assert!(matches!(s.push_raw("onX", huge), Err(SessionError::Unframable(_))));
     s.push(&long[1..], &1).unwrap();
     assert_eq!(sink.pushes.lock().unwrap().len(), 2);
 

@@ -93,8 +93,9 @@ pub(crate) struct EventLoop {
     not_reading: Throttle,
     /// Warnings of clients disconnected for the total of the write queues.
     shed: Throttle,
-    /// Warnings of pushes that cannot be framed (a route over 255 bytes): a broadcast
-    /// would log one per session.
+    /// Warnings of pushes that cannot be framed. Those are refused where they are made
+    /// (`LoopPort::push_body`), so none should come; if one did, a broadcast would log one
+    /// line per session.
     unframed_pushes: Throttle,
 }
 

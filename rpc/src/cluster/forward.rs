@@ -136,7 +136,7 @@ impl Inner {
                 count: count - ids.len(),
                 warnings: self.warnings.clone(),
             });
-            let parts = part_taker(session.clone(), done.clone());
+            let parts = part_taker(session.clone(), done.clone(), self.warnings.clone());
             let warnings = self.warnings.clone();
             let reply = ReplyFn::with_parts(
                 move |result| {
@@ -157,7 +157,11 @@ impl Inner {
 /// Takes the parts of a forwarded call's answer (`Frame::Part`, from servers whose level
 /// sends them): answers go to the client as they come (their in-flight slots are given back
 /// with the whole answer), pushes to and kicks of `session` after the answers before them.
-pub(super) fn part_taker(session: Arc<Session>, done: ForwardDone) -> impl FnMut(Vec<PartItem>) + Send + 'static {
+pub(super) fn part_taker(
+    session: Arc<Session>,
+    done: ForwardDone,
+    warnings: Arc<Warnings>,
+) -> impl FnMut(Vec<PartItem>) + Send + 'static {
     move |items| {
         let mut answers = Vec::new();
         // The answers so far go to the loop before a push or kick.
@@ -171,7 +175,7 @@ pub(super) fn part_taker(session: Arc<Session>, done: ForwardDone) -> impl FnMut
                 PartItem::Reply(r) => answers.push((r.id, r.result.map_or_else(Reply::Err, |b| Reply::Ok(b.0)))),
                 PartItem::Push { route, body } => {
                     flush(&mut answers);
-                    let _ = session.push_raw(&route, body);
+                    warnings.push_for_backend(&session, &route, body);
                 }
                 PartItem::Kick(reason) => {
                     flush(&mut answers);

@@ -127,7 +127,7 @@ impl Inner {
             Call::Handle { .. } | Call::User { .. } => responder.send(refuse_stopping()),
             Call::Push { session, route, body } => {
                 if let Some(s) = ctx.sessions.get(session) {
-                    let _ = s.push_raw(&route, body);
+                    self.warnings.push_for_backend(&s, &route, body);
                 }
                 responder.send(Ok(Answer::Done));
             }
