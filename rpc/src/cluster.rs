@@ -84,8 +84,8 @@ struct Warnings {
 
 impl Warnings {
     /// Pushes to `session`, this frontend's, what a backend asked for. A push no packet can
-    /// carry (a body over 16 MiB; a long route from a build that let it through) is dropped
-    /// with a warning a second at most: the backend's handler was told its push was sent.
+    /// carry (from a backend of another build: this one refuses such a push where it is
+    /// made) is dropped with a warning a second at most, as its maker was told it was sent.
     /// A closed session takes none, quietly.
     fn push_for_backend(&self, session: &Session, route: &str, body: Vec<u8>) {
         if let Err(SessionError::Unframable(e)) = session.push_raw(route, body) {
