@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dragonfruit_net::App;
-use dragonfruit_rpc::discovery::Discovery;
+use dragonfruit_rpc::discovery::{Discovery, DiscoveryError};
 use dragonfruit_rpc::{ClusterModule, EtcdDiscovery, ServerEntry, ServerTable};
 use serde_json::{json, Value};
 
@@ -155,16 +155,90 @@ fn a_server_entry_deleted_by_someone_else_is_put_again() {
     observer.deregister();
     observer.stop();
 
-    // A process started by mistake with room-1's id takes its key (room-1 logs an error);
-    // when it stops, room-1 puts its entry back.
+    // Another entry written over room-1's while it runs (a process that took the id while
+    // room-1's lease had expired in an etcd outage): room-1 logs an error; when that entry
+    // goes, room-1 puts its own back.
     let real = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
-    let intruder = discovery(&etcd.url());
-    intruder.start(phantom("room-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    let logged_before = warnings().len();
+    let intruder = serde_json::to_vec(&phantom("room-1", "room")).unwrap();
+    etcd.put("it/servers/room/room-1", &intruder);
     let room_1_at = |addr: &str| fe_module.servers().iter().any(|s| s.id == "room-1" && s.rpc_addr == addr);
     assert!(wait_until(T, || room_1_at("tcp://127.0.0.1:9")), "the intruder's entry");
-    intruder.deregister();
-    intruder.stop();
+    assert!(wait_until(T, || !warnings_about(logged_before, "now holds another server's entry").is_empty()));
+    etcd.delete("it/servers/room/room-1");
     assert!(wait_until(T, || room_1_at(&real)), "room-1 back at {real}: {:?}", fe_module.servers());
+}
+
+/// A process started with the id of a running server is refused at start, as embedded
+/// discovery refuses it, once the running one has kept its lease alive past what was left
+/// of it; the running one keeps its entry throughout.
+#[test]
+fn a_second_process_with_a_running_servers_id_is_refused_at_start() {
+    let etcd = Etcd::start("taken");
+    let (_fe, fe_module, _room, _) = pair(&etcd);
+    let real = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
+    let intruder = discovery(&etcd.url());
+    match intruder.start(phantom("room-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})) {
+        Err(DiscoveryError::IdTaken { id, holder }) => {
+            assert_eq!(id, "room-1");
+            assert!(holder.contains(&real), "{holder}");
+        }
+        other => panic!("{other:?}"),
+    }
+    intruder.stop();
+    let room_1 = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap();
+    assert_eq!(room_1.rpc_addr, real, "the running server's entry stays");
+}
+
+/// A server restarted under its id after a crash (its lease not revoked) waits for the old
+/// lease to expire and registers; a leftover under no lease (put by hand) is replaced at
+/// once; of two processes starting with one id at the same moment, exactly one registers.
+#[test]
+fn a_server_restarted_after_a_crash_takes_its_id_once_the_old_lease_expires() {
+    let etcd = Etcd::start("restart");
+    let (_fe, fe_module, _room, _) = pair(&etcd);
+    let entry_of = |id: &str| fe_module.servers().into_iter().find(|s| s.id == id);
+    let crashed = discovery(&etcd.url());
+    crashed.start(phantom("ghost-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    assert!(wait_until(T, || entry_of("ghost-1").is_some()));
+    crashed.stop(); // no deregister: its lease runs out
+    let mut again = phantom("ghost-1", "room");
+    again.rpc_addr = "tcp://127.0.0.1:10".into();
+    let restarted = discovery(&etcd.url());
+    restarted.start(again, Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    assert!(wait_until(T, || entry_of("ghost-1").is_some_and(|e| e.rpc_addr == "tcp://127.0.0.1:10")));
+    restarted.deregister();
+    restarted.stop();
+
+    etcd.put("it/servers/room/left-1", &serde_json::to_vec(&phantom("left-1", "room")).unwrap());
+    let mut fresh = phantom("left-1", "room");
+    fresh.rpc_addr = "tcp://127.0.0.1:11".into();
+    let replacing = discovery(&etcd.url());
+    replacing.start(fresh, Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    assert!(wait_until(T, || entry_of("left-1").is_some_and(|e| e.rpc_addr == "tcp://127.0.0.1:11")));
+    replacing.deregister();
+    replacing.stop();
+
+    let racers: Vec<_> = (12..14)
+        .map(|port| {
+            let url = etcd.url();
+            std::thread::spawn(move || {
+                let mut entry = phantom("twin-1", "room");
+                entry.rpc_addr = format!("tcp://127.0.0.1:{port}");
+                let racer = discovery(&url);
+                let started = racer.start(entry, Arc::new(ServerTable::new()), Arc::new(|| {}));
+                (racer, started)
+            })
+        })
+        .collect();
+    let results: Vec<_> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+    let won = results.iter().filter(|(_, started)| started.is_ok()).count();
+    let refused = results.iter().filter(|(_, s)| matches!(s, Err(DiscoveryError::IdTaken { .. }))).count();
+    assert_eq!((won, refused), (1, 1), "{:?}", results.iter().map(|(_, s)| s).collect::<Vec<_>>());
+    for (racer, _) in results {
+        racer.deregister();
+        racer.stop();
+    }
 }
 
 /// An etcd with auth enabled: servers with a user and password that may use the prefix

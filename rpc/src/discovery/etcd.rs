@@ -3,7 +3,8 @@
 //! lease alive every third of it; a server that dies vanishes when its lease expires, a
 //! graceful stop revokes the lease. A watch on `<prefix>servers/` keeps the table current.
 //! While etcd is unreachable the last table stays in force; when it is back the lease is
-//! kept alive again, or granted and the entry put again if it expired.
+//! kept alive again, or granted and the entry put again if it expired. At start the key is
+//! claimed (`claim`): a server id another process keeps alive is refused.
 //!
 //! With `etcd_user` / `etcd_password` set, the server authenticates (etcd auth: a token in
 //! the `Authorization` header) and authenticates again when etcd no longer knows the token
@@ -14,7 +15,7 @@
 //! keeps its lease and its watch through the loss of a member.
 //!
 //! Layout: this file holds the lease, the calls to etcd and its members, authentication;
-//! `watch` the watch that keeps the table current.
+//! `claim` the key taken at start; `watch` the watch that keeps the table current.
 
 use std::collections::HashSet;
 use std::net::TcpStream;
@@ -32,7 +33,10 @@ use super::http::{self, Endpoint, Post};
 use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
 use crate::table::{ServerEntry, ServerTable};
 
+mod claim;
 mod watch;
+
+use claim::{Claim, HeldSince, HELD_POLL};
 
 /// Time limit of one etcd call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -311,10 +315,15 @@ impl Shared {
         !self.stopping.load(Ordering::Acquire)
     }
 
-    /// Grants a lease and puts our key under it.
-    fn register(&self) -> Result<(), String> {
+    /// A new lease of `ttl`: its id.
+    fn grant(&self) -> Result<String, String> {
         let granted = self.call("/v3/lease/grant", json!({ "TTL": self.ttl.as_secs().max(1) }))?;
-        let id = granted.get("ID").and_then(|v| int64(Some(v))).ok_or("lease grant without ID")?.to_string();
+        Ok(granted.get("ID").and_then(|v| int64(Some(v))).ok_or("lease grant without ID")?.to_string())
+    }
+
+    /// Grants a lease and puts our key under it (again: at start, [`Shared::claim`]).
+    fn register(&self) -> Result<(), String> {
+        let id = self.grant()?;
         self.call("/v3/kv/put", json!({ "key": b64(&self.key), "value": b64(&self.value), "lease": id }))?;
         *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
         Ok(())
@@ -385,9 +394,22 @@ impl Discovery for EtcdDiscovery {
         });
         let deadline = Instant::now() + self.start_timeout;
         let mut waiting = false;
+        let mut held: Option<HeldSince> = None;
         let servers = loop {
-            match shared.register().and_then(|()| shared.range()) {
-                Ok((servers, _)) => break servers,
+            // The servers once registered; who holds our key while another process does.
+            let attempt = shared.claim().and_then(|claim| match claim {
+                Claim::Registered => shared.range().map(|(servers, _)| Ok(servers)),
+                Claim::Held { holder, ttl } => Ok(Err((holder, ttl))),
+            });
+            match attempt {
+                Ok(Ok(servers)) => break servers,
+                Ok(Err((holder, ttl))) => {
+                    let since = held.get_or_insert_with(|| HeldSince::new(&shared.key, holder, ttl));
+                    if let Some(holder) = since.still_running() {
+                        return Err(DiscoveryError::IdTaken { id: me.id.clone(), holder: holder.to_owned() });
+                    }
+                    std::thread::sleep(HELD_POLL);
+                }
                 Err(e) if !is_refusal(&e) && Instant::now() + RETRY < deadline => {
                     if !waiting {
                         warn!(
@@ -403,6 +425,9 @@ impl Discovery for EtcdDiscovery {
         };
         if waiting {
             info!("etcd at {} answers; {} registered", self.url, shared.key);
+        }
+        if held.is_some() {
+            info!("etcd key {} was let go by its holder; registered", shared.key);
         }
         shared.publish(&servers);
         let spawn = |name: &str, f: fn(&Shared), shared: Arc<Shared>| {

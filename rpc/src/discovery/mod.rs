@@ -38,8 +38,9 @@ pub enum DiscoveryError {
         /// What failed.
         message: String,
     },
-    /// A running process of this machine holds this server's id (embedded discovery): the
-    /// second of two processes started with one id stops, the first goes on.
+    /// A running process holds this server's id (embedded: a live process of this machine
+    /// with a fresh entry; etcd: one that kept its lease alive past its TTL): the second of
+    /// two processes started with one id stops, the first goes on.
     #[error("server id {id} is taken by {holder}, still running; server ids must be unique")]
     IdTaken {
         /// The id.
