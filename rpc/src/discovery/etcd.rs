@@ -427,7 +427,7 @@ impl Discovery for EtcdDiscovery {
             info!("etcd at {} answers; {} registered", self.url, shared.key);
         }
         if held.is_some() {
-            info!("etcd key {} was let go by its holder; registered", shared.key);
+            info!("etcd key {} is free again (its holder stopped, or its lease expired); registered", shared.key);
         }
         shared.publish(&servers);
         let spawn = |name: &str, f: fn(&Shared), shared: Arc<Shared>| {
