@@ -197,48 +197,48 @@ fn a_second_process_with_a_running_servers_id_is_refused_at_start() {
 fn a_server_restarted_after_a_crash_takes_its_id_once_the_old_lease_expires() {
     let etcd = Etcd::start("restart");
     let (_fe, fe_module, _room, _) = pair(&etcd);
-    let entry_of = |id: &str| fe_module.servers().into_iter().find(|s| s.id == id);
-    let crashed = discovery(&etcd.url());
-    crashed.start(phantom("ghost-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
-    assert!(wait_until(T, || entry_of("ghost-1").is_some()));
+    let at = |id: &str, port: u16| {
+        let addr = format!("tcp://127.0.0.1:{port}");
+        wait_until(T, || fe_module.servers().iter().any(|s| s.id == id && s.rpc_addr == addr))
+    };
+    let (crashed, started) = phantom_at(&etcd.url(), "ghost-1", 9);
+    started.unwrap();
+    assert!(at("ghost-1", 9));
     crashed.stop(); // no deregister: its lease runs out
-    let mut again = phantom("ghost-1", "room");
-    again.rpc_addr = "tcp://127.0.0.1:10".into();
-    let restarted = discovery(&etcd.url());
-    restarted.start(again, Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
-    assert!(wait_until(T, || entry_of("ghost-1").is_some_and(|e| e.rpc_addr == "tcp://127.0.0.1:10")));
-    restarted.deregister();
-    restarted.stop();
+    let (restarted, started) = phantom_at(&etcd.url(), "ghost-1", 10);
+    started.unwrap();
+    assert!(at("ghost-1", 10), "registered once the old lease expired");
 
     etcd.put("it/servers/room/left-1", &serde_json::to_vec(&phantom("left-1", "room")).unwrap());
-    let mut fresh = phantom("left-1", "room");
-    fresh.rpc_addr = "tcp://127.0.0.1:11".into();
-    let replacing = discovery(&etcd.url());
-    replacing.start(fresh, Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
-    assert!(wait_until(T, || entry_of("left-1").is_some_and(|e| e.rpc_addr == "tcp://127.0.0.1:11")));
-    replacing.deregister();
-    replacing.stop();
+    let (replacing, started) = phantom_at(&etcd.url(), "left-1", 11);
+    started.unwrap();
+    assert!(at("left-1", 11), "a leftover under no lease replaced");
 
-    let racers: Vec<_> = (12..14)
-        .map(|port| {
-            let url = etcd.url();
-            std::thread::spawn(move || {
-                let mut entry = phantom("twin-1", "room");
-                entry.rpc_addr = format!("tcp://127.0.0.1:{port}");
-                let racer = discovery(&url);
-                let started = racer.start(entry, Arc::new(ServerTable::new()), Arc::new(|| {}));
-                (racer, started)
-            })
-        })
-        .collect();
+    let url = etcd.url();
+    let racers = (12..14).map(|port| {
+        let url = url.clone();
+        std::thread::spawn(move || phantom_at(&url, "twin-1", port))
+    });
+    // Both started before either is waited for.
+    let racers: Vec<_> = racers.collect();
     let results: Vec<_> = racers.into_iter().map(|r| r.join().unwrap()).collect();
     let won = results.iter().filter(|(_, started)| started.is_ok()).count();
     let refused = results.iter().filter(|(_, s)| matches!(s, Err(DiscoveryError::IdTaken { .. }))).count();
     assert_eq!((won, refused), (1, 1), "{:?}", results.iter().map(|(_, s)| s).collect::<Vec<_>>());
-    for (racer, _) in results {
-        racer.deregister();
-        racer.stop();
+    for discovery in [restarted, replacing].into_iter().chain(results.into_iter().map(|(d, _)| d)) {
+        discovery.deregister();
+        discovery.stop();
     }
+}
+
+/// Discovery through `url` started for a server `id` that exists only there, at port
+/// `port` of 127.0.0.1; whether it started.
+fn phantom_at(url: &str, id: &str, port: u16) -> (EtcdDiscovery, Result<(), DiscoveryError>) {
+    let mut entry = phantom(id, "room");
+    entry.rpc_addr = format!("tcp://127.0.0.1:{port}");
+    let discovery = discovery(url);
+    let started = discovery.start(entry, Arc::new(ServerTable::new()), Arc::new(|| {}));
+    (discovery, started)
 }
 
 /// An etcd with auth enabled: servers with a user and password that may use the prefix
