@@ -20,11 +20,12 @@ const HELD_MARGIN: Duration = Duration::from_secs(1);
 pub(super) enum Claim {
     /// The key is ours, under our lease.
     Registered,
-    /// Another process's entry is under the key, under a lease of `ttl`:
-    /// the key is gone by then unless the holder keeps the lease alive.
+    /// Another process's entry is under the key, under a lease of `ttl`: the key is gone
+    /// by then unless the holder keeps the lease alive.
     Held {
         /// Who holds it, for the error: its endpoint and instance.
         holder: String,
+        /// The holder's lease TTL (zero: the key changed under us; look again).
         ttl: Duration,
     },
 }
