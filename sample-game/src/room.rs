@@ -27,7 +27,8 @@
 //!
 //! Layout: this file holds the rooms' state, the messages and the routes; `handlers` the
 //! handlers and how a room is found, entered and pushed to; `membership` members whose
-//! connector is gone and rooms reclaimed; `handover` the hand-over at a stop.
+//! connector is gone and rooms reclaimed; `handover` the hand-over at a stop; `recent` the
+//! moves a player's next messages may not show yet.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -43,6 +44,7 @@ use serde::{Deserialize, Serialize};
 mod handlers;
 mod handover;
 mod membership;
+mod recent;
 
 /// Error code of `room.room.admit` for a room not held (any more) by that server.
 const NO_ROOM: &str = "GAME-404";
@@ -55,6 +57,8 @@ pub const MAX_TEXT: usize = 500;
 pub const ROOM_KEY: &str = "room";
 /// Session key holding the id of the room server holding the current room.
 pub const ROOM_SERVER_KEY: &str = "room_server";
+/// Session key counting the player's joins and leaves (see `recent`).
+pub const MOVES_KEY: &str = "room_moves";
 /// The remote saying whether a room server holds a room.
 const HOLDS_ROUTE: &str = "room.room.holds";
 /// The remote admitting a player to a room its room server holds.
@@ -101,6 +105,8 @@ pub struct Rooms {
     /// thread that does it (room servers in a cluster).
     member_check: Duration,
     checker: Arc<Mutex<Option<Checker>>>,
+    /// The joins and leaves made here that a player's next messages may not show yet.
+    recent: Arc<recent::RecentMoves>,
 }
 
 /// The thread checking the members' sessions; it ends when `stop` is dropped.

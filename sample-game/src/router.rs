@@ -7,12 +7,12 @@ use crate::room::{ROOM_KEY, ROOM_SERVER_KEY};
 
 /// Routes `room.*` by room name with rendezvous hashing: everything (say, leave, the
 /// `left` remote, and `join` of a player already in a room) by the session's current room,
-/// `join` of a player in no room by the room in its body, to the
-/// room server holding it (`room_server` in the session) while that server is listed: a
-/// room lives where it was created, so a room server joining the cluster, which moves
-/// some names' rendezvous choice to it, moves no live room. Messages
-/// of players in no room (echo) go by session id, so each player's messages stay on one room
-/// server and in order; user RPCs with no session go to a random room server. Every
+/// to the room server holding it (`room_server` in the session) while that server is
+/// listed: a room lives where it was created, so a room server joining the cluster, which
+/// moves some names' rendezvous choice to it, moves no live room. Messages of players in
+/// no room (echo, and their joins, which that server takes to the room's holder) go by
+/// session id, so each player's messages stay on one room server and in order; user RPCs
+/// with no session go to a random room server. Every
 /// connector computes the same choice, and when a room server dies only its rooms (and
 /// players) move. Players in no room hold no state on a room server, so they also move off
 /// one this connector cannot reach, before discovery drops it; a room stays on its server
@@ -36,14 +36,11 @@ impl Router for RoomRouter {
                 return Some(i);
             }
         }
-        let room = if ctx.route.method() == "join" {
-            serde_json::from_slice::<serde_json::Value>(ctx.body)
-                .ok()
-                .and_then(|v| v.get("room")?.as_str().map(|s| s.trim().to_owned()))
-        } else {
-            current
-        };
-        match room {
+        // A player in no room, joining one too, goes by session: its joins and leaves run in
+        // order on one server, which knows where the earlier ones took it (`room::recent`)
+        // even when a message left the connector before the connector heard of them. Sent by
+        // room name, two joins could run at once on two servers, each adding the player.
+        match current {
             Some(room) => rendezvous(&room, servers),
             None => match ctx.session {
                 Some(session) => {
@@ -117,8 +114,7 @@ mod tests {
     #[test]
     fn a_room_and_its_members_share_a_server() {
         let servers = rooms();
-        let joined = pick("room.room.join", Some(&session(1, None)), br#"{"room":" lobby "}"#);
-        assert_eq!(joined, rendezvous("lobby", &servers).unwrap());
+        let joined = rendezvous("lobby", &servers).unwrap();
         for sid in 0..20 {
             assert_eq!(pick("room.room.say", Some(&session(sid, Some("lobby"))), b"{}"), joined);
         }
@@ -142,20 +138,28 @@ mod tests {
     }
 
     /// A player in a room joins another through the server holding its room (where its
-    /// lines go), whichever server the new room's name hashes to; a player in no room, or
-    /// whose room's server is gone, by the new room's name.
+    /// lines go), whichever server the new room's name hashes to; whose room's server is
+    /// gone, by its room's name; a player in no room by session, as its other messages
+    /// (whatever room it joins: its joins run in order on one server).
     #[test]
     fn a_join_goes_to_the_server_of_the_players_room() {
         let servers = rooms();
-        let (lobby, hall) = (rendezvous("lobby", &servers).unwrap(), rendezvous("hall", &servers).unwrap());
+        let lobby = rendezvous("lobby", &servers).unwrap();
         let hall_elsewhere =
             (0..).map(|i| format!("hall{i}")).find(|r| rendezvous(r, &servers) != Some(lobby)).unwrap();
         let member = held_session(1, Some("lobby"), Some(&servers[lobby].id));
         let body = format!(r#"{{"room":"{hall_elsewhere}"}}"#);
         assert_eq!(pick("room.room.join", Some(&member), body.as_bytes()), lobby);
-        assert_eq!(pick("room.room.join", Some(&session(2, None)), br#"{"room":"hall"}"#), hall);
         let lost = held_session(3, Some("lobby"), Some("room-9"));
-        assert_eq!(pick("room.room.join", Some(&lost), br#"{"room":"hall"}"#), hall);
+        assert_eq!(pick("room.room.join", Some(&lost), body.as_bytes()), lobby);
+        for sid in 0..20 {
+            let roomless = session(sid, None);
+            let own = pick("room.room.echo", Some(&roomless), b"x");
+            for room in ["lobby", "hall", &hall_elsewhere] {
+                let body = format!(r#"{{"room":"{room}"}}"#);
+                assert_eq!(pick("room.room.join", Some(&roomless), body.as_bytes()), own, "session {sid}, {room}");
+            }
+        }
     }
 
     #[test]

@@ -24,8 +24,8 @@ impl Rooms {
             return Err(HandlerError::new("GAME-400", format!("room name must be 1 to {MAX_ROOM} characters")));
         }
         let session = ctx.session().clone();
-        let previous: Option<String> = session.get(ROOM_KEY);
-        match previous {
+        let from = self.recent.room_of(&session);
+        match from.room.clone() {
             // Joined again: still a member where the room is held, or it was lost with the room
             // server that held it (the router now sends it here) and is joined anew.
             Some(old) if old == name => {}
@@ -41,7 +41,10 @@ impl Rooms {
             }
             None => {}
         }
-        Ok(self.enter_anywhere(ctx, &uid, &name, &session)?.1)
+        let count = self.recent.moving(&session, &from)?;
+        let joined = self.enter_anywhere(ctx, &uid, &name, &session)?.1;
+        self.recent.moved(&session, count, Some(name));
+        Ok(joined)
     }
 
     /// Puts `uid` in `room`: here if this server holds it, else admitted by the room server
@@ -281,13 +284,24 @@ impl Rooms {
     pub(super) fn leave(&self, ctx: &mut Ctx<'_>) -> Result<serde_json::Value, HandlerError> {
         let uid = logged_in(ctx)?;
         let session = ctx.session().clone();
-        let Some(room) = session.get::<String>(ROOM_KEY) else {
+        let from = self.recent.room_of(&session);
+        let Some(room) = from.room.clone() else {
             return Err(HandlerError::new("GAME-403", "not in a room"));
         };
         self.remove_member(ctx, &Left { uid, room: room.clone(), session: Some(session_ref(&session)) });
-        session.remove(ROOM_KEY);
-        session.remove(ROOM_SERVER_KEY);
+        let count = self.recent.moving(&session, &from)?;
+        if session.get::<String>(ROOM_KEY).is_some() {
+            session.remove(ROOM_KEY);
+            session.remove(ROOM_SERVER_KEY);
+        } else {
+            // This copy was made before the connector heard of the join: set to nothing,
+            // so the connector's keys are cleared (a key this copy lacks is not sent as
+            // removed).
+            session.set(ROOM_KEY, &serde_json::Value::Null).map_err(internal)?;
+            session.set(ROOM_SERVER_KEY, &serde_json::Value::Null).map_err(internal)?;
+        }
         session.push_to_frontend().map_err(internal)?;
+        self.recent.moved(&session, count, None);
         Ok(serde_json::json!({ "room": room }))
     }
 

@@ -45,6 +45,49 @@ fn a_line_said_right_before_switching_rooms_reaches_the_room() {
 
 /// A player joining another room leaves the old one on whichever room server holds it
 /// (a room server calling its own server type, routed by the player's session).
+/// A player sends joins (and a leave) without waiting for the answers, the rooms hashing
+/// to both room servers: it ends up a member of the last room it joined only (and of none
+/// after the leave), as its session says; none of the rooms it passed through keeps it.
+#[test]
+fn joins_sent_without_waiting_leave_a_player_in_the_last_room_only() {
+    let servers = Servers::new("pipelined", &[]);
+    let cluster = servers.two_rooms();
+    let (a, b) = (room_on(1, "pa"), room_on(2, "pb"));
+    let checker = player(cluster.port, "checker");
+    // The members of `room` as a player joining it sees them, the checker left out.
+    let members = |room: &str| {
+        let joined: Value = checker.request("room.room.join", &json!({"room": room})).unwrap();
+        let mut members: Vec<String> = serde_json::from_value(joined["members"].clone()).unwrap();
+        members.retain(|m| m != "checker");
+        members
+    };
+    let join = |p: &Client, room: &str| p.send_request("room.room.join", json!({"room": room}).to_string().as_bytes());
+    // Sent together, the two messages share a forwarded call; a little apart, each has its
+    // own, the second sent before the first is answered.
+    for (i, gap) in [0, 100, 300, 600, 1000, 2000, 0, 500].into_iter().map(Duration::from_micros).enumerate() {
+        let name = format!("hasty{i}");
+        let hasty = player(cluster.port, &name);
+        // Roomless, then from a room.
+        for (first, second) in [(&a, &b), (&b, &a)] {
+            let pending = join(&hasty, first).unwrap();
+            std::thread::sleep(gap);
+            let pending = [pending, join(&hasty, second).unwrap()];
+            for answer in pending {
+                answer.wait().unwrap();
+            }
+            assert_eq!(members(first), Vec::<String>::new(), "{name} left {first}");
+            assert_eq!(members(second), vec![name.clone()], "{name} is in {second}, its last join");
+        }
+        let pending = join(&hasty, &b).unwrap();
+        std::thread::sleep(gap);
+        let pending = [pending, hasty.send_request("room.room.leave", b"{}").unwrap()];
+        for answer in pending {
+            answer.wait().unwrap();
+        }
+        assert_eq!((members(&a), members(&b)), (vec![], vec![]), "{name} left both after its leave");
+    }
+}
+
 #[test]
 fn switching_rooms_tells_the_old_room_on_any_room_server() {
     let servers = Servers::new("switch", &[]);
