@@ -252,7 +252,8 @@ impl Rooms {
             return Err(HandlerError::new("GAME-400", format!("text longer than {MAX_TEXT} characters")));
         }
         let session = ctx.session().clone();
-        let Some(room) = session.get::<String>(ROOM_KEY) else {
+        // Where the player is, if it joined or left (through this server) after sending this.
+        let Some(room) = self.recent.room_of(&session).room else {
             return Err(HandlerError::new("GAME-403", "join a room first"));
         };
         let members = self.members(&room);

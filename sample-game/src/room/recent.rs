@@ -1,10 +1,11 @@
 //! The room moves (joins, leaves) this room server made, for a player's next messages that
 //! left its connector before the connector heard of them. A forwarded call carries the
-//! session as it was when sent: a client that sends a second `join`, or a `leave`, without
-//! waiting for its `join`'s answer has its next message run here (the router sends a
+//! session as it was when sent: a client that sends a second `join`, a `leave` or a line
+//! without waiting for its `join`'s answer has its next message run here (the router sends a
 //! player's messages where the first went while the connector's copy still shows the room
 //! before, and they run in order) with that earlier room. Without this, that message would
-//! leave the wrong room and the player would stay a member of the room it joined first.
+//! leave the wrong room (or its line, said in the room left, would take the player back in)
+//! and the player would stay a member of a room its session no longer names.
 //!
 //! Each move counts up `room_moves` in the session (it reaches the connector with the new
 //! room): a message whose session shows fewer moves than this server made left its

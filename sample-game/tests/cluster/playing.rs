@@ -45,9 +45,10 @@ fn a_line_said_right_before_switching_rooms_reaches_the_room() {
 
 /// A player joining another room leaves the old one on whichever room server holds it
 /// (a room server calling its own server type, routed by the player's session).
-/// A player sends joins (and a leave) without waiting for the answers, the rooms hashing
-/// to both room servers: it ends up a member of the last room it joined only (and of none
-/// after the leave), as its session says; none of the rooms it passed through keeps it.
+/// A player sends joins (and a line, and a leave) without waiting for the answers, the
+/// rooms hashing to both room servers: it ends up a member of the last room it joined only
+/// (and of none after the leave), as its session says; none of the rooms it passed through
+/// keeps it; a line sent right after a join is said in the room joined.
 #[test]
 fn joins_sent_without_waiting_leave_a_player_in_the_last_room_only() {
     let servers = Servers::new("pipelined", &[]);
@@ -78,7 +79,18 @@ fn joins_sent_without_waiting_leave_a_player_in_the_last_room_only() {
             assert_eq!(members(first), Vec::<String>::new(), "{name} left {first}");
             assert_eq!(members(second), vec![name.clone()], "{name} is in {second}, its last join");
         }
+        // In `a`: a join of `b` and a line at once; the checker, in `b`, hears it there.
+        assert_eq!(members(&b), Vec::<String>::new());
         let pending = join(&hasty, &b).unwrap();
+        std::thread::sleep(gap);
+        let text = format!("hello {i}");
+        hasty.notify("room.room.say", &json!({ "text": text })).unwrap();
+        pending.wait().unwrap();
+        let said = std::iter::repeat_with(|| heard(&checker)).find(|(route, _)| route == "onChat");
+        assert_eq!(said, Some(chat(&name, &text)), "said in {b}");
+        assert_eq!(members(&a), Vec::<String>::new(), "{name} left {a}");
+        assert_eq!(members(&b), vec![name.clone()], "{name} is in {b}");
+        let pending = join(&hasty, &a).unwrap();
         std::thread::sleep(gap);
         let pending = [pending, hasty.send_request("room.room.leave", b"{}").unwrap()];
         for answer in pending {
