@@ -176,6 +176,17 @@ impl Rooms {
         ctx: &Ctx<'_>,
         admit: &Admit,
     ) -> Result<Option<(String, Joined)>, HandlerError> {
+        // Most rooms are held where their names hash: that server is asked first, alone
+        // (one round trip; a roomless player's join reaches the server its session hashes
+        // to), then every room server which holds it.
+        let servers = self.room_servers(ctx, true);
+        let me = &ctx.server().id;
+        let hashed = rendezvous(&admit.room, &servers).map(|i| servers[i].id.to_string());
+        if let Some(hashed) = hashed.filter(|id| **id != **me) {
+            if let Ok(joined) = ctx.rpc_to::<_, Joined>(&hashed, ADMIT_ROUTE, admit) {
+                return Ok(Some((hashed, joined)));
+            }
+        }
         let Some(holder) = self.holder_elsewhere(ctx, &admit.room) else { return Ok(None) };
         match ctx.rpc_to::<_, Joined>(&holder, ADMIT_ROUTE, admit) {
             Ok(joined) => Ok(Some((holder, joined))),
