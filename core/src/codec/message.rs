@@ -281,9 +281,9 @@ pub fn check_route_len(route: &str) -> Result<(), EncodeError> {
     Ok(())
 }
 
-/// Whether a push on `route` with a body of `body_len` bytes (as it goes on the wire,
-/// compressed or not) fits in a packet, whatever the client: checked where the push is made,
-/// so its maker hears of one that could never be sent.
+/// Whether a push on `route` with a body of `body_len` bytes fits in a packet, whatever the
+/// client: checked where the push is made, so its maker hears of one that could never be
+/// sent. Callers pass the body as made (compression, when on, only shrinks it).
 pub fn check_push(route: &str, body_len: usize) -> Result<(), EncodeError> {
     check_route_len(route)?;
     // Flag byte, route length byte, route (a route code would make it shorter), body.
