@@ -396,16 +396,20 @@ impl Discovery for EtcdDiscovery {
         let mut waiting = false;
         let mut held: Option<HeldSince> = None;
         let servers = loop {
-            // The servers once registered; who holds our key while another process does.
+            // The servers once registered; while another process holds our key, the wait for
+            // it when first seen (its lease looked at once).
             let attempt = shared.claim().and_then(|claim| match claim {
                 Claim::Registered => shared.range().map(|(servers, _)| Ok(servers)),
-                Claim::Held { holder, ttl } => Ok(Err((holder, ttl))),
+                Claim::Held { holder, lease } if held.is_none() => {
+                    shared.lease_ttl(lease).map(|ttl| Err(Some(HeldSince::new(&shared.key, holder, ttl))))
+                }
+                Claim::Held { .. } => Ok(Err(None)),
             });
             match attempt {
                 Ok(Ok(servers)) => break servers,
-                Ok(Err((holder, ttl))) => {
-                    let since = held.get_or_insert_with(|| HeldSince::new(&shared.key, holder, ttl));
-                    if let Some(holder) = since.still_running() {
+                Ok(Err(first)) => {
+                    held = held.or(first);
+                    if let Some(holder) = held.as_ref().and_then(HeldSince::still_running) {
                         return Err(DiscoveryError::IdTaken { id: me.id.clone(), holder: holder.to_owned() });
                     }
                     std::thread::sleep(HELD_POLL);

@@ -20,13 +20,12 @@ const HELD_MARGIN: Duration = Duration::from_secs(1);
 pub(super) enum Claim {
     /// The key is ours, under our lease.
     Registered,
-    /// Another process's entry is under the key, under a lease of `ttl`: the key is gone
-    /// by then unless the holder keeps the lease alive.
+    /// Another process's entry is under the key, under `lease` ([`Shared::lease_ttl`]).
     Held {
         /// Who holds it, for the error: its endpoint and instance.
         holder: String,
-        /// The holder's lease TTL (zero: the key changed under us; look again).
-        ttl: Duration,
+        /// The holder's lease (0: none; the key changed under us, look again).
+        lease: i64,
     },
 }
 
@@ -79,14 +78,23 @@ impl Shared {
                     info!("etcd key {} held {holder} under no lease; replaced", self.key);
                     Ok(Claim::Registered)
                 }
-                Some(_) => Ok(Claim::Held { holder, ttl: Duration::ZERO }),
+                Some(_) => Ok(Claim::Held { holder, lease: 0 }),
             };
+        }
+        Ok(Claim::Held { holder, lease })
+    }
+
+    /// The TTL of `lease` (a holder's): the key is gone by then after the holder's last
+    /// keepalive unless it keeps the lease alive. Zero for no lease.
+    pub(super) fn lease_ttl(&self, lease: i64) -> Result<Duration, String> {
+        if lease == 0 {
+            return Ok(Duration::ZERO);
         }
         // Not the TTL left (whole seconds, rounded down): a holder that has died still holds
         // the key up to its whole TTL after its last keepalive, however long ago that was.
         let alive = self.call("/v3/lease/timetolive", json!({ "ID": lease.to_string() }))?;
         let granted = int64(alive.get("grantedTTL")).unwrap_or(0).max(0);
-        Ok(Claim::Held { holder, ttl: Duration::from_secs(granted as u64) })
+        Ok(Duration::from_secs(granted as u64))
     }
 
     /// Grants a lease and puts our entry under it if `compare` holds; otherwise revokes the
