@@ -169,6 +169,43 @@ fn a_server_entry_deleted_by_someone_else_is_put_again() {
     assert!(wait_until(T, || room_1_at(&real)), "room-1 back at {real}: {:?}", fe_module.servers());
 }
 
+/// A server whose lease expired while another process took its id (in an etcd outage, or
+/// a long pause of the server) does not write its entry over that process's when it
+/// registers again: it logs an error and takes its key back only once the key is free.
+#[test]
+fn a_server_whose_lease_expired_leaves_its_id_to_the_process_that_took_it() {
+    let etcd = Etcd::start("retaken");
+    let (_fe, fe_module, _room, _) = pair(&etcd);
+    let key = "it/servers/room/room-1";
+    let real = fe_module.servers().into_iter().find(|s| s.id == "room-1").unwrap().rpc_addr;
+    let room_1_at = |addr: &str| fe_module.servers().iter().any(|s| s.id == "room-1" && s.rpc_addr == addr);
+    // The other process's entry under its own lease, then room-1's lease gone: what etcd
+    // holds when room-1 comes back from an outage in which its lease expired and another
+    // process registered as room-1.
+    let logged_before = warnings().len();
+    let own_lease = etcd.lease_of(key);
+    let other_lease = etcd.grant(60);
+    etcd.put_leased(key, &serde_json::to_vec(&phantom("room-1", "room")).unwrap(), &other_lease);
+    etcd.revoke(&own_lease);
+    assert!(wait_until(T, || room_1_at("tcp://127.0.0.1:9")), "the other process's entry");
+    // room-1's keepalive finds its lease gone within TTL / 3 and registers again, but not
+    // over the other entry.
+    assert!(
+        wait_until(T, || !warnings_about(logged_before, "registered while this server's lease had expired").is_empty())
+    );
+    std::thread::sleep(TTL * 2);
+    assert!(room_1_at("tcp://127.0.0.1:9"), "the other entry kept: {:?}", fe_module.servers());
+    assert_eq!(etcd.lease_of(key), other_lease);
+    // The other process stops: room-1 registers again.
+    etcd.revoke(&other_lease);
+    assert!(wait_until(T, || room_1_at(&real)), "room-1 back at {real}: {:?}", fe_module.servers());
+    assert_eq!(
+        warnings_about(logged_before, "registered while this server's lease had expired").len(),
+        1,
+        "logged once"
+    );
+}
+
 /// A process started with the id of a running server is refused at start, as embedded
 /// discovery refuses it, once the running one has kept its lease alive past what was left
 /// of it; the running one keeps its entry throughout.

@@ -185,15 +185,42 @@ impl Etcd {
     /// authenticate again.
     pub fn cycle_auth(&self) {
         use serde_json::json;
-        let answer = self.post("/v3/auth/authenticate", json!({ "name": "root", "password": "root-pw" }));
-        let token: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let token = self.post_json("/v3/auth/authenticate", json!({ "name": "root", "password": "root-pw" }));
         self.post_with("/v3/auth/disable", json!({}), token["token"].as_str());
         self.post("/v3/auth/enable", json!({}));
+    }
+
+    /// A lease of `ttl` seconds, kept alive by no one: its id.
+    pub fn grant(&self, ttl: u64) -> String {
+        let answer = self.post_json("/v3/lease/grant", serde_json::json!({ "TTL": ttl }));
+        answer["ID"].as_str().expect("a lease id").to_owned()
+    }
+
+    /// Puts `value` under `key` with `lease` attached (the key goes when the lease does).
+    pub fn put_leased(&self, key: &str, value: &[u8], lease: &str) {
+        self.post("/v3/kv/put", serde_json::json!({ "key": b64(key.as_bytes()), "value": b64(value), "lease": lease }));
+    }
+
+    /// The lease `key` is under ("0" for none).
+    pub fn lease_of(&self, key: &str) -> String {
+        let answer = self.post_json("/v3/kv/range", serde_json::json!({ "key": b64(key.as_bytes()) }));
+        answer["kvs"][0]["lease"].as_str().unwrap_or("0").to_owned()
+    }
+
+    /// Revokes `lease`: the keys under it are deleted.
+    pub fn revoke(&self, lease: &str) {
+        self.post("/v3/lease/revoke", serde_json::json!({ "ID": lease }));
     }
 
     /// Deletes `key`, as an operator with etcdctl would.
     pub fn delete(&self, key: &str) {
         self.post("/v3/kv/deleterange", serde_json::json!({ "key": b64(key.as_bytes()) }));
+    }
+
+    /// POSTs `body` to `path`; the answer's JSON body (the answer must be a 200).
+    fn post_json(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let answer = self.post(path, body);
+        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or_default()).expect("a JSON body")
     }
 
     /// POSTs `body` to `path`; the whole answer, which must be a 200.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use serde_json::{json, Value};
 
 use super::http::{self, Endpoint, Post};
@@ -100,6 +100,9 @@ struct Shared {
     bad_keys: Mutex<HashSet<String>>,
     /// Our key was seen holding another process's entry (logged once until it is ours again).
     taken: AtomicBool,
+    /// Registering again found our key held by another process (logged once until it is
+    /// ours again).
+    yielded: AtomicBool,
     /// The open watch connection, shut down at stop to unblock its reader.
     watch: Mutex<Option<TcpStream>>,
     table: Arc<ServerTable>,
@@ -321,11 +324,28 @@ impl Shared {
         Ok(granted.get("ID").and_then(|v| int64(Some(v))).ok_or("lease grant without ID")?.to_string())
     }
 
-    /// Grants a lease and puts our key under it (again: at start, [`Shared::claim`]).
+    /// Registers again once our lease is gone, as at start ([`Shared::claim`]) but without
+    /// waiting: while another process holds our key (it took our id while our lease had
+    /// expired, in an etcd outage or a long pause of this process) its entry is left alone
+    /// and the next keepalive round looks again.
     fn register(&self) -> Result<(), String> {
-        let id = self.grant()?;
-        self.call("/v3/kv/put", json!({ "key": b64(&self.key), "value": b64(&self.value), "lease": id }))?;
-        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+        match self.claim()? {
+            Claim::Registered => {
+                if self.yielded.swap(false, Ordering::Relaxed) {
+                    info!("etcd key {} is free again; registered", self.key);
+                }
+            }
+            Claim::Held { holder, .. } => {
+                if !self.yielded.swap(true, Ordering::Relaxed) {
+                    error!(
+                        "etcd key {} holds the entry of {holder}, registered while this server's lease had \
+                         expired (server ids must be unique); this server stays unregistered (others cannot \
+                         reach it) until that key is free",
+                        self.key
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
@@ -343,6 +363,7 @@ impl Shared {
                     Ok(answer) if int64(answer.get("result").and_then(|r| r.get("TTL"))).unwrap_or(0) > 0 => Ok(()),
                     Ok(_) => {
                         info!("etcd lease of {} expired; registering again", self.key);
+                        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = None;
                         self.register()
                     }
                     Err(e) => Err(e),
@@ -389,6 +410,7 @@ impl Discovery for EtcdDiscovery {
             watch: Mutex::new(None),
             bad_keys: Mutex::new(HashSet::new()),
             taken: AtomicBool::new(false),
+            yielded: AtomicBool::new(false),
             table,
             changed,
         });

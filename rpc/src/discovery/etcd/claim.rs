@@ -56,8 +56,7 @@ impl Shared {
     /// this start). A key under no lease is no running server's (a leftover someone put by
     /// hand) and is taken, again only if it has not changed since it was read.
     pub(super) fn claim(&self) -> Result<Claim, String> {
-        let free = json!({ "key": b64(&self.key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" });
-        let kv = match self.put_if(free)? {
+        let kv = match self.put_if(free(&self.key))? {
             None => return Ok(Claim::Registered),
             Some(kv) => kv,
         };
@@ -102,24 +101,38 @@ impl Shared {
     /// gone).
     fn put_if(&self, compare: Value) -> Result<Option<Value>, String> {
         let lease = self.grant()?;
+        let outcome = self.put_under_if(&lease, compare);
+        if let Ok(None) = outcome {
+            *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+        } else {
+            let _ = self.call("/v3/lease/revoke", json!({ "ID": lease }));
+        }
+        outcome
+    }
+
+    /// Puts our entry under `lease` if the key does not exist: `None` if it was put,
+    /// otherwise the key's current value.
+    pub(super) fn put_if_free(&self, lease: &str) -> Result<Option<Value>, String> {
+        self.put_under_if(lease, free(&self.key))
+    }
+
+    /// Puts our entry under `lease` if `compare` holds; otherwise the key's current value.
+    fn put_under_if(&self, lease: &str, compare: Value) -> Result<Option<Value>, String> {
         let txn = json!({
             "compare": [compare],
             "success": [{ "request_put": { "key": b64(&self.key), "value": b64(&self.value), "lease": lease } }],
             "failure": [{ "request_range": { "key": b64(&self.key) } }],
         });
-        let answer = match self.call("/v3/kv/txn", txn) {
-            Ok(answer) => answer,
-            Err(e) => {
-                let _ = self.call("/v3/lease/revoke", json!({ "ID": lease }));
-                return Err(e);
-            }
-        };
+        let answer = self.call("/v3/kv/txn", txn)?;
         // The gateway leaves `succeeded` out when it is false.
         if answer.get("succeeded").and_then(Value::as_bool) == Some(true) {
-            *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
             return Ok(None);
         }
-        let _ = self.call("/v3/lease/revoke", json!({ "ID": lease }));
         Ok(Some(answer["responses"][0]["response_range"]["kvs"][0].clone()))
     }
+}
+
+/// The comparison of a transaction that holds while `key` does not exist.
+fn free(key: &str) -> Value {
+    json!({ "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" })
 }

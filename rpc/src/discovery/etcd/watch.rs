@@ -83,8 +83,10 @@ impl Shared {
             return;
         }
         let Some(lease) = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
-        match self.call("/v3/kv/put", json!({ "key": b64(&self.key), "value": b64(&self.value), "lease": lease })) {
-            Ok(_) => warn!("etcd key {} was deleted while this server runs; put it again", self.key),
+        // Only if it is still free: another process may have taken the id since.
+        match self.put_if_free(&lease) {
+            Ok(None) => warn!("etcd key {} was deleted while this server runs; put it again", self.key),
+            Ok(Some(_)) => debug!("etcd key {} was deleted and put again by another process", self.key),
             Err(e) => debug!("cannot put etcd key {} again ({e}); the lease keepalive registers it", self.key),
         }
     }
