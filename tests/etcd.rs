@@ -206,6 +206,22 @@ fn a_server_whose_lease_expired_leaves_its_id_to_the_process_that_took_it() {
     );
 }
 
+/// A server that registers again (its lease gone) and finds its own entry under no lease,
+/// or under a lease it does not keep alive, puts it under its new lease: the entry goes
+/// when the server dies.
+#[test]
+fn a_server_registering_again_over_its_own_entry_puts_it_under_its_lease() {
+    let etcd = Etcd::start("own");
+    let (_fe, _, _room, _) = pair(&etcd);
+    let key = "it/servers/room/room-1";
+    let own_lease = etcd.lease_of(key);
+    etcd.put(key, &etcd.value_of(key)); // the same entry, detached from the lease
+    etcd.revoke(&own_lease);
+    assert_eq!(etcd.lease_of(key), "0");
+    assert!(wait_until(T, || etcd.lease_of(key) != "0"), "put under a new lease");
+    assert_ne!(etcd.lease_of(key), own_lease);
+}
+
 /// A process started with the id of a running server is refused at start, as embedded
 /// discovery refuses it, once the running one has kept its lease alive past what was left
 /// of it; the running one keeps its entry throughout.

@@ -207,6 +207,14 @@ impl Etcd {
         answer["kvs"][0]["lease"].as_str().unwrap_or("0").to_owned()
     }
 
+    /// The value of `key` (empty if there is none).
+    pub fn value_of(&self, key: &str) -> Vec<u8> {
+        use base64::Engine;
+        let answer = self.post_json("/v3/kv/range", serde_json::json!({ "key": b64(key.as_bytes()) }));
+        let value = answer["kvs"][0]["value"].as_str().unwrap_or_default();
+        base64::engine::general_purpose::STANDARD.decode(value).expect("base64")
+    }
+
     /// Revokes `lease`: the keys under it are deleted.
     pub fn revoke(&self, lease: &str) {
         self.post("/v3/lease/revoke", serde_json::json!({ "ID": lease }));

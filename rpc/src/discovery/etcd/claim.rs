@@ -52,29 +52,32 @@ impl HeldSince {
 impl Shared {
     /// Registers this server when its key is free: grants a lease and puts the entry under
     /// it only if the key does not exist (one transaction, so of two processes starting with
-    /// one id at once exactly one gets it), or holds our own entry (an earlier attempt of
-    /// this start). A key under no lease is no running server's (a leftover someone put by
-    /// hand) and is taken, again only if it has not changed since it was read.
+    /// one id at once exactly one gets it), or holds our own entry (an earlier attempt whose
+    /// answer was lost; put again under the new lease). A key under no lease is no running
+    /// server's (a leftover someone put by hand) and is taken, again only if it has not
+    /// changed since it was read.
     pub(super) fn claim(&self) -> Result<Claim, String> {
         let kv = match self.put_if(free(&self.key))? {
             None => return Ok(Claim::Registered),
             Some(kv) => kv,
         };
-        if unb64(&kv["value"]).as_deref() == Some(self.value.as_str()) {
-            return Ok(Claim::Registered);
-        }
+        let ours = unb64(&kv["value"]).as_deref() == Some(self.value.as_str());
         let holder = match server_entry(&kv) {
             Ok(entry) => format!("another process (rpc {}, instance {:016x})", entry.rpc_addr, entry.instance),
             Err(why) => format!("a value that {why}"),
         };
         let lease = int64(kv.get("lease")).unwrap_or(0);
-        if lease == 0 {
+        if ours || lease == 0 {
+            // Put again under the lease this server keeps alive (ours, from an earlier attempt
+            // whose answer was lost, may be under a lease no one keeps alive, or none).
             let unchanged = json!({
                 "key": b64(&self.key), "target": "MOD", "result": "EQUAL", "mod_revision": kv["mod_revision"],
             });
             return match self.put_if(unchanged)? {
                 None => {
-                    info!("etcd key {} held {holder} under no lease; replaced", self.key);
+                    if !ours {
+                        info!("etcd key {} held {holder} under no lease; replaced", self.key);
+                    }
                     Ok(Claim::Registered)
                 }
                 Some(_) => Ok(Claim::Held { holder, lease: 0 }),
