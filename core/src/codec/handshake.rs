@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use crate::codec::{compress, RouteDictionary};
+use crate::codec::{compress, RouteDictionary, MAX_WIRE_BODY};
 
 /// Handshake response code: accepted.
 pub const HANDSHAKE_OK: u16 = 200;
@@ -196,6 +196,49 @@ pub fn parse_handshake_response(body: &[u8]) -> Result<HandshakeResponse, Handsh
 
 /// The body of a KICK packet: `{"reason": ...}`. Pitaya sends an empty body, but Pomelo and
 /// pinus clients `JSON.parse` the kick body and throw on an empty one; libpitaya ignores it.
+/// A reason too long for one packet (over 16 MiB as JSON) is cut, ending in `...`: the
+/// client is kicked whatever the reason says.
 pub fn encode_kick_body(reason: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({ "reason": reason })).unwrap_or_default()
+    let encode = |reason: &str| serde_json::to_vec(&serde_json::json!({ "reason": reason })).unwrap_or_default();
+    let mut body = encode(reason);
+    let mut keep = reason.len();
+    while body.len() > MAX_WIRE_BODY {
+        // Escapes make the JSON up to six times the reason: shrink in proportion, then more.
+        keep = keep * (MAX_WIRE_BODY - 64) / body.len();
+        while !reason.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        body = encode(&format!("{}...", &reason[..keep]));
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{encode_packet, parse_packet, PacketType};
+
+    /// A kick's reason too long for a packet is cut so the packet is still sent; JSON
+    /// escapes (six bytes for one) are counted.
+    #[test]
+    fn kick_reasons_too_long_for_a_packet_are_cut() {
+        let reason_of = |body: &[u8]| -> String {
+            let value: Value = serde_json::from_slice(body).expect("JSON");
+            value["reason"].as_str().expect("a reason").to_owned()
+        };
+        assert_eq!(reason_of(&encode_kick_body("bye")), "bye");
+        for reason in ["x".repeat(MAX_WIRE_BODY), "\u{1}".repeat(MAX_WIRE_BODY / 3), "é".repeat(MAX_WIRE_BODY / 2)] {
+            let body = encode_kick_body(&reason);
+            assert!(body.len() <= MAX_WIRE_BODY, "{}", body.len());
+            assert!(body.len() > MAX_WIRE_BODY / 2, "not cut more than needed: {}", body.len());
+            let cut = reason_of(&body);
+            let kept = cut.strip_suffix("...").expect("marked as cut");
+            assert!(reason.starts_with(kept));
+            let mut packet = Vec::new();
+            encode_packet(PacketType::Kick, &body, &mut packet).expect("framed");
+            assert!(matches!(parse_packet(&packet, MAX_WIRE_BODY), Ok(Some((_, n))) if n == packet.len()));
+        }
+        let fits = "y".repeat(MAX_WIRE_BODY - 13);
+        assert_eq!(reason_of(&encode_kick_body(&fits)), fits, "a reason that fits exactly is kept");
+    }
 }
