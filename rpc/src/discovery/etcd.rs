@@ -335,6 +335,8 @@ impl Shared {
                     info!("etcd key {} is free again; registered", self.key);
                 }
             }
+            // Under no lease: the key changed while we looked; the next round looks again.
+            Claim::Held { lease: 0, .. } => {}
             Claim::Held { holder, .. } => {
                 if !self.yielded.swap(true, Ordering::Relaxed) {
                     error!(
