@@ -16,7 +16,10 @@
 //! room server. One that was only out of reach (frozen, cut off for longer than the
 //! discovery ttl) gives up its copies of the rooms made anew elsewhere when it is back
 //! (`release`, asked by the room server that made them, a server listener), and the
-//! players who joined its copy meanwhile are members of the one room. A member that no
+//! players who joined its copy meanwhile are members of the one room. A room made on two
+//! room servers that did not see each other yet (started at once, or one new to the
+//! cluster) is merged into one when either sees the other hold it (a server listener, and
+//! the member checks), its players told of each other. A member that no
 //! connector knows any more (it just disconnected, or its connector died so no `left` call
 //! comes) is dropped from the room the next time the room pushes to its members (once
 //! every listed connector answers: one that does not may hold it), and as soon as discovery
@@ -36,7 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes};
+use dragonfruit_core::{codes, Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes};
 use dragonfruit_rpc::ClusterModule;
 use log::info;
 use serde::{Deserialize, Serialize};
@@ -68,8 +71,12 @@ pub const LEFT_ROUTE: &str = "room.room.left";
 /// The remote taking over rooms from a room server that stops.
 const ADOPT_ROUTE: &str = "room.room.adopt";
 /// The remote by which a room server gives up its copies of rooms another made anew while
-/// it was out of reach.
+/// it was out of reach, or that were made apart on both and are merged on the other.
 const RELEASE_ROUTE: &str = "room.room.release";
+/// The remote saying which of the rooms named its room server holds.
+const HOLDING_ROUTE: &str = "room.room.holding";
+/// The remote by which a room server takes over rooms made apart on it and on the caller.
+const TAKE_OVER_ROUTE: &str = "room.room.take_over";
 /// The connector's remote saying which of the session ids named it holds.
 pub const SESSIONS_HELD_ROUTE: &str = "connector.entry.sessions_held";
 /// The connector's remote noting in its sessions that their room moved to another server.
@@ -251,6 +258,11 @@ impl Component for Rooms {
             Ok(true)
         });
         r.remote("release", |rooms: &Rooms, ctx: &RemoteCtx<'_>, names: Vec<String>| Ok(rooms.release(ctx, names)));
+        r.remote("holding", |rooms: &Rooms, _: &RemoteCtx<'_>, names: Vec<String>| Ok(rooms.holding(names)));
+        r.remote("take_over", |rooms: &Rooms, ctx: &RemoteCtx<'_>, names: Vec<String>| {
+            let from = ctx.caller().ok_or_else(|| HandlerError::new(codes::BAD_REQUEST, "take_over needs a caller"))?;
+            rooms.take_over(ctx, from, names).map(|taken| taken.len())
+        });
     }
 
     fn after_init(&self, env: &HandlerEnv) {

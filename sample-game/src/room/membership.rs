@@ -1,19 +1,26 @@
 //! Members whose connector is gone: checked now and then, dropped when discovery drops
 //! their connector; rooms reclaimed from a room server back after it was out of reach.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
 
-use dragonfruit_core::HandlerEnv;
+use dragonfruit_core::{HandlerEnv, HandlerError, RemoteCtx};
+use dragonfruit_rpc::router::rendezvous;
 use dragonfruit_rpc::{ServerEntry, ServerListener};
 use log::{debug, info, warn};
 
-use super::{Checker, Rooms, SessionRef, RELEASE_ROUTE, SESSIONS_HELD_ROUTE};
+use super::{
+    Checker, MemberEvent, Members, Rooms, SessionRef, HOLDING_ROUTE, RELEASE_ROUTE, SESSIONS_HELD_ROUTE,
+    TAKE_OVER_ROUTE,
+};
 
 /// Drops the members of connectors that are gone (see `Rooms::drop_members_of`).
 impl ServerListener for Rooms {
     fn server_joined(&self, env: &HandlerEnv, server: &ServerEntry) {
         if *server.server_type == *env.server().server_type && *server.id != *env.server().id {
             self.reclaim_from(env, &server.id);
+            self.merge_with(env, server);
         }
     }
 
@@ -68,6 +75,10 @@ impl Rooms {
                 self.drop_unheld(env, &connector, members);
             }
         }
+        // Rooms made apart that the server listener did not see (made after it ran).
+        for other in self.other_room_servers(env) {
+            self.merge_with(env, &other);
+        }
     }
 
     /// Every member (room, uid, session), by the connector holding its session.
@@ -103,36 +114,132 @@ impl Rooms {
         if names.is_empty() {
             return;
         }
-        let released = match env.rpc_to::<_, Vec<String>>(id, RELEASE_ROUTE, &names) {
-            Ok(released) => released,
-            Err(e) => {
-                warn!("room server {id} not asked to give up {} rooms made anew here: {e}", names.len());
-                return;
-            }
-        };
-        if released.is_empty() {
-            return;
-        }
-        info!("room server {id} is back and gave up {} rooms made anew here while it was out of reach", released.len());
-        for room in released {
-            let members = self.members_by_sessions(env, &room);
-            self.adopt(vec![(room, members)]);
+        match self.take_over(env, id, names) {
+            Ok(released) if released.is_empty() => {}
+            Ok(released) => info!(
+                "room server {id} is back and gave up {} rooms made anew here while it was out of reach",
+                released.len()
+            ),
+            Err(e) => warn!("room server {id} not asked to give up the rooms made anew here: {e}"),
         }
     }
 
-    /// Gives up this server's copies of `names`, made anew on the room server calling while
-    /// this one was out of reach; the names given up.
-    pub(super) fn release(&self, env: &HandlerEnv, names: Vec<String>) -> Vec<String> {
+    /// Room server `other` is in the cluster as this one sees it. Rooms both hold were made
+    /// apart, each by a room server that did not see the other yet (two started at once, or
+    /// one new to the cluster that the other had not seen yet, while joins of one room
+    /// reached both): their players would not hear each other. Each is merged into one on
+    /// the server the name hashes to between the two.
+    pub(super) fn merge_with(&self, env: &HandlerEnv, other: &ServerEntry) {
+        let names: Vec<String> = self.lock().keys().cloned().collect();
+        if names.is_empty() || self.handing_over.load(Ordering::SeqCst) {
+            return;
+        }
+        let both = match env.rpc_to::<_, Vec<String>>(&other.id, HOLDING_ROUTE, &names) {
+            Ok(both) => both,
+            Err(e) => {
+                debug!("room server {} not asked which of {} rooms it holds: {e}", other.id, names.len());
+                return;
+            }
+        };
+        if both.is_empty() {
+            return;
+        }
+        let Some(me) = self.room_servers(env, true).into_iter().find(|s| *s.id == *env.server().id) else { return };
+        let pair = [me, other.clone()];
+        let (here, there): (Vec<String>, Vec<String>) =
+            both.into_iter().partition(|room| rendezvous(room, &pair) == Some(0));
+        info!(
+            "{} rooms were made both here and on room server {} (neither saw the other yet): merged",
+            here.len() + there.len(),
+            other.id
+        );
+        if !here.is_empty() {
+            if let Err(e) = self.take_over(env, &other.id, here) {
+                warn!("rooms made apart not taken over from room server {}: {e}", other.id);
+            }
+        }
+        if !there.is_empty() {
+            if let Err(e) = env.rpc_to::<_, usize>(&other.id, TAKE_OVER_ROUTE, &there) {
+                warn!("rooms made apart not handed to room server {}: {e}", other.id);
+            }
+        }
+    }
+
+    /// Takes over `names` from room server `from`, which gives up its copies (`release`):
+    /// each with every player whose session on the connectors is in it (they note this
+    /// server as its holder), the players already here and those new to this copy told of
+    /// each other as of a join. The rooms taken over.
+    pub(super) fn take_over(
+        &self,
+        env: &HandlerEnv,
+        from: &str,
+        names: Vec<String>,
+    ) -> Result<Vec<String>, HandlerError> {
+        if self.handing_over.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        let released = env.rpc_to::<_, Vec<String>>(from, RELEASE_ROUTE, &names)?;
+        for room in &released {
+            let members = self.members_by_sessions(env, room);
+            self.merge_in(env, room, members);
+        }
+        Ok(released)
+    }
+
+    /// Adds `members` to `room` (made if it is not here); those already in it and those
+    /// added hear of each other (`onJoin`), as if they had joined.
+    fn merge_in(&self, env: &HandlerEnv, room: &str, members: Members) {
+        if members.is_empty() {
+            return;
+        }
+        let (old, new) = {
+            let mut rooms = self.lock();
+            let here = rooms.entry(room.to_owned()).or_default();
+            let old: Vec<String> = here.keys().cloned().collect();
+            let new: Vec<String> = members
+                .into_iter()
+                .filter_map(|(uid, session)| match here.entry(uid) {
+                    Entry::Vacant(v) => {
+                        let uid = v.key().clone();
+                        v.insert(session);
+                        Some(uid)
+                    }
+                    Entry::Occupied(_) => None,
+                })
+                .collect();
+            (old, new)
+        };
+        if old.is_empty() || new.is_empty() {
+            return;
+        }
+        for (joined, to) in new.iter().map(|uid| (uid, &old)).chain(old.iter().map(|uid| (uid, &new))) {
+            let event = MemberEvent { uid: joined.clone() };
+            if let Err(e) = self.push_to_members(env, room, "onJoin", &event, to) {
+                debug!("onJoin for {joined} in merged room {room} not sent: {e}");
+            }
+        }
+    }
+
+    /// Gives up this server's copies of `names` (made anew on the room server calling while
+    /// this one was out of reach, or made apart and merged there); the names given up.
+    pub(super) fn release(&self, ctx: &RemoteCtx<'_>, names: Vec<String>) -> Vec<String> {
         let mut rooms = self.lock();
         let released: Vec<String> = names.into_iter().filter(|room| rooms.remove(room).is_some()).collect();
         if !released.is_empty() {
             info!(
-                "gave up {} rooms another room server made anew while this one ({}) was out of reach",
+                "{} gave up {} rooms to {} (made anew there while this one was out of reach, or made apart)",
+                ctx.server().id,
                 released.len(),
-                env.server().id
+                ctx.caller().unwrap_or("another room server")
             );
         }
         released
+    }
+
+    /// Which of `names` this server holds.
+    pub(super) fn holding(&self, names: Vec<String>) -> Vec<String> {
+        let rooms = self.lock();
+        names.into_iter().filter(|room| rooms.contains_key(room)).collect()
     }
 
     /// Drops from their rooms the members whose session was on frontend `id`, which

@@ -511,3 +511,96 @@ fn a_room_server_stopped_under_load_fails_no_request() {
     let status = wait_exit(&mut cluster.room1.0, T).expect("room-1 stopped");
     assert!(status.success(), "{status}");
 }
+
+/// Two room servers that do not see each other yet (two started at once, or one new to the
+/// cluster that the other has not seen yet; here room-1 rescans the registry only every
+/// minute, so it does not see room-2, started after it), reached by joins of one new room:
+/// each makes the room, and the players of one copy do not hear those of the other. Once
+/// one of them sees the other hold it, the copies are merged into one room, and every
+/// player hears the others (of whom it is told as of a join).
+#[test]
+fn a_room_made_apart_on_two_room_servers_is_merged() {
+    let servers = Servers::new("apart", &[("DRAGONFRUIT_GAME__MEMBER_CHECK", "1s")]);
+    let blind = servers.command("room", "room-1", &[]);
+    let _room1 = Proc(
+        { blind }
+            .env("DRAGONFRUIT_DISCOVERY__REFRESH", "60s")
+            .env("DRAGONFRUIT_DISCOVERY__TTL", "180s")
+            .spawn()
+            .unwrap(),
+    );
+    servers.wait_registered(1);
+    let _room2 = servers.spawn("room", "room-2", &[]);
+    let (port, _connector) = servers.connector("connector-1");
+    servers.wait_registered(3);
+    // Rooms whose names hash to room-2: a join reaching room-2 first has it made there
+    // (room-1 holds nothing yet), and one reaching room-1 then makes it again there, as
+    // room-1 sees no other room server. Players reach one or the other by session id (random
+    // per run): rooms are tried until one is made apart.
+    let pair = [
+        ServerEntry::new("room-1", "room", false, "tcp://a:1"),
+        ServerEntry::new("room-2", "room", false, "tcp://a:2"),
+    ];
+    let mut rooms = (0..).map(|i| format!("apart{i}")).filter(|room| rendezvous(room, &pair) == Some(1));
+    let (room, players, answers) = (0..40)
+        .find_map(|attempt| {
+            let room = rooms.next().unwrap();
+            let players: Vec<(String, Client)> =
+                (0..4).map(|k| format!("p{attempt}-{k}")).map(|name| (name.clone(), player(port, &name))).collect();
+            let answers: Vec<Vec<String>> = players
+                .iter()
+                .map(|(_, c)| {
+                    let joined: Value = c.request("room.room.join", &json!({"room": room})).unwrap();
+                    serde_json::from_value(joined["members"].clone()).unwrap()
+                })
+                .collect();
+            // Made apart: a player joined and did not find all who joined before it.
+            let apart = (1..4).any(|k| !players[..k].iter().all(|(name, _)| answers[k].contains(name)));
+            apart.then_some((room, players, answers))
+        })
+        .expect("a room made apart (each of 40 rooms has a chance in two or more)");
+    let names: Vec<&String> = players.iter().map(|(name, _)| name).collect();
+    // Each player hears a line of the first, and of the last (on the other copy, unless
+    // the merge came first).
+    let mut joined_heard: Vec<Vec<String>> = answers;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for (speaker, _) in [&players[0], &players[3]] {
+        let speaker_client = &players.iter().find(|(n, _)| n == speaker).unwrap().1;
+        let mut heard_by: Vec<bool> = vec![false; players.len()];
+        for i in 0.. {
+            let text = format!("{speaker} {i}");
+            speaker_client.notify("room.room.say", &json!({"text": text})).unwrap();
+            for (k, (_, c)) in players.iter().enumerate() {
+                while let Ok((route, value)) = c.recv_push_as::<Value>(Duration::from_millis(200)) {
+                    if route == "onJoin" {
+                        joined_heard[k].push(value["uid"].as_str().unwrap().to_owned());
+                    }
+                    heard_by[k] |= (route.as_str(), &value) == ("onChat", &json!({"from": speaker, "text": text}));
+                }
+            }
+            if heard_by.iter().all(|h| *h) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "room {room}: {speaker}'s line heard by {heard_by:?} of {names:?}");
+        }
+    }
+    // Every player knows of every other: from its join's answer, or told as of a join.
+    for (k, known) in joined_heard.iter().enumerate() {
+        for name in &names {
+            assert!(known.contains(name), "{} knows {known:?}, not {name}", names[k]);
+        }
+    }
+    // A later player joins the one room, or (reaching room-1, which still sees no other
+    // room server) a copy merged in turn.
+    let late = player(port, "late");
+    let _: Value = late.request("room.room.join", &json!({"room": room})).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for i in 0.. {
+        players[0].1.notify("room.room.say", &json!({"text": format!("late {i}")})).unwrap();
+        let chat = chat(names[0], &format!("late {i}"));
+        if std::iter::from_fn(|| late.recv_push_as::<Value>(Duration::from_millis(200)).ok()).any(|p| p == chat) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the late player never heard the room");
+    }
+}
