@@ -1,6 +1,7 @@
 //! Embedded discovery for the servers of one machine, with no external service: each
 //! server keeps a file `<dir>/<id>.json` holding its entry and touches it every `refresh`;
-//! every server rescans the directory as often. A file untouched for `ttl` is a dead server
+//! every server rescans the directory as often, and at once when a file is put in place or
+//! removed (`watch`). A file untouched for `ttl` is a dead server
 //! (the `ttl` of the server that wrote it, which the file says, as an etcd lease's TTL is
 //! its owner's: servers with other settings do not drop it between its touches); a graceful
 //! stop deletes the file at once, and the server serves calls until the slowest of the
@@ -16,13 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crossbeam_channel::{RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
 use crate::grouped;
 use crate::table::{millis, ServerEntry, ServerTable};
+use watch::{DirWatch, Wait, Wake};
 
 /// Files untouched for this long, and for twice their `ttl`, are deleted by whoever scans
 /// (dead servers' leftovers).
@@ -45,6 +47,8 @@ pub struct EmbeddedDiscovery {
 
 struct Running {
     stop: Sender<()>,
+    /// Wakes the refresh thread waiting on its directory watch (to see `stop`).
+    wake: Option<Wake>,
     thread: JoinHandle<()>,
     /// Set by `deregister`; held by the refresh thread while it touches the file, so a
     /// refresh cannot write the file again just after `deregister` removed it.
@@ -362,6 +366,34 @@ fn bad_file_lines(found: &Scan, warned: &mut HashSet<PathBuf>) -> Vec<String> {
     )
 }
 
+/// Touches this server's registry file (writes it again if it is gone), unless the server
+/// deregistered; `failing` says whether the last attempt failed (logged once per outage).
+fn touch_own(
+    file: &Path,
+    me: &ServerEntry,
+    owner: Option<&Owner>,
+    terms: Terms,
+    deregistered: &Mutex<bool>,
+    failing: &mut bool,
+) {
+    let deregistered = deregistered.lock().unwrap_or_else(|p| p.into_inner());
+    if *deregistered {
+        return;
+    }
+    match touch(file, me, owner, terms) {
+        Ok(()) if *failing => {
+            info!("registry file {} written again", file.display());
+            *failing = false;
+        }
+        Ok(()) => {}
+        Err(e) if !*failing => {
+            warn!("cannot refresh registry file {}: {e}; others will drop this server", file.display());
+            *failing = true;
+        }
+        Err(_) => {}
+    }
+}
+
 impl Discovery for EmbeddedDiscovery {
     fn start(&self, me: ServerEntry, table: Arc<ServerTable>, changed: OnChange) -> Result<(), DiscoveryError> {
         let dir_error =
@@ -379,6 +411,13 @@ impl Discovery for EmbeddedDiscovery {
         }
         let terms = Terms { refresh: self.refresh, ttl: self.ttl };
         write_entry(&own_file, &me, owner.as_ref(), Some(terms)).map_err(dir_error)?;
+        // Before the first scan, so that no file put in place after it goes unseen.
+        let mut watch = DirWatch::new(&self.dir)
+            .map_err(|e| {
+                debug!("registry directory {}: not watched ({e}); servers are seen at each rescan", self.dir.display())
+            })
+            .ok();
+        let wake = watch.as_ref().map(DirWatch::waker);
         let mut warned = HashSet::new();
         let mut freshness = Freshness::default();
         let found = scan(&self.dir, self.ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
@@ -397,30 +436,31 @@ impl Discovery for EmbeddedDiscovery {
                 let mut failing = false;
                 // Logged once until the file is ours again.
                 let mut taken = false;
+                let mut next_touch = Instant::now() + refresh;
                 loop {
-                    match stop_rx.recv_timeout(refresh) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        _ => return,
+                    let left = next_touch.saturating_duration_since(Instant::now());
+                    let dir_changed = match watch.as_mut() {
+                        Some(watch) => watch.wait(left) == Wait::Changed,
+                        None => match stop_rx.recv_timeout(left) {
+                            Err(RecvTimeoutError::Timeout) => false,
+                            _ => return,
+                        },
+                    };
+                    if !matches!(stop_rx.try_recv(), Err(TryRecvError::Empty)) {
+                        return;
                     }
-                    let deregistered = gone.lock().unwrap_or_else(|p| p.into_inner());
-                    if !*deregistered {
-                        match touch(&file, &me, owner.as_ref(), terms) {
-                            Ok(()) if failing => {
-                                info!("registry file {} written again", file.display());
-                                failing = false;
-                            }
-                            Ok(()) => {}
-                            Err(e) if !failing => {
-                                warn!(
-                                    "cannot refresh registry file {}: {e}; others will drop this server",
-                                    file.display()
-                                );
-                                failing = true;
-                            }
-                            Err(_) => {}
+                    let due = Instant::now() >= next_touch;
+                    if !due && !dir_changed {
+                        continue;
+                    }
+                    if due {
+                        next_touch = Instant::now() + refresh;
+                        touch_own(&file, &me, owner.as_ref(), terms, &gone, &mut failing);
+                        if let Some(watch) = watch.as_mut() {
+                            // The directory may have been made again by that touch.
+                            watch.rewatch();
                         }
                     }
-                    drop(deregistered);
                     let found = scan(&dir, ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
                     if found.exited.contains(&me.id) {
                         // Our file names a process that has exited: another process with our
@@ -452,7 +492,7 @@ impl Discovery for EmbeddedDiscovery {
             })
             .map_err(|e| DiscoveryError::Spawn(e.to_string()))?;
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Running { stop, thread, deregistered, own_file });
+            Some(Running { stop, wake, thread, deregistered, own_file });
         Ok(())
     }
 
@@ -474,6 +514,9 @@ impl Discovery for EmbeddedDiscovery {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(running) = running {
             let _ = running.stop.send(());
+            if let Some(wake) = &running.wake {
+                wake.wake();
+            }
             let _ = running.thread.join();
         }
     }
@@ -481,3 +524,4 @@ impl Discovery for EmbeddedDiscovery {
 
 #[cfg(test)]
 mod tests;
+mod watch;

@@ -96,6 +96,40 @@ fn servers_see_each_other_leave_and_expire() {
 /// A fresh file whose process has exited (reaped or not) is a dead server at once; a
 /// running owner, an owner in another PID namespace, or no owner named keep it until
 /// `ttl`.
+/// Servers joining and leaving are seen at once (the directory is watched), not at the
+/// next rescan: here the refresh is far longer than the test.
+#[test]
+fn servers_joining_and_leaving_are_seen_before_the_next_rescan() {
+    let dir = fresh_dir("watched");
+    let (refresh, ttl) = (Duration::from_secs(60), Duration::from_secs(180));
+    let a = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
+    let ta = Arc::new(ServerTable::new());
+    let changes = Arc::new(AtomicUsize::new(0));
+    let c = changes.clone();
+    a.start(
+        entry("room-1"),
+        ta.clone(),
+        Arc::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        }),
+    )
+    .unwrap();
+    for round in 0..3 {
+        let b = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
+        b.start(entry("room-2"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+        assert!(wait(|| ta.get("room-2").is_some()), "round {round}: a sees b join");
+        b.deregister();
+        b.stop();
+        assert!(wait(|| ta.get("room-2").is_none()), "round {round}: a sees b leave");
+    }
+    assert!(changes.load(Ordering::SeqCst) >= 6);
+    // The stop does not wait for the refresh thread's next rescan (a minute away).
+    let started = std::time::Instant::now();
+    a.stop();
+    assert!(started.elapsed() < Duration::from_secs(5), "the stop wakes the refresh thread");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_file_whose_process_exited_is_dropped_at_once() {
     let Some(me) = Owner::this_process() else { return }; // no /proc: pids not checked
