@@ -333,6 +333,13 @@ impl Rooms {
         while !missing.is_empty() {
             let mut gone = Vec::new();
             for uid in missing {
+                if self.connector_unknown(room, &uid) {
+                    // Its connector is new to the cluster and this server has not seen it
+                    // yet (discovery has not told it, nor a call from it): the push was
+                    // lost, the player is not known gone.
+                    debug!("uid={uid} is on a connector this server does not know yet; kept in room {room}");
+                    continue;
+                }
                 if self.remove_from(room, &uid, None) {
                     // Usually a player who just disconnected, whose `left` call from its
                     // connector is still on its way; else its connector died.
@@ -354,6 +361,13 @@ impl Rooms {
             }
         }
         Ok(())
+    }
+
+    /// Whether `uid`, a member of `room`, joined from a connector this server does not know
+    /// (in a cluster).
+    fn connector_unknown(&self, room: &str, uid: &str) -> bool {
+        let frontend = self.lock().get(room).and_then(|m| m.get(uid)).map(|(frontend, _)| frontend.clone());
+        self.cluster.is_some() && frontend.is_some_and(|f| !self.is_known(&f))
     }
 
     /// Removes `uid` from `room` (and the room once empty) if `session` (any if `None`)
