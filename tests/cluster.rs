@@ -248,7 +248,8 @@ fn frontend_slow_to_rescan(dir: &std::path::Path, other: &ClusterModule) -> (Ser
 /// [`frontend_slow_to_rescan`], once it lists the other server, whether or not that one
 /// lists it.
 fn slow_frontend(dir: &std::path::Path) -> (Server, ClusterModule) {
-    let slow = EmbeddedDiscovery::new(dir.to_owned(), Duration::from_secs(20), Duration::from_secs(60));
+    let slow =
+        EmbeddedDiscovery::new(dir.to_owned(), Duration::from_secs(20), Duration::from_secs(60)).with_watch(false);
     let fe_module = module_with(slow, TIMEOUT);
     let mut builder = probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone()));
     builder.config_mut().shutdown.timeout = Duration::from_millis(500);

@@ -83,6 +83,10 @@ pub struct DiscoveryConfig {
     /// directory. Default "500ms".
     #[serde(with = "duration")]
     pub refresh: Duration,
+    /// `discovery.watch`: embedded: also rescan at once when a registry file is put in place
+    /// or removed (inotify), so servers starting and stopping are seen within milliseconds.
+    /// Default true; off, only every `refresh` (as where inotify is not available).
+    pub watch: bool,
     /// `discovery.ignored_types`: server types this server leaves out of its table, as
     /// Pitaya's `pitaya.cluster.sd.etcd.servertypeblacklist`: it neither connects to them
     /// nor routes to them. A list, or one string of names separated by commas (as an
@@ -117,6 +121,7 @@ impl Default for DiscoveryConfig {
             prefix: "dragonfruit/".into(),
             ttl: Duration::from_secs(3),
             refresh: Duration::from_millis(500),
+            watch: true,
             ignored_types: Vec::new(),
         }
     }

@@ -50,7 +50,7 @@ fn a_stopping_backend_serves_a_frontend_that_is_slow_to_see_it_leave() {
     let (stopping, _) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
     let (_other, other_module) = start_backend(&dir, "room-2", &Backend::default(), TIMEOUT);
     // Rescans every second, while the backends promise 50 ms + 100 ms.
-    let slow = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(1), Duration::from_secs(3));
+    let slow = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(1), Duration::from_secs(3)).with_watch(false);
     let fe_module = module_with(slow, TIMEOUT);
     let frontend = start_connector(&fe_module);
     assert!(wait_until(T, || [&other_module, &fe_module].iter().all(|m| m.servers().len() == 3)));
@@ -118,7 +118,7 @@ fn a_peer_that_joined_as_a_server_stopped_is_told_it_is_leaving() {
     let rpc = dragonfruit_rpc::RpcConfig { timeout: TIMEOUT, bind: own_endpoint("joinbye"), ..Default::default() };
     // It rescans every 2 s: the frontend joins, and the stop begins, between two rescans
     // (it touches its registry file as it rescans).
-    let rare = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(2), Duration::from_secs(60));
+    let rare = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(2), Duration::from_secs(60)).with_watch(false);
     let stopping_module = ClusterModule::new(rpc, Box::new(rare));
     let stopping = Server::start_backend(room_builder("room-1", &Backend::default(), &stopping_module));
     let addr = stopping_module.me().unwrap().rpc_addr;

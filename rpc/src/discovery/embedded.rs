@@ -39,6 +39,8 @@ pub struct EmbeddedDiscovery {
     dir: PathBuf,
     refresh: Duration,
     ttl: Duration,
+    /// Rescan at once when the directory changes (`discovery.watch`).
+    watch: bool,
     running: Mutex<Option<Running>>,
     /// The longest rescan period the files of the last scan announce (milliseconds): how
     /// long others may take to see this server leave.
@@ -59,7 +61,14 @@ struct Running {
 impl EmbeddedDiscovery {
     /// A registry in `dir`.
     pub fn new(dir: PathBuf, refresh: Duration, ttl: Duration) -> EmbeddedDiscovery {
-        EmbeddedDiscovery { dir, refresh, ttl, running: Mutex::new(None), slowest_rescan: Arc::default() }
+        EmbeddedDiscovery { dir, refresh, ttl, watch: true, running: Mutex::new(None), slowest_rescan: Arc::default() }
+    }
+
+    /// Whether to rescan at once when a registry file is put in place or removed
+    /// (`discovery.watch`, default true), or only every `refresh`.
+    pub fn with_watch(mut self, watch: bool) -> EmbeddedDiscovery {
+        self.watch = watch;
+        self
     }
 }
 
@@ -412,11 +421,15 @@ impl Discovery for EmbeddedDiscovery {
         let terms = Terms { refresh: self.refresh, ttl: self.ttl };
         write_entry(&own_file, &me, owner.as_ref(), Some(terms)).map_err(dir_error)?;
         // Before the first scan, so that no file put in place after it goes unseen.
-        let mut watch = DirWatch::new(&self.dir)
-            .map_err(|e| {
-                debug!("registry directory {}: not watched ({e}); servers are seen at each rescan", self.dir.display())
-            })
-            .ok();
+        let mut watch = match self.watch {
+            true => DirWatch::new(&self.dir)
+                .map_err(|e| {
+                    let dir = self.dir.display();
+                    debug!("registry directory {dir}: not watched ({e}); servers are seen at each rescan")
+                })
+                .ok(),
+            false => None,
+        };
         let wake = watch.as_ref().map(DirWatch::waker);
         let mut warned = HashSet::new();
         let mut freshness = Freshness::default();

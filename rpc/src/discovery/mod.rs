@@ -76,7 +76,9 @@ pub trait Discovery: Send + Sync {
 /// The backend `config` names.
 pub fn from_config(config: &DiscoveryConfig) -> Box<dyn Discovery> {
     match config.kind {
-        DiscoveryKind::Embedded => Box::new(EmbeddedDiscovery::new(config.dir.clone(), config.refresh, config.ttl)),
+        DiscoveryKind::Embedded => {
+            Box::new(EmbeddedDiscovery::new(config.dir.clone(), config.refresh, config.ttl).with_watch(config.watch))
+        }
         DiscoveryKind::Etcd => {
             let etcd = EtcdDiscovery::new(&config.etcd_url, &config.prefix, config.ttl)
                 .with_start_timeout(config.etcd_start_timeout);

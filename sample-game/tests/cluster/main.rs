@@ -36,6 +36,7 @@ use ports::free_port;
 mod connectors;
 mod launcher;
 mod playing;
+mod room_copies;
 mod room_servers;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sample-game");
