@@ -17,9 +17,9 @@
 //! discovery ttl) gives up its copies of the rooms made anew elsewhere when it is back
 //! (`release`, asked by the room server that made them, a server listener), and the
 //! players who joined its copy meanwhile are members of the one room. A room made on two
-//! room servers that did not see each other yet (started at once, or one new to the
-//! cluster) is merged into one when either sees the other hold it (a server listener, and
-//! the member checks), its players told of each other. A member that no connector knows
+//! room servers that did not see each other yet (one new to the cluster, before discovery
+//! told the others) is merged into one when either sees the other hold it (a server
+//! listener, and the member checks), its players told of each other. A member that no connector knows
 //! any more (it just disconnected, or its connector died so no `left` call comes) is
 //! dropped from the room the next time the room pushes to its members (once every listed
 //! connector answers: one that does not may hold it; and unless this room server does not

@@ -125,9 +125,10 @@ fn a_room_server_back_from_a_freeze_gives_up_the_rooms_made_anew_elsewhere() {
     assert_eq!(alice_heard, Some(chat("carol", "hi")));
 }
 
-/// Two room servers that do not see each other yet (two started at once, or one new to the
-/// cluster that the other has not seen yet; here room-1 rescans the registry only every
-/// minute, so it does not see room-2, started after it), reached by joins of one new room:
+/// Two room servers that do not see each other yet (one new to the cluster that the other
+/// has not seen yet; here room-1 rescans the registry only every minute, without the
+/// directory watch, so it does not see room-2, started after it), reached by joins of one
+/// new room:
 /// each makes the room, and the players of one copy do not hear those of the other. Once
 /// one of them sees the other hold it, the copies are merged into one room, and every
 /// player hears the others (of whom it is told as of a join).
