@@ -103,6 +103,11 @@ impl DirWatch {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: `fds` is a live array of two pollfd structs.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // Not expected (the fds are ours): wait as without a watch rather than spin.
+            debug!("registry directory {}: poll failed: {}", self.dir.display(), std::io::Error::last_os_error());
+            std::thread::sleep(timeout);
+        }
         if ready <= 0 {
             // Timed out, or interrupted by a signal: the caller looks at the time.
             return Wait::TimedOut;
