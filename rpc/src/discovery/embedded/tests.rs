@@ -31,6 +31,17 @@ fn wait(mut cond: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Starts `discovery` for server `id` with table `table`: how many changes it has reported.
+fn start_counting(discovery: &EmbeddedDiscovery, id: &str, table: &Arc<ServerTable>) -> Arc<AtomicUsize> {
+    let changes = Arc::new(AtomicUsize::new(0));
+    let c = changes.clone();
+    let counted = Arc::new(move || {
+        c.fetch_add(1, Ordering::SeqCst);
+    });
+    discovery.start(entry(id), table.clone(), counted).unwrap();
+    changes
+}
+
 #[test]
 fn servers_see_each_other_leave_and_expire() {
     let dir = fresh_dir("test");
@@ -38,16 +49,7 @@ fn servers_see_each_other_leave_and_expire() {
     let a = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
     let b = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
     let (ta, tb) = (Arc::new(ServerTable::new()), Arc::new(ServerTable::new()));
-    let changes = Arc::new(AtomicUsize::new(0));
-    let c = changes.clone();
-    a.start(
-        entry("room/1"),
-        ta.clone(),
-        Arc::new(move || {
-            c.fetch_add(1, Ordering::SeqCst);
-        }),
-    )
-    .unwrap();
+    let changes = start_counting(&a, "room/1", &ta);
     b.start(entry("room-2"), tb.clone(), Arc::new(|| {})).unwrap();
     assert!(wait(|| ta.all().len() == 2), "a sees b");
     assert_eq!(tb.all().len(), 2, "b saw a at start");
@@ -104,16 +106,7 @@ fn servers_joining_and_leaving_are_seen_before_the_next_rescan() {
     let (refresh, ttl) = (Duration::from_secs(60), Duration::from_secs(180));
     let a = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
     let ta = Arc::new(ServerTable::new());
-    let changes = Arc::new(AtomicUsize::new(0));
-    let c = changes.clone();
-    a.start(
-        entry("room-1"),
-        ta.clone(),
-        Arc::new(move || {
-            c.fetch_add(1, Ordering::SeqCst);
-        }),
-    )
-    .unwrap();
+    let changes = start_counting(&a, "room-1", &ta);
     for round in 0..3 {
         let b = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
         b.start(entry("room-2"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
