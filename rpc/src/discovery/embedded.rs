@@ -1,7 +1,7 @@
 //! Embedded discovery for the servers of one machine, with no external service: each
 //! server keeps a file `<dir>/<id>.json` holding its entry and touches it every `refresh`;
 //! every server rescans the directory as often, and at once when a file is put in place or
-//! removed (`watch`). A file untouched for `ttl` is a dead server
+//! removed, or when the process of a listed server of this machine exits (`watch`). A file untouched for `ttl` is a dead server
 //! (the `ttl` of the server that wrote it, which the file says, as an etcd lease's TTL is
 //! its owner's: servers with other settings do not drop it between its touches); a graceful
 //! stop deletes the file at once, and the server serves calls until the slowest of the
@@ -256,6 +256,8 @@ struct Scan {
     bad: Vec<(PathBuf, String)>,
     /// The longest rescan period the fresh files announce (none: zero).
     slowest_rescan: Duration,
+    /// The processes of the listed servers that run in this PID namespace.
+    pids: Vec<u32>,
 }
 
 /// The time now, by the wall clock (file times) and the monotonic clock.
@@ -312,6 +314,9 @@ fn scan(
                         debug!("registry file {}: process {} has exited", path.display(), owner.pid);
                         found.exited.insert(server.id);
                         continue;
+                    }
+                    if owner.ns == ns {
+                        found.pids.push(owner.pid);
                     }
                 }
                 let rescan = Duration::from_millis(refresh.unwrap_or(0));
@@ -434,6 +439,9 @@ impl Discovery for EmbeddedDiscovery {
         let mut warned = HashSet::new();
         let mut freshness = Freshness::default();
         let found = scan(&self.dir, self.ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
+        if let Some(watch) = watch.as_mut() {
+            watch.watch_processes(&found.pids);
+        }
         bad_file_lines(&found, &mut warned).iter().for_each(|line| warn!("{line}"));
         self.slowest_rescan.store(millis(found.slowest_rescan), Ordering::Relaxed);
         table.replace_noting_exited(found.servers, &found.exited);
@@ -475,6 +483,9 @@ impl Discovery for EmbeddedDiscovery {
                         }
                     }
                     let found = scan(&dir, ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
+                    if let Some(watch) = watch.as_mut() {
+                        watch.watch_processes(&found.pids);
+                    }
                     if found.exited.contains(&me.id) {
                         // Our file names a process that has exited: another process with our
                         // id wrote it, then died. Ours again (we touched it meanwhile).

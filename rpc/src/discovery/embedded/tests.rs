@@ -123,6 +123,27 @@ fn servers_joining_and_leaving_are_seen_before_the_next_rescan() {
     fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A listed server of this machine whose process exits (killed; here not reaped yet) is
+/// dropped at once, not at the next rescan (a minute away here).
+#[test]
+fn a_server_whose_process_exits_is_dropped_before_the_next_rescan() {
+    let Some(me) = Owner::this_process() else { return }; // no /proc: pids not checked
+    let dir = fresh_dir("exits");
+    let (refresh, ttl) = (Duration::from_secs(60), Duration::from_secs(180));
+    let a = EmbeddedDiscovery::new(dir.clone(), refresh, ttl);
+    let ta = Arc::new(ServerTable::new());
+    a.start(entry("room-1"), ta.clone(), Arc::new(|| {})).unwrap();
+    let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let owner = Owner { pid: child.id(), ns: me.ns.clone() };
+    write_entry(&dir.join(file_name("room-2")), &entry("room-2"), Some(&owner), Some(Terms { refresh, ttl })).unwrap();
+    assert!(wait(|| ta.get("room-2").is_some()), "listed");
+    child.kill().unwrap();
+    assert!(wait(|| ta.get("room-2").is_none()), "dropped once its process exited");
+    child.wait().unwrap();
+    a.stop();
+    fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_file_whose_process_exited_is_dropped_at_once() {
     let Some(me) = Owner::this_process() else { return }; // no /proc: pids not checked

@@ -3,10 +3,13 @@
 //! rescans then instead of at its next refresh. A server that starts or stops on this
 //! machine is seen by the others within milliseconds, as etcd's watch sees it, not up to
 //! `discovery.refresh` later (until then a room server could not push to the players of a
-//! connector that had just started, nor find rooms on a room server started with it). The
-//! periodic touch and rescan stay: they find servers that died (no event), and are all
-//! there is where inotify is not available.
+//! connector that had just started, nor find rooms on a room server started with it). So
+//! is one whose process exits (killed, crashed): the processes of the listed servers of
+//! this PID namespace are watched too (pidfds; Linux 5.3 and later). The periodic touch and
+//! rescan stay: they find servers of other namespaces or machines that died (no event),
+//! and are all there is where inotify is not available.
 
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -51,6 +54,9 @@ pub(super) struct DirWatch {
     /// made again and [`DirWatch::rewatch`] adds the watch again).
     watching: bool,
     wake: Arc<OwnedFd>,
+    /// The processes of the listed servers of this PID namespace, by pid: one that exits
+    /// makes its pidfd readable.
+    processes: HashMap<u32, OwnedFd>,
 }
 
 impl DirWatch {
@@ -69,7 +75,8 @@ impl DirWatch {
             (Some(inotify), Some(wake)) => (inotify, wake),
             _ => return Err(std::io::Error::last_os_error().to_string()),
         };
-        let mut watch = DirWatch { dir: dir.to_owned(), inotify, watching: false, wake: Arc::new(wake) };
+        let mut watch =
+            DirWatch { dir: dir.to_owned(), inotify, watching: false, wake: Arc::new(wake), processes: HashMap::new() };
         watch.rewatch();
         if !watch.watching {
             return Err(std::io::Error::last_os_error().to_string());
@@ -94,15 +101,42 @@ impl DirWatch {
         self.watching = wd >= 0;
     }
 
-    /// Waits up to `timeout` for a registry file to appear or go, or to be woken.
+    /// Watches the processes `pids` (those of the servers the last scan listed, of this PID
+    /// namespace), and no others.
+    pub(super) fn watch_processes(&mut self, pids: &[u32]) {
+        let me = std::process::id();
+        let listed: HashSet<u32> = pids.iter().copied().filter(|pid| *pid != me).collect();
+        self.processes.retain(|pid, _| listed.contains(pid));
+        for pid in listed {
+            if self.processes.contains_key(&pid) {
+                continue;
+            }
+            let Ok(raw) = libc::pid_t::try_from(pid) else { continue };
+            // SAFETY: pidfd_open takes a pid and no flags; the result is checked.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+            // Not opened: the kernel has no pidfds (before 5.3), or the process has exited
+            // since the scan; the rescans find it gone.
+            if let Ok(fd) = RawFd::try_from(fd) {
+                if fd >= 0 {
+                    // SAFETY: a new fd owned by nothing else.
+                    self.processes.insert(pid, unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a registry file to appear or go, a watched process to
+    /// exit, or to be woken.
     pub(super) fn wait(&mut self, timeout: Duration) -> Wait {
-        let mut fds = [
+        let watched: Vec<(u32, RawFd)> = self.processes.iter().map(|(pid, fd)| (*pid, fd.as_raw_fd())).collect();
+        let mut fds = vec![
             libc::pollfd { fd: self.inotify.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
+        fds.extend(watched.iter().map(|(_, fd)| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }));
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `fds` is a live array of two pollfd structs.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
             // Not expected (the fds are ours): wait as without a watch rather than spin.
             debug!("registry directory {}: poll failed: {}", self.dir.display(), std::io::Error::last_os_error());
@@ -118,7 +152,19 @@ impl DirWatch {
             let _ = unsafe { libc::read(self.wake.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
             return Wait::Woken;
         }
-        if self.read_events() {
+        // A process that exited stays readable: it is not watched again (the rescan now
+        // finds it exited, and lists it no more).
+        let mut changed = false;
+        for ((pid, _), fd) in watched.iter().zip(&fds[2..]) {
+            if fd.revents != 0 {
+                self.processes.remove(pid);
+                changed = true;
+            }
+        }
+        if fds[0].revents != 0 && self.read_events() {
+            changed = true;
+        }
+        if changed {
             Wait::Changed
         } else {
             Wait::TimedOut
