@@ -178,6 +178,25 @@ impl Servers {
         self.wait_registered(3);
         TwoRooms { port, _connector, room1, _room2 }
     }
+
+    /// [`Servers::two_rooms`], the room servers started first and the connector once they
+    /// are registered, slow to see them go ([`slow_to_rescan`]).
+    fn two_rooms_slow_connector(&self) -> TwoRooms {
+        let room1 = self.spawn("room", "room-1", &[]);
+        let _room2 = self.spawn("room", "room-2", &[]);
+        self.wait_registered(2);
+        let port = free_port();
+        let mut connector = self.command("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+        let _connector = Proc(slow_to_rescan(&mut connector).spawn().unwrap());
+        self.wait_registered(3);
+        TwoRooms { port, _connector, room1, _room2 }
+    }
+}
+
+/// A server that sees servers leave or die only at its next rescan of the registry, 30 s
+/// after it starts (no directory or process watch): it lists a killed server through a test.
+fn slow_to_rescan(command: &mut Command) -> &mut Command {
+    command.env("DRAGONFRUIT_DISCOVERY__REFRESH", "30s").env("DRAGONFRUIT_DISCOVERY__WATCH", "false")
 }
 
 /// `room-1`, `connector-1` and `connector-2` (clients on `port1` and `port2`), registered

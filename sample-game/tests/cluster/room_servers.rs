@@ -53,12 +53,12 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
 
 /// Players in no room hold no state on a room server, so their requests move to the other
 /// room server as soon as the connector sees its connection to a killed one lost, long
-/// before discovery (60 s here) drops it.
+/// before discovery drops it (here the connector rescans every 30 s and watches nothing).
 #[test]
 fn roomless_players_move_off_a_killed_room_server_before_discovery_drops_it() {
     let servers =
         Servers::new("failover", &[("DRAGONFRUIT_DISCOVERY__TTL", "60s"), ("DRAGONFRUIT_RPC__TIMEOUT", "2s")]);
-    let mut cluster = servers.two_rooms();
+    let mut cluster = servers.two_rooms_slow_connector();
     // Sixteen players: by session id, some are on each room server.
     let players: Vec<Client> = (0..16).map(|i| player(cluster.port, &format!("p{i}"))).collect();
     for client in &players {
@@ -72,7 +72,7 @@ fn roomless_players_move_off_a_killed_room_server_before_discovery_drops_it() {
         if failed == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{failed} players still fail; discovery lists room-1 for 60 s");
+        assert!(Instant::now() < deadline, "{failed} players still fail; the connector lists room-1 for 30 s");
         std::thread::sleep(Duration::from_millis(50));
     }
     for (i, client) in (0..200).zip(players.iter().cycle()) {
@@ -309,8 +309,12 @@ fn a_server_on_the_endpoint_of_a_killed_one_refuses_calls_meant_for_it() {
     let rpc_port = free_port();
     let bind = format!("tcp://127.0.0.1:{rpc_port}");
     let ours = Servers::new("reuse-a", &[("DRAGONFRUIT_DISCOVERY__TTL", "60s"), ("DRAGONFRUIT_RPC__TIMEOUT", "3s")]);
-    let (port, _connector) = ours.connector("connector-1");
     let mut room = Proc(ours.command("room", "room-1", &[]).env("DRAGONFRUIT_RPC__BIND", &bind).spawn().unwrap());
+    ours.wait_registered(1);
+    // It rescans every 30 s and watches nothing: it lists room-1 through the test.
+    let port = free_port();
+    let mut connector = ours.command("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    let _connector = Proc(slow_to_rescan(&mut connector).spawn().unwrap());
     ours.wait_registered(2);
     let alice = player(port, "alice");
     let _: Value = alice.request("room.room.join", &json!({"room": "lobby"})).unwrap();
