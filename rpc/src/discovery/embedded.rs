@@ -7,7 +7,8 @@
 //! stop deletes the file at once, and the server serves calls until the slowest of the
 //! others (each file says how often its server rescans) has seen it leave. The file also
 //! names the process that keeps it (pid and PID namespace, on Linux): servers in the same
-//! PID namespace see a killed server gone at their next rescan, without waiting for `ttl`.
+//! PID namespace see a killed server gone at once (its process watched) or at their next
+//! rescan, without waiting for `ttl`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
