@@ -43,8 +43,9 @@ pub struct EmbeddedDiscovery {
     /// Rescan at once when the directory changes (`discovery.watch`).
     watch: bool,
     running: Mutex<Option<Running>>,
-    /// The longest rescan period the files of the last scan announce (milliseconds): how
-    /// long others may take to see this server leave.
+    /// The longest rescan period the files of the last scan announce, of servers that do
+    /// not watch the directory (milliseconds): how long others may take to see this server
+    /// leave.
     slowest_rescan: Arc<AtomicU64>,
 }
 
@@ -128,11 +129,13 @@ impl Owner {
 }
 
 /// How a server keeps its registry file: it touches the file and rescans the directory
-/// every `refresh`, and counts as alive for `ttl` after a touch.
+/// every `refresh`, and counts as alive for `ttl` after a touch; if `watching`, it also
+/// rescans at once when a file is put in place or removed (it sees a server leave at once).
 #[derive(Debug, Clone, Copy)]
 struct Terms {
     refresh: Duration,
     ttl: Duration,
+    watching: bool,
 }
 
 /// What a registry file holds: the server's entry and, beside its fields, the process
@@ -148,6 +151,9 @@ struct Registration {
     ttl: Option<u64>,
     #[serde(default, rename = "refresh_ms")]
     refresh: Option<u64>,
+    /// The server watches the directory (files of older builds: no).
+    #[serde(default)]
+    watching: bool,
 }
 
 /// Writes `entry`, naming `owner` and the server's `terms`, to the registry file at `path`
@@ -158,6 +164,7 @@ fn write_entry(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, terms: O
         owner: owner.cloned(),
         ttl: terms.map(|t| millis(t.ttl)),
         refresh: terms.map(|t| millis(t.refresh)),
+        watching: terms.is_some_and(|t| t.watching),
     };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     fs::write(&tmp, serde_json::to_vec(&registration)?)?;
@@ -255,10 +262,24 @@ struct Scan {
     exited: HashSet<String>,
     /// Fresh `.json` files that hold no server entry (written by something else), and why.
     bad: Vec<(PathBuf, String)>,
-    /// The longest rescan period the fresh files announce (none: zero).
+    /// The longest rescan period the fresh files of servers that do not watch the directory
+    /// announce (none: zero).
     slowest_rescan: Duration,
+    /// A fresh file says neither (an older build's): its server rescans as this one does.
+    unannounced: bool,
     /// The processes of the listed servers that run in this PID namespace.
     pids: Vec<u32>,
+}
+
+impl Scan {
+    /// How long the listed servers may take to see a change: the longest rescan period of
+    /// those that do not watch the directory (`refresh` for files that say nothing of it).
+    fn slowest(&self, refresh: Duration) -> Duration {
+        match self.unannounced {
+            true => self.slowest_rescan.max(refresh),
+            false => self.slowest_rescan,
+        }
+    }
 }
 
 /// The time now, by the wall clock (file times) and the monotonic clock.
@@ -307,7 +328,7 @@ fn scan(
             continue;
         }
         match read {
-            Ok(Ok(Registration { entry: server, owner, refresh, .. })) => {
+            Ok(Ok(Registration { entry: server, owner, refresh, watching, .. })) => {
                 if let (Some(owner), Some(ns)) = (owner, ns) {
                     if owner.exited(ns) {
                         // Killed: gone now, not after `ttl`. The file stays (a process
@@ -320,8 +341,12 @@ fn scan(
                         found.pids.push(owner.pid);
                     }
                 }
-                let rescan = Duration::from_millis(refresh.unwrap_or(0));
-                found.slowest_rescan = found.slowest_rescan.max(rescan);
+                // How long its server may take to see a change: at once if it watches.
+                match (watching, refresh) {
+                    (true, _) => {}
+                    (false, Some(ms)) => found.slowest_rescan = found.slowest_rescan.max(Duration::from_millis(ms)),
+                    (false, None) => found.unannounced = true,
+                }
                 found.servers.insert(server.id.clone(), server);
             }
             Ok(Err(e)) => found.bad.push((path, format!("does not hold a server entry ({e})"))),
@@ -424,9 +449,8 @@ impl Discovery for EmbeddedDiscovery {
         if let Some(holder) = running_holder(&own_file, owner.as_ref(), self.ttl) {
             return Err(DiscoveryError::IdTaken { id: me.id.clone(), holder });
         }
-        let terms = Terms { refresh: self.refresh, ttl: self.ttl };
-        write_entry(&own_file, &me, owner.as_ref(), Some(terms)).map_err(dir_error)?;
-        // Before the first scan, so that no file put in place after it goes unseen.
+        // Before the first scan, so that no file put in place after it goes unseen; before
+        // this server's file too, which says whether it watches.
         let mut watch = match self.watch {
             true => DirWatch::new(&self.dir)
                 .map_err(|e| {
@@ -436,6 +460,8 @@ impl Discovery for EmbeddedDiscovery {
                 .ok(),
             false => None,
         };
+        let terms = Terms { refresh: self.refresh, ttl: self.ttl, watching: watch.is_some() };
+        write_entry(&own_file, &me, owner.as_ref(), Some(terms)).map_err(dir_error)?;
         let wake = watch.as_ref().map(DirWatch::waker);
         let mut warned = HashSet::new();
         let mut freshness = Freshness::default();
@@ -444,7 +470,7 @@ impl Discovery for EmbeddedDiscovery {
             watch.watch_processes(&found.pids);
         }
         bad_file_lines(&found, &mut warned).iter().for_each(|line| warn!("{line}"));
-        self.slowest_rescan.store(millis(found.slowest_rescan), Ordering::Relaxed);
+        self.slowest_rescan.store(millis(found.slowest(self.refresh)), Ordering::Relaxed);
         table.replace_noting_exited(found.servers, &found.exited);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let deregistered = Arc::new(Mutex::new(false));
@@ -509,7 +535,7 @@ impl Discovery for EmbeddedDiscovery {
                         );
                     }
                     taken = now_taken;
-                    slowest_rescan.store(millis(found.slowest_rescan), Ordering::Relaxed);
+                    slowest_rescan.store(millis(found.slowest(refresh)), Ordering::Relaxed);
                     if table.replace_noting_exited(found.servers, &found.exited) {
                         changed();
                     }
@@ -528,11 +554,11 @@ impl Discovery for EmbeddedDiscovery {
         }
     }
 
-    /// Others rescan the directory every `refresh` (each its own, which its file says; files
-    /// of older builds say none: this server's), and route with the new table at once.
+    /// Others see this server leave at once if they watch the directory, else when they
+    /// rescan it, every `refresh` (each its own, which its file says; files of older builds
+    /// say none: this server's), and route with the new table at once.
     fn propagation(&self) -> Duration {
-        let slowest = Duration::from_millis(self.slowest_rescan.load(Ordering::Relaxed));
-        self.refresh.max(slowest) + PROPAGATION_MARGIN
+        Duration::from_millis(self.slowest_rescan.load(Ordering::Relaxed)) + PROPAGATION_MARGIN
     }
 
     fn stop(&self) {

@@ -135,7 +135,13 @@ fn a_server_whose_process_exits_is_dropped_before_the_next_rescan() {
     a.start(entry("room-1"), ta.clone(), Arc::new(|| {})).unwrap();
     let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
     let owner = Owner { pid: child.id(), ns: me.ns.clone() };
-    write_entry(&dir.join(file_name("room-2")), &entry("room-2"), Some(&owner), Some(Terms { refresh, ttl })).unwrap();
+    write_entry(
+        &dir.join(file_name("room-2")),
+        &entry("room-2"),
+        Some(&owner),
+        Some(Terms { refresh, ttl, watching: false }),
+    )
+    .unwrap();
     assert!(wait(|| ta.get("room-2").is_some()), "listed");
     child.kill().unwrap();
     assert!(wait(|| ta.get("room-2").is_none()), "dropped once its process exited");
@@ -221,7 +227,7 @@ fn a_server_id_a_running_process_holds_is_refused() {
         &stale,
         &held,
         Some(&running),
-        Some(Terms { refresh: Duration::from_millis(50), ttl: Duration::from_millis(100) }),
+        Some(Terms { refresh: Duration::from_millis(50), ttl: Duration::from_millis(100), watching: false }),
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
@@ -318,7 +324,7 @@ fn each_file_is_judged_by_the_ttl_of_the_server_that_wrote_it() {
     for (id, ttl) in
         [("slow", Some(5 * second)), ("quick", Some(second / 2)), ("old", None), ("long", Some(100 * second))]
     {
-        let terms = ttl.map(|ttl| Terms { refresh: ttl / 3, ttl });
+        let terms = ttl.map(|ttl| Terms { refresh: ttl / 3, ttl, watching: false });
         write_entry(&dir.join(file_name(id)), &entry(id), None, terms).unwrap();
     }
     let reader_ttl = 2 * second;
@@ -364,21 +370,23 @@ fn each_file_is_judged_by_the_ttl_of_the_server_that_wrote_it() {
 fn a_stopping_server_waits_for_the_slowest_rescan_of_the_others() {
     let dir = fresh_dir("rescan");
     let quick = EmbeddedDiscovery::new(dir.clone(), Duration::from_millis(50), Duration::from_secs(1));
-    let slow = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(2), Duration::from_secs(6));
+    let slow = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(2), Duration::from_secs(6)).with_watch(false);
     slow.start(entry("slow"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
     quick.start(entry("quick"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
     assert_eq!(quick.propagation(), Duration::from_secs(2) + PROPAGATION_MARGIN, "slow rescans every 2 s");
     assert_eq!(slow.propagation(), Duration::from_secs(2) + PROPAGATION_MARGIN, "its own period is the longest");
     slow.deregister();
     slow.stop();
-    assert!(
-        wait(|| quick.propagation() == Duration::from_millis(50) + PROPAGATION_MARGIN),
-        "gone: {:?}",
-        quick.propagation()
-    );
+    // Servers that watch the directory see a server leave at once.
+    assert!(wait(|| quick.propagation() == PROPAGATION_MARGIN), "gone: {:?}", quick.propagation());
+    let watching = EmbeddedDiscovery::new(dir.clone(), Duration::from_secs(2), Duration::from_secs(6));
+    watching.start(entry("watching"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(quick.propagation(), PROPAGATION_MARGIN, "a server that watches adds nothing");
     write_entry(&dir.join(file_name("old")), &entry("old"), None, None).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(quick.propagation(), Duration::from_millis(50) + PROPAGATION_MARGIN, "an older build's file");
+    watching.stop();
     quick.stop();
     let _ = fs::remove_dir_all(&dir);
 }
@@ -435,7 +443,7 @@ fn files_that_cannot_be_entries_are_refused_unread() {
     // A pipe at this server's own path is replaced by its file at the next refresh.
     let (tx, rx) = crossbeam_channel::bounded(1);
     let pipe = dir.join("pipe.json");
-    let terms = Terms { refresh: Duration::from_millis(500), ttl: Duration::from_secs(3) };
+    let terms = Terms { refresh: Duration::from_millis(500), ttl: Duration::from_secs(3), watching: false };
     std::thread::spawn(move || drop(tx.send(touch(&pipe, &entry("room-2"), None, terms).map_err(|e| e.to_string()))));
     assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Ok(())));
     assert_eq!(registration(&dir.join("pipe.json")).entry.id, "room-2");
