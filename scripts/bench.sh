@@ -28,6 +28,9 @@
 #                               forwarded echo at two loads each
 #   scripts/bench.sh rooms [N ...]  local clusters of N room servers each (default 2 8 32; not
 #                               part of `all`): forwarded echo at 64 x 16, the servers' CPU
+#   scripts/bench.sh restart    local cluster, idle: room-1 stopped gracefully (SIGTERM) three
+#                               times (the launcher starts it again); how long each stop takes,
+#                               until its process has exited (not part of `all`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -191,5 +194,18 @@ fi
 if [ "$what" = all ] || [ "$what" = idle ]; then
     start --role standalone
     $bench idle --connections "${2:-19900}" --hold 10 --server-pid "$pids"
+    stop
+fi
+if [ "$what" = restart ]; then
+    start
+    for _ in 1 2 3; do
+        room=$(pgrep -P "$server_pid" -f -- "--id room-1 " | head -1)
+        t0=$(date +%s%N)
+        kill -TERM "$room"
+        # Exited: gone, or a zombie until the launcher reaps it.
+        while [ -e "/proc/$room" ] && ! grep -q '^[0-9]* (.*) Z' "/proc/$room/stat" 2>/dev/null; do sleep 0.005; done
+        echo "room-1 graceful stop: $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+        sleep 3
+    done
     stop
 fi
