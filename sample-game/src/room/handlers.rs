@@ -98,7 +98,7 @@ impl Rooms {
             } else {
                 match ctx.rpc_to::<_, Joined>(&target, ADMIT_ROUTE, &admit) {
                     Ok(joined) => Some(joined),
-                    Err(e) if e.code == NO_ROOM => None,
+                    Err(e) if gone_or_handing_over(&e) => None,
                     Err(e) => return Err(e),
                 }
             };
@@ -108,9 +108,9 @@ impl Rooms {
                     return Ok((target, joined));
                 }
                 // That server (this one, meanwhile) is stopping: it hands its rooms over and
-                // makes none, though still listed until discovery says it left. The name
-                // goes where the router places it without that server, as its hand-over
-                // would.
+                // makes none, though still listed until discovery says it left (or it has
+                // just left, since `servers` was read). The name goes where the router
+                // places it without that server, as its hand-over would.
                 None => {
                     here &= target != me;
                     servers.retain(|s| *s.id != *target);
@@ -190,8 +190,10 @@ impl Rooms {
         let Some(holder) = self.holder_elsewhere(ctx, &admit.room) else { return Ok(None) };
         match ctx.rpc_to::<_, Joined>(&holder, ADMIT_ROUTE, admit) {
             Ok(joined) => Ok(Some((holder, joined))),
-            // It emptied meanwhile: made where the name hashes (see `enter_anywhere`).
-            Err(e) if e.code == NO_ROOM => Ok(None),
+            // It emptied meanwhile, or it has just left the cluster (its rooms handed over
+            // where their names hash): made, or found, where the name hashes (see
+            // `enter_anywhere`).
+            Err(e) if gone_or_handing_over(&e) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -419,4 +421,12 @@ impl Rooms {
             warn!("onLeave for {uid} in {room} not sent: {e}");
         }
     }
+}
+
+/// Whether `e`, from a room server asked to admit a player, says it holds no such room
+/// (it emptied, or the server is stopping and hands its rooms over) or that the server has
+/// left the cluster since it was chosen (a graceful stop: its rooms went where their names
+/// hash among the others).
+fn gone_or_handing_over(e: &HandlerError) -> bool {
+    e.code == NO_ROOM || e.code == codes::NOT_FOUND
 }
