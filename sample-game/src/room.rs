@@ -19,15 +19,15 @@
 //! players who joined its copy meanwhile are members of the one room. A room made on two
 //! room servers that did not see each other yet (one new to the cluster, before discovery
 //! told the others) is merged into one when either sees the other hold it (a server
-//! listener, and the member checks), its players told of each other. A member that no connector knows
-//! any more (it just disconnected, or its connector died so no `left` call comes) is
-//! dropped from the room the next time the room pushes to its members (once every listed
-//! connector answers: one that does not may hold it; and unless this room server does not
-//! know the member's connector yet, new to the cluster), and as soon as discovery
-//! drops its connector (a server listener), unless that connector, restarted under its id,
-//! says it still holds the member's session (`connector.entry.sessions_held`). A player
-//! dropped so while still connected (its connector froze for longer than the discovery
-//! ttl) is back in its room when it speaks: its session still names the room.
+//! listener, and the member checks), its players told of each other. A member that no
+//! connector knows any more (it just disconnected, or its connector died so no `left` call
+//! comes) is dropped from the room the next time the room pushes to its members (once
+//! every listed connector answers: one that does not may hold it; and unless this room
+//! server does not know the member's connector yet, new to the cluster), and as soon as
+//! discovery drops its connector (a server listener), unless that connector, restarted
+//! under its id, says it still holds the member's session (`connector.entry.sessions_held`).
+//! A player dropped so while still connected (its connector froze for longer than the
+//! discovery ttl) is back in its room when it speaks: its session still names the room.
 //!
 //! Layout: this file holds the rooms' state, the messages and the routes; `handlers` the
 //! handlers and how a room is found, entered and pushed to; `membership` members whose

@@ -1,11 +1,12 @@
 //! Embedded discovery for the servers of one machine, with no external service: each
 //! server keeps a file `<dir>/<id>.json` holding its entry and touches it every `refresh`;
 //! every server rescans the directory as often, and at once when a file is put in place or
-//! removed, or when the process of a listed server of this machine exits (`watch`). A file untouched for `ttl` is a dead server
-//! (the `ttl` of the server that wrote it, which the file says, as an etcd lease's TTL is
-//! its owner's: servers with other settings do not drop it between its touches); a graceful
-//! stop deletes the file at once, and the server serves calls until the slowest of the
-//! others (each file says how often its server rescans) has seen it leave. The file also
+//! removed, or when the process of a listed server of this machine exits (`watch`). A file
+//! untouched for `ttl` is a dead server (the `ttl` of the server that wrote it, which the
+//! file says, as an etcd lease's TTL is its owner's: servers with other settings do not
+//! drop it between its touches); a graceful stop deletes the file at once, and the server
+//! serves calls until the slowest of the others (each file says how often its server
+//! rescans, and whether it watches) has seen it leave. The file also
 //! names the process that keeps it (pid and PID namespace, on Linux): servers in the same
 //! PID namespace see a killed server gone at once (its process watched) or at their next
 //! rescan, without waiting for `ttl`.

@@ -127,8 +127,8 @@ impl Rooms {
     /// Room server `other` is in the cluster as this one sees it. Rooms both hold were made
     /// apart, each by a room server that did not see the other yet (one new to the cluster
     /// that the other had not seen yet, while joins of one room reached both): their
-    /// players would not hear each other. Each is merged into one on
-    /// the server the name hashes to between the two.
+    /// players would not hear each other. Each is merged into one on the server the name
+    /// hashes to between the two.
     pub(super) fn merge_with(&self, env: &HandlerEnv, other: &ServerEntry) {
         let names: Vec<String> = self.lock().keys().cloned().collect();
         if names.is_empty() || self.handing_over.load(Ordering::SeqCst) {

@@ -32,7 +32,8 @@ fn players_rejoin_a_room_lost_with_its_server() {
     let servers = Servers::new("lost", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
     let mut cluster = servers.two_rooms();
     let (room, alice, bob) = two_in_a_room_of_a_killed_server(&mut cluster);
-    // Until discovery drops room-1 (2 s), the room's requests fail (its server is dead).
+    // Until discovery drops room-1 (at once: the servers watch each other's processes; else
+    // after the 2 s ttl), the room's requests fail (its server is dead).
     let deadline = Instant::now() + Duration::from_secs(15);
     let joined: Value = loop {
         match alice.request("room.room.join", &json!({"room": room})) {
@@ -60,7 +61,7 @@ fn a_room_lost_with_its_server_is_made_anew_by_members_speaking() {
     let servers = Servers::new("lostsay", &[("DRAGONFRUIT_DISCOVERY__TTL", "2s")]);
     let mut cluster = servers.two_rooms();
     let (_, alice, bob) = two_in_a_room_of_a_killed_server(&mut cluster);
-    // Lines to the dead server are lost until discovery drops it (2 s).
+    // Lines to the dead server are lost until discovery drops it (at once, or after 2 s).
     let deadline = Instant::now() + Duration::from_secs(15);
     let said = (0..)
         .find_map(|i| {
