@@ -203,16 +203,20 @@ impl Etcd {
 
     /// The lease `key` is under ("0" for none).
     pub fn lease_of(&self, key: &str) -> String {
-        let answer = self.post_json("/v3/kv/range", serde_json::json!({ "key": b64(key.as_bytes()) }));
-        answer["kvs"][0]["lease"].as_str().unwrap_or("0").to_owned()
+        self.kv(key)["lease"].as_str().unwrap_or("0").to_owned()
     }
 
     /// The value of `key` (empty if there is none).
     pub fn value_of(&self, key: &str) -> Vec<u8> {
         use base64::Engine;
-        let answer = self.post_json("/v3/kv/range", serde_json::json!({ "key": b64(key.as_bytes()) }));
-        let value = answer["kvs"][0]["value"].as_str().unwrap_or_default();
+        let value = self.kv(key)["value"].as_str().unwrap_or_default().to_owned();
         base64::engine::general_purpose::STANDARD.decode(value).expect("base64")
+    }
+
+    /// `key` as etcd's range answer lists it (`Null` if there is none).
+    fn kv(&self, key: &str) -> serde_json::Value {
+        let answer = self.post_json("/v3/kv/range", serde_json::json!({ "key": b64(key.as_bytes()) }));
+        answer["kvs"][0].clone()
     }
 
     /// Revokes `lease`: the keys under it are deleted.
