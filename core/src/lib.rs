@@ -34,8 +34,8 @@ pub mod throttle;
 
 pub use error::{codes, HandlerError};
 pub use handler::{
-    Component, Ctx, HandlerEnv, HandlerKind, HandlerRegistry, HandlerService, Pipelines, RemoteCtx, Reply, Routes,
-    ServerInfo,
+    Component, Ctx, HandlerEnv, HandlerKind, HandlerRegistry, HandlerService, Pipelines, Propagated, RemoteCtx, Reply,
+    Routes, ServerInfo,
 };
 pub use messenger::{Messenger, MessengerError, OnTaken};
 pub use route::{Route, RouteError};

@@ -8,6 +8,7 @@ use thiserror::Error;
 
 use crate::cluster::CallTarget;
 use crate::error::HandlerError;
+use crate::handler::Propagated;
 
 /// Why a messenger operation failed.
 #[derive(Debug, Error)]
@@ -63,14 +64,27 @@ pub trait Messenger: Send + Sync {
         then(self.broadcast(frontend_type, route, body));
     }
     /// Calls the remote (user RPC handler) `route` on a server of its type and waits for
-    /// the serialized answer, up to the configured timeout (`PIT-504` after it).
-    fn call(&self, route: &str, target: CallTarget<'_>, body: Vec<u8>) -> Result<Vec<u8>, HandlerError>;
+    /// the serialized answer, up to the configured timeout (`PIT-504` after it). The remote
+    /// sees the values `context` (its `RemoteCtx::propagated`).
+    fn call(
+        &self,
+        route: &str,
+        target: CallTarget<'_>,
+        body: Vec<u8>,
+        context: &Propagated,
+    ) -> Result<Vec<u8>, HandlerError>;
     /// Calls the remote `route` on each of the servers `server_ids` with the same `body`, and
     /// waits for every answer: the answers in the order of `server_ids`, each as from
     /// [`call`](Messenger::call) with [`CallTarget::Server`]. The cluster's messenger sends
     /// every call before it waits, so asking N servers takes about as long as asking the
     /// slowest one; this default asks them one after another.
-    fn call_each(&self, route: &str, server_ids: &[&str], body: Vec<u8>) -> Vec<Result<Vec<u8>, HandlerError>> {
-        server_ids.iter().map(|id| self.call(route, CallTarget::Server(id), body.clone())).collect()
+    fn call_each(
+        &self,
+        route: &str,
+        server_ids: &[&str],
+        body: Vec<u8>,
+        context: &Propagated,
+    ) -> Vec<Result<Vec<u8>, HandlerError>> {
+        server_ids.iter().map(|id| self.call(route, CallTarget::Server(id), body.clone(), context)).collect()
     }
 }

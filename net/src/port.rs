@@ -12,8 +12,8 @@ use dragonfruit_core::cluster::{CallTarget, Cluster};
 use dragonfruit_core::codec::{check_push, deflate_if_smaller, EncodeError};
 use dragonfruit_core::session::KICKED_BY_NEWER;
 use dragonfruit_core::{
-    codes, HandlerError, HandlerService, Messenger, MessengerError, OnTaken, Session, SessionError, SessionId,
-    SessionRegistry, SessionSink,
+    codes, HandlerError, HandlerService, Messenger, MessengerError, OnTaken, Propagated, Session, SessionError,
+    SessionId, SessionRegistry, SessionSink,
 };
 use log::{debug, info};
 use mio::Waker;
@@ -314,14 +314,20 @@ impl Messenger for LocalMessenger {
         let _ = self.port.send_push(None, push, self.registry.len(), Some(then));
     }
 
-    fn call(&self, route: &str, target: CallTarget<'_>, body: Vec<u8>) -> Result<Vec<u8>, HandlerError> {
+    fn call(
+        &self,
+        route: &str,
+        target: CallTarget<'_>,
+        body: Vec<u8>,
+        context: &Propagated,
+    ) -> Result<Vec<u8>, HandlerError> {
         if let CallTarget::Server(id) = target {
             if id != &*self.server_id {
                 return Err(HandlerError::new(codes::NOT_FOUND, format!("no server {id} (no cluster)")));
             }
         }
         match self.service.get().and_then(Weak::upgrade) {
-            Some(service) => service.execute_remote(route, None, &body),
+            Some(service) => service.execute_remote(route, None, &body, context.clone()),
             None => Err(HandlerError::internal("server is not running")),
         }
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use dragonfruit_core::cluster::{Cluster, ClusterContext, ClusterError, Forward, ForwardDone};
 use dragonfruit_core::config::{ConfigError, ConfigSource};
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::{HandlerError, Messenger, Session, SessionError};
+use dragonfruit_core::{HandlerError, Messenger, Propagated, Session, SessionError};
 use log::{info, warn};
 
 use crate::binds::{Bind, RemoteBinds};
@@ -80,6 +80,10 @@ struct Warnings {
     stray_answers: Throttle,
     /// A push a backend asked for cannot be framed for the client.
     unframed: Throttle,
+    /// A user RPC's propagated values left out: the called server's build reads none.
+    unpropagated: Throttle,
+    /// A user RPC came with propagated values that are not a JSON object.
+    bad_propagated: Throttle,
 }
 
 impl Warnings {
@@ -93,6 +97,34 @@ impl Warnings {
                 warn!("sid={} push {route} from a backend dropped: {e}{more}", session.id());
             }
         }
+    }
+}
+
+impl Inner {
+    /// The call of the remote `route` on server `to` (listed at `seen_at`, if the router saw
+    /// it), carrying `context` when it has values and that server's build reads them. One
+    /// of an earlier build gets the call without them, and a warning says so (a second at
+    /// most): the call itself still works, as in a rolling upgrade it must.
+    pub(crate) fn user_call(
+        &self,
+        (route, body): (&str, Vec<u8>),
+        context: &Propagated,
+        to: &str,
+        seen_at: Option<&str>,
+    ) -> Call {
+        if context.is_empty() {
+            return Call::User { route: route.to_owned(), body };
+        }
+        if self.table.wire_level(to, seen_at.unwrap_or_default()) >= wire::LEVEL_PROPAGATED {
+            return Call::UserCarrying { route: route.to_owned(), body, values: context.to_json() };
+        }
+        if let Some(more) = self.warnings.unpropagated.due(Instant::now()) {
+            warn!(
+                "rpc {route} to {to}: propagated values left out (server {to} runs an earlier build, which reads \
+                 none){more}"
+            );
+        }
+        Call::User { route: route.to_owned(), body }
     }
 }
 

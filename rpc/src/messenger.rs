@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use dragonfruit_core::cluster::CallTarget;
 use dragonfruit_core::codec::check_push;
-use dragonfruit_core::{HandlerError, Messenger, MessengerError, Route};
+use dragonfruit_core::{HandlerError, Messenger, MessengerError, Propagated, Route};
 use log::debug;
 
 use crate::cluster::{Inner, Started};
@@ -280,7 +280,13 @@ impl Messenger for ClusterMessenger {
         result
     }
 
-    fn call(&self, route: &str, target: CallTarget<'_>, body: Vec<u8>) -> Result<Vec<u8>, HandlerError> {
+    fn call(
+        &self,
+        route: &str,
+        target: CallTarget<'_>,
+        body: Vec<u8>,
+        context: &Propagated,
+    ) -> Result<Vec<u8>, HandlerError> {
         let parsed = Route::parse(route).map_err(|e| HandlerError::bad_request(e.to_string()))?;
         let outcome = self.with(|inner, started| {
             let me = &started.me;
@@ -300,18 +306,24 @@ impl Messenger for ClusterMessenger {
                 Err(_) if server_type == me.server_type && inner.table.get(&me.id).is_none() => return None,
                 Err(e) => return Some(Err(e)),
             };
-            let call = Call::User { route: route.to_owned(), body: body.clone() };
+            let call = inner.user_call((route, body.clone()), context, &to, seen_at.as_deref());
             Some(user_answer(blocking(&started.io, &to, seen_at.as_deref(), call, inner.rpc.timeout)))
         });
         // `None`: this server's own remote, or no running cluster layer.
         match outcome.flatten() {
             Some(result) => result,
-            None => self.local.call(route, target, body),
+            None => self.local.call(route, target, body, context),
         }
     }
 
-    fn call_each(&self, route: &str, server_ids: &[&str], body: Vec<u8>) -> Vec<Result<Vec<u8>, HandlerError>> {
-        let local = |id: &str| self.local.call(route, CallTarget::Server(id), body.clone());
+    fn call_each(
+        &self,
+        route: &str,
+        server_ids: &[&str],
+        body: Vec<u8>,
+        context: &Propagated,
+    ) -> Vec<Result<Vec<u8>, HandlerError>> {
+        let local = |id: &str| self.local.call(route, CallTarget::Server(id), body.clone(), context);
         if let Err(e) = Route::parse(route) {
             let error = HandlerError::bad_request(e.to_string());
             return server_ids.iter().map(|_| Err(error.clone())).collect();
@@ -325,7 +337,7 @@ impl Messenger for ClusterMessenger {
                     continue;
                 }
                 let tx = tx.clone();
-                let call = Call::User { route: route.to_owned(), body: body.clone() };
+                let call = inner.user_call((route, body.clone()), context, id, None);
                 started.io.call(id, None, call, Some(ReplyFn::new(move |r| drop(tx.send((i, r))))));
                 sent += 1;
             }

@@ -19,14 +19,17 @@ pub const VERSION: u8 = 1;
 /// (level 0: every kind up to [`Call::KickOlder`] and [`Frame::Misdirected`]); announced as
 /// its `ServerEntry::wire_level`. An older build drops a whole envelope holding a kind it
 /// does not know, so a server sends a kind added later only to servers whose level reads
-/// it. 1: [`Call::SessionChanges`]. 2: [`Frame::Part`].
-pub const LEVEL: u32 = 2;
+/// it. 1: [`Call::SessionChanges`]. 2: [`Frame::Part`]. 3: [`Call::UserCarrying`].
+pub const LEVEL: u32 = 3;
 
 /// The first [`LEVEL`] that reads [`Call::SessionChanges`].
 pub const LEVEL_SESSION_CHANGES: u32 = 1;
 
 /// The first [`LEVEL`] that reads [`Frame::Part`].
 pub const LEVEL_PARTS: u32 = 2;
+
+/// The first [`LEVEL`] that reads [`Call::UserCarrying`].
+pub const LEVEL_PROPAGATED: u32 = 3;
 
 /// Separates the server id from the process instance in an [`addressee`] (and in a
 /// DEALER's identity, which is its process's addressee).
@@ -230,6 +233,18 @@ pub enum Call {
         /// Keys removed.
         removed: Vec<String>,
     },
+    /// User RPC to a remote, carrying the caller's propagated values (a [`Call::User`]
+    /// when it carries none).
+    UserCarrying {
+        /// Full route of the remote.
+        route: String,
+        /// Serialized argument.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+        /// The propagated values, as a JSON object.
+        #[serde(with = "serde_bytes")]
+        values: Vec<u8>,
+    },
 }
 
 /// A successful answer.
@@ -331,6 +346,7 @@ impl Frame {
                 Call::KickUser { uid, reason } => uid.len() + reason.len(),
                 Call::KickOlder { uid, .. } => uid.len(),
                 Call::SessionChanges { set, removed, .. } => set.len() + strings_size(removed),
+                Call::UserCarrying { route, body, values } => route.len() + body.len() + values.len(),
             },
             Frame::Reply { result, .. } => match result {
                 Err(e) => error_size(e),

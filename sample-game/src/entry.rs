@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use dragonfruit_core::cluster::CallTarget;
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes, Session};
+use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, Propagated, RemoteCtx, Routes, Session};
 use log::warn;
 use serde::{Deserialize, Serialize};
 
@@ -44,9 +44,9 @@ impl Component for Entry {
     fn routes(r: &mut Routes<Self>) {
         r.raw_handler("echo", |_: &Entry, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
         r.handler("login", Entry::login);
-        r.remote("moved", |_: &Entry, ctx: &RemoteCtx<'_>, moved: Vec<Moved>| Ok(moved_rooms(ctx, moved)));
-        r.remote("in_room", |_: &Entry, ctx: &RemoteCtx<'_>, room: InRoom| Ok(in_room(ctx, room)));
-        r.remote("sessions_held", |_: &Entry, ctx: &RemoteCtx<'_>, sessions: Vec<u64>| {
+        r.remote("moved", |_: &Entry, ctx: &mut RemoteCtx<'_>, moved: Vec<Moved>| Ok(moved_rooms(ctx, moved)));
+        r.remote("in_room", |_: &Entry, ctx: &mut RemoteCtx<'_>, room: InRoom| Ok(in_room(ctx, room)));
+        r.remote("sessions_held", |_: &Entry, ctx: &mut RemoteCtx<'_>, sessions: Vec<u64>| {
             Ok(sessions_held(ctx, sessions))
         });
     }
@@ -108,7 +108,7 @@ impl Entry {
         let watched = session.on_close(move |s| {
             let (Some(uid), Some(room)) = (s.uid(), s.get::<String>(ROOM_KEY)) else { return };
             let Ok(body) = serializer.encode(&Left { uid, room, session: Some(session_ref(s)) }) else { return };
-            if let Err(e) = messenger.call(LEFT_ROUTE, CallTarget::Session(s), body) {
+            if let Err(e) = messenger.call(LEFT_ROUTE, CallTarget::Session(s), body, &Propagated::default()) {
                 if let Some(more) = failures.due(Instant::now()) {
                     warn!("sid={} could not leave its room on disconnect: {e}{more}", s.id());
                 }

@@ -251,16 +251,16 @@ impl Component for Rooms {
         r.notify("say", Rooms::say);
         r.handler("leave", |rooms: &Rooms, ctx: &mut Ctx<'_>, _: serde_json::Value| rooms.leave(ctx));
         r.raw_handler("echo", |_: &Rooms, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
-        r.remote("left", |rooms: &Rooms, ctx: &RemoteCtx<'_>, left: Left| Ok(rooms.remove_member(ctx, &left)));
-        r.remote("holds", |rooms: &Rooms, _: &RemoteCtx<'_>, room: String| Ok(rooms.lock().contains_key(&room)));
-        r.remote("admit", |rooms: &Rooms, ctx: &RemoteCtx<'_>, admit: Admit| rooms.admit(ctx, admit));
-        r.remote("adopt", |rooms: &Rooms, _: &RemoteCtx<'_>, adopted: Vec<(String, Members)>| {
+        r.remote("left", |rooms: &Rooms, ctx: &mut RemoteCtx<'_>, left: Left| Ok(rooms.remove_member(ctx, &left)));
+        r.remote("holds", |rooms: &Rooms, _: &mut RemoteCtx<'_>, room: String| Ok(rooms.lock().contains_key(&room)));
+        r.remote("admit", |rooms: &Rooms, ctx: &mut RemoteCtx<'_>, admit: Admit| rooms.admit(ctx, admit));
+        r.remote("adopt", |rooms: &Rooms, _: &mut RemoteCtx<'_>, adopted: Vec<(String, Members)>| {
             rooms.adopt(adopted);
             Ok(true)
         });
-        r.remote("release", |rooms: &Rooms, ctx: &RemoteCtx<'_>, names: Vec<String>| Ok(rooms.release(ctx, names)));
-        r.remote("holding", |rooms: &Rooms, _: &RemoteCtx<'_>, names: Vec<String>| Ok(rooms.holding(names)));
-        r.remote("take_over", |rooms: &Rooms, ctx: &RemoteCtx<'_>, names: Vec<String>| {
+        r.remote("release", |rooms: &Rooms, ctx: &mut RemoteCtx<'_>, names: Vec<String>| Ok(rooms.release(ctx, names)));
+        r.remote("holding", |rooms: &Rooms, _: &mut RemoteCtx<'_>, names: Vec<String>| Ok(rooms.holding(names)));
+        r.remote("take_over", |rooms: &Rooms, ctx: &mut RemoteCtx<'_>, names: Vec<String>| {
             let from = ctx.caller().ok_or_else(|| HandlerError::new(codes::BAD_REQUEST, "take_over needs a caller"))?;
             rooms.take_over(ctx, from, names).map(|taken| taken.len())
         });

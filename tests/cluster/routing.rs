@@ -223,3 +223,122 @@ fn many_servers_out_of_reach_are_warned_of_in_one_line() {
     assert!(wait_until(T, || about().len() == 2));
     assert!(about()[1].contains("server rackghost-6 at tcp://"), "{}", about()[1]);
 }
+
+/// Values a handler propagates (`Ctx::propagate`) reach the remotes its calls run, on every
+/// server asked at once, and on through the calls those remotes make, with what they add;
+/// calls made without a context (`HandlerEnv::rpc`) carry none.
+#[test]
+fn propagated_values_follow_a_chain_of_user_rpcs() {
+    let c = cluster("propagated", 2, TIMEOUT, None);
+    let client = c.frontend.client();
+    let traced = |ids: &[&str], route: &str| -> Value {
+        client.request("probe.rpc_traced", &json!(["t-7", ids, route])).unwrap()
+    };
+    assert_eq!(
+        traced(&["room-2", "room-1"], "room.room.context"),
+        json!([
+            {"server": "room-2", "values": {"trace": "t-7"}},
+            {"server": "room-1", "values": {"trace": "t-7"}},
+        ])
+    );
+    assert_eq!(
+        traced(&["room-1"], "room.room.relay"),
+        json!([{"server": "room-2", "values": {"trace": "t-7", "via": "room-1"}}]),
+        "room-1's remote passes the trace on to room-2, with its own value"
+    );
+    assert_eq!(
+        traced(&["room-2"], "room.room.relay_here"),
+        json!([{"server": "room-2", "values": {"trace": "t-7", "via": "room-2"}}]),
+        "and to a remote of its own server, run in process"
+    );
+    let plain: Value = client.request("probe.rpc_server", "room-1").unwrap();
+    assert_eq!(plain["server"], "room-1");
+    let untraced: Value = client.request("probe.rpc_each", &json!([["room-1"], "room.room.context"])).unwrap();
+    assert_eq!(untraced, json!([{"server": "room-1", "values": {}}]));
+}
+
+/// A server without a cluster runs the remotes its handlers call itself, with the values
+/// they propagate.
+#[test]
+fn propagated_values_reach_the_remotes_of_a_server_without_a_cluster() {
+    let server = Server::start(probe_app(&Probe::default()).server_id("solo-1"));
+    let answers: Value =
+        server.client().request("probe.rpc_traced", &json!(["t-3", ["solo-1"], "connector.probe.context"])).unwrap();
+    assert_eq!(answers, json!([{"server": "solo-1", "values": {"trace": "t-3"}}]));
+}
+
+/// A server of an earlier build (its entry announces a wire level below
+/// `LEVEL_PROPAGATED`) would drop a whole message holding a call it does not know: it gets
+/// the call without the propagated values, with a warning, and answers it; a server of this
+/// build gets them. Both played by ZeroMQ ROUTERs of our own, listed as room servers.
+#[test]
+fn propagated_values_are_left_out_of_calls_to_earlier_builds() {
+    use dragonfruit_rpc::wire::{Answer, ByteBuf, Call, Frame};
+    let dir = cluster_dir("propagated-level");
+    let fe_module = cluster_module(&dir, TIMEOUT);
+    let frontend = start_connector_with(&Probe::default(), &fe_module);
+    let ctx = zmq::Context::new();
+    for (id, level) in [("room-old", wire::LEVEL_PROPAGATED - 1), ("room-new", wire::LEVEL_PROPAGATED)] {
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.set_rcvtimeo(5000).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let mut entry = ServerEntry::new(id, "room", false, router.get_last_endpoint().unwrap().unwrap());
+        entry.wire_level = level;
+        let file = list_in(&dir, &entry);
+        assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == id)), "{id} listed");
+        let from = warnings().len();
+        let client = frontend.client();
+        let asking = std::thread::spawn(move || {
+            client.request::<_, Value>("probe.rpc_traced", &json!(["t-1", [id], "room.room.context"]))
+        });
+        let parts = router.recv_multipart(0).expect("the call");
+        let Some(Frame::Call { corr, call }) = wire::decode(&parts[2]).unwrap().pop() else { panic!("{parts:?}") };
+        let values = match call {
+            Call::User { route, .. } if level < wire::LEVEL_PROPAGATED => {
+                assert_eq!(route, "room.room.context");
+                json!(null)
+            }
+            Call::UserCarrying { route, values, .. } if level >= wire::LEVEL_PROPAGATED => {
+                assert_eq!(route, "room.room.context");
+                serde_json::from_slice(&values).unwrap()
+            }
+            other => panic!("{id}: {other:?}"),
+        };
+        let answer = Ok(Answer::Body(ByteBuf(serde_json::to_vec(&json!({"got": values})).unwrap())));
+        router.send_multipart([parts[0].clone(), wire::encode(&[Frame::Reply { corr, result: answer }])], 0).unwrap();
+        let answered = asking.join().unwrap().unwrap();
+        let left_out = warnings_about(from, "propagated values left out");
+        if level < wire::LEVEL_PROPAGATED {
+            assert_eq!(answered, json!([{"got": null}]));
+            assert!(left_out.iter().any(|w| w.contains(id)), "{left_out:?}");
+        } else {
+            assert_eq!(answered, json!([{"got": {"trace": "t-1"}}]));
+            assert!(left_out.is_empty(), "{left_out:?}");
+        }
+        std::fs::remove_file(file).unwrap();
+    }
+}
+
+/// A call whose propagated values are not a JSON object (a peer's bug) is refused with
+/// `PIT-400` and a warning, without running the remote.
+#[test]
+fn propagated_values_that_are_not_an_object_are_refused() {
+    use dragonfruit_rpc::wire::Call;
+    let dir = cluster_dir("propagated-bad");
+    let backend = Backend::default();
+    let (_room, module) = start_backend(&dir, "room-1", &backend, TIMEOUT);
+    assert!(wait_until(T, || module.me().is_some()));
+    let peer = RawPeer::to(b"prober", &module.me().unwrap());
+    let from = warnings().len();
+    for values in [&b"[1]"[..], b"{", b""] {
+        let call = Call::UserCarrying { route: "room.room.tick".into(), body: b"{}".to_vec(), values: values.to_vec() };
+        match peer.call(1, call) {
+            Err(e) => assert_eq!(e.code, codes::BAD_REQUEST, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(backend.ticks.load(Ordering::SeqCst), 0, "the remote did not run");
+    assert!(!warnings_about(from, "propagated values are not a JSON object").is_empty());
+    let call = Call::UserCarrying { route: "room.room.tick".into(), body: b"{}".to_vec(), values: b"{}".to_vec() };
+    assert!(peer.call(2, call).is_ok(), "an empty object is fine");
+}

@@ -156,17 +156,34 @@ impl Component for Backend {
         r.raw_handler("boom", |_: &Backend, _: &mut Ctx<'_>, _: &[u8]| -> Result<Vec<u8>, HandlerError> {
             panic!("handler bug")
         });
-        r.remote("boom", |_: &Backend, _: &RemoteCtx<'_>, _: Value| -> Result<Value, HandlerError> {
+        r.remote("boom", |_: &Backend, _: &mut RemoteCtx<'_>, _: Value| -> Result<Value, HandlerError> {
             panic!("remote bug")
         });
-        r.remote("double", |_: &Backend, _: &RemoteCtx<'_>, n: u64| Ok(n * 2));
-        r.remote("tick", |b: &Backend, _: &RemoteCtx<'_>, _: Value| Ok(b.ticks.fetch_add(1, Ordering::SeqCst) + 1));
-        r.remote("stall", |b: &Backend, _: &RemoteCtx<'_>, _: Value| {
+        r.remote("double", |_: &Backend, _: &mut RemoteCtx<'_>, n: u64| Ok(n * 2));
+        r.remote("tick", |b: &Backend, _: &mut RemoteCtx<'_>, _: Value| Ok(b.ticks.fetch_add(1, Ordering::SeqCst) + 1));
+        r.remote("stall", |b: &Backend, _: &mut RemoteCtx<'_>, _: Value| {
             b.hold();
             Ok(true)
         });
-        r.remote("server", |_: &Backend, ctx: &RemoteCtx<'_>, _: Value| {
+        r.remote("server", |_: &Backend, ctx: &mut RemoteCtx<'_>, _: Value| {
             Ok(json!({"server": &*ctx.server().id, "caller": ctx.caller()}))
+        });
+        // The values the call carried.
+        r.remote("context", |_: &Backend, ctx: &mut RemoteCtx<'_>, _: Value| {
+            Ok(json!({"server": &*ctx.server().id, "values": ctx.propagation()}))
+        });
+        // Passes the call on to the other of room-1 and room-2 (`context`), adding a value.
+        r.remote("relay", |_: &Backend, ctx: &mut RemoteCtx<'_>, _: Value| {
+            let me = ctx.server().id.clone();
+            ctx.propagate("via", json!(&*me));
+            let other = if &*me == "room-1" { "room-2" } else { "room-1" };
+            ctx.rpc_to::<_, Value>(other, "room.room.context", &json!({}))
+        });
+        // Passes the call on to `context` on this same server, adding a value.
+        r.remote("relay_here", |_: &Backend, ctx: &mut RemoteCtx<'_>, _: Value| {
+            let me = ctx.server().id.clone();
+            ctx.propagate("via", json!(&*me));
+            ctx.rpc_to::<_, Value>(&me, "room.room.context", &json!({}))
         });
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, Routes, Session, SessionId};
+use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes, Session, SessionId};
 use serde_json::{json, Value};
 
 use super::args::{internal, Gate, Kv, PushUsers};
@@ -157,6 +157,18 @@ impl Component for Probe {
             let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
             let answers = ctx.rpc_to_each::<_, Value>(&ids, &route, &json!({}));
             Ok(answers.into_iter().map(|a| a.unwrap_or_else(|e| json!({"error": e.code}))).collect::<Vec<_>>())
+        });
+        // Calls `route` on each of `ids` at once, propagating `trace`: each answer, or the
+        // error's code.
+        r.handler("rpc_traced", |_: &Probe, ctx: &mut Ctx<'_>, (trace, ids, route): (String, Vec<String>, String)| {
+            ctx.propagate("trace", json!(trace));
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let answers = ctx.rpc_to_each::<_, Value>(&ids, &route, &json!({}));
+            Ok(answers.into_iter().map(|a| a.unwrap_or_else(|e| json!({"error": e.code}))).collect::<Vec<_>>())
+        });
+        // The values the call carried.
+        r.remote("context", |_: &Probe, ctx: &mut RemoteCtx<'_>, _: Value| {
+            Ok(json!({"server": &*ctx.server().id, "values": ctx.propagation()}))
         });
         r.handler("broadcast", |_: &Probe, ctx: &mut Ctx<'_>, msg: Value| {
             let server_type = ctx.server().server_type.to_string();

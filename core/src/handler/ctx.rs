@@ -7,7 +7,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cluster::CallTarget;
@@ -94,12 +94,14 @@ impl HandlerEnv {
     }
 
     /// Calls the remote `route` (`serverType.component.method`) on a server of its type.
+    /// Carries no propagated values: [`Ctx::rpc`] and [`RemoteCtx::rpc`] carry their
+    /// context's.
     pub fn rpc<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
         &self,
         route: &str,
         req: &Req,
     ) -> Result<Resp, HandlerError> {
-        self.rpc_target(route, CallTarget::Any, req)
+        self.rpc_carrying(route, CallTarget::Any, req, &Propagated::default())
     }
 
     /// Calls the remote `route` on the server `server_id`.
@@ -109,7 +111,7 @@ impl HandlerEnv {
         route: &str,
         req: &Req,
     ) -> Result<Resp, HandlerError> {
-        self.rpc_target(route, CallTarget::Server(server_id), req)
+        self.rpc_carrying(route, CallTarget::Server(server_id), req, &Propagated::default())
     }
 
     /// Calls the remote `route` on each of the servers `server_ids` at once (in a cluster)
@@ -121,12 +123,7 @@ impl HandlerEnv {
         route: &str,
         req: &Req,
     ) -> Vec<Result<Resp, HandlerError>> {
-        let body = match self.encode(req) {
-            Ok(body) => body,
-            Err(e) => return server_ids.iter().map(|_| Err(e.clone())).collect(),
-        };
-        let answers = self.messenger.call_each(route, server_ids, body);
-        answers.into_iter().map(|answer| self.decode_answer(route, &answer?)).collect()
+        self.rpc_to_each_carrying(server_ids, route, req, &Propagated::default())
     }
 
     /// Calls the remote `route` on the server the routing function picks for `session`.
@@ -136,18 +133,36 @@ impl HandlerEnv {
         route: &str,
         req: &Req,
     ) -> Result<Resp, HandlerError> {
-        self.rpc_target(route, CallTarget::Session(session), req)
+        self.rpc_carrying(route, CallTarget::Session(session), req, &Propagated::default())
     }
 
-    fn rpc_target<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+    /// A call of the remote `route` on `target`, with `context` for the remote.
+    fn rpc_carrying<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
         &self,
         route: &str,
         target: CallTarget<'_>,
         req: &Req,
+        context: &Propagated,
     ) -> Result<Resp, HandlerError> {
         let body = self.encode(req)?;
-        let answer = self.messenger.call(route, target, body)?;
+        let answer = self.messenger.call(route, target, body, context)?;
         self.decode_answer(route, &answer)
+    }
+
+    /// Calls of the remote `route` on each of `server_ids`, with `context` for the remotes.
+    fn rpc_to_each_carrying<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        server_ids: &[&str],
+        route: &str,
+        req: &Req,
+        context: &Propagated,
+    ) -> Vec<Result<Resp, HandlerError>> {
+        let body = match self.encode(req) {
+            Ok(body) => body,
+            Err(e) => return server_ids.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let answers = self.messenger.call_each(route, server_ids, body, context);
+        answers.into_iter().map(|answer| self.decode_answer(route, &answer?)).collect()
     }
 
     /// The answer to a call of the remote `route`, decoded.
@@ -164,6 +179,118 @@ fn messenger_error(e: MessengerError) -> HandlerError {
     HandlerError::internal(e.to_string())
 }
 
+/// Values a handler hands on with the user RPCs it makes, which the remotes they run see,
+/// and hand on with the calls they make in turn (Pitaya's propagated context,
+/// `AddToPropagateCtx` / `GetFromPropagateCtx`): a trace id, the player a chain of calls
+/// acts for. Set with [`Ctx::propagate`] or [`RemoteCtx::propagate`], read with
+/// `propagated`. The calls of [`HandlerEnv`] itself (code outside a handler) carry none.
+/// Between servers they travel as a JSON object.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Propagated(BTreeMap<String, Value>);
+
+impl Propagated {
+    /// Sets `key` to `value`.
+    pub fn insert(&mut self, key: impl Into<String>, value: Value) {
+        self.0.insert(key.into(), value);
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
+    }
+
+    /// Whether there is no value.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every key and value, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// As a JSON object.
+    pub fn to_json(&self) -> Vec<u8> {
+        // A map of strings to JSON values always serializes.
+        serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    /// From a JSON object.
+    pub fn from_json(bytes: &[u8]) -> Result<Propagated, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+impl<K: Into<String>> FromIterator<(K, Value)> for Propagated {
+    fn from_iter<I: IntoIterator<Item = (K, Value)>>(iter: I) -> Propagated {
+        Propagated(iter.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+}
+
+/// The propagated values of a context and the user RPCs that carry them: the same
+/// methods as [`HandlerEnv`]'s, which a context's own shadow.
+macro_rules! carrying_calls {
+    ($ctx:ident) => {
+        impl $ctx<'_> {
+            /// Sets a value that the user RPCs made from this context carry to their
+            /// remotes (see [`Propagated`]).
+            pub fn propagate(&mut self, key: impl Into<String>, value: Value) {
+                self.propagated.insert(key, value);
+            }
+
+            /// A propagated value: set here, or carried by the call that runs this.
+            pub fn propagated(&self, key: &str) -> Option<&Value> {
+                self.propagated.get(key)
+            }
+
+            /// Every propagated value.
+            pub fn propagation(&self) -> &Propagated {
+                &self.propagated
+            }
+
+            /// [`HandlerEnv::rpc`], carrying this context's propagated values.
+            pub fn rpc<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+                &self,
+                route: &str,
+                req: &Req,
+            ) -> Result<Resp, HandlerError> {
+                self.env.rpc_carrying(route, CallTarget::Any, req, &self.propagated)
+            }
+
+            /// [`HandlerEnv::rpc_to`], carrying this context's propagated values.
+            pub fn rpc_to<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+                &self,
+                server_id: &str,
+                route: &str,
+                req: &Req,
+            ) -> Result<Resp, HandlerError> {
+                self.env.rpc_carrying(route, CallTarget::Server(server_id), req, &self.propagated)
+            }
+
+            /// [`HandlerEnv::rpc_to_each`], carrying this context's propagated values.
+            pub fn rpc_to_each<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+                &self,
+                server_ids: &[&str],
+                route: &str,
+                req: &Req,
+            ) -> Vec<Result<Resp, HandlerError>> {
+                self.env.rpc_to_each_carrying(server_ids, route, req, &self.propagated)
+            }
+
+            /// [`HandlerEnv::rpc_for`], carrying this context's propagated values.
+            pub fn rpc_for<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+                &self,
+                session: &Session,
+                route: &str,
+                req: &Req,
+            ) -> Result<Resp, HandlerError> {
+                self.env.rpc_carrying(route, CallTarget::Session(session), req, &self.propagated)
+            }
+        }
+    };
+}
+
 /// The context of one client message.
 pub struct Ctx<'a> {
     session: &'a Arc<Session>,
@@ -172,6 +299,7 @@ pub struct Ctx<'a> {
     id: u64,
     env: &'a HandlerEnv,
     values: BTreeMap<String, Value>,
+    propagated: Propagated,
 }
 
 impl<'a> Ctx<'a> {
@@ -183,7 +311,7 @@ impl<'a> Ctx<'a> {
         id: u64,
         env: &'a HandlerEnv,
     ) -> Ctx<'a> {
-        Ctx { session, route, kind, id, env, values: BTreeMap::new() }
+        Ctx { session, route, kind, id, env, values: BTreeMap::new(), propagated: Propagated::default() }
     }
 
     /// The caller's session.
@@ -217,6 +345,8 @@ impl<'a> Ctx<'a> {
     }
 }
 
+carrying_calls!(Ctx);
+
 impl Deref for Ctx<'_> {
     type Target = HandlerEnv;
 
@@ -230,12 +360,19 @@ pub struct RemoteCtx<'a> {
     route: &'a Route,
     caller: Option<&'a str>,
     env: &'a HandlerEnv,
+    propagated: Propagated,
 }
 
 impl<'a> RemoteCtx<'a> {
-    /// A context for a call of `route` from server `caller` (`None`: this process).
-    pub fn new(route: &'a Route, caller: Option<&'a str>, env: &'a HandlerEnv) -> RemoteCtx<'a> {
-        RemoteCtx { route, caller, env }
+    /// A context for a call of `route` from server `caller` (`None`: this process) that
+    /// carried the values `propagated`.
+    pub fn new(
+        route: &'a Route,
+        caller: Option<&'a str>,
+        env: &'a HandlerEnv,
+        propagated: Propagated,
+    ) -> RemoteCtx<'a> {
+        RemoteCtx { route, caller, env, propagated }
     }
 
     /// The route called.
@@ -248,6 +385,8 @@ impl<'a> RemoteCtx<'a> {
         self.caller
     }
 }
+
+carrying_calls!(RemoteCtx);
 
 impl Deref for RemoteCtx<'_> {
     type Target = HandlerEnv;

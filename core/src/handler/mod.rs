@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use ctx::{Ctx, HandlerEnv, RemoteCtx, ServerInfo};
+pub use ctx::{Ctx, HandlerEnv, Propagated, RemoteCtx, ServerInfo};
 pub use pipeline::{AfterFn, BeforeFn, Pipelines};
 pub use registry::{HandlerRegistry, RegistryError, RouteInfo};
 pub use service::{HandlerService, Reply, Resolved};
@@ -61,7 +61,7 @@ pub enum HandlerKind {
 pub type HandlerFn = dyn Fn(&mut Ctx<'_>, &[u8]) -> Result<Vec<u8>, HandlerError> + Send + Sync;
 
 /// Type-erased remote (user RPC handler): serialized argument in, serialized answer out.
-pub type RemoteFn = dyn Fn(&RemoteCtx<'_>, &[u8]) -> Result<Vec<u8>, HandlerError> + Send + Sync;
+pub type RemoteFn = dyn Fn(&mut RemoteCtx<'_>, &[u8]) -> Result<Vec<u8>, HandlerError> + Send + Sync;
 
 /// A registered handler.
 #[derive(Clone)]
@@ -147,10 +147,10 @@ impl<C: Component> Routes<C> {
     where
         Req: DeserializeOwned,
         Resp: Serialize,
-        F: Fn(&C, &RemoteCtx<'_>, Req) -> Result<Resp, HandlerError> + Send + Sync + 'static,
+        F: Fn(&C, &mut RemoteCtx<'_>, Req) -> Result<Resp, HandlerError> + Send + Sync + 'static,
     {
         let component = self.component.clone();
-        let call = move |ctx: &RemoteCtx<'_>, body: &[u8]| {
+        let call = move |ctx: &mut RemoteCtx<'_>, body: &[u8]| {
             let serializer = ctx.serializer();
             let req: Req = serializer
                 .decode(body)

@@ -13,7 +13,7 @@ use log::{debug, error, warn};
 
 use crate::codec::{EncodeError, MessageType};
 use crate::error::HandlerError;
-use crate::handler::{Ctx, Handler, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines, RemoteCtx};
+use crate::handler::{Ctx, Handler, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines, Propagated, RemoteCtx};
 use crate::route::Route;
 use crate::session::{Session, SessionId};
 use crate::throttle::Throttle;
@@ -200,16 +200,23 @@ impl HandlerService {
 }
 
 impl HandlerService {
-    /// Runs the remote `route` (user RPC) with a serialized argument. `caller` is the
-    /// calling server's id, `None` for a call from this process.
-    pub fn execute_remote(&self, route: &str, caller: Option<&str>, body: &[u8]) -> Result<Vec<u8>, HandlerError> {
+    /// Runs the remote `route` (user RPC) with a serialized argument and the values the
+    /// call carried. `caller` is the calling server's id, `None` for a call from this
+    /// process.
+    pub fn execute_remote(
+        &self,
+        route: &str,
+        caller: Option<&str>,
+        body: &[u8],
+        propagated: Propagated,
+    ) -> Result<Vec<u8>, HandlerError> {
         let route = Route::parse(route).map_err(|e| HandlerError::bad_request(e.to_string()))?;
         let server_type = route.server_type().unwrap_or(&self.env.server.server_type);
         let Some(remote) = self.registry.lookup_remote(server_type, route.handler_key()) else {
             return Err(HandlerError::new(crate::codes::NOT_FOUND, format!("remote {route} not found")));
         };
-        let ctx = RemoteCtx::new(&route, caller, &self.env);
-        catch_unwind(AssertUnwindSafe(|| remote(&ctx, body))).unwrap_or_else(|panic| {
+        let mut ctx = RemoteCtx::new(&route, caller, &self.env, propagated);
+        catch_unwind(AssertUnwindSafe(|| remote(&mut ctx, body))).unwrap_or_else(|panic| {
             error!("remote {route} panicked: {}", panic_text(&*panic));
             Err(HandlerError::internal("internal server error"))
         })

@@ -25,7 +25,13 @@ impl Messenger for NoMessenger {
     fn broadcast(&self, _: &str, _: &str, _: Arc<[u8]>) -> Result<(), MessengerError> {
         Ok(())
     }
-    fn call(&self, route: &str, _: crate::cluster::CallTarget<'_>, _: Vec<u8>) -> Result<Vec<u8>, HandlerError> {
+    fn call(
+        &self,
+        route: &str,
+        _: crate::cluster::CallTarget<'_>,
+        _: Vec<u8>,
+        _: &crate::handler::Propagated,
+    ) -> Result<Vec<u8>, HandlerError> {
         Err(HandlerError::new(codes::NOT_FOUND, format!("no server for {route}")))
     }
 }
@@ -81,7 +87,7 @@ impl Component for Counter {
             .raw_handler("stamp", |_: &Counter, ctx: &mut Ctx<'_>, _: &[u8]| {
                 Ok(ctx.value("stamp").map(|v| v.to_string()).unwrap_or_default().into_bytes())
             })
-            .remote("double", |_: &Counter, ctx: &RemoteCtx<'_>, n: u32| {
+            .remote("double", |_: &Counter, ctx: &mut RemoteCtx<'_>, n: u32| {
                 assert_eq!(ctx.caller(), Some("other-1"));
                 Ok(n * 2)
             });
@@ -215,10 +221,108 @@ fn resolve_local_remote_and_errors() {
 #[test]
 fn remotes_are_for_servers_not_clients() {
     let (svc, _) = service(Pipelines::default());
-    assert_eq!(svc.execute_remote("game.counter.double", Some("other-1"), b"21").unwrap(), b"42");
-    assert_eq!(svc.execute_remote("counter.double", Some("other-1"), b"1").unwrap(), b"2");
-    assert_eq!(svc.execute_remote("counter.add", None, b"{}").unwrap_err().code, codes::NOT_FOUND);
-    assert_eq!(svc.execute_remote("counter.double", Some("other-1"), b"x").unwrap_err().code, codes::BAD_REQUEST);
+    assert_eq!(
+        svc.execute_remote("game.counter.double", Some("other-1"), b"21", Propagated::default()).unwrap(),
+        b"42"
+    );
+    assert_eq!(svc.execute_remote("counter.double", Some("other-1"), b"1", Propagated::default()).unwrap(), b"2");
+    assert_eq!(
+        svc.execute_remote("counter.add", None, b"{}", Propagated::default()).unwrap_err().code,
+        codes::NOT_FOUND
+    );
+    assert_eq!(
+        svc.execute_remote("counter.double", Some("other-1"), b"x", Propagated::default()).unwrap_err().code,
+        codes::BAD_REQUEST
+    );
     assert_eq!(err_code(request(&svc, "counter.double", b"1")), codes::NOT_FOUND, "clients cannot call remotes");
     assert_eq!(svc.registry().remote_routes(), vec!["game.counter.double".to_string()]);
+}
+
+/// Records each call made through it with the values it carried, and answers `null`.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(String, Propagated)>>);
+
+impl Messenger for Recorder {
+    fn push_to_users(&self, _: &str, _: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
+        Ok(uids.to_vec())
+    }
+    fn kick_user(&self, _: &str, _: &str) -> Result<bool, MessengerError> {
+        Ok(false)
+    }
+    fn broadcast(&self, _: &str, _: &str, _: Arc<[u8]>) -> Result<(), MessengerError> {
+        Ok(())
+    }
+    fn call(
+        &self,
+        route: &str,
+        _: crate::cluster::CallTarget<'_>,
+        _: Vec<u8>,
+        context: &Propagated,
+    ) -> Result<Vec<u8>, HandlerError> {
+        self.0.lock().unwrap().push((route.to_owned(), context.clone()));
+        Ok(b"null".to_vec())
+    }
+}
+
+struct Tracer;
+
+impl Component for Tracer {
+    fn routes(r: &mut Routes<Self>) {
+        r.handler("start", |_: &Tracer, ctx: &mut Ctx<'_>, trace: String| {
+            ctx.propagate("trace", trace.into());
+            ctx.rpc::<_, ()>("room.r.any", &())?;
+            ctx.rpc_to::<_, ()>("room-1", "room.r.one", &())?;
+            ctx.rpc_for::<_, ()>(&ctx.session().clone(), "room.r.for", &())?;
+            ctx.rpc_to_each::<_, ()>(&["room-1", "room-2"], "room.r.each", &())
+                .into_iter()
+                .collect::<Result<(), _>>()?;
+            HandlerEnv::rpc::<_, ()>(ctx, "room.r.plain", &())
+        });
+        r.remote("relay", |_: &Tracer, ctx: &mut RemoteCtx<'_>, hop: u32| {
+            ctx.propagate("hop", hop.into());
+            ctx.rpc::<_, ()>("room.r.next", &())?;
+            Ok(ctx.propagated("trace").cloned())
+        });
+    }
+}
+
+/// A context's calls carry its propagated values (set by the handler, or carried by the
+/// call that runs a remote, with what the remote adds); the server-wide calls carry none.
+#[test]
+fn contexts_calls_carry_their_propagated_values() {
+    let recorder = Arc::new(Recorder::default());
+    let mut registry = HandlerRegistry::new();
+    registry.register("game", "tracer", Tracer).unwrap();
+    let env = HandlerEnv {
+        server: ServerInfo {
+            id: "game-1".into(),
+            server_type: "game".into(),
+            frontend: true,
+            metadata: BTreeMap::new(),
+        },
+        serializer: Serializer::Json,
+        messenger: recorder.clone(),
+        sessions: None,
+    };
+    let svc = HandlerService::new(registry, Pipelines::default(), env);
+    assert_eq!(request(&svc, "tracer.start", br#""t-1""#), Reply::Ok(b"null".to_vec()));
+    let trace: Propagated = [("trace", serde_json::json!("t-1"))].into_iter().collect();
+    let calls = std::mem::take(&mut *recorder.0.lock().unwrap());
+    let expected: Vec<(String, Propagated)> = ["any", "one", "for", "each", "each"]
+        .iter()
+        .map(|m| (format!("room.r.{m}"), trace.clone()))
+        .chain([("room.r.plain".to_owned(), Propagated::default())])
+        .collect();
+    assert_eq!(calls, expected);
+
+    let answer = svc.execute_remote("tracer.relay", Some("other-1"), b"2", trace.clone()).unwrap();
+    assert_eq!(answer, br#""t-1""#, "the remote reads what its call carried");
+    let mut relayed = trace;
+    relayed.insert("hop", serde_json::json!(2));
+    assert_eq!(*recorder.0.lock().unwrap(), vec![("room.r.next".to_owned(), relayed.clone())]);
+    assert_eq!(Propagated::from_json(&relayed.to_json()).unwrap(), relayed);
+    assert_eq!(relayed.to_json(), br#"{"hop":2,"trace":"t-1"}"#);
+    for bad in [&b"[1]"[..], b"1", b"{", b""] {
+        assert!(Propagated::from_json(bad).is_err(), "{bad:?} is no object");
+    }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dragonfruit_core::cluster::OrderKey;
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::session::KICKED_BY_NEWER;
-use dragonfruit_core::{codes, HandlerError, MessengerError, Reply, Session};
+use dragonfruit_core::{codes, HandlerError, MessengerError, Propagated, Reply, Session};
 use log::{debug, warn};
 
 use super::{Inner, Started};
@@ -29,8 +29,9 @@ impl Inner {
             return;
         };
         let stopping = self.refusing();
-        let refusable =
-            |(_, call, _): &(String, Call, Responder)| matches!(call, Call::Handle { .. } | Call::User { .. });
+        let refusable = |(_, call, _): &(String, Call, Responder)| {
+            matches!(call, Call::Handle { .. } | Call::User { .. } | Call::UserCarrying { .. })
+        };
         if !stopping && self.leaving.load(Ordering::Acquire) && calls.iter().any(refusable) {
             self.drain.call_taken();
         }
@@ -97,6 +98,30 @@ impl Inner {
         }
     }
 
+    /// Runs the remote `route` with `body` and the propagated values `context` for server
+    /// `from` on a remote thread, unless it waited in this server's queue past its caller's
+    /// timeout (taken from the socket at `taken.0`; its caller waits `taken.1`).
+    fn run_remote(
+        &self,
+        started: &Started,
+        (taken, callers_timeout): (Instant, Duration),
+        from: &str,
+        (route, body, context): (String, Vec<u8>, Propagated),
+        responder: Responder,
+    ) {
+        let (service, from) = (started.ctx.service.clone(), from.to_owned());
+        let (overdue, stats) = (started.overdue.clone(), self.stats.clone());
+        started.ctx.dispatcher.submit_remote(Box::new(move || {
+            if let Some(e) = overdue.check(taken, callers_timeout) {
+                responder.send(Err(e));
+                return;
+            }
+            Counters::add(&stats.remote_calls, 1);
+            let result = service.execute_remote(&route, Some(&from), &body, context);
+            responder.send(result.map(|b| Answer::Body(ByteBuf(b))));
+        }));
+    }
+
     /// Handles one call other than a forwarded batch, from server `from`, taken from the
     /// socket at `taken.0`; its caller waits `taken.1` for the answer.
     pub(super) fn on_call(
@@ -111,20 +136,28 @@ impl Inner {
         let ctx = &started.ctx;
         let refuse_stopping = || Err(HandlerError::internal(format!("server {} is shutting down", started.me.id)));
         match call {
-            Call::User { route, body } if !stopping => {
-                let (service, from) = (ctx.service.clone(), from.to_owned());
-                let (overdue, stats) = (started.overdue.clone(), self.stats.clone());
-                ctx.dispatcher.submit_remote(Box::new(move || {
-                    if let Some(e) = overdue.check(taken, callers_timeout) {
-                        responder.send(Err(e));
-                        return;
+            Call::User { route, body } if !stopping => self.run_remote(
+                started,
+                (taken, callers_timeout),
+                from,
+                (route, body, Propagated::default()),
+                responder,
+            ),
+            Call::UserCarrying { route, body, values } if !stopping => {
+                match Propagated::from_json(&values) {
+                    Ok(context) => {
+                        self.run_remote(started, (taken, callers_timeout), from, (route, body, context), responder)
                     }
-                    Counters::add(&stats.remote_calls, 1);
-                    let result = service.execute_remote(&route, Some(&from), &body);
-                    responder.send(result.map(|b| Answer::Body(ByteBuf(b))));
-                }));
+                    Err(e) => {
+                        if let Some(more) = self.warnings.bad_propagated.due(Instant::now()) {
+                            warn!("rpc {route} from {from} refused: its propagated values are not a JSON object ({e}){more}");
+                        }
+                        let message = format!("rpc {route}: propagated values are not a JSON object: {e}");
+                        responder.send(Err(HandlerError::bad_request(message)));
+                    }
+                }
             }
-            Call::Handle { .. } | Call::User { .. } => responder.send(refuse_stopping()),
+            Call::Handle { .. } | Call::User { .. } | Call::UserCarrying { .. } => responder.send(refuse_stopping()),
             Call::Push { session, route, body } => {
                 if let Some(s) = ctx.sessions.get(session) {
                     self.warnings.push_for_backend(&s, &route, body);

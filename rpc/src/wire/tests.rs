@@ -39,6 +39,10 @@ fn every_variant_round_trips() {
             corr: 7,
             call: Call::SessionChanges { session: 7, set: br#"{"a":1}"#.to_vec(), removed: vec!["b".into()] },
         },
+        Frame::Call {
+            corr: 8,
+            call: Call::UserCarrying { route: "room.room.left".into(), body: vec![3], values: br#"{"t":1}"#.to_vec() },
+        },
         Frame::Reply {
             corr: 1,
             result: Ok(Answer::Replies(vec![WireReply { id: 3, result: Ok(ByteBuf(b"ok".to_vec())) }])),
@@ -145,6 +149,7 @@ fn any_call() -> impl Strategy<Value = Call> {
         (s(), s()).prop_map(|(uid, reason)| Call::KickUser { uid, reason }),
         (s(), any_bytes()).prop_map(|(route, body)| Call::Broadcast { route, body }),
         (s(), any::<u64>()).prop_map(|(uid, bound_at)| Call::KickOlder { uid, bound_at }),
+        (s(), any_bytes(), any_bytes()).prop_map(|(route, body, values)| Call::UserCarrying { route, body, values }),
     ]
 }
 
@@ -199,6 +204,7 @@ fn variants_keep_the_tags_earlier_builds_read() {
     assert_eq!(call_tag(Call::Push { session: 0, route: String::new(), body: vec![] }), 2);
     assert_eq!(call_tag(Call::KickOlder { uid: String::new(), bound_at: 0 }), 9);
     assert_eq!(call_tag(Call::SessionChanges { session: 0, set: vec![], removed: vec![] }), 10);
+    assert_eq!(call_tag(Call::UserCarrying { route: String::new(), body: vec![], values: vec![] }), 11);
     // Version, frame count, frame tag, corr, `Ok`, then the answer's tag.
     let answer_tag = |answer: Answer| encode(&[Frame::Reply { corr: 0, result: Ok(answer) }])[5];
     assert_eq!(answer_tag(Answer::Replies(vec![])), 2);
