@@ -28,6 +28,9 @@
 #                               forwarded echo at two loads each
 #   scripts/bench.sh rooms [N ...]  local clusters of N room servers each (default 2 8 32; not
 #                               part of `all`): forwarded echo at 64 x 16, the servers' CPU
+#   scripts/bench.sh rpc        local cluster: user RPC (connector.entry.rpc_echo, a connector
+#                               handler calling a room server's echo remote) at 64 x 1, 64 x 16
+#                               and 256 x 1, forwarded echo at 64 x 1 beside it (not part of `all`)
 #   scripts/bench.sh restart    local cluster, idle: room-1 stopped gracefully (SIGTERM) three
 #                               times (the launcher starts it again); how long each stop takes,
 #                               until its process has exited (not part of `all`)
@@ -81,6 +84,17 @@ if [ "$what" = all ] || [ "$what" = cluster ]; then
     $bench echo --route room.room.echo --connections 64 --inflight 16 --duration 10 --warmup 2 --server-pid "$pids"
     $bench echo --route connector.entry.echo --connections 64 --inflight 16 --duration 10 --warmup 2 --server-pid "$pids"
     $bench fanout --connections 1000 --rounds 20 --server-pid "$pids"
+    stop
+fi
+if [ "$what" = rpc ]; then
+    start
+    for load in "64 1" "64 16" "256 1"; do
+        set -- $load
+        echo "== user rpc, $1 connections x $2 in flight"
+        $bench echo --route connector.entry.rpc_echo --connections "$1" --inflight "$2" --duration 10 --warmup 2 --server-pid "$pids"
+    done
+    echo "== forwarded echo, 64 connections x 1 in flight"
+    $bench echo --route room.room.echo --connections 64 --inflight 1 --duration 10 --warmup 2 --server-pid "$pids"
     stop
 fi
 if [ "$what" = all ] || [ "$what" = churn ]; then

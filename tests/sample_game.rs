@@ -29,6 +29,7 @@ fn echo_login_join_chat_leave() {
     let server = game();
     let anon = server.client();
     assert_eq!(anon.request_raw("connector.entry.echo", br#"{"x":[1,2]}"#).unwrap(), br#"{"x":[1,2]}"#);
+    assert_eq!(anon.request_raw("connector.entry.rpc_echo", br#"{"x":[1,2]}"#).unwrap(), br#"{"x":[1,2]}"#);
     match anon.request::<_, Joined>("room.room.join", &json!({"room": "lobby"})) {
         Err(ClientError::Server(e)) => assert_eq!(e.code, "GAME-401"),
         other => panic!("{other:?}"),

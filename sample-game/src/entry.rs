@@ -1,8 +1,8 @@
-//! `entry`: the connector's component (echo, login; the `moved` remote, by which a room
-//! server handing its rooms over at its stop has the members' sessions note the new holder,
-//! `in_room`, by which one making anew a room lost with its server finds its members, and
-//! `sessions_held`, by which one asks a connector restarted under its id which members'
-//! sessions it holds).
+//! `entry`: the connector's component (echo, echo through a room server's remote, login;
+//! the `moved` remote, by which a room server handing its rooms over at its stop has the
+//! members' sessions note the new holder, `in_room`, by which one making anew a room lost
+//! with its server finds its members, and `sessions_held`, by which one asks a connector
+//! restarted under its id which members' sessions it holds).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,7 +13,7 @@ use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, Propagated, Rem
 use log::warn;
 use serde::{Deserialize, Serialize};
 
-use crate::room::{session_ref, InRoom, Left, Moved, LEFT_ROUTE, ROOM_KEY, ROOM_SERVER_KEY};
+use crate::room::{session_ref, InRoom, Left, Moved, ECHO_REMOTE, LEFT_ROUTE, ROOM_KEY, ROOM_SERVER_KEY};
 
 /// Longest player name accepted.
 pub const MAX_NAME: usize = 32;
@@ -43,6 +43,12 @@ pub struct LoginAck {
 impl Component for Entry {
     fn routes(r: &mut Routes<Self>) {
         r.raw_handler("echo", |_: &Entry, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
+        // The body back through the `room.room.echo` remote of the player's room server
+        // (for benchmarks of user RPC: the handler holds its worker for the round trip).
+        r.handler("rpc_echo", |_: &Entry, ctx: &mut Ctx<'_>, body: serde_json::Value| {
+            let session = ctx.session().clone();
+            ctx.rpc_for::<_, serde_json::Value>(&session, ECHO_REMOTE, &body)
+        });
         r.handler("login", Entry::login);
         r.remote("moved", |_: &Entry, ctx: &mut RemoteCtx<'_>, moved: Vec<Moved>| Ok(moved_rooms(ctx, moved)));
         r.remote("in_room", |_: &Entry, ctx: &mut RemoteCtx<'_>, room: InRoom| Ok(in_room(ctx, room)));

@@ -1,7 +1,8 @@
 //! The sample game: a small multiplayer chat on a dragonfruit cluster.
 //!
 //! - `connector` servers (frontends) hold client connections: `connector.entry.echo`,
-//!   `connector.entry.login` `{"name"}` → `{"uid"}`.
+//!   `connector.entry.rpc_echo` (a JSON body back through a room server's `echo` remote,
+//!   for benchmarks of user RPC), `connector.entry.login` `{"name"}` → `{"uid"}`.
 //! - `room` servers (backends) hold the rooms: `room.room.join` `{"room"}` →
 //!   `{"room","members"}` (pushes `onJoin {"uid"}` to the others), `room.room.say` (notify)
 //!   `{"text"}` → `onChat {"from","text"}` to the room, `room.room.leave` → `{"room"}` (pushes
@@ -39,7 +40,7 @@ pub const DEFAULT_TCP: &str = "127.0.0.1:3250";
 
 /// Route codes of the game's client routes and push routes. Codes are part of the
 /// client contract: keep them when routes are added.
-pub const ROUTE_DICTIONARY: [(&str, u16); 9] = [
+pub const ROUTE_DICTIONARY: [(&str, u16); 10] = [
     ("connector.entry.echo", 1),
     ("connector.entry.login", 2),
     ("room.room.join", 3),
@@ -49,6 +50,7 @@ pub const ROUTE_DICTIONARY: [(&str, u16); 9] = [
     ("onJoin", 7),
     ("onChat", 8),
     ("onLeave", 9),
+    ("connector.entry.rpc_echo", 10),
 ];
 
 /// What one process runs.

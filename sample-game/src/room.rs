@@ -69,6 +69,8 @@ const HOLDS_ROUTE: &str = "room.room.holds";
 const ADMIT_ROUTE: &str = "room.room.admit";
 /// The remote that removes a player from a room (called when they leave or disconnect).
 pub const LEFT_ROUTE: &str = "room.room.left";
+/// The remote that answers with its argument (`connector.entry.rpc_echo`).
+pub const ECHO_REMOTE: &str = "room.room.echo";
 /// The remote taking over rooms from a room server that stops.
 const ADOPT_ROUTE: &str = "room.room.adopt";
 /// The remote by which a room server gives up its copies of rooms another made anew while
@@ -251,6 +253,7 @@ impl Component for Rooms {
         r.notify("say", Rooms::say);
         r.handler("leave", |rooms: &Rooms, ctx: &mut Ctx<'_>, _: serde_json::Value| rooms.leave(ctx));
         r.raw_handler("echo", |_: &Rooms, _: &mut Ctx<'_>, body: &[u8]| Ok(body.to_vec()));
+        r.remote("echo", |_: &Rooms, _: &mut RemoteCtx<'_>, body: serde_json::Value| Ok(body));
         r.remote("left", |rooms: &Rooms, ctx: &mut RemoteCtx<'_>, left: Left| Ok(rooms.remove_member(ctx, &left)));
         r.remote("holds", |rooms: &Rooms, _: &mut RemoteCtx<'_>, room: String| Ok(rooms.lock().contains_key(&room)));
         r.remote("admit", |rooms: &Rooms, ctx: &mut RemoteCtx<'_>, admit: Admit| rooms.admit(ctx, admit));

@@ -329,6 +329,7 @@ fn servers_deployed_on_their_own_find_each_other_through_etcd() {
     ben.notify("room.room.say", &json!({"text": "still here"})).unwrap();
     assert_eq!(heard(&ann), chat("ben", "still here"));
     assert_eq!(ann.request_raw("room.room.echo", b"echo").unwrap(), b"echo");
+    assert_eq!(ann.request_raw("connector.entry.rpc_echo", b"[1]").unwrap(), b"[1]", "through the other's remote");
 
     for proc in [&mut connector, &mut rooms[1 - deck]] {
         signal(&proc.0, libc::SIGTERM);
