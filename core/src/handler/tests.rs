@@ -13,7 +13,13 @@ use crate::serializer::Serializer;
 use crate::session::{Session, SessionError, SessionInit, SessionSink};
 use crate::{codes, HandlerError};
 
-struct NoMessenger;
+/// A messenger that finds no user; it records each call with the values it carried, and
+/// answers it `answer`, or `NOT_FOUND` without one.
+#[derive(Default)]
+struct NoMessenger {
+    answer: Option<Vec<u8>>,
+    calls: Mutex<Vec<(String, Propagated)>>,
+}
 
 impl Messenger for NoMessenger {
     fn push_to_users(&self, _: &str, _: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
@@ -30,9 +36,10 @@ impl Messenger for NoMessenger {
         route: &str,
         _: crate::cluster::CallTarget<'_>,
         _: Vec<u8>,
-        _: &crate::handler::Propagated,
+        context: &Propagated,
     ) -> Result<Vec<u8>, HandlerError> {
-        Err(HandlerError::new(codes::NOT_FOUND, format!("no server for {route}")))
+        self.calls.lock().unwrap().push((route.to_owned(), context.clone()));
+        self.answer.clone().ok_or_else(|| HandlerError::new(codes::NOT_FOUND, format!("no server for {route}")))
     }
 }
 
@@ -98,7 +105,12 @@ fn service(pipelines: Pipelines) -> (HandlerService, Arc<Counter>) {
     let counter = Arc::new(Counter::default());
     let mut registry = HandlerRegistry::new();
     registry.register_arc("game", "counter", counter.clone()).unwrap();
-    let env = HandlerEnv {
+    (HandlerService::new(registry, pipelines, env(Arc::new(NoMessenger::default()))), counter)
+}
+
+/// The env of frontend `game-1` (JSON bodies) with `messenger`.
+fn env(messenger: Arc<dyn Messenger>) -> HandlerEnv {
+    HandlerEnv {
         server: ServerInfo {
             id: "game-1".into(),
             server_type: "game".into(),
@@ -106,10 +118,9 @@ fn service(pipelines: Pipelines) -> (HandlerService, Arc<Counter>) {
             metadata: BTreeMap::new(),
         },
         serializer: Serializer::Json,
-        messenger: Arc::new(NoMessenger),
+        messenger,
         sessions: None,
-    };
-    (HandlerService::new(registry, pipelines, env), counter)
+    }
 }
 
 fn session() -> Arc<Session> {
@@ -238,32 +249,6 @@ fn remotes_are_for_servers_not_clients() {
     assert_eq!(svc.registry().remote_routes(), vec!["game.counter.double".to_string()]);
 }
 
-/// Records each call made through it with the values it carried, and answers `null`.
-#[derive(Default)]
-struct Recorder(Mutex<Vec<(String, Propagated)>>);
-
-impl Messenger for Recorder {
-    fn push_to_users(&self, _: &str, _: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
-        Ok(uids.to_vec())
-    }
-    fn kick_user(&self, _: &str, _: &str) -> Result<bool, MessengerError> {
-        Ok(false)
-    }
-    fn broadcast(&self, _: &str, _: &str, _: Arc<[u8]>) -> Result<(), MessengerError> {
-        Ok(())
-    }
-    fn call(
-        &self,
-        route: &str,
-        _: crate::cluster::CallTarget<'_>,
-        _: Vec<u8>,
-        context: &Propagated,
-    ) -> Result<Vec<u8>, HandlerError> {
-        self.0.lock().unwrap().push((route.to_owned(), context.clone()));
-        Ok(b"null".to_vec())
-    }
-}
-
 struct Tracer;
 
 impl Component for Tracer {
@@ -290,24 +275,13 @@ impl Component for Tracer {
 /// call that runs a remote, with what the remote adds); the server-wide calls carry none.
 #[test]
 fn contexts_calls_carry_their_propagated_values() {
-    let recorder = Arc::new(Recorder::default());
+    let recorder = Arc::new(NoMessenger { answer: Some(b"null".to_vec()), ..NoMessenger::default() });
     let mut registry = HandlerRegistry::new();
     registry.register("game", "tracer", Tracer).unwrap();
-    let env = HandlerEnv {
-        server: ServerInfo {
-            id: "game-1".into(),
-            server_type: "game".into(),
-            frontend: true,
-            metadata: BTreeMap::new(),
-        },
-        serializer: Serializer::Json,
-        messenger: recorder.clone(),
-        sessions: None,
-    };
-    let svc = HandlerService::new(registry, Pipelines::default(), env);
+    let svc = HandlerService::new(registry, Pipelines::default(), env(recorder.clone()));
     assert_eq!(request(&svc, "tracer.start", br#""t-1""#), Reply::Ok(b"null".to_vec()));
     let trace: Propagated = [("trace", serde_json::json!("t-1"))].into_iter().collect();
-    let calls = std::mem::take(&mut *recorder.0.lock().unwrap());
+    let calls = std::mem::take(&mut *recorder.calls.lock().unwrap());
     let expected: Vec<(String, Propagated)> = ["any", "one", "for", "each", "each"]
         .iter()
         .map(|m| (format!("room.r.{m}"), trace.clone()))
@@ -319,7 +293,7 @@ fn contexts_calls_carry_their_propagated_values() {
     assert_eq!(answer, br#""t-1""#, "the remote reads what its call carried");
     let mut relayed = trace;
     relayed.insert("hop", serde_json::json!(2));
-    assert_eq!(*recorder.0.lock().unwrap(), vec![("room.r.next".to_owned(), relayed.clone())]);
+    assert_eq!(*recorder.calls.lock().unwrap(), vec![("room.r.next".to_owned(), relayed.clone())]);
     assert_eq!(Propagated::from_json(&relayed.to_json()).unwrap(), relayed);
     assert_eq!(relayed.to_json(), br#"{"hop":2,"trace":"t-1"}"#);
     for bad in [&b"[1]"[..], b"1", b"{", b""] {
