@@ -101,21 +101,17 @@ impl Warnings {
 }
 
 impl Inner {
-    /// The call of the remote `route` on server `to` (listed at `seen_at`, if the router saw
-    /// it), carrying `context` when it has values and that server's build reads them. One
-    /// of an earlier build gets the call without them, and a warning says so (a second at
-    /// most): the call itself still works, as in a rolling upgrade it must.
-    pub(crate) fn user_call(
-        &self,
-        (route, body): (&str, Vec<u8>),
-        context: &Propagated,
-        to: &str,
-        seen_at: Option<&str>,
-    ) -> Call {
+    /// The call of the remote `route` on server `to`, carrying `context` when it has values
+    /// and that server's build reads them. One of an earlier build gets the call without
+    /// them, and a warning says so (a second at most): the call itself still works, as in a
+    /// rolling upgrade it must.
+    pub(crate) fn user_call(&self, (route, body): (&str, Vec<u8>), context: &Propagated, to: &str) -> Call {
         if context.is_empty() {
             return Call::User { route: route.to_owned(), body };
         }
-        if self.table.wire_level(to, seen_at.unwrap_or_default()) >= wire::LEVEL_PROPAGATED {
+        // A server not listed (any more) cannot be called: the call fails, with whichever.
+        let reads = self.table.get(to).is_none_or(|entry| entry.wire_level >= wire::LEVEL_PROPAGATED);
+        if reads {
             return Call::UserCarrying { route: route.to_owned(), body, values: context.to_json() };
         }
         if let Some(more) = self.warnings.unpropagated.due(Instant::now()) {

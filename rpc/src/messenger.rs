@@ -306,7 +306,7 @@ impl Messenger for ClusterMessenger {
                 Err(_) if server_type == me.server_type && inner.table.get(&me.id).is_none() => return None,
                 Err(e) => return Some(Err(e)),
             };
-            let call = inner.user_call((route, body.clone()), context, &to, seen_at.as_deref());
+            let call = inner.user_call((route, body.clone()), context, &to);
             Some(user_answer(blocking(&started.io, &to, seen_at.as_deref(), call, inner.rpc.timeout)))
         });
         // `None`: this server's own remote, or no running cluster layer.
@@ -337,7 +337,7 @@ impl Messenger for ClusterMessenger {
                     continue;
                 }
                 let tx = tx.clone();
-                let call = inner.user_call((route, body.clone()), context, id, None);
+                let call = inner.user_call((route, body.clone()), context, id);
                 started.io.call(id, None, call, Some(ReplyFn::new(move |r| drop(tx.send((i, r))))));
                 sent += 1;
             }

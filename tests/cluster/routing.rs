@@ -251,6 +251,9 @@ fn propagated_values_follow_a_chain_of_user_rpcs() {
         json!([{"server": "room-2", "values": {"trace": "t-7", "via": "room-2"}}]),
         "and to a remote of its own server, run in process"
     );
+    let from = warnings().len();
+    assert_eq!(traced(&["room-9"], "room.room.context"), json!([{"error": codes::NOT_FOUND}]), "no such server");
+    assert!(warnings_about(from, "propagated values").is_empty(), "not taken for an earlier build");
     let plain: Value = client.request("probe.rpc_server", "room-1").unwrap();
     assert_eq!(plain["server"], "room-1");
     let untraced: Value = client.request("probe.rpc_each", &json!([["room-1"], "room.room.context"])).unwrap();
