@@ -31,6 +31,12 @@
 #   scripts/bench.sh rpc        local cluster: user RPC (connector.entry.rpc_echo, a connector
 #                               handler calling a room server's echo remote) at 64 x 1, 64 x 16
 #                               and 256 x 1, forwarded echo at 64 x 1 beside it (not part of `all`)
+#   scripts/bench.sh soak [M]   local cluster for M minutes (default 5; not part of `all`): a
+#                               busy room (talk: 200 members, 4 speakers) and waves of 200
+#                               players coming and going (churn) at once, while every minute a
+#                               room server is stopped (SIGTERM) or killed (SIGKILL), in turn,
+#                               and the launcher starts it again; then the pushes heard, the
+#                               players' errors, the servers' warnings and errors, their memory
 #   scripts/bench.sh restart    local cluster, idle: room-1 stopped gracefully (SIGTERM) three
 #                               times (the launcher starts it again); how long each stop takes,
 #                               until its process has exited (not part of `all`)
@@ -117,7 +123,7 @@ if [ "$what" = all ] || [ "$what" = starved ]; then
     extra_connector connector-2 3251
     c2=$!
     hogs=""
-    trap 'kill $hogs 2>/dev/null; kill -INT $c2 2>/dev/null; stop' EXIT
+    trap 'kill $hogs 2>/dev/null || true; kill -INT $c2 2>/dev/null || true; stop' EXIT
     port=3251 wait_port
     sleep 1.5  # let connector-2 discover the room servers
     echo "== connector-2 as the others"
@@ -138,7 +144,7 @@ fi
 if [ "$what" = all ] || [ "$what" = frontends ]; then
     start
     extra=""
-    trap 'kill -INT $extra 2>/dev/null; stop' EXIT
+    trap 'kill -INT $extra 2>/dev/null || true; stop' EXIT
     for i in $(seq 2 $((${2:-8} + 1))); do
         extra_connector "connector-$i" "$((port + i))"
         extra="$extra $!"
@@ -208,6 +214,49 @@ fi
 if [ "$what" = all ] || [ "$what" = idle ]; then
     start --role standalone
     $bench idle --connections "${2:-19900}" --hold 10 --server-pid "$pids"
+    stop
+fi
+if [ "$what" = soak ]; then
+    minutes="${2:-5}"
+    start
+    end=$((SECONDS + minutes * 60))
+    out=/tmp/dragonfruit-soak
+    rm -rf "$out" && mkdir -p "$out"
+    $bench talk --connections 200 --speakers 4 --duration $((minutes * 60)) --warmup 1 >"$out/talk.txt" 2>&1 &
+    talk=$!
+    (
+        while [ "$SECONDS" -lt "$end" ]; do
+            $bench churn --connections 200 --rounds 5 >>"$out/churn.txt" 2>&1 || true
+        done
+    ) &
+    churn=$!
+    trap 'kill $talk $churn 2>/dev/null || true; stop' EXIT
+    n=0
+    while [ $((SECONDS + 60)) -le "$end" ]; do
+        sleep 60
+        n=$((n + 1))
+        id=room-$(( (n - 1) % 2 + 1 ))
+        signal=$([ $((n % 2)) -eq 1 ] && echo TERM || echo KILL)
+        pid=$(pgrep -P "$server_pid" -f -- "--id $id " | head -1 || true)
+        if [ -z "$pid" ]; then echo "$(date +%T) $id is not running"; continue; fi
+        echo "$(date +%T) SIG$signal $id (pid $pid)"
+        kill -"$signal" "$pid" || true
+    done
+    wait "$talk" || true
+    wait "$churn" || true
+    echo "== talk (one room, its members on the connector)"
+    grep -E "^talk|^  (lines said/s|pushes heard/s|heard |speaker latency|echo errors)|^error" "$out/talk.txt" || tail -3 "$out/talk.txt"
+    echo "== churn"
+    awk '/players total/ { players += $3 } /errors at/ { errors += $1; if (!first) first = $0 }
+        END { printf "  players %d, failed %d\n", players, errors; if (first) print "  first failure:" first }' "$out/churn.txt"
+    echo "== servers' warnings and errors (sample-game log)"
+    # Alike lines counted together (numbers made N); the first 20 kinds.
+    grep -E "^\[[^ ]+ (WARN|ERROR) " /tmp/dragonfruit-bench-server.log \
+        | sed -E 's/^\[[^ ]+ (WARN|ERROR) +[^]]*\] /\1 /; s/[0-9]+/N/g' | cut -c1-160 | sort | uniq -c | sort -rn | head -20 || true
+    echo "== servers' memory now"
+    for pid in $(pgrep -P "$server_pid"); do
+        echo "  $(tr '\0' ' ' <"/proc/$pid/cmdline" | grep -o -- '--id [^ ]*')  $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status")"
+    done
     stop
 fi
 if [ "$what" = restart ]; then
