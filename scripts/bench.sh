@@ -37,6 +37,9 @@
 #                               room server is stopped (SIGTERM) or killed (SIGKILL), in turn,
 #                               and the launcher starts it again; then the pushes heard, the
 #                               players' errors, the servers' warnings and errors, their memory
+#   scripts/bench.sh fuzz [S]   local cluster for S seconds (default 60; not part of `all`): 16
+#                               clients sending bad input of every kind beside two calm players
+#                               (dragonfruit-bench fuzz); then the servers' warnings and errors
 #   scripts/bench.sh restart    local cluster, idle: room-1 stopped gracefully (SIGTERM) three
 #                               times (the launcher starts it again); how long each stop takes,
 #                               until its process has exited (not part of `all`)
@@ -71,6 +74,13 @@ start() {
 extra_connector() {
     RUST_LOG=warn target/release/sample-game --role connector --id "$1" --tcp "127.0.0.1:$2" \
         --discovery-dir "/tmp/dragonfruit-sample-game-$server_pid" >>/tmp/dragonfruit-bench-server.log 2>&1 &
+}
+# The servers' warnings and errors: alike lines counted together (numbers made N), the
+# first 20 kinds.
+logged() {
+    echo "== servers' warnings and errors (sample-game log)"
+    grep -E "^\[[^ ]+ (WARN|ERROR) " /tmp/dragonfruit-bench-server.log \
+        | sed -E 's/^\[[^ ]+ (WARN|ERROR) +[^]]*\] /\1 /; s/[0-9]+/N/g' | cut -c1-160 | sort | uniq -c | sort -rn | head -20 || true
 }
 stop() {
     if [ -n "$server_pid" ]; then kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
@@ -249,14 +259,17 @@ if [ "$what" = soak ]; then
     echo "== churn"
     awk '/players total/ { players += $3 } /errors at/ { errors += $1; if (!first) first = $0 }
         END { printf "  players %d, failed %d\n", players, errors; if (first) print "  first failure:" first }' "$out/churn.txt"
-    echo "== servers' warnings and errors (sample-game log)"
-    # Alike lines counted together (numbers made N); the first 20 kinds.
-    grep -E "^\[[^ ]+ (WARN|ERROR) " /tmp/dragonfruit-bench-server.log \
-        | sed -E 's/^\[[^ ]+ (WARN|ERROR) +[^]]*\] /\1 /; s/[0-9]+/N/g' | cut -c1-160 | sort | uniq -c | sort -rn | head -20 || true
+    logged
     echo "== servers' memory now"
     for pid in $(pgrep -P "$server_pid"); do
         echo "  $(tr '\0' ' ' <"/proc/$pid/cmdline" | grep -o -- '--id [^ ]*')  $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status")"
     done
+    stop
+fi
+if [ "$what" = fuzz ]; then
+    start
+    $bench fuzz --duration "${2:-60}" --server-pid "$pids" || true
+    logged
     stop
 fi
 if [ "$what" = restart ]; then

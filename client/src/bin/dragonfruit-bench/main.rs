@@ -16,12 +16,16 @@
 //! - `talk`: N members of one room of the sample game on one frontend, S speakers on
 //!   another saying lines as fast as they are answered; prints lines said, pushes heard and
 //!   the servers' memory every second, and at the end.
+//! - `fuzz`: connections sending bad input of every kind beside two calm players of the
+//!   sample game; prints what was sent and fails when a calm player missed a line or an
+//!   echo.
 
 mod churn;
 mod conn;
 mod echo;
 mod fanout;
 mod flood;
+mod fuzz;
 mod stalled;
 mod talk;
 
@@ -42,13 +46,15 @@ USAGE:
     dragonfruit-bench flood [OPTIONS]
     dragonfruit-bench stalled [OPTIONS]
     dragonfruit-bench talk [OPTIONS]
+    dragonfruit-bench fuzz [OPTIONS]
 
 OPTIONS:
     --addr ADDR          server address (default 127.0.0.1:3250)
     --connections N      connections (default 64; fanout: room members, default 1000;
                          churn: players per wave, default 500; flood: flooding
                          connections, default 1; stalled: members not reading,
-                         default 500; talk: room members, default 1000)
+                         default 500; talk: room members, default 1000; fuzz:
+                         bad clients, default 16)
     --members-addr ADDR  talk mode: the members' server (default --addr, the speakers')
     --speakers S         talk mode: players saying lines (default 20)
     --inflight K         requests in flight per connection, echo mode (default 16);
@@ -56,7 +62,8 @@ OPTIONS:
     --rate R             echo mode: send R requests a second in all, spread over the
                          connections, instead of a new one per answer (a steady load,
                          to read the servers' CPU at it)
-    --duration SECS      measured time, echo, flood, stalled and talk modes (default 10)
+    --duration SECS      measured time, echo, flood, stalled, talk and fuzz modes
+                         (default 10)
     --warmup SECS        unmeasured time before it (default 2)
     --threads T          client threads, 1 or 2 (default 1)
     --route ROUTE        request route (default connector.entry.echo); flood mode:
@@ -67,6 +74,7 @@ OPTIONS:
                          mode: {\"text\":\"flood\"})
     --hold SECS          idle mode: how long to hold the connections (default 3)
     --rounds R           fanout mode: lines said; churn mode: waves (default 20)
+    --seed N             fuzz mode: seed of the bad input (default: from the clock)
     --server-pid PIDS    server processes (comma-separated), for their CPU and memory";
 
 pub(crate) enum Mode {
@@ -77,6 +85,7 @@ pub(crate) enum Mode {
     Flood,
     Stalled,
     Talk,
+    Fuzz,
 }
 
 pub(crate) struct Args {
@@ -96,6 +105,7 @@ pub(crate) struct Args {
     pub(crate) hold: Duration,
     pub(crate) rounds: usize,
     pub(crate) server_pids: Vec<u32>,
+    pub(crate) seed: u64,
 }
 
 /// The address of `v` (`host:port`) every connection of a run uses: its only one, or of
@@ -119,6 +129,7 @@ fn parse_args() -> Result<Args, String> {
         Some("flood") => Mode::Flood,
         Some("stalled") => Mode::Stalled,
         Some("talk") => Mode::Talk,
+        Some("fuzz") => Mode::Fuzz,
         Some("-h" | "--help") | None => return Err(HELP.to_owned()),
         Some(other) => return Err(format!("unknown mode {other:?}\n\n{HELP}")),
     };
@@ -129,6 +140,7 @@ fn parse_args() -> Result<Args, String> {
             Mode::Churn | Mode::Stalled => 500,
             Mode::Echo | Mode::Idle => 64,
             Mode::Flood => 1,
+            Mode::Fuzz => 16,
         },
         route: if flood { "room.room.say" } else { "connector.entry.echo" }.into(),
         mode,
@@ -145,6 +157,7 @@ fn parse_args() -> Result<Args, String> {
         hold: Duration::from_secs(3),
         rounds: 20,
         server_pids: Vec::new(),
+        seed: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64),
     };
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -168,6 +181,7 @@ fn parse_args() -> Result<Args, String> {
             "--body" => args.body = value()?.into_bytes(),
             "--hold" => args.hold = secs(value()?)?,
             "--rounds" => args.rounds = number(value()?, "--rounds")?,
+            "--seed" => args.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--server-pid" => {
                 for pid in value()?.split(',').filter(|p| !p.is_empty()) {
                     args.server_pids.push(pid.trim().parse().map_err(|e| format!("--server-pid: {e}"))?);
@@ -309,6 +323,7 @@ fn main() -> ExitCode {
         Mode::Flood => flood::run(&args),
         Mode::Stalled => stalled::run(&args),
         Mode::Talk => talk::run(&args),
+        Mode::Fuzz => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
