@@ -116,3 +116,32 @@ fn a_late_leave_of_a_replaced_session_keeps_the_player_in_the_room() {
     let (route, chat): (String, Chat) = second.recv_push_as(T).unwrap();
     assert_eq!((route.as_str(), chat.text.as_str()), ("onChat", "still here"));
 }
+
+/// Bad clients of every kind (`dragonfruit_client::fuzz`: packets out of order, junk
+/// handshakes, messages with random flags, routes and bodies, lying headers) cost only their
+/// own connections: two calm players in a room beside them hear every line and get every
+/// echo, and the server serves a new client afterwards.
+#[test]
+fn bad_clients_of_every_kind_leave_calm_players_alone() {
+    use dragonfruit_client::fuzz::{calm_talk, BadClients};
+    let server = game();
+    let (talker, listener) = (login(&server, "calm-talker"), login(&server, "calm-listener"));
+    for player in [&talker, &listener] {
+        let _: Joined = player.request("room.room.join", &json!({"room": "calm"})).unwrap();
+    }
+    let _ = talker.recv_push(T).unwrap(); // the listener's onJoin
+    let bad = BadClients::start(server.addr(), 4, 7);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let calm = std::thread::scope(|s| {
+        let calm = s.spawn(|| calm_talk(&talker, &listener, &stop));
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        calm.join().unwrap()
+    })
+    .unwrap();
+    let sent = bad.stop();
+    assert!(sent.packets > 1_000 && sent.closed_by_server > 100, "the bad clients got going: {sent:?}");
+    assert!(calm.said >= 20 && calm.echoes >= 4, "{calm:?}");
+    assert_eq!((calm.heard, calm.echo_failures.as_slice()), (calm.said, &[][..]), "{calm:?}");
+    assert_eq!(server.client().request_raw("connector.entry.echo", b"{}").unwrap(), b"{}");
+}
