@@ -29,6 +29,7 @@ mod binds;
 mod cluster;
 pub mod config;
 pub mod discovery;
+mod gather;
 mod grouped;
 mod listener;
 mod messenger;

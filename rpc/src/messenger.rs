@@ -11,6 +11,7 @@ use dragonfruit_core::{HandlerError, Messenger, MessengerError, Propagated, Rout
 use log::debug;
 
 use crate::cluster::{Inner, Started};
+use crate::gather::Gather;
 use crate::remote_session::blocking;
 use crate::socket_thread::ReplyFn;
 use crate::table::ServerEntry;
@@ -82,26 +83,15 @@ impl ClusterMessenger {
     /// Sends each call to its server and gathers the answers (until the timeout), each with
     /// the index of its call, and whether every one answered.
     fn ask_each(inner: &Inner, started: &Started, calls: Vec<(&ServerEntry, Call)>) -> (Vec<(usize, Answer)>, bool) {
-        let (tx, rx) = crossbeam_channel::bounded(calls.len().max(1));
-        let sent = calls.len();
+        let gather = Arc::new(Gather::new(calls.len()));
         for (i, (server, call)) in calls.into_iter().enumerate() {
-            let tx = tx.clone();
-            started.io.call_server(server, call, Some(ReplyFn::new(move |r| drop(tx.send((i, r))))));
+            let gather = gather.clone();
+            started.io.call_server(server, call, Some(ReplyFn::new(move |r| gather.put(i, r))));
         }
-        let deadline = Instant::now() + inner.rpc.timeout;
-        let mut answers = Vec::with_capacity(sent);
-        let mut answered = 0;
-        for _ in 0..sent {
-            match rx.recv_deadline(deadline) {
-                Ok((i, Ok(answer))) => {
-                    answers.push((i, answer));
-                    answered += 1;
-                }
-                Ok((_, Err(_))) => {}
-                Err(_) => break,
-            }
-        }
-        (answers, answered == sent)
+        let answers = gather.wait(Instant::now() + inner.rpc.timeout);
+        let all = answers.iter().all(|a| matches!(a, Some(Ok(_))));
+        let answered = answers.into_iter().enumerate().filter_map(|(i, a)| Some((i, a?.ok()?))).collect();
+        (answered, all)
     }
 
     /// Pushes to the users of `wanted`, none of them on this server, when every frontend
@@ -329,31 +319,24 @@ impl Messenger for ClusterMessenger {
             return server_ids.iter().map(|_| Err(error.clone())).collect();
         }
         let answers = self.with(|inner, started| {
-            let mut answers: Vec<Option<Result<Vec<u8>, HandlerError>>> = vec![None; server_ids.len()];
-            let (tx, rx) = crossbeam_channel::bounded(server_ids.len());
-            let mut sent = 0;
+            let gather = Arc::new(Gather::new(server_ids.len()));
             for (i, id) in server_ids.iter().enumerate() {
                 if *id == &*started.me.id {
                     continue;
                 }
-                let tx = tx.clone();
+                let gather = gather.clone();
                 let call = inner.user_call((route, body.clone()), context, id);
-                started.io.call(id, None, call, Some(ReplyFn::new(move |r| drop(tx.send((i, r))))));
-                sent += 1;
+                started.io.call(id, None, call, Some(ReplyFn::new(move |r| gather.put(i, user_answer(r)))));
             }
             // This server's own remote runs here while the others' calls are out.
             for (i, id) in server_ids.iter().enumerate() {
                 if *id == &*started.me.id {
-                    answers[i] = Some(local(id));
+                    gather.put(i, local(id));
                 }
             }
             // Every reply callback runs once (answer, failure, the call timeout, or "rpc
             // layer stopped"); the margin only guards against a lost one.
-            let deadline = Instant::now() + inner.rpc.timeout + Duration::from_secs(1);
-            for _ in 0..sent {
-                let Ok((i, result)) = rx.recv_deadline(deadline) else { break };
-                answers[i] = Some(user_answer(result));
-            }
+            let answers = gather.wait(Instant::now() + inner.rpc.timeout + Duration::from_secs(1));
             let no_answer = |id: &str| HandlerError::timeout(format!("no answer from {id}"));
             answers.into_iter().zip(server_ids).map(|(a, id)| a.unwrap_or_else(|| Err(no_answer(id)))).collect()
         });

@@ -12,6 +12,7 @@ use dragonfruit_core::serializer::SerializeError;
 use dragonfruit_core::{HandlerError, Serializer, Session, SessionError, SessionInit, SessionSink};
 use serde_json::Value;
 
+use crate::gather::Gather;
 use crate::socket_thread::{Io, Parts, ReplyFn};
 use crate::table::{ServerEntry, ServerTable};
 use crate::wire::{self, Answer, Call, PartItem, SessionSnapshot};
@@ -158,19 +159,13 @@ pub(crate) fn blocking(
     call: Call,
     timeout: Duration,
 ) -> Result<Answer, HandlerError> {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    io.call(
-        to,
-        seen_at,
-        call,
-        Some(ReplyFn::new(move |result| {
-            let _ = tx.send(result);
-        })),
-    );
-    match rx.recv_timeout(timeout + Duration::from_secs(1)) {
-        Ok(result) => result,
-        Err(_) => Err(HandlerError::timeout(format!("no answer from {to}"))),
-    }
+    let gather = Arc::new(Gather::new(1));
+    let answer = gather.clone();
+    io.call(to, seen_at, call, Some(ReplyFn::new(move |result| answer.put(0, result))));
+    // The socket thread answers every call by its timeout; the margin only guards against
+    // a lost answer.
+    let answers = gather.wait(Instant::now() + timeout + Duration::from_secs(1));
+    answers.into_iter().next().flatten().unwrap_or_else(|| Err(HandlerError::timeout(format!("no answer from {to}"))))
 }
 
 fn refused(e: HandlerError) -> SessionError {
