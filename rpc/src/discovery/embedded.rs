@@ -407,6 +407,35 @@ fn bad_file_lines(found: &Scan, warned: &mut HashSet<PathBuf>) -> Vec<String> {
     )
 }
 
+/// A server's scans of the registry directory, and what each one's findings update
+/// besides the server table (which the caller replaces, after its own checks of them).
+struct Rescan {
+    dir: PathBuf,
+    ttl: Duration,
+    refresh: Duration,
+    /// This process's PID namespace (Linux).
+    ns: Option<String>,
+    freshness: Freshness,
+    /// Bad files already warned of.
+    warned: HashSet<PathBuf>,
+    /// See [`EmbeddedDiscovery::slowest_rescan`].
+    slowest_rescan: Arc<AtomicU64>,
+}
+
+impl Rescan {
+    /// Scans the directory: the processes of the listed servers watched (with `watch`),
+    /// bad files warned of once, and how long the others take to see a change noted.
+    fn run(&mut self, watch: Option<&mut DirWatch>) -> Scan {
+        let found = scan(&self.dir, self.ttl, self.ns.as_deref(), &mut self.freshness, now());
+        if let Some(watch) = watch {
+            watch.watch_processes(&found.pids);
+        }
+        bad_file_lines(&found, &mut self.warned).iter().for_each(|line| warn!("{line}"));
+        self.slowest_rescan.store(millis(found.slowest(self.refresh)), Ordering::Relaxed);
+        found
+    }
+}
+
 /// Touches this server's registry file (writes it again if it is gone), unless the server
 /// deregistered; `failing` says whether the last attempt failed (logged once per outage).
 fn touch_own(
@@ -464,19 +493,20 @@ impl Discovery for EmbeddedDiscovery {
         let terms = Terms { refresh: self.refresh, ttl: self.ttl, watching: watch.is_some() };
         write_entry(&own_file, &me, owner.as_ref(), Some(terms)).map_err(dir_error)?;
         let wake = watch.as_ref().map(DirWatch::waker);
-        let mut warned = HashSet::new();
-        let mut freshness = Freshness::default();
-        let found = scan(&self.dir, self.ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
-        if let Some(watch) = watch.as_mut() {
-            watch.watch_processes(&found.pids);
-        }
-        bad_file_lines(&found, &mut warned).iter().for_each(|line| warn!("{line}"));
-        self.slowest_rescan.store(millis(found.slowest(self.refresh)), Ordering::Relaxed);
+        let mut rescan = Rescan {
+            dir: self.dir.clone(),
+            ttl: self.ttl,
+            refresh: self.refresh,
+            ns: owner.as_ref().map(|o| o.ns.clone()),
+            freshness: Freshness::default(),
+            warned: HashSet::new(),
+            slowest_rescan: self.slowest_rescan.clone(),
+        };
+        let found = rescan.run(watch.as_mut());
         table.replace_noting_exited(found.servers, &found.exited);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let deregistered = Arc::new(Mutex::new(false));
-        let (dir, refresh, ttl, file) = (self.dir.clone(), self.refresh, self.ttl, own_file.clone());
-        let slowest_rescan = self.slowest_rescan.clone();
+        let (refresh, file) = (self.refresh, own_file.clone());
         let gone = deregistered.clone();
         let thread = std::thread::Builder::new()
             .name("df-discovery".into())
@@ -510,10 +540,7 @@ impl Discovery for EmbeddedDiscovery {
                             watch.rewatch();
                         }
                     }
-                    let found = scan(&dir, ttl, owner.as_ref().map(|o| o.ns.as_str()), &mut freshness, now());
-                    if let Some(watch) = watch.as_mut() {
-                        watch.watch_processes(&found.pids);
-                    }
+                    let found = rescan.run(watch.as_mut());
                     if found.exited.contains(&me.id) {
                         // Our file names a process that has exited: another process with our
                         // id wrote it, then died. Ours again (we touched it meanwhile).
@@ -526,7 +553,6 @@ impl Discovery for EmbeddedDiscovery {
                             );
                         }
                     }
-                    bad_file_lines(&found, &mut warned).iter().for_each(|line| warn!("{line}"));
                     let now_taken = taken_by_another(&found, &me);
                     if now_taken && !taken {
                         error!(
@@ -536,7 +562,6 @@ impl Discovery for EmbeddedDiscovery {
                         );
                     }
                     taken = now_taken;
-                    slowest_rescan.store(millis(found.slowest(refresh)), Ordering::Relaxed);
                     if table.replace_noting_exited(found.servers, &found.exited) {
                         changed();
                     }
