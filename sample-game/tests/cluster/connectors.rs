@@ -150,9 +150,11 @@ fn a_connector_restarted_under_its_id_keeps_the_players_who_came_back() {
     let servers = Servers::new("refront", &[("DRAGONFRUIT_DISCOVERY__TTL", "15s")]);
     let (port1, port2) = (free_port(), free_port());
     let tcp2 = format!("127.0.0.1:{port2}");
-    let room = servers.command("room", "room-1", &[]);
-    let room =
-        { room }.env("DRAGONFRUIT_DISCOVERY__REFRESH", "5s").env("DRAGONFRUIT_DISCOVERY__WATCH", "false").spawn();
+    let room = servers
+        .command("room", "room-1", &[])
+        .env("DRAGONFRUIT_DISCOVERY__REFRESH", "5s")
+        .env("DRAGONFRUIT_DISCOVERY__WATCH", "false")
+        .spawn();
     let _room = Proc(room.unwrap());
     let _connector1 = servers.spawn("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port1}")]);
     let mut connector2 = servers.spawn("connector", "connector-2", &["--tcp", &tcp2]);

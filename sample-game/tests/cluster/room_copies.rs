@@ -24,6 +24,25 @@ fn two_in_a_room_of_room1(cluster: &TwoRooms) -> (String, Client, Client) {
     (room, alice, bob)
 }
 
+/// `player` says numbered lines in its room until one comes back to it (its room's server
+/// takes its lines again), for up to 15 s: the push it heard.
+fn say_until_heard(player: &Client) -> (String, Value) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    (0..)
+        .find_map(|i| {
+            player.notify("room.room.say", &json!({"text": format!("anyone? {i}")})).unwrap();
+            match player.recv_push_as::<Value>(Duration::from_millis(300)) {
+                Ok(push) => Some(push),
+                Err(ClientError::Timeout) => {
+                    assert!(Instant::now() < deadline, "the player's line never came back");
+                    None
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        })
+        .unwrap()
+}
+
 /// A room lost with its room server (SIGKILL) can be joined again once discovery has
 /// dropped that server: the room is made anew on the other room server, with the players
 /// whose sessions are in it.
@@ -62,20 +81,7 @@ fn a_room_lost_with_its_server_is_made_anew_by_members_speaking() {
     let mut cluster = servers.two_rooms();
     let (_, alice, bob) = two_in_a_room_of_a_killed_server(&mut cluster);
     // Lines to the dead server are lost until discovery drops it (at once, or after 2 s).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let said = (0..)
-        .find_map(|i| {
-            bob.notify("room.room.say", &json!({"text": format!("anyone? {i}")})).unwrap();
-            match bob.recv_push_as::<Value>(Duration::from_millis(300)) {
-                Ok(push) => Some(push),
-                Err(ClientError::Timeout) => {
-                    assert!(Instant::now() < deadline, "bob's line never came back");
-                    None
-                }
-                Err(e) => panic!("{e:?}"),
-            }
-        })
-        .unwrap();
+    let said = say_until_heard(&bob);
     assert_eq!((said.0.as_str(), &said.1["from"]), ("onChat", &json!("bob")));
     assert_eq!(heard(&alice), said, "the silent member hears it");
     alice.notify("room.room.say", &json!({"text": "here"})).unwrap();
@@ -98,14 +104,7 @@ fn a_room_server_back_from_a_freeze_gives_up_the_rooms_made_anew_elsewhere() {
     signal(&cluster.room1.0, libc::SIGSTOP);
     // Lines to the frozen server are lost until discovery drops it (2 s); then room-2 makes
     // the room anew.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let made_anew = (0..).find(|i| {
-        alice.notify("room.room.say", &json!({"text": format!("anyone? {i}")})).unwrap();
-        let heard = alice.recv_push_as::<Value>(Duration::from_millis(300)).is_ok();
-        assert!(heard || Instant::now() < deadline, "alice's line never came back");
-        heard
-    });
-    assert!(made_anew.is_some());
+    say_until_heard(&alice);
     signal(&cluster.room1.0, libc::SIGCONT);
     // Time for the connector to list room-1 again: carol's join goes there.
     std::thread::sleep(Duration::from_millis(1500));

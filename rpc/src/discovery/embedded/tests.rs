@@ -95,9 +95,6 @@ fn servers_see_each_other_leave_and_expire() {
     let _ = fs::remove_dir_all(&dir);
 }
 
-/// A fresh file whose process has exited (reaped or not) is a dead server at once; a
-/// running owner, an owner in another PID namespace, or no owner named keep it until
-/// `ttl`.
 /// Servers joining and leaving are seen at once (the directory is watched), not at the
 /// next rescan: here the refresh is far longer than the test.
 #[test]
@@ -150,6 +147,9 @@ fn a_server_whose_process_exits_is_dropped_before_the_next_rescan() {
     fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A fresh file whose process has exited (reaped or not) is a dead server at once; a
+/// running owner, an owner in another PID namespace, or no owner named keep it until
+/// `ttl`.
 #[test]
 fn a_file_whose_process_exited_is_dropped_at_once() {
     let Some(me) = Owner::this_process() else { return }; // no /proc: pids not checked
