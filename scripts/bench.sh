@@ -82,6 +82,10 @@ logged() {
     grep -E "^\[[^ ]+ (WARN|ERROR) " /tmp/dragonfruit-bench-server.log \
         | sed -E 's/^\[[^ ]+ (WARN|ERROR) +[^]]*\] /\1 /; s/[0-9]+/N/g' | cut -c1-160 | sort | uniq -c | sort -rn | head -20 || true
 }
+# The pid of the launcher's child serving server id $1 (none: empty).
+child_pid() {
+    pgrep -P "$server_pid" -f -- "--id $1 " | head -1 || true
+}
 stop() {
     if [ -n "$server_pid" ]; then kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
     server_pid=""
@@ -247,7 +251,7 @@ if [ "$what" = soak ]; then
         n=$((n + 1))
         id=room-$(( (n - 1) % 2 + 1 ))
         signal=$([ $((n % 2)) -eq 1 ] && echo TERM || echo KILL)
-        pid=$(pgrep -P "$server_pid" -f -- "--id $id " | head -1 || true)
+        pid=$(child_pid "$id")
         if [ -z "$pid" ]; then echo "$(date +%T) $id is not running"; continue; fi
         echo "$(date +%T) SIG$signal $id (pid $pid)"
         kill -"$signal" "$pid" || true
@@ -275,7 +279,7 @@ fi
 if [ "$what" = restart ]; then
     start
     for _ in 1 2 3; do
-        room=$(pgrep -P "$server_pid" -f -- "--id room-1 " | head -1)
+        room=$(child_pid room-1)
         t0=$(date +%s%N)
         kill -TERM "$room"
         # Exited: gone, or a zombie until the launcher reaps it.
