@@ -2,9 +2,9 @@
 
 use std::sync::{Condvar, Mutex};
 
-use dragonfruit_core::HandlerError;
+use dragonfruit_core::{HandlerError, RemoteCtx};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// `{"k": key, "v": value}`.
 #[derive(Deserialize)]
@@ -53,4 +53,9 @@ impl Gate {
 /// A `PIT-500` from any error.
 pub fn internal(e: impl std::fmt::Display) -> HandlerError {
     HandlerError::internal(e.to_string())
+}
+
+/// What a `context` remote answers: this server, and the values its call carried.
+pub fn propagation_seen(ctx: &RemoteCtx<'_>) -> Value {
+    json!({"server": &*ctx.server().id, "values": ctx.propagation()})
 }

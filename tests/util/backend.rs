@@ -9,7 +9,7 @@ use std::time::Duration;
 use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes, Session, SessionId};
 use serde_json::{json, Value};
 
-use super::args::{internal, Gate, Kv, PushUsers, SlowBindPush};
+use super::args::{internal, propagation_seen, Gate, Kv, PushUsers, SlowBindPush};
 
 /// Per (frontend, session), the `seq` numbers in the order they ran here.
 pub type OrderLog = HashMap<(String, SessionId), Vec<u64>>;
@@ -168,22 +168,24 @@ impl Component for Backend {
         r.remote("server", |_: &Backend, ctx: &mut RemoteCtx<'_>, _: Value| {
             Ok(json!({"server": &*ctx.server().id, "caller": ctx.caller()}))
         });
-        // The values the call carried.
-        r.remote("context", |_: &Backend, ctx: &mut RemoteCtx<'_>, _: Value| {
-            Ok(json!({"server": &*ctx.server().id, "values": ctx.propagation()}))
-        });
-        // Passes the call on to the other of room-1 and room-2 (`context`), adding a value.
+        r.remote("context", |_: &Backend, ctx: &mut RemoteCtx<'_>, _: Value| Ok(propagation_seen(ctx)));
+        // Passes the call on to the other of room-1 and room-2.
         r.remote("relay", |_: &Backend, ctx: &mut RemoteCtx<'_>, _: Value| {
-            let me = ctx.server().id.clone();
-            ctx.propagate("via", json!(&*me));
-            let other = if &*me == "room-1" { "room-2" } else { "room-1" };
-            ctx.rpc_to::<_, Value>(other, "room.room.context", &json!({}))
+            let other = if &*ctx.server().id == "room-1" { "room-2" } else { "room-1" };
+            relay(ctx, other)
         });
-        // Passes the call on to `context` on this same server, adding a value.
+        // Passes the call on to this same server.
         r.remote("relay_here", |_: &Backend, ctx: &mut RemoteCtx<'_>, _: Value| {
             let me = ctx.server().id.clone();
-            ctx.propagate("via", json!(&*me));
-            ctx.rpc_to::<_, Value>(&me, "room.room.context", &json!({}))
+            relay(ctx, &me)
         });
     }
+}
+
+/// Passes a call on to `room.room.context` on server `to`, adding the value `via` (this
+/// server) to those it carried.
+fn relay(ctx: &mut RemoteCtx<'_>, to: &str) -> Result<Value, HandlerError> {
+    let me = ctx.server().id.clone();
+    ctx.propagate("via", json!(&*me));
+    ctx.rpc_to::<_, Value>(to, "room.room.context", &json!({}))
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use dragonfruit_core::{Component, Ctx, HandlerEnv, HandlerError, RemoteCtx, Routes, Session, SessionId};
 use serde_json::{json, Value};
 
-use super::args::{internal, Gate, Kv, PushUsers};
+use super::args::{internal, propagation_seen, Gate, Kv, PushUsers};
 
 #[derive(Default)]
 pub struct State {
@@ -152,24 +152,15 @@ impl Component for Probe {
         r.handler("rpc_server", |_: &Probe, ctx: &mut Ctx<'_>, server: String| {
             ctx.rpc_to::<_, Value>(&server, "room.room.server", &json!({}))
         });
-        // Calls `route` on each of `ids` at once: each answer, or the error's code.
         r.handler("rpc_each", |_: &Probe, ctx: &mut Ctx<'_>, (ids, route): (Vec<String>, String)| {
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-            let answers = ctx.rpc_to_each::<_, Value>(&ids, &route, &json!({}));
-            Ok(answers.into_iter().map(|a| a.unwrap_or_else(|e| json!({"error": e.code}))).collect::<Vec<_>>())
+            Ok(ask_each(ctx, &ids, &route))
         });
-        // Calls `route` on each of `ids` at once, propagating `trace`: each answer, or the
-        // error's code.
+        // `rpc_each`, propagating `trace`.
         r.handler("rpc_traced", |_: &Probe, ctx: &mut Ctx<'_>, (trace, ids, route): (String, Vec<String>, String)| {
             ctx.propagate("trace", json!(trace));
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-            let answers = ctx.rpc_to_each::<_, Value>(&ids, &route, &json!({}));
-            Ok(answers.into_iter().map(|a| a.unwrap_or_else(|e| json!({"error": e.code}))).collect::<Vec<_>>())
+            Ok(ask_each(ctx, &ids, &route))
         });
-        // The values the call carried.
-        r.remote("context", |_: &Probe, ctx: &mut RemoteCtx<'_>, _: Value| {
-            Ok(json!({"server": &*ctx.server().id, "values": ctx.propagation()}))
-        });
+        r.remote("context", |_: &Probe, ctx: &mut RemoteCtx<'_>, _: Value| Ok(propagation_seen(ctx)));
         r.handler("broadcast", |_: &Probe, ctx: &mut Ctx<'_>, msg: Value| {
             let server_type = ctx.server().server_type.to_string();
             ctx.broadcast(&server_type, "onMsg", &msg)?;
@@ -195,4 +186,11 @@ impl Component for Probe {
     fn shutdown(&self, _: &HandlerEnv) {
         self.state.lifecycle.lock().unwrap().push("shutdown");
     }
+}
+
+/// Calls `route` on each of `ids` at once: each answer, or the error's code.
+fn ask_each(ctx: &Ctx<'_>, ids: &[String], route: &str) -> Vec<Value> {
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let answers = ctx.rpc_to_each::<_, Value>(&ids, route, &json!({}));
+    answers.into_iter().map(|a| a.unwrap_or_else(|e| json!({"error": e.code}))).collect()
 }
