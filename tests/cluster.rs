@@ -177,18 +177,7 @@ impl FakeFrontends {
     /// levels, which write none): its ROUTER (calls from servers come to it), a DEALER
     /// calling room-1 as it, and its session 5 (data `{"a":1}`).
     fn add(&self, id: &str, level: u32) -> (zmq::Socket, RawPeer, wire::SessionSnapshot) {
-        let router = self.ctx.socket(zmq::ROUTER).unwrap();
-        router.set_rcvtimeo(5000).unwrap();
-        router.bind("tcp://127.0.0.1:*").unwrap();
-        let endpoint = router.get_last_endpoint().unwrap().unwrap();
-        let mut entry = ServerEntry::new(id, "connector", true, endpoint.clone());
-        entry.instance = 7;
-        entry.wire_level = level;
-        let mut entry = serde_json::to_value(entry).unwrap();
-        if level == 0 {
-            entry.as_object_mut().unwrap().remove("wire_level"); // as an earlier build writes it
-        }
-        std::fs::write(self.dir.join(format!("{id}.json")), serde_json::to_vec(&entry).unwrap()).unwrap();
+        let (router, endpoint) = fake_server(&self.ctx, &self.dir, (id, "connector", true), level);
         assert!(wait_until(T, || self.module.servers().iter().any(|s| s.id == id)), "{id} listed");
         let session = wire::SessionSnapshot {
             id: 5,
@@ -200,6 +189,31 @@ impl FakeFrontends {
         };
         (router, RawPeer::to(&wire::addressee(id, 7), &self.room), session)
     }
+}
+
+/// A server of our own making: a ZeroMQ ROUTER (calls come to it) listed in the registry
+/// `dir` as server `id` of `server_type` (a frontend or not), process 7, of a build that
+/// announces wire `level` (0: as builds before levels, which write none). The ROUTER and
+/// its endpoint.
+fn fake_server(
+    ctx: &zmq::Context,
+    dir: &std::path::Path,
+    (id, server_type, frontend): (&str, &str, bool),
+    level: u32,
+) -> (zmq::Socket, String) {
+    let router = ctx.socket(zmq::ROUTER).unwrap();
+    router.set_rcvtimeo(5000).unwrap();
+    router.bind("tcp://127.0.0.1:*").unwrap();
+    let endpoint = router.get_last_endpoint().unwrap().unwrap();
+    let mut entry = ServerEntry::new(id, server_type, frontend, endpoint.clone());
+    entry.instance = 7;
+    entry.wire_level = level;
+    let mut entry = serde_json::to_value(entry).unwrap();
+    if level == 0 {
+        entry.as_object_mut().unwrap().remove("wire_level"); // as an earlier build writes it
+    }
+    std::fs::write(dir.join(format!("{id}.json")), serde_json::to_vec(&entry).unwrap()).unwrap();
+    (router, endpoint)
 }
 
 /// Two frontends of one cluster, `connector-1` and `connector-2`, and a room server.

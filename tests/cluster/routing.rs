@@ -282,12 +282,7 @@ fn propagated_values_are_left_out_of_calls_to_earlier_builds() {
     let frontend = start_connector_with(&Probe::default(), &fe_module);
     let ctx = zmq::Context::new();
     for (id, level) in [("room-old", wire::LEVEL_PROPAGATED - 1), ("room-new", wire::LEVEL_PROPAGATED)] {
-        let router = ctx.socket(zmq::ROUTER).unwrap();
-        router.set_rcvtimeo(5000).unwrap();
-        router.bind("tcp://127.0.0.1:*").unwrap();
-        let mut entry = ServerEntry::new(id, "room", false, router.get_last_endpoint().unwrap().unwrap());
-        entry.wire_level = level;
-        let file = list_in(&dir, &entry);
+        let (router, _) = fake_server(&ctx, &dir, (id, "room", false), level);
         assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == id)), "{id} listed");
         let from = warnings().len();
         let client = frontend.client();
@@ -318,7 +313,7 @@ fn propagated_values_are_left_out_of_calls_to_earlier_builds() {
             assert_eq!(answered, json!([{"got": {"trace": "t-1"}}]));
             assert!(left_out.is_empty(), "{left_out:?}");
         }
-        std::fs::remove_file(file).unwrap();
+        std::fs::remove_file(dir.join(format!("{id}.json"))).unwrap();
     }
 }
 
