@@ -135,9 +135,9 @@ fn a_room_server_back_from_a_freeze_gives_up_the_rooms_made_anew_elsewhere() {
 #[test]
 fn a_room_made_apart_on_two_room_servers_is_merged() {
     let servers = Servers::new("apart", &[("DRAGONFRUIT_GAME__MEMBER_CHECK", "1s")]);
-    let blind = servers.command("room", "room-1", &[]);
     let _room1 = Proc(
-        { blind }
+        servers
+            .command("room", "room-1", &[])
             .env("DRAGONFRUIT_DISCOVERY__REFRESH", "60s")
             .env("DRAGONFRUIT_DISCOVERY__WATCH", "false")
             .env("DRAGONFRUIT_DISCOVERY__TTL", "180s")
@@ -179,8 +179,7 @@ fn a_room_made_apart_on_two_room_servers_is_merged() {
     // the merge came first).
     let mut joined_heard: Vec<Vec<String>> = answers;
     let deadline = Instant::now() + Duration::from_secs(15);
-    for (speaker, _) in [&players[0], &players[3]] {
-        let speaker_client = &players.iter().find(|(n, _)| n == speaker).unwrap().1;
+    for (speaker, speaker_client) in [&players[0], &players[3]] {
         let mut heard_by: Vec<bool> = vec![false; players.len()];
         for i in 0.. {
             let text = format!("{speaker} {i}");
