@@ -11,7 +11,7 @@
 //! PID namespace see a killed server gone at once (its process watched) or at their next
 //! rescan, without waiting for `ttl`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,17 +24,9 @@ use log::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
-use crate::grouped;
 use crate::table::{millis, ServerEntry, ServerTable};
+use scan::{unreadable, Freshness, Rescan, Scan};
 use watch::{DirWatch, Wait, Wake};
-
-/// Files untouched for this long, and for twice their `ttl`, are deleted by whoever scans
-/// (dead servers' leftovers).
-const REMOVE_AFTER: Duration = Duration::from_secs(60);
-
-/// Largest registry file read. A server entry takes a few hundred bytes (a few KiB with
-/// much metadata); a larger file is not one, and would be read whole at every rescan.
-const MAX_ENTRY_BYTES: u64 = 1 << 20;
 
 /// The file-based registry.
 pub struct EmbeddedDiscovery {
@@ -220,145 +212,6 @@ fn touch(path: &Path, entry: &ServerEntry, owner: Option<&Owner>, terms: Terms) 
     write_entry(path, entry, owner, Some(terms))
 }
 
-/// How long each registry file has gone untouched, by this process's monotonic clock. File
-/// times are wall-clock times, which jump (a laptop resuming from sleep, an NTP step): by
-/// age alone, a jump forward made every other server look dead, so each scanning server
-/// dropped them all (and deleted their files) until their owners' next touch. A file is
-/// judged by its age only when first seen.
-#[derive(Default)]
-struct Freshness {
-    /// Path -> (modification time last seen, untouched time when it was seen, then).
-    seen: HashMap<PathBuf, (SystemTime, Duration, Instant)>,
-}
-
-impl Freshness {
-    /// How long the file at `path`, modified at `mtime`, has gone untouched at `now`: zero
-    /// when its time changed since the last scan, its age (against `wall_now`) at first sight.
-    fn untouched(&mut self, path: &Path, mtime: SystemTime, wall_now: SystemTime, now: Instant) -> Duration {
-        match self.seen.get_mut(path) {
-            Some((seen, base, since)) if *seen == mtime => *base + now.saturating_duration_since(*since),
-            Some(entry) => {
-                *entry = (mtime, Duration::ZERO, now);
-                Duration::ZERO
-            }
-            None => {
-                let age = wall_now.duration_since(mtime).unwrap_or_default();
-                self.seen.insert(path.to_owned(), (mtime, age, now));
-                age
-            }
-        }
-    }
-
-    /// Forgets the files not in `present`.
-    fn keep_only(&mut self, present: &HashSet<PathBuf>) {
-        self.seen.retain(|path, _| present.contains(path));
-    }
-}
-
-/// What one scan of the directory found.
-#[derive(Default)]
-struct Scan {
-    servers: HashMap<String, ServerEntry>,
-    /// Ids of fresh files whose process has exited.
-    exited: HashSet<String>,
-    /// Fresh `.json` files that hold no server entry (written by something else), and why.
-    bad: Vec<(PathBuf, String)>,
-    /// The longest rescan period the fresh files of servers that do not watch the directory
-    /// announce (none: zero).
-    slowest_rescan: Duration,
-    /// A fresh file says neither (an older build's): its server rescans as this one does.
-    unannounced: bool,
-    /// The processes of the listed servers that run in this PID namespace.
-    pids: Vec<u32>,
-}
-
-impl Scan {
-    /// How long the listed servers may take to see a change: the longest rescan period of
-    /// those that do not watch the directory (`refresh` for files that say nothing of it).
-    fn slowest(&self, refresh: Duration) -> Duration {
-        match self.unannounced {
-            true => self.slowest_rescan.max(refresh),
-            false => self.slowest_rescan,
-        }
-    }
-}
-
-/// The time now, by the wall clock (file times) and the monotonic clock.
-fn now() -> (SystemTime, Instant) {
-    (SystemTime::now(), Instant::now())
-}
-
-/// Reads the registry at `(wall_now, now)`, from PID namespace `ns` (`None`: pids are not
-/// checked); a file is judged by the `ttl` it says, else by `ttl`. Deletes files untouched
-/// for [`REMOVE_AFTER`] and twice their ttl.
-fn scan(
-    dir: &Path,
-    ttl: Duration,
-    ns: Option<&str>,
-    freshness: &mut Freshness,
-    (wall_now, now): (SystemTime, Instant),
-) -> Scan {
-    let mut found = Scan::default();
-    let Ok(entries) = fs::read_dir(dir) else { return found };
-    let mut present = HashSet::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
-            continue;
-        }
-        // Not following links: the servers write regular files.
-        let Ok(meta) = entry.metadata() else { continue };
-        let Ok(mtime) = meta.modified() else { continue };
-        present.insert(path.clone());
-        let untouched = freshness.untouched(&path, mtime, wall_now, now);
-        if let Some(why) = unreadable(&meta) {
-            if untouched <= ttl {
-                found.bad.push((path, why));
-            }
-            continue;
-        }
-        let read = fs::read(&path).map(|bytes| serde_json::from_slice::<Registration>(&bytes));
-        let limit = match &read {
-            Ok(Ok(Registration { ttl: Some(ms), .. })) => Duration::from_millis(*ms),
-            _ => ttl,
-        };
-        if untouched > limit {
-            if untouched > REMOVE_AFTER.max(limit.saturating_mul(2)) {
-                let _ = fs::remove_file(&path);
-            }
-            continue;
-        }
-        match read {
-            Ok(Ok(Registration { entry: server, owner, refresh, watching, .. })) => {
-                if let (Some(owner), Some(ns)) = (owner, ns) {
-                    if owner.exited(ns) {
-                        // Killed: gone now, not after `ttl`. The file stays (a process
-                        // restarting under this id may be writing it) until it expires.
-                        debug!("registry file {}: process {} has exited", path.display(), owner.pid);
-                        found.exited.insert(server.id);
-                        continue;
-                    }
-                    if owner.ns == ns {
-                        found.pids.push(owner.pid);
-                    }
-                }
-                // How long its server may take to see a change: at once if it watches.
-                match (watching, refresh) {
-                    (true, _) => {}
-                    (false, Some(ms)) => found.slowest_rescan = found.slowest_rescan.max(Duration::from_millis(ms)),
-                    (false, None) => found.unannounced = true,
-                }
-                found.servers.insert(server.id.clone(), server);
-            }
-            Ok(Err(e)) => found.bad.push((path, format!("does not hold a server entry ({e})"))),
-            // Removed since it was listed (a server leaving): not a fault.
-            Err(e) => debug!("cannot read registry file {}: {e}", path.display()),
-        }
-    }
-    freshness.keep_only(&present);
-    found
-}
-
 /// The running process holding `path` (this server's file) from this PID namespace, other
 /// than this process: the file is fresh (by the ttl it says, else `ttl`) and names a process
 /// that has not exited. Another process started with this id (a copied configuration)
@@ -374,66 +227,10 @@ fn running_holder(path: &Path, ours: Option<&Owner>, ttl: Duration) -> Option<St
     (fresh && running).then(|| format!("process {} (rpc {})", owner.pid, entry.rpc_addr))
 }
 
-/// Why a file of the registry directory (`meta` not following links) is not read, if it is
-/// not: a named pipe would block the reader (the scan, and with it this server's refresh)
-/// until something writes to it, and a huge file would be read whole at every rescan.
-fn unreadable(meta: &fs::Metadata) -> Option<String> {
-    if !meta.is_file() {
-        Some("is not a regular file".to_owned())
-    } else if meta.len() > MAX_ENTRY_BYTES {
-        Some(format!("has {} bytes, more than a server entry takes ({MAX_ENTRY_BYTES} at most)", meta.len()))
-    } else {
-        None
-    }
-}
-
 /// Whether the registry lists `me`'s id at another endpoint: another process runs with
 /// this server's id (its start wrote the shared file).
 fn taken_by_another(found: &Scan, me: &ServerEntry) -> bool {
     found.servers.get(&me.id).is_some_and(|listed| listed.rpc_addr != me.rpc_addr)
-}
-
-/// The warnings about the bad files of `found` not warned of at the last scan (`warned`),
-/// once each until they are fixed or gone: a line each, or one line for many (a directory
-/// shared with something else).
-fn bad_file_lines(found: &Scan, warned: &mut HashSet<PathBuf>) -> Vec<String> {
-    let new: Vec<&(PathBuf, String)> = found.bad.iter().filter(|(path, _)| !warned.contains(path)).collect();
-    *warned = found.bad.iter().map(|(path, _)| path.clone()).collect();
-    grouped::lines(
-        &new,
-        |(path, why)| format!("registry file {} {why}; ignored", path.display()),
-        |(path, _)| path.display().to_string(),
-        |n, named| format!("{n} files in the registry directory are not server entries ({named}); ignored"),
-    )
-}
-
-/// A server's scans of the registry directory, and what each one's findings update
-/// besides the server table (which the caller replaces, after its own checks of them).
-struct Rescan {
-    dir: PathBuf,
-    ttl: Duration,
-    refresh: Duration,
-    /// This process's PID namespace (Linux).
-    ns: Option<String>,
-    freshness: Freshness,
-    /// Bad files already warned of.
-    warned: HashSet<PathBuf>,
-    /// See [`EmbeddedDiscovery::slowest_rescan`].
-    slowest_rescan: Arc<AtomicU64>,
-}
-
-impl Rescan {
-    /// Scans the directory: the processes of the listed servers watched (with `watch`),
-    /// bad files warned of once, and how long the others take to see a change noted.
-    fn run(&mut self, watch: Option<&mut DirWatch>) -> Scan {
-        let found = scan(&self.dir, self.ttl, self.ns.as_deref(), &mut self.freshness, now());
-        if let Some(watch) = watch {
-            watch.watch_processes(&found.pids);
-        }
-        bad_file_lines(&found, &mut self.warned).iter().for_each(|line| warn!("{line}"));
-        self.slowest_rescan.store(millis(found.slowest(self.refresh)), Ordering::Relaxed);
-        found
-    }
 }
 
 /// Touches this server's registry file (writes it again if it is gone), unless the server
@@ -599,6 +396,7 @@ impl Discovery for EmbeddedDiscovery {
     }
 }
 
+mod scan;
 #[cfg(test)]
 mod tests;
 mod watch;

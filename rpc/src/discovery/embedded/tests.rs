@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::scan::*;
 use super::*;
 
 fn entry(id: &str) -> ServerEntry {
