@@ -84,6 +84,8 @@ pub(crate) struct EventLoop {
     inbox_backlog: bool,
     /// Warnings of connections refused at `connection.max`.
     refusals: Throttle,
+    /// Warnings of failed accepts (out of file descriptors), retried at every tick.
+    accept_failures: Throttle,
     /// Warnings of connections closed for a protocol error.
     protocol_errors: Throttle,
     /// Bytes waiting to be written to all clients, as of each one's last flush
@@ -152,6 +154,7 @@ impl EventLoop {
             accept_retry: false,
             inbox_backlog: false,
             refusals: Throttle::default(),
+            accept_failures: Throttle::default(),
             protocol_errors: Throttle::default(),
             write_total: 0,
             not_reading: Throttle::default(),
@@ -265,8 +268,11 @@ impl EventLoop {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // Out of file descriptors and the like: the pending connections stay in
-                    // the backlog, and no new edge may come, so retry at the next tick.
-                    warn!("accept failed: {e}");
+                    // the backlog, and no new edge may come, so retry at the next tick
+                    // (a tick can be 10 ms: the warning comes a line a second at most).
+                    if let Some(more) = self.accept_failures.due(self.now) {
+                        warn!("accept failed: {e}; connections wait in the backlog{more}");
+                    }
                     self.accept_retry = true;
                     break;
                 }
