@@ -298,9 +298,12 @@ impl Discovery for EmbeddedDiscovery {
             freshness: Freshness::default(),
             warned: HashSet::new(),
             slowest_rescan: self.slowest_rescan.clone(),
+            failing: false,
         };
         let found = rescan.run(watch.as_mut());
-        table.replace_noting_exited(found.servers, &found.exited);
+        if found.failed.is_none() {
+            table.replace_noting_exited(found.servers, &found.exited);
+        }
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let deregistered = Arc::new(Mutex::new(false));
         let (refresh, file) = (self.refresh, own_file.clone());
@@ -338,6 +341,9 @@ impl Discovery for EmbeddedDiscovery {
                         }
                     }
                     let found = rescan.run(watch.as_mut());
+                    if found.failed.is_some() {
+                        continue;
+                    }
                     if found.exited.contains(&me.id) {
                         // Our file names a process that has exited: another process with our
                         // id wrote it, then died. Ours again (we touched it meanwhile).

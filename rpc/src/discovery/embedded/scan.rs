@@ -4,12 +4,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use super::watch::DirWatch;
 use super::Registration;
@@ -74,6 +75,9 @@ pub(super) struct Scan {
     pub(super) unannounced: bool,
     /// The processes of the listed servers that run in this PID namespace.
     pub(super) pids: Vec<u32>,
+    /// Why the directory or a file in it could not be read (out of file descriptors, say),
+    /// if it could not: the scan is incomplete, and the last known servers stay listed.
+    pub(super) failed: Option<String>,
 }
 
 impl Scan {
@@ -103,15 +107,37 @@ pub(super) fn scan(
     (wall_now, now): (SystemTime, Instant),
 ) -> Scan {
     let mut found = Scan::default();
-    let Ok(entries) = fs::read_dir(dir) else { return found };
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        // Removed (the servers' next touch makes it again): no server is registered.
+        Err(e) if e.kind() == ErrorKind::NotFound => return found,
+        Err(e) => {
+            found.failed = Some(format!("cannot read the registry directory {}: {e}", dir.display()));
+            return found;
+        }
+    };
     let mut present = HashSet::new();
-    for entry in entries.flatten() {
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                found.failed = Some(format!("cannot read the registry directory {}: {e}", dir.display()));
+                return found;
+            }
+        };
         let path = entry.path();
         if path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
         }
         // Not following links: the servers write regular files.
-        let Ok(meta) = entry.metadata() else { continue };
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => {
+                found.failed = Some(format!("cannot read registry file {}: {e}", path.display()));
+                return found;
+            }
+        };
         let Ok(mtime) = meta.modified() else { continue };
         present.insert(path.clone());
         let untouched = freshness.untouched(&path, mtime, wall_now, now);
@@ -156,7 +182,11 @@ pub(super) fn scan(
             }
             Ok(Err(e)) => found.bad.push((path, format!("does not hold a server entry ({e})"))),
             // Removed since it was listed (a server leaving): not a fault.
-            Err(e) => debug!("cannot read registry file {}: {e}", path.display()),
+            Err(e) if e.kind() == ErrorKind::NotFound => debug!("registry file {} removed as read", path.display()),
+            Err(e) => {
+                found.failed = Some(format!("cannot read registry file {}: {e}", path.display()));
+                return found;
+            }
         }
     }
     freshness.keep_only(&present);
@@ -203,13 +233,26 @@ pub(super) struct Rescan {
     pub(super) warned: HashSet<PathBuf>,
     /// See [`EmbeddedDiscovery::slowest_rescan`].
     pub(super) slowest_rescan: Arc<AtomicU64>,
+    /// The last scan failed (logged once per outage).
+    pub(super) failing: bool,
 }
 
 impl Rescan {
     /// Scans the directory: the processes of the listed servers watched (with `watch`),
     /// bad files warned of once, and how long the others take to see a change noted.
+    /// A scan that failed (`Scan::failed`) is logged (once until one succeeds) and changes
+    /// nothing: its caller keeps the servers it lists.
     pub(super) fn run(&mut self, watch: Option<&mut DirWatch>) -> Scan {
         let found = scan(&self.dir, self.ttl, self.ns.as_deref(), &mut self.freshness, now());
+        match (&found.failed, self.failing) {
+            (Some(why), false) => warn!("{why}; the servers last seen stay listed until a scan succeeds"),
+            (None, true) => info!("registry directory {} read again", self.dir.display()),
+            _ => {}
+        }
+        self.failing = found.failed.is_some();
+        if self.failing {
+            return found;
+        }
         if let Some(watch) = watch {
             watch.watch_processes(&found.pids);
         }

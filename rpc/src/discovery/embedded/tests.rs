@@ -410,6 +410,45 @@ fn a_removed_registry_directory_is_written_again() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// A registry directory that cannot be read (out of file descriptors in real life; here a
+/// file put in its place) fails the scan, which changes nothing: the servers last seen stay
+/// listed (such a scan used to read as an empty directory and dropped them all).
+#[test]
+fn a_registry_that_cannot_be_read_keeps_the_servers_last_seen() {
+    let dir = fresh_dir("unreadable");
+    let (refresh, ttl) = (Duration::from_millis(50), Duration::from_millis(300));
+    let (a, b) = (EmbeddedDiscovery::new(dir.clone(), refresh, ttl), EmbeddedDiscovery::new(dir.clone(), refresh, ttl));
+    let (ta, tb) = (Arc::new(ServerTable::new()), Arc::new(ServerTable::new()));
+    a.start(entry("room-1"), ta.clone(), Arc::new(|| {})).unwrap();
+    b.start(entry("room-2"), tb.clone(), Arc::new(|| {})).unwrap();
+    assert!(wait(|| ta.all().len() == 2 && tb.all().len() == 2));
+    // The directory and a file swapped at once: no scan sees the directory gone.
+    let aside = dir.with_extension("aside");
+    fs::write(&aside, b"").unwrap();
+    let exchange = || {
+        let path = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let (from, to) = (path(&aside), path(&dir));
+        // SAFETY: NUL-terminated paths.
+        let rc = unsafe {
+            libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_EXCHANGE)
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    };
+    exchange();
+    let failed = scan_once(&dir, ttl).failed.expect("the scan failed");
+    assert!(failed.contains("cannot read the registry directory"), "{failed}");
+    std::thread::sleep(ttl * 3);
+    assert_eq!((ta.all().len(), tb.all().len()), (2, 2), "neither dropped the other");
+    // The directory back: read again, and a server that leaves is seen to.
+    exchange();
+    fs::remove_file(&aside).unwrap();
+    b.deregister();
+    b.stop();
+    assert!(wait(|| ta.all().len() == 1), "room-2 left");
+    a.stop();
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// What is not a regular file of a plausible size is refused without being read: a named
 /// pipe would block the scan (and with it this server's refresh) until something writes to
 /// it, and a huge file would be read whole at every rescan.
