@@ -148,11 +148,16 @@ pub struct ConnectionConfig {
     /// three quarters of it, so many clients that do not read (in a busy room, each within
     /// `write_queue_bytes`) cannot take the server's memory. Default 268435456 (256 MiB).
     pub write_queue_total: usize,
+    /// `connection.reserved_files`: file descriptors of the process's open-file limit kept
+    /// from clients, for the cluster (ZeroMQ connections, discovery) and the rest of the
+    /// process: past the limit less this, connections are refused as past `max`. At most
+    /// half the limit. Default 256.
+    pub reserved_files: usize,
 }
 
 impl Default for ConnectionConfig {
     fn default() -> Self {
-        ConnectionConfig { max: 100_000, write_queue_bytes: 4 << 20, write_queue_total: 256 << 20 }
+        ConnectionConfig { max: 100_000, write_queue_bytes: 4 << 20, write_queue_total: 256 << 20, reserved_files: 256 }
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::Receiver;
 use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::SessionId;
-use log::{debug, warn};
+use log::{debug, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
@@ -82,7 +82,10 @@ pub(crate) struct EventLoop {
     accept_retry: bool,
     /// The inbox had more than one budget's worth of messages.
     inbox_backlog: bool,
-    /// Warnings of connections refused at `connection.max`.
+    /// Client connections held at most: `connection.max`, or fewer as the open-file limit
+    /// allows (`ClientCap`).
+    cap: ClientCap,
+    /// Warnings of connections refused at the cap.
     refusals: Throttle,
     /// Warnings of failed accepts (out of file descriptors), retried at every tick.
     accept_failures: Throttle,
@@ -115,6 +118,46 @@ fn first_session_id() -> SessionId {
     (std::collections::hash_map::RandomState::new().hash_one(std::process::id()) >> 12).max(1)
 }
 
+/// How many client connections a frontend holds at most, and what a refusal says.
+#[derive(Debug)]
+struct ClientCap {
+    clients: usize,
+    why: String,
+}
+
+impl ClientCap {
+    /// `connection.max`, or the process's open-file limit less `connection.reserved_files`
+    /// (at most half the limit) if that is lower: clients taking every descriptor would
+    /// leave none for the cluster's connections and discovery, and this frontend would
+    /// lose its servers (and they it) instead of refusing clients.
+    /// Said in the log at start by a server with a listener (`frontend`).
+    fn new(cfg: &crate::config::ConnectionConfig, frontend: bool) -> ClientCap {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes the struct we own.
+        let files = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+            0 if limit.rlim_cur != libc::RLIM_INFINITY => usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX),
+            _ => usize::MAX,
+        };
+        let reserved = cfg.reserved_files.min(files / 2);
+        let allowed = files - reserved;
+        if allowed >= cfg.max {
+            return ClientCap { clients: cfg.max, why: format!("connection.max ({}) reached", cfg.max) };
+        }
+        if frontend {
+            info!(
+                "at most {allowed} client connections: the open-file limit ({files}) less {reserved} kept for the \
+             cluster (connection.reserved_files), under connection.max ({})",
+                cfg.max
+            );
+        }
+        let why = format!(
+            "{allowed} connections, the open-file limit ({files}) less {reserved} kept for the cluster \
+             (connection.reserved_files), reached"
+        );
+        ClientCap { clients: allowed, why }
+    }
+}
+
 impl EventLoop {
     pub(crate) fn new(
         poll: Poll,
@@ -127,6 +170,7 @@ impl EventLoop {
         let cfg = &shared.config;
         let tick = (cfg.heartbeat.interval / 4).min(cfg.handshake.timeout / 4).min(Duration::from_secs(1));
         let tick = tick.max(Duration::from_millis(10));
+        let cap = ClientCap::new(&cfg.connection, listener.is_some());
         EventLoop {
             poll,
             events: Events::with_capacity(1024),
@@ -153,6 +197,7 @@ impl EventLoop {
             closing: Arc::new(AtomicUsize::new(0)),
             accept_retry: false,
             inbox_backlog: false,
+            cap,
             refusals: Throttle::default(),
             accept_failures: Throttle::default(),
             protocol_errors: Throttle::default(),
@@ -239,11 +284,10 @@ impl EventLoop {
         loop {
             match listener.accept() {
                 Ok((mut stream, addr)) => {
-                    if self.agents.len() >= self.shared.config.connection.max {
+                    if self.agents.len() >= self.cap.clients {
                         Stats::add(&stats.refused, 1);
                         if let Some(more) = self.refusals.due(self.now) {
-                            let open = self.agents.len();
-                            warn!("refusing connection from {addr}: connection.max ({open}) reached{more}");
+                            warn!("refusing connection from {addr}: {}{more}", self.cap.why);
                         }
                         continue;
                     }

@@ -1,4 +1,4 @@
-//! A server out of file descriptors.
+//! A server short of file descriptors.
 
 use std::os::unix::process::CommandExt;
 use std::sync::mpsc::RecvTimeoutError;
@@ -8,10 +8,10 @@ use super::*;
 /// The open-file limit the server runs with here.
 const FILES: u64 = 48;
 
-/// Out of file descriptors, a server cannot accept: connections wait in the listen backlog
-/// and are accepted at a later tick once some close, and they are served. The failed
-/// accepts are logged a line a second at most, with how many were not (the tick is 100 ms
-/// here, and each tick retries).
+/// Out of file descriptors (no descriptor kept from clients), a server cannot accept:
+/// connections wait in the listen backlog and are accepted at a later tick once some close,
+/// and they are served. The failed accepts are logged a line a second at most, with how
+/// many were not (the tick is 100 ms here, and each tick retries).
 #[test]
 fn connections_wait_in_the_backlog_while_the_server_is_out_of_file_descriptors() {
     let port = free_port();
@@ -21,22 +21,10 @@ fn connections_wait_in_the_backlog_while_the_server_is_out_of_file_descriptors()
         .env("RUST_LOG", "warn")
         // The event loop ticks every quarter of the handshake timeout: 100 ms.
         .env("DRAGONFRUIT_HANDSHAKE__TIMEOUT", "400ms")
+        .env("DRAGONFRUIT_CONNECTION__RESERVED_FILES", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            // The game raises its open-file limit at start; as root it could raise the hard
-            // limit too, unless it lacks CAP_SYS_RESOURCE (24), dropped here (it may not be
-            // in this process's bounding set in the first place).
-            libc::prctl(libc::PR_CAPBSET_DROP, 24, 0, 0, 0);
-            let limit = libc::rlimit { rlim_cur: FILES, rlim_max: FILES };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_files(&mut command, FILES);
     let mut child = command.spawn().unwrap();
     let lines = line_reader(child.stderr.take().unwrap());
     let server = Proc(child);
@@ -54,9 +42,7 @@ fn connections_wait_in_the_backlog_while_the_server_is_out_of_file_descriptors()
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.0.id())).unwrap();
-    let files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
-    assert_eq!(files.split_whitespace().nth(3), Some(FILES.to_string().as_str()), "the limit held: {files}");
+    assert_limit(&server, FILES);
     let mut held = vec![first];
     while let Ok(client) = connect(1) {
         held.push(client);
@@ -91,4 +77,82 @@ fn connections_wait_in_the_backlog_while_the_server_is_out_of_file_descriptors()
     let logged: Vec<String> = lines.try_iter().filter(|l| l.contains("accept failed")).collect();
     assert!((1..=6).contains(&logged.len()), "accept failures logged: {logged:#?}");
     assert!(logged.iter().any(|l| l.contains("more not logged")), "{logged:#?}");
+}
+
+/// A connector whose clients would take every file descriptor keeps
+/// `connection.reserved_files` (here half its limit of 128) for the cluster: clients past
+/// the rest are refused at once, and the connector still refreshes its registry entry,
+/// reads the registry and connects to a room server that joins then, so its players'
+/// requests are served.
+#[test]
+fn a_connector_keeps_file_descriptors_for_the_cluster() {
+    let servers = Servers::new("nofiles", &[]);
+    let _room1 = servers.spawn("room", "room-1", &[]);
+    servers.wait_registered(1);
+    let port = free_port();
+    let mut command = servers.command("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
+    command.env("RUST_LOG", "info").stderr(Stdio::piped());
+    limit_files(&mut command, 128);
+    let mut child = command.spawn().unwrap();
+    let lines = line_reader(child.stderr.take().unwrap());
+    let connector = Proc(child);
+    let mut held = vec![player(port, "p0")];
+    assert_limit(&connector, 128);
+    let connect = || {
+        let config = ClientConfig { connect_timeout: Duration::from_secs(5), ..ClientConfig::default() };
+        Client::connect(("127.0.0.1", port), config)
+    };
+    let refused = loop {
+        match connect() {
+            Ok(client) => held.push(client),
+            Err(e) => break e,
+        }
+        assert!(held.len() <= 64, "more clients than the limit less the reserve");
+    };
+    assert_eq!(held.len(), 64, "refused: {refused}");
+    // A room server joins: the connector reads the registry and connects to it.
+    let _room2 = servers.spawn("room", "room-2", &[]);
+    servers.wait_registered(3);
+    let seen = Instant::now() + Duration::from_secs(10);
+    while !lines.try_iter().any(|l| l.contains("room-2")) {
+        assert!(Instant::now() < seen, "the connector did not see room-2 join");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Each player's own room server, so both room servers serve some.
+    for (i, client) in held.iter().enumerate().skip(1) {
+        let _: Value = client.request("connector.entry.login", &json!({"name": format!("p{i}")})).unwrap();
+        let room = room_on(i % 2 + 1, "r");
+        let joined: Value = client.request("room.room.join", &json!({"room": room})).unwrap();
+        assert!(joined["members"].as_array().is_some(), "{joined}");
+        let body = format!("{{\"n\":{i}}}");
+        assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let logged: Vec<String> = lines.try_iter().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+    assert!(logged.iter().all(|l| l.contains("refusing connection")), "{logged:#?}");
+}
+
+/// Runs `command` with an open-file limit of `files`.
+fn limit_files(command: &mut Command, files: u64) {
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // The game raises its open-file limit at start; as root it could raise the hard
+            // limit too, unless it lacks CAP_SYS_RESOURCE (24), dropped here (it may not be
+            // in this process's bounding set in the first place).
+            libc::prctl(libc::PR_CAPBSET_DROP, 24, 0, 0, 0);
+            let limit = libc::rlimit { rlim_cur: files, rlim_max: files };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The open-file limit of `server` is still `files` (the game did not raise it).
+fn assert_limit(server: &Proc, files: u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.0.id())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    assert_eq!(line.split_whitespace().nth(3), Some(files.to_string().as_str()), "the limit held: {line}");
 }
