@@ -392,15 +392,27 @@ fn a_stopping_server_waits_for_the_slowest_rescan_of_the_others() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// A started discovery and its server table.
+type Listed = (EmbeddedDiscovery, Arc<ServerTable>);
+
+/// `room-1` and `room-2` registered in `dir` (refresh 50 ms, ttl 300 ms), each seeing both:
+/// the ttl and each discovery with its table.
+fn two_listed(dir: &Path) -> (Duration, Listed, Listed) {
+    let (refresh, ttl) = (Duration::from_millis(50), Duration::from_millis(300));
+    let started = |id: &str| {
+        let (discovery, table) = (EmbeddedDiscovery::new(dir.to_owned(), refresh, ttl), Arc::new(ServerTable::new()));
+        discovery.start(entry(id), table.clone(), Arc::new(|| {})).unwrap();
+        (discovery, table)
+    };
+    let (a, b) = (started("room-1"), started("room-2"));
+    assert!(wait(|| a.1.all().len() == 2 && b.1.all().len() == 2));
+    (ttl, a, b)
+}
+
 #[test]
 fn a_removed_registry_directory_is_written_again() {
     let dir = fresh_dir("gone");
-    let (refresh, ttl) = (Duration::from_millis(50), Duration::from_millis(300));
-    let (a, b) = (EmbeddedDiscovery::new(dir.clone(), refresh, ttl), EmbeddedDiscovery::new(dir.clone(), refresh, ttl));
-    let (ta, tb) = (Arc::new(ServerTable::new()), Arc::new(ServerTable::new()));
-    a.start(entry("room-1"), ta.clone(), Arc::new(|| {})).unwrap();
-    b.start(entry("room-2"), tb.clone(), Arc::new(|| {})).unwrap();
-    assert!(wait(|| ta.all().len() == 2 && tb.all().len() == 2));
+    let (ttl, (a, ta), (b, tb)) = two_listed(&dir);
     fs::remove_dir_all(&dir).unwrap();
     assert!(wait(|| dir.join(file_name("room-1")).exists() && dir.join(file_name("room-2")).exists()));
     std::thread::sleep(ttl * 2);
@@ -416,12 +428,7 @@ fn a_removed_registry_directory_is_written_again() {
 #[test]
 fn a_registry_that_cannot_be_read_keeps_the_servers_last_seen() {
     let dir = fresh_dir("unreadable");
-    let (refresh, ttl) = (Duration::from_millis(50), Duration::from_millis(300));
-    let (a, b) = (EmbeddedDiscovery::new(dir.clone(), refresh, ttl), EmbeddedDiscovery::new(dir.clone(), refresh, ttl));
-    let (ta, tb) = (Arc::new(ServerTable::new()), Arc::new(ServerTable::new()));
-    a.start(entry("room-1"), ta.clone(), Arc::new(|| {})).unwrap();
-    b.start(entry("room-2"), tb.clone(), Arc::new(|| {})).unwrap();
-    assert!(wait(|| ta.all().len() == 2 && tb.all().len() == 2));
+    let (ttl, (a, ta), (b, tb)) = two_listed(&dir);
     // The directory and a file swapped at once: no scan sees the directory gone.
     let aside = dir.with_extension("aside");
     fs::write(&aside, b"").unwrap();
