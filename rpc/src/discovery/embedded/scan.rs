@@ -76,7 +76,8 @@ pub(super) struct Scan {
     /// The processes of the listed servers that run in this PID namespace.
     pub(super) pids: Vec<u32>,
     /// Why the directory or a file in it could not be read (out of file descriptors, say),
-    /// if it could not: the scan is incomplete, and the last known servers stay listed.
+    /// if it could not: the scan is incomplete, and the last known servers stay listed. A
+    /// file removed meanwhile is gone, and one this user may not read is a bad file.
     pub(super) failed: Option<String>,
 }
 
@@ -133,6 +134,10 @@ pub(super) fn scan(
         let meta = match entry.metadata() {
             Ok(meta) => meta,
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                found.bad.push((path, format!("cannot be read ({e})")));
+                continue;
+            }
             Err(e) => {
                 found.failed = Some(format!("cannot read registry file {}: {e}", path.display()));
                 return found;
@@ -183,6 +188,10 @@ pub(super) fn scan(
             Ok(Err(e)) => found.bad.push((path, format!("does not hold a server entry ({e})"))),
             // Removed since it was listed (a server leaving): not a fault.
             Err(e) if e.kind() == ErrorKind::NotFound => debug!("registry file {} removed as read", path.display()),
+            // Another user's file: no server of ours wrote it.
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                found.bad.push((path, format!("cannot be read ({e})")))
+            }
             Err(e) => {
                 found.failed = Some(format!("cannot read registry file {}: {e}", path.display()));
                 return found;
