@@ -82,6 +82,18 @@ pub(super) struct Scan {
 }
 
 impl Scan {
+    /// Notes that registry file `path` could not be read (`e`): removed since it was listed
+    /// (a server leaving), not a fault; another user's (no server of ours wrote it), a bad
+    /// file; anything else (out of file descriptors, say) fails the scan: true, stop.
+    fn unread(&mut self, path: &Path, e: &std::io::Error) -> bool {
+        match e.kind() {
+            ErrorKind::NotFound => debug!("registry file {} removed as read", path.display()),
+            ErrorKind::PermissionDenied => self.bad.push((path.to_owned(), format!("cannot be read ({e})"))),
+            _ => self.failed = Some(format!("cannot read registry file {}: {e}", path.display())),
+        }
+        self.failed.is_some()
+    }
+
     /// How long the listed servers may take to see a change: the longest rescan period of
     /// those that do not watch the directory (`refresh` for files that say nothing of it).
     pub(super) fn slowest(&self, refresh: Duration) -> Duration {
@@ -108,7 +120,7 @@ pub(super) fn scan(
     (wall_now, now): (SystemTime, Instant),
 ) -> Scan {
     let mut found = Scan::default();
-    let entries = match fs::read_dir(dir) {
+    let entries = match fs::read_dir(dir).and_then(|d| d.collect::<std::io::Result<Vec<_>>>()) {
         Ok(entries) => entries,
         // Removed (the servers' next touch makes it again): no server is registered.
         Err(e) if e.kind() == ErrorKind::NotFound => return found,
@@ -119,13 +131,6 @@ pub(super) fn scan(
     };
     let mut present = HashSet::new();
     for entry in entries {
-        let entry = match entry {
-            Ok(entry) => entry,
-            Err(e) => {
-                found.failed = Some(format!("cannot read the registry directory {}: {e}", dir.display()));
-                return found;
-            }
-        };
         let path = entry.path();
         if path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
@@ -133,15 +138,8 @@ pub(super) fn scan(
         // Not following links: the servers write regular files.
         let meta = match entry.metadata() {
             Ok(meta) => meta,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-                found.bad.push((path, format!("cannot be read ({e})")));
-                continue;
-            }
-            Err(e) => {
-                found.failed = Some(format!("cannot read registry file {}: {e}", path.display()));
-                return found;
-            }
+            Err(e) if found.unread(&path, &e) => return found,
+            Err(_) => continue,
         };
         let Ok(mtime) = meta.modified() else { continue };
         present.insert(path.clone());
@@ -186,16 +184,8 @@ pub(super) fn scan(
                 found.servers.insert(server.id.clone(), server);
             }
             Ok(Err(e)) => found.bad.push((path, format!("does not hold a server entry ({e})"))),
-            // Removed since it was listed (a server leaving): not a fault.
-            Err(e) if e.kind() == ErrorKind::NotFound => debug!("registry file {} removed as read", path.display()),
-            // Another user's file: no server of ours wrote it.
-            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-                found.bad.push((path, format!("cannot be read ({e})")))
-            }
-            Err(e) => {
-                found.failed = Some(format!("cannot read registry file {}: {e}", path.display()));
-                return found;
-            }
+            Err(e) if found.unread(&path, &e) => return found,
+            Err(_) => {}
         }
     }
     freshness.keep_only(&present);
