@@ -28,15 +28,11 @@ fn connections_wait_in_the_backlog_while_the_server_is_out_of_file_descriptors()
     let mut child = command.spawn().unwrap();
     let lines = line_reader(child.stderr.take().unwrap());
     let server = Proc(child);
-    let connect = move |wait: u64| {
-        let config = ClientConfig { connect_timeout: Duration::from_secs(wait), ..ClientConfig::default() };
-        Client::connect(("127.0.0.1", port), config)
-    };
 
     // Clients until one is not answered: the server is out of descriptors.
     let deadline = Instant::now() + Duration::from_secs(20);
     let first = loop {
-        match connect(1) {
+        match client(port, 1) {
             Ok(client) => break client,
             Err(_) => assert!(Instant::now() < deadline, "the server did not start"),
         }
@@ -44,7 +40,7 @@ fn connections_wait_in_the_backlog_while_the_server_is_out_of_file_descriptors()
     };
     assert_limit(&server, FILES);
     let mut held = vec![first];
-    while let Ok(client) = connect(1) {
+    while let Ok(client) = client(port, 1) {
         held.push(client);
         assert!(held.len() < FILES as usize, "more connections than the server has descriptors");
     }
@@ -53,9 +49,9 @@ fn connections_wait_in_the_backlog_while_the_server_is_out_of_file_descriptors()
     // Clients that connect now wait in the backlog...
     let (tx, waited) = mpsc::channel();
     for _ in 0..4 {
-        let (tx, connect) = (tx.clone(), connect);
+        let tx = tx.clone();
         std::thread::spawn(move || {
-            let served = connect(20).and_then(|c| c.request_raw("connector.entry.echo", b"{\"n\":1}"));
+            let served = client(port, 20).and_then(|c| c.request_raw("connector.entry.echo", b"{\"n\":1}"));
             let _ = tx.send(served);
         });
     }
@@ -98,12 +94,8 @@ fn a_connector_keeps_file_descriptors_for_the_cluster() {
     let connector = Proc(child);
     let mut held = vec![player(port, "p0")];
     assert_limit(&connector, 128);
-    let connect = || {
-        let config = ClientConfig { connect_timeout: Duration::from_secs(5), ..ClientConfig::default() };
-        Client::connect(("127.0.0.1", port), config)
-    };
     let refused = loop {
-        match connect() {
+        match client(port, 5) {
             Ok(client) => held.push(client),
             Err(e) => break e,
         }
@@ -130,6 +122,12 @@ fn a_connector_keeps_file_descriptors_for_the_cluster() {
     std::thread::sleep(Duration::from_millis(500));
     let logged: Vec<String> = lines.try_iter().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
     assert!(logged.iter().all(|l| l.contains("refusing connection")), "{logged:#?}");
+}
+
+/// A client of the server on `port`, connected and through its handshake within `wait` s.
+fn client(port: u16, wait: u64) -> Result<Client, ClientError> {
+    let config = ClientConfig { connect_timeout: Duration::from_secs(wait), ..ClientConfig::default() };
+    Client::connect(("127.0.0.1", port), config)
 }
 
 /// Runs `command` with an open-file limit of `files`.
