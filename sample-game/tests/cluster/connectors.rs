@@ -187,3 +187,60 @@ fn a_connector_restarted_under_its_id_keeps_the_players_who_came_back() {
     dave.notify("room.room.say", &json!({"text": "still here"})).unwrap();
     assert_eq!(heard(&alice), chat("dave", "still here"));
 }
+
+/// A room server may hold members on a connector it does not know yet: one new to the
+/// cluster that discovery has not told it of and that has not called it (its players'
+/// messages went to another room server, which then handed the room over). A push to such
+/// a member finds it on no connector the server knows, but it is not gone: it stays in the
+/// room, and hears the room again once its connector has called the server. Here room-2
+/// rescans the registry only every minute, without the directory watch, and was frozen
+/// while connector-2 started, so connector-2 sent its players elsewhere.
+#[test]
+fn a_member_on_a_connector_its_room_server_does_not_know_yet_stays_in_the_room() {
+    let servers = Servers::new("unknownfront", &[]);
+    let room_on_1 = room_on(1, "hall");
+    let (room1, room1_log) = servers.spawn_logged("room", "room-1", &[], "info");
+    let (port1, _connector1) = servers.connector("connector-1");
+    servers.wait_registered(2);
+    let mut room2 = servers
+        .command("room", "room-2", &[])
+        .env("DRAGONFRUIT_DISCOVERY__REFRESH", "60s")
+        .env("DRAGONFRUIT_DISCOVERY__WATCH", "false")
+        .env("DRAGONFRUIT_DISCOVERY__TTL", "180s")
+        .env("RUST_LOG", "warn,sample_game=debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let room2_log = line_reader(room2.stderr.take().unwrap());
+    let room2 = Proc(room2);
+    servers.wait_registered(3);
+    let alice = player(port1, "alice");
+    let joined: Value = alice.request("room.room.join", &json!({"room": room_on_1})).unwrap();
+    assert_eq!(joined["members"], json!(["alice"]));
+
+    // Frozen, room-2 never completes connector-2's connection: connector-2 sends bob's
+    // messages to room-1 (after a failed try or two, at its 1 s timeout).
+    signal(&room2.0, libc::SIGSTOP);
+    let port2 = free_port();
+    let mut connector2 = servers.command("connector", "connector-2", &["--tcp", &format!("127.0.0.1:{port2}")]);
+    let _connector2 = Proc(connector2.env("DRAGONFRUIT_RPC__TIMEOUT", "1s").spawn().unwrap());
+    servers.wait_registered(4);
+    let bob = player(port2, "bob");
+    let joined: Value = bob.request("room.room.join", &json!({"room": room_on_1})).unwrap();
+    assert_eq!(joined["members"], json!(["alice", "bob"]));
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+    signal(&room2.0, libc::SIGCONT);
+
+    // room-1 stops: the room goes to room-2, which knows connector-1 but not connector-2.
+    signal(&room1.0, libc::SIGTERM);
+    wait_line(&room1_log, "handed 1 of 1 rooms");
+    alice.notify("room.room.say", &json!({"text": "hi"})).unwrap();
+    assert_eq!(heard(&alice), chat("alice", "hi"));
+    wait_line(&room2_log, "uid=bob is on a connector this server does not know yet");
+    // Bob's line is the first call connector-2 makes to room-2: room-2 knows it from then.
+    bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
+    assert_eq!(heard(&alice), chat("bob", "back"), "bob stayed in the room: no onLeave");
+    assert_eq!(heard(&bob), chat("bob", "back"));
+    let joined: Value = alice.request("room.room.join", &json!({"room": room_on_1})).unwrap();
+    assert_eq!(joined["members"], json!(["alice", "bob"]));
+}

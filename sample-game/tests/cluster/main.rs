@@ -6,7 +6,8 @@
 //! across room servers; a room lost with its server joined again or made anew by members
 //! speaking; a room server stopped gracefully handing its rooms over; a pomelo-protocol client
 //! (npm) and the terminal player (`--play`) playing through the cluster; the servers
-//! deployed on their own (`--role`) with etcd discovery; a server out of file descriptors.
+//! deployed on their own (`--role`) with etcd discovery; a server out of file descriptors; a
+//! room member on a connector its room server does not know yet.
 //! This file holds what the tests share; the tests are in one module per topic.
 
 use std::io::{BufRead, BufReader};
