@@ -197,7 +197,8 @@ fn a_connector_restarted_under_its_id_keeps_the_players_who_came_back() {
 /// while connector-2 started, so connector-2 sent its players elsewhere.
 #[test]
 fn a_member_on_a_connector_its_room_server_does_not_know_yet_stays_in_the_room() {
-    let servers = Servers::new("unknownfront", &[]);
+    // Heartbeats every 5 s: the connections to room-2 outlast its freeze.
+    let servers = Servers::new("unknownfront", &[("DRAGONFRUIT_RPC__HEARTBEAT", "5s")]);
     let room_on_1 = room_on(1, "hall");
     let (room1, room1_log) = servers.spawn_logged("room", "room-1", &[], "info");
     let (port1, _connector1) = servers.connector("connector-1");
@@ -236,10 +237,19 @@ fn a_member_on_a_connector_its_room_server_does_not_know_yet_stays_in_the_room()
     wait_line(&room1_log, "handed 1 of 1 rooms");
     alice.notify("room.room.say", &json!({"text": "hi"})).unwrap();
     assert_eq!(heard(&alice), chat("alice", "hi"));
-    wait_line(&room2_log, "uid=bob is on a connector this server does not know yet");
     // Bob's line is the first call connector-2 makes to room-2: room-2 knows it from then.
-    bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
-    assert_eq!(heard(&alice), chat("bob", "back"), "bob stayed in the room: no onLeave");
+    // (Said again if connector-2's connection to room-2 was not up yet: that line failed.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let alice_heard = loop {
+        bob.notify("room.room.say", &json!({"text": "back"})).unwrap();
+        if let Ok(push) = alice.recv_push_as::<Value>(Duration::from_millis(500)) {
+            break push;
+        }
+        assert!(Instant::now() < deadline, "bob's line reached the room");
+    };
+    assert_eq!(alice_heard, chat("bob", "back"), "bob stayed in the room: no onLeave");
+    // room-2 did not know connector-2 when alice spoke (so this test is about that).
+    wait_line(&room2_log, "uid=bob is on a connector this server does not know yet");
     assert_eq!(heard(&bob), chat("bob", "back"));
     let joined: Value = alice.request("room.room.join", &json!({"room": room_on_1})).unwrap();
     assert_eq!(joined["members"], json!(["alice", "bob"]));
