@@ -161,6 +161,9 @@ impl App {
 
     /// Starts the server on background threads and returns at once.
     pub fn start(self) -> Result<AppHandle, StartError> {
+        if self.shared.config.connection.raise_file_limit {
+            crate::files::raise_limit();
+        }
         let tcp = match &self.shared.config.acceptor.tcp {
             None => None,
             Some(addr) => Some(bind_tcp(addr).map_err(|source| StartError::Bind { addr: addr.clone(), source })?),

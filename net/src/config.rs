@@ -153,11 +153,20 @@ pub struct ConnectionConfig {
     /// process: past the limit less this, connections are refused as past `max`. At most
     /// half the limit. Default 256.
     pub reserved_files: usize,
+    /// `connection.raise_file_limit`: at start, raise the process's soft open-file limit
+    /// to its hard limit, as Go programs (Pitaya's servers among them) do. Default true.
+    pub raise_file_limit: bool,
 }
 
 impl Default for ConnectionConfig {
     fn default() -> Self {
-        ConnectionConfig { max: 100_000, write_queue_bytes: 4 << 20, write_queue_total: 256 << 20, reserved_files: 256 }
+        ConnectionConfig {
+            max: 100_000,
+            write_queue_bytes: 4 << 20,
+            write_queue_total: 256 << 20,
+            reserved_files: 256,
+            raise_file_limit: true,
+        }
     }
 }
 

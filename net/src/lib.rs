@@ -11,6 +11,7 @@
 //!   implementations of core's `SessionSink` and `Messenger`.
 //! - `dispatcher`: core's `Dispatcher` on the worker pool, for work arriving from a cluster
 //!   layer (per-session ordered jobs).
+//! - `files`: the open-file limit, raised at start, and the cap it puts on clients.
 //! - [`config`]: every setting with its default.
 //!
 //! This crate knows nothing of ZeroMQ, HTTP or any cluster: those plug in from other crates.
@@ -21,6 +22,7 @@ mod app;
 pub mod config;
 mod dispatcher;
 mod event_loop;
+mod files;
 mod handle;
 mod pool;
 mod port;

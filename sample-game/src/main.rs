@@ -211,8 +211,10 @@ fn summary(frontend: bool, app: &StatsSnapshot, cluster: Option<ClusterStats>) -
     line
 }
 
-/// Raises the open-file limit so `connection.max` is not capped by a small default: to
-/// 262144 where the process may raise its hard limit, else the soft limit to the hard one.
+/// Raises the open-file limit to 262144, soft and hard, where the process may raise its hard
+/// limit (as root with CAP_SYS_RESOURCE), so `connection.max` is not capped by a small hard
+/// limit. Otherwise each server raises its soft limit to the hard one as it starts
+/// (`connection.raise_file_limit`).
 fn raise_fd_limit() {
     // SAFETY: plain syscalls on structs we own.
     unsafe {
@@ -221,11 +223,9 @@ fn raise_fd_limit() {
             return;
         }
         let wanted = libc::rlimit { rlim_cur: 262_144, rlim_max: 262_144 };
-        if lim.rlim_max < wanted.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
-            return;
+        if lim.rlim_max < wanted.rlim_max {
+            libc::setrlimit(libc::RLIMIT_NOFILE, &wanted);
         }
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }
 }
 

@@ -18,13 +18,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::Receiver;
 use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::SessionId;
-use log::{debug, info, warn};
+use log::{debug, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::agent::{Agent, Phase};
 use crate::app::Shared;
+use crate::files::ClientCap;
 use crate::pool::{Job, WorkerPool};
 use crate::port::LoopMsg;
 use crate::stats::Stats;
@@ -116,46 +117,6 @@ fn first_session_id() -> SessionId {
     use std::hash::BuildHasher;
     // std's hasher keys are seeded from the OS per process.
     (std::collections::hash_map::RandomState::new().hash_one(std::process::id()) >> 12).max(1)
-}
-
-/// How many client connections a frontend holds at most, and what a refusal says.
-#[derive(Debug)]
-struct ClientCap {
-    clients: usize,
-    why: String,
-}
-
-impl ClientCap {
-    /// `connection.max`, or the process's open-file limit less `connection.reserved_files`
-    /// (at most half the limit) if that is lower: clients taking every descriptor would
-    /// leave none for the cluster's connections and discovery, and this frontend would
-    /// lose its servers (and they it) instead of refusing clients.
-    /// Said in the log at start by a server with a listener (`frontend`).
-    fn new(cfg: &crate::config::ConnectionConfig, frontend: bool) -> ClientCap {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: getrlimit writes the struct we own.
-        let files = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-            0 if limit.rlim_cur != libc::RLIM_INFINITY => usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX),
-            _ => usize::MAX,
-        };
-        let reserved = cfg.reserved_files.min(files / 2);
-        let allowed = files - reserved;
-        if allowed >= cfg.max {
-            return ClientCap { clients: cfg.max, why: format!("connection.max ({}) reached", cfg.max) };
-        }
-        if frontend {
-            info!(
-                "at most {allowed} client connections: the open-file limit ({files}) less {reserved} kept for the \
-             cluster (connection.reserved_files), under connection.max ({})",
-                cfg.max
-            );
-        }
-        let why = format!(
-            "{allowed} connections, the open-file limit ({files}) less {reserved} kept for the cluster \
-             (connection.reserved_files), reached"
-        );
-        ClientCap { clients: allowed, why }
-    }
 }
 
 impl EventLoop {

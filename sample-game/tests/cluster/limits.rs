@@ -24,22 +24,14 @@ fn connections_wait_in_the_backlog_while_the_server_is_out_of_file_descriptors()
         .env("DRAGONFRUIT_CONNECTION__RESERVED_FILES", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    limit_files(&mut command, FILES);
+    limit_files(&mut command, FILES, FILES);
     let mut child = command.spawn().unwrap();
     let lines = line_reader(child.stderr.take().unwrap());
     let server = Proc(child);
 
     // Clients until one is not answered: the server is out of descriptors.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let first = loop {
-        match client(port, 1) {
-            Ok(client) => break client,
-            Err(_) => assert!(Instant::now() < deadline, "the server did not start"),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut held = vec![first_client(port)];
     assert_limit(&server, FILES);
-    let mut held = vec![first];
     while let Ok(client) = client(port, 1) {
         held.push(client);
         assert!(held.len() < FILES as usize, "more connections than the server has descriptors");
@@ -88,7 +80,7 @@ fn a_connector_keeps_file_descriptors_for_the_cluster() {
     let port = free_port();
     let mut command = servers.command("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")]);
     command.env("RUST_LOG", "info").stderr(Stdio::piped());
-    limit_files(&mut command, 128);
+    limit_files(&mut command, 128, 128);
     let mut child = command.spawn().unwrap();
     let lines = line_reader(child.stderr.take().unwrap());
     let connector = Proc(child);
@@ -124,14 +116,61 @@ fn a_connector_keeps_file_descriptors_for_the_cluster() {
     assert!(logged.iter().all(|l| l.contains("refusing connection")), "{logged:#?}");
 }
 
+/// A server given a soft open-file limit below its hard one (as the common 1024 under a hard
+/// limit of 524288) raises it to the hard one as it starts, as Go programs do: it takes
+/// more clients than the soft limit had room for. With `connection.raise_file_limit` off
+/// it keeps the limit it was given, and the clients past that limit less the descriptors
+/// kept for the cluster are refused.
+#[test]
+fn a_server_raises_its_soft_open_file_limit_to_the_hard_one() {
+    for raise in [true, false] {
+        let port = free_port();
+        let mut command = Command::new(BIN);
+        command
+            .args(["--role", "standalone", "--tcp", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
+            .env("DRAGONFRUIT_CONNECTION__RAISE_FILE_LIMIT", raise.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        limit_files(&mut command, 64, 1024);
+        let server = Proc(command.spawn().unwrap());
+        let mut held = vec![first_client(port)];
+        assert_limit(&server, if raise { 1024 } else { 64 });
+        while held.len() < 100 {
+            match client(port, 5) {
+                Ok(client) => held.push(client),
+                Err(_) => break,
+            }
+        }
+        // 64 less the 32 kept (half the limit): 32 clients.
+        assert_eq!(held.len(), if raise { 100 } else { 32 }, "raise_file_limit = {raise}");
+        for (i, client) in held.iter().enumerate() {
+            let body = format!("{{\"n\":{i}}}");
+            assert_eq!(client.request_raw("connector.entry.echo", body.as_bytes()).unwrap(), body.as_bytes());
+        }
+    }
+}
+
+/// The first client of the server starting on `port`.
+fn first_client(port: u16) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client(port, 1) {
+            Ok(client) => return client,
+            Err(_) => assert!(Instant::now() < deadline, "the server did not start"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A client of the server on `port`, connected and through its handshake within `wait` s.
 fn client(port: u16, wait: u64) -> Result<Client, ClientError> {
     let config = ClientConfig { connect_timeout: Duration::from_secs(wait), ..ClientConfig::default() };
     Client::connect(("127.0.0.1", port), config)
 }
 
-/// Runs `command` with an open-file limit of `files`.
-fn limit_files(command: &mut Command, files: u64) {
+/// Runs `command` with an open-file limit of `soft`, `hard` the most it may raise it to.
+fn limit_files(command: &mut Command, soft: u64, hard: u64) {
     // SAFETY: only async-signal-safe syscalls between fork and exec.
     unsafe {
         command.pre_exec(move || {
@@ -139,7 +178,7 @@ fn limit_files(command: &mut Command, files: u64) {
             // limit too, unless it lacks CAP_SYS_RESOURCE (24), dropped here (it may not be
             // in this process's bounding set in the first place).
             libc::prctl(libc::PR_CAPBSET_DROP, 24, 0, 0, 0);
-            let limit = libc::rlimit { rlim_cur: files, rlim_max: files };
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -148,7 +187,7 @@ fn limit_files(command: &mut Command, files: u64) {
     }
 }
 
-/// The open-file limit of `server` is still `files` (the game did not raise it).
+/// The (soft) open-file limit of `server` is `files`.
 fn assert_limit(server: &Proc, files: u64) {
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.0.id())).unwrap();
     let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
