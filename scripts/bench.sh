@@ -40,6 +40,10 @@
 #   scripts/bench.sh fuzz [S]   local cluster for S seconds (default 60; not part of `all`): 16
 #                               clients sending bad input of every kind beside two calm players
 #                               (dragonfruit-bench fuzz); then the servers' warnings and errors
+#   scripts/bench.sh ratio [R]  local cluster: R rounds (default 6) of forwarded and local echo
+#                               at 64 x 16, 5 s each, their order alternating; each round's
+#                               forwarded / local, then the median, mean and range over the
+#                               rounds (issue 4's target; one run of each spreads widely)
 #   scripts/bench.sh restart    local cluster, idle: room-1 stopped gracefully (SIGTERM) three
 #                               times (the launcher starts it again); how long each stop takes,
 #                               until its process has exited (not part of `all`)
@@ -276,6 +280,28 @@ if [ "$what" = fuzz ]; then
     start
     $bench fuzz --duration "${2:-60}" --server-pid "$pids" || true
     logged
+    stop
+fi
+if [ "$what" = ratio ]; then
+    start
+    rate() {
+        $bench echo --route "$1" --connections 64 --inflight 16 --duration 5 --warmup 1 --server-pid "$pids" \
+            | awk '/requests\/s/ { print $2 }'
+    }
+    ratios=""
+    for round in $(seq "${2:-6}"); do
+        if [ $((round % 2)) = 1 ]; then
+            forwarded=$(rate room.room.echo); loc=$(rate connector.entry.echo)
+        else
+            loc=$(rate connector.entry.echo); forwarded=$(rate room.room.echo)
+        fi
+        ratio=$(awk -v f="$forwarded" -v l="$loc" 'BEGIN { printf "%.1f", 100 * f / l }')
+        echo "round $round: forwarded $forwarded req/s, local $loc req/s, $ratio%"
+        ratios="$ratios $ratio"
+    done
+    echo "$ratios" | tr ' ' '\n' | sed '/^$/d' | sort -n | awk '{ a[NR] = $1; s += $1 } END {
+        m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+        printf "forwarded / local over %d rounds: median %.1f%%, mean %.1f%%, from %.1f%% to %.1f%%\n", NR, m, s / NR, a[1], a[NR] }'
     stop
 fi
 if [ "$what" = restart ]; then
