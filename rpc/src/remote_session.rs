@@ -107,7 +107,7 @@ pub(crate) fn snapshot(session: &Session, me: &ServerEntry) -> SessionSnapshot {
 }
 
 fn session_data(session: &Session) -> Vec<u8> {
-    serde_json::to_vec(&session.data()).unwrap_or_else(|_| b"{}".to_vec())
+    session.data_json().to_vec()
 }
 
 /// A temporary session for one forwarded batch, and what it sent its frontend unacknowledged

@@ -132,6 +132,8 @@ pub struct Session {
 struct State {
     uid: Option<String>,
     data: BTreeMap<String, Value>,
+    /// `data` as JSON, from the first [`Session::data_json`] after its last change.
+    encoded: Option<Arc<[u8]>>,
     closed: bool,
     on_close: Vec<OnClose>,
 }
@@ -218,7 +220,9 @@ impl Session {
     pub fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), SessionError> {
         let value =
             serde_json::to_value(value).map_err(|e| SerializeError { serializer: "json", message: e.to_string() })?;
-        self.state().data.insert(key.to_owned(), value);
+        let mut state = self.state();
+        state.data.insert(key.to_owned(), value);
+        state.encoded = None;
         Ok(())
     }
 
@@ -235,7 +239,12 @@ impl Session {
 
     /// Removes `key`.
     pub fn remove(&self, key: &str) -> Option<Value> {
-        self.state().data.remove(key)
+        let mut state = self.state();
+        let removed = state.data.remove(key);
+        if removed.is_some() {
+            state.encoded = None;
+        }
+        removed
     }
 
     /// A copy of all data.
@@ -243,19 +252,36 @@ impl Session {
         self.state().data.clone()
     }
 
+    /// All data as a JSON object, encoded once after each change: a frontend sends it with
+    /// every batch of messages it forwards (as Pitaya keeps a session's `encodedData`), so
+    /// a session holding much data costs the encoding once per change, not per batch.
+    pub fn data_json(&self) -> Arc<[u8]> {
+        let mut state = self.state();
+        if let Some(encoded) = &state.encoded {
+            return Arc::clone(encoded);
+        }
+        // String keys and JSON values always encode.
+        let encoded: Arc<[u8]> = serde_json::to_vec(&state.data).unwrap_or_else(|_| b"{}".to_vec()).into();
+        state.encoded = Some(Arc::clone(&encoded));
+        encoded
+    }
+
     /// Replaces all data.
     pub fn replace_data(&self, data: BTreeMap<String, Value>) {
-        self.state().data = data;
+        let mut state = self.state();
+        state.data = data;
+        state.encoded = None;
     }
 
     /// Sets the keys of `set` and removes those of `removed`, at once (used when a backend
     /// pushes its changes to the frontend); other keys stay.
     pub fn change_data(&self, set: BTreeMap<String, Value>, removed: &[String]) {
-        let data = &mut self.state().data;
+        let mut state = self.state();
         for key in removed {
-            data.remove(key);
+            state.data.remove(key);
         }
-        data.extend(set);
+        state.data.extend(set);
+        state.encoded = None;
     }
 
     /// Sends the changes this server made to the session's data to its frontend (Pitaya's

@@ -91,6 +91,28 @@ fn changes_pushed_by_a_backend_leave_other_keys_alone() {
 }
 
 #[test]
+fn the_data_as_json_is_encoded_once_and_follows_every_change() {
+    let s = session(8, Arc::new(Recorder { frontend: true, ..Recorder::default() }));
+    let json = |s: &Session| serde_json::from_slice::<serde_json::Value>(&s.data_json()).unwrap();
+    assert_eq!(json(&s), serde_json::json!({}));
+    s.set("a", &1).unwrap();
+    assert_eq!(json(&s), serde_json::json!({"a": 1}));
+    let first = s.data_json();
+    assert!(Arc::ptr_eq(&first, &s.data_json()), "encoded again without a change");
+    s.get::<i32>("a");
+    s.remove("absent");
+    assert!(Arc::ptr_eq(&first, &s.data_json()), "reads and removing no key change nothing");
+    s.set("b", &"two").unwrap();
+    assert_eq!(json(&s), serde_json::json!({"a": 1, "b": "two"}));
+    s.remove("a");
+    assert_eq!(json(&s), serde_json::json!({"b": "two"}));
+    s.change_data([("c".to_owned(), serde_json::json!(3))].into(), &["b".to_owned()]);
+    assert_eq!(json(&s), serde_json::json!({"c": 3}));
+    s.replace_data([("d".to_owned(), serde_json::json!([4]))].into());
+    assert_eq!(json(&s), serde_json::json!({"d": [4]}));
+}
+
+#[test]
 fn on_close_is_frontend_only() {
     let s = session(1, Arc::new(Recorder::default()));
     assert!(matches!(s.on_close(|_| {}), Err(SessionError::FrontendOnly(_))));
