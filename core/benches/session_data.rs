@@ -10,29 +10,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
-use dragonfruit_core::{Session, SessionError, SessionInit, SessionSink};
+use dragonfruit_core::{Detached, Session, SessionInit};
 use serde_json::{json, Value};
-
-/// A sink that takes nothing: the bench only reads and encodes data.
-struct NoSink;
-
-impl SessionSink for NoSink {
-    fn push(&self, _: &Session, _: &str, _: Vec<u8>) -> Result<(), SessionError> {
-        Ok(())
-    }
-    fn kick(&self, _: &Session, _: &str) -> Result<(), SessionError> {
-        Ok(())
-    }
-    fn bind(&self, _: &Session, _: &str) -> Result<(), SessionError> {
-        Ok(())
-    }
-    fn push_data(&self, _: &Session) -> Result<(), SessionError> {
-        Ok(())
-    }
-    fn is_frontend(&self) -> bool {
-        true
-    }
-}
 
 /// Nanoseconds per call of `f`, the best of three rounds of `rounds` calls.
 fn time(rounds: u32, mut f: impl FnMut() -> usize) -> f64 {
@@ -54,7 +33,7 @@ fn main() {
     println!("session data per forwarded batch, ns (best of 3 x {rounds})");
     println!("{:>5} {:>6} {:>16} {:>16} {:>14}", "keys", "bytes", "encode: before", "encode: now", "backend parse");
     for keys in [0usize, 4, 20] {
-        let session = Session::new(SessionInit::new(1, "connector-1"), Arc::new(NoSink));
+        let session = Session::new(SessionInit::new(1, "connector-1"), Arc::new(Detached));
         for i in 0..keys {
             let value = match i % 3 {
                 0 => json!(format!("value-{i}-abcdefghij")),

@@ -40,4 +40,4 @@ pub use handler::{
 pub use messenger::{Messenger, MessengerError, OnTaken};
 pub use route::{Route, RouteError};
 pub use serializer::Serializer;
-pub use session::{Session, SessionError, SessionId, SessionInit, SessionRegistry, SessionSink};
+pub use session::{Detached, Session, SessionError, SessionId, SessionInit, SessionRegistry, SessionSink};

@@ -58,29 +58,9 @@ mod tests {
     use std::collections::{BTreeMap, HashSet};
     use std::sync::Arc;
 
-    use dragonfruit_core::{Route, Session, SessionError, SessionInit, SessionSink};
+    use dragonfruit_core::{Detached, Route, Session, SessionInit};
 
     use super::*;
-
-    struct NoClient;
-
-    impl SessionSink for NoClient {
-        fn push(&self, _: &Session, _: &str, _: Vec<u8>) -> Result<(), SessionError> {
-            Ok(())
-        }
-        fn kick(&self, _: &Session, _: &str) -> Result<(), SessionError> {
-            Ok(())
-        }
-        fn bind(&self, _: &Session, _: &str) -> Result<(), SessionError> {
-            Ok(())
-        }
-        fn push_data(&self, _: &Session) -> Result<(), SessionError> {
-            Ok(())
-        }
-        fn is_frontend(&self) -> bool {
-            true
-        }
-    }
 
     fn session(id: u64, room: Option<&str>) -> Session {
         held_session(id, room, None)
@@ -92,7 +72,7 @@ mod tests {
         if let Some(holder) = holder {
             data.insert(ROOM_SERVER_KEY.to_owned(), serde_json::json!(holder));
         }
-        Session::new(SessionInit { data, ..SessionInit::new(id, "connector-1") }, Arc::new(NoClient))
+        Session::new(SessionInit { data, ..SessionInit::new(id, "connector-1") }, Arc::new(Detached))
     }
 
     fn rooms() -> Vec<ServerEntry> {

@@ -10,7 +10,7 @@ use super::*;
 use crate::codec::MessageType;
 use crate::messenger::{Messenger, MessengerError};
 use crate::serializer::Serializer;
-use crate::session::{Session, SessionError, SessionInit, SessionSink};
+use crate::session::{Detached, Session, SessionInit};
 use crate::{codes, HandlerError};
 
 /// A messenger that finds no user; it records each call with the values it carried, and
@@ -40,26 +40,6 @@ impl Messenger for NoMessenger {
     ) -> Result<Vec<u8>, HandlerError> {
         self.calls.lock().unwrap().push((route.to_owned(), context.clone()));
         self.answer.clone().ok_or_else(|| HandlerError::new(codes::NOT_FOUND, format!("no server for {route}")))
-    }
-}
-
-struct NullSink;
-
-impl SessionSink for NullSink {
-    fn push(&self, _: &Session, _: &str, _: Vec<u8>) -> Result<(), SessionError> {
-        Ok(())
-    }
-    fn kick(&self, _: &Session, _: &str) -> Result<(), SessionError> {
-        Ok(())
-    }
-    fn bind(&self, _: &Session, _: &str) -> Result<(), SessionError> {
-        Ok(())
-    }
-    fn push_data(&self, _: &Session) -> Result<(), SessionError> {
-        Ok(())
-    }
-    fn is_frontend(&self) -> bool {
-        true
     }
 }
 
@@ -124,7 +104,7 @@ fn env(messenger: Arc<dyn Messenger>) -> HandlerEnv {
 }
 
 fn session() -> Arc<Session> {
-    Arc::new(Session::new(SessionInit::new(1, "game-1"), Arc::new(NullSink)))
+    Arc::new(Session::new(SessionInit::new(1, "game-1"), Arc::new(Detached)))
 }
 
 fn request(svc: &HandlerService, route: &str, body: &[u8]) -> Reply {

@@ -77,6 +77,29 @@ pub trait SessionSink: Send + Sync {
     fn is_frontend(&self) -> bool;
 }
 
+/// The sink of a frontend session with no client behind it, for unit tests of handlers,
+/// routers and pipelines, and for tools: pushes, kicks and binds succeed and reach no one.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Detached;
+
+impl SessionSink for Detached {
+    fn push(&self, _: &Session, _: &str, _: Vec<u8>) -> Result<(), SessionError> {
+        Ok(())
+    }
+    fn kick(&self, _: &Session, _: &str) -> Result<(), SessionError> {
+        Ok(())
+    }
+    fn bind(&self, _: &Session, _: &str) -> Result<(), SessionError> {
+        Ok(())
+    }
+    fn push_data(&self, _: &Session) -> Result<(), SessionError> {
+        Ok(())
+    }
+    fn is_frontend(&self) -> bool {
+        true
+    }
+}
+
 /// What a session is created with.
 #[derive(Debug, Clone)]
 pub struct SessionInit {
