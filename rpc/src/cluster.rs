@@ -23,6 +23,7 @@ use crate::config::{self, RpcConfig};
 use crate::discovery::{self, Discovery};
 use crate::listener::{Listeners, ServerListener};
 use crate::messenger::{ClusterMessenger, Whereabouts};
+use crate::parsed::ParsedData;
 use crate::router::{RandomRouter, Router};
 use crate::socket_thread::{self, Cmd, Inbound, Io, Responder};
 use crate::stats::{ClusterStats, Counters};
@@ -63,6 +64,8 @@ pub(crate) struct Inner {
     remote_binds: RemoteBinds,
     /// Where users' sessions were last seen, for pushes to users.
     pub(crate) whereabouts: Whereabouts,
+    /// Session data parsed for forwarded batches, shared with the next batch of its session.
+    pub(crate) parsed: Arc<ParsedData>,
     /// Told when servers join and leave.
     listeners: Listeners,
 }
@@ -157,6 +160,7 @@ impl ClusterModule {
             stats: Arc::default(),
             remote_binds: RemoteBinds::new(REMEMBER_REMOTE_BINDS),
             whereabouts: Whereabouts::default(),
+            parsed: Arc::default(),
             listeners: Listeners::default(),
         };
         ClusterModule { inner: Arc::new(inner) }

@@ -33,6 +33,7 @@ mod gather;
 mod grouped;
 mod listener;
 mod messenger;
+mod parsed;
 mod remote_session;
 pub mod router;
 mod socket_thread;

@@ -8,11 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use dragonfruit_core::cluster::OrderKey;
 use dragonfruit_core::serializer::SerializeError;
 use dragonfruit_core::{HandlerError, Serializer, Session, SessionError, SessionInit, SessionSink};
 use serde_json::Value;
 
 use crate::gather::Gather;
+use crate::parsed::ParsedData;
 use crate::socket_thread::{Io, Parts, ReplyFn};
 use crate::table::{ServerEntry, ServerTable};
 use crate::wire::{self, Answer, Call, PartItem, SessionSnapshot};
@@ -28,8 +30,9 @@ pub(crate) struct RemoteSink {
     frontend_rpc: String,
     /// This server's table: what the frontend's build reads (`ServerEntry::wire_level`).
     table: Arc<ServerTable>,
-    /// The snapshot's session data (JSON), the frontend's when the call was made.
-    snapshot: Vec<u8>,
+    /// The snapshot's session data, the frontend's when the call was made (shared with the
+    /// session until it changes its data).
+    snapshot: Arc<BTreeMap<String, Value>>,
     /// The session's data as the frontend has it, as far as this server knows: what the
     /// last push left (none yet: the snapshot's, read at the first push). A push sends the
     /// differences.
@@ -116,14 +119,14 @@ fn session_data(session: &Session) -> Vec<u8> {
 /// backend `Session::handshake` is empty. Session data that is not a JSON object is an
 /// error, not an empty session: a handler pushing that back would wipe the frontend's data.
 pub(crate) fn remote_session(
-    s: SessionSnapshot,
+    (key, s): (&OrderKey, SessionSnapshot),
     io: &Io,
-    table: Arc<ServerTable>,
+    (table, parsed): (Arc<ServerTable>, &ParsedData),
     timeout: Duration,
     serializer: Serializer,
     parts: Option<Arc<Parts>>,
 ) -> Result<(Arc<Session>, Arc<Unacked>), HandlerError> {
-    let data = serde_json::from_slice(&s.data).map_err(|e| {
+    let data = parsed.get(key, &s.data).map_err(|e| {
         HandlerError::bad_request(format!("session {} of {}: bad session data: {e}", s.id, s.frontend_id))
     })?;
     let sink = Arc::new(RemoteSink {
@@ -131,7 +134,7 @@ pub(crate) fn remote_session(
         timeout,
         frontend_rpc: s.frontend_rpc,
         table,
-        snapshot: s.data,
+        snapshot: Arc::clone(&data),
         pushed: Mutex::new(None),
         unacked: Arc::default(),
         parts,
@@ -139,7 +142,7 @@ pub(crate) fn remote_session(
     let unacked = sink.unacked.clone();
     let init = SessionInit {
         id: s.id,
-        frontend_id: Arc::from(s.frontend_id),
+        frontend_id: Arc::clone(&key.0),
         handshake: Arc::default(),
         remote_addr: None,
         created_unix_ms: 0,
@@ -215,8 +218,7 @@ impl SessionSink for RemoteSink {
         }
         // Held across the call: pushes of one session from two threads go one after another.
         let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
-        // The snapshot's data was read once already, when the session was made.
-        let pushed = pushed.get_or_insert_with(|| serde_json::from_slice(&self.snapshot).unwrap_or_default());
+        let pushed = pushed.get_or_insert_with(|| BTreeMap::clone(&self.snapshot));
         let data = session.data();
         let set: BTreeMap<&String, &Value> = data.iter().filter(|(k, v)| pushed.get(*k) != Some(*v)).collect();
         let removed: Vec<String> = pushed.keys().filter(|k| !data.contains_key(*k)).cloned().collect();

@@ -72,7 +72,7 @@ mod tests {
         if let Some(holder) = holder {
             data.insert(ROOM_SERVER_KEY.to_owned(), serde_json::json!(holder));
         }
-        Session::new(SessionInit { data, ..SessionInit::new(id, "connector-1") }, Arc::new(Detached))
+        Session::new(SessionInit { data: Arc::new(data), ..SessionInit::new(id, "connector-1") }, Arc::new(Detached))
     }
 
     fn rooms() -> Vec<ServerEntry> {

@@ -117,8 +117,10 @@ pub struct SessionInit {
     pub serializer: Serializer,
     /// Uid, when already bound (remote agents built from a snapshot).
     pub uid: Option<String>,
-    /// Data, when already set (remote agents built from a snapshot).
-    pub data: BTreeMap<String, Value>,
+    /// Data, when already set (remote agents built from a snapshot). Shared until the
+    /// session changes it (copy on write), so a backend can give the remote sessions of
+    /// one session's batches the map it parsed once.
+    pub data: Arc<BTreeMap<String, Value>>,
 }
 
 impl SessionInit {
@@ -134,7 +136,7 @@ impl SessionInit {
             created_unix_ms: 0,
             serializer: Serializer::Json,
             uid: None,
-            data: BTreeMap::new(),
+            data: Arc::default(),
         }
     }
 }
@@ -154,7 +156,8 @@ pub struct Session {
 #[derive(Default)]
 struct State {
     uid: Option<String>,
-    data: BTreeMap<String, Value>,
+    /// Copied before its first change while shared ([`SessionInit::data`]).
+    data: Arc<BTreeMap<String, Value>>,
     /// `data` as JSON, from the first [`Session::data_json`] after its last change.
     encoded: Option<Arc<[u8]>>,
     closed: bool,
@@ -244,7 +247,7 @@ impl Session {
         let value =
             serde_json::to_value(value).map_err(|e| SerializeError { serializer: "json", message: e.to_string() })?;
         let mut state = self.state();
-        state.data.insert(key.to_owned(), value);
+        Arc::make_mut(&mut state.data).insert(key.to_owned(), value);
         state.encoded = None;
         Ok(())
     }
@@ -263,16 +266,16 @@ impl Session {
     /// Removes `key`.
     pub fn remove(&self, key: &str) -> Option<Value> {
         let mut state = self.state();
-        let removed = state.data.remove(key);
-        if removed.is_some() {
-            state.encoded = None;
+        if !state.data.contains_key(key) {
+            return None;
         }
-        removed
+        state.encoded = None;
+        Arc::make_mut(&mut state.data).remove(key)
     }
 
     /// A copy of all data.
     pub fn data(&self) -> BTreeMap<String, Value> {
-        self.state().data.clone()
+        BTreeMap::clone(&self.state().data)
     }
 
     /// All data as a JSON object, encoded once after each change: a frontend sends it with
@@ -284,7 +287,7 @@ impl Session {
             return Arc::clone(encoded);
         }
         // String keys and JSON values always encode.
-        let encoded: Arc<[u8]> = serde_json::to_vec(&state.data).unwrap_or_else(|_| b"{}".to_vec()).into();
+        let encoded: Arc<[u8]> = serde_json::to_vec(&*state.data).unwrap_or_else(|_| b"{}".to_vec()).into();
         state.encoded = Some(Arc::clone(&encoded));
         encoded
     }
@@ -292,7 +295,7 @@ impl Session {
     /// Replaces all data.
     pub fn replace_data(&self, data: BTreeMap<String, Value>) {
         let mut state = self.state();
-        state.data = data;
+        state.data = Arc::new(data);
         state.encoded = None;
     }
 
@@ -300,10 +303,11 @@ impl Session {
     /// pushes its changes to the frontend); other keys stay.
     pub fn change_data(&self, set: BTreeMap<String, Value>, removed: &[String]) {
         let mut state = self.state();
+        let data = Arc::make_mut(&mut state.data);
         for key in removed {
-            state.data.remove(key);
+            data.remove(key);
         }
-        state.data.extend(set);
+        data.extend(set);
         state.encoded = None;
     }
 

@@ -113,6 +113,22 @@ fn the_data_as_json_is_encoded_once_and_follows_every_change() {
 }
 
 #[test]
+fn data_shared_at_creation_is_copied_before_a_change() {
+    let shared = Arc::new(BTreeMap::from([("a".to_owned(), serde_json::json!(1))]));
+    let init = SessionInit { data: Arc::clone(&shared), ..SessionInit::new(9, "fe-1") };
+    let s = Session::new(init, Arc::new(Recorder::default()));
+    let t = Session::new(
+        SessionInit { data: Arc::clone(&shared), ..SessionInit::new(9, "fe-1") },
+        Arc::new(Recorder::default()),
+    );
+    s.set("b", &2).unwrap();
+    t.remove("a");
+    assert_eq!(serde_json::json!(*shared), serde_json::json!({"a": 1}), "the shared map is left as it was");
+    assert_eq!(serde_json::json!(s.data()), serde_json::json!({"a": 1, "b": 2}));
+    assert_eq!(serde_json::json!(t.data()), serde_json::json!({}));
+}
+
+#[test]
 fn on_close_is_frontend_only() {
     let s = session(1, Arc::new(Recorder::default()));
     assert!(matches!(s.on_close(|_| {}), Err(SessionError::FrontendOnly(_))));

@@ -52,6 +52,7 @@ impl Inner {
                     let key: OrderKey = (Arc::from(session.frontend_id.as_str()), session.id);
                     let service = started.ctx.service.clone();
                     let (io, timeout, table) = (started.io.clone(), self.rpc.timeout, self.table.clone());
+                    let (parsed, session_key) = (self.parsed.clone(), key.clone());
                     let (overdue, stats) = (started.overdue.clone(), self.stats.clone());
                     let warnings = self.warnings.clone();
                     let job = move || {
@@ -59,13 +60,13 @@ impl Inner {
                             Some(e) => Err(e),
                             None => {
                                 let serializer = service.env().serializer;
-                                remote_session(session, &io, table, timeout, serializer, parts.clone()).inspect_err(
-                                    |e| {
+                                let table = (table, &*parsed);
+                                remote_session((&session_key, session), &io, table, timeout, serializer, parts.clone())
+                                    .inspect_err(|e| {
                                         if let Some(more) = warnings.bad_session.due(Instant::now()) {
                                             warn!("{}{more}", e.message);
                                         }
-                                    },
-                                )
+                                    })
                             }
                         };
                         match session {
