@@ -259,6 +259,18 @@ fn wait_line(lines: &mpsc::Receiver<String>, text: &str) {
     }
 }
 
+/// Whether a line with `text` comes within `wait`.
+fn seen_line(lines: &mpsc::Receiver<String>, text: &str, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains(text) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
 fn line_reader(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || BufReader::new(from).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
