@@ -164,6 +164,15 @@ struct State {
     on_close: Vec<OnClose>,
 }
 
+impl State {
+    /// The data to change: a copy of it while it is shared, and the JSON of it dropped. Every
+    /// change of the data but a whole replacement goes through here.
+    fn data_mut(&mut self) -> &mut BTreeMap<String, Value> {
+        self.encoded = None;
+        Arc::make_mut(&mut self.data)
+    }
+}
+
 impl Session {
     /// Creates a session reaching its client through `sink`.
     pub fn new(init: SessionInit, sink: Arc<dyn SessionSink>) -> Session {
@@ -246,9 +255,7 @@ impl Session {
     pub fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), SessionError> {
         let value =
             serde_json::to_value(value).map_err(|e| SerializeError { serializer: "json", message: e.to_string() })?;
-        let mut state = self.state();
-        Arc::make_mut(&mut state.data).insert(key.to_owned(), value);
-        state.encoded = None;
+        self.state().data_mut().insert(key.to_owned(), value);
         Ok(())
     }
 
@@ -269,8 +276,7 @@ impl Session {
         if !state.data.contains_key(key) {
             return None;
         }
-        state.encoded = None;
-        Arc::make_mut(&mut state.data).remove(key)
+        state.data_mut().remove(key)
     }
 
     /// A copy of all data.
@@ -303,12 +309,11 @@ impl Session {
     /// pushes its changes to the frontend); other keys stay.
     pub fn change_data(&self, set: BTreeMap<String, Value>, removed: &[String]) {
         let mut state = self.state();
-        let data = Arc::make_mut(&mut state.data);
+        let data = state.data_mut();
         for key in removed {
             data.remove(key);
         }
         data.extend(set);
-        state.encoded = None;
     }
 
     /// Sends the changes this server made to the session's data to its frontend (Pitaya's
