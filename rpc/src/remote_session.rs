@@ -120,8 +120,9 @@ fn session_data(session: &Session) -> Vec<u8> {
 /// error, not an empty session: a handler pushing that back would wipe the frontend's data.
 pub(crate) fn remote_session(
     (key, s): (&OrderKey, SessionSnapshot),
+    parsed: &ParsedData,
     io: &Io,
-    (table, parsed): (Arc<ServerTable>, &ParsedData),
+    table: Arc<ServerTable>,
     timeout: Duration,
     serializer: Serializer,
     parts: Option<Arc<Parts>>,

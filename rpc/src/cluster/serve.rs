@@ -60,8 +60,8 @@ impl Inner {
                             Some(e) => Err(e),
                             None => {
                                 let serializer = service.env().serializer;
-                                let table = (table, &*parsed);
-                                remote_session((&session_key, session), &io, table, timeout, serializer, parts.clone())
+                                let session = (&session_key, session);
+                                remote_session(session, &parsed, &io, table, timeout, serializer, parts.clone())
                                     .inspect_err(|e| {
                                         if let Some(more) = warnings.bad_session.due(Instant::now()) {
                                             warn!("{}{more}", e.message);
