@@ -249,14 +249,7 @@ fn launcher(port: u16, piped: bool) -> Proc {
 
 /// Waits for a line containing `text` on `lines`.
 fn wait_line(lines: &mpsc::Receiver<String>, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) if line.contains(text) => return,
-            Ok(_) => {}
-            Err(e) => panic!("no line with {text:?}: {e}"),
-        }
-    }
+    assert!(seen_line(lines, text, Duration::from_secs(20)), "no line with {text:?} within 20 s");
 }
 
 /// Whether a line with `text` comes within `wait`.
