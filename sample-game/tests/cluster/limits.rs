@@ -97,11 +97,7 @@ fn a_connector_keeps_file_descriptors_for_the_cluster() {
     // A room server joins: the connector reads the registry and connects to it.
     let _room2 = servers.spawn("room", "room-2", &[]);
     servers.wait_registered(3);
-    let seen = Instant::now() + Duration::from_secs(10);
-    while !lines.try_iter().any(|l| l.contains("room-2")) {
-        assert!(Instant::now() < seen, "the connector did not see room-2 join");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(seen_line(&lines, "room-2", Duration::from_secs(10)), "the connector did not see room-2 join");
     // Each player's own room server, so both room servers serve some.
     for (i, client) in held.iter().enumerate().skip(1) {
         let _: Value = client.request("connector.entry.login", &json!({"name": format!("p{i}")})).unwrap();
