@@ -174,10 +174,10 @@ fn a_second_ctrl_c_kills_servers_that_do_not_stop() {
     assert_eq!(children.len(), 3, "the connector and two room servers");
     // SAFETY: signals to the launcher's children (running: the cluster serves) and to the
     // launcher, none reaped.
-    unsafe {
-        libc::kill(children[0], libc::SIGSTOP);
-        libc::kill(pid as libc::pid_t, libc::SIGINT);
-    }
+    unsafe { libc::kill(children[0], libc::SIGSTOP) };
+    wait_stopped(children[0] as u32);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
     std::thread::sleep(Duration::from_millis(500));
     assert!(launcher.0.try_wait().unwrap().is_none(), "waits for the frozen connector");
     let again = Instant::now();

@@ -53,9 +53,33 @@ impl Drop for Proc {
     }
 }
 
+/// Sends `sig` to `child`; for SIGSTOP, returns once the process has stopped.
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill on a pid we spawned and have not reaped.
     unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    if sig == libc::SIGSTOP {
+        wait_stopped(child.id());
+    }
+}
+
+/// Waits until every thread of process `pid` has stopped (SIGSTOP). A process stops only
+/// once one of its threads has taken the signal: on a busy machine that thread can wait
+/// for a core while the others run on, and a server thought frozen read and answered
+/// requests sent after the signal (which failed a test about a frozen server's calls).
+fn wait_stopped(pid: u32) {
+    let thread_stopped = |stat: String| {
+        // `tid (name) state ...`; the name may hold spaces and parentheses.
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).is_some_and(|c| c == 'T')
+    };
+    let stopped = || {
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+        threads.map(|t| std::fs::read_to_string(t.path().join("stat")).unwrap_or_default()).all(thread_stopped)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stopped() {
+        assert!(Instant::now() < deadline, "process {pid} stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
@@ -153,15 +177,42 @@ impl Servers {
     }
 
     /// Waits until `n` servers have registered, then a little longer so that every one has
-    /// seen the others.
+    /// seen the others. Only registry files count, not the temporary file a server writes
+    /// its entry to before it renames it into place.
     fn wait_registered(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0) < n {
+        let registered = || {
+            let files = std::fs::read_dir(&self.dir).into_iter().flatten().flatten();
+            files.filter(|f| f.path().extension().is_some_and(|e| e == "json")).count()
+        };
+        while registered() < n {
             assert!(Instant::now() < deadline, "servers registered");
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+impl Servers {
+    /// The port of server `id`'s ROUTER socket, from its registry file.
+    fn rpc_port(&self, id: &str) -> u16 {
+        let text = std::fs::read_to_string(self.dir.join(format!("{id}.json"))).unwrap();
+        let entry: Value = serde_json::from_str(&text).unwrap();
+        entry["rpc_addr"].as_str().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok()).unwrap()
+    }
+}
+
+/// The most bytes waiting unread on one TCP socket of port `port` (`/proc/net/tcp`): what
+/// other servers sent a frozen server.
+fn unread_at(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let unread = |line: &str| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+        let queued = u64::from_str_radix(fields.get(4)?.split(':').nth(1)?, 16).ok()?;
+        (local == port).then_some(queued)
+    };
+    table.lines().skip(1).filter_map(unread).max().unwrap_or(0)
 }
 
 /// `connector-1` (clients on `port`), `room-1` and `room-2`, registered with each other.

@@ -20,9 +20,16 @@ fn a_killed_room_server_fails_in_flight_requests_and_traffic_moves_on() {
     // killed (on a busy machine it could otherwise answer them all before the kill, and the
     // connector see its connection lost before the next ones: none would fail). Stopped,
     // its connection stays up (heartbeats miss only after 3 s), so the router still picks it.
+    // It is killed once requests wait unread on its socket: forwarded, not merely sent to
+    // the connector (a busy connector could otherwise forward them only after it saw room-1
+    // die, to room-2, and none would fail).
     signal(&cluster.room1.0, libc::SIGSTOP);
     let mut in_flight = send(0..200);
-    std::thread::sleep(Duration::from_millis(300));
+    let (port, deadline) = (servers.rpc_port("room-1"), Instant::now() + Duration::from_secs(10));
+    while unread_at(port) < 256 {
+        assert!(Instant::now() < deadline, "requests forwarded to the frozen room-1");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     signal(&cluster.room1.0, libc::SIGKILL);
     let started = Instant::now();
     // Until the connector sees room-1's connection lost (and for the requests already
