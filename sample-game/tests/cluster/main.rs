@@ -64,8 +64,8 @@ fn signal(child: &Child, sig: i32) {
 
 /// Waits until every thread of process `pid` has stopped (SIGSTOP). A process stops only
 /// once one of its threads has taken the signal: on a busy machine that thread can wait
-/// for a core while the others run on, and a server thought frozen read and answered
-/// requests sent after the signal (which failed a test about a frozen server's calls).
+/// for a core while the others run on, and a server thought frozen read (and at times
+/// answered) requests sent after the signal, which failed a test about its calls.
 fn wait_stopped(pid: u32) {
     let thread_stopped = |stat: String| {
         // `tid (name) state ...`; the name may hold spaces and parentheses.
@@ -191,9 +191,7 @@ impl Servers {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-}
 
-impl Servers {
     /// The port of server `id`'s ROUTER socket, from its registry file.
     fn rpc_port(&self, id: &str) -> u16 {
         let text = std::fs::read_to_string(self.dir.join(format!("{id}.json"))).unwrap();
