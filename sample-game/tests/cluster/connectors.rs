@@ -170,11 +170,7 @@ fn a_connector_restarted_under_its_id_keeps_the_players_who_came_back() {
     // Right after a rescan of the room server (it touches its registry file as it rescans).
     let rescan = || std::fs::metadata(servers.dir.join("room-1.json")).unwrap().modified().unwrap();
     let before = rescan();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while rescan() == before {
-        assert!(Instant::now() < deadline, "the room server rescans");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for("the room server rescans", Duration::from_secs(10), Duration::from_millis(10), || rescan() != before);
     let rescanned = rescan();
     signal(&connector2.0, libc::SIGKILL);
     assert!(wait_exit(&mut connector2.0, T).is_some());

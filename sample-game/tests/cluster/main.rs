@@ -75,10 +75,16 @@ fn wait_stopped(pid: u32) {
         let threads = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
         threads.map(|t| std::fs::read_to_string(t.path().join("stat")).unwrap_or_default()).all(thread_stopped)
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !stopped() {
-        assert!(Instant::now() < deadline, "process {pid} stopped");
-        std::thread::sleep(Duration::from_millis(5));
+    wait_for(&format!("process {pid} stopped"), Duration::from_secs(10), Duration::from_millis(5), stopped);
+}
+
+/// Waits until `cond` holds, looking again every `every`; after `timeout` the test fails
+/// with `what` (what did not happen).
+fn wait_for(what: &str, timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(every);
     }
 }
 
@@ -180,15 +186,11 @@ impl Servers {
     /// seen the others. Only registry files count, not the temporary file a server writes
     /// its entry to before it renames it into place.
     fn wait_registered(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
         let registered = || {
             let files = std::fs::read_dir(&self.dir).into_iter().flatten().flatten();
-            files.filter(|f| f.path().extension().is_some_and(|e| e == "json")).count()
+            files.filter(|f| f.path().extension().is_some_and(|e| e == "json")).count() >= n
         };
-        while registered() < n {
-            assert!(Instant::now() < deadline, "servers registered");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for("servers registered", Duration::from_secs(10), Duration::from_millis(50), registered);
         std::thread::sleep(Duration::from_millis(300));
     }
 
