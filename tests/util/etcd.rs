@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::ports::free_port;
+use super::procs::wait_stopped;
 
 pub struct Etcd {
     child: Option<Child>,
@@ -258,9 +259,11 @@ impl Etcd {
     }
 
     /// Stops the process without killing it (SIGSTOP): its sockets still accept connections
-    /// but nothing answers, as a frozen or cut-off host. [`Etcd::thaw`] resumes it.
+    /// but nothing answers, as a frozen or cut-off host. Returns once every thread has
+    /// stopped. [`Etcd::thaw`] resumes it.
     pub fn freeze(&self) {
         self.signal("-STOP");
+        wait_stopped(self.child.as_ref().expect("etcd runs").id());
     }
 
     pub fn thaw(&self) {

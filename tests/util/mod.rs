@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod node;
 pub mod ports;
 pub mod probe;
+pub mod procs;
 pub mod raw;
 
 use std::net::SocketAddr;

@@ -34,6 +34,11 @@ mod etcd;
 mod ports;
 use ports::free_port;
 
+// Waits on conditions and on stopped processes.
+#[path = "../../../tests/util/procs.rs"]
+mod procs;
+use procs::{wait_for, wait_stopped};
+
 mod connectors;
 mod launcher;
 mod limits;
@@ -59,32 +64,6 @@ fn signal(child: &Child, sig: i32) {
     unsafe { libc::kill(child.id() as libc::pid_t, sig) };
     if sig == libc::SIGSTOP {
         wait_stopped(child.id());
-    }
-}
-
-/// Waits until every thread of process `pid` has stopped (SIGSTOP). A process stops only
-/// once one of its threads has taken the signal: on a busy machine that thread can wait
-/// for a core while the others run on, and a server thought frozen read (and at times
-/// answered) requests sent after the signal, which failed a test about its calls.
-fn wait_stopped(pid: u32) {
-    let thread_stopped = |stat: String| {
-        // `tid (name) state ...`; the name may hold spaces and parentheses.
-        stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).is_some_and(|c| c == 'T')
-    };
-    let stopped = || {
-        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
-        threads.map(|t| std::fs::read_to_string(t.path().join("stat")).unwrap_or_default()).all(thread_stopped)
-    };
-    wait_for(&format!("process {pid} stopped"), Duration::from_secs(10), Duration::from_millis(5), stopped);
-}
-
-/// Waits until `cond` holds, looking again every `every`; after `timeout` the test fails
-/// with `what` (what did not happen).
-fn wait_for(what: &str, timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(every);
     }
 }
 
