@@ -1,13 +1,21 @@
-//! The sample game as a player sees it: login, rooms, chat, leaving.
+//! The sample game as a player sees it: login, rooms, chat, leaving; and a join racing a
+//! room server that leaves the cluster.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use dragonfruit_client::{Client, ClientError};
-use dragonfruit_core::{Component, Ctx, Routes};
+use dragonfruit_core::{Component, Ctx, HandlerError, RemoteCtx, Routes};
 use dragonfruit_net::App;
+use dragonfruit_rpc::router::rendezvous;
+use dragonfruit_rpc::ClusterModule;
 use sample_game::entry::{Entry, LoginAck};
 use sample_game::room::{Chat, Joined, MemberEvent, Rooms, LEFT_ROUTE};
+use sample_game::{RoomRouter, CONNECTOR, ROOM};
 use serde_json::{json, Value};
 
-use crate::util::{wait_until, Server, T};
+use crate::util::{cluster_dir, cluster_module, wait_until, Server, T};
 
 fn game() -> Server {
     Server::start(App::builder("connector").component("entry", Entry::default()).component_for(
@@ -131,7 +139,7 @@ fn bad_clients_of_every_kind_leave_calm_players_alone() {
     }
     let _ = talker.recv_push(T).unwrap(); // the listener's onJoin
     let bad = BadClients::start(server.addr(), 4, 7);
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
     let calm = std::thread::scope(|s| {
         let calm = s.spawn(|| calm_talk(&talker, &listener, &stop));
         std::thread::sleep(std::time::Duration::from_secs(2));
@@ -144,4 +152,88 @@ fn bad_clients_of_every_kind_leave_calm_players_alone() {
     assert!(calm.said >= 20 && calm.echoes >= 4, "{calm:?}");
     assert_eq!((calm.heard, calm.echo_failures.as_slice()), (calm.said, &[][..]), "{calm:?}");
     assert_eq!(server.client().request_raw("connector.entry.echo", b"{}").unwrap(), b"{}");
+}
+
+/// A room server that says it holds every room (`holds`), and leaves the cluster while it
+/// answers: it asks the test to stop it, and answers once `watcher` (another room server)
+/// no longer lists it (`left_first`). Its `admit` must not run.
+struct LeavingHolder {
+    stop_me: crossbeam_channel::Sender<()>,
+    watcher: ClusterModule,
+    left_first: Arc<AtomicBool>,
+    admits: Arc<AtomicUsize>,
+}
+
+impl Component for LeavingHolder {
+    fn routes(r: &mut Routes<Self>) {
+        r.remote("holds", |h: &LeavingHolder, _: &mut RemoteCtx<'_>, _: String| {
+            let _ = h.stop_me.send(());
+            let gone = wait_until(T, || !h.watcher.servers().iter().any(|s| s.id == "room-0"));
+            h.left_first.store(gone, Ordering::SeqCst);
+            Ok(true)
+        });
+        r.remote("admit", |h: &LeavingHolder, _: &mut RemoteCtx<'_>, _: Value| {
+            h.admits.fetch_add(1, Ordering::SeqCst);
+            Err::<Joined, _>(HandlerError::internal("a server that left was asked to admit"))
+        });
+        // Asked by the other room server on seeing this one join (rooms made on both).
+        r.remote("holding", |_: &LeavingHolder, _: &mut RemoteCtx<'_>, _: Vec<String>| Ok(Vec::<String>::new()));
+    }
+}
+
+/// A join of a room that another room server says it holds, where that server leaves the
+/// cluster between saying so and being asked to admit the player (a graceful stop: its
+/// rooms go where their names hash among the others), makes the room where the name hashes
+/// now, here, instead of failing with the `PIT-404` of a server no longer listed.
+#[test]
+fn a_join_whose_holder_leaves_before_admitting_goes_where_the_name_hashes() {
+    let dir = cluster_dir("holder-leaves");
+    let module = || cluster_module(&dir, Duration::from_secs(2)).with_router(ROOM, RoomRouter::default());
+    let room_1 = module();
+    let rooms = Rooms::in_cluster(room_1.clone(), Duration::from_secs(1));
+    let room_1 = room_1.with_listener(rooms.clone());
+    let _room_1_server = Server::start_backend(
+        App::builder(ROOM).server_id("room-1").component("room", rooms).cluster(Arc::new(room_1.clone())),
+    );
+    let fe_module = module();
+    let frontend = Server::start(
+        App::builder(CONNECTOR).component("entry", Entry::default()).cluster(Arc::new(fe_module.clone())),
+    );
+    assert!(wait_until(T, || fe_module.servers().len() == 2), "connector and room-1 see each other");
+    let player = login(&frontend, "fern");
+    // In a room held by room-1, so the next join goes to room-1 whatever other room
+    // servers there are.
+    let _: Joined = player.request("room.room.join", &json!({"room": "warm-up"})).unwrap();
+
+    let (stop_me, stop_asked) = crossbeam_channel::bounded(1);
+    let (left_first, admits) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let holder =
+        LeavingHolder { stop_me, watcher: room_1.clone(), left_first: left_first.clone(), admits: admits.clone() };
+    let holder_module = module();
+    let holder_server = Server::start_backend(
+        App::builder(ROOM).server_id("room-0").component("room", holder).cluster(Arc::new(holder_module)),
+    );
+    let listed = |m: &ClusterModule| m.servers().iter().any(|s| s.id == "room-0");
+    assert!(wait_until(T, || listed(&room_1) && listed(&fe_module)), "room-0 joined");
+    // A room whose name hashes to room-1: room-1 asks room-0 whether it holds it, not
+    // first whether it admits.
+    let servers: Vec<_> = room_1.servers().into_iter().filter(|s| s.server_type == ROOM).collect();
+    let room = (0..)
+        .map(|i| format!("hall-{i}"))
+        .find(|name| servers[rendezvous(name, &servers).unwrap()].id == "room-1")
+        .unwrap();
+
+    let stopper = std::thread::spawn(move || {
+        stop_asked.recv_timeout(T).expect("room-0 was asked whether it holds the room");
+        drop(holder_server); // stops gracefully: leaves discovery, answers the call it runs
+    });
+    let joined: Joined = player.request("room.room.join", &json!({"room": room})).unwrap();
+    stopper.join().unwrap();
+    assert!(left_first.load(Ordering::SeqCst), "room-1 saw room-0 leave before room-0 answered");
+    assert_eq!(joined, Joined { room: room.clone(), members: vec!["fern".into()] });
+    assert_eq!(admits.load(Ordering::SeqCst), 0, "room-0 had left when the player was admitted");
+    // The room is held on room-1: another player joins the same one.
+    let other = login(&frontend, "gale");
+    let joined: Joined = other.request("room.room.join", &json!({"room": room})).unwrap();
+    assert_eq!(joined.members, vec!["fern".to_string(), "gale".to_string()]);
 }
