@@ -12,12 +12,13 @@ pub mod procs;
 pub mod raw;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dragonfruit_client::{Client, ClientConfig};
 use dragonfruit_net::{AppBuilder, AppHandle};
 
 pub use probe::Probe;
+pub use procs::wait_until;
 pub use raw::RawConn;
 
 /// A started server that is stopped and joined when dropped (also when a test fails).
@@ -79,20 +80,6 @@ impl Drop for Server {
 /// A builder for a `connector` server with the probe component registered as `probe`.
 pub fn probe_app(probe: &Probe) -> AppBuilder {
     dragonfruit_net::App::builder("connector").component("probe", probe.clone())
-}
-
-/// Polls `cond` until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A fresh directory for an embedded-discovery cluster of one test, in [`run_dir`].

@@ -3,12 +3,26 @@
 
 use std::time::{Duration, Instant};
 
+/// Polls `cond` every 5 ms until it holds (true) or `timeout` passes (false).
+pub fn wait_until(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    poll(timeout, Duration::from_millis(5), cond)
+}
+
 /// Waits until `cond` holds, looking again every `every`; after `timeout` the test fails
 /// with `what` (what did not happen).
-pub fn wait_for(what: &str, timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, timeout: Duration, every: Duration, cond: impl FnMut() -> bool) {
+    assert!(poll(timeout, every, cond), "{what}");
+}
+
+fn poll(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}");
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(every);
     }
 }

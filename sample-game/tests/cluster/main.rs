@@ -35,6 +35,7 @@ mod ports;
 use ports::free_port;
 
 // Waits on conditions and on stopped processes.
+#[allow(dead_code)]
 #[path = "../../../tests/util/procs.rs"]
 mod procs;
 use procs::{wait_for, wait_stopped};
