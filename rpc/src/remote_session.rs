@@ -30,13 +30,10 @@ pub(crate) struct RemoteSink {
     frontend_rpc: String,
     /// This server's table: what the frontend's build reads (`ServerEntry::wire_level`).
     table: Arc<ServerTable>,
-    /// The snapshot's session data, the frontend's when the call was made (shared with the
-    /// session until it changes its data).
-    snapshot: Arc<BTreeMap<String, Value>>,
-    /// The session's data as the frontend has it, as far as this server knows: what the
-    /// last push left (none yet: the snapshot's, read at the first push). A push sends the
-    /// differences.
-    pushed: Mutex<Option<BTreeMap<String, Value>>>,
+    /// The session's data as the frontend has it, as far as this server knows: the
+    /// snapshot's (the frontend's when the call was made, shared with the session until it
+    /// changes its data), then what the last push left. A push sends the differences.
+    pushed: Mutex<Arc<BTreeMap<String, Value>>>,
     /// Pushes and kicks sent to the frontend and not yet acknowledged.
     unacked: Arc<Unacked>,
     /// The answer in parts of the batch this session runs, when the frontend reads them:
@@ -135,8 +132,7 @@ pub(crate) fn remote_session(
         timeout,
         frontend_rpc: s.frontend_rpc,
         table,
-        snapshot: Arc::clone(&data),
-        pushed: Mutex::new(None),
+        pushed: Mutex::new(Arc::clone(&data)),
         unacked: Arc::default(),
         parts,
     });
@@ -219,14 +215,13 @@ impl SessionSink for RemoteSink {
         }
         // Held across the call: pushes of one session from two threads go one after another.
         let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
-        let pushed = pushed.get_or_insert_with(|| BTreeMap::clone(&self.snapshot));
         let data = session.data();
         let set: BTreeMap<&String, &Value> = data.iter().filter(|(k, v)| pushed.get(*k) != Some(*v)).collect();
         let removed: Vec<String> = pushed.keys().filter(|k| !data.contains_key(*k)).cloned().collect();
         let set = serde_json::to_vec(&set)
             .map_err(|e| SerializeError { serializer: "json", message: format!("session data: {e}") })?;
         self.blocking(session, Call::SessionChanges { session: session.id(), set, removed })?;
-        *pushed = data;
+        *pushed = Arc::new(data);
         Ok(())
     }
 
