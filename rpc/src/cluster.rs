@@ -260,7 +260,7 @@ impl Cluster for ClusterModule {
         // `ClusterModule::new` takes the config as given; `from_source` checked it already.
         inner.rpc.validate().map_err(|e| ClusterError::Other(e.to_string()))?;
         let zctx = zmq::Context::new();
-        let (router, endpoint) = socket_thread::bind_router(&zctx, &inner.rpc.bind)
+        let (router, endpoint) = socket_thread::bind_router(&zctx, &inner.rpc.bind, socket_thread::MAX_MESSAGE)
             .map_err(|message| ClusterError::Bind { addr: inner.rpc.bind.clone(), message })?;
         let rpc_addr = inner.rpc.advertised(&endpoint);
         if let Err(message) = config::check_dialable(&rpc_addr) {

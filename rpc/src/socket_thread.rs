@@ -240,7 +240,9 @@ pub(crate) struct Limits {
     /// ZMTP heartbeat interval on connections to peers; a peer silent for three of them is
     /// disconnected. Zero: no heartbeats.
     pub(crate) heartbeat: Duration,
-    /// Largest message taken from a peer ([`MAX_MESSAGE`]; lower in tests).
+    /// Largest message taken from a peer on this server's DEALERs and sent to one
+    /// ([`MAX_MESSAGE`]; lower in tests). The ROUTER's own limit is set when it is bound
+    /// ([`bind_router`]), to the same value.
     pub(crate) max_message: usize,
 }
 
@@ -263,7 +265,6 @@ pub(crate) fn spawn(
     limits: Limits,
     stats: Arc<Counters>,
 ) -> io::Result<(Io, JoinHandle<()>)> {
-    router.set_maxmsgsize(limits.max_message as i64)?;
     let (wake_read, wake_write) = UnixStream::pair()?;
     wake_read.set_nonblocking(true)?;
     wake_write.set_nonblocking(true)?;

@@ -212,8 +212,9 @@ pub(super) fn ipv6(endpoint: &str) -> bool {
     host.is_some_and(|host| host == "*" || host.contains(':'))
 }
 
-/// Creates the ROUTER socket bound at `bind` and returns it with its real endpoint.
-pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket, String), String> {
+/// Creates the ROUTER socket bound at `bind`, taking messages of at most `max_message`
+/// bytes, and returns it with its real endpoint.
+pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str, max_message: usize) -> Result<(zmq::Socket, String), String> {
     let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
     router.set_linger(0).map_err(|e| e.to_string())?;
     router.set_router_mandatory(true).map_err(|e| e.to_string())?;
@@ -223,6 +224,10 @@ pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str) -> Result<(zmq::Socket
     router.set_sndhwm(HWM).map_err(|e| e.to_string())?;
     router.set_rcvhwm(HWM).map_err(|e| e.to_string())?;
     router.set_ipv6(ipv6(bind)).map_err(|e| e.to_string())?;
+    // Before `bind`: ZeroMQ gives the connections a listener accepts the options the socket
+    // had when it was bound, so a limit set later would not apply to any peer. A peer that
+    // announces a larger message is disconnected before anything is allocated for it.
+    router.set_maxmsgsize(i64::try_from(max_message).unwrap_or(i64::MAX)).map_err(|e| e.to_string())?;
     router.bind(bind).map_err(|e| match e {
         // ZeroMQ binds to an address or a network interface's name, never a host name.
         zmq::Error::ENODEV => format!("{e}: rpc.bind takes an IP address, `*` or an interface name, not a host name"),

@@ -1,5 +1,6 @@
 //! Bad input from peers (malformed envelopes, answers on the wrong socket, messages meant
-//! for another process, messages over the size limit) and bad endpoints.
+//! for another process, messages over the size limit, connections that are not ZeroMQ
+//! peers) and bad endpoints.
 
 use super::*;
 
@@ -170,11 +171,11 @@ fn large_calls_and_answers_never_exceed_the_message_limit() {
     let ctx = zmq::Context::new();
     let max_message = 1 << 20;
     let limits = Limits { max_message, ..limits(Duration::from_secs(20)) };
-    let (router, addr) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let (router, addr) = bind_router(&ctx, "tcp://127.0.0.1:*", max_message).unwrap();
     let table = Arc::new(ServerTable::new());
     let (server, server_thread) =
         spawn(ctx.clone(), router, Process::new("server"), table, Arc::new(Echo), limits, Default::default()).unwrap();
-    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*").unwrap();
+    let (router, _) = bind_router(&ctx, "tcp://127.0.0.1:*", max_message).unwrap();
     let table = Arc::new(ServerTable::new());
     table.replace(fake_entry("server", &addr));
     let stats = Arc::new(Counters::default());
@@ -221,6 +222,91 @@ fn ipv6_is_on_for_ipv6_addresses_and_the_wildcard_only() {
 #[test]
 fn a_host_name_to_bind_is_refused_saying_what_rpc_bind_takes() {
     let ctx = zmq::Context::new();
-    let Err(message) = bind_router(&ctx, "tcp://localhost:*") else { panic!("bound to a host name") };
+    let Err(message) = bind_router(&ctx, "tcp://localhost:*", MAX_MESSAGE) else { panic!("bound to a host name") };
     assert!(message.contains("rpc.bind takes an IP address"), "{message}");
+}
+
+/// The ZMTP 3.0 greeting of a NULL-mechanism peer, then its READY command as a DEALER.
+fn zmtp_greeting_and_ready() -> Vec<u8> {
+    let mut bytes = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0x7f, 3, 0];
+    bytes.extend_from_slice(b"NULL");
+    bytes.resize(bytes.len() + 16 + 1 + 31, 0);
+    let mut ready = vec![5];
+    ready.extend_from_slice(b"READY");
+    ready.push(11);
+    ready.extend_from_slice(b"Socket-Type");
+    ready.extend_from_slice(&6u32.to_be_bytes());
+    ready.extend_from_slice(b"DEALER");
+    bytes.extend_from_slice(&[0x04, ready.len() as u8]);
+    bytes.extend_from_slice(&ready);
+    bytes
+}
+
+/// Whether the other end closes `stream` within 5 s, whatever it sends first.
+fn closed_within_5s(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Connections to the ROUTER's port that are not ZeroMQ peers (random bytes, an HTTP
+/// client, a port scanner that says nothing), that name an unknown security mechanism or
+/// that announce a message over the limit do not stop calls from real peers. ZeroMQ closes
+/// the garbage, the unknown mechanism and the oversized message (1 GiB) at once (the limit
+/// is set on the ROUTER before it is bound, so nothing is allocated for that message; set
+/// after, it did not apply and the connection stayed open waiting for 1 GiB); it reads an HTTP request as
+/// the start of a ZMTP 1.0 peer's identity, and like a silent connection that is closed
+/// when ZeroMQ's handshake interval (30 s) ends, not waited for here.
+#[test]
+fn connections_that_do_not_speak_zeromq_do_not_stop_calls() {
+    use std::io::Write;
+    let ctx = zmq::Context::new();
+    let (io, thread, endpoint) = start_thread(&ctx, "test", Arc::default(), Arc::new(NoCalls), Duration::from_secs(5));
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let random: Vec<u8> = (0..65_536)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect();
+    let mut bad_mechanism = zmtp_greeting_and_ready();
+    bad_mechanism[12..16].copy_from_slice(b"BOGU");
+    let mut oversized = zmtp_greeting_and_ready();
+    oversized.push(0x02);
+    oversized.extend_from_slice(&(1u64 << 30).to_be_bytes());
+    let connect = |bytes: &[u8]| {
+        let mut stream = std::net::TcpStream::connect(endpoint.trim_start_matches("tcp://")).unwrap();
+        // ZeroMQ may close the connection before it has all: not an error here.
+        let _ = stream.write_all(bytes);
+        stream
+    };
+    let mut refused: Vec<_> = [random, bad_mechanism, oversized].iter().map(|b| connect(b)).collect();
+    let _waiting = [connect(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), connect(b"")];
+    let peer = raw_socket(&ctx, zmq::DEALER);
+    peer.set_identity(b"peer").unwrap();
+    peer.connect(&endpoint).unwrap();
+    let call = |corr: u64| {
+        let call = Frame::Call { corr, call: Call::KickUser { uid: "u".into(), reason: "r".into() } };
+        peer.send_multipart([b"test".as_slice(), &envelope(&[call])], 0).unwrap();
+        let answer = peer.recv_bytes(0).expect("a real peer's call is answered");
+        assert!(matches!(wire::decode(&answer).unwrap().as_slice(), [Frame::Reply { corr: c, .. }] if *c == corr));
+    };
+    call(1);
+    for (i, stream) in refused.iter_mut().enumerate() {
+        assert!(closed_within_5s(stream), "connection {i} is still open");
+    }
+    call(2);
+    stop(io, thread);
 }

@@ -236,7 +236,7 @@ fn a_stopping_thread_removes_its_ipc_socket_file_only() {
     let endpoint = format!("ipc://{}", path.display());
     let start = || {
         let ctx = zmq::Context::new();
-        let (router, bound) = bind_router(&ctx, &endpoint).unwrap();
+        let (router, bound) = bind_router(&ctx, &endpoint, MAX_MESSAGE).unwrap();
         assert_eq!(bound, endpoint);
         let table = Arc::new(ServerTable::new());
         spawn(
@@ -279,7 +279,7 @@ fn sockets_past_a_contexts_limit_are_made_in_another() {
     }
     assert!(limit.rlim_cur >= 2048, "the open-file limit is too low for this test: {}", limit.rlim_cur);
     let first = zmq::Context::new();
-    let (router, endpoint) = bind_router(&first, "tcp://127.0.0.1:*").unwrap();
+    let (router, endpoint) = bind_router(&first, "tcp://127.0.0.1:*", MAX_MESSAGE).unwrap();
     let mut contexts = Contexts(vec![first]);
     let dealers: Vec<zmq::Socket> =
         (0..1100).map(|i| contexts.socket(zmq::DEALER).unwrap_or_else(|e| panic!("socket {i}: {e}"))).collect();
