@@ -17,6 +17,9 @@ const MAX_HEAD: usize = 64 << 10;
 /// endpoint (a wrong URL) must not fill this server's memory.
 const MAX_VALUE: usize = 64 << 20;
 
+/// Most bytes taken for a chunk's size line (a hex size, maybe with extensions).
+const MAX_CHUNK_LINE: usize = 1024;
+
 /// `host:port` of a plain-HTTP endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Endpoint {
@@ -187,9 +190,13 @@ impl Body {
         }
         if self.chunked && self.left == 0 {
             let mut line = String::new();
-            let read = self.reader.read_line(&mut line);
-            if read.map_err(|e| self.failed(e))? == 0 {
+            let read = self.reader.by_ref().take(MAX_CHUNK_LINE as u64 + 1).read_line(&mut line);
+            let n = read.map_err(|e| self.failed(e))?;
+            if n == 0 {
                 return Err("connection closed in chunked body".into());
+            }
+            if n > MAX_CHUNK_LINE {
+                return Err(format!("a chunk size line over {MAX_CHUNK_LINE} bytes (not an etcd?)"));
             }
             let size = line.trim().split(';').next().unwrap_or("");
             let size = usize::from_str_radix(size, 16).map_err(|_| format!("bad chunk size {line:?}"))?;
@@ -220,7 +227,8 @@ impl Body {
         self.left -= n;
         if self.chunked && self.left == 0 {
             let mut crlf = [0u8; 2];
-            self.reader.read_exact(&mut crlf).map_err(|e| e.to_string())?;
+            let read = self.reader.read_exact(&mut crlf);
+            read.map_err(|e| self.failed(e))?;
         }
         Ok(true)
     }
@@ -364,8 +372,8 @@ mod tests {
         assert!(Endpoint::parse("nohost").is_err());
     }
 
-    /// Something else than etcd at the endpoint cannot fill this server's memory: a head or
-    /// a JSON value over the limits is an error.
+    /// Something else than etcd at the endpoint cannot fill this server's memory: a head, a
+    /// chunk size line or a JSON value over the limits is an error.
     #[test]
     fn answers_over_the_size_limits_are_errors() {
         let req = Post { path: "/x", body: &Value::Null, timeout: Duration::from_secs(5), token: None };
@@ -378,6 +386,11 @@ mod tests {
         let (ep, _) = serve_once(Box::leak(endless.into_boxed_str()));
         let e = post(&ep, &req).unwrap_err();
         assert!(e.contains("JSON value of the answer over"), "{e}");
+        // A chunked answer whose size line never ends.
+        let endless = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{}", "0".repeat(1 << 20));
+        let (ep, _) = serve_once(Box::leak(endless.into_boxed_str()));
+        let e = post(&ep, &req).unwrap_err();
+        assert!(e.contains("chunk size line over"), "{e}");
         // Up to the limits, the answer is taken.
         let big = format!("HTTP/1.1 200 OK\r\n\r\n\"{}\"", "a".repeat(MAX_VALUE - 2));
         let (ep, _) = serve_once(Box::leak(big.into_boxed_str()));
