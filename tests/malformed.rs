@@ -220,6 +220,25 @@ fn a_flood_of_failing_notifies_logs_a_line_a_second() {
     server.assert_serving();
 }
 
+/// A route with a control character is refused as a bad request (no handler has one),
+/// its text escaped in the error: written to a log (a failed notify's warning, say), a
+/// newline in it would start a line of the client's.
+#[test]
+fn routes_with_control_characters_are_bad_requests() {
+    let server = server();
+    let client = server.client();
+    for route in ["probe.echo\n2026-11-28T00:00:00Z ERROR forged line", "probe.\u{1b}[2Jecho"] {
+        match client.request_raw(route, b"{}") {
+            Err(dragonfruit_client::ClientError::Server(e)) => {
+                assert_eq!(e.code, codes::BAD_REQUEST, "{e:?}");
+                assert!(!e.message.chars().any(char::is_control), "escaped in the message: {e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    server.assert_serving();
+}
+
 /// One client opening connection after connection with garbage would write a warning per
 /// connection: protocol errors are warnings at most once a second (each one at debug), and
 /// every one is counted.

@@ -11,7 +11,7 @@ use dragonfruit_net::App;
 use dragonfruit_rpc::router::rendezvous;
 use dragonfruit_rpc::ClusterModule;
 use sample_game::entry::{Entry, LoginAck};
-use sample_game::room::{Chat, Joined, MemberEvent, Rooms, LEFT_ROUTE};
+use sample_game::room::{Chat, Joined, MemberEvent, Rooms, LEFT_ROUTE, MAX_ROOM};
 use sample_game::{RoomRouter, CONNECTOR, ROOM};
 use serde_json::{json, Value};
 
@@ -48,6 +48,12 @@ fn echo_login_join_chat_leave() {
     }
 
     let alice = login(&server, "alice");
+    for bad in ["", " ", "lobby\nERROR forged", &"r".repeat(MAX_ROOM + 1)] {
+        match alice.request::<_, Joined>("room.room.join", &json!({"room": bad})) {
+            Err(ClientError::Server(e)) => assert_eq!(e.code, "GAME-400", "{bad:?}"),
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
     let joined: Joined = alice.request("room.room.join", &json!({"room": "lobby"})).unwrap();
     assert_eq!(joined, Joined { room: "lobby".into(), members: vec!["alice".into()] });
     let bob = login(&server, "bob");

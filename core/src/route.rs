@@ -8,7 +8,8 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum RouteError {
-    /// Not 2 or 3 non-blank parts separated by dots.
+    /// Not 2 or 3 non-blank parts separated by dots, or has a control character (no
+    /// handler has one; written to a log, a newline would start a line of the sender's).
     #[error("invalid route {0:?}: expected component.method or serverType.component.method")]
     Invalid(String),
 }
@@ -25,10 +26,10 @@ pub struct Route {
 }
 
 impl Route {
-    /// Parses `text`: exactly 2 or 3 parts, none of them blank.
+    /// Parses `text`: exactly 2 or 3 parts, none of them blank, no control characters.
     pub fn parse(text: &str) -> Result<Route, RouteError> {
         let invalid = || RouteError::Invalid(text.to_owned());
-        if text.len() > u16::MAX as usize {
+        if text.len() > u16::MAX as usize || text.chars().any(char::is_control) {
             return Err(invalid());
         }
         let mut dots = text.match_indices('.').map(|(i, _)| i as u16);
@@ -116,7 +117,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_shapes() {
-        for bad in ["", "a", ".", "a.", ".b", "a..b", "a.b.c.d", " .a.b", "a. .b", "a.b. "] {
+        for bad in
+            ["", "a", ".", "a.", ".b", "a..b", "a.b.c.d", " .a.b", "a. .b", "a.b. ", "a.b\nc", "a.\u{7f}b", "\0a.b"]
+        {
             assert!(Route::parse(bad).is_err(), "{bad:?}");
         }
     }

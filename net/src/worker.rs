@@ -267,7 +267,7 @@ fn handle_message(
     tally.saw_route_code |= msg.route_code.is_some();
     let body = match msg.inflated_body(shared.config.packet.max_size) {
         Ok(body) => body,
-        Err(e) => return Err(format!("bad compressed body on {}: {e}", msg.route)),
+        Err(e) => return Err(format!("bad compressed body on {:?}: {e}", msg.route)),
     };
     let service = &shared.service;
     let reply = match service.resolve(msg.route) {

@@ -178,6 +178,15 @@ fn no_server_of_the_type_fails_at_once() {
         other => panic!("{other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(2), "answered without waiting for the call timeout");
+    // A notify to such a type is dropped with a warning. One whose route has a control
+    // character is refused before that, as a bad route: no line of the client's in the log.
+    let from = warnings().len();
+    client.notify_raw("chat.chat.say\n2026-11-28T00:00:00Z ERROR forged", b"{}").unwrap();
+    client.notify_raw("chat.chat.say", b"{}").unwrap();
+    assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
+    assert!(wait_until(T, || !warnings_about(from, "notify chat.chat.say dropped").is_empty()));
+    let forged = warnings_about(from, "forged");
+    assert!(forged.is_empty(), "{forged:?}");
 }
 
 /// `discovery.ignored_types` (Pitaya's `servertypeblacklist`): the frontend leaves the

@@ -20,8 +20,9 @@ impl Rooms {
     pub(super) fn join(&self, ctx: &mut Ctx<'_>, req: Join) -> Result<Joined, HandlerError> {
         let uid = logged_in(ctx)?;
         let name = req.room.trim().to_owned();
-        if name.is_empty() || name.chars().count() > MAX_ROOM {
-            return Err(HandlerError::new("GAME-400", format!("room name must be 1 to {MAX_ROOM} characters")));
+        if name.is_empty() || name.chars().count() > MAX_ROOM || name.chars().any(char::is_control) {
+            let text = format!("room name must be 1 to {MAX_ROOM} printable characters");
+            return Err(HandlerError::new("GAME-400", text));
         }
         let session = ctx.session().clone();
         let from = self.recent.room_of(&session);
