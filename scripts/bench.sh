@@ -39,7 +39,8 @@
 #                               players' errors, the servers' warnings and errors, their memory
 #   scripts/bench.sh fuzz [S]   local cluster for S seconds (default 60; not part of `all`): 16
 #                               clients sending bad input of every kind beside two calm players
-#                               (dragonfruit-bench fuzz); then the servers' warnings and errors
+#                               (dragonfruit-bench fuzz); then the servers' warnings and errors,
+#                               and how many log lines a client wrote (routes with newlines)
 #   scripts/bench.sh ratio [R]  local cluster: R rounds (default 6) of forwarded and local echo
 #                               at 64 x 16, 5 s each, their order alternating; each round's
 #                               forwarded / local, then the median, mean and range over the
@@ -280,6 +281,8 @@ if [ "$what" = fuzz ]; then
     start
     $bench fuzz --duration "${2:-60}" --server-pid "$pids" || true
     logged
+    # Routes with a newline and `forged by a client` after it: refused, never logged raw.
+    echo "== log lines written by a client: $(grep -c '^forged by a client' /tmp/dragonfruit-bench-server.log || true)"
     stop
 fi
 if [ "$what" = ratio ]; then

@@ -123,6 +123,15 @@ fn unknown_dictionary_code_closes() {
 #[test]
 fn bad_compressed_bodies_close() {
     let s = server();
+    // The route is in the warning (the first protocol error of this server), escaped.
+    let from = warnings().len();
+    let route = b"probe.echo\nforged by bad zlib";
+    let mut msg = vec![FLAG_COMPRESSED, 0x01, route.len() as u8];
+    msg.extend_from_slice(route);
+    msg.extend_from_slice(b"not zlib at all");
+    expect_close(&s, s.raw_ready(), &data(&msg), "bad zlib");
+    let lines = crate::util::warnings_about(from, "forged by bad zlib");
+    assert!(lines.len() == 1 && !lines[0].contains('\n'), "{lines:?}");
     let mut msg = vec![FLAG_COMPRESSED, 0x01, 10];
     msg.extend_from_slice(b"probe.echo");
     msg.extend_from_slice(b"not zlib at all");

@@ -134,7 +134,8 @@ fn a_late_leave_of_a_replaced_session_keeps_the_player_in_the_room() {
 /// Bad clients of every kind (`dragonfruit_client::fuzz`: packets out of order, junk
 /// handshakes, messages with random flags, routes and bodies, lying headers) cost only their
 /// own connections: two calm players in a room beside them hear every line and get every
-/// echo, and the server serves a new client afterwards.
+/// echo, the server serves a new client afterwards, and no route of theirs reached the log
+/// raw (a newline in it would begin a line of theirs).
 #[test]
 fn bad_clients_of_every_kind_leave_calm_players_alone() {
     use dragonfruit_client::fuzz::{calm_talk, BadClients};
@@ -158,6 +159,9 @@ fn bad_clients_of_every_kind_leave_calm_players_alone() {
     assert!(calm.said >= 20 && calm.echoes >= 4, "{calm:?}");
     assert_eq!((calm.heard, calm.echo_failures.as_slice()), (calm.said, &[][..]), "{calm:?}");
     assert_eq!(server.client().request_raw("connector.entry.echo", b"{}").unwrap(), b"{}");
+    // Some of their routes carry a newline and a line of their own: never written raw.
+    let forged = format!("\n{}", dragonfruit_client::fuzz::FORGED);
+    assert!(!crate::util::warnings().iter().any(|line| line.contains(&forged)), "a bad client wrote a log line");
 }
 
 /// A room server that says it holds every room (`holds`), and leaves the cluster while it

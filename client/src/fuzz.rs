@@ -2,8 +2,8 @@
 //! a closed connection for the client that sent it, and nothing else. [`BadClients`] are
 //! threads that open connections and send what a client should not: packets of every type
 //! in any order, handshakes with junk bodies or none, messages with random flags, ids,
-//! routes (the sample game's, made-up ones, route codes) and bodies, headers announcing
-//! more than follows, bytes that are no packet at all; each reads what comes back and opens
+//! routes (the sample game's, made-up ones, ones with a newline, route codes) and bodies,
+//! headers announcing more than follows, bytes that are no packet at all; each reads what comes back and opens
 //! a new connection when the server closes its own (or every few dozen packets).
 //! [`calm_talk`] is what two well-behaved players of the sample game do meanwhile, to see
 //! that nothing reached them. The input is repeatable from a seed (up to thread timing).
@@ -17,6 +17,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::Client;
+
+/// What follows a newline in some of the routes bad clients send: a server log line that
+/// begins with it was written by a client.
+pub const FORGED: &str = "forged by a client";
 
 /// The sample game's client routes, for messages that reach a handler with a bad body.
 const ROUTES: [&str; 7] = [
@@ -191,9 +195,11 @@ fn message(rng: &mut Rng) -> Vec<u8> {
     if coded {
         out.extend_from_slice(&(rng.below(40) as u16).to_be_bytes());
     } else {
-        let route: Vec<u8> = match rng.below(4) {
+        let route: Vec<u8> = match rng.below(5) {
             0 | 1 => ROUTES[rng.below(ROUTES.len() as u64) as usize].as_bytes().to_vec(),
             2 => format!("room.room.m{}", rng.below(100)).into_bytes(),
+            // Would write a line of its own into a server's log if a route were logged raw.
+            3 => format!("{}\n{FORGED}", ROUTES[rng.below(ROUTES.len() as u64) as usize]).into_bytes(),
             _ => rng.bytes_up_to(300),
         };
         out.push(route.len().min(255) as u8);
