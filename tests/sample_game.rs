@@ -62,6 +62,10 @@ fn echo_login_join_chat_leave() {
     let (route, ev): (String, MemberEvent) = alice.recv_push_as(T).unwrap();
     assert_eq!((route.as_str(), ev.uid.as_str()), ("onJoin", "bob"));
 
+    // Refused (a notify: nobody hears them), so the first line heard is the next one.
+    for bad in ["\u{1b}]0;title\u{7}", &"x".repeat(sample_game::room::MAX_TEXT + 1)] {
+        bob.notify("room.room.say", &json!({"text": bad})).unwrap();
+    }
     bob.notify("room.room.say", &json!({"text": "hello"})).unwrap();
     for c in [&alice, &bob] {
         let (route, chat): (String, Chat) = c.recv_push_as(T).unwrap();

@@ -167,9 +167,24 @@ fn show(client: &Client, push: Push) {
         _ => None,
     };
     match text {
-        Some(text) => println!("{text}"),
-        None => println!("{}: {}", push.route, String::from_utf8_lossy(&push.body)),
+        Some(text) => println!("{}", printable(&text)),
+        None => println!("{}: {}", printable(&push.route), printable(&String::from_utf8_lossy(&push.body))),
     }
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): what other players wrote
+/// must not move this terminal's cursor or change its title (a server of another build may
+/// pass them on).
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Lines of standard input, read on a thread of their own.
@@ -184,4 +199,13 @@ fn stdin_lines() -> Receiver<String> {
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(super::printable("héllo \"you\" 🐉"), "héllo \"you\" 🐉");
+        assert_eq!(super::printable("a\u{1b}[2Jb\nc\u{7}"), "a\\u{1b}[2Jb\\nc\\u{7}");
+    }
 }

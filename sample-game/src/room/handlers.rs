@@ -262,8 +262,10 @@ impl Rooms {
 
     pub(super) fn say(&self, ctx: &mut Ctx<'_>, req: Say) -> Result<(), HandlerError> {
         let uid = logged_in(ctx)?;
-        if req.text.chars().count() > MAX_TEXT {
-            return Err(HandlerError::new("GAME-400", format!("text longer than {MAX_TEXT} characters")));
+        // Shown on other players' terminals (`--play`): no escape sequences.
+        if req.text.chars().count() > MAX_TEXT || req.text.chars().any(char::is_control) {
+            let text = format!("text must be at most {MAX_TEXT} printable characters");
+            return Err(HandlerError::new("GAME-400", text));
         }
         let session = ctx.session().clone();
         // Where the player is, if it joined or left (through this server) after sending this.
