@@ -100,9 +100,13 @@ fn command(client: &Client, line: &str, room: &mut Option<String>) -> Result<boo
             Err(e) => game_error(client, e)?,
         },
         _ if word.starts_with('/') => println!("unknown command {line:?}; {COMMANDS}"),
-        // Saying is a notify: the game answers nothing, not even a refusal.
+        // Saying is a notify: the game answers nothing, not even a refusal (of a line with
+        // control characters: a typed tab is sent as spaces, others are left out).
         _ if room.is_none() => println!("you are in no room: /join ROOM first"),
-        _ => client.notify("room.room.say", &json!({ "text": line })).map_err(|_| closed(client))?,
+        _ => {
+            let text: String = line.replace('\t', "    ").chars().filter(|c| !c.is_control()).collect();
+            client.notify("room.room.say", &json!({ "text": text })).map_err(|_| closed(client))?
+        }
     }
     Ok(true)
 }

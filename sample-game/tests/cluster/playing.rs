@@ -196,6 +196,10 @@ fn terminal_players_chat() {
     ann.type_line("hello ben");
     assert_eq!(ben.line(), "ann: hello ben");
     assert_eq!(ann.line(), "ann: hello ben");
+    // A typed tab is sent as spaces, other control characters are left out.
+    ann.type_line("a\tb\u{1b}[2J\u{7}");
+    assert_eq!(ben.line(), "ann: a    b[2J");
+    assert_eq!(ann.line(), "ann: a    b[2J");
     ben.type_line("/join");
     assert_eq!(ben.line(), "usage: /join ROOM");
     ben.type_line("/dance");
