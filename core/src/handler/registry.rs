@@ -12,7 +12,8 @@ use crate::handler::{Component, Handler, HandlerKind, RemoteFn, Routes};
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum RegistryError {
-    /// A name is empty or contains a dot or white space.
+    /// A name is empty or contains a dot, white space or a control character (no route
+    /// could reach it).
     #[error("invalid {what} name {name:?}")]
     InvalidName {
         /// "server type", "component" or "method".
@@ -68,7 +69,7 @@ pub struct HandlerRegistry {
 }
 
 fn check_name(what: &'static str, name: &str) -> Result<(), RegistryError> {
-    if name.is_empty() || name.contains('.') || name.chars().any(char::is_whitespace) {
+    if name.is_empty() || name.contains('.') || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(RegistryError::InvalidName { what, name: name.to_owned() });
     }
     Ok(())

@@ -179,6 +179,7 @@ fn duplicate_and_bad_names_are_refused() {
     registry.register("game", "counter", Counter::default()).unwrap();
     assert!(matches!(registry.register("game", "counter", Counter::default()), Err(RegistryError::Duplicate(_))));
     assert!(matches!(registry.register("game", "a.b", Counter::default()), Err(RegistryError::InvalidName { .. })));
+    assert!(matches!(registry.register("game", "a\u{1}", Counter::default()), Err(RegistryError::InvalidName { .. })));
     assert!(registry.serves("game") && !registry.serves("room"));
     assert_eq!(registry.routes().len(), 6);
     assert_eq!(registry.routes()[0].route, "game.counter.add");
