@@ -3,8 +3,9 @@
 //! threads that open connections and send what a client should not: packets of every type
 //! in any order, handshakes with junk bodies or none, messages with random flags, ids,
 //! routes (the sample game's, made-up ones, ones with a newline, route codes) and bodies,
-//! headers announcing more than follows, bytes that are no packet at all; each reads what comes back and opens
-//! a new connection when the server closes its own (or every few dozen packets).
+//! headers announcing more than follows, bytes that are no packet at all; each reads what
+//! comes back and opens a new connection when the server closes its own (or every few dozen
+//! packets).
 //! [`calm_talk`] is what two well-behaved players of the sample game do meanwhile, to see
 //! that nothing reached them. The input is repeatable from a seed (up to thread timing).
 //! Used by `dragonfruit-bench fuzz` and the integration tests.

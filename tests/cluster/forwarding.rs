@@ -181,11 +181,11 @@ fn no_server_of_the_type_fails_at_once() {
     // A notify to such a type is dropped with a warning. One whose route has a control
     // character is refused before that, as a bad route: no line of the client's in the log.
     let from = warnings().len();
-    client.notify_raw("chat.chat.say\n2026-11-28T00:00:00Z ERROR forged", b"{}").unwrap();
+    client.notify_raw("chat.chat.say\n2026-11-28T00:00:00Z ERROR forged to a type with no server", b"{}").unwrap();
     client.notify_raw("chat.chat.say", b"{}").unwrap();
     assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
     assert!(wait_until(T, || !warnings_about(from, "notify chat.chat.say dropped").is_empty()));
-    let forged = warnings_about(from, "forged");
+    let forged = warnings_about(from, "forged to a type with no server");
     assert!(forged.is_empty(), "{forged:?}");
 }
 
