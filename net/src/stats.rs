@@ -26,7 +26,9 @@ pub(crate) struct Stats {
 pub struct StatsSnapshot {
     /// Connections accepted since start.
     pub accepted: u64,
-    /// Connections refused because `connection.max` was reached.
+    /// Connections refused: over the client cap (`connection.max`, or the open-file limit
+    /// less `connection.reserved_files`), or not taken by the system's event queue (its
+    /// limit of watched descriptors).
     pub refused: u64,
     /// Connections closed since start.
     pub closed: u64,

@@ -257,7 +257,11 @@ impl EventLoop {
                     let token = entry.key();
                     let interest = Interest::READABLE | Interest::WRITABLE;
                     if let Err(e) = self.poll.registry().register(&mut stream, Token(token), interest) {
-                        warn!("cannot register connection from {addr}: {e}");
+                        // The system's epoll limit, say: true of every connection that comes.
+                        Stats::add(&stats.refused, 1);
+                        if let Some(more) = self.refusals.due(self.now) {
+                            warn!("cannot register connection from {addr}: {e}; refused{more}");
+                        }
                         continue;
                     }
                     let sid = self.next_sid;
