@@ -374,9 +374,13 @@ impl SocketThread {
                 self.wake.sleeping.store(false, Ordering::SeqCst);
                 continue;
             }
-            if let Err(e) = self.wait() {
-                warn!("rpc poll failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
+            match self.wait() {
+                // A signal handled on this thread (an embedding program's, say): look again.
+                Ok(()) | Err(zmq::Error::EINTR) => {}
+                Err(e) => {
+                    warn!("rpc poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             self.wake.sleeping.store(false, Ordering::SeqCst);
         }
