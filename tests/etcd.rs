@@ -98,6 +98,29 @@ fn a_quiet_cluster_keeps_watching_etcd_without_warnings() {
     late.stop();
 }
 
+/// A signal that interrupts a server's etcd threads (the watch waits in a read nearly all
+/// the time) is no failure: no warning, the watch goes on.
+#[test]
+fn signals_on_the_etcd_threads_are_not_failures() {
+    let etcd = Etcd::start("signals");
+    let (_fe, fe_module, _room, _) = pair(&etcd);
+    // A server lists the others before it starts these threads.
+    let etcd_threads = || crate::util::signals::threads_named("df-etcd-").len();
+    assert!(wait_until(T, || etcd_threads() >= 4), "the lease and watch threads of both servers");
+    let logged_before = warnings().len();
+    for _ in 0..20 {
+        assert!(crate::util::signals::signal_threads("df-etcd-") >= 4);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = etcd.url();
+    let about_etcd = warnings_about(logged_before, &url);
+    assert!(about_etcd.is_empty(), "{about_etcd:?}");
+    let late = discovery(&url);
+    late.start(phantom("late-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "late-1")), "still watching");
+    late.stop();
+}
+
 #[test]
 fn keepalives_resume_after_an_etcd_restart() {
     let mut etcd = Etcd::start("restart");

@@ -226,31 +226,6 @@ fn a_frontend_back_under_its_id_on_a_new_endpoint_gets_backend_calls() {
     assert_eq!((route.as_str(), v), ("onMsg", json!({"back": true})));
 }
 
-/// Sends SIGUSR1 (its handler does nothing) to every RPC thread of this process: a signal
-/// an embedding program handles may land on any thread, and interrupts a blocked poll.
-fn signal_rpc_threads() -> usize {
-    extern "C" fn ignore(_: libc::c_int) {}
-    // SAFETY: a handler that does nothing, installed without SA_RESTART (a poll is never
-    // restarted anyway); the same for every call.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
-    }
-    let mut signalled = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let Ok(tid) = task.file_name().to_string_lossy().parse::<libc::pid_t>() else { continue };
-        if comm.trim() == "df-rpc" {
-            // SAFETY: tgkill with this process's id and one of its thread ids.
-            if unsafe { libc::syscall(libc::SYS_tgkill, std::process::id() as libc::pid_t, tid, libc::SIGUSR1) } == 0 {
-                signalled += 1;
-            }
-        }
-    }
-    signalled
-}
-
 /// A signal that interrupts the RPC thread's poll is no failure: no warning, calls go on.
 #[test]
 fn a_signal_on_the_rpc_thread_is_not_a_failed_poll() {
@@ -258,7 +233,10 @@ fn a_signal_on_the_rpc_thread_is_not_a_failed_poll() {
     let client = c.frontend.client();
     let from = warnings().len();
     for round in 0..20 {
-        assert!(signal_rpc_threads() >= 2, "the connector's and the room server's RPC threads");
+        assert!(
+            crate::util::signals::signal_threads("df-rpc") >= 2,
+            "the connector's and the room server's RPC threads"
+        );
         std::thread::sleep(Duration::from_millis(10));
         let body = format!("after signal {round}");
         assert_eq!(client.request_raw("room.room.echo", body.as_bytes()).unwrap(), body.as_bytes());

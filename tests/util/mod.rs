@@ -10,6 +10,7 @@ pub mod ports;
 pub mod probe;
 pub mod procs;
 pub mod raw;
+pub mod signals;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -211,7 +211,13 @@ impl Body {
             return Ok(false);
         }
         let mut buf = vec![0u8; self.left.min(64 << 10)];
-        let read = self.reader.read(&mut buf);
+        let read = loop {
+            match self.reader.read(&mut buf) {
+                // A signal handled on this thread (read_line and read_exact look again too).
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                read => break read,
+            }
+        };
         let n = read.map_err(|e| self.failed(e))?;
         if n == 0 {
             if self.chunked || self.left != usize::MAX {
@@ -429,6 +435,43 @@ mod tests {
         let refused = connect_any([closed], t).unwrap_err();
         assert!(refused.starts_with(&closed.to_string()), "{refused}");
         assert!(connect_any([], t).unwrap().is_none());
+    }
+
+    /// A signal handled on the reading thread (an embedding program's handler, installed
+    /// without `SA_RESTART`) interrupts a read in the middle of an answer: the read is
+    /// looked at again, not failed.
+    #[test]
+    fn a_signal_in_the_middle_of_an_answer_is_not_an_error() {
+        extern "C" fn ignore(_: libc::c_int) {}
+        // SAFETY: a handler that does nothing, for a signal only this test sends.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut());
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = s.read(&mut [0u8; 4096]);
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{\"a\"").unwrap();
+            std::thread::sleep(Duration::from_millis(600));
+            s.write_all(b":1}\n").unwrap();
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: this thread's own id.
+            tx.send(unsafe { libc::pthread_self() }).unwrap();
+            let req = Post { path: "/x", body: &Value::Null, timeout: Duration::from_secs(5), token: None };
+            post(&Endpoint::parse(&format!("http://{addr}/")).unwrap(), &req)
+        });
+        let thread = rx.recv().unwrap();
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(100));
+            // SAFETY: the reader thread is alive until it has the answer (after the pause).
+            unsafe { libc::pthread_kill(thread, libc::SIGUSR2) };
+        }
+        assert_eq!(reader.join().unwrap(), Ok(serde_json::json!({"a": 1})));
     }
 
     /// A stream that goes silent past the read timeout reports it (`timed_out`, as an idle
