@@ -350,6 +350,44 @@ fn is_again(e: &zmq::Error) -> bool {
     *e == zmq::Error::EAGAIN
 }
 
+/// Runs a ZeroMQ operation again while a signal interrupts it (`EINTR`): libzmq looks at
+/// its sockets' command pipes even in a non-blocking send, receive or `ZMQ_EVENTS`, and a
+/// signal handled on this thread (an embedding program's handler) fails that look. Nothing
+/// was sent or taken then, so the same operation is the one to repeat.
+fn uninterrupted<T>(mut op: impl FnMut() -> zmq::Result<T>) -> zmq::Result<T> {
+    loop {
+        match op() {
+            Err(zmq::Error::EINTR) => {}
+            done => return done,
+        }
+    }
+}
+
+/// Sends `parts` as one message without blocking, each part sent again when a signal
+/// interrupts it (the parts sent before stay sent: the whole message is not sent twice).
+fn send_parts(socket: &zmq::Socket, parts: &[&[u8]]) -> zmq::Result<()> {
+    for (i, part) in parts.iter().enumerate() {
+        let more = if i + 1 < parts.len() { zmq::SNDMORE } else { 0 };
+        uninterrupted(|| socket.send(*part, zmq::DONTWAIT | more))?;
+    }
+    Ok(())
+}
+
+/// Takes a whole message without blocking (`EAGAIN`: none waits), each part taken again
+/// when a signal interrupts it (the parts taken before are kept, not lost with the error).
+fn recv_parts(socket: &zmq::Socket) -> zmq::Result<Vec<Vec<u8>>> {
+    let mut parts = Vec::new();
+    loop {
+        let mut part = zmq::Message::new();
+        uninterrupted(|| socket.recv(&mut part, zmq::DONTWAIT))?;
+        let more = part.get_more();
+        parts.push(part.to_vec());
+        if !more {
+            return Ok(parts);
+        }
+    }
+}
+
 impl SocketThread {
     fn run(&mut self) {
         self.connect_peers();

@@ -244,3 +244,38 @@ fn a_signal_on_the_rpc_thread_is_not_a_failed_poll() {
     let failed = warnings_about(from, "rpc poll failed");
     assert!(failed.is_empty(), "{failed:?}");
 }
+
+/// Signals on every thread of the servers (an embedding program's handler may run on any
+/// of them, and interrupts the system call it is in, even a non-blocking ZeroMQ send or
+/// receive: libzmq looks at its command pipe there) while requests are forwarded: none
+/// fails and nothing is warned of.
+#[test]
+fn signals_on_every_thread_fail_no_request() {
+    let c = cluster("signals", 2, TIMEOUT, None);
+    let client = c.frontend.client();
+    let from = warnings().len();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let signalled = std::thread::scope(|s| {
+        let storm = s.spawn(|| {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += crate::util::signals::signal_threads("df-");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            n
+        });
+        // The storm stops also when the requests' check fails (a panic), or the scope
+        // would wait for it for ever.
+        let echoed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            super::stopping::echo_fails_nothing(&client, Duration::from_secs(3))
+        }));
+        stop.store(true, Ordering::Relaxed);
+        if let Err(panic) = echoed {
+            std::panic::resume_unwind(panic);
+        }
+        storm.join().unwrap()
+    });
+    assert!(signalled > 1_000, "{signalled} signals");
+    let interrupted = warnings_about(from, "nterrupted");
+    assert!(interrupted.is_empty(), "{interrupted:?}");
+}

@@ -24,7 +24,7 @@ fn stop_after(server: Server, delay: Duration) -> std::thread::JoinHandle<()> {
 }
 
 /// Sends `room.room.echo` requests, 8 in flight, for `duration`, and checks each succeeded.
-fn echo_fails_nothing(client: &Client, duration: Duration) {
+pub(super) fn echo_fails_nothing(client: &Client, duration: Duration) {
     let mut pending = std::collections::VecDeque::new();
     let (mut sent, mut failed) = (0u32, Vec::new());
     let until = Instant::now() + duration;

@@ -8,7 +8,7 @@ use dragonfruit_core::HandlerError;
 use log::warn;
 
 use super::peer::{ipv6, warn_lost, HWM};
-use super::{fail, Peer, Peers, SocketThread, GONE_FOR, PROBE, RETIRE_AFTER};
+use super::{fail, uninterrupted, Peer, Peers, SocketThread, GONE_FOR, PROBE, RETIRE_AFTER};
 use crate::grouped;
 use crate::table::same_instance;
 use crate::wire::{addressee, Frame};
@@ -133,7 +133,7 @@ impl SocketThread {
         socket.set_rcvhwm(HWM)?;
         socket.set_maxmsgsize(self.max_message as i64)?;
         socket.set_ipv6(ipv6(addr))?;
-        socket.connect(addr)?;
+        uninterrupted(|| socket.connect(addr))?;
         Ok(socket)
     }
 
@@ -150,7 +150,7 @@ impl SocketThread {
         self.close_retired_peers();
         let (mut lost, mut news_lost, mut never) = (Vec::new(), Vec::new(), Vec::new());
         for (id, peer) in &mut self.peers {
-            if peer.socket.get_events().is_ok_and(|events| events.contains(zmq::POLLOUT)) {
+            if uninterrupted(|| peer.socket.get_events()).is_ok_and(|events| events.contains(zmq::POLLOUT)) {
                 peer.up(id);
             } else if peer.was_up {
                 news_lost.extend(peer.lost(id));

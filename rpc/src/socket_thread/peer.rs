@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use super::{is_again, server_of, ReplyFn};
+use super::{is_again, send_parts, server_of, ReplyFn};
 use crate::grouped;
 use crate::wire::{self, addressee, Frame};
 
@@ -134,7 +134,7 @@ impl Peer {
 
     /// Sends `frames` as one message.
     pub(super) fn send(&mut self, id: &str, frames: Vec<Frame>) -> Sent {
-        match self.socket.send_multipart([self.addressee.as_slice(), &wire::encode(&frames)], zmq::DONTWAIT) {
+        match send_parts(&self.socket, &[self.addressee.as_slice(), &wire::encode(&frames)]) {
             Ok(()) => {
                 self.up(id);
                 self.last_sent = Some(Instant::now());

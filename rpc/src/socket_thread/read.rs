@@ -8,7 +8,7 @@ use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::HandlerError;
 use log::{debug, info, warn};
 
-use super::{instance_of, is_again, server_of, Parts, Responder, SocketThread};
+use super::{instance_of, is_again, recv_parts, server_of, Parts, Responder, SocketThread};
 use crate::stats::Counters;
 use crate::wire::{self, Call, Frame};
 
@@ -34,7 +34,7 @@ impl SocketThread {
         let mut got = false;
         let mut servers = None;
         loop {
-            let parts = match self.router.recv_multipart(zmq::DONTWAIT) {
+            let parts = match recv_parts(&self.router) {
                 Ok(parts) => parts,
                 Err(e) if is_again(&e) => break,
                 Err(e) => {
@@ -119,7 +119,7 @@ impl SocketThread {
                 continue;
             }
             loop {
-                let payload = match peer.socket.recv_bytes(zmq::DONTWAIT) {
+                let payload = match recv_parts(&peer.socket).map(|mut parts| parts.swap_remove(0)) {
                     Ok(payload) => payload,
                     Err(e) if is_again(&e) => break,
                     Err(e) => {

@@ -8,7 +8,7 @@ use dragonfruit_core::{codes, HandlerError};
 use log::{debug, warn};
 
 use super::peer::Sent;
-use super::{fail, server_of, Peer, Pending, ReplyFn, SocketThread, STOP_GRACE};
+use super::{fail, send_parts, server_of, Peer, Pending, ReplyFn, SocketThread, STOP_GRACE};
 use crate::stats::Counters;
 use crate::wire::{self, Call, Frame};
 
@@ -158,7 +158,7 @@ impl SocketThread {
             }
             for frames in split.messages {
                 let parts = [identity.as_slice(), &wire::encode(&frames)];
-                match self.router.send_multipart(parts, zmq::DONTWAIT) {
+                match send_parts(&self.router, &parts) {
                     Ok(()) => self.last_sent = Some(Instant::now()),
                     // EHOSTUNREACH: the caller is gone; its calls fail on its side.
                     Err(e) => debug!("answer to {} dropped: {e}", server_of(&identity)),
