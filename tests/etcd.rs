@@ -81,6 +81,18 @@ fn a_dead_server_disappears_when_its_lease_expires() {
     assert!(wait_until(TTL * 4, || !fe_module.servers().iter().any(|s| s.id == "ghost-1")), "lease expired");
 }
 
+/// No warning about `etcd` was logged since the first `logged_before`, and `fe_module` still
+/// sees a server that registers now.
+fn watching_without_warnings(etcd: &Etcd, fe_module: &ClusterModule, logged_before: usize) {
+    let url = etcd.url();
+    let about_etcd = warnings_about(logged_before, &url);
+    assert!(about_etcd.is_empty(), "{about_etcd:?}");
+    let late = discovery(&url);
+    late.start(phantom("late-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
+    assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "late-1")), "still watching");
+    late.stop();
+}
+
 /// etcd sends nothing on a watch while nothing changes: servers open their watch again
 /// after a silence (15 s) without a warning, and go on seeing changes.
 #[test]
@@ -89,13 +101,7 @@ fn a_quiet_cluster_keeps_watching_etcd_without_warnings() {
     let (_fe, fe_module, _room, _) = pair(&etcd);
     let logged_before = warnings().len();
     std::thread::sleep(Duration::from_secs(17));
-    let url = etcd.url();
-    let about_etcd = warnings_about(logged_before, &url);
-    assert!(about_etcd.is_empty(), "{about_etcd:?}");
-    let late = discovery(&url);
-    late.start(phantom("late-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
-    assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "late-1")), "still watching");
-    late.stop();
+    watching_without_warnings(&etcd, &fe_module, logged_before);
 }
 
 /// A signal that interrupts a server's etcd threads (the watch waits in a read nearly all
@@ -112,13 +118,7 @@ fn signals_on_the_etcd_threads_are_not_failures() {
         assert!(crate::util::signals::signal_threads("df-etcd-") >= 4);
         std::thread::sleep(Duration::from_millis(20));
     }
-    let url = etcd.url();
-    let about_etcd = warnings_about(logged_before, &url);
-    assert!(about_etcd.is_empty(), "{about_etcd:?}");
-    let late = discovery(&url);
-    late.start(phantom("late-1", "room"), Arc::new(ServerTable::new()), Arc::new(|| {})).unwrap();
-    assert!(wait_until(T, || fe_module.servers().iter().any(|s| s.id == "late-1")), "still watching");
-    late.stop();
+    watching_without_warnings(&etcd, &fe_module, logged_before);
 }
 
 #[test]
