@@ -8,7 +8,7 @@ use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::HandlerError;
 use log::{debug, info, warn};
 
-use super::{instance_of, is_again, recv_parts, server_of, Parts, Responder, SocketThread};
+use super::{instance_of, is_again, recv_parts, server_of, uninterrupted, Parts, Responder, SocketThread};
 use crate::stats::Counters;
 use crate::wire::{self, Call, Frame};
 
@@ -119,7 +119,7 @@ impl SocketThread {
                 continue;
             }
             loop {
-                let payload = match recv_parts(&peer.socket).map(|mut parts| parts.swap_remove(0)) {
+                let payload = match uninterrupted(|| peer.socket.recv_bytes(zmq::DONTWAIT)) {
                     Ok(payload) => payload,
                     Err(e) if is_again(&e) => break,
                     Err(e) => {
