@@ -19,13 +19,13 @@ pub fn threads_named(prefix: &str) -> Vec<libc::pid_t> {
 /// starts with `prefix` (`df-rpc`, `df-etcd-`); how many there were.
 pub fn signal_threads(prefix: &str) -> usize {
     extern "C" fn ignore(_: libc::c_int) {}
-    // SAFETY: a handler that does nothing, installed without SA_RESTART; the same for
-    // every call.
-    unsafe {
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    // SAFETY: a handler that does nothing, installed once, without SA_RESTART.
+    HANDLER.call_once(|| unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
         libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
-    }
+    });
     let pid = std::process::id() as libc::pid_t;
     // SAFETY: tgkill with this process's id and one of its thread ids.
     threads_named(prefix)
