@@ -1,15 +1,18 @@
 //! Embedding and lifecycle: start/stop/join, component hooks, graceful shutdown with
 //! in-flight work, the connection cap, slow readers, configuration files.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dragonfruit_client::ClientConfig;
 use dragonfruit_core::codec::PacketType;
 use dragonfruit_core::config::ConfigSource;
 use dragonfruit_core::{Component, HandlerEnv, Routes};
 use dragonfruit_net::App;
+use dragonfruit_rpc::{ClusterModule, Discovery, EmbeddedDiscovery, EtcdDiscovery, RpcConfig};
 use serde_json::json;
 
-use crate::util::{probe_app, wait_until, warnings, Probe, Server, T};
+use crate::util::{cluster_dir, probe_app, wait_until, warnings, Probe, Server, T};
 
 /// The probe's hooks, in the order they run over a start and a stop.
 const LIFECYCLE: [&str; 6] = ["init", "after_init", "stopping", "stopping done", "before_shutdown", "shutdown"];
@@ -244,4 +247,54 @@ fn bind_errors_are_reported_at_start() {
     let app = probe_app(&Probe::default()).tcp(&taken).build().unwrap();
     let err = app.start().err().expect("second bind fails");
     assert!(err.to_string().contains(&taken));
+}
+
+/// Durations set in code (`Duration::MAX` for "never") over the longest a setting takes
+/// (100 years, as `parse_duration` bounds those read from text) are errors at build or
+/// start that name the setting. Each panicked a thread that added it to the time now: the
+/// event loop at stop, the RPC thread at the first forwarded call, the discovery thread at
+/// once. Discovery made in code gets the checks of `[discovery]` too (a zero `refresh`
+/// rescanned without pause, an etcd `ttl` under a second kept its lease alive without
+/// pause). A client's timeouts may be `Duration::MAX`.
+#[test]
+fn durations_set_in_code_are_checked() {
+    type Set = fn(&mut dragonfruit_net::Config);
+    let settings: [(&str, Set); 3] = [
+        ("heartbeat.interval", |c| c.heartbeat.interval = Duration::MAX),
+        ("handshake.timeout", |c| c.handshake.timeout = Duration::MAX),
+        ("shutdown.timeout", |c| c.shutdown.timeout = Duration::MAX),
+    ];
+    for (key, set) in settings {
+        let mut builder = probe_app(&Probe::default());
+        set(builder.config_mut());
+        let err = builder.build().err().expect(key).to_string();
+        assert!(err.contains(&format!("{key}: 18446744073709551615.999999999s is over")), "{err}");
+    }
+    let start = |timeout: Duration, discovery: Box<dyn Discovery>| -> String {
+        let module = ClusterModule::new(RpcConfig { timeout, ..Default::default() }, discovery);
+        let app = probe_app(&Probe::default()).cluster(Arc::new(module)).tcp("127.0.0.1:0").build().unwrap();
+        app.start().err().expect("start fails").to_string()
+    };
+    let dir = cluster_dir("durations-in-code");
+    let (secs, ms, max) = (Duration::from_secs, Duration::from_millis, Duration::MAX);
+    for (timeout, refresh, ttl, want) in [
+        (max, ms(50), secs(3), "rpc.timeout: 18446744073709551615.999999999s is over"),
+        (secs(5), ms(50), max, "discovery.ttl: 18446744073709551615.999999999s is over"),
+        (secs(5), Duration::ZERO, secs(3), "discovery.refresh: must be positive"),
+        (secs(5), secs(3), secs(3), "discovery.ttl: ttl must be longer than refresh"),
+    ] {
+        let err = start(timeout, Box::new(EmbeddedDiscovery::new(dir.clone(), refresh, ttl)));
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    let etcd = || EtcdDiscovery::new("http://127.0.0.1:1", "durations/", secs(3));
+    let err = start(secs(5), Box::new(EtcdDiscovery::new("http://127.0.0.1:1", "durations/", ms(900))));
+    assert!(err.contains("discovery.ttl: etcd leases need at least 1s"), "{err}");
+    let err = start(secs(5), Box::new(etcd().with_start_timeout(max)));
+    assert!(err.contains("discovery.etcd_start_timeout: 18446744073709551615.999999999s is over"), "{err}");
+
+    let server = Server::start(probe_app(&Probe::default()));
+    let client = server.client_with(ClientConfig { connect_timeout: max, request_timeout: max, ..Default::default() });
+    assert_eq!(client.request_raw("probe.echo", b"x").unwrap(), b"x");
+    server.handle.stop();
+    assert!(client.wait_closed(max));
 }

@@ -14,6 +14,7 @@ use dragonfruit_core::codec::{
     ClientSys, DecodeError, EncodeOptions, HandshakeResponse, MessageOut, MessageType, PacketDecoder, PacketType,
     RouteDictionary, MAX_WIRE_BODY,
 };
+use dragonfruit_core::config::MAX_DURATION;
 use dragonfruit_core::serializer::SerializeError;
 use dragonfruit_core::{HandlerError, Serializer};
 use log::debug;
@@ -132,9 +133,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The time `after` from now; later than an `Instant` can hold (`Duration::MAX` for "no
+/// limit") is 100 years from now.
+fn deadline_in(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after).unwrap_or_else(|| now + MAX_DURATION)
+}
+
 /// Connects to the first address of `addr` that accepts, in order, within `timeout` for all.
 fn connect_any(addr: impl ToSocketAddrs, timeout: Duration) -> io::Result<TcpStream> {
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_in(timeout);
     let mut failed = io::Error::other("no address");
     for addr in addr.to_socket_addrs()? {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -163,7 +171,7 @@ impl Client {
         stream.write_all(&out)?;
 
         let mut decoder = PacketDecoder::new(MAX_WIRE_BODY);
-        let deadline = Instant::now() + config.connect_timeout;
+        let deadline = deadline_in(config.connect_timeout);
         let handshake = loop {
             match next_packet(&mut stream, &mut decoder, deadline)? {
                 Some(p) if p.kind == PacketType::Handshake => {
@@ -305,7 +313,7 @@ impl Client {
 
     /// Waits until the server closes the connection; `true` if it did within `timeout`.
     pub fn wait_closed(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_in(timeout);
         loop {
             if self.is_closed() {
                 return true;

@@ -128,8 +128,21 @@ fn parse_env_value(raw: &str) -> toml::Value {
 /// stay representable, so a huge value is a config error, not a crash later.
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// Checks duration settings against [`MAX_DURATION`]: those read from text are bounded
+/// when parsed, those set in code (`Duration::MAX` for "never") are checked here, before
+/// a thread adds one to the time now and panics.
+pub fn check_durations(settings: &[(&'static str, Duration)]) -> Result<(), ConfigError> {
+    match settings.iter().find(|(_, d)| *d > MAX_DURATION) {
+        Some(&(key, d)) => {
+            let message = format!("{d:?} is over the longest duration a setting takes, 100 years (876000h)");
+            Err(ConfigError::Invalid { key, message })
+        }
+        None => Ok(()),
+    }
+}
+
 /// `secs` as a duration if it is a number of seconds from 0 to [`MAX_DURATION`].
-fn bounded_secs(secs: f64) -> Option<Duration> {
+pub(crate) fn bounded_secs(secs: f64) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0 && secs <= MAX_DURATION.as_secs_f64()).then(|| Duration::from_secs_f64(secs))
 }
 
@@ -260,6 +273,9 @@ mod tests {
     fn huge_durations_are_errors() {
         assert_eq!(parse_duration("876000h"), Some(MAX_DURATION));
         assert_eq!(parse_duration("876001h"), None);
+        assert!(check_durations(&[("a", Duration::ZERO), ("b", MAX_DURATION)]).is_ok());
+        let err = check_durations(&[("a", MAX_DURATION), ("b", Duration::MAX)]).unwrap_err().to_string();
+        assert!(err.starts_with("config key b: 18446744073709551615.999999999s is over the longest"), "{err}");
         assert_eq!(parse_duration("99999999999999999999999999h"), None);
         for toml in ["timeout = 1e30", "timeout = 9223372036854775807", "timeout = \"1e400s\"", "timeout = 4000000000"]
         {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use dragonfruit_core::codec::{DEFAULT_MAX_BODY, MAX_WIRE_BODY};
-use dragonfruit_core::config::{duration, ConfigError, ConfigSource};
+use dragonfruit_core::config::{check_durations, duration, ConfigError, ConfigSource};
 use dragonfruit_core::Serializer;
 use serde::Deserialize;
 
@@ -262,6 +262,11 @@ impl Config {
         if self.serializer().is_none() {
             return invalid("server.serializer", "must be \"json\" or \"postcard\"");
         }
+        check_durations(&[
+            ("heartbeat.interval", self.heartbeat.interval),
+            ("handshake.timeout", self.handshake.timeout),
+            ("shutdown.timeout", self.shutdown.timeout),
+        ])?;
         if self.heartbeat.interval < Duration::from_millis(10) {
             return invalid("heartbeat.interval", "must be at least 10ms");
         }

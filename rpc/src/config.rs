@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dragonfruit_core::config::{duration, ConfigError, ConfigSource};
+use dragonfruit_core::config::{check_durations, duration, ConfigError, ConfigSource};
 use serde::Deserialize;
 
 /// `[rpc]`: the ZeroMQ transport.
@@ -130,16 +130,7 @@ impl Default for DiscoveryConfig {
 impl DiscoveryConfig {
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.ttl < Duration::from_secs(1) && self.kind == DiscoveryKind::Etcd {
-            return Err(ConfigError::Invalid { key: "discovery.ttl", message: "etcd leases need at least 1s".into() });
-        }
-        if self.refresh.is_zero() {
-            return Err(ConfigError::Invalid { key: "discovery.refresh", message: "must be positive".into() });
-        }
-        if self.ttl <= self.refresh {
-            let message = "ttl must be longer than refresh".to_owned();
-            return Err(ConfigError::Invalid { key: "discovery.ttl", message });
-        }
+        check_terms(self.kind, self.ttl, Some(self.refresh), self.etcd_start_timeout)?;
         if self.kind == DiscoveryKind::Etcd {
             crate::discovery::parse_endpoints(&self.etcd_url)
                 .map_err(|message| ConfigError::Invalid { key: "discovery.etcd_url", message })?;
@@ -153,6 +144,31 @@ impl DiscoveryConfig {
             return Err(ConfigError::Invalid { key: "discovery.etcd_password", message });
         }
         Ok(())
+    }
+}
+
+/// The checks of a discovery backend's durations: by [`DiscoveryConfig::validate`], and by
+/// backends made in code when they start (`refresh`: `None` for etcd, which has none).
+pub(crate) fn check_terms(
+    kind: DiscoveryKind,
+    ttl: Duration,
+    refresh: Option<Duration>,
+    start_timeout: Duration,
+) -> Result<(), ConfigError> {
+    let invalid = |key: &'static str, message: &str| Err(ConfigError::Invalid { key, message: message.to_owned() });
+    let refresh_or_zero = refresh.unwrap_or_default();
+    check_durations(&[
+        ("discovery.ttl", ttl),
+        ("discovery.refresh", refresh_or_zero),
+        ("discovery.etcd_start_timeout", start_timeout),
+    ])?;
+    if ttl < Duration::from_secs(1) && kind == DiscoveryKind::Etcd {
+        return invalid("discovery.ttl", "etcd leases need at least 1s");
+    }
+    match refresh {
+        Some(refresh) if refresh.is_zero() => invalid("discovery.refresh", "must be positive"),
+        Some(refresh) if ttl <= refresh => invalid("discovery.ttl", "ttl must be longer than refresh"),
+        _ => Ok(()),
     }
 }
 
@@ -175,6 +191,7 @@ impl RpcConfig {
     /// Checks ranges and that `advertise` can be dialled.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, message: String| Err(ConfigError::Invalid { key, message });
+        check_durations(&[("rpc.timeout", self.timeout), ("rpc.heartbeat", self.heartbeat)])?;
         if self.timeout.is_zero() {
             return invalid("rpc.timeout", "must be positive".into());
         }

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use thiserror::Error;
 
 use crate::codec::{compress, RouteDictionary, MAX_WIRE_BODY};
+use crate::config::bounded_secs;
 
 /// Handshake response code: accepted.
 pub const HANDSHAKE_OK: u16 = 200;
@@ -177,11 +178,14 @@ pub fn parse_handshake_response(body: &[u8]) -> Result<HandshakeResponse, Handsh
     let code =
         value.get("code").and_then(Value::as_i64).ok_or_else(|| HandshakeError::BadResponse("no code".into()))?;
     let sys = value.get("sys");
-    let heartbeat = sys
-        .and_then(|s| s.get("heartbeat"))
-        .and_then(Value::as_f64)
-        .filter(|h| h.is_finite() && *h >= 0.0)
-        .map(Duration::from_secs_f64);
+    // A client adds the interval to the time now: one past what a deadline can hold (or
+    // negative) is a bad response, not a panic. Any other form is no heartbeat, as before.
+    let heartbeat = match sys.and_then(|s| s.get("heartbeat")).and_then(Value::as_f64) {
+        Some(secs) => Some(bounded_secs(secs).ok_or_else(|| {
+            HandshakeError::BadResponse(format!("heartbeat {secs} is not a number of seconds from 0 to 100 years"))
+        })?),
+        None => None,
+    };
     let mut dict = BTreeMap::new();
     if let Some(Value::Object(map)) = sys.and_then(|s| s.get("dict")) {
         for (route, code) in map {
@@ -217,6 +221,25 @@ pub fn encode_kick_body(reason: &str) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::codec::{encode_packet, parse_packet, PacketType};
+
+    /// A server's heartbeat interval is taken up to 100 years; more, or less than zero, is
+    /// a bad response (`Duration::from_secs_f64` panicked on 1e20, and a deadline that far
+    /// cannot be held); absent, or not a number, it is no heartbeat.
+    #[test]
+    fn heartbeats_out_of_range_are_bad_responses() {
+        let parse = |heartbeat: &str| {
+            let body = format!(r#"{{"code":200,"sys":{{"heartbeat":{heartbeat},"dict":{{}}}}}}"#);
+            parse_handshake_response(body.as_bytes()).map(|r| r.heartbeat)
+        };
+        assert_eq!(parse("30"), Ok(Some(Duration::from_secs(30))));
+        assert_eq!(parse("0.5"), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(parse("3153600000"), Ok(Some(crate::config::MAX_DURATION)));
+        assert_eq!(parse("\"30\""), Ok(None));
+        for bad in ["3153600001", "1e20", "18446744073709551615", "-1"] {
+            let err = parse(bad).expect_err(bad).to_string();
+            assert!(err.contains("is not a number of seconds from 0 to 100 years"), "{bad}: {err}");
+        }
+    }
 
     /// A kick's reason too long for a packet is cut so the packet is still sent; JSON
     /// escapes (six bytes for one) are counted.

@@ -23,7 +23,8 @@ use crossbeam_channel::{RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
-use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
+use super::{check_terms, Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
+use crate::config::DiscoveryKind;
 use crate::table::{millis, ServerEntry, ServerTable};
 use scan::{unreadable, Freshness, Rescan, Scan};
 use watch::{DirWatch, Wait, Wake};
@@ -263,6 +264,7 @@ fn touch_own(
 
 impl Discovery for EmbeddedDiscovery {
     fn start(&self, me: ServerEntry, table: Arc<ServerTable>, changed: OnChange) -> Result<(), DiscoveryError> {
+        check_terms(DiscoveryKind::Embedded, self.ttl, Some(self.refresh), Duration::ZERO)?;
         let dir_error =
             |e: std::io::Error| DiscoveryError::Dir { dir: self.dir.display().to_string(), message: e.to_string() };
         make_dir(&self.dir).map_err(|e| match e.kind() {

@@ -30,7 +30,8 @@ use log::{debug, error, info, warn};
 use serde_json::{json, Value};
 
 use super::http::{self, Endpoint, Post};
-use super::{Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
+use super::{check_terms, Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
+use crate::config::DiscoveryKind;
 use crate::table::{ServerEntry, ServerTable};
 
 mod claim;
@@ -391,6 +392,7 @@ impl Shared {
 
 impl Discovery for EtcdDiscovery {
     fn start(&self, me: ServerEntry, table: Arc<ServerTable>, changed: OnChange) -> Result<(), DiscoveryError> {
+        check_terms(DiscoveryKind::Etcd, self.ttl, None, self.start_timeout)?;
         let etcd_error = |message: String| DiscoveryError::Etcd { url: self.url.clone(), message };
         let endpoints = parse_endpoints(&self.url).map_err(etcd_error)?;
         let dir = format!("{}servers/", self.prefix);

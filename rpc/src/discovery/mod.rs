@@ -9,12 +9,14 @@ mod http;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dragonfruit_core::config::ConfigError;
 use thiserror::Error;
 
 pub use embedded::EmbeddedDiscovery;
 pub(crate) use etcd::parse_endpoints;
 pub use etcd::EtcdDiscovery;
 
+pub(crate) use crate::config::check_terms;
 use crate::config::{DiscoveryConfig, DiscoveryKind};
 use crate::table::{ServerEntry, ServerTable};
 
@@ -48,6 +50,10 @@ pub enum DiscoveryError {
         /// The process holding it, and its RPC endpoint.
         holder: String,
     },
+    /// A duration it was made with is out of range (a backend made in code; those of a
+    /// configuration are checked when it is read), named by its setting.
+    #[error(transparent)]
+    Setting(#[from] ConfigError),
     /// A background thread could not start.
     #[error("cannot spawn discovery thread: {0}")]
     Spawn(String),

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use dragonfruit_core::config::MAX_DURATION;
 use log::info;
 use serde_json::{json, Value};
 
@@ -38,7 +39,8 @@ pub(super) struct HeldSince {
 impl HeldSince {
     /// The wait for a holder first seen now, whose lease is of `ttl`.
     pub(super) fn new(key: &str, holder: String, ttl: Duration) -> HeldSince {
-        let wait = ttl + HELD_MARGIN;
+        // etcd grants at most 9e9 s; something else at its URL may say more.
+        let wait = ttl.min(MAX_DURATION) + HELD_MARGIN;
         info!("etcd key {key} holds the entry of {holder}; waiting up to {wait:?} for its lease to expire");
         HeldSince { until: Instant::now() + wait, holder }
     }
@@ -138,4 +140,18 @@ impl Shared {
 /// The comparison of a transaction that holds while `key` does not exist.
 fn free(key: &str) -> Value {
     json!({ "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The longest lease TTL an answer can say (`grantedTTL`, an int64 of seconds) is waited
+    /// for up to 100 years, not added to the time now (which panicked): etcd grants at most
+    /// 9e9 s, but something else may answer at its URL.
+    #[test]
+    fn the_longest_lease_ttl_is_not_a_panic() {
+        let held = HeldSince::new("k", "h".to_owned(), Duration::from_secs(i64::MAX as u64));
+        assert_eq!(held.still_running(), None);
+    }
 }

@@ -114,7 +114,7 @@ impl Shared {
         let request = json!({ "create_request": {
             "key": b64(&self.dir),
             "range_end": b64(&prefix_end(&self.dir)),
-            "start_revision": (revision + 1).to_string(),
+            "start_revision": revision.saturating_add(1).to_string(),
         }});
         let ((mut body, control), member) = self.on_a_member(|endpoint, timeout| {
             self.authed(endpoint, timeout, |token| {
