@@ -1,14 +1,14 @@
 //! Embedding and lifecycle: start/stop/join, component hooks, graceful shutdown with
 //! in-flight work, the connection cap, slow readers, configuration files.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dragonfruit_client::ClientConfig;
 use dragonfruit_core::codec::PacketType;
 use dragonfruit_core::config::ConfigSource;
-use dragonfruit_core::{Component, HandlerEnv, Routes};
-use dragonfruit_net::App;
+use dragonfruit_core::{Component, Ctx, HandlerEnv, Routes};
+use dragonfruit_net::{App, AppHandle};
 use dragonfruit_rpc::{ClusterModule, Discovery, EmbeddedDiscovery, EtcdDiscovery, RpcConfig};
 use serde_json::json;
 
@@ -297,4 +297,62 @@ fn durations_set_in_code_are_checked() {
     assert_eq!(client.request_raw("probe.echo", b"x").unwrap(), b"x");
     server.handle.stop();
     assert!(client.wait_closed(max));
+}
+
+/// What a server's own threads got from its handle: a handler's `shutdown`, and the
+/// `join` of the `stopping` and `before_shutdown` hooks.
+#[derive(Clone, Default)]
+struct Joiner {
+    handle: Arc<OnceLock<AppHandle>>,
+    got: Arc<Mutex<Vec<String>>>,
+}
+
+impl Joiner {
+    fn join(&self, who: &str) {
+        let got = self.handle.get().map(|handle| handle.join());
+        self.got.lock().unwrap().push(format!("{who}: {got:?}"));
+    }
+}
+
+impl Component for Joiner {
+    fn routes(r: &mut Routes<Self>) {
+        r.raw_handler("shutdown", |j: &Joiner, _: &mut Ctx<'_>, _: &[u8]| {
+            let got = j.handle.get().map(|handle| handle.shutdown());
+            j.got.lock().unwrap().push(format!("handler shutdown: {got:?}"));
+            Ok(b"stopping".to_vec())
+        });
+    }
+
+    fn stopping(&self, _: &HandlerEnv) {
+        self.join("stopping");
+    }
+
+    fn before_shutdown(&self, _: &HandlerEnv) {
+        self.join("before_shutdown");
+    }
+}
+
+/// `join` (and `shutdown`) on one of the server's own threads, which its stop waits for,
+/// fails at once (`RunError::OwnThread`), and the stop goes on: a `before_shutdown` hook
+/// that joined waited forever (the event loop joining itself), and a handler that called
+/// `shutdown` held the stop up for `shutdown.timeout` and lost its own answer.
+#[test]
+fn joins_on_the_servers_own_threads_fail_at_once() {
+    let joiner = Joiner::default();
+    let mut builder = App::builder("connector").component("joiner", joiner.clone());
+    builder.config_mut().shutdown.timeout = Duration::from_secs(60);
+    let server = Server::start(builder);
+    let _ = joiner.handle.set(server.handle.clone());
+    let client = server.client();
+    assert_eq!(client.request_raw("connector.joiner.shutdown", b"").unwrap(), b"stopping");
+    let (done, joined) = crossbeam_channel::bounded(1);
+    let handle = server.handle.clone();
+    std::thread::spawn(move || done.send(handle.join()));
+    assert!(matches!(joined.recv_timeout(T), Ok(Ok(()))), "the server stopped");
+    let own = "Some(Err(OwnThread))";
+    let got = joiner.got.lock().unwrap().clone();
+    assert_eq!(
+        got,
+        [format!("handler shutdown: {own}"), format!("stopping: {own}"), format!("before_shutdown: {own}")]
+    );
 }

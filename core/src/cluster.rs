@@ -12,6 +12,7 @@ use crate::handler::{HandlerService, Reply, ServerInfo};
 use crate::messenger::Messenger;
 use crate::route::Route;
 use crate::session::{Session, SessionId, SessionRegistry};
+use crate::threads::ServerThreads;
 
 /// Where a user RPC goes. Routes of the caller's own server type are routed too (the
 /// router may pick another server of the type); the call runs locally, without a hop, when
@@ -83,6 +84,10 @@ pub struct ClusterContext {
     pub local: Arc<dyn Messenger>,
     /// Binding a uid kicks the uid's older sessions (`session.unique`), on every frontend.
     pub unique_sessions: bool,
+    /// Marks the threads of this server that run application code: a cluster layer marks
+    /// those of its own that do (listeners), so that a wait for the server's stop from
+    /// them fails at once instead of never ending.
+    pub threads: ServerThreads,
 }
 
 /// Why a cluster layer could not start.

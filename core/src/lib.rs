@@ -30,6 +30,7 @@ pub mod messenger;
 pub mod route;
 pub mod serializer;
 pub mod session;
+pub mod threads;
 pub mod throttle;
 
 pub use error::{codes, HandlerError};

@@ -13,6 +13,7 @@ use dragonfruit_core::codec::{
 };
 use dragonfruit_core::config::{ConfigError, ConfigSource};
 use dragonfruit_core::handler::{Ctx, RegistryError};
+use dragonfruit_core::threads::ServerThreads;
 use dragonfruit_core::{
     Component, HandlerEnv, HandlerError, HandlerRegistry, HandlerService, Messenger, Pipelines, Serializer, ServerInfo,
     SessionRegistry, SessionSink,
@@ -112,6 +113,8 @@ pub(crate) struct Shared {
     pub(crate) dispatcher: Arc<PoolDispatcher>,
     /// This server's own-sessions messenger (the cluster layer wraps it).
     pub(crate) local: Arc<dyn Messenger>,
+    /// Marks this server's event loop, worker and remote threads.
+    pub(crate) threads: ServerThreads,
 }
 
 /// Stops an app from any thread (see [`App::stop_handle`]). Cloneable, idempotent.
@@ -183,6 +186,7 @@ impl App {
                 sessions: shared.registry.clone(),
                 local: shared.local.clone(),
                 unique_sessions: shared.config.session.unique,
+                threads: shared.threads.clone(),
             })?;
         }
         for c in &components {
@@ -190,9 +194,13 @@ impl App {
         }
         let shared = self.shared.clone();
         let event_loop = EventLoop::new(self.poll, tcp, self.inbox, self.shared, self.pool);
+        let threads = shared.threads.clone();
         let thread = std::thread::Builder::new()
             .name("df-loop".into())
-            .spawn(move || event_loop.run())
+            .spawn(move || {
+                threads.enter();
+                event_loop.run()
+            })
             .map_err(StartError::Spawn)?;
         let server = &shared.server;
         match tcp_addr {
@@ -405,10 +413,12 @@ impl AppBuilder {
         if let Err(e) = encode_packet(PacketType::Handshake, &body, &mut handshake_ok) {
             return Err(BuildError::Config(ConfigError::Invalid { key: "dictionary", message: e.to_string() }));
         }
-        let pool = WorkerPool::new(config.dispatch.concurrency)
+        let threads = ServerThreads::default();
+        let pool = WorkerPool::new(config.dispatch.concurrency, threads.clone())
             .map_err(|e| BuildError::Io { what: "worker pool", source: io::Error::other(e) })?;
         let pool = Arc::new(pool);
-        let dispatcher = Arc::new(PoolDispatcher::new(pool.clone(), config.dispatch.remote_concurrency));
+        let remote_threads = config.dispatch.remote_concurrency;
+        let dispatcher = Arc::new(PoolDispatcher::new(pool.clone(), remote_threads, threads.clone()));
         let shared = Arc::new(Shared {
             config,
             server,
@@ -424,6 +434,7 @@ impl AppBuilder {
             cluster: self.cluster,
             dispatcher,
             local,
+            threads,
         });
         Ok(App { shared, poll, inbox, pool })
     }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dragonfruit_core::cluster::{Dispatcher, OrderKey};
+use dragonfruit_core::threads::ServerThreads;
 use log::error;
 
 use crate::pool::{Job, RemotePool, WorkerPool};
@@ -34,8 +35,8 @@ struct Inner {
 
 impl PoolDispatcher {
     /// Forwarded messages on `pool`; remotes on up to `remote_threads` threads of their own.
-    pub(crate) fn new(pool: Arc<WorkerPool>, remote_threads: usize) -> PoolDispatcher {
-        let remote = RemotePool::new(remote_threads, REMOTE_LINGER);
+    pub(crate) fn new(pool: Arc<WorkerPool>, remote_threads: usize, server: ServerThreads) -> PoolDispatcher {
+        let remote = RemotePool::new(remote_threads, REMOTE_LINGER, server);
         let inner = Inner { pool, remote, mailboxes: Mutex::new(HashMap::new()), pending: AtomicUsize::new(0) };
         PoolDispatcher { inner: Arc::new(inner) }
     }
@@ -128,8 +129,8 @@ mod tests {
 
     #[test]
     fn same_key_in_order_other_keys_in_parallel() {
-        let pool = Arc::new(WorkerPool::new(4).unwrap());
-        let d = PoolDispatcher::new(pool, 4);
+        let pool = Arc::new(WorkerPool::new(4, ServerThreads::default()).unwrap());
+        let d = PoolDispatcher::new(pool, 4, ServerThreads::default());
         let log = Arc::new(Mutex::new(Vec::new()));
         let running = Arc::new(AtomicUsize::new(0));
         let overlapped = Arc::new(AtomicBool::new(false));
@@ -176,8 +177,8 @@ mod tests {
 
     #[test]
     fn a_blocking_job_in_a_group_does_not_hold_up_the_others() {
-        let pool = Arc::new(WorkerPool::new(4).unwrap());
-        let d = PoolDispatcher::new(pool, 4);
+        let pool = Arc::new(WorkerPool::new(4, ServerThreads::default()).unwrap());
+        let d = PoolDispatcher::new(pool, 4, ServerThreads::default());
         let (b_ran, wait_b) = crossbeam_channel::bounded::<()>(1);
         let (verdict, result) = crossbeam_channel::bounded::<bool>(1);
         let a: Box<dyn FnOnce() + Send> = Box::new(move || {
@@ -195,8 +196,8 @@ mod tests {
     fn every_blocking_job_of_a_group_gets_a_worker() {
         // Four sessions of one group whose handlers each wait until all four have started:
         // the group's helpers must go on queueing helpers while handlers block.
-        let pool = Arc::new(WorkerPool::new(6).unwrap());
-        let d = PoolDispatcher::new(pool, 4);
+        let pool = Arc::new(WorkerPool::new(6, ServerThreads::default()).unwrap());
+        let d = PoolDispatcher::new(pool, 4, ServerThreads::default());
         let started = Arc::new(AtomicUsize::new(0));
         let (done, finished) = crossbeam_channel::unbounded::<bool>();
         let jobs: Vec<(OrderKey, Job)> = (0..4u64)

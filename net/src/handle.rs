@@ -26,6 +26,10 @@ pub enum RunError {
     /// The event loop thread panicked.
     #[error("event loop panicked")]
     Panicked,
+    /// `join` (or `shutdown`) was called on one of the server's own threads (a handler, a
+    /// hook), which the server waits for before it can stop. Call `stop` there and return.
+    #[error("join called on a thread of the server it waits for (a handler or a hook): it would wait for itself; call stop() there")]
+    OwnThread,
 }
 
 impl From<StartError> for RunError {
@@ -72,8 +76,15 @@ impl AppHandle {
         let _ = self.inner.shared.port.send(LoopMsg::Stop);
     }
 
-    /// Waits until the server has stopped. Any number of clones may wait.
+    /// Waits until the server has stopped. Any number of clones may wait. On one of the
+    /// server's own threads (in a handler or a hook) it does not wait: the stop waits for
+    /// that thread, so it returns [`RunError::OwnThread`] at once (unless the server has
+    /// already stopped).
     pub fn join(&self) -> Result<(), RunError> {
+        if self.inner.shared.threads.current() {
+            let finished = self.inner.finished.lock().unwrap_or_else(|p| p.into_inner());
+            return finished.clone().unwrap_or(Err(RunError::OwnThread));
+        }
         let thread = self.inner.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(thread) = thread {
             let result = match thread.join() {
@@ -94,7 +105,8 @@ impl AppHandle {
         }
     }
 
-    /// Stops and waits.
+    /// Stops and waits (on one of the server's own threads it stops and returns
+    /// [`RunError::OwnThread`]: see [`AppHandle::join`]).
     pub fn shutdown(&self) -> Result<(), RunError> {
         self.stop();
         self.join()

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use dragonfruit_core::threads::ServerThreads;
 use log::{error, warn};
 use rayon::ThreadPool;
 
@@ -19,10 +20,12 @@ pub(crate) struct WorkerPool {
 }
 
 impl WorkerPool {
-    pub(crate) fn new(threads: usize) -> Result<WorkerPool, rayon::ThreadPoolBuildError> {
+    /// `threads` workers, marked as the threads of `server`.
+    pub(crate) fn new(threads: usize, server: ServerThreads) -> Result<WorkerPool, rayon::ThreadPoolBuildError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("df-worker-{i}"))
+            .start_handler(move |_| server.enter())
             .panic_handler(|_| error!("a worker job panicked outside its guard"))
             .build()?;
         Ok(WorkerPool { pool })
@@ -107,12 +110,14 @@ struct RemoteShared {
     started: Mutex<usize>,
     /// Threads waiting for a job.
     idle: AtomicUsize,
+    server: ServerThreads,
 }
 
 impl RemotePool {
-    pub(crate) fn new(max: usize, linger: Duration) -> RemotePool {
+    /// Up to `max` threads, marked as the threads of `server`.
+    pub(crate) fn new(max: usize, linger: Duration, server: ServerThreads) -> RemotePool {
         let (jobs, queue) = crossbeam_channel::unbounded();
-        let shared = RemoteShared { queue, max, linger, started: Mutex::new(0), idle: AtomicUsize::new(0) };
+        let shared = RemoteShared { queue, max, linger, started: Mutex::new(0), idle: AtomicUsize::new(0), server };
         RemotePool { jobs, shared: Arc::new(shared) }
     }
 
@@ -148,6 +153,7 @@ impl RemotePool {
 impl RemoteShared {
     /// A remote thread: jobs until idle for `linger` or the pool is dropped.
     fn run(&self) {
+        self.server.enter();
         self.idle.fetch_add(1, Ordering::SeqCst);
         loop {
             match self.queue.recv_timeout(self.linger) {
@@ -181,7 +187,7 @@ mod tests {
 
     #[test]
     fn remote_threads_start_as_needed_up_to_the_bound_and_end_when_idle() {
-        let pool = RemotePool::new(3, Duration::from_millis(300));
+        let pool = RemotePool::new(3, Duration::from_millis(300), ServerThreads::default());
         assert_eq!(pool.threads(), 0, "no thread before a job");
         let (started, ran) = crossbeam_channel::unbounded();
         let (release, held) = crossbeam_channel::unbounded::<()>();

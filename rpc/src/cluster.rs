@@ -295,14 +295,14 @@ impl Cluster for ClusterModule {
             warning: Throttle::default(),
             stats: inner.stats.clone(),
         });
-        let env = ctx.service.env().clone();
+        let (env, threads) = (ctx.service.env().clone(), ctx.threads.clone());
         let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone(), overdue };
         if inner.started.set(started).is_err() {
             return Err(ClusterError::Other("cluster module started twice".into()));
         }
         let notify = io.clone();
         inner.table.set_own(&me);
-        if let Err(e) = inner.listeners.start(&inner.table, env) {
+        if let Err(e) = inner.listeners.start(&inner.table, env, threads) {
             self.stop();
             return Err(ClusterError::Other(format!("cannot spawn the server listeners' thread: {e}")));
         }

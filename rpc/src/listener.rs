@@ -8,6 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use dragonfruit_core::threads::ServerThreads;
 use dragonfruit_core::HandlerEnv;
 use log::error;
 
@@ -19,7 +20,8 @@ use crate::table::{ServerEntry, ServerEvent, ServerTable};
 /// order discovery reported the changes, once [`ClusterModule::servers`](crate::ClusterModule::servers)
 /// shows them (it may show later ones too); the servers already listed when this server
 /// starts come as joined. This server itself is never news. A server's stop waits for the
-/// call under way, so a listener must not wait for its own server to stop.
+/// call under way, so a listener cannot wait for its own server to stop (`AppHandle::join`
+/// there fails at once).
 pub trait ServerListener: Send + Sync {
     /// Discovery lists `server`: new to the cluster, or a new process of a server id
     /// (restarted, or moved to another endpoint) after [`ServerListener::server_left`] of
@@ -50,15 +52,17 @@ impl Listeners {
         self.list.lock().unwrap_or_else(|p| p.into_inner()).push(listener);
     }
 
-    /// Has `table` report its changes to the listeners, on a thread started here; nothing
-    /// without listeners. Call before discovery fills the table.
-    pub(crate) fn start(&self, table: &ServerTable, env: HandlerEnv) -> std::io::Result<()> {
+    /// Has `table` report its changes to the listeners, on a thread started here (one of
+    /// the server's `threads`); nothing without listeners. Call before discovery fills the
+    /// table.
+    pub(crate) fn start(&self, table: &ServerTable, env: HandlerEnv, threads: ServerThreads) -> std::io::Result<()> {
         let listeners = self.list.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if listeners.is_empty() {
             return Ok(());
         }
         let (events, received) = crossbeam_channel::unbounded::<Vec<ServerEvent>>();
         let thread = std::thread::Builder::new().name("df-servers".into()).spawn(move || {
+            threads.enter();
             for event in received.iter().flatten() {
                 for listener in &listeners {
                     tell(listener.as_ref(), &env, &event);

@@ -279,3 +279,35 @@ fn signals_on_every_thread_fail_no_request() {
     let interrupted = warnings_about(from, "nterrupted");
     assert!(interrupted.is_empty(), "{interrupted:?}");
 }
+
+/// A listener that waits for its own server to stop when a server joins (it cannot: the
+/// stop waits for the listener's call), noting what it got.
+#[derive(Clone, Default)]
+struct JoinsItsServer {
+    handle: Arc<std::sync::OnceLock<dragonfruit_net::AppHandle>>,
+    got: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ServerListener for JoinsItsServer {
+    fn server_joined(&self, _: &HandlerEnv, server: &ServerEntry) {
+        let got = self.handle.get().map(|handle| handle.join());
+        self.got.lock().unwrap().push(format!("{}: {got:?}", server.id));
+    }
+}
+
+/// A listener's thread is one of its server's: `join` there fails at once, and the server
+/// stops. Before, the listener waited for the stop and the stop for the listener, forever.
+#[test]
+fn a_listener_that_joins_its_own_server_fails_at_once() {
+    let dir = cluster_dir("listener-joins");
+    let listener = JoinsItsServer::default();
+    let frontend = start_connector(&cluster_module(&dir, TIMEOUT).with_listener(listener.clone()));
+    let _ = listener.handle.set(frontend.handle.clone());
+    let (_room, _) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    assert!(wait_until(T, || !listener.got.lock().unwrap().is_empty()));
+    assert_eq!(*listener.got.lock().unwrap(), ["room-1: Some(Err(OwnThread))"]);
+    let (done, stopped) = crossbeam_channel::bounded(1);
+    let handle = frontend.handle.clone();
+    std::thread::spawn(move || done.send(handle.shutdown()));
+    assert!(matches!(stopped.recv_timeout(T), Ok(Ok(()))), "the frontend stopped");
+}
