@@ -61,27 +61,79 @@ fn the_stopping_hooks_run_as_a_stop_begins_and_the_stop_waits_for_them() {
     assert_eq!(*probe.state.lifecycle.lock().unwrap(), LIFECYCLE);
 }
 
-/// A component whose `stopping` hook panics.
-struct PanicsWhenStopping;
+/// A component whose hook `.0` panics.
+struct PanicsIn(&'static str);
 
-impl Component for PanicsWhenStopping {
-    fn routes(_: &mut Routes<Self>) {}
-
-    fn stopping(&self, _: &HandlerEnv) {
-        panic!("stopping hook failed");
+impl PanicsIn {
+    fn hook(&self, hook: &str) {
+        if self.0 == hook {
+            panic!("{hook} hook failed");
+        }
     }
 }
 
-/// A panicking `stopping` hook is logged; the stop goes on at once and runs the others.
+impl Component for PanicsIn {
+    fn routes(_: &mut Routes<Self>) {}
+
+    fn init(&self, _: &HandlerEnv) {
+        self.hook("init");
+    }
+
+    fn after_init(&self, _: &HandlerEnv) {
+        self.hook("after_init");
+    }
+
+    fn stopping(&self, _: &HandlerEnv) {
+        self.hook("stopping");
+    }
+
+    fn before_shutdown(&self, _: &HandlerEnv) {
+        self.hook("before_shutdown");
+    }
+
+    fn shutdown(&self, _: &HandlerEnv) {
+        self.hook("shutdown");
+    }
+}
+
+/// A panicking stop hook is logged; the stop goes on at once, runs the other hooks, kicks
+/// the clients and ends well. A panic in `before_shutdown` or `shutdown` unwound the event
+/// loop: no kicks, no `shutdown` hooks, a cluster layer's threads left running, and `join`
+/// said the loop panicked.
 #[test]
-fn a_panicking_stopping_hook_does_not_hold_up_the_stop() {
-    let probe = Probe::default();
-    let server = Server::start(probe_app(&probe).component("panics", PanicsWhenStopping));
-    let started = Instant::now();
-    server.handle.shutdown().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5), "stopped without waiting for shutdown.timeout (10 s)");
-    assert_eq!(*probe.state.lifecycle.lock().unwrap(), LIFECYCLE);
-    assert!(warnings().iter().any(|l| l.contains("component panics: its stopping hook panicked")));
+fn panicking_stop_hooks_do_not_hold_up_the_stop() {
+    for hook in ["stopping", "before_shutdown", "shutdown"] {
+        let probe = Probe::default();
+        let server = Server::start(probe_app(&probe).component("panics", PanicsIn(hook)));
+        let mut raw = server.raw_ready();
+        let started = Instant::now();
+        server.handle.shutdown().unwrap_or_else(|e| panic!("{hook}: {e}"));
+        assert!(started.elapsed() < Duration::from_secs(5), "{hook}: stopped without waiting for shutdown.timeout");
+        assert_eq!(raw.read_packet().kind, PacketType::Kick, "{hook}");
+        assert_eq!(*probe.state.lifecycle.lock().unwrap(), LIFECYCLE, "{hook}");
+        let logged = format!("component panics: its {hook} hook panicked");
+        assert!(warnings().iter().any(|l| l.contains(&logged)), "{hook}");
+    }
+}
+
+/// A panicking `init` or `after_init` hook fails the start with an error naming it, and
+/// what had started stops again: the panic unwound through `start` and left the cluster
+/// layer running, registered in discovery, with no handle to stop it.
+#[test]
+fn panicking_start_hooks_fail_the_start() {
+    for hook in ["init", "after_init"] {
+        let dir = cluster_dir(&format!("panics-in-{hook}"));
+        let app = probe_app(&Probe::default())
+            .component("panics", PanicsIn(hook))
+            .cluster(Arc::new(crate::util::cluster_module(&dir, T)))
+            .tcp("127.0.0.1:0")
+            .build()
+            .unwrap();
+        let err = app.start().err().expect(hook).to_string();
+        assert_eq!(err, format!("component panics: its {hook} hook panicked"));
+        let entries = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>());
+        assert!(entries.as_ref().map_or(true, Vec::is_empty), "{hook}: {entries:?}");
+    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,13 +13,13 @@ use dragonfruit_core::codec::{
     encode_handshake_response, encode_packet, DictionaryError, HandshakeData, PacketType, RouteDictionary, HANDSHAKE_OK,
 };
 use dragonfruit_core::config::{ConfigError, ConfigSource};
-use dragonfruit_core::handler::{Ctx, RegistryError};
+use dragonfruit_core::handler::{Ctx, RegisteredComponent, RegistryError};
 use dragonfruit_core::threads::ServerThreads;
 use dragonfruit_core::{
     Component, HandlerEnv, HandlerError, HandlerRegistry, HandlerService, Messenger, Pipelines, Serializer, ServerInfo,
     SessionRegistry, SessionSink,
 };
-use log::info;
+use log::{error, info};
 use mio::{Poll, Waker};
 use thiserror::Error;
 
@@ -91,6 +92,25 @@ pub enum StartError {
     /// The cluster layer could not start.
     #[error("cluster: {0}")]
     Cluster(#[from] ClusterError),
+    /// A component's `init` or `after_init` hook panicked (the panic is logged); what had
+    /// started (the cluster layer) is stopped again.
+    #[error("component {component}: its {hook} hook panicked")]
+    Hook {
+        /// The component's name.
+        component: String,
+        /// `"init"` or `"after_init"`.
+        hook: &'static str,
+    },
+}
+
+/// Runs hook `hook` of component `c` (`run`). A panic in it is logged and returned as an
+/// error, so that a hook's bug neither unwinds through the thread that runs hooks (the
+/// caller of `start`, the event loop) nor skips the steps and hooks that follow.
+pub(crate) fn run_hook(c: &RegisteredComponent, hook: &'static str, run: impl FnOnce()) -> Result<(), StartError> {
+    catch_unwind(AssertUnwindSafe(run)).map_err(|_| {
+        error!("component {}: its {hook} hook panicked", c.name);
+        StartError::Hook { component: c.name.clone(), hook }
+    })
 }
 
 /// State shared read-only by the event loop and the workers.
@@ -173,8 +193,9 @@ impl App {
         };
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let components = self.shared.service.registry().components().to_vec();
+        let env = self.shared.service.env();
         for c in &components {
-            c.component.init(self.shared.service.env());
+            run_hook(c, "init", || c.component.init(env))?;
         }
         if let Some(cluster) = &self.shared.cluster {
             let shared = &self.shared;
@@ -190,7 +211,13 @@ impl App {
             })?;
         }
         for c in &components {
-            c.component.after_init(self.shared.service.env());
+            if let Err(e) = run_hook(c, "after_init", || c.component.after_init(env)) {
+                if let Some(cluster) = &self.shared.cluster {
+                    cluster.begin_stop();
+                    cluster.stop();
+                }
+                return Err(e);
+            }
         }
         let shared = self.shared.clone();
         let event_loop = EventLoop::new(self.poll, tcp, self.inbox, self.shared, self.pool);

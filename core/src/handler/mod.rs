@@ -15,7 +15,7 @@ use serde::Serialize;
 
 pub use ctx::{Ctx, HandlerEnv, Propagated, RemoteCtx, ServerInfo};
 pub use pipeline::{AfterFn, BeforeFn, Pipelines};
-pub use registry::{HandlerRegistry, RegistryError, RouteInfo};
+pub use registry::{HandlerRegistry, RegisteredComponent, RegistryError, RouteInfo};
 pub use service::{HandlerService, Reply, Resolved};
 
 use crate::error::HandlerError;
@@ -30,7 +30,9 @@ pub trait Component: Send + Sync + 'static {
 
     /// Called once at start-up, before any client is accepted and before the cluster layer
     /// starts. `env` is the environment handlers get (pushes, kicks, RPC; RPC to other
-    /// servers works from `after_init` on).
+    /// servers works from `after_init` on). A panic in `init` or `after_init` fails the
+    /// start (the cluster layer, if started, stops again); one in a stop hook is logged and
+    /// the stop goes on with the other hooks.
     fn init(&self, _env: &HandlerEnv) {}
     /// Called after every component's `init`, once the cluster layer (if any) has started.
     fn after_init(&self, _env: &HandlerEnv) {}

@@ -3,13 +3,13 @@
 //! and close every connection, `shutdown` hooks.
 
 use std::io;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{info, warn};
 
 use super::EventLoop;
+use crate::app::run_hook;
 use crate::port::LoopMsg;
 
 /// How long the final kicks may take to reach clients.
@@ -33,11 +33,9 @@ impl EventLoop {
         let shared = self.shared.clone();
         self.jobs += 1;
         self.pool.spawn(move || {
+            let env = shared.service.env();
             for c in &components {
-                let env = shared.service.env();
-                if catch_unwind(AssertUnwindSafe(|| c.component.stopping(env))).is_err() {
-                    error!("component {}: its stopping hook panicked", c.name);
-                }
+                let _ = run_hook(c, "stopping", || c.component.stopping(env));
             }
             let _ = shared.port.send(LoopMsg::StoppingDone);
         });
@@ -48,8 +46,10 @@ impl EventLoop {
             warn!("shutdown timeout: {} messages still in flight are abandoned", self.in_flight);
         }
         let components = self.shared.service.registry().components().to_vec();
+        let shared = self.shared.clone();
+        let env = shared.service.env();
         for c in &components {
-            c.component.before_shutdown(self.shared.service.env());
+            let _ = run_hook(c, "before_shutdown", || c.component.before_shutdown(env));
         }
         self.now = Instant::now();
         self.drain_inbox();
@@ -81,7 +81,7 @@ impl EventLoop {
             cluster.stop();
         }
         for c in &components {
-            c.component.shutdown(self.shared.service.env());
+            let _ = run_hook(c, "shutdown", || c.component.shutdown(env));
         }
         info!("server {} stopped", self.shared.server.id);
         Ok(())
