@@ -120,9 +120,32 @@ impl From<crate::SessionError> for HandlerError {
     }
 }
 
+/// What a caught panic said, for a log line: its message with control characters escaped
+/// (it may quote what a client sent), or "non-string panic".
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(text), _) => text,
+        (_, Some(text)) => text.as_str(),
+        _ => return "non-string panic".to_owned(),
+    };
+    text.escape_debug().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A panic's message is logged with its control characters escaped: it may quote what a
+    /// client sent, and must not begin log lines of its own.
+    #[test]
+    fn panic_texts_are_escaped() {
+        let caught = std::panic::catch_unwind(|| panic!("bad name {}", "ann\nERROR forged")).unwrap_err();
+        assert_eq!(panic_text(&*caught), "bad name ann\\nERROR forged");
+        let caught = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
+        assert_eq!(panic_text(&*caught), "plain");
+        let caught = std::panic::catch_unwind(|| std::panic::panic_any(7)).unwrap_err();
+        assert_eq!(panic_text(&*caught), "non-string panic");
+    }
 
     #[test]
     fn json_payload_omits_empty_fields() {

@@ -16,8 +16,8 @@ use dragonfruit_core::config::{ConfigError, ConfigSource};
 use dragonfruit_core::handler::{Ctx, RegisteredComponent, RegistryError};
 use dragonfruit_core::threads::ServerThreads;
 use dragonfruit_core::{
-    Component, HandlerEnv, HandlerError, HandlerRegistry, HandlerService, Messenger, Pipelines, Serializer, ServerInfo,
-    SessionRegistry, SessionSink,
+    panic_text, Component, HandlerEnv, HandlerError, HandlerRegistry, HandlerService, Messenger, Pipelines, Serializer,
+    ServerInfo, SessionRegistry, SessionSink,
 };
 use log::{error, info};
 use mio::{Poll, Waker};
@@ -107,8 +107,8 @@ pub enum StartError {
 /// error, so that a hook's bug neither unwinds through the thread that runs hooks (the
 /// caller of `start`, the event loop) nor skips the steps and hooks that follow.
 pub(crate) fn run_hook(c: &RegisteredComponent, hook: &'static str, run: impl FnOnce()) -> Result<(), StartError> {
-    catch_unwind(AssertUnwindSafe(run)).map_err(|_| {
-        error!("component {}: its {hook} hook panicked", c.name);
+    catch_unwind(AssertUnwindSafe(run)).map_err(|panic| {
+        error!("component {}: its {hook} hook panicked: {}", c.name, panic_text(&*panic));
         StartError::Hook { component: c.name.clone(), hook }
     })
 }

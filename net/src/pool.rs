@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use dragonfruit_core::panic_text;
 use dragonfruit_core::threads::ServerThreads;
 use log::{error, warn};
 use rayon::ThreadPool;
@@ -83,8 +84,8 @@ struct Group {
 }
 
 fn run_guarded(job: impl FnOnce()) {
-    if catch_unwind(AssertUnwindSafe(job)).is_err() {
-        error!("a worker job panicked outside its guard");
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(job)) {
+        error!("a worker job panicked outside its guard: {}", panic_text(&*panic));
     }
 }
 
@@ -159,8 +160,8 @@ impl RemoteShared {
             match self.queue.recv_timeout(self.linger) {
                 Ok(job) => {
                     self.idle.fetch_sub(1, Ordering::SeqCst);
-                    if catch_unwind(AssertUnwindSafe(job)).is_err() {
-                        error!("a remote job panicked outside its guard");
+                    if let Err(panic) = catch_unwind(AssertUnwindSafe(job)) {
+                        error!("a remote job panicked outside its guard: {}", panic_text(&*panic));
                     }
                     self.idle.fetch_add(1, Ordering::SeqCst);
                 }

@@ -3,6 +3,7 @@
 //! `mio::Poll` through one shared `Waker`. Also the frontend implementations of core's
 //! `SessionSink` and `Messenger` ports, which are thin senders on this inbox.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,10 +13,10 @@ use dragonfruit_core::cluster::{CallTarget, Cluster};
 use dragonfruit_core::codec::{check_push, deflate_if_smaller, EncodeError};
 use dragonfruit_core::session::KICKED_BY_NEWER;
 use dragonfruit_core::{
-    codes, HandlerError, HandlerService, Messenger, MessengerError, OnTaken, Propagated, Session, SessionError,
-    SessionId, SessionRegistry, SessionSink,
+    codes, panic_text, HandlerError, HandlerService, Messenger, MessengerError, OnTaken, Propagated, Session,
+    SessionError, SessionId, SessionRegistry, SessionSink,
 };
-use log::{debug, info};
+use log::{debug, error, info};
 use mio::Waker;
 
 use crate::worker::Done;
@@ -80,7 +81,7 @@ impl Taken {
 
     pub(crate) fn run(mut self) {
         if let Some(then) = self.0.take() {
-            then(Ok(()));
+            answer(then, Ok(()));
         }
     }
 }
@@ -88,8 +89,16 @@ impl Taken {
 impl Drop for Taken {
     fn drop(&mut self) {
         if let Some(then) = self.0.take() {
-            then(Err(MessengerError::Stopped));
+            answer(then, Err(MessengerError::Stopped));
         }
+    }
+}
+
+/// Calls `then` on the event loop: a panic in it (a handler's callback given to
+/// `push_to_users_then`) is logged, not unwound through the loop.
+fn answer(then: OnTaken<()>, result: Result<(), MessengerError>) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| then(result))) {
+        error!("a callback of push_to_users_then or broadcast_then panicked: {}", panic_text(&*panic));
     }
 }
 
@@ -361,6 +370,14 @@ mod tests {
             service: OnceLock::new(),
         };
         (messenger, inbox)
+    }
+
+    /// A callback that panics, run by the loop or dropped unrun at its stop, is logged: it
+    /// does not unwind through the event loop.
+    #[test]
+    fn a_panicking_callback_does_not_unwind_through_the_loop() {
+        Taken::new(Box::new(|_| panic!("a handler's bug"))).run();
+        drop(Taken::new(Box::new(|_| panic!("a handler's bug"))));
     }
 
     fn push_then(messenger: &LocalMessenger, uids: &[&str], answers: &Answers) {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use dragonfruit_core::threads::ServerThreads;
-use dragonfruit_core::HandlerEnv;
+use dragonfruit_core::{panic_text, HandlerEnv};
 use log::error;
 
 use crate::table::{ServerEntry, ServerEvent, ServerTable};
@@ -91,7 +91,7 @@ fn tell(listener: &dyn ServerListener, env: &HandlerEnv, event: &ServerEvent) {
         ServerEvent::Joined(server) => listener.server_joined(env, server),
         ServerEvent::Left { server, reachable } => listener.server_left(env, server, *reachable),
     });
-    if catch_unwind(call).is_err() {
-        error!("a server listener panicked on {event:?}; it is told of later changes");
+    if let Err(panic) = catch_unwind(call) {
+        error!("a server listener panicked on {event:?}: {}; it is told of later changes", panic_text(&*panic));
     }
 }

@@ -12,6 +12,7 @@ use std::time::Instant;
 use log::{debug, error, warn};
 
 use crate::codec::{EncodeError, MessageType};
+use crate::error::panic_text;
 use crate::error::HandlerError;
 use crate::handler::{Ctx, Handler, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines, Propagated, RemoteCtx};
 use crate::route::Route;
@@ -221,12 +222,4 @@ impl HandlerService {
             Err(HandlerError::internal("internal server error"))
         })
     }
-}
-
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic".to_owned())
 }

@@ -10,8 +10,10 @@ mod registry;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use log::error;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -20,6 +22,7 @@ use thiserror::Error;
 pub use registry::{SessionFilter, SessionRegistry};
 
 use crate::codec::HandshakeData;
+use crate::error::panic_text;
 use crate::serializer::{SerializeError, Serializer};
 
 /// Session id, unique within one frontend server.
@@ -372,7 +375,8 @@ impl Session {
     }
 
     /// Marks the session closed and runs its on-close callbacks, once. Called by the
-    /// runtime owning the connection.
+    /// runtime owning the connection. A callback that panics is logged and the others
+    /// still run (one component's bug must not leave another's player in a room).
     pub fn close(&self) {
         let callbacks = {
             let mut state = self.state();
@@ -383,7 +387,9 @@ impl Session {
             std::mem::take(&mut state.on_close)
         };
         for callback in callbacks {
-            callback(self);
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| callback(self))) {
+                error!("sid={}: an on-close callback panicked: {}; the others still run", self.id, panic_text(&*panic));
+            }
         }
     }
 }

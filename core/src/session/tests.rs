@@ -161,3 +161,20 @@ fn registry_indexes_by_id_and_uid() {
     reg.remove(2);
     assert_eq!((reg.len(), reg.bound_uids()), (0, 0));
 }
+
+/// A panicking on-close callback does not keep the others from running, nor unwind
+/// through `close`.
+#[test]
+fn a_panicking_on_close_callback_does_not_stop_the_others() {
+    let s = session(9, Arc::new(Recorder { frontend: true, ..Recorder::default() }));
+    let ran = Arc::new(AtomicUsize::new(0));
+    s.on_close(|_| panic!("a component's bug")).unwrap();
+    let counted = ran.clone();
+    s.on_close(move |_| {
+        counted.fetch_add(1, Ordering::SeqCst);
+    })
+    .unwrap();
+    s.close();
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    assert!(s.is_closed());
+}
