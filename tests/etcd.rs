@@ -429,7 +429,9 @@ fn servers_leave_a_hung_etcd_member_before_their_leases_expire() {
 }
 
 /// Keys under the prefix that are not server entries (another program wrote them) are
-/// ignored; a server's key overwritten with one takes that server out of the table.
+/// ignored, as are entries no server can have (control characters in the id, a type with
+/// a dot), with the key escaped in the warning; a server's key overwritten with one takes
+/// that server out of the table.
 #[test]
 fn values_that_are_not_servers_are_ignored() {
     let etcd = Etcd::start("garbage");
@@ -437,6 +439,9 @@ fn values_that_are_not_servers_are_ignored() {
     let (fe, fe_module, _room, _) = pair(&etcd);
     etcd.put("it/servers/room/late", b"{\"id\": 5}");
     etcd.put("it/servers/room/binary", &[0xff, 0xfe]);
+    let forged = phantom("room-9\nERROR forged by a peer", "room");
+    etcd.put("it/servers/room/room-9\nERROR forged key", &serde_json::to_vec(&forged).unwrap());
+    etcd.put("it/servers/room.x/room-8", &serde_json::to_vec(&phantom("room-8", "room.x")).unwrap());
     assert_eq!(fe.client().request_raw("room.room.echo", b"ok").unwrap(), b"ok");
     let ids = || {
         let mut ids: Vec<String> = fe_module.servers().into_iter().map(|s| s.id).collect();
@@ -444,6 +449,10 @@ fn values_that_are_not_servers_are_ignored() {
         ids
     };
     assert_eq!(ids(), ["connector-1", "room-1"]);
+    let escaped = "etcd key it/servers/room/room-9\\nERROR forged key has an empty server id or one with control";
+    assert!(wait_until(T, || !warnings_about(0, escaped).is_empty()), "{:?}", warnings());
+    assert!(!warnings_about(0, "it/servers/room.x/room-8 has a server type that is empty or has a dot").is_empty());
+    assert!(!warnings().iter().any(|w| w.contains("\nERROR forged")), "no line of a peer's making");
     etcd.put("it/servers/room/room-1", b"garbage");
     assert!(wait_until(T, || ids() == ["connector-1"]), "{:?}", ids());
 }

@@ -250,11 +250,14 @@ impl Config {
     /// Checks ranges and names.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, message: &str| Err(ConfigError::Invalid { key, message: message.to_owned() });
-        if self.server.server_type.is_empty() || self.server.server_type.contains('.') {
-            return invalid("server.type", "must be non-empty and contain no dot");
+        // Other servers refuse entries with control characters (they would reach log lines).
+        let control = |text: &str| text.chars().any(char::is_control);
+        let server_type = &self.server.server_type;
+        if server_type.is_empty() || server_type.contains('.') || control(server_type) {
+            return invalid("server.type", "must be non-empty and contain no dot or control character");
         }
-        if self.server.id.len() > MAX_SERVER_ID {
-            return invalid("server.id", &format!("must be at most {MAX_SERVER_ID} bytes"));
+        if self.server.id.len() > MAX_SERVER_ID || control(&self.server.id) {
+            return invalid("server.id", &format!("must be at most {MAX_SERVER_ID} bytes, with no control character"));
         }
         if !self.server.frontend && self.acceptor.tcp.is_some() {
             return invalid("acceptor.tcp", "a backend (server.frontend = false) has no client acceptor");
@@ -333,5 +336,7 @@ mod tests {
         assert!(bad("[packet]\nmax_size = 16777216\n").contains("packet.max_size"));
         assert!(bad("[dispatch]\nconcurency = 3\n").contains("[dispatch]"));
         assert!(bad(&format!("[server]\nid = \"{}\"\n", "x".repeat(201))).contains("server.id"));
+        assert!(bad("[server]\nid = \"room-1\\nERROR x\"\n").contains("server.id"));
+        assert!(bad("[server]\ntype = \"room\\t\"\n").contains("server.type"));
     }
 }

@@ -67,6 +67,23 @@ pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Why a server described by `id`, `server_type` and `rpc_addr` (a discovery entry, or a
+/// frontend named in a peer's call) cannot be one of the cluster: an id or type no server
+/// can have (`server.id`, `server.type`: a route names the type), or control characters,
+/// which would reach log lines as they are.
+pub(crate) fn entry_problem(id: &str, server_type: &str, rpc_addr: &str) -> Option<&'static str> {
+    let control = |text: &str| text.chars().any(char::is_control);
+    if id.is_empty() || control(id) {
+        Some("has an empty server id or one with control characters")
+    } else if server_type.is_empty() || server_type.contains('.') || control(server_type) {
+        Some("has a server type that is empty or has a dot or control characters")
+    } else if control(rpc_addr) {
+        Some("has an endpoint with control characters")
+    } else {
+        None
+    }
+}
+
 /// Whether instances `a` and `b` ([`ServerEntry::instance`]) may be the same process: equal,
 /// or one not known (0), which matches any.
 pub(crate) fn same_instance(a: u64, b: u64) -> bool {
@@ -278,17 +295,18 @@ impl ServerTable {
     }
 
     /// Learns a frontend from a session it sent (its id, type, endpoint and process
-    /// instance, 0 if not known); returns whether the table changed. A frontend calling now
+    /// instance, 0 if not known; not one that no server can be, [`entry_problem`]);
+    /// returns whether the table changed. A frontend calling now
     /// is where it says it is: its endpoint and process win over others discovery still
     /// lists for its id (a frontend restarted under its id, before discovery has caught
     /// up), so calls back to it reach the live process. Cheap when the server is already
     /// known: nothing is allocated unless the table changes.
     pub fn learn_frontend(&self, id: &str, server_type: &str, rpc_addr: &str, instance: u64) -> bool {
-        let mut guard = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        let sources = &mut *guard;
-        if rpc_addr.is_empty() {
+        if rpc_addr.is_empty() || entry_problem(id, server_type, rpc_addr).is_some() {
             return false;
         }
+        let mut guard = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let sources = &mut *guard;
         let listed = sources.discovered.get(id);
         let here = |e: &ServerEntry| e.is_at(rpc_addr, instance);
         if listed.is_some_and(here) {

@@ -311,3 +311,41 @@ fn a_listener_that_joins_its_own_server_fails_at_once() {
     std::thread::spawn(move || done.send(handle.shutdown()));
     assert!(matches!(stopped.recv_timeout(T), Ok(Ok(()))), "the frontend stopped");
 }
+
+/// Registry files that no server can have written (control characters in the id or the
+/// endpoint, a type with a dot) are ignored and warned of once, their file names escaped:
+/// their text reached the log as it was, and a newline in an id began a line of the
+/// file's making.
+#[test]
+fn registry_entries_no_server_can_have_are_ignored() {
+    let dir = cluster_dir("impossible-entries");
+    let module = cluster_module(&dir, TIMEOUT);
+    let _frontend = start_connector(&module);
+    let forged = "\nERROR forged by a peer";
+    let entries = [
+        at_a_dead_endpoint(&format!("room-9{forged}"), "room", false),
+        at_a_dead_endpoint("room-8", "room.x", false),
+        ServerEntry::new("room-7", "room", false, format!("tcp://127.0.0.1:9{forged}")),
+    ];
+    for (i, entry) in entries.iter().enumerate() {
+        let file = dir.join(format!("impossible-{i}{forged}.json"));
+        std::fs::write(file, serde_json::to_vec(entry).unwrap()).unwrap();
+    }
+    let about = |why: &str| {
+        warnings().into_iter().filter(|w| w.contains("impossible-entries") && w.contains(why)).collect::<Vec<_>>()
+    };
+    for (i, why) in [
+        "has an empty server id or one with control characters; ignored",
+        "has a server type that is empty or has a dot or control characters; ignored",
+        "has an endpoint with control characters; ignored",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(wait_until(T, || about(why).len() == 1), "{why}: {:?}", about("ignored"));
+        assert!(about(why)[0].contains(&format!("impossible-{i}\\nERROR forged by a peer.json")), "{:?}", about(why));
+    }
+    assert!(!warnings().iter().any(|w| w.contains(forged)), "no line of a file's making");
+    let ids: Vec<String> = module.servers().into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, ["connector-1"]);
+}

@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use super::http::{self, Endpoint, Post};
 use super::{check_terms, Discovery, DiscoveryError, OnChange, PROPAGATION_MARGIN};
 use crate::config::DiscoveryKind;
-use crate::table::{ServerEntry, ServerTable};
+use crate::table::{entry_problem, ServerEntry, ServerTable};
 
 mod claim;
 mod watch;
@@ -161,7 +161,10 @@ fn int64(v: Option<&Value>) -> Option<i64> {
 /// the cluster's prefix).
 fn server_entry(kv: &Value) -> Result<ServerEntry, String> {
     match unb64(&kv["value"]).as_deref().map(serde_json::from_str::<ServerEntry>) {
-        Some(Ok(entry)) => Ok(entry),
+        Some(Ok(entry)) => match entry_problem(&entry.id, &entry.server_type, &entry.rpc_addr) {
+            Some(why) => Err(why.to_owned()),
+            None => Ok(entry),
+        },
         Some(Err(e)) => Err(format!("does not hold a server entry ({e})")),
         None => Err("has no UTF-8 value".into()),
     }

@@ -10,6 +10,13 @@ fn entry(id: &str, frontend: bool) -> ServerEntry {
 fn learned_servers_until_discovery_lists_them() {
     let table = ServerTable::new();
     assert!(table.replace(HashMap::from([("room-1".into(), entry("room-1", false))])));
+    for (id, server_type, rpc) in [
+        ("connector-9\nERROR forged", "connector", "tcp://127.0.0.1:9"),
+        ("connector-9", "connector.x", "tcp://127.0.0.1:9"),
+        ("connector-9", "connector", "tcp://127.0.0.1:9\n"),
+    ] {
+        assert!(!table.learn_frontend(id, server_type, rpc, 0), "no server can be {id:?} {server_type:?} {rpc:?}");
+    }
     assert!(table.learn_frontend("connector-1", "connector", "tcp://127.0.0.1:9", 0));
     assert!(!table.learn_frontend("connector-1", "connector", "tcp://127.0.0.1:9", 0), "already known");
     let moved = "tcp://127.0.0.1:1/connector-1";

@@ -15,7 +15,7 @@ use log::{debug, info, warn};
 use super::watch::DirWatch;
 use super::Registration;
 use crate::grouped;
-use crate::table::{millis, ServerEntry};
+use crate::table::{entry_problem, millis, ServerEntry};
 
 /// Files untouched for this long, and for twice their `ttl`, are deleted by whoever scans
 /// (dead servers' leftovers).
@@ -163,6 +163,10 @@ pub(super) fn scan(
         }
         match read {
             Ok(Ok(Registration { entry: server, owner, refresh, watching, .. })) => {
+                if let Some(why) = entry_problem(&server.id, &server.server_type, &server.rpc_addr) {
+                    found.bad.push((path, why.to_owned()));
+                    continue;
+                }
                 if let (Some(owner), Some(ns)) = (owner, ns) {
                     if owner.exited(ns) {
                         // Killed: gone now, not after `ttl`. The file stays (a process
@@ -205,6 +209,12 @@ pub(super) fn unreadable(meta: &fs::Metadata) -> Option<String> {
     }
 }
 
+/// `path` for a log line, control characters escaped: anything may put a file in the
+/// registry directory.
+fn shown(path: &Path) -> String {
+    path.display().to_string().escape_debug().to_string()
+}
+
 /// The warnings about the bad files of `found` not warned of at the last scan (`warned`),
 /// once each until they are fixed or gone: a line each, or one line for many (a directory
 /// shared with something else).
@@ -213,8 +223,8 @@ pub(super) fn bad_file_lines(found: &Scan, warned: &mut HashSet<PathBuf>) -> Vec
     *warned = found.bad.iter().map(|(path, _)| path.clone()).collect();
     grouped::lines(
         &new,
-        |(path, why)| format!("registry file {} {why}; ignored", path.display()),
-        |(path, _)| path.display().to_string(),
+        |(path, why)| format!("registry file {} {why}; ignored", shown(path)),
+        |(path, _)| shown(path),
         |n, named| format!("{n} files in the registry directory are not server entries ({named}); ignored"),
     )
 }

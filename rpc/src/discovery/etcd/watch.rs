@@ -39,7 +39,7 @@ impl Shared {
             }
             Err(why) => {
                 if bad.insert(key.to_owned()) {
-                    warn!("etcd key {key} {why}; ignored");
+                    warn!("etcd key {} {why}; ignored", key.escape_debug());
                 }
                 None
             }
