@@ -264,3 +264,17 @@ fn a_flood_of_bad_connections_logs_a_line_a_second() {
     assert!((1..=10).contains(&lines), "{lines} warnings for 40 bad connections");
     server.assert_serving();
 }
+
+/// A handler's error may quote what the client sent; when a notify fails it is logged,
+/// with control characters escaped: the client's newline began a log line of its own.
+#[test]
+fn handler_errors_quoting_a_client_are_logged_escaped() {
+    let server = server();
+    let client = server.client();
+    let item = format!("sword-{}\n2026-11-28T00:00:00Z ERROR forged by a client", client.local_addr().port());
+    client.notify_raw("probe.refuse", item.as_bytes()).unwrap();
+    let escaped = format!("notify failed: PIT-400: no item {}", item.replace('\n', "\\n"));
+    let logged = || warnings().into_iter().filter(|w| w.contains(&escaped)).count();
+    assert!(crate::util::wait_until(T, || logged() == 1), "{:?}", warnings());
+    assert!(!warnings().iter().any(|w| w.contains(&item)), "no line of the client's making");
+}

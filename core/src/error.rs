@@ -1,6 +1,7 @@
 //! Errors that reach clients: a code string, a message and string metadata, sent in an
 //! error response (`{"code","msg","metadata"}`) with the message error flag set.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -102,7 +103,8 @@ impl HandlerError {
 
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
+        // Logged where it is shown: a handler's message may quote a client's text.
+        write!(f, "{}: {}", printable(&self.code), printable(&self.message))
     }
 }
 
@@ -128,12 +130,33 @@ pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         (_, Some(text)) => text.as_str(),
         _ => return "non-string panic".to_owned(),
     };
-    text.escape_debug().to_string()
+    printable(text).into_owned()
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`), for a log line: text from
+/// outside (a client, a peer, a file) must not begin lines of its own or drive the
+/// operator's terminal. Other characters, quotes included, stay as they are.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handler's error is shown with control characters escaped: its message may quote
+    /// what a client sent, and the error is logged (a failed notify).
+    #[test]
+    fn errors_are_shown_with_control_characters_escaped() {
+        let e = HandlerError::bad_request("no player \"ann\nERROR forged\u{1b}[2J\"");
+        assert_eq!(e.to_string(), "PIT-400: no player \"ann\\nERROR forged\\u{1b}[2J\"");
+        assert!(matches!(printable("plain é"), Cow::Borrowed("plain é")));
+    }
 
     /// A panic's message is logged with its control characters escaped: it may quote what a
     /// client sent, and must not begin log lines of its own.
@@ -141,8 +164,8 @@ mod tests {
     fn panic_texts_are_escaped() {
         let caught = std::panic::catch_unwind(|| panic!("bad name {}", "ann\nERROR forged")).unwrap_err();
         assert_eq!(panic_text(&*caught), "bad name ann\\nERROR forged");
-        let caught = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
-        assert_eq!(panic_text(&*caught), "plain");
+        let caught = std::panic::catch_unwind(|| panic!("plain \"quoted\" é")).unwrap_err();
+        assert_eq!(panic_text(&*caught), "plain \"quoted\" é");
         let caught = std::panic::catch_unwind(|| std::panic::panic_any(7)).unwrap_err();
         assert_eq!(panic_text(&*caught), "non-string panic");
     }

@@ -33,7 +33,7 @@ pub mod session;
 pub mod threads;
 pub mod throttle;
 
-pub use error::{codes, panic_text, HandlerError};
+pub use error::{codes, panic_text, printable, HandlerError};
 pub use handler::{
     Component, Ctx, HandlerEnv, HandlerKind, HandlerRegistry, HandlerService, Pipelines, Propagated, RemoteCtx, Reply,
     Routes, ServerInfo,

@@ -118,6 +118,10 @@ impl Component for Probe {
             p.state.notes.lock().unwrap().push(v);
             Ok(())
         });
+        // An error quoting what the client sent, as a game's handler may word it.
+        r.raw_handler("refuse", |_: &Probe, _: &mut Ctx<'_>, body: &[u8]| {
+            Err(HandlerError::bad_request(format!("no item {}", String::from_utf8_lossy(body))))
+        });
         r.handler("set", |_: &Probe, ctx: &mut Ctx<'_>, kv: Kv| {
             ctx.session().set(&kv.k, &kv.v).map_err(internal)?;
             Ok(true)

@@ -230,7 +230,7 @@ impl Notifies {
     fn check(&self, result: &Result<Answer, HandlerError>) {
         if let Err(e) = result {
             if let Some(more) = self.warnings.failed.due(Instant::now()) {
-                warn!("sid={} {} forwarded notify(s) failed: {} {}{more}", self.session, self.count, e.code, e.message);
+                warn!("sid={} {} forwarded notify(s) failed: {e}{more}", self.session, self.count);
             }
         }
     }

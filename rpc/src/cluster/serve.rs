@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dragonfruit_core::cluster::OrderKey;
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::session::KICKED_BY_NEWER;
-use dragonfruit_core::{codes, HandlerError, MessengerError, Propagated, Reply, Session};
+use dragonfruit_core::{codes, printable, HandlerError, MessengerError, Propagated, Reply, Session};
 use log::{debug, warn};
 
 use super::{Inner, Started};
@@ -64,7 +64,7 @@ impl Inner {
                                 remote_session(session, &parsed, &io, table, timeout, serializer, parts.clone())
                                     .inspect_err(|e| {
                                         if let Some(more) = warnings.bad_session.due(Instant::now()) {
-                                            warn!("{}{more}", e.message);
+                                            warn!("{}{more}", printable(&e.message));
                                         }
                                     })
                             }

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use dragonfruit_core::printable;
 use log::{debug, info, warn};
 
 use super::{is_again, send_parts, server_of, ReplyFn};
@@ -110,8 +111,9 @@ impl Peer {
             );
         } else {
             warn!(
-                "server {id} at {} is gone: another process ({by}) holds that endpoint now; failing its calls until discovery lists it anew",
-                self.addr
+                "server {id} at {} is gone: another process ({}) holds that endpoint now; failing its calls until discovery lists it anew",
+                self.addr,
+                printable(by)
             );
         }
     }

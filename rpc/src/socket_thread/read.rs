@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::HandlerError;
+use dragonfruit_core::{printable, HandlerError};
 use log::{debug, info, warn};
 
 use super::{instance_of, is_again, recv_parts, server_of, uninterrupted, Parts, Responder, SocketThread};
@@ -169,7 +169,9 @@ impl SocketThread {
     /// same endpoint. Its calls are answered with an error, and a `Misdirected` frame goes
     /// first, which marks that peer down on the caller; nothing in it runs.
     pub(super) fn refuse_misdirected(&mut self, identity: Vec<u8>, to: &[u8], payload: &[u8]) {
+        // Identities are a peer's to choose (anyone can connect): escaped where logged.
         let (from, to, meant) = (server_of(&identity), String::from_utf8_lossy(to), server_of(to));
+        let (from, to) = (printable(&from), printable(&to));
         let me = String::from_utf8_lossy(&self.identity).into_owned();
         if let Some(more) = self.misdirected.due(Instant::now()) {
             if meant == self.own_id {
@@ -207,7 +209,7 @@ pub(super) enum Peers {
 /// malformed.
 pub(super) fn decode_from(payload: &[u8], from: &str, throttle: &Throttle) -> Vec<Frame> {
     wire::decode(payload).unwrap_or_else(|e| {
-        warn_bad(throttle, || format!("bad envelope from {from}: {e}"));
+        warn_bad(throttle, || format!("bad envelope from {}: {e}", printable(from)));
         Vec::new()
     })
 }

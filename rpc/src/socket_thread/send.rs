@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 use std::time::Instant;
 
-use dragonfruit_core::{codes, HandlerError};
+use dragonfruit_core::{codes, printable, HandlerError};
 use log::{debug, warn};
 
 use super::peer::Sent;
@@ -161,7 +161,7 @@ impl SocketThread {
                 match send_parts(&self.router, &parts) {
                     Ok(()) => self.last_sent = Some(Instant::now()),
                     // EHOSTUNREACH: the caller is gone; its calls fail on its side.
-                    Err(e) => debug!("answer to {} dropped: {e}", server_of(&identity)),
+                    Err(e) => debug!("answer to {} dropped: {e}", printable(&server_of(&identity))),
                 }
             }
         }
@@ -187,7 +187,7 @@ impl SocketThread {
     /// message, to the caller with ROUTER identity `identity`.
     pub(super) fn oversized_answer(&self, identity: &[u8], frame: Frame, size: usize) -> Frame {
         let why = format!("the answer (about {size} bytes) is over the {}-byte message limit", self.max_message);
-        warn!("answer to {}: {why}; an error goes instead", server_of(identity));
+        warn!("answer to {}: {why}; an error goes instead", printable(&server_of(identity)));
         let corr = match frame {
             Frame::Reply { corr, .. } | Frame::Part { corr, .. } | Frame::Call { corr, .. } => corr,
             Frame::Leaving | Frame::Misdirected { .. } => 0,

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use dragonfruit_core::printable;
 use log::{debug, info, warn};
 
 use super::watch::DirWatch;
@@ -212,7 +213,7 @@ pub(super) fn unreadable(meta: &fs::Metadata) -> Option<String> {
 /// `path` for a log line, control characters escaped: anything may put a file in the
 /// registry directory.
 fn shown(path: &Path) -> String {
-    path.display().to_string().escape_debug().to_string()
+    printable(&path.display().to_string()).into_owned()
 }
 
 /// The warnings about the bad files of `found` not warned of at the last scan (`warned`),

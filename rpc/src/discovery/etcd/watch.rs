@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use dragonfruit_core::printable;
 use log::{debug, error, warn};
 use serde_json::{json, Value};
 
@@ -39,7 +40,7 @@ impl Shared {
             }
             Err(why) => {
                 if bad.insert(key.to_owned()) {
-                    warn!("etcd key {} {why}; ignored", key.escape_debug());
+                    warn!("etcd key {} {why}; ignored", printable(key));
                 }
                 None
             }
