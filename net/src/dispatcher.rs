@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dragonfruit_core::cluster::{Dispatcher, OrderKey};
+use dragonfruit_core::panic_text;
 use dragonfruit_core::threads::ServerThreads;
 use log::error;
 
@@ -49,8 +50,8 @@ impl PoolDispatcher {
 
 impl Inner {
     fn run(&self, job: Job) {
-        if catch_unwind(AssertUnwindSafe(job)).is_err() {
-            error!("a cluster job panicked");
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(job)) {
+            error!("a cluster job panicked: {}", panic_text(&*panic));
         }
         self.pending.fetch_sub(1, Ordering::AcqRel);
     }

@@ -14,7 +14,7 @@ use dragonfruit_core::codec::{
     MAX_WIRE_BODY,
 };
 use dragonfruit_core::handler::{HandlerService, Resolved};
-use dragonfruit_core::{codes, HandlerError, Reply, Serializer, Session, SessionId};
+use dragonfruit_core::{codes, panic_text, HandlerError, Reply, Serializer, Session, SessionId};
 use log::{debug, error};
 
 use crate::agent::Batch;
@@ -328,8 +328,8 @@ fn encode_reply_with(
 
 /// Parses a handshake and runs the validators.
 pub(crate) fn run_handshake(shared: &Shared, token: usize, session: SessionId, body: &[u8]) -> Done {
-    let verdict = catch_unwind(AssertUnwindSafe(|| validate(shared, body))).unwrap_or_else(|_| {
-        error!("sid={session} handshake validator panicked");
+    let verdict = catch_unwind(AssertUnwindSafe(|| validate(shared, body))).unwrap_or_else(|panic| {
+        error!("sid={session} handshake validator panicked: {}", panic_text(&*panic));
         Err(HandshakeRefusal::new(HANDSHAKE_BAD_REQUEST, "validator panicked"))
     });
     let (out, outcome) = match verdict {

@@ -11,7 +11,7 @@ use dragonfruit_core::codec::{
     encode_data_packet, encode_kick_body, encode_packet, parse_packet, EncodeOptions, MessageOut, MessageType,
     PacketRef, PacketType,
 };
-use dragonfruit_core::{Session, SessionId, SessionInit};
+use dragonfruit_core::{printable, Session, SessionId, SessionInit};
 use log::{debug, warn};
 
 use super::{EventLoop, EARLY_AFTER};
@@ -371,7 +371,7 @@ impl EventLoop {
         let opts = EncodeOptions { dict: agent.uses_route_codes.then_some(&self.shared.dict), compress: false };
         if let Err(e) = encode_data_packet(&msg, &opts, &mut agent.wbuf) {
             if let Some(more) = self.unframed_pushes.due(self.now) {
-                warn!("sid={} push {} dropped: {e}{more}", agent.sid, push.route);
+                warn!("sid={} push {} dropped: {e}{more}", agent.sid, printable(&push.route));
             }
             return;
         }
