@@ -302,11 +302,11 @@ impl ServerTable {
     /// up), so calls back to it reach the live process. Cheap when the server is already
     /// known: nothing is allocated unless the table changes.
     pub fn learn_frontend(&self, id: &str, server_type: &str, rpc_addr: &str, instance: u64) -> bool {
-        if rpc_addr.is_empty() || entry_problem(id, server_type, rpc_addr).is_some() {
-            return false;
-        }
         let mut guard = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let sources = &mut *guard;
+        if rpc_addr.is_empty() {
+            return false;
+        }
         let listed = sources.discovered.get(id);
         let here = |e: &ServerEntry| e.is_at(rpc_addr, instance);
         if listed.is_some_and(here) {
@@ -319,6 +319,10 @@ impl ServerTable {
                 *seen = now;
                 return false;
             }
+        }
+        // Not before: the paths above find it listed or learned (neither holds such).
+        if entry_problem(id, server_type, rpc_addr).is_some() {
+            return false;
         }
         let entry = ServerEntry {
             id: id.to_owned(),
