@@ -347,6 +347,12 @@ fn durations_set_in_code_are_checked() {
     let server = Server::start(probe_app(&Probe::default()));
     let client = server.client_with(ClientConfig { connect_timeout: max, request_timeout: max, ..Default::default() });
     assert_eq!(client.request_raw("probe.echo", b"x").unwrap(), b"x");
+    // No time at all to connect is a timeout ("no address" before).
+    let zero = ClientConfig { connect_timeout: Duration::ZERO, ..Default::default() };
+    match dragonfruit_client::Client::connect(server.addr(), zero) {
+        Err(dragonfruit_client::ClientError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
     server.handle.stop();
     assert!(client.wait_closed(max));
 }

@@ -143,18 +143,20 @@ fn deadline_in(after: Duration) -> Instant {
 /// Connects to the first address of `addr` that accepts, in order, within `timeout` for all.
 fn connect_any(addr: impl ToSocketAddrs, timeout: Duration) -> io::Result<TcpStream> {
     let deadline = deadline_in(timeout);
-    let mut failed = io::Error::other("no address");
+    let mut failed = None;
     for addr in addr.to_socket_addrs()? {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
+            let late = || io::Error::new(io::ErrorKind::TimedOut, format!("not connected within {timeout:?}"));
+            failed = failed.or_else(|| Some(late()));
             break;
         }
         match TcpStream::connect_timeout(&addr, left) {
             Ok(stream) => return Ok(stream),
-            Err(e) => failed = e,
+            Err(e) => failed = Some(e),
         }
     }
-    Err(failed)
+    Err(failed.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the address resolves to no socket address")))
 }
 
 impl Client {
