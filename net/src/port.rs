@@ -13,8 +13,8 @@ use dragonfruit_core::cluster::{CallTarget, Cluster};
 use dragonfruit_core::codec::{check_push, deflate_if_smaller, EncodeError};
 use dragonfruit_core::session::KICKED_BY_NEWER;
 use dragonfruit_core::{
-    codes, panic_text, HandlerError, HandlerService, Messenger, MessengerError, OnTaken, Propagated, Session,
-    SessionError, SessionId, SessionRegistry, SessionSink,
+    codes, panic_text, printable, HandlerError, HandlerService, Messenger, MessengerError, OnTaken, Propagated,
+    Session, SessionError, SessionId, SessionRegistry, SessionSink,
 };
 use log::{debug, error, info};
 use mio::Waker;
@@ -217,14 +217,14 @@ impl SessionSink for FrontendSink {
         let others = self.registry.bind(session.id(), uid, bound_at);
         if self.unique {
             for other in others {
-                debug!("sid={} uid={uid} kicked: same uid bound by sid={}", other.id(), session.id());
+                debug!("sid={} uid={} kicked: same uid bound by sid={}", other.id(), printable(uid), session.id());
                 self.registry.unbind(other.id());
                 let _ = other.kick(KICKED_BY_NEWER);
             }
         }
         let later_elsewhere = self.cluster.as_ref().is_some_and(|c| c.session_bound(uid, self.unique, bound_at));
         if later_elsewhere {
-            debug!("sid={} uid={uid} kicked: the uid was bound later on another frontend", session.id());
+            debug!("sid={} uid={} kicked: the uid was bound later on another frontend", session.id(), printable(uid));
             self.registry.unbind(session.id());
             let _ = session.kick(KICKED_BY_NEWER);
         }

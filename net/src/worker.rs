@@ -14,7 +14,7 @@ use dragonfruit_core::codec::{
     MAX_WIRE_BODY,
 };
 use dragonfruit_core::handler::{HandlerService, Resolved};
-use dragonfruit_core::{codes, panic_text, HandlerError, Reply, Serializer, Session, SessionId};
+use dragonfruit_core::{codes, panic_text, printable, HandlerError, Reply, Serializer, Session, SessionId};
 use log::{debug, error};
 
 use crate::agent::Batch;
@@ -335,7 +335,7 @@ pub(crate) fn run_handshake(shared: &Shared, token: usize, session: SessionId, b
     let (out, outcome) = match verdict {
         Ok(data) => (shared.handshake_ok.clone(), Outcome::HandshakeAccepted(Arc::new(data))),
         Err(refusal) => {
-            debug!("sid={session} handshake refused with {}: {}", refusal.code, refusal.reason);
+            debug!("sid={session} handshake refused with {}: {}", refusal.code, printable(&refusal.reason));
             let interval = shared.config.heartbeat.interval;
             let body = encode_handshake_response(refusal.code, interval, &shared.dict, shared.serializer.name());
             let mut out = Vec::new();

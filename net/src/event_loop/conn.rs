@@ -386,7 +386,7 @@ impl EventLoop {
         if agent.stream.is_none() || agent.phase == Phase::Closing {
             return;
         }
-        debug!("conn={token} sid={} kicked: {reason}", agent.sid);
+        debug!("conn={token} sid={} kicked: {}", agent.sid, printable(reason));
         let _ = encode_packet(PacketType::Kick, &encode_kick_body(reason), &mut agent.wbuf);
         self.close_after_flush(token);
     }
@@ -411,7 +411,7 @@ impl EventLoop {
             drop(stream);
             Stats::add(&self.shared.stats.closed, 1);
             self.shared.stats.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            debug!("conn={token} sid={} addr={} closed: {reason}", agent.sid, agent.addr);
+            debug!("conn={token} sid={} addr={} closed: {}", agent.sid, agent.addr, printable(reason));
         }
         agent.phase = Phase::Closing;
         agent.rbuf = Vec::new();

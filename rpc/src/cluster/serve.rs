@@ -207,7 +207,7 @@ impl Inner {
                 for session in ctx.sessions.by_uid(&uid) {
                     let at = ctx.sessions.bound_at(session.id()).unwrap_or(0);
                     if (Bind { at, frontend: started.me.id.clone() }) < theirs {
-                        debug!("sid={} uid={uid} kicked: bound again later on {from}", session.id());
+                        debug!("sid={} uid={} kicked: bound again later on {from}", session.id(), printable(&uid));
                         ctx.sessions.unbind(session.id());
                         let _ = session.kick(KICKED_BY_NEWER);
                     }

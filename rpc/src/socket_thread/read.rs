@@ -92,7 +92,7 @@ impl SocketThread {
                     }
                     Frame::Leaving => {
                         if let Some(peer) = self.peers.get_mut(&from) {
-                            debug!("server {from} at {} is leaving the cluster", peer.addr);
+                            debug!("server {} at {} is leaving the cluster", printable(&from), peer.addr);
                             peer.leaving = true;
                         }
                     }
