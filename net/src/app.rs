@@ -210,12 +210,16 @@ impl App {
                 threads: shared.threads.clone(),
             })?;
         }
+        // From here a failed start stops the cluster layer again: it is registered.
+        let stop_cluster = |shared: &Shared| {
+            if let Some(cluster) = &shared.cluster {
+                cluster.begin_stop();
+                cluster.stop();
+            }
+        };
         for c in &components {
             if let Err(e) = run_hook(c, "after_init", || c.component.after_init(env)) {
-                if let Some(cluster) = &self.shared.cluster {
-                    cluster.begin_stop();
-                    cluster.stop();
-                }
+                stop_cluster(&self.shared);
                 return Err(e);
             }
         }
@@ -228,7 +232,10 @@ impl App {
                 threads.enter();
                 event_loop.run()
             })
-            .map_err(StartError::Spawn)?;
+            .map_err(|e| {
+                stop_cluster(&shared);
+                StartError::Spawn(e)
+            })?;
         let server = &shared.server;
         match tcp_addr {
             Some(addr) => info!("server {} (type {}) listening on tcp {addr}", server.id, server.server_type),

@@ -257,6 +257,10 @@ impl Cluster for ClusterModule {
 
     fn start(&self, ctx: ClusterContext) -> Result<(), ClusterError> {
         let inner = &self.inner;
+        if inner.started.get().is_some() {
+            // Before anything is bound or started (a module given to two apps).
+            return Err(ClusterError::Other("cluster module started twice".into()));
+        }
         // `ClusterModule::new` takes the config as given; `from_source` checked it already.
         inner.rpc.validate().map_err(|e| ClusterError::Other(e.to_string()))?;
         let zctx = zmq::Context::new();
@@ -297,7 +301,9 @@ impl Cluster for ClusterModule {
         });
         let (env, threads) = (ctx.service.env().clone(), ctx.threads.clone());
         let started = Started { ctx, io: io.clone(), thread: Mutex::new(Some(thread)), me: me.clone(), overdue };
-        if inner.started.set(started).is_err() {
+        if let Err(started) = inner.started.set(started) {
+            // Two starts at once: this one's thread stops again.
+            started.io.send(Cmd::Stop);
             return Err(ClusterError::Other("cluster module started twice".into()));
         }
         let notify = io.clone();

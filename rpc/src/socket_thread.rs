@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::HandlerError;
 use log::{debug, warn};
@@ -93,6 +93,9 @@ struct Wake {
 pub(crate) struct Io {
     tx: Sender<Cmd>,
     wake: Arc<Wake>,
+    /// Counts the handles (every clone, the thread's own included): the thread ends once
+    /// its own is the last, as nothing can reach it then.
+    handles: Arc<()>,
 }
 
 impl Io {
@@ -270,7 +273,7 @@ pub(crate) fn spawn(
     wake_write.set_nonblocking(true)?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let wake = Arc::new(Wake { write: wake_write, sleeping: AtomicBool::new(false) });
-    let io = Io { tx, wake: wake.clone() };
+    let io = Io { tx, wake: wake.clone(), handles: Arc::default() };
     let ipc_file = router.get_last_endpoint().ok().and_then(Result::ok).and_then(|e| IpcFile::of(&e));
     let mut thread = SocketThread {
         ctx: Contexts(vec![ctx]),
@@ -438,9 +441,18 @@ impl SocketThread {
         }
     }
 
-    /// Handles queued commands; `false` on stop.
+    /// Handles queued commands; `false` on stop, or once every handle to the thread is gone
+    /// (its module dropped without a stop, as when a start failed half way): nothing can
+    /// reach it any more, and it would hold its port and poll on forever.
     fn drain_commands(&mut self) -> bool {
-        while let Ok(cmd) = self.rx.try_recv() {
+        loop {
+            let cmd = match self.rx.try_recv() {
+                Ok(cmd) => cmd,
+                // The thread's own handle (for responders) is the last one: no module,
+                // caller or responder is left to send it anything.
+                Err(TryRecvError::Empty) => return Arc::strong_count(&self.io.handles) > 1,
+                Err(TryRecvError::Disconnected) => return false,
+            };
             match cmd {
                 Cmd::Call { to, seen_at, call, reply } => self.queue_call(to, seen_at, call, reply),
                 Cmd::Reply { identity, corr, mut result, parts } => {
@@ -476,7 +488,6 @@ impl SocketThread {
                 Cmd::Stop => return false,
             }
         }
-        true
     }
 
     fn expire(&mut self) {

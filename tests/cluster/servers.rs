@@ -349,3 +349,17 @@ fn registry_entries_no_server_can_have_are_ignored() {
     let ids: Vec<String> = module.servers().into_iter().map(|s| s.id).collect();
     assert_eq!(ids, ["connector-1"]);
 }
+
+/// A cluster module given to two apps starts once: the second start fails at once, before
+/// it binds a port or starts a thread, and the first server goes on.
+#[test]
+fn a_module_given_to_two_apps_starts_once() {
+    let dir = cluster_dir("module-twice");
+    let module = cluster_module(&dir, TIMEOUT);
+    let first = start_connector(&module);
+    let app = probe_app(&Probe::default()).server_id("connector-2").cluster(Arc::new(module.clone()));
+    let err = app.tcp("127.0.0.1:0").build().unwrap().start().err().expect("the second start fails").to_string();
+    assert!(err.contains("cluster module started twice"), "{err}");
+    first.assert_serving();
+    assert_eq!(module.servers().len(), 1, "{:?}", module.servers());
+}

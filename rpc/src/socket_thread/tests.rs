@@ -70,6 +70,20 @@ fn no_wake_up_is_lost() {
     stop(io, thread);
 }
 
+/// A thread whose every handle is gone (its module dropped without a stop) ends: nothing
+/// can reach it any more. It polled on forever, holding its port.
+#[test]
+fn a_thread_nobody_can_reach_ends() {
+    let ctx = zmq::Context::new();
+    let (io, thread, _) = start_thread(&ctx, "test", Arc::default(), Arc::new(NoCalls), Duration::from_secs(5));
+    drop(io);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(thread.is_finished());
+}
+
 /// Waits (up to 5 s) until `table` lists server `peer` as unreachable, or not, as `want`.
 fn peer_down(table: &ServerTable, want: bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
