@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use dragonfruit_core::cluster::CallTarget;
 use dragonfruit_core::codec::check_push;
-use dragonfruit_core::{HandlerError, Messenger, MessengerError, Propagated, Route};
+use dragonfruit_core::{codes, HandlerError, Messenger, MessengerError, Propagated, Route};
 use log::debug;
 
 use crate::cluster::{Inner, Started};
@@ -299,10 +299,23 @@ impl Messenger for ClusterMessenger {
             let call = inner.user_call((route, body.clone()), context, &to);
             Some(user_answer(blocking(&started.io, &to, seen_at.as_deref(), call, inner.rpc.timeout)))
         });
-        // `None`: this server's own remote, or no running cluster layer.
-        match outcome.flatten() {
-            Some(result) => result,
-            None => self.local.call(route, target, body, context),
+        match outcome {
+            Some(Some(result)) => result,
+            // This server's own remote.
+            Some(None) => self.local.call(route, target, body, context),
+            // No running cluster layer (a component's `init`, a `shutdown` hook): only this
+            // server's own remotes can answer, and not finding one is said as such.
+            None => self.local.call(route, target, body, context).map_err(|e| match e.code == codes::NOT_FOUND {
+                true => HandlerError::new(
+                    codes::NOT_FOUND,
+                    format!(
+                        "{} on this server, and the cluster layer is not running (other servers are called from \
+                         after_init until the stop's end)",
+                        e.message
+                    ),
+                ),
+                false => e,
+            }),
         }
     }
 

@@ -363,3 +363,31 @@ fn a_module_given_to_two_apps_starts_once() {
     first.assert_serving();
     assert_eq!(module.servers().len(), 1, "{:?}", module.servers());
 }
+
+/// Calls another server from its `init` hook (before the cluster layer starts), noting
+/// the answer.
+#[derive(Clone, Default)]
+struct CallsInInit(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Component for CallsInInit {
+    fn routes(_: &mut Routes<Self>) {}
+
+    fn init(&self, env: &HandlerEnv) {
+        let answer = env.rpc::<_, u64>("room.room.double", &21u64);
+        *self.0.lock().unwrap() = Some(format!("{answer:?}"));
+    }
+}
+
+/// A call to another server made before the cluster layer runs (in `init`) fails at once
+/// and says why: it said only that the remote was not found.
+#[test]
+fn calls_before_the_cluster_layer_runs_say_why_they_fail() {
+    let dir = cluster_dir("calls-in-init");
+    let (_room, _) = start_backend(&dir, "room-1", &Backend::default(), TIMEOUT);
+    let calls = CallsInInit::default();
+    let module = cluster_module(&dir, TIMEOUT);
+    let app = probe_app(&Probe::default()).server_id("connector-1").component("early", calls.clone());
+    let _frontend = Server::start(app.cluster(Arc::new(module)));
+    let answer = calls.0.lock().unwrap().clone().expect("init ran");
+    assert!(answer.contains("remote room.room.double not found on this server, and the cluster layer is not running"));
+}
