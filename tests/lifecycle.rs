@@ -379,6 +379,11 @@ impl Component for Joiner {
             j.got.lock().unwrap().push(format!("handler shutdown: {got:?}"));
             Ok(b"stopping".to_vec())
         });
+        r.raw_handler("late", |j: &Joiner, _: &mut Ctx<'_>, _: &[u8]| {
+            std::thread::sleep(Duration::from_millis(1500));
+            j.join("late handler");
+            Ok(Vec::new())
+        });
     }
 
     fn stopping(&self, _: &HandlerEnv) {
@@ -413,4 +418,21 @@ fn joins_on_the_servers_own_threads_fail_at_once() {
         got,
         [format!("handler shutdown: {own}"), format!("stopping: {own}"), format!("before_shutdown: {own}")]
     );
+}
+
+/// A handler the stop gave up on (still running after `shutdown.timeout`) joins as any
+/// thread does once the event loop has ended.
+#[test]
+fn a_handler_still_running_after_the_stop_can_join() {
+    let joiner = Joiner::default();
+    let mut builder = App::builder("connector").component("joiner", joiner.clone());
+    builder.config_mut().shutdown.timeout = Duration::from_millis(200);
+    let server = Server::start(builder);
+    let _ = joiner.handle.set(server.handle.clone());
+    server.client().notify_raw("connector.joiner.late", b"").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    server.handle.shutdown().unwrap();
+    let late = || joiner.got.lock().unwrap().iter().find(|line| line.starts_with("late")).cloned();
+    assert!(wait_until(T, || late().is_some()));
+    assert_eq!(late().unwrap(), "late handler: Some(Ok(()))");
 }

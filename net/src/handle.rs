@@ -78,12 +78,17 @@ impl AppHandle {
 
     /// Waits until the server has stopped. Any number of clones may wait. On one of the
     /// server's own threads (in a handler or a hook) it does not wait: the stop waits for
-    /// that thread, so it returns [`RunError::OwnThread`] at once (unless the server has
-    /// already stopped).
+    /// that thread, so it returns [`RunError::OwnThread`] at once, unless the event loop has
+    /// already ended (a handler the stop gave up on, still running).
     pub fn join(&self) -> Result<(), RunError> {
         if self.inner.shared.threads.current() {
-            let finished = self.inner.finished.lock().unwrap_or_else(|p| p.into_inner());
-            return finished.clone().unwrap_or(Err(RunError::OwnThread));
+            // Not `is_running`: it says false while another thread is joining.
+            let thread = self.inner.thread.lock().unwrap_or_else(|p| p.into_inner());
+            if !thread.as_ref().is_some_and(JoinHandle::is_finished) {
+                drop(thread);
+                let finished = self.inner.finished.lock().unwrap_or_else(|p| p.into_inner());
+                return finished.clone().unwrap_or(Err(RunError::OwnThread));
+            }
         }
         let thread = self.inner.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(thread) = thread {
