@@ -431,7 +431,9 @@ fn a_handler_still_running_after_the_stop_can_join() {
     let _ = joiner.handle.set(server.handle.clone());
     server.client().notify_raw("connector.joiner.late", b"").unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    server.handle.shutdown().unwrap();
+    // Stopped, not joined: the late handler's join is the first.
+    server.handle.stop();
+    assert!(wait_until(T, || !server.handle.is_running()));
     let late = || joiner.got.lock().unwrap().iter().find(|line| line.starts_with("late")).cloned();
     assert!(wait_until(T, || late().is_some()));
     assert_eq!(late().unwrap(), "late handler: Some(Ok(()))");
