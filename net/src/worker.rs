@@ -126,8 +126,9 @@ pub(crate) fn run_batch(
     let outcome = match result {
         Ok(Ok(())) => Outcome::Continue,
         Ok(Err(reason)) => Outcome::Close(reason),
-        Err(_) => {
-            error!("sid={} worker job panicked outside a handler; closing the connection", session.id());
+        Err(panic) => {
+            let why = panic_text(&*panic);
+            error!("sid={} worker job panicked outside a handler ({why}); closing the connection", session.id());
             Outcome::Close("internal error".into())
         }
     };
@@ -155,8 +156,9 @@ fn forward_collected(shared: &Shared, token: usize, session: &Arc<Session>, tall
     tally.forwarded += forwards.len();
     // A panic in the cluster layer must not lose the batch's `Done`; the forwarded requests
     // are then answered by `ForwardAnswers`' drop.
-    if catch_unwind(AssertUnwindSafe(|| forward(shared, token, session, forwards))).is_err() {
-        error!("sid={} the cluster layer panicked forwarding a batch; its requests fail", session.id());
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| forward(shared, token, session, forwards))) {
+        let why = panic_text(&*panic);
+        error!("sid={} the cluster layer panicked forwarding a batch ({why}); its requests fail", session.id());
     }
 }
 

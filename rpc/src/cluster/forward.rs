@@ -8,7 +8,7 @@ use std::time::Instant;
 use dragonfruit_core::cluster::{Forward, ForwardDone};
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::throttle::Throttle;
-use dragonfruit_core::{codes, HandlerError, Reply, Route, Session};
+use dragonfruit_core::{codes, panic_text, HandlerError, Reply, Route, Session};
 use log::{error, warn};
 
 use super::{Inner, Warnings};
@@ -57,8 +57,8 @@ impl Inner {
             // the worker's batch (whose forwarded requests would then never be answered).
             Some(router) => match catch_unwind(AssertUnwindSafe(|| router.pick(&ctx, servers))) {
                 Ok(index) => index,
-                Err(_) => {
-                    error!("the router of {server_type} panicked on route {route}");
+                Err(panic) => {
+                    error!("the router of {server_type} panicked on route {route}: {}", panic_text(&*panic));
                     return Err(HandlerError::internal(format!("the router of {server_type} failed")));
                 }
             },
