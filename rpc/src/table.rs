@@ -295,7 +295,7 @@ impl ServerTable {
     }
 
     /// Learns a frontend from a session it sent (its id, type, endpoint and process
-    /// instance, 0 if not known; not one that no server can be, [`entry_problem`]);
+    /// instance, 0 if not known; not one that no server can be: `entry_problem`);
     /// returns whether the table changed. A frontend calling now
     /// is where it says it is: its endpoint and process win over others discovery still
     /// lists for its id (a frontend restarted under its id, before discovery has caught
