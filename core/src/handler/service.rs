@@ -12,8 +12,7 @@ use std::time::Instant;
 use log::{debug, error, warn};
 
 use crate::codec::{EncodeError, MessageType};
-use crate::error::panic_text;
-use crate::error::HandlerError;
+use crate::error::{panic_text, HandlerError};
 use crate::handler::{Ctx, Handler, HandlerEnv, HandlerKind, HandlerRegistry, Pipelines, Propagated, RemoteCtx};
 use crate::route::Route;
 use crate::session::{Session, SessionId};
