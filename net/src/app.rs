@@ -245,7 +245,9 @@ impl App {
     }
 
     /// A handle that stops this app once it runs; for programs that call the blocking
-    /// [`App::run`] and stop from a signal handler or another thread.
+    /// [`App::run`] and stop from another thread, such as a Ctrl-C handler's (the `ctrlc`
+    /// crate runs its handler on a thread). Not from inside a raw signal handler: `stop`
+    /// sends on a channel, which may allocate.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle { port: self.shared.port.clone() }
     }
