@@ -104,6 +104,15 @@ impl ConfigSource {
         table.insert(parts[parts.len() - 1].to_owned(), value.into());
     }
 
+    /// The sections of the document not among `known`, sorted: a misspelt section in a
+    /// file, or a `DRAGONFRUIT_<SECTION>__<KEY>` variable with a misspelt section, which
+    /// no part of the server would read. A program that knows every section it reads
+    /// (`dragonfruit_net::config::SECTIONS`, `dragonfruit_rpc::config::SECTIONS`, its own)
+    /// refuses them; unknown keys in a known section are errors already.
+    pub fn unknown_sections(&self, known: &[&str]) -> Vec<String> {
+        self.table.keys().filter(|name| !known.contains(&name.as_str())).cloned().collect()
+    }
+
     /// Reads `[name]` into `T`; an absent section gives `T::default()`.
     pub fn section<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, ConfigError> {
         match self.table.get(name) {

@@ -227,8 +227,24 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// The sections [`Config::from_source`] reads.
+pub const SECTIONS: &[&str] = &[
+    "server",
+    "acceptor",
+    "heartbeat",
+    "handshake",
+    "packet",
+    "message",
+    "connection",
+    "dispatch",
+    "session",
+    "shutdown",
+    "dictionary",
+];
+
 impl Config {
-    /// Reads the sections this crate owns from `source`; other sections are left to modules.
+    /// Reads the sections this crate owns ([`SECTIONS`]) from `source`; other sections are
+    /// left to modules.
     pub fn from_source(source: &ConfigSource) -> Result<Config, ConfigError> {
         let config = Config {
             server: source.section("server")?,
@@ -325,6 +341,18 @@ mod tests {
         assert_eq!(c.heartbeat.interval, Duration::from_secs(5));
         assert_eq!(c.dictionary.get("room.room.join"), Some(&1));
         assert_eq!(Config::from_source(&ConfigSource::empty()).unwrap(), Config::default());
+    }
+
+    /// Every section of [`SECTIONS`] is read: a bad key in it is an error naming it.
+    #[test]
+    fn every_section_listed_is_read() {
+        for section in SECTIONS {
+            // An unknown key; in `[dictionary]` (routes to codes) a code that is no number.
+            let toml = format!("[{section}]\nno_such_key = \"x\"\n");
+            let err = Config::from_source(&ConfigSource::from_toml(&toml).unwrap()).err();
+            let err = err.map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(&format!("[{section}]")), "{section}: {err}");
+        }
     }
 
     #[test]

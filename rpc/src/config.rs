@@ -255,6 +255,9 @@ pub fn check_dialable(endpoint: &str) -> Result<(), String> {
     }
 }
 
+/// The sections [`from_source`] reads.
+pub const SECTIONS: &[&str] = &["rpc", "discovery"];
+
 /// Reads `[rpc]` and `[discovery]`.
 pub fn from_source(source: &ConfigSource) -> Result<(RpcConfig, DiscoveryConfig), ConfigError> {
     let rpc: RpcConfig = source.section("rpc")?;
@@ -267,6 +270,16 @@ pub fn from_source(source: &ConfigSource) -> Result<(RpcConfig, DiscoveryConfig)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every section of [`SECTIONS`] is read: an unknown key in it is an error naming it.
+    #[test]
+    fn every_section_listed_is_read() {
+        for section in SECTIONS {
+            let toml = format!("[{section}]\nno_such_key = \"x\"\n");
+            let err = from_source(&ConfigSource::from_toml(&toml).unwrap()).err().map(|e| e.to_string());
+            assert!(err.as_deref().unwrap_or_default().contains(&format!("[{section}]")), "{section}: {err:?}");
+        }
+    }
 
     fn error(toml: &str) -> String {
         from_source(&ConfigSource::from_toml(toml).unwrap()).unwrap_err().to_string()

@@ -87,6 +87,15 @@ impl Role {
 /// The app of `role` from a configuration (its `server.type` must match the role), with the
 /// cluster module it uses, if any.
 pub fn app(role: Role, source: &ConfigSource) -> Result<(AppBuilder, Option<ClusterModule>), String> {
+    let known = [dragonfruit_net::config::SECTIONS, dragonfruit_rpc::config::SECTIONS, &["game"]].concat();
+    if let Some(unknown) = source.unknown_sections(&known).first() {
+        return Err(format!(
+            "config section [{unknown}] is not one this server reads (misspelt? in the --config file, or a \
+             DRAGONFRUIT_{}__ variable); the sections are {}",
+            unknown.to_ascii_uppercase(),
+            known.join(", ")
+        ));
+    }
     let mut builder = App::from_source(source).map_err(|e| e.to_string())?;
     if builder.config_mut().dictionary.is_empty() {
         builder = builder.route_dictionary(ROUTE_DICTIONARY);
@@ -142,6 +151,9 @@ mod tests {
         assert!(error("[game]\nmember_check = \"0s\"\n").contains("game.member_check"));
         assert!(error("[game]\nmember_check = \"soon\"\n").contains("soon"));
         assert!(error("[game]\nmember_chek = \"1s\"\n").contains("member_chek"));
+        let misspelt = error("[dispach]\nconcurrency = 8\n");
+        assert!(misspelt.starts_with("config section [dispach] is not one this server reads"), "{misspelt}");
+        assert!(misspelt.contains("DRAGONFRUIT_DISPACH__ variable"), "{misspelt}");
         assert_eq!(error("[game]\nmember_check = \"2s\"\n"), "");
     }
 }
