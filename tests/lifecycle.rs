@@ -61,38 +61,41 @@ fn the_stopping_hooks_run_as_a_stop_begins_and_the_stop_waits_for_them() {
     assert_eq!(*probe.state.lifecycle.lock().unwrap(), LIFECYCLE);
 }
 
-/// A component whose hook `.0` panics.
-struct PanicsIn(&'static str);
+/// A component that calls `.0` with each hook's name as the hook runs.
+struct Hooks(Box<dyn Fn(&'static str) + Send + Sync>);
 
-impl PanicsIn {
-    fn hook(&self, hook: &str) {
-        if self.0 == hook {
-            panic!("{hook} hook failed");
-        }
+impl Hooks {
+    /// Hooks whose hook `panicking` panics.
+    fn panicking_in(panicking: &'static str) -> Hooks {
+        Hooks(Box::new(move |hook| {
+            if hook == panicking {
+                panic!("{hook} hook failed");
+            }
+        }))
     }
 }
 
-impl Component for PanicsIn {
+impl Component for Hooks {
     fn routes(_: &mut Routes<Self>) {}
 
     fn init(&self, _: &HandlerEnv) {
-        self.hook("init");
+        (self.0)("init");
     }
 
     fn after_init(&self, _: &HandlerEnv) {
-        self.hook("after_init");
+        (self.0)("after_init");
     }
 
     fn stopping(&self, _: &HandlerEnv) {
-        self.hook("stopping");
+        (self.0)("stopping");
     }
 
     fn before_shutdown(&self, _: &HandlerEnv) {
-        self.hook("before_shutdown");
+        (self.0)("before_shutdown");
     }
 
     fn shutdown(&self, _: &HandlerEnv) {
-        self.hook("shutdown");
+        (self.0)("shutdown");
     }
 }
 
@@ -104,7 +107,7 @@ impl Component for PanicsIn {
 fn panicking_stop_hooks_do_not_hold_up_the_stop() {
     for hook in ["stopping", "before_shutdown", "shutdown"] {
         let probe = Probe::default();
-        let server = Server::start(probe_app(&probe).component("panics", PanicsIn(hook)));
+        let server = Server::start(probe_app(&probe).component("panics", Hooks::panicking_in(hook)));
         let mut raw = server.raw_ready();
         let started = Instant::now();
         server.handle.shutdown().unwrap_or_else(|e| panic!("{hook}: {e}"));
@@ -124,7 +127,7 @@ fn panicking_start_hooks_fail_the_start() {
     for hook in ["init", "after_init"] {
         let dir = cluster_dir(&format!("panics-in-{hook}"));
         let app = probe_app(&Probe::default())
-            .component("panics", PanicsIn(hook))
+            .component("panics", Hooks::panicking_in(hook))
             .cluster(Arc::new(crate::util::cluster_module(&dir, T)))
             .tcp("127.0.0.1:0")
             .build()
@@ -358,7 +361,7 @@ fn durations_set_in_code_are_checked() {
 }
 
 /// What a server's own threads got from its handle: a handler's `shutdown`, and the
-/// `join` of the `stopping` and `before_shutdown` hooks.
+/// `join` of the `stopping` and `before_shutdown` hooks (see [`Joiner::server`]).
 #[derive(Clone, Default)]
 struct Joiner {
     handle: Arc<OnceLock<AppHandle>>,
@@ -385,13 +388,22 @@ impl Component for Joiner {
             Ok(Vec::new())
         });
     }
+}
 
-    fn stopping(&self, _: &HandlerEnv) {
-        self.join("stopping");
-    }
-
-    fn before_shutdown(&self, _: &HandlerEnv) {
-        self.join("before_shutdown");
+impl Joiner {
+    /// A server serving `joiner`, whose `stopping` and `before_shutdown` hooks join it.
+    fn server(&self, shutdown_timeout: Duration) -> Server {
+        let joiner = self.clone();
+        let hooks = Hooks(Box::new(move |hook| {
+            if matches!(hook, "stopping" | "before_shutdown") {
+                joiner.join(hook);
+            }
+        }));
+        let mut builder = App::builder("connector").component("joiner", self.clone()).component("hooks", hooks);
+        builder.config_mut().shutdown.timeout = shutdown_timeout;
+        let server = Server::start(builder);
+        let _ = self.handle.set(server.handle.clone());
+        server
     }
 }
 
@@ -402,10 +414,7 @@ impl Component for Joiner {
 #[test]
 fn joins_on_the_servers_own_threads_fail_at_once() {
     let joiner = Joiner::default();
-    let mut builder = App::builder("connector").component("joiner", joiner.clone());
-    builder.config_mut().shutdown.timeout = Duration::from_secs(60);
-    let server = Server::start(builder);
-    let _ = joiner.handle.set(server.handle.clone());
+    let server = joiner.server(Duration::from_secs(60));
     let client = server.client();
     assert_eq!(client.request_raw("connector.joiner.shutdown", b"").unwrap(), b"stopping");
     let (done, joined) = crossbeam_channel::bounded(1);
@@ -425,10 +434,7 @@ fn joins_on_the_servers_own_threads_fail_at_once() {
 #[test]
 fn a_handler_still_running_after_the_stop_can_join() {
     let joiner = Joiner::default();
-    let mut builder = App::builder("connector").component("joiner", joiner.clone());
-    builder.config_mut().shutdown.timeout = Duration::from_millis(200);
-    let server = Server::start(builder);
-    let _ = joiner.handle.set(server.handle.clone());
+    let server = joiner.server(Duration::from_millis(200));
     server.client().notify_raw("connector.joiner.late", b"").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // Stopped, not joined: the late handler's join is the first.
