@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, unbounded, Receiver};
 use dragonfruit_client::{Client, ClientConfig, ClientError, Push};
+use dragonfruit_core::printable;
 use sample_game::entry::LoginAck;
 use sample_game::room::{Chat, Joined, MemberEvent};
 use serde_json::{json, Value};
@@ -170,25 +171,12 @@ fn show(client: &Client, push: Push) {
         "onLeave" => serializer.decode::<MemberEvent>(&push.body).map(|e| format!("* {} left", e.uid)).ok(),
         _ => None,
     };
+    // Control characters escaped: what other players wrote must not move this terminal's
+    // cursor or change its title (a server of another build may pass them on).
     match text {
         Some(text) => println!("{}", printable(&text)),
         None => println!("{}: {}", printable(&push.route), printable(&String::from_utf8_lossy(&push.body))),
     }
-}
-
-/// `text` with its control characters escaped (`\n`, `\u{1b}`): what other players wrote
-/// must not move this terminal's cursor or change its title (a server of another build may
-/// pass them on).
-fn printable(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Lines of standard input, read on a thread of their own.
