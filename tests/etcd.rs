@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dragonfruit_core::HandlerEnv;
 use dragonfruit_net::App;
 use dragonfruit_rpc::discovery::{Discovery, DiscoveryError};
-use dragonfruit_rpc::{ClusterModule, EtcdDiscovery, ServerEntry, ServerTable};
+use dragonfruit_rpc::{ClusterModule, EtcdDiscovery, ServerEntry, ServerListener, ServerTable};
 use serde_json::{json, Value};
 
 use crate::util::backend::Backend;
@@ -161,6 +162,54 @@ fn servers_survive_an_etcd_outage_and_register_again() {
     assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
 }
 
+/// An etcd that stalls (a frozen process, a disk that hangs) longer than the servers'
+/// leases drops every key at once when it resumes, and each server registers again. The
+/// servers, connected to each other throughout, keep each other meanwhile: nobody is told
+/// another left or joined, and requests are forwarded throughout.
+#[test]
+fn servers_keep_each_other_through_an_etcd_stall_past_their_leases() {
+    let etcd = Etcd::start("stall");
+    let heard: [Heard; 2] = Default::default();
+    let room_module = module_with(discovery(&etcd.url()), CALL_TIMEOUT).with_listener(heard[0].clone());
+    let room = App::builder("room").server_id("room-1").component("room", Backend::default());
+    let _room = Server::start_backend(room.cluster(Arc::new(room_module.clone())));
+    let fe_module = module_with(discovery(&etcd.url()), CALL_TIMEOUT).with_listener(heard[1].clone());
+    let fe = Server::start(probe_app(&Probe::default()).server_id("connector-1").cluster(Arc::new(fe_module.clone())));
+    assert!(wait_until(T, || heard.iter().all(|h| h.0.lock().unwrap().len() == 1)), "each joined the other");
+    let keys = ["it/servers/room/room-1", "it/servers/connector/connector-1"];
+    let leases = keys.map(|key| etcd.lease_of(key));
+    let client = fe.client();
+    etcd.freeze();
+    std::thread::sleep(TTL * 2);
+    etcd.thaw();
+    let registered_again =
+        || keys.iter().zip(&leases).all(|(key, lease)| !["0", lease.as_str()].contains(&etcd.lease_of(key).as_str()));
+    let until = std::time::Instant::now() + T;
+    while !registered_again() && std::time::Instant::now() < until {
+        assert_eq!(client.request_raw("room.room.echo", b"through").unwrap(), b"through");
+    }
+    assert!(registered_again(), "both leases expired and both servers registered again");
+    assert_eq!(client.request_raw("room.room.echo", b"after").unwrap(), b"after");
+    for (h, module) in heard.iter().zip([&room_module, &fe_module]) {
+        assert_eq!(h.0.lock().unwrap().len(), 1, "{:?}", h.0.lock().unwrap());
+        assert_eq!(module.servers().len(), 2);
+    }
+}
+
+/// What a server listener heard, a line per call.
+#[derive(Clone, Default)]
+struct Heard(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ServerListener for Heard {
+    fn server_joined(&self, _: &HandlerEnv, server: &ServerEntry) {
+        self.0.lock().unwrap().push(format!("joined {}", server.id));
+    }
+
+    fn server_left(&self, _: &HandlerEnv, server: &ServerEntry, reachable: bool) {
+        self.0.lock().unwrap().push(format!("left {} (reachable: {reachable})", server.id));
+    }
+}
+
 /// A server's key deleted by someone else (an operator; another process with its id that
 /// stopped) is put again: the server does not vanish from the cluster while it runs.
 #[test]
@@ -168,7 +217,7 @@ fn a_server_entry_deleted_by_someone_else_is_put_again() {
     let etcd = Etcd::start("deleted");
     let (_fe, fe_module, _room, _) = pair(&etcd);
     etcd.delete("it/servers/room/room-1");
-    // Others may see it leave for a moment; it is back at once, and stays past its TTL.
+    // Others keep it (they are connected to it); it is back at once, and stays past its TTL.
     std::thread::sleep(TTL * 2);
     let table = Arc::new(ServerTable::new());
     let observer = discovery(&etcd.url());

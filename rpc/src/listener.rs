@@ -31,10 +31,11 @@ pub trait ServerListener: Send + Sync {
     }
     /// Discovery no longer lists `server`: it stopped gracefully, it died (its entry
     /// expired within `discovery.ttl`, or embedded discovery saw its process exit), its
-    /// entry expired while it runs (it could not renew it in time), or another
+    /// entry expired while it runs (it could not renew it in time; while this server stays
+    /// connected to it, only if it is not listed again within 10 s), or another
     /// process of its id took its place. `reachable`: this server's connection to it was
     /// up then (see [`ServerEvent::Left`]): it is stopping gracefully, or still runs and
-    /// may be listed again soon, so what lives only on it is not necessarily gone.
+    /// may be listed again later, so what lives only on it is not necessarily gone.
     fn server_left(&self, env: &HandlerEnv, server: &ServerEntry, reachable: bool) {
         let _ = (env, server, reachable);
     }

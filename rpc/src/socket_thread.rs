@@ -200,6 +200,9 @@ struct SocketThread {
     next_probe: Instant,
     /// The peers last published as unreachable to the table (for routers).
     unreachable: HashSet<String>,
+    /// The peers last published as connected to the table (up, and not leaving): those it
+    /// keeps when their discovery entries lapse.
+    connected: HashSet<String>,
     /// The table's version (`ServerTable::version`) `connect_peers` last handled.
     peers_version: u64,
     /// This server has left discovery to stop (`Cmd::Leaving`).
@@ -303,6 +306,7 @@ pub(crate) fn spawn(
         wake_ready: false,
         next_probe: Instant::now(),
         unreachable: HashSet::new(),
+        connected: HashSet::new(),
         peers_version: 0,
         leaving: false,
         gone: HashMap::new(),

@@ -1,6 +1,7 @@
 //! The servers of the cluster as discovery last saw them. Discovery threads replace the
 //! table; everyone else reads cheap snapshots.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -135,14 +136,27 @@ impl ServerEntry {
 /// How long a learned server stays without calls from it while discovery does not list it.
 const LEARNED_TTL: Duration = Duration::from_secs(30);
 
+/// How long a server that discovery stopped listing is kept while this server's connection
+/// to it is up and it has not said it is leaving: its entry lapsed while it runs (an etcd
+/// that stalled past the servers' leases, then dropped every key at once), and it registers
+/// again within about a second of noticing.
+pub(crate) const LAPSE_GRACE: Duration = Duration::from_secs(10);
+
 /// Live servers by id, swapped whole on change.
 ///
-/// Discovery is the authority, except on one point. A frontend that sends this server a
+/// Discovery is the authority, except on two points. A frontend that sends this server a
 /// session is *learned* from that session (its id, type and endpoint), so answers and
 /// pushes reach it even before discovery lists it, and reach the live process when
 /// discovery still lists an old endpoint for its id (restarted under the id). A learned
 /// entry goes once discovery lists the same endpoint, or moves that id elsewhere, or after
-/// 30 s without calls from it (`LEARNED_TTL`).
+/// 30 s without calls from it (`LEARNED_TTL`). And a server discovery stops listing while
+/// this server is connected to it, and that has not said it is leaving (a graceful stop
+/// says so), has *lapsed*: its entry expired while it runs. It is kept, and nobody is told
+/// it left, until it is listed again (nothing happened), its connection goes or it says it
+/// is leaving, or 10 s have passed (`LAPSE_GRACE`); then it leaves as any server does. An
+/// etcd that stalls longer than the servers' leases drops every entry at once when it
+/// resumes; without this, every server would see every other leave and join again within
+/// a second, failing the requests routed meanwhile (`PIT-404`, no server of the type).
 #[derive(Debug, Default)]
 pub struct ServerTable {
     current: RwLock<Arc<Snapshot>>,
@@ -169,15 +183,17 @@ pub enum ServerEvent {
     Joined(ServerEntry),
     /// Discovery no longer lists this server: it left (a graceful stop), its entry expired
     /// (it died, or could not renew its entry in time), or another process of its id took
-    /// its place.
+    /// its place. One whose entry lapsed while this server stays connected to it is kept
+    /// for a while first (see [`ServerTable`]), and leaves only if it is not listed again.
     Left {
         /// The server as it was listed.
         server: ServerEntry,
-        /// Whether this server's connection to it was up when discovery dropped it: then it
+        /// Whether this server's connection to it was up when it left the table: then it
         /// is stopping gracefully, or it still runs and only its entry lapsed (etcd lost its
-        /// lease, its registry file went unrefreshed too long) and it may be listed again.
-        /// False when the connection was lost (it died or hangs), discovery saw its process
-        /// exit, or it was replaced by another process of its id.
+        /// lease, its registry file went unrefreshed too long) for longer than the table
+        /// keeps such a server, and it may be listed again. False when the connection was
+        /// lost (it died or hangs), discovery saw its process exit, or it was replaced by
+        /// another process of its id.
         reachable: bool,
     },
 }
@@ -186,7 +202,31 @@ pub enum ServerEvent {
 struct Sources {
     discovered: HashMap<String, ServerEntry>,
     learned: HashMap<String, (ServerEntry, Instant)>,
+    /// Servers discovery no longer lists but that are kept (see [`ServerTable`]), with
+    /// when they lapsed.
+    lapsed: HashMap<String, (ServerEntry, Instant)>,
     unreachable: HashSet<String>,
+    /// Servers whose connection is up and that have not said they are leaving (the RPC
+    /// thread's view): only those are kept when their entries lapse.
+    connected: HashSet<String>,
+}
+
+impl Sources {
+    /// The servers discovery lists, and those kept while their entries lapsed.
+    fn listed(&self) -> Cow<'_, HashMap<String, ServerEntry>> {
+        if self.lapsed.is_empty() {
+            return Cow::Borrowed(&self.discovered);
+        }
+        let mut all = self.discovered.clone();
+        all.extend(self.lapsed.iter().map(|(id, (entry, _))| (id.clone(), entry.clone())));
+        Cow::Owned(all)
+    }
+
+    /// Lets go of the lapsed servers no longer connected, or lapsed `grace` ago or more.
+    fn expire_lapsed(&mut self, now: Instant, grace: Duration) {
+        let connected = &self.connected;
+        self.lapsed.retain(|id, (_, since)| connected.contains(id) && now.duration_since(*since) < grace);
+    }
 }
 
 /// One version of the table, with the per-type lists routers need precomputed.
@@ -281,17 +321,70 @@ impl ServerTable {
                     Some(listed) => before.get(id).is_some_and(|old| old.same_process(listed)),
                 }
         });
-        let events = changes(&sources.discovered, &servers, &sources.unreachable, exited, self.own.get());
+        let mut before = std::mem::take(&mut sources.discovered);
+        before.extend(sources.lapsed.iter().map(|(id, (entry, _))| (id.clone(), entry.clone())));
+        // Listed again: discovery is back. Lapsing now: listed before, no longer, connected.
+        sources.lapsed.retain(|id, _| !servers.contains_key(id));
+        let own = self.own.get().map(|me| me.id.as_str());
+        let mut lapsing = Vec::new();
+        for (id, entry) in &before {
+            if !servers.contains_key(id)
+                && !sources.lapsed.contains_key(id)
+                && sources.connected.contains(id)
+                && !exited.contains(id)
+                && Some(id.as_str()) != own
+            {
+                lapsing.push(entry);
+                sources.lapsed.insert(id.clone(), (entry.clone(), now));
+            }
+        }
+        log_lapsed(own.unwrap_or(""), &lapsing);
         sources.discovered = servers;
+        sources.expire_lapsed(now, LAPSE_GRACE);
+        let events = changes(&before, &sources.listed(), &sources.unreachable, exited, self.own.get());
+        self.publish_telling(sources, events)
+    }
+
+    /// Publishes the table and then sends `events` to the watcher: once published, so a
+    /// watcher reads the table the news is about; still under the lock (`sources` is its
+    /// guard), so the news of two changes arrives in order. Returns whether the servers
+    /// changed.
+    fn publish_telling(&self, sources: &Sources, events: Vec<ServerEvent>) -> bool {
         let changed = self.publish(sources);
-        // Once published, so a watcher reads the table the news is about; still under the
-        // lock, so the news of two rescans arrives in order.
         if !events.is_empty() {
             if let Some(watcher) = &*self.watcher.lock().unwrap_or_else(|p| p.into_inner()) {
                 let _ = watcher.send(events);
             }
         }
         changed
+    }
+
+    /// Sets which servers this server is connected to and have not said they are leaving
+    /// (the RPC thread's view): a server that lapsed and is not among them leaves now.
+    pub(crate) fn set_connected(&self, ids: HashSet<String>) {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        sources.connected = ids;
+        self.expire_lapsed_at(&mut sources, Instant::now(), LAPSE_GRACE);
+    }
+
+    /// Lets go of the servers kept while their entries lapsed once [`LAPSE_GRACE`] is over
+    /// (the RPC thread calls this every few milliseconds: cheap while none has lapsed).
+    pub(crate) fn expire_lapsed(&self) {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if !sources.lapsed.is_empty() {
+            self.expire_lapsed_at(&mut sources, Instant::now(), LAPSE_GRACE);
+        }
+    }
+
+    /// [`ServerTable::expire_lapsed`] at `now`, after `grace`: those let go leave.
+    fn expire_lapsed_at(&self, sources: &mut Sources, now: Instant, grace: Duration) {
+        if sources.lapsed.is_empty() {
+            return;
+        }
+        let before = sources.listed().into_owned();
+        sources.expire_lapsed(now, grace);
+        let events = changes(&before, &sources.listed(), &sources.unreachable, &HashSet::new(), self.own.get());
+        self.publish_telling(sources, events);
     }
 
     /// Learns a frontend from a session it sent (its id, type, endpoint and process
@@ -351,7 +444,7 @@ impl ServerTable {
 
     /// Publishes a new snapshot if anything changed; returns whether the servers did.
     fn publish(&self, sources: &Sources) -> bool {
-        let mut all = sources.discovered.clone();
+        let mut all = sources.listed().into_owned();
         for (id, (entry, _)) in &sources.learned {
             all.insert(id.clone(), entry.clone());
         }
@@ -455,6 +548,28 @@ fn changes(
     left_lines.iter().chain(&joined_lines).for_each(|line| info!("{line}"));
     left.extend(joined);
     left
+}
+
+/// Logs the servers `own` keeps while their entries lapsed (see [`ServerTable`]).
+fn log_lapsed(own: &str, lapsing: &[&ServerEntry]) {
+    let lines = grouped::lines(
+        lapsing,
+        |s| {
+            format!(
+                "{own}: server {} ({}) is no longer listed by discovery but still connected; \
+                 kept for up to {LAPSE_GRACE:?} while it registers again",
+                s.id, s.server_type
+            )
+        },
+        |s| format!("{} ({})", s.id, s.server_type),
+        |n, named| {
+            format!(
+                "{own}: {n} servers are no longer listed by discovery but still connected ({named}); \
+                 kept for up to {LAPSE_GRACE:?} while they register again"
+            )
+        },
+    );
+    lines.iter().for_each(|line| info!("{line}"));
 }
 
 /// Warns when `server` (just listed) encodes bodies otherwise than `me`: each decodes the

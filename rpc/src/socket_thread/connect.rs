@@ -104,12 +104,19 @@ impl SocketThread {
     }
 
     /// Tells the table (and so the routers) which peers are down now (`Peer::down`:
-    /// connection lost, or never made within the timeout). Only a change is published.
+    /// connection lost, or never made within the timeout), and which are connected and not
+    /// leaving (kept if their discovery entries lapse). Only a change is published.
     pub(super) fn publish_unreachable(&mut self) {
         let now: HashSet<String> = self.peers.iter().filter(|(_, p)| p.down()).map(|(id, _)| id.clone()).collect();
         if now != self.unreachable {
             self.table.set_unreachable(now.clone());
             self.unreachable = now;
+        }
+        let connected: HashSet<String> =
+            self.peers.iter().filter(|(_, p)| p.connected()).map(|(id, _)| id.clone()).collect();
+        if connected != self.connected {
+            self.table.set_connected(connected.clone());
+            self.connected = connected;
         }
     }
 
@@ -162,6 +169,7 @@ impl SocketThread {
             }
         }
         warn_lost(&news_lost);
+        self.table.expire_lapsed();
         let timeout = self.timeout;
         let lines = grouped::lines(
             &never,

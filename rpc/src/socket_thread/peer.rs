@@ -97,6 +97,12 @@ impl Peer {
         self.warned || self.misdirected
     }
 
+    /// Its connection is up and it has not said it is leaving: still serving, whatever
+    /// discovery says of it.
+    pub(super) fn connected(&self) -> bool {
+        self.was_up && !self.down() && !self.leaving
+    }
+
     /// Another process refused the calls sent to its endpoint.
     pub(super) fn misdirected(&mut self, id: &str, by: &str) {
         if std::mem::replace(&mut self.misdirected, true) {

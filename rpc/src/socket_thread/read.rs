@@ -32,6 +32,7 @@ impl SocketThread {
     pub(super) fn read_router(&mut self) -> bool {
         let mut calls = Vec::new();
         let mut got = false;
+        let mut leaving = false;
         let mut servers = None;
         loop {
             let parts = match recv_parts(&self.router) {
@@ -94,6 +95,7 @@ impl SocketThread {
                         if let Some(peer) = self.peers.get_mut(&from) {
                             debug!("server {} at {} is leaving the cluster", printable(&from), peer.addr);
                             peer.leaving = true;
+                            leaving = true;
                         }
                     }
                     Frame::Misdirected { .. } => {
@@ -101,6 +103,10 @@ impl SocketThread {
                     }
                 }
             }
+        }
+        if leaving {
+            // The table lets such a server go at once if discovery has stopped listing it.
+            self.publish_unreachable();
         }
         if !calls.is_empty() {
             self.inbound.on_calls(calls);

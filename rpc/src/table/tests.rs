@@ -192,3 +192,69 @@ fn servers_of_ignored_types_are_left_out_but_this_one() {
     assert!(table.learn_frontend("gate-1", "meta", "tcp://127.0.0.1:2", 7));
     assert!(table.get("gate-1").is_some(), "a calling frontend is answered");
 }
+
+/// A server discovery stops listing while this one is connected to it (its entry lapsed:
+/// an etcd that stalled past the leases) is kept and no news, until it is listed again, its
+/// connection goes, it says it is leaving, or the grace is over.
+#[test]
+fn connected_servers_whose_entries_lapse_are_kept_for_a_while() {
+    let me = entry("room-1", false);
+    let own = (me.id.clone(), me.clone());
+    let c1 = entry("connector-1", true);
+    let with_c1 = || HashMap::from([own.clone(), ("connector-1".to_owned(), c1.clone())]);
+    let start = |connected: &[&str]| {
+        let table = ServerTable::new();
+        table.set_own(&me);
+        table.replace(with_c1());
+        table.set_connected(connected.iter().map(|id| id.to_string()).collect());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        table.watch(Some(tx));
+        (table, rx)
+    };
+    let left = |reachable: bool| vec![ServerEvent::Left { server: c1.clone(), reachable }];
+
+    // Lapsed, then listed again: nothing happened.
+    let (table, rx) = start(&["connector-1"]);
+    table.replace(HashMap::from([own.clone()]));
+    assert!(table.get("connector-1").is_some(), "kept");
+    assert!(!table.replace(HashMap::from([own.clone()])), "a rescan changes nothing");
+    table.expire_lapsed();
+    assert!(!table.replace(with_c1()), "listed again: the same table");
+    assert!(rx.try_recv().is_err(), "no news");
+    // Once listed again, a later lapse is a new one.
+    table.replace(HashMap::from([own.clone()]));
+    table.expire_lapsed_at(&mut table.sources.lock().unwrap(), Instant::now() + LAPSE_GRACE, LAPSE_GRACE);
+    assert_eq!(rx.try_recv().unwrap(), left(true), "the grace is over: it left");
+    assert!(table.get("connector-1").is_none());
+
+    // Its connection goes: it leaves then.
+    let (table, rx) = start(&["connector-1"]);
+    table.replace(HashMap::from([own.clone()]));
+    table.set_unreachable(HashSet::from(["connector-1".to_owned()]));
+    table.set_connected(HashSet::new());
+    assert_eq!(rx.try_recv().unwrap(), left(false));
+    assert!(table.get("connector-1").is_none());
+
+    // It said it is leaving (no longer counted as connected), before or after discovery
+    // stopped listing it: it leaves at once.
+    let (table, rx) = start(&[]);
+    table.replace(HashMap::from([own.clone()]));
+    assert_eq!(rx.try_recv().unwrap(), left(true));
+    let (table, rx) = start(&["connector-1"]);
+    table.replace(HashMap::from([own.clone()]));
+    table.set_connected(HashSet::new());
+    assert_eq!(rx.try_recv().unwrap(), left(true));
+
+    // Discovery saw its process exit: it leaves at once.
+    let (table, rx) = start(&["connector-1"]);
+    table.replace_noting_exited(HashMap::from([own.clone()]), &HashSet::from(["connector-1".to_owned()]));
+    assert_eq!(rx.try_recv().unwrap(), left(false));
+
+    // Another process of its id is listed while it is kept: the old one leaves, the new
+    // one joins.
+    let (table, rx) = start(&["connector-1"]);
+    table.replace(HashMap::from([own.clone()]));
+    let restarted = ServerEntry { instance: 9, ..c1.clone() };
+    table.replace(HashMap::from([own.clone(), ("connector-1".to_owned(), restarted.clone())]));
+    assert_eq!(rx.try_recv().unwrap(), [left(false), vec![ServerEvent::Joined(restarted)]].concat());
+}
