@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Chaos run: failures of every kind the cluster tests make one at a time, made at random and
+# overlapping, on a cluster found through a real etcd, with players on it throughout.
+#
+#   scripts/chaos.sh [MINUTES] [SEED]      (defaults: 10 minutes, a random seed, printed)
+#
+# Starts etcd (a temporary data directory, loopback ports), two connectors (127.0.0.1:3250
+# and :3251) and three room servers of the sample game with etcd discovery. Players: a busy
+# room (200 members and 4 speakers on connector-1, `dragonfruit-bench talk`) and waves of
+# 100 players coming and going on each connector (`dragonfruit-bench churn`, run again
+# whenever it ends). Every 15 s one event, chosen by the seed: a room server killed
+# (SIGKILL) or stopped (SIGTERM) and started again, a room server frozen (SIGSTOP) for 2 s
+# or for 6 s (past `discovery.ttl` and the RPC heartbeats), connector-2 stopped or killed
+# and started again, etcd killed for 8 s, or etcd frozen for 6 s. Events overlap: one may
+# start while an earlier freeze or outage lasts.
+#
+# At the end, once the failures have stopped for 10 s: every server must still run, etcd
+# must list the five, forwarded echo from each connector must answer every request, and
+# every server must stop on SIGTERM with exit status 0. Then it prints the events, the
+# players' failures (with the time of each wave's first), each server's warnings and
+# errors by kind, panics, and the servers' memory. Output and logs: /tmp/dragonfruit-chaos.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+minutes="${1:-10}"
+seed="${2:-$((RANDOM * 32768 + RANDOM))}"
+RANDOM=$seed
+echo "chaos: $minutes min, seed $seed"
+cargo build --release --locked -q -p sample-game -p dragonfruit-client
+bench=target/release/dragonfruit-bench
+game=target/release/sample-game
+out=/tmp/dragonfruit-chaos
+rm -rf "$out" && mkdir -p "$out"
+
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 20000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+    done
+}
+wait_port() {
+    for _ in $(seq 300); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "nothing listens on port $1" >&2
+    return 1
+}
+event() { echo "$(date +%T.%3N) $*" | tee -a "$out/events.txt"; }
+
+etcd_client=$(free_port)
+etcd_peer=$(free_port)
+etcd_url="http://127.0.0.1:$etcd_client"
+etcd_pid=""
+etcd_start() {
+    etcd --name chaos --data-dir "$out/etcd-data" \
+        --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
+        --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
+        --initial-cluster "chaos=http://127.0.0.1:$etcd_peer" --logger zap --log-level warn \
+        >>"$out/etcd.log" 2>&1 &
+    etcd_pid=$!
+    wait_port "$etcd_client"
+}
+
+declare -A pid tcp
+tcp[connector-1]=127.0.0.1:3250
+tcp[connector-2]=127.0.0.1:3251
+servers="connector-1 connector-2 room-1 room-2 room-3"
+server_start() {
+    local id=$1 role=${1%-*}
+    local args=(--role "$role" --id "$id" --discovery etcd --etcd-url "$etcd_url")
+    [ "$role" = connector ] && args+=(--tcp "${tcp[$id]}")
+    RUST_LOG=info "$game" "${args[@]}" >>"$out/$id.log" 2>&1 &
+    pid[$id]=$!
+}
+# Stops server $1 with signal $2 and waits for its exit; its status goes to the event log.
+server_stop() {
+    local status=0
+    kill -"$2" "${pid[$1]}" 2>/dev/null || true
+    wait "${pid[$1]}" 2>/dev/null || status=$?
+    event "  $1 exited with status $status"
+}
+
+background=""
+cleanup() {
+    kill $background 2>/dev/null || true
+    for id in $servers; do kill -CONT "${pid[$id]:-0}" 2>/dev/null; kill -KILL "${pid[$id]:-0}" 2>/dev/null; done
+    if [ -n "$etcd_pid" ]; then kill -CONT "$etcd_pid" 2>/dev/null; kill -KILL "$etcd_pid" 2>/dev/null; fi
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+etcd_start
+for id in $servers; do server_start "$id"; done
+wait_port 3250 && wait_port 3251
+sleep 2  # the servers find each other
+echo "servers: etcd $etcd_url (pid $etcd_pid); $(for id in $servers; do printf '%s %s  ' "$id" "${pid[$id]}"; done)"
+
+seconds=$((minutes * 60))
+$bench talk --addr 127.0.0.1:3250 --connections 200 --speakers 4 --duration "$seconds" --warmup 1 \
+    >"$out/talk.txt" 2>&1 &
+talk=$!
+churn_loop() {
+    local addr=$1 log=$2 end=$((SECONDS + seconds))
+    while [ "$SECONDS" -lt "$end" ]; do
+        echo "== $(date +%T) start" >>"$log"
+        $bench churn --addr "$addr" --connections 100 --rounds 5 >>"$log" 2>&1 || echo "== $(date +%T) ended: failed" >>"$log"
+        sleep 0.2
+    done
+}
+churn_loop 127.0.0.1:3250 "$out/churn-1.txt" &
+churn1=$!
+churn_loop 127.0.0.1:3251 "$out/churn-2.txt" &
+churn2=$!
+background="$talk $churn1 $churn2"
+
+# One event every 15 s; freezes and outages end in the background (a subshell that sends
+# SIGCONT or starts etcd again), so events overlap.
+end=$((SECONDS + seconds - 20))
+thaw() { (sleep "$2"; kill -CONT "$1" 2>/dev/null; echo "$(date +%T.%3N)   thawed pid $1" >>"$out/events.txt") & }
+while [ $((SECONDS + 15)) -le "$end" ]; do
+    sleep 15
+    room=room-$((RANDOM % 3 + 1))
+    case $((RANDOM % 8)) in
+        0) event "SIGKILL $room"; server_stop "$room" KILL; sleep 1; server_start "$room" ;;
+        1) event "SIGTERM $room"; server_stop "$room" TERM; server_start "$room" ;;
+        2) event "freeze $room 2 s"; kill -STOP "${pid[$room]}"; thaw "${pid[$room]}" 2 ;;
+        3) event "freeze $room 6 s"; kill -STOP "${pid[$room]}"; thaw "${pid[$room]}" 6 ;;
+        4) event "SIGTERM connector-2"; server_stop connector-2 TERM; server_start connector-2 ;;
+        5) event "SIGKILL connector-2"; server_stop connector-2 KILL; sleep 1; server_start connector-2 ;;
+        6)
+            if [ "$(awk '{ print $3 }' "/proc/$etcd_pid/stat" 2>/dev/null)" != T ]; then
+                event "etcd killed for 8 s"
+                kill -KILL "$etcd_pid"; wait "$etcd_pid" 2>/dev/null || true
+                sleep 8; etcd_start; event "  etcd started again"
+            fi
+            ;;
+        7) event "freeze etcd 6 s"; kill -STOP "$etcd_pid"; thaw "$etcd_pid" 6 ;;
+    esac
+done
+event "last event made; settling"
+wait "$talk" "$churn1" "$churn2" || true
+background=""
+sleep 10  # every freeze over
+
+failed=0
+check() { if "$@"; then :; else echo "CHECK FAILED: $*"; failed=1; fi; }
+echo "== checks"
+for id in $servers; do
+    check kill -0 "${pid[$id]}"
+done
+listed=$(curl -s -X POST "$etcd_url/v3/kv/range" \
+    -d "{\"key\":\"$(printf 'dragonfruit/servers/' | base64)\",\"range_end\":\"$(printf 'dragonfruit/servers0' | base64)\",\"count_only\":true}" \
+    | grep -o '"count":"[0-9]*"' | grep -o '[0-9]*' || echo 0)
+echo "  etcd lists $listed servers"
+check [ "$listed" = 5 ]
+for port in 3250 3251; do
+    $bench echo --addr "127.0.0.1:$port" --route room.room.echo --connections 16 --inflight 4 --duration 5 --warmup 1 \
+        >"$out/echo-$port.txt" 2>&1 || true
+    grep -E "requests/s|errors" "$out/echo-$port.txt" | sed "s/^/  $port: /"
+    check grep -q "requests/s" "$out/echo-$port.txt"
+    check [ -z "$(grep -E '^ *errors' "$out/echo-$port.txt" | grep -v ' 0$' || true)" ]
+done
+echo "== servers' memory"
+for id in $servers; do echo "  $id $(awk '/VmRSS/ {print $2, $3}' "/proc/${pid[$id]}/status" 2>/dev/null)"; done
+echo "== stop"
+for id in connector-1 connector-2 room-1 room-2 room-3; do
+    status=0
+    kill -TERM "${pid[$id]}" 2>/dev/null || true
+    wait "${pid[$id]}" 2>/dev/null || status=$?
+    echo "  $id exited with status $status"
+    check [ "$status" = 0 ]
+done
+kill -TERM "$etcd_pid"; wait "$etcd_pid" 2>/dev/null || true
+etcd_pid=""
+
+echo "== events"
+cat "$out/events.txt"
+echo "== talk (one room, its members and speakers on connector-1)"
+grep -E "^talk|^  (lines said/s|pushes heard/s|heard |speaker latency|echo errors)|^error" "$out/talk.txt" || tail -3 "$out/talk.txt"
+for n in 1 2; do
+    echo "== churn on connector-$n"
+    awk '/^== .* start/ { t = $2 } /players total/ { players += $3 }
+        /errors at/ { errors += $1; print "  " t " wave: " $0 } /ended: failed/ { print "  " $0 }
+        /^error/ { print "  " t " " $0 }
+        END { printf "  players %d, failed %d\n", players, errors }' "$out/churn-$n.txt" | tail -40
+done
+echo "== servers' warnings and errors, by kind"
+for id in $servers; do
+    echo "-- $id"
+    grep -E "^\[[^ ]+ (WARN|ERROR) " "$out/$id.log" \
+        | sed -E 's/^\[[^ ]+ (WARN|ERROR) +[^]]*\] /\1 /; s/[0-9]+/N/g' | cut -c1-170 | sort | uniq -c | sort -rn | head -15 || true
+done
+echo "== panics: $(grep -l "panicked" "$out"/*.log 2>/dev/null | tr '\n' ' ')"
+check [ -z "$(grep -l "panicked" "$out"/*.log 2>/dev/null || true)" ]
+if [ "$failed" = 0 ]; then echo "chaos: all checks passed (seed $seed)"; else echo "chaos: checks failed (seed $seed)"; exit 1; fi
