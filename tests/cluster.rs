@@ -212,7 +212,7 @@ fn fake_server(
     if level == 0 {
         entry.as_object_mut().unwrap().remove("wire_level"); // as an earlier build writes it
     }
-    std::fs::write(dir.join(format!("{id}.json")), serde_json::to_vec(&entry).unwrap()).unwrap();
+    put_whole(&dir.join(format!("{id}.json")), &serde_json::to_vec(&entry).unwrap());
     (router, endpoint)
 }
 
@@ -286,6 +286,15 @@ fn frontend_at_a_dead_endpoint(id: &str) -> ServerEntry {
 /// file fresh); the file's path.
 fn list_in(dir: &std::path::Path, entry: &ServerEntry) -> std::path::PathBuf {
     let file = dir.join(format!("{}.json", entry.id));
-    std::fs::write(&file, serde_json::to_vec(entry).unwrap()).unwrap();
+    put_whole(&file, &serde_json::to_vec(entry).unwrap());
     file
+}
+
+/// Puts a file with `bytes` at `path` whole (written aside, then renamed), as servers put
+/// their registry files: discovery may read a file as it is being written, and warns once
+/// of one it cannot parse.
+fn put_whole(path: &std::path::Path, bytes: &[u8]) {
+    let part = path.with_extension("part");
+    std::fs::write(&part, bytes).unwrap();
+    std::fs::rename(part, path).unwrap();
 }

@@ -328,8 +328,10 @@ fn registry_entries_no_server_can_have_are_ignored() {
         ServerEntry::new("room-7", "room", false, format!("tcp://127.0.0.1:9{forged}")),
     ];
     for (i, entry) in entries.iter().enumerate() {
-        let file = dir.join(format!("impossible-{i}{forged}.json"));
-        std::fs::write(file, serde_json::to_vec(entry).unwrap()).unwrap();
+        crate::cluster::put_whole(
+            &dir.join(format!("impossible-{i}{forged}.json")),
+            &serde_json::to_vec(entry).unwrap(),
+        );
     }
     let about = |why: &str| {
         warnings().into_iter().filter(|w| w.contains("impossible-entries") && w.contains(why)).collect::<Vec<_>>()
