@@ -3,6 +3,8 @@
 # overlapping, on a cluster found through a real etcd, with players on it throughout.
 #
 #   scripts/chaos.sh [MINUTES] [SEED]      (defaults: 10 minutes, a random seed, printed)
+#   DISCOVERY=embedded scripts/chaos.sh ...  the same on embedded discovery (no etcd; the
+#                                            etcd events are room server events instead)
 #
 # Starts etcd (a temporary data directory, loopback ports), two connectors (127.0.0.1:3250
 # and :3251) and three room servers of the sample game with etcd discovery. Players: a busy
@@ -14,7 +16,7 @@
 # and started again, etcd killed for 8 s, or etcd frozen for 6 s. Events overlap: one may
 # start while an earlier freeze or outage lasts.
 #
-# At the end, once the failures have stopped for 10 s: every server must still run, etcd
+# At the end, once the failures have stopped for 10 s: every server must still run, discovery
 # must list the five, forwarded echo from each connector must answer every request, and
 # every server must stop on SIGTERM with exit status 0. Then it prints the events, the
 # players' failures (with the time of each wave's first), each server's warnings and
@@ -48,6 +50,8 @@ wait_port() {
 }
 event() { echo "$(date +%T.%3N) $*" | tee -a "$out/events.txt"; }
 
+discovery="${DISCOVERY:-etcd}"
+case $discovery in etcd | embedded) ;; *) echo "DISCOVERY must be etcd or embedded" >&2; exit 2 ;; esac
 etcd_client=$(free_port)
 etcd_peer=$(free_port)
 etcd_url="http://127.0.0.1:$etcd_client"
@@ -68,7 +72,12 @@ tcp[connector-2]=127.0.0.1:3251
 servers="connector-1 connector-2 room-1 room-2 room-3"
 server_start() {
     local id=$1 role=${1%-*}
-    local args=(--role "$role" --id "$id" --discovery etcd --etcd-url "$etcd_url")
+    local args=(--role "$role" --id "$id")
+    if [ "$discovery" = etcd ]; then
+        args+=(--discovery etcd --etcd-url "$etcd_url")
+    else
+        args+=(--discovery embedded --discovery-dir "$out/registry")
+    fi
     [ "$role" = connector ] && args+=(--tcp "${tcp[$id]}")
     RUST_LOG=info "$game" "${args[@]}" >>"$out/$id.log" 2>&1 &
     pid[$id]=$!
@@ -90,11 +99,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-etcd_start
+[ "$discovery" = etcd ] && etcd_start
 for id in $servers; do server_start "$id"; done
 wait_port 3250 && wait_port 3251
 sleep 2  # the servers find each other
-echo "servers: etcd $etcd_url (pid $etcd_pid); $(for id in $servers; do printf '%s %s  ' "$id" "${pid[$id]}"; done)"
+echo "servers: $discovery discovery${etcd_pid:+ at $etcd_url (pid $etcd_pid)}; $(for id in $servers; do printf '%s %s  ' "$id" "${pid[$id]}"; done)"
 
 seconds=$((minutes * 60))
 $bench talk --addr 127.0.0.1:3250 --connections 200 --speakers 4 --duration "$seconds" --warmup 1 \
@@ -121,7 +130,10 @@ thaw() { (sleep "$2"; kill -CONT "$1" 2>/dev/null; echo "$(date +%T.%3N)   thawe
 while [ $((SECONDS + 15)) -le "$end" ]; do
     sleep 15
     room=room-$((RANDOM % 3 + 1))
-    case $((RANDOM % 8)) in
+    pick=$((RANDOM % 8))
+    # Without etcd, its events are a room server's kill and 6 s freeze instead.
+    if [ "$discovery" = embedded ] && [ "$pick" -ge 6 ]; then pick=$((pick == 6 ? 0 : 3)); fi
+    case $pick in
         0) event "SIGKILL $room"; server_stop "$room" KILL; sleep 1; server_start "$room" ;;
         1) event "SIGTERM $room"; server_stop "$room" TERM; server_start "$room" ;;
         2) event "freeze $room 2 s"; kill -STOP "${pid[$room]}"; thaw "${pid[$room]}" 2 ;;
@@ -149,10 +161,14 @@ echo "== checks"
 for id in $servers; do
     check kill -0 "${pid[$id]}"
 done
-listed=$(curl -s -X POST "$etcd_url/v3/kv/range" \
-    -d "{\"key\":\"$(printf 'dragonfruit/servers/' | base64)\",\"range_end\":\"$(printf 'dragonfruit/servers0' | base64)\",\"count_only\":true}" \
-    | grep -o '"count":"[0-9]*"' | grep -o '[0-9]*' || echo 0)
-echo "  etcd lists $listed servers"
+if [ "$discovery" = etcd ]; then
+    listed=$(curl -s -X POST "$etcd_url/v3/kv/range" \
+        -d "{\"key\":\"$(printf 'dragonfruit/servers/' | base64)\",\"range_end\":\"$(printf 'dragonfruit/servers0' | base64)\",\"count_only\":true}" \
+        | grep -o '"count":"[0-9]*"' | grep -o '[0-9]*' || echo 0)
+else
+    listed=$(find "$out/registry" -name '*.json' | wc -l)
+fi
+echo "  $discovery lists $listed servers"
 check [ "$listed" = 5 ]
 for port in 3250 3251; do
     $bench echo --addr "127.0.0.1:$port" --route room.room.echo --connections 16 --inflight 4 --duration 5 --warmup 1 \
@@ -171,7 +187,7 @@ for id in connector-1 connector-2 room-1 room-2 room-3; do
     echo "  $id exited with status $status"
     check [ "$status" = 0 ]
 done
-kill -TERM "$etcd_pid"; wait "$etcd_pid" 2>/dev/null || true
+if [ -n "$etcd_pid" ]; then kill -TERM "$etcd_pid"; wait "$etcd_pid" 2>/dev/null || true; fi
 etcd_pid=""
 
 echo "== events"

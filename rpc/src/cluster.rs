@@ -214,17 +214,19 @@ impl ClusterModule {
 }
 
 impl Inner {
-    /// Leaves discovery, then starts the drain period: it counts from when deregistration
-    /// is done (revoking an etcd lease can take a while), not from when it started, and
-    /// calls are served normally until then.
+    /// Tells the peers this server is leaving, leaves discovery, then starts the drain
+    /// period: it counts from when deregistration is done (revoking an etcd lease can take
+    /// a while), not from when it started, and calls are served normally until then.
     fn leave(&self) {
-        self.discovery.deregister();
-        self.drain.start(self.discovery.propagation());
         if let Some(started) = self.started.get() {
-            // Peers slow to see it in discovery then do not take the end of the stop for a
-            // lost connection.
+            // Before deregistering, so peers know it when discovery drops this server: they
+            // let it go at once rather than keep it as one whose entry lapsed (see
+            // `ServerTable`), and peers slow to see it in discovery do not take the end of
+            // the stop for a lost connection.
             started.io.send(Cmd::Leaving);
         }
+        self.discovery.deregister();
+        self.drain.start(self.discovery.propagation());
     }
 
     /// A stop began, peers have had time to see this server leave and have stopped

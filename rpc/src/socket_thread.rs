@@ -75,7 +75,7 @@ pub(crate) enum Cmd {
     /// The server table changed: connect new peers and those on a new endpoint, fail the
     /// calls waiting on vanished or moved ones.
     PeersChanged,
-    /// This server has left discovery to stop: tell every peer (`Frame::Leaving`).
+    /// This server is leaving discovery to stop: tell every peer (`Frame::Leaving`).
     Leaving,
     Stop,
 }
@@ -205,7 +205,7 @@ struct SocketThread {
     connected: HashSet<String>,
     /// The table's version (`ServerTable::version`) `connect_peers` last handled.
     peers_version: u64,
-    /// This server has left discovery to stop (`Cmd::Leaving`).
+    /// This server is leaving discovery to stop (`Cmd::Leaving`).
     leaving: bool,
     /// Peers closed after they left the table while their connection was down (a server
     /// that died, or stopped and closed): id → (endpoint, when). A call that names that

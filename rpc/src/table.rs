@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use log::{info, warn};
+use log::info;
 use serde::{Deserialize, Serialize};
 
-use crate::grouped;
+use news::{changes, log_lapsed};
 
 /// One server, as announced to the cluster. Made with [`ServerEntry::new`] outside this
 /// crate (fields are added as the cluster learns more of its servers; their defaults are
@@ -142,6 +142,11 @@ const LEARNED_TTL: Duration = Duration::from_secs(30);
 /// again within about a second of noticing.
 pub(crate) const LAPSE_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a server is kept as lapsed before that is logged: a server stopping gracefully
+/// says so to its peers as it leaves discovery, but discovery may tell them first (by a few
+/// milliseconds), and it is not news that it was kept meanwhile.
+const LAPSE_QUIET: Duration = Duration::from_secs(1);
+
 /// Live servers by id, swapped whole on change.
 ///
 /// Discovery is the authority, except on two points. A frontend that sends this server a
@@ -202,13 +207,21 @@ pub enum ServerEvent {
 struct Sources {
     discovered: HashMap<String, ServerEntry>,
     learned: HashMap<String, (ServerEntry, Instant)>,
-    /// Servers discovery no longer lists but that are kept (see [`ServerTable`]), with
-    /// when they lapsed.
-    lapsed: HashMap<String, (ServerEntry, Instant)>,
+    /// Servers discovery no longer lists but that are kept (see [`ServerTable`]).
+    lapsed: HashMap<String, Lapse>,
     unreachable: HashSet<String>,
     /// Servers whose connection is up and that have not said they are leaving (the RPC
     /// thread's view): only those are kept when their entries lapse.
     connected: HashSet<String>,
+}
+
+/// A server kept while its entry lapsed.
+#[derive(Debug)]
+struct Lapse {
+    entry: ServerEntry,
+    since: Instant,
+    /// Whether that was logged (once it lasted [`LAPSE_QUIET`]).
+    logged: bool,
 }
 
 impl Sources {
@@ -218,14 +231,25 @@ impl Sources {
             return Cow::Borrowed(&self.discovered);
         }
         let mut all = self.discovered.clone();
-        all.extend(self.lapsed.iter().map(|(id, (entry, _))| (id.clone(), entry.clone())));
+        all.extend(self.lapsed.iter().map(|(id, lapse)| (id.clone(), lapse.entry.clone())));
         Cow::Owned(all)
     }
 
-    /// Lets go of the lapsed servers no longer connected, or lapsed `grace` ago or more.
-    fn expire_lapsed(&mut self, now: Instant, grace: Duration) {
+    /// Lets go of the lapsed servers no longer connected, or lapsed `grace` ago or more;
+    /// logs those kept for [`LAPSE_QUIET`] now, as seen by server `own`.
+    fn expire_lapsed(&mut self, now: Instant, grace: Duration, own: &str) {
         let connected = &self.connected;
-        self.lapsed.retain(|id, (_, since)| connected.contains(id) && now.duration_since(*since) < grace);
+        self.lapsed.retain(|id, lapse| connected.contains(id) && now.duration_since(lapse.since) < grace);
+        let news: Vec<&ServerEntry> = self
+            .lapsed
+            .values_mut()
+            .filter(|lapse| !lapse.logged && now.duration_since(lapse.since) >= LAPSE_QUIET)
+            .map(|lapse| {
+                lapse.logged = true;
+                &lapse.entry
+            })
+            .collect();
+        log_lapsed(own, &news);
     }
 }
 
@@ -322,11 +346,17 @@ impl ServerTable {
                 }
         });
         let mut before = std::mem::take(&mut sources.discovered);
-        before.extend(sources.lapsed.iter().map(|(id, (entry, _))| (id.clone(), entry.clone())));
+        before.extend(sources.lapsed.iter().map(|(id, lapse)| (id.clone(), lapse.entry.clone())));
         // Listed again: discovery is back. Lapsing now: listed before, no longer, connected.
-        sources.lapsed.retain(|id, _| !servers.contains_key(id));
         let own = self.own.get().map(|me| me.id.as_str());
-        let mut lapsing = Vec::new();
+        let own_id = own.unwrap_or("");
+        sources.lapsed.retain(|id, lapse| {
+            let again = servers.get(id);
+            if lapse.logged && again.is_some_and(|e| e.same_process(&lapse.entry)) {
+                info!("{own_id}: server {id} ({}) is listed by discovery again", lapse.entry.server_type);
+            }
+            again.is_none()
+        });
         for (id, entry) in &before {
             if !servers.contains_key(id)
                 && !sources.lapsed.contains_key(id)
@@ -334,13 +364,11 @@ impl ServerTable {
                 && !exited.contains(id)
                 && Some(id.as_str()) != own
             {
-                lapsing.push(entry);
-                sources.lapsed.insert(id.clone(), (entry.clone(), now));
+                sources.lapsed.insert(id.clone(), Lapse { entry: entry.clone(), since: now, logged: false });
             }
         }
-        log_lapsed(own.unwrap_or(""), &lapsing);
         sources.discovered = servers;
-        sources.expire_lapsed(now, LAPSE_GRACE);
+        sources.expire_lapsed(now, LAPSE_GRACE, own_id);
         let events = changes(&before, &sources.listed(), &sources.unreachable, exited, self.own.get());
         self.publish_telling(sources, events)
     }
@@ -382,7 +410,7 @@ impl ServerTable {
             return;
         }
         let before = sources.listed().into_owned();
-        sources.expire_lapsed(now, grace);
+        sources.expire_lapsed(now, grace, self.own.get().map_or("", |me| me.id.as_str()));
         let events = changes(&before, &sources.listed(), &sources.unreachable, &HashSet::new(), self.own.get());
         self.publish_telling(sources, events);
     }
@@ -493,100 +521,6 @@ impl ServerTable {
     }
 }
 
-/// The changes from `before` to `after`, as seen by server `own` (which is not news to
-/// itself; none before the table knows its server) while it cannot reach the servers
-/// `unreachable`: servers that left, then servers that joined (a new process of an id
-/// leaves as the old one and joins as itself). Logs each, and warns of a server joining
-/// with another serializer than `own`'s.
-fn changes(
-    before: &HashMap<String, ServerEntry>,
-    after: &HashMap<String, ServerEntry>,
-    unreachable: &HashSet<String>,
-    exited: &HashSet<String>,
-    own: Option<&ServerEntry>,
-) -> Vec<ServerEvent> {
-    let own_id = own.map_or("", |me| me.id.as_str());
-    let replaced = |old: &ServerEntry| ServerEvent::Left { server: old.clone(), reachable: false };
-    let (mut left, mut joined) = (Vec::new(), Vec::new());
-    let (mut news_joined, mut news_left) = (Vec::new(), Vec::new());
-    for (id, server) in after.iter().filter(|(id, _)| *id != own_id) {
-        let kind = &server.server_type;
-        match before.get(id) {
-            None => news_joined.push(server),
-            Some(old) if old.rpc_addr != server.rpc_addr => {
-                info!("{own_id}: server {id} ({kind}) is now at {} (was {})", server.rpc_addr, old.rpc_addr);
-                left.push(replaced(old));
-            }
-            Some(old) if old.instance != server.instance => {
-                info!("{own_id}: server {id} ({kind}) restarted at {}", server.rpc_addr);
-                left.push(replaced(old));
-            }
-            Some(_) => continue,
-        }
-        if let Some(me) = own {
-            warn_of_another_serializer(me, server);
-        }
-        joined.push(ServerEvent::Joined(server.clone()));
-    }
-    for (id, server) in before.iter().filter(|(id, _)| *id != own_id && !after.contains_key(*id)) {
-        news_left.push(server);
-        let reachable = !unreachable.contains(id) && !exited.contains(id);
-        left.push(ServerEvent::Left { server: server.clone(), reachable });
-    }
-    let left_lines = grouped::lines(
-        &news_left,
-        |s| format!("{own_id}: server {} ({}) left", s.id, s.server_type),
-        |s| format!("{} ({})", s.id, s.server_type),
-        |n, named| format!("{own_id}: {n} servers left: {named}"),
-    );
-    let joined_lines = grouped::lines(
-        &news_joined,
-        |s| format!("{own_id}: server {} ({}) joined at {}", s.id, s.server_type, s.rpc_addr),
-        |s| format!("{} ({}) at {}", s.id, s.server_type, s.rpc_addr),
-        |n, named| format!("{own_id}: {n} servers joined: {named}"),
-    );
-    left_lines.iter().chain(&joined_lines).for_each(|line| info!("{line}"));
-    left.extend(joined);
-    left
-}
-
-/// Logs the servers `own` keeps while their entries lapsed (see [`ServerTable`]).
-fn log_lapsed(own: &str, lapsing: &[&ServerEntry]) {
-    let lines = grouped::lines(
-        lapsing,
-        |s| {
-            format!(
-                "{own}: server {} ({}) is no longer listed by discovery but still connected; \
-                 kept for up to {LAPSE_GRACE:?} while it registers again",
-                s.id, s.server_type
-            )
-        },
-        |s| format!("{} ({})", s.id, s.server_type),
-        |n, named| {
-            format!(
-                "{own}: {n} servers are no longer listed by discovery but still connected ({named}); \
-                 kept for up to {LAPSE_GRACE:?} while they register again"
-            )
-        },
-    );
-    lines.iter().for_each(|line| info!("{line}"));
-}
-
-/// Warns when `server` (just listed) encodes bodies otherwise than `me`: each decodes the
-/// bodies the other forwards, answers, pushes and passes in user RPCs with its own
-/// serializer, so those fail (the client gets `PIT-400` for a forwarded request, say). Not
-/// known on either side (an older build's entry): nothing to say.
-fn warn_of_another_serializer(me: &ServerEntry, server: &ServerEntry) {
-    if me.serializer.is_empty() || server.serializer.is_empty() || me.serializer == server.serializer {
-        return;
-    }
-    warn!(
-        "{}: server {} ({}) encodes bodies as {}, this server as {}: the messages they pass each other \
-         (forwarded requests, answers, pushes, user RPCs) fail to decode; give every server of the \
-         cluster the same server.serializer",
-        me.id, server.id, server.server_type, server.serializer, me.serializer
-    );
-}
-
+mod news;
 #[cfg(test)]
 mod tests;

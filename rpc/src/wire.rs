@@ -280,9 +280,10 @@ pub enum Frame {
         /// The answer or the error.
         result: Result<Answer, HandlerError>,
     },
-    /// The sender is stopping gracefully and has left discovery: its connections closing
-    /// at the end of its stop are not a loss to warn of, though a peer may not have seen it
-    /// leave in discovery yet. Sent on its DEALERs, to every peer.
+    /// The sender is stopping gracefully and leaving discovery (sent just before it
+    /// deregisters): its connections closing at the end of its stop are not a loss to warn
+    /// of, though a peer may not have seen it leave in discovery yet, and when discovery
+    /// drops it, it is gone, not an entry that lapsed. Sent on its DEALERs, to every peer.
     Leaving,
     /// The calls of a message reached a process other than the one they name (the one
     /// meant died, and `by` took its endpoint): they are answered with errors and not run.

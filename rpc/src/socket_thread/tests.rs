@@ -172,10 +172,39 @@ fn start_with_table(
     peers: &[(&str, &str)],
     timeout: Duration,
 ) -> (Io, JoinHandle<()>, Arc<ServerTable>) {
+    let (io, thread, table, _) = start_with_table_at(ctx, peers, timeout);
+    (io, thread, table)
+}
+
+/// [`start_with_table`], and the socket thread's endpoint.
+fn start_with_table_at(
+    ctx: &zmq::Context,
+    peers: &[(&str, &str)],
+    timeout: Duration,
+) -> (Io, JoinHandle<()>, Arc<ServerTable>, String) {
     let table = Arc::new(ServerTable::new());
     table.replace(peers.iter().flat_map(|(id, addr)| fake_entry(id, addr)).collect());
-    let (io, thread, _) = start_thread(ctx, "fe", table.clone(), Arc::new(NoCalls), timeout);
-    (io, thread, table)
+    let (io, thread, endpoint) = start_thread(ctx, "fe", table.clone(), Arc::new(NoCalls), timeout);
+    (io, thread, table, endpoint)
+}
+
+/// Server `id` stops gracefully: it tells the socket thread at `endpoint` that it is
+/// leaving, as a stopping server does before it leaves discovery, and the table drops it.
+/// Returns once the table no longer lists it (it is gone, not kept as a server whose entry
+/// lapsed while it is connected).
+fn leaves_gracefully(ctx: &zmq::Context, table: &ServerTable, endpoint: &str, id: &str) {
+    let dealer = raw_socket(ctx, zmq::DEALER);
+    dealer.set_identity(wire::addressee(id, 1).as_slice()).unwrap();
+    dealer.connect(endpoint).unwrap();
+    dealer.send_multipart([wire::addressee("fe", 0), wire::encode(&[Frame::Leaving])], 0).unwrap();
+    let mut listed = table.snapshot().by_id.clone();
+    listed.remove(id);
+    table.replace(listed);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while table.get(id).is_some() {
+        assert!(Instant::now() < deadline, "{id} still listed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn stop(io: Io, thread: JoinHandle<()>) {

@@ -75,10 +75,10 @@ fn a_call_to_a_restarted_server_made_before_the_change_is_handled_reaches_it() {
 fn a_server_that_left_the_table_after_it_was_chosen_gets_the_call() {
     let ctx = zmq::Context::new();
     let (draining, draining_addr) = fake_server(&ctx);
-    let (io, thread, table) = start_with_table(&ctx, &[("peer", &draining_addr)], Duration::from_secs(5));
+    let (io, thread, table, endpoint) = start_with_table_at(&ctx, &[("peer", &draining_addr)], Duration::from_secs(5));
     call_is_answered(&io, "peer", &draining, true);
     let chosen = table.get("peer").unwrap();
-    table.replace(HashMap::new());
+    leaves_gracefully(&ctx, &table, &endpoint, "peer");
     io.send(Cmd::PeersChanged);
     let rx = kick_call_server(&io, &chosen);
     let (identity, corr) = recv_call(&draining);
@@ -143,7 +143,7 @@ fn a_server_called_by_endpoint_then_listed_there_keeps_its_connection() {
 fn one_way_messages_sent_as_a_server_leaves_the_table_arrive() {
     let ctx = zmq::Context::new();
     let (server, addr) = fake_server(&ctx);
-    let (io, thread, table) = start_with_table(&ctx, &[("peer", &addr)], Duration::from_secs(5));
+    let (io, thread, table, endpoint) = start_with_table_at(&ctx, &[("peer", &addr)], Duration::from_secs(5));
     call_is_answered(&io, "peer", &server, true);
     let chosen = table.get("peer").unwrap();
     // 16 MiB: more than the loopback connection takes before the DEALER would be closed.
@@ -151,7 +151,7 @@ fn one_way_messages_sent_as_a_server_leaves_the_table_arrive() {
     for session in 0..count {
         io.call_server(&chosen, Call::Push { session, route: "onGoodbye".into(), body: body.clone() }, None);
     }
-    table.replace(HashMap::new());
+    leaves_gracefully(&ctx, &table, &endpoint, "peer");
     io.send(Cmd::PeersChanged);
     server.set_rcvtimeo(5000).unwrap();
     let mut pushed = Vec::new();
@@ -287,7 +287,10 @@ fn a_call_naming_a_dead_departed_server_fails_at_once() {
     call_is_answered(&io, "peer", &server, true);
     let chosen = table.get("peer").unwrap();
     drop(server);
+    // Seen dead (its connection lost) before the table drops it, which then does at once.
+    peer_down(&table, true);
     table.replace(HashMap::new());
+    assert!(table.get("peer").is_none());
     io.send(Cmd::PeersChanged);
     // Its connection is seen lost at a probe; its DEALER is closed after `RETIRE_AFTER`.
     std::thread::sleep(RETIRE_AFTER + PROBE * 3);
