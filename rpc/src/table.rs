@@ -142,10 +142,13 @@ const LEARNED_TTL: Duration = Duration::from_secs(30);
 /// again within about a second of noticing.
 pub(crate) const LAPSE_GRACE: Duration = Duration::from_secs(10);
 
-/// How long a server is kept as lapsed before that is logged: a server stopping gracefully
-/// says so to its peers as it leaves discovery, but discovery may tell them first (by a few
-/// milliseconds), and it is not news that it was kept meanwhile.
-const LAPSE_QUIET: Duration = Duration::from_secs(1);
+/// How long a server is kept as lapsed before that is logged. Shorter lapses are not news:
+/// a server stopping gracefully says so to its peers as it leaves discovery, but discovery
+/// may tell them first (by a few milliseconds); a frozen server's entry may expire a moment
+/// before its peers count its connection lost (three silent `rpc.heartbeat` intervals, 3 s
+/// by default); and an etcd stall is over once the servers have registered again (about a
+/// second).
+const LAPSE_QUIET: Duration = Duration::from_secs(3);
 
 /// Live servers by id, swapped whole on change.
 ///

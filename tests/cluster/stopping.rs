@@ -335,3 +335,23 @@ fn a_stopping_server_can_call_others_from_its_before_shutdown_hook() {
     assert!(module1.servers().iter().all(|s| s.id != "room-2"), "room-2 had left discovery");
     assert_eq!(module1.stats().remote_calls, 1);
 }
+
+/// A server stopping gracefully tells its peers it is leaving before it leaves discovery,
+/// so they drop it as soon as discovery does, while its stop is still under way (its
+/// connections up: a peer keeps a connected server whose entry lapsed without its saying
+/// so, as after an etcd stall, until the connection goes).
+#[test]
+fn a_stopping_server_leaves_its_peers_tables_at_once() {
+    let mut c = cluster("leaves-at-once", 1, TIMEOUT, None);
+    let client = c.frontend.client();
+    client.notify("room.room.hold", &json!({})).unwrap();
+    assert!(wait_until(T, || c.backend.held.load(Ordering::SeqCst) == 1), "the notify holds the backend's stop");
+    let (stopping, _) = c.backends.remove(0);
+    let stopper = stop_after(stopping, Duration::ZERO);
+    let started = Instant::now();
+    assert!(wait_until(T, || c.fe_module.servers().len() == 1), "the frontend drops room-1");
+    let took = started.elapsed();
+    c.backend.gate.open();
+    stopper.join().unwrap();
+    assert!(took < Duration::from_secs(2), "dropped after {took:?}, not when the stop ended");
+}

@@ -169,7 +169,6 @@ impl SocketThread {
             }
         }
         warn_lost(&news_lost);
-        self.table.expire_lapsed();
         let timeout = self.timeout;
         let lines = grouped::lines(
             &never,
@@ -181,6 +180,9 @@ impl SocketThread {
         );
         lines.iter().for_each(|line| warn!("{line}"));
         self.publish_unreachable();
+        // After the connections' news: a lapsed server whose connection was just lost leaves
+        // for that, not as one kept past the quiet time.
+        self.table.expire_lapsed();
         // Every peer is read here, also those a pass leaves alone (late answers, refusals
         // of one-way messages), and answers that came in before a connection went are
         // delivered before its calls fail (a server that stops sends its last answers,

@@ -407,30 +407,3 @@ fn a_room_server_stopped_under_load_fails_no_request() {
     let status = wait_exit(&mut cluster.room1.0, T).expect("room-1 stopped");
     assert!(status.success(), "{status}");
 }
-
-/// A server stopping gracefully tells its peers it is leaving before it leaves discovery,
-/// so they let it go at once, not keep it as a server whose entry lapsed while it runs
-/// (which they keep while connected to it, for an etcd that stalled past the leases).
-#[test]
-fn a_server_stopping_gracefully_is_let_go_not_kept_as_lapsed() {
-    let servers = Servers::new("leaving", &[]);
-    let port = free_port();
-    let (_connector, log) =
-        servers.spawn_logged("connector", "connector-1", &["--tcp", &format!("127.0.0.1:{port}")], "info");
-    let _room1 = servers.spawn("room", "room-1", &[]);
-    for round in 0..5 {
-        let mut room2 = servers.spawn("room", "room-2", &[]);
-        servers.wait_registered(3);
-        wait_line(&log, "server room-2 (room) joined");
-        signal(&room2.0, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let left = loop {
-            let line = log.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("room-2 leaves");
-            if line.contains("room-2 (room) is no longer listed") || line.contains("server room-2 (room) left") {
-                break line;
-            }
-        };
-        assert!(left.contains("left"), "round {round}: {left}");
-        assert!(wait_exit(&mut room2.0, Duration::from_secs(20)).is_some_and(|s| s.success()));
-    }
-}
