@@ -112,9 +112,20 @@ impl SocketThread {
             self.table.set_unreachable(now.clone());
             self.unreachable = now;
         }
-        let connected: HashSet<String> =
-            self.peers.iter().filter(|(_, p)| p.connected()).map(|(id, _)| id.clone()).collect();
-        if connected != self.connected {
+        // Compared without allocating (this runs at every probe, and nearly every peer of a
+        // large cluster is connected): equal if every connected peer is in the set and they
+        // are as many.
+        let mut count = 0;
+        let mut same = true;
+        for (id, peer) in &self.peers {
+            if peer.connected() {
+                count += 1;
+                same &= self.connected.contains(id);
+            }
+        }
+        if !same || count != self.connected.len() {
+            let connected: HashSet<String> =
+                self.peers.iter().filter(|(_, p)| p.connected()).map(|(id, _)| id.clone()).collect();
             self.table.set_connected(connected.clone());
             self.connected = connected;
         }
