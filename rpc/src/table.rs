@@ -399,7 +399,7 @@ impl ServerTable {
     }
 
     /// Lets go of the servers kept while their entries lapsed once [`LAPSE_GRACE`] is over
-    /// (the RPC thread calls this every few milliseconds: cheap while none has lapsed).
+    /// (the RPC thread calls this at each probe, every 100 ms: cheap while none has lapsed).
     pub(crate) fn expire_lapsed(&self) {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         if !sources.lapsed.is_empty() {
