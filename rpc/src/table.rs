@@ -140,7 +140,7 @@ const LEARNED_TTL: Duration = Duration::from_secs(30);
 /// to it is up and it has not said it is leaving: its entry lapsed while it runs (an etcd
 /// that stalled past the servers' leases, then dropped every key at once), and it registers
 /// again within about a second of noticing.
-pub(crate) const LAPSE_GRACE: Duration = Duration::from_secs(10);
+const LAPSE_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a server is kept as lapsed before that is logged. Shorter lapses are not news:
 /// a server stopping gracefully says so to its peers as it leaves discovery, but discovery
@@ -234,15 +234,20 @@ impl Sources {
             return Cow::Borrowed(&self.discovered);
         }
         let mut all = self.discovered.clone();
-        all.extend(self.lapsed.iter().map(|(id, lapse)| (id.clone(), lapse.entry.clone())));
+        all.extend(self.lapsed_entries());
         Cow::Owned(all)
     }
 
-    /// Lets go of the lapsed servers no longer connected, or lapsed `grace` ago or more;
-    /// logs those kept for [`LAPSE_QUIET`] now, as seen by server `own`.
-    fn expire_lapsed(&mut self, now: Instant, grace: Duration, own: &str) {
+    /// The servers kept while their entries lapsed, by id.
+    fn lapsed_entries(&self) -> impl Iterator<Item = (String, ServerEntry)> + '_ {
+        self.lapsed.iter().map(|(id, lapse)| (id.clone(), lapse.entry.clone()))
+    }
+
+    /// Lets go of the lapsed servers no longer connected, or lapsed [`LAPSE_GRACE`] ago or
+    /// more at `now`; logs those kept for [`LAPSE_QUIET`] by then, as seen by server `own`.
+    fn expire_lapsed(&mut self, now: Instant, own: &str) {
         let connected = &self.connected;
-        self.lapsed.retain(|id, lapse| connected.contains(id) && now.duration_since(lapse.since) < grace);
+        self.lapsed.retain(|id, lapse| connected.contains(id) && now.duration_since(lapse.since) < LAPSE_GRACE);
         let news: Vec<&ServerEntry> = self
             .lapsed
             .values_mut()
@@ -349,10 +354,9 @@ impl ServerTable {
                 }
         });
         let mut before = std::mem::take(&mut sources.discovered);
-        before.extend(sources.lapsed.iter().map(|(id, lapse)| (id.clone(), lapse.entry.clone())));
+        before.extend(sources.lapsed_entries());
         // Listed again: discovery is back. Lapsing now: listed before, no longer, connected.
-        let own = self.own.get().map(|me| me.id.as_str());
-        let own_id = own.unwrap_or("");
+        let own_id = self.own.get().map_or("", |me| me.id.as_str());
         sources.lapsed.retain(|id, lapse| {
             let again = servers.get(id);
             if lapse.logged && again.is_some_and(|e| e.same_process(&lapse.entry)) {
@@ -365,13 +369,13 @@ impl ServerTable {
                 && !sources.lapsed.contains_key(id)
                 && sources.connected.contains(id)
                 && !exited.contains(id)
-                && Some(id.as_str()) != own
+                && id != own_id
             {
                 sources.lapsed.insert(id.clone(), Lapse { entry: entry.clone(), since: now, logged: false });
             }
         }
         sources.discovered = servers;
-        sources.expire_lapsed(now, LAPSE_GRACE, own_id);
+        sources.expire_lapsed(now, own_id);
         let events = changes(&before, &sources.listed(), &sources.unreachable, exited, self.own.get());
         self.publish_telling(sources, events)
     }
@@ -395,25 +399,23 @@ impl ServerTable {
     pub(crate) fn set_connected(&self, ids: HashSet<String>) {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         sources.connected = ids;
-        self.expire_lapsed_at(&mut sources, Instant::now(), LAPSE_GRACE);
+        self.expire_lapsed_at(&mut sources, Instant::now());
     }
 
     /// Lets go of the servers kept while their entries lapsed once [`LAPSE_GRACE`] is over
     /// (the RPC thread calls this at each probe, every 100 ms: cheap while none has lapsed).
     pub(crate) fn expire_lapsed(&self) {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        if !sources.lapsed.is_empty() {
-            self.expire_lapsed_at(&mut sources, Instant::now(), LAPSE_GRACE);
-        }
+        self.expire_lapsed_at(&mut sources, Instant::now());
     }
 
-    /// [`ServerTable::expire_lapsed`] at `now`, after `grace`: those let go leave.
-    fn expire_lapsed_at(&self, sources: &mut Sources, now: Instant, grace: Duration) {
+    /// [`ServerTable::expire_lapsed`] at `now`: those let go leave.
+    fn expire_lapsed_at(&self, sources: &mut Sources, now: Instant) {
         if sources.lapsed.is_empty() {
             return;
         }
         let before = sources.listed().into_owned();
-        sources.expire_lapsed(now, grace, self.own.get().map_or("", |me| me.id.as_str()));
+        sources.expire_lapsed(now, self.own.get().map_or("", |me| me.id.as_str()));
         let events = changes(&before, &sources.listed(), &sources.unreachable, &HashSet::new(), self.own.get());
         self.publish_telling(sources, events);
     }

@@ -223,7 +223,7 @@ fn connected_servers_whose_entries_lapse_are_kept_for_a_while() {
     assert!(rx.try_recv().is_err(), "no news");
     // Once listed again, a later lapse is a new one.
     table.replace(HashMap::from([own.clone()]));
-    table.expire_lapsed_at(&mut table.sources.lock().unwrap(), Instant::now() + LAPSE_GRACE, LAPSE_GRACE);
+    table.expire_lapsed_at(&mut table.sources.lock().unwrap(), Instant::now() + LAPSE_GRACE);
     assert_eq!(rx.try_recv().unwrap(), left(true), "the grace is over: it left");
     assert!(table.get("connector-1").is_none());
 
