@@ -55,19 +55,14 @@ port=3250
 cargo build --release --locked -q -p sample-game -p dragonfruit-client
 bench=target/release/dragonfruit-bench
 
+. scripts/lib.sh
+
 server_pid=""
 pids=""
-wait_port() {
-    for _ in $(seq 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
-        sleep 0.05
-    done
-    echo "server did not start" >&2; exit 1
-}
 start() {
     RUST_LOG=warn target/release/sample-game --tcp "127.0.0.1:$port" "$@" >/tmp/dragonfruit-bench-server.log 2>&1 &
     server_pid=$!
-    wait_port
+    wait_port "$port"
     if [ "$*" = "--role standalone" ]; then
         pids=$server_pid
     else
@@ -84,8 +79,7 @@ extra_connector() {
 # first 20 kinds.
 logged() {
     echo "== servers' warnings and errors (sample-game log)"
-    grep -E "^\[[^ ]+ (WARN|ERROR) " /tmp/dragonfruit-bench-server.log \
-        | sed -E 's/^\[[^ ]+ (WARN|ERROR) +[^]]*\] /\1 /; s/[0-9]+/N/g' | cut -c1-160 | sort | uniq -c | sort -rn | head -20 || true
+    warning_kinds /tmp/dragonfruit-bench-server.log 160 20
 }
 # The pid of the launcher's child serving server id $1 (none: empty).
 child_pid() {
@@ -143,7 +137,7 @@ if [ "$what" = all ] || [ "$what" = starved ]; then
     c2=$!
     hogs=""
     trap 'kill $hogs 2>/dev/null || true; kill -INT $c2 2>/dev/null || true; stop' EXIT
-    port=3251 wait_port
+    wait_port 3251
     sleep 1.5  # let connector-2 discover the room servers
     echo "== connector-2 as the others"
     $bench talk --members-addr 127.0.0.1:3251 --duration 10 --server-pid "$c2"
@@ -167,7 +161,7 @@ if [ "$what" = all ] || [ "$what" = frontends ]; then
     for i in $(seq 2 $((${2:-8} + 1))); do
         extra_connector "connector-$i" "$((port + i))"
         extra="$extra $!"
-        port=$((port + i)) wait_port
+        wait_port "$((port + i))"
     done
     sleep 1.5  # let the servers discover each other
     $bench talk --connections 100 --speakers 10 --duration 10 --server-pid "$pids"
@@ -266,7 +260,7 @@ if [ "$what" = soak ]; then
     wait "$talk" || true
     wait "$churn" || true
     echo "== talk (one room, its members on the connector)"
-    grep -E "^talk|^  (lines said/s|pushes heard/s|heard |speaker latency|echo errors)|^error" "$out/talk.txt" || tail -3 "$out/talk.txt"
+    talk_summary "$out/talk.txt"
     echo "== churn"
     awk '/players total/ { players += $3 } /errors at/ { errors += $1; if (!first) first = $0 }
         END { printf "  players %d, failed %d\n", players, errors; if (first) print "  first failure:" first }' "$out/churn.txt"

@@ -23,6 +23,7 @@
 # errors by kind, panics, and the servers' memory. Output and logs: /tmp/dragonfruit-chaos.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 minutes="${1:-10}"
 seed="${2:-$((RANDOM * 32768 + RANDOM))}"
 RANDOM=$seed
@@ -40,14 +41,6 @@ free_port() {
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
     done
 }
-wait_port() {
-    for _ in $(seq 300); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "nothing listens on port $1" >&2
-    return 1
-}
 event() { echo "$(date +%T.%3N) $*" | tee -a "$out/events.txt"; }
 
 discovery="${DISCOVERY:-etcd}"
@@ -63,7 +56,7 @@ etcd_start() {
         --initial-cluster "chaos=http://127.0.0.1:$etcd_peer" --logger zap --log-level warn \
         >>"$out/etcd.log" 2>&1 &
     etcd_pid=$!
-    wait_port "$etcd_client"
+    wait_port "$etcd_client" 15
 }
 
 declare -A pid tcp
@@ -101,7 +94,7 @@ trap cleanup EXIT
 
 [ "$discovery" = etcd ] && etcd_start
 for id in $servers; do server_start "$id"; done
-wait_port 3250 && wait_port 3251
+wait_port 3250 15 && wait_port 3251 15
 sleep 2  # the servers find each other
 echo "servers: $discovery discovery${etcd_pid:+ at $etcd_url (pid $etcd_pid)}; $(for id in $servers; do printf '%s %s  ' "$id" "${pid[$id]}"; done)"
 
@@ -193,7 +186,7 @@ etcd_pid=""
 echo "== events"
 cat "$out/events.txt"
 echo "== talk (one room, its members and speakers on connector-1)"
-grep -E "^talk|^  (lines said/s|pushes heard/s|heard |speaker latency|echo errors)|^error" "$out/talk.txt" || tail -3 "$out/talk.txt"
+talk_summary "$out/talk.txt"
 for n in 1 2; do
     echo "== churn on connector-$n"
     awk '/^== .* start/ { t = $2 } /players total/ { players += $3 }
@@ -204,8 +197,7 @@ done
 echo "== servers' warnings and errors, by kind"
 for id in $servers; do
     echo "-- $id"
-    grep -E "^\[[^ ]+ (WARN|ERROR) " "$out/$id.log" \
-        | sed -E 's/^\[[^ ]+ (WARN|ERROR) +[^]]*\] /\1 /; s/[0-9]+/N/g' | cut -c1-170 | sort | uniq -c | sort -rn | head -15 || true
+    warning_kinds "$out/$id.log" 170 15
 done
 echo "== panics: $(grep -l "panicked" "$out"/*.log 2>/dev/null | tr '\n' ' ')"
 check [ -z "$(grep -l "panicked" "$out"/*.log 2>/dev/null || true)" ]
