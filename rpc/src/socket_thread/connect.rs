@@ -145,6 +145,11 @@ impl SocketThread {
             let ivl = i32::try_from(self.heartbeat.as_millis()).unwrap_or(i32::MAX).max(1);
             socket.set_heartbeat_ivl(ivl)?;
             socket.set_heartbeat_timeout(ivl.saturating_mul(3))?;
+            // Nor does a peer cut off by the network answer a connection attempt: the
+            // kernel sends its SYN again ever further apart (19 s, 35 s after the first),
+            // so the connection would come back that long after the network did. An
+            // attempt unanswered for as long as a silent connection lasts is made anew.
+            socket.set_connect_timeout(ivl.saturating_mul(3))?;
         }
         socket.set_linger(0)?;
         socket.set_sndhwm(HWM)?;
