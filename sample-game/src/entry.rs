@@ -55,6 +55,7 @@ impl Component for Entry {
         r.remote("sessions_held", |_: &Entry, ctx: &mut RemoteCtx<'_>, sessions: Vec<u64>| {
             Ok(sessions_held(ctx, sessions))
         });
+        r.remote("placed_on", |_: &Entry, ctx: &mut RemoteCtx<'_>, server: String| Ok(placed_on(ctx, &server)));
     }
 }
 
@@ -62,6 +63,14 @@ impl Component for Entry {
 fn sessions_held(env: &HandlerEnv, sessions: Vec<u64>) -> Vec<u64> {
     let Some(registry) = env.sessions() else { return Vec::new() };
     sessions.into_iter().filter(|sid| registry.get(*sid).is_some()).collect()
+}
+
+/// The players (room, uid, session id) whose session here places them in a room held by
+/// room server `server`.
+fn placed_on(env: &HandlerEnv, server: &str) -> Vec<(String, String, u64)> {
+    let sessions = env.sessions().map(|r| r.all()).unwrap_or_default();
+    let on_it = sessions.into_iter().filter(|s| s.get::<String>(ROOM_SERVER_KEY).as_deref() == Some(server));
+    on_it.filter_map(|s| Some((s.get::<String>(ROOM_KEY)?, s.uid()?, s.id()))).collect()
 }
 
 /// The players (uid, session id) whose session here is in `room.room`; their sessions note

@@ -87,6 +87,9 @@ pub const MOVED_ROUTE: &str = "connector.entry.moved";
 /// The connector's remote naming the players whose session is in a room (lost with its
 /// room server, made anew on another), noting the new holder in those sessions.
 pub const IN_ROOM_ROUTE: &str = "connector.entry.in_room";
+/// The connector's remote naming the players (room, uid, session id) whose session places
+/// them in a room held by the room server named.
+pub const PLACED_ON_ROUTE: &str = "connector.entry.placed_on";
 
 /// A session as `(frontend server id, session id)`.
 pub type SessionRef = (String, u64);

@@ -11,8 +11,8 @@ use dragonfruit_rpc::{ServerEntry, ServerListener};
 use log::{debug, info, warn};
 
 use super::{
-    Checker, MemberEvent, Members, Rooms, SessionRef, HOLDING_ROUTE, RELEASE_ROUTE, SESSIONS_HELD_ROUTE,
-    TAKE_OVER_ROUTE,
+    Checker, MemberEvent, Members, Rooms, SessionRef, HOLDING_ROUTE, PLACED_ON_ROUTE, RELEASE_ROUTE,
+    SESSIONS_HELD_ROUTE, TAKE_OVER_ROUTE,
 };
 
 /// Drops the members of connectors that are gone (see `Rooms::drop_members_of`).
@@ -21,6 +21,8 @@ impl ServerListener for Rooms {
         if *server.server_type == *env.server().server_type && *server.id != *env.server().id {
             self.reclaim_from(env, &server.id);
             self.merge_with(env, server);
+        } else if server.frontend {
+            self.readmit_from(env, &server.id);
         }
     }
 
@@ -124,6 +126,44 @@ impl Rooms {
         }
     }
 
+    /// Connector `id` joined. If it was only out of reach (frozen, or cut off from this
+    /// server and discovery) while this server dropped its players from their rooms, they
+    /// are still connected and their sessions still place them in rooms held here: they
+    /// are members again, and they and the others hear of each other as of a join. (A
+    /// connector new to the cluster holds no such session.) Rooms that emptied meanwhile
+    /// are made again here unless another room server holds one now; its players enter
+    /// it again when they next speak.
+    pub(super) fn readmit_from(&self, env: &HandlerEnv, id: &str) {
+        let me = env.server().id.to_string();
+        let placed = match env.rpc_to::<_, Vec<(String, String, u64)>>(id, PLACED_ON_ROUTE, &me) {
+            Ok(placed) => placed,
+            Err(e) => {
+                debug!("connector {id} not asked which of its players are in rooms held here: {e}");
+                return;
+            }
+        };
+        let mut by_room: BTreeMap<String, Members> = BTreeMap::new();
+        for (room, uid, sid) in placed {
+            by_room.entry(room).or_default().insert(uid, (id.to_owned(), sid));
+        }
+        let gone: Vec<String> = {
+            let rooms = self.lock();
+            by_room.keys().filter(|room| !rooms.contains_key(*room)).cloned().collect()
+        };
+        for room in gone {
+            if self.handing_over.load(Ordering::SeqCst) || self.holder_elsewhere(env, &room).is_some() {
+                by_room.remove(&room);
+            }
+        }
+        let mut players = 0;
+        for (room, members) in by_room {
+            players += self.merge_in(env, &room, members);
+        }
+        if players > 0 {
+            info!("{players} players of connector {id}, dropped while it was out of reach, are back in their rooms");
+        }
+    }
+
     /// Room server `other` is in the cluster as this one sees it. Rooms both hold were made
     /// apart, each by a room server that did not see the other yet (one new to the cluster
     /// that the other had not seen yet, while joins of one room reached both): their
@@ -187,10 +227,10 @@ impl Rooms {
     }
 
     /// Adds `members` to `room` (made if it is not here); those already in it and those
-    /// added hear of each other (`onJoin`), as if they had joined.
-    fn merge_in(&self, env: &HandlerEnv, room: &str, members: Members) {
+    /// added hear of each other (`onJoin`), as if they had joined. How many were added.
+    fn merge_in(&self, env: &HandlerEnv, room: &str, members: Members) -> usize {
         if members.is_empty() {
-            return;
+            return 0;
         }
         let (old, new) = {
             let mut rooms = self.lock();
@@ -210,7 +250,7 @@ impl Rooms {
             (old, new)
         };
         if old.is_empty() || new.is_empty() {
-            return;
+            return new.len();
         }
         for (joined, to) in new.iter().map(|uid| (uid, &old)).chain(old.iter().map(|uid| (uid, &new))) {
             let event = MemberEvent { uid: joined.clone() };
@@ -218,6 +258,7 @@ impl Rooms {
                 debug!("onJoin for {joined} in merged room {room} not sent: {e}");
             }
         }
+        new.len()
     }
 
     /// Gives up this server's copies of `names` (made anew on the room server calling while

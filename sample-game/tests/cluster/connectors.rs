@@ -105,6 +105,42 @@ fn a_player_dropped_while_its_connector_was_frozen_is_back_in_its_room_by_speaki
     assert_eq!(join_hall(&alice), json!(["alice", "bob"]));
 }
 
+/// A player who only listens is back in its room too once its frozen connector runs again
+/// (or its network is back): the connector joins the cluster again, and the room server
+/// asks it which of its sessions are in rooms held there. The others hear it join, and it
+/// hears their lines again without saying one. A room whose players were all on that
+/// connector (emptied, so forgotten) is made again with them.
+#[test]
+fn a_listener_dropped_while_its_connector_was_frozen_is_back_in_its_room_when_it_runs() {
+    let servers = Servers::new("frozenlisten", &[("DRAGONFRUIT_DISCOVERY__TTL", "4s")]);
+    let cluster = servers.two_connectors();
+    let alice = player(cluster.port1, "alice");
+    join_hall(&alice);
+    let bob = player(cluster.port2, "bob");
+    join_hall(&bob);
+    assert_eq!(heard(&alice), ("onJoin".to_string(), json!({"uid": "bob"})));
+    let carol = player(cluster.port2, "carol");
+    let den: Value = carol.request("room.room.join", &json!({"room": "den"})).unwrap();
+    assert_eq!(den["members"], json!(["carol"]));
+    signal(&cluster.connector2.0, libc::SIGSTOP);
+    assert_eq!(alice.recv_push_as::<Value>(Duration::from_secs(10)).unwrap(), leave("bob"));
+    signal(&cluster.connector2.0, libc::SIGCONT);
+    assert_eq!(
+        alice.recv_push_as::<Value>(Duration::from_secs(10)).unwrap(),
+        ("onJoin".to_string(), json!({"uid": "bob"})),
+        "bob is back in the hall once his connector runs again"
+    );
+    // Bob hears of those in the room as of a join.
+    assert_eq!(heard(&bob), ("onJoin".to_string(), json!({"uid": "alice"})));
+    alice.notify("room.room.say", &json!({"text": "welcome back"})).unwrap();
+    assert_eq!(heard(&alice), chat("alice", "welcome back"));
+    assert_eq!(heard(&bob), chat("alice", "welcome back"));
+    // The den was made again (before the hall: rooms are taken in order of name).
+    let den: Value = alice.request("room.room.join", &json!({"room": "den"})).unwrap();
+    assert_eq!(den["members"], json!(["alice", "carol"]));
+    assert_eq!(heard(&carol), ("onJoin".to_string(), json!({"uid": "alice"})));
+}
+
 /// A player who disconnects while its room server is out of reach (here frozen long enough
 /// for heartbeats to drop the connection, not for discovery to drop the server) has its
 /// `left` call fail: the room server finds it gone when it next checks its members with
