@@ -107,7 +107,7 @@ fn request(endpoint: &Endpoint, req: &Post<'_>) -> Result<(Body, TcpStream), Str
     // One write: a second small one (the body) could wait for the first's ACK (Nagle).
     let mut message = head.into_bytes();
     message.extend_from_slice(&payload);
-    stream.write_all(&message).map_err(|e| e.to_string())?;
+    stream.write_all(&message).map_err(|e| io_error(e, &stream))?;
     let control = stream.try_clone().map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -145,12 +145,29 @@ fn request(endpoint: &Endpoint, req: &Post<'_>) -> Result<(Body, TcpStream), Str
 /// Reads a line of the answer's head into `line`, within the `left` bytes the head may
 /// still take.
 fn read_head_line(reader: &mut BufReader<TcpStream>, line: &mut String, left: &mut usize) -> Result<usize, String> {
-    let n = reader.by_ref().take(*left as u64 + 1).read_line(line).map_err(|e| e.to_string())?;
+    let n = reader.by_ref().take(*left as u64 + 1).read_line(line).map_err(|e| io_error(e, reader.get_ref()))?;
     if n > *left {
         return Err(format!("answer's status line and headers over {MAX_HEAD} bytes (not an etcd?)"));
     }
     *left -= n;
     Ok(n)
+}
+
+/// Whether `e` is a read or write that ran out of the socket's timeout.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+}
+
+/// Why a read or write on `stream` failed. One that ran out of the socket's timeout says
+/// so (the OS says "Resource temporarily unavailable", as of a non-blocking socket).
+fn io_error(e: std::io::Error, stream: &TcpStream) -> String {
+    if !is_timeout(&e) {
+        return e.to_string();
+    }
+    match stream.read_timeout() {
+        Ok(Some(timeout)) => format!("no answer within {timeout:?}"),
+        _ => "timed out".to_string(),
+    }
 }
 
 /// Sends `post` and returns the first JSON value of the answer.
@@ -179,8 +196,8 @@ impl Body {
 
     /// Notes why a read failed.
     fn failed(&mut self, e: std::io::Error) -> String {
-        self.timed_out = matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
-        e.to_string()
+        self.timed_out = is_timeout(&e);
+        io_error(e, self.reader.get_ref())
     }
 
     /// Reads more body bytes into `pending`; `false` at the end of the body.
@@ -476,6 +493,17 @@ mod tests {
 
     /// A stream that goes silent past the read timeout reports it (`timed_out`, as an idle
     /// etcd watch does); one whose connection closes does not.
+    /// A frozen etcd: the kernel takes the connection and the request, nothing answers. The
+    /// error says so (not the OS's "Resource temporarily unavailable").
+    #[test]
+    fn an_endpoint_that_never_answers_is_said_to_time_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = Endpoint::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        let req = Post { path: "/v3/kv/range", body: &Value::Null, timeout: Duration::from_millis(200), token: None };
+        assert_eq!(post(&endpoint, &req), Err("no answer within 200ms".to_string()));
+        drop(listener);
+    }
+
     #[test]
     fn a_silent_stream_times_out_and_a_closed_one_does_not() {
         const HEAD_AND_A_CHUNK: &str = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"a\":1}\n\r\n";
@@ -491,7 +519,10 @@ mod tests {
         let (mut body, control) = post_stream(&Endpoint::parse(&format!("http://{addr}/")).unwrap(), &req).unwrap();
         control.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         assert_eq!(body.next_value().unwrap(), Some(serde_json::json!({"a": 1})));
-        assert!(body.next_value().is_err() && body.timed_out(), "silent");
+        match body.next_value() {
+            Err(e) => assert!(body.timed_out() && e == "no answer within 100ms", "silent: {e}"),
+            Ok(v) => panic!("silent: {v:?}"),
+        }
         let (ep, _) = serve_once(HEAD_AND_A_CHUNK);
         let (mut body, control) = post_stream(&ep, &req).unwrap();
         control.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
