@@ -5,6 +5,10 @@
 #   scripts/chaos.sh [MINUTES] [SEED]      (defaults: 10 minutes, a random seed, printed)
 #   DISCOVERY=embedded scripts/chaos.sh ...  the same on embedded discovery (no etcd; the
 #                                            etcd events are room server events instead)
+#   NETWORK=1 scripts/chaos.sh ...           also network faults (etcd discovery; root): the
+#                                            run is made in a network namespace of its own,
+#                                            on its loopback, with iptables (installed if
+#                                            missing) cutting connections and losing packets
 #
 # Starts etcd (a temporary data directory, loopback ports), two connectors (127.0.0.1:3250
 # and :3251) and three room servers of the sample game with etcd discovery. Players: a busy
@@ -13,8 +17,15 @@
 # whenever it ends). Every 15 s one event, chosen by the seed: a room server killed
 # (SIGKILL) or stopped (SIGTERM) and started again, a room server frozen (SIGSTOP) for 2 s
 # or for 6 s (past `discovery.ttl` and the RPC heartbeats), connector-2 stopped or killed
-# and started again, etcd killed for 8 s, or etcd frozen for 6 s. Events overlap: one may
-# start while an earlier freeze or outage lasts.
+# and started again, etcd killed for 8 s, or etcd frozen for 6 s. With NETWORK=1 also, for
+# 8 s (CUT_SECONDS): a room server cut off (from every server and etcd), connector-2 cut
+# off from the servers and etcd (its players' connections stay), connector-1 and a room
+# server cut from each other (both still reach etcd and the rest), connector-1 unable to
+# call a room server (which still calls it), or the reverse, a room server cut from etcd
+# only; or 5% of all packets lost for 15 s (players' too). Each party runs as a user of its own (etcd uid 40000, the servers
+# 40001-40005), so its connections are told apart (conntrack marks). Events overlap: one
+# may start while an earlier freeze or outage lasts. EVENTS="12 13 ..." makes those events
+# (numbered as in the `case` below) in turn instead of random ones.
 #
 # At the end, once the failures have stopped for 10 s: every server must still run, discovery
 # must list the five, forwarded echo from each connector must answer every request, and
@@ -27,7 +38,22 @@ cd "$(dirname "$0")/.."
 minutes="${1:-10}"
 seed="${2:-$((RANDOM * 32768 + RANDOM))}"
 RANDOM=$seed
-echo "chaos: $minutes min, seed $seed"
+network="${NETWORK:-0}"
+if [ "$network" = 1 ] && [ -z "${CHAOS_NETNS:-}" ]; then
+    if [ "${DISCOVERY:-etcd}" != etcd ]; then echo "NETWORK=1 needs etcd discovery" >&2; exit 2; fi
+    if ! command -v iptables >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables >/dev/null
+    fi
+    cargo build --release --locked -q -p sample-game -p dragonfruit-client
+    ns="dragonfruit-chaos-$$"
+    ip netns add "$ns"
+    trap 'ip netns del "$ns"' EXIT
+    ip netns exec "$ns" ip link set lo up
+    status=0
+    ip netns exec "$ns" env CHAOS_NETNS="$ns" scripts/chaos.sh "$minutes" "$seed" || status=$?
+    exit "$status"
+fi
+echo "chaos: $minutes min, seed $seed${CHAOS_NETNS:+, network faults (namespace $CHAOS_NETNS)}"
 cargo build --release --locked -q -p sample-game -p dragonfruit-client
 bench=target/release/dragonfruit-bench
 game=target/release/sample-game
@@ -50,7 +76,9 @@ etcd_peer=$(free_port)
 etcd_url="http://127.0.0.1:$etcd_client"
 etcd_pid=""
 etcd_start() {
-    etcd --name chaos --data-dir "$out/etcd-data" \
+    mkdir -p "$out/etcd-data" && chmod 700 "$out/etcd-data"
+    [ "$network" = 1 ] && chown "${uid[etcd]}:${uid[etcd]}" "$out/etcd-data"
+    as_party etcd etcd --name chaos --data-dir "$out/etcd-data" \
         --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
         --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
         --initial-cluster "chaos=http://127.0.0.1:$etcd_peer" --logger zap --log-level warn \
@@ -59,10 +87,27 @@ etcd_start() {
     wait_port "$etcd_client" 15
 }
 
-declare -A pid tcp
+declare -A pid tcp rpc
 tcp[connector-1]=127.0.0.1:3250
 tcp[connector-2]=127.0.0.1:3251
 servers="connector-1 connector-2 room-1 room-2 room-3"
+for id in $servers; do rpc[$id]=$(free_port); done
+# With network faults, each party's user id (etcd 40000, the servers 40001-40005) and the
+# conntrack mark bit its connections get once it has sent on them: a connection between
+# two parties holds both their bits.
+declare -A uid bit
+n=0
+for id in etcd $servers; do
+    uid[$id]=$((40000 + n)); bit[$id]=$((1 << n)); n=$((n + 1))
+    if [ "$network" = 1 ]; then
+        iptables -A OUTPUT -m owner --uid-owner "${uid[$id]}" -j CONNMARK --set-mark "${bit[$id]}/${bit[$id]}"
+    fi
+done
+# Runs (execs: started with `&`, its pid is the program's) "${@:2}" as party $1.
+as_party() {
+    if [ "$network" = 1 ]; then exec setpriv --reuid="${uid[$1]}" --regid="${uid[$1]}" --clear-groups "${@:2}"; fi
+    exec "${@:2}"
+}
 server_start() {
     local id=$1 role=${1%-*}
     local args=(--role "$role" --id "$id")
@@ -72,7 +117,8 @@ server_start() {
         args+=(--discovery embedded --discovery-dir "$out/registry")
     fi
     [ "$role" = connector ] && args+=(--tcp "${tcp[$id]}")
-    RUST_LOG=info "$game" "${args[@]}" >>"$out/$id.log" 2>&1 &
+    as_party "$id" env RUST_LOG=info DRAGONFRUIT_RPC__BIND="tcp://127.0.0.1:${rpc[$id]}" "$game" "${args[@]}" \
+        >>"$out/$id.log" 2>&1 &
     pid[$id]=$!
 }
 # Stops server $1 with signal $2 and waits for its exit; its status goes to the event log.
@@ -83,11 +129,62 @@ server_stop() {
     event "  $1 exited with status $status"
 }
 
+# Network faults: rules in chains of their own (cut-N-in from INPUT, cut-N-out from OUTPUT),
+# removed when the fault ends. `cut_off NAME SECONDS ID`: the connections between server
+# ID and every other party dropped, and new ones of ID's (but to itself and its players).
+# `cut_between NAME SECONDS ID ID [PORT]`: those between the two (only those to PORT, one's
+# RPC port: the other cannot call it, it still calls the other). `lose NAME SECONDS`: 5% of all
+# packets.
+cuts=0
+net_fault() {
+    local name=$1 seconds=$2
+    cuts=$((cuts + 1))
+    chain="cut-$cuts"
+    event "$name"
+    iptables -N "$chain-in"; iptables -N "$chain-out"
+    iptables -I INPUT -j "$chain-in"; iptables -A OUTPUT -j "$chain-out"
+    (
+        sleep "$seconds"
+        iptables -D INPUT -j "$chain-in"; iptables -D OUTPUT -j "$chain-out"
+        iptables -F "$chain-in"; iptables -F "$chain-out"; iptables -X "$chain-in"; iptables -X "$chain-out"
+        echo "$(date +%T.%3N)   healed: $name" >>"$out/events.txt"
+    ) &
+}
+cut_between() {
+    net_fault "$1" "$2"
+    local both=$((bit[$3] | bit[$4]))
+    if [ -n "${5:-}" ]; then
+        iptables -A "$chain-in" -m connmark --mark "$both/$both" -p tcp --dport "$5" -j DROP
+        iptables -A "$chain-in" -m connmark --mark "$both/$both" -p tcp --sport "$5" -j DROP
+    else
+        iptables -A "$chain-in" -m connmark --mark "$both/$both" -j DROP
+    fi
+}
+cut_off() {
+    net_fault "$1" "$2"
+    local id=$3 other both
+    for other in etcd $servers; do
+        [ "$other" = "$id" ] && continue
+        both=$((bit[$id] | bit[$other]))
+        iptables -A "$chain-in" -m connmark --mark "$both/$both" -j DROP
+    done
+    local port
+    for port in "${rpc[$id]}" ${tcp[$id]:+"${tcp[$id]#*:}"}; do
+        iptables -A "$chain-out" -p tcp --dport "$port" -j RETURN
+        iptables -A "$chain-out" -p tcp --sport "$port" -j RETURN
+    done
+    iptables -A "$chain-out" -m owner --uid-owner "${uid[$id]}" -j DROP
+}
+lose() {
+    net_fault "$1" "$2"
+    iptables -A "$chain-in" -m statistic --mode random --probability 0.05 -j DROP
+}
+
 background=""
+# (Its kills fail for processes already gone; the script's status stays the checks'.)
 cleanup() {
     kill $background 2>/dev/null || true
-    for id in $servers; do kill -CONT "${pid[$id]:-0}" 2>/dev/null; kill -KILL "${pid[$id]:-0}" 2>/dev/null; done
-    if [ -n "$etcd_pid" ]; then kill -CONT "$etcd_pid" 2>/dev/null; kill -KILL "$etcd_pid" 2>/dev/null; fi
+    for p in "${pid[@]}" $etcd_pid; do kill -CONT "$p" 2>/dev/null || true; kill -KILL "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -119,11 +216,18 @@ background="$talk $churn1 $churn2"
 # One event every 15 s; freezes and outages end in the background (a subshell that sends
 # SIGCONT or starts etcd again), so events overlap.
 end=$((SECONDS + seconds - 20))
+events_made=0
+cut="${CUT_SECONDS:-8}"
 thaw() { (sleep "$2"; kill -CONT "$1" 2>/dev/null; echo "$(date +%T.%3N)   thawed pid $1" >>"$out/events.txt") & }
 while [ $((SECONDS + 15)) -le "$end" ]; do
     sleep 15
     room=room-$((RANDOM % 3 + 1))
-    pick=$((RANDOM % 8))
+    pick=$((RANDOM % (network == 1 ? 15 : 8)))
+    if [ -n "${EVENTS:-}" ]; then
+        read -r -a picks <<<"$EVENTS"
+        pick=${picks[$((events_made % ${#picks[@]}))]}
+    fi
+    events_made=$((events_made + 1))
     # Without etcd, its events are a room server's kill and 6 s freeze instead.
     if [ "$discovery" = embedded ] && [ "$pick" -ge 6 ]; then pick=$((pick == 6 ? 0 : 3)); fi
     case $pick in
@@ -141,6 +245,13 @@ while [ $((SECONDS + 15)) -le "$end" ]; do
             fi
             ;;
         7) event "freeze etcd 6 s"; kill -STOP "$etcd_pid"; thaw "$etcd_pid" 6 ;;
+        8) cut_off "cut $room off $cut s" "$cut" "$room" ;;
+        9) cut_off "cut connector-2 off from the servers $cut s" "$cut" connector-2 ;;
+        10) cut_between "cut connector-1 from $room $cut s" "$cut" connector-1 "$room" ;;
+        11) lose "lose 5% of packets 15 s" 15 ;;
+        12) cut_between "connector-1 cannot call $room $cut s" "$cut" connector-1 "$room" "${rpc[$room]}" ;;
+        13) cut_between "$room cannot call connector-1 $cut s" "$cut" connector-1 "$room" "${rpc[connector-1]}" ;;
+        14) cut_between "cut $room from etcd $cut s" "$cut" "$room" etcd ;;
     esac
 done
 event "last event made; settling"
