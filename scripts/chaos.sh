@@ -22,10 +22,11 @@
 # off from the servers and etcd (its players' connections stay), connector-1 and a room
 # server cut from each other (both still reach etcd and the rest), connector-1 unable to
 # call a room server (which still calls it), or the reverse, a room server cut from etcd
-# only; or 5% of all packets lost for 15 s (players' too). Each party runs as a user of its own (etcd uid 40000, the servers
-# 40001-40005), so its connections are told apart (conntrack marks). Events overlap: one
-# may start while an earlier freeze or outage lasts. EVENTS="12 13 ..." makes those events
-# (numbered as in the `case` below) in turn instead of random ones.
+# only; or 5% of all packets lost for 15 s (players' too). Each party runs as a user of
+# its own (etcd uid 40000, the servers 40001-40005), so its connections are told apart
+# (conntrack marks). Events overlap: one may start while an earlier freeze or outage
+# lasts. EVENTS="12 13 ..." makes those events (numbered as in the `case` below) in turn
+# instead of random ones.
 #
 # At the end, once the failures have stopped for 10 s: every server must still run, discovery
 # must list the five, forwarded echo from each connector must answer every request, and
@@ -91,7 +92,11 @@ declare -A pid tcp rpc
 tcp[connector-1]=127.0.0.1:3250
 tcp[connector-2]=127.0.0.1:3251
 servers="connector-1 connector-2 room-1 room-2 room-3"
-for id in $servers; do rpc[$id]=$(free_port); done
+# Fixed RPC ports (a restarted server binds its own again), none taken twice.
+while :; do
+    for id in $servers; do rpc[$id]=$(free_port); done
+    [ "$(printf '%s\n' "$etcd_client" "$etcd_peer" "${rpc[@]}" | sort -u | wc -l)" = 7 ] && break
+done
 # With network faults, each party's user id (etcd 40000, the servers 40001-40005) and the
 # conntrack mark bit its connections get once it has sent on them: a connection between
 # two parties holds both their bits.
@@ -133,8 +138,8 @@ server_stop() {
 # removed when the fault ends. `cut_off NAME SECONDS ID`: the connections between server
 # ID and every other party dropped, and new ones of ID's (but to itself and its players).
 # `cut_between NAME SECONDS ID ID [PORT]`: those between the two (only those to PORT, one's
-# RPC port: the other cannot call it, it still calls the other). `lose NAME SECONDS`: 5% of all
-# packets.
+# RPC port: the other cannot call it, it still calls the other). `lose NAME SECONDS`: 5%
+# of all packets.
 cuts=0
 net_fault() {
     local name=$1 seconds=$2
