@@ -140,7 +140,7 @@ impl SocketThread {
         socket.set_identity(&self.identity)?;
         socket.set_immediate(true)?;
         // Calls to a peer whose connection looks up wait out their timeout.
-        let silence = set_heartbeats(&socket, self.heartbeat, 3)?;
+        let silence = set_heartbeats(&socket, self.heartbeat)?;
         // Nor does a peer cut off by the network answer a connection attempt: the kernel
         // sends its SYN again ever further apart (19 s, 35 s after the first), so the
         // connection would come back that long after the network did. An attempt

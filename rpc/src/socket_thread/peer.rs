@@ -220,33 +220,25 @@ pub(super) fn ipv6(endpoint: &str) -> bool {
     host.is_some_and(|host| host == "*" || host.contains(':'))
 }
 
-/// How many heartbeat intervals of silence close a connection a peer made to this
-/// server's ROUTER. Longer than on this server's DEALERs (3), which fail calls to a silent
-/// peer soon: this only reaps connections of peers that are gone, and a peer frozen for a
-/// few seconds keeps its connections, so what it sends as it resumes arrives.
-pub(super) const ROUTER_SILENCE: i32 = 10;
-
 /// ZMTP heartbeats every `heartbeat` on `socket`'s connections (none if zero): a
-/// connection silent for `intervals` of them is closed. A peer whose host died or froze,
-/// or that a network cut off, sends no FIN: without them its connection would look up
-/// until TCP gives up, and for good on a side with nothing to send. Returns that timeout
-/// in ms (0: none).
-pub(super) fn set_heartbeats(socket: &zmq::Socket, heartbeat: Duration, intervals: i32) -> Result<i32, zmq::Error> {
+/// connection silent for three of them is closed. A peer whose host died or froze, or that
+/// a network cut off, sends no FIN: without them its connection would look up until TCP
+/// gives up, and for good on a side with nothing to send. Returns the timeout in ms (0:
+/// none).
+pub(super) fn set_heartbeats(socket: &zmq::Socket, heartbeat: Duration) -> Result<i32, zmq::Error> {
     if heartbeat.is_zero() {
         return Ok(0);
     }
     let ivl = i32::try_from(heartbeat.as_millis()).unwrap_or(i32::MAX).max(1);
-    let silence = ivl.saturating_mul(intervals);
     socket.set_heartbeat_ivl(ivl)?;
-    socket.set_heartbeat_timeout(silence)?;
-    Ok(silence)
+    socket.set_heartbeat_timeout(ivl.saturating_mul(3))?;
+    Ok(ivl.saturating_mul(3))
 }
 
 /// Creates the ROUTER socket bound at `bind`, taking messages of at most
 /// `limits.max_message` bytes and sending heartbeats on every connection peers make to it
-/// (closed after [`ROUTER_SILENCE`] intervals of silence: a peer lost without a FIN is a
-/// new process when it is back, with another identity, so its old connection would
-/// otherwise stay open), and returns it with its real endpoint.
+/// (a peer lost without a FIN is a new process when it is back, with another identity, so
+/// its old connection would otherwise stay open), and returns it with its real endpoint.
 pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str, limits: &Limits) -> Result<(zmq::Socket, String), String> {
     let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
     router.set_linger(0).map_err(|e| e.to_string())?;
@@ -261,7 +253,7 @@ pub(crate) fn bind_router(ctx: &zmq::Context, bind: &str, limits: &Limits) -> Re
     // had when it was bound, so a limit set later would not apply to any peer. A peer that
     // announces a larger message is disconnected before anything is allocated for it.
     router.set_maxmsgsize(i64::try_from(limits.max_message).unwrap_or(i64::MAX)).map_err(|e| e.to_string())?;
-    set_heartbeats(&router, limits.heartbeat, ROUTER_SILENCE).map_err(|e| e.to_string())?;
+    set_heartbeats(&router, limits.heartbeat).map_err(|e| e.to_string())?;
     router.bind(bind).map_err(|e| match e {
         // ZeroMQ binds to an address or a network interface's name, never a host name.
         zmq::Error::ENODEV => format!("{e}: rpc.bind takes an IP address, `*` or an interface name, not a host name"),
