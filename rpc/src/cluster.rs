@@ -266,12 +266,7 @@ impl Cluster for ClusterModule {
         // `ClusterModule::new` takes the config as given; `from_source` checked it already.
         inner.rpc.validate().map_err(|e| ClusterError::Other(e.to_string()))?;
         let zctx = zmq::Context::new();
-        let limits = socket_thread::Limits {
-            timeout: inner.rpc.timeout,
-            heartbeat: inner.rpc.heartbeat,
-            max_message: socket_thread::MAX_MESSAGE,
-        };
-        let (router, endpoint) = socket_thread::bind_router(&zctx, &inner.rpc.bind, &limits)
+        let (router, endpoint) = socket_thread::bind_router(&zctx, &inner.rpc.bind, socket_thread::MAX_MESSAGE)
             .map_err(|message| ClusterError::Bind { addr: inner.rpc.bind.clone(), message })?;
         let rpc_addr = inner.rpc.advertised(&endpoint);
         if let Err(message) = config::check_dialable(&rpc_addr) {
@@ -292,6 +287,11 @@ impl Cluster for ClusterModule {
             unique_sessions: ctx.server.frontend && ctx.unique_sessions,
         };
         let inbound = Arc::new(InboundAdapter(Arc::downgrade(inner)));
+        let limits = socket_thread::Limits {
+            timeout: inner.rpc.timeout,
+            heartbeat: inner.rpc.heartbeat,
+            max_message: socket_thread::MAX_MESSAGE,
+        };
         let (io, thread) =
             socket_thread::spawn(zctx, router, process, inner.table.clone(), inbound, limits, inner.stats.clone())
                 .map_err(|e| ClusterError::Other(format!("cannot spawn the rpc thread: {e}")))?;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use dragonfruit_core::HandlerError;
 use log::warn;
 
-use super::peer::{ipv6, set_heartbeats, warn_lost, HWM};
+use super::peer::{ipv6, warn_lost, HWM};
 use super::{fail, uninterrupted, Peer, Peers, SocketThread, GONE_FOR, PROBE, RETIRE_AFTER};
 use crate::grouped;
 use crate::table::same_instance;
@@ -139,13 +139,18 @@ impl SocketThread {
         let socket = self.ctx.socket(zmq::DEALER)?;
         socket.set_identity(&self.identity)?;
         socket.set_immediate(true)?;
-        // Calls to a peer whose connection looks up wait out their timeout.
-        let silence = set_heartbeats(&socket, self.heartbeat)?;
-        // Nor does a peer cut off by the network answer a connection attempt: the kernel
-        // sends its SYN again ever further apart (19 s, 35 s after the first), so the
-        // connection would come back that long after the network did. An attempt
-        // unanswered for as long as a silent connection lasts is made anew.
-        socket.set_connect_timeout(silence)?;
+        if !self.heartbeat.is_zero() {
+            // A peer whose host died or froze sends no FIN: without heartbeats its connection
+            // would look up until TCP gives up, and calls to it would wait out the timeout.
+            let ivl = i32::try_from(self.heartbeat.as_millis()).unwrap_or(i32::MAX).max(1);
+            socket.set_heartbeat_ivl(ivl)?;
+            socket.set_heartbeat_timeout(ivl.saturating_mul(3))?;
+            // Nor does a peer cut off by the network answer a connection attempt: the
+            // kernel sends its SYN again ever further apart (19 s, 35 s after the first),
+            // so the connection would come back that long after the network did. An
+            // attempt unanswered for as long as a silent connection lasts is made anew.
+            socket.set_connect_timeout(ivl.saturating_mul(3))?;
+        }
         socket.set_linger(0)?;
         socket.set_sndhwm(HWM)?;
         socket.set_rcvhwm(HWM)?;

@@ -27,7 +27,7 @@ fn start_thread(
     inbound: Arc<dyn Inbound>,
     timeout: Duration,
 ) -> (Io, JoinHandle<()>, String) {
-    let (router, endpoint) = bind_router(ctx, "tcp://127.0.0.1:*", &limits(timeout)).unwrap();
+    let (router, endpoint) = bind_router(ctx, "tcp://127.0.0.1:*", MAX_MESSAGE).unwrap();
     let (io, thread) =
         spawn(ctx.clone(), router, Process::new(id), table, inbound, limits(timeout), Default::default()).unwrap();
     (io, thread, endpoint)

@@ -258,46 +258,6 @@ fn a_server_cut_off_is_connected_again_soon_after_the_network_heals() {
     stop(io, thread);
 }
 
-/// A peer whose connection to this server's ROUTER goes silent (its host lost power, or a
-/// network cut that never heals: no FIN comes) is disconnected after three heartbeat
-/// intervals, as this server's own DEALERs are: otherwise the connection, idle on this
-/// side, would stay open for good (a peer that reconnects is a new process, with another
-/// identity), one more for every peer lost so.
-#[test]
-fn a_peer_silent_on_its_connection_to_the_router_is_disconnected() {
-    use std::io::{Read, Write};
-    let ctx = zmq::Context::new();
-    let (io, thread, _, endpoint) = start_with_table_at(&ctx, &[], Duration::from_secs(5));
-    let mut peer = std::net::TcpStream::connect(endpoint.trim_start_matches("tcp://")).unwrap();
-    // A DEALER's ZMTP 3.0 greeting (NULL mechanism) and READY command, then silence: no
-    // answer to the ROUTER's heartbeats.
-    let mut greeting = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
-    greeting.extend_from_slice(b"NULL");
-    greeting.resize(64, 0);
-    let mut ready = vec![5];
-    ready.extend_from_slice(b"READY");
-    for (name, value) in [("Socket-Type", &b"DEALER"[..]), ("Identity", &b"silent-peer"[..])] {
-        ready.push(name.len() as u8);
-        ready.extend_from_slice(name.as_bytes());
-        ready.extend_from_slice(&(value.len() as u32).to_be_bytes());
-        ready.extend_from_slice(value);
-    }
-    greeting.extend_from_slice(&[0x04, ready.len() as u8]);
-    greeting.extend_from_slice(&ready);
-    peer.write_all(&greeting).unwrap();
-    peer.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = [0u8; 512];
-    loop {
-        match peer.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {} // the ROUTER's greeting, READY and heartbeats
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("the silent peer's connection should be closed within 10 s: {e}"),
-        }
-    }
-    stop(io, thread);
-}
-
 /// ZeroMQ leaves an `ipc://` socket file behind: the stopping thread removes its own, but
 /// not one a newer process bound at the same path meanwhile.
 #[test]
@@ -308,7 +268,7 @@ fn a_stopping_thread_removes_its_ipc_socket_file_only() {
     let endpoint = format!("ipc://{}", path.display());
     let start = || {
         let ctx = zmq::Context::new();
-        let (router, bound) = bind_router(&ctx, &endpoint, &limits(Duration::from_secs(5))).unwrap();
+        let (router, bound) = bind_router(&ctx, &endpoint, MAX_MESSAGE).unwrap();
         assert_eq!(bound, endpoint);
         let table = Arc::new(ServerTable::new());
         spawn(
@@ -351,7 +311,7 @@ fn sockets_past_a_contexts_limit_are_made_in_another() {
     }
     assert!(limit.rlim_cur >= 2048, "the open-file limit is too low for this test: {}", limit.rlim_cur);
     let first = zmq::Context::new();
-    let (router, endpoint) = bind_router(&first, "tcp://127.0.0.1:*", &limits(Duration::from_secs(5))).unwrap();
+    let (router, endpoint) = bind_router(&first, "tcp://127.0.0.1:*", MAX_MESSAGE).unwrap();
     let mut contexts = Contexts(vec![first]);
     let dealers: Vec<zmq::Socket> =
         (0..1100).map(|i| contexts.socket(zmq::DEALER).unwrap_or_else(|e| panic!("socket {i}: {e}"))).collect();
