@@ -491,8 +491,6 @@ mod tests {
         assert_eq!(reader.join().unwrap(), Ok(serde_json::json!({"a": 1})));
     }
 
-    /// A stream that goes silent past the read timeout reports it (`timed_out`, as an idle
-    /// etcd watch does); one whose connection closes does not.
     /// A frozen etcd: the kernel takes the connection and the request, nothing answers. The
     /// error says so (not the OS's "Resource temporarily unavailable").
     #[test]
@@ -504,6 +502,8 @@ mod tests {
         drop(listener);
     }
 
+    /// A stream that goes silent past the read timeout reports it (`timed_out`, as an idle
+    /// etcd watch does); one whose connection closes does not.
     #[test]
     fn a_silent_stream_times_out_and_a_closed_one_does_not() {
         const HEAD_AND_A_CHUNK: &str = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"a\":1}\n\r\n";
