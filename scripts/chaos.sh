@@ -61,10 +61,14 @@ game=target/release/sample-game
 out=/tmp/dragonfruit-chaos
 rm -rf "$out" && mkdir -p "$out"
 
+# A free port below the kernel's range for outgoing connections' local ports, so none of
+# those takes it while its server is down (etcd or a server restarting binds it again).
+ephemeral=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ "$ephemeral" -gt 13000 ] || ephemeral=13000
 free_port() {
     local p
     while :; do
-        p=$((20000 + RANDOM % 20000))
+        p=$((ephemeral - 12000 + RANDOM % 12000))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
     done
 }
