@@ -40,12 +40,13 @@ minutes="${1:-10}"
 seed="${2:-$((RANDOM * 32768 + RANDOM))}"
 RANDOM=$seed
 network="${NETWORK:-0}"
+if [ "$network" = 1 ] && [ "${DISCOVERY:-etcd}" != etcd ]; then echo "NETWORK=1 needs etcd discovery" >&2; exit 2; fi
+# Built once, not again by the run inside the network namespace.
+[ -n "${CHAOS_NETNS:-}" ] || cargo build --release --locked -q -p sample-game -p dragonfruit-client
 if [ "$network" = 1 ] && [ -z "${CHAOS_NETNS:-}" ]; then
-    if [ "${DISCOVERY:-etcd}" != etcd ]; then echo "NETWORK=1 needs etcd discovery" >&2; exit 2; fi
     if ! command -v iptables >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables >/dev/null
     fi
-    cargo build --release --locked -q -p sample-game -p dragonfruit-client
     ns="dragonfruit-chaos-$$"
     ip netns add "$ns"
     trap 'ip netns del "$ns"' EXIT
@@ -55,7 +56,6 @@ if [ "$network" = 1 ] && [ -z "${CHAOS_NETNS:-}" ]; then
     exit "$status"
 fi
 echo "chaos: $minutes min, seed $seed${CHAOS_NETNS:+, network faults (namespace $CHAOS_NETNS)}"
-cargo build --release --locked -q -p sample-game -p dragonfruit-client
 bench=target/release/dragonfruit-bench
 game=target/release/sample-game
 out=/tmp/dragonfruit-chaos
@@ -159,23 +159,26 @@ net_fault() {
         echo "$(date +%T.%3N)   healed: $name" >>"$out/events.txt"
     ) &
 }
-cut_between() {
-    net_fault "$1" "$2"
-    local both=$((bit[$3] | bit[$4]))
-    if [ -n "${5:-}" ]; then
-        iptables -A "$chain-in" -m connmark --mark "$both/$both" -p tcp --dport "$5" -j DROP
-        iptables -A "$chain-in" -m connmark --mark "$both/$both" -p tcp --sport "$5" -j DROP
+# Drops (in the current fault's chain) the packets of connections between parties $1 and
+# $2, or only of those to port $3.
+drop_between() {
+    local both=$((bit[$1] | bit[$2]))
+    if [ -n "${3:-}" ]; then
+        iptables -A "$chain-in" -m connmark --mark "$both/$both" -p tcp --dport "$3" -j DROP
+        iptables -A "$chain-in" -m connmark --mark "$both/$both" -p tcp --sport "$3" -j DROP
     else
         iptables -A "$chain-in" -m connmark --mark "$both/$both" -j DROP
     fi
 }
+cut_between() {
+    net_fault "$1" "$2"
+    drop_between "$3" "$4" "${5:-}"
+}
 cut_off() {
     net_fault "$1" "$2"
-    local id=$3 other both
+    local id=$3 other
     for other in etcd $servers; do
-        [ "$other" = "$id" ] && continue
-        both=$((bit[$id] | bit[$other]))
-        iptables -A "$chain-in" -m connmark --mark "$both/$both" -j DROP
+        [ "$other" = "$id" ] || drop_between "$id" "$other"
     done
     local port
     for port in "${rpc[$id]}" ${tcp[$id]:+"${tcp[$id]#*:}"}; do
