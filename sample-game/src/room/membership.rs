@@ -150,10 +150,13 @@ impl Rooms {
             let rooms = self.lock();
             by_room.keys().filter(|room| !rooms.contains_key(*room)).cloned().collect()
         };
-        for room in gone {
-            if self.handing_over.load(Ordering::SeqCst) || self.holder_elsewhere(env, &room).is_some() {
-                by_room.remove(&room);
-            }
+        if !gone.is_empty() {
+            let keep_out = if self.handing_over.load(Ordering::SeqCst) {
+                gone.into_iter().collect()
+            } else {
+                self.held_elsewhere(env, gone)
+            };
+            by_room.retain(|room, _| !keep_out.contains(room));
         }
         let mut players = 0;
         for (room, members) in by_room {
@@ -162,6 +165,22 @@ impl Rooms {
         if players > 0 {
             info!("{players} players of connector {id}, dropped while it was out of reach, are back in their rooms");
         }
+    }
+
+    /// Which of `names` other room servers hold, each asked once for all of them (one
+    /// that does not answer holds nothing reachable, as in `holder_elsewhere`).
+    fn held_elsewhere(&self, env: &HandlerEnv, names: Vec<String>) -> HashSet<String> {
+        let others = self.other_room_servers(env);
+        let ids: Vec<&str> = others.iter().map(|s| &*s.id).collect();
+        let answers = env.rpc_to_each::<_, Vec<String>>(&ids, HOLDING_ROUTE, &names);
+        let mut held = HashSet::new();
+        for (id, answer) in ids.into_iter().zip(answers) {
+            match answer {
+                Ok(theirs) => held.extend(theirs),
+                Err(e) => debug!("room server {id} not asked which of {} rooms it holds: {e}", names.len()),
+            }
+        }
+        held
     }
 
     /// Room server `other` is in the cluster as this one sees it. Rooms both hold were made
