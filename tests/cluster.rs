@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use dragonfruit_client::{Client, ClientConfig, ClientError};
 use dragonfruit_core::cluster::{self, ClusterContext, ClusterError, Forward, ForwardDone};
 use dragonfruit_core::codec::{encode_data_packet, EncodeOptions, MessageOut};
-use dragonfruit_core::{codes, Component, HandlerEnv, HandlerError, Messenger, Routes, Session};
+use dragonfruit_core::{codes, Component, HandlerEnv, HandlerError, Messenger, Pushed, Routes, Session};
 use dragonfruit_net::{App, AppBuilder};
 use dragonfruit_rpc::router::rendezvous;
 use dragonfruit_rpc::wire;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dragonfruit_client::ClientError;
 use dragonfruit_core::codec::MAX_WIRE_BODY;
-use dragonfruit_core::{MessengerError, SessionError};
+use dragonfruit_core::{MessengerError, Pushed, SessionError};
 use serde_json::{json, Value};
 
 use crate::util::{probe_app, wait_until, warnings, warnings_about, Probe, Server, T};
@@ -50,7 +50,8 @@ fn without_unique_sessions_both_stay() {
     let _: bool = a.request("probe.bind", "dave").unwrap();
     let _: bool = b.request("probe.bind", "dave").unwrap();
     assert_eq!(server.handle.sessions().by_uid("dave").len(), 2);
-    let missing: Vec<String> = a.request("probe.push_users", &json!({"uids": ["dave", "nobody"], "msg": 1})).unwrap();
+    let missing =
+        a.request::<_, Pushed>("probe.push_users", &json!({"uids": ["dave", "nobody"], "msg": 1})).unwrap().missing;
     assert_eq!(missing, vec!["nobody".to_string()]);
     for c in [&a, &b] {
         let (route, v): (String, Value) = c.recv_push_as(T).unwrap();
@@ -78,14 +79,15 @@ fn pushes_reach_bound_users_and_on_close_runs() {
     let _: bool = a.request("probe.bind", "erin").unwrap();
     let _: bool = b.request("probe.bind", "frank").unwrap();
     let b_id = server.handle.sessions().by_uid("frank")[0].id();
-    let missing: Vec<String> = a.request("probe.push_users", &json!({"uids": ["frank"], "msg": "hi frank"})).unwrap();
+    let missing =
+        a.request::<_, Pushed>("probe.push_users", &json!({"uids": ["frank"], "msg": "hi frank"})).unwrap().missing;
     assert!(missing.is_empty());
     let (route, v): (String, String) = b.recv_push_as(T).unwrap();
     assert_eq!((route.as_str(), v.as_str()), ("onMsg", "hi frank"));
     b.close();
     assert!(wait_until(T, || probe.state.closed_sessions.lock().unwrap().contains(&b_id)));
     assert!(wait_until(T, || server.handle.sessions().by_uid("frank").is_empty()));
-    let missing: Vec<String> = a.request("probe.push_users", &json!({"uids": ["frank"], "msg": 2})).unwrap();
+    let missing = a.request::<_, Pushed>("probe.push_users", &json!({"uids": ["frank"], "msg": 2})).unwrap().missing;
     assert_eq!(missing, vec!["frank".to_string()]);
 }
 
@@ -93,7 +95,7 @@ fn pushes_reach_bound_users_and_on_close_runs() {
 fn kick_user_and_broadcast() {
     let server = Server::start(probe_app(&Probe::default()));
     let clients: Vec<_> = (0..3).map(|_| server.client()).collect();
-    let _: bool = clients[0].request("probe.broadcast", &json!({"all": true})).unwrap();
+    let _: Vec<String> = clients[0].request("probe.broadcast", &json!({"all": true})).unwrap();
     for c in &clients {
         let (_, v): (String, Value) = c.recv_push_as(T).unwrap();
         assert_eq!(v, json!({"all": true}));
@@ -113,8 +115,8 @@ fn pushes_from_outside_handlers() {
     let client = server.client();
     let _: bool = client.request("probe.bind", "hank").unwrap();
     let messenger = server.handle.messenger();
-    let missing = messenger.push_to_users("onServerNews", br#"{"news":1}"#.to_vec().into(), &["hank".into()]).unwrap();
-    assert!(missing.is_empty());
+    let pushed = messenger.push_to_users("onServerNews", br#"{"news":1}"#.to_vec().into(), &["hank".into()]).unwrap();
+    assert!(pushed.reached_all());
     let push = client.recv_push(T).unwrap();
     assert_eq!((push.route.as_str(), push.body.as_slice()), ("onServerNews", &br#"{"news":1}"#[..]));
     let session = &server.handle.sessions().by_uid("hank")[0];
@@ -139,7 +141,7 @@ fn pushes_no_packet_can_carry_fail_where_they_are_made() {
     let huge: Arc<[u8]> = vec![b'x'; MAX_WIRE_BODY].into();
     let e = messenger.broadcast("connector", &long, br#"{"lost":1}"#.to_vec().into()).unwrap_err();
     assert_eq!(e.to_string(), "push: route of 300 bytes is longer than 255 bytes");
-    let unframable = |r: Result<Vec<String>, MessengerError>| matches!(r, Err(MessengerError::Unframable(_)));
+    let unframable = |r: Result<Pushed, MessengerError>| matches!(r, Err(MessengerError::Unframable(_)));
     assert!(unframable(messenger.push_to_users(&long, b"{}".to_vec().into(), &hank)));
     assert!(unframable(messenger.push_to_users("onBig", huge.clone(), &hank)));
     let e = messenger.broadcast("connector", "onBig", huge.clone()).unwrap_err();

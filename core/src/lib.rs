@@ -38,7 +38,7 @@ pub use handler::{
     Component, Ctx, HandlerEnv, HandlerKind, HandlerRegistry, HandlerService, Pipelines, Propagated, RemoteCtx, Reply,
     Routes, ServerInfo,
 };
-pub use messenger::{Messenger, MessengerError, OnTaken};
+pub use messenger::{Messenger, MessengerError, OnTaken, Pushed};
 pub use route::{Route, RouteError};
 pub use serializer::Serializer;
 pub use session::{Detached, Session, SessionError, SessionId, SessionInit, SessionRegistry, SessionSink};

@@ -13,7 +13,7 @@ use dragonfruit_core::cluster::{CallTarget, Cluster};
 use dragonfruit_core::codec::{check_push, deflate_if_smaller, EncodeError};
 use dragonfruit_core::session::KICKED_BY_NEWER;
 use dragonfruit_core::{
-    codes, panic_text, printable, HandlerError, HandlerService, Messenger, MessengerError, OnTaken, Propagated,
+    codes, panic_text, printable, HandlerError, HandlerService, Messenger, MessengerError, OnTaken, Propagated, Pushed,
     Session, SessionError, SessionId, SessionRegistry, SessionSink,
 };
 use log::{debug, error, info};
@@ -277,26 +277,26 @@ impl LocalMessenger {
 }
 
 impl Messenger for LocalMessenger {
-    fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
+    fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Pushed, MessengerError> {
         let (sessions, missing) = self.find(uids);
         if !sessions.is_empty() {
             let push = self.port.push_body(route, &body)?;
             let recipients = sessions.len();
             self.port.send_push(Some(sessions), push, recipients, None)?;
         }
-        Ok(missing)
+        Ok(Pushed::missing(missing))
     }
 
-    fn push_to_users_then(&self, route: &str, body: Arc<[u8]>, uids: &[String], then: OnTaken<Vec<String>>) {
+    fn push_to_users_then(&self, route: &str, body: Arc<[u8]>, uids: &[String], then: OnTaken<Pushed>) {
         let (sessions, missing) = self.find(uids);
         if sessions.is_empty() {
-            return then(Ok(missing));
+            return then(Ok(Pushed::missing(missing)));
         }
         let push = match self.port.push_body(route, &body) {
             Ok(push) => push,
             Err(e) => return then(Err(e.into())),
         };
-        let then = Box::new(move |taken: Result<(), MessengerError>| then(taken.map(|()| missing)));
+        let then = Box::new(move |taken: Result<(), MessengerError>| then(taken.map(|()| Pushed::missing(missing))));
         // Answered by `send_push`, now or once the loop has taken it.
         let recipients = sessions.len();
         let _ = self.port.send_push(Some(sessions), push, recipients, Some(then));
@@ -310,9 +310,10 @@ impl Messenger for LocalMessenger {
         Ok(!sessions.is_empty())
     }
 
-    fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError> {
+    fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<Vec<String>, MessengerError> {
         self.check_type(frontend_type)?;
-        self.port.send_push(None, self.port.push_body(route, &body)?, self.registry.len(), None)
+        self.port.send_push(None, self.port.push_body(route, &body)?, self.registry.len(), None)?;
+        Ok(Vec::new())
     }
 
     fn broadcast_then(&self, frontend_type: &str, route: &str, body: Arc<[u8]>, then: OnTaken<()>) {
@@ -350,7 +351,7 @@ mod tests {
 
     use super::*;
 
-    type Answers = (Sender<Result<Vec<String>, MessengerError>>, Receiver<Result<Vec<String>, MessengerError>>);
+    type Answers = (Sender<Result<Pushed, MessengerError>>, Receiver<Result<Pushed, MessengerError>>);
 
     /// A messenger whose loop is this test: it holds the inbox, with one session bound to "ann".
     fn messenger(poll: &Poll) -> (LocalMessenger, Receiver<LoopMsg>) {
@@ -416,7 +417,7 @@ mod tests {
             let then = Box::new(move |result| drop(tx.send(result)));
             messenger.broadcast_then(frontend_type, "onChat", Arc::from(&b"{}"[..]), then);
         };
-        let ghost = || vec!["ghost".to_string()];
+        let ghost = || Pushed::missing(vec!["ghost".to_string()]);
         let big: Arc<[u8]> = vec![b' '; PUSH_BACKLOG].into();
 
         // The loop keeps up: answered at once.

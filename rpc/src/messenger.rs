@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use dragonfruit_core::cluster::CallTarget;
 use dragonfruit_core::codec::check_push;
-use dragonfruit_core::{codes, HandlerError, Messenger, MessengerError, Propagated, Route};
+use dragonfruit_core::{codes, HandlerError, Messenger, MessengerError, Propagated, Pushed, Route};
 use log::debug;
 
 use crate::cluster::{Inner, Started};
@@ -66,38 +66,43 @@ impl ClusterMessenger {
         Some(f(&inner, started))
     }
 
-    /// Sends `call` to every other frontend and gathers the answers (until the timeout), and
-    /// whether every one answered.
-    fn ask_frontends(inner: &Inner, started: &Started, call: impl Fn() -> Call) -> (Vec<Answer>, bool) {
+    /// Sends `call` to every other frontend and gathers the answers (until the timeout).
+    fn ask_frontends(inner: &Inner, started: &Started, call: impl Fn() -> Call) -> Asked {
         let others = other_frontends(inner, started);
         Self::ask(inner, started, &others, call)
     }
 
-    /// Sends `call` to each of `others` and gathers the answers (until the timeout), and
-    /// whether every one answered.
-    fn ask(inner: &Inner, started: &Started, others: &[ServerEntry], call: impl Fn() -> Call) -> (Vec<Answer>, bool) {
-        let (answers, all) = Self::ask_each(inner, started, others.iter().map(|s| (s, call())).collect());
-        (answers.into_iter().map(|(_, a)| a).collect(), all)
+    /// Sends `call` to each of `others` and gathers the answers (until the timeout).
+    fn ask(inner: &Inner, started: &Started, others: &[ServerEntry], call: impl Fn() -> Call) -> Asked {
+        Self::ask_each(inner, started, others.iter().map(|s| (s, call())).collect())
     }
 
     /// Sends each call to its server and gathers the answers (until the timeout), each with
-    /// the index of its call, and whether every one answered.
-    fn ask_each(inner: &Inner, started: &Started, calls: Vec<(&ServerEntry, Call)>) -> (Vec<(usize, Answer)>, bool) {
+    /// the index of its call.
+    fn ask_each(inner: &Inner, started: &Started, calls: Vec<(&ServerEntry, Call)>) -> Asked {
+        let ids: Vec<String> = calls.iter().map(|(s, _)| s.id.clone()).collect();
         let gather = Arc::new(Gather::new(calls.len()));
         for (i, (server, call)) in calls.into_iter().enumerate() {
             let gather = gather.clone();
             started.io.call_server(server, call, Some(ReplyFn::new(move |r| gather.put(i, r))));
         }
-        let answers = gather.wait(Instant::now() + inner.rpc.timeout);
-        let all = answers.iter().all(|a| matches!(a, Some(Ok(_))));
-        let answered = answers.into_iter().enumerate().filter_map(|(i, a)| Some((i, a?.ok()?))).collect();
-        (answered, all)
+        let timeout = inner.rpc.timeout;
+        let mut asked = Asked { answers: Vec::new(), silent: Vec::new() };
+        for ((i, answer), id) in gather.wait(Instant::now() + timeout).into_iter().enumerate().zip(ids) {
+            match answer {
+                Some(Ok(answer)) => asked.answers.push((i, answer)),
+                // The transport's errors name the server ("connection to server X lost").
+                Some(Err(e)) if e.message.contains(id.as_str()) => asked.silent.push((i, e.message)),
+                Some(Err(e)) => asked.silent.push((i, format!("{id}: {}", e.message))),
+                None => asked.silent.push((i, format!("{id}: no answer within {timeout:?}"))),
+            }
+        }
+        asked
     }
 
     /// Pushes to the users of `wanted`, none of them on this server, when every frontend
     /// keeps one session per uid: each to the frontend where it was last seen, those not
-    /// known (or no longer there) to every frontend. Returns the users found nowhere, or
-    /// `None` when a frontend did not answer (it may hold any of them).
+    /// known (or no longer there) to every frontend.
     fn push_targeted(
         &self,
         inner: &Inner,
@@ -105,7 +110,7 @@ impl ClusterMessenger {
         frontends: &[ServerEntry],
         (route, body): (&str, &[u8]),
         wanted: &[String],
-    ) -> Option<Vec<String>> {
+    ) -> Sought {
         let mut lists: Vec<Vec<String>> = vec![Vec::new(); frontends.len()];
         let mut unknown = Vec::new();
         {
@@ -119,17 +124,19 @@ impl ClusterMessenger {
                 }
             }
         }
-        let (mut missing, mut complete) = (Vec::new(), true);
+        let mut sought = Sought::default();
         // Round one: the known to their frontend, the others to all; round two: those not
-        // found where they were (they reconnected elsewhere) to all.
-        let mut round = 0;
-        while round == 0 || !unknown.is_empty() {
-            round += 1;
+        // found where they were (they reconnected elsewhere) to all. One a frontend asked
+        // for it did not answer about (and none found) may be there: it is not missing.
+        for round in 1..=2 {
             // Each call: the frontend's index, the uids asked (those known there first).
             let asked: Vec<(usize, Vec<String>)> = (0..frontends.len())
                 .filter(|&i| !lists[i].is_empty() || !unknown.is_empty())
                 .map(|i| (i, lists[i].iter().chain(&unknown).cloned().collect()))
                 .collect();
+            if asked.is_empty() {
+                break;
+            }
             let calls = asked
                 .iter()
                 .map(|(i, uids)| {
@@ -137,19 +144,21 @@ impl ClusterMessenger {
                     (&frontends[*i], call)
                 })
                 .collect();
-            let (answers, all) = Self::ask_each(inner, started, calls);
-            let mut found: HashSet<String> = HashSet::new();
+            let answered = Self::ask_each(inner, started, calls);
             let mut moved = Vec::new();
             {
                 let mut whereabouts = inner.whereabouts.map();
-                for (call, answer) in answers {
-                    let Answer::Missing(theirs) = answer else { continue };
+                for (call, answer) in answered.answers {
                     let (i, uids) = &asked[call];
+                    let Answer::Missing(theirs) = answer else {
+                        sought.silent(uids, format!("{}: unexpected answer to a push", frontends[*i].id));
+                        continue;
+                    };
                     let theirs: HashSet<String> = theirs.into_iter().collect();
                     for (j, uid) in uids.iter().enumerate() {
                         if !theirs.contains(uid) {
                             Whereabouts::note(&mut whereabouts, uid, &frontends[*i].id);
-                            found.insert(uid.clone());
+                            sought.found.insert(uid.clone());
                         } else if j < lists[*i].len() {
                             whereabouts.remove(uid);
                             moved.push(uid.clone());
@@ -157,16 +166,54 @@ impl ClusterMessenger {
                     }
                 }
             }
-            // A frontend that did not answer may hold any of them (none is then known
-            // missing), but those not found where they were are still looked for.
-            complete &= all;
-            missing.extend(unknown.drain(..).filter(|uid| !found.contains(uid)));
+            for (call, why) in answered.silent {
+                sought.silent(&asked[call].1, why);
+            }
             lists.iter_mut().for_each(Vec::clear);
-            if round == 1 {
-                unknown = moved;
+            unknown = if round == 1 { moved } else { Vec::new() };
+        }
+        sought
+    }
+}
+
+/// The answers to calls made to several servers: each call's index with its answer, and
+/// for each that got none, the server's id and why.
+struct Asked {
+    answers: Vec<(usize, Answer)>,
+    silent: Vec<(usize, String)>,
+}
+
+/// What other frontends said of the users a push looked for: those found (and pushed to),
+/// those a frontend that did not answer was asked for, and why it did not.
+#[derive(Default)]
+struct Sought {
+    found: HashSet<String>,
+    unsure: HashSet<String>,
+    why: Vec<String>,
+}
+
+impl Sought {
+    /// A frontend asked for `uids` did not answer (`why`).
+    fn silent(&mut self, uids: &[String], why: String) {
+        self.unsure.extend(uids.iter().cloned());
+        self.why.push(why);
+    }
+
+    /// The push to `uids` (those not found on this server, in the order they were asked
+    /// for): the ones found nowhere are missing, but unreached when a frontend asked for
+    /// them did not answer.
+    fn pushed(self, route: &str, uids: Vec<String>) -> Pushed {
+        let mut pushed = Pushed::default();
+        for uid in uids.into_iter().filter(|uid| !self.found.contains(uid)) {
+            match self.unsure.contains(&uid) {
+                true => pushed.unreached.push(uid),
+                false => pushed.missing.push(uid),
             }
         }
-        complete.then_some(missing)
+        if !pushed.unreached.is_empty() {
+            debug!("push on {route}: {} users may not have it ({})", pushed.unreached.len(), self.why.join("; "));
+        }
+        pushed
     }
 }
 
@@ -182,15 +229,15 @@ fn other_frontends(inner: &Inner, started: &Started) -> Vec<ServerEntry> {
 }
 
 impl Messenger for ClusterMessenger {
-    fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
+    fn push_to_users(&self, route: &str, body: Arc<[u8]>, uids: &[String]) -> Result<Pushed, MessengerError> {
         // Refused here, where the push is made: the frontends would only drop it.
         check_push(route, body.len())?;
         let local = if self.with(|_, s| s.me.frontend).unwrap_or(true) {
-            self.local.push_to_users(route, body.clone(), uids)?
+            self.local.push_to_users(route, body.clone(), uids)?.missing
         } else {
             uids.to_vec()
         };
-        let outcome = self.with(|inner, started| {
+        let sought = self.with(|inner, started| {
             let frontends = other_frontends(inner, started);
             // One session per uid on every frontend (this one too, if it is one): a user
             // found here is nowhere else, and the others are looked for where they were
@@ -199,29 +246,24 @@ impl Messenger for ClusterMessenger {
             if frontends.len() > 1 && unique(&started.me) && frontends.iter().all(unique) {
                 return self.push_targeted(inner, started, &frontends, (route, &body), &local);
             }
+            // Every frontend gets every uid: one may have a session here and there too.
             let call = || Call::PushUsers { uids: uids.to_vec(), route: route.to_owned(), body: body.to_vec() };
-            let (answers, all) = Self::ask(inner, started, &frontends, call);
-            // A uid is missing when no frontend has it.
-            let mut missing = local.clone();
-            for answer in answers {
+            let asked = Self::ask(inner, started, &frontends, call);
+            let mut sought = Sought::default();
+            for (_, answer) in asked.answers {
+                // A uid is missing when no frontend has it.
                 if let Answer::Missing(theirs) = answer {
                     let theirs: HashSet<String> = theirs.into_iter().collect();
-                    missing.retain(|uid| theirs.contains(uid));
+                    sought.found.extend(local.iter().filter(|uid| !theirs.contains(*uid)).cloned());
                 }
             }
-            all.then_some(missing)
-        });
-        let missing: HashSet<String> = match outcome {
-            // No running cluster layer: this server's own sessions only.
-            None => return Ok(local),
-            Some(Some(missing)) => missing.into_iter().collect(),
-            Some(None) => {
-                // A frontend that did not answer may hold any of them: none is known missing.
-                debug!("push to {} users on {route}: a frontend did not answer; none reported missing", uids.len());
-                return Ok(Vec::new());
+            for (_, why) in asked.silent {
+                sought.silent(&local, why);
             }
-        };
-        Ok(uids.iter().filter(|u| missing.contains(*u)).cloned().collect())
+            sought
+        });
+        // No running cluster layer: this server's own sessions only.
+        Ok(sought.unwrap_or_default().pushed(route, local))
     }
 
     fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError> {
@@ -229,18 +271,22 @@ impl Messenger for ClusterMessenger {
             Some(false) => false,
             _ => self.local.kick_user(uid, reason)?,
         };
-        let (answers, _) = self
-            .with(|inner, started| {
-                Self::ask_frontends(inner, started, || Call::KickUser {
-                    uid: uid.to_owned(),
-                    reason: reason.to_owned(),
-                })
-            })
-            .unwrap_or_default();
-        Ok(here || answers.iter().any(|a| matches!(a, Answer::Found(true))))
+        let Some(asked) = self.with(|inner, started| {
+            Self::ask_frontends(inner, started, || Call::KickUser { uid: uid.to_owned(), reason: reason.to_owned() })
+        }) else {
+            return Ok(here);
+        };
+        if here || asked.answers.iter().any(|(_, a)| matches!(a, Answer::Found(true))) {
+            return Ok(true);
+        }
+        match asked.silent.is_empty() {
+            true => Ok(false),
+            // A frontend that did not answer may hold the user.
+            false => Err(MessengerError::Unreachable(silent_text(&asked.silent))),
+        }
     }
 
-    fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<(), MessengerError> {
+    fn broadcast(&self, frontend_type: &str, route: &str, body: Arc<[u8]>) -> Result<Vec<String>, MessengerError> {
         check_push(route, body.len())?;
         let Some(result) = self.with(|inner, started| {
             let (mine, others): (Vec<ServerEntry>, Vec<ServerEntry>) = inner
@@ -259,11 +305,13 @@ impl Messenger for ClusterMessenger {
             // Each frontend answers once its loop has queued the push to its clients: a
             // server broadcasting faster than one writes waits for it.
             let call = || Call::Broadcast { route: route.to_owned(), body: body.to_vec() };
-            let (_, all) = Self::ask(inner, started, &others, call);
-            if !all {
-                debug!("broadcast on {route} to {frontend_type}: a frontend did not answer");
+            let asked = Self::ask(inner, started, &others, call);
+            if !asked.silent.is_empty() {
+                debug!("broadcast on {route} to {frontend_type}: not taken by {}", silent_text(&asked.silent));
             }
-            Ok(())
+            let mut untaken: Vec<String> = asked.silent.into_iter().map(|(i, _)| others[i].id.clone()).collect();
+            untaken.sort();
+            Ok(untaken)
         }) else {
             return self.local.broadcast(frontend_type, route, body);
         };
@@ -355,6 +403,11 @@ impl Messenger for ClusterMessenger {
         });
         answers.unwrap_or_else(|| server_ids.iter().map(|id| local(id)).collect())
     }
+}
+
+/// The servers that did not answer, and why, as one line.
+fn silent_text(silent: &[(usize, String)]) -> String {
+    silent.iter().map(|(_, why)| why.as_str()).collect::<Vec<_>>().join("; ")
 }
 
 /// The body a user RPC answered with, or why there is none.

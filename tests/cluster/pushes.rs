@@ -9,18 +9,20 @@ fn pushes_to_users_on_every_frontend_and_broadcast() {
     let b = fronts[1].0.client();
     let _: bool = a.request("probe.bind", "ann").unwrap();
     let _: bool = b.request("probe.bind", "ben").unwrap();
-    let missing: Vec<String> =
-        a.request("room.room.push_users", &json!({"uids": ["ann", "ben", "ghost"], "msg": "hello all"})).unwrap();
+    let missing = a
+        .request::<_, Pushed>("room.room.push_users", &json!({"uids": ["ann", "ben", "ghost"], "msg": "hello all"}))
+        .unwrap()
+        .missing;
     assert_eq!(missing, vec!["ghost".to_string()]);
     for c in [&a, &b] {
         let (_, v): (String, String) = c.recv_push_as(T).unwrap();
         assert_eq!(v, "hello all");
     }
     // From a frontend handler too: the other frontend's user gets it.
-    let missing: Vec<String> = a.request("probe.push_users", &json!({"uids": ["ben"], "msg": 2})).unwrap();
+    let missing = a.request::<_, Pushed>("probe.push_users", &json!({"uids": ["ben"], "msg": 2})).unwrap().missing;
     assert!(missing.is_empty());
     assert_eq!(b.recv_push_as::<Value>(T).unwrap().1, json!(2));
-    let _: bool = b.request("room.room.broadcast", &json!("everyone")).unwrap();
+    let _: Vec<String> = b.request("room.room.broadcast", &json!("everyone")).unwrap();
     for c in [&a, &b] {
         assert_eq!(c.recv_push_as::<Value>(T).unwrap().1, json!("everyone"));
     }
@@ -51,7 +53,8 @@ fn pushes_to_users_go_to_the_frontend_where_each_was_found() {
     let calls = || room_module.stats().calls;
     let push = |uids: Value, msg: u64| -> (Vec<String>, u64) {
         let before = calls();
-        let missing: Vec<String> = a.request("room.room.push_users", &json!({"uids": uids, "msg": msg})).unwrap();
+        let missing =
+            a.request::<_, Pushed>("room.room.push_users", &json!({"uids": uids, "msg": msg})).unwrap().missing;
         (missing, calls() - before)
     };
     // Ann's own forwarded requests told the room server where she is: one call.
@@ -80,7 +83,8 @@ fn pushes_to_users_go_to_the_frontend_where_each_was_found() {
 }
 
 /// A user not found on the frontend where they were is looked for on every frontend, also
-/// when a listed frontend does not answer (it may hold the others: none is reported missing).
+/// when a listed frontend does not answer; one no answering frontend holds is reported
+/// unreached, not missing (the silent frontend may hold it).
 #[test]
 fn a_moved_user_is_found_while_a_frontend_does_not_answer() {
     let dir = cluster_dir("whereabouts-silent");
@@ -96,16 +100,17 @@ fn a_moved_user_is_found_while_a_frontend_does_not_answer() {
     let a = fronts[0].client();
     let ann = fronts[0].client();
     let _: bool = ann.request("probe.bind", "ann").unwrap();
-    let push = |msg: u64| -> Vec<String> {
+    let push = |msg: u64| -> Pushed {
         a.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": msg})).unwrap()
     };
-    assert_eq!(push(1), Vec::<String>::new(), "the silent frontend may hold them");
+    let ghost_unreached = Pushed { missing: vec![], unreached: vec!["ghost".to_owned()] };
+    assert_eq!(push(1), ghost_unreached, "the silent frontend may hold ghost");
     assert_eq!(ann.recv_push_as::<Value>(T).unwrap().1, json!(1));
     // Ann is now known on connector-1; she comes back on connector-2.
     ann.close();
     let ann = fronts[1].client();
     let _: bool = ann.request("probe.bind", "ann").unwrap();
-    assert_eq!(push(2), Vec::<String>::new());
+    assert_eq!(push(2), ghost_unreached);
     assert_eq!(ann.recv_push_as::<Value>(T).unwrap().1, json!(2), "looked for on every frontend");
 }
 
@@ -129,7 +134,8 @@ fn without_unique_sessions_pushes_to_users_reach_every_frontend() {
     let _: bool = a.request("probe.bind", "ann").unwrap();
     let _: bool = b.request("probe.bind", "ann").unwrap();
     for n in 1..=3 {
-        let missing: Vec<String> = a.request("room.room.push_users", &json!({"uids": ["ann"], "msg": n})).unwrap();
+        let missing =
+            a.request::<_, Pushed>("room.room.push_users", &json!({"uids": ["ann"], "msg": n})).unwrap().missing;
         assert!(missing.is_empty());
         for c in [&a, &b] {
             assert_eq!(c.recv_push_as::<Value>(T).unwrap().1, json!(n), "push {n}");
@@ -178,10 +184,12 @@ impl Drop for SilentFrontend {
 }
 
 /// A push to users while a listed frontend does not answer (here an entry whose endpoint
-/// nobody serves) reaches the users of the others, and reports no user missing: the silent
-/// frontend may hold any of them (the sample game would drop them from their rooms).
+/// nobody serves) reaches the users of the others, and reports those none of them holds
+/// unreached, not missing: the silent frontend may hold them (the sample game would drop
+/// missing ones from their rooms). A kick of a user no answering frontend holds fails
+/// (`PIT-504`, naming the silent frontend), and a broadcast says which frontend did not take it.
 #[test]
-fn a_push_while_a_frontend_does_not_answer_reports_no_user_missing() {
+fn a_push_while_a_frontend_does_not_answer_reports_those_it_may_hold_unreached() {
     let dir = cluster_dir("silentfront");
     // The backend waits for the silent frontend for its call timeout, well within the
     // frontend's for the forwarded request.
@@ -190,17 +198,35 @@ fn a_push_while_a_frontend_does_not_answer_reports_no_user_missing() {
     let frontend = start_connector(&fe_module);
     let silent = SilentFrontend::start(&dir, "connector-9", false);
     assert!(wait_until(T, || room_module.servers().len() == 3), "the backend lists the silent frontend");
-    let client = frontend.client();
-    let _: bool = client.request("probe.bind", "ann").unwrap();
-    let missing: Vec<String> =
-        client.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": "hi"})).unwrap();
-    assert_eq!(missing, Vec::<String>::new());
-    assert_eq!(client.recv_push_as::<Value>(T).unwrap().1, json!("hi"));
+    let (client, ann) = (frontend.client(), frontend.client());
+    let _: bool = ann.request("probe.bind", "ann").unwrap();
+    let push = || -> Pushed {
+        client.request("room.room.push_users", &json!({"uids": ["ghost", "ann", "nobody"], "msg": "hi"})).unwrap()
+    };
+    let unreached = vec!["ghost".to_owned(), "nobody".to_owned()];
+    assert_eq!(push(), Pushed { missing: vec![], unreached });
+    assert_eq!(ann.recv_push_as::<Value>(T).unwrap().1, json!("hi"));
+    let e = client.request::<_, bool>("room.room.kick_user", "ghost").unwrap_err();
+    let said = e.to_string();
+    assert!(said.contains("PIT-504: unreachable: ") && said.contains("connector-9"), "{said}");
+    let untaken: Vec<String> = client.request("room.room.broadcast", &json!("everyone")).unwrap();
+    assert_eq!(untaken, vec!["connector-9".to_owned()]);
+    for c in [&client, &ann] {
+        assert_eq!(c.recv_push_as::<Value>(T).unwrap().1, json!("everyone"));
+    }
+    let found: bool = client.request("room.room.kick_user", "ann").unwrap();
+    assert!(found, "found on the frontend that answered");
+    assert!(ann.wait_closed(T));
     drop(silent);
     assert!(wait_until(T, || room_module.servers().len() == 2), "the entry is gone");
-    let missing: Vec<String> =
+    let pushed: Pushed =
         client.request("room.room.push_users", &json!({"uids": ["ann", "ghost"], "msg": "hi"})).unwrap();
-    assert_eq!(missing, vec!["ghost".to_string()], "every frontend answered");
+    assert_eq!(pushed, Pushed::missing(vec!["ann".to_owned(), "ghost".to_owned()]), "every frontend answered");
+    let found: bool = client.request("room.room.kick_user", "ghost").unwrap();
+    assert!(!found);
+    let untaken: Vec<String> = client.request("room.room.broadcast", &json!("all")).unwrap();
+    assert!(untaken.is_empty());
+    assert_eq!(client.recv_push_as::<Value>(T).unwrap().1, json!("all"));
 }
 
 /// A backend may keep a session and push to it later. Once its frontend has restarted under

@@ -97,10 +97,8 @@ impl Component for Backend {
         r.handler("push_users", |_: &Backend, ctx: &mut Ctx<'_>, req: PushUsers| {
             ctx.push_to_users("onMsg", &req.msg, &req.uids)
         });
-        r.handler("broadcast", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| {
-            ctx.broadcast("connector", "onMsg", &msg)?;
-            Ok(true)
-        });
+        r.handler("kick_user", |_: &Backend, ctx: &mut Ctx<'_>, uid: String| ctx.kick_user(&uid, "kicked by room"));
+        r.handler("broadcast", |_: &Backend, ctx: &mut Ctx<'_>, msg: Value| ctx.broadcast("connector", "onMsg", &msg));
         r.raw_handler("seq", |b: &Backend, ctx: &mut Ctx<'_>, body: &[u8]| {
             let n: u64 = std::str::from_utf8(body)
                 .ok()

@@ -167,8 +167,7 @@ impl Component for Probe {
         r.remote("context", |_: &Probe, ctx: &mut RemoteCtx<'_>, _: Value| Ok(propagation_seen(ctx)));
         r.handler("broadcast", |_: &Probe, ctx: &mut Ctx<'_>, msg: Value| {
             let server_type = ctx.server().server_type.to_string();
-            ctx.broadcast(&server_type, "onMsg", &msg)?;
-            Ok(true)
+            ctx.broadcast(&server_type, "onMsg", &msg)
         });
     }
 

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::cluster::CallTarget;
 use crate::codec::MessageType;
 use crate::error::HandlerError;
-use crate::messenger::{Messenger, MessengerError};
+use crate::messenger::{Messenger, MessengerError, Pushed};
 use crate::route::Route;
 use crate::serializer::Serializer;
 use crate::session::{Session, SessionRegistry};
@@ -66,29 +66,32 @@ impl HandlerEnv {
     }
 
     /// Pushes `value` on `route` to the sessions of `uids`, wherever they are connected;
-    /// returns the uids known to have no session (none while a frontend does not answer).
+    /// returns the uids known to have no session, and those a frontend that did not answer
+    /// may hold ([`Pushed`]).
     pub fn push_to_users<T: Serialize + ?Sized>(
         &self,
         route: &str,
         value: &T,
         uids: &[String],
-    ) -> Result<Vec<String>, HandlerError> {
+    ) -> Result<Pushed, HandlerError> {
         let body = self.encode(value)?;
         self.messenger.push_to_users(route, body.into(), uids).map_err(messenger_error)
     }
 
-    /// Kicks the sessions of `uid`; returns whether one existed.
+    /// Kicks the sessions of `uid`; returns whether one existed. `PIT-504` when none was
+    /// found and a frontend that may hold one did not answer.
     pub fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, HandlerError> {
         self.messenger.kick_user(uid, reason).map_err(messenger_error)
     }
 
-    /// Pushes `value` on `route` to all sessions of the frontends of `frontend_type`.
+    /// Pushes `value` on `route` to all sessions of the frontends of `frontend_type`;
+    /// returns the ids of those that did not take it (did not answer in time).
     pub fn broadcast<T: Serialize + ?Sized>(
         &self,
         frontend_type: &str,
         route: &str,
         value: &T,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<Vec<String>, HandlerError> {
         let body = self.encode(value)?;
         self.messenger.broadcast(frontend_type, route, body.into()).map_err(messenger_error)
     }
@@ -175,8 +178,13 @@ impl HandlerEnv {
     }
 }
 
+/// A server that did not answer is a timeout (`PIT-504`), as a session operation's is;
+/// every other failure is internal.
 fn messenger_error(e: MessengerError) -> HandlerError {
-    HandlerError::internal(e.to_string())
+    match e {
+        MessengerError::Unreachable(_) => HandlerError::timeout(e.to_string()),
+        e => HandlerError::internal(e.to_string()),
+    }
 }
 
 /// Values a handler hands on with the user RPCs it makes, which the remotes they run see,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::codec::MessageType;
-use crate::messenger::{Messenger, MessengerError};
+use crate::messenger::{Messenger, MessengerError, Pushed};
 use crate::serializer::Serializer;
 use crate::session::{Detached, Session, SessionInit};
 use crate::{codes, HandlerError};
@@ -22,14 +22,14 @@ struct NoMessenger {
 }
 
 impl Messenger for NoMessenger {
-    fn push_to_users(&self, _: &str, _: Arc<[u8]>, uids: &[String]) -> Result<Vec<String>, MessengerError> {
-        Ok(uids.to_vec())
+    fn push_to_users(&self, _: &str, _: Arc<[u8]>, uids: &[String]) -> Result<Pushed, MessengerError> {
+        Ok(Pushed::missing(uids.to_vec()))
     }
     fn kick_user(&self, _: &str, _: &str) -> Result<bool, MessengerError> {
         Ok(false)
     }
-    fn broadcast(&self, _: &str, _: &str, _: Arc<[u8]>) -> Result<(), MessengerError> {
-        Ok(())
+    fn broadcast(&self, _: &str, _: &str, _: Arc<[u8]>) -> Result<Vec<String>, MessengerError> {
+        Ok(Vec::new())
     }
     fn call(
         &self,

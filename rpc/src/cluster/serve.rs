@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dragonfruit_core::cluster::OrderKey;
 use dragonfruit_core::codec::MessageType;
 use dragonfruit_core::session::KICKED_BY_NEWER;
-use dragonfruit_core::{codes, printable, HandlerError, MessengerError, Propagated, Reply, Session};
+use dragonfruit_core::{codes, printable, HandlerError, MessengerError, Propagated, Pushed, Reply, Session};
 use log::{debug, warn};
 
 use super::{Inner, Started};
@@ -190,8 +190,9 @@ impl Inner {
                 // Answered at once while this frontend's loop keeps up, once it has taken
                 // the pushes while it is behind: a server pushing faster than the loop
                 // writes then waits for it (the pushes do not pile up here).
-                let answer = move |result: Result<Vec<String>, MessengerError>| {
-                    responder.send(result.map(Answer::Missing).map_err(|e| HandlerError::internal(e.to_string())));
+                let answer = move |result: Result<Pushed, MessengerError>| {
+                    let missing = result.map(|pushed| Answer::Missing(pushed.missing));
+                    responder.send(missing.map_err(|e| HandlerError::internal(e.to_string())));
                 };
                 ctx.local.push_to_users_then(&route, body.into(), &uids, Box::new(answer));
             }

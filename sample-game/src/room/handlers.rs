@@ -324,7 +324,8 @@ impl Rooms {
 
     /// Pushes to `to`, members of `room`. Those no connector has a session for are gone
     /// (disconnected with their `left` call still on its way, or their connector died): they
-    /// are dropped from the room and the others told they left.
+    /// are dropped from the room and the others told they left. Those on a connector that
+    /// did not answer stay (the messenger logs them): it may be out of reach for a moment.
     pub(super) fn push_to_members<T: Serialize>(
         &self,
         env: &dragonfruit_core::HandlerEnv,
@@ -333,7 +334,7 @@ impl Rooms {
         value: &T,
         to: &[String],
     ) -> Result<(), HandlerError> {
-        let mut missing = env.push_to_users(route, value, to)?;
+        let mut missing = env.push_to_users(route, value, to)?.missing;
         // Each round removes members, so this ends.
         while !missing.is_empty() {
             let mut gone = Vec::new();
@@ -358,7 +359,7 @@ impl Rooms {
                 if others.is_empty() {
                     break;
                 }
-                for lost in env.push_to_users("onLeave", &MemberEvent { uid }, &others)? {
+                for lost in env.push_to_users("onLeave", &MemberEvent { uid }, &others)?.missing {
                     if !missing.contains(&lost) {
                         missing.push(lost);
                     }
