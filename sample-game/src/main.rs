@@ -44,9 +44,10 @@ OPTIONS:
     --rooms N             room servers of the local cluster (default 2, at most 32)
     --id ID               server id (default: generated)
     --discovery KIND      embedded (files in a directory, one machine) or etcd
-    --discovery-dir DIR   embedded discovery directory
+    --discovery-dir DIR   embedded discovery directory (and embedded discovery)
     --etcd-url URL[,URL]  etcd client URL, e.g. http://127.0.0.1:2379 (or 127.0.0.1:2379),
-                          or several members of one etcd cluster, comma-separated
+                          or several members of one etcd cluster, comma-separated (and etcd
+                          discovery)
     --config FILE         TOML configuration (docs/CONFIG.md); DRAGONFRUIT_* environment
                           variables override it, flags override both
     -h, --help            print this help
@@ -69,6 +70,8 @@ pub(crate) struct Args {
     pub(crate) discovery_dir: Option<String>,
     pub(crate) etcd_url: Option<String>,
     pub(crate) config: Option<String>,
+    /// The flags given, to refuse those that would do nothing.
+    given: Vec<String>,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
@@ -83,9 +86,11 @@ fn parse_args() -> Result<Option<Args>, String> {
         discovery_dir: None,
         etcd_url: None,
         config: None,
+        given: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
+        args.given.push(arg.clone());
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
             "-h" | "--help" => return Ok(None),
@@ -119,7 +124,51 @@ fn parse_args() -> Result<Option<Args>, String> {
     if args.play.is_some() && args.role.is_some() {
         return Err("--play and --role do not go together: a player is not a server".into());
     }
+    refuse_idle_flags(&mut args)?;
     Ok(Some(args))
+}
+
+/// Refuses a flag that would do nothing in the mode chosen (one would think it did: an etcd
+/// URL given to the local cluster, which runs on embedded discovery). An etcd URL or a
+/// discovery directory given without `--discovery` chooses that discovery.
+fn refuse_idle_flags(args: &mut Args) -> Result<(), String> {
+    let given = |flag: &str| args.given.iter().any(|g| g == flag);
+    let (allowed, mode): (&[&str], &str) = match (&args.play, args.role) {
+        (Some(_), _) => (&["--play", "--room", "--tcp"], "with --play (a player, not a server)"),
+        (None, None) => (
+            &["--tcp", "--rooms", "--config", "--discovery-dir", "--discovery"],
+            "for the local cluster (one machine, embedded discovery; with etcd, start each server with --role)",
+        ),
+        (None, Some(Role::Room)) => (
+            &["--role", "--id", "--config", "--discovery", "--discovery-dir", "--etcd-url"],
+            "for a room server (no client port)",
+        ),
+        (None, Some(Role::Connector)) => (
+            &["--role", "--id", "--tcp", "--config", "--discovery", "--discovery-dir", "--etcd-url"],
+            "for a connector",
+        ),
+        (None, Some(Role::Standalone)) => (&["--role", "--id", "--tcp", "--config"], "for standalone (no cluster)"),
+    };
+    if let Some(idle) = args.given.iter().find(|g| g.starts_with("--") && !allowed.contains(&g.as_str())) {
+        return Err(format!("{idle} does nothing {mode}"));
+    }
+    if args.play.is_none() && args.role.is_none() && args.discovery.as_deref() == Some("etcd") {
+        return Err(format!("--discovery etcd does nothing {mode}"));
+    }
+    match (args.discovery.as_deref(), given("--etcd-url"), given("--discovery-dir")) {
+        (_, true, true) => Err("--etcd-url and --discovery-dir do not go together: one discovery or the other".into()),
+        (Some("embedded"), true, _) => Err("--etcd-url does nothing with --discovery embedded".into()),
+        (Some("etcd"), _, true) => Err("--discovery-dir does nothing with --discovery etcd".into()),
+        (None, true, _) => {
+            args.discovery = Some("etcd".into());
+            Ok(())
+        }
+        (None, _, true) => {
+            args.discovery = Some("embedded".into());
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The configuration of one server: file, then environment, then flags.

@@ -192,8 +192,11 @@ fn a_second_ctrl_c_kills_servers_that_do_not_stop() {
 }
 
 /// Bad command lines are refused at once with the reason and exit code 2; nothing starts.
+/// So are flags that would do nothing where they are given (an etcd URL given to the local
+/// cluster, which runs on embedded discovery, would leave it there).
 #[test]
 fn bad_arguments_are_refused_with_a_reason() {
+    let url = "http://127.0.0.1:2379";
     for (args, reason) in [
         (&["--rooms", "1000"][..], "--rooms: at most 32"),
         (&["--rooms", "two"], "--rooms: invalid digit"),
@@ -202,12 +205,45 @@ fn bad_arguments_are_refused_with_a_reason() {
         (&["--play", "ann", "--role", "room"], "--play and --role do not go together"),
         (&["--tcp"], "--tcp needs a value"),
         (&["--fast"], "unknown argument \"--fast\""),
+        (&["--etcd-url", url], "--etcd-url does nothing for the local cluster"),
+        (&["--discovery", "etcd"], "--discovery etcd does nothing for the local cluster"),
+        (&["--id", "room-9"], "--id does nothing for the local cluster"),
+        (&["--room", "den"], "--room does nothing for the local cluster"),
+        (&["--play", "ann", "--rooms", "3"], "--rooms does nothing with --play"),
+        (&["--role", "room", "--tcp", "127.0.0.1:3250"], "--tcp does nothing for a room server"),
+        (&["--role", "standalone", "--discovery", "etcd"], "--discovery does nothing for standalone"),
+        (
+            &["--role", "room", "--discovery", "embedded", "--etcd-url", url],
+            "--etcd-url does nothing with --discovery embedded",
+        ),
+        (
+            &["--role", "room", "--discovery", "etcd", "--discovery-dir", "/tmp"],
+            "--discovery-dir does nothing with --discovery etcd",
+        ),
+        (&["--role", "room", "--etcd-url", url, "--discovery-dir", "/tmp"], "do not go together"),
     ] {
         let out = Command::new(BIN).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(reason), "{args:?}: {stderr}");
     }
+}
+
+/// An etcd URL given without `--discovery` chooses etcd discovery: the server looks for
+/// etcd there (here nobody serves it) rather than running on embedded discovery.
+#[test]
+fn an_etcd_url_chooses_etcd_discovery() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let mut room = Proc(
+        Command::new(BIN)
+            .args(["--role", "room", "--id", "room-1", "--etcd-url", &url])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = line_reader(room.0.stderr.take().unwrap());
+    wait_line(&lines, &format!("etcd at {url} does not answer"));
 }
 
 /// The launcher refuses a client address the connector could not listen on, and a
