@@ -147,6 +147,35 @@ impl DiscoveryConfig {
     }
 }
 
+impl DiscoveryConfig {
+    /// The settings of the other kind of discovery that differ from their defaults, and so
+    /// do nothing but would seem to (an etcd URL with embedded discovery): one line each,
+    /// logged as a warning at start.
+    pub fn idle_settings(&self) -> Vec<String> {
+        let default = DiscoveryConfig::default();
+        let (kind, idle): (&str, Vec<&str>) = match self.kind {
+            DiscoveryKind::Embedded => {
+                let etcd = [
+                    ("discovery.etcd_url", self.etcd_url != default.etcd_url),
+                    ("discovery.etcd_user", self.etcd_user != default.etcd_user),
+                    ("discovery.etcd_start_timeout", self.etcd_start_timeout != default.etcd_start_timeout),
+                    ("discovery.prefix", self.prefix != default.prefix),
+                ];
+                ("embedded", etcd.iter().filter(|(_, set)| *set).map(|(key, _)| *key).collect())
+            }
+            DiscoveryKind::Etcd => {
+                let embedded = [
+                    ("discovery.dir", self.dir != default.dir),
+                    ("discovery.refresh", self.refresh != default.refresh),
+                    ("discovery.watch", self.watch != default.watch),
+                ];
+                ("etcd", embedded.iter().filter(|(_, set)| *set).map(|(key, _)| *key).collect())
+            }
+        };
+        idle.into_iter().map(|key| format!("{key} is set but not used: discovery.kind is \"{kind}\"")).collect()
+    }
+}
+
 /// The checks of a discovery backend's durations: by [`DiscoveryConfig::validate`], and by
 /// backends made in code when they start (`refresh`: `None` for etcd, which has none).
 pub(crate) fn check_terms(
@@ -264,6 +293,9 @@ pub fn from_source(source: &ConfigSource) -> Result<(RpcConfig, DiscoveryConfig)
     rpc.validate()?;
     let discovery: DiscoveryConfig = source.section("discovery")?;
     discovery.validate()?;
+    for idle in discovery.idle_settings() {
+        log::warn!("{idle}");
+    }
     Ok((rpc, discovery))
 }
 
@@ -279,6 +311,26 @@ mod tests {
             let err = from_source(&ConfigSource::from_toml(&toml).unwrap()).err().map(|e| e.to_string());
             assert!(err.as_deref().unwrap_or_default().contains(&format!("[{section}]")), "{section}: {err:?}");
         }
+    }
+
+    /// Settings of the other kind of discovery, changed from their defaults, are said to do
+    /// nothing; those of the kind in use, and defaults, are not.
+    #[test]
+    fn settings_of_the_other_discovery_are_said_to_do_nothing() {
+        let idle = |toml: &str| {
+            let (_, discovery) = from_source(&ConfigSource::from_toml(toml).unwrap()).unwrap();
+            discovery.idle_settings()
+        };
+        assert!(idle("").is_empty());
+        assert_eq!(
+            idle("[discovery]\netcd_url = \"http://10.0.0.9:2379\"\nrefresh = \"1s\"\n"),
+            ["discovery.etcd_url is set but not used: discovery.kind is \"embedded\""]
+        );
+        assert_eq!(
+            idle("[discovery]\nkind = \"etcd\"\ndir = \"/srv/reg\"\netcd_url = \"http://10.0.0.9:2379\"\n"),
+            ["discovery.dir is set but not used: discovery.kind is \"etcd\""]
+        );
+        assert!(idle("[discovery]\nkind = \"etcd\"\nttl = \"5s\"\nprefix = \"game/\"\n").is_empty());
     }
 
     fn error(toml: &str) -> String {
