@@ -250,12 +250,14 @@ impl Messenger for ClusterMessenger {
             let call = || Call::PushUsers { uids: uids.to_vec(), route: route.to_owned(), body: body.to_vec() };
             let asked = Self::ask(inner, started, &frontends, call);
             let mut sought = Sought::default();
-            for (_, answer) in asked.answers {
+            for (i, answer) in asked.answers {
                 // A uid is missing when no frontend has it.
-                if let Answer::Missing(theirs) = answer {
-                    let theirs: HashSet<String> = theirs.into_iter().collect();
-                    sought.found.extend(local.iter().filter(|uid| !theirs.contains(*uid)).cloned());
-                }
+                let Answer::Missing(theirs) = answer else {
+                    sought.silent(&local, format!("{}: unexpected answer to a push", frontends[i].id));
+                    continue;
+                };
+                let theirs: HashSet<String> = theirs.into_iter().collect();
+                sought.found.extend(local.iter().filter(|uid| !theirs.contains(*uid)).cloned());
             }
             for (_, why) in asked.silent {
                 sought.silent(&local, why);
