@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::gather::Gather;
 use crate::parsed::ParsedData;
-use crate::socket_thread::{Io, Parts, ReplyFn};
+use crate::socket_thread::{Io, Parts, ReplyFn, UNREACHABLE};
 use crate::table::{ServerEntry, ServerTable};
 use crate::wire::{self, Answer, Call, PartItem, SessionSnapshot};
 
@@ -168,8 +168,10 @@ pub(crate) fn blocking(
     answers.into_iter().next().flatten().unwrap_or_else(|| Err(HandlerError::timeout(format!("no answer from {to}"))))
 }
 
+/// A session operation's failure: the frontend not answering or not reached (the call
+/// timed out, its connection was lost, it left the cluster), or its refusal.
 fn refused(e: HandlerError) -> SessionError {
-    if e.code == dragonfruit_core::codes::TIMEOUT {
+    if e.code == dragonfruit_core::codes::TIMEOUT || e.metadata.contains_key(UNREACHABLE) {
         SessionError::Unreachable(e.message)
     } else {
         SessionError::Frontend(e.message)
@@ -227,5 +229,26 @@ impl SessionSink for RemoteSink {
 
     fn is_frontend(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dragonfruit_core::codes;
+
+    use super::*;
+
+    /// A session operation the frontend refused is said so; one that did not reach it (no
+    /// answer in time, its connection lost: the socket thread's mark) is "unreachable",
+    /// whatever its code.
+    #[test]
+    fn a_frontend_not_reached_is_told_from_one_that_refused() {
+        let lost = crate::socket_thread::unreachable("connector-1", HandlerError::internal("connection lost"));
+        assert!(matches!(refused(lost), SessionError::Unreachable(m) if m == "connection lost"));
+        assert!(matches!(refused(HandlerError::timeout("no answer")), SessionError::Unreachable(_)));
+        let taken = HandlerError::new("PIT-409", "session is already bound");
+        assert!(matches!(refused(taken), SessionError::Frontend(_)));
+        let gone = HandlerError::new(codes::NOT_FOUND, "session 7 is not connected to connector-1");
+        assert!(matches!(refused(gone), SessionError::Frontend(_)));
     }
 }

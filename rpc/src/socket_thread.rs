@@ -39,7 +39,7 @@ mod peer;
 mod read;
 mod send;
 
-pub(crate) use answer::{Parts, ReplyFn, Responder, PARTS_AFTER};
+pub(crate) use answer::{unreachable, Parts, ReplyFn, Responder, PARTS_AFTER, UNREACHABLE};
 pub(crate) use peer::bind_router;
 use peer::{Contexts, IpcFile, Peer, Pending};
 use read::Peers;

@@ -10,6 +10,18 @@ use dragonfruit_core::HandlerError;
 use super::{Cmd, Io, SocketThread};
 use crate::wire::{Answer, Frame, PartItem, WireReply};
 
+/// The metadata key marking the error of a call that did not reach its server, or whose
+/// answer cannot come: the connection to it lost or never made, it left the cluster or
+/// restarted, its endpoint is another process's now. Its value is the server's id. So a
+/// caller tells these from the server's own refusals (a remote session's operation:
+/// `SessionError::Unreachable`, not `Frontend`).
+pub(crate) const UNREACHABLE: &str = "unreachable";
+
+/// `error`, of a call that did not reach server `server` (see [`UNREACHABLE`]).
+pub(crate) fn unreachable(server: &str, error: HandlerError) -> HandlerError {
+    error.with_metadata(UNREACHABLE, server)
+}
+
 /// Receives the answer to a call, exactly once: dropped uncalled (its call lost with a
 /// stopped thread, or in a channel nobody reads any more), it gets "rpc layer stopped".
 /// One made [`ReplyFn::with_parts`] also gets the parts of the answer sent before it

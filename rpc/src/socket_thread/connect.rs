@@ -8,7 +8,7 @@ use dragonfruit_core::HandlerError;
 use log::warn;
 
 use super::peer::{ipv6, warn_lost, HWM};
-use super::{fail, uninterrupted, Peer, Peers, SocketThread, GONE_FOR, PROBE, RETIRE_AFTER};
+use super::{fail, uninterrupted, unreachable, Peer, Peers, SocketThread, GONE_FOR, PROBE, RETIRE_AFTER};
 use crate::grouped;
 use crate::table::same_instance;
 use crate::wire::{addressee, Frame};
@@ -69,7 +69,7 @@ impl SocketThread {
                     Some(entry) => format!("server {} restarted (now at {})", p.to, entry.rpc_addr),
                     None => format!("server {} left the cluster", p.to),
                 };
-                fail(&self.stats, p.reply, HandlerError::internal(why));
+                fail(&self.stats, p.reply, unreachable(&p.to, HandlerError::internal(why)));
             }
         }
         let mut failed = Vec::new();
@@ -211,7 +211,7 @@ impl SocketThread {
             self.pending.iter().filter(|(_, p)| lost.contains(&p.to)).map(|(corr, _)| *corr).collect();
         for corr in waiting {
             if let Some(p) = self.pending.remove(&corr) {
-                let error = HandlerError::internal(format!("connection to server {} lost", p.to));
+                let error = unreachable(&p.to, HandlerError::internal(format!("connection to server {} lost", p.to)));
                 fail(&self.stats, p.reply, error);
             }
         }

@@ -8,7 +8,7 @@ use dragonfruit_core::throttle::Throttle;
 use dragonfruit_core::{printable, HandlerError};
 use log::{debug, info, warn};
 
-use super::{instance_of, is_again, recv_parts, server_of, uninterrupted, Parts, Responder, SocketThread};
+use super::{instance_of, is_again, recv_parts, server_of, uninterrupted, unreachable, Parts, Responder, SocketThread};
 use crate::stats::Counters;
 use crate::wire::{self, Call, Frame};
 
@@ -192,7 +192,8 @@ impl SocketThread {
         for frame in wire::decode(payload).unwrap_or_default() {
             if let Frame::Call { corr, .. } = frame {
                 if corr != 0 {
-                    answers.push(Frame::Reply { corr, result: Err(HandlerError::internal(why.clone())) });
+                    let error = unreachable(&meant, HandlerError::internal(why.clone()));
+                    answers.push(Frame::Reply { corr, result: Err(error) });
                 }
             }
         }

@@ -8,7 +8,7 @@ use dragonfruit_core::{codes, printable, HandlerError};
 use log::{debug, warn};
 
 use super::peer::Sent;
-use super::{fail, send_parts, server_of, Peer, Pending, ReplyFn, SocketThread, STOP_GRACE};
+use super::{fail, send_parts, server_of, unreachable, Peer, Pending, ReplyFn, SocketThread, STOP_GRACE};
 use crate::stats::Counters;
 use crate::wire::{self, Call, Frame};
 
@@ -58,7 +58,8 @@ pub(super) const ENVELOPE: usize = 16;
 impl SocketThread {
     pub(super) fn queue_call(&mut self, to: String, seen_at: Option<String>, call: Call, reply: Option<ReplyFn>) {
         Counters::add(if reply.is_some() { &self.stats.calls } else { &self.stats.one_way }, 1);
-        let not_found = || HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster"));
+        let not_found =
+            || unreachable(&to, HandlerError::new(codes::NOT_FOUND, format!("server {to} is not in the cluster")));
         // `connect_peers`, queued with each table change, keeps `listed` current and drops
         // (failing their calls) peers that moved, so a listed peer needs no lookup here,
         // once the last change is handled: a caller may have read it first (a server
@@ -83,7 +84,8 @@ impl SocketThread {
                         self.add_peer(Peer::new(&to, instance, addr, socket, listed), &to);
                     }
                     Err(e) => {
-                        let error = HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}"));
+                        let error =
+                            unreachable(&to, HandlerError::internal(format!("cannot connect to {to} at {addr}: {e}")));
                         return fail(&self.stats, reply, error);
                     }
                 }
@@ -271,7 +273,8 @@ impl SocketThread {
         for frame in frames {
             if let Frame::Call { corr, .. } = frame {
                 if let Some(p) = self.pending.remove(&corr) {
-                    fail(&self.stats, p.reply, HandlerError::internal(format!("server {to} unreachable: {why}")));
+                    let error = HandlerError::internal(format!("server {to} unreachable: {why}"));
+                    fail(&self.stats, p.reply, unreachable(to, error));
                 }
             }
         }

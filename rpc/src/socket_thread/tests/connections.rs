@@ -157,7 +157,10 @@ fn calls_waiting_on_a_server_that_dies_fail_when_its_connection_goes() {
     recv_call(&server);
     drop(server);
     match waiting.recv_timeout(Duration::from_secs(10)) {
-        Ok(Err(e)) => assert!(e.message.contains("connection to server peer lost"), "{e:?}"),
+        Ok(Err(e)) => {
+            assert!(e.message.contains("connection to server peer lost"), "{e:?}");
+            assert_eq!(e.metadata.get(UNREACHABLE).map(String::as_str), Some("peer"), "told from a refusal");
+        }
         other => panic!("the call should fail long before the 60 s timeout: {other:?}"),
     }
     stop(io, thread);
@@ -208,7 +211,10 @@ fn calls_to_a_server_that_never_connects_fail_at_once_after_a_timeout() {
     }
     std::thread::sleep(Duration::from_millis(200));
     match kick_call(&io, "peer").recv_timeout(Duration::from_secs(5)) {
-        Ok(Err(e)) => assert!(e.code == codes::INTERNAL && e.message.contains("never connected"), "{e:?}"),
+        Ok(Err(e)) => {
+            assert!(e.code == codes::INTERNAL && e.message.contains("never connected"), "{e:?}");
+            assert_eq!(e.metadata.get(UNREACHABLE).map(String::as_str), Some("peer"), "told from a refusal");
+        }
         other => panic!("{other:?}"),
     }
     let server = fake_server_at(&ctx, &addr);
