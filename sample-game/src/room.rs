@@ -322,7 +322,8 @@ impl Rooms {
 fn remember_room(session: &dragonfruit_core::Session, room: &str, holder: &str) -> Result<(), HandlerError> {
     session.set(ROOM_KEY, room).map_err(internal)?;
     session.set(ROOM_SERVER_KEY, holder).map_err(internal)?;
-    session.push_to_frontend().map_err(internal)
+    // A connector out of reach is `PIT-504`, as Pitaya's clients take a timeout.
+    session.push_to_frontend().map_err(HandlerError::from)
 }
 
 fn logged_in(ctx: &Ctx<'_>) -> Result<String, HandlerError> {

@@ -317,7 +317,7 @@ impl Rooms {
             session.set(ROOM_KEY, &serde_json::Value::Null).map_err(internal)?;
             session.set(ROOM_SERVER_KEY, &serde_json::Value::Null).map_err(internal)?;
         }
-        session.push_to_frontend().map_err(internal)?;
+        session.push_to_frontend()?;
         self.recent.moved(&session, count, None);
         Ok(serde_json::json!({ "room": room }))
     }
