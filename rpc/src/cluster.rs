@@ -59,7 +59,7 @@ pub(crate) struct Inner {
     /// Warnings that could come once per message (notifies no client hears of, one per
     /// failure while a server is down; bad input from a peer), a line a second at most.
     warnings: Arc<Warnings>,
-    stats: Arc<Counters>,
+    pub(crate) stats: Arc<Counters>,
     /// Uids other frontends bound lately (unique sessions across frontends).
     remote_binds: RemoteBinds,
     /// Where users' sessions were last seen, for pushes to users.

@@ -14,6 +14,7 @@ use crate::cluster::{Inner, Started};
 use crate::gather::Gather;
 use crate::remote_session::blocking;
 use crate::socket_thread::ReplyFn;
+use crate::stats::Counters;
 use crate::table::ServerEntry;
 use crate::wire::{Answer, Call};
 
@@ -265,7 +266,13 @@ impl Messenger for ClusterMessenger {
             sought
         });
         // No running cluster layer: this server's own sessions only.
-        Ok(sought.unwrap_or_default().pushed(route, local))
+        let pushed = sought.unwrap_or_default().pushed(route, local);
+        if !pushed.unreached.is_empty() {
+            if let Some(inner) = self.inner.upgrade() {
+                Counters::add(&inner.stats.unreached_users, pushed.unreached.len() as u64);
+            }
+        }
+        Ok(pushed)
     }
 
     fn kick_user(&self, uid: &str, reason: &str) -> Result<bool, MessengerError> {

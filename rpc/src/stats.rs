@@ -19,6 +19,7 @@ pub(crate) struct Counters {
     pub(crate) handled_notifies: AtomicU64,
     pub(crate) remote_calls: AtomicU64,
     pub(crate) overdue: AtomicU64,
+    pub(crate) unreached_users: AtomicU64,
 }
 
 /// A copy of the cluster counters of one server at one moment. A call this server made
@@ -52,6 +53,9 @@ pub struct ClusterStats {
     /// Calls from other servers answered `PIT-504` without running: they waited longer
     /// than `rpc.timeout` in this server's queue (it is behind).
     pub overdue: u64,
+    /// Users this server's pushes to users may not have reached: a frontend that may hold
+    /// them did not answer (`Pushed::unreached`), one per user per push.
+    pub unreached_users: u64,
 }
 
 impl Counters {
@@ -74,6 +78,7 @@ impl Counters {
             handled_notifies: get(&self.handled_notifies),
             remote_calls: get(&self.remote_calls),
             overdue: get(&self.overdue),
+            unreached_users: get(&self.unreached_users),
         }
     }
 }

@@ -257,6 +257,9 @@ fn summary(frontend: bool, app: &StatsSnapshot, cluster: Option<ClusterStats>) -
     if c.timed_out + c.failed > 0 {
         line += &format!(" ({} timed out, {} failed)", c.timed_out, c.failed);
     }
+    if c.unreached_users > 0 {
+        line += &format!("; pushes may not have reached {} users (their connector did not answer)", c.unreached_users);
+    }
     line
 }
 
@@ -328,6 +331,13 @@ mod tests {
             "served 2 connections, 9 requests, 1 notifies, 5 pushes (forwarded 8 requests, 0 notifies), 0 remote \
              calls for other servers (2 overdue calls not run); 6 calls and 0 one-way messages to other servers (1 \
              timed out, 0 failed)"
+        );
+        let lossy = ClusterStats { calls: 3, failed: 1, unreached_users: 40, ..room };
+        assert_eq!(
+            summary(false, &StatsSnapshot::default(), Some(lossy)),
+            "served 7 forwarded requests, 2 notifies, 3 remote calls for other servers; 3 calls and 0 one-way \
+             messages to other servers (0 timed out, 1 failed); pushes may not have reached 40 users (their connector \
+             did not answer)"
         );
         assert_eq!(summary(true, &app, None), "served 2 connections, 9 requests, 1 notifies, 5 pushes");
     }

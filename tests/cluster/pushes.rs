@@ -205,6 +205,7 @@ fn a_push_while_a_frontend_does_not_answer_reports_those_it_may_hold_unreached()
     };
     let unreached = vec!["ghost".to_owned(), "nobody".to_owned()];
     assert_eq!(push(), Pushed { missing: vec![], unreached });
+    assert_eq!(room_module.stats().unreached_users, 2, "counted where the push was made");
     assert_eq!(ann.recv_push_as::<Value>(T).unwrap().1, json!("hi"));
     let e = client.request::<_, bool>("room.room.kick_user", "ghost").unwrap_err();
     let said = e.to_string();
