@@ -145,9 +145,7 @@ impl DiscoveryConfig {
         }
         Ok(())
     }
-}
 
-impl DiscoveryConfig {
     /// The settings of the other kind of discovery that differ from their defaults, and so
     /// do nothing but would seem to (an etcd URL with embedded discovery): one line each,
     /// logged as a warning at start.

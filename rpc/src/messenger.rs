@@ -81,7 +81,7 @@ impl ClusterMessenger {
     /// Sends each call to its server and gathers the answers (until the timeout), each with
     /// the index of its call.
     fn ask_each(inner: &Inner, started: &Started, calls: Vec<(&ServerEntry, Call)>) -> Asked {
-        let ids: Vec<String> = calls.iter().map(|(s, _)| s.id.clone()).collect();
+        let servers: Vec<&ServerEntry> = calls.iter().map(|(s, _)| *s).collect();
         let gather = Arc::new(Gather::new(calls.len()));
         for (i, (server, call)) in calls.into_iter().enumerate() {
             let gather = gather.clone();
@@ -89,7 +89,8 @@ impl ClusterMessenger {
         }
         let timeout = inner.rpc.timeout;
         let mut asked = Asked { answers: Vec::new(), silent: Vec::new() };
-        for ((i, answer), id) in gather.wait(Instant::now() + timeout).into_iter().enumerate().zip(ids) {
+        for ((i, answer), server) in gather.wait(Instant::now() + timeout).into_iter().enumerate().zip(servers) {
+            let id = &server.id;
             match answer {
                 Some(Ok(answer)) => asked.answers.push((i, answer)),
                 // The transport's errors name the server ("connection to server X lost").
